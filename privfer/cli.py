@@ -1,0 +1,223 @@
+"""The ``privfer`` command line: thin typed functions over the library.
+
+Each command parses its options into a config, calls one library function and
+prints the result. A user error (bad option, config, data or run directory)
+prints one line on stderr and exits with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from privfer import EMOTIONS, __version__
+from privfer.config import PrivferConfig, load_config
+from privfer.errors import PrivferError
+
+app = typer.Typer(
+    name="privfer",
+    help="Private federated learning for video facial expression recognition.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Inspect and export the clip data.", no_args_is_help=True)
+config_app = typer.Typer(help="Show the resolved configuration.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+console = Console()
+errors = Console(stderr=True)
+
+ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file (defaults: configs/default.yaml's values).")
+SetOption = typer.Option(
+    None, "--set", "-s", help="Override a setting, e.g. --set training.epochs=5 (repeatable)."
+)
+DataOption = typer.Option(None, "--data", help="CREMA-D folder with features/ (default: built-in synthetic data).")
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a :class:`PrivferError` into one line on stderr and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except PrivferError as exc:
+            errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def resolve_config(
+    config: Optional[Path], overrides: Optional[List[str]], data: Optional[Path] = None, **settings: Any
+) -> PrivferConfig:
+    """Config file, then --data, then command options, then --set overrides (last wins)."""
+    extra: list[str] = []
+    if data is not None:
+        extra += ["data.source=cremad", f"data.root={json.dumps(str(data))}"]
+    extra += [f"{key}={json.dumps(value)}" for key, value in settings.items() if value is not None]
+    return load_config(config, [*extra, *(overrides or [])])
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        console.print(f"privfer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Print the version."),
+) -> None:
+    """privfer: DP-SGD clients, secure aggregation and privacy audits for video FER."""
+
+
+def report_table(report: dict[str, Any], title: str) -> Table:
+    """The seed paper's table: per-class precision / recall / F1, then micro and macro means."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("class")
+    for name in ("precision", "recall", "F1"):
+        table.add_column(name, justify="right")
+    table.add_column("support", justify="right")
+    for name in EMOTIONS:
+        row = report["per_class"][name]
+        table.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+    table.add_section()
+    for average in ("micro", "macro"):
+        row = report[average]
+        table.add_row(
+            f"{average} avg", f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
+            str(report["support"]),
+        )
+    return table
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def default_run_dir(config: PrivferConfig, command: str) -> Path:
+    return config.output.dir / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@app.command()
+@user_errors
+def train(
+    labels: Optional[str] = typer.Option(None, "--labels", help="partial (KL to vote distributions) or discrete."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (default 20)."),
+    config: Optional[Path] = ConfigOption,
+    data: Optional[Path] = DataOption,
+    overrides: Optional[List[str]] = SetOption,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (re-run to resume)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of tables."),
+) -> None:
+    """Train the VFER centrally (non-private baseline) and print the seed paper's metrics table."""
+    from privfer.centralized import train_centralized
+    from privfer.data import load_clips
+
+    cfg = resolve_config(config, overrides, data, **{"training.labels": labels, "training.epochs": epochs})
+    run_dir = out if out is not None else default_run_dir(cfg, "train")
+    with errors.status("loading clips", spinner="dots") if not as_json else _nothing():
+        clips = load_clips(cfg.data)
+    progress = Progress(
+        TextColumn("[bold]epoch"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(), console=errors, disable=as_json, transient=False,
+    )
+    with progress:
+        task = progress.add_task("train", total=cfg.training.epochs, status="")
+
+        def on_epoch(record: Any) -> None:
+            progress.update(
+                task, completed=record.epoch,
+                status=f"train {record.train_loss:.3f}  val {record.val_loss:.3f}  val macro-F1 {record.val_macro_f1:.3f}",
+            )
+
+        result = train_centralized(cfg, run_dir=run_dir, on_epoch=on_epoch, clips=clips)
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    console.print(
+        report_table(
+            result["test"],
+            f"VFER, {result['labels']} labels: test actors' evaluation halves "
+            f"(best epoch {result['best_epoch']}, target: {result['eval_target']} emotion)",
+        )
+    )
+    console.print(f"took {result['seconds']:.1f} s; wrote {run_dir}/result.json", highlight=False)
+
+
+@data_app.command("summary")
+@user_errors
+def data_summary(
+    config: Optional[Path] = ConfigOption,
+    data: Optional[Path] = DataOption,
+    overrides: Optional[List[str]] = SetOption,
+) -> None:
+    """Actors, clips, class balance and annotator agreement of the configured data."""
+    from privfer.data import load_clips
+    from privfer.data.summary import summarize
+
+    cfg = resolve_config(config, overrides, data)
+    summary = summarize(load_clips(cfg.data))
+    table = Table(title="data", show_header=False, title_justify="left")
+    for key, value in summary.items():
+        if key != "classes":
+            table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    classes = Table(title="classes", title_justify="left")
+    for column in ("class", "clips (acted)", "share of votes"):
+        classes.add_column(column, justify="right" if column != "class" else "left")
+    for name, row in summary["classes"].items():
+        classes.add_row(name, str(row["clips"]), f"{row['vote_share']:.3f}")
+    console.print(classes)
+
+
+@data_app.command("export")
+@user_errors
+def data_export(
+    folder: Path = typer.Argument(..., help="Where to write the CREMA-D-layout folder (must not exist)."),
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[List[str]] = SetOption,
+) -> None:
+    """Write the configured data (synthetic by default) as a CREMA-D folder with features/."""
+    from privfer.data import load_clips
+    from privfer.data.cremad import export_cremad_layout
+    from privfer.errors import DataError
+
+    if folder.exists():
+        raise DataError(f"{folder} already exists; choose a new folder")
+    cfg = resolve_config(config, overrides)
+    clips = load_clips(cfg.data)
+    export_cremad_layout(clips, folder)
+    console.print(f"wrote {len(clips)} clips of {len(clips.actors)} actors to {folder}", highlight=False)
+
+
+@config_app.command("show")
+@user_errors
+def config_show(
+    config: Optional[Path] = ConfigOption,
+    data: Optional[Path] = DataOption,
+    overrides: Optional[List[str]] = SetOption,
+) -> None:
+    """Print the resolved config as YAML (defaults < file < --data < --set)."""
+    console.print(resolve_config(config, overrides, data).to_yaml(), highlight=False, soft_wrap=True)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

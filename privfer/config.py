@@ -1,0 +1,316 @@
+"""One validated configuration object for a whole privfer run.
+
+A :class:`PrivferConfig` is built from pydantic defaults, a YAML file and dotted
+overrides (``training.epochs=5``), in that order, and flows down the pipeline;
+no module reads environment variables or global state on its own. Every bound
+is checked here, at load time: an invalid value raises :class:`ConfigError`
+naming the field, the value and the allowed range.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from privfer.errors import ConfigError
+
+
+class _Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class SyntheticConfig(_Section):
+    """Knobs of the built-in CREMA-D-like generator (see docs/data.md)."""
+
+    seed: int = Field(0, ge=0, description="Which synthetic population: the dataset's identity, not the run seed.")
+    actors: int = Field(91, ge=4, le=10_000, description="Number of actors (clients).")
+    male_fraction: float = Field(48 / 91, gt=0.0, lt=1.0, description="Share of male actors (CREMA-D: 48 of 91).")
+    missing_clips: int = Field(20, ge=0, description="Clips dropped at random, as CREMA-D has 7,442 of 7,462.")
+    latent_dim: int = Field(24, ge=8, le=512, description="Dimension of the latent face-expression space.")
+    expression_strength: float = Field(
+        1.0, gt=0.0, le=10.0, description="Scale of the displayed expression against identity and nuisance."
+    )
+    actor_idiosyncrasy: float = Field(
+        0.8, ge=0.0, le=10.0, description="Spread of each actor's own way of showing each emotion."
+    )
+    clip_noise: float = Field(0.55, ge=0.0, le=10.0, description="Per-clip variation of the displayed expression.")
+    frame_noise: float = Field(0.6, ge=0.0, le=10.0, description="Per-frame noise of the frame features.")
+    perception_temperature: float = Field(
+        0.5, gt=0.0, le=100.0, description="Annotators' uncertainty: higher spreads votes over more classes."
+    )
+    min_annotators: int = Field(4, ge=1, le=1000, description="Fewest annotator votes per clip.")
+    max_annotators: int = Field(12, ge=1, le=1000, description="Most annotator votes per clip.")
+
+    @model_validator(mode="after")
+    def _annotator_range(self) -> "SyntheticConfig":
+        if self.min_annotators > self.max_annotators:
+            raise ValueError(
+                f"min_annotators ({self.min_annotators}) must be <= max_annotators ({self.max_annotators})"
+            )
+        return self
+
+
+class SplitConfig(_Section):
+    """Actor-disjoint train / validation / test split with balanced gender."""
+
+    val_actors: int = Field(12, ge=1, description="Actors in the validation split (half male, half female).")
+    test_actors: int = Field(12, ge=1, description="Actors in the test split (half male, half female).")
+    adaptation_fraction: float = Field(
+        0.5, gt=0.0, lt=1.0, description="Share of each test actor's clips in the adaptation half."
+    )
+
+
+class DataConfig(_Section):
+    """Where clips come from and how training targets are built."""
+
+    source: Literal["synthetic", "cremad"] = Field("synthetic", description="Built-in generator or a CREMA-D folder.")
+    root: Path | None = Field(None, description="CREMA-D folder (required when source is cremad).")
+    votes: Literal["tabulated", "responses"] = Field(
+        "tabulated",
+        description="Visual-only votes from processedResults/tabulatedVotes.csv or finishedResponses.csv.",
+    )
+    frames: int = Field(16, ge=2, le=1024, description="Frames per clip (T).")
+    feature_dim: int = Field(256, ge=2, le=8192, description="Features per frame (D).")
+    eval_target: Literal["intended", "majority"] = Field(
+        "intended", description="Ground truth for metrics: the acted emotion or the annotators' majority vote."
+    )
+    partial_label_temperature: float = Field(
+        1.0, gt=0.0, le=1000.0, description="Softmax temperature over vote counts (1 = the seed paper)."
+    )
+    pseudo_label_threshold: float = Field(
+        0.5, ge=0.0, lt=1.0, description="IFER pseudo labels are kept when the top probability exceeds this."
+    )
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+    @model_validator(mode="after")
+    def _root_for_cremad(self) -> "DataConfig":
+        if self.source == "cremad" and self.root is None:
+            raise ValueError("root is required when source is 'cremad' (the CREMA-D folder)")
+        return self
+
+
+class ModelConfig(_Section):
+    """The VFER: LSTM over frame features + linear classifier head."""
+
+    hidden_size: int = Field(128, ge=1, le=4096, description="LSTM hidden units.")
+    num_layers: int = Field(1, ge=1, le=8, description="Stacked LSTM layers.")
+    readout: Literal["last", "mean"] = Field("last", description="Clip embedding: last hidden state or mean over time.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier head.")
+    ifer_hidden: int = Field(128, ge=1, le=4096, description="Hidden units of the per-frame IFER head.")
+    ifer_weights: Path | None = Field(None, description="Load the frozen IFER from this file instead of fitting it.")
+
+
+class TrainingConfig(_Section):
+    """Optimisation settings (the seed paper: Adam, lr 1e-4, 20 epochs, best validation loss)."""
+
+    labels: Literal["partial", "discrete"] = Field("partial", description="KL to vote distributions, or CE to majority.")
+    lr: float = Field(1e-4, gt=0.0, le=10.0, description="Adam learning rate.")
+    epochs: int = Field(20, ge=1, le=100_000, description="Training epochs.")
+    batch_size: int = Field(32, ge=1, le=1_000_000, description="Clips per batch.")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="Adam weight decay.")
+    torch_threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op threads (None: torch default).")
+
+
+class PrivacyConfig(_Section):
+    """The differential-privacy budget (used by federated runs; the centralized baseline is non-private)."""
+
+    epsilon: float | None = Field(
+        None, gt=0.0, description="TOTAL per-client budget for the whole run; None or inf trains without DP."
+    )
+    delta: float | None = Field(
+        None, gt=0.0, lt=1.0, description="None: 1 / (10 x records per client)."
+    )
+    unit: Literal["record", "client"] = Field("record", description="What one privacy unit is: a clip or a person.")
+    max_grad_norm: float = Field(1.0, gt=0.0, le=1e6, description="Per-sample gradient clipping bound.")
+    accountant: Literal["prv", "rdp", "gdp"] = Field("prv", description="Opacus accountant used for calibration.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.epsilon is not None and math.isfinite(self.epsilon)
+
+
+class AggregationConfig(_Section):
+    """How client updates are summed without the server seeing them."""
+
+    backend: Literal["none", "secagg", "ckks"] = Field("secagg", description="Plain sum, pairwise masking, or CKKS.")
+    modulus_bits: Literal[32, 64] = Field(32, description="Masking arithmetic modulus 2^k.")
+    clipping_range: float = Field(8.0, gt=0.0, le=1e9, description="Quantization range: |value| <= this.")
+    threshold_fraction: float = Field(
+        0.67, gt=0.5, le=1.0, description="Shamir threshold as a share of the round's clients (must exceed 1/2)."
+    )
+
+
+class FederationConfig(_Section):
+    """Rounds, client sampling and the FL strategy."""
+
+    strategy: Literal["fedavg", "fedper"] = Field("fedavg", description="FedAvg, or FedPer with local head layers.")
+    rounds: int = Field(20, ge=1, le=100_000, description="Federated rounds.")
+    clients_per_round: int = Field(10, ge=1, le=100_000, description="Clients sampled per round.")
+    local_epochs: int = Field(1, ge=1, le=1000, description="Local epochs per round.")
+    personal_layers: int = Field(1, ge=1, le=16, description="FedPer: layers (from the head down) kept local.")
+
+
+class OutputConfig(_Section):
+    """Where a run writes its directory."""
+
+    dir: Path = Field(Path("runs"), description="Parent folder of run directories.")
+    save_model: bool = Field(True, description="Write the selected model's weights (model.pt).")
+
+
+class PrivferConfig(_Section):
+    """The resolved configuration of one run."""
+
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Run seed: splits, weight init, shuffling, client sampling.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (paths as strings, inf as a string) suitable for YAML and JSON."""
+        return _plain(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------
+# loading
+
+
+def _field_bounds(loc: tuple[Any, ...]) -> str | None:
+    """The allowed range of the field at ``loc``, from its pydantic metadata."""
+    model: type[BaseModel] | None = PrivferConfig
+    info = None
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        annotation = info.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    if info is None:
+        return None
+    lower = upper = None
+    for item in info.metadata:
+        for name, symbol in (("ge", ">="), ("gt", ">")):
+            if hasattr(item, name):
+                lower = f"{symbol} {getattr(item, name):g}"
+        for name, symbol in (("le", "<="), ("lt", "<")):
+            if hasattr(item, name):
+                upper = f"{symbol} {getattr(item, name):g}"
+    parts = [p for p in (lower, upper) if p]
+    return " and ".join(parts) if parts else None
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One readable line per invalid field: ``field = value: problem (allowed: range)``."""
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        field = ".".join(str(p) for p in loc) or "<config>"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{field}: unknown setting")
+            continue
+        bounds = _field_bounds(loc)
+        got = item.get("input")
+        got_text = "" if isinstance(got, dict) else f" = {got!r}"
+        suffix = f" (allowed: {bounds})" if bounds else ""
+        lines.append(f"{field}{got_text}: {message}{suffix}")
+    return "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and a YAML-typed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    key, raw = text.split("=", 1)
+    path = [p.strip() for p in key.strip().split(".")]
+    if not all(path):
+        raise ConfigError(f"override {text!r} has an empty field name")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply dotted overrides to a raw (not yet validated) config mapping."""
+    merged = _deep_copy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                joined = ".".join(path[: depth + 1])
+                raise ConfigError(f"override {text!r}: {joined} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, raising :class:`ConfigError` naming the file on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not a {type(loaded).__name__}")
+    return loaded
+
+
+def build_config(raw: Mapping[str, Any], *, source: str = "config") -> PrivferConfig:
+    """Validate a raw mapping into a :class:`PrivferConfig` or raise :class:`ConfigError`."""
+    try:
+        return PrivferConfig.model_validate(dict(raw))
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {source}: {format_validation_error(exc)}") from None
+
+
+def load_config(path: Path | str | None = None, overrides: Iterable[str] = ()) -> PrivferConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then dotted ``overrides``."""
+    raw = read_yaml(Path(path)) if path is not None else {}
+    overrides = list(overrides)
+    merged = apply_overrides(raw, overrides)
+    source = f"config {path}" if path is not None else "config"
+    if overrides:
+        source += " with overrides"
+    return build_config(merged, source=source)

@@ -1,0 +1,5 @@
+"""Models: the VFER (video) and IFER (frame) classifiers."""
+
+from privfer.models.vfer import IFER, VFER, fit_ifer
+
+__all__ = ["IFER", "VFER", "fit_ifer"]

@@ -1,0 +1,174 @@
+"""VFER (LSTM over frame features + linear head) and IFER (frozen per-frame classifier).
+
+The VFER is split explicitly into a *base* (the recurrent encoder) and a
+*head* (the classifier), so that personalization layers (FedPer) can keep the
+head on the client and aggregate only the base. ``layer_groups`` lists the
+groups from input to output; FedPer's "last N layers" are its last N entries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from privfer.config import ModelConfig
+from privfer.data.clips import NUM_CLASSES
+from privfer.errors import DataError
+
+
+class VFER(nn.Module):
+    """Video FER: an LSTM over per-frame features, read out at the last step (or the mean), then a linear head."""
+
+    def __init__(
+        self,
+        feature_dim: int,
+        hidden_size: int = 128,
+        num_classes: int = NUM_CLASSES,
+        num_layers: int = 1,
+        readout: str = "last",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if readout not in ("last", "mean"):
+            raise ValueError(f"readout must be 'last' or 'mean', got {readout!r}")
+        self.feature_dim = feature_dim
+        self.readout = readout
+        self.lstm = nn.LSTM(feature_dim, hidden_size, num_layers=num_layers, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_size, num_classes)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, feature_dim: int, num_classes: int = NUM_CLASSES) -> "VFER":
+        return cls(
+            feature_dim=feature_dim,
+            hidden_size=config.hidden_size,
+            num_classes=num_classes,
+            num_layers=config.num_layers,
+            readout=config.readout,
+            dropout=config.dropout,
+        )
+
+    def embed(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) frame features -> (B, H) clip embedding from the base."""
+        if frames.dim() != 3 or frames.shape[-1] != self.feature_dim:
+            raise ValueError(f"expected (batch, frames, {self.feature_dim}) features, got {tuple(frames.shape)}")
+        states, _ = self.lstm(frames)
+        return states[:, -1] if self.readout == "last" else states.mean(dim=1)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, classes) logits."""
+        return self.head(self.dropout(self.embed(frames)))
+
+    def layer_groups(self) -> list[tuple[str, nn.Module]]:
+        """Parameter-holding layers from input to output: the LSTM layers, then the head."""
+        groups: list[tuple[str, nn.Module]] = [("lstm", self.lstm)]
+        groups.append(("head", self.head))
+        return groups
+
+    def personal_parameter_names(self, personal_layers: int = 1) -> list[str]:
+        """Names of the parameters FedPer keeps local: those of the last ``personal_layers`` groups."""
+        groups = self.layer_groups()
+        if not 1 <= personal_layers < len(groups):
+            raise ValueError(
+                f"personal_layers must be between 1 and {len(groups) - 1} for this model, got {personal_layers}"
+            )
+        names = []
+        for prefix, module in groups[-personal_layers:]:
+            names.extend(f"{prefix}.{name}" for name, _ in module.named_parameters())
+        return names
+
+
+class IFER(nn.Module):
+    """Image FER head: classifies one frame's features (the frozen teacher for pseudo labels).
+
+    Shaped like EmoNet's emotion classifier (Linear -> BatchNorm -> ReLU -> Linear),
+    fitted on training actors' frames or loaded from a weights file, then frozen.
+    """
+
+    def __init__(self, feature_dim: int, hidden: int = 128, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.net = nn.Sequential(
+            nn.Linear(feature_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """(..., D) frame features -> (..., classes) logits."""
+        shape = frames.shape
+        logits = self.net(frames.reshape(-1, shape[-1]))
+        return logits.reshape(*shape[:-1], logits.shape[-1])
+
+    @torch.no_grad()
+    def frame_probabilities(self, clips: np.ndarray, batch: int = 4096) -> np.ndarray:
+        """(N, T, D) clip features -> (N, T, classes) per-frame class probabilities."""
+        self.eval()
+        data = torch.as_tensor(np.asarray(clips, dtype=np.float32))
+        outputs = [torch.softmax(self(data[i : i + batch]), dim=-1) for i in range(0, len(data), batch)]
+        return torch.cat(outputs).numpy() if outputs else np.zeros((*data.shape[:2], NUM_CLASSES), np.float32)
+
+    def freeze(self) -> "IFER":
+        self.eval()
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        return self
+
+    def save(self, path: Path) -> None:
+        torch.save({"feature_dim": self.feature_dim, "state_dict": self.state_dict()}, Path(path))
+
+    @classmethod
+    def load(cls, path: Path, feature_dim: int, hidden: int = 128) -> "IFER":
+        """Load weights saved by :meth:`save` (or a bare state dict); a clear error if they do not fit."""
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"IFER weights file {path} does not exist")
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a corrupt file
+            raise DataError(f"IFER weights file {path} cannot be read: {exc.__class__.__name__}") from None
+        state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
+        if not isinstance(state, dict):
+            raise DataError(f"IFER weights file {path} does not hold a state dict")
+        model = cls(feature_dim, hidden)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise DataError(f"IFER weights file {path} does not fit a {feature_dim}-d IFER: {first}") from None
+        return model.freeze()
+
+
+def fit_ifer(
+    frames: np.ndarray,
+    labels: np.ndarray,
+    *,
+    hidden: int = 128,
+    epochs: int = 5,
+    lr: float = 1e-3,
+    batch_size: int = 512,
+    seed: int = 0,
+) -> IFER:
+    """Fit the per-frame classifier on (frames, D) features and (frames,) labels, then freeze it."""
+    frames = np.asarray(frames, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(frames) != len(labels) or len(frames) == 0:
+        raise DataError(f"IFER needs matching, non-empty frames and labels ({len(frames)} vs {len(labels)})")
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = IFER(frames.shape[1], hidden)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    x, y = torch.from_numpy(frames), torch.from_numpy(labels)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch_size):
+            batch = order[start : start + batch_size]
+            if len(batch) < 2:  # BatchNorm needs two frames
+                continue
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+            loss.backward()
+            optimizer.step()
+    return model.freeze()

@@ -1,0 +1,91 @@
+"""Run directories: the unit of output, written atomically and resumable.
+
+A run directory holds ``config.yaml`` (the resolved config), results as JSON,
+and checkpoints. Every file is written to a temporary sibling and renamed into
+place, so a run killed half-way never leaves a half-written result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from privfer.config import PrivferConfig
+from privfer.errors import RunDirectoryError
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda h: h.write(text), "w")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, lambda h: h.write(data), "wb")
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON has no infinity: write non-finite floats as the strings "inf", "-inf", "nan"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    atomic_write_text(path, json.dumps(_json_safe(payload), indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(path: Path, obj: Any) -> None:
+    import torch
+
+    _atomic_write(path, lambda h: torch.save(obj, h), "wb")
+
+
+def prepare_run_dir(run_dir: Path, config: PrivferConfig) -> bool:
+    """Create ``run_dir`` with its ``config.yaml``; returns True when it resumes an earlier run.
+
+    A directory that already holds a run may only be reused with the same
+    resolved config (then the run resumes); anything else is refused rather
+    than mixing two runs' outputs.
+    """
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    resolved = config.to_dict()
+    if config_path.exists():
+        try:
+            existing = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            raise RunDirectoryError(f"{config_path} is unreadable; choose another --out") from None
+        if existing != resolved:
+            raise RunDirectoryError(
+                f"{run_dir} holds a run with a different config; choose another --out or delete it"
+            )
+        return True
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunDirectoryError(f"{run_dir} exists and is not a privfer run directory; choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(config_path, config.to_yaml())
+    return False

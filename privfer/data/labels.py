@@ -29,7 +29,8 @@ def partial_labels(votes: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Vote distribution per clip: softmax(counts / temperature) over voted classes only.
 
     Returns float32 (clips, classes); every row sums to 1 and classes with zero
-    votes have probability exactly 0.
+    votes have probability exactly 0. (At very low temperatures a voted class
+    far behind the leader can also round to 0 in float32.)
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")

@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch
+
+from privfer.config import ModelConfig, load_config
+from privfer.data.synthetic import generate_synthetic
+from privfer.errors import DataError
+from privfer.metrics import classification_report
+from privfer.models.vfer import IFER, VFER, fit_ifer
+
+
+def test_vfer_shapes_and_readouts():
+    x = torch.randn(5, 7, 12)
+    for readout in ("last", "mean"):
+        model = VFER.from_config(ModelConfig(hidden_size=9, readout=readout), feature_dim=12)
+        assert model(x).shape == (5, 6)
+        assert model.embed(x).shape == (5, 9)
+    with pytest.raises(ValueError, match=r"expected \(batch, frames, 12\)"):
+        model(torch.randn(5, 7, 11))
+
+
+def test_vfer_base_head_split():
+    model = VFER(feature_dim=4, hidden_size=3)
+    personal = model.personal_parameter_names(1)
+    assert personal == ["head.weight", "head.bias"]
+    all_names = {n for n, _ in model.named_parameters()}
+    assert set(personal) < all_names and all(n.startswith("lstm.") for n in all_names - set(personal))
+    with pytest.raises(ValueError, match="between 1 and 1"):
+        model.personal_parameter_names(2)
+
+
+def test_ifer_fits_frames_well_above_chance_on_unseen_actors():
+    clips = generate_synthetic(load_config(None, ["data.frames=8", "data.synthetic.actors=24"]).data)
+    seen, unseen = clips.for_actors(clips.actor_list()[:-4]), clips.for_actors(clips.actor_list()[-4:])
+    ifer = fit_ifer(*seen.frame_level(), hidden=64, epochs=10, lr=1e-3, batch_size=256)
+    probs = ifer.frame_probabilities(unseen.features)
+    assert probs.shape == (*unseen.features.shape[:2], 6)
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, rtol=1e-5)
+    frames, labels = unseen.frame_level()
+    report = classification_report(labels, ifer(torch.from_numpy(frames)).argmax(-1).numpy())
+    assert report["macro"]["f1"] > 0.45  # chance is about 1/6
+    assert not any(p.requires_grad for p in ifer.parameters())
+
+
+def test_ifer_weights_round_trip_and_errors(tmp_path):
+    ifer = IFER(feature_dim=8, hidden=4).freeze()
+    path = tmp_path / "ifer.pt"
+    ifer.save(path)
+    loaded = IFER.load(path, feature_dim=8, hidden=4)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(loaded(x), ifer(x))
+    with pytest.raises(DataError, match="does not exist"):
+        IFER.load(tmp_path / "missing.pt", feature_dim=8)
+    with pytest.raises(DataError, match="does not fit a 16-d IFER"):
+        IFER.load(path, feature_dim=16, hidden=4)
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(DataError, match="cannot be read"):
+        IFER.load(tmp_path / "junk.pt", feature_dim=8)

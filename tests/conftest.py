@@ -9,11 +9,11 @@ from privfer.data.synthetic import generate_synthetic
 
 SMALL = [
     "data.frames=8",
-    "data.feature_dim=32",
-    "data.synthetic.actors=24",
+    "data.feature_dim=128",
+    "data.synthetic.actors=48",
     "data.synthetic.missing_clips=0",
     "data.split.val_actors=4",
-    "data.split.test_actors=4",
+    "data.split.test_actors=8",
     "model.hidden_size=32",
     "training.epochs=6",
     "training.lr=0.003",
@@ -22,7 +22,7 @@ SMALL = [
 
 
 def small_config(*overrides: str) -> PrivferConfig:
-    """A population of 24 actors with 8 x 32 features: seconds, not minutes, to train."""
+    """A population of 48 actors with 8 x 128 features: seconds, not minutes, to train."""
     return load_config(None, [*SMALL, *overrides])
 
 

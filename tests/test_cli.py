@@ -1,0 +1,85 @@
+"""The command line as a user meets it: tables, run directories, one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from privfer.cli import app
+
+from conftest import SMALL
+
+runner = CliRunner()
+# --set wins over --epochs (documented order), so leave the epochs to each test.
+SETS = [arg for item in SMALL if not item.startswith("training.epochs") for arg in ("--set", item)]
+
+
+def run(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_train_prints_the_paper_table_and_writes_the_run(tmp_path):
+    out = tmp_path / "run"
+    result = run("train", "--labels", "discrete", "--epochs", "2", *SETS, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    for word in ("anger", "disgust", "fear", "happiness", "neutral", "sadness", "micro avg", "macro avg", "precision"):
+        assert word in result.output
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["labels"] == "discrete" and len(saved["history"]) == 2
+
+
+def test_train_json_output(tmp_path):
+    result = run("train", "--epochs", "1", *SETS, "--out", str(tmp_path / "r"), "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["labels"] == "partial"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--set", "training.lr=-1"], "training.lr = -1: Input should be greater than 0 (allowed: > 0"),
+        (["train", "--set", "training.nope=1"], "training.nope: unknown setting"),
+        (["train", "--labels", "fuzzy"], "training.labels = 'fuzzy'"),
+        (["train", "--config", "/no/such.yaml"], "config file /no/such.yaml does not exist"),
+        (["train", "--data", "/no/such/dir"], "CREMA-D folder /no/such/dir does not exist"),
+        (["train", "--set", "epochs"], "must look like section.field=value"),
+        (["data", "summary", "--set", "data.frames=0"], "data.frames = 0"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(args, message):
+    result = run(*args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "Traceback" not in result.output + result.stderr
+
+
+def test_rerun_into_another_runs_directory_is_refused(tmp_path):
+    out = tmp_path / "run"
+    assert run("train", "--epochs", "1", *SETS, "--out", str(out)).exit_code == 0
+    result = run("train", "--epochs", "2", *SETS, "--out", str(out))
+    assert result.exit_code == 2 and "holds a run with a different config" in result.stderr
+
+
+def test_export_then_train_on_the_exported_folder(tmp_path):
+    folder = tmp_path / "cremad"
+    result = run("data", "export", str(folder), *SETS)
+    assert result.exit_code == 0 and (folder / "processedResults" / "tabulatedVotes.csv").exists()
+    assert run("data", "export", str(folder)).exit_code == 2  # never overwrites
+    summary = run("data", "summary", "--data", str(folder))
+    assert summary.exit_code == 0 and "cremad" in summary.output and "3936" in summary.output
+    trained = run("train", "--epochs", "1", "--data", str(folder), *SETS, "--out", str(tmp_path / "r"))
+    assert trained.exit_code == 0, trained.output
+
+
+def test_config_show_reflects_overrides():
+    result = run("config", "show", "--set", "training.lr=0.5", "--set", "seed=9")
+    assert result.exit_code == 0
+    assert "lr: 0.5" in result.output and "seed: 9" in result.output
+
+
+def test_console_script_is_installed():
+    completed = subprocess.run([sys.executable, "-m", "privfer.cli", "--version"], capture_output=True, text=True)
+    assert completed.returncode == 0 and completed.stdout.startswith("privfer ")

@@ -27,10 +27,10 @@ from torch.nn import functional as F
 from privfer.config import PrivferConfig
 from privfer.data import load_clips
 from privfer.data.clips import ClipSet
-from privfer.data.labels import discrete_labels, partial_labels
+from privfer.data.labels import discrete_labels, partial_labels, pseudo_labels
 from privfer.data.splits import ActorSplit, split_actors
 from privfer.metrics import classification_report
-from privfer.models.vfer import VFER
+from privfer.models.vfer import VFER, ifer_from_config
 from privfer.runs import atomic_torch_save, atomic_write_json, prepare_run_dir
 
 CHECKPOINT = "checkpoint.pt"
@@ -93,13 +93,27 @@ def evaluate(model: nn.Module, clips: ClipSet, eval_target: str) -> dict[str, An
     return classification_report(evaluation_labels(clips, eval_target), predicted)
 
 
+def pseudo_label_quality(config: PrivferConfig, training: ClipSet, adaptation: ClipSet) -> dict[str, Any]:
+    """How good the IFER's pseudo labels are on the adaptation halves (the seed paper's self-supervision)."""
+    ifer = ifer_from_config(config.model, training, config.seed)
+    labels, keep = pseudo_labels(ifer.frame_probabilities(adaptation.features), config.data.pseudo_label_threshold)
+    truth = evaluation_labels(adaptation, config.data.eval_target)
+    return {
+        "clips": len(adaptation),
+        "kept": int(keep.sum()),
+        "kept_fraction": float(keep.mean()) if len(keep) else 0.0,
+        "accuracy_of_kept": float((labels[keep] == truth[keep]).mean()) if keep.any() else 0.0,
+        "threshold": config.data.pseudo_label_threshold,
+    }
+
+
 def _split_clips(clips: ClipSet, split: ActorSplit) -> dict[str, ClipSet]:
-    evaluation = np.isin(clips.names, np.asarray(split.evaluation_clips))
     return {
         "train": clips.for_actors(split.train),
         "val": clips.for_actors(split.val),
         "test": clips.for_actors(split.test),
-        "test_eval": clips.subset(evaluation),
+        "test_eval": clips.subset(np.isin(clips.names, np.asarray(split.evaluation_clips))),
+        "test_adapt": clips.subset(np.isin(clips.names, np.asarray(split.adaptation_clips))),
     }
 
 
@@ -203,6 +217,7 @@ def train_centralized(
         "test_all_clips": evaluate(model, parts["test"], config.data.eval_target),
         "val": evaluate(model, parts["val"], config.data.eval_target),
         "history": [asdict(r) for r in history],
+        "pseudo_labels": pseudo_label_quality(config, parts["train"], parts["test_adapt"]),
         "data": {
             "source": config.data.source,
             "clips": len(clips),

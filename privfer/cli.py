@@ -155,6 +155,12 @@ def train(
             f"(best epoch {result['best_epoch']}, target: {result['eval_target']} emotion)",
         )
     )
+    pseudo = result["pseudo_labels"]
+    console.print(
+        f"IFER pseudo labels on the adaptation halves: {pseudo['kept']} of {pseudo['clips']} clips kept "
+        f"(top probability > {pseudo['threshold']}), {pseudo['accuracy_of_kept']:.1%} of them correct",
+        highlight=False,
+    )
     console.print(f"took {result['seconds']:.1f} s; wrote {run_dir}/result.json", highlight=False)
 
 
@@ -213,6 +219,20 @@ def config_show(
 ) -> None:
     """Print the resolved config as YAML (defaults < file < --data < --set)."""
     console.print(resolve_config(config, overrides, data).to_yaml(), highlight=False, soft_wrap=True)
+
+
+@config_app.command("fields")
+@user_errors
+def config_fields() -> None:
+    """List every setting with its default, allowed values and meaning."""
+    from privfer.config import describe_fields
+
+    table = Table(title="settings (use with --set field=value)", title_justify="left")
+    for column in ("field", "default", "allowed", "description"):
+        table.add_column(column)
+    for row in describe_fields():
+        table.add_row(row["field"], row["default"], row["allowed"], row["description"])
+    console.print(table)
 
 
 def main() -> None:

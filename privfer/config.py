@@ -196,6 +196,12 @@ def _plain(value: Any) -> Any:
 # loading
 
 
+def _number(value: float) -> str:
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:g}"
+
+
 def _field_bounds(loc: tuple[Any, ...]) -> str | None:
     """The allowed range of the field at ``loc``, from its pydantic metadata."""
     model: type[BaseModel] | None = PrivferConfig
@@ -212,12 +218,38 @@ def _field_bounds(loc: tuple[Any, ...]) -> str | None:
     for item in info.metadata:
         for name, symbol in (("ge", ">="), ("gt", ">")):
             if hasattr(item, name):
-                lower = f"{symbol} {getattr(item, name):g}"
+                lower = f"{symbol} {_number(getattr(item, name))}"
         for name, symbol in (("le", "<="), ("lt", "<")):
             if hasattr(item, name):
-                upper = f"{symbol} {getattr(item, name):g}"
+                upper = f"{symbol} {_number(getattr(item, name))}"
     parts = [p for p in (lower, upper) if p]
     return " and ".join(parts) if parts else None
+
+
+def describe_fields(model: type[BaseModel] = None, prefix: str = "") -> list[dict[str, str]]:  # type: ignore[assignment]
+    """Every setting as (field, default, allowed, description) rows, for docs and ``privfer config fields``."""
+    model = PrivferConfig if model is None else model
+    rows: list[dict[str, str]] = []
+    for name, info in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(describe_fields(annotation, prefix=f"{dotted}."))
+            continue
+        default = info.get_default(call_default_factory=True)
+        allowed = _field_bounds(tuple(dotted.split(".")))
+        choices = getattr(annotation, "__args__", None)
+        if allowed is None and choices and getattr(annotation, "__origin__", None) is Literal:
+            allowed = " | ".join(str(c) for c in choices)
+        rows.append(
+            {
+                "field": dotted,
+                "default": "null" if default is None else str(default),
+                "allowed": allowed or "",
+                "description": info.description or "",
+            }
+        )
+    return rows
 
 
 def format_validation_error(error: ValidationError) -> str:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from privfer.config import ModelConfig
-from privfer.data.clips import NUM_CLASSES
+from privfer.data.clips import NUM_CLASSES, ClipSet
 from privfer.errors import DataError
 
 
@@ -138,6 +138,14 @@ class IFER(nn.Module):
             first = str(exc).strip().splitlines()[0]
             raise DataError(f"IFER weights file {path} does not fit a {feature_dim}-d IFER: {first}") from None
         return model.freeze()
+
+
+def ifer_from_config(config: ModelConfig, training_clips: ClipSet, seed: int = 0) -> IFER:
+    """The frozen IFER a run uses: loaded from ``config.ifer_weights``, or fitted on the training actors' frames."""
+    if config.ifer_weights is not None:
+        return IFER.load(config.ifer_weights, training_clips.feature_dim, config.ifer_hidden)
+    frames, labels = training_clips.frame_level()
+    return fit_ifer(frames, labels, hidden=config.ifer_hidden, seed=seed)
 
 
 def fit_ifer(

@@ -34,7 +34,7 @@ class SyntheticConfig(_Section):
     missing_clips: int = Field(20, ge=0, description="Clips dropped at random, as CREMA-D has 7,442 of 7,462.")
     latent_dim: int = Field(24, ge=8, le=512, description="Dimension of the latent face-expression space.")
     expression_strength: float = Field(
-        1.0, gt=0.0, le=10.0, description="Scale of the displayed expression against identity and nuisance."
+        0.8, gt=0.0, le=10.0, description="Scale of the displayed expression against identity and nuisance."
     )
     actor_idiosyncrasy: float = Field(
         0.8, ge=0.0, le=10.0, description="Spread of each actor's own way of showing each emotion."

@@ -17,7 +17,7 @@ class Interrupted(Exception):
 def test_vfer_learns_well_above_chance(small_clips):
     for labels in ("partial", "discrete"):
         result = train_centralized(small_config(f"training.labels={labels}"), clips=small_clips)
-        assert result["test"]["macro"]["f1"] > 0.35, labels  # chance: about 1/6; seeds 0-4 give 0.42-0.55
+        assert result["test"]["macro"]["f1"] > 0.35, labels  # chance: about 1/6; seeds 0-4 give 0.42-0.54
         assert result["history"][-1]["train_loss"] < result["history"][0]["train_loss"]
         assert 1 <= result["best_epoch"] <= 6
         best = min(result["history"], key=lambda r: r["val_loss"])

@@ -79,9 +79,10 @@ def _prototypes(rng: np.random.Generator, latent_dim: int) -> np.ndarray:
 def _envelopes(rng: np.random.Generator, n: int, frames: int) -> np.ndarray:
     """(n, T) expression envelopes in [0, 1]: onset, apex, offset, smoothed."""
     t = np.arange(frames, dtype=np.float64)[None, :]
-    start = rng.uniform(0.0, 0.25, (n, 1)) * frames
+    # Actors express while speaking the sentence, so the apex covers most of a clip.
+    start = rng.uniform(0.0, 0.15, (n, 1)) * frames
     rise = np.maximum(rng.uniform(0.1, 0.3, (n, 1)) * frames, 1.0)
-    apex = rng.uniform(0.25, 0.5, (n, 1)) * frames
+    apex = rng.uniform(0.4, 0.7, (n, 1)) * frames
     fall = np.maximum(rng.uniform(0.1, 0.3, (n, 1)) * frames, 1.0)
     up = np.clip((t - start) / rise, 0.0, 1.0)
     down = np.clip((t - (start + rise + apex)) / fall, 0.0, 1.0)

@@ -86,3 +86,11 @@ def test_resolved_config_round_trips_through_yaml():
     config = load_config(None, ["seed=3", "data.root=/tmp/x", "data.source=cremad", "privacy.epsilon=2.5"])
     again = PrivferConfig.model_validate(yaml.safe_load(config.to_yaml()))
     assert again == config
+
+
+def test_configuration_doc_lists_every_setting():
+    from privfer.config import describe_fields
+
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    missing = [row["field"] for row in describe_fields() if f"`{row['field']}`" not in doc]
+    assert not missing, f"docs/configuration.md lacks {missing}"

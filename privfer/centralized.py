@@ -31,6 +31,7 @@ from privfer.data.labels import discrete_labels, partial_labels, pseudo_labels
 from privfer.data.splits import ActorSplit, split_actors
 from privfer.metrics import classification_report
 from privfer.models.vfer import VFER, ifer_from_config
+from privfer.errors import RunDirectoryError
 from privfer.runs import atomic_torch_save, atomic_write_json, prepare_run_dir
 
 CHECKPOINT = "checkpoint.pt"
@@ -78,13 +79,9 @@ def predict(model: nn.Module, features: np.ndarray, batch_size: int = 512) -> np
     model.eval()
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     chunks = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    return torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), np.float32)
-
-
-@torch.no_grad()
-def mean_loss(model: nn.Module, features: np.ndarray, targets: np.ndarray, batch_size: int = 512) -> float:
-    logits = torch.from_numpy(predict(model, features, batch_size))
-    return float(label_loss(logits, torch.from_numpy(targets)))
+    if not chunks:
+        return np.zeros((0, model(torch.zeros(1, *x.shape[1:])).shape[-1]), np.float32)
+    return torch.cat(chunks).numpy()
 
 
 def evaluate(model: nn.Module, clips: ClipSet, eval_target: str) -> dict[str, Any]:
@@ -122,9 +119,12 @@ def train_centralized(
     run_dir: Path | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     clips: ClipSet | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train the VFER on the training actors and evaluate the best-validation epoch.
 
+    ``on_start(first_epoch)`` is called once the data, split and run directory
+    are ready and training begins; ``on_epoch(record)`` after every epoch.
     Returns the result dictionary that is also written to ``run_dir/result.json``.
     With ``run_dir``, the resolved config, the split and per-epoch checkpoints
     are written there too, and an interrupted run resumes from its checkpoint.
@@ -133,16 +133,20 @@ def train_centralized(
     training = config.training
     if training.torch_threads is not None:
         torch.set_num_threads(training.torch_threads)
-    resumed = prepare_run_dir(run_dir, config) if run_dir is not None else False
-    if resumed and (run_dir / RESULT).exists():
-        return json.loads((run_dir / RESULT).read_text(encoding="utf-8"))  # finished earlier
 
+    # Everything that can fail on bad data or settings happens before the run
+    # directory is touched, so a mistake leaves nothing behind to clean up.
     clips = load_clips(config.data) if clips is None else clips
     split = split_actors(clips, config.data.split, config.seed)
     parts = _split_clips(clips, split)
     temperature = config.data.partial_label_temperature
     train_y = training_targets(parts["train"], training.labels, temperature)
     val_y = training_targets(parts["val"], training.labels, temperature)
+    pseudo = pseudo_label_quality(config, parts["train"], parts["test_adapt"])
+
+    resumed = prepare_run_dir(run_dir, config) if run_dir is not None else False
+    if resumed and (run_dir / RESULT).exists():
+        return json.loads((run_dir / RESULT).read_text(encoding="utf-8"))  # finished earlier
     train_x = torch.from_numpy(parts["train"].features)
     train_t = torch.from_numpy(train_y)
 
@@ -157,7 +161,12 @@ def train_centralized(
 
     checkpoint_path = run_dir / CHECKPOINT if run_dir is not None else None
     if resumed and checkpoint_path is not None and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a damaged file
+            raise RunDirectoryError(
+                f"{checkpoint_path} cannot be read ({exc.__class__.__name__}); delete it to restart the run"
+            ) from None
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         shuffler.set_state(state["shuffler"])
@@ -167,6 +176,8 @@ def train_centralized(
         start_epoch = state["epoch"] + 1
         elapsed_before = state["elapsed"]
 
+    if on_start is not None:
+        on_start(start_epoch)
     for epoch in range(start_epoch, training.epochs + 1):
         epoch_start = time.perf_counter()
         model.train()
@@ -180,8 +191,10 @@ def train_centralized(
             optimizer.step()
             total += loss.item() * len(batch)
             seen += len(batch)
-        val_loss = mean_loss(model, parts["val"].features, val_y)
-        val_f1 = evaluate(model, parts["val"], config.data.eval_target)["macro"]["f1"]
+        val_logits = predict(model, parts["val"].features)
+        val_loss = float(label_loss(torch.from_numpy(val_logits), torch.from_numpy(val_y)))
+        val_truth = evaluation_labels(parts["val"], config.data.eval_target)
+        val_f1 = classification_report(val_truth, val_logits.argmax(axis=1))["macro"]["f1"]
         if val_loss < best_val:
             best_val, best_epoch = val_loss, epoch
             best_state = copy.deepcopy(model.state_dict())
@@ -217,7 +230,7 @@ def train_centralized(
         "test_all_clips": evaluate(model, parts["test"], config.data.eval_target),
         "val": evaluate(model, parts["val"], config.data.eval_target),
         "history": [asdict(r) for r in history],
-        "pseudo_labels": pseudo_label_quality(config, parts["train"], parts["test_adapt"]),
+        "pseudo_labels": pseudo,
         "data": {
             "source": config.data.source,
             "clips": len(clips),

@@ -8,6 +8,7 @@ prints one line on stderr and exits with code 2, never a traceback.
 from __future__ import annotations
 
 import contextlib
+import sys
 import functools
 import json
 import time
@@ -16,12 +17,14 @@ from typing import Any, Callable, Iterator, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from privfer import EMOTIONS, __version__
 from privfer.config import PrivferConfig, load_config
 from privfer.errors import PrivferError
+from privfer.runs import create_unique_dir
 
 app = typer.Typer(
     name="privfer",
@@ -31,7 +34,7 @@ app = typer.Typer(
     add_completion=False,
 )
 data_app = typer.Typer(help="Inspect and export the clip data.", no_args_is_help=True)
-config_app = typer.Typer(help="Show the resolved configuration.", no_args_is_help=True)
+config_app = typer.Typer(help="Show the resolved configuration and every setting.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 
@@ -45,6 +48,11 @@ SetOption = typer.Option(
 DataOption = typer.Option(None, "--data", help="CREMA-D folder with features/ (default: built-in synthetic data).")
 
 
+def print_error(message: str) -> None:
+    """One line on stderr; the message is text, never Rich markup (paths may hold brackets)."""
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a :class:`PrivferError` into one line on stderr and exit code 2."""
 
@@ -53,7 +61,7 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except PrivferError as exc:
-            errors.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            print_error(str(exc))
             raise typer.Exit(2) from None
 
     return wrapper
@@ -108,10 +116,6 @@ def _nothing() -> Iterator[None]:
     yield
 
 
-def default_run_dir(config: PrivferConfig, command: str) -> Path:
-    return config.output.dir / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 @app.command()
 @user_errors
 def train(
@@ -128,23 +132,39 @@ def train(
     from privfer.data import load_clips
 
     cfg = resolve_config(config, overrides, data, **{"training.labels": labels, "training.epochs": epochs})
-    run_dir = out if out is not None else default_run_dir(cfg, "train")
     with errors.status("loading clips", spinner="dots") if not as_json else _nothing():
         clips = load_clips(cfg.data)
+    made = [] if out is not None or cfg.output.dir.exists() else [cfg.output.dir]
+    run_dir = out if out is not None else create_unique_dir(cfg.output.dir, f"train-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out is None:
+        made.insert(0, run_dir)
     progress = Progress(
         TextColumn("[bold]epoch"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(), console=errors, disable=as_json, transient=False,
+        TimeElapsedColumn(), console=errors, disable=as_json,
     )
-    with progress:
-        task = progress.add_task("train", total=cfg.training.epochs, status="")
+    task = progress.add_task("train", total=cfg.training.epochs, status="", start=False)
 
-        def on_epoch(record: Any) -> None:
-            progress.update(
-                task, completed=record.epoch,
-                status=f"train {record.train_loss:.3f}  val {record.val_loss:.3f}  val macro-F1 {record.val_macro_f1:.3f}",
-            )
+    def on_start(first_epoch: int) -> None:
+        # The bar appears only once training really starts, so an early error stays one line.
+        progress.start()
+        progress.start_task(task)
+        progress.update(task, completed=first_epoch - 1)
 
-        result = train_centralized(cfg, run_dir=run_dir, on_epoch=on_epoch, clips=clips)
+    def on_epoch(record: Any) -> None:
+        progress.update(
+            task, completed=record.epoch,
+            status=f"train {record.train_loss:.3f}  val {record.val_loss:.3f}  val macro-F1 {record.val_macro_f1:.3f}",
+        )
+
+    try:
+        result = train_centralized(cfg, run_dir=run_dir, on_epoch=on_epoch, on_start=on_start, clips=clips)
+    except PrivferError:
+        for folder in made:  # folders made for this run that still hold nothing
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+    finally:
+        progress.stop()
     if as_json:
         console.print_json(json.dumps(result))
         return
@@ -161,7 +181,7 @@ def train(
         f"(top probability > {pseudo['threshold']}), {pseudo['accuracy_of_kept']:.1%} of them correct",
         highlight=False,
     )
-    console.print(f"took {result['seconds']:.1f} s; wrote {run_dir}/result.json", highlight=False)
+    console.print(f"took {result['seconds']:.1f} s; wrote {run_dir}/result.json", highlight=False, markup=False)
 
 
 @data_app.command("summary")
@@ -180,7 +200,7 @@ def data_summary(
     table = Table(title="data", show_header=False, title_justify="left")
     for key, value in summary.items():
         if key != "classes":
-            table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+            table.add_row(key, f"{value:.3f}" if isinstance(value, float) else escape(str(value)))
     console.print(table)
     classes = Table(title="classes", title_justify="left")
     for column in ("class", "clips (acted)", "share of votes"):
@@ -200,14 +220,11 @@ def data_export(
     """Write the configured data (synthetic by default) as a CREMA-D folder with features/."""
     from privfer.data import load_clips
     from privfer.data.cremad import export_cremad_layout
-    from privfer.errors import DataError
 
-    if folder.exists():
-        raise DataError(f"{folder} already exists; choose a new folder")
     cfg = resolve_config(config, overrides)
     clips = load_clips(cfg.data)
     export_cremad_layout(clips, folder)
-    console.print(f"wrote {len(clips)} clips of {len(clips.actors)} actors to {folder}", highlight=False)
+    console.print(f"wrote {len(clips)} clips of {len(clips.actors)} actors to {folder}", highlight=False, markup=False)
 
 
 @config_app.command("show")
@@ -218,7 +235,7 @@ def config_show(
     overrides: Optional[List[str]] = SetOption,
 ) -> None:
     """Print the resolved config as YAML (defaults < file < --data < --set)."""
-    console.print(resolve_config(config, overrides, data).to_yaml(), highlight=False, soft_wrap=True)
+    console.print(resolve_config(config, overrides, data).to_yaml(), highlight=False, soft_wrap=True, markup=False)
 
 
 @config_app.command("fields")
@@ -236,7 +253,25 @@ def config_fields() -> None:
 
 
 def main() -> None:
-    app()
+    """Console-script entry point: usage errors too are one line and exit code 2."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        print_error("aborted")
+        sys.exit(130)
+    except Exception as exc:
+        # Typer's (vendored) click raises UsageError and its kin here; they carry
+        # an exit code and a message. Anything else is a bug and keeps its traceback.
+        if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            console.print(ctx.get_help(), markup=False, highlight=False)
+            sys.exit(0)
+        command = ctx.command_path if ctx is not None else "privfer"
+        print_error(f"{exc.format_message()} (see: {command} --help)")
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

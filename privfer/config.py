@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from privfer.errors import ConfigError
 
@@ -23,6 +23,18 @@ class _Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are checked on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads `yes`/`true` as booleans and Python counts them as 0/1;
+        # `epochs: true` meaning one epoch would be a silent misconfiguration.
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = set(getattr(annotation, "__args__", ())) | {annotation}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"expected a number, got the boolean {value}")
+        return value
 
 
 class SyntheticConfig(_Section):
@@ -88,6 +100,12 @@ class DataConfig(_Section):
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
+
+    @field_validator("root", mode="after")
+    @classmethod
+    def _absolute_root(cls, root: Path | None) -> Path | None:
+        # Store the folder absolutely so the resolved config names the same data from any directory.
+        return None if root is None else root.expanduser().absolute()
 
     @model_validator(mode="after")
     def _root_for_cremad(self) -> "DataConfig":
@@ -177,19 +195,11 @@ class PrivferConfig(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (paths as strings, inf as a string) suitable for YAML and JSON."""
-        return _plain(self.model_dump(mode="json"))
+        """Plain-data form (paths as strings) suitable for YAML and JSON."""
+        return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
 
 
 # ---------------------------------------------------------------------------
@@ -316,6 +326,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as exc:

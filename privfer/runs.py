@@ -20,11 +20,33 @@ from privfer.config import PrivferConfig
 from privfer.errors import RunDirectoryError
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename durable: the directory entry itself must reach the disk."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not supported here (e.g. some network filesystems)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    """Write to a temporary sibling, flush, fsync, rename into place, fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; results are ordinary files
         with os.fdopen(fd, mode) as handle:
             write(handle)
             handle.flush()
@@ -33,6 +55,7 @@ def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -71,7 +94,29 @@ def prepare_run_dir(run_dir: Path, config: PrivferConfig) -> bool:
     resolved config (then the run resumes); anything else is refused rather
     than mixing two runs' outputs.
     """
-    run_dir = Path(run_dir)
+    try:
+        return _prepare_run_dir(Path(run_dir), config)
+    except OSError as exc:
+        raise RunDirectoryError(f"run directory {run_dir} cannot be used: {exc.strerror or exc}") from None
+
+
+def create_unique_dir(parent: Path, stem: str) -> Path:
+    """A new, empty directory ``parent/stem`` (or ``stem-2``, ``stem-3``...), created exclusively."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1, 1000):
+            candidate = parent / (stem if attempt == 1 else f"{stem}-{attempt}")
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+    except OSError as exc:
+        raise RunDirectoryError(f"cannot create a run directory under {parent}: {exc.strerror or exc}") from None
+    raise RunDirectoryError(f"cannot create a run directory under {parent}: too many named {stem}")
+
+
+def _prepare_run_dir(run_dir: Path, config: PrivferConfig) -> bool:
     config_path = run_dir / "config.yaml"
     resolved = config.to_dict()
     if config_path.exists():

@@ -48,7 +48,6 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, small_clips):
     with pytest.raises(Interrupted):
         train_centralized(config, run_dir=run, on_epoch=die_after_two, clips=small_clips)
     assert (run / CHECKPOINT).exists() and not (run / "result.json").exists()
-    assert not list(run.glob(".*.tmp"))  # no half-written file left behind
 
     seen = []
     resumed = train_centralized(config, run_dir=run, on_epoch=lambda r: seen.append(r.epoch), clips=small_clips)
@@ -64,6 +63,73 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, small_clips):
     assert seen == [3, 4] and again["test"] == json.loads(json.dumps(straight["test"]))
 
 
+def test_a_crash_while_writing_the_checkpoint_keeps_the_previous_one(tmp_path, small_clips, monkeypatch):
+    import torch
+
+    config = small_config("training.epochs=3")
+    run = tmp_path / "run"
+    real_save = torch.save
+    saves = []
+
+    def dying_save(obj, handle):
+        saves.append(obj.get("epoch") if isinstance(obj, dict) else None)
+        if obj.get("epoch") == 2:
+            handle.write(b"half a checkpoint")
+            raise Interrupted  # the process dies in the middle of the write
+        real_save(obj, handle)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(Interrupted):
+        train_centralized(config, run_dir=run, clips=small_clips)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert saves == [1, 2]
+    assert torch.load(run / CHECKPOINT, weights_only=True)["epoch"] == 1  # the old checkpoint is intact
+    assert not list(run.glob(".*.tmp"))
+    resumed = train_centralized(config, run_dir=run, clips=small_clips)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+
+
+def test_damaged_checkpoint_is_a_clear_error(tmp_path, small_clips):
+    config = small_config("training.epochs=3")
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train_centralized(config, run_dir=run, clips=small_clips,
+                          on_epoch=lambda r: (_ for _ in ()).throw(Interrupted))
+    (run / CHECKPOINT).write_bytes(b"garbage")
+    with pytest.raises(RunDirectoryError, match="checkpoint.pt cannot be read .*delete it to restart"):
+        train_centralized(config, run_dir=run, clips=small_clips)
+
+
+def test_bad_settings_fail_before_the_run_directory_is_written(tmp_path, small_clips):
+    from privfer.errors import ConfigError, DataError
+
+    with pytest.raises(ConfigError, match="leaves no training actor"):
+        train_centralized(small_config("data.split.val_actors=30", "data.split.test_actors=18"),
+                          run_dir=tmp_path / "a", clips=small_clips)
+    with pytest.raises(DataError, match="IFER weights file .* does not exist"):
+        train_centralized(small_config(f"model.ifer_weights={tmp_path}/nope.pt"), run_dir=tmp_path / "b",
+                          clips=small_clips)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_extreme_adaptation_fraction_keeps_both_halves(small_clips):
+    result = train_centralized(small_config("training.epochs=1", "data.split.adaptation_fraction=0.99"),
+                               clips=small_clips)
+    assert result["data"]["test_eval_clips"] >= 8 * 6  # one clip per emotion per test actor at least
+
+
+def test_run_files_are_readable_by_others(tmp_path, small_clips):
+    import os
+    import stat
+
+    run = tmp_path / "run"
+    train_centralized(small_config("training.epochs=1"), run_dir=run, clips=small_clips)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.yaml", "result.json", "model.pt"):
+        assert stat.S_IMODE((run / name).stat().st_mode) == 0o666 & ~umask
+
+
 def test_run_directory_of_another_config_is_refused(tmp_path, small_clips):
     run = tmp_path / "run"
     train_centralized(small_config("training.epochs=1"), run_dir=run, clips=small_clips)
@@ -75,3 +141,6 @@ def test_run_directory_of_another_config_is_refused(tmp_path, small_clips):
     with pytest.raises(RunDirectoryError, match="is not a privfer run directory"):
         train_centralized(small_config("training.epochs=1"), run_dir=other, clips=small_clips)
     assert (other / "notes.txt").read_text() == "mine"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RunDirectoryError, match="cannot be used"):
+        train_centralized(small_config("training.epochs=1"), run_dir=tmp_path / "afile", clips=small_clips)

@@ -1,8 +1,10 @@
 """The command line as a user meets it: tables, run directories, one-line errors with exit code 2."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -46,14 +48,26 @@ def test_train_json_output(tmp_path):
         (["train", "--data", "/no/such/dir"], "CREMA-D folder /no/such/dir does not exist"),
         (["train", "--set", "epochs"], "must look like section.field=value"),
         (["data", "summary", "--set", "data.frames=0"], "data.frames = 0"),
+        (["config", "show", "--config", "/tmp/x[/]y.yaml"], "config file /tmp/x[/]y.yaml does not exist"),
+        (["data", "summary", "--data", "/tmp/[red]CREMA"], "CREMA-D folder /tmp/[red]CREMA does not exist"),
+        (["train", "--set", "training.epochs=true"], "expected a number, got the boolean"),
+        (["train", "--set", "data.split.val_actors=80"], "leaves no training actor"),
+        (["train", "--set", "model.ifer_weights=/no/ifer.pt"], "IFER weights file /no/ifer.pt does not exist"),
+        (["train", "--out", "afile"], "run directory afile cannot be used"),
+        (["data", "export", "afile/sub"], "cannot create afile/sub"),
     ],
 )
-def test_user_errors_are_one_line_and_exit_2(args, message):
+def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    if args[0] == "train":
+        args = [args[0], *SETS, *args[1:]]  # the case's own --set comes last and wins
     result = run(*args)
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.output + result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing left behind
 
 
 def test_rerun_into_another_runs_directory_is_refused(tmp_path):
@@ -74,12 +88,42 @@ def test_export_then_train_on_the_exported_folder(tmp_path):
     assert trained.exit_code == 0, trained.output
 
 
+def test_default_run_directories_are_distinct(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert run("train", "--epochs", "1", *SETS, "--set", "output.save_model=false").exit_code == 0
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all((r / "result.json").exists() for r in runs)
+
+
 def test_config_show_reflects_overrides():
     result = run("config", "show", "--set", "training.lr=0.5", "--set", "seed=9")
     assert result.exit_code == 0
     assert "lr: 0.5" in result.output and "seed: 9" in result.output
 
 
+def privfer_script():
+    script = shutil.which("privfer") or str(Path(sys.executable).with_name("privfer"))
+    assert Path(script).exists(), "the privfer console script is not installed"
+    return script
+
+
 def test_console_script_is_installed():
-    completed = subprocess.run([sys.executable, "-m", "privfer.cli", "--version"], capture_output=True, text=True)
+    completed = subprocess.run([privfer_script(), "--version"], capture_output=True, text=True)
     assert completed.returncode == 0 and completed.stdout.startswith("privfer ")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--epochs", "abc"], "Invalid value for '--epochs'"),
+        (["trian"], "No such command 'trian'"),
+        (["data", "export"], "Missing argument"),
+        (["train", "--no-such-option"], "No such option"),
+    ],
+)
+def test_usage_errors_of_the_console_script_are_one_line(args, message):
+    completed = subprocess.run([privfer_script(), *args], capture_output=True, text=True)
+    assert completed.returncode == 2
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], completed.stderr

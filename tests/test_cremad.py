@@ -132,7 +132,33 @@ BAD_INPUTS = {
     ),
     "feature file not 2-d": (
         lambda r: np.save(r / "features" / "1001_DFA_ANG_XX.npy", np.zeros(FRAMES)),
-        r"1001_DFA_ANG_XX.npy must be a numeric frames x dims array",
+        r"1001_DFA_ANG_XX.npy must be a non-empty real-valued frames x dims array",
+    ),
+    "feature file with no frames": (
+        lambda r: [np.save(p, np.zeros((0, DIMS), np.float32)) for p in (r / "features").glob("*.npy")],
+        r"must be a non-empty real-valued frames x dims array, got shape \(0, 4\)",
+    ),
+    "complex features": (
+        lambda r: np.save(r / "features" / "1001_DFA_ANG_XX.npy", np.zeros((FRAMES, DIMS), np.complex64)),
+        "non-empty real-valued",
+    ),
+    "empty feature file": (
+        lambda r: (r / "features" / "1001_DFA_ANG_XX.npy").write_bytes(b""),
+        "1001_DFA_ANG_XX.npy is not a readable .npy array",
+    ),
+    "infinite vote count": (
+        lambda r: _rewrite(r / "processedResults" / "tabulatedVotes.csv",
+                           lambda ls: ls[:2] + [ls[2].replace("200001,5,", "200001,inf,")] + ls[3:]),
+        "tabulatedVotes.csv line 3: vote count A 'inf' is not a non-negative whole number",
+    ),
+    "fractional vote count": (
+        lambda r: _rewrite(r / "processedResults" / "tabulatedVotes.csv",
+                           lambda ls: ls[:2] + [ls[2].replace("200001,5,", "200001,5.7,")] + ls[3:]),
+        "tabulatedVotes.csv line 3: vote count A '5.7' is not a non-negative whole number",
+    ),
+    "duplicate actor": (
+        lambda r: _rewrite(r / "VideoDemographics.csv", lambda ls: ls + [ls[1].replace("Male", "Female")]),
+        "VideoDemographics.csv line 4: ActorID 1001 is listed twice",
     ),
     "corrupt feature file": (
         lambda r: (r / "features" / "1001_DFA_ANG_XX.npy").write_bytes(b"garbage"),
@@ -159,6 +185,11 @@ BAD_INPUTS = {
                            lambda ls: ls[:1] + ["abc" + x[6:] for x in ls[1:2]] + ls[2:]),
         "tabulatedVotes.csv line 2: row id 'abc' is not a number",
     ),
+    "infinite row id": (
+        lambda r: _rewrite(r / "processedResults" / "tabulatedVotes.csv",
+                           lambda ls: ls[:1] + ["inf" + x[6:] for x in ls[1:2]] + ls[2:]),
+        "tabulatedVotes.csv line 2: row id 'inf' is not a non-negative whole number",
+    ),
 }
 
 
@@ -180,6 +211,22 @@ def test_bad_responses_file(cremad):
 def test_missing_folder():
     with pytest.raises(DataError, match="CREMA-D folder /no/such/folder does not exist"):
         load_cremad("/no/such/folder")
+
+
+def test_export_refuses_existing_folders_and_leaves_nothing_on_failure(tmp_path):
+    synthetic = generate_synthetic(load_config(None, ["data.frames=2", "data.feature_dim=2",
+                                                      "data.synthetic.actors=4"]).data)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(DataError, match="already exists"):
+        export_cremad_layout(synthetic, tmp_path / "taken")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match="cannot create"):
+        export_cremad_layout(synthetic, tmp_path / "afile" / "sub")
+    broken = synthetic.subset(np.arange(3))
+    broken.names = np.array(["a/b/c", "x", "y"])  # a name that cannot be a file: the write fails midway
+    with pytest.raises(DataError, match="cannot write"):
+        export_cremad_layout(broken, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "taken"]
 
 
 def test_synthetic_data_round_trips_through_the_layout(tmp_path):

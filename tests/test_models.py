@@ -51,7 +51,7 @@ def test_ifer_weights_round_trip_and_errors(tmp_path):
     torch.testing.assert_close(loaded(x), ifer(x))
     with pytest.raises(DataError, match="does not exist"):
         IFER.load(tmp_path / "missing.pt", feature_dim=8)
-    with pytest.raises(DataError, match="does not fit a 16-d IFER"):
+    with pytest.raises(DataError, match="does not fit an IFER with feature_dim=16, hidden=4"):
         IFER.load(path, feature_dim=16, hidden=4)
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(DataError, match="cannot be read"):

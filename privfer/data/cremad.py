@@ -17,6 +17,10 @@ downloads weights itself.
 from __future__ import annotations
 
 import csv
+import math
+import os
+import shutil
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,6 +28,7 @@ import numpy as np
 
 from privfer.data.clips import EMOTION_CODES, NUM_CLASSES, VOTE_COLUMNS, Actor, ClipSet, parse_clip_name
 from privfer.errors import DataError
+from privfer.runs import current_umask
 
 DEMOGRAPHICS = "VideoDemographics.csv"
 TABULATED_VOTES = Path("processedResults") / "tabulatedVotes.csv"
@@ -48,19 +53,29 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> tuple[list[str], list[di
     return header, rows
 
 
+def _whole_number(text: str, path: Path, line: int, what: str) -> int:
+    """A non-negative whole number written as ``5`` or ``5.0``; anything else is a DataError."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"{path} line {line}: {what} {text!r} is not a number") from None
+    if not math.isfinite(value) or value != int(value) or value < 0:
+        raise DataError(f"{path} line {line}: {what} {text!r} is not a non-negative whole number")
+    return int(value)
+
+
 def _read_demographics(root: Path) -> dict[int, Actor]:
     path = root / DEMOGRAPHICS
     _, rows = _read_csv(path, ("ActorID", "Age", "Sex"))
     actors: dict[int, Actor] = {}
     for line, row in enumerate(rows, start=2):
-        try:
-            actor_id = int(row["ActorID"])
-            age = int(row["Age"]) if row["Age"] else None
-        except ValueError:
-            raise DataError(f"{path} line {line}: ActorID and Age must be whole numbers") from None
+        actor_id = _whole_number(row["ActorID"], path, line, "ActorID")
+        age = _whole_number(row["Age"], path, line, "Age") if row["Age"] else None
         sex = row["Sex"].capitalize()
         if sex not in ("Male", "Female"):
             raise DataError(f"{path} line {line}: Sex must be Male or Female, got {row['Sex']!r}")
+        if actor_id in actors:
+            raise DataError(f"{path} line {line}: ActorID {actor_id} is listed twice")
         actors[actor_id] = Actor(actor_id=actor_id, sex=sex, age=age)
     if not actors:
         raise DataError(f"{path} lists no actors")
@@ -82,20 +97,12 @@ def _read_tabulated_votes(root: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path} lacks the leading row-id column (100000 * queryType + clipNum)")
     votes: dict[str, np.ndarray] = {}
     for line, row in enumerate(rows, start=2):
-        try:
-            row_id = int(float(row[id_column]))
-        except ValueError:
-            raise DataError(f"{path} line {line}: row id {row[id_column]!r} is not a number") from None
+        row_id = _whole_number(row[id_column], path, line, "row id")
         if row_id // 100000 != FACE_ONLY_QUERY:
             continue  # voice-only or audio-visual judgement
         name = row["fileName"]
         _check_clip_name(name, path, line)
-        try:
-            counts = np.array([int(float(row[c])) for c in VOTE_COLUMNS], dtype=np.int64)
-        except ValueError:
-            raise DataError(f"{path} line {line}: vote counts {VOTE_COLUMNS} must be numbers") from None
-        if np.any(counts < 0):
-            raise DataError(f"{path} line {line}: negative vote count")
+        counts = np.array([_whole_number(row[c], path, line, f"vote count {c}") for c in VOTE_COLUMNS], np.int64)
         if name in votes:
             raise DataError(f"{path} line {line}: a second face-only row for clip {name}")
         votes[name] = counts
@@ -112,10 +119,7 @@ def _read_responses(root: Path) -> dict[str, np.ndarray]:
     _, rows = _read_csv(path, ("queryType", "clipName", "respEmo"))
     votes: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(NUM_CLASSES, dtype=np.int64))
     for line, row in enumerate(rows, start=2):
-        try:
-            query = int(float(row["queryType"]))
-        except ValueError:
-            raise DataError(f"{path} line {line}: queryType {row['queryType']!r} is not a number") from None
+        query = _whole_number(row["queryType"], path, line, "queryType")
         if query != FACE_ONLY_QUERY:
             continue
         name = row["clipName"]
@@ -143,10 +147,13 @@ def _load_features(root: Path) -> tuple[list[str], np.ndarray]:
             raise DataError(f"{file}: {exc}") from None
         try:
             array = np.load(file, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{file} is not a readable .npy array: {exc}") from None
-        if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
-            raise DataError(f"{file} must be a numeric frames x dims array, got shape {array.shape} {array.dtype}")
+        except (OSError, ValueError, EOFError) as exc:
+            raise DataError(f"{file} is not a readable .npy array: {exc or 'empty file'}") from None
+        real = np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+        if array.ndim != 2 or not real or min(array.shape) < 1:
+            raise DataError(
+                f"{file} must be a non-empty real-valued frames x dims array, got shape {array.shape} {array.dtype}"
+            )
         if shape is None:
             shape = array.shape
         elif array.shape != shape:
@@ -201,9 +208,31 @@ def export_cremad_layout(clips: ClipSet, root: Path | str) -> Path:
 
     Useful to inspect the contract, to hand synthetic data to other tools, and
     to test the reader. Voice-only rows are not written; face-only rows get ids
-    200000 + clip number.
+    200000 + clip number. The folder is built beside ``root`` and renamed into
+    place, so a failure never leaves a partial copy; an existing ``root`` is refused.
     """
     root = Path(root)
+    if root.exists() or root.is_symlink():
+        raise DataError(f"{root} already exists; choose a new folder")
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
+    except OSError as exc:
+        raise DataError(f"cannot create {root}: {exc.strerror or exc}") from None
+    try:
+        _write_layout(clips, staging)
+        os.rename(staging, root)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DataError(f"cannot write {root}: {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return root
+
+
+def _write_layout(clips: ClipSet, root: Path) -> None:
     (root / FEATURES).mkdir(parents=True, exist_ok=True)
     (root / TABULATED_VOTES).parent.mkdir(parents=True, exist_ok=True)
     with (root / DEMOGRAPHICS).open("w", newline="", encoding="utf-8") as handle:
@@ -218,4 +247,3 @@ def export_cremad_layout(clips: ClipSet, root: Path | str) -> Path:
             writer.writerow([100000 * FACE_ONLY_QUERY + number, *counts.tolist(), name, int(counts.sum())])
     for name, array in zip(clips.names, clips.features):
         np.save(root / FEATURES / f"{name}.npy", array)
-    return root

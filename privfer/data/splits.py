@@ -83,6 +83,8 @@ def split_actors(clips: ClipSet, config: SplitConfig, seed: int) -> ActorSplit:
             group = index[clips.intended[index] == emotion]
             group = group[rng.permutation(len(group))]
             cut = int(round(len(group) * config.adaptation_fraction))
+            if len(group) >= 2:  # both halves keep at least one clip of the emotion
+                cut = min(max(cut, 1), len(group) - 1)
             adaptation.extend(clips.names[group[:cut]].tolist())
             evaluation.extend(clips.names[group[cut:]].tolist())
     return ActorSplit(

@@ -136,7 +136,9 @@ class IFER(nn.Module):
             model.load_state_dict(state)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0]
-            raise DataError(f"IFER weights file {path} does not fit a {feature_dim}-d IFER: {first}") from None
+            raise DataError(
+                f"IFER weights file {path} does not fit an IFER with feature_dim={feature_dim}, hidden={hidden}: {first}"
+            ) from None
         return model.freeze()
 
 

@@ -1,0 +1,44 @@
+"""Framework-agnostic secure aggregation: the server learns only the sum of the clients' updates.
+
+Recipe (safe defaults)::
+
+    from privfer.secagg import SecAggConfig, aggregate
+    result = aggregate({1: [w1], 2: [w2], 3: [w3]}, SecAggConfig(num_clients=3), dropouts={3: "masked_input"})
+    result.total, result.included      # sum over clients 1 and 2
+
+Primitives for deployments: :class:`SecAggClient` and :class:`SecAggServer`,
+one method per protocol stage, exchanging the typed messages of
+:mod:`privfer.secagg.messages` as bytes. This package imports numpy,
+cryptography and pydantic only — never torch.
+"""
+
+from privfer.secagg.aggregate import STAGES, AggregationResult, aggregate
+from privfer.secagg.client import SecAggClient
+from privfer.secagg.config import PROTOCOL_VERSION, SecAggConfig, make_config
+from privfer.secagg.errors import (
+    DuplicateSender,
+    MalformedMessage,
+    MessageError,
+    NotEnoughShares,
+    RoundAborted,
+    SecAggError,
+    ShareAuthenticationError,
+    UnknownSender,
+    UnsafeUnmaskRequest,
+    UnsupportedVersion,
+    WrongRound,
+    WrongStage,
+    WrongVectorLength,
+)
+from privfer.secagg.messages import decode
+from privfer.secagg.payload import PayloadLayout, ShapeMismatch
+from privfer.secagg.quantize import ClippingReport, ClippingWarning
+from privfer.secagg.server import SecAggServer, ServerTranscript
+
+__all__ = [
+    "AggregationResult", "ClippingReport", "ClippingWarning", "DuplicateSender", "MalformedMessage",
+    "MessageError", "NotEnoughShares", "PROTOCOL_VERSION", "PayloadLayout", "RoundAborted", "STAGES",
+    "SecAggClient", "SecAggConfig", "SecAggError", "SecAggServer", "ServerTranscript", "ShapeMismatch",
+    "ShareAuthenticationError", "UnknownSender", "UnsafeUnmaskRequest", "UnsupportedVersion", "WrongRound",
+    "WrongStage", "WrongVectorLength", "aggregate", "decode", "make_config",
+]

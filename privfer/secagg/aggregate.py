@@ -1,0 +1,144 @@
+"""The one-call recipe: run a whole secure-aggregation round in process.
+
+``aggregate(updates, config, dropouts=None)`` creates a client per update and a
+server, passes every message through its byte encoding, lets the clients named
+in ``dropouts`` vanish before the given stage, and returns the sum over the
+clients whose inputs were included. It is the safe default; the client and
+server classes are the primitives for real deployments.
+"""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Literal, Mapping, Sequence
+
+import numpy as np
+
+from privfer.secagg.client import SecAggClient
+from privfer.secagg.config import SecAggConfig
+from privfer.secagg.messages import ForwardedShares, KeyRoster, UnmaskRequest
+from privfer.secagg.payload import PayloadLayout
+from privfer.secagg.quantize import ClippingReport, ClippingWarning
+from privfer.secagg.randomness import SYSTEM, Randomness
+from privfer.secagg.server import SecAggServer, ServerTranscript
+
+Stage = Literal["advertise_keys", "share_keys", "masked_input", "unmask"]
+STAGES: tuple[str, ...] = ("advertise_keys", "share_keys", "masked_input", "unmask")
+
+
+@dataclass
+class AggregationResult:
+    """The sum and what it covers.
+
+    Attributes:
+        total: summed arrays (same shapes as the updates) over ``included``.
+        included: ids of the clients whose inputs are in the sum.
+        example_count: summed example counts of the included clients.
+        metrics: summed metrics of the included clients.
+        clipping: values clipped before encoding, summed (per-client counts in ``clipping.clients``).
+        error_bound: largest possible |decoded - exact float sum| per coordinate (quantization).
+        transcript: everything the server received and sent.
+    """
+
+    total: list[np.ndarray]
+    included: list[int]
+    example_count: int
+    metrics: dict[str, float]
+    clipping: ClippingReport
+    error_bound: float
+    transcript: ServerTranscript
+    words: np.ndarray
+
+
+def aggregate(
+    updates: Mapping[int, Sequence[np.ndarray]],
+    config: SecAggConfig | object,
+    dropouts: Mapping[int, Stage] | None = None,
+    *,
+    example_counts: Mapping[int, int] | None = None,
+    metrics: Mapping[int, Mapping[str, float]] | None = None,
+    round_id: str | None = None,
+    randomness: Callable[[int], Randomness] | None = None,
+):
+    """Securely sum ``updates`` (client id -> list of float arrays).
+
+    ``dropouts`` maps a client id to the stage it never sends (and none after):
+    "advertise_keys", "share_keys", "masked_input" (its input is excluded, its
+    masks are recovered), or "unmask" (its input is included; its self mask is
+    recovered from the others' shares). A config for the CKKS backend is
+    dispatched to :func:`privfer.secagg.he.aggregate`.
+    """
+    if getattr(config, "backend", None) == "ckks":
+        from privfer.secagg.he import aggregate as he_aggregate
+
+        return he_aggregate(updates, config, dropouts, example_counts=example_counts, metrics=metrics)
+    if not isinstance(config, SecAggConfig):
+        raise TypeError(f"config must be a SecAggConfig (or a CKKS config), got {type(config).__name__}")
+    if len(updates) < 1:
+        raise ValueError("no updates to aggregate")
+    if len(updates) > config.num_clients:
+        raise ValueError(f"{len(updates)} updates but the config is for num_clients={config.num_clients}")
+    dropouts = dict(dropouts or {})
+    unknown = set(dropouts) - set(updates)
+    if unknown:
+        raise ValueError(f"dropouts name clients without updates: {sorted(unknown)[:5]}")
+    bad = {c: s for c, s in dropouts.items() if s not in STAGES}
+    if bad:
+        raise ValueError(f"dropout stages must be one of {STAGES}, got {bad}")
+    first = next(iter(updates.values()))
+    layout = PayloadLayout.for_arrays(first, config)
+    round_id = round_id or secrets.token_hex(8)
+    make_randomness = randomness or (lambda _client: SYSTEM)
+
+    clients = {cid: SecAggClient(cid, config, round_id, layout, make_randomness(cid)) for cid in sorted(updates)}
+    server = SecAggServer(config, round_id, layout)
+
+    def active(stage: str) -> list[int]:
+        cut = STAGES.index(stage)
+        return [c for c in clients if c not in dropouts or STAGES.index(dropouts[c]) > cut]
+
+    for cid in active("advertise_keys"):
+        server.receive_advertise(clients[cid].advertise_keys().to_bytes())
+    roster = server.key_roster().to_bytes()
+    for cid in active("share_keys"):
+        server.receive_share_keys(clients[cid].share_keys(KeyRoster.from_bytes(roster)).to_bytes())
+    bundles = server.forward_shares()
+    clipping = ClippingReport()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClippingWarning)  # reported once, summed, below
+        for cid in active("masked_input"):
+            forwarded = ForwardedShares.from_bytes(bundles[cid].to_bytes())
+            masked = clients[cid].masked_input(
+                forwarded,
+                updates[cid],
+                example_count=1 if example_counts is None else example_counts[cid],
+                metrics=None if metrics is None else metrics.get(cid),
+            )
+            server.receive_masked_input(masked.to_bytes())
+            clipping.add(clients[cid].clipping, client=cid)
+    request = server.unmask_request().to_bytes()
+    for cid in active("unmask"):
+        server.receive_unmask(clients[cid].unmask(UnmaskRequest.from_bytes(request)).to_bytes())
+    summed = server.finish()
+    if clipping.clipped:
+        warnings.warn(
+            f"{clipping.clipped} of {clipping.total} values from {len(clipping.clients)} clients exceeded the "
+            f"clipping range and were clipped (largest magnitude {clipping.max_abs:.4g})",
+            ClippingWarning,
+            stacklevel=2,
+        )
+    return AggregationResult(
+        total=summed.decoded.arrays,
+        included=list(summed.included),
+        example_count=summed.decoded.example_count,
+        metrics=summed.decoded.metrics,
+        clipping=clipping,
+        error_bound=layout.error_bound(len(summed.included)),
+        transcript=server.transcript,
+        words=summed.words,
+    )
+
+
+__all__ = ["AggregationResult", "STAGES", "Stage", "aggregate"]

@@ -1,0 +1,151 @@
+"""Secure-aggregation parameters, every bound checked when the config is made.
+
+Arithmetic: each client's plaintext vector is fixed-point in Z_{2^k}. The sum
+of n clients must not wrap around, so for every coordinate kind
+``n * (bound + 1) <= 2^(k-1) - 1`` where ``bound`` is the largest integer a
+client can contribute (``clipping_range * 2^precision_bits`` for the update,
+``max_examples`` for the example count). A config that could overflow is
+rejected here with that arithmetic in the message.
+
+Threshold: Shamir shares go to a client's group (its neighbours and itself);
+any ``threshold`` of them recover a secret. It must exceed half the group, or
+a server could claim a client both dropped and survived and collect enough
+shares of both of its secrets.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from privfer.errors import ConfigError
+
+PROTOCOL_VERSION = 1
+MAX_CLIENTS = 65_535
+
+
+def _auto_precision(n: int, bound: float, modulus_bits: int) -> int:
+    """Largest p with n * (bound * 2^p + 1) <= 2^(k-1) - 1 (may be negative)."""
+    budget = (2 ** (modulus_bits - 1) - 1) / n - 1
+    if budget <= 0:
+        return -1_000
+    return math.floor(math.log2(budget / bound))
+
+
+def harary_degree(n: int) -> int:
+    """SecAgg+ default neighbourhood: the even k nearest 2 * log2(n), at most n - 1."""
+    k = 2 * math.ceil(math.log2(max(n, 2)))
+    return min(k + (k % 2), n - 1)
+
+
+class SecAggConfig(BaseModel):
+    """Parameters of pairwise-mask secure aggregation (Bonawitz et al. 2017; SecAgg+ graphs, Bell et al. 2020)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["secagg"] = "secagg"
+    num_clients: int = Field(..., ge=2, le=MAX_CLIENTS, description="Clients that start the round (n).")
+    modulus_bits: Literal[32, 64] = Field(32, description="Arithmetic in Z_{2^k}.")
+    clipping_range: float = Field(8.0, gt=0, le=1e12, description="Update values are clipped to [-c, c] (and counted).")
+    precision_bits: int | None = Field(
+        None, ge=-64, le=62, description="Fractional bits of the fixed-point code; None: the most that cannot overflow."
+    )
+    max_examples: int = Field(1 << 20, ge=1, description="Largest example count a client may report.")
+    metrics: tuple[str, ...] = Field((), description="Names of per-client metrics summed securely (e.g. loss).")
+    metric_range: float = Field(1e3, gt=0, le=1e12, description="Metric values are clipped to [-m, m] (and counted).")
+    graph: Literal["complete", "harary"] = Field("complete", description="All pairs, or SecAgg+'s sparse graph.")
+    neighbours: int | None = Field(None, ge=1, description="SecAgg+ degree k (even); None: about 2 log2 n.")
+    threshold_fraction: float = Field(
+        2 / 3, gt=0.5, le=1.0, description="Shamir threshold as a share of each client's group."
+    )
+    threshold: int | None = Field(None, ge=1, description="Explicit Shamir threshold; None: from threshold_fraction.")
+    max_vector_length: int = Field(1 << 28, ge=1, le=1 << 31, description="Largest masked vector accepted.")
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "SecAggConfig":
+        n, k = self.num_clients, self.modulus_bits
+        limit = 2 ** (k - 1) - 1
+        precision = self.update_precision_bits
+        worst = n * (self.clipping_range * 2.0**precision + 1)
+        if worst > limit:
+            raise ValueError(
+                f"modulus 2^{k} overflows: {n} clients x (clipping_range {self.clipping_range:g} x 2^{precision} + 1) "
+                f"= {worst:.4g} > 2^{k - 1} - 1 = {limit}; lower precision_bits, clipping_range or num_clients, "
+                f"or use modulus_bits=64"
+            )
+        if precision < 4:
+            raise ValueError(
+                f"only {precision} fractional bits fit for {n} clients with clipping_range {self.clipping_range:g} "
+                f"in 2^{k}: the sum would be too coarse; use modulus_bits=64 or a smaller clipping_range"
+            )
+        if n * self.max_examples > limit:
+            raise ValueError(
+                f"modulus 2^{k} overflows on example counts: {n} clients x max_examples {self.max_examples} "
+                f"= {n * self.max_examples} > 2^{k - 1} - 1 = {limit}"
+            )
+        if self.metrics and self.metric_precision_bits < 0:
+            raise ValueError(f"metric_range {self.metric_range:g} leaves no precision for {n} clients in 2^{k}")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError("metric names must be distinct")
+        if self.graph == "harary":
+            degree = self.degree
+            if degree % 2 or not 2 <= degree <= n - 1:
+                raise ValueError(f"neighbours must be even and between 2 and {n - 1} (n - 1), got {degree}")
+        group = self.group_size
+        t = self.group_threshold
+        if not group / 2 < t <= group:
+            raise ValueError(
+                f"threshold {t} must be more than half of the group of {group} (client plus neighbours) and at most "
+                f"{group}: with t <= {group}/2 a server could learn both secrets of one client"
+            )
+        return self
+
+    @property
+    def update_precision_bits(self) -> int:
+        if self.precision_bits is not None:
+            return self.precision_bits
+        return _auto_precision(self.num_clients, self.clipping_range, self.modulus_bits)
+
+    @property
+    def metric_precision_bits(self) -> int:
+        return min(_auto_precision(self.num_clients, self.metric_range, self.modulus_bits), 40)
+
+    @property
+    def degree(self) -> int:
+        """Neighbours per client: n - 1 on the complete graph."""
+        if self.graph == "complete":
+            return self.num_clients - 1
+        return self.neighbours if self.neighbours is not None else harary_degree(self.num_clients)
+
+    @property
+    def group_size(self) -> int:
+        """Holders of a client's shares: its neighbours and itself."""
+        return self.degree + 1
+
+    @property
+    def group_threshold(self) -> int:
+        if self.threshold is not None:
+            return self.threshold
+        group = self.group_size
+        return max(math.ceil(group * self.threshold_fraction - 1e-9), group // 2 + 1)
+
+    @property
+    def round_threshold(self) -> int:
+        """Fewest clients that may continue a round on the complete graph (the group threshold)."""
+        return self.group_threshold
+
+
+def make_config(**settings: object) -> SecAggConfig:
+    """Build a :class:`SecAggConfig`, turning validation failures into :class:`ConfigError` with the field named."""
+    from pydantic import ValidationError
+
+    try:
+        return SecAggConfig(**settings)
+    except ValidationError as exc:
+        parts = []
+        for item in exc.errors():
+            field = ".".join(str(p) for p in item["loc"]) or "secagg"
+            parts.append(f"{field}: {item['msg'].removeprefix('Value error, ')}")
+        raise ConfigError("invalid secure-aggregation config: " + "; ".join(parts)) from None

@@ -1,0 +1,60 @@
+"""Exceptions of the secure-aggregation protocol: one type per way a round can go wrong.
+
+Every malformed or out-of-place message raises a specific subclass of
+:class:`MessageError`; a round that cannot finish safely raises
+:class:`RoundAborted`. None of them carries secret material in its text.
+"""
+
+from __future__ import annotations
+
+
+class SecAggError(Exception):
+    """Base class of every secure-aggregation failure."""
+
+
+class MessageError(SecAggError, ValueError):
+    """A protocol message is invalid; the subclass says how."""
+
+
+class MalformedMessage(MessageError):
+    """The bytes do not decode as a message of the expected kind (truncated, bad magic, bad lengths)."""
+
+
+class UnsupportedVersion(MessageError):
+    """The message speaks another protocol version."""
+
+
+class WrongRound(MessageError):
+    """The message belongs to another round (a replay or a cross-round message)."""
+
+
+class WrongStage(MessageError):
+    """The message arrives at a stage where it is not expected, or a stage is repeated."""
+
+
+class UnknownSender(MessageError):
+    """The sender (or a referenced client) is not a participant of this stage."""
+
+
+class DuplicateSender(MessageError):
+    """The same client sent this stage's message twice, or a list names a client twice."""
+
+
+class WrongVectorLength(MessageError):
+    """A masked vector (or a share) does not have the agreed length."""
+
+
+class ShareAuthenticationError(SecAggError):
+    """An encrypted share failed AES-GCM authentication: tampered, misrouted, or from another round."""
+
+
+class UnsafeUnmaskRequest(SecAggError):
+    """A client refuses an unmask request that could reveal an individual input."""
+
+
+class RoundAborted(SecAggError):
+    """Too few clients remain for the threshold; no partial sum is ever produced."""
+
+
+class NotEnoughShares(SecAggError):
+    """Fewer than the threshold of Shamir shares were given for a reconstruction."""

@@ -1,0 +1,131 @@
+"""Key agreement and share encryption: X25519, HKDF-SHA256, AES-256-GCM.
+
+Each client holds two X25519 key pairs for a round: one to agree share-
+encryption keys (``c``), one to agree pairwise mask seeds (``s``). A derived key
+is HKDF-SHA256 over the X25519 shared secret with no salt and the info string
+
+    b"privfer-secagg/v1/" + purpose + b"/" + len(round_id) (1 byte) + round_id
+        + min(u, v) (4 bytes BE) + max(u, v) (4 bytes BE)
+
+so keys are bound to the purpose, the round and the unordered pair of clients.
+Shares are encrypted with AES-256-GCM under the ``share`` key with a random
+96-bit nonce and associated data binding version, round, sender and receiver.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from privfer.secagg.config import PROTOCOL_VERSION
+from privfer.secagg.errors import MalformedMessage, ShareAuthenticationError
+from privfer.secagg.randomness import SYSTEM, Randomness
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+PURPOSE_MASK = b"mask"
+PURPOSE_SHARE = b"share"
+_LABEL = b"privfer-secagg/v1/"
+
+
+def round_bytes(round_id: str) -> bytes:
+    encoded = round_id.encode("utf-8")
+    if not 1 <= len(encoded) <= 255:
+        raise ValueError("round_id must be 1 to 255 bytes of UTF-8")
+    return bytes([len(encoded)]) + encoded
+
+
+def kdf_info(purpose: bytes, round_id: str, a: int, b: int) -> bytes:
+    low, high = sorted((a, b))
+    return _LABEL + purpose + b"/" + round_bytes(round_id) + struct.pack(">II", low, high)
+
+
+def derive_key(secret: bytes, purpose: bytes, round_id: str, a: int, b: int) -> bytes:
+    """HKDF-SHA256(secret, salt=None, info=kdf_info(...)) -> 32 bytes."""
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=kdf_info(purpose, round_id, a, b)).derive(
+        secret
+    )
+
+
+def public_bytes(key: X25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def private_bytes(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+
+
+def load_public(raw: bytes) -> X25519PublicKey:
+    if len(raw) != KEY_BYTES:
+        raise MalformedMessage(f"an X25519 public key is {KEY_BYTES} bytes, got {len(raw)}")
+    return X25519PublicKey.from_public_bytes(raw)
+
+
+def agree(private: X25519PrivateKey | bytes, peer_public: bytes, purpose: bytes, round_id: str, a: int, b: int) -> bytes:
+    """The 32-byte key two clients share for ``purpose`` in ``round_id``."""
+    if isinstance(private, (bytes, bytearray)):
+        private = X25519PrivateKey.from_private_bytes(bytes(private))
+    try:
+        shared = private.exchange(load_public(peer_public))
+    except ValueError:
+        # X25519 rejects low-order points (an all-zero shared secret).
+        raise MalformedMessage("peer public key is a low-order point") from None
+    return derive_key(shared, purpose, round_id, a, b)
+
+
+@dataclass
+class KeyPairs:
+    """A client's two X25519 key pairs for one round (``c``: share encryption, ``s``: masks)."""
+
+    c_private: X25519PrivateKey
+    s_private: X25519PrivateKey
+
+    @classmethod
+    def generate(cls, randomness: Randomness = SYSTEM) -> "KeyPairs":
+        if not randomness.deterministic:
+            return cls(X25519PrivateKey.generate(), X25519PrivateKey.generate())  # OS CSPRNG inside OpenSSL
+        return cls(
+            X25519PrivateKey.from_private_bytes(randomness.bytes(KEY_BYTES)),
+            X25519PrivateKey.from_private_bytes(randomness.bytes(KEY_BYTES)),
+        )
+
+    @property
+    def c_public(self) -> bytes:
+        return public_bytes(self.c_private.public_key())
+
+    @property
+    def s_public(self) -> bytes:
+        return public_bytes(self.s_private.public_key())
+
+    def s_secret(self) -> bytes:
+        return private_bytes(self.s_private)
+
+
+def share_aad(round_id: str, sender: int, receiver: int) -> bytes:
+    return b"privfer-secagg/v1/share-aad" + bytes([PROTOCOL_VERSION]) + round_bytes(round_id) + struct.pack(
+        ">II", sender, receiver
+    )
+
+
+def encrypt_share(key: bytes, plaintext: bytes, round_id: str, sender: int, receiver: int,
+                  randomness: Randomness = SYSTEM) -> bytes:
+    """nonce (12 bytes) || AES-256-GCM(key, nonce, plaintext, aad=share_aad(...))."""
+    nonce = randomness.bytes(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, share_aad(round_id, sender, receiver))
+
+
+def decrypt_share(key: bytes, blob: bytes, round_id: str, sender: int, receiver: int) -> bytes:
+    if len(blob) < NONCE_BYTES + 16:
+        raise ShareAuthenticationError("encrypted share is too short")
+    try:
+        return AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], share_aad(round_id, sender, receiver))
+    except InvalidTag:
+        raise ShareAuthenticationError(
+            f"share from client {sender} to {receiver} failed authentication (tampered, misrouted or another round)"
+        ) from None

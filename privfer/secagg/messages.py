@@ -1,0 +1,333 @@
+"""Typed, versioned protocol messages with a compact binary encoding.
+
+Every message starts with the same header — magic ``PFSA``, protocol version,
+message kind, round id, sender id (0 = the server) — so each one is bound to
+its round and sender. Bodies are fixed-layout big-endian fields; masked vectors
+travel as raw little-endian words, not JSON lists. ``decode`` checks every
+length against the bytes actually present and raises a specific
+:class:`~privfer.secagg.errors.MessageError` subclass; protocol-level checks
+(right round, known sender, expected length) are made by the receiving party.
+protocols/secagg/SPEC.md gives the byte layouts.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from privfer.secagg.config import MAX_CLIENTS, PROTOCOL_VERSION
+from privfer.secagg.errors import DuplicateSender, MalformedMessage, UnsupportedVersion, WrongVectorLength
+from privfer.secagg.keys import KEY_BYTES
+from privfer.secagg.prg import word_dtype
+from privfer.secagg.shamir import SHARE_BYTES
+
+MAGIC = b"PFSA"
+SERVER = 0
+MAX_BLOB = 1024
+MAX_WORDS = 1 << 31
+
+
+class _Reader:
+    def __init__(self, raw: bytes) -> None:
+        self.view = memoryview(raw)
+        self.at = 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.at + n > len(self.view):
+            raise MalformedMessage(f"message truncated: needs {n} more bytes at offset {self.at}, has {len(self.view) - self.at}")
+        chunk = self.view[self.at : self.at + n]
+        self.at += n
+        return chunk.tobytes()
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        return struct.unpack(">H", self.take(2))[0]
+
+    def u32(self) -> int:
+        return struct.unpack(">I", self.take(4))[0]
+
+    def count(self, limit: int = MAX_CLIENTS) -> int:
+        n = self.u32()
+        if n > limit:
+            raise MalformedMessage(f"list of {n} entries exceeds the limit of {limit}")
+        return n
+
+    def ids(self) -> tuple[int, ...]:
+        return tuple(self.u32() for _ in range(self.count()))
+
+    def end(self) -> None:
+        if self.at != len(self.view):
+            raise MalformedMessage(f"{len(self.view) - self.at} trailing bytes after the message")
+
+
+def _ids(values: tuple[int, ...]) -> bytes:
+    return struct.pack(f">I{len(values)}I", len(values), *values)
+
+
+def _unique(values: tuple[int, ...], what: str) -> tuple[int, ...]:
+    if len(set(values)) != len(values):
+        raise DuplicateSender(f"{what} names a client twice")
+    return values
+
+
+ClientId = Field(..., ge=1, le=(1 << 31) - 2)
+
+
+class Message(BaseModel):
+    """Header fields shared by all messages."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+    KIND: ClassVar[int] = 0
+
+    round_id: str = Field(..., min_length=1, max_length=255)
+    sender: int = Field(..., ge=0, le=(1 << 31) - 2)
+    version: int = PROTOCOL_VERSION
+
+    def _header(self) -> bytes:
+        encoded = self.round_id.encode("utf-8")
+        return MAGIC + bytes([self.version, self.KIND, len(encoded)]) + encoded + struct.pack(">I", self.sender)
+
+    def _body(self) -> bytes:
+        raise NotImplementedError
+
+    def to_bytes(self) -> bytes:
+        return self._header() + self._body()
+
+    @classmethod
+    def _read_body(cls, reader: _Reader, header: dict) -> "Message":
+        raise NotImplementedError
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "Message":
+        message = decode(raw)
+        if not isinstance(message, cls):
+            raise MalformedMessage(f"expected a {cls.__name__}, got a {type(message).__name__}")
+        return message
+
+
+class AdvertiseKeys(Message):
+    """Stage 0, client -> server: the client's two X25519 public keys."""
+
+    KIND: ClassVar[int] = 1
+    c_public: bytes
+    s_public: bytes
+
+    @field_validator("c_public", "s_public")
+    @classmethod
+    def _key_length(cls, value: bytes) -> bytes:
+        if len(value) != KEY_BYTES:
+            raise ValueError(f"public keys are {KEY_BYTES} bytes")
+        return value
+
+    def _body(self) -> bytes:
+        return self.c_public + self.s_public
+
+    @classmethod
+    def _read_body(cls, reader: _Reader, header: dict) -> "AdvertiseKeys":
+        return cls(**header, c_public=reader.take(KEY_BYTES), s_public=reader.take(KEY_BYTES))
+
+
+class KeyRoster(Message):
+    """Stage 0 result, server -> clients: every participant's public keys."""
+
+    KIND: ClassVar[int] = 2
+    keys: dict[int, tuple[bytes, bytes]]
+
+    def _body(self) -> bytes:
+        parts = [struct.pack(">I", len(self.keys))]
+        for client in sorted(self.keys):
+            c_pk, s_pk = self.keys[client]
+            parts.append(struct.pack(">I", client) + c_pk + s_pk)
+        return b"".join(parts)
+
+    @classmethod
+    def _read_body(cls, reader: _Reader, header: dict) -> "KeyRoster":
+        keys: dict[int, tuple[bytes, bytes]] = {}
+        for _ in range(reader.count()):
+            client = reader.u32()
+            if client in keys:
+                raise DuplicateSender(f"roster lists client {client} twice")
+            keys[client] = (reader.take(KEY_BYTES), reader.take(KEY_BYTES))
+        return cls(**header, keys=keys)
+
+
+class ShareKeys(Message):
+    """Stage 1, client -> server: one encrypted share bundle per group member."""
+
+    KIND: ClassVar[int] = 3
+    ciphertexts: dict[int, bytes]
+
+    def _body(self) -> bytes:
+        parts = [struct.pack(">I", len(self.ciphertexts))]
+        for receiver in sorted(self.ciphertexts):
+            blob = self.ciphertexts[receiver]
+            parts.append(struct.pack(">IH", receiver, len(blob)) + blob)
+        return b"".join(parts)
+
+    @classmethod
+    def _read_body(cls, reader: _Reader, header: dict) -> "ShareKeys":
+        ciphertexts: dict[int, bytes] = {}
+        for _ in range(reader.count()):
+            receiver, size = reader.u32(), reader.u16()
+            if size > MAX_BLOB:
+                raise MalformedMessage(f"share ciphertext of {size} bytes exceeds {MAX_BLOB}")
+            if receiver in ciphertexts:
+                raise DuplicateSender(f"two ciphertexts for client {receiver}")
+            ciphertexts[receiver] = reader.take(size)
+        return cls(**header, ciphertexts=ciphertexts)
+
+
+class ForwardedShares(Message):
+    """Stage 1 result, server -> one client: the ciphertexts addressed to it, by sender."""
+
+    KIND: ClassVar[int] = 4
+    receiver: int = ClientId
+    ciphertexts: dict[int, bytes]
+
+    def _body(self) -> bytes:
+        parts = [struct.pack(">II", self.receiver, len(self.ciphertexts))]
+        for sender in sorted(self.ciphertexts):
+            blob = self.ciphertexts[sender]
+            parts.append(struct.pack(">IH", sender, len(blob)) + blob)
+        return b"".join(parts)
+
+    @classmethod
+    def _read_body(cls, reader: _Reader, header: dict) -> "ForwardedShares":
+        receiver = reader.u32()
+        ciphertexts: dict[int, bytes] = {}
+        for _ in range(reader.count()):
+            sender, size = reader.u32(), reader.u16()
+            if size > MAX_BLOB:
+                raise MalformedMessage(f"share ciphertext of {size} bytes exceeds {MAX_BLOB}")
+            if sender in ciphertexts:
+                raise DuplicateSender(f"two ciphertexts from client {sender}")
+            ciphertexts[sender] = reader.take(size)
+        return cls(**header, receiver=receiver, ciphertexts=ciphertexts)
+
+
+class MaskedInput(Message):
+    """Stage 2, client -> server: the masked vector y_u in Z_{2^k} (raw little-endian words)."""
+
+    KIND: ClassVar[int] = 5
+    modulus_bits: int
+    vector: np.ndarray
+
+    @field_validator("modulus_bits")
+    @classmethod
+    def _bits(cls, value: int) -> int:
+        if value not in (32, 64):
+            raise ValueError("modulus_bits must be 32 or 64")
+        return value
+
+    @field_validator("vector")
+    @classmethod
+    def _vector(cls, value: np.ndarray) -> np.ndarray:
+        if not isinstance(value, np.ndarray) or value.ndim != 1 or value.dtype.kind != "u":
+            raise ValueError("vector must be a 1-d unsigned numpy array")
+        return value
+
+    def _body(self) -> bytes:
+        words = np.ascontiguousarray(self.vector, dtype=word_dtype(self.modulus_bits))
+        return struct.pack(">BI", self.modulus_bits, words.size) + words.tobytes()
+
+    @classmethod
+    def _read_body(cls, reader: _Reader, header: dict) -> "MaskedInput":
+        bits, length = reader.u8(), reader.u32()
+        if bits not in (32, 64):
+            raise MalformedMessage(f"modulus_bits {bits} is not 32 or 64")
+        if length > MAX_WORDS:
+            raise WrongVectorLength(f"vector of {length} words exceeds {MAX_WORDS}")
+        dtype = word_dtype(bits)
+        vector = np.frombuffer(reader.take(length * dtype.itemsize), dtype=dtype)
+        return cls(**header, modulus_bits=bits, vector=vector)
+
+
+class UnmaskRequest(Message):
+    """Stage 3, server -> clients: whose masked inputs arrived (survivors) and who dropped after sharing keys."""
+
+    KIND: ClassVar[int] = 6
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+    def _body(self) -> bytes:
+        return _ids(self.survivors) + _ids(self.dropped)
+
+    @classmethod
+    def _read_body(cls, reader: _Reader, header: dict) -> "UnmaskRequest":
+        survivors = _unique(reader.ids(), "survivor list")
+        dropped = _unique(reader.ids(), "dropped list")
+        return cls(**header, survivors=survivors, dropped=dropped)
+
+
+class UnmaskResponse(Message):
+    """Stage 3, client -> server: shares of survivors' self-mask seeds and of dropped clients' mask keys."""
+
+    KIND: ClassVar[int] = 7
+    seed_shares: dict[int, bytes]
+    key_shares: dict[int, bytes]
+
+    @field_validator("seed_shares", "key_shares")
+    @classmethod
+    def _share_sizes(cls, value: dict[int, bytes]) -> dict[int, bytes]:
+        if any(len(share) != SHARE_BYTES for share in value.values()):
+            raise ValueError(f"shares are {SHARE_BYTES} bytes")
+        return value
+
+    def _body(self) -> bytes:
+        parts = []
+        for table in (self.seed_shares, self.key_shares):
+            parts.append(struct.pack(">I", len(table)))
+            parts.extend(struct.pack(">I", owner) + table[owner] for owner in sorted(table))
+        return b"".join(parts)
+
+    @classmethod
+    def _read_body(cls, reader: _Reader, header: dict) -> "UnmaskResponse":
+        tables = []
+        for _ in range(2):
+            table: dict[int, bytes] = {}
+            for _ in range(reader.count()):
+                owner = reader.u32()
+                if owner in table:
+                    raise DuplicateSender(f"two shares for client {owner}")
+                table[owner] = reader.take(SHARE_BYTES)
+            tables.append(table)
+        return cls(**header, seed_shares=tables[0], key_shares=tables[1])
+
+
+KINDS: dict[int, type[Message]] = {
+    cls.KIND: cls
+    for cls in (AdvertiseKeys, KeyRoster, ShareKeys, ForwardedShares, MaskedInput, UnmaskRequest, UnmaskResponse)
+}
+
+
+def decode(raw: bytes) -> Message:
+    """Bytes -> the message they encode; a specific MessageError if they do not."""
+    from pydantic import ValidationError
+
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise MalformedMessage(f"a message is bytes, got {type(raw).__name__}")
+    reader = _Reader(bytes(raw))
+    if reader.take(4) != MAGIC:
+        raise MalformedMessage("not a privfer secure-aggregation message (bad magic)")
+    version, kind = reader.u8(), reader.u8()
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(f"protocol version {version} is not supported (this is version {PROTOCOL_VERSION})")
+    if kind not in KINDS:
+        raise MalformedMessage(f"unknown message kind {kind}")
+    try:
+        round_id = reader.take(reader.u8()).decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedMessage("round id is not UTF-8") from None
+    header = {"round_id": round_id, "sender": reader.u32(), "version": version}
+    try:
+        message = KINDS[kind]._read_body(reader, header)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise MalformedMessage(f"{KINDS[kind].__name__}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    reader.end()
+    return message

@@ -1,0 +1,109 @@
+"""What a client's plaintext vector holds: the update, its example count, its metrics.
+
+Layout (all coordinates in Z_{2^k}):
+
+    [ update values (fixed point, 2^p) | example count (integer) | metrics (fixed point, 2^q) ]
+
+The example count (the FedAvg weight) and metrics such as loss travel as extra
+masked coordinates, so the server learns only their sums — never a single
+client's count or loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from privfer.secagg.config import SecAggConfig
+from privfer.secagg.quantize import (
+    ClippingReport,
+    decode_fixed_point,
+    encode_fixed_point,
+    encode_integers,
+    to_signed,
+)
+from privfer.secagg.randomness import SYSTEM, Randomness
+
+
+class ShapeMismatch(ValueError):
+    """An update's arrays do not match the agreed shapes."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    arrays: list[np.ndarray]
+    example_count: int
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class PayloadLayout:
+    """The agreed shapes of an update plus the extra coordinates; public to every party."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    config: SecAggConfig
+
+    @classmethod
+    def for_arrays(cls, arrays: Sequence[np.ndarray], config: SecAggConfig) -> "PayloadLayout":
+        return cls(tuple(tuple(int(s) for s in np.shape(a)) for a in arrays), config)
+
+    @property
+    def update_length(self) -> int:
+        return int(sum(int(np.prod(shape)) for shape in self.shapes))
+
+    @property
+    def length(self) -> int:
+        return self.update_length + 1 + len(self.config.metrics)
+
+    def encode(
+        self,
+        arrays: Sequence[np.ndarray],
+        example_count: int = 1,
+        metrics: Mapping[str, float] | None = None,
+        randomness: Randomness = SYSTEM,
+    ) -> tuple[np.ndarray, ClippingReport]:
+        config = self.config
+        if len(arrays) != len(self.shapes) or any(np.shape(a) != s for a, s in zip(arrays, self.shapes)):
+            raise ShapeMismatch(
+                f"update shapes {[np.shape(a) for a in arrays]} differ from the agreed {list(self.shapes)}"
+            )
+        if not 0 <= int(example_count) <= config.max_examples:
+            raise ValueError(f"example_count {example_count} is outside 0..{config.max_examples}")
+        metrics = dict(metrics or {})
+        unknown = set(metrics) - set(config.metrics)
+        if unknown:
+            raise ValueError(f"metrics {sorted(unknown)} are not in the configured {list(config.metrics)}")
+        flat = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays]) if arrays else np.zeros(0)
+        update, report = encode_fixed_point(
+            flat, config.clipping_range, config.update_precision_bits, config.modulus_bits, randomness
+        )
+        parts = [update, encode_integers(np.array([int(example_count)]), config.modulus_bits)]
+        if config.metrics:
+            values = np.array([float(metrics.get(name, 0.0)) for name in config.metrics])
+            metric_words, metric_report = encode_fixed_point(
+                values, config.metric_range, config.metric_precision_bits, config.modulus_bits, randomness
+            )
+            report.add(metric_report)
+            parts.append(metric_words)
+        return np.concatenate(parts), report
+
+    def decode(self, words: np.ndarray) -> Decoded:
+        config = self.config
+        if words.shape != (self.length,):
+            raise ShapeMismatch(f"expected {self.length} words, got {words.shape}")
+        n = self.update_length
+        flat = decode_fixed_point(words[:n], config.update_precision_bits, config.modulus_bits)
+        arrays, at = [], 0
+        for shape in self.shapes:
+            size = int(np.prod(shape))
+            arrays.append(flat[at : at + size].reshape(shape))
+            at += size
+        count = int(to_signed(words[n : n + 1], config.modulus_bits)[0])
+        metric_values = decode_fixed_point(words[n + 1 :], config.metric_precision_bits, config.modulus_bits)
+        return Decoded(arrays, count, dict(zip(config.metrics, metric_values.tolist())))
+
+    def error_bound(self, clients: int) -> float:
+        """Largest decoding error of a sum of ``clients`` updates: stochastic rounding adds < 2^-p each."""
+        return clients * 2.0 ** -self.config.update_precision_bits

@@ -1,0 +1,258 @@
+"""The server side of secure aggregation: collect, route, sum, and remove the masks.
+
+The server only ever holds public keys, ciphertexts it cannot open, masked
+vectors and, at the end, Shamir shares of *survivors'* self-mask seeds and of
+*dropped* clients' mask keys — never both for one client, because every client
+checks the unmask request before answering. From these it removes the masks
+and obtains the sum of the survivors' plaintext vectors, nothing else.
+
+Each ``receive_*`` method validates the message (round, stage, sender, no
+duplicates, lengths) and raises a specific MessageError; each stage's output
+method raises :class:`RoundAborted` when fewer clients than the threshold
+remain. :attr:`transcript` records everything the server saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from privfer.secagg import shamir
+from privfer.secagg.client import check_header
+from privfer.secagg.config import SecAggConfig
+from privfer.secagg.errors import (
+    DuplicateSender,
+    RoundAborted,
+    UnknownSender,
+    WrongStage,
+    WrongVectorLength,
+)
+from privfer.secagg.graph import graph_seed, neighbourhoods
+from privfer.secagg.keys import PURPOSE_MASK, agree, load_public
+from privfer.secagg.messages import (
+    SERVER,
+    AdvertiseKeys,
+    ForwardedShares,
+    KeyRoster,
+    MaskedInput,
+    Message,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+    decode,
+)
+from privfer.secagg.payload import Decoded, PayloadLayout
+from privfer.secagg.prg import expand, word_dtype
+
+
+@dataclass
+class TranscriptEntry:
+    stage: str
+    direction: str  # "in" (client -> server) or "out"
+    party: int  # the client on the other end (0 = broadcast)
+    size: int  # bytes on the wire
+    message: Message
+
+
+@dataclass
+class ServerTranscript:
+    """Everything the server received and sent in one round."""
+
+    entries: list[TranscriptEntry] = field(default_factory=list)
+
+    def received(self, kind: type[Message] | None = None) -> list[Message]:
+        return [e.message for e in self.entries if e.direction == "in" and (kind is None or isinstance(e.message, kind))]
+
+    def bytes_in(self, party: int | None = None) -> int:
+        return sum(e.size for e in self.entries if e.direction == "in" and (party is None or e.party == party))
+
+    def bytes_out(self, party: int | None = None) -> int:
+        return sum(e.size for e in self.entries if e.direction == "out" and (party is None or e.party in (party, 0)))
+
+
+@dataclass
+class ServerSum:
+    """What the server learns: the sum over the survivors, and who they are."""
+
+    words: np.ndarray
+    included: tuple[int, ...]
+    decoded: Decoded
+
+
+class SecAggServer:
+    """The aggregator of one round."""
+
+    def __init__(self, config: SecAggConfig, round_id: str, layout: PayloadLayout) -> None:
+        self.config = config
+        self.round_id = round_id
+        self.layout = layout
+        self.stage = "advertise"
+        self.transcript = ServerTranscript()
+        self._keys: dict[int, tuple[bytes, bytes]] = {}
+        self._neighbours: dict[int, frozenset[int]] = {}
+        self._shares: dict[int, dict[int, bytes]] = {}  # sender -> receiver -> ciphertext
+        self._masked: dict[int, np.ndarray] = {}
+        self._responses: dict[int, UnmaskResponse] = {}
+        self._request: UnmaskRequest | None = None
+
+    # -- plumbing ---------------------------------------------------------------
+    def _accept(self, raw: bytes | Message, kind: type[Message], stage: str) -> Message:
+        message = decode(raw) if isinstance(raw, (bytes, bytearray, memoryview)) else raw
+        if not isinstance(message, kind):
+            raise WrongStage(f"expected {kind.__name__}, got {type(message).__name__}")
+        check_header(message, self.round_id)
+        if self.stage != stage:
+            raise WrongStage(f"a {kind.__name__} arrived while the server is at stage {self.stage!r}")
+        size = len(raw) if isinstance(raw, (bytes, bytearray, memoryview)) else len(message.to_bytes())
+        self.transcript.entries.append(TranscriptEntry(stage, "in", message.sender, size, message))
+        return message
+
+    def _send(self, message: Message, stage: str, party: int) -> Message:
+        self.transcript.entries.append(TranscriptEntry(stage, "out", party, len(message.to_bytes()), message))
+        return message
+
+    def _require(self, count: int, what: str) -> None:
+        needed = self.config.group_threshold
+        if count < needed:
+            self.stage = "aborted"
+            raise RoundAborted(f"only {count} clients {what}; the threshold is {needed}")
+
+    # -- stage 0 -----------------------------------------------------------------
+    def receive_advertise(self, raw: bytes | AdvertiseKeys) -> None:
+        message = self._accept(raw, AdvertiseKeys, "advertise")
+        if message.sender in self._keys:
+            raise DuplicateSender(f"client {message.sender} advertised keys twice")
+        if len(self._keys) >= self.config.num_clients:
+            raise UnknownSender(f"more than num_clients={self.config.num_clients} clients advertised keys")
+        for key in (message.c_public, message.s_public):
+            load_public(key)
+        if (message.c_public, message.s_public) in self._keys.values() or message.c_public == message.s_public:
+            raise DuplicateSender(f"client {message.sender} reuses public keys")
+        self._keys[message.sender] = (message.c_public, message.s_public)
+
+    def key_roster(self) -> KeyRoster:
+        if self.stage != "advertise":
+            raise WrongStage(f"the roster is sent once, after key advertisement (stage is {self.stage!r})")
+        self._require(len(self._keys), "advertised keys")
+        self.stage = "share"
+        self._neighbours = neighbourhoods(list(self._keys), self.config.degree, graph_seed(self.round_id, self._keys))
+        return self._send(KeyRoster(round_id=self.round_id, sender=SERVER, keys=dict(self._keys)), "advertise", 0)
+
+    # -- stage 1 -----------------------------------------------------------------
+    def receive_share_keys(self, raw: bytes | ShareKeys) -> None:
+        message = self._accept(raw, ShareKeys, "share")
+        sender = message.sender
+        if sender not in self._keys:
+            raise UnknownSender(f"client {sender} did not advertise keys")
+        if sender in self._shares:
+            raise DuplicateSender(f"client {sender} shared keys twice")
+        if set(message.ciphertexts) != set(self._neighbours[sender]):
+            raise UnknownSender(f"client {sender} sent shares for other clients than its {len(self._neighbours[sender])} neighbours")
+        self._shares[sender] = dict(message.ciphertexts)
+
+    def forward_shares(self) -> dict[int, ForwardedShares]:
+        if self.stage != "share":
+            raise WrongStage(f"shares are forwarded once, after ShareKeys (stage is {self.stage!r})")
+        self._require(len(self._shares), "shared keys")
+        self.stage = "masked"
+        bundles: dict[int, ForwardedShares] = {}
+        for receiver in sorted(self._shares):
+            incoming = {s: c[receiver] for s, c in self._shares.items() if receiver in c}
+            bundles[receiver] = self._send(
+                ForwardedShares(round_id=self.round_id, sender=SERVER, receiver=receiver, ciphertexts=incoming),
+                "share", receiver,
+            )
+        return bundles
+
+    # -- stage 2 -----------------------------------------------------------------
+    def receive_masked_input(self, raw: bytes | MaskedInput) -> None:
+        message = self._accept(raw, MaskedInput, "masked")
+        if message.sender not in self._shares:
+            raise UnknownSender(f"client {message.sender} did not share keys")
+        if message.sender in self._masked:
+            raise DuplicateSender(f"client {message.sender} sent a masked input twice")
+        if message.modulus_bits != self.config.modulus_bits:
+            raise WrongVectorLength(f"masked input in 2^{message.modulus_bits}, the round uses 2^{self.config.modulus_bits}")
+        if message.vector.size != self.layout.length:
+            raise WrongVectorLength(f"masked input of {message.vector.size} words, expected {self.layout.length}")
+        self._masked[message.sender] = message.vector
+
+    def unmask_request(self) -> UnmaskRequest:
+        if self.stage != "masked":
+            raise WrongStage(f"the unmask request is sent once, after MaskedInput (stage is {self.stage!r})")
+        self._require(len(self._masked), "sent masked inputs")
+        self.stage = "unmask"
+        survivors = tuple(sorted(self._masked))
+        dropped = tuple(sorted(set(self._shares) - set(self._masked)))
+        self._request = UnmaskRequest(round_id=self.round_id, sender=SERVER, survivors=survivors, dropped=dropped)
+        return self._send(self._request, "masked", 0)
+
+    # -- stage 3 -----------------------------------------------------------------
+    def receive_unmask(self, raw: bytes | UnmaskResponse) -> None:
+        message = self._accept(raw, UnmaskResponse, "unmask")
+        assert self._request is not None
+        if message.sender not in self._masked:
+            raise UnknownSender(f"client {message.sender} is not a survivor")
+        if message.sender in self._responses:
+            raise DuplicateSender(f"client {message.sender} answered the unmask request twice")
+        group = self._neighbours[message.sender] | {message.sender}
+        if not set(message.seed_shares) <= set(self._request.survivors) & group:
+            raise UnknownSender(f"client {message.sender} sent seed shares of clients that are not surviving neighbours")
+        if not set(message.key_shares) <= set(self._request.dropped) & group:
+            raise UnknownSender(f"client {message.sender} sent key shares of clients that are not dropped neighbours")
+        self._responses[message.sender] = message
+
+    def _reconstruct(self, owner: int, table: str) -> bytes:
+        holders = [r for r in sorted(self._responses) if owner in getattr(self._responses[r], table)]
+        threshold = self.config.group_threshold
+        if len(holders) < threshold:
+            self.stage = "aborted"
+            raise RoundAborted(
+                f"only {len(holders)} shares of client {owner}'s {'self-mask seed' if table == 'seed_shares' else 'mask key'} "
+                f"arrived; the threshold is {threshold}"
+            )
+        holders = holders[:threshold]
+        shares = np.stack([shamir.share_from_bytes(getattr(self._responses[h], table)[owner]) for h in holders])
+        key = tuple(holders)
+        weights = self._lagrange.get(key)
+        if weights is None:
+            weights = self._lagrange[key] = shamir.lagrange_at_zero(holders)
+        chunks = (shares * weights[:, None] % np.uint64(shamir.PRIME)).sum(axis=0) % np.uint64(shamir.PRIME)
+        return shamir.chunks_to_secret(chunks)
+
+    def finish(self) -> ServerSum:
+        """Remove every mask and return the survivors' sum."""
+        if self.stage != "unmask":
+            raise WrongStage(f"the round finishes once, after Unmask (stage is {self.stage!r})")
+        self._require(len(self._responses), "answered the unmask request")
+        assert self._request is not None
+        self._lagrange: dict[tuple[int, ...], np.ndarray] = {}
+        bits, length = self.config.modulus_bits, self.layout.length
+        total = np.zeros(length, dtype=word_dtype(bits))
+        for vector in self._masked.values():
+            total += vector
+        for survivor in self._request.survivors:
+            total -= expand(self._reconstruct(survivor, "seed_shares"), length, bits)
+        survivors = set(self._request.survivors)
+        for gone in self._request.dropped:
+            mask_key = self._reconstruct(gone, "key_shares")
+            for peer in sorted(self._neighbours[gone] & survivors):
+                seed = agree(mask_key, self._keys[peer][1], PURPOSE_MASK, self.round_id, peer, gone)
+                mask = expand(seed, length, bits)
+                if peer < gone:  # the peer added +mask; take it out
+                    total -= mask
+                else:
+                    total += mask
+        self.stage = "done"
+        included = tuple(sorted(survivors))
+        return ServerSum(words=total, included=included, decoded=self.layout.decode(total))
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "advertised": len(self._keys),
+            "shared": len(self._shares),
+            "masked": len(self._masked),
+            "responded": len(self._responses),
+        }

@@ -16,6 +16,7 @@ shares of both of its secrets.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -26,12 +27,20 @@ PROTOCOL_VERSION = 1
 MAX_CLIENTS = 65_535
 
 
+def fits(n: int, bound: float, precision: int, modulus_bits: int) -> bool:
+    """Exactly: n * (bound * 2^p + 1) <= 2^(k-1) - 1, so a sum of n encodings never wraps."""
+    return n * (Fraction(bound) * Fraction(2) ** precision + 1) <= 2 ** (modulus_bits - 1) - 1
+
+
 def _auto_precision(n: int, bound: float, modulus_bits: int) -> int:
-    """Largest p with n * (bound * 2^p + 1) <= 2^(k-1) - 1 (may be negative)."""
+    """Largest p that cannot overflow, capped so a sum (< 2^53) decodes exactly into a float64."""
     budget = (2 ** (modulus_bits - 1) - 1) / n - 1
     if budget <= 0:
         return -1_000
-    return math.floor(math.log2(budget / bound))
+    precision = min(math.floor(math.log2(budget / bound)), math.floor(math.log2(2.0**53 / (n * bound))))
+    while not fits(n, bound, precision, modulus_bits):  # float rounding may overshoot by one
+        precision -= 1
+    return precision
 
 
 def harary_degree(n: int) -> int:
@@ -69,7 +78,7 @@ class SecAggConfig(BaseModel):
         limit = 2 ** (k - 1) - 1
         precision = self.update_precision_bits
         worst = n * (self.clipping_range * 2.0**precision + 1)
-        if worst > limit:
+        if not fits(n, self.clipping_range, precision, k):
             raise ValueError(
                 f"modulus 2^{k} overflows: {n} clients x (clipping_range {self.clipping_range:g} x 2^{precision} + 1) "
                 f"= {worst:.4g} > 2^{k - 1} - 1 = {limit}; lower precision_bits, clipping_range or num_clients, "

@@ -69,7 +69,10 @@ def encode_fixed_point(
         )
         x = np.clip(x, -clip, clip)
     scaled = x * (2.0**precision_bits)
-    integers = np.floor(scaled + rounding_uniforms(x.size, randomness)).astype(np.int64)
+    # floor(scaled + u) computed as floor + [u < fraction]: adding u in floating point
+    # would round up values already on the grid when scaled is large.
+    low = np.floor(scaled)
+    integers = low.astype(np.int64) + (rounding_uniforms(x.size, randomness) < (scaled - low))
     return to_words(integers, modulus_bits), report
 
 

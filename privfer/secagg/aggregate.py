@@ -10,9 +10,11 @@ server classes are the primitives for real deployments.
 from __future__ import annotations
 
 import secrets
+import time
 import warnings
-from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -29,6 +31,33 @@ STAGES: tuple[str, ...] = ("advertise_keys", "share_keys", "masked_input", "unma
 
 
 @dataclass
+class StageTimes:
+    """Wall-clock seconds per stage: each client's time, and the server's (encoding and decoding included)."""
+
+    clients: dict[str, dict[int, float]] = field(default_factory=lambda: {s: {} for s in STAGES})
+    server: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
+
+    @contextmanager
+    def client(self, stage: str, cid: int) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.clients[stage][cid] = self.clients[stage].get(cid, 0.0) + time.perf_counter() - start
+
+    @contextmanager
+    def on_server(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.server[stage] += time.perf_counter() - start
+
+    def client_mean(self, stage: str) -> float:
+        values = list(self.clients[stage].values())
+        return sum(values) / len(values) if values else 0.0
+
+    def total(self) -> float:
+        return sum(sum(v.values()) for v in self.clients.values()) + sum(self.server.values())
+
+
+@dataclass
 class AggregationResult:
     """The sum and what it covers.
 
@@ -40,6 +69,7 @@ class AggregationResult:
         clipping: values clipped before encoding, summed (per-client counts in ``clipping.clients``).
         error_bound: largest possible |decoded - exact float sum| per coordinate (quantization).
         transcript: everything the server received and sent.
+        times: seconds per stage for each client and for the server.
     """
 
     total: list[np.ndarray]
@@ -50,6 +80,7 @@ class AggregationResult:
     error_bound: float
     transcript: ServerTranscript
     words: np.ndarray
+    times: StageTimes
 
 
 def aggregate(
@@ -99,29 +130,44 @@ def aggregate(
         cut = STAGES.index(stage)
         return [c for c in clients if c not in dropouts or STAGES.index(dropouts[c]) > cut]
 
+    times = StageTimes()
     for cid in active("advertise_keys"):
-        server.receive_advertise(clients[cid].advertise_keys().to_bytes())
-    roster = server.key_roster().to_bytes()
+        with times.client("advertise_keys", cid):
+            advert = clients[cid].advertise_keys().to_bytes()
+        with times.on_server("advertise_keys"):
+            server.receive_advertise(advert)
+    with times.on_server("advertise_keys"):
+        roster = server.key_roster().to_bytes()
     for cid in active("share_keys"):
-        server.receive_share_keys(clients[cid].share_keys(KeyRoster.from_bytes(roster)).to_bytes())
-    bundles = server.forward_shares()
+        with times.client("share_keys", cid):
+            shared = clients[cid].share_keys(KeyRoster.from_bytes(roster)).to_bytes()
+        with times.on_server("share_keys"):
+            server.receive_share_keys(shared)
+    with times.on_server("share_keys"):
+        bundles = {cid: bundle.to_bytes() for cid, bundle in server.forward_shares().items()}
     clipping = ClippingReport()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ClippingWarning)  # reported once, summed, below
         for cid in active("masked_input"):
-            forwarded = ForwardedShares.from_bytes(bundles[cid].to_bytes())
-            masked = clients[cid].masked_input(
-                forwarded,
-                updates[cid],
-                example_count=1 if example_counts is None else example_counts[cid],
-                metrics=None if metrics is None else metrics.get(cid),
-            )
-            server.receive_masked_input(masked.to_bytes())
+            with times.client("masked_input", cid):
+                masked = clients[cid].masked_input(
+                    ForwardedShares.from_bytes(bundles[cid]),
+                    updates[cid],
+                    example_count=1 if example_counts is None else example_counts[cid],
+                    metrics=None if metrics is None else metrics.get(cid),
+                ).to_bytes()
+            with times.on_server("masked_input"):
+                server.receive_masked_input(masked)
             clipping.add(clients[cid].clipping, client=cid)
-    request = server.unmask_request().to_bytes()
+    with times.on_server("masked_input"):
+        request = server.unmask_request().to_bytes()
     for cid in active("unmask"):
-        server.receive_unmask(clients[cid].unmask(UnmaskRequest.from_bytes(request)).to_bytes())
-    summed = server.finish()
+        with times.client("unmask", cid):
+            response = clients[cid].unmask(UnmaskRequest.from_bytes(request)).to_bytes()
+        with times.on_server("unmask"):
+            server.receive_unmask(response)
+    with times.on_server("unmask"):
+        summed = server.finish()
     if clipping.clipped:
         warnings.warn(
             f"{clipping.clipped} of {clipping.total} values from {len(clipping.clients)} clients exceeded the "
@@ -138,7 +184,8 @@ def aggregate(
         error_bound=layout.error_bound(len(summed.included)),
         transcript=server.transcript,
         words=summed.words,
+        times=times,
     )
 
 
-__all__ = ["AggregationResult", "STAGES", "Stage", "aggregate"]
+__all__ = ["AggregationResult", "STAGES", "Stage", "StageTimes", "aggregate"]

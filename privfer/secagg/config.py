@@ -44,9 +44,9 @@ def _auto_precision(n: int, bound: float, modulus_bits: int) -> int:
 
 
 def harary_degree(n: int) -> int:
-    """SecAgg+ default neighbourhood: the even k nearest 2 * log2(n), at most n - 1."""
+    """SecAgg+ default degree: k = 2 * ceil(log2 n) (even), or n - 1 when that is not smaller."""
     k = 2 * math.ceil(math.log2(max(n, 2)))
-    return min(k + (k % 2), n - 1)
+    return k if k < n - 1 else n - 1  # n - 1: the graph is complete anyway
 
 
 class SecAggConfig(BaseModel):
@@ -100,7 +100,7 @@ class SecAggConfig(BaseModel):
             raise ValueError("metric names must be distinct")
         if self.graph == "harary":
             degree = self.degree
-            if degree % 2 or not 2 <= degree <= n - 1:
+            if not 2 <= degree <= n - 1 or (degree % 2 and degree != n - 1):
                 raise ValueError(f"neighbours must be even and between 2 and {n - 1} (n - 1), got {degree}")
         group = self.group_size
         t = self.group_threshold

@@ -74,6 +74,15 @@ def test_fixed_point_round_trip_within_one_step(values, bits):
     assert np.all(np.abs(decoded - np.array(values)) < 2.0**-precision)
 
 
+def test_values_on_the_grid_encode_exactly_even_when_large():
+    precision = 40
+    x = np.array([1.0, -2.5, 3.0 + 2.0**-precision, 7.999])
+    x = np.round(x * 2.0**precision) / 2.0**precision
+    for _ in range(20):
+        words, _ = encode_fixed_point(x, 8.0, precision, 64)
+        assert np.array_equal(decode_fixed_point(words, precision, 64), x)
+
+
 def test_stochastic_rounding_is_unbiased():
     x = np.full(200_000, 0.3)
     words, _ = encode_fixed_point(x, 1.0, 2, 32)  # steps of 0.25: 0.3 rounds to 0.25 or 0.5
@@ -107,10 +116,27 @@ def test_overflowing_configs_are_rejected_with_the_arithmetic():
 def test_threshold_must_exceed_half_the_group():
     with pytest.raises(ConfigError, match="more than half"):
         make_config(num_clients=10, threshold=5)
-    assert SecAggConfig(num_clients=10).group_threshold == 7
+    assert SecAggConfig(num_clients=10).group_threshold == 6  # strict majority
+    assert SecAggConfig(num_clients=10, threshold_fraction=2 / 3).group_threshold == 7
     assert SecAggConfig(num_clients=3).group_threshold == 2
     plus = SecAggConfig(num_clients=100, graph="harary")
-    assert plus.degree == 14 and plus.group_threshold == 10
+    assert plus.degree == 30 and plus.group_threshold == 16
+    assert SecAggConfig(num_clients=100, graph="harary", expected_dropout=0.0).degree == 14  # 2 log2 n
+    assert SecAggConfig(num_clients=100, graph="harary", expected_dropout=0.3).degree == 99  # complete
+
+
+def test_harary_degree_keeps_group_failure_negligible():
+    from privfer.secagg.config import FAILURE_PROBABILITY, _binomial_tail, group_threshold
+
+    for n in (50, 200, 1000):
+        for dropout in (0.05, 0.1, 0.2):
+            config = SecAggConfig(num_clients=n, graph="harary", expected_dropout=dropout)
+            k = config.degree
+            if k < n - 1:
+                tolerated = k + 1 - group_threshold(k + 1, 0.5)
+                assert n * _binomial_tail(k, dropout, tolerated) <= FAILURE_PROBABILITY
+                assert n * _binomial_tail(k - 2, dropout, k - 1 - group_threshold(k - 1, 0.5)) > FAILURE_PROBABILITY \
+                    or k - 2 < 2 * np.ceil(np.log2(n))
 
 
 # -- Shamir ---------------------------------------------------------------------

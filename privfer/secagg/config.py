@@ -10,7 +10,9 @@ rejected here with that arithmetic in the message.
 Threshold: Shamir shares go to a client's group (its neighbours and itself);
 any ``threshold`` of them recover a secret. It must exceed half the group, or
 a server could claim a client both dropped and survived and collect enough
-shares of both of its secrets.
+shares of both of its secrets. The default is a strict majority (Bonawitz et
+al.'s honest-but-curious setting); ``threshold_fraction=2/3`` gives their
+choice for active security.
 """
 
 from __future__ import annotations
@@ -43,10 +45,36 @@ def _auto_precision(n: int, bound: float, modulus_bits: int) -> int:
     return precision
 
 
-def harary_degree(n: int) -> int:
-    """SecAgg+ default degree: k = 2 * ceil(log2 n) (even), or n - 1 when that is not smaller."""
+FAILURE_PROBABILITY = 2.0**-20
+"""Target probability that some client's group keeps fewer than t survivors (SecAgg+ degree choice)."""
+
+
+def group_threshold(group: int, fraction: float) -> int:
+    """t = floor(fraction * group) + 1 (> group / 2 for fraction >= 1/2), at most the group."""
+    return min(group, math.floor(fraction * group + 1e-9) + 1)
+
+
+def _binomial_tail(trials: int, p: float, above: int) -> float:
+    """P[Binomial(trials, p) > above]."""
+    return sum(math.comb(trials, i) * p**i * (1 - p) ** (trials - i) for i in range(above + 1, trials + 1))
+
+
+def harary_degree(n: int, expected_dropout: float = 0.1, fraction: float = 0.5) -> int:
+    """SecAgg+ default degree (Bell et al. 2020: k = O(log n), growing with the dropout rate).
+
+    The smallest even k >= 2 * ceil(log2 n) such that, with each neighbour
+    dropping independently with probability ``expected_dropout``, the chance that
+    any of the n clients keeps fewer than t of its k + 1 group members stays
+    below 2^-20 (a union bound over clients). n - 1 (the complete graph) when
+    no smaller k qualifies.
+    """
     k = 2 * math.ceil(math.log2(max(n, 2)))
-    return k if k < n - 1 else n - 1  # n - 1: the graph is complete anyway
+    while k < n - 1:
+        tolerated = k + 1 - group_threshold(k + 1, fraction)  # neighbours that may drop
+        if n * _binomial_tail(k, expected_dropout, tolerated) <= FAILURE_PROBABILITY:
+            return k
+        k += 2
+    return n - 1
 
 
 class SecAggConfig(BaseModel):
@@ -67,7 +95,10 @@ class SecAggConfig(BaseModel):
     graph: Literal["complete", "harary"] = Field("complete", description="All pairs, or SecAgg+'s sparse graph.")
     neighbours: int | None = Field(None, ge=1, description="SecAgg+ degree k (even); None: about 2 log2 n.")
     threshold_fraction: float = Field(
-        2 / 3, gt=0.5, le=1.0, description="Shamir threshold as a share of each client's group."
+        0.5, ge=0.5, lt=1.0, description="t = floor(fraction x group) + 1: 0.5 is a strict majority."
+    )
+    expected_dropout: float = Field(
+        0.1, ge=0.0, lt=0.5, description="Dropout rate the SecAgg+ degree is sized for (when neighbours is None)."
     )
     threshold: int | None = Field(None, ge=1, description="Explicit Shamir threshold; None: from threshold_fraction.")
     max_vector_length: int = Field(1 << 28, ge=1, le=1 << 31, description="Largest masked vector accepted.")
@@ -126,7 +157,9 @@ class SecAggConfig(BaseModel):
         """Neighbours per client: n - 1 on the complete graph."""
         if self.graph == "complete":
             return self.num_clients - 1
-        return self.neighbours if self.neighbours is not None else harary_degree(self.num_clients)
+        if self.neighbours is not None:
+            return self.neighbours
+        return harary_degree(self.num_clients, self.expected_dropout, self.threshold_fraction)
 
     @property
     def group_size(self) -> int:
@@ -137,8 +170,7 @@ class SecAggConfig(BaseModel):
     def group_threshold(self) -> int:
         if self.threshold is not None:
             return self.threshold
-        group = self.group_size
-        return max(math.ceil(group * self.threshold_fraction - 1e-9), group // 2 + 1)
+        return group_threshold(self.group_size, self.threshold_fraction)
 
     @property
     def round_threshold(self) -> int:

@@ -75,7 +75,9 @@ class PayloadLayout:
         unknown = set(metrics) - set(config.metrics)
         if unknown:
             raise ValueError(f"metrics {sorted(unknown)} are not in the configured {list(config.metrics)}")
-        flat = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays]) if arrays else np.zeros(0)
+        flat = np.concatenate([np.asarray(a).ravel() for a in arrays]) if arrays else np.zeros(0)
+        if flat.dtype.kind != "f":
+            flat = flat.astype(np.float64)
         update, report = encode_fixed_point(
             flat, config.clipping_range, config.update_precision_bits, config.modulus_bits, randomness
         )

@@ -40,10 +40,13 @@ class ClippingReport:
             self.clients[client] = self.clients.get(client, 0) + other.clipped
 
 
-def rounding_uniforms(count: int, randomness: Randomness = SYSTEM) -> np.ndarray:
-    """``count`` uniforms in [0, 1) from the party's randomness (53-bit resolution)."""
-    words = expand(randomness.bytes(32), count, 64)
-    return (words >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+def rounding_words(count: int, randomness: Randomness = SYSTEM) -> np.ndarray:
+    """``count`` uniform 32-bit words expanded from 32 bytes of the party's randomness.
+
+    Rounding up happens when word < fraction * 2^32: a 2^-32 grid biases a
+    rounding probability by less than 2^-32, far below the 2^-p step itself.
+    """
+    return expand(randomness.bytes(32), count, 32)
 
 
 def encode_fixed_point(
@@ -54,25 +57,32 @@ def encode_fixed_point(
     randomness: Randomness = SYSTEM,
 ) -> tuple[np.ndarray, ClippingReport]:
     """Float vector -> k-bit words, plus a report of clipped values."""
-    x = np.asarray(values, dtype=np.float64).ravel()
-    if not np.all(np.isfinite(x)):
+    x = np.asarray(values).ravel()
+    if x.dtype.kind != "f":
+        x = x.astype(np.float64)
+    if x.size == 0:
+        return np.zeros(0, dtype=word_dtype(modulus_bits)), ClippingReport()
+    max_abs = float(np.max(np.abs(x)))
+    if not np.isfinite(max_abs):
         raise ValueError("updates must be finite (found NaN or infinity)")
-    magnitude = np.abs(x)
-    outside = int(np.count_nonzero(magnitude > clip))
-    report = ClippingReport(clipped=outside, total=x.size, max_abs=float(magnitude.max()) if x.size else 0.0)
-    if outside:
+    report = ClippingReport(clipped=0, total=x.size, max_abs=max_abs)
+    if max_abs > clip:
+        report.clipped = int(np.count_nonzero(np.abs(x) > clip))
         warnings.warn(
-            f"{outside} of {x.size} values exceed the clipping range +-{clip:g} (largest {report.max_abs:.4g}) "
+            f"{report.clipped} of {x.size} values exceed the clipping range +-{clip:g} (largest {max_abs:.4g}) "
             "and were clipped",
             ClippingWarning,
             stacklevel=3,
         )
         x = np.clip(x, -clip, clip)
-    scaled = x * (2.0**precision_bits)
+    scaled = np.multiply(x, 2.0**precision_bits, dtype=np.float64)
+    low = np.floor(scaled)
     # floor(scaled + u) computed as floor + [u < fraction]: adding u in floating point
     # would round up values already on the grid when scaled is large.
-    low = np.floor(scaled)
-    integers = low.astype(np.int64) + (rounding_uniforms(x.size, randomness) < (scaled - low))
+    scaled -= low
+    scaled *= 2.0**32
+    integers = low.astype(np.int64)
+    integers += rounding_words(x.size, randomness) < scaled
     return to_words(integers, modulus_bits), report
 
 
@@ -83,7 +93,8 @@ def encode_integers(values: np.ndarray, modulus_bits: int) -> np.ndarray:
 
 def to_words(integers: np.ndarray, modulus_bits: int) -> np.ndarray:
     """Signed integers -> their residues mod 2^k as unsigned words."""
-    return integers.astype(np.int64).view(np.uint64).astype(word_dtype(modulus_bits))
+    integers = np.asarray(integers, dtype=np.int64)
+    return integers.view(np.uint64).astype(word_dtype(modulus_bits), copy=modulus_bits != 64)
 
 
 def to_signed(words: np.ndarray, modulus_bits: int) -> np.ndarray:

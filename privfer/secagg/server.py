@@ -44,7 +44,7 @@ from privfer.secagg.messages import (
     decode,
 )
 from privfer.secagg.payload import Decoded, PayloadLayout
-from privfer.secagg.prg import expand, word_dtype
+from privfer.secagg.prg import MaskExpander, word_dtype
 
 
 @dataclass
@@ -233,14 +233,15 @@ class SecAggServer:
         total = np.zeros(length, dtype=word_dtype(bits))
         for vector in self._masked.values():
             total += vector
+        expander = MaskExpander(length, bits)
         for survivor in self._request.survivors:
-            total -= expand(self._reconstruct(survivor, "seed_shares"), length, bits)
+            total -= expander.expand(self._reconstruct(survivor, "seed_shares"))
         survivors = set(self._request.survivors)
         for gone in self._request.dropped:
             mask_key = self._reconstruct(gone, "key_shares")
             for peer in sorted(self._neighbours[gone] & survivors):
                 seed = agree(mask_key, self._keys[peer][1], PURPOSE_MASK, self.round_id, peer, gone)
-                mask = expand(seed, length, bits)
+                mask = expander.expand(seed)
                 if peer < gone:  # the peer added +mask; take it out
                     total -= mask
                 else:

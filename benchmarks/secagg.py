@@ -20,28 +20,32 @@ import time
 
 import numpy as np
 
-from privfer.secagg import SecAggConfig, aggregate, prg
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from privfer.secagg import SecAggConfig, aggregate
 from privfer.secagg import messages as m
 
 STAGE_LABELS = {"advertise_keys": "adv", "share_keys": "share", "masked_input": "mask", "unmask": "unmask"}
 
 
-def raw_keystream_seconds(total_bytes: int, repeats: int = 3) -> float:
+def raw_keystream_seconds(streams: int, words: int, repeats: int = 3) -> float:
+    """The floor: AES-256-CTR producing ``streams`` keystreams of ``words`` 32-bit words into one buffer."""
     seed = os.urandom(32)
-    chunk = min(total_bytes, 1 << 26)
+    size = words * 4
+    buffer = bytearray(size + 15)
+    zeros = bytes(size)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        left = total_bytes
-        while left > 0:
-            prg.keystream(seed, min(chunk, left))
-            left -= chunk
+        for _ in range(streams):
+            Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor().update_into(zeros, buffer)
         best = min(best, time.perf_counter() - start)
     return best
 
 
 def run_case(n: int, d: int, dropout: float, graph: str, rng: np.random.Generator) -> dict:
-    config = SecAggConfig(num_clients=n, graph=graph, clipping_range=1.0)
+    # SecAgg+ sizes its degree for the dropout rate it must survive (at least the default 10%)
+    config = SecAggConfig(num_clients=n, graph=graph, clipping_range=1.0, expected_dropout=max(dropout, 0.1))
     updates = {cid: [rng.normal(0, 0.1, d).astype(np.float32)] for cid in range(1, n + 1)}
     dropped = rng.choice(np.arange(1, n + 1), int(round(dropout * n)), replace=False)
     dropouts = {int(c): "masked_input" for c in dropped}  # vanish after sharing keys: the costly case
@@ -59,11 +63,12 @@ def run_case(n: int, d: int, dropout: float, graph: str, rng: np.random.Generato
     survivors = result.included
     sent = np.mean([times.bytes_in(c) for c in survivors])
     received = np.mean([times.bytes_out(c) for c in survivors])
-    # masking floor: a surviving client expands one PRG stream per peer plus its self mask
-    peers = len(result.transcript.received(m.ShareKeys)[0].ciphertexts)
-    words = d + 1
-    floor = raw_keystream_seconds((peers + 1) * words * 4)
-    masking = result.times.client_mean("masked_input")
+    # masking floor: a surviving client expands one PRG stream per peer that shared keys, plus its self mask
+    sample = survivors[0]
+    bundle = next(e.message for e in result.transcript.entries if isinstance(e.message, m.ForwardedShares)
+                  and e.message.receiver == sample)
+    floor = raw_keystream_seconds(len(bundle.ciphertexts) + 1, d + 1)
+    masking = result.times.masking[sample]
     return {
         "n": n, "d": d, "dropout": dropout, "graph": graph, "degree": config.degree,
         **{f"client_{STAGE_LABELS[s]}": result.times.client_mean(s) for s in STAGE_LABELS},

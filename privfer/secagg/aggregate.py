@@ -36,6 +36,7 @@ class StageTimes:
 
     clients: dict[str, dict[int, float]] = field(default_factory=lambda: {s: {} for s in STAGES})
     server: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
+    masking: dict[int, float] = field(default_factory=dict)  # the mask expansion part of MaskedInput
 
     @contextmanager
     def client(self, stage: str, cid: int) -> Iterator[None]:
@@ -159,6 +160,7 @@ def aggregate(
             with times.on_server("masked_input"):
                 server.receive_masked_input(masked)
             clipping.add(clients[cid].clipping, client=cid)
+            times.masking[cid] = clients[cid].mask_seconds
     with times.on_server("masked_input"):
         request = server.unmask_request().to_bytes()
     for cid in active("unmask"):

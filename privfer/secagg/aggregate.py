@@ -69,8 +69,9 @@ class AggregationResult:
         metrics: summed metrics of the included clients.
         clipping: values clipped before encoding, summed (per-client counts in ``clipping.clients``).
         error_bound: largest possible |decoded - exact float sum| per coordinate (quantization).
-        transcript: everything the server received and sent.
+        transcript: everything the server received and sent (masking backend).
         times: seconds per stage for each client and for the server.
+        bytes_sent: bytes each client sent.
     """
 
     total: list[np.ndarray]
@@ -82,6 +83,7 @@ class AggregationResult:
     transcript: ServerTranscript
     words: np.ndarray
     times: StageTimes
+    bytes_sent: dict[int, int] = field(default_factory=dict)  # per client, on the wire
 
 
 def aggregate(
@@ -187,6 +189,7 @@ def aggregate(
         transcript=server.transcript,
         words=summed.words,
         times=times,
+        bytes_sent={cid: server.transcript.bytes_in(cid) for cid in clients},
     )
 
 

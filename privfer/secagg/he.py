@@ -1,0 +1,489 @@
+"""Homomorphic-encryption aggregation (CKKS via TenSEAL) with a key authority the server is not.
+
+Roles (protocols/he/SPEC.md):
+
+* :class:`KeyAuthority` creates the CKKS context and keeps the only secret key.
+  It hands out the *public* context (encryption, addition; no decryption) and
+  decrypts an aggregate only when it covers at least ``min_clients`` distinct
+  clients — which it verifies from an encrypted client-count coordinate.
+* :class:`HEClient` encrypts its update, example count and metrics with the
+  public context.
+* :class:`HEServer` holds the public context only: it sums ciphertexts and
+  forwards the aggregate to the key authority. It cannot decrypt anything.
+
+Privacy holds unless the server and the key authority collude — unlike the
+common deployment in which every client holds the same secret key, where any
+one client colluding with the server reads every update.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import struct
+import time
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Mapping, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from privfer.errors import ConfigError
+from privfer.secagg.errors import DuplicateSender, MalformedMessage, MessageError, RoundAborted, SecAggError, UnknownSender
+from privfer.secagg.errors import UnsupportedVersion, WrongRound, WrongVectorLength
+from privfer.secagg.quantize import ClippingReport, ClippingWarning
+
+HE_PROTOCOL_VERSION = 1
+HE_MAGIC = b"PFHE"
+# SEAL's largest total coefficient-modulus bits for 128-bit security (HomomorphicEncryption.org standard).
+MAX_MODULUS_BITS = {8192: 218, 16384: 438}
+MAX_CIPHERTEXT_BYTES = 1 << 27
+
+
+class InvalidCiphertext(MessageError):
+    """Bytes that do not parse as a CKKS ciphertext (or context) of this round's parameters."""
+
+
+class SecretKeyAbsent(SecAggError):
+    """A party without the secret key was asked to decrypt."""
+
+
+class CKKSConfig(BaseModel):
+    """CKKS parameters and the aggregation policy, checked when the config is made."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["ckks"] = "ckks"
+    num_clients: int = Field(..., ge=1, le=1_000_000, description="Most clients in one aggregate.")
+    min_clients: int = Field(2, ge=1, description="The key authority decrypts only aggregates of at least this many.")
+    poly_modulus_degree: Literal[8192, 16384] = Field(8192, description="Ring degree N; N / 2 slots per ciphertext.")
+    coeff_mod_bit_sizes: tuple[int, ...] = Field((60, 40, 40, 60), description="Bit sizes of the coefficient moduli.")
+    scale_bits: int = Field(40, ge=20, le=60, description="log2 of the CKKS scale.")
+    clipping_range: float = Field(8.0, gt=0, description="Update values are clipped to [-c, c] (and counted).")
+    max_examples: int = Field(
+        4096, ge=1, description="Largest example count a client may report (sums must fit the plaintext headroom)."
+    )
+    metrics: tuple[str, ...] = Field((), description="Names of per-client metrics summed under encryption.")
+    metric_range: float = Field(1e3, gt=0, description="Metric values are clipped to [-m, m].")
+
+    @model_validator(mode="after")
+    def _check(self) -> "CKKSConfig":
+        moduli = self.coeff_mod_bit_sizes
+        limit = MAX_MODULUS_BITS[self.poly_modulus_degree]
+        if len(moduli) < 2 or any(not 20 <= b <= 60 for b in moduli):
+            raise ValueError("coeff_mod_bit_sizes needs at least two moduli of 20..60 bits each")
+        if sum(moduli) > limit:
+            raise ValueError(
+                f"coeff_mod_bit_sizes sum to {sum(moduli)} bits; poly_modulus_degree {self.poly_modulus_degree} "
+                f"allows at most {limit} for 128-bit security"
+            )
+        if any(b < self.scale_bits for b in moduli[1:-1]):
+            raise ValueError(
+                f"scale_bits {self.scale_bits} exceeds an intermediate modulus of {min(moduli[1:-1])} bits; "
+                "the scale must fit every rescaling modulus"
+            )
+        headroom = moduli[0] - self.scale_bits  # bits left for the integer part of a plaintext
+        largest = self.num_clients * max(self.clipping_range, self.max_examples, self.metric_range)
+        if largest >= 2 ** (headroom - 1):
+            raise ValueError(
+                f"a sum of {self.num_clients} clients can reach {largest:.4g}, but the first modulus "
+                f"({moduli[0]} bits) minus scale_bits ({self.scale_bits}) leaves {headroom} bits: values must stay "
+                f"below 2^{headroom - 1} = {2 ** (headroom - 1)}; raise the first modulus or lower scale_bits"
+            )
+        if self.min_clients > self.num_clients:
+            raise ValueError(f"min_clients {self.min_clients} exceeds num_clients {self.num_clients}")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError("metric names must be distinct")
+        return self
+
+    @property
+    def slots(self) -> int:
+        return self.poly_modulus_degree // 2
+
+    def error_bound(self, clients: int) -> float:
+        """Stated bound on |decrypted sum - float sum| per coordinate.
+
+        Encoding and fresh encryption add noise of several thousand units at
+        scale 2^s: measured worst cases per value and client are about 2^(12.5 - s)
+        at N = 8192 and 2^(13.8 - s) at N = 16384. Sums add the clients' noise.
+        We state clients x 2^(16 - s), at least 4x the worst measured error
+        (tests/test_secagg_he.py checks it over random shapes and client counts).
+        """
+        return clients * 2.0 ** (16 - self.scale_bits)
+
+
+def make_ckks_config(**settings: object) -> CKKSConfig:
+    """Build a :class:`CKKSConfig`, turning validation failures into :class:`ConfigError`."""
+    from pydantic import ValidationError
+
+    try:
+        return CKKSConfig(**settings)
+    except ValidationError as exc:
+        parts = [f"{'.'.join(map(str, e['loc'])) or 'ckks'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
+        raise ConfigError("invalid CKKS config: " + "; ".join(parts)) from None
+
+
+def _tenseal():
+    import tenseal
+
+    return tenseal
+
+
+def _load_context(raw: bytes):
+    try:
+        return _tenseal().context_from(raw)
+    except Exception:  # TenSEAL raises ValueError or RuntimeError on bad bytes
+        raise InvalidCiphertext("bytes do not parse as a TenSEAL context") from None
+
+
+# -- packing -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HELayout:
+    """Flattened update, then example count, client count (always 1 per client), metrics; cut into slot-sized chunks."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    config: CKKSConfig
+
+    @classmethod
+    def for_arrays(cls, arrays: Sequence[np.ndarray], config: CKKSConfig) -> "HELayout":
+        return cls(tuple(tuple(int(s) for s in np.shape(a)) for a in arrays), config)
+
+    @property
+    def update_length(self) -> int:
+        return int(sum(int(np.prod(s)) for s in self.shapes))
+
+    @property
+    def length(self) -> int:
+        return self.update_length + 2 + len(self.config.metrics)
+
+    @property
+    def chunks(self) -> int:
+        return max(1, math.ceil(self.length / self.config.slots))
+
+    def pack(self, arrays: Sequence[np.ndarray], example_count: int, metrics: Mapping[str, float] | None
+             ) -> tuple[list[np.ndarray], ClippingReport]:
+        import warnings
+
+        from privfer.secagg.payload import ShapeMismatch
+
+        config = self.config
+        if len(arrays) != len(self.shapes) or any(np.shape(a) != s for a, s in zip(arrays, self.shapes)):
+            raise ShapeMismatch(f"update shapes {[np.shape(a) for a in arrays]} differ from {list(self.shapes)}")
+        if not 0 <= int(example_count) <= config.max_examples:
+            raise ValueError(f"example_count {example_count} is outside 0..{config.max_examples}")
+        metrics = dict(metrics or {})
+        if set(metrics) - set(config.metrics):
+            raise ValueError(f"metrics {sorted(set(metrics) - set(config.metrics))} are not configured")
+        flat = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays]) if arrays else np.zeros(0)
+        if not np.all(np.isfinite(flat)):
+            raise ValueError("updates must be finite (found NaN or infinity)")
+        report = ClippingReport(total=flat.size, max_abs=float(np.max(np.abs(flat))) if flat.size else 0.0)
+        if report.max_abs > config.clipping_range:
+            report.clipped = int(np.count_nonzero(np.abs(flat) > config.clipping_range))
+            warnings.warn(f"{report.clipped} of {flat.size} values exceed the clipping range "
+                          f"+-{config.clipping_range:g} and were clipped", ClippingWarning, stacklevel=3)
+            flat = np.clip(flat, -config.clipping_range, config.clipping_range)
+        extras = [float(example_count), 1.0] + [
+            float(np.clip(metrics.get(name, 0.0), -config.metric_range, config.metric_range)) for name in config.metrics
+        ]
+        vector = np.concatenate([flat, np.array(extras)])
+        slots = config.slots
+        return [vector[i : i + slots] for i in range(0, vector.size, slots)], report
+
+    def unpack(self, vector: np.ndarray) -> tuple[list[np.ndarray], float, float, dict[str, float]]:
+        n = self.update_length
+        arrays, at = [], 0
+        for shape in self.shapes:
+            size = int(np.prod(shape))
+            arrays.append(vector[at : at + size].reshape(shape))
+            at += size
+        metrics = dict(zip(self.config.metrics, vector[n + 2 : n + 2 + len(self.config.metrics)].tolist()))
+        return arrays, float(vector[n]), float(vector[n + 1]), metrics
+
+
+# -- messages ----------------------------------------------------------------------------
+
+
+class HEMessage(BaseModel):
+    """An encrypted update (client -> server) or aggregate (server -> key authority)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    KINDS: ClassVar[dict[str, int]] = {"update": 1, "aggregate": 2}
+
+    kind: Literal["update", "aggregate"]
+    round_id: str = Field(..., min_length=1, max_length=255)
+    sender: int = Field(..., ge=0, le=(1 << 31) - 2)
+    included: tuple[int, ...] = ()  # aggregate only: the clients summed
+    ciphertexts: tuple[bytes, ...]
+    version: int = HE_PROTOCOL_VERSION
+
+    def to_bytes(self) -> bytes:
+        encoded = self.round_id.encode("utf-8")
+        parts = [HE_MAGIC, bytes([self.version, self.KINDS[self.kind], len(encoded)]), encoded,
+                 struct.pack(">II", self.sender, len(self.included))]
+        parts.extend(struct.pack(">I", c) for c in self.included)
+        parts.append(struct.pack(">I", len(self.ciphertexts)))
+        for blob in self.ciphertexts:
+            parts.append(struct.pack(">I", len(blob)) + blob)
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "HEMessage":
+        view = memoryview(bytes(raw))
+        at = 0
+
+        def take(n: int) -> bytes:
+            nonlocal at
+            if n < 0 or at + n > len(view):
+                raise MalformedMessage(f"HE message truncated at offset {at}")
+            chunk = view[at : at + n].tobytes()
+            at += n
+            return chunk
+
+        if take(4) != HE_MAGIC:
+            raise MalformedMessage("not a privfer HE message (bad magic)")
+        version, kind = take(1)[0], take(1)[0]
+        if version != HE_PROTOCOL_VERSION:
+            raise UnsupportedVersion(f"HE protocol version {version} is not supported")
+        names = {v: k for k, v in cls.KINDS.items()}
+        if kind not in names:
+            raise MalformedMessage(f"unknown HE message kind {kind}")
+        try:
+            round_id = take(take(1)[0]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise MalformedMessage("round id is not UTF-8") from None
+        sender, count = struct.unpack(">II", take(8))
+        if count > 1_000_000:
+            raise MalformedMessage("too many included clients")
+        included = tuple(struct.unpack(">I", take(4))[0] for _ in range(count))
+        if len(set(included)) != len(included):
+            raise DuplicateSender("the aggregate lists a client twice")
+        blobs = []
+        (chunks,) = struct.unpack(">I", take(4))
+        if chunks > 1 << 20:
+            raise MalformedMessage("too many ciphertext chunks")
+        for _ in range(chunks):
+            (size,) = struct.unpack(">I", take(4))
+            if size > MAX_CIPHERTEXT_BYTES:
+                raise MalformedMessage(f"ciphertext of {size} bytes exceeds {MAX_CIPHERTEXT_BYTES}")
+            blobs.append(take(size))
+        if at != len(view):
+            raise MalformedMessage("trailing bytes after the HE message")
+        try:
+            return cls(kind=names[kind], round_id=round_id, sender=sender, included=included, ciphertexts=tuple(blobs))
+        except Exception as exc:
+            raise MalformedMessage(f"invalid HE message: {exc.__class__.__name__}") from None
+
+
+# -- roles ---------------------------------------------------------------------------------
+
+
+class KeyAuthority:
+    """Creates the CKKS keys, keeps the secret key, and decrypts aggregates of enough clients."""
+
+    def __init__(self, config: CKKSConfig) -> None:
+        ts = _tenseal()
+        self.config = config
+        self._context = ts.context(
+            ts.SCHEME_TYPE.CKKS,
+            poly_modulus_degree=config.poly_modulus_degree,
+            coeff_mod_bit_sizes=list(config.coeff_mod_bit_sizes),
+        )
+        self._context.global_scale = 2.0**config.scale_bits
+        public = self._context.copy()
+        public.make_context_public()  # drops the secret key
+        self._public = public.serialize(save_secret_key=False)
+
+    def public_context(self) -> bytes:
+        """The context clients and the server get: public key only."""
+        return self._public
+
+    def decrypt(self, message: HEMessage | bytes, layout: HELayout, round_id: str) -> "HEPlainSum":
+        message = HEMessage.from_bytes(message) if isinstance(message, (bytes, bytearray)) else message
+        if message.kind != "aggregate":
+            raise MalformedMessage("the key authority decrypts aggregates only")
+        if message.round_id != round_id:
+            raise WrongRound(f"aggregate of round {message.round_id!r} in round {round_id!r}")
+        if len(message.included) < self.config.min_clients:
+            raise RoundAborted(
+                f"the aggregate claims {len(message.included)} clients; the key authority decrypts only "
+                f"aggregates of at least {self.config.min_clients}"
+            )
+        if len(message.ciphertexts) != layout.chunks:
+            raise WrongVectorLength(f"{len(message.ciphertexts)} ciphertext chunks, expected {layout.chunks}")
+        ts = _tenseal()
+        values = []
+        for blob in message.ciphertexts:
+            try:
+                vector = ts.ckks_vector_from(self._context, blob)
+            except Exception:
+                raise InvalidCiphertext("an aggregate chunk does not parse as a CKKS vector") from None
+            values.append(np.asarray(vector.decrypt(), dtype=np.float64))
+        flat = np.concatenate(values)[: layout.length]
+        arrays, count, clients, metrics = layout.unpack(flat)
+        if round(clients) != len(message.included):
+            raise RoundAborted(
+                f"the aggregate claims {len(message.included)} clients but its encrypted client count is "
+                f"{clients:.2f}; refusing to release it"
+            )
+        return HEPlainSum(arrays, tuple(message.included), int(round(count)), metrics)
+
+
+@dataclass
+class HEPlainSum:
+    arrays: list[np.ndarray]
+    included: tuple[int, ...]
+    example_count: int
+    metrics: dict[str, float]
+
+
+class HEClient:
+    """Encrypts one client's update with the public context (it cannot decrypt)."""
+
+    def __init__(self, client_id: int, public_context: bytes, layout: HELayout, round_id: str) -> None:
+        self.client_id = client_id
+        self.context = _load_context(public_context)
+        if self.context.has_secret_key():
+            raise ValueError("clients must be given the public context, not the secret key")
+        self.layout = layout
+        self.round_id = round_id
+        self.clipping = ClippingReport()
+
+    def encrypt(self, update: Sequence[np.ndarray], example_count: int = 1,
+                metrics: Mapping[str, float] | None = None) -> HEMessage:
+        ts = _tenseal()
+        chunks, self.clipping = self.layout.pack(update, example_count, metrics)
+        blobs = tuple(ts.ckks_vector(self.context, chunk.tolist()).serialize() for chunk in chunks)
+        return HEMessage(kind="update", round_id=self.round_id, sender=self.client_id, ciphertexts=blobs)
+
+
+class HEServer:
+    """Sums encrypted updates with the public context; forwards only the aggregate."""
+
+    def __init__(self, public_context: bytes, layout: HELayout, round_id: str, config: CKKSConfig) -> None:
+        self.context = _load_context(public_context)
+        if self.context.has_secret_key():
+            raise ValueError("the server must be given the public context, not the secret key")
+        self.layout = layout
+        self.round_id = round_id
+        self.config = config
+        self._sum: list | None = None
+        self._included: list[int] = []
+        self.bytes_in: dict[int, int] = {}
+
+    def receive(self, raw: bytes | HEMessage) -> None:
+        size = len(raw) if isinstance(raw, (bytes, bytearray)) else None
+        message = HEMessage.from_bytes(raw) if isinstance(raw, (bytes, bytearray)) else raw
+        if message.kind != "update":
+            raise MalformedMessage("the server accepts encrypted updates only")
+        if message.round_id != self.round_id:
+            raise WrongRound(f"update of round {message.round_id!r} in round {self.round_id!r}")
+        if message.sender in self._included:
+            raise DuplicateSender(f"client {message.sender} sent two updates")
+        if not 1 <= message.sender:
+            raise UnknownSender("updates come from clients (ids >= 1)")
+        if len(self._included) >= self.config.num_clients:
+            raise UnknownSender(f"more than num_clients={self.config.num_clients} updates")
+        if len(message.ciphertexts) != self.layout.chunks:
+            raise WrongVectorLength(f"{len(message.ciphertexts)} ciphertext chunks, expected {self.layout.chunks}")
+        ts = _tenseal()
+        vectors = []
+        for blob in message.ciphertexts:
+            try:
+                vectors.append(ts.ckks_vector_from(self.context, blob))
+            except Exception:
+                raise InvalidCiphertext(f"client {message.sender} sent bytes that are not a CKKS vector") from None
+        if self._sum is None:
+            self._sum = vectors
+        else:
+            for total, vector in zip(self._sum, vectors):
+                total += vector
+        self._included.append(message.sender)
+        self.bytes_in[message.sender] = size if size is not None else len(message.to_bytes())
+
+    def aggregate(self) -> HEMessage:
+        if self._sum is None:
+            raise RoundAborted("no encrypted update arrived")
+        return HEMessage(kind="aggregate", round_id=self.round_id, sender=0, included=tuple(sorted(self._included)),
+                         ciphertexts=tuple(v.serialize() for v in self._sum))
+
+
+# -- the recipe -------------------------------------------------------------------------------
+
+
+def aggregate(
+    updates: Mapping[int, Sequence[np.ndarray]],
+    config: CKKSConfig,
+    dropouts: Mapping[int, str] | None = None,
+    *,
+    example_counts: Mapping[int, int] | None = None,
+    metrics: Mapping[int, Mapping[str, float]] | None = None,
+    round_id: str | None = None,
+):
+    """The CKKS counterpart of :func:`privfer.secagg.aggregate` (same arguments and result).
+
+    A client dropped at any stage up to and including "masked_input" never sends
+    its ciphertext and is absent from the sum; a client dropped at "unmask" had
+    already sent it (CKKS has no later stage), so it is included.
+    """
+    import warnings
+
+    from privfer.secagg.aggregate import STAGES, AggregationResult, StageTimes
+    from privfer.secagg.server import ServerTranscript
+
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    if len(updates) > config.num_clients:
+        raise ValueError(f"{len(updates)} updates but the config is for num_clients={config.num_clients}")
+    dropouts = dict(dropouts or {})
+    if set(dropouts) - set(updates):
+        raise ValueError(f"dropouts name clients without updates: {sorted(set(dropouts) - set(updates))[:5]}")
+    bad = {c: s for c, s in dropouts.items() if s not in STAGES}
+    if bad:
+        raise ValueError(f"dropout stages must be one of {STAGES}, got {bad}")
+    round_id = round_id or secrets.token_hex(8)
+    layout = HELayout.for_arrays(next(iter(updates.values())), config)
+    times = StageTimes()
+    start = time.perf_counter()
+    authority = KeyAuthority(config)
+    public = authority.public_context()
+    server = HEServer(public, layout, round_id, config)
+    times.server["advertise_keys"] += time.perf_counter() - start
+    clipping = ClippingReport()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClippingWarning)
+        for cid in sorted(updates):
+            if cid in dropouts and STAGES.index(dropouts[cid]) <= STAGES.index("masked_input"):
+                continue
+            with times.client("masked_input", cid):
+                client = HEClient(cid, public, layout, round_id)
+                message = client.encrypt(
+                    updates[cid],
+                    1 if example_counts is None else example_counts[cid],
+                    None if metrics is None else metrics.get(cid),
+                ).to_bytes()
+            clipping.add(client.clipping, client=cid)
+            with times.on_server("masked_input"):
+                server.receive(message)
+    with times.on_server("unmask"):
+        summed = server.aggregate().to_bytes()
+    start = time.perf_counter()
+    plain = authority.decrypt(summed, layout, round_id)
+    times.server["unmask"] += time.perf_counter() - start  # the key authority's share, reported with the server's
+    if clipping.clipped:
+        warnings.warn(f"{clipping.clipped} of {clipping.total} values from {len(clipping.clients)} clients exceeded "
+                      "the clipping range and were clipped", ClippingWarning, stacklevel=2)
+    return AggregationResult(
+        total=plain.arrays,
+        included=list(plain.included),
+        example_count=plain.example_count,
+        metrics=plain.metrics,
+        clipping=clipping,
+        error_bound=config.error_bound(len(plain.included)),
+        transcript=ServerTranscript(),
+        words=np.zeros(0, dtype=np.uint32),
+        times=times,
+        bytes_sent=dict(server.bytes_in),
+    )

@@ -1,0 +1,156 @@
+"""The CKKS backend: sums within the stated bound, roles without the secret key, checks on every message."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import tenseal as ts
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from privfer.errors import ConfigError
+from privfer.secagg import DuplicateSender, MalformedMessage, RoundAborted, WrongRound, WrongVectorLength, aggregate
+from privfer.secagg.he import (
+    HEClient,
+    HELayout,
+    HEMessage,
+    HEServer,
+    InvalidCiphertext,
+    KeyAuthority,
+    make_ckks_config,
+)
+
+
+@pytest.fixture(scope="module")
+def authority():
+    return KeyAuthority(make_ckks_config(num_clients=5, min_clients=3))
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    n=st.integers(2, 7),
+    shapes=st.lists(st.lists(st.integers(1, 40), max_size=2).map(tuple), min_size=1, max_size=3),
+    seed=st.integers(0, 2**32 - 1),
+    data=st.data(),
+)
+def test_decrypted_sum_matches_the_float_sum(n, shapes, seed, data):
+    rng = np.random.default_rng(seed)
+    config = make_ckks_config(num_clients=n, min_clients=1, metrics=("loss",))
+    updates = {cid: [rng.uniform(-8, 8, shape) for shape in shapes] for cid in range(1, n + 1)}
+    dropped = data.draw(st.lists(st.integers(1, n), unique=True, max_size=n - 1))
+    stage = data.draw(st.sampled_from(["advertise_keys", "masked_input", "unmask"]))
+    counts = {cid: int(rng.integers(0, 100)) for cid in updates}
+    result = aggregate(updates, config, {c: stage for c in dropped}, example_counts=counts,
+                       metrics={c: {"loss": float(c)} for c in updates})
+    included = [c for c in updates if c not in dropped or stage == "unmask"]
+    assert result.included == included
+    for k, shape in enumerate(shapes):
+        assert result.total[k].shape == shape
+        exact = sum(updates[c][k] for c in included)
+        assert np.max(np.abs(result.total[k] - exact)) <= result.error_bound
+    assert result.example_count == sum(counts[c] for c in included)
+    assert result.metrics["loss"] == pytest.approx(sum(included), abs=result.error_bound * 1e3)
+
+
+def test_models_larger_than_one_ciphertext_are_chunked_without_tenseal_warnings():
+    config = make_ckks_config(num_clients=2, min_clients=1)
+    updates = {1: [np.full((100, 95), 0.5)], 2: [np.full((100, 95), -0.25)]}  # 9,500 values: 3 chunks of 4,096
+    assert HELayout.for_arrays(updates[1], config).chunks == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = aggregate(updates, config)
+    np.testing.assert_allclose(result.total[0], 0.25, atol=result.error_bound)
+
+
+def test_public_contexts_hold_no_secret_key(authority):
+    public = authority.public_context()
+    context = ts.context_from(public)
+    assert not context.has_secret_key() and not context.is_private()
+    vector = ts.ckks_vector(context, [1.0, 2.0])
+    with pytest.raises(ValueError, match="secret"):
+        vector.decrypt()
+    layout = HELayout(((2,),), authority.config)
+    client = HEClient(1, public, layout, "r")
+    server = HEServer(public, layout, "r", authority.config)
+    for holder in (client.context, server.context):
+        with pytest.raises(ValueError, match="secret"):
+            ts.ckks_vector_from(holder, vector.serialize()).decrypt()
+    secret_context = authority._context.serialize(save_secret_key=True)
+    with pytest.raises(ValueError, match="public context"):
+        HEClient(1, secret_context, layout, "r")
+    with pytest.raises(ValueError, match="public context"):
+        HEServer(secret_context, layout, "r", authority.config)
+
+
+def _round(authority, n=4, round_id="r"):
+    layout = HELayout(((3,),), authority.config)
+    public = authority.public_context()
+    server = HEServer(public, layout, round_id, authority.config)
+    messages = {cid: HEClient(cid, public, layout, round_id).encrypt([np.full(3, float(cid))]) for cid in range(1, n + 1)}
+    return layout, server, messages
+
+
+def test_bad_ciphertext_bytes_raise_a_specific_error(authority):
+    layout, server, messages = _round(authority)
+    forged = HEMessage(kind="update", round_id="r", sender=1, ciphertexts=(b"not a ciphertext",))
+    with pytest.raises(InvalidCiphertext, match="client 1 sent bytes that are not a CKKS vector"):
+        server.receive(forged.to_bytes())
+    for broken in (b"", b"PFHE", messages[2].to_bytes()[:-5], b"XXXX" + messages[2].to_bytes()[4:]):
+        with pytest.raises(MalformedMessage):
+            server.receive(broken)
+
+
+def test_server_checks_round_duplicates_and_length(authority):
+    layout, server, messages = _round(authority)
+    server.receive(messages[1].to_bytes())
+    with pytest.raises(DuplicateSender):
+        server.receive(messages[1].to_bytes())
+    _, _, other_round = _round(authority, round_id="r-old")
+    with pytest.raises(WrongRound):
+        server.receive(other_round[2].to_bytes())
+    wide = HEClient(3, authority.public_context(), HELayout(((5000,),), authority.config), "r")
+    with pytest.raises(WrongVectorLength):
+        server.receive(wide.encrypt([np.zeros(5000)]).to_bytes())
+
+
+def test_key_authority_refuses_small_or_inflated_aggregates(authority):
+    layout, server, messages = _round(authority)
+    for cid in (1, 2):
+        server.receive(messages[cid])
+    small = server.aggregate()
+    with pytest.raises(RoundAborted, match="at least 3"):
+        authority.decrypt(small.to_bytes(), layout, "r")
+    # the server claims four clients but summed only two ciphertexts
+    inflated = HEMessage(kind="aggregate", round_id="r", sender=0, included=(1, 2, 3, 4), ciphertexts=small.ciphertexts)
+    with pytest.raises(RoundAborted, match="encrypted client count is 2.00"):
+        authority.decrypt(inflated, layout, "r")
+    server.receive(messages[3])
+    plain = authority.decrypt(server.aggregate().to_bytes(), layout, "r")
+    assert plain.included == (1, 2, 3)
+    np.testing.assert_allclose(plain.arrays[0], 6.0, atol=1e-6)
+    with pytest.raises(WrongRound):
+        authority.decrypt(server.aggregate(), layout, "another")
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"coeff_mod_bit_sizes": (60, 60, 60, 60)}, "sum to 240 bits; poly_modulus_degree 8192 allows at most 218"),
+        ({"scale_bits": 50}, "scale_bits 50 exceeds an intermediate modulus of 40 bits"),
+        ({"num_clients": 1000}, "a sum of 1000 clients can reach"),
+        ({"min_clients": 20, "num_clients": 10}, "min_clients 20 exceeds num_clients 10"),
+    ],
+)
+def test_parameters_are_checked_at_config_time(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        make_ckks_config(**{"num_clients": 10, **settings})
+
+
+def test_sixteen_k_ring_is_selectable():
+    config = make_ckks_config(num_clients=2, min_clients=1, poly_modulus_degree=16384,
+                              coeff_mod_bit_sizes=(60, 40, 40, 40, 60))
+    assert config.slots == 8192
+    result = aggregate({1: [np.ones(9000)], 2: [np.ones(9000)]}, config)
+    np.testing.assert_allclose(result.total[0], 2.0, atol=result.error_bound)

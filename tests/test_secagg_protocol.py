@@ -296,6 +296,6 @@ def test_the_documented_examples_run():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "secure-aggregation.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     for block in blocks:
         exec(compile(block, "docs/secure-aggregation.md", "exec"), {})

@@ -137,6 +137,14 @@ class Round:
         self.clients = {c: SecAggClient(c, self.config, round_id, self.layout) for c in range(1, n + 1)}
         self.server = SecAggServer(self.config, round_id, self.layout)
 
+    def to_forwarded(self):
+        for client in self.clients.values():
+            self.server.receive_advertise(client.advertise_keys())
+        self.roster = self.server.key_roster()
+        for client in self.clients.values():
+            self.server.receive_share_keys(client.share_keys(self.roster))
+        return self.server.forward_shares()
+
     def to_masked(self, skip_masked=()):
         for client in self.clients.values():
             self.server.receive_advertise(client.advertise_keys().to_bytes())
@@ -183,12 +191,7 @@ def test_a_client_aborts_when_too_few_of_its_group_survive():
 
 def test_a_tampered_share_fails_authentication():
     r = Round()
-    for client in r.clients.values():
-        r.server.receive_advertise(client.advertise_keys())
-    roster = r.server.key_roster()
-    for client in r.clients.values():
-        r.server.receive_share_keys(client.share_keys(roster))
-    bundle = r.server.forward_shares()[1]
+    bundle = r.to_forwarded()[1]
     sender = next(iter(bundle.ciphertexts))
     blob = bytearray(bundle.ciphertexts[sender])
     blob[20] ^= 0x40
@@ -200,12 +203,7 @@ def test_a_tampered_share_fails_authentication():
 
 def test_a_share_redirected_to_another_client_fails_authentication():
     r = Round()
-    for client in r.clients.values():
-        r.server.receive_advertise(client.advertise_keys())
-    roster = r.server.key_roster()
-    for client in r.clients.values():
-        r.server.receive_share_keys(client.share_keys(roster))
-    bundles = r.server.forward_shares()
+    bundles = r.to_forwarded()
     # client 3's share meant for client 2, handed to client 1 as if from 3
     stolen = {**bundles[1].ciphertexts, 3: bundles[2].ciphertexts[3]}
     with pytest.raises(ShareAuthenticationError):

@@ -86,6 +86,24 @@ class AggregationResult:
     bytes_sent: dict[int, int] = field(default_factory=dict)  # per client, on the wire
 
 
+def check_round_arguments(
+    updates: Mapping[int, Sequence[np.ndarray]], num_clients: int, dropouts: Mapping[int, str] | None
+) -> dict[int, str]:
+    """Validate the driver's arguments (shared by both backends); returns the dropouts as a dict."""
+    if len(updates) < 1:
+        raise ValueError("no updates to aggregate")
+    if len(updates) > num_clients:
+        raise ValueError(f"{len(updates)} updates but the config is for num_clients={num_clients}")
+    dropouts = dict(dropouts or {})
+    unknown = set(dropouts) - set(updates)
+    if unknown:
+        raise ValueError(f"dropouts name clients without updates: {sorted(unknown)[:5]}")
+    bad = {c: s for c, s in dropouts.items() if s not in STAGES}
+    if bad:
+        raise ValueError(f"dropout stages must be one of {STAGES}, got {bad}")
+    return dropouts
+
+
 def aggregate(
     updates: Mapping[int, Sequence[np.ndarray]],
     config: SecAggConfig | object,
@@ -110,17 +128,7 @@ def aggregate(
         return he_aggregate(updates, config, dropouts, example_counts=example_counts, metrics=metrics)
     if not isinstance(config, SecAggConfig):
         raise TypeError(f"config must be a SecAggConfig (or a CKKS config), got {type(config).__name__}")
-    if len(updates) < 1:
-        raise ValueError("no updates to aggregate")
-    if len(updates) > config.num_clients:
-        raise ValueError(f"{len(updates)} updates but the config is for num_clients={config.num_clients}")
-    dropouts = dict(dropouts or {})
-    unknown = set(dropouts) - set(updates)
-    if unknown:
-        raise ValueError(f"dropouts name clients without updates: {sorted(unknown)[:5]}")
-    bad = {c: s for c, s in dropouts.items() if s not in STAGES}
-    if bad:
-        raise ValueError(f"dropout stages must be one of {STAGES}, got {bad}")
+    dropouts = check_round_arguments(updates, config.num_clients, dropouts)
     first = next(iter(updates.values()))
     layout = PayloadLayout.for_arrays(first, config)
     round_id = round_id or secrets.token_hex(8)

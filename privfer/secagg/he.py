@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from privfer.errors import ConfigError
 from privfer.secagg.errors import DuplicateSender, MalformedMessage, MessageError, RoundAborted, SecAggError, UnknownSender
 from privfer.secagg.errors import UnsupportedVersion, WrongRound, WrongVectorLength
-from privfer.secagg.quantize import ClippingReport, ClippingWarning
+from privfer.secagg.payload import ArrayLayout
+from privfer.secagg.quantize import ClippingReport, ClippingWarning, clip_and_report
 
 HE_PROTOCOL_VERSION = 1
 HE_MAGIC = b"PFHE"
@@ -140,19 +141,10 @@ def _load_context(raw: bytes):
 
 
 @dataclass(frozen=True)
-class HELayout:
+class HELayout(ArrayLayout):
     """Flattened update, then example count, client count (always 1 per client), metrics; cut into slot-sized chunks."""
 
-    shapes: tuple[tuple[int, ...], ...]
     config: CKKSConfig
-
-    @classmethod
-    def for_arrays(cls, arrays: Sequence[np.ndarray], config: CKKSConfig) -> "HELayout":
-        return cls(tuple(tuple(int(s) for s in np.shape(a)) for a in arrays), config)
-
-    @property
-    def update_length(self) -> int:
-        return int(sum(int(np.prod(s)) for s in self.shapes))
 
     @property
     def length(self) -> int:
@@ -164,27 +156,9 @@ class HELayout:
 
     def pack(self, arrays: Sequence[np.ndarray], example_count: int, metrics: Mapping[str, float] | None
              ) -> tuple[list[np.ndarray], ClippingReport]:
-        import warnings
-
-        from privfer.secagg.payload import ShapeMismatch
-
         config = self.config
-        if len(arrays) != len(self.shapes) or any(np.shape(a) != s for a, s in zip(arrays, self.shapes)):
-            raise ShapeMismatch(f"update shapes {[np.shape(a) for a in arrays]} differ from {list(self.shapes)}")
-        if not 0 <= int(example_count) <= config.max_examples:
-            raise ValueError(f"example_count {example_count} is outside 0..{config.max_examples}")
-        metrics = dict(metrics or {})
-        if set(metrics) - set(config.metrics):
-            raise ValueError(f"metrics {sorted(set(metrics) - set(config.metrics))} are not configured")
-        flat = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays]) if arrays else np.zeros(0)
-        if not np.all(np.isfinite(flat)):
-            raise ValueError("updates must be finite (found NaN or infinity)")
-        report = ClippingReport(total=flat.size, max_abs=float(np.max(np.abs(flat))) if flat.size else 0.0)
-        if report.max_abs > config.clipping_range:
-            report.clipped = int(np.count_nonzero(np.abs(flat) > config.clipping_range))
-            warnings.warn(f"{report.clipped} of {flat.size} values exceed the clipping range "
-                          f"+-{config.clipping_range:g} and were clipped", ClippingWarning, stacklevel=3)
-            flat = np.clip(flat, -config.clipping_range, config.clipping_range)
+        flat, metrics = self.flatten(arrays, example_count, metrics)
+        flat, report = clip_and_report(flat.astype(np.float64, copy=False), config.clipping_range)
         extras = [float(example_count), 1.0] + [
             float(np.clip(metrics.get(name, 0.0), -config.metric_range, config.metric_range)) for name in config.metrics
         ]
@@ -194,13 +168,8 @@ class HELayout:
 
     def unpack(self, vector: np.ndarray) -> tuple[list[np.ndarray], float, float, dict[str, float]]:
         n = self.update_length
-        arrays, at = [], 0
-        for shape in self.shapes:
-            size = int(np.prod(shape))
-            arrays.append(vector[at : at + size].reshape(shape))
-            at += size
         metrics = dict(zip(self.config.metrics, vector[n + 2 : n + 2 + len(self.config.metrics)].tolist()))
-        return arrays, float(vector[n]), float(vector[n + 1]), metrics
+        return self.unflatten(vector[:n]), float(vector[n]), float(vector[n + 1]), metrics
 
 
 # -- messages ----------------------------------------------------------------------------
@@ -430,19 +399,10 @@ def aggregate(
     """
     import warnings
 
-    from privfer.secagg.aggregate import STAGES, AggregationResult, StageTimes
+    from privfer.secagg.aggregate import STAGES, AggregationResult, StageTimes, check_round_arguments
     from privfer.secagg.server import ServerTranscript
 
-    if not updates:
-        raise ValueError("no updates to aggregate")
-    if len(updates) > config.num_clients:
-        raise ValueError(f"{len(updates)} updates but the config is for num_clients={config.num_clients}")
-    dropouts = dict(dropouts or {})
-    if set(dropouts) - set(updates):
-        raise ValueError(f"dropouts name clients without updates: {sorted(set(dropouts) - set(updates))[:5]}")
-    bad = {c: s for c, s in dropouts.items() if s not in STAGES}
-    if bad:
-        raise ValueError(f"dropout stages must be one of {STAGES}, got {bad}")
+    dropouts = check_round_arguments(updates, config.num_clients, dropouts)
     round_id = round_id or secrets.token_hex(8)
     layout = HELayout.for_arrays(next(iter(updates.values())), config)
     times = StageTimes()

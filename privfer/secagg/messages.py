@@ -75,6 +75,25 @@ def _unique(values: tuple[int, ...], what: str) -> tuple[int, ...]:
     return values
 
 
+def _blobs(table: dict[int, bytes]) -> bytes:
+    """u32 count, then (u32 client, u16 length, bytes) in increasing client order."""
+    parts = [struct.pack(">I", len(table))]
+    parts.extend(struct.pack(">IH", client, len(table[client])) + table[client] for client in sorted(table))
+    return b"".join(parts)
+
+
+def _read_blobs(reader: _Reader) -> dict[int, bytes]:
+    table: dict[int, bytes] = {}
+    for _ in range(reader.count()):
+        client, size = reader.u32(), reader.u16()
+        if size > MAX_BLOB:
+            raise MalformedMessage(f"share ciphertext of {size} bytes exceeds {MAX_BLOB}")
+        if client in table:
+            raise DuplicateSender(f"two ciphertexts for client {client}")
+        table[client] = reader.take(size)
+    return table
+
+
 ClientId = Field(..., ge=1, le=(1 << 31) - 2)
 
 
@@ -163,23 +182,11 @@ class ShareKeys(Message):
     ciphertexts: dict[int, bytes]
 
     def _body(self) -> bytes:
-        parts = [struct.pack(">I", len(self.ciphertexts))]
-        for receiver in sorted(self.ciphertexts):
-            blob = self.ciphertexts[receiver]
-            parts.append(struct.pack(">IH", receiver, len(blob)) + blob)
-        return b"".join(parts)
+        return _blobs(self.ciphertexts)
 
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "ShareKeys":
-        ciphertexts: dict[int, bytes] = {}
-        for _ in range(reader.count()):
-            receiver, size = reader.u32(), reader.u16()
-            if size > MAX_BLOB:
-                raise MalformedMessage(f"share ciphertext of {size} bytes exceeds {MAX_BLOB}")
-            if receiver in ciphertexts:
-                raise DuplicateSender(f"two ciphertexts for client {receiver}")
-            ciphertexts[receiver] = reader.take(size)
-        return cls(**header, ciphertexts=ciphertexts)
+        return cls(**header, ciphertexts=_read_blobs(reader))
 
 
 class ForwardedShares(Message):
@@ -190,24 +197,12 @@ class ForwardedShares(Message):
     ciphertexts: dict[int, bytes]
 
     def _body(self) -> bytes:
-        parts = [struct.pack(">II", self.receiver, len(self.ciphertexts))]
-        for sender in sorted(self.ciphertexts):
-            blob = self.ciphertexts[sender]
-            parts.append(struct.pack(">IH", sender, len(blob)) + blob)
-        return b"".join(parts)
+        return struct.pack(">I", self.receiver) + _blobs(self.ciphertexts)
 
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "ForwardedShares":
         receiver = reader.u32()
-        ciphertexts: dict[int, bytes] = {}
-        for _ in range(reader.count()):
-            sender, size = reader.u32(), reader.u16()
-            if size > MAX_BLOB:
-                raise MalformedMessage(f"share ciphertext of {size} bytes exceeds {MAX_BLOB}")
-            if sender in ciphertexts:
-                raise DuplicateSender(f"two ciphertexts from client {sender}")
-            ciphertexts[sender] = reader.take(size)
-        return cls(**header, receiver=receiver, ciphertexts=ciphertexts)
+        return cls(**header, receiver=receiver, ciphertexts=_read_blobs(reader))
 
 
 class MaskedInput(Message):

@@ -12,7 +12,7 @@ client's count or loss.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -39,19 +39,55 @@ class Decoded:
 
 
 @dataclass(frozen=True)
-class PayloadLayout:
-    """The agreed shapes of an update plus the extra coordinates; public to every party."""
+class ArrayLayout:
+    """The agreed shapes of an update (public to every party) and the extras' config.
+
+    Shared by the masking and CKKS backends: flattening with shape checks,
+    restoring shapes, and validating the example count and metric names.
+    """
 
     shapes: tuple[tuple[int, ...], ...]
-    config: SecAggConfig
+    config: Any
 
     @classmethod
-    def for_arrays(cls, arrays: Sequence[np.ndarray], config: SecAggConfig) -> "PayloadLayout":
+    def for_arrays(cls, arrays: Sequence[np.ndarray], config: Any) -> "ArrayLayout":
         return cls(tuple(tuple(int(s) for s in np.shape(a)) for a in arrays), config)
 
     @property
     def update_length(self) -> int:
         return int(sum(int(np.prod(shape)) for shape in self.shapes))
+
+    def flatten(
+        self, arrays: Sequence[np.ndarray], example_count: int, metrics: Mapping[str, float] | None
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """The update as one float vector (shapes checked) and the metrics (names checked)."""
+        if len(arrays) != len(self.shapes) or any(np.shape(a) != s for a, s in zip(arrays, self.shapes)):
+            raise ShapeMismatch(
+                f"update shapes {[np.shape(a) for a in arrays]} differ from the agreed {list(self.shapes)}"
+            )
+        if not 0 <= int(example_count) <= self.config.max_examples:
+            raise ValueError(f"example_count {example_count} is outside 0..{self.config.max_examples}")
+        metrics = dict(metrics or {})
+        unknown = set(metrics) - set(self.config.metrics)
+        if unknown:
+            raise ValueError(f"metrics {sorted(unknown)} are not in the configured {list(self.config.metrics)}")
+        flat = np.concatenate([np.asarray(a).ravel() for a in arrays]) if arrays else np.zeros(0)
+        return (flat if flat.dtype.kind == "f" else flat.astype(np.float64)), metrics
+
+    def unflatten(self, flat: np.ndarray) -> list[np.ndarray]:
+        arrays, at = [], 0
+        for shape in self.shapes:
+            size = int(np.prod(shape))
+            arrays.append(flat[at : at + size].reshape(shape))
+            at += size
+        return arrays
+
+
+@dataclass(frozen=True)
+class PayloadLayout(ArrayLayout):
+    """The masking backend's plaintext vector: fixed-point update, integer count, fixed-point metrics."""
+
+    config: SecAggConfig
 
     @property
     def length(self) -> int:
@@ -65,19 +101,7 @@ class PayloadLayout:
         randomness: Randomness = SYSTEM,
     ) -> tuple[np.ndarray, ClippingReport]:
         config = self.config
-        if len(arrays) != len(self.shapes) or any(np.shape(a) != s for a, s in zip(arrays, self.shapes)):
-            raise ShapeMismatch(
-                f"update shapes {[np.shape(a) for a in arrays]} differ from the agreed {list(self.shapes)}"
-            )
-        if not 0 <= int(example_count) <= config.max_examples:
-            raise ValueError(f"example_count {example_count} is outside 0..{config.max_examples}")
-        metrics = dict(metrics or {})
-        unknown = set(metrics) - set(config.metrics)
-        if unknown:
-            raise ValueError(f"metrics {sorted(unknown)} are not in the configured {list(config.metrics)}")
-        flat = np.concatenate([np.asarray(a).ravel() for a in arrays]) if arrays else np.zeros(0)
-        if flat.dtype.kind != "f":
-            flat = flat.astype(np.float64)
+        flat, metrics = self.flatten(arrays, example_count, metrics)
         update, report = encode_fixed_point(
             flat, config.clipping_range, config.update_precision_bits, config.modulus_bits, randomness
         )
@@ -96,12 +120,7 @@ class PayloadLayout:
         if words.shape != (self.length,):
             raise ShapeMismatch(f"expected {self.length} words, got {words.shape}")
         n = self.update_length
-        flat = decode_fixed_point(words[:n], config.update_precision_bits, config.modulus_bits)
-        arrays, at = [], 0
-        for shape in self.shapes:
-            size = int(np.prod(shape))
-            arrays.append(flat[at : at + size].reshape(shape))
-            at += size
+        arrays = self.unflatten(decode_fixed_point(words[:n], config.update_precision_bits, config.modulus_bits))
         count = int(to_signed(words[n : n + 1], config.modulus_bits)[0])
         metric_values = decode_fixed_point(words[n + 1 :], config.metric_precision_bits, config.modulus_bits)
         return Decoded(arrays, count, dict(zip(config.metrics, metric_values.tolist())))

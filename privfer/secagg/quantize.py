@@ -49,6 +49,24 @@ def rounding_words(count: int, randomness: Randomness = SYSTEM) -> np.ndarray:
     return expand(randomness.bytes(32), count, 32)
 
 
+def clip_and_report(x: np.ndarray, clip: float) -> tuple[np.ndarray, ClippingReport]:
+    """Clip to [-clip, clip], counting (and warning about) every value that had to move."""
+    max_abs = float(np.max(np.abs(x))) if x.size else 0.0
+    if not np.isfinite(max_abs):
+        raise ValueError("updates must be finite (found NaN or infinity)")
+    report = ClippingReport(clipped=0, total=x.size, max_abs=max_abs)
+    if max_abs > clip:
+        report.clipped = int(np.count_nonzero(np.abs(x) > clip))
+        warnings.warn(
+            f"{report.clipped} of {x.size} values exceed the clipping range +-{clip:g} (largest {max_abs:.4g}) "
+            "and were clipped",
+            ClippingWarning,
+            stacklevel=4,
+        )
+        x = np.clip(x, -clip, clip)
+    return x, report
+
+
 def encode_fixed_point(
     values: np.ndarray,
     clip: float,
@@ -62,19 +80,7 @@ def encode_fixed_point(
         x = x.astype(np.float64)
     if x.size == 0:
         return np.zeros(0, dtype=word_dtype(modulus_bits)), ClippingReport()
-    max_abs = float(np.max(np.abs(x)))
-    if not np.isfinite(max_abs):
-        raise ValueError("updates must be finite (found NaN or infinity)")
-    report = ClippingReport(clipped=0, total=x.size, max_abs=max_abs)
-    if max_abs > clip:
-        report.clipped = int(np.count_nonzero(np.abs(x) > clip))
-        warnings.warn(
-            f"{report.clipped} of {x.size} values exceed the clipping range +-{clip:g} (largest {max_abs:.4g}) "
-            "and were clipped",
-            ClippingWarning,
-            stacklevel=3,
-        )
-        x = np.clip(x, -clip, clip)
+    x, report = clip_and_report(x, clip)
     scaled = np.multiply(x, 2.0**precision_bits, dtype=np.float64)
     low = np.floor(scaled)
     # floor(scaled + u) computed as floor + [u < fraction]: adding u in floating point

@@ -154,3 +154,14 @@ def test_sixteen_k_ring_is_selectable():
     assert config.slots == 8192
     result = aggregate({1: [np.ones(9000)], 2: [np.ones(9000)]}, config)
     np.testing.assert_allclose(result.total[0], 2.0, atol=result.error_bound)
+
+
+def test_clipped_counts_are_summed_exactly_under_encryption():
+    from privfer.secagg import ClippingWarning
+
+    config = make_ckks_config(num_clients=3, min_clients=1, clipping_range=1.0)
+    updates = {1: [np.full(3000, 2.0)], 2: [np.zeros(3000)], 3: [np.concatenate([np.full(1100, -5.0), np.zeros(1900)])]}
+    with pytest.warns(ClippingWarning, match="4100 of 9000 values"):
+        result = aggregate(updates, config)
+    assert (result.clipping.clipped, result.clipping.max_abs) == (4100, None)
+    np.testing.assert_allclose(result.total[0][:1100], 1.0 - 1.0, atol=result.error_bound)

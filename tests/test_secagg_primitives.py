@@ -120,23 +120,27 @@ def test_threshold_must_exceed_half_the_group():
     assert SecAggConfig(num_clients=10, threshold_fraction=2 / 3).group_threshold == 7
     assert SecAggConfig(num_clients=3).group_threshold == 2
     plus = SecAggConfig(num_clients=100, graph="harary")
-    assert plus.degree == 30 and plus.group_threshold == 16
-    assert SecAggConfig(num_clients=100, graph="harary", expected_dropout=0.0).degree == 14  # 2 log2 n
+    assert plus.degree == 34 and plus.group_threshold == 19  # k/2 + 2
+    assert SecAggConfig(num_clients=100, graph="harary", expected_dropout=0.0, colluding_fraction=0.0).degree == 14
     assert SecAggConfig(num_clients=100, graph="harary", expected_dropout=0.3).degree == 99  # complete
+    with pytest.raises(ConfigError, match="at least k/2 \\+ 2 = 12: otherwise dropouts can cut the ring"):
+        make_config(num_clients=100, graph="harary", neighbours=20, threshold=11)
 
 
 def test_harary_degree_keeps_group_failure_negligible():
     from privfer.secagg.config import FAILURE_PROBABILITY, _binomial_tail, group_threshold
+
+    def risk(n, k, dropout, colluding):
+        t = group_threshold(k + 1, 0.5, sparse=True)
+        return max(n * _binomial_tail(k, dropout, k + 1 - t), n * _binomial_tail(k, colluding, t - 1))
 
     for n in (50, 200, 1000):
         for dropout in (0.05, 0.1, 0.2):
             config = SecAggConfig(num_clients=n, graph="harary", expected_dropout=dropout)
             k = config.degree
             if k < n - 1:
-                tolerated = k + 1 - group_threshold(k + 1, 0.5)
-                assert n * _binomial_tail(k, dropout, tolerated) <= FAILURE_PROBABILITY
-                assert n * _binomial_tail(k - 2, dropout, k - 1 - group_threshold(k - 1, 0.5)) > FAILURE_PROBABILITY \
-                    or k - 2 < 2 * np.ceil(np.log2(n))
+                assert risk(n, k, dropout, 0.1) <= FAILURE_PROBABILITY
+                assert risk(n, k - 2, dropout, 0.1) > FAILURE_PROBABILITY or k - 2 < 2 * np.ceil(np.log2(n))
 
 
 # -- Shamir ---------------------------------------------------------------------
@@ -256,6 +260,18 @@ def test_duplicate_entries_are_rejected():
     doubled = raw.replace(b"\x00\x00\x00\x02\x00\x00\x00\x01\x00\x00\x00\x02", b"\x00\x00\x00\x02\x00\x00\x00\x01\x00\x00\x00\x01")
     with pytest.raises(DuplicateSender):
         m.decode(doubled)
+
+
+def test_ids_must_be_valid_and_increasing():
+    good = m.UnmaskRequest(round_id="r", sender=0, survivors=(1, 2), dropped=()).to_bytes()
+    decreasing = good.replace(b"\x00\x00\x00\x01\x00\x00\x00\x02", b"\x00\x00\x00\x02\x00\x00\x00\x01")
+    with pytest.raises(MalformedMessage, match="increasing order"):
+        m.decode(decreasing)
+    out_of_range = good.replace(b"\x00\x00\x00\x01\x00\x00\x00\x02", b"\x00\x00\x00\x00\x00\x00\x00\x02")
+    with pytest.raises(MalformedMessage, match="outside"):
+        m.decode(out_of_range)
+    with pytest.raises(ValueError, match="255 bytes"):
+        m.UnmaskRequest(round_id="é" * 200, sender=0, survivors=(), dropped=())
 
 
 @settings(max_examples=300, deadline=None)

@@ -114,9 +114,10 @@ def test_metrics_and_counts_are_summed_not_revealed():
 def test_clipping_is_reported_in_the_result():
     config = SecAggConfig(num_clients=3, clipping_range=1.0)
     updates = {1: [np.array([0.5, 3.0])], 2: [np.array([0.1, 0.2])], 3: [np.array([-5.0, 0.0])]}
-    with pytest.warns(ClippingWarning, match="2 of 6 values from 2 clients"):
+    with pytest.warns(ClippingWarning, match="2 of 6 values of the included clients"):
         result = aggregate(updates, config)
-    assert result.clipping.clipped == 2 and result.clipping.clients == {1: 1, 3: 1}
+    # only the securely summed count is known: not which client clipped, nor its largest value
+    assert (result.clipping.clipped, result.clipping.total, result.clipping.max_abs) == (2, 6, None)
     np.testing.assert_allclose(result.total[0], [0.5 + 0.1 - 1.0, 1.0 + 0.2], atol=1e-5)
 
 
@@ -154,7 +155,7 @@ class Round:
         self.bundles = self.server.forward_shares()
         for cid, client in self.clients.items():
             if cid not in skip_masked:
-                self.server.receive_masked_input(client.masked_input(self.bundles[cid], [np.full(4, float(cid))]))
+                self.server.receive_masked_input(client.masked_input(self.bundles[cid], [np.full(4, cid / 10)]))
         return self
 
 
@@ -268,7 +269,7 @@ def test_masked_vectors_look_uniform_whatever_the_input(graph):
             assert chi_square_uniform(message.vector) < 330
     # and the masked vectors of the same client under two inputs are uncorrelated with the inputs
     seen = aggregate(constant, config).transcript.received(m.MaskedInput)[0].vector.astype(np.float64)
-    assert abs(np.corrcoef(seen[:-1], np.arange(d))[0, 1]) < 0.03
+    assert abs(np.corrcoef(seen[:d], np.arange(d))[0, 1]) < 0.03
 
 
 def test_the_server_never_receives_a_plaintext_or_both_shares_of_anyone():
@@ -297,3 +298,50 @@ def test_the_documented_examples_run():
     assert len(blocks) == 3
     for block in blocks:
         exec(compile(block, "docs/secure-aggregation.md", "exec"), {})
+
+
+def test_dropouts_cannot_cut_the_sparse_ring_into_revealed_segments():
+    # A server that declares k/2 ring-consecutive clients "dropped" would split the
+    # survivors into segments whose sums it could unmask separately; with t >= k/2 + 2
+    # the survivors next to the cut refuse.
+    from privfer.secagg.graph import graph_seed, ring_order
+
+    r = Round(n=15, graph="harary", neighbours=4)
+    assert r.config.group_threshold == 4
+    r.to_masked()
+    ring = ring_order(sorted(r.clients), graph_seed(r.round_id, r.roster.keys))
+    cut = (ring[0], ring[1])
+    lie = m.UnmaskRequest(round_id=r.round_id, sender=0,
+                          survivors=tuple(sorted(set(ring) - set(cut))), dropped=tuple(sorted(cut)))
+    with pytest.raises(RoundAborted, match="3 of its group survived, the threshold is 4"):
+        r.clients[ring[2]].unmask(lie)
+
+
+def test_server_rejects_bad_key_advertisements():
+    r = Round()
+    first = r.clients[1].advertise_keys()
+    r.server.receive_advertise(first)
+    with pytest.raises(UnknownSender, match="sender 0"):
+        r.server.receive_advertise(m.AdvertiseKeys(round_id=r.round_id, sender=0, c_public=b"\x05" * 32,
+                                                   s_public=b"\x06" * 32))
+    with pytest.raises(DuplicateSender, match="reuses a public key"):
+        r.server.receive_advertise(m.AdvertiseKeys(round_id=r.round_id, sender=2, c_public=first.s_public,
+                                                   s_public=r.clients[2].advertise_keys().s_public))
+    low_order = bytes(32)  # the identity point: every shared secret would be zero
+    from privfer.secagg import MalformedMessage
+
+    with pytest.raises(MalformedMessage, match="low-order"):
+        r.server.receive_advertise(m.AdvertiseKeys(round_id=r.round_id, sender=3, c_public=low_order,
+                                                   s_public=r.clients[3].advertise_keys().s_public))
+    with pytest.raises(UnknownSender, match="channel of client 5"):
+        r.server.receive_advertise(r.clients[4].advertise_keys(), peer=5)
+
+
+def test_a_client_that_failed_a_stage_takes_no_further_part():
+    r = Round()
+    bundles = r.to_forwarded()
+    with pytest.raises(ValueError, match="finite"):
+        r.clients[1].masked_input(bundles[1], [np.array([1.0, np.nan, 0.0, 0.0])])
+    assert r.clients[1].stage == "aborted"
+    with pytest.raises(WrongStage):
+        r.clients[1].unmask(m.UnmaskRequest(round_id=r.round_id, sender=0, survivors=(1, 2, 3, 4, 5), dropped=()))

@@ -67,7 +67,7 @@ class AggregationResult:
         included: ids of the clients whose inputs are in the sum.
         example_count: summed example counts of the included clients.
         metrics: summed metrics of the included clients.
-        clipping: values clipped before encoding, summed (per-client counts in ``clipping.clients``).
+        clipping: how many of the included values were clipped (a securely summed coordinate).
         error_bound: largest possible |decoded - exact float sum| per coordinate (quantization).
         transcript: everything the server received and sent (masking backend).
         times: seconds per stage for each client and for the server.
@@ -84,6 +84,16 @@ class AggregationResult:
     words: np.ndarray
     times: StageTimes
     bytes_sent: dict[int, int] = field(default_factory=dict)  # per client, on the wire
+
+
+def warn_clipping(clipping: ClippingReport) -> None:
+    if clipping.clipped:
+        warnings.warn(
+            f"{clipping.clipped} of {clipping.total} values of the included clients exceeded the clipping range "
+            "and were clipped",
+            ClippingWarning,
+            stacklevel=3,
+        )
 
 
 def check_round_arguments(
@@ -156,7 +166,6 @@ def aggregate(
             server.receive_share_keys(shared)
     with times.on_server("share_keys"):
         bundles = {cid: bundle.to_bytes() for cid, bundle in server.forward_shares().items()}
-    clipping = ClippingReport()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ClippingWarning)  # reported once, summed, below
         for cid in active("masked_input"):
@@ -169,7 +178,6 @@ def aggregate(
                 ).to_bytes()
             with times.on_server("masked_input"):
                 server.receive_masked_input(masked)
-            clipping.add(clients[cid].clipping, client=cid)
             times.masking[cid] = clients[cid].mask_seconds
     with times.on_server("masked_input"):
         request = server.unmask_request().to_bytes()
@@ -180,13 +188,11 @@ def aggregate(
             server.receive_unmask(response)
     with times.on_server("unmask"):
         summed = server.finish()
-    if clipping.clipped:
-        warnings.warn(
-            f"{clipping.clipped} of {clipping.total} values from {len(clipping.clients)} clients exceeded the "
-            f"clipping range and were clipped (largest magnitude {clipping.max_abs:.4g})",
-            ClippingWarning,
-            stacklevel=2,
-        )
+    clipping = ClippingReport(
+        clipped=summed.decoded.clipped,
+        total=len(summed.included) * (layout.update_length + len(config.metrics)),
+    )
+    warn_clipping(clipping)
     return AggregationResult(
         total=summed.decoded.arrays,
         included=list(summed.included),

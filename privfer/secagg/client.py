@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import Mapping, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -106,6 +107,15 @@ class SecAggClient:
             raise WrongStage(f"client {self.client_id} is at stage {self.stage!r}, not {expected!r}")
         self.stage = to
 
+    @contextmanager
+    def _or_abort(self) -> Iterator[None]:
+        """Any failure inside a stage ends the client's part in the round: no later stage will run."""
+        try:
+            yield
+        except BaseException:
+            self.stage = "aborted"
+            raise
+
     # -- stage 0 ---------------------------------------------------------------
     def advertise_keys(self) -> AdvertiseKeys:
         self._advance("new", "advertised")
@@ -118,32 +128,33 @@ class SecAggClient:
     def share_keys(self, roster: KeyRoster) -> ShareKeys:
         check_header(roster, self.round_id, SERVER)
         self._advance("advertised", "shared")
-        assert self._keys is not None
-        mine = roster.keys.get(self.client_id)
-        if mine != (self._keys.c_public, self._keys.s_public):
-            raise UnknownSender(f"the roster does not list client {self.client_id} with its own keys")
-        self._roster = dict(roster.keys)
-        neighbours = neighbourhoods(list(roster.keys), self.config.degree, graph_seed(self.round_id, roster.keys))
-        self._group = neighbours[self.client_id] | {self.client_id}
-        threshold = self.config.group_threshold
-        if len(self._group) < threshold:
-            self.stage = "aborted"
-            raise RoundAborted(f"client {self.client_id} has {len(self._group)} group members, the threshold is {threshold}")
+        with self._or_abort():
+            assert self._keys is not None
+            mine = roster.keys.get(self.client_id)
+            if mine != (self._keys.c_public, self._keys.s_public):
+                raise UnknownSender(f"the roster does not list client {self.client_id} with its own keys")
+            self._roster = dict(roster.keys)
+            neighbours = neighbourhoods(list(roster.keys), self.config.degree, graph_seed(self.round_id, roster.keys))
+            self._group = neighbours[self.client_id] | {self.client_id}
+            threshold = self.config.group_threshold
+            if len(self._group) < threshold:
+                self.stage = "aborted"
+                raise RoundAborted(f"client {self.client_id} has {len(self._group)} group members, the threshold is {threshold}")
 
-        self._self_seed = self.randomness.bytes(SEED_BYTES)
-        holders = sorted(self._group)
-        shares = shamir.split([self._self_seed, self._keys.s_secret()], holders, threshold, self.randomness)
-        ciphertexts: dict[int, bytes] = {}
-        for index, holder in enumerate(holders):
-            seed_share, key_share = shares[index, 0], shares[index, 1]
-            if holder == self.client_id:
-                self._held[holder] = (seed_share, key_share)  # our own share never leaves the client
-                continue
-            key = agree(self._keys.c_private, self._roster[holder][0], PURPOSE_SHARE, self.round_id,
-                        self.client_id, holder)
-            plaintext = share_plaintext(self.client_id, holder, seed_share, key_share)
-            ciphertexts[holder] = encrypt_share(key, plaintext, self.round_id, self.client_id, holder, self.randomness)
-        return ShareKeys(round_id=self.round_id, sender=self.client_id, ciphertexts=ciphertexts)
+            self._self_seed = self.randomness.bytes(SEED_BYTES)
+            holders = sorted(self._group)
+            shares = shamir.split([self._self_seed, self._keys.s_secret()], holders, threshold, self.randomness)
+            ciphertexts: dict[int, bytes] = {}
+            for index, holder in enumerate(holders):
+                seed_share, key_share = shares[index, 0], shares[index, 1]
+                if holder == self.client_id:
+                    self._held[holder] = (seed_share, key_share)  # our own share never leaves the client
+                    continue
+                key = agree(self._keys.c_private, self._roster[holder][0], PURPOSE_SHARE, self.round_id,
+                            self.client_id, holder)
+                plaintext = share_plaintext(self.client_id, holder, seed_share, key_share)
+                ciphertexts[holder] = encrypt_share(key, plaintext, self.round_id, self.client_id, holder, self.randomness)
+            return ShareKeys(round_id=self.round_id, sender=self.client_id, ciphertexts=ciphertexts)
 
     # -- stage 2 ---------------------------------------------------------------
     def masked_input(
@@ -157,43 +168,44 @@ class SecAggClient:
         if forwarded.receiver != self.client_id:
             raise UnknownSender(f"shares addressed to {forwarded.receiver} were delivered to {self.client_id}")
         self._advance("shared", "masked")
-        assert self._keys is not None
-        strangers = set(forwarded.ciphertexts) - set(self._group)
-        if strangers:
-            raise UnknownSender(f"shares from clients outside this client's group: {sorted(strangers)[:5]}")
-        for sender, blob in forwarded.ciphertexts.items():
-            key = agree(self._keys.c_private, self._roster[sender][0], PURPOSE_SHARE, self.round_id,
-                        sender, self.client_id)
-            plaintext = decrypt_share(key, blob, self.round_id, sender, self.client_id)
-            inner_sender, inner_receiver, seed_share, key_share = parse_share_plaintext(plaintext)
-            if (inner_sender, inner_receiver) != (sender, self.client_id):
-                raise UnknownSender("a share bundle names other clients than the envelope")
-            self._held[sender] = (seed_share, key_share)
-        self._peers = frozenset(forwarded.ciphertexts)
-        if len(self._peers) + 1 < self.config.group_threshold:
-            self.stage = "aborted"
-            raise RoundAborted(
-                f"client {self.client_id}: only {len(self._peers) + 1} of its group shared keys, "
-                f"the threshold is {self.config.group_threshold}"
-            )
+        with self._or_abort():
+            assert self._keys is not None
+            strangers = set(forwarded.ciphertexts) - set(self._group)
+            if strangers:
+                raise UnknownSender(f"shares from clients outside this client's group: {sorted(strangers)[:5]}")
+            for sender, blob in forwarded.ciphertexts.items():
+                key = agree(self._keys.c_private, self._roster[sender][0], PURPOSE_SHARE, self.round_id,
+                            sender, self.client_id)
+                plaintext = decrypt_share(key, blob, self.round_id, sender, self.client_id)
+                inner_sender, inner_receiver, seed_share, key_share = parse_share_plaintext(plaintext)
+                if (inner_sender, inner_receiver) != (sender, self.client_id):
+                    raise UnknownSender("a share bundle names other clients than the envelope")
+                self._held[sender] = (seed_share, key_share)
+            self._peers = frozenset(forwarded.ciphertexts)
+            if len(self._peers) + 1 < self.config.group_threshold:
+                self.stage = "aborted"
+                raise RoundAborted(
+                    f"client {self.client_id}: only {len(self._peers) + 1} of its group shared keys, "
+                    f"the threshold is {self.config.group_threshold}"
+                )
 
-        words, report = self.layout.encode(update, example_count, metrics, self.randomness)
-        self.clipping = report
-        bits = self.config.modulus_bits
-        seeds = {
-            peer: agree(self._keys.s_private, self._roster[peer][1], PURPOSE_MASK, self.round_id, self.client_id, peer)
-            for peer in sorted(self._peers)
-        }
-        started = time.perf_counter()
-        expander = MaskExpander(words.size, bits)
-        masked = words + expander.expand(self._self_seed)
-        for peer, seed in seeds.items():
-            if self.client_id < peer:
-                masked += expander.expand(seed)
-            else:
-                masked -= expander.expand(seed)
-        self.mask_seconds = time.perf_counter() - started
-        return MaskedInput(round_id=self.round_id, sender=self.client_id, modulus_bits=bits, vector=masked)
+            words, report = self.layout.encode(update, example_count, metrics, self.randomness)
+            self.clipping = report
+            bits = self.config.modulus_bits
+            seeds = {
+                peer: agree(self._keys.s_private, self._roster[peer][1], PURPOSE_MASK, self.round_id, self.client_id, peer)
+                for peer in sorted(self._peers)
+            }
+            started = time.perf_counter()
+            expander = MaskExpander(words.size, bits)
+            masked = words + expander.expand(self._self_seed)
+            for peer, seed in seeds.items():
+                if self.client_id < peer:
+                    masked += expander.expand(seed)
+                else:
+                    masked -= expander.expand(seed)
+            self.mask_seconds = time.perf_counter() - started
+            return MaskedInput(round_id=self.round_id, sender=self.client_id, modulus_bits=bits, vector=masked)
 
     # -- stage 3 ---------------------------------------------------------------
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:

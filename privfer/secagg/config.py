@@ -49,9 +49,19 @@ FAILURE_PROBABILITY = 2.0**-20
 """Target probability that some client's group keeps fewer than t survivors (SecAgg+ degree choice)."""
 
 
-def group_threshold(group: int, fraction: float) -> int:
-    """t = floor(fraction * group) + 1 (> group / 2 for fraction >= 1/2), at most the group."""
-    return min(group, math.floor(fraction * group + 1e-9) + 1)
+def group_threshold(group: int, fraction: float, sparse: bool = False) -> int:
+    """t = floor(fraction * group) + 1 (> group / 2 for fraction >= 1/2), at most the group.
+
+    On a sparse (Harary) graph of degree k = group - 1, t is at least k/2 + 2:
+    a survivor may then have fewer than k/2 dropped neighbours, so no run of
+    k/2 consecutive ring positions can be (or be declared) dropped, the
+    survivors stay connected, and the server learns only their total — not the
+    separate sums of ring segments cut apart by dropouts.
+    """
+    t = min(group, math.floor(fraction * group + 1e-9) + 1)
+    if sparse:
+        t = min(group, max(t, (group - 1) // 2 + 2))
+    return t
 
 
 def _binomial_tail(trials: int, p: float, above: int) -> float:
@@ -59,19 +69,23 @@ def _binomial_tail(trials: int, p: float, above: int) -> float:
     return sum(math.comb(trials, i) * p**i * (1 - p) ** (trials - i) for i in range(above + 1, trials + 1))
 
 
-def harary_degree(n: int, expected_dropout: float = 0.1, fraction: float = 0.5) -> int:
-    """SecAgg+ default degree (Bell et al. 2020: k = O(log n), growing with the dropout rate).
+def harary_degree(n: int, expected_dropout: float = 0.1, fraction: float = 0.5,
+                  colluding_fraction: float = 0.1) -> int:
+    """SecAgg+ default degree (Bell et al. 2020: k = O(log n), growing with dropouts and colluders).
 
-    The smallest even k >= 2 * ceil(log2 n) such that, with each neighbour
-    dropping independently with probability ``expected_dropout``, the chance that
-    any of the n clients keeps fewer than t of its k + 1 group members stays
-    below 2^-20 (a union bound over clients). n - 1 (the complete graph) when
-    no smaller k qualifies.
+    The smallest even k >= 2 * ceil(log2 n) such that, by a union bound over
+    the n clients, both events stay below 2^-20: a client keeps fewer than t of
+    its group (each neighbour dropping independently with probability
+    ``expected_dropout``), and t of an honest client's neighbours collude
+    (each with probability ``colluding_fraction``). n - 1 (the complete graph)
+    when no smaller k qualifies.
     """
     k = 2 * math.ceil(math.log2(max(n, 2)))
     while k < n - 1:
-        tolerated = k + 1 - group_threshold(k + 1, fraction)  # neighbours that may drop
-        if n * _binomial_tail(k, expected_dropout, tolerated) <= FAILURE_PROBABILITY:
+        t = group_threshold(k + 1, fraction, sparse=True)
+        dropout_risk = n * _binomial_tail(k, expected_dropout, k + 1 - t)  # more than k + 1 - t neighbours drop
+        collusion_risk = n * _binomial_tail(k, colluding_fraction, t - 1)  # t or more neighbours collude
+        if dropout_risk <= FAILURE_PROBABILITY and collusion_risk <= FAILURE_PROBABILITY:
             return k
         k += 2
     return n - 1
@@ -99,6 +113,9 @@ class SecAggConfig(BaseModel):
     )
     expected_dropout: float = Field(
         0.1, ge=0.0, lt=0.5, description="Dropout rate the SecAgg+ degree is sized for (when neighbours is None)."
+    )
+    colluding_fraction: float = Field(
+        0.1, ge=0.0, lt=0.5, description="Share of clients that may collude with the server (SecAgg+ degree sizing)."
     )
     threshold: int | None = Field(None, ge=1, description="Explicit Shamir threshold; None: from threshold_fraction.")
     max_vector_length: int = Field(1 << 28, ge=1, le=1 << 31, description="Largest masked vector accepted.")
@@ -140,6 +157,11 @@ class SecAggConfig(BaseModel):
                 f"threshold {t} must be more than half of the group of {group} (client plus neighbours) and at most "
                 f"{group}: with t <= {group}/2 a server could learn both secrets of one client"
             )
+        if self.sparse and t < self.degree // 2 + 2:
+            raise ValueError(
+                f"threshold {t} on a degree-{self.degree} SecAgg+ graph must be at least k/2 + 2 = "
+                f"{self.degree // 2 + 2}: otherwise dropouts can cut the ring and reveal partial sums"
+            )
         return self
 
     @property
@@ -159,7 +181,8 @@ class SecAggConfig(BaseModel):
             return self.num_clients - 1
         if self.neighbours is not None:
             return self.neighbours
-        return harary_degree(self.num_clients, self.expected_dropout, self.threshold_fraction)
+        return harary_degree(self.num_clients, self.expected_dropout, self.threshold_fraction,
+                             self.colluding_fraction)
 
     @property
     def group_size(self) -> int:
@@ -167,15 +190,15 @@ class SecAggConfig(BaseModel):
         return self.degree + 1
 
     @property
+    def sparse(self) -> bool:
+        """True when the SecAgg+ graph is not simply the complete graph."""
+        return self.graph == "harary" and self.degree < self.num_clients - 1
+
+    @property
     def group_threshold(self) -> int:
         if self.threshold is not None:
             return self.threshold
-        return group_threshold(self.group_size, self.threshold_fraction)
-
-    @property
-    def round_threshold(self) -> int:
-        """Fewest clients that may continue a round on the complete graph (the group threshold)."""
-        return self.group_threshold
+        return group_threshold(self.group_size, self.threshold_fraction, self.sparse)
 
 
 def make_config(**settings: object) -> SecAggConfig:

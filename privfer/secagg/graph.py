@@ -3,9 +3,11 @@
 The SecAgg+ graph is a Harary graph on a random ring: the participants are
 ordered by a permutation drawn from public randomness, and each is joined to
 its k/2 nearest ring neighbours on either side. The public randomness is
-SHA-256 over the round id and every advertised (id, public keys) entry, so all
-clients derive the same graph, and the server cannot choose it without
-re-running key advertisement.
+SHA-256 over the round id and the sorted ids of the clients in the roster, so
+all clients derive the same graph and no client can steer its position by
+re-rolling keys. The server still chooses the round id and the roster; a
+deployment that does not trust it to leave the graph alone should take the
+round id from a public beacon (protocols/secagg/SPEC.md, section 1).
 """
 
 from __future__ import annotations
@@ -20,11 +22,10 @@ from privfer.secagg.keys import round_bytes
 from privfer.secagg.prg import expand
 
 
-def graph_seed(round_id: str, roster: Mapping[int, tuple[bytes, bytes]]) -> bytes:
+def graph_seed(round_id: str, roster: Mapping[int, object]) -> bytes:
     digest = hashlib.sha256(b"privfer-secagg/v1/graph" + round_bytes(round_id))
     for client in sorted(roster):
-        c_pk, s_pk = roster[client]
-        digest.update(struct.pack(">I", client) + c_pk + s_pk)
+        digest.update(struct.pack(">I", client))
     return digest.digest()
 
 

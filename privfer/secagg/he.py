@@ -35,6 +35,8 @@ from privfer.secagg.payload import ArrayLayout
 from privfer.secagg.quantize import ClippingReport, ClippingWarning, clip_and_report
 
 HE_PROTOCOL_VERSION = 1
+DIGIT = 1 << 10  # the clipped-value count travels as three base-1024 digits, each summed exactly
+COUNT_DIGITS = 3
 HE_MAGIC = b"PFHE"
 # SEAL's largest total coefficient-modulus bits for 128-bit security (HomomorphicEncryption.org standard).
 MAX_MODULUS_BITS = {8192: 218, 16384: 438}
@@ -84,7 +86,7 @@ class CKKSConfig(BaseModel):
                 "the scale must fit every rescaling modulus"
             )
         headroom = moduli[0] - self.scale_bits  # bits left for the integer part of a plaintext
-        largest = self.num_clients * max(self.clipping_range, self.max_examples, self.metric_range)
+        largest = self.num_clients * max(self.clipping_range, self.max_examples, self.metric_range, DIGIT - 1)
         if largest >= 2 ** (headroom - 1):
             raise ValueError(
                 f"a sum of {self.num_clients} clients can reach {largest:.4g}, but the first modulus "
@@ -142,13 +144,13 @@ def _load_context(raw: bytes):
 
 @dataclass(frozen=True)
 class HELayout(ArrayLayout):
-    """Flattened update, then example count, client count (always 1 per client), metrics; cut into slot-sized chunks."""
+    """[update | example count | 1 (client count) | clipped count in 3 base-1024 digits | metrics], chunked by slots."""
 
     config: CKKSConfig
 
     @property
     def length(self) -> int:
-        return self.update_length + 2 + len(self.config.metrics)
+        return self.update_length + 2 + COUNT_DIGITS + len(self.config.metrics)
 
     @property
     def chunks(self) -> int:
@@ -159,17 +161,21 @@ class HELayout(ArrayLayout):
         config = self.config
         flat, metrics = self.flatten(arrays, example_count, metrics)
         flat, report = clip_and_report(flat.astype(np.float64, copy=False), config.clipping_range)
-        extras = [float(example_count), 1.0] + [
-            float(np.clip(metrics.get(name, 0.0), -config.metric_range, config.metric_range)) for name in config.metrics
-        ]
-        vector = np.concatenate([flat, np.array(extras)])
+        metric_values, metric_report = clip_and_report(
+            np.array([float(metrics.get(name, 0.0)) for name in config.metrics]), config.metric_range
+        )
+        report.add(metric_report)
+        digits = [(report.clipped // DIGIT**i) % DIGIT for i in range(COUNT_DIGITS)]
+        vector = np.concatenate([flat, np.array([float(example_count), 1.0, *digits]), metric_values])
         slots = config.slots
         return [vector[i : i + slots] for i in range(0, vector.size, slots)], report
 
-    def unpack(self, vector: np.ndarray) -> tuple[list[np.ndarray], float, float, dict[str, float]]:
+    def unpack(self, vector: np.ndarray) -> tuple[list[np.ndarray], float, float, int, dict[str, float]]:
         n = self.update_length
-        metrics = dict(zip(self.config.metrics, vector[n + 2 : n + 2 + len(self.config.metrics)].tolist()))
-        return self.unflatten(vector[:n]), float(vector[n]), float(vector[n + 1]), metrics
+        digits = np.rint(vector[n + 2 : n + 2 + COUNT_DIGITS]).astype(np.int64)
+        clipped = int(sum(int(d) * DIGIT**i for i, d in enumerate(digits)))
+        metrics = dict(zip(self.config.metrics, vector[n + 2 + COUNT_DIGITS : self.length].tolist()))
+        return self.unflatten(vector[:n]), float(vector[n]), float(vector[n + 1]), clipped, metrics
 
 
 # -- messages ----------------------------------------------------------------------------
@@ -291,13 +297,13 @@ class KeyAuthority:
                 raise InvalidCiphertext("an aggregate chunk does not parse as a CKKS vector") from None
             values.append(np.asarray(vector.decrypt(), dtype=np.float64))
         flat = np.concatenate(values)[: layout.length]
-        arrays, count, clients, metrics = layout.unpack(flat)
+        arrays, count, clients, clipped, metrics = layout.unpack(flat)
         if round(clients) != len(message.included):
             raise RoundAborted(
                 f"the aggregate claims {len(message.included)} clients but its encrypted client count is "
                 f"{clients:.2f}; refusing to release it"
             )
-        return HEPlainSum(arrays, tuple(message.included), int(round(count)), metrics)
+        return HEPlainSum(arrays, tuple(message.included), int(round(count)), clipped, metrics)
 
 
 @dataclass
@@ -305,6 +311,7 @@ class HEPlainSum:
     arrays: list[np.ndarray]
     included: tuple[int, ...]
     example_count: int
+    clipped: int
     metrics: dict[str, float]
 
 
@@ -399,7 +406,7 @@ def aggregate(
     """
     import warnings
 
-    from privfer.secagg.aggregate import STAGES, AggregationResult, StageTimes, check_round_arguments
+    from privfer.secagg.aggregate import STAGES, AggregationResult, StageTimes, check_round_arguments, warn_clipping
     from privfer.secagg.server import ServerTranscript
 
     dropouts = check_round_arguments(updates, config.num_clients, dropouts)
@@ -411,7 +418,6 @@ def aggregate(
     public = authority.public_context()
     server = HEServer(public, layout, round_id, config)
     times.server["advertise_keys"] += time.perf_counter() - start
-    clipping = ClippingReport()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ClippingWarning)
         for cid in sorted(updates):
@@ -424,7 +430,6 @@ def aggregate(
                     1 if example_counts is None else example_counts[cid],
                     None if metrics is None else metrics.get(cid),
                 ).to_bytes()
-            clipping.add(client.clipping, client=cid)
             with times.on_server("masked_input"):
                 server.receive(message)
     with times.on_server("unmask"):
@@ -432,9 +437,8 @@ def aggregate(
     start = time.perf_counter()
     plain = authority.decrypt(summed, layout, round_id)
     times.server["unmask"] += time.perf_counter() - start  # the key authority's share, reported with the server's
-    if clipping.clipped:
-        warnings.warn(f"{clipping.clipped} of {clipping.total} values from {len(clipping.clients)} clients exceeded "
-                      "the clipping range and were clipped", ClippingWarning, stacklevel=2)
+    clipping = ClippingReport(plain.clipped, len(plain.included) * (layout.update_length + len(config.metrics)))
+    warn_clipping(clipping)
     return AggregationResult(
         total=plain.arrays,
         included=list(plain.included),

@@ -67,6 +67,14 @@ def load_public(raw: bytes) -> X25519PublicKey:
     return X25519PublicKey.from_public_bytes(raw)
 
 
+def check_public_key(raw: bytes) -> None:
+    """Reject keys no honest client sends: wrong length, or a low-order point (all-zero shared secret)."""
+    try:
+        X25519PrivateKey.generate().exchange(load_public(raw))
+    except ValueError:
+        raise MalformedMessage("public key is a low-order point") from None
+
+
 def agree(private: X25519PrivateKey | bytes, peer_public: bytes, purpose: bytes, round_id: str, a: int, b: int) -> bytes:
     """The 32-byte key two clients share for ``purpose`` in ``round_id``."""
     if isinstance(private, (bytes, bytearray)):

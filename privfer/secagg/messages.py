@@ -25,6 +25,7 @@ from privfer.secagg.prg import word_dtype
 from privfer.secagg.shamir import SHARE_BYTES
 
 MAGIC = b"PFSA"
+MAX_CLIENT_ID = (1 << 31) - 2
 SERVER = 0
 MAX_BLOB = 1024
 MAX_WORDS = 1 << 31
@@ -57,8 +58,22 @@ class _Reader:
             raise MalformedMessage(f"list of {n} entries exceeds the limit of {limit}")
         return n
 
+    def client_id(self, after: int = 0) -> int:
+        """A client id in 1..2^31 - 2, strictly greater than ``after`` (lists are in increasing order)."""
+        value = self.u32()
+        if not 1 <= value <= MAX_CLIENT_ID:
+            raise MalformedMessage(f"client id {value} is outside 1..{MAX_CLIENT_ID}")
+        if value == after:
+            raise DuplicateSender(f"client {value} is listed twice")
+        if value < after:
+            raise MalformedMessage(f"client ids must be in increasing order ({value} after {after})")
+        return value
+
     def ids(self) -> tuple[int, ...]:
-        return tuple(self.u32() for _ in range(self.count()))
+        values: list[int] = []
+        for _ in range(self.count()):
+            values.append(self.client_id(values[-1] if values else 0))
+        return tuple(values)
 
     def end(self) -> None:
         if self.at != len(self.view):
@@ -67,12 +82,6 @@ class _Reader:
 
 def _ids(values: tuple[int, ...]) -> bytes:
     return struct.pack(f">I{len(values)}I", len(values), *values)
-
-
-def _unique(values: tuple[int, ...], what: str) -> tuple[int, ...]:
-    if len(set(values)) != len(values):
-        raise DuplicateSender(f"{what} names a client twice")
-    return values
 
 
 def _blobs(table: dict[int, bytes]) -> bytes:
@@ -84,13 +93,13 @@ def _blobs(table: dict[int, bytes]) -> bytes:
 
 def _read_blobs(reader: _Reader) -> dict[int, bytes]:
     table: dict[int, bytes] = {}
+    last = 0
     for _ in range(reader.count()):
-        client, size = reader.u32(), reader.u16()
+        last = reader.client_id(last)
+        size = reader.u16()
         if size > MAX_BLOB:
             raise MalformedMessage(f"share ciphertext of {size} bytes exceeds {MAX_BLOB}")
-        if client in table:
-            raise DuplicateSender(f"two ciphertexts for client {client}")
-        table[client] = reader.take(size)
+        table[last] = reader.take(size)
     return table
 
 
@@ -106,6 +115,13 @@ class Message(BaseModel):
     round_id: str = Field(..., min_length=1, max_length=255)
     sender: int = Field(..., ge=0, le=(1 << 31) - 2)
     version: int = PROTOCOL_VERSION
+
+    @field_validator("round_id")
+    @classmethod
+    def _round_bytes(cls, value: str) -> str:
+        if len(value.encode("utf-8")) > 255:
+            raise ValueError("round_id must be at most 255 bytes of UTF-8")
+        return value
 
     def _header(self) -> bytes:
         encoded = self.round_id.encode("utf-8")
@@ -167,10 +183,9 @@ class KeyRoster(Message):
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "KeyRoster":
         keys: dict[int, tuple[bytes, bytes]] = {}
+        client = 0
         for _ in range(reader.count()):
-            client = reader.u32()
-            if client in keys:
-                raise DuplicateSender(f"roster lists client {client} twice")
+            client = reader.client_id(client)
             keys[client] = (reader.take(KEY_BYTES), reader.take(KEY_BYTES))
         return cls(**header, keys=keys)
 
@@ -201,7 +216,7 @@ class ForwardedShares(Message):
 
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "ForwardedShares":
-        receiver = reader.u32()
+        receiver = reader.client_id()
         return cls(**header, receiver=receiver, ciphertexts=_read_blobs(reader))
 
 
@@ -254,8 +269,8 @@ class UnmaskRequest(Message):
 
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "UnmaskRequest":
-        survivors = _unique(reader.ids(), "survivor list")
-        dropped = _unique(reader.ids(), "dropped list")
+        survivors = reader.ids()
+        dropped = reader.ids()
         return cls(**header, survivors=survivors, dropped=dropped)
 
 
@@ -285,10 +300,9 @@ class UnmaskResponse(Message):
         tables = []
         for _ in range(2):
             table: dict[int, bytes] = {}
+            owner = 0
             for _ in range(reader.count()):
-                owner = reader.u32()
-                if owner in table:
-                    raise DuplicateSender(f"two shares for client {owner}")
+                owner = reader.client_id(owner)
                 table[owner] = reader.take(SHARE_BYTES)
             tables.append(table)
         return cls(**header, seed_shares=tables[0], key_shares=tables[1])

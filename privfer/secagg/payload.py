@@ -2,11 +2,11 @@
 
 Layout (all coordinates in Z_{2^k}):
 
-    [ update values (fixed point, 2^p) | example count (integer) | metrics (fixed point, 2^q) ]
+    [ update values (fixed point, 2^p) | example count | clipped count | metrics (fixed point, 2^q) ]
 
-The example count (the FedAvg weight) and metrics such as loss travel as extra
-masked coordinates, so the server learns only their sums — never a single
-client's count or loss.
+The example count (the FedAvg weight), the number of values the client had to
+clip, and metrics such as loss travel as extra masked coordinates, so the
+server learns only their sums — never a single client's count, clipping or loss.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class ShapeMismatch(ValueError):
 class Decoded:
     arrays: list[np.ndarray]
     example_count: int
+    clipped: int
     metrics: dict[str, float]
 
 
@@ -89,9 +90,20 @@ class PayloadLayout(ArrayLayout):
 
     config: SecAggConfig
 
+    def __post_init__(self) -> None:
+        config = self.config
+        if self.length > config.max_vector_length:
+            raise ValueError(f"the update has {self.length} coordinates; max_vector_length is {config.max_vector_length}")
+        limit = 2 ** (config.modulus_bits - 1) - 1
+        if config.num_clients * (self.update_length + len(config.metrics)) > limit:
+            raise ValueError(
+                f"clipped-value counts of {config.num_clients} clients x {self.update_length} values could wrap "
+                f"2^{config.modulus_bits}; use modulus_bits=64"
+            )
+
     @property
     def length(self) -> int:
-        return self.update_length + 1 + len(self.config.metrics)
+        return self.update_length + 2 + len(self.config.metrics)
 
     def encode(
         self,
@@ -105,15 +117,15 @@ class PayloadLayout(ArrayLayout):
         update, report = encode_fixed_point(
             flat, config.clipping_range, config.update_precision_bits, config.modulus_bits, randomness
         )
-        parts = [update, encode_integers(np.array([int(example_count)]), config.modulus_bits)]
+        metric_words = np.zeros(0, dtype=update.dtype)
         if config.metrics:
             values = np.array([float(metrics.get(name, 0.0)) for name in config.metrics])
             metric_words, metric_report = encode_fixed_point(
                 values, config.metric_range, config.metric_precision_bits, config.modulus_bits, randomness
             )
             report.add(metric_report)
-            parts.append(metric_words)
-        return np.concatenate(parts), report
+        counts = encode_integers(np.array([int(example_count), report.clipped]), config.modulus_bits)
+        return np.concatenate([update, counts, metric_words]), report
 
     def decode(self, words: np.ndarray) -> Decoded:
         config = self.config
@@ -121,9 +133,9 @@ class PayloadLayout(ArrayLayout):
             raise ShapeMismatch(f"expected {self.length} words, got {words.shape}")
         n = self.update_length
         arrays = self.unflatten(decode_fixed_point(words[:n], config.update_precision_bits, config.modulus_bits))
-        count = int(to_signed(words[n : n + 1], config.modulus_bits)[0])
-        metric_values = decode_fixed_point(words[n + 1 :], config.metric_precision_bits, config.modulus_bits)
-        return Decoded(arrays, count, dict(zip(config.metrics, metric_values.tolist())))
+        count, clipped = (int(v) for v in to_signed(words[n : n + 2], config.modulus_bits))
+        metric_values = decode_fixed_point(words[n + 2 :], config.metric_precision_bits, config.modulus_bits)
+        return Decoded(arrays, count, clipped, dict(zip(config.metrics, metric_values.tolist())))
 
     def error_bound(self, clients: int) -> float:
         """Largest decoding error of a sum of ``clients`` updates: stochastic rounding adds < 2^-p each."""

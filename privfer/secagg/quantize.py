@@ -11,7 +11,7 @@ count reaches the caller as a warning and a field of the result, never silently.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,19 +25,22 @@ class ClippingWarning(UserWarning):
 
 @dataclass
 class ClippingReport:
-    """How many values were clipped, and the largest magnitude seen (per client or summed)."""
+    """How many of how many values were clipped.
+
+    A client's own report also has the largest magnitude it saw (``max_abs``);
+    the report of an aggregate has only the securely summed count (a masked
+    coordinate), so it reveals no single client's clipping.
+    """
 
     clipped: int = 0
     total: int = 0
-    max_abs: float = 0.0
-    clients: dict[int, int] = field(default_factory=dict)
+    max_abs: float | None = None
 
-    def add(self, other: "ClippingReport", client: int | None = None) -> None:
+    def add(self, other: "ClippingReport") -> None:
         self.clipped += other.clipped
         self.total += other.total
-        self.max_abs = max(self.max_abs, other.max_abs)
-        if client is not None and other.clipped:
-            self.clients[client] = self.clients.get(client, 0) + other.clipped
+        if other.max_abs is not None:
+            self.max_abs = max(self.max_abs or 0.0, other.max_abs)
 
 
 def rounding_words(count: int, randomness: Randomness = SYSTEM) -> np.ndarray:

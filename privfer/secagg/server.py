@@ -30,7 +30,7 @@ from privfer.secagg.errors import (
     WrongVectorLength,
 )
 from privfer.secagg.graph import graph_seed, neighbourhoods
-from privfer.secagg.keys import PURPOSE_MASK, agree, load_public
+from privfer.secagg.keys import PURPOSE_MASK, agree, check_public_key
 from privfer.secagg.messages import (
     SERVER,
     AdvertiseKeys,
@@ -98,11 +98,15 @@ class SecAggServer:
         self._request: UnmaskRequest | None = None
 
     # -- plumbing ---------------------------------------------------------------
-    def _accept(self, raw: bytes | Message, kind: type[Message], stage: str) -> Message:
+    def _accept(self, raw: bytes | Message, kind: type[Message], stage: str, peer: int | None) -> Message:
         message = decode(raw) if isinstance(raw, (bytes, bytearray, memoryview)) else raw
         if not isinstance(message, kind):
             raise WrongStage(f"expected {kind.__name__}, got {type(message).__name__}")
         check_header(message, self.round_id)
+        if message.sender == SERVER:
+            raise UnknownSender("a client message claims to come from the server (sender 0)")
+        if peer is not None and message.sender != peer:
+            raise UnknownSender(f"the channel of client {peer} carried a message signed as client {message.sender}")
         if self.stage != stage:
             raise WrongStage(f"a {kind.__name__} arrived while the server is at stage {self.stage!r}")
         size = len(raw) if isinstance(raw, (bytes, bytearray, memoryview)) else len(message.to_bytes())
@@ -120,16 +124,17 @@ class SecAggServer:
             raise RoundAborted(f"only {count} clients {what}; the threshold is {needed}")
 
     # -- stage 0 -----------------------------------------------------------------
-    def receive_advertise(self, raw: bytes | AdvertiseKeys) -> None:
-        message = self._accept(raw, AdvertiseKeys, "advertise")
+    def receive_advertise(self, raw: bytes | AdvertiseKeys, peer: int | None = None) -> None:
+        message = self._accept(raw, AdvertiseKeys, "advertise", peer)
         if message.sender in self._keys:
             raise DuplicateSender(f"client {message.sender} advertised keys twice")
         if len(self._keys) >= self.config.num_clients:
             raise UnknownSender(f"more than num_clients={self.config.num_clients} clients advertised keys")
+        seen = {key for pair in self._keys.values() for key in pair}
+        if message.c_public in seen or message.s_public in seen or message.c_public == message.s_public:
+            raise DuplicateSender(f"client {message.sender} reuses a public key")
         for key in (message.c_public, message.s_public):
-            load_public(key)
-        if (message.c_public, message.s_public) in self._keys.values() or message.c_public == message.s_public:
-            raise DuplicateSender(f"client {message.sender} reuses public keys")
+            check_public_key(key)
         self._keys[message.sender] = (message.c_public, message.s_public)
 
     def key_roster(self) -> KeyRoster:
@@ -141,8 +146,8 @@ class SecAggServer:
         return self._send(KeyRoster(round_id=self.round_id, sender=SERVER, keys=dict(self._keys)), "advertise", 0)
 
     # -- stage 1 -----------------------------------------------------------------
-    def receive_share_keys(self, raw: bytes | ShareKeys) -> None:
-        message = self._accept(raw, ShareKeys, "share")
+    def receive_share_keys(self, raw: bytes | ShareKeys, peer: int | None = None) -> None:
+        message = self._accept(raw, ShareKeys, "share", peer)
         sender = message.sender
         if sender not in self._keys:
             raise UnknownSender(f"client {sender} did not advertise keys")
@@ -167,8 +172,8 @@ class SecAggServer:
         return bundles
 
     # -- stage 2 -----------------------------------------------------------------
-    def receive_masked_input(self, raw: bytes | MaskedInput) -> None:
-        message = self._accept(raw, MaskedInput, "masked")
+    def receive_masked_input(self, raw: bytes | MaskedInput, peer: int | None = None) -> None:
+        message = self._accept(raw, MaskedInput, "masked", peer)
         if message.sender not in self._shares:
             raise UnknownSender(f"client {message.sender} did not share keys")
         if message.sender in self._masked:
@@ -190,8 +195,8 @@ class SecAggServer:
         return self._send(self._request, "masked", 0)
 
     # -- stage 3 -----------------------------------------------------------------
-    def receive_unmask(self, raw: bytes | UnmaskResponse) -> None:
-        message = self._accept(raw, UnmaskResponse, "unmask")
+    def receive_unmask(self, raw: bytes | UnmaskResponse, peer: int | None = None) -> None:
+        message = self._accept(raw, UnmaskResponse, "unmask", peer)
         assert self._request is not None
         if message.sender not in self._masked:
             raise UnknownSender(f"client {message.sender} is not a survivor")

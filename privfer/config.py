@@ -165,6 +165,9 @@ class AggregationConfig(_Section):
         0.5, ge=0.5, lt=1.0, description="Shamir threshold t = floor(fraction x group) + 1 (0.5: strict majority)."
     )
     expected_dropout: float = Field(0.1, ge=0.0, lt=0.5, description="Dropout rate the SecAgg+ degree is sized for.")
+    colluding_fraction: float = Field(
+        0.1, ge=0.0, lt=0.5, description="Share of clients that may collude with the server (SecAgg+ degree sizing)."
+    )
 
     def secagg_config(self, num_clients: int, **extra: Any) -> Any:
         """The :class:`privfer.secagg.SecAggConfig` for a round of ``num_clients`` (ConfigError if it cannot work)."""
@@ -177,6 +180,7 @@ class AggregationConfig(_Section):
             graph=self.graph,
             threshold_fraction=self.threshold_fraction,
             expected_dropout=self.expected_dropout,
+            colluding_fraction=self.colluding_fraction,
             **extra,
         )
 

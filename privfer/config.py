@@ -120,6 +120,9 @@ class ModelConfig(_Section):
     hidden_size: int = Field(128, ge=1, le=4096, description="LSTM hidden units.")
     num_layers: int = Field(1, ge=1, le=8, description="Stacked LSTM layers.")
     readout: Literal["last", "mean"] = Field("last", description="Clip embedding: last hidden state or mean over time.")
+    recurrent: Literal["auto", "lstm", "fast_dp"] = Field(
+        "auto", description="Recurrent layer: nn.LSTM, or the fast DP-SGD layer (auto: fast_dp whenever DP is on)."
+    )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier head.")
     ifer_hidden: int = Field(128, ge=1, le=4096, description="Hidden units of the per-frame IFER head.")
     ifer_weights: Path | None = Field(None, description="Load the frozen IFER from this file instead of fitting it.")

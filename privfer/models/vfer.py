@@ -17,6 +17,7 @@ from torch import nn
 from privfer.config import ModelConfig
 from privfer.data.clips import NUM_CLASSES, ClipSet
 from privfer.errors import DataError
+from privfer.models.dp_lstm import FastDPLSTM
 
 
 class VFER(nn.Module):
@@ -30,18 +31,27 @@ class VFER(nn.Module):
         num_layers: int = 1,
         readout: str = "last",
         dropout: float = 0.0,
+        fast_dp: bool = False,
     ) -> None:
         super().__init__()
         if readout not in ("last", "mean"):
             raise ValueError(f"readout must be 'last' or 'mean', got {readout!r}")
         self.feature_dim = feature_dim
         self.readout = readout
-        self.lstm = nn.LSTM(feature_dim, hidden_size, num_layers=num_layers, batch_first=True)
+        if fast_dp:
+            # Same parameters and function as nn.LSTM; per-sample gradients for Opacus in one einsum.
+            self.lstm: nn.Module = FastDPLSTM(feature_dim, hidden_size, num_layers=num_layers)
+        else:
+            self.lstm = nn.LSTM(feature_dim, hidden_size, num_layers=num_layers, batch_first=True)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size, num_classes)
 
     @classmethod
-    def from_config(cls, config: ModelConfig, feature_dim: int, num_classes: int = NUM_CLASSES) -> "VFER":
+    def from_config(
+        cls, config: ModelConfig, feature_dim: int, num_classes: int = NUM_CLASSES, private: bool = False
+    ) -> "VFER":
+        """The VFER a run uses; ``private`` (DP-SGD on) selects the fast DP layer when ``recurrent`` is auto."""
+        fast = config.recurrent == "fast_dp" or (config.recurrent == "auto" and private)
         return cls(
             feature_dim=feature_dim,
             hidden_size=config.hidden_size,
@@ -49,6 +59,7 @@ class VFER(nn.Module):
             num_layers=config.num_layers,
             readout=config.readout,
             dropout=config.dropout,
+            fast_dp=fast,
         )
 
     def embed(self, frames: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,168 @@
+"""The fast DP-SGD LSTM: same function as nn.LSTM, exact per-sample gradients and norms, accepted by Opacus."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus import GradSampleModule, PrivacyEngine
+from torch import nn
+
+from privfer.models.dp_lstm import FastDPLSTM
+
+warnings.filterwarnings("ignore", module="opacus")
+
+
+class Classifier(nn.Module):
+    def __init__(self, features: int, hidden: int, layers: int, readout: str, fast: bool = True) -> None:
+        super().__init__()
+        self.rnn = FastDPLSTM(features, hidden, layers) if fast else nn.LSTM(features, hidden, layers, batch_first=True)
+        self.head = nn.Linear(hidden, 3)
+        self.readout = readout
+
+    def forward(self, x):
+        states, _ = self.rnn(x)
+        return self.head(states[:, -1] if self.readout == "last" else states.mean(dim=1))
+
+
+@settings(max_examples=10, deadline=None)
+@given(b=st.integers(1, 6), t=st.integers(1, 9), d=st.integers(1, 7), h=st.integers(1, 6), layers=st.integers(1, 2),
+       seed=st.integers(0, 1000))
+def test_same_function_and_gradients_as_nn_lstm(b, t, d, h, layers, seed):
+    torch.manual_seed(seed)
+    lstm = nn.LSTM(d, h, layers, batch_first=True)
+    fast = FastDPLSTM(d, h, layers).load_lstm_state(lstm)
+    x = torch.randn(b, t, d)
+    reference, _ = lstm(x)
+    ours, (h_n, _) = fast(x)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h_n[-1], reference[:, -1])
+    weights = torch.randn_like(reference)
+    (reference * weights).sum().backward()
+    (ours * weights).sum().backward()
+    for index, layer in enumerate(fast.layers):
+        torch.testing.assert_close(layer.ih.weight.grad, getattr(lstm, f"weight_ih_l{index}").grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.hh.weight.grad, getattr(lstm, f"weight_hh_l{index}").grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.hh.bias.grad, getattr(lstm, f"bias_hh_l{index}").grad, rtol=1e-4, atol=1e-6)
+
+
+def test_backward_passes_gradcheck():
+    torch.manual_seed(0)
+    model = FastDPLSTM(3, 2, num_layers=2).double()
+    x = torch.randn(2, 4, 3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda inputs: model(inputs)[0], (x,))
+
+
+def per_example_gradients(model: nn.Module, x, y):
+    grads = []
+    for i in range(len(x)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
+        grads.append({name: p.grad.detach().clone() for name, p in model.named_parameters()})
+    return grads
+
+
+@settings(max_examples=12, deadline=None)
+@given(b=st.integers(1, 6), t=st.integers(1, 8), h=st.integers(1, 8), layers=st.integers(1, 2),
+       readout=st.sampled_from(["last", "mean"]), reduction=st.sampled_from(["sum", "mean"]), seed=st.integers(0, 999))
+def test_per_sample_gradients_match_each_example_alone(b, t, h, layers, readout, reduction, seed):
+    torch.manual_seed(seed)
+    model = Classifier(5, h, layers, readout)
+    x, y = torch.randn(b, t, 5), torch.randint(0, 3, (b,))
+    expected = per_example_gradients(model, x, y)
+    wrapped = GradSampleModule(model, loss_reduction=reduction)
+    nn.functional.cross_entropy(wrapped(x), y, reduction=reduction).backward()
+    for name, parameter in model.named_parameters():
+        for i in range(b):
+            got, want = parameter.grad_sample[i], expected[i][name]
+            assert (got - want).norm() <= 1e-5 * want.norm() + 1e-7, (name, i)
+
+
+@settings(max_examples=8, deadline=None)
+@given(b=st.integers(1, 5), t=st.integers(1, 8), h=st.integers(1, 6), readout=st.sampled_from(["last", "mean"]),
+       seed=st.integers(0, 999))
+def test_ghost_norms_match_the_per_sample_gradient_norms(b, t, h, readout, seed):
+    torch.manual_seed(seed)
+    model = Classifier(4, h, 1, readout)
+    x, y = torch.randn(b, t, 4), torch.randint(0, 3, (b,))
+    expected = per_example_gradients(model, x, y)
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    wrapped = GradSampleModuleFastGradientClipping(model, loss_reduction="sum", max_grad_norm=1e9, use_ghost_clipping=True)
+    nn.functional.cross_entropy(wrapped(x), y, reduction="sum").backward()
+    norms = wrapped.get_norm_sample()
+    want = torch.stack([torch.sqrt(sum((g * g).sum() for g in e.values())) for e in expected])
+    torch.testing.assert_close(norms, want, rtol=1e-4, atol=1e-6)
+
+
+def make_loader(n=64, t=6, d=5, batch=16):
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(n, t, d), torch.randint(0, 3, (n,)))
+    return torch.utils.data.DataLoader(data, batch_size=batch)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_opacus_make_private_accepts_the_model_and_trains(mode):
+    from opacus.validators import ModuleValidator
+
+    model = Classifier(5, 4, 1, "last")
+    assert ModuleValidator.validate(model, strict=True) == []
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    engine = PrivacyEngine(accountant="rdp")
+    before = [p.detach().clone() for p in model.parameters()]
+    extra = {"criterion": nn.CrossEntropyLoss()} if mode == "ghost" else {}
+    made = engine.make_private(module=model, optimizer=optimizer, data_loader=make_loader(), noise_multiplier=1.0,
+                               max_grad_norm=1.0, grad_sample_mode=mode, **extra)
+    private, optimizer, loader = made[0], made[1], made[-1]
+    criterion = made[2] if mode == "ghost" else nn.CrossEntropyLoss()
+    for x, y in loader:
+        optimizer.zero_grad()
+        criterion(private(x), y).backward()
+        optimizer.step()
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
+    assert engine.get_epsilon(1e-5) > 0
+
+
+def test_accounting_is_the_same_as_with_dplstm():
+    from opacus.layers import DPLSTM
+
+    histories = []
+    for fast in (True, False):
+        torch.manual_seed(0)
+        model = Classifier(5, 4, 1, "last", fast=fast)
+        if not fast:
+            model.rnn = DPLSTM(5, 4, batch_first=True)
+        engine = PrivacyEngine(accountant="prv")
+        private, optimizer, loader = engine.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=make_loader(),
+            noise_multiplier=1.3, max_grad_norm=0.5)
+        for x, y in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(private(x), y).backward()
+            optimizer.step()
+        histories.append(engine.accountant.history)
+    assert histories[0] == histories[1] and histories[0][0][:2] == (1.3, 16 / 64)
+
+
+def test_each_example_is_clipped_to_the_bound():
+    torch.manual_seed(0)
+    model = Classifier(5, 4, 1, "last")
+    engine = PrivacyEngine()
+    private, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=make_loader(batch=64),
+        noise_multiplier=0.0, max_grad_norm=0.05, poisson_sampling=False)
+    x, y = next(iter(loader))
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(private(x), y, reduction="mean").backward()
+    params = [p for p in private.parameters() if p.requires_grad]
+    samples = [p.grad_sample.detach().clone() for p in params]
+    norms = torch.stack([s.reshape(len(x), -1).norm(dim=1) ** 2 for s in samples]).sum(0).sqrt()
+    assert norms.min() > 0.05  # every example needs clipping at this bound
+    factors = (0.05 / (norms + 1e-6)).clamp(max=1.0)
+    optimizer.pre_step()  # clip and average, no noise
+    for p, s in zip(params, samples):
+        expected = torch.einsum("i,i...->...", factors, s) / len(x)
+        torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-7)

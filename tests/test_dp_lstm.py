@@ -13,7 +13,6 @@ from torch import nn
 
 from privfer.models.dp_lstm import FastDPLSTM
 
-warnings.filterwarnings("ignore", module="opacus")
 
 
 class Classifier(nn.Module):

@@ -165,3 +165,55 @@ def test_each_example_is_clipped_to_the_bound():
     for p, s in zip(params, samples):
         expected = torch.einsum("i,i...->...", factors, s) / len(x)
         torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-7)
+
+
+class TwoViews(nn.Module):
+    """The same LSTM applied to two halves of each clip in one forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = FastDPLSTM(4, 3)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        first, _ = self.rnn(x[:, :3])
+        second, _ = self.rnn(x[:, 3:])
+        return self.head(torch.cat([first[:, -1], second[:, -1]], dim=1))
+
+
+@pytest.mark.parametrize("case", ["used twice", "no_grad forward in between", "frozen input projection", "tiny loss"])
+def test_per_sample_gradients_survive_awkward_training_loops(case):
+    torch.manual_seed(1)
+    model = TwoViews() if case == "used twice" else Classifier(4, 3, 1, "last")
+    if case == "frozen input projection":
+        model.rnn.layers[0].ih.requires_grad_(False)
+    x, y = torch.randn(5, 6, 4), torch.randint(0, 3, (5,))
+    scale = 1e-30 if case == "tiny loss" else 1.0
+    expected = []
+    for i in range(len(x)):
+        model.zero_grad()
+        (scale * nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum")).backward()
+        expected.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    wrapped = GradSampleModule(model, loss_reduction="mean")
+    logits = wrapped(x)
+    if case == "no_grad forward in between":
+        with torch.no_grad():
+            wrapped(torch.randn(5, 6, 4))
+    (scale * nn.functional.cross_entropy(logits, y, reduction="mean")).backward()
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        for i in range(len(x)):
+            want = expected[i][name]
+            assert (parameter.grad_sample[i] - want).norm() <= 1e-4 * want.norm() + 1e-37, (case, name, i)
+
+
+def test_final_cell_state_matches_nn_lstm():
+    torch.manual_seed(2)
+    lstm = nn.LSTM(3, 2, 2, batch_first=True)
+    fast = FastDPLSTM(3, 2, 2).load_lstm_state(lstm)
+    x = torch.randn(4, 5, 3)
+    _, (h_ref, c_ref) = lstm(x)
+    _, (h, c) = fast(x)
+    torch.testing.assert_close(h, h_ref)
+    torch.testing.assert_close(c, c_ref)

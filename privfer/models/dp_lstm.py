@@ -27,6 +27,7 @@ weights, so the two compute the same function.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from opacus.grad_sample import register_grad_sampler
@@ -34,24 +35,67 @@ from opacus.grad_sample.utils import register_norm_sampler
 from torch import nn
 
 
-class _Recurrence(torch.autograd.Function):
-    """h_t, c_t from precomputed input gates; backward records dG for the grad sampler.
+@dataclass
+class _Pass:
+    """What one forward call of a recurrence leaves for its per-sample gradients."""
+
+    weight: torch.Tensor
+    h_all: torch.Tensor  # h_0 .. h_T
+    cells: torch.Tensor  # c_0 .. c_T
+    acts: torch.Tensor  # activated gates i, f, g, o
+    d_gates: torch.Tensor | None = None  # set by the backward pass
+    grad_out: torch.Tensor | None = None
+
+    @property
+    def h_prev(self) -> torch.Tensor:
+        return self.h_all[:, :-1]
+
+
+def _backprop_through_time(record: _Pass, grad_out: torch.Tensor) -> torch.Tensor:
+    """dL/d(gate pre-activations), (B, T, 4H), for the output gradients ``grad_out`` (B, T, H).
 
     Everything that does not depend on the time recursion (the gates'
-    derivatives) is computed for all steps at once, outside the loops, so each
+    derivatives) is computed for all steps at once, outside the loop, so each
     step is a handful of tensor operations.
     """
+    acts, cells, weight = record.acts, record.cells, record.weight
+    batch, steps, four_h = acts.shape
+    hidden = four_h // 4
+    i, f = acts[..., :hidden], acts[..., hidden : 2 * hidden]
+    g, o = acts[..., 2 * hidden : 3 * hidden], acts[..., 3 * hidden :]
+    tanh_c = torch.tanh(cells[:, 1:])
+    to_cell = o * (1 - tanh_c * tanh_c)  # dc += dh * to_cell
+    gate_factors = torch.stack(
+        [g * i * (1 - i), cells[:, :-1] * f * (1 - f), i * (1 - g * g)], dim=2
+    )  # (B, T, 3, H): dz_i, dz_f, dz_g = dc * factor
+    out_factor = tanh_c * o * (1 - o)  # dz_o = dh * factor
+    d_gates = grad_out.new_empty(batch, steps, four_h)
+    dh = grad_out.new_zeros(batch, hidden)
+    dc = grad_out.new_zeros(batch, hidden)
+    for t in reversed(range(steps)):
+        dh = dh + grad_out[:, t]
+        dc = torch.addcmul(dc, dh, to_cell[:, t])
+        dz = d_gates[:, t]
+        torch.mul(gate_factors[:, t], dc.unsqueeze(1), out=dz[:, : 3 * hidden].view(batch, 3, hidden))
+        torch.mul(out_factor[:, t], dh, out=dz[:, 3 * hidden :])
+        dh = dz @ weight
+        dc = dc * f[:, t]
+    return d_gates
+
+
+class _Recurrence(torch.autograd.Function):
+    """h_t, c_t from precomputed input gates; the backward pass keeps dG for the grad sampler."""
 
     @staticmethod
-    def forward(ctx, gates_x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cell: "LSTMRecurrence"):
+    def forward(ctx, gates_x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, passes: list):
         batch, steps, four_h = gates_x.shape
         hidden = four_h // 4
         pre = gates_x + bias
         h = gates_x.new_zeros(batch, hidden)
         c = gates_x.new_zeros(batch, hidden)
-        h_all = gates_x.new_empty(batch, steps + 1, hidden)  # h_0 .. h_T; h_prev is h_all[:, :-1]
+        h_all = gates_x.new_empty(batch, steps + 1, hidden)
         h_all[:, 0] = 0
-        cells = gates_x.new_empty(batch, steps + 1, hidden)  # c_0 .. c_T
+        cells = gates_x.new_empty(batch, steps + 1, hidden)
         cells[:, 0] = 0
         acts = gates_x.new_empty(batch, steps, four_h)
         weight_t = weight.t()
@@ -64,39 +108,20 @@ class _Recurrence(torch.autograd.Function):
             c = torch.addcmul(a[:, hidden : 2 * hidden] * c, a[:, :hidden], g, out=cells[:, t + 1])
             h = torch.mul(a[:, 3 * hidden :], torch.tanh(c), out=h_all[:, t + 1])
         ctx.save_for_backward(weight, h_all, cells, acts)
-        ctx.cell = cell
-        cell._h_prev = h_all[:, :-1]
-        return h_all[:, 1:]
+        ctx.record = _Pass(weight, h_all, cells, acts)
+        passes.append(ctx.record)
+        c_n = cells[:, -1].clone()
+        ctx.mark_non_differentiable(c_n)
+        return h_all[:, 1:], c_n
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        weight, h_all, cells, acts = ctx.saved_tensors
-        batch, steps, four_h = acts.shape
-        hidden = four_h // 4
-        i, f = acts[..., :hidden], acts[..., hidden : 2 * hidden]
-        g, o = acts[..., 2 * hidden : 3 * hidden], acts[..., 3 * hidden :]
-        tanh_c = torch.tanh(cells[:, 1:])
-        # Per-step factors of the chain rule, for all steps at once.
-        to_cell = o * (1 - tanh_c * tanh_c)  # dc += dh * to_cell
-        gate_factors = torch.stack(
-            [g * i * (1 - i), cells[:, :-1] * f * (1 - f), i * (1 - g * g)], dim=2
-        )  # (B, T, 3, H): dz_i, dz_f, dz_g = dc * factor
-        out_factor = tanh_c * o * (1 - o)  # dz_o = dh * factor
-        d_gates = grad_out.new_empty(batch, steps, four_h)
-        dh = grad_out.new_zeros(batch, hidden)
-        dc = grad_out.new_zeros(batch, hidden)
-        for t in reversed(range(steps)):
-            dh = dh + grad_out[:, t]
-            dc = torch.addcmul(dc, dh, to_cell[:, t])
-            dz = d_gates[:, t]
-            torch.mul(gate_factors[:, t], dc.unsqueeze(1), out=dz[:, : 3 * hidden].view(batch, 3, hidden))
-            torch.mul(out_factor[:, t], dh, out=dz[:, 3 * hidden :])
-            dh = dz @ weight
-            dc = dc * f[:, t]
-        ctx.cell._d_gates = d_gates
-        ctx.cell._grad_out = grad_out
-        flat = d_gates.reshape(-1, four_h)
-        grad_weight = flat.t() @ h_all[:, :-1].reshape(-1, hidden) if ctx.needs_input_grad[1] else None
+    def backward(ctx, grad_out: torch.Tensor, _grad_c_n: torch.Tensor | None = None):
+        record: _Pass = ctx.record
+        d_gates = _backprop_through_time(record, grad_out)
+        record.d_gates, record.grad_out = d_gates, grad_out
+        hidden = record.h_all.shape[-1]
+        flat = d_gates.reshape(-1, 4 * hidden)
+        grad_weight = flat.t() @ record.h_prev.reshape(-1, hidden) if ctx.needs_input_grad[1] else None
         grad_bias = flat.sum(0) if ctx.needs_input_grad[2] else None
         return d_gates, grad_weight, grad_bias, None
 
@@ -109,29 +134,42 @@ class LSTMRecurrence(nn.Module):
         self.hidden_size = hidden_size
         self.weight = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
         self.bias = nn.Parameter(torch.empty(4 * hidden_size))
-        self._h_prev: torch.Tensor | None = None
-        self._d_gates: torch.Tensor | None = None
-        self._grad_out: torch.Tensor | None = None
+        self._passes: list[_Pass] = []  # forward calls (with autograd on) awaiting their per-sample gradients
 
-    def forward(self, gates_x: torch.Tensor) -> torch.Tensor:
-        """(B, T, 4H) input gates -> (B, T, H) hidden states."""
-        return _Recurrence.apply(gates_x, self.weight, self.bias, self)
+    def forward(self, gates_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, 4H) input gates -> (B, T, H) hidden states and the last cell state c_T (B, H)."""
+        made: list[_Pass] = []
+        hidden, c_n = _Recurrence.apply(gates_x, self.weight, self.bias, made)
+        if torch.is_grad_enabled():  # (autograd is off inside Function.forward, so decide here)
+            self._remember(made[0])
+        return hidden, c_n
 
-    def _recorded(self, backprops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """dG and H from the last backward pass, scaled as Opacus scaled this layer's backprops.
+    def _remember(self, record: _Pass) -> None:
+        # A pass whose backward already ran and was not consumed (plain training, or the
+        # second, hook-free backward of ghost clipping) belongs to an earlier step.
+        self._passes = [p for p in self._passes if p.d_gates is None]
+        self._passes.append(record)
 
-        Opacus multiplies backprops by the batch size when the loss is a mean
-        (``loss_reduction="mean"``); the recorded dG must get the same factor,
-        which is read off the backprops it hands to the sampler.
+    def _per_sample_gates(self, backprops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """dG and H of the forward call whose backward Opacus is hooking, scaled like Opacus's backprops.
+
+        Opacus calls the hook once per forward call, in reverse order, so the
+        latest recorded pass is the one. If its backward has not run yet (the
+        hook fires first when the layer's input needs no gradient), dG is
+        computed here from the backprops. Opacus multiplies backprops by the
+        batch size for mean-reduced losses; a recorded dG gets the same factor,
+        read off the backprops (in float64, so tiny gradients do not underflow).
         """
-        if self._d_gates is None or self._h_prev is None or self._grad_out is None:
-            raise RuntimeError("per-sample gradients need a forward and backward pass of this layer first")
-        d_gates, h_prev, grad_out = self._d_gates, self._h_prev, self._grad_out
-        self._d_gates = self._grad_out = None  # one use per backward pass
+        if not self._passes:
+            raise RuntimeError("per-sample gradients need a forward pass with autograd on")
+        record = self._passes.pop()
+        if record.d_gates is None or record.grad_out is None:
+            return _backprop_through_time(record, backprops), record.h_prev
+        d_gates, grad_out = record.d_gates, record.grad_out.double()
         energy = (grad_out * grad_out).sum()
         if energy > 0:
-            d_gates = d_gates * ((backprops * grad_out).sum() / energy)
-        return d_gates, h_prev
+            d_gates = d_gates * ((backprops.double() * grad_out).sum() / energy).to(d_gates.dtype)
+        return d_gates, record.h_prev
 
 
 @register_grad_sampler(LSTMRecurrence)
@@ -139,7 +177,7 @@ def compute_recurrence_grad_sample(
     layer: LSTMRecurrence, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients of the recurrent weights: one einsum over all time steps."""
-    d_gates, h_prev = layer._recorded(backprops)
+    d_gates, h_prev = layer._per_sample_gates(backprops)
     result = {}
     if layer.weight.requires_grad:
         result[layer.weight] = torch.einsum("btg,bth->bgh", d_gates, h_prev)
@@ -153,7 +191,7 @@ def compute_recurrence_norm_sample(
     layer: LSTMRecurrence, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradient norms without forming the gradients (the T x T Gram trick)."""
-    d_gates, h_prev = layer._recorded(backprops)
+    d_gates, h_prev = layer._per_sample_gates(backprops)
     result = {}
     if layer.weight.requires_grad:
         gram_g = torch.einsum("btg,bsg->bts", d_gates, d_gates)
@@ -172,7 +210,7 @@ class FastDPLSTMLayer(nn.Module):
         self.ih = nn.Linear(input_size, 4 * hidden_size)
         self.hh = LSTMRecurrence(hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.hh(self.ih(x))
 
 
@@ -204,12 +242,12 @@ class FastDPLSTM(nn.Module):
             raise ValueError("FastDPLSTM starts from zero states only")
         if x.dim() != 3 or x.shape[-1] != self.input_size:
             raise ValueError(f"expected (batch, frames, {self.input_size}) input, got {tuple(x.shape)}")
-        last_h = []
+        last_h, last_c = [], []
         for layer in self.layers:
-            x = layer(x)
+            x, c_n = layer(x)
             last_h.append(x[:, -1])
-        h_n = torch.stack(last_h) if last_h else x.new_zeros(0)
-        return x, (h_n, torch.zeros_like(h_n))
+            last_c.append(c_n)
+        return x, (torch.stack(last_h), torch.stack(last_c))
 
     @torch.no_grad()
     def load_lstm_state(self, lstm: nn.LSTM) -> "FastDPLSTM":

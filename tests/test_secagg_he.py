@@ -132,6 +132,28 @@ def test_key_authority_refuses_small_or_inflated_aggregates(authority):
     np.testing.assert_allclose(plain.arrays[0], 6.0, atol=1e-6)
     with pytest.raises(WrongRound):
         authority.decrypt(server.aggregate(), layout, "another")
+    # one release per round: a second subset of the same round could be subtracted from the first
+    server.receive(messages[4])
+    with pytest.raises(RoundAborted, match="already decrypted"):
+        authority.decrypt(server.aggregate(), layout, "r")
+
+
+def test_a_chunk_that_does_not_fit_leaves_nothing_in_the_sum():
+    config = make_ckks_config(num_clients=4, min_clients=1)
+    authority = KeyAuthority(config)
+    layout = HELayout(((5000,),), config)  # two chunks: 4,096 + 906 values (+ extras)
+    public = authority.public_context()
+    server = HEServer(public, layout, "r", config)
+    clients = {cid: HEClient(cid, public, layout, "r") for cid in (1, 2, 3)}
+    server.receive(clients[1].encrypt([np.ones(5000)]))
+    good = clients[2].encrypt([np.ones(5000)])
+    short = ts.ckks_vector(ts.context_from(public), [1.0] * 10).serialize()
+    with pytest.raises(InvalidCiphertext, match="chunk 1 holds 10 values"):
+        server.receive(HEMessage(kind="update", round_id="r", sender=2, ciphertexts=(good.ciphertexts[0], short)))
+    server.receive(clients[3].encrypt([np.ones(5000)]))
+    plain = authority.decrypt(server.aggregate(), layout, "r")
+    assert plain.included == (1, 3)
+    np.testing.assert_allclose(plain.arrays[0], 2.0, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -140,6 +162,8 @@ def test_key_authority_refuses_small_or_inflated_aggregates(authority):
         ({"coeff_mod_bit_sizes": (60, 60, 60, 60)}, "sum to 240 bits; poly_modulus_degree 8192 allows at most 218"),
         ({"scale_bits": 50}, "scale_bits 50 exceeds an intermediate modulus of 40 bits"),
         ({"num_clients": 1000}, "a sum of 1000 clients can reach"),
+        ({"scale_bits": 20, "coeff_mod_bit_sizes": (60, 20, 60), "num_clients": 100, "max_examples": 100},
+         "scale_bits 20 is too coarse for 100 clients"),
         ({"min_clients": 20, "num_clients": 10}, "min_clients 20 exceeds num_clients 10"),
     ],
 )

@@ -11,9 +11,11 @@ Roles (protocols/he/SPEC.md):
 * :class:`HEServer` holds the public context only: it sums ciphertexts and
   forwards the aggregate to the key authority. It cannot decrypt anything.
 
-Privacy holds unless the server and the key authority collude — unlike the
-common deployment in which every client holds the same secret key, where any
-one client colluding with the server reads every update.
+Privacy holds against an honest-but-curious server unless it colludes with the
+key authority — unlike the common deployment in which every client holds the
+same secret key, where any one client colluding with the server reads every
+update. The key authority releases one aggregate per round; a malicious server
+that duplicates a client's ciphertext is not stopped (protocols/he/SPEC.md, section 1).
 """
 
 from __future__ import annotations
@@ -92,6 +94,11 @@ class CKKSConfig(BaseModel):
                 f"a sum of {self.num_clients} clients can reach {largest:.4g}, but the first modulus "
                 f"({moduli[0]} bits) minus scale_bits ({self.scale_bits}) leaves {headroom} bits: values must stay "
                 f"below 2^{headroom - 1} = {2 ** (headroom - 1)}; raise the first modulus or lower scale_bits"
+            )
+        if self.error_bound(self.num_clients) >= 0.25:
+            raise ValueError(
+                f"scale_bits {self.scale_bits} is too coarse for {self.num_clients} clients: the error bound "
+                f"{self.error_bound(self.num_clients):.3g} would blur the exact counts; raise scale_bits"
             )
         if self.min_clients > self.num_clients:
             raise ValueError(f"min_clients {self.min_clients} exceeds num_clients {self.num_clients}")
@@ -255,6 +262,25 @@ class HEMessage(BaseModel):
 # -- roles ---------------------------------------------------------------------------------
 
 
+def parse_chunks(context, blobs: Sequence[bytes], layout: "HELayout", who: str) -> list:
+    """CKKS vectors from bytes, each checked for the agreed number of values (InvalidCiphertext otherwise)."""
+    ts = _tenseal()
+    if len(blobs) != layout.chunks:
+        raise WrongVectorLength(f"{who}: {len(blobs)} ciphertext chunks, expected {layout.chunks}")
+    slots = layout.config.slots
+    vectors = []
+    for index, blob in enumerate(blobs):
+        try:
+            vector = ts.ckks_vector_from(context, blob)
+        except Exception:  # TenSEAL raises ValueError or RuntimeError on bad bytes
+            raise InvalidCiphertext(f"{who} sent bytes that are not a CKKS vector") from None
+        expected = min(slots, layout.length - index * slots)
+        if vector.size() != expected:
+            raise InvalidCiphertext(f"{who}: chunk {index} holds {vector.size()} values, expected {expected}")
+        vectors.append(vector)
+    return vectors
+
+
 class KeyAuthority:
     """Creates the CKKS keys, keeps the secret key, and decrypts aggregates of enough clients."""
 
@@ -270,6 +296,7 @@ class KeyAuthority:
         public = self._context.copy()
         public.make_context_public()  # drops the secret key
         self._public = public.serialize(save_secret_key=False)
+        self._released: set[str] = set()  # rounds already decrypted: one aggregate per round
 
     def public_context(self) -> bytes:
         """The context clients and the server get: public key only."""
@@ -286,16 +313,13 @@ class KeyAuthority:
                 f"the aggregate claims {len(message.included)} clients; the key authority decrypts only "
                 f"aggregates of at least {self.config.min_clients}"
             )
-        if len(message.ciphertexts) != layout.chunks:
-            raise WrongVectorLength(f"{len(message.ciphertexts)} ciphertext chunks, expected {layout.chunks}")
-        ts = _tenseal()
-        values = []
-        for blob in message.ciphertexts:
-            try:
-                vector = ts.ckks_vector_from(self._context, blob)
-            except Exception:
-                raise InvalidCiphertext("an aggregate chunk does not parse as a CKKS vector") from None
-            values.append(np.asarray(vector.decrypt(), dtype=np.float64))
+        if round_id in self._released:
+            raise RoundAborted(
+                f"round {round_id!r} was already decrypted; a second aggregate of the same round could be "
+                "subtracted from the first to isolate clients"
+            )
+        vectors = parse_chunks(self._context, message.ciphertexts, layout, "the aggregate")
+        values = [np.asarray(vector.decrypt(), dtype=np.float64) for vector in vectors]
         flat = np.concatenate(values)[: layout.length]
         arrays, count, clients, clipped, metrics = layout.unpack(flat)
         if round(clients) != len(message.included):
@@ -303,6 +327,7 @@ class KeyAuthority:
                 f"the aggregate claims {len(message.included)} clients but its encrypted client count is "
                 f"{clients:.2f}; refusing to release it"
             )
+        self._released.add(round_id)  # released: no other aggregate of this round will be
         return HEPlainSum(arrays, tuple(message.included), int(round(count)), clipped, metrics)
 
 
@@ -364,18 +389,16 @@ class HEServer:
             raise UnknownSender(f"more than num_clients={self.config.num_clients} updates")
         if len(message.ciphertexts) != self.layout.chunks:
             raise WrongVectorLength(f"{len(message.ciphertexts)} ciphertext chunks, expected {self.layout.chunks}")
-        ts = _tenseal()
-        vectors = []
-        for blob in message.ciphertexts:
-            try:
-                vectors.append(ts.ckks_vector_from(self.context, blob))
-            except Exception:
-                raise InvalidCiphertext(f"client {message.sender} sent bytes that are not a CKKS vector") from None
+        vectors = parse_chunks(self.context, message.ciphertexts, self.layout, f"client {message.sender}")
         if self._sum is None:
             self._sum = vectors
         else:
-            for total, vector in zip(self._sum, vectors):
-                total += vector
+            # New totals first, adopted only when every chunk added: a bad chunk (another scale,
+            # say) leaves no part of its client's update in the sum.
+            try:
+                self._sum = [total + vector for total, vector in zip(self._sum, vectors)]
+            except (ValueError, RuntimeError):
+                raise InvalidCiphertext(f"client {message.sender}'s ciphertexts do not add to the others'") from None
         self._included.append(message.sender)
         self.bytes_in[message.sender] = size if size is not None else len(message.to_bytes())
 

@@ -189,3 +189,21 @@ def test_clipped_counts_are_summed_exactly_under_encryption():
         result = aggregate(updates, config)
     assert (result.clipping.clipped, result.clipping.max_abs) == (4100, None)
     np.testing.assert_allclose(result.total[0][:1100], 1.0 - 1.0, atol=result.error_bound)
+
+
+def test_a_chunk_at_another_scale_is_rolled_back():
+    config = make_ckks_config(num_clients=3, min_clients=1)
+    authority = KeyAuthority(config)
+    layout = HELayout(((5000,),), config)
+    public = authority.public_context()
+    server = HEServer(public, layout, "r", config)
+    server.receive(HEClient(1, public, layout, "r").encrypt([np.ones(5000)]))
+    other_scale = ts.context_from(public)
+    other_scale.global_scale = 2.0**30
+    second = ts.ckks_vector(other_scale, [1.0] * (layout.length - config.slots)).serialize()
+    first = HEClient(2, public, layout, "r").encrypt([np.ones(5000)]).ciphertexts[0]
+    with pytest.raises(InvalidCiphertext, match="do not add"):
+        server.receive(HEMessage(kind="update", round_id="r", sender=2, ciphertexts=(first, second)))
+    plain = authority.decrypt(server.aggregate(), layout, "r")
+    assert plain.included == (1,)
+    np.testing.assert_allclose(plain.arrays[0], 1.0, atol=1e-5)  # client 2's first chunk was taken out again

@@ -393,11 +393,16 @@ class HEServer:
         if self._sum is None:
             self._sum = vectors
         else:
-            # New totals first, adopted only when every chunk added: a bad chunk (another scale,
-            # say) leaves no part of its client's update in the sum.
+            # In place (no new ciphertexts), and rolled back if a chunk does not add (another
+            # scale, say), so no part of a rejected client's update stays in the sum.
+            added = []
             try:
-                self._sum = [total + vector for total, vector in zip(self._sum, vectors)]
+                for total, vector in zip(self._sum, vectors):
+                    total += vector
+                    added.append((total, vector))
             except (ValueError, RuntimeError):
+                for total, vector in added:
+                    total -= vector
                 raise InvalidCiphertext(f"client {message.sender}'s ciphertexts do not add to the others'") from None
         self._included.append(message.sender)
         self.bytes_in[message.sender] = size if size is not None else len(message.to_bytes())

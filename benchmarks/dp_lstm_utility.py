@@ -20,7 +20,6 @@ import warnings
 
 import numpy as np
 import torch
-from torch import nn
 
 from privfer.centralized import _split_clips, evaluate, label_loss, training_targets
 from privfer.config import load_config

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from privfer.secagg import (
@@ -35,10 +34,6 @@ def grid_updates(rng, n, shapes, precision):
         cid: [np.round(rng.uniform(-4, 4, shape) * 2.0**precision) / 2.0**precision for shape in shapes]
         for cid in range(1, n + 1)
     }
-
-
-def survivors_needed(config, n):
-    return config.group_threshold if config.graph == "complete" else None
 
 
 @st.composite
@@ -220,7 +215,7 @@ def test_replayed_and_cross_round_messages_are_rejected():
         new.server.receive_advertise(advert)
     new.server.receive_advertise(new.clients[1].advertise_keys().to_bytes())
     with pytest.raises(DuplicateSender):
-        new.server.receive_advertise(new.clients[1].to_bytes() if False else new.server.transcript.entries[0].message)
+        new.server.receive_advertise(new.server.transcript.entries[0].message)  # the same message again
 
 
 def test_server_rejects_unknown_senders_and_wrong_lengths():
@@ -238,7 +233,7 @@ def test_server_rejects_unknown_senders_and_wrong_lengths():
     with pytest.raises(WrongVectorLength):
         r.server.receive_masked_input(short)
     with pytest.raises(WrongStage):
-        r.server.receive_advertise(r.clients[1].advertise_keys() if False else m.AdvertiseKeys(
+        r.server.receive_advertise(m.AdvertiseKeys(
             round_id=r.round_id, sender=7, c_public=b"\x09" * 32, s_public=b"\x08" * 32))
     with pytest.raises(WrongStage):
         r.clients[1].share_keys(roster)  # a stage cannot be repeated

@@ -3,7 +3,7 @@ from collections import Counter
 import numpy as np
 
 from privfer import EMOTIONS
-from privfer.config import DataConfig, load_config
+from privfer.config import load_config
 from privfer.data.clips import parse_clip_name
 from privfer.data.summary import summarize
 from privfer.data.synthetic import generate_synthetic

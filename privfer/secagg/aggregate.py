@@ -135,7 +135,8 @@ def aggregate(
     if getattr(config, "backend", None) == "ckks":
         from privfer.secagg.he import aggregate as he_aggregate
 
-        return he_aggregate(updates, config, dropouts, example_counts=example_counts, metrics=metrics)
+        return he_aggregate(updates, config, dropouts, example_counts=example_counts, metrics=metrics,
+                            round_id=round_id)
     if not isinstance(config, SecAggConfig):
         raise TypeError(f"config must be a SecAggConfig (or a CKKS config), got {type(config).__name__}")
     dropouts = check_round_arguments(updates, config.num_clients, dropouts)

@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from privfer.errors import ConfigError
-from privfer.secagg.errors import DuplicateSender, MalformedMessage, MessageError, RoundAborted, SecAggError, UnknownSender
+from privfer.secagg.errors import DuplicateSender, MalformedMessage, MessageError, RoundAborted, UnknownSender
 from privfer.secagg.errors import UnsupportedVersion, WrongRound, WrongVectorLength
 from privfer.secagg.payload import ArrayLayout
 from privfer.secagg.quantize import ClippingReport, ClippingWarning, clip_and_report
@@ -47,10 +47,6 @@ MAX_CIPHERTEXT_BYTES = 1 << 27
 
 class InvalidCiphertext(MessageError):
     """Bytes that do not parse as a CKKS ciphertext (or context) of this round's parameters."""
-
-
-class SecretKeyAbsent(SecAggError):
-    """A party without the secret key was asked to decrypt."""
 
 
 class CKKSConfig(BaseModel):

@@ -96,6 +96,63 @@ def test_ghost_norms_match_the_per_sample_gradient_norms(b, t, h, readout, seed)
     torch.testing.assert_close(norms, want, rtol=1e-4, atol=1e-6)
 
 
+@settings(max_examples=8, deadline=None)
+@given(b=st.integers(1, 6), t=st.integers(1, 7), h=st.integers(1, 5), layers=st.integers(1, 2),
+       bound=st.sampled_from([1e-3, 0.05, 1e3]), seed=st.integers(0, 999))
+def test_ghost_clipping_sums_the_clipped_per_example_gradients(b, t, h, layers, bound, seed):
+    """Ghost clipping's second backward reuses the first pass's gate gradients: the result is still exact."""
+    import privfer.models.dp_lstm as dp_lstm
+
+    runs = []
+    original = dp_lstm._backprop_through_time
+
+    def counted(*args):
+        runs.append(1)
+        return original(*args)
+
+    torch.manual_seed(seed)
+    model = Classifier(4, h, layers, "last")
+    x, y = torch.randn(b, t, 4), torch.randint(0, 3, (b,))
+    expected = per_example_gradients(model, x, y)
+    norms = torch.stack([torch.sqrt(sum((g * g).sum() for g in e.values())) for e in expected])
+    factors = (bound / (norms + 1e-6)).clamp(max=1.0)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=b)
+    private, optimizer, criterion, _ = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=data,
+        noise_multiplier=0.0, max_grad_norm=bound, poisson_sampling=False, grad_sample_mode="ghost",
+        criterion=nn.CrossEntropyLoss(reduction="sum"), loss_reduction="sum")
+    optimizer.zero_grad()
+    loss = criterion(private(x), y)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dp_lstm, "_backprop_through_time", counted)
+        loss.backward()
+    assert len(runs) == layers  # once per layer: the clipped pass rescales instead of running BPTT again
+    for name, parameter in model.named_parameters():
+        want = sum(f * e[name] for f, e in zip(factors, expected))
+        torch.testing.assert_close(parameter.grad, want, rtol=1e-4, atol=1e-7)
+
+
+def test_a_second_backward_with_other_gradients_is_recomputed():
+    """Retaining the graph and backpropagating a different loss is not mistaken for a rescaled one."""
+    torch.manual_seed(3)
+    fast = Classifier(4, 3, 2, "mean")
+    reference = Classifier(4, 3, 2, "mean", fast=False)
+    fast.rnn.load_lstm_state(reference.rnn)
+    fast.head.load_state_dict(reference.head.state_dict())
+    x = torch.randn(4, 5, 4)
+    losses = [lambda out: out.sum(), lambda out: (out**2).sum(), lambda out: 3 * out.sum()]
+    out_fast, out_ref = fast(x), reference(x)
+    for loss in losses:
+        fast.zero_grad()
+        reference.zero_grad()
+        loss(out_fast).backward(retain_graph=True)
+        loss(out_ref).backward(retain_graph=True)
+        torch.testing.assert_close(fast.rnn.layers[1].hh.weight.grad, reference.rnn.weight_hh_l1.grad,
+                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(fast.rnn.layers[0].ih.weight.grad, reference.rnn.weight_ih_l0.grad,
+                                   rtol=1e-4, atol=1e-6)
+
+
 def make_loader(n=64, t=6, d=5, batch=16):
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(n, t, d), torch.randint(0, 3, (n,)))

@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import torch
 
-from privfer.centralized import _split_clips, evaluate, label_loss, training_targets
+from privfer.centralized import split_clips, evaluate, label_loss, training_targets
 from privfer.config import load_config
 from privfer.data import load_clips
 from privfer.data.splits import split_actors
@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config()
     clips = load_clips(config.data)
-    parts = _split_clips(clips, split_actors(clips, config.data.split, config.seed))
+    parts = split_clips(clips, split_actors(clips, config.data.split, config.seed))
     print(f"DP-SGD VFER, epsilon {args.epsilon:g}, {args.epochs} epochs, {len(parts['train'])} training clips")
     print(f"{'layer':<12} {'seed':>4} {'macro F1':>9} {'epsilon':>8} {'train s':>8}")
     results: dict[str, list[float]] = {"fast": [], "dplstm": []}

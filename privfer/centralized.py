@@ -90,21 +90,26 @@ def evaluate(model: nn.Module, clips: ClipSet, eval_target: str) -> dict[str, An
     return classification_report(evaluation_labels(clips, eval_target), predicted)
 
 
+def pseudo_label_report(clips: ClipSet, labels: np.ndarray, keep: np.ndarray, data: Any) -> dict[str, Any]:
+    """Coverage and accuracy of pseudo labels ``labels`` (kept where ``keep``) on ``clips``."""
+    truth = evaluation_labels(clips, data.eval_target)
+    return {
+        "clips": len(clips),
+        "kept": int(keep.sum()),
+        "kept_fraction": float(keep.mean()) if len(keep) else 0.0,
+        "accuracy_of_kept": float((labels[keep] == truth[keep]).mean()) if keep.any() else 0.0,
+        "threshold": data.pseudo_label_threshold,
+    }
+
+
 def pseudo_label_quality(config: PrivferConfig, training: ClipSet, adaptation: ClipSet) -> dict[str, Any]:
     """How good the IFER's pseudo labels are on the adaptation halves (the seed paper's self-supervision)."""
     ifer = ifer_from_config(config.model, training, config.seed)
     labels, keep = pseudo_labels(ifer.frame_probabilities(adaptation.features), config.data.pseudo_label_threshold)
-    truth = evaluation_labels(adaptation, config.data.eval_target)
-    return {
-        "clips": len(adaptation),
-        "kept": int(keep.sum()),
-        "kept_fraction": float(keep.mean()) if len(keep) else 0.0,
-        "accuracy_of_kept": float((labels[keep] == truth[keep]).mean()) if keep.any() else 0.0,
-        "threshold": config.data.pseudo_label_threshold,
-    }
+    return pseudo_label_report(adaptation, labels, keep, config.data)
 
 
-def _split_clips(clips: ClipSet, split: ActorSplit) -> dict[str, ClipSet]:
+def split_clips(clips: ClipSet, split: ActorSplit) -> dict[str, ClipSet]:
     return {
         "train": clips.for_actors(split.train),
         "val": clips.for_actors(split.val),
@@ -138,7 +143,7 @@ def train_centralized(
     # directory is touched, so a mistake leaves nothing behind to clean up.
     clips = load_clips(config.data) if clips is None else clips
     split = split_actors(clips, config.data.split, config.seed)
-    parts = _split_clips(clips, split)
+    parts = split_clips(clips, split)
     temperature = config.data.partial_label_temperature
     train_y = training_targets(parts["train"], training.labels, temperature)
     val_y = training_targets(parts["val"], training.labels, temperature)

@@ -116,6 +116,22 @@ def _nothing() -> Iterator[None]:
     yield
 
 
+@contextlib.contextmanager
+def run_directory(out: Optional[Path], cfg: PrivferConfig, stem: str) -> Iterator[Path]:
+    """``out``, or a new ``{output.dir}/{stem}-{time}``; folders made here are removed again on a user error."""
+    made = [] if out is not None or cfg.output.dir.exists() else [cfg.output.dir]
+    run_dir = out if out is not None else create_unique_dir(cfg.output.dir, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out is None:
+        made.insert(0, run_dir)
+    try:
+        yield run_dir
+    except PrivferError:
+        for folder in made:  # folders made for this run that still hold nothing
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
 @app.command()
 @user_errors
 def train(
@@ -134,10 +150,6 @@ def train(
     cfg = resolve_config(config, overrides, data, **{"training.labels": labels, "training.epochs": epochs})
     with errors.status("loading clips", spinner="dots") if not as_json else _nothing():
         clips = load_clips(cfg.data)
-    made = [] if out is not None or cfg.output.dir.exists() else [cfg.output.dir]
-    run_dir = out if out is not None else create_unique_dir(cfg.output.dir, f"train-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out is None:
-        made.insert(0, run_dir)
     progress = Progress(
         TextColumn("[bold]epoch"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(), console=errors, disable=as_json,
@@ -157,12 +169,8 @@ def train(
         )
 
     try:
-        result = train_centralized(cfg, run_dir=run_dir, on_epoch=on_epoch, on_start=on_start, clips=clips)
-    except PrivferError:
-        for folder in made:  # folders made for this run that still hold nothing
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        raise
+        with run_directory(out, cfg, "train") as run_dir:
+            result = train_centralized(cfg, run_dir=run_dir, on_epoch=on_epoch, on_start=on_start, clips=clips)
     finally:
         progress.stop()
     if as_json:
@@ -182,6 +190,122 @@ def train(
         highlight=False,
     )
     console.print(f"took {result['seconds']:.1f} s; wrote {run_dir}/result.json", highlight=False, markup=False)
+
+
+@app.command()
+@user_errors
+def simulate(
+    epsilon: Optional[float] = typer.Option(
+        None, "--epsilon", "-e", help="TOTAL per-client budget for the whole run (record level); inf: no DP."
+    ),
+    delta: Optional[float] = typer.Option(None, "--delta", help="Delta (default 1 / (10 x records per client))."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="fedavg or fedper."),
+    aggregator: Optional[str] = typer.Option(
+        None, "--aggregator", help="masking (SecAgg, default), ckks, or plain (NOT private: a baseline)."
+    ),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Federated training rounds."),
+    clients_per_round: Optional[int] = typer.Option(None, "--clients-per-round", help="Clients sampled per round."),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Chance a sampled client drops out, 0 to <1."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Run seed."),
+    config: Optional[Path] = ConfigOption,
+    data: Optional[Path] = DataOption,
+    overrides: Optional[List[str]] = SetOption,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (re-run to resume)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of tables."),
+) -> None:
+    """Federated VFER training with DP-SGD clients and secure aggregation; prints what the budget bought."""
+    from privfer.fl.simulation import simulate as run_simulation
+
+    settings = {
+        "privacy.epsilon": epsilon, "privacy.delta": delta, "federation.strategy": strategy,
+        "aggregation.backend": aggregator, "federation.rounds": rounds,
+        "federation.clients_per_round": clients_per_round, "federation.dropout": dropout, "seed": seed,
+    }
+    cfg = resolve_config(config, overrides, data, **settings)
+    progress = Progress(
+        TextColumn("[bold]{task.fields[phase]} round"), MofNCompleteColumn(), BarColumn(),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=errors, disable=as_json,
+    )
+    task = progress.add_task("simulate", total=1, status="", phase="", start=False)
+
+    def on_start(federation: Any, done: int, total: int) -> None:
+        if not as_json:
+            for line in describe_privacy(federation):
+                errors.print(line, highlight=False, markup=False)
+        progress.start()
+        progress.start_task(task)
+        progress.update(task, total=total, completed=done, phase="training")
+
+    def on_round(record: Any) -> None:
+        loss = "-" if record.train_loss is None else f"{record.train_loss:.3f}"
+        val = "" if record.val_macro_f1 is None else f"  val macro-F1 {record.val_macro_f1:.3f}"
+        note = f"  ABORTED: {record.aborted}" if record.aborted else ""
+        progress.update(
+            task, advance=1, phase=record.phase,
+            status=f"{len(record.included)}/{len(record.clients)} clients  loss {loss}{val}{note}",
+        )
+
+    try:
+        with run_directory(out, cfg, "simulate") as run_dir:
+            result = run_simulation(cfg, run_dir, on_start=on_start, on_round=on_round)
+    finally:
+        progress.stop()
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    print_simulation(result, run_dir)
+
+
+def describe_privacy(federation: Any) -> list[str]:
+    """What the run promises, printed before it starts."""
+    cfg = federation.config
+    lines = []
+    if federation.private:
+        sigmas = sorted({p.noise_multiplier for plans in federation.plans.values() for p in plans.values()})
+        lines.append(
+            f"privacy: epsilon {cfg.privacy.epsilon:g} per client for the whole run (record level), "
+            f"delta {federation.delta:.3g}, {cfg.privacy.accountant.upper()} accountant, noise multiplier "
+            + (f"{sigmas[0]:.3f}" if len(sigmas) == 1 else f"{sigmas[0]:.3f}-{sigmas[-1]:.3f}")
+            + " (calibrated for a client that trains in every round)"
+        )
+    else:
+        lines.append("privacy: OFF (no DP-SGD): pass --epsilon to train privately")
+    if cfg.aggregation.backend == "plain":
+        lines.append("aggregator: plain sum -- NOT PRIVATE: the server sees every update (a baseline)")
+    return lines
+
+
+def print_simulation(result: dict[str, Any], run_dir: Path) -> None:
+    title = (
+        f"{result['strategy']} VFER, aggregator {result['aggregator']}: test actors' evaluation halves"
+        + (" after federated adaptation" if result["test_after_adaptation"] else "")
+    )
+    console.print(report_table(result["test"], title))
+    summary = Table(title="run", show_header=False, title_justify="left")
+    summary.add_column("what")
+    summary.add_column("value", justify="right")
+    privacy = result["privacy"]
+    if result["private"]:
+        summary.add_row("epsilon target (per client, whole run)", f"{privacy['target_epsilon']:g}")
+        summary.add_row("epsilon spent: max / median over clients",
+                        f"{privacy['epsilon_max']:.3f} / {privacy['epsilon_median']:.3f}")
+        summary.add_row("delta", f"{privacy['delta']:.3g}")
+    else:
+        summary.add_row("epsilon", "inf (no DP)")
+    if result["test_after_adaptation"]:
+        summary.add_row("macro F1 before adaptation", f"{result['test_after_training']['macro']['f1']:.3f}")
+    rounds = result["rounds"]
+    summary.add_row("rounds (training + adaptation)", f"{rounds['training']} + {rounds['adaptation']}"
+                    + (f" ({rounds['aborted']} aborted)" if rounds["aborted"] else ""))
+    if result["pseudo_labels"]:
+        pseudo = result["pseudo_labels"]
+        summary.add_row("pseudo labels kept / correct", f"{pseudo['kept_fraction']:.1%} / {pseudo['accuracy_of_kept']:.1%}")
+    summary.add_row("aggregation seconds / MB per client",
+                    f"{result['secure_aggregation']['seconds']:.1f} / "
+                    f"{result['secure_aggregation']['bytes_per_client_mean'] / 1e6:.2f}")
+    summary.add_row("time", f"{result['seconds']:.1f} s")
+    console.print(summary)
+    console.print(f"wrote {run_dir}/result.json and privacy_ledger.json", highlight=False, markup=False)
 
 
 @data_app.command("summary")

@@ -148,9 +148,18 @@ class PrivacyConfig(_Section):
     delta: float | None = Field(
         None, gt=0.0, lt=1.0, description="None: 1 / (10 x records per client)."
     )
-    unit: Literal["record", "client"] = Field("record", description="What one privacy unit is: a clip or a person.")
+    unit: Literal["record"] = Field(
+        "record", description="Privacy unit: one clip (record-level DP-SGD on each client; client-level DP is not built yet)."
+    )
     max_grad_norm: float = Field(1.0, gt=0.0, le=1e6, description="Per-sample gradient clipping bound.")
     accountant: Literal["prv", "rdp", "gdp"] = Field("prv", description="Opacus accountant used for calibration.")
+    noise_source: Literal["run_seed", "os"] = Field(
+        "run_seed",
+        description="DP noise and Poisson sampling seeded from the run seed (reproducible), or from the OS CSPRNG.",
+    )
+    max_noise_multiplier: float = Field(
+        50.0, gt=0.0, le=1e4, description="A budget that needs more noise than this is refused as unreachable."
+    )
 
     @property
     def enabled(self) -> bool:
@@ -160,7 +169,9 @@ class PrivacyConfig(_Section):
 class AggregationConfig(_Section):
     """How client updates are summed without the server seeing them (see docs/secure-aggregation.md)."""
 
-    backend: Literal["none", "secagg", "ckks"] = Field("secagg", description="Plain sum, pairwise masking, or CKKS.")
+    backend: Literal["masking", "ckks", "plain"] = Field(
+        "masking", description="Pairwise-mask SecAgg, CKKS encryption, or a plain sum (NOT private: a baseline)."
+    )
     modulus_bits: Literal[32, 64] = Field(32, description="Masking arithmetic modulus 2^k.")
     clipping_range: float = Field(8.0, gt=0.0, le=1e9, description="Quantization range: |value| <= this (clipped values are reported).")
     graph: Literal["complete", "harary"] = Field("complete", description="Mask with all clients, or SecAgg+'s sparse graph.")
@@ -187,15 +198,33 @@ class AggregationConfig(_Section):
             **extra,
         )
 
+    def round_config(self, num_clients: int, metrics: tuple[str, ...] = ()) -> Any:
+        """The secure-aggregation config of one round: SecAggConfig, CKKSConfig, or None for a plain sum."""
+        if self.backend == "plain":
+            return None
+        if self.backend == "ckks":
+            from privfer.secagg.he import make_ckks_config
+
+            return make_ckks_config(num_clients=num_clients, clipping_range=self.clipping_range, metrics=metrics)
+        return self.secagg_config(num_clients, metrics=metrics)
+
 
 class FederationConfig(_Section):
     """Rounds, client sampling and the FL strategy."""
 
     strategy: Literal["fedavg", "fedper"] = Field("fedavg", description="FedAvg, or FedPer with local head layers.")
     rounds: int = Field(20, ge=1, le=100_000, description="Federated rounds.")
-    clients_per_round: int = Field(10, ge=1, le=100_000, description="Clients sampled per round.")
+    clients_per_round: int = Field(10, ge=2, le=100_000, description="Clients sampled per round.")
     local_epochs: int = Field(1, ge=1, le=1000, description="Local epochs per round.")
+    local_lr: float = Field(1e-3, gt=0.0, le=10.0, description="Clients' Adam learning rate (fresh optimizer each round).")
     personal_layers: int = Field(1, ge=1, le=16, description="FedPer: layers (from the head down) kept local.")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Chance a sampled client drops out (at a uniformly random protocol stage)."
+    )
+    adaptation: bool = Field(True, description="Phase 2: federated adaptation on the test actors with IFER pseudo labels.")
+    adaptation_rounds: int = Field(1, ge=1, le=100_000, description="Phase 2 rounds (all test actors train each round).")
+    adaptation_epochs: int = Field(1, ge=1, le=1000, description="Phase 2 local epochs per round.")
+    adaptation_lr: float = Field(1e-5, gt=0.0, le=10.0, description="Phase 2 Adam learning rate.")
 
 
 class OutputConfig(_Section):

@@ -29,6 +29,19 @@ def test_vfer_base_head_split():
         model.personal_parameter_names(2)
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_fedper_layers_are_counted_from_the_head_down_through_stacked_lstm_layers(fast):
+    model = VFER(feature_dim=4, hidden_size=3, num_layers=2, fast_dp=fast)
+    all_names = [n for n, _ in model.named_parameters()]
+    assert model.personal_parameter_names(1) == ["head.weight", "head.bias"]
+    two = model.personal_parameter_names(2)
+    assert len(two) == 6 and all(n in all_names for n in two)
+    assert all(("l1" in n or "layers.1." in n) for n in two[:4])
+    assert not any(("l0" in n or "layers.0." in n) for n in two)
+    with pytest.raises(ValueError, match="between 1 and 2"):
+        model.personal_parameter_names(3)
+
+
 def test_ifer_fits_frames_well_above_chance_on_unseen_actors():
     clips = generate_synthetic(load_config(None, ["data.frames=8", "data.synthetic.actors=24"]).data)
     seen, unseen = clips.for_actors(clips.actor_list()[:-4]), clips.for_actors(clips.actor_list()[-4:])

@@ -73,10 +73,15 @@ class VFER(nn.Module):
         """(B, T, D) -> (B, classes) logits."""
         return self.head(self.dropout(self.embed(frames)))
 
-    def layer_groups(self) -> list[tuple[str, nn.Module]]:
-        """Parameter-holding layers from input to output: the LSTM layers, then the head."""
-        groups: list[tuple[str, nn.Module]] = [("lstm", self.lstm)]
-        groups.append(("head", self.head))
+    def layer_groups(self) -> list[tuple[str, list[str]]]:
+        """Parameter names grouped by layer, from input to output: each LSTM layer, then the head."""
+        lstm_names = [name for name, _ in self.lstm.named_parameters()]
+        groups: list[tuple[str, list[str]]] = []
+        for index in range(self.lstm.num_layers):
+            # nn.LSTM names its tensors weight_ih_l0 ...; FastDPLSTM nests them as layers.0.ih.weight ...
+            mine = [n for n in lstm_names if n.endswith(f"_l{index}") or n.startswith(f"layers.{index}.")]
+            groups.append((f"lstm layer {index}", [f"lstm.{n}" for n in mine]))
+        groups.append(("head", [f"head.{name}" for name, _ in self.head.named_parameters()]))
         return groups
 
     def personal_parameter_names(self, personal_layers: int = 1) -> list[str]:
@@ -86,10 +91,7 @@ class VFER(nn.Module):
             raise ValueError(
                 f"personal_layers must be between 1 and {len(groups) - 1} for this model, got {personal_layers}"
             )
-        names = []
-        for prefix, module in groups[-personal_layers:]:
-            names.extend(f"{prefix}.{name}" for name, _ in module.named_parameters())
-        return names
+        return [name for _, names in groups[-personal_layers:] for name in names]
 
 
 class IFER(nn.Module):

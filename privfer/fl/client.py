@@ -1,0 +1,133 @@
+"""A federated client: one person's clips, local VFER training (DP-SGD with Opacus when private), the update.
+
+Each round the client receives the shared parameters, combines them with the
+parameters it keeps (FedPer's personal layers), trains locally with a fresh
+Adam optimizer, and returns the change of the shared parameters (its update,
+which only leaves the client through secure aggregation) and the new values
+of its personal ones (which never leave it). With DP on, training runs
+through Opacus with this client's own accountant history, so epsilon composes
+over every round it trains in.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from privfer.config import PrivferConfig
+from privfer.models.vfer import VFER
+from privfer.privacy.dpsgd import LabelLoss, make_private_training
+
+History = list[tuple[float, float, int]]
+
+
+@dataclass
+class LocalUpdate:
+    """What a client produces in one round."""
+
+    client: int
+    delta: dict[str, torch.Tensor]  # shared parameters: trained minus received
+    personal: dict[str, torch.Tensor]  # parameters kept on the client, after training
+    examples: int  # records the client holds (FedAvg's weight)
+    loss: float  # mean training loss over the local steps
+    steps: int
+    history: History = field(default_factory=list)  # the accountant's history after this round (DP only)
+
+
+@dataclass
+class LocalTraining:
+    """How a client trains in one round."""
+
+    lr: float
+    epochs: int
+    batch_size: int
+    noise_multiplier: float | None  # None: no DP
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    noise_source: str = "run_seed"
+    weight_decay: float = 0.0
+
+
+class FLClient:
+    """One client (one actor) holding its features (N, T, D) and training targets."""
+
+    def __init__(self, client_id: int, features: np.ndarray, targets: np.ndarray) -> None:
+        if len(features) != len(targets):
+            raise ValueError(f"client {client_id}: {len(features)} clips but {len(targets)} targets")
+        if len(features) == 0:
+            raise ValueError(f"client {client_id} holds no clips")
+        self.client_id = int(client_id)
+        self.features = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        self.targets = torch.from_numpy(np.ascontiguousarray(targets))
+
+    @property
+    def records(self) -> int:
+        return len(self.features)
+
+    def fit(
+        self,
+        config: PrivferConfig,
+        state: dict[str, torch.Tensor],
+        shared: list[str],
+        plan: LocalTraining,
+        *,
+        history: History | None = None,
+        seed: int = 0,
+    ) -> LocalUpdate:
+        """Train from ``state`` (shared + personal parameters) and return the update of ``shared``."""
+        torch.manual_seed(seed)  # Poisson sampling, DP noise (noise_source run_seed), dropout, shuffling
+        private = plan.noise_multiplier is not None
+        model = VFER.from_config(config.model, self.features.shape[-1], private=private)
+        model.load_state_dict(state)
+        model.train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
+        loader = DataLoader(
+            TensorDataset(self.features, self.targets),
+            batch_size=plan.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        criterion: torch.nn.Module = LabelLoss()
+        module: torch.nn.Module = model
+        training = None
+        if private:
+            training = make_private_training(
+                model,
+                optimizer,
+                loader,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=plan.max_grad_norm,
+                accountant=plan.accountant,
+                history=history,
+                noise_source=plan.noise_source,
+            )
+            module, optimizer, criterion, loader = training.module, training.optimizer, training.criterion, training.loader
+        total, steps = 0.0, 0
+        with warnings.catch_warnings():
+            # Opacus hooks the first layer, whose input (the data) needs no gradient: expected, harmless.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(plan.epochs):
+                for x, y in loader:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = criterion(module(x), y)
+                    loss.backward()
+                    optimizer.step()  # an empty Poisson batch still takes a (noise-only) step
+                    total += float(loss.item()) * len(x)
+                    steps += 1
+        trained = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        return LocalUpdate(
+            client=self.client_id,
+            delta={name: trained[name] - state[name] for name in shared},
+            personal={name: value for name, value in trained.items() if name not in shared},
+            examples=self.records,
+            loss=total / max(self.records * plan.epochs, 1),
+            steps=steps,
+            history=training.history if training is not None else [],
+        )
+
+
+__all__ = ["FLClient", "LocalTraining", "LocalUpdate"]

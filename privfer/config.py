@@ -146,7 +146,7 @@ class PrivacyConfig(_Section):
         None, gt=0.0, description="TOTAL per-client budget for the whole run; None or inf trains without DP."
     )
     delta: float | None = Field(
-        None, gt=0.0, lt=1.0, description="None: 1 / (10 x records per client)."
+        None, gt=0.0, lt=1.0, description="None: 1 / (10 x the largest client's record count), printed."
     )
     unit: Literal["record"] = Field(
         "record", description="Privacy unit: one clip (record-level DP-SGD on each client; client-level DP is not built yet)."
@@ -214,9 +214,10 @@ class FederationConfig(_Section):
 
     strategy: Literal["fedavg", "fedper"] = Field("fedavg", description="FedAvg, or FedPer with local head layers.")
     rounds: int = Field(20, ge=1, le=100_000, description="Federated rounds.")
-    clients_per_round: int = Field(10, ge=2, le=100_000, description="Clients sampled per round.")
-    local_epochs: int = Field(1, ge=1, le=1000, description="Local epochs per round.")
-    local_lr: float = Field(1e-3, gt=0.0, le=10.0, description="Clients' Adam learning rate (fresh optimizer each round).")
+    clients_per_round: int = Field(20, ge=2, le=100_000, description="Clients sampled per round.")
+    local_epochs: int = Field(2, ge=1, le=1000, description="Local epochs per round.")
+    local_optimizer: Literal["adam", "sgd"] = Field("adam", description="Clients' optimizer (fresh each round).")
+    local_lr: float = Field(5e-3, gt=0.0, le=100.0, description="Clients' learning rate.")
     personal_layers: int = Field(1, ge=1, le=16, description="FedPer: layers (from the head down) kept local.")
     dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="Chance a sampled client drops out (at a uniformly random protocol stage)."
@@ -224,7 +225,7 @@ class FederationConfig(_Section):
     adaptation: bool = Field(True, description="Phase 2: federated adaptation on the test actors with IFER pseudo labels.")
     adaptation_rounds: int = Field(1, ge=1, le=100_000, description="Phase 2 rounds (all test actors train each round).")
     adaptation_epochs: int = Field(1, ge=1, le=1000, description="Phase 2 local epochs per round.")
-    adaptation_lr: float = Field(1e-5, gt=0.0, le=10.0, description="Phase 2 Adam learning rate.")
+    adaptation_lr: float = Field(1e-5, gt=0.0, le=10.0, description="Phase 2 learning rate (the seed paper's 1e-5).")
 
 
 class OutputConfig(_Section):

@@ -55,12 +55,17 @@ def test_train_json_output(tmp_path):
         (["train", "--set", "model.ifer_weights=/no/ifer.pt"], "IFER weights file /no/ifer.pt does not exist"),
         (["train", "--out", "afile"], "run directory afile cannot be used"),
         (["data", "export", "afile/sub"], "cannot create afile/sub"),
+        (["simulate", "--epsilon", "-1"], "privacy.epsilon = -1"),
+        (["simulate", "--aggregator", "secret"], "aggregation.backend = 'secret'"),
+        (["simulate", "--clients-per-round", "999"], "federation.clients_per_round = 999 is more than the"),
+        (["simulate", "--epsilon", "0.01", "--set", "privacy.max_noise_multiplier=2"], "privacy budget unreachable"),
+        (["simulate", "--dropout", "1"], "federation.dropout = 1"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "afile").write_text("x")
-    if args[0] == "train":
+    if args[0] in ("train", "simulate"):
         args = [args[0], *SETS, *args[1:]]  # the case's own --set comes last and wins
     result = run(*args)
     assert result.exit_code == 2
@@ -127,3 +132,28 @@ def test_usage_errors_of_the_console_script_are_one_line(args, message):
     assert completed.returncode == 2
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], completed.stderr
+
+
+def test_simulate_prints_what_the_budget_bought_and_writes_the_run(tmp_path):
+    out = tmp_path / "sim"
+    args = ["simulate", "--epsilon", "4", "--rounds", "2", "--clients-per-round", "3", "--strategy", "fedper",
+            "--dropout", "0.2", "--seed", "3", *SETS, "--set", "privacy.accountant=rdp", "--out", str(out)]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert "epsilon 4 per client for the whole run (record level), delta" in result.stderr
+    for words in ("macro avg", "epsilon spent: max / median", "rounds (training + adaptation)", "2 + 1"):
+        assert words in result.stdout
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["strategy"] == "fedper" and saved["private"] and saved["aggregator"] == "masking"
+    assert saved["privacy"]["epsilon_max"] <= 4.0
+    for name in ("config.yaml", "privacy_ledger.json", "rounds.json"):
+        assert (out / name).is_file()
+    again = run(*args, "--json")  # a finished run directory answers with its result
+    assert again.exit_code == 0 and json.loads(again.stdout)["test"] == saved["test"]
+
+
+def test_simulate_says_loudly_when_nothing_is_private(tmp_path):
+    result = run("simulate", "--rounds", "1", "--clients-per-round", "2", "--aggregator", "plain", *SETS,
+                 "--set", "federation.adaptation=false", "--out", str(tmp_path / "p"))
+    assert result.exit_code == 0, result.output
+    assert "privacy: OFF" in result.stderr and "NOT PRIVATE" in result.stderr

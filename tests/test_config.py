@@ -125,3 +125,10 @@ def test_aggregation_section_builds_a_checked_secagg_config():
     assert secagg.graph == "harary" and secagg.modulus_bits == 64 and secagg.num_clients == 91
     with pytest.raises(ConfigError, match="only -15 fractional bits fit for 60000 clients"):
         load_config(None, ["aggregation.clipping_range=1e9"]).aggregation.secagg_config(num_clients=60000)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_ready_config_loads(name):
+    config = load_config(REPO / "configs" / name)
+    if name.startswith("fed"):
+        assert config.federation.strategy == name.removesuffix(".yaml") and config.privacy.enabled

@@ -50,14 +50,25 @@ def sum_updates(
     *,
     dropouts: Mapping[int, str] | None = None,
     round_id: str,
+    weight_scale: float = 1.0,
 ) -> RoundSum:
-    """Sum ``weight x update`` over the clients, with ``dropouts`` (client -> stage it never completes)."""
+    """Sum ``weight x update`` over the clients, with ``dropouts`` (client -> stage it never completes).
+
+    Each client masks ``(weight / weight_scale) x update``: with ``weight_scale``
+    a public bound on the weights (the largest client's record count), the
+    masked values stay within the update's own range, so the quantization's
+    clipping range bounds the update, not the update times a record count.
+    The returned ``weighted_sum`` is scaled back: sum(weight x update).
+    """
+    if weight_scale <= 0:
+        raise ValueError("weight_scale must be positive")
     dropouts = dict(dropouts or {})
     clients = sorted(updates)
     names = list(next(iter(updates.values())).keys())
     shapes = {name: tuple(updates[clients[0]][name].shape) for name in names}
     arrays = {
-        cid: [(weights[cid] * updates[cid][name].detach().double()).numpy() for name in names] for cid in clients
+        cid: [((weights[cid] / weight_scale) * updates[cid][name].detach().double()).numpy() for name in names]
+        for cid in clients
     }
     start = time.perf_counter()
     if config.backend == "plain":
@@ -68,7 +79,8 @@ def sum_updates(
         weight = float(sum(weights[c] for c in included))
         loss = float(sum(losses[c] for c in included))
         bytes_sent = {c: sum(a.nbytes // 2 for a in arrays[c]) for c in clients}  # float32 on the wire
-        return _result(names, shapes, total, weight, loss, included, time.perf_counter() - start, 0, 0.0, bytes_sent)
+        return _result(names, shapes, total, weight, loss, included, time.perf_counter() - start, 0, 0.0, bytes_sent,
+                       weight_scale)
     round_config = config.round_config(len(clients), metrics=("loss",))
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -97,15 +109,16 @@ def sum_updates(
         int(result.clipping.clipped),
         float(result.error_bound),
         dict(result.bytes_sent),
+        weight_scale,
     )
 
 
-def _result(names, shapes, total, weight, loss, included, seconds, clipped, bound, bytes_sent) -> RoundSum:
+def _result(names, shapes, total, weight, loss, included, seconds, clipped, bound, bytes_sent, scale) -> RoundSum:
     summed = {
-        name: torch.from_numpy(np.asarray(array, dtype=np.float64).reshape(shapes[name]).copy())
+        name: torch.from_numpy(scale * np.asarray(array, dtype=np.float64).reshape(shapes[name]))
         for name, array in zip(names, total)
     }
-    return RoundSum(summed, weight, loss, included, None, clipped, bound, seconds, bytes_sent)
+    return RoundSum(summed, weight, loss, included, None, clipped, bound * scale, seconds, bytes_sent)
 
 
 __all__ = ["EXCLUDING_STAGES", "RoundSum", "sum_updates"]

@@ -50,6 +50,7 @@ class LocalTraining:
     accountant: str = "prv"
     noise_source: str = "run_seed"
     weight_decay: float = 0.0
+    optimizer: str = "adam"  # or "sgd"
 
 
 class FLClient:
@@ -84,7 +85,11 @@ class FLClient:
         model = VFER.from_config(config.model, self.features.shape[-1], private=private)
         model.load_state_dict(state)
         model.train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
+        if plan.optimizer == "sgd":
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr,
+                                                               weight_decay=plan.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
         loader = DataLoader(
             TensorDataset(self.features, self.targets),
             batch_size=plan.batch_size,

@@ -262,6 +262,7 @@ def _run_round(federation: Federation, state: _State, phase: str, round_index: i
             accountant=config.privacy.accountant,
             noise_source=config.privacy.noise_source,
             weight_decay=training.weight_decay,
+            optimizer=config.federation.local_optimizer,
         )
         seed = _derived_seed(config.seed, 0 if phase == TRAINING else 1, round_index, client_id)
         update = client.fit(config, {**state.global_state, **personal}, shared, local,
@@ -272,8 +273,9 @@ def _run_round(federation: Federation, state: _State, phase: str, round_index: i
         updates[client_id] = update.delta
         weights[client_id] = strategy.client_weight(update.examples)
         losses[client_id] = update.loss
+    scale = max(strategy.client_weight(c.records) for c in federation.clients[phase].values())
     summed = sum_updates(updates, weights, losses, config.aggregation, dropouts=dropouts,
-                         round_id=f"{state.nonce}:{phase}:{round_index}")
+                         round_id=f"{state.nonce}:{phase}:{round_index}", weight_scale=scale)
     if summed.aborted is None:
         state.global_state = strategy.apply(state.global_state, summed.weighted_sum, summed.total_weight)
     val = None
@@ -304,7 +306,7 @@ def _newcomer_head(federation: Federation, state: _State) -> dict[str, torch.Ten
     heads = {c: state.personal[c] for c in trained}
     weights = {c: federation.clients[TRAINING][c].records for c in trained}
     summed = sum_updates(heads, weights, {c: 0.0 for c in trained}, federation.config.aggregation,
-                         round_id=f"{state.nonce}:newcomer-head")
+                         round_id=f"{state.nonce}:newcomer-head", weight_scale=max(weights.values()))
     if summed.aborted is not None:
         raise RuntimeError(f"the newcomer head could not be aggregated: {summed.aborted}")
     return {name: (value / summed.total_weight).float() for name, value in summed.weighted_sum.items()}

@@ -367,6 +367,7 @@ def simulate(
     state.elapsed += time.perf_counter() - finish_started
     result = _result(federation, state, final, adapted, ledger, prepared_seconds)
     if run_dir is not None:
+        atomic_write_json(run_dir / ROUNDS, [asdict(r) for r in state.records])  # also after a kill between writes
         write_ledger(run_dir / LEDGER, ledger)
         if config.output.save_model:
             atomic_torch_save(run_dir / "model.pt", {"global": state.global_state, "personal": state.personal,

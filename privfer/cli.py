@@ -308,6 +308,73 @@ def print_simulation(result: dict[str, Any], run_dir: Path) -> None:
     console.print(f"wrote {run_dir}/result.json and privacy_ledger.json", highlight=False, markup=False)
 
 
+@app.command()
+def audit(
+    run: Path = typer.Argument(..., help="A run directory (or its privacy_ledger.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the audit as JSON."),
+    per_client: Optional[bool] = typer.Option(
+        None, "--per-client/--summary", help="One row per client (default up to 20 clients) or min/median/max."
+    ),
+) -> None:
+    """Recompute every client's epsilon with four accountants; exit 0 if all pass, 1 on any failed verdict."""
+    from privfer.privacy.audit import audit_ledger, load_ledger
+
+    try:
+        report = audit_ledger(load_ledger(run))
+    except PrivferError as exc:
+        print_error(str(exc))
+        raise typer.Exit(2) from None
+    if as_json:
+        console.print_json(json.dumps(report.to_dict()))
+    else:
+        print_audit(report, per_client if per_client is not None else len(report.clients) <= 20)
+    raise typer.Exit(0 if report.passed else 1)
+
+
+def print_audit(report: Any, per_client: bool) -> None:
+    from privfer.privacy.audit import ACCOUNTANTS
+
+    names = {"opacus_rdp": "Opacus RDP", "opacus_prv": "Opacus PRV", "dp_accounting_rdp": "dp-acc. RDP",
+             "dp_accounting_pld": "dp-acc. PLD"}
+    target = "none (no DP)" if report.target is None else f"{report.target:g}"
+    title = f"privacy audit of {report.ledger}: target epsilon {target}, ledger accountant {report.accountant}"
+    table = Table(title=title, title_justify="left")
+    if per_client:
+        for column in ("client", "phase", "records", "delta", "claimed"):
+            table.add_column(column, justify="right" if column not in ("phase",) else "left")
+        for name in ACCOUNTANTS:
+            table.add_column(names[name], justify="right")
+        table.add_column("verdict")
+        for client in report.clients:
+            claimed = "-" if client.claimed is None else f"{client.claimed:.3f}"
+            verdict = ", ".join(client.verdicts) or "ok"
+            table.add_row(str(client.client), client.phase, str(client.records), f"{client.delta:.3g}", claimed,
+                          *(f"{client.values[n]:.3f}" if client.values else "inf" for n in ACCOUNTANTS),
+                          escape(verdict))
+    else:
+        table.add_column("epsilon over clients")
+        for column in ("min", "median", "max"):
+            table.add_column(column, justify="right")
+        for name, row in report.summary().items():
+            table.add_row(names.get(name, name), *(f"{row[k]:.3f}" for k in ("min", "median", "max")))
+    console.print(table)
+    counts = report.verdict_counts()
+    if not report.private:
+        console.print("the run trained WITHOUT DP-SGD: no client has a finite epsilon", highlight=False, markup=False)
+    else:
+        for client in report.clients:
+            for reason in client.reasons:
+                console.print(f"client {client.client} ({client.phase}): {reason}", highlight=False, markup=False)
+    status = "PASS" if report.passed else "FAIL"
+    console.print(
+        f"{status}: {len(report.clients)} clients; "
+        + ", ".join(f"{name} {count}" for name, count in counts.items())
+        + ". The tightest of the four sound bounds must not exceed the target; RDP alone above it is expected "
+        "(RDP is looser than PRV/PLD). Tolerances: docs/auditing.md.",
+        highlight=False, markup=False,
+    )
+
+
 @data_app.command("summary")
 @user_errors
 def data_summary(

@@ -1,0 +1,300 @@
+"""Theoretical privacy audit of a run: every client's epsilon recomputed by independent accountants.
+
+Reads a run's ``privacy_ledger.json`` (schema ``privfer.privacy_ledger/1``,
+docs/privacy-accounting.md) and recomputes each client's epsilon from its
+accountant history ``[[sigma, q, steps], ...]`` with four accountants:
+
+* Opacus RDP and Opacus PRV (Gopi et al. 2021), the engine's own;
+* Google's ``dp-accounting`` RDP and PLD (pessimistic estimate), built on
+  ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), T)``
+  composed over the client's rounds.
+
+All four are sound upper bounds on the true epsilon of the Poisson-subsampled
+Gaussian mechanism (RDP by its conversion, PRV and PLD up to their stated
+discretization error, which their upper estimates include). Verdicts:
+
+* ``OVER BUDGET`` — no sound bound certifies the target: the smallest of the
+  four exceeds the target epsilon (RDP alone exceeding it is expected for a
+  PRV-calibrated run: RDP is looser by design), or the ledger's own claimed
+  epsilon exceeds it.
+* ``MISMATCH`` — the numbers disagree beyond what the methods explain: the
+  claimed epsilon differs from the ledger accountant's recomputation by more
+  than 0.01 + 1%; the two RDP implementations by more than 3% (different order
+  grids); PRV and PLD (both near-exact) by more than 0.05 + 3%; an RDP value
+  below PLD by more than 0.05 + 3% (RDP cannot be tighter than the exact
+  epsilon); or the entry's fields contradict its history (noise multiplier,
+  sample rate, steps).
+* ``WEAK DELTA`` — delta >= 1 / records: a mechanism that publishes one random
+  record outright would satisfy it.
+* ``NO DP`` — the run trained without DP-SGD; there is no epsilon to certify.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import warnings
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from privfer.errors import PrivferError
+from privfer.privacy.calibrate import epsilon_spent
+from privfer.privacy.ledger import SCHEMA
+
+ACCOUNTANTS = ("opacus_rdp", "opacus_prv", "dp_accounting_rdp", "dp_accounting_pld")
+OVER_BUDGET, MISMATCH, WEAK_DELTA, NO_DP = "OVER BUDGET", "MISMATCH", "WEAK DELTA", "NO DP"
+CLAIM_TOLERANCE = (0.01, 0.01)  # absolute, relative
+RDP_TOLERANCE = 0.03
+TIGHT_TOLERANCE = (0.05, 0.03)
+
+
+class LedgerError(PrivferError):
+    """A privacy ledger is missing, unreadable, or lacks a field; the message names the file and the field."""
+
+
+History = tuple[tuple[float, float, int], ...]
+
+
+@lru_cache(maxsize=4096)
+def _dp_accounting_epsilon(history: History, delta: float, kind: str) -> float:
+    import dp_accounting
+
+    events = [
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+        )
+        for sigma, q, steps in history
+    ]
+    accountant = dp_accounting.rdp.RdpAccountant() if kind == "rdp" else dp_accounting.pld.PLDAccountant()
+    # dp-accounting logs (absl) each RDP order whose series does not converge and leaves it out of the
+    # minimum; the bound stays valid, so the audit keeps the terminal quiet.
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            accountant.compose(dp_accounting.ComposedDpEvent(events))
+            return float(accountant.get_epsilon(delta))
+    finally:
+        absl.setLevel(level)
+
+
+@lru_cache(maxsize=4096)
+def recompute(history: History, delta: float) -> dict[str, float]:
+    """The four accountants' epsilons for one history at ``delta``."""
+    return {
+        "opacus_rdp": epsilon_spent(list(history), delta, "rdp"),
+        "opacus_prv": epsilon_spent(list(history), delta, "prv"),
+        "dp_accounting_rdp": _dp_accounting_epsilon(history, delta, "rdp"),
+        "dp_accounting_pld": _dp_accounting_epsilon(history, delta, "pld"),
+    }
+
+
+@dataclass
+class ClientAudit:
+    client: int
+    phase: str
+    records: int
+    delta: float
+    claimed: float | None
+    values: dict[str, float]
+    verdicts: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def certified(self) -> float | None:
+        """The tightest sound upper bound (None without DP)."""
+        return min(self.values.values()) if self.values else None
+
+
+@dataclass
+class AuditReport:
+    ledger: Path
+    accountant: str
+    target: float | None
+    private: bool
+    clients: list[ClientAudit]
+
+    @property
+    def passed(self) -> bool:
+        return all(not c.verdicts for c in self.clients)
+
+    def verdict_counts(self) -> dict[str, int]:
+        counts = {OVER_BUDGET: 0, MISMATCH: 0, WEAK_DELTA: 0, NO_DP: 0}
+        for client in self.clients:
+            for verdict in client.verdicts:
+                counts[verdict] += 1
+        return counts
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """min / median / max of each accountant and of the claimed epsilon over the clients."""
+        columns = {"claimed": [c.claimed for c in self.clients if c.claimed is not None]}
+        for name in ACCOUNTANTS:
+            columns[name] = [c.values[name] for c in self.clients if c.values]
+        return {
+            name: {"min": min(v), "median": statistics.median(v), "max": max(v)} for name, v in columns.items() if v
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ledger": str(self.ledger),
+            "accountant": self.accountant,
+            "target_epsilon": self.target,
+            "private": self.private,
+            "passed": self.passed,
+            "verdicts": self.verdict_counts(),
+            "tolerances": {
+                "claim": {"absolute": CLAIM_TOLERANCE[0], "relative": CLAIM_TOLERANCE[1]},
+                "rdp_vs_rdp_relative": RDP_TOLERANCE,
+                "prv_vs_pld": {"absolute": TIGHT_TOLERANCE[0], "relative": TIGHT_TOLERANCE[1]},
+            },
+            "summary": self.summary(),
+            "clients": [asdict(c) | {"certified": c.certified} for c in self.clients],
+        }
+
+
+def _field(entry: dict[str, Any], name: str, kind: type | tuple[type, ...], path: Path, where: str) -> Any:
+    if name not in entry:
+        raise LedgerError(f"{path}: {where} lacks the field '{name}'")
+    value = entry[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        raise LedgerError(f"{path}: {where} field '{name}' has the wrong type ({type(value).__name__})")
+    return value
+
+
+def load_ledger(path: Path | str) -> dict[str, Any]:
+    """Read and check a ledger file (a run directory is accepted too); LedgerError names file and field."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "privacy_ledger.json"
+    if not path.is_file():
+        raise LedgerError(f"{path} does not exist (a finished privfer simulate run writes it)")
+    try:
+        ledger = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LedgerError(f"{path} is not readable JSON ({exc.__class__.__name__})") from None
+    if not isinstance(ledger, dict):
+        raise LedgerError(f"{path}: the ledger must be a JSON object")
+    schema = _field(ledger, "schema", str, path, "the ledger")
+    if schema != SCHEMA:
+        raise LedgerError(f"{path}: field 'schema' is {schema!r}; this privfer reads {SCHEMA!r}")
+    _field(ledger, "accountant", str, path, "the ledger")
+    _field(ledger, "delta", (int, float), path, "the ledger")
+    _field(ledger, "private", bool, path, "the ledger")
+    clients = _field(ledger, "clients", list, path, "the ledger")
+    for index, entry in enumerate(clients):
+        where = f"clients[{index}]"
+        if not isinstance(entry, dict):
+            raise LedgerError(f"{path}: {where} must be an object")
+        _field(entry, "client", int, path, where)
+        _field(entry, "records", int, path, where)
+        _field(entry, "delta", (int, float), path, where)
+        history = _field(entry, "history", list, path, where)
+        for step, item in enumerate(history):
+            ok = (
+                isinstance(item, list)
+                and len(item) == 3
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in item)
+                and item[0] > 0
+                and 0 < item[1] <= 1
+                and item[2] >= 0
+                and float(item[2]).is_integer()
+            )
+            if not ok:
+                raise LedgerError(
+                    f"{path}: {where} field 'history[{step}]' must be [noise_multiplier > 0, 0 < sample_rate <= 1, "
+                    f"steps >= 0], got {item!r}"
+                )
+        if ledger["private"] and not history and entry.get("rounds_trained", 0):
+            raise LedgerError(f"{path}: {where} trained but its field 'history' is empty")
+    return ledger | {"_path": str(path)}
+
+
+def _close(a: float, b: float, absolute: float, relative: float) -> bool:
+    return abs(a - b) <= absolute + relative * max(abs(a), abs(b))
+
+
+def audit_ledger(ledger: dict[str, Any]) -> AuditReport:
+    """Recompute and judge every client of a loaded ledger."""
+    path = Path(ledger.get("_path", "privacy_ledger.json"))
+    accountant = ledger["accountant"]
+    target = ledger.get("target_epsilon")
+    audits = []
+    for entry in ledger["clients"]:
+        history: History = tuple((float(s), float(q), int(t)) for s, q, t in entry["history"])
+        delta = float(entry["delta"])
+        claimed = entry.get("epsilon")
+        if not ledger["private"]:
+            audit = ClientAudit(int(entry["client"]), str(entry.get("phase", "")), int(entry["records"]), delta,
+                                None, {}, [NO_DP], ["trained without DP-SGD: no finite epsilon"])
+            audits.append(audit)
+            continue
+        values = recompute(history, delta) if history else {name: 0.0 for name in ACCOUNTANTS}
+        audit = ClientAudit(int(entry["client"]), str(entry.get("phase", "")), int(entry["records"]), delta,
+                            None if claimed is None else float(claimed), values)
+        _judge(audit, entry, history, accountant, target)
+        audits.append(audit)
+    return AuditReport(path, accountant, target, bool(ledger["private"]), audits)
+
+
+def _judge(audit: ClientAudit, entry: dict, history: History, accountant: str, target: float | None) -> None:
+    values = audit.values
+    over, mismatch = [], []
+    if target is not None and audit.certified > target + 1e-9:
+        over.append(f"the tightest sound bound, {audit.certified:.4f}, exceeds the target {target:g}")
+    if target is not None and audit.claimed is not None and audit.claimed > target + 1e-9:
+        over.append(f"the claimed epsilon {audit.claimed:.4f} exceeds the target {target:g}")
+    own = {"rdp": "opacus_rdp", "prv": "opacus_prv"}.get(accountant)
+    if own is not None and audit.claimed is not None and not _close(audit.claimed, values[own], *CLAIM_TOLERANCE):
+        mismatch.append(f"claimed {audit.claimed:.4f} but {own} gives {values[own]:.4f}")
+    if history:
+        if not _close(values["opacus_rdp"], values["dp_accounting_rdp"], 0.0, RDP_TOLERANCE):
+            mismatch.append(f"the RDP accountants disagree: {values['opacus_rdp']:.4f} vs "
+                            f"{values['dp_accounting_rdp']:.4f}")
+        if not _close(values["opacus_prv"], values["dp_accounting_pld"], *TIGHT_TOLERANCE):
+            mismatch.append(f"PRV {values['opacus_prv']:.4f} and PLD {values['dp_accounting_pld']:.4f} disagree")
+        tight = values["dp_accounting_pld"]
+        slack = TIGHT_TOLERANCE[0] + TIGHT_TOLERANCE[1] * tight
+        if min(values["opacus_rdp"], values["dp_accounting_rdp"]) < tight - slack:
+            mismatch.append("an RDP bound is below the near-exact PLD value")
+        sigmas = {s for s, _, _ in history}
+        rates = {q for _, q, _ in history}
+        if entry.get("noise_multiplier") is not None and any(
+            not math.isclose(s, float(entry["noise_multiplier"]), rel_tol=1e-9) for s in sigmas
+        ):
+            mismatch.append(f"noise_multiplier {entry['noise_multiplier']} is not the history's {sorted(sigmas)}")
+        if entry.get("sample_rate") is not None and any(
+            not math.isclose(q, float(entry["sample_rate"]), rel_tol=1e-9) for q in rates
+        ):
+            mismatch.append(f"sample_rate {entry['sample_rate']} is not the history's {sorted(rates)}")
+        if entry.get("steps") is not None and int(entry["steps"]) != sum(t for _, _, t in history):
+            mismatch.append(f"steps {entry['steps']} is not the history's {sum(t for _, _, t in history)}")
+    if over:
+        audit.verdicts.append(OVER_BUDGET)
+    if mismatch:
+        audit.verdicts.append(MISMATCH)
+    if audit.records > 0 and audit.delta >= 1.0 / audit.records:
+        audit.verdicts.append(WEAK_DELTA)
+        audit.reasons.append(f"delta {audit.delta:.3g} >= 1 / {audit.records} records")
+    audit.reasons[:0] = over + mismatch
+
+
+__all__ = [
+    "ACCOUNTANTS",
+    "AuditReport",
+    "ClientAudit",
+    "LedgerError",
+    "MISMATCH",
+    "NO_DP",
+    "OVER_BUDGET",
+    "WEAK_DELTA",
+    "audit_ledger",
+    "load_ledger",
+    "recompute",
+]

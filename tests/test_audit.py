@@ -1,0 +1,152 @@
+"""privfer audit: independent accountants on a ledger, verdicts, exit codes, and the one-run estimator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from privfer.cli import app
+from privfer.fl.simulation import simulate
+from privfer.privacy.audit import MISMATCH, OVER_BUDGET, WEAK_DELTA, audit_ledger, load_ledger
+from privfer.privacy.ledger import SCHEMA
+from privfer.privacy.one_run import ceiling, epsilon_lower_bound, p_value
+from tests.conftest import small_config
+
+runner = CliRunner()
+
+
+def ledger(history, *, delta=1e-5, records=1000, claimed=None, target=2.0, accountant="prv", **entry):
+    return {
+        "schema": SCHEMA,
+        "unit": "record",
+        "private": True,
+        "accountant": accountant,
+        "target_epsilon": target,
+        "delta": delta,
+        "clients": [
+            {
+                "client": 7,
+                "phase": "training",
+                "records": records,
+                "noise_multiplier": history[0][0],
+                "sample_rate": history[0][1],
+                "history": history,
+                "steps": sum(h[2] for h in history),
+                "rounds_trained": 1,
+                "delta": delta,
+                "epsilon": claimed,
+                **entry,
+            }
+        ],
+    }
+
+
+def write(tmp_path, content) -> str:
+    path = tmp_path / "privacy_ledger.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return str(tmp_path)
+
+
+def test_accountants_match_the_published_cross_check_values(tmp_path):
+    # REFERENCES.md: q = 0.01, sigma = 1.0, 1000 steps, delta = 1e-5: RDP 2.101, PLD / PRV about 1.83.
+    report = audit_ledger(load_ledger(write(tmp_path, ledger([[1.0, 0.01, 1000]], claimed=1.83))))
+    values = report.clients[0].values
+    assert values["opacus_rdp"] == pytest.approx(2.101, abs=0.01)
+    assert values["dp_accounting_rdp"] == pytest.approx(2.101, abs=0.01)
+    assert values["opacus_prv"] == pytest.approx(1.83, abs=0.05)
+    assert values["dp_accounting_pld"] == pytest.approx(1.83, abs=0.05)
+    # RDP above the target of 2 is expected; the tightest sound bound certifies it.
+    assert report.passed, report.clients[0].reasons
+
+
+@pytest.mark.parametrize(
+    ("q", "sigma", "steps", "delta", "rdp", "tight"),
+    [(0.00427, 1.1, 14062, 1e-5, 2.597, 2.38), (0.032, 1.0, 625, 1e-4, 4.952, 4.39)],
+)
+def test_more_cross_check_values(tmp_path, q, sigma, steps, delta, rdp, tight):
+    report = audit_ledger(load_ledger(write(tmp_path, ledger([[sigma, q, steps]], delta=delta, target=None))))
+    values = report.clients[0].values
+    assert values["dp_accounting_rdp"] == pytest.approx(rdp, abs=0.02)
+    assert values["dp_accounting_pld"] == pytest.approx(tight, abs=0.06)
+
+
+def test_a_tampered_ledger_is_over_budget_and_the_command_exits_1(tmp_path):
+    honest = ledger([[1.0, 0.01, 1000]], claimed=1.83)
+    tampered = ledger([[0.7, 0.01, 1000]], claimed=1.83)  # less noise than the claim needs
+    assert audit_ledger(load_ledger(write(tmp_path, honest))).passed
+    folder = write(tmp_path, tampered)
+    report = audit_ledger(load_ledger(folder))
+    assert OVER_BUDGET in report.clients[0].verdicts and MISMATCH in report.clients[0].verdicts
+    result = runner.invoke(app, ["audit", folder])
+    assert result.exit_code == 1 and "OVER BUDGET" in result.stdout and "FAIL" in result.stdout
+    as_json = runner.invoke(app, ["audit", folder, "--json"])
+    assert as_json.exit_code == 1 and json.loads(as_json.stdout)["verdicts"]["OVER BUDGET"] == 1
+
+
+def test_fields_that_contradict_the_history_are_a_mismatch(tmp_path):
+    entry = ledger([[1.0, 0.01, 1000]], claimed=1.83)
+    entry["clients"][0]["noise_multiplier"] = 1.5  # says more noise than the history holds
+    report = audit_ledger(load_ledger(write(tmp_path, entry)))
+    assert report.clients[0].verdicts == [MISMATCH]
+
+
+def test_a_delta_of_one_over_the_records_is_weak(tmp_path):
+    report = audit_ledger(load_ledger(write(tmp_path, ledger([[1.0, 0.5, 10]], delta=0.01, records=100,
+                                                             target=None))))
+    assert WEAK_DELTA in report.clients[0].verdicts
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "is not readable JSON"),
+        ({"schema": "other/9"}, "field 'schema' is 'other/9'"),
+        ({"schema": SCHEMA, "accountant": "prv", "delta": 1e-5, "private": True}, "the ledger lacks the field 'clients'"),
+        ("HISTORY", "clients[0] field 'history[0]' must be"),
+        ("NO-HISTORY", "clients[0] lacks the field 'history'"),
+    ],
+)
+def test_a_corrupt_ledger_is_one_line_and_exit_2(tmp_path, content, message):
+    if content == "HISTORY":
+        content = ledger([[1.0, 2.0, 10]])
+    elif content == "NO-HISTORY":
+        content = ledger([[1.0, 0.1, 10]])
+        del content["clients"][0]["history"]
+    folder = write(tmp_path, content)
+    result = runner.invoke(app, ["audit", folder])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "privacy_ledger.json" in lines[0] and message in lines[0], result.stderr
+    missing = runner.invoke(app, ["audit", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "does not exist" in missing.stderr
+
+
+def test_a_real_run_passes_its_audit(small_clips, tmp_path):
+    config = small_config("privacy.epsilon=3", "federation.rounds=2", "federation.clients_per_round=3",
+                          "aggregation.backend=plain", "privacy.accountant=rdp", "output.save_model=false")
+    simulate(config, tmp_path, clips=small_clips)
+    report = audit_ledger(load_ledger(tmp_path))
+    assert report.passed and len(report.clients) >= 3
+    result = runner.invoke(app, ["audit", str(tmp_path), "--per-client"])
+    assert result.exit_code == 0 and "PASS" in result.stdout
+
+
+# -- the one-run estimator (Steinke, Nasr, Jagielski 2023) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("r", "zero_delta", "with_delta"), [(10, 1.05, 1.01), (50, 2.78, 2.76), (100, 3.49, 3.47),
+                                                             (500, 5.11, 5.09)])
+def test_one_run_ceiling_matches_the_papers_values(r, zero_delta, with_delta):
+    assert ceiling(1000, r, 0.0) == pytest.approx(zero_delta, abs=0.01)
+    assert ceiling(1000, r, 1e-5) == pytest.approx(with_delta, abs=0.01)
+
+
+def test_one_run_bound_is_zero_at_chance_and_grows_with_correct_guesses():
+    assert epsilon_lower_bound(1000, 100, 50) == 0.0  # coin-flip accuracy certifies nothing
+    bounds = [epsilon_lower_bound(1000, 100, v, 1e-5) for v in (60, 75, 90, 100)]
+    assert bounds == sorted(bounds) and bounds[0] < bounds[-1] == pytest.approx(3.47, abs=0.01)
+    eps = bounds[2]
+    assert p_value(eps, 1000, 100, 90, 1e-5) == pytest.approx(0.05, abs=1e-3)  # the bound sits at p = 0.05
+    assert p_value(eps * 0.9, 1000, 100, 90, 1e-5) < 0.05 < p_value(eps * 1.1, 1000, 100, 90, 1e-5)

@@ -310,25 +310,122 @@ def print_simulation(result: dict[str, Any], run_dir: Path) -> None:
 
 @app.command()
 def audit(
-    run: Path = typer.Argument(..., help="A run directory (or its privacy_ledger.json)."),
+    run: Optional[Path] = typer.Argument(None, help="A run directory (or its privacy_ledger.json)."),
     as_json: bool = typer.Option(False, "--json", help="Print the audit as JSON."),
     per_client: Optional[bool] = typer.Option(
         None, "--per-client/--summary", help="One row per client (default up to 20 clients) or min/median/max."
     ),
+    empirical: bool = typer.Option(
+        False, "--empirical", help="Canary audit (one training run): on RUN's config, or on --config/--set."
+    ),
+    kind: str = typer.Option("whitebox", "--kind", help="Canaries: whitebox (gradients), blackbox (clips), both."),
+    canaries: int = typer.Option(1000, "--canaries", help="Canaries m (each included with probability 1/2)."),
+    guesses: int = typer.Option(100, "--guesses", help="Guesses r (half 'in', half 'out'; even)."),
+    seeds: int = typer.Option(1, "--seeds", help="Audit runs per setting."),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="Epsilons to audit, e.g. 1,4,inf (inf: DP off)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of lower bound vs claimed epsilon."),
+    audit_delta: float = typer.Option(1e-5, "--audit-delta", help="Delta of the bound and of the claim."),
+    epsilon: Optional[float] = typer.Option(None, "--epsilon", "-e", help="Without RUN: the epsilon to audit."),
+    config: Optional[Path] = ConfigOption,
+    data: Optional[Path] = DataOption,
+    overrides: Optional[List[str]] = SetOption,
 ) -> None:
-    """Recompute every client's epsilon with four accountants; exit 0 if all pass, 1 on any failed verdict."""
-    from privfer.privacy.audit import audit_ledger, load_ledger
-
+    """Check a run's privacy budget: recompute epsilons (exit 0 pass, 1 fail), or audit empirically with canaries."""
     try:
-        report = audit_ledger(load_ledger(run))
-    except PrivferError as exc:
+        if empirical:
+            passed = run_empirical_audit(run, as_json, kind, canaries, guesses, seeds, sweep, plot, audit_delta,
+                                         epsilon, config, data, overrides)
+        else:
+            if run is None:
+                raise UsageError("privfer audit needs a run directory (or --empirical)")
+            from privfer.privacy.audit import audit_ledger, load_ledger
+
+            report = audit_ledger(load_ledger(run))
+            if as_json:
+                console.print_json(json.dumps(report.to_dict()))
+            else:
+                print_audit(report, per_client if per_client is not None else len(report.clients) <= 20)
+            passed = report.passed
+    except (PrivferError, ValueError) as exc:
         print_error(str(exc))
         raise typer.Exit(2) from None
-    if as_json:
-        console.print_json(json.dumps(report.to_dict()))
+    raise typer.Exit(0 if passed else 1)
+
+
+class UsageError(PrivferError):
+    """A command was called with options that do not fit together."""
+
+
+def _epsilons(text: str) -> list[Optional[float]]:
+    values: list[Optional[float]] = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        try:
+            value = float(part)
+        except ValueError:
+            raise UsageError(f"--sweep takes numbers or inf separated by commas, got {part!r}") from None
+        if not value > 0:
+            raise UsageError(f"--sweep epsilons must be > 0, got {part}")
+        values.append(None if value == float("inf") else value)
+    return values
+
+
+def run_empirical_audit(run, as_json, kind, canaries, guesses, seeds, sweep, plot, audit_delta, epsilon, config,
+                        data, overrides) -> bool:
+    from privfer.config import load_config
+    from privfer.data import load_clips
+    from privfer.privacy.empirical import KINDS, audit_ceiling, plot_sweep, run_sweep
+
+    kinds = KINDS if kind == "both" else (kind,)
+    if kind != "both" and kind not in KINDS:
+        raise UsageError(f"--kind must be whitebox, blackbox or both, got {kind!r}")
+    if canaries < 2 or not 2 <= guesses <= canaries or guesses % 2 or seeds < 1:
+        raise UsageError(f"need 2 <= --guesses (even) <= --canaries and --seeds >= 1, got {guesses}, {canaries}, "
+                         f"{seeds}")
+    if not 0 < audit_delta < 1:
+        raise UsageError(f"--audit-delta must be in (0, 1), got {audit_delta}")
+    if run is not None:
+        folder = run if run.is_dir() else run.parent
+        if not (folder / "config.yaml").is_file():
+            raise UsageError(f"{folder} holds no config.yaml (a privfer simulate run directory does)")
+        cfg = load_config(folder / "config.yaml", [f"privacy.epsilon={epsilon}"] if epsilon else [])
     else:
-        print_audit(report, per_client if per_client is not None else len(report.clients) <= 20)
-    raise typer.Exit(0 if report.passed else 1)
+        cfg = resolve_config(config, overrides, data, **{"privacy.epsilon": epsilon})
+    epsilons = _epsilons(sweep) if sweep else [cfg.privacy.epsilon if cfg.privacy.enabled else None]
+    ceiling = audit_ceiling(canaries, guesses, audit_delta)
+    if not as_json:
+        errors.print(f"{canaries} canaries, {guesses} guesses, delta {audit_delta:g}: the largest lower bound this "
+                     f"audit can certify is {ceiling:.2f}", highlight=False, markup=False)
+    clips = load_clips(cfg.data)
+    results = []
+    with errors.status("training with canaries", spinner="dots") if not as_json else _nothing():
+        results = run_sweep(cfg, epsilons, kinds=kinds, seeds=seeds, canaries=canaries, guesses=guesses,
+                            clips=clips, delta=audit_delta)
+    violations = [r for r in results if r.claimed_epsilon is not None and r.epsilon_lower_bound > r.claimed_epsilon]
+    if plot is not None:
+        plot_sweep(results, plot)
+    if as_json:
+        console.print_json(json.dumps({"ceiling": ceiling, "passed": not violations,
+                                       "audits": [r.to_dict() for r in results]}))
+        return not violations
+    table = Table(title=f"one-run canary audit (client {results[0].client}, {results[0].records} clips; "
+                  f"delta {audit_delta:g})", title_justify="left")
+    for column in ("canaries", "epsilon claimed", "sigma", "steps", "correct", "lower bound", "verdict"):
+        table.add_column(column, justify="left" if column in ("canaries", "verdict") else "right")
+    for r in results:
+        claimed = "inf (DP off)" if r.claimed_epsilon is None else f"{r.claimed_epsilon:.3f}"
+        verdict = "VIOLATION" if r in violations else ("power" if r.claimed_epsilon is None else "ok")
+        table.add_row(r.kind, claimed, f"{r.noise_multiplier:.3f}", str(r.steps), f"{r.correct}/{r.guesses}",
+                      f"{r.epsilon_lower_bound:.3f}", verdict)
+    console.print(table)
+    console.print(
+        ("FAIL: an empirical lower bound exceeds the claimed epsilon" if violations else
+         "PASS: no empirical lower bound exceeds the claimed epsilon")
+        + f" (ceiling {ceiling:.2f}); a bound below the claim is what DP promises, not a proof of it."
+        + (f" Plot: {plot}" if plot is not None else ""),
+        highlight=False, markup=False,
+    )
+    return not violations
 
 
 def print_audit(report: Any, per_client: bool) -> None:

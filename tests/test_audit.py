@@ -150,3 +150,42 @@ def test_one_run_bound_is_zero_at_chance_and_grows_with_correct_guesses():
     eps = bounds[2]
     assert p_value(eps, 1000, 100, 90, 1e-5) == pytest.approx(0.05, abs=1e-3)  # the bound sits at p = 0.05
     assert p_value(eps * 0.9, 1000, 100, 90, 1e-5) < 0.05 < p_value(eps * 1.1, 1000, 100, 90, 1e-5)
+
+
+# -- empirical canary audit ----------------------------------------------------------------------------------
+
+AUDIT = ("federation.rounds=3", "privacy.accountant=rdp")
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 4.0])
+def test_the_canary_audit_never_certifies_more_than_the_claim(small_clips, epsilon):
+    from privfer.privacy.empirical import run_canary_audit
+
+    for seed in range(3):
+        result = run_canary_audit(small_config(*AUDIT, f"privacy.epsilon={epsilon}"), seed=seed, clips=small_clips)
+        assert result.claimed_epsilon is not None and result.noise_multiplier > 0
+        assert result.epsilon_lower_bound <= result.claimed_epsilon, result
+
+
+@pytest.mark.parametrize("kind", ["whitebox", "blackbox"])
+def test_without_dp_the_canary_audit_has_power(small_clips, kind):
+    from privfer.privacy.empirical import run_canary_audit
+
+    bounds = [run_canary_audit(small_config(*AUDIT), kind=kind, seed=seed, clips=small_clips).epsilon_lower_bound
+              for seed in range(2)]
+    assert min(bounds) > 1.0, bounds
+
+
+def test_the_empirical_command_prints_the_ceiling_first_and_plots(small_clips, tmp_path):
+    from tests.test_cli import SETS
+
+    plot = tmp_path / "audit.png"
+    result = runner.invoke(app, ["audit", "--empirical", "--sweep", "2,inf", "--canaries", "200", "--guesses", "40",
+                                 *SETS, "--set", "federation.rounds=2", "--set", "privacy.accountant=rdp",
+                                 "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("200 canaries, 40 guesses, delta 1e-05: the largest lower bound")
+    assert "PASS" in result.stdout and "inf (DP off)" in result.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = runner.invoke(app, ["audit", "--empirical", "--guesses", "3"])
+    assert bad.exit_code == 2 and "even" in bad.stderr

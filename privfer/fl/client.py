@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -78,8 +79,14 @@ class FLClient:
         *,
         history: History | None = None,
         seed: int = 0,
+        before_step: Callable[[torch.nn.Module], None] | None = None,
     ) -> LocalUpdate:
-        """Train from ``state`` (shared + personal parameters) and return the update of ``shared``."""
+        """Train from ``state`` (shared + personal parameters) and return the update of ``shared``.
+
+        ``before_step(model)`` runs after each backward pass and before the
+        optimizer step (with DP: ``p.grad`` holds the clipped sum, before
+        noise) — the privacy audit inserts its gradient canaries there.
+        """
         torch.manual_seed(seed)  # Poisson sampling, DP noise (noise_source run_seed), dropout, shuffling
         private = plan.noise_multiplier is not None
         model = VFER.from_config(config.model, self.features.shape[-1], private=private)
@@ -120,6 +127,8 @@ class FLClient:
                     optimizer.zero_grad(set_to_none=True)
                     loss = criterion(module(x), y)
                     loss.backward()
+                    if before_step is not None:
+                        before_step(model)
                     optimizer.step()  # an empty Poisson batch still takes a (noise-only) step
                     total += float(loss.item()) * len(x)
                     steps += 1

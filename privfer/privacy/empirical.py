@@ -1,0 +1,252 @@
+"""Empirical privacy audit with one training run (Steinke, Nasr and Jagielski 2023).
+
+One client — the training actor with the most clips, trained as the
+worst-case client of the run's plan (every round, same noise multiplier,
+sample rate, clipping bound, optimizer and learning rate) — gets m canaries,
+each included independently with probability 1/2. After its whole-run
+training the auditor scores every canary, guesses "included" for the r/2
+highest scores and "excluded" for the r/2 lowest, and turns the number of
+correct guesses into a 95%-confidence lower bound on epsilon
+(:mod:`privfer.privacy.one_run`). Two canary kinds:
+
+* ``whitebox`` — gradient canaries: canary j is a record whose clipped
+  gradient is ``C e_j`` for a coordinate j of the model (a Dirac direction of
+  the largest norm DP-SGD allows). Like every record it is Poisson-sampled at
+  each step with the client's sample rate, and it enters the clipped sum
+  before the noise. Score: minus the client's total update at coordinate j —
+  what a server that saw the update could compute.
+* ``blackbox`` — input canaries: clips of random frames with a random label,
+  added to the client's data. Score: minus the canary's loss on the final
+  model.
+
+The bound is only as strong as the attack: a bound below the claimed epsilon
+is what DP promises, not a proof of it; a bound above it is evidence of a bug.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from privfer.config import PrivferConfig
+from privfer.data.clips import ClipSet
+from privfer.fl.client import FLClient, LocalTraining
+from privfer.fl.simulation import TRAINING, prepare_federation
+from privfer.models.vfer import VFER
+from privfer.privacy.dpsgd import LabelLoss
+from privfer.privacy.calibrate import epsilon_spent
+from privfer.privacy.one_run import ceiling, epsilon_lower_bound
+
+KINDS = ("whitebox", "blackbox")
+
+
+@dataclass
+class CanaryAudit:
+    """The outcome of one canary audit."""
+
+    kind: str
+    canaries: int
+    guesses: int
+    correct: int
+    epsilon_lower_bound: float
+    ceiling: float
+    claimed_epsilon: float | None  # None: trained without DP
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    client: int
+    records: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def audit_ceiling(canaries: int, guesses: int, delta: float) -> float:
+    """The largest bound this many canaries and guesses can certify (every guess right)."""
+    return ceiling(canaries, guesses, delta)
+
+
+def _check(canaries: int, guesses: int) -> None:
+    if canaries < 2 or guesses < 2 or guesses > canaries or guesses % 2:
+        raise ValueError(f"need 2 <= guesses <= canaries and an even number of guesses, got {guesses} of {canaries}")
+
+
+def run_canary_audit(
+    config: PrivferConfig,
+    *,
+    kind: str = "whitebox",
+    canaries: int = 1000,
+    guesses: int = 100,
+    seed: int = 0,
+    clips: ClipSet | None = None,
+    delta: float = 1e-5,
+) -> CanaryAudit:
+    """Train the run's worst-case client once with m canaries and bound epsilon from below.
+
+    Both the bound and the claim it is compared with are stated at ``delta``
+    (the accountant gives the claimed epsilon at any delta): the one-run bound
+    pays ``2 m delta``, so at a run's own delta of about 1e-3 a thousand
+    canaries could certify almost nothing.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    _check(canaries, guesses)
+    started = time.perf_counter()
+    federation = prepare_federation(config.model_copy(update={"federation": config.federation.model_copy(
+        update={"adaptation": False})}), clips)
+    clients = federation.clients[TRAINING]
+    client_id = max(clients, key=lambda c: (clients[c].records, -c))
+    client, plan = clients[client_id], federation.plans[TRAINING][client_id]
+    sigma = plan.noise_multiplier if plan.noise_multiplier is not None else 0.0  # DP off: clipping, no noise
+    rng = np.random.default_rng([seed, 0xA0D17])
+    included = rng.random(canaries) < 0.5
+
+    torch.manual_seed(config.seed)
+    model = VFER.from_config(config.model, federation.feature_dim, private=True)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    sizes = [model.get_parameter(n).numel() for n in names]
+    fed = config.federation
+    local = LocalTraining(lr=fed.local_lr, epochs=fed.local_epochs, batch_size=config.training.batch_size,
+                          noise_multiplier=sigma, max_grad_norm=config.privacy.max_grad_norm,
+                          accountant=config.privacy.accountant, noise_source=config.privacy.noise_source,
+                          weight_decay=config.training.weight_decay, optimizer=fed.local_optimizer)
+    step_rng = np.random.default_rng([seed, 0x57E9])
+
+    trainer = client
+    before_step = None
+    if kind == "whitebox":
+        coordinates = rng.choice(sum(sizes), size=canaries, replace=False)
+        offsets = np.cumsum([0, *sizes])
+        members = coordinates[included]
+
+        def before_step(module: torch.nn.Module) -> None:
+            # Each included canary is a record: Poisson-sampled with the client's rate, gradient C e_j.
+            sampled = members[step_rng.random(len(members)) < plan.sample_rate]
+            for index, name in enumerate(names):
+                mine = sampled[(sampled >= offsets[index]) & (sampled < offsets[index + 1])] - offsets[index]
+                if len(mine) == 0:
+                    continue
+                parameter = module.get_parameter(name)
+                if parameter.grad is None:
+                    parameter.grad = torch.zeros_like(parameter)
+                parameter.grad.view(-1)[torch.from_numpy(mine)] += config.privacy.max_grad_norm
+    else:
+        frames = rng.normal(size=(canaries, client.features.shape[1], client.features.shape[2])).astype(np.float32)
+        frames *= float(client.features.std())
+        labels = rng.integers(0, 6, size=canaries)
+        targets = np.eye(6, dtype=np.float32)[labels] if client.targets.dtype.is_floating_point else labels
+        trainer = FLClient(
+            client_id,
+            np.concatenate([client.features.numpy(), frames[included]]),
+            np.concatenate([client.targets.numpy(), targets[included]]),
+        )
+
+    state, history = dict(start), []
+    for round_index in range(1, fed.rounds + 1):  # the worst case: every round, continuing from its own model
+        update = trainer.fit(config, state, list(state), local, history=history,
+                             seed=seed * 100_003 + round_index, before_step=before_step)
+        history = update.history
+        state = {name: state[name] + update.delta[name] for name in state}
+
+    if kind == "whitebox":
+        total = torch.cat([(state[n] - start[n]).reshape(-1) for n in names]).numpy()
+        scores = -total[coordinates]  # gradient descent moves against the canary's +C e_j
+    else:
+        model.load_state_dict(state)
+        model.eval()
+        with torch.no_grad():
+            logits = model(torch.from_numpy(frames))
+            target = torch.from_numpy(targets)
+            scores = -LabelLoss("none")(logits, target).numpy()
+    order = np.argsort(scores, kind="stable")
+    half = guesses // 2
+    correct = int(included[order[-half:]].sum() + (~included[order[:half]]).sum())
+    return CanaryAudit(
+        kind=kind,
+        canaries=canaries,
+        guesses=guesses,
+        correct=correct,
+        epsilon_lower_bound=epsilon_lower_bound(canaries, guesses, correct, delta),
+        ceiling=audit_ceiling(canaries, guesses, delta),
+        # What the accountant says this training (canaries included) spent: the claim the bound is held to.
+        claimed_epsilon=epsilon_spent(history, delta, config.privacy.accountant) if sigma > 0 else None,
+        noise_multiplier=sigma,
+        sample_rate=plan.sample_rate,
+        steps=sum(int(t) for _, _, t in history),
+        delta=delta,
+        client=client_id,
+        records=client.records,
+        seconds=time.perf_counter() - started,
+    )
+
+
+
+
+def run_sweep(
+    config: PrivferConfig,
+    epsilons: list[float | None],
+    *,
+    kinds: tuple[str, ...] = ("whitebox",),
+    seeds: int = 1,
+    canaries: int = 1000,
+    guesses: int = 100,
+    clips: ClipSet | None = None,
+    delta: float = 1e-5,
+    on_result=None,
+) -> list[CanaryAudit]:
+    """One canary audit per epsilon (None: DP off), kind and seed, on the same config otherwise."""
+    results = []
+    for epsilon in epsilons:
+        setting = config.model_copy(update={"privacy": config.privacy.model_copy(update={"epsilon": epsilon})})
+        for kind in kinds:
+            for seed in range(seeds):
+                result = run_canary_audit(setting, kind=kind, canaries=canaries, guesses=guesses, seed=seed,
+                                          clips=clips, delta=delta)
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
+    return results
+
+
+def plot_sweep(results: list[CanaryAudit], path) -> None:
+    """PNG: empirical lower bound against the claimed epsilon, one marker per kind; DP off at the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = [r.claimed_epsilon for r in results if r.claimed_epsilon is not None]
+    right = 1.5 * max(finite) if finite else 10.0
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    top = max([right] + [r.ceiling for r in results])
+    ax.plot([0, top], [0, top], color="grey", linestyle="--", label="lower bound = claimed epsilon")
+    for kind, marker in zip(KINDS, ("o", "s")):
+        mine = [r for r in results if r.kind == kind]
+        if not mine:
+            continue
+        xs = [r.claimed_epsilon if r.claimed_epsilon is not None else right for r in mine]
+        ax.scatter(xs, [r.epsilon_lower_bound for r in mine], marker=marker, label=f"{kind} canaries", zorder=3)
+    ceiling_value = max(r.ceiling for r in results)
+    ax.axhline(ceiling_value, color="tab:red", linewidth=0.8, label=f"ceiling ({results[0].canaries} canaries, "
+               f"{results[0].guesses} guesses): {ceiling_value:.2f}")
+    ax.axvline(right, color="black", linewidth=0.5)
+    ax.text(right, 0.02 * top, " DP off", rotation=90, va="bottom")
+    ax.set_xlabel(f"claimed epsilon (accountant, delta {results[0].delta:g})")
+    ax.set_ylabel("empirical epsilon lower bound (95%)")
+    ax.set_xlim(0, right * 1.08)
+    ax.set_ylim(0, top * 1.05)
+    ax.set_title("One-run privacy audit (Steinke, Nasr, Jagielski 2023)")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["CanaryAudit", "KINDS", "audit_ceiling", "plot_sweep", "run_canary_audit", "run_sweep"]

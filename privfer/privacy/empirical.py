@@ -227,11 +227,12 @@ def plot_sweep(results: list[CanaryAudit], path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     top = max([right] + [r.ceiling for r in results])
     ax.plot([0, top], [0, top], color="grey", linestyle="--", label="lower bound = claimed epsilon")
-    for kind, marker in zip(KINDS, ("o", "s")):
+    for kind, marker, side in zip(KINDS, ("o", "s"), (-1, 1)):
         mine = [r for r in results if r.kind == kind]
         if not mine:
             continue
-        xs = [r.claimed_epsilon if r.claimed_epsilon is not None else right for r in mine]
+        # DP-off points sit on the right edge, the two kinds side by side so neither hides the other.
+        xs = [r.claimed_epsilon if r.claimed_epsilon is not None else right * (1 + 0.025 * side) for r in mine]
         ax.scatter(xs, [r.epsilon_lower_bound for r in mine], marker=marker, label=f"{kind} canaries", zorder=3)
     ceiling_value = max(r.ceiling for r in results)
     ax.axhline(ceiling_value, color="tab:red", linewidth=0.8, label=f"ceiling ({results[0].canaries} canaries, "

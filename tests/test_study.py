@@ -1,0 +1,103 @@
+"""Studies: grid expansion and validation, resume without loss or duplicates, failures isolated, reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from privfer.cli import app
+from privfer.errors import ConfigError
+from privfer.study import load_spec, run_study, write_report
+from tests.conftest import SMALL
+
+runner = CliRunner()
+BASE = {item.split("=")[0]: yaml.safe_load(item.split("=", 1)[1]) for item in SMALL if "epochs" not in item}
+BASE.update({"federation.rounds": 1, "federation.clients_per_round": 2, "federation.adaptation": False,
+             "aggregation.backend": "plain", "privacy.accountant": "rdp", "output.save_model": False})
+
+
+def write_spec(tmp_path, grid, seeds=(0,), **extra):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "base": BASE, "grid": grid, "seeds": list(seeds), **extra}))
+    return path
+
+
+def test_the_grid_expands_to_every_combination_with_validated_configs(tmp_path):
+    spec, cells = load_spec(write_spec(tmp_path, {"privacy.epsilon": [1, "inf"],
+                                                  "federation.strategy": ["fedavg", "fedper"]}, seeds=(0, 1)))
+    assert len(cells) == 2 * 2 * 2 and len({c.id for c in cells}) == 8
+    first = cells[0]
+    assert first.config.privacy.epsilon == 1 and first.config.federation.strategy == "fedavg" and first.seed == 0
+    assert cells[-1].config.privacy.epsilon == math.inf and cells[-1].config.federation.strategy == "fedper"
+    assert all(c.config.federation.rounds == 1 for c in cells)
+
+
+@pytest.mark.parametrize(
+    ("grid", "extra", "message"),
+    [
+        ({"privacy.epsilonn": [1]}, {}, "privacy.epsilonn: unknown setting"),
+        ({"privacy.epsilon": [-1]}, {}, "privacy.epsilon = -1"),
+        ({"privacy.epsilon": []}, {}, "grid field privacy.epsilon has no values"),
+        ({"seed": [1, 2]}, {}, "use 'seeds'"),
+        ({"privacy.epsilon": [1]}, {"colour": "red"}, "colour: unknown setting"),
+    ],
+)
+def test_bad_specs_are_clear_errors_before_anything_runs(tmp_path, grid, extra, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_spec(write_spec(tmp_path, grid, **extra))
+
+
+def finished(folder):
+    return sorted(p.parent.name for p in (folder / "cells").glob("*/result.json"))
+
+
+def test_a_killed_study_resumes_without_losing_or_repeating_cells(tmp_path):
+    spec, cells = load_spec(write_spec(tmp_path, {"privacy.epsilon": [2, "inf"]}, seeds=(0, 1)))
+    folder = tmp_path / "study"
+    run_study(spec, cells[:2], folder, workers=1)  # "killed" after two cells
+    before = {cid: (folder / "cells" / cid / "result.json").stat().st_mtime_ns for cid in finished(folder)}
+    outcomes = run_study(spec, cells, folder, workers=2)
+    assert [o.status for o in outcomes] == ["skipped", "skipped", "done", "done"]
+    assert finished(folder) == sorted(c.id for c in cells)
+    for cid, stamp in before.items():  # finished cells were not run again
+        assert (folder / "cells" / cid / "result.json").stat().st_mtime_ns == stamp
+    rows = write_report(cells, folder, spec.name)
+    assert len(rows) == 4 and len({r["cell"] for r in rows}) == 4
+
+
+def test_a_failing_cell_is_isolated_and_reported(tmp_path):
+    spec, cells = load_spec(write_spec(tmp_path, {"federation.clients_per_round": [2, 500]}))
+    outcomes = run_study(spec, cells, tmp_path / "study", workers=2)
+    statuses = {o.cell.values["federation.clients_per_round"]: o for o in outcomes}
+    assert statuses[2].status == "done"
+    assert statuses[500].status == "failed" and "clients_per_round = 500" in statuses[500].error
+    error = json.loads((tmp_path / "study" / "cells" / statuses[500].cell.id / "error.json").read_text())
+    assert "clients_per_round" in error["error"]
+
+
+def test_the_command_runs_reports_and_regenerates(tmp_path):
+    spec = write_spec(tmp_path, {"privacy.epsilon": [3, "inf"], "federation.strategy": ["fedavg", "fedper"]})
+    folder = tmp_path / "study"
+    result = runner.invoke(app, ["study", str(spec), "--out", str(folder), "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    for name in ("study.csv", "study.md", "privacy_utility.png", "per_class_f1.png", "spec.yaml"):
+        assert (folder / name).is_file()
+    with open(folder / "study.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and {r["privacy.epsilon"] for r in rows} == {"3.0", "inf"}
+    assert all(0 <= float(r["macro_f1"]) <= 1 and "f1_anger" in r for r in rows)
+    table = (folder / "study.md").read_text()
+    assert "| epsilon | fedavg | fedper |" in table and "| inf |" in table
+    (folder / "study.md").unlink()
+    (folder / "privacy_utility.png").unlink()
+    again = runner.invoke(app, ["study", "report", str(folder)])
+    assert again.exit_code == 0 and (folder / "study.md").read_text() == table
+    assert (folder / "privacy_utility.png").read_bytes()[:4] == b"\x89PNG"
+    other = write_spec(tmp_path, {"privacy.epsilon": [5]})
+    refused = runner.invoke(app, ["study", str(other), "--out", str(folder)])
+    assert refused.exit_code == 2 and "another spec" in refused.stderr

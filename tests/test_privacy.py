@@ -41,6 +41,12 @@ def test_accountants_agree_with_the_published_cross_check_values():
     assert epsilon_spent([(1.0, 0.01, 1000)], 1e-5, "prv") == pytest.approx(1.83, abs=0.05)
 
 
+def test_a_huge_budget_with_one_full_batch_step_is_reachable_with_prv():
+    # PRV cannot evaluate the tiny noise RDP suggests here (its discretization check fails): look higher.
+    sigma = calibrate_noise(1000.0, 1 / 820, 1.0, 1, "prv")
+    assert 0 < sigma < 1 and epsilon_spent([(sigma, 1.0, 1)], 1 / 820, "prv") <= 1000.0
+
+
 def test_an_unreachable_budget_is_a_clear_error_with_the_numbers():
     with pytest.raises(PrivacyBudgetError) as caught:
         calibrate_noise(0.05, 1e-5, 1.0, 500, "prv", max_noise_multiplier=20, records=12)

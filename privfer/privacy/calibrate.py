@@ -101,7 +101,9 @@ def _noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: i
         if sigma not in seen:
             try:
                 seen[sigma] = epsilon_spent([(sigma, sample_rate, steps)], delta, accountant)
-            except MemoryError:  # PRV's grid grows without bound as the noise shrinks: far too little noise
+            except (MemoryError, RuntimeError, ValueError, OverflowError, FloatingPointError):
+                # PRV's grid grows without bound (or its discretization check fails) as the noise shrinks:
+                # treat such a sigma as too little noise and look higher.
                 seen[sigma] = math.inf
         return seen[sigma]
 

@@ -78,6 +78,8 @@ def test_a_failing_cell_is_isolated_and_reported(tmp_path):
     assert statuses[500].status == "failed" and "clients_per_round = 500" in statuses[500].error
     error = json.loads((tmp_path / "study" / "cells" / statuses[500].cell.id / "error.json").read_text())
     assert "clients_per_round" in error["error"]
+    again = run_study(spec, cells, tmp_path / "study", workers=1)  # a re-run retries the failed cell only
+    assert [o.status for o in again] == ["skipped", "failed"] and "clients_per_round = 500" in again[1].error
 
 
 def test_the_command_runs_reports_and_regenerates(tmp_path):

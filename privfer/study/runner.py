@@ -76,6 +76,10 @@ def run_study(
             if on_outcome is not None:
                 on_outcome(outcomes[cell.id])
         else:
+            folder = directory / "cells" / cell.id
+            (folder / ERROR).unlink(missing_ok=True)  # a retry: the old failure is superseded
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()  # it failed before the run directory was made
             pending.append(cell)
     count = workers or worker_count(spec, len(pending))
     threads = max(1, (os.cpu_count() or 1) // max(count, 1))

@@ -238,7 +238,7 @@ def audit_ledger(ledger: dict[str, Any]) -> AuditReport:
         values = recompute(history, delta) if history else {name: 0.0 for name in ACCOUNTANTS}
         audit = ClientAudit(int(entry["client"]), str(entry.get("phase", "")), int(entry["records"]), delta,
                             None if claimed is None else float(claimed), values)
-        _judge(audit, entry, history, accountant, target)
+        _judge(audit, entry, history, str(entry.get("accountant", accountant)), target)
         audits.append(audit)
     return AuditReport(path, accountant, target, bool(ledger["private"]), audits)
 

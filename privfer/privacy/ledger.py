@@ -28,8 +28,15 @@ History = list[tuple[float, float, int]]
 
 
 @lru_cache(maxsize=1024)
-def _cached_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
-    return epsilon_spent(list(history), delta, accountant)
+def _cached_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> tuple[float, str]:
+    """Epsilon and the accountant that gave it: PRV's discretization fails for extreme budgets (epsilon in the
+    hundreds), and then the RDP bound — looser, still sound — is recorded with its name."""
+    try:
+        return epsilon_spent(list(history), delta, accountant), accountant
+    except (RuntimeError, ValueError, MemoryError, OverflowError, FloatingPointError):
+        if accountant == "rdp":
+            raise
+        return epsilon_spent(list(history), delta, "rdp"), "rdp"
 
 
 @dataclass
@@ -53,9 +60,10 @@ class ClientAccount:
         self.history = [(float(s), float(q), int(t)) for s, q, t in history]
         self.rounds_trained += 1
 
-    def epsilon(self, delta: float, accountant: str) -> float | None:
+    def epsilon(self, delta: float, accountant: str) -> tuple[float | None, str]:
+        """(epsilon, accountant used); (None, accountant) without DP."""
         if self.noise_multiplier is None:
-            return None  # trained without DP: no finite epsilon
+            return None, accountant  # trained without DP: no finite epsilon
         return _cached_epsilon(tuple(self.history), float(delta), accountant)
 
     def to_state(self) -> dict[str, Any]:
@@ -89,7 +97,7 @@ def build_ledger(
     """The ledger dictionary (JSON-safe) with each client's epsilon computed by ``accountant``."""
     clients = []
     for account in sorted(accounts, key=lambda a: (a.phase, a.client)):
-        epsilon = account.epsilon(delta, accountant)
+        epsilon, used = account.epsilon(delta, accountant)
         clients.append(
             {
                 **account.to_state(),
@@ -97,6 +105,7 @@ def build_ledger(
                 "max_rounds": max_rounds.get(account.phase, 0),
                 "delta": delta,
                 "epsilon": epsilon,
+                "accountant": used,
             }
         )
     spent = [c["epsilon"] for c in clients if c["epsilon"] is not None]

@@ -152,10 +152,13 @@ class PrivacyConfig(_Section):
         "record", description="Privacy unit: one clip (record-level DP-SGD on each client; client-level DP is not built yet)."
     )
     max_grad_norm: float = Field(1.0, gt=0.0, le=1e6, description="Per-sample gradient clipping bound.")
-    accountant: Literal["prv", "rdp", "gdp"] = Field("prv", description="Opacus accountant used for calibration.")
-    noise_source: Literal["run_seed", "os"] = Field(
-        "run_seed",
-        description="DP noise and Poisson sampling seeded from the run seed (reproducible), or from the OS CSPRNG.",
+    accountant: Literal["prv", "rdp"] = Field(
+        "prv", description="Opacus accountant for calibration and the ledger (both sound upper bounds)."
+    )
+    noise_source: Literal["run_key", "os", "run_seed"] = Field(
+        "run_key",
+        description="DP noise and Poisson sampling from a secret per-run key (resumable), fresh OS randomness, "
+        "or the public run seed (reproducible experiments only: anyone with the config can recompute the noise).",
     )
     max_noise_multiplier: float = Field(
         50.0, gt=0.0, le=1e4, description="A budget that needs more noise than this is refused as unreachable."

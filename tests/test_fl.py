@@ -116,7 +116,7 @@ class Killed(Exception):
 
 
 def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(small_clips, tmp_path):
-    overrides = ("privacy.epsilon=6", "aggregation.backend=plain", "federation.rounds=4",
+    overrides = ("privacy.epsilon=6", "privacy.noise_source=run_seed", "aggregation.backend=plain", "federation.rounds=4",
                  "federation.adaptation=true", "output.save_model=true")
     whole = run(small_clips, *overrides, run_dir=tmp_path / "whole")
 
@@ -137,7 +137,7 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(small_clips, tmp_
     assert ledgers[0] == ledgers[1]
 
 
-def test_fedper_heads_never_reach_the_aggregator(small_clips, monkeypatch):
+def test_fedper_round_updates_never_carry_the_heads(small_clips, monkeypatch):
     seen_names = []
 
     def spy(updates, *args, **kwargs):
@@ -156,7 +156,7 @@ def test_dropouts_exclude_clients_that_never_sent_their_input(small_clips):
     records = []
     run(small_clips, "federation.dropout=0.4", "federation.rounds=4", "federation.clients_per_round=8",
         on_round=records.append)
-    assert any(r.dropouts for r in records)
+    assert any(r.dropouts and r.aborted is None for r in records)  # some round completed despite dropouts
     for record in records:
         excluded = {int(c) for c, stage in record.dropouts.items()
                     if stage in ("advertise_keys", "share_keys", "masked_input")}
@@ -185,3 +185,18 @@ def test_privacy_costs_accuracy_in_order(small_clips):
             for seed in (0, 1)
         )
     assert scores["inf"] > scores["1000"] + 0.03 and scores["1000"] > scores["8"] + 0.03, scores
+
+
+def test_private_runs_keep_their_noise_secret_and_their_losses_unreleased(small_clips, tmp_path):
+    records = []
+    run(small_clips, "privacy.epsilon=5", run_dir=tmp_path / "a", on_round=records.append)
+    assert all(r.train_loss is None for r in records)  # a client's loss on its clips is not DP-protected
+    run(small_clips, "privacy.epsilon=5", run_dir=tmp_path / "b")
+    # The same config and seed, but each run draws its own secret noise key: different models.
+    assert (tmp_path / "a" / "result.json").read_text() != (tmp_path / "b" / "result.json").read_text()
+    for folder in ("a", "b"):
+        text = "".join(p.read_text() for p in (tmp_path / folder).glob("*.json")) + (
+            tmp_path / folder / "config.yaml").read_text()
+        assert "noise_key" not in text
+    ledger = json.loads((tmp_path / "a" / "privacy_ledger.json").read_text())
+    assert ledger["noise_source"] == "run_key" and ledger["neighbouring_relation"].startswith("add or remove")

@@ -55,6 +55,20 @@ def test_an_unreachable_budget_is_a_clear_error_with_the_numbers():
         assert part in message
 
 
+def test_the_plan_counts_steps_and_sample_rate_as_opacus_records_them():
+    import warnings
+
+    from opacus.data_loader import DPDataLoader
+
+    for records, batch in ((372, 4), (82, 32), (396, 4)):  # 93 and 99 batches: Opacus's float round trip
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(records, 1)), batch_size=batch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            recorded = len(DPDataLoader.from_data_loader(loader))
+        assert steps_per_epoch(records, batch) == recorded
+    assert steps_per_epoch(372, 4) == 92
+
+
 def test_client_plans_follow_opacus_poisson_loader_and_worst_case_participation():
     plans = plan_clients({1: 82, 2: 64, 3: 65}, epsilon=3.0, delta=1e-3, batch_size=32, rounds=5, local_epochs=2,
                          accountant="rdp")

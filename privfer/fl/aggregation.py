@@ -45,7 +45,7 @@ class RoundSum:
 def sum_updates(
     updates: Mapping[int, dict[str, torch.Tensor]],
     weights: Mapping[int, int],
-    losses: Mapping[int, float],
+    losses: Mapping[int, float] | None,
     config: AggregationConfig,
     *,
     dropouts: Mapping[int, str] | None = None,
@@ -77,11 +77,11 @@ def sum_updates(
             return RoundSum({}, 0.0, 0.0, [], aborted="every client dropped out", seconds=time.perf_counter() - start)
         total = [sum(arrays[c][i] for c in included) for i in range(len(names))]
         weight = float(sum(weights[c] for c in included))
-        loss = float(sum(losses[c] for c in included))
+        loss = float(sum(losses[c] for c in included)) if losses is not None else 0.0
         bytes_sent = {c: sum(a.nbytes // 2 for a in arrays[c]) for c in clients}  # float32 on the wire
         return _result(names, shapes, total, weight, loss, included, time.perf_counter() - start, 0, 0.0, bytes_sent,
                        weight_scale)
-    round_config = config.round_config(len(clients), metrics=("loss",))
+    round_config = config.round_config(len(clients), metrics=("loss",) if losses is not None else ())
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ClippingWarning)
@@ -90,7 +90,7 @@ def sum_updates(
                 round_config,
                 dropouts,
                 example_counts={c: int(weights[c]) for c in clients},
-                metrics={c: {"loss": float(losses[c])} for c in clients},
+                metrics={c: {"loss": float(losses[c])} for c in clients} if losses is not None else None,
                 round_id=round_id,
             )
     except RoundAborted as exc:

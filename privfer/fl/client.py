@@ -49,7 +49,7 @@ class LocalTraining:
     noise_multiplier: float | None  # None: no DP
     max_grad_norm: float = 1.0
     accountant: str = "prv"
-    noise_source: str = "run_seed"
+    noise_source: str = "run_key"
     weight_decay: float = 0.0
     optimizer: str = "adam"  # or "sgd"
 
@@ -130,7 +130,8 @@ class FLClient:
                     if before_step is not None:
                         before_step(model)
                     optimizer.step()  # an empty Poisson batch still takes a (noise-only) step
-                    total += float(loss.item()) * len(x)
+                    if len(x):  # (its loss is NaN)
+                        total += float(loss.item()) * len(x)
                     steps += 1
         trained = {name: value.detach().clone() for name, value in model.state_dict().items()}
         return LocalUpdate(

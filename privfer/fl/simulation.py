@@ -17,16 +17,19 @@ personalize it in phase 2.
 Every round ends with an atomic checkpoint; rerunning the same command on the
 same run directory continues after the last finished round and ends with the
 same result as an uninterrupted run (exactly, with the plain aggregator and
-``privacy.noise_source: run_seed``; masking's stochastic rounding draws from
+the run key kept in the checkpoint (``privacy.noise_source: run_key``); masking's stochastic rounding draws from
 the OS and moves the last bits).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import secrets
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -68,7 +71,7 @@ class RoundRecord:
     included: list[int]
     dropouts: dict[str, str]
     aborted: str | None
-    train_loss: float | None  # securely summed loss / summed examples
+    train_loss: float | None  # mean of the clients' mean losses, securely summed; None in private runs
     val_macro_f1: float | None
     seconds: float
     aggregation_seconds: float
@@ -104,6 +107,9 @@ class _State:
     after_training: dict[str, Any] | None = None
     elapsed: float = 0.0
     nonce: str = field(default_factory=lambda: secrets.token_hex(8))
+    # Seeds the clients' DP noise and Poisson sampling (privacy.noise_source run_key): drawn from the OS,
+    # kept only in the checkpoint (deleted when the run ends), never in the config, ledger or result.
+    noise_key: str = field(default_factory=lambda: secrets.token_hex(32))
 
     def to_checkpoint(self) -> dict[str, Any]:
         return {
@@ -115,6 +121,7 @@ class _State:
             "after_training": self.after_training,
             "elapsed": self.elapsed,
             "nonce": self.nonce,
+            "noise_key": self.noise_key,
         }
 
     @classmethod
@@ -129,11 +136,21 @@ class _State:
             after_training=raw["after_training"],
             elapsed=raw["elapsed"],
             nonce=raw["nonce"],
+            noise_key=raw["noise_key"],
         )
 
 
 def _derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _client_seed(config: PrivferConfig, state: "_State", phase: str, round_index: int, client_id: int) -> int:
+    """The seed of one client's local training (DP noise, Poisson sampling, dropout) in one round."""
+    if config.privacy.noise_source == "run_seed" or not config.privacy.enabled:  # public: nothing secret to seed
+        return _derived_seed(config.seed, 0 if phase == TRAINING else 1, round_index, client_id)
+    message = f"privfer/client-seed/{phase}/{round_index}/{client_id}".encode()
+    digest = hmac.new(bytes.fromhex(state.noise_key), message, hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def prepare_federation(config: PrivferConfig, clips: ClipSet | None = None) -> Federation:
@@ -264,7 +281,7 @@ def _run_round(federation: Federation, state: _State, phase: str, round_index: i
             weight_decay=training.weight_decay,
             optimizer=config.federation.local_optimizer,
         )
-        seed = _derived_seed(config.seed, 0 if phase == TRAINING else 1, round_index, client_id)
+        seed = _client_seed(config, state, phase, round_index, client_id)
         update = client.fit(config, {**state.global_state, **personal}, shared, local,
                             history=account.history, seed=seed)
         account.record_round(update.history)
@@ -274,6 +291,8 @@ def _run_round(federation: Federation, state: _State, phase: str, round_index: i
         weights[client_id] = strategy.client_weight(update.examples)
         losses[client_id] = update.loss
     scale = max(strategy.client_weight(c.records) for c in federation.clients[phase].values())
+    if federation.private:
+        losses = None  # a client's loss on its clips is not DP-protected: private runs do not release it
     summed = sum_updates(updates, weights, losses, config.aggregation, dropouts=dropouts,
                          round_id=f"{state.nonce}:{phase}:{round_index}", weight_scale=scale)
     if summed.aborted is None:
@@ -289,7 +308,7 @@ def _run_round(federation: Federation, state: _State, phase: str, round_index: i
         included=summed.included,
         dropouts={str(c): s for c, s in dropouts.items()},
         aborted=summed.aborted,
-        train_loss=summed.loss_sum / len(summed.included) if summed.included else None,
+        train_loss=summed.loss_sum / len(summed.included) if summed.included and losses is not None else None,
         val_macro_f1=val,
         seconds=time.perf_counter() - started,
         aggregation_seconds=summed.seconds,
@@ -305,10 +324,16 @@ def _newcomer_head(federation: Federation, state: _State) -> dict[str, torch.Ten
     trained = sorted(c for c in state.personal if (TRAINING, c) in state.accounts)
     heads = {c: state.personal[c] for c in trained}
     weights = {c: federation.clients[TRAINING][c].records for c in trained}
-    summed = sum_updates(heads, weights, {c: 0.0 for c in trained}, federation.config.aggregation,
+    summed = sum_updates(heads, weights, None, federation.config.aggregation,
                          round_id=f"{state.nonce}:newcomer-head", weight_scale=max(weights.values()))
     if summed.aborted is not None:
         raise RuntimeError(f"the newcomer head could not be aggregated: {summed.aborted}")
+    if summed.clipped:
+        warnings.warn(
+            f"{summed.clipped} values of the clients' heads exceeded aggregation.clipping_range "
+            f"{federation.config.aggregation.clipping_range:g} and were clipped in the newcomer head",
+            stacklevel=2,
+        )
     return {name: (value / summed.total_weight).float() for name, value in summed.weighted_sum.items()}
 
 
@@ -392,6 +417,12 @@ def _ledger(federation: Federation, state: _State) -> dict[str, Any]:
         max_grad_norm=config.privacy.max_grad_norm,
         noise_source=config.privacy.noise_source,
         max_rounds={TRAINING: config.federation.rounds, ADAPTATION: config.federation.adaptation_rounds},
+        not_covered=(
+            ["the IFER that pseudo-labels phase 2 is fitted on the training actors' frames without DP (it stands "
+             "in for a public pretrained model); set model.ifer_weights to use one"]
+            if federation.clients[ADAPTATION] and config.model.ifer_weights is None
+            else []
+        ),
     )
 
 

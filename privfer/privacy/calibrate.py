@@ -47,10 +47,19 @@ class ClientPlan:
 
 
 def steps_per_epoch(records: int, batch_size: int) -> int:
-    """Batches in one epoch of Opacus's Poisson loader: ceil(records / batch_size)."""
+    """Batches in one epoch of Opacus's Poisson loader, as its accountant records them.
+
+    Opacus samples with q = 1 / k for k = ceil(records / batch_size) batches,
+    but builds the loader with ``int(1 / q)`` batches and records the sample
+    rate 1 / len(loader) in the accountant's history; for some k (93, 99, ...)
+    the float round trip gives k - 1. Planning with the same arithmetic makes
+    the calibrated noise match the recorded history (which slightly
+    overstates the sampling that really happens: conservative).
+    """
     if records < 1:
         raise ValueError("a client needs at least one record")
-    return math.ceil(records / batch_size)
+    batches = math.ceil(records / batch_size)
+    return int(1 / (1 / batches))
 
 
 def default_delta(record_counts: list[int]) -> float:

@@ -6,9 +6,11 @@ restores the client's accountant history before a round so its epsilon
 composes over every round it trains in, and chooses where the noise and the
 Poisson sampling draw their randomness:
 
-* ``run_seed`` — torch's generator, seeded by the caller from the run seed,
-  client and round: reproducible, so a resumed run ends exactly as an
-  uninterrupted one.
+* ``run_key`` (default) and ``run_seed`` — torch's generator, seeded by the
+  caller for each client and round: from a secret key drawn from the OS for
+  the run (kept only in the run's checkpoint, so a resumed run ends exactly as
+  an uninterrupted one, and nobody holding the config can recompute the
+  noise), or from the public run seed (reproducible experiments only).
 * ``os`` — Opacus's secure mode (noise as a sum of Gaussians, robust to the
   floating-point attack of Jin et al. / Haney et al.) with a generator seeded
   from 64 bits of the OS CSPRNG for every client and round. Opacus's own
@@ -77,11 +79,11 @@ def make_private_training(
     max_grad_norm: float,
     accountant: str,
     history: list[tuple[float, float, int]] | None = None,
-    noise_source: str = "run_seed",
+    noise_source: str = "run_key",
 ) -> PrivateTraining:
     """Opacus DP-SGD (Poisson sampling, ghost clipping) whose accountant continues from ``history``."""
-    if noise_source not in ("run_seed", "os"):
-        raise ValueError(f"noise_source must be 'run_seed' or 'os', got {noise_source!r}")
+    if noise_source not in ("run_key", "run_seed", "os"):
+        raise ValueError(f"noise_source must be 'run_key', 'run_seed' or 'os', got {noise_source!r}")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")  # the choice is the user's, documented
         engine = PrivacyEngine(accountant=accountant)

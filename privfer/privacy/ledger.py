@@ -93,6 +93,7 @@ def build_ledger(
     max_grad_norm: float,
     noise_source: str,
     max_rounds: dict[str, int],
+    not_covered: list[str] | None = None,
 ) -> dict[str, Any]:
     """The ledger dictionary (JSON-safe) with each client's epsilon computed by ``accountant``."""
     clients = []
@@ -119,6 +120,12 @@ def build_ledger(
         "delta": delta,
         "max_grad_norm": max_grad_norm,
         "noise_source": noise_source,
+        "neighbouring_relation": "add or remove one record (clip) of one client",
+        "public": [
+            "each client's record count: it sets the client's sample rate, steps and FedAvg weight, and is "
+            "written here",
+        ],
+        "not_covered": list(not_covered or []),
         "epsilon_max": max(spent) if spent else None,
         "epsilon_median": statistics.median(spent) if spent else None,
         "clients": clients,

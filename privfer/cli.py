@@ -46,6 +46,8 @@ SetOption = typer.Option(
     None, "--set", "-s", help="Override a setting, e.g. --set training.epochs=5 (repeatable)."
 )
 DataOption = typer.Option(None, "--data", help="CREMA-D folder with features/ (default: built-in synthetic data).")
+OutOption = typer.Option(None, "--out", "-o", help="Run directory (re-run to resume).")
+JsonOption = typer.Option(False, "--json", help="Print the result as JSON instead of tables.")
 
 
 def print_error(message: str) -> None:
@@ -140,8 +142,8 @@ def train(
     config: Optional[Path] = ConfigOption,
     data: Optional[Path] = DataOption,
     overrides: Optional[List[str]] = SetOption,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (re-run to resume)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of tables."),
+    out: Optional[Path] = OutOption,
+    as_json: bool = JsonOption,
 ) -> None:
     """Train the VFER centrally (non-private baseline) and print the seed paper's metrics table."""
     from privfer.centralized import train_centralized
@@ -210,8 +212,8 @@ def simulate(
     config: Optional[Path] = ConfigOption,
     data: Optional[Path] = DataOption,
     overrides: Optional[List[str]] = SetOption,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (re-run to resume)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of tables."),
+    out: Optional[Path] = OutOption,
+    as_json: bool = JsonOption,
 ) -> None:
     """Federated VFER training with DP-SGD clients and secure aggregation; prints what the budget bought."""
     from privfer.fl.simulation import simulate as run_simulation

@@ -16,6 +16,7 @@ from privfer.secagg.aggregate import STAGES, AggregationResult, aggregate
 from privfer.secagg.client import SecAggClient
 from privfer.secagg.config import PROTOCOL_VERSION, SecAggConfig, make_config
 from privfer.secagg.errors import (
+    CorruptState,
     DuplicateSender,
     MalformedMessage,
     MessageError,
@@ -36,7 +37,7 @@ from privfer.secagg.quantize import ClippingReport, ClippingWarning
 from privfer.secagg.server import SecAggServer, ServerTranscript
 
 __all__ = [
-    "AggregationResult", "ClippingReport", "ClippingWarning", "DuplicateSender", "MalformedMessage",
+    "AggregationResult", "ClippingReport", "CorruptState", "ClippingWarning", "DuplicateSender", "MalformedMessage",
     "MessageError", "NotEnoughShares", "PROTOCOL_VERSION", "PayloadLayout", "RoundAborted", "STAGES",
     "SecAggClient", "SecAggConfig", "SecAggError", "SecAggServer", "ServerTranscript", "ShapeMismatch",
     "ShareAuthenticationError", "UnknownSender", "UnsafeUnmaskRequest", "UnsupportedVersion", "WrongRound",

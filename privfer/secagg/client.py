@@ -15,6 +15,8 @@ that could reveal its peers' individual inputs.
 
 from __future__ import annotations
 
+import base64
+import json
 import struct
 import time
 from contextlib import contextmanager
@@ -25,6 +27,7 @@ import numpy as np
 from privfer.secagg import shamir
 from privfer.secagg.config import SecAggConfig
 from privfer.secagg.errors import (
+    CorruptState,
     MalformedMessage,
     RoundAborted,
     UnknownSender,
@@ -33,7 +36,16 @@ from privfer.secagg.errors import (
     WrongStage,
 )
 from privfer.secagg.graph import graph_seed, neighbourhoods
-from privfer.secagg.keys import PURPOSE_MASK, PURPOSE_SHARE, KeyPairs, agree, decrypt_share, encrypt_share
+from privfer.secagg.keys import (
+    KEY_BYTES,
+    PURPOSE_MASK,
+    PURPOSE_SHARE,
+    KeyPairs,
+    agree,
+    decrypt_share,
+    encrypt_share,
+    private_bytes,
+)
 from privfer.secagg.messages import (
     SERVER,
     AdvertiseKeys,
@@ -52,6 +64,8 @@ from privfer.secagg.randomness import SYSTEM, Randomness
 
 _STAGES = ("new", "advertised", "shared", "masked", "unmasked")
 _PLAINTEXT = struct.Struct(">II")
+STATE_MAGIC = b"PFSC"
+STATE_VERSION = 1
 
 
 def share_plaintext(sender: int, receiver: int, seed_share: np.ndarray, key_share: np.ndarray) -> bytes:
@@ -65,6 +79,17 @@ def parse_share_plaintext(raw: bytes) -> tuple[int, int, np.ndarray, np.ndarray]
     body = raw[_PLAINTEXT.size :]
     return (sender, receiver, shamir.share_from_bytes(body[: shamir.SHARE_BYTES]),
             shamir.share_from_bytes(body[shamir.SHARE_BYTES :]))
+
+
+def _b64encode(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _b64decode(text: str, length: int | None) -> bytes:
+    raw = base64.b64decode(text.encode("ascii"), validate=True)
+    if length is not None and len(raw) != length:
+        raise ValueError(f"{len(raw)} bytes, expected {length}")
+    return raw
 
 
 def check_header(message: Message, round_id: str, sender: int | None = None) -> None:
@@ -101,6 +126,86 @@ class SecAggClient:
         self._held: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # owner -> (seed share, key share)
         self._self_seed = b""
         self.mask_seconds = 0.0  # PRG expansion + modular addition of all masks (benchmarks compare it with the cipher)
+
+    # -- saving and restoring ------------------------------------------------------
+    def export_state(self) -> bytes:
+        """The client's whole protocol state as bytes, for frameworks that run each stage in a fresh process.
+
+        The state holds the round's private keys, the self-mask seed and the
+        Shamir shares this client holds for its peers: keep it where the client
+        keeps its keys (Flower: the node's ``Context.state``), never send or log
+        it, and drop it when the round ends. ``restore`` is the inverse. A
+        deterministic test ``randomness`` is not saved; a restored client draws
+        from the OS CSPRNG unless one is passed again.
+        """
+        if self.stage == "aborted":
+            raise WrongStage(f"client {self.client_id} aborted its round; there is no state to save")
+        b64 = _b64encode
+        document = {
+            "client_id": self.client_id,
+            "config": self.config.model_dump(mode="json"),
+            "round_id": self.round_id,
+            "shapes": [list(shape) for shape in self.layout.shapes],
+            "stage": self.stage,
+            "keys": None if self._keys is None else [b64(private_bytes(self._keys.c_private)),
+                                                     b64(private_bytes(self._keys.s_private))],
+            "roster": {str(c): [b64(a), b64(b)] for c, (a, b) in self._roster.items()},
+            "group": sorted(self._group),
+            "peers": sorted(self._peers),
+            "held": {str(owner): [b64(shamir.share_to_bytes(seed)), b64(shamir.share_to_bytes(key))]
+                     for owner, (seed, key) in self._held.items()},
+            "self_seed": b64(self._self_seed),
+        }
+        return STATE_MAGIC + bytes([STATE_VERSION]) + json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def restore(cls, state: bytes, randomness: Randomness = SYSTEM) -> "SecAggClient":
+        """Rebuild a client from :meth:`export_state`'s bytes; raises :class:`CorruptState` naming what is wrong."""
+        if not isinstance(state, (bytes, bytearray)) or bytes(state[:4]) != STATE_MAGIC:
+            raise CorruptState("not a privfer secure-aggregation client state (bad magic)")
+        if len(state) < 5 or state[4] != STATE_VERSION:
+            raise CorruptState(f"client state version {state[4] if len(state) > 4 else None}, expected {STATE_VERSION}")
+        field = "document"
+        try:
+            document = json.loads(bytes(state[5:]).decode("utf-8"))
+            field = "config"
+            config = SecAggConfig(**document["config"])
+            field = "shapes"
+            layout = PayloadLayout(tuple(tuple(int(d) for d in shape) for shape in document["shapes"]), config)
+            field = "client_id"
+            client = cls(int(document["client_id"]), config, str(document["round_id"]), layout, randomness)
+            field = "stage"
+            if document["stage"] not in _STAGES:
+                raise ValueError(document["stage"])
+            client.stage = document["stage"]
+            field = "keys"
+            if document["keys"] is not None:
+                c_raw, s_raw = (_b64decode(k, KEY_BYTES) for k in document["keys"])
+                client._keys = KeyPairs.from_private_bytes(c_raw, s_raw)
+            field = "roster"
+            client._roster = {int(c): (_b64decode(a, KEY_BYTES), _b64decode(b, KEY_BYTES))
+                              for c, (a, b) in document["roster"].items()}
+            field = "group"
+            client._group = frozenset(int(c) for c in document["group"])
+            field = "peers"
+            client._peers = frozenset(int(c) for c in document["peers"])
+            field = "held"
+            client._held = {
+                int(owner): (shamir.share_from_bytes(_b64decode(seed, shamir.SHARE_BYTES)),
+                             shamir.share_from_bytes(_b64decode(key, shamir.SHARE_BYTES)))
+                for owner, (seed, key) in document["held"].items()
+            }
+            field = "self_seed"
+            client._self_seed = _b64decode(document["self_seed"], None)
+            if client._self_seed and len(client._self_seed) != SEED_BYTES:
+                raise ValueError("seed length")
+        except CorruptState:
+            raise
+        except Exception as exc:  # any decoding failure names the field, never its (secret) value
+            raise CorruptState(f"client state field {field!r} is missing or malformed ({type(exc).__name__})") from None
+        if client.stage != "new" and client._keys is None:
+            raise CorruptState(f"client state at stage {client.stage!r} has no keys")
+        return client
 
     def _advance(self, expected: str, to: str) -> None:
         if self.stage != expected:

@@ -58,3 +58,7 @@ class RoundAborted(SecAggError):
 
 class NotEnoughShares(SecAggError):
     """Fewer than the threshold of Shamir shares were given for a reconstruction."""
+
+
+class CorruptState(SecAggError):
+    """A saved client state does not restore: wrong magic or version, missing or malformed fields."""

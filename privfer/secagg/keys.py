@@ -103,6 +103,10 @@ class KeyPairs:
             X25519PrivateKey.from_private_bytes(randomness.bytes(KEY_BYTES)),
         )
 
+    @classmethod
+    def from_private_bytes(cls, c_private: bytes, s_private: bytes) -> "KeyPairs":
+        return cls(X25519PrivateKey.from_private_bytes(c_private), X25519PrivateKey.from_private_bytes(s_private))
+
     @property
     def c_public(self) -> bytes:
         return public_bytes(self.c_private.public_key())

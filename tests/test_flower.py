@@ -1,0 +1,199 @@
+"""privfer's secure aggregation inside Flower: same aggregate as privfer's own driver and as plain FedAvg, dropouts at
+every stage, a strict client mod, and a server that receives only masked vectors."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr", reason='the Flower integration needs pip install -e ".[flower]"')
+
+from flwr.client import ClientApp  # noqa: E402
+from flwr.common import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.serverapp.strategy import FedAvg  # noqa: E402
+
+from privfer.integrations.flower import (  # noqa: E402
+    RECORD,
+    STATE,
+    LocalGrid,
+    SecAggGrid,
+    make_secagg_mod,
+    secagg_mod,
+)
+from privfer.secagg import SecAggConfig, aggregate  # noqa: E402
+
+SHAPES = {"w": (6, 5), "b": (5,)}
+M = 1 << 16
+
+
+def local_update(node: int, server_round: int, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """Deterministic 'training': a node-specific step from the received arrays, and a node-specific count."""
+    rng = np.random.default_rng([node, server_round])
+    count = 5 + node % 11
+    return {k: (v + rng.normal(0, 0.5, v.shape)).astype(np.float32) for k, v in arrays.items()}, count
+
+
+def make_app(mods=()):
+    app = ClientApp(mods=list(mods))
+
+    @app.train()
+    def train(msg: Message, ctx) -> Message:
+        received = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+        local, count = local_update(ctx.node_id, int(msg.content["config"]["server-round"]), received)
+        loss = 1.0 + (ctx.node_id % 5) / 10
+        return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in local.items()}),
+                                   "metrics": MetricRecord({"num-examples": count, "loss": loss, "private": 3.0})}),
+                       reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, ctx) -> Message:
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 2 + ctx.node_id % 3,
+                                                            "accuracy": (ctx.node_id % 4) / 4})}), reply_to=msg)
+
+    return app
+
+
+def initial() -> ArrayRecord:
+    rng = np.random.default_rng(0)
+    return ArrayRecord({k: Array(rng.normal(0, 1, s).astype(np.float32)) for k, s in SHAPES.items()})
+
+
+def run(grid, rounds=1, **strategy) -> tuple:
+    result = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, **strategy).start(
+        grid=grid, initial_arrays=initial(), num_rounds=rounds, timeout=5)
+    return {k: a.numpy() for k, a in result.arrays.items()}, result
+
+
+def expected_average(nodes, server_round=1):
+    start = {k: a.numpy() for k, a in initial().items()}
+    updates = {node: local_update(node, server_round, start) for node in nodes}
+    total = sum(count for _, count in updates.values())
+    return {k: sum(u[k].astype(np.float64) * c for u, c in updates.values()) / total for k in SHAPES}, updates
+
+
+def test_same_aggregate_as_plain_fedavg_and_as_privfers_driver():
+    grid = LocalGrid(make_app([secagg_mod]), 5)
+    secure = SecAggGrid(grid, train_metrics=("loss",), evaluate_metrics=("accuracy",))
+    arrays, result = run(secure)
+    plain, plain_result = run(LocalGrid(make_app(), 5))
+    average, updates = expected_average(grid.node_ids)
+
+    config = SecAggConfig(num_clients=5, modulus_bits=64, clipping_range=8.0, max_examples=M)
+    start = {k: a.numpy().astype(np.float64) for k, a in initial().items()}
+    ids = {node: i + 1 for i, node in enumerate(grid.node_ids)}
+    driver = aggregate({ids[n]: [(u[k] - start[k]) * c / M for k in SHAPES] for n, (u, c) in updates.items()}, config,
+                       example_counts={ids[n]: c for n, (u, c) in updates.items()})
+    from_driver = {k: start[k] + t * M / driver.example_count for k, t in zip(SHAPES, driver.total)}
+    bound = driver.error_bound * M / driver.example_count + 1e-6  # + float32 rounding of the result
+    for k in SHAPES:
+        assert arrays[k].dtype == np.float32
+        np.testing.assert_allclose(arrays[k], from_driver[k], atol=bound, rtol=0)
+        np.testing.assert_allclose(arrays[k], plain[k], atol=bound, rtol=0)
+        np.testing.assert_allclose(arrays[k], average[k], atol=bound, rtol=0)
+    total = sum(c for _, c in updates.values())
+    assert secure.reports[0].example_count == total == driver.example_count
+    loss = result.train_metrics_clientapp[1]["loss"]
+    assert loss == pytest.approx(plain_result.train_metrics_clientapp[1]["loss"], abs=1e-9)
+    assert "private" not in result.train_metrics_clientapp[1]  # undeclared metrics never leave the node
+    accuracy = result.evaluate_metrics_clientapp[1]["accuracy"]
+    assert accuracy == pytest.approx(plain_result.evaluate_metrics_clientapp[1]["accuracy"], abs=1e-9)
+
+
+@pytest.mark.parametrize("answered", [0, 1, 2, 3])
+def test_a_node_that_vanishes_at_any_stage_is_left_out_exactly(answered):
+    grid = LocalGrid(make_app([secagg_mod]), 5, answers={1002: answered})
+    secure = SecAggGrid(grid, protect=("train",))
+    arrays, _ = run(secure)
+    report = secure.reports[0]
+    stage = ("advertise_keys", "share_keys", "masked_input", "unmask")[answered]
+    assert report.dropped == {1002: f"{stage}: no reply before the timeout"}
+    # a node lost after sending its masked input (unmask) is still in the sum: its self mask is recovered
+    included = [n for n in grid.node_ids if n != 1002 or stage == "unmask"]
+    assert report.included == included
+    average, _ = expected_average(included)
+    for k in SHAPES:
+        np.testing.assert_allclose(arrays[k], average[k], atol=1e-5, rtol=0)
+
+
+def test_the_server_receives_only_masked_vectors():
+    seen: list[Message] = []
+
+    class Recording(LocalGrid):
+        def pull_messages(self, message_ids):
+            replies = list(super().pull_messages(message_ids))
+            seen.extend(replies)
+            return replies
+
+    grid = Recording(make_app([secagg_mod]), 4)
+    run(SecAggGrid(grid, train_metrics=("loss",), evaluate_metrics=("accuracy",)))
+    assert len(seen) == 2 * 4 * 4  # train + evaluate, 4 stages, 4 nodes
+    for reply in seen:
+        assert not reply.has_error()
+        assert not reply.content.array_records and not reply.content.metric_records
+        assert list(reply.content.config_records) == [RECORD]
+    for node in grid.node_ids:  # and no node keeps its round keys once the round is over
+        assert STATE not in grid.context(node).state.config_records
+
+
+def test_the_mod_refuses_a_train_message_without_secure_aggregation():
+    grid = LocalGrid(make_app([secagg_mod]), 3)
+    arrays, result = run(grid)  # a server that forgot SecAggGrid
+    assert arrays == {} and 1 not in result.train_metrics_clientapp  # nothing was aggregated
+    # a mod that does not require evaluate lets plain evaluate messages through
+    relaxed = LocalGrid(make_app([make_secagg_mod(require=("train",))]), 3)
+    run(SecAggGrid(relaxed, protect=("train",)))
+
+
+def test_a_round_below_the_threshold_aborts_and_keeps_the_model():
+    grid = LocalGrid(make_app([secagg_mod]), 3, answers={1000: 0, 1001: 0})
+    secure = SecAggGrid(grid, protect=("train",))
+    arrays, _ = run(secure)
+    assert secure.reports[0].aborted and not secure.reports[0].included
+    assert arrays == {}  # the strategy got only error replies: no new model
+
+
+def test_nodes_with_bad_replies_drop_out_with_the_reason(caplog):
+    app = ClientApp(mods=[secagg_mod])
+
+    @app.train()
+    def train(msg, ctx):
+        arrays = msg.content["arrays"]
+        metrics = {"num-examples": 4}
+        if ctx.node_id == 1000:
+            metrics = {}  # no weight
+        if ctx.node_id == 1001:
+            arrays = ArrayRecord({"w": Array(np.zeros((2, 2), np.float32))})  # other shapes
+        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    grid = LocalGrid(app, 5)
+    secure = SecAggGrid(grid, protect=("train",))
+    with caplog.at_level(logging.INFO, logger="privfer.flower"):
+        run(secure)
+    dropped = secure.reports[0].dropped
+    assert "num-examples" in dropped[1000] and "ShapeMismatch" in dropped[1001]
+    assert secure.reports[0].included == [1002, 1003, 1004]
+
+
+def test_a_stage_for_another_round_or_without_state_is_refused():
+    app = make_app([secagg_mod])
+    grid = LocalGrid(app, 3)
+    message = grid.create_message(RecordDict({RECORD: ConfigRecord({"stage": "unmask", "round": "r", "message": b""})}),
+                                  "train", 1000, "1")
+    reply = list(grid.send_and_receive([message]))[0]
+    assert reply.has_error() and "holds no secure-aggregation round" in reply.error.reason
+
+
+def test_bad_secagg_grid_arguments_are_named():
+    grid = LocalGrid(make_app(), 2)
+    with pytest.raises(TypeError, match="unknown SecAggConfig fields"):
+        SecAggGrid(grid, modulus=64)
+    with pytest.raises(TypeError, match="num_clients"):
+        SecAggGrid(grid, num_clients=3)
+    with pytest.raises(ValueError, match="weight"):
+        SecAggGrid(grid, train_metrics=("num-examples",))
+    with pytest.raises(ValueError, match="at least 2 nodes"):
+        SecAggGrid(grid).send_and_receive([grid.create_message(RecordDict(), "train", 1000, "1")])
+    with pytest.raises(TypeError, match="bypass"):
+        SecAggGrid(grid).push_messages([grid.create_message(RecordDict(), "train", 1000, "1")])

@@ -1,0 +1,1 @@
+"""Private VFER training on Flower with privfer's DP-SGD clients and secure aggregation."""

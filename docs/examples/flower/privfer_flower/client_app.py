@@ -1,0 +1,110 @@
+"""The ClientApp: one SuperNode = one person, training the VFER with DP-SGD (Opacus) on their own clips.
+
+The two lines that make a Flower ClientApp use privfer's secure aggregation are
+the import of ``secagg_mod`` and ``ClientApp(mods=[secagg_mod])``: the node's
+update, example count and metrics leave it only masked.
+
+What persists on the node between rounds (``context.state``, never sent): its
+Opacus accountant history (epsilon composes over every round it trains in) and,
+under FedPer, its personal classifier head.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+
+import numpy as np
+from flwr.client import ClientApp
+from flwr.common import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from privfer.fl.client import LocalTraining
+from privfer.fl.simulation import TRAINING
+from privfer.integrations.flower import secagg_mod
+from privfer.privacy.calibrate import epsilon_spent
+
+from privfer_flower.task import actor_of, federation, from_record, initial_state, shared_names, to_record
+
+ACCOUNT = "privfer.account"  # the node's accountant history
+PERSONAL = "privfer.personal"  # FedPer: the node's own head
+
+app = ClientApp(mods=[secagg_mod])
+log = logging.getLogger("privfer_flower")
+
+
+def _node(context: Context):
+    fed = federation(context.run_config)
+    actor = actor_of(fed, context.node_config)
+    return fed, actor, fed.clients[TRAINING][actor], fed.plans[TRAINING][actor]
+
+
+def _personal(fed, context: Context, shared: list[str]) -> dict:
+    if PERSONAL in context.state.array_records:
+        return from_record(context.state.array_records[PERSONAL])
+    return {name: value for name, value in initial_state(fed).items() if name not in shared}
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    fed, actor, client, plan = _node(context)
+    config = fed.config
+    shared = shared_names(fed)
+    received = from_record(msg.content["arrays"])
+    if sorted(received) != sorted(shared):
+        raise ValueError(f"the server sent {sorted(received)[:4]}..., this {config.federation.strategy} node shares "
+                         f"{sorted(shared)[:4]}...")
+    history = []
+    if ACCOUNT in context.state.config_records:
+        history = [tuple(step) for step in json.loads(context.state.config_records[ACCOUNT]["history"])]
+    server_round = int(msg.content["config"]["server-round"])
+    # DP noise and Poisson sampling must be unpredictable to the server: a fresh OS seed each round when private
+    seed = secrets.randbits(63) if fed.private else int(np.random.SeedSequence([config.seed, server_round, actor])
+                                                        .generate_state(1, dtype=np.uint64)[0] >> 1)
+    update = client.fit(
+        config,
+        {**received, **_personal(fed, context, shared)},
+        shared,
+        LocalTraining(
+            lr=config.federation.local_lr,
+            epochs=config.federation.local_epochs,
+            batch_size=config.training.batch_size,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=config.privacy.max_grad_norm,
+            accountant=config.privacy.accountant,
+            weight_decay=config.training.weight_decay,
+            optimizer=config.federation.local_optimizer,
+        ),
+        history=history,
+        seed=seed,
+    )
+    context.state.config_records[ACCOUNT] = ConfigRecord({"history": json.dumps(update.history)})
+    if fed.strategy.personalized:
+        context.state.array_records[PERSONAL] = to_record(update.personal, sorted(update.personal))
+    trained = {name: received[name] + update.delta[name] for name in shared}
+    metrics = {"num-examples": fed.strategy.client_weight(update.examples)}
+    if not fed.private:
+        metrics["train-loss"] = update.loss  # a private run releases no loss: it is not DP-protected
+    else:  # the node's own view of its budget, for its log; never sent
+        spent = epsilon_spent(update.history, fed.delta, config.privacy.accountant)
+        log.info("actor %d, round %d: epsilon spent %.3f of %g", actor, server_round, spent, config.privacy.epsilon)
+    return Message(RecordDict({"arrays": to_record(trained, shared), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """FedPer: accuracy of the node's personalized model on its own clips (securely averaged by the server)."""
+    from privfer.centralized import predict
+    from privfer.models.vfer import VFER
+
+    fed, actor, client, _ = _node(context)
+    shared = shared_names(fed)
+    state = {**from_record(msg.content["arrays"]), **_personal(fed, context, shared)}
+    model = VFER.from_config(fed.config.model, fed.feature_dim, private=fed.private)
+    model.load_state_dict(state)
+    predicted = predict(model, client.features.numpy()).argmax(axis=1)
+    targets = client.targets
+    truth = (targets.argmax(dim=1) if targets.ndim == 2 else targets).numpy()
+    accuracy = float(np.mean(predicted == truth))
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": client.records, "accuracy": accuracy})}),
+                   reply_to=msg)

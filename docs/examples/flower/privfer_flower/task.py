@@ -1,0 +1,82 @@
+"""What the ServerApp and the ClientApp share: the privfer config of the run, the data, the initial model.
+
+Every process builds the same federation from the run config (the synthetic
+data set and the actor split are seeded), so a SuperNode needs no data
+shipped: it trains the actor its ``partition-id`` names. With real CREMA-D,
+point ``privfer-set`` at a local folder (``data.source=cremad data.root=...``)
+that each node holds.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import shlex
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from flwr.common import Array, ArrayRecord
+
+from privfer.config import PrivferConfig, load_config
+from privfer.fl.simulation import TRAINING, Federation, prepare_federation
+from privfer.models.vfer import VFER
+
+
+def privfer_config(run_config: Mapping[str, Any]) -> PrivferConfig:
+    """The privfer config of this Flower run: a YAML, ``--set`` style overrides, and the run's own keys."""
+    epsilon = str(run_config.get("epsilon", "3")).strip().lower()
+    overrides = shlex.split(str(run_config.get("privfer-set", "")))
+    overrides += [
+        f"privacy.epsilon={'null' if epsilon in ('inf', 'none', '') else float(epsilon)}",
+        f"federation.strategy={run_config.get('strategy', 'fedavg')}",
+        f"federation.rounds={int(run_config.get('num-server-rounds', 3))}",
+        "federation.adaptation=false",  # the held-out actors' adaptation phase is privfer simulate's
+    ]
+    path = str(run_config.get("privfer-config", "")) or None
+    return load_config(path, overrides)
+
+
+@functools.lru_cache(maxsize=2)
+def _federation(key: tuple) -> Federation:
+    return prepare_federation(privfer_config(dict(key)))
+
+
+def federation(run_config: Mapping[str, Any]) -> Federation:
+    """The run's federation (data, split, clients, noise plans), built once per process."""
+    return _federation(tuple(sorted(run_config.items())))
+
+
+def initial_state(fed: Federation) -> dict[str, torch.Tensor]:
+    """The initial VFER parameters: the same on the server and on every node (seeded)."""
+    torch.manual_seed(fed.config.seed)
+    model = VFER.from_config(fed.config.model, fed.feature_dim, private=fed.private)
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def shared_names(fed: Federation) -> list[str]:
+    model = VFER.from_config(fed.config.model, fed.feature_dim, private=fed.private)
+    return fed.strategy.shared_names(model)
+
+
+def actor_of(fed: Federation, node_config: Mapping[str, Any]) -> int:
+    """The training actor a node holds: its ``partition-id`` indexes the sorted training actors."""
+    actors = sorted(fed.clients[TRAINING])
+    if "partition-id" not in node_config:
+        raise ValueError('this ClientApp needs a node config with "partition-id" (flower-supernode --node-config)')
+    index = int(node_config["partition-id"])
+    if not 0 <= index < len(actors):
+        raise ValueError(f"partition-id {index} is outside 0..{len(actors) - 1} (the run has {len(actors)} actors)")
+    return actors[index]
+
+
+def to_record(state: Mapping[str, torch.Tensor], names: list[str]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(state[name].numpy())) for name in names})
+
+
+def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(np.array(array.numpy())) for name, array in record.items()}
+
+
+def epsilon_target(fed: Federation) -> float:
+    return fed.config.privacy.epsilon if fed.private else math.inf

@@ -153,8 +153,13 @@ def _client_seed(config: PrivferConfig, state: "_State", phase: str, round_index
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def prepare_federation(config: PrivferConfig, clips: ClipSet | None = None) -> Federation:
-    """Load data, split actors, build clients and calibrate noise; every mistake is raised here."""
+def prepare_federation(config: PrivferConfig, clips: ClipSet | None = None, *, only_client: int | None = None) -> Federation:
+    """Load data, split actors, build clients and calibrate noise; every mistake is raised here.
+
+    ``only_client``: a deployment node that holds one training actor needs only
+    that client's noise plan (the calibration is per client) and no adaptation
+    phase; the others' plans are left out.
+    """
     fed = config.federation
     clips = load_clips(config.data) if clips is None else clips
     split = split_actors(clips, config.data.split, config.seed)
@@ -171,6 +176,10 @@ def prepare_federation(config: PrivferConfig, clips: ClipSet | None = None) -> F
             f"federation.clients_per_round = {fed.clients_per_round} is more than the "
             f"{len(clients[TRAINING])} training clients; allowed: 2 to {len(clients[TRAINING])}"
         )
+    if only_client is not None and only_client not in clients[TRAINING]:
+        raise ConfigError(f"actor {only_client} is not a training actor of this split")
+    if only_client is not None and fed.adaptation:
+        raise ConfigError("federation.adaptation must be false for a single node's federation (only_client)")
     pseudo = None
     if fed.adaptation:
         adapt = parts["test_adapt"]
@@ -192,8 +201,9 @@ def prepare_federation(config: PrivferConfig, clips: ClipSet | None = None) -> F
         accountant=config.privacy.accountant,
         max_noise_multiplier=config.privacy.max_noise_multiplier,
     )
+    planned = counts[TRAINING] if only_client is None else {only_client: counts[TRAINING][only_client]}
     plans = {
-        TRAINING: plan_clients(counts[TRAINING], rounds=fed.rounds, local_epochs=fed.local_epochs, **common),
+        TRAINING: plan_clients(planned, rounds=fed.rounds, local_epochs=fed.local_epochs, **common),
         ADAPTATION: plan_clients(
             counts[ADAPTATION], rounds=fed.adaptation_rounds, local_epochs=fed.adaptation_epochs, **common
         )

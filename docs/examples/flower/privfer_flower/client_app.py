@@ -19,12 +19,10 @@ import numpy as np
 from flwr.client import ClientApp
 from flwr.common import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from privfer.fl.client import LocalTraining
-from privfer.fl.simulation import TRAINING
 from privfer.integrations.flower import secagg_mod
-from privfer.privacy.calibrate import epsilon_spent
 
-from privfer_flower.task import actor_of, federation, from_record, initial_state, shared_names, to_record
+# torch, Opacus and the data load lazily, in train/evaluate: a SuperNode starts a fresh ClientApp process for each
+# message, and three of privfer's four secure-aggregation stages need only the mod.
 
 ACCOUNT = "privfer.account"  # the node's accountant history
 PERSONAL = "privfer.personal"  # FedPer: the node's own head
@@ -34,12 +32,15 @@ log = logging.getLogger("privfer_flower")
 
 
 def _node(context: Context):
-    fed = federation(context.run_config)
-    actor = actor_of(fed, context.node_config)
+    from privfer_flower.task import TRAINING, node_federation
+
+    fed, actor = node_federation(context.run_config, context.node_config)
     return fed, actor, fed.clients[TRAINING][actor], fed.plans[TRAINING][actor]
 
 
 def _personal(fed, context: Context, shared: list[str]) -> dict:
+    from privfer_flower.task import from_record, initial_state
+
     if PERSONAL in context.state.array_records:
         return from_record(context.state.array_records[PERSONAL])
     return {name: value for name, value in initial_state(fed).items() if name not in shared}
@@ -47,6 +48,10 @@ def _personal(fed, context: Context, shared: list[str]) -> dict:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from privfer.fl.client import LocalTraining
+    from privfer.privacy.calibrate import epsilon_spent
+    from privfer_flower.task import from_record, shared_names, to_record
+
     fed, actor, client, plan = _node(context)
     config = fed.config
     shared = shared_names(fed)
@@ -96,6 +101,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """FedPer: accuracy of the node's personalized model on its own clips (securely averaged by the server)."""
     from privfer.centralized import predict
     from privfer.models.vfer import VFER
+    from privfer_flower.task import from_record, shared_names
 
     fed, actor, client, _ = _node(context)
     shared = shared_names(fed)

@@ -18,7 +18,10 @@ import numpy as np
 import torch
 from flwr.common import Array, ArrayRecord
 
+from privfer.centralized import split_clips
 from privfer.config import PrivferConfig, load_config
+from privfer.data import load_clips
+from privfer.data.splits import split_actors
 from privfer.fl.simulation import TRAINING, Federation, prepare_federation
 from privfer.models.vfer import VFER
 
@@ -37,14 +40,31 @@ def privfer_config(run_config: Mapping[str, Any]) -> PrivferConfig:
     return load_config(path, overrides)
 
 
-@functools.lru_cache(maxsize=2)
-def _federation(key: tuple) -> Federation:
-    return prepare_federation(privfer_config(dict(key)))
+@functools.lru_cache(maxsize=4)
+def _federation(key: tuple, partition: int | None) -> Federation:
+    config = privfer_config(dict(key))
+    if partition is None:
+        return prepare_federation(config)
+    clips = load_clips(config.data)
+    actors = sorted(split_clips(clips, split_actors(clips, config.data.split, config.seed))["train"].actor_list())
+    if not 0 <= partition < len(actors):
+        raise ValueError(f"partition-id {partition} is outside 0..{len(actors) - 1} (the run has {len(actors)} "
+                         "training actors)")
+    return prepare_federation(config, clips, only_client=actors[partition])  # calibrates this node's noise only
 
 
 def federation(run_config: Mapping[str, Any]) -> Federation:
-    """The run's federation (data, split, clients, noise plans), built once per process."""
-    return _federation(tuple(sorted(run_config.items())))
+    """The server's view: every training client and its noise plan, built once per process."""
+    return _federation(tuple(sorted(run_config.items())), None)
+
+
+def node_federation(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> tuple[Federation, int]:
+    """A node's view: the federation with only its own plan, and the training actor its ``partition-id`` names."""
+    if "partition-id" not in node_config:
+        raise ValueError('this ClientApp needs a node config with "partition-id" (flower-supernode --node-config)')
+    fed = _federation(tuple(sorted(run_config.items())), int(node_config["partition-id"]))
+    (actor,) = fed.plans[TRAINING]
+    return fed, actor
 
 
 def initial_state(fed: Federation) -> dict[str, torch.Tensor]:
@@ -57,17 +77,6 @@ def initial_state(fed: Federation) -> dict[str, torch.Tensor]:
 def shared_names(fed: Federation) -> list[str]:
     model = VFER.from_config(fed.config.model, fed.feature_dim, private=fed.private)
     return fed.strategy.shared_names(model)
-
-
-def actor_of(fed: Federation, node_config: Mapping[str, Any]) -> int:
-    """The training actor a node holds: its ``partition-id`` indexes the sorted training actors."""
-    actors = sorted(fed.clients[TRAINING])
-    if "partition-id" not in node_config:
-        raise ValueError('this ClientApp needs a node config with "partition-id" (flower-supernode --node-config)')
-    index = int(node_config["partition-id"])
-    if not 0 <= index < len(actors):
-        raise ValueError(f"partition-id {index} is outside 0..{len(actors) - 1} (the run has {len(actors)} actors)")
-    return actors[index]
 
 
 def to_record(state: Mapping[str, torch.Tensor], names: list[str]) -> ArrayRecord:

@@ -130,15 +130,23 @@ def _metrics_in(content: RecordDict) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------------
 # Client side: the mod
 # --------------------------------------------------------------------------------------------------------------------
-def make_secagg_mod(require: Iterable[str] = ("train", "evaluate")) -> Callable[[Message, Context, Callable], Message]:
+def make_secagg_mod(
+    require: Iterable[str] = ("train", "evaluate"), min_clients: int = 3
+) -> Callable[[Message, Context, Callable], Message]:
     """A Flower mod that answers privfer's secure-aggregation stages.
 
     ``require``: message types this ``ClientApp`` answers only under secure
     aggregation; such a message without privfer's record raises
     :class:`UnprotectedMessage` (the server gets an error reply, never the
     update). Other message types pass through untouched.
+
+    ``min_clients``: the node takes part only in rounds configured for at
+    least this many nodes (with 2, one colluding peer and the server learn the
+    other's update from the sum).
     """
     required = frozenset(require)
+    if min_clients < 2:
+        raise ValueError(f"min_clients must be at least 2, got {min_clients}")
 
     def secagg_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         kind = msg.metadata.message_type
@@ -154,7 +162,7 @@ def make_secagg_mod(require: Iterable[str] = ("train", "evaluate")) -> Callable[
         stage = record.get("stage")
         try:
             if stage == "advertise_keys":
-                reply = _advertise(record, ctxt)
+                reply = _advertise(record, ctxt, min_clients)
             elif stage == "share_keys":
                 reply = _share_keys(record, ctxt)
             elif stage == "masked_input":
@@ -215,9 +223,12 @@ def _expect(raw: bytes, kind: type[wire.Message]) -> Any:
     return message
 
 
-def _advertise(record: ConfigRecord, ctxt: Context) -> bytes:
+def _advertise(record: ConfigRecord, ctxt: Context, min_clients: int) -> bytes:
     _forget(ctxt)  # a new round replaces whatever an unfinished one left
     config = SecAggConfig.model_validate_json(_field(record, "config", str))
+    if config.num_clients < min_clients:
+        raise RoundAborted(f"the round is configured for {config.num_clients} nodes; this node takes part only "
+                           f"with at least {min_clients} (make_secagg_mod(min_clients=...))")
     slots_json = _field(record, "slots", str)
     slots = _slots_from_json(slots_json)
     layout = PayloadLayout(tuple(s.shape for s in slots), config)
@@ -249,12 +260,13 @@ def _masked_input(record: ConfigRecord, msg: Message, ctxt: Context, call_next: 
     if weight_key not in metrics:
         raise ValueError(f"the ClientApp's reply has no {weight_key!r} metric; privfer sums it as the FedAvg weight")
     count = metrics.pop(weight_key)
+    # (the errors never echo the count: it is what secure aggregation hides)
     if isinstance(count, bool) or not isinstance(count, (int, float)) or count != int(count):
-        raise ValueError(f"the reply's {weight_key!r} must be a whole number of examples, got {count!r}")
+        raise ValueError(f"the reply's {weight_key!r} must be a whole number of examples")
     count = int(count)
     config = client.config
     if not 0 <= count <= config.max_examples:
-        raise ValueError(f"the reply's {weight_key!r} is {count}, outside 0..max_examples={config.max_examples}")
+        raise ValueError(f"the reply's {weight_key!r} is outside 0..max_examples={config.max_examples}")
     missing = [name for name in config.metrics if name not in metrics]
     if missing:
         raise ValueError(f"the ClientApp's reply lacks the securely averaged metrics {missing}")

@@ -9,16 +9,17 @@ not the model's) and a server running FedAvg for a few rounds. Columns:
 
 - plain       FedAvg without secure aggregation (the floor)
 - flower      Flower's SecAgg+: legacy NumPyClient + ``secaggplus_mod``, ``SecAggPlusWorkflow`` (32-bit modulus)
-- privfer-32  privfer: ``ClientApp(mods=[secagg_mod])`` + ``SecAggGrid(grid, modulus_bits=32)``
-- privfer-64  the same with privfer's default 64-bit modulus for Flower (more precision, twice the words)
+- privfer-32  privfer: ``ClientApp(mods=[secagg_mod])`` + ``SecAggGrid(grid, modulus_bits=32, max_examples=128)``
+              (a weight cap like Flower's ``max_weight=100``: the precision of the sum depends on it)
+- privfer-64  privfer's defaults for Flower: 64-bit modulus, ``max_examples=65536`` (twice the words)
 
 All run on privfer's LocalGrid: every node in this process with its Context
 serialized between messages as on a SuperNode, every message through Flower's
 protobuf (the bytes column counts those bytes both ways). Time is wall-clock
 per round (all nodes and the server share this process: it is the total work
 of a round). The last columns check each aggregate against the exact weighted
-average. Flower's SecAgg+ uses a sparse graph (num_shares), privfer here its
-complete graph, as each would by default for so few nodes.
+average. Both use a complete graph (Flower: ``num_shares = n``, threshold
+n // 2 + 1; privfer: ``graph="complete"``, t = n // 2 + 1).
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ def run_new_api(n: int, rounds: int, mode: str) -> tuple[float, int, np.ndarray]
                                    "metrics": MetricRecord({"num-examples": count})}), reply_to=msg)
 
     grid = LocalGrid(app, n)
-    served = grid if mode == "plain" else SecAggGrid(grid, protect=("train",),
-                                                     modulus_bits=32 if mode == "privfer-32" else 64)
+    # privfer-32 caps the weight like Flower's max_weight (the fixed-point precision depends on the cap)
+    options = {"modulus_bits": 32, "max_examples": 128} if mode == "privfer-32" else {"modulus_bits": 64}
+    served = grid if mode == "plain" else SecAggGrid(grid, protect=("train",), **options)
     strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=n, min_train_nodes=n)
     started = time.perf_counter()
     result = strategy.start(grid=served, initial_arrays=ArrayRecord({"w": Array(initial())}), num_rounds=rounds)
@@ -127,6 +129,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="n = 3, 1 round")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    import flwr.common.logger  # noqa: F401 - configures Flower's logger; quiet it afterwards
+
     logging.getLogger("flwr").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     sizes, rounds = ([3], 1) if args.quick else ([3, 10], args.rounds)

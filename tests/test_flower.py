@@ -216,7 +216,8 @@ def test_nodes_refuse_rounds_below_their_minimum_size():
         make_secagg_mod(min_clients=1)
 
 
-def test_an_invalid_count_is_refused_without_echoing_it():
+def test_a_count_above_the_cap_is_capped_not_refused():
+    """Refusing it would tell the server, by the error reply, whether the count exceeds a cap the server chose."""
     app = ClientApp(mods=[secagg_mod])
 
     @app.train()
@@ -227,5 +228,79 @@ def test_an_invalid_count_is_refused_without_echoing_it():
 
     secure = SecAggGrid(LocalGrid(app, 4), protect=("train",))
     run(secure)
-    reason = secure.reports[0].dropped[1000]
-    assert "max_examples=65536" in reason and "70001" not in reason
+    assert secure.reports[0].dropped == {} and secure.reports[0].example_count == M + 3 * 4
+
+
+def test_sub_typed_train_messages_are_protected_too():
+    """Flower routes "train.default" to @app.train() (and "train.x" to @app.train("x")): protected like "train"."""
+    grid = LocalGrid(make_app([secagg_mod]), 3)
+    content = RecordDict({"arrays": initial(), "config": ConfigRecord({"server-round": 1})})
+    reply = list(grid.send_and_receive([grid.create_message(content, "train.default", 1000, "1")]))[0]
+    assert reply.has_error() and "UnprotectedMessage" in reply.error.reason
+    secure = SecAggGrid(grid, protect=("train",))
+    replies = list(secure.send_and_receive([grid.create_message(content, "train.default", n, "1") for n in grid.node_ids]))
+    assert len(replies) == 1 and not replies[0].has_error() and secure.reports[0].included == grid.node_ids
+
+
+def test_nodes_refuse_a_roster_smaller_than_their_minimum():
+    grid = LocalGrid(make_app([secagg_mod]), 3, answers={1002: 0})  # config for 3, only 2 advertise keys
+    secure = SecAggGrid(grid, protect=("train",))
+    arrays, _ = run(secure)
+    assert arrays == {} and secure.reports[0].aborted
+    assert "roster lists 2 nodes" in secure.reports[0].dropped[1000]
+
+
+def test_a_misrouted_masked_input_stage_is_refused_before_training():
+    trained: list[int] = []
+    counting = ClientApp(mods=[secagg_mod])
+
+    @counting.train()
+    def train(msg, ctx):
+        trained.append(ctx.node_id)
+        return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 3})}),
+                       reply_to=msg)
+
+    class Swapping(LocalGrid):
+        """A server that delivers node 1000's share bundle to node 1001 and the other way round."""
+
+        def push_messages(self, messages):
+            messages = list(messages)
+            records = {m.metadata.dst_node_id: m.content.config_records.get(RECORD) for m in messages}
+            if all(r is not None and r["stage"] == "masked_input" for r in records.values()):
+                records[1000]["message"], records[1001]["message"] = records[1001]["message"], records[1000]["message"]
+            return super().push_messages(messages)
+
+    secure = SecAggGrid(Swapping(counting, 4), protect=("train",))
+    run(secure)
+    dropped = secure.reports[0].dropped
+    assert set(dropped) == {1000, 1001} and all("UnknownSender" in reason for reason in dropped.values())
+    assert sorted(trained) == [1002, 1003]  # the two misrouted nodes spent no privacy budget on a doomed round
+
+
+def test_abandoned_round_keys_expire():
+    grid = LocalGrid(make_app([make_secagg_mod(state_ttl=1e-9)]), 3)
+    secure = SecAggGrid(grid, protect=("train",))
+    run(secure)  # every node's keys have expired by its next stage: the round cannot proceed
+    assert secure.reports[0].aborted
+    assert all("holds no secure-aggregation round" in reason for reason in secure.reports[0].dropped.values())
+    for node in grid.node_ids:
+        assert STATE not in grid.context(node).state.config_records
+
+
+def test_integer_arrays_stay_integers():
+    app = ClientApp(mods=[secagg_mod])
+
+    @app.train()
+    def train(msg, ctx):
+        arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+        arrays["steps"] = arrays["steps"] + 3
+        return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                                   "metrics": MetricRecord({"num-examples": 1 + ctx.node_id % 4})}), reply_to=msg)
+
+    grid = LocalGrid(app, 3)
+    content = RecordDict({"arrays": ArrayRecord({"steps": Array(np.array([7, 100], dtype=np.int64))}),
+                          "config": ConfigRecord({"server-round": 1})})
+    (reply,) = SecAggGrid(grid, protect=("train",)).send_and_receive(
+        [grid.create_message(content, "train", node, "1") for node in grid.node_ids])
+    steps = reply.content["arrays"]["steps"].numpy()  # (Flower's FedAvg then averages it in floating point)
+    assert steps.dtype == np.int64 and steps.tolist() == [10, 103]

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 import time
 import uuid
@@ -47,9 +48,17 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from privfer.secagg import messages as wire
-from privfer.secagg.client import SecAggClient
+from privfer.secagg.client import SecAggClient, check_header
 from privfer.secagg.config import SecAggConfig
-from privfer.secagg.errors import MalformedMessage, MessageError, RoundAborted, SecAggError, WrongRound, WrongStage
+from privfer.secagg.errors import (
+    MalformedMessage,
+    MessageError,
+    RoundAborted,
+    SecAggError,
+    UnknownSender,
+    WrongRound,
+    WrongStage,
+)
 from privfer.secagg.payload import PayloadLayout, ShapeMismatch
 from privfer.secagg.server import SecAggServer
 
@@ -130,8 +139,13 @@ def _metrics_in(content: RecordDict) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------------
 # Client side: the mod
 # --------------------------------------------------------------------------------------------------------------------
+def base_type(message_type: str) -> str:
+    """Flower routes ``train.anything`` to the ``train`` function: protection goes by the part before the dot."""
+    return message_type.split(".", 1)[0]
+
+
 def make_secagg_mod(
-    require: Iterable[str] = ("train", "evaluate"), min_clients: int = 3
+    require: Iterable[str] = ("train", "evaluate"), min_clients: int = 3, state_ttl: float = 6 * 3600.0
 ) -> Callable[[Message, Context, Callable], Message]:
     """A Flower mod that answers privfer's secure-aggregation stages.
 
@@ -140,19 +154,27 @@ def make_secagg_mod(
     :class:`UnprotectedMessage` (the server gets an error reply, never the
     update). Other message types pass through untouched.
 
-    ``min_clients``: the node takes part only in rounds configured for at
-    least this many nodes (with 2, one colluding peer and the server learn the
+    ``min_clients``: the node takes part only in rounds with at least this
+    many nodes — in the config, in the key roster, and among the survivors it
+    is asked to unmask for (with 2, one colluding peer and the server learn the
     other's update from the sum).
+
+    ``state_ttl``: seconds after which a round's keys left in the node's
+    ``Context`` (a round the server abandoned) are deleted, at the node's next
+    message.
     """
-    required = frozenset(require)
+    required = frozenset(base_type(kind) for kind in require)
     if min_clients < 2:
         raise ValueError(f"min_clients must be at least 2, got {min_clients}")
+    if not state_ttl > 0:
+        raise ValueError(f"state_ttl must be positive, got {state_ttl}")
 
     def secagg_mod(msg: Message, ctxt: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         kind = msg.metadata.message_type
         content = msg.content
+        _expire(ctxt, state_ttl)
         if RECORD not in content.config_records:
-            if kind in required:
+            if base_type(kind) in required:
                 raise UnprotectedMessage(
                     f"this ClientApp answers {kind!r} messages only under privfer secure aggregation; "
                     "wrap the server's Grid in privfer.integrations.flower.SecAggGrid"
@@ -164,7 +186,7 @@ def make_secagg_mod(
             if stage == "advertise_keys":
                 reply = _advertise(record, ctxt, min_clients)
             elif stage == "share_keys":
-                reply = _share_keys(record, ctxt)
+                reply = _share_keys(record, ctxt, min_clients)
             elif stage == "masked_input":
                 del content[RECORD]  # the ClientApp sees the strategy's message as it was sent
                 answer = _masked_input(record, msg, ctxt, call_next)
@@ -172,7 +194,7 @@ def make_secagg_mod(
                     return answer  # the ClientApp's own error reply
                 reply = answer
             elif stage == "unmask":
-                reply = _unmask(record, ctxt)
+                reply = _unmask(record, ctxt, min_clients)
                 _forget(ctxt)
             else:
                 raise WrongStage(f"unknown privfer secure-aggregation stage {stage!r}")
@@ -195,9 +217,17 @@ def _field(record: ConfigRecord, name: str, kind: type) -> Any:
     return value
 
 
-def _save(ctxt: Context, client: SecAggClient, slots: str, weight_key: str) -> None:
+def _save(ctxt: Context, client: SecAggClient, slots: str, weight_key: str, created: float | None = None) -> None:
     ctxt.state.config_records[STATE] = ConfigRecord({"client": client.export_state(), "slots": slots,
-                                                     "weight_key": weight_key})
+                                                     "weight_key": weight_key,
+                                                     "created": time.time() if created is None else created})
+
+
+def _expire(ctxt: Context, ttl: float) -> None:
+    saved = ctxt.state.config_records.get(STATE)
+    if saved is not None and not time.time() - float(saved.get("created", 0.0)) <= ttl:
+        log.info("deleting the keys of an abandoned secure-aggregation round")
+        _forget(ctxt)
 
 
 def _load(ctxt: Context, record: ConfigRecord) -> tuple[SecAggClient, ConfigRecord]:
@@ -225,12 +255,17 @@ def _expect(raw: bytes, kind: type[wire.Message]) -> Any:
 
 def _advertise(record: ConfigRecord, ctxt: Context, min_clients: int) -> bytes:
     _forget(ctxt)  # a new round replaces whatever an unfinished one left
-    config = SecAggConfig.model_validate_json(_field(record, "config", str))
+    try:
+        config = SecAggConfig.model_validate_json(_field(record, "config", str))
+        slots_json = _field(record, "slots", str)
+        slots = _slots_from_json(slots_json)
+    except MalformedMessage:
+        raise
+    except Exception as exc:  # pydantic, JSON or shape errors in what the server sent
+        raise MalformedMessage(f"privfer record field 'config' or 'slots' is invalid ({type(exc).__name__})") from None
     if config.num_clients < min_clients:
         raise RoundAborted(f"the round is configured for {config.num_clients} nodes; this node takes part only "
                            f"with at least {min_clients} (make_secagg_mod(min_clients=...))")
-    slots_json = _field(record, "slots", str)
-    slots = _slots_from_json(slots_json)
     layout = PayloadLayout(tuple(s.shape for s in slots), config)
     client = SecAggClient(_field(record, "client_id", int), config, _field(record, "round", str), layout)
     advert = client.advertise_keys().to_bytes()
@@ -238,16 +273,26 @@ def _advertise(record: ConfigRecord, ctxt: Context, min_clients: int) -> bytes:
     return advert
 
 
-def _share_keys(record: ConfigRecord, ctxt: Context) -> bytes:
+def _share_keys(record: ConfigRecord, ctxt: Context, min_clients: int) -> bytes:
     client, saved = _load(ctxt, record)
-    answer = client.share_keys(_expect(_field(record, "message", bytes), wire.KeyRoster)).to_bytes()
-    _save(ctxt, client, saved["slots"], saved["weight_key"])
+    roster = _expect(_field(record, "message", bytes), wire.KeyRoster)
+    if len(roster.keys) < min_clients:
+        raise RoundAborted(f"the key roster lists {len(roster.keys)} nodes; this node takes part only with at least "
+                           f"{min_clients}")
+    answer = client.share_keys(roster).to_bytes()
+    _save(ctxt, client, saved["slots"], saved["weight_key"], saved["created"])
     return answer
 
 
 def _masked_input(record: ConfigRecord, msg: Message, ctxt: Context, call_next: Callable) -> bytes | Message:
     client, saved = _load(ctxt, record)
     forwarded = _expect(_field(record, "message", bytes), wire.ForwardedShares)
+    # every check that can refuse this stage runs before training: a replayed or misrouted stage spends no budget
+    check_header(forwarded, client.round_id, wire.SERVER)
+    if forwarded.receiver != client.client_id:
+        raise UnknownSender(f"shares addressed to {forwarded.receiver} were delivered to {client.client_id}")
+    if client.stage != "shared":
+        raise WrongStage(f"this node is at stage {client.stage!r}, not ready to send its masked input")
     slots = _slots_from_json(saved["slots"])
     weight_key = saved["weight_key"]
     received = _arrays_in(msg.content, slots, "the server's message", exact=False)
@@ -260,13 +305,16 @@ def _masked_input(record: ConfigRecord, msg: Message, ctxt: Context, call_next: 
     if weight_key not in metrics:
         raise ValueError(f"the ClientApp's reply has no {weight_key!r} metric; privfer sums it as the FedAvg weight")
     count = metrics.pop(weight_key)
-    # (the errors never echo the count: it is what secure aggregation hides)
-    if isinstance(count, bool) or not isinstance(count, (int, float)) or count != int(count):
-        raise ValueError(f"the reply's {weight_key!r} must be a whole number of examples")
-    count = int(count)
+    if (isinstance(count, bool) or not isinstance(count, (int, float)) or not math.isfinite(count)
+            or count != int(count) or count < 0):
+        raise ValueError(f"the reply's {weight_key!r} must be a whole number of examples, 0 or more")
     config = client.config
-    if not 0 <= count <= config.max_examples:
-        raise ValueError(f"the reply's {weight_key!r} is outside 0..max_examples={config.max_examples}")
+    # Capped, never refused: an error reply for a count above a limit the server chooses would tell it one bit of
+    # the count per round.
+    if count > config.max_examples:
+        log.warning("this node's %r exceeds max_examples=%d and counts as %d", weight_key, config.max_examples,
+                    config.max_examples)
+    count = min(int(count), config.max_examples)
     missing = [name for name in config.metrics if name not in metrics]
     if missing:
         raise ValueError(f"the ClientApp's reply lacks the securely averaged metrics {missing}")
@@ -285,13 +333,17 @@ def _masked_input(record: ConfigRecord, msg: Message, ctxt: Context, call_next: 
     if client.clipping.clipped:
         log.warning("%d of %d values exceeded privfer's clipping range and were clipped", client.clipping.clipped,
                     client.clipping.total)
-    _save(ctxt, client, saved["slots"], weight_key)
+    _save(ctxt, client, saved["slots"], weight_key, saved["created"])
     return answer
 
 
-def _unmask(record: ConfigRecord, ctxt: Context) -> bytes:
+def _unmask(record: ConfigRecord, ctxt: Context, min_clients: int) -> bytes:
     client, _ = _load(ctxt, record)
-    return client.unmask(_expect(_field(record, "message", bytes), wire.UnmaskRequest)).to_bytes()
+    request = _expect(_field(record, "message", bytes), wire.UnmaskRequest)
+    if len(request.survivors) < min_clients:
+        raise RoundAborted(f"only {len(request.survivors)} nodes survived; this node unmasks only for sums of at "
+                           f"least {min_clients}")
+    return client.unmask(request).to_bytes()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -355,8 +407,8 @@ class SecAggGrid(Grid):
         if weighted_by_key in (*train_metrics, *evaluate_metrics):
             raise ValueError(f"{weighted_by_key!r} is the weight; it cannot also be an averaged metric")
         self.grid = grid
-        self.protect = frozenset(protect)
-        self.with_arrays = frozenset(with_arrays)
+        self.protect = frozenset(base_type(kind) for kind in protect)
+        self.with_arrays = frozenset(base_type(kind) for kind in with_arrays)
         self.weighted_by_key = weighted_by_key
         self.metrics = {"train": tuple(train_metrics), "evaluate": tuple(evaluate_metrics)}
         self.stage_timeout = stage_timeout
@@ -380,7 +432,7 @@ class SecAggGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
-        protected = {m.metadata.message_type for m in messages} & self.protect
+        protected = {base_type(m.metadata.message_type) for m in messages} & self.protect
         if protected:
             raise TypeError(
                 f"{sorted(protected)} messages go through send_and_receive, where privfer runs its four stages; "
@@ -394,7 +446,7 @@ class SecAggGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         kinds = {m.metadata.message_type for m in messages}
-        if not messages or not kinds & self.protect:
+        if not messages or not {base_type(k) for k in kinds} & self.protect:
             return self.grid.send_and_receive(messages, timeout=timeout)
         if len(kinds) > 1:
             raise ValueError(f"one securely aggregated exchange carries one message type, got {sorted(kinds)}")
@@ -419,12 +471,12 @@ class _SecureRound:
         self.nodes = sorted(self.originals)
         self.ids = {node: index + 1 for index, node in enumerate(self.nodes)}
         first = messages[0].content
-        self.slots = slots_of(first) if self.kind in grid.with_arrays else []
+        self.slots = slots_of(first) if base_type(self.kind) in grid.with_arrays else []
         for message in messages[1:]:
             if not _same_arrays(first, message.content):
                 raise ValueError("every sampled node must receive the same arrays: privfer averages deltas from them")
         self.received = _arrays_in(first, self.slots, "the strategy's message", exact=False)
-        names = grid.metrics.get(self.kind, ())
+        names = grid.metrics.get(base_type(self.kind), ())
         self.config = SecAggConfig(num_clients=len(self.nodes), metrics=tuple(names), **grid.secagg)
         self.layout = PayloadLayout(tuple(s.shape for s in self.slots), self.config)
         self.round_id = "/".join(filter(None, (self.kind, self.group_id, secrets.token_hex(8))))
@@ -440,7 +492,9 @@ class _SecureRound:
             fields = {"stage": stage, "round": self.round_id, "message": payload, **(extra(node) if extra else {})}
             content = RecordDict(dict(self.originals[node].content)) if with_content else RecordDict()
             content[RECORD] = ConfigRecord(fields)
-            outgoing[node] = Message(content, dst_node_id=node, message_type=self.kind, group_id=self.group_id)
+            # a stage message expires with the stage: a late one cannot reach a node in a later round
+            outgoing[node] = Message(content, dst_node_id=node, message_type=self.kind, group_id=self.group_id,
+                                     ttl=self.timeout)
         replies = self.grid.grid.send_and_receive(list(outgoing.values()), timeout=self.timeout)
         by_message = {m.metadata.message_id: node for node, m in outgoing.items() if m.metadata.message_id}
         answers: dict[int, bytes] = {}
@@ -516,7 +570,8 @@ class _SecureRound:
         if summed.decoded.clipped:
             log.warning("%d values of the included nodes were clipped to privfer's clipping range (%g)",
                         summed.decoded.clipped, self.config.clipping_range)
-        replies = self.error_replies(sorted(self.report.dropped), None)
+        # a node lost at unmask is in the sum (its self mask recovered): no error reply for it
+        replies = self.error_replies(sorted(set(self.report.dropped) - set(self.report.included)), None)
         if summed.decoded.example_count <= 0:
             log.warning("the included nodes reported 0 examples in total; there is nothing to average")
             return replies
@@ -535,7 +590,8 @@ class _SecureRound:
         factor = self.config.max_examples / total
         content = RecordDict()
         for slot, before, summed in zip(self.slots, self.received, decoded.arrays):
-            value = (before + summed * factor).astype(slot.dtype)
+            value = before + summed * factor
+            value = (np.rint(value) if np.dtype(slot.dtype).kind in "iub" else value).astype(slot.dtype)
             if slot.record not in content.array_records:
                 content[slot.record] = ArrayRecord()
             content[slot.record][slot.name] = Array(np.ascontiguousarray(value))

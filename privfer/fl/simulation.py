@@ -144,10 +144,17 @@ def _derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def public_client_seed(config: PrivferConfig, phase: str, round_index: int, client_id: int) -> int:
+    """A client's training seed derived from the run seed alone: for runs without DP noise to keep secret (and
+    ``privacy.noise_source: run_seed``). Deployments that train the same clients (the Flower example) use it to
+    reproduce ``simulate`` exactly."""
+    return _derived_seed(config.seed, 0 if phase == TRAINING else 1, round_index, client_id)
+
+
 def _client_seed(config: PrivferConfig, state: "_State", phase: str, round_index: int, client_id: int) -> int:
     """The seed of one client's local training (DP noise, Poisson sampling, dropout) in one round."""
     if config.privacy.noise_source == "run_seed" or not config.privacy.enabled:  # public: nothing secret to seed
-        return _derived_seed(config.seed, 0 if phase == TRAINING else 1, round_index, client_id)
+        return public_client_seed(config, phase, round_index, client_id)
     message = f"privfer/client-seed/{phase}/{round_index}/{client_id}".encode()
     digest = hmac.new(bytes.fromhex(state.noise_key), message, hashlib.sha256).digest()
     return int.from_bytes(digest[:8], "little") >> 1

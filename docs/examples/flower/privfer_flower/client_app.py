@@ -49,6 +49,7 @@ def _personal(fed, context: Context, shared: list[str]) -> dict:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     from privfer.fl.client import LocalTraining
+    from privfer.fl.simulation import TRAINING, public_client_seed
     from privfer.privacy.calibrate import epsilon_spent
     from privfer_flower.task import from_record, shared_names, to_record
 
@@ -64,8 +65,10 @@ def train(msg: Message, context: Context) -> Message:
         history = [tuple(step) for step in json.loads(context.state.config_records[ACCOUNT]["history"])]
     server_round = int(msg.content["config"]["server-round"])
     # DP noise and Poisson sampling must be unpredictable to the server: a fresh OS seed each round when private
-    seed = secrets.randbits(63) if fed.private else int(np.random.SeedSequence([config.seed, server_round, actor])
-                                                        .generate_state(1, dtype=np.uint64)[0] >> 1)
+    # (privacy.noise_source run_key; "os" draws the noise from the OS inside Opacus); without DP (or with the
+    # reproducible-experiment setting run_seed), privfer simulate's seed: the two then train identically
+    public = not fed.private or config.privacy.noise_source == "run_seed"
+    seed = public_client_seed(config, TRAINING, server_round, actor) if public else secrets.randbits(63)
     update = client.fit(
         config,
         {**received, **_personal(fed, context, shared)},
@@ -77,6 +80,7 @@ def train(msg: Message, context: Context) -> Message:
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=config.privacy.max_grad_norm,
             accountant=config.privacy.accountant,
+            noise_source=config.privacy.noise_source,
             weight_decay=config.training.weight_decay,
             optimizer=config.federation.local_optimizer,
         ),

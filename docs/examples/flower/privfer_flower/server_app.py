@@ -5,8 +5,8 @@ The line that makes a Flower ServerApp use privfer's secure aggregation is
 exchange runs privfer's four protocol stages, and the strategy sees only the
 weighted average of the surviving nodes' updates.
 
-Under FedAvg the server scores the global model on the held-out test actors
-after every round (macro F1); under FedPer the nodes score their personalized
+Under FedAvg the server scores the global model on the held-out test actors'
+evaluation halves after every round (macro F1, as ``privfer simulate`` does); under FedPer the nodes score their personalized
 models on their own clips and the server sees the securely averaged accuracy.
 With ``result-file`` set, the ServerApp writes a JSON summary atomically.
 """
@@ -55,7 +55,7 @@ def main(grid: Grid, context: Context) -> None:
         train_metrics=() if fed.private else ("train-loss",),
         evaluate_metrics=("accuracy",),
     )
-    test = fed.parts["test"]
+    test = fed.parts["test_eval"]  # the test actors' evaluation halves, as privfer simulate scores
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if personalized:

@@ -29,7 +29,9 @@ from privfer.models.vfer import VFER
 def privfer_config(run_config: Mapping[str, Any]) -> PrivferConfig:
     """The privfer config of this Flower run: a YAML, ``--set`` style overrides, and the run's own keys."""
     epsilon = str(run_config.get("epsilon", "3")).strip().lower()
-    overrides = shlex.split(str(run_config.get("privfer-set", "")))
+    # Flower's strategy samples the nodes (fraction-train): privfer's own sampling setting is unused here and set to
+    # its minimum, so that any population passes validation.
+    overrides = ["federation.clients_per_round=2", *shlex.split(str(run_config.get("privfer-set", "")))]
     overrides += [
         f"privacy.epsilon={'null' if epsilon in ('inf', 'none', '') else float(epsilon)}",
         f"federation.strategy={run_config.get('strategy', 'fedavg')}",
@@ -40,12 +42,17 @@ def privfer_config(run_config: Mapping[str, Any]) -> PrivferConfig:
     return load_config(path, overrides)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=1)
+def _clips(key: tuple):
+    return load_clips(privfer_config(dict(key)).data)
+
+
+@functools.lru_cache(maxsize=256)  # a SuperNode's process holds one node; an in-process run holds them all
 def _federation(key: tuple, partition: int | None) -> Federation:
     config = privfer_config(dict(key))
+    clips = _clips(key)
     if partition is None:
-        return prepare_federation(config)
-    clips = load_clips(config.data)
+        return prepare_federation(config, clips)
     actors = sorted(split_clips(clips, split_actors(clips, config.data.split, config.seed))["train"].actor_list())
     if not 0 <= partition < len(actors):
         raise ValueError(f"partition-id {partition} is outside 0..{len(actors) - 1} (the run has {len(actors)} "

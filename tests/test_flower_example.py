@@ -1,0 +1,78 @@
+"""The Flower example app in process (privfer's LocalGrid): the same training as `privfer simulate`, and a private
+FedPer run whose nodes compose their privacy budget over rounds in their own Context."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr", reason='the Flower integration needs pip install -e ".[flower]"')
+
+from flwr.common import Context, RecordDict  # noqa: E402
+
+from privfer.fl.simulation import simulate  # noqa: E402
+from privfer.integrations.flower import STATE, LocalGrid  # noqa: E402
+from privfer.privacy.calibrate import epsilon_spent  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "flower"
+sys.path.insert(0, str(EXAMPLE))
+
+from privfer_flower.client_app import ACCOUNT, PERSONAL  # noqa: E402
+from privfer_flower.client_app import app as client_app  # noqa: E402
+from privfer_flower.server_app import main  # noqa: E402
+from privfer_flower.task import privfer_config  # noqa: E402
+
+SMALL = ("data.frames=8 data.feature_dim=64 data.synthetic.actors=24 data.synthetic.missing_clips=0 "
+         "data.split.val_actors=4 data.split.test_actors=8 model.hidden_size=16 federation.local_epochs=1 "
+         "training.batch_size=32")
+TRAINING_ACTORS = 24 - 4 - 8
+
+
+def run_config(tmp_path, **values) -> dict:
+    config = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    config.update({"privfer-set": SMALL, "result-file": str(tmp_path / "result.json"), **values})
+    return config
+
+
+def run_app(run_config: dict, nodes: int) -> tuple[dict, LocalGrid]:
+    grid = LocalGrid(client_app, nodes, run_config=run_config,
+                     node_config=lambda index: {"partition-id": index, "num-partitions": nodes})
+    main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config))
+    return json.loads(Path(run_config["result-file"]).read_text()), grid
+
+
+def test_the_flower_app_trains_exactly_as_privfer_simulate(tmp_path):
+    """Without DP both use the same seeds, initial model and weights: the same model, the same test scores."""
+    values = {"epsilon": "inf", "num-server-rounds": 2, "min-nodes": TRAINING_ACTORS}
+    flower, _ = run_app(run_config(tmp_path, **values), TRAINING_ACTORS)
+    config = privfer_config(run_config(tmp_path, **values))
+    config = config.model_copy(update={"federation": config.federation.model_copy(
+        update={"clients_per_round": TRAINING_ACTORS})})
+    simulated = simulate(config)
+    final = flower["server_evaluation"]["2"]
+    assert final["macro-f1"] == pytest.approx(simulated["test"]["macro"]["f1"], abs=1e-12)
+    assert final["micro-f1"] == pytest.approx(simulated["test"]["micro"]["f1"], abs=1e-12)
+    assert flower["server_evaluation"]["2"] != flower["server_evaluation"]["0"]
+    assert flower["epsilon_target"] is None and flower["noise_multipliers"] == []
+
+
+def test_private_fedper_nodes_compose_their_budget_and_keep_their_heads(tmp_path):
+    values = {"epsilon": "2", "num-server-rounds": 2, "strategy": "fedper", "min-nodes": 3}
+    result, grid = run_app(run_config(tmp_path, **values), 3)
+    assert result["epsilon_target"] == 2.0 and len(result["noise_multipliers"]) == 1
+    assert sorted(result["client_evaluation"]) == ["1", "2"]  # FedPer: the nodes score their own models
+    assert all(0.0 <= m["accuracy"] <= 1.0 for m in result["client_evaluation"].values())
+    assert [len(r["included"]) for r in result["secure_aggregation"]] == [3, 3, 3, 3]  # train + evaluate, 2 rounds
+    delta = result["delta"]
+    for node in grid.node_ids:
+        state = grid.context(node).state
+        assert STATE not in state.config_records  # no round keys left behind
+        assert PERSONAL in state.array_records  # the head stayed on the node
+        history = [tuple(step) for step in json.loads(state.config_records[ACCOUNT]["history"])]
+        # both rounds composed (Opacus merges equal (sigma, q) entries): 2 rounds x 1 epoch x 1/q steps
+        assert sum(steps for _, _, steps in history) == 2 * round(1 / history[0][1])
+        assert 0.9 * 2.0 <= epsilon_spent(history, delta) <= 2.0 + 1e-6  # the whole budget, not more

@@ -84,6 +84,18 @@ def test_client_plans_follow_opacus_poisson_loader_and_worst_case_participation(
     assert default_delta([82, 90, 10]) == pytest.approx(1 / 900)
 
 
+def test_known_noise_multipliers_are_checked_not_searched_again():
+    common = dict(epsilon=3.0, delta=1e-3, batch_size=32, rounds=5, local_epochs=2, accountant="rdp")
+    calibrated = plan_clients({1: 82}, **common)[1].noise_multiplier
+    again = plan_clients({1: 82}, known_noise={1: calibrated}, **common)[1]
+    assert again.noise_multiplier == calibrated
+    more = plan_clients({1: 82}, known_noise={1: calibrated * 1.5}, **common)[1]  # more noise: within the budget
+    assert more.noise_multiplier == calibrated * 1.5
+    for too_little in (calibrated * 0.8, 0.0):
+        with pytest.raises(PrivacyBudgetError, match="recalibrate"):
+            plan_clients({1: 82}, known_noise={1: too_little}, **common)
+
+
 @pytest.mark.parametrize("discrete", [False, True])
 def test_label_loss_module_matches_the_training_loss(discrete):
     torch.manual_seed(0)

@@ -160,12 +160,19 @@ def _client_seed(config: PrivferConfig, state: "_State", phase: str, round_index
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def prepare_federation(config: PrivferConfig, clips: ClipSet | None = None, *, only_client: int | None = None) -> Federation:
+def prepare_federation(
+    config: PrivferConfig,
+    clips: ClipSet | None = None,
+    *,
+    only_client: int | None = None,
+    known_noise: dict[int, float] | None = None,
+) -> Federation:
     """Load data, split actors, build clients and calibrate noise; every mistake is raised here.
 
     ``only_client``: a deployment node that holds one training actor needs only
     that client's noise plan (the calibration is per client) and no adaptation
-    phase; the others' plans are left out.
+    phase; the others' plans are left out. ``known_noise``: training clients'
+    noise multipliers calibrated earlier in the run, checked instead of searched.
     """
     fed = config.federation
     clips = load_clips(config.data) if clips is None else clips
@@ -210,7 +217,8 @@ def prepare_federation(config: PrivferConfig, clips: ClipSet | None = None, *, o
     )
     planned = counts[TRAINING] if only_client is None else {only_client: counts[TRAINING][only_client]}
     plans = {
-        TRAINING: plan_clients(planned, rounds=fed.rounds, local_epochs=fed.local_epochs, **common),
+        TRAINING: plan_clients(planned, rounds=fed.rounds, local_epochs=fed.local_epochs, known_noise=known_noise,
+                               **common),
         ADAPTATION: plan_clients(
             counts[ADAPTATION], rounds=fed.adaptation_rounds, local_epochs=fed.adaptation_epochs, **common
         )

@@ -22,6 +22,7 @@ import math
 import warnings
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from typing import Mapping
 
 from privfer.errors import ConfigError
 
@@ -169,19 +170,34 @@ def plan_clients(
     local_epochs: int,
     accountant: str = "prv",
     max_noise_multiplier: float = 50.0,
+    known_noise: Mapping[int, float] | None = None,
 ) -> dict[int, ClientPlan]:
-    """Every client's sample rate, worst-case steps and noise multiplier (None when DP is off)."""
+    """Every client's sample rate, worst-case steps and noise multiplier (None when DP is off).
+
+    ``known_noise``: noise multipliers an earlier process of the same run calibrated (a deployment node keeps its
+    own between rounds); each is checked against the budget with one accountant call instead of searched again.
+    """
     private = epsilon is not None and math.isfinite(epsilon)
+    known = dict(known_noise or {})
     plans = {}
     for client, records in sorted(record_counts.items()):
         per_epoch = steps_per_epoch(records, batch_size)
         rate = 1.0 / per_epoch
         steps = rounds * local_epochs * per_epoch
-        sigma = (
-            calibrate_noise(epsilon, delta, rate, steps, accountant, max_noise_multiplier, records=records)
-            if private
-            else None
-        )
+        if private and client in known:
+            sigma = float(known[client])
+            spent = epsilon_spent([(sigma, rate, steps)], delta, accountant) if sigma > 0 else math.inf
+            if not spent <= epsilon:
+                raise PrivacyBudgetError(
+                    f"client {client}'s known noise multiplier {sigma:g} spends epsilon {spent:.4g} over {steps} steps, "
+                    f"more than the budget {epsilon:g}: recalibrate"
+                )
+        else:
+            sigma = (
+                calibrate_noise(epsilon, delta, rate, steps, accountant, max_noise_multiplier, records=records)
+                if private
+                else None
+            )
         plans[client] = ClientPlan(records, rate, per_epoch, steps, sigma)
     return plans
 

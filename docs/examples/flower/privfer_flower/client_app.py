@@ -31,10 +31,20 @@ app = ClientApp(mods=[secagg_mod])
 log = logging.getLogger("privfer_flower")
 
 
+def _account(context: Context) -> tuple[list, float | None]:
+    """The node's accountant history and its calibrated noise multiplier, from earlier rounds."""
+    if ACCOUNT not in context.state.config_records:
+        return [], None
+    record = context.state.config_records[ACCOUNT]
+    sigma = record.get("noise_multiplier")
+    return [tuple(step) for step in json.loads(record["history"])], (float(sigma) if sigma is not None else None)
+
+
 def _node(context: Context):
     from privfer_flower.task import TRAINING, node_federation
 
-    fed, actor = node_federation(context.run_config, context.node_config)
+    _, sigma = _account(context)
+    fed, actor = node_federation(context.run_config, context.node_config, sigma)
     return fed, actor, fed.clients[TRAINING][actor], fed.plans[TRAINING][actor]
 
 
@@ -43,7 +53,7 @@ def _personal(fed, context: Context, shared: list[str]) -> dict:
 
     if PERSONAL in context.state.array_records:
         return from_record(context.state.array_records[PERSONAL])
-    return {name: value for name, value in initial_state(fed).items() if name not in shared}
+    return {name: value for name, value in initial_state(fed.config, fed.feature_dim).items() if name not in shared}
 
 
 @app.train()
@@ -55,14 +65,12 @@ def train(msg: Message, context: Context) -> Message:
 
     fed, actor, client, plan = _node(context)
     config = fed.config
-    shared = shared_names(fed)
+    shared = shared_names(config, fed.feature_dim)
     received = from_record(msg.content["arrays"])
     if sorted(received) != sorted(shared):
         raise ValueError(f"the server sent {sorted(received)[:4]}..., this {config.federation.strategy} node shares "
                          f"{sorted(shared)[:4]}...")
-    history = []
-    if ACCOUNT in context.state.config_records:
-        history = [tuple(step) for step in json.loads(context.state.config_records[ACCOUNT]["history"])]
+    history, _ = _account(context)
     server_round = int(msg.content["config"]["server-round"])
     # DP noise and Poisson sampling must be unpredictable to the server: a fresh OS seed each round when private
     # (privacy.noise_source run_key; "os" draws the noise from the OS inside Opacus); without DP (or with the
@@ -87,7 +95,10 @@ def train(msg: Message, context: Context) -> Message:
         history=history,
         seed=seed,
     )
-    context.state.config_records[ACCOUNT] = ConfigRecord({"history": json.dumps(update.history)})
+    account = {"history": json.dumps(update.history)}
+    if plan.noise_multiplier is not None:
+        account["noise_multiplier"] = plan.noise_multiplier
+    context.state.config_records[ACCOUNT] = ConfigRecord(account)
     if fed.strategy.personalized:
         context.state.array_records[PERSONAL] = to_record(update.personal, sorted(update.personal))
     trained = {name: received[name] + update.delta[name] for name in shared}
@@ -108,7 +119,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     from privfer_flower.task import from_record, shared_names
 
     fed, actor, client, _ = _node(context)
-    shared = shared_names(fed)
+    shared = shared_names(fed.config, fed.feature_dim)
     state = {**from_record(msg.content["arrays"]), **_personal(fed, context, shared)}
     model = VFER.from_config(fed.config.model, fed.feature_dim, private=fed.private)
     model.load_state_dict(state)

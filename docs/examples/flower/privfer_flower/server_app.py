@@ -13,7 +13,6 @@ With ``result-file`` set, the ServerApp writes a JSON summary atomically.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 import time
 from dataclasses import asdict
@@ -23,13 +22,12 @@ from flwr.server import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from privfer.centralized import evaluation_labels, predict
-from privfer.fl.simulation import TRAINING
 from privfer.integrations.flower import SecAggGrid
 from privfer.metrics import classification_report
 from privfer.models.vfer import VFER
 from privfer.runs import atomic_write_json
 
-from privfer_flower.task import epsilon_target, federation, from_record, initial_state, shared_names, to_record
+from privfer_flower.task import from_record, initial_state, server_federation, shared_names, to_record
 
 app = ServerApp()
 
@@ -37,10 +35,10 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
-    fed = federation(run_config)
-    config = fed.config
-    shared = shared_names(fed)
-    initial = initial_state(fed)
+    fed, config = server_federation(run_config)  # config: the run's, with its budget (fed.config has none)
+    private = config.privacy.enabled
+    shared = shared_names(config, fed.feature_dim)
+    initial = initial_state(config, fed.feature_dim)
     nodes = int(run_config.get("min-nodes", 3))
     personalized = fed.strategy.personalized
     strategy = FedAvg(
@@ -52,7 +50,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     secure = SecAggGrid(
         grid,
-        train_metrics=() if fed.private else ("train-loss",),
+        train_metrics=() if private else ("train-loss",),
         evaluate_metrics=("accuracy",),
     )
     test = fed.parts["test_eval"]  # the test actors' evaluation halves, as privfer simulate scores
@@ -60,7 +58,7 @@ def main(grid: Grid, context: Context) -> None:
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if personalized:
             return None  # the heads are on the nodes
-        model = VFER.from_config(config.model, fed.feature_dim, private=fed.private)
+        model = VFER.from_config(config.model, fed.feature_dim, private=private)
         model.load_state_dict({**initial, **from_record(arrays)})
         report = classification_report(evaluation_labels(test, config.data.eval_target),
                                        predict(model, test.features).argmax(axis=1))
@@ -76,14 +74,11 @@ def main(grid: Grid, context: Context) -> None:
     )
     path = str(run_config.get("result-file", ""))
     if path:
-        epsilon = epsilon_target(fed)
         atomic_write_json(Path(path), {
             "strategy": config.federation.strategy,
             "rounds": int(run_config.get("num-server-rounds", 3)),
-            "epsilon_target": None if math.isinf(epsilon) else epsilon,
-            "delta": fed.delta if fed.private else None,
-            "noise_multipliers": sorted({p.noise_multiplier for p in fed.plans[TRAINING].values()
-                                         if p.noise_multiplier is not None}),
+            "epsilon_target": config.privacy.epsilon if private else None,  # per node, record level, whole run
+            "delta": fed.delta if private else None,
             "server_evaluation": {str(r): dict(m) for r, m in result.evaluate_metrics_serverapp.items()},
             "client_evaluation": {str(r): dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
             "train_metrics": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()},

@@ -10,7 +10,6 @@ that each node holds.
 from __future__ import annotations
 
 import functools
-import math
 import shlex
 from typing import Any, Mapping
 
@@ -23,6 +22,7 @@ from privfer.config import PrivferConfig, load_config
 from privfer.data import load_clips
 from privfer.data.splits import split_actors
 from privfer.fl.simulation import TRAINING, Federation, prepare_federation
+from privfer.fl.strategies import make_strategy
 from privfer.models.vfer import VFER
 
 
@@ -48,42 +48,53 @@ def _clips(key: tuple):
 
 
 @functools.lru_cache(maxsize=256)  # a SuperNode's process holds one node; an in-process run holds them all
-def _federation(key: tuple, partition: int | None) -> Federation:
+def _federation(key: tuple, partition: int | None, known_noise: float | None) -> Federation:
     config = privfer_config(dict(key))
     clips = _clips(key)
-    if partition is None:
-        return prepare_federation(config, clips)
+    if partition is None:  # the server never trains: no noise to calibrate (each node calibrates its own)
+        public = config.model_copy(update={"privacy": config.privacy.model_copy(update={"epsilon": None})})
+        return prepare_federation(public, clips)
     actors = sorted(split_clips(clips, split_actors(clips, config.data.split, config.seed))["train"].actor_list())
     if not 0 <= partition < len(actors):
         raise ValueError(f"partition-id {partition} is outside 0..{len(actors) - 1} (the run has {len(actors)} "
                          "training actors)")
-    return prepare_federation(config, clips, only_client=actors[partition])  # calibrates this node's noise only
+    actor = actors[partition]
+    known = None if known_noise is None else {actor: known_noise}
+    return prepare_federation(config, clips, only_client=actor, known_noise=known)  # this node's noise only
 
 
-def federation(run_config: Mapping[str, Any]) -> Federation:
-    """The server's view: every training client and its noise plan, built once per process."""
-    return _federation(tuple(sorted(run_config.items())), None)
+def server_federation(run_config: Mapping[str, Any]) -> tuple[Federation, PrivferConfig]:
+    """The server's view — data split, test actors, delta, strategy — and the run's config (with its budget)."""
+    key = tuple(sorted(run_config.items()))
+    return _federation(key, None, None), privfer_config(dict(key))
 
 
-def node_federation(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> tuple[Federation, int]:
-    """A node's view: the federation with only its own plan, and the training actor its ``partition-id`` names."""
+def node_federation(
+    run_config: Mapping[str, Any], node_config: Mapping[str, Any], known_noise: float | None = None
+) -> tuple[Federation, int]:
+    """A node's view: the federation with only its own plan, and the training actor its ``partition-id`` names.
+
+    ``known_noise``: the node's noise multiplier from an earlier round (checked, not searched again: the search
+    takes seconds, and a SuperNode starts a fresh process for every message).
+    """
     if "partition-id" not in node_config:
         raise ValueError('this ClientApp needs a node config with "partition-id" (flower-supernode --node-config)')
-    fed = _federation(tuple(sorted(run_config.items())), int(node_config["partition-id"]))
+    fed = _federation(tuple(sorted(run_config.items())), int(node_config["partition-id"]), known_noise)
     (actor,) = fed.plans[TRAINING]
     return fed, actor
 
 
-def initial_state(fed: Federation) -> dict[str, torch.Tensor]:
-    """The initial VFER parameters: the same on the server and on every node (seeded)."""
-    torch.manual_seed(fed.config.seed)
-    model = VFER.from_config(fed.config.model, fed.feature_dim, private=fed.private)
+def initial_state(config: PrivferConfig, feature_dim: int) -> dict[str, torch.Tensor]:
+    """The initial VFER parameters: the same on the server and on every node (seeded), as privfer simulate's."""
+    torch.manual_seed(config.seed)
+    model = VFER.from_config(config.model, feature_dim, private=config.privacy.enabled)
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 
-def shared_names(fed: Federation) -> list[str]:
-    model = VFER.from_config(fed.config.model, fed.feature_dim, private=fed.private)
-    return fed.strategy.shared_names(model)
+def shared_names(config: PrivferConfig, feature_dim: int) -> list[str]:
+    """The parameters that are aggregated (FedPer keeps the others on the node)."""
+    model = VFER.from_config(config.model, feature_dim, private=config.privacy.enabled)
+    return make_strategy(config.federation).shared_names(model)
 
 
 def to_record(state: Mapping[str, torch.Tensor], names: list[str]) -> ArrayRecord:
@@ -92,7 +103,3 @@ def to_record(state: Mapping[str, torch.Tensor], names: list[str]) -> ArrayRecor
 
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(np.array(array.numpy())) for name, array in record.items()}
-
-
-def epsilon_target(fed: Federation) -> float:
-    return fed.config.privacy.epsilon if fed.private else math.inf

@@ -223,6 +223,17 @@ def _save(ctxt: Context, client: SecAggClient, slots: str, weight_key: str, crea
                                                      "created": time.time() if created is None else created})
 
 
+def _resave(ctxt: Context, client: SecAggClient, saved: ConfigRecord) -> None:
+    """Save the client after a stage, with the round's layout, weight key and start time unchanged."""
+    _save(ctxt, client, saved["slots"], saved["weight_key"], saved["created"])
+
+
+def _at_least(count: int, min_clients: int, what: str) -> None:
+    if count < min_clients:
+        raise RoundAborted(f"{what} {count} nodes; this node takes part only in sums of at least {min_clients} "
+                           "(make_secagg_mod(min_clients=...))")
+
+
 def _expire(ctxt: Context, ttl: float) -> None:
     saved = ctxt.state.config_records.get(STATE)
     if saved is not None and not time.time() - float(saved.get("created", 0.0)) <= ttl:
@@ -263,9 +274,7 @@ def _advertise(record: ConfigRecord, ctxt: Context, min_clients: int) -> bytes:
         raise
     except Exception as exc:  # pydantic, JSON or shape errors in what the server sent
         raise MalformedMessage(f"privfer record field 'config' or 'slots' is invalid ({type(exc).__name__})") from None
-    if config.num_clients < min_clients:
-        raise RoundAborted(f"the round is configured for {config.num_clients} nodes; this node takes part only "
-                           f"with at least {min_clients} (make_secagg_mod(min_clients=...))")
+    _at_least(config.num_clients, min_clients, "the round is configured for")
     layout = PayloadLayout(tuple(s.shape for s in slots), config)
     client = SecAggClient(_field(record, "client_id", int), config, _field(record, "round", str), layout)
     advert = client.advertise_keys().to_bytes()
@@ -276,11 +285,9 @@ def _advertise(record: ConfigRecord, ctxt: Context, min_clients: int) -> bytes:
 def _share_keys(record: ConfigRecord, ctxt: Context, min_clients: int) -> bytes:
     client, saved = _load(ctxt, record)
     roster = _expect(_field(record, "message", bytes), wire.KeyRoster)
-    if len(roster.keys) < min_clients:
-        raise RoundAborted(f"the key roster lists {len(roster.keys)} nodes; this node takes part only with at least "
-                           f"{min_clients}")
+    _at_least(len(roster.keys), min_clients, "the key roster lists")
     answer = client.share_keys(roster).to_bytes()
-    _save(ctxt, client, saved["slots"], saved["weight_key"], saved["created"])
+    _resave(ctxt, client, saved)
     return answer
 
 
@@ -333,16 +340,14 @@ def _masked_input(record: ConfigRecord, msg: Message, ctxt: Context, call_next: 
     if client.clipping.clipped:
         log.warning("%d of %d values exceeded privfer's clipping range and were clipped", client.clipping.clipped,
                     client.clipping.total)
-    _save(ctxt, client, saved["slots"], weight_key, saved["created"])
+    _resave(ctxt, client, saved)
     return answer
 
 
 def _unmask(record: ConfigRecord, ctxt: Context, min_clients: int) -> bytes:
     client, _ = _load(ctxt, record)
     request = _expect(_field(record, "message", bytes), wire.UnmaskRequest)
-    if len(request.survivors) < min_clients:
-        raise RoundAborted(f"only {len(request.survivors)} nodes survived; this node unmasks only for sums of at "
-                           f"least {min_clients}")
+    _at_least(len(request.survivors), min_clients, "the unmask request lists as survivors")
     return client.unmask(request).to_bytes()
 
 

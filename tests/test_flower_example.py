@@ -38,10 +38,11 @@ def run_config(tmp_path, **values) -> dict:
     return config
 
 
-def run_app(run_config: dict, nodes: int) -> tuple[dict, LocalGrid]:
+def run_app(run_config: dict, nodes: int, server_config: dict | None = None, **node_config) -> tuple[dict, LocalGrid]:
     grid = LocalGrid(client_app, nodes, run_config=run_config,
-                     node_config=lambda index: {"partition-id": index, "num-partitions": nodes})
-    main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config))
+                     node_config=lambda index: {"partition-id": index, "num-partitions": nodes, **node_config})
+    main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
+                       run_config=server_config or run_config))
     return json.loads(Path(run_config["result-file"]).read_text()), grid
 
 
@@ -78,3 +79,22 @@ def test_private_fedper_nodes_compose_their_budget_and_keep_their_heads(tmp_path
         # both rounds composed (Opacus merges equal (sigma, q) entries): 2 rounds x 1 epoch x 1/q steps
         assert sum(steps for _, _, steps in history) == 2 * round(1 / history[0][1])
         assert 0.9 * 2.0 <= epsilon_spent(history, delta) <= 2.0 + 1e-6  # the whole budget, not more
+
+
+def test_nodes_stop_at_their_budget_whatever_the_server_asks(tmp_path):
+    """The nodes' run config plans 2 rounds; a server that runs 3 gets no third update."""
+    values = {"epsilon": "2", "num-server-rounds": 2, "min-nodes": 3}
+    server = run_config(tmp_path, **{**values, "num-server-rounds": 3})
+    result, grid = run_app(run_config(tmp_path, **values), 3, server_config=server)
+    assert [r["aborted"] is None for r in result["secure_aggregation"]] == [True, True, False]
+    assert all("trained the 2 rounds" in reason for reason in result["secure_aggregation"][2]["dropped"].values())
+    for node in grid.node_ids:
+        history = json.loads(grid.context(node).state.config_records[ACCOUNT]["history"])
+        assert epsilon_spent([tuple(step) for step in history], result["delta"]) <= 2.0 + 1e-6
+
+
+def test_a_node_refuses_a_run_above_its_own_epsilon_ceiling(tmp_path):
+    result, _ = run_app(run_config(tmp_path, epsilon="8", **{"num-server-rounds": 1, "min-nodes": 3}), 3,
+                        **{"max-epsilon": 4.0})
+    (report,) = result["secure_aggregation"]
+    assert report["aborted"] and all("epsilon <= 4.0" in reason for reason in report["dropped"].values())

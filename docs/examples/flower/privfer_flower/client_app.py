@@ -45,6 +45,10 @@ def _node(context: Context):
 
     _, sigma = _account(context)
     fed, actor = node_federation(context.run_config, context.node_config, sigma)
+    limit = context.node_config.get("max-epsilon")  # the node operator's own ceiling, whatever the run asks
+    if limit is not None and not (fed.private and fed.config.privacy.epsilon <= float(limit)):
+        asked = fed.config.privacy.epsilon if fed.private else "no DP"
+        raise PermissionError(f"the run asks for epsilon {asked}; this node trains only with epsilon <= {limit}")
     return fed, actor, fed.clients[TRAINING][actor], fed.plans[TRAINING][actor]
 
 
@@ -71,6 +75,11 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"the server sent {sorted(received)[:4]}..., this {config.federation.strategy} node shares "
                          f"{sorted(shared)[:4]}...")
     history, _ = _account(context)
+    per_round = config.federation.local_epochs * plan.steps_per_epoch
+    if fed.private and sum(steps for _, _, steps in history) + per_round > plan.max_steps:
+        # the noise was calibrated for num-server-rounds rounds: one more would spend more than the budget
+        raise PermissionError(f"this node has trained the {config.federation.rounds} rounds its privacy budget "
+                              "was calibrated for")
     server_round = int(msg.content["config"]["server-round"])
     # DP noise and Poisson sampling must be unpredictable to the server: a fresh OS seed each round when private
     # (privacy.noise_source run_key; "os" draws the noise from the OS inside Opacus); without DP (or with the

@@ -28,7 +28,7 @@ from privfer_flower.task import privfer_config  # noqa: E402
 
 SMALL = ("data.frames=8 data.feature_dim=64 data.synthetic.actors=24 data.synthetic.missing_clips=0 "
          "data.split.val_actors=4 data.split.test_actors=8 model.hidden_size=16 federation.local_epochs=1 "
-         "training.batch_size=32")
+         "training.batch_size=32 privacy.accountant=rdp")  # RDP calibrates in half PRV's time
 TRAINING_ACTORS = 24 - 4 - 8
 
 
@@ -65,9 +65,8 @@ def test_private_fedper_nodes_compose_their_budget_and_keep_their_heads(tmp_path
     values = {"epsilon": "2", "num-server-rounds": 2, "strategy": "fedper", "min-nodes": 3}
     result, grid = run_app(run_config(tmp_path, **values), 3)
     assert result["epsilon_target"] == 2.0
-    assert sorted(result["client_evaluation"]) == ["1", "2"]  # FedPer: the nodes score their own models
-    assert all(0.0 <= m["accuracy"] <= 1.0 for m in result["client_evaluation"].values())
-    assert [len(r["included"]) for r in result["secure_aggregation"]] == [3, 3, 3, 3]  # train + evaluate, 2 rounds
+    assert result["client_evaluation"] == {}  # a private run releases no (not DP-protected) accuracy
+    assert [len(r["included"]) for r in result["secure_aggregation"]] == [3, 3]
     delta = result["delta"]
     for node in grid.node_ids:
         state = grid.context(node).state
@@ -78,7 +77,7 @@ def test_private_fedper_nodes_compose_their_budget_and_keep_their_heads(tmp_path
         assert {sigma for sigma, _, _ in history} == {account["noise_multiplier"]}  # round 2 reused round 1's
         # both rounds composed (Opacus merges equal (sigma, q) entries): 2 rounds x 1 epoch x 1/q steps
         assert sum(steps for _, _, steps in history) == 2 * round(1 / history[0][1])
-        assert 0.9 * 2.0 <= epsilon_spent(history, delta) <= 2.0 + 1e-6  # the whole budget, not more
+        assert 0.9 * 2.0 <= epsilon_spent(history, delta, "rdp") <= 2.0 + 1e-6  # the whole budget, not more
 
 
 def test_nodes_stop_at_their_budget_whatever_the_server_asks(tmp_path):
@@ -87,14 +86,27 @@ def test_nodes_stop_at_their_budget_whatever_the_server_asks(tmp_path):
     server = run_config(tmp_path, **{**values, "num-server-rounds": 3})
     result, grid = run_app(run_config(tmp_path, **values), 3, server_config=server)
     assert [r["aborted"] is None for r in result["secure_aggregation"]] == [True, True, False]
-    assert all("trained the 2 rounds" in reason for reason in result["secure_aggregation"][2]["dropped"].values())
+    assert all("another round would spend" in reason for reason in result["secure_aggregation"][2]["dropped"].values())
     for node in grid.node_ids:
         history = json.loads(grid.context(node).state.config_records[ACCOUNT]["history"])
-        assert epsilon_spent([tuple(step) for step in history], result["delta"]) <= 2.0 + 1e-6
+        assert epsilon_spent([tuple(step) for step in history], result["delta"], "rdp") <= 2.0 + 1e-6
 
 
-def test_a_node_refuses_a_run_above_its_own_epsilon_ceiling(tmp_path):
-    result, _ = run_app(run_config(tmp_path, epsilon="8", **{"num-server-rounds": 1, "min-nodes": 3}), 3,
-                        **{"max-epsilon": 4.0})
+@pytest.mark.parametrize("epsilon, ceiling, refusal", [
+    ("8", {"max-epsilon": 4.0}, "epsilon <= 4.0"),
+    ("inf", {"max-epsilon": 4.0}, "epsilon no DP"),
+    ("2", {"max-delta": 1e-9}, "delta <"),
+])
+def test_a_node_refuses_a_run_above_its_own_ceilings(tmp_path, epsilon, ceiling, refusal):
+    result, _ = run_app(run_config(tmp_path, epsilon=epsilon, **{"num-server-rounds": 1, "min-nodes": 3}), 3,
+                        **ceiling)
     (report,) = result["secure_aggregation"]
-    assert report["aborted"] and all("epsilon <= 4.0" in reason for reason in report["dropped"].values())
+    assert report["aborted"] and all(refusal in reason for reason in report["dropped"].values())
+
+
+def test_without_dp_fedper_nodes_report_their_personal_accuracy_securely(tmp_path):
+    values = {"epsilon": "inf", "num-server-rounds": 1, "strategy": "fedper", "min-nodes": 3}
+    result, _ = run_app(run_config(tmp_path, **values), 3)
+    assert [r["message_type"] for r in result["secure_aggregation"]] == ["train", "evaluate"]
+    assert 0.0 <= result["client_evaluation"]["1"]["accuracy"] <= 1.0
+    assert "train-loss" in result["train_metrics"]["1"]

@@ -45,11 +45,18 @@ def _node(context: Context):
 
     _, sigma = _account(context)
     fed, actor = node_federation(context.run_config, context.node_config, sigma)
+    client, plan = fed.clients[TRAINING][actor], fed.plans[TRAINING][actor]
+    # The run config comes with the app the server's operator submits: the node checks what it protects.
     limit = context.node_config.get("max-epsilon")  # the node operator's own ceiling, whatever the run asks
     if limit is not None and not (fed.private and fed.config.privacy.epsilon <= float(limit)):
         asked = fed.config.privacy.epsilon if fed.private else "no DP"
         raise PermissionError(f"the run asks for epsilon {asked}; this node trains only with epsilon <= {limit}")
-    return fed, actor, fed.clients[TRAINING][actor], fed.plans[TRAINING][actor]
+    if fed.private:
+        ceiling = min(float(context.node_config.get("max-delta", 1.0)), 1.0 / client.records)
+        if not fed.delta < ceiling:  # delta >= 1/records would allow releasing a record outright
+            raise PermissionError(f"the run asks for delta {fed.delta:.3g}; this node trains only with delta < "
+                                  f"{ceiling:.3g} (1/records, or its max-delta)")
+    return fed, actor, client, plan
 
 
 def _personal(fed, context: Context, shared: list[str]) -> dict:
@@ -75,17 +82,20 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"the server sent {sorted(received)[:4]}..., this {config.federation.strategy} node shares "
                          f"{sorted(shared)[:4]}...")
     history, _ = _account(context)
-    per_round = config.federation.local_epochs * plan.steps_per_epoch
-    if fed.private and sum(steps for _, _, steps in history) + per_round > plan.max_steps:
-        # the noise was calibrated for num-server-rounds rounds: one more would spend more than the budget
-        raise PermissionError(f"this node has trained the {config.federation.rounds} rounds its privacy budget "
-                              "was calibrated for")
+    if fed.private:
+        # the budget is checked on what this round would add to what the node has spent, whatever the rounds
+        # count, sample rate or noise of earlier rounds were
+        per_round = config.federation.local_epochs * plan.steps_per_epoch
+        after = epsilon_spent([*history, (plan.noise_multiplier, plan.sample_rate, per_round)], fed.delta,
+                              config.privacy.accountant)
+        if after > config.privacy.epsilon + 1e-9:
+            raise PermissionError(f"another round would spend epsilon {after:.3f}, above this node's budget "
+                                  f"{config.privacy.epsilon:g}")
     server_round = int(msg.content["config"]["server-round"])
-    # DP noise and Poisson sampling must be unpredictable to the server: a fresh OS seed each round when private
-    # (privacy.noise_source run_key; "os" draws the noise from the OS inside Opacus); without DP (or with the
-    # reproducible-experiment setting run_seed), privfer simulate's seed: the two then train identically
-    public = not fed.private or config.privacy.noise_source == "run_seed"
-    seed = public_client_seed(config, TRAINING, server_round, actor) if public else secrets.randbits(63)
+    # DP noise and Poisson sampling must be unpredictable to the server: a fresh OS seed every round in a private
+    # run, whatever privacy.noise_source the run config asks for (run_seed would make the noise computable by
+    # whoever knows the config). Without DP, privfer simulate's seed: the two then train identically.
+    seed = secrets.randbits(63) if fed.private else public_client_seed(config, TRAINING, server_round, actor)
     update = client.fit(
         config,
         {**received, **_personal(fed, context, shared)},
@@ -97,7 +107,7 @@ def train(msg: Message, context: Context) -> Message:
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=config.privacy.max_grad_norm,
             accountant=config.privacy.accountant,
-            noise_source=config.privacy.noise_source,
+            noise_source="os" if config.privacy.noise_source == "os" else "run_key",  # never run_seed, see above
             weight_decay=config.training.weight_decay,
             optimizer=config.federation.local_optimizer,
         ),
@@ -122,12 +132,18 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """FedPer: accuracy of the node's personalized model on its own clips (securely averaged by the server)."""
+    """FedPer without DP: accuracy of the node's personalized model on its own clips (securely averaged).
+
+    A private run releases no accuracy: it is computed on the node's clips without DP noise (the same reason it
+    releases no training loss).
+    """
     from privfer.centralized import predict
     from privfer.models.vfer import VFER
     from privfer_flower.task import from_record, shared_names
 
     fed, actor, client, _ = _node(context)
+    if fed.private:
+        raise PermissionError("a private run releases no accuracy on a node's own clips (not DP-protected)")
     shared = shared_names(fed.config, fed.feature_dim)
     state = {**from_record(msg.content["arrays"]), **_personal(fed, context, shared)}
     model = VFER.from_config(fed.config.model, fed.feature_dim, private=fed.private)

@@ -6,9 +6,12 @@ exchange runs privfer's four protocol stages, and the strategy sees only the
 weighted average of the surviving nodes' updates.
 
 Under FedAvg the server scores the global model on the held-out test actors'
-evaluation halves after every round (macro F1, as ``privfer simulate`` does); under FedPer the nodes score their personalized
-models on their own clips and the server sees the securely averaged accuracy.
-With ``result-file`` set, the ServerApp writes a JSON summary atomically.
+evaluation halves after every round (macro F1, as ``privfer simulate`` does).
+Under FedPer the heads stay on the nodes: without DP the nodes score their
+personalized models on their own clips and the server sees the securely
+averaged accuracy; a private run releases no such score (it is not
+DP-protected). With ``result-file`` set, the ServerApp writes a JSON summary
+atomically.
 """
 
 from __future__ import annotations
@@ -43,9 +46,9 @@ def main(grid: Grid, context: Context) -> None:
     personalized = fed.strategy.personalized
     strategy = FedAvg(
         fraction_train=float(run_config.get("fraction-train", 1.0)),
-        fraction_evaluate=1.0 if personalized else 0.0,
-        min_train_nodes=2,
-        min_evaluate_nodes=2,
+        fraction_evaluate=1.0 if personalized and not private else 0.0,  # nodes score only without DP
+        min_train_nodes=3,  # secagg_mod's min_clients: smaller samples would abort
+        min_evaluate_nodes=3,
         min_available_nodes=nodes,
     )
     secure = SecAggGrid(

@@ -146,7 +146,10 @@ def test_the_mod_refuses_a_train_message_without_secure_aggregation():
     assert arrays == {} and 1 not in result.train_metrics_clientapp  # nothing was aggregated
     # a mod that does not require evaluate lets plain evaluate messages through
     relaxed = LocalGrid(make_app([make_secagg_mod(require=("train",))]), 3)
-    run(SecAggGrid(relaxed, protect=("train",)))
+    secure = SecAggGrid(relaxed, protect=("train",))
+    arrays, result = run(secure)
+    assert set(arrays) == set(SHAPES) and [r.message_type for r in secure.reports] == ["train"]
+    assert "accuracy" in result.evaluate_metrics_clientapp[1]  # evaluated in the clear, as this server asked
 
 
 def test_a_round_below_the_threshold_aborts_and_keeps_the_model():

@@ -48,14 +48,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from privfer.secagg import messages as wire
-from privfer.secagg.client import SecAggClient, check_header
+from privfer.secagg.client import SecAggClient
 from privfer.secagg.config import SecAggConfig
 from privfer.secagg.errors import (
     MalformedMessage,
     MessageError,
     RoundAborted,
     SecAggError,
-    UnknownSender,
     WrongRound,
     WrongStage,
 )
@@ -83,7 +82,6 @@ log = logging.getLogger("privfer.flower")
 
 RECORD = "privfer.secagg"  # the ConfigRecord that carries privfer's protocol messages
 STATE = "privfer.secagg.state"  # the node's protocol state, in Context.state (never sent)
-STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
 DEFAULTS: dict[str, Any] = {"modulus_bits": 64, "clipping_range": 8.0, "max_examples": 1 << 16}
 
 
@@ -294,12 +292,7 @@ def _share_keys(record: ConfigRecord, ctxt: Context, min_clients: int) -> bytes:
 def _masked_input(record: ConfigRecord, msg: Message, ctxt: Context, call_next: Callable) -> bytes | Message:
     client, saved = _load(ctxt, record)
     forwarded = _expect(_field(record, "message", bytes), wire.ForwardedShares)
-    # every check that can refuse this stage runs before training: a replayed or misrouted stage spends no budget
-    check_header(forwarded, client.round_id, wire.SERVER)
-    if forwarded.receiver != client.client_id:
-        raise UnknownSender(f"shares addressed to {forwarded.receiver} were delivered to {client.client_id}")
-    if client.stage != "shared":
-        raise WrongStage(f"this node is at stage {client.stage!r}, not ready to send its masked input")
+    client.check_forwarded(forwarded)  # before training: a replayed or misrouted stage spends no privacy budget
     slots = _slots_from_json(saved["slots"])
     weight_key = saved["weight_key"]
     received = _arrays_in(msg.content, slots, "the server's message", exact=False)

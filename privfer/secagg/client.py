@@ -262,6 +262,15 @@ class SecAggClient:
             return ShareKeys(round_id=self.round_id, sender=self.client_id, ciphertexts=ciphertexts)
 
     # -- stage 2 ---------------------------------------------------------------
+    def check_forwarded(self, forwarded: ForwardedShares) -> None:
+        """The checks of :meth:`masked_input` that need no update: callers that compute the update only for this
+        stage (train on it) run them first, so a replayed or misrouted stage costs nothing."""
+        check_header(forwarded, self.round_id, SERVER)
+        if forwarded.receiver != self.client_id:
+            raise UnknownSender(f"shares addressed to {forwarded.receiver} were delivered to {self.client_id}")
+        if self.stage != "shared":
+            raise WrongStage(f"client {self.client_id} is at stage {self.stage!r}, not 'shared'")
+
     def masked_input(
         self,
         forwarded: ForwardedShares,
@@ -269,9 +278,7 @@ class SecAggClient:
         example_count: int = 1,
         metrics: Mapping[str, float] | None = None,
     ) -> MaskedInput:
-        check_header(forwarded, self.round_id, SERVER)
-        if forwarded.receiver != self.client_id:
-            raise UnknownSender(f"shares addressed to {forwarded.receiver} were delivered to {self.client_id}")
+        self.check_forwarded(forwarded)
         self._advance("shared", "masked")
         with self._or_abort():
             assert self._keys is not None

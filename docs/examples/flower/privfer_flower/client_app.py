@@ -43,7 +43,7 @@ def _account(context: Context) -> tuple[list, float | None]:
 def _node(context: Context):
     from privfer_flower.task import TRAINING, node_federation
 
-    _, sigma = _account(context)
+    history, sigma = _account(context)
     fed, actor = node_federation(context.run_config, context.node_config, sigma)
     client, plan = fed.clients[TRAINING][actor], fed.plans[TRAINING][actor]
     # The run config comes with the app the server's operator submits: the node checks what it protects.
@@ -56,7 +56,7 @@ def _node(context: Context):
         if not fed.delta < ceiling:  # delta >= 1/records would allow releasing a record outright
             raise PermissionError(f"the run asks for delta {fed.delta:.3g}; this node trains only with delta < "
                                   f"{ceiling:.3g} (1/records, or its max-delta)")
-    return fed, actor, client, plan
+    return fed, actor, client, plan, history
 
 
 def _personal(fed, context: Context, shared: list[str]) -> dict:
@@ -74,14 +74,13 @@ def train(msg: Message, context: Context) -> Message:
     from privfer.privacy.calibrate import epsilon_spent
     from privfer_flower.task import from_record, shared_names, to_record
 
-    fed, actor, client, plan = _node(context)
+    fed, actor, client, plan, history = _node(context)
     config = fed.config
     shared = shared_names(config, fed.feature_dim)
     received = from_record(msg.content["arrays"])
     if sorted(received) != sorted(shared):
         raise ValueError(f"the server sent {sorted(received)[:4]}..., this {config.federation.strategy} node shares "
                          f"{sorted(shared)[:4]}...")
-    history, _ = _account(context)
     if fed.private:
         # the budget is checked on what this round would add to what the node has spent, whatever the rounds
         # count, sample rate or noise of earlier rounds were
@@ -141,7 +140,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     from privfer.models.vfer import VFER
     from privfer_flower.task import from_record, shared_names
 
-    fed, actor, client, _ = _node(context)
+    fed, _, client, _, _ = _node(context)
     if fed.private:
         raise PermissionError("a private run releases no accuracy on a node's own clips (not DP-protected)")
     shared = shared_names(fed.config, fed.feature_dim)

@@ -163,6 +163,21 @@ class PrivacyConfig(_Section):
     max_noise_multiplier: float = Field(
         50.0, gt=0.0, le=1e4, description="A budget that needs more noise than this is refused as unreachable."
     )
+    mechanism: Literal["auto", "distributed", "local"] = Field(
+        "auto",
+        description="distributed: the DP noise lives in the securely aggregated sum (each client adds a Skellam "
+        "share; one DP-SGD step per round); local: every client adds its full DP-SGD noise (Opacus) as if the server "
+        "saw its update; auto: distributed with the masking aggregator, local otherwise.",
+    )
+    sample_rate: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="distributed: probability that a record is in a round's step (Poisson; 1 = every record).",
+    )
+    rounding_overhead: float = Field(
+        0.01, gt=0.0, le=1.0,
+        description="distributed: the integer scale makes randomized rounding add at most this share to the "
+        "sensitivity (sqrt(d) / (C x scale)).",
+    )
 
     @property
     def enabled(self) -> bool:
@@ -183,7 +198,13 @@ class AggregationConfig(_Section):
     )
     expected_dropout: float = Field(0.1, ge=0.0, lt=0.5, description="Dropout rate the SecAgg+ degree is sized for.")
     colluding_fraction: float = Field(
-        0.1, ge=0.0, lt=0.5, description="Share of clients that may collude with the server (SecAgg+ degree sizing)."
+        0.1, ge=0.0, lt=0.5,
+        description="Share of a round's clients that may collude with the server (SecAgg+ degree sizing; "
+        "distributed DP sizes noise shares so the others alone carry the noise).",
+    )
+    min_inputs_fraction: float = Field(
+        0.9, gt=0.0, le=1.0,
+        description="distributed DP: clients refuse to unmask a round with fewer than ceil(fraction x clients) inputs.",
     )
 
     def secagg_config(self, num_clients: int, **extra: Any) -> Any:
@@ -217,7 +238,10 @@ class FederationConfig(_Section):
 
     strategy: Literal["fedavg", "fedper"] = Field("fedavg", description="FedAvg, or FedPer with local head layers.")
     rounds: int = Field(20, ge=1, le=100_000, description="Federated rounds.")
-    clients_per_round: int = Field(20, ge=2, le=100_000, description="Clients sampled per round.")
+    clients_per_round: int | None = Field(
+        None, ge=2, le=100_000,
+        description="Clients sampled per round; None: every training client under distributed DP, 20 otherwise.",
+    )
     local_epochs: int = Field(2, ge=1, le=1000, description="Local epochs per round.")
     local_optimizer: Literal["adam", "sgd"] = Field("adam", description="Clients' optimizer (fresh each round).")
     local_lr: float = Field(5e-3, gt=0.0, le=100.0, description="Clients' learning rate.")
@@ -229,6 +253,17 @@ class FederationConfig(_Section):
     adaptation_rounds: int = Field(1, ge=1, le=100_000, description="Phase 2 rounds (all test actors train each round).")
     adaptation_epochs: int = Field(1, ge=1, le=1000, description="Phase 2 local epochs per round.")
     adaptation_lr: float = Field(1e-5, gt=0.0, le=10.0, description="Phase 2 learning rate (the seed paper's 1e-5).")
+    server_optimizer: Literal["adam", "sgd"] = Field(
+        "adam", description="distributed DP: the server's optimizer on the noisy mean gradient (sgd has momentum)."
+    )
+    server_lr: float = Field(0.03, gt=0.0, le=100.0, description="distributed DP: the server optimizer's step size.")
+    server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="distributed DP: SGD momentum.")
+
+    def cohort_size(self, mechanism: str | None, clients: int) -> int:
+        """Clients per training round: the setting, or its default for the mechanism (all under distributed DP)."""
+        if self.clients_per_round is not None:
+            return self.clients_per_round
+        return clients if mechanism == "distributed" else min(20, clients)
 
 
 class OutputConfig(_Section):
@@ -249,6 +284,29 @@ class PrivferConfig(_Section):
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _mechanism_fits_aggregator(self) -> "PrivferConfig":
+        if self.privacy.mechanism == "distributed" and self.aggregation.backend != "masking":
+            why = (
+                "its approximate decryption is not the exact integer sum the noise shares' distribution needs"
+                if self.aggregation.backend == "ckks"
+                else "a plain sum shows the server every client's contribution with only its share of the noise"
+            )
+            raise ValueError(
+                f"privacy.mechanism 'distributed' needs aggregation.backend 'masking', not "
+                f"'{self.aggregation.backend}': {why}; use privacy.mechanism 'local' with it"
+            )
+        return self
+
+    @property
+    def mechanism(self) -> str | None:
+        """The privacy mechanism this run uses: 'distributed', 'local', or None without DP."""
+        if not self.privacy.enabled:
+            return None
+        if self.privacy.mechanism == "auto":
+            return "distributed" if self.aggregation.backend == "masking" else "local"
+        return self.privacy.mechanism
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (paths as strings) suitable for YAML and JSON."""

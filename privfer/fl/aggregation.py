@@ -121,4 +121,62 @@ def _result(names, shapes, total, weight, loss, included, seconds, clipped, boun
     return RoundSum(summed, weight, loss, included, None, clipped, bound * scale, seconds, bytes_sent)
 
 
-__all__ = ["EXCLUDING_STAGES", "RoundSum", "sum_updates"]
+@dataclass
+class IntegerRoundSum:
+    """The exact integer sum of one round's contributions, as the server learns it."""
+
+    total: np.ndarray  # int64, flat
+    included: list[int]
+    aborted: str | None = None
+    seconds: float = 0.0
+    bytes_sent: dict[int, int] = field(default_factory=dict)
+
+
+def sum_integer_contributions(
+    contributions: Mapping[int, np.ndarray],
+    dropouts: Mapping[int, str] | None,
+    config: AggregationConfig,
+    plan,
+    *,
+    round_id: str,
+) -> IntegerRoundSum:
+    """Sum already-encoded integer vectors (distributed DP's contributions) over the clients that stay.
+
+    ``plan`` gives the modulus, the bound on any coordinate of the sum and the
+    minimum number of included inputs (clients refuse to unmask below it). The
+    ``plain`` backend adds the integers in the clear (NOT private: a test
+    baseline); CKKS is refused (its approximate decryption is not an exact sum).
+    """
+    dropouts = dict(dropouts or {})
+    clients = sorted(contributions)
+    start = time.perf_counter()
+    if config.backend == "ckks":
+        raise ValueError("integer contributions need an exact sum: use the masking backend, not ckks")
+    if config.backend == "plain":
+        included = [c for c in clients if dropouts.get(c) not in EXCLUDING_STAGES]
+        if len(included) < plan.min_inputs:
+            return IntegerRoundSum(np.zeros(0, np.int64), [], f"only {len(included)} inputs, the minimum is "
+                                   f"{plan.min_inputs}", time.perf_counter() - start)
+        total = np.sum([np.asarray(contributions[c], dtype=np.int64) for c in included], axis=0)
+        bytes_sent = {c: contributions[c].size * plan.modulus_bits // 8 for c in clients}
+        return IntegerRoundSum(total, included, None, time.perf_counter() - start, bytes_sent)
+    round_config = config.secagg_config(
+        len(clients),
+        encoding="integer",
+        integer_sum_bound=plan.sum_bound,
+        min_inputs=plan.min_inputs,
+    )
+    if round_config.modulus_bits != plan.modulus_bits:
+        raise ValueError(f"the plan is for 2^{plan.modulus_bits}, the aggregation for 2^{round_config.modulus_bits}")
+    try:
+        result = aggregate({c: [np.asarray(contributions[c], dtype=np.int64)] for c in clients}, round_config,
+                           dropouts, round_id=round_id)
+    except RoundAborted as exc:
+        return IntegerRoundSum(np.zeros(0, np.int64), [], str(exc), time.perf_counter() - start)
+    except SecAggError as exc:
+        raise RuntimeError(f"secure aggregation failed in round {round_id}: {exc}") from exc
+    return IntegerRoundSum(np.asarray(result.total[0], dtype=np.int64), list(result.included), None,
+                           time.perf_counter() - start, dict(result.bytes_sent))
+
+
+__all__ = ["EXCLUDING_STAGES", "IntegerRoundSum", "RoundSum", "sum_integer_contributions", "sum_updates"]

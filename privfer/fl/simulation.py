@@ -46,11 +46,20 @@ from privfer.data.splits import split_actors
 from privfer.errors import ConfigError, RunDirectoryError
 from privfer.fl.aggregation import sum_updates
 from privfer.fl.client import FLClient, LocalTraining
+from privfer.fl.distributed import optimizer_step, run_distributed_round
 from privfer.fl.strategies import Strategy, make_strategy
 from privfer.metrics import classification_report
 from privfer.models.vfer import VFER, ifer_from_config
 from privfer.privacy.calibrate import ClientPlan, default_delta, plan_clients
-from privfer.privacy.ledger import ClientAccount, build_ledger, write_ledger
+from privfer.privacy.distributed import DistributedPlan, calibrate_distributed, derived_key, noise_generator
+from privfer.privacy.ledger import (
+    ClientAccount,
+    DistributedAccount,
+    account_from_state,
+    build_distributed_ledger,
+    build_ledger,
+    write_ledger,
+)
 from privfer.runs import atomic_torch_save, atomic_write_json, prepare_run_dir
 from privfer.secagg import STAGES
 
@@ -91,6 +100,9 @@ class Federation:
     delta: float
     pseudo: dict[str, Any] | None
     feature_dim: int
+    mechanism: str | None = None  # "distributed", "local", or None without DP
+    distributed: dict[str, DistributedPlan] = field(default_factory=dict)  # phase -> plan (distributed DP)
+    cohort_size: int = 0  # training clients per round
 
     @property
     def private(self) -> bool:
@@ -103,6 +115,8 @@ class _State:
     personal: dict[int, dict[str, torch.Tensor]]
     accounts: dict[tuple[str, int], ClientAccount]
     records: list[RoundRecord] = field(default_factory=list)
+    server_optimizer: dict[str, dict | None] = field(default_factory=dict)  # phase -> optimizer state (distributed)
+    personal_optimizer: dict[int, dict] = field(default_factory=dict)  # FedPer clients' head optimizers (distributed)
     newcomer_head: dict[str, torch.Tensor] | None = None
     after_training: dict[str, Any] | None = None
     elapsed: float = 0.0
@@ -117,6 +131,8 @@ class _State:
             "personal": self.personal,
             "accounts": [a.to_state() for a in self.accounts.values()],
             "records": [asdict(r) for r in self.records],
+            "server_optimizer": self.server_optimizer,
+            "personal_optimizer": self.personal_optimizer,
             "newcomer_head": self.newcomer_head,
             "after_training": self.after_training,
             "elapsed": self.elapsed,
@@ -126,12 +142,14 @@ class _State:
 
     @classmethod
     def from_checkpoint(cls, raw: dict[str, Any]) -> "_State":
-        accounts = [ClientAccount.from_state(a) for a in raw["accounts"]]
+        accounts = [account_from_state(a) for a in raw["accounts"]]
         return cls(
             global_state=raw["global"],
             personal={int(k): v for k, v in raw["personal"].items()},
             accounts={(a.phase, a.client): a for a in accounts},
             records=[RoundRecord(**r) for r in raw["records"]],
+            server_optimizer=raw.get("server_optimizer", {}),
+            personal_optimizer={int(k): v for k, v in raw.get("personal_optimizer", {}).items()},
             newcomer_head=raw["newcomer_head"],
             after_training=raw["after_training"],
             elapsed=raw["elapsed"],
@@ -185,11 +203,16 @@ def prepare_federation(
     for actor in train.actor_list():
         mask = train.actor_ids == actor
         clients[TRAINING][actor] = FLClient(actor, train.features[mask], targets[mask])
-    if fed.clients_per_round > len(clients[TRAINING]):
+    mechanism = config.mechanism
+    cohort_size = fed.cohort_size(mechanism, len(clients[TRAINING]))
+    if cohort_size > len(clients[TRAINING]):
         raise ConfigError(
-            f"federation.clients_per_round = {fed.clients_per_round} is more than the "
+            f"federation.clients_per_round = {cohort_size} is more than the "
             f"{len(clients[TRAINING])} training clients; allowed: 2 to {len(clients[TRAINING])}"
         )
+    if only_client is not None and mechanism == "distributed":
+        raise ConfigError("a single node's federation (only_client) trains with privacy.mechanism 'local'; "
+                          "distributed DP needs every client's share in the secure sum")
     if only_client is not None and only_client not in clients[TRAINING]:
         raise ConfigError(f"actor {only_client} is not a training actor of this split")
     if only_client is not None and fed.adaptation:
@@ -206,8 +229,24 @@ def prepare_federation(
                 clients[ADAPTATION][actor] = FLClient(actor, adapt.features[mask], labels[mask].astype(np.int64))
     counts = {phase: {c: client.records for c, client in group.items()} for phase, group in clients.items()}
     every = [n for group in counts.values() for n in group.values()]
-    delta = config.privacy.delta if config.privacy.delta is not None else default_delta(every)
+    if config.privacy.delta is not None:
+        delta = config.privacy.delta
+    else:  # distributed: one record of the union of all clients' records is the unit
+        delta = default_delta([sum(every)] if mechanism == "distributed" else every)
     epsilon = config.privacy.epsilon if config.privacy.enabled else None
+    strategy = make_strategy(fed)
+    if mechanism == "distributed":
+        if fed.adaptation and len(counts[ADAPTATION]) < 2:
+            clients[ADAPTATION] = {}
+        distributed = {
+            phase: _distributed_plan(config, strategy, clips.feature_dim, counts[phase],
+                                     cohort_size if phase == TRAINING else len(counts[phase]), delta,
+                                     fed.rounds if phase == TRAINING else fed.adaptation_rounds)
+            for phase in (TRAINING, ADAPTATION)
+            if clients[phase]
+        }
+        return Federation(config, strategy, parts, clients, {TRAINING: {}, ADAPTATION: {}}, delta, pseudo,
+                          clips.feature_dim, mechanism, distributed, cohort_size)
     common = dict(
         epsilon=epsilon,
         delta=delta,
@@ -227,7 +266,32 @@ def prepare_federation(
     }
     if fed.adaptation and not plans[ADAPTATION]:
         clients[ADAPTATION] = {}  # fewer than two newcomers with pseudo labels: nothing to aggregate securely
-    return Federation(config, make_strategy(fed), parts, clients, plans, delta, pseudo, clips.feature_dim)
+    return Federation(config, strategy, parts, clients, plans, delta, pseudo, clips.feature_dim, mechanism, {},
+                      cohort_size)
+
+
+def _distributed_plan(config: PrivferConfig, strategy: Strategy, feature_dim: int, counts: dict[int, int],
+                      clients: int, delta: float, rounds: int) -> DistributedPlan:
+    """The phase's calibrated distributed DP-SGD plan. Every trainable coordinate is in the sensitivity (FedPer's
+    personal layers are noised locally with the same variance, so the joint release is one Skellam mechanism)."""
+    template = VFER.from_config(config.model, feature_dim, private=True)
+    dimension = sum(p.numel() for p in template.parameters() if p.requires_grad)
+    largest = sum(sorted(counts.values(), reverse=True)[:clients])
+    return calibrate_distributed(
+        epsilon=config.privacy.epsilon,
+        delta=delta,
+        max_grad_norm=config.privacy.max_grad_norm,
+        dimension=dimension,
+        sample_rate=config.privacy.sample_rate,
+        steps=rounds,
+        clients=clients,
+        records=largest,
+        min_inputs_fraction=config.aggregation.min_inputs_fraction,
+        colluding_fraction=config.aggregation.colluding_fraction,
+        rounding_overhead=config.privacy.rounding_overhead,
+        modulus_bits=config.aggregation.modulus_bits,
+        max_noise_multiplier=config.privacy.max_noise_multiplier,
+    )
 
 
 def _schedule(config: PrivferConfig, federation: Federation) -> list[tuple[str, int]]:
@@ -242,7 +306,7 @@ def _cohort(federation: Federation, phase: str, round_index: int) -> tuple[list[
     config = federation.config
     rng = np.random.default_rng([config.seed, 0 if phase == TRAINING else 1, round_index])
     ids = sorted(federation.clients[phase])
-    k = config.federation.clients_per_round if phase == TRAINING else len(ids)
+    k = federation.cohort_size if phase == TRAINING else len(ids)
     cohort = sorted(int(c) for c in rng.choice(ids, size=k, replace=False))
     dropouts = {}
     for client in cohort:
@@ -273,7 +337,84 @@ def _evaluate(federation: Federation, state: _State, clips: ClipSet, phase: str)
     return classification_report(evaluation_labels(clips, eval_target), predicted)
 
 
+def _noise_rng(config: PrivferConfig, state: "_State", phase: str, round_index: int, client_id: int):
+    """A client's secret generator for one round (distributed DP: sampling, rounding, noise share)."""
+    source = config.privacy.noise_source
+    if source == "os":
+        return noise_generator()
+    secret = bytes.fromhex(state.noise_key) if source == "run_key" else str(config.seed).encode()
+    return noise_generator(derived_key(secret, phase, round_index, client_id))
+
+
+def _run_distributed_round(federation: Federation, state: _State, phase: str, round_index: int) -> RoundRecord:
+    config, strategy = federation.config, federation.strategy
+    fed = config.federation
+    started = time.perf_counter()
+    cohort, dropouts = _cohort(federation, phase, round_index)
+    plan = federation.distributed[phase]
+    template = _model(federation, state.global_state)
+    shared = strategy.shared_names(template)
+    group = federation.clients[phase]
+    for client_id in cohort:
+        account = state.accounts.setdefault(
+            (phase, client_id), DistributedAccount(client_id, phase, group[client_id].records))
+        account.record_round()
+    lr = fed.server_lr if phase == TRAINING else fed.adaptation_lr
+
+    def personal_of(client_id: int) -> dict[str, torch.Tensor]:
+        head = state.personal.get(client_id)
+        if head is None:
+            head = state.newcomer_head if phase == ADAPTATION and state.newcomer_head is not None else {
+                name: value for name, value in state.global_state.items() if name not in shared}
+        return head
+
+    def model_for(client_id: int) -> VFER:
+        model = _model(federation, {**state.global_state, **personal_of(client_id)})
+        model.train()
+        return model
+
+    def personal_step(client_id: int, gradients: dict[str, torch.Tensor]) -> None:
+        model = _model(federation, {**state.global_state, **personal_of(client_id)})
+        names = [name for name, _ in model.named_parameters() if name not in shared]
+        state.personal_optimizer[client_id] = optimizer_step(
+            model, names, gradients, fed.server_optimizer, lr, fed.server_momentum,
+            state.personal_optimizer.get(client_id))
+        state.personal[client_id] = {name: value.detach().clone() for name, value in model.state_dict().items()
+                                     if name not in shared}
+
+    result = run_distributed_round(
+        model_for=model_for,
+        data={c: (group[c].features, group[c].targets) for c in cohort},
+        cohort=cohort,
+        dropouts=dropouts,
+        shared=shared,
+        plan=plan,
+        rng_for=lambda c: _noise_rng(config, state, phase, round_index, c),
+        aggregation=config.aggregation,
+        round_id=f"{state.nonce}:{phase}:{round_index}",
+        global_state=state.global_state,
+        template=template,
+        server=(fed.server_optimizer, lr, fed.server_momentum),
+        server_state=state.server_optimizer.get(phase),
+        personal_step=personal_step if strategy.personalized else None,
+    )
+    state.global_state = result.global_state
+    state.server_optimizer[phase] = result.server_optimizer
+    val = None
+    if phase == TRAINING and not strategy.personalized:
+        val = _evaluate(federation, state, federation.parts["val"], phase)["macro"]["f1"]
+    sent = list(result.bytes_sent.values())
+    return RoundRecord(
+        phase=phase, round=round_index, clients=cohort, included=result.included,
+        dropouts={str(c): s for c, s in dropouts.items()}, aborted=result.aborted, train_loss=None,
+        val_macro_f1=val, seconds=time.perf_counter() - started, aggregation_seconds=result.seconds_aggregation,
+        bytes_per_client=float(statistics.mean(sent)) if sent else 0.0, clipped=0,
+    )
+
+
 def _run_round(federation: Federation, state: _State, phase: str, round_index: int) -> RoundRecord:
+    if federation.mechanism == "distributed":
+        return _run_distributed_round(federation, state, phase, round_index)
     config, strategy = federation.config, federation.strategy
     started = time.perf_counter()
     cohort, dropouts = _cohort(federation, phase, round_index)
@@ -434,6 +575,17 @@ def _finish_training_phase(federation: Federation, state: _State) -> None:
 
 def _ledger(federation: Federation, state: _State) -> dict[str, Any]:
     config = federation.config
+    not_covered = (
+        ["the IFER that pseudo-labels phase 2 is fitted on the training actors' frames without DP (it stands "
+         "in for a public pretrained model); set model.ifer_weights to use one"]
+        if federation.clients[ADAPTATION] and config.model.ifer_weights is None
+        else []
+    )
+    max_rounds = {TRAINING: config.federation.rounds, ADAPTATION: config.federation.adaptation_rounds}
+    if federation.mechanism == "distributed":
+        return build_distributed_ledger(
+            list(state.accounts.values()), federation.distributed, noise_source=config.privacy.noise_source,
+            max_rounds=max_rounds, not_covered=not_covered)
     return build_ledger(
         list(state.accounts.values()),
         target_epsilon=config.privacy.epsilon if federation.private else None,
@@ -441,13 +593,8 @@ def _ledger(federation: Federation, state: _State) -> dict[str, Any]:
         accountant=config.privacy.accountant,
         max_grad_norm=config.privacy.max_grad_norm,
         noise_source=config.privacy.noise_source,
-        max_rounds={TRAINING: config.federation.rounds, ADAPTATION: config.federation.adaptation_rounds},
-        not_covered=(
-            ["the IFER that pseudo-labels phase 2 is fitted on the training actors' frames without DP (it stands "
-             "in for a public pretrained model); set model.ifer_weights to use one"]
-            if federation.clients[ADAPTATION] and config.model.ifer_weights is None
-            else []
-        ),
+        max_rounds=max_rounds,
+        not_covered=not_covered,
     )
 
 
@@ -455,6 +602,7 @@ def _result(federation: Federation, state: _State, final: dict, adapted: bool, l
     config = federation.config
     sigmas = [p.noise_multiplier for plans in federation.plans.values() for p in plans.values()
               if p.noise_multiplier is not None]
+    sigmas += [plan.noise_multiplier for plan in federation.distributed.values()]
     records = state.records
     return {
         "command": "simulate",
@@ -467,9 +615,10 @@ def _result(federation: Federation, state: _State, final: dict, adapted: bool, l
         "test_after_adaptation": final if adapted else None,
         "privacy": {
             "unit": "record",
+            "mechanism": federation.mechanism,
             "target_epsilon": config.privacy.epsilon if federation.private else None,
             "delta": federation.delta,
-            "accountant": config.privacy.accountant,
+            "accountant": ledger["accountant"],
             "epsilon_max": ledger["epsilon_max"],
             "epsilon_median": ledger["epsilon_median"],
             "noise_multiplier_min": min(sigmas) if sigmas else None,

@@ -43,9 +43,14 @@ from typing import Any
 
 from privfer.errors import PrivferError
 from privfer.privacy.calibrate import epsilon_spent
-from privfer.privacy.ledger import SCHEMA
+from privfer.privacy.distributed import sensitivities
+from privfer.privacy.ledger import LEGACY_SCHEMAS, SCHEMA
+from privfer.privacy.skellam import MAX_STEPS, SkellamSteps, gaussian_equivalent, skellam_epsilon
 
 ACCOUNTANTS = ("opacus_rdp", "opacus_prv", "dp_accounting_rdp", "dp_accounting_pld")
+DISTRIBUTED_ACCOUNTANTS = ("skellam_rdp", "skellam_rdp_independent")
+MAX_HISTORY = 100_000  # entries per client: a longer history is refused before any accountant runs
+MAX_CLIENTS = 1_000_000
 OVER_BUDGET, MISMATCH, WEAK_DELTA, NO_DP = "OVER BUDGET", "MISMATCH", "WEAK DELTA", "NO DP"
 CLAIM_TOLERANCE = (0.01, 0.01)  # absolute, relative
 RDP_TOLERANCE = 0.03
@@ -95,6 +100,46 @@ def recompute(history: History, delta: float) -> dict[str, float]:
     }
 
 
+@lru_cache(maxsize=4096)
+def _independent_skellam_epsilon(mu: float, l1: float, l2: float, q: float, steps: int, delta: float) -> float:
+    """A second, loop-by-loop implementation of the Skellam accountant (no numpy, no shared code): RDP of
+    Agarwal et al. 2021 at integer orders 2..256, Zhu & Wang's Theorem 6 for q < 1, Balle et al.'s conversion."""
+
+    def base(alpha: int) -> float:
+        return alpha * l2 * l2 / (2 * mu) + min(((2 * alpha - 1) * l2 * l2 + 6 * l1) / (4 * mu * mu),
+                                                3 * l1 / (2 * mu))
+
+    best = math.inf
+    for alpha in range(2, 257):
+        rdp = base(alpha)
+        if q < 1:
+            logs = [(alpha - 1) * math.log1p(-q) + math.log(alpha * q - q + 1)]
+            for l in range(2, alpha + 1):
+                log_binom = math.lgamma(alpha + 1) - math.lgamma(l + 1) - math.lgamma(alpha - l + 1)
+                factor = 0.0 if l == 2 else math.log(3)
+                logs.append(factor + log_binom + l * math.log(q) + (alpha - l) * math.log1p(-q) + (l - 1) * base(l))
+            top = max(logs)
+            rdp = min(rdp, (top + math.log(sum(math.exp(x - top) for x in logs))) / (alpha - 1))
+        eps = steps * rdp + math.log1p(-1 / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1)
+        best = min(best, eps)
+    return max(best, 0.0)
+
+
+@lru_cache(maxsize=1024)
+def _gaussian_floor(sigma: float, q: float, steps: int, delta: float) -> float:
+    """dp-accounting's PLD epsilon of the Poisson-subsampled Gaussian with the same noise multiplier: near exact,
+    and the Skellam bound (which adds a positive term to the Gaussian's RDP) can never be below it."""
+    import dp_accounting
+
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    accountant = dp_accounting.pld.PLDAccountant()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        accountant.compose(event)
+        return float(accountant.get_epsilon(delta))
+
+
 @dataclass
 class ClientAudit:
     client: int
@@ -105,6 +150,7 @@ class ClientAudit:
     values: dict[str, float]
     verdicts: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    floor: float | None = None  # distributed: the Gaussian-equivalent epsilon, a lower reference (not a bound)
 
     @property
     def certified(self) -> float | None:
@@ -134,8 +180,10 @@ class AuditReport:
     def summary(self) -> dict[str, dict[str, float]]:
         """min / median / max of each accountant and of the claimed epsilon over the clients."""
         columns = {"claimed": [c.claimed for c in self.clients if c.claimed is not None]}
-        for name in ACCOUNTANTS:
-            columns[name] = [c.values[name] for c in self.clients if c.values]
+        names = [n for n in (*ACCOUNTANTS, *DISTRIBUTED_ACCOUNTANTS) if any(n in c.values for c in self.clients)]
+        for name in names:
+            columns[name] = [c.values[name] for c in self.clients if name in c.values]
+        columns["gaussian_floor"] = [c.floor for c in self.clients if c.floor is not None]
         return {
             name: {"min": min(v), "median": statistics.median(v), "max": max(v)} for name, v in columns.items() if v
         }
@@ -182,12 +230,21 @@ def load_ledger(path: Path | str) -> dict[str, Any]:
     if not isinstance(ledger, dict):
         raise LedgerError(f"{path}: the ledger must be a JSON object")
     schema = _field(ledger, "schema", str, path, "the ledger")
-    if schema != SCHEMA:
+    if schema != SCHEMA and schema not in LEGACY_SCHEMAS:
         raise LedgerError(f"{path}: field 'schema' is {schema!r}; this privfer reads {SCHEMA!r}")
+    mechanism = ledger.get("mechanism_id", "local")
+    if mechanism not in ("local", "distributed"):
+        raise LedgerError(f"{path}: field 'mechanism_id' is {mechanism!r}; expected 'local' or 'distributed'")
+    ledger["mechanism_id"] = mechanism
     _field(ledger, "accountant", str, path, "the ledger")
     _field(ledger, "delta", (int, float), path, "the ledger")
     _field(ledger, "private", bool, path, "the ledger")
     clients = _field(ledger, "clients", list, path, "the ledger")
+    if len(clients) > MAX_CLIENTS:
+        raise LedgerError(f"{path}: {len(clients)} client entries; at most {MAX_CLIENTS} are audited")
+    if mechanism == "distributed":
+        _check_distributed(ledger, path)
+        return ledger | {"_path": str(path)}
     for index, entry in enumerate(clients):
         where = f"clients[{index}]"
         if not isinstance(entry, dict):
@@ -196,6 +253,8 @@ def load_ledger(path: Path | str) -> dict[str, Any]:
         _field(entry, "records", int, path, where)
         _field(entry, "delta", (int, float), path, where)
         history = _field(entry, "history", list, path, where)
+        if len(history) > MAX_HISTORY:
+            raise LedgerError(f"{path}: {where} field 'history' has {len(history)} entries (at most {MAX_HISTORY})")
         for step, item in enumerate(history):
             ok = (
                 isinstance(item, list)
@@ -216,6 +275,118 @@ def load_ledger(path: Path | str) -> dict[str, Any]:
     return ledger | {"_path": str(path)}
 
 
+_PLAN_FIELDS = ("max_grad_norm", "dimension", "scale", "l1", "l2", "mu", "share_variance", "sample_rate", "steps",
+                "clients", "min_inputs", "colluders", "delta")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_distributed(ledger: dict[str, Any], path: Path) -> None:
+    phases = _field(ledger, "phases", dict, path, "the ledger")
+    for phase, plan in phases.items():
+        if not isinstance(plan, dict):
+            raise LedgerError(f"{path}: phases.{phase} must be an object")
+        for name in _PLAN_FIELDS:
+            value = _field(plan, name, (int, float), path, f"phases.{phase}")
+            if not _number(value) or value < 0:
+                raise LedgerError(f"{path}: phases.{phase} field '{name}' must be a finite number >= 0")
+        if not 0 < plan["sample_rate"] <= 1 or not 0 < plan["delta"] < 1 or plan["dimension"] > 1e12:
+            raise LedgerError(f"{path}: phases.{phase} has a sample_rate, delta or dimension out of range")
+    for index, entry in enumerate(ledger["clients"]):
+        where = f"clients[{index}]"
+        if not isinstance(entry, dict):
+            raise LedgerError(f"{path}: {where} must be an object")
+        _field(entry, "client", int, path, where)
+        _field(entry, "records", int, path, where)
+        _field(entry, "delta", (int, float), path, where)
+        phase = _field(entry, "phase", str, path, where)
+        if phase not in phases:
+            raise LedgerError(f"{path}: {where} names phase {phase!r}, which has no plan in 'phases'")
+        history = _field(entry, "history", list, path, where)
+        if len(history) > MAX_HISTORY:
+            raise LedgerError(f"{path}: {where} field 'history' has {len(history)} entries (at most {MAX_HISTORY})")
+        for step, item in enumerate(history):
+            ok = isinstance(item, list) and len(item) == 5 and all(_number(x) for x in item)
+            if ok:
+                try:
+                    SkellamSteps(float(item[0]), float(item[1]), float(item[2]), float(item[3]), int(item[4]))
+                    ok = float(item[4]).is_integer()
+                except ValueError:
+                    ok = False
+            if not ok:
+                raise LedgerError(
+                    f"{path}: {where} field 'history[{step}]' must be [mu > 0, l1 > 0, l2 > 0, 0 < sample_rate <= 1, "
+                    f"0 <= steps <= {MAX_STEPS}], got {item!r}"
+                )
+
+
+def _audit_distributed(ledger: dict[str, Any], path: Path) -> AuditReport:
+    """Recompute each client's Skellam epsilon twice (two implementations) and check the plan's arithmetic."""
+    target = ledger.get("target_epsilon")
+    audits = []
+    for entry in ledger["clients"]:
+        plan = ledger["phases"][entry["phase"]]
+        delta = float(entry["delta"])
+        claimed = entry.get("epsilon")
+        history = [SkellamSteps(float(m), float(a), float(b), float(q), int(t)) for m, a, b, q, t in entry["history"]]
+        values = {"skellam_rdp": skellam_epsilon(history, delta)[0] if history else 0.0}
+        values["skellam_rdp_independent"] = sum(
+            _independent_skellam_epsilon(h.mu, h.l1, h.l2, h.sample_rate, h.steps, delta) for h in history
+        ) if len(history) == 1 else values["skellam_rdp"]
+        audit = ClientAudit(int(entry["client"]), str(entry["phase"]), int(entry["records"]), delta,
+                            None if claimed is None else float(claimed), values)
+        mismatch: list[str] = []
+        l1, l2 = sensitivities(float(plan["max_grad_norm"]), float(plan["scale"]), int(plan["dimension"]))
+        if not (math.isclose(l1, plan["l1"], rel_tol=1e-9) and math.isclose(l2, plan["l2"], rel_tol=1e-9)):
+            mismatch.append(f"the plan's sensitivities ({plan['l1']:.6g}, {plan['l2']:.6g}) are not C x scale + "
+                            f"sqrt(d) and min(sqrt(d) l2, l2^2) = ({l1:.6g}, {l2:.6g})")
+        honest = int(plan["min_inputs"]) - int(plan["colluders"])
+        if honest < 1 or plan["share_variance"] * honest < plan["mu"] * (1 - 1e-9):
+            mismatch.append(f"{honest} honest shares of variance {plan['share_variance']:.6g} do not carry the "
+                            f"claimed mu {plan['mu']:.6g}")
+        if plan["min_inputs"] > plan["clients"]:
+            mismatch.append("min_inputs exceeds the clients per round")
+        for h in history:
+            if not (math.isclose(h.mu, plan["mu"], rel_tol=1e-9) and math.isclose(h.l1, l1, rel_tol=1e-9)
+                    and math.isclose(h.l2, l2, rel_tol=1e-9)
+                    and math.isclose(h.sample_rate, plan["sample_rate"], rel_tol=1e-12)):
+                mismatch.append("the history's (mu, l1, l2, sample_rate) is not the phase's plan")
+        steps = sum(h.steps for h in history)
+        if entry.get("steps") is not None and int(entry["steps"]) != steps:
+            mismatch.append(f"steps {entry['steps']} is not the history's {steps}")
+        if entry.get("max_rounds") is not None and steps > int(entry["max_rounds"]):
+            mismatch.append(f"{steps} steps, more than the run's {entry['max_rounds']} rounds")
+        if audit.claimed is not None and not _close(audit.claimed, values["skellam_rdp"], *CLAIM_TOLERANCE):
+            mismatch.append(f"claimed {audit.claimed:.4f} but skellam_rdp gives {values['skellam_rdp']:.4f}")
+        if not _close(values["skellam_rdp"], values["skellam_rdp_independent"], 1e-6, 1e-6):
+            mismatch.append(f"the two Skellam implementations disagree: {values['skellam_rdp']:.6f} vs "
+                            f"{values['skellam_rdp_independent']:.6f}")
+        if len(history) == 1 and history[0].steps:
+            h = history[0]
+            audit.floor = _gaussian_floor(gaussian_equivalent(h.mu, h.l2), h.sample_rate, h.steps, delta)
+            if values["skellam_rdp"] < audit.floor - 1e-6:
+                mismatch.append(f"the Skellam bound {values['skellam_rdp']:.4f} is below the Gaussian with the same "
+                                f"variance ({audit.floor:.4f}, dp-accounting PLD)")
+        over = []
+        if target is not None and audit.certified > target + 1e-9:
+            over.append(f"the tightest sound bound, {audit.certified:.4f}, exceeds the target {target:g}")
+        if target is not None and audit.claimed is not None and audit.claimed > target + 1e-9:
+            over.append(f"the claimed epsilon {audit.claimed:.4f} exceeds the target {target:g}")
+        if over:
+            audit.verdicts.append(OVER_BUDGET)
+        if mismatch:
+            audit.verdicts.append(MISMATCH)
+        total_records = int(plan.get("records", 0)) if _number(plan.get("records", 0)) else 0
+        if total_records > 0 and delta >= 1.0 / total_records:
+            audit.verdicts.append(WEAK_DELTA)
+            audit.reasons.append(f"delta {delta:.3g} >= 1 / {total_records} records in a round's union")
+        audit.reasons[:0] = over + mismatch
+        audits.append(audit)
+    return AuditReport(path, str(ledger["accountant"]), target, True, audits)
+
+
 def _close(a: float, b: float, absolute: float, relative: float) -> bool:
     return abs(a - b) <= absolute + relative * max(abs(a), abs(b))
 
@@ -223,6 +394,8 @@ def _close(a: float, b: float, absolute: float, relative: float) -> bool:
 def audit_ledger(ledger: dict[str, Any]) -> AuditReport:
     """Recompute and judge every client of a loaded ledger."""
     path = Path(ledger.get("_path", "privacy_ledger.json"))
+    if ledger.get("mechanism_id") == "distributed":
+        return _audit_distributed(ledger, path)
     accountant = ledger["accountant"]
     target = ledger.get("target_epsilon")
     audits = []

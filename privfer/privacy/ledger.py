@@ -1,13 +1,23 @@
 """The privacy ledger of a run: per client, everything needed to recompute its epsilon without privfer.
 
-Schema ``privfer.privacy_ledger/1`` (documented in docs/privacy-accounting.md):
-run-level fields (unit, mechanism, accountant, target epsilon, delta, clipping
-bound, noise source) and one entry per client and phase with its record
-count, noise multiplier, sample rate, steps, rounds trained, the Opacus
-accountant history ``[[noise_multiplier, sample_rate, steps], ...]`` in
-training order, delta, and the epsilon the named accountant gives for that
-history. A client's history composes every round it trained in, so its
-epsilon is its spend over the whole run.
+Schema ``privfer.privacy_ledger/2`` (documented in docs/privacy-accounting.md;
+``/1`` ledgers are ``local`` ledgers without the ``mechanism_id`` field):
+run-level fields (mechanism id, unit, mechanism, accountant, target epsilon,
+delta, clipping bound, noise source) and one entry per client and phase.
+
+* ``local`` (DP-SGD on each client, Opacus): an entry holds the client's
+  record count, noise multiplier, sample rate, steps, rounds trained, the
+  Opacus accountant history ``[[noise_multiplier, sample_rate, steps], ...]``
+  in training order, delta, and the epsilon the named accountant gives.
+* ``distributed`` (the noise in the secure sum): the run-level ``phases``
+  section holds each phase's plan (integer scale, dimension, sensitivities
+  l1 / l2, the least variance ``mu`` of any released sum, the share variance,
+  clients per round, minimum inputs, colluders assumed, sample rate, modulus);
+  an entry's history is ``[[mu, l1, l2, sample_rate, steps]]`` (Skellam RDP,
+  :mod:`privfer.privacy.skellam`).
+
+A client's history composes every round it took part in, so its epsilon is
+its spend over the whole run.
 """
 
 from __future__ import annotations
@@ -21,8 +31,15 @@ from typing import Any
 from privfer.privacy.calibrate import epsilon_spent
 from privfer.runs import atomic_write_json
 
-SCHEMA = "privfer.privacy_ledger/1"
+SCHEMA = "privfer.privacy_ledger/2"
+LEGACY_SCHEMAS = ("privfer.privacy_ledger/1",)  # local ledgers written before mechanism_id existed
 MECHANISM = "DP-SGD (Opacus): per-example gradient clipping, Poisson-subsampled Gaussian noise"
+DISTRIBUTED_ACCOUNTANT = "skellam_rdp"
+DISTRIBUTED_ACCOUNTING = (
+    "Skellam RDP (Agarwal, Kairouz, Liu 2021, Thm 3.5) of the sum's noise with the rounded sensitivities, amplified "
+    "by Poisson subsampling with Zhu & Wang 2019's general bound (Thm 6) when sample_rate < 1, composed over steps, "
+    "converted with Balle et al. 2020 (Thm 21)"
+)
 
 History = list[tuple[float, float, int]]
 
@@ -79,9 +96,37 @@ class ClientAccount:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "ClientAccount":
-        account = cls(**{k: v for k, v in state.items() if k != "history"})
+        account = cls(**{k: v for k, v in state.items() if k not in ("history", "kind")})
         account.history = [(float(s), float(q), int(t)) for s, q, t in state["history"]]
         return account
+
+
+@dataclass
+class DistributedAccount:
+    """One client's part in distributed DP-SGD within one phase: the rounds whose released sum held its records."""
+
+    client: int
+    phase: str
+    records: int
+    rounds_trained: int = 0
+
+    def record_round(self) -> None:
+        self.rounds_trained += 1
+
+    def to_state(self) -> dict[str, Any]:
+        return {"kind": "distributed", "client": self.client, "phase": self.phase, "records": self.records,
+                "rounds_trained": self.rounds_trained}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "DistributedAccount":
+        return cls(int(state["client"]), str(state["phase"]), int(state["records"]), int(state["rounds_trained"]))
+
+
+def account_from_state(state: dict[str, Any]) -> ClientAccount | DistributedAccount:
+    """A checkpointed account of either mechanism."""
+    if state.get("kind") == "distributed":
+        return DistributedAccount.from_state(state)
+    return ClientAccount.from_state(state)
 
 
 def build_ledger(
@@ -112,6 +157,7 @@ def build_ledger(
     spent = [c["epsilon"] for c in clients if c["epsilon"] is not None]
     return {
         "schema": SCHEMA,
+        "mechanism_id": "local",
         "unit": "record",
         "mechanism": MECHANISM,
         "private": target_epsilon is not None,
@@ -132,8 +178,81 @@ def build_ledger(
     }
 
 
+def build_distributed_ledger(
+    accounts: list[DistributedAccount],
+    plans: dict[str, Any],
+    *,
+    noise_source: str,
+    max_rounds: dict[str, int],
+    not_covered: list[str] | None = None,
+) -> dict[str, Any]:
+    """The ledger of a distributed-DP run: each phase's plan and each client's Skellam history and epsilon."""
+    from privfer.privacy.skellam import skellam_epsilon
+
+    clients = []
+    for account in sorted(accounts, key=lambda a: (a.phase, a.client)):
+        plan = plans[account.phase]
+        entry = plan.steps_entry(account.rounds_trained)
+        epsilon = skellam_epsilon([entry], plan.delta)[0]
+        clients.append(
+            {
+                "client": account.client,
+                "phase": account.phase,
+                "records": account.records,
+                "rounds_trained": account.rounds_trained,
+                "steps": account.rounds_trained,
+                "max_rounds": max_rounds.get(account.phase, 0),
+                "history": [entry.as_list()] if account.rounds_trained else [],
+                "delta": plan.delta,
+                "epsilon": epsilon,
+                "accountant": DISTRIBUTED_ACCOUNTANT,
+            }
+        )
+    spent = [c["epsilon"] for c in clients]
+    first = next(iter(plans.values()))
+    return {
+        "schema": SCHEMA,
+        "mechanism_id": "distributed",
+        "unit": "record",
+        "mechanism": (
+            "distributed DP-SGD: per-example clipping, randomized rounding to integers, Skellam noise shares summed "
+            "inside secure aggregation; one DP-SGD step per secure-aggregation round"
+        ),
+        "private": True,
+        "accountant": DISTRIBUTED_ACCOUNTANT,
+        "accounting": DISTRIBUTED_ACCOUNTING,
+        "target_epsilon": first.target_epsilon,
+        "delta": first.delta,
+        "max_grad_norm": first.max_grad_norm,
+        "noise_source": noise_source,
+        "neighbouring_relation": "add or remove one record (clip) of one client, in the union of the round's "
+        "clients' records",
+        "trust": {
+            "server": "honest-but-curious: follows the protocol, sees every message it receives",
+            "colluding_clients": "at most 'colluders' of a round's clients collude with the server (they know and "
+            "can subtract their own noise shares)",
+            "minimum_inputs": "clients refuse to unmask a round with fewer than 'min_inputs' included inputs, so a "
+            "released sum holds at least min_inputs - colluders honest shares of variance mu / (min_inputs - "
+            "colluders): at least mu",
+            "noise_shares": "drawn by each client from ChaCha20 keyed from the OS CSPRNG (noise_source os) or from "
+            "the run's secret key (run_key); never from anything the server holds",
+        },
+        "phases": {phase: plan.to_dict() for phase, plan in plans.items()},
+        "public": [
+            "each client's record count: the server divides the sum by the expected batch size "
+            "(sample_rate x the included clients' records), and it is written here",
+            "who took part in each round (the server sees who sends messages)",
+        ],
+        "not_covered": list(not_covered or []),
+        "epsilon_max": max(spent) if spent else None,
+        "epsilon_median": statistics.median(spent) if spent else None,
+        "clients": clients,
+    }
+
+
 def write_ledger(path: Path, ledger: dict[str, Any]) -> None:
     atomic_write_json(path, ledger)
 
 
-__all__ = ["ClientAccount", "MECHANISM", "SCHEMA", "build_ledger", "write_ledger"]
+__all__ = ["ClientAccount", "DISTRIBUTED_ACCOUNTANT", "DistributedAccount", "LEGACY_SCHEMAS", "MECHANISM",
+           "SCHEMA", "account_from_state", "build_distributed_ledger", "build_ledger", "write_ledger"]

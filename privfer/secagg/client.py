@@ -332,6 +332,13 @@ class SecAggClient:
             )
         if self.client_id in dropped or self.client_id not in survivors:
             raise UnsafeUnmaskRequest(f"client {self.client_id} sent its masked input but is not listed as a survivor")
+        minimum = self.config.min_inputs
+        if minimum is not None and len(survivors) < minimum:
+            # The caller's guarantee (e.g. enough noise shares in the sum) needs at least this many inputs.
+            raise RoundAborted(
+                f"client {self.client_id}: the round includes {len(survivors)} inputs, fewer than the minimum "
+                f"{minimum}; refusing to unmask"
+            )
         known = set(self._peers) | {self.client_id}
         alive = survivors & known
         if len(alive) < self.config.group_threshold:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from functools import lru_cache
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -69,6 +70,7 @@ def _binomial_tail(trials: int, p: float, above: int) -> float:
     return sum(math.comb(trials, i) * p**i * (1 - p) ** (trials - i) for i in range(above + 1, trials + 1))
 
 
+@lru_cache(maxsize=1024)
 def harary_degree(n: int, expected_dropout: float = 0.1, fraction: float = 0.5,
                   colluding_fraction: float = 0.1) -> int:
     """SecAgg+ default degree (Bell et al. 2020: k = O(log n), growing with dropouts and colluders).
@@ -119,11 +121,27 @@ class SecAggConfig(BaseModel):
     )
     threshold: int | None = Field(None, ge=1, description="Explicit Shamir threshold; None: from threshold_fraction.")
     max_vector_length: int = Field(1 << 28, ge=1, le=1 << 31, description="Largest masked vector accepted.")
+    encoding: Literal["fixed_point", "integer"] = Field(
+        "fixed_point",
+        description="Clients submit float arrays (fixed-point encoded here, with example count and metrics) or "
+        "already-encoded integer arrays (nothing else is added to the vector).",
+    )
+    integer_sum_bound: int | None = Field(
+        None, ge=1, description="integer encoding: a bound on |sum| of every coordinate, guaranteed by the caller."
+    )
+    min_inputs: int | None = Field(
+        None, ge=2, description="Clients refuse to unmask a round whose survivors (included inputs) are fewer."
+    )
 
     @model_validator(mode="after")
     def _check_bounds(self) -> "SecAggConfig":
         n, k = self.num_clients, self.modulus_bits
         limit = 2 ** (k - 1) - 1
+        if self.min_inputs is not None and self.min_inputs > n:
+            raise ValueError(f"min_inputs {self.min_inputs} is more than the {n} clients of the round")
+        if self.encoding == "integer":
+            self._check_integer(limit)
+            return self._check_graph()
         precision = self.update_precision_bits
         worst = n * (self.clipping_range * 2.0**precision + 1)
         if not fits(n, self.clipping_range, precision, k):
@@ -146,6 +164,21 @@ class SecAggConfig(BaseModel):
             raise ValueError(f"metric_range {self.metric_range:g} leaves no precision for {n} clients in 2^{k}")
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError("metric names must be distinct")
+        return self._check_graph()
+
+    def _check_integer(self, limit: int) -> None:
+        if self.integer_sum_bound is None:
+            raise ValueError("integer encoding needs integer_sum_bound (a bound on |sum| of every coordinate)")
+        if self.integer_sum_bound > limit:
+            raise ValueError(
+                f"integer_sum_bound {self.integer_sum_bound} does not fit 2^{self.modulus_bits} "
+                f"(at most 2^{self.modulus_bits - 1} - 1 = {limit}); use modulus_bits=64"
+            )
+        if self.metrics:
+            raise ValueError("integer encoding carries no metrics (the vector holds the caller's integers only)")
+
+    def _check_graph(self) -> "SecAggConfig":
+        n = self.num_clients
         if self.graph == "harary":
             degree = self.degree
             if not 2 <= degree <= n - 1 or (degree % 2 and degree != n - 1):

@@ -94,6 +94,8 @@ class PayloadLayout(ArrayLayout):
         config = self.config
         if self.length > config.max_vector_length:
             raise ValueError(f"the update has {self.length} coordinates; max_vector_length is {config.max_vector_length}")
+        if self.integer:
+            return
         limit = 2 ** (config.modulus_bits - 1) - 1
         if config.num_clients * (self.update_length + len(config.metrics)) > limit:
             raise ValueError(
@@ -102,8 +104,29 @@ class PayloadLayout(ArrayLayout):
             )
 
     @property
+    def integer(self) -> bool:
+        """The caller's integers, nothing added (``encoding="integer"``)."""
+        return self.config.encoding == "integer"
+
+    @property
     def length(self) -> int:
+        if self.integer:
+            return self.update_length
         return self.update_length + 2 + len(self.config.metrics)
+
+    def encode_integer_arrays(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """Integer arrays (each |value| <= the config's sum bound) -> words mod 2^k; the vector is just them."""
+        if len(arrays) != len(self.shapes) or any(np.shape(a) != s for a, s in zip(arrays, self.shapes)):
+            raise ShapeMismatch(
+                f"update shapes {[np.shape(a) for a in arrays]} differ from the agreed {list(self.shapes)}"
+            )
+        if any(np.asarray(a).dtype.kind not in "iu" for a in arrays):
+            raise TypeError("integer encoding takes integer arrays (the caller encodes its values)")
+        flat = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in arrays]) if arrays else np.zeros(0, np.int64)
+        bound = self.config.integer_sum_bound
+        if flat.size and int(np.abs(flat).max()) > bound:
+            raise ValueError(f"an integer value exceeds the round's sum bound {bound}")
+        return encode_integers(flat, self.config.modulus_bits)
 
     def encode(
         self,
@@ -113,6 +136,8 @@ class PayloadLayout(ArrayLayout):
         randomness: Randomness = SYSTEM,
     ) -> tuple[np.ndarray, ClippingReport]:
         config = self.config
+        if self.integer:
+            return self.encode_integer_arrays(arrays), ClippingReport(total=self.update_length)
         flat, metrics = self.flatten(arrays, example_count, metrics)
         update, report = encode_fixed_point(
             flat, config.clipping_range, config.update_precision_bits, config.modulus_bits, randomness
@@ -131,6 +156,8 @@ class PayloadLayout(ArrayLayout):
         config = self.config
         if words.shape != (self.length,):
             raise ShapeMismatch(f"expected {self.length} words, got {words.shape}")
+        if self.integer:
+            return Decoded(self.unflatten(to_signed(words, config.modulus_bits)), 0, 0, {})
         n = self.update_length
         arrays = self.unflatten(decode_fixed_point(words[:n], config.update_precision_bits, config.modulus_bits))
         count, clipped = (int(v) for v in to_signed(words[n : n + 2], config.modulus_bits))
@@ -139,4 +166,6 @@ class PayloadLayout(ArrayLayout):
 
     def error_bound(self, clients: int) -> float:
         """Largest decoding error of a sum of ``clients`` updates: stochastic rounding adds < 2^-p each."""
+        if self.integer:
+            return 0.0  # integers are summed exactly
         return clients * 2.0 ** -self.config.update_precision_bits

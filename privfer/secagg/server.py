@@ -188,6 +188,10 @@ class SecAggServer:
         if self.stage != "masked":
             raise WrongStage(f"the unmask request is sent once, after MaskedInput (stage is {self.stage!r})")
         self._require(len(self._masked), "sent masked inputs")
+        minimum = self.config.min_inputs
+        if minimum is not None and len(self._masked) < minimum:
+            self.stage = "aborted"  # the clients would refuse to unmask (SecAggClient.unmask)
+            raise RoundAborted(f"only {len(self._masked)} masked inputs arrived; the round needs at least {minimum}")
         self.stage = "unmask"
         survivors = tuple(sorted(self._masked))
         dropped = tuple(sorted(set(self._shares) - set(self._masked)))

@@ -31,7 +31,9 @@ def privfer_config(run_config: Mapping[str, Any]) -> PrivferConfig:
     epsilon = str(run_config.get("epsilon", "3")).strip().lower()
     # Flower's strategy samples the nodes (fraction-train): privfer's own sampling setting is unused here and set to
     # its minimum, so that any population passes validation.
-    overrides = ["federation.clients_per_round=2", *shlex.split(str(run_config.get("privfer-set", "")))]
+    # The nodes run local DP-SGD (each adds its full noise); distributed DP in Flower nodes is not built yet.
+    overrides = ["federation.clients_per_round=2", "privacy.mechanism=local",
+                 *shlex.split(str(run_config.get("privfer-set", "")))]
     overrides += [
         f"privacy.epsilon={'null' if epsilon in ('inf', 'none', '') else float(epsilon)}",
         f"federation.strategy={run_config.get('strategy', 'fedavg')}",

@@ -1,0 +1,293 @@
+"""Record-level distributed DP-SGD: each client's integer contribution and noise share, calibrated for the run.
+
+One secure-aggregation round is one DP-SGD step over the union of the
+round's clients' records. Client ``c`` sums its (Poisson-sampled, rate q)
+records' per-example gradients clipped to norm C, scales the sum by
+``scale`` (integer units per unit of gradient), rounds every coordinate
+randomly (up with probability equal to its fractional part) and adds an
+integer noise share ``Skellam(share_variance)``. The server learns only the
+sum over the included clients, which carries Skellam noise of variance at
+least ``mu``, the calibrated variance (a sum of independent Skellams is
+Skellam).
+
+Sensitivity of the rounded release (proved in protocols/secagg/SPEC.md,
+"Distributed DP"): couple the two neighbouring runs on the same rounding
+uniforms U. Rounding is ``floor(y + U)``, so one record's clipped gradient
+``g`` (||g|| <= C) changes the client's rounded sum by an integer vector ``v``
+with ``|v_j - scale g_j| < 1`` in every coordinate, hence
+
+    ||v||_2 <= C scale + sqrt(d) = l2,      ||v||_1 <= min(sqrt(d) l2, l2^2) = l1
+
+(an integer vector has |v_j| <= v_j^2). For every fixed U the release is a
+Skellam mechanism with these sensitivities, and Rényi divergence is jointly
+quasi-convex, so the bound holds for the randomly rounded release.
+``scale`` is a power of two chosen so that sqrt(d) / (C scale) is at most
+``privacy.rounding_overhead`` (1% by default): the rounding's cost is counted,
+and small.
+
+Trust sizing: shares have variance ``mu / m_honest`` with
+``m_honest = min_inputs - colluders``; clients refuse to unmask a round with
+fewer than ``min_inputs`` included inputs, and at most ``colluders`` of them
+can remove their own shares, so every released sum carries at least ``mu``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from privfer.errors import ConfigError
+from privfer.privacy.calibrate import EPSILON_TOLERANCE, PrivacyBudgetError
+from privfer.privacy.skellam import MAX_STEPS, SkellamSteps, skellam_epsilon
+
+MECHANISM = (
+    "distributed DP-SGD: per-example clipping, randomized rounding to integers, Skellam noise shares summed "
+    "inside secure aggregation (Agarwal, Kairouz, Liu 2021)"
+)
+TAIL_FAILURE = 2.0**-40  # chance, over a whole run, that a sum coordinate leaves the modulus' headroom
+MIN_NOISE_MULTIPLIER = 1e-3
+
+
+def min_inputs(clients: int, fraction: float) -> int:
+    """The fewest included inputs a round may release: ceil(fraction x clients), at least 2."""
+    return max(2, math.ceil(fraction * clients - 1e-9))
+
+
+def colluders(clients: int, fraction: float) -> int:
+    """At most ``fraction`` of a round's clients collude with the server: floor(fraction x clients)."""
+    return math.floor(fraction * clients + 1e-9)
+
+
+def rounding_scale(max_grad_norm: float, dimension: int, overhead: float) -> float:
+    """The smallest power of two with sqrt(d) / (C scale) <= overhead."""
+    if not (max_grad_norm > 0 and dimension >= 1 and overhead > 0):
+        raise ValueError("max_grad_norm, dimension and overhead must be positive")
+    return 2.0 ** math.ceil(math.log2(math.sqrt(dimension) / (max_grad_norm * overhead)))
+
+
+def sensitivities(max_grad_norm: float, scale: float, dimension: int) -> tuple[float, float]:
+    """(l1, l2) of one record's randomly rounded contribution in integer units (module docstring)."""
+    l2 = max_grad_norm * scale + math.sqrt(dimension)
+    return min(math.sqrt(dimension) * l2, l2 * l2), l2
+
+
+def tail_bound(variance: float, coordinates: float, failure: float = TAIL_FAILURE) -> float:
+    """t with P(some |Skellam(variance)| > t among ``coordinates`` draws) <= failure.
+
+    A Skellam variable is a sum of centred Poisson variables, for which
+    Bernstein's inequality gives P(|X| >= t) <= 2 exp(-t^2 / (2 (v + t / 3)));
+    solve for t after a union bound over the coordinates.
+    """
+    log_term = math.log(2 * coordinates / failure)
+    return log_term / 3 + math.sqrt((log_term / 3) ** 2 + 2 * variance * log_term)
+
+
+@dataclass(frozen=True)
+class DistributedPlan:
+    """Everything one phase of distributed DP-SGD needs, fixed before it starts (and written to the ledger)."""
+
+    max_grad_norm: float
+    dimension: int  # coordinates each client submits
+    scale: float  # integer units per unit of gradient
+    l1: float
+    l2: float
+    mu: float  # least total noise variance of any released sum (integer units)
+    share_variance: float  # each client's share: mu / m_honest
+    sample_rate: float
+    steps: int  # worst case: a client in every round
+    clients: int  # per round
+    min_inputs: int
+    colluders: int
+    delta: float
+    target_epsilon: float
+    modulus_bits: int
+    sum_bound: int  # |any coordinate of a released sum| stays below this (with failure TAIL_FAILURE)
+    records: int  # records of the round's clients together (the public denominator is q x this)
+
+    @property
+    def noise_multiplier(self) -> float:
+        """Standard deviation of the sum's noise in units of C (the Gaussian with the same variance)."""
+        return math.sqrt(self.mu) / self.l2
+
+    @property
+    def honest(self) -> int:
+        return self.min_inputs - self.colluders
+
+    def steps_entry(self, steps: int) -> SkellamSteps:
+        return SkellamSteps(self.mu, self.l1, self.l2, self.sample_rate, int(steps))
+
+    def epsilon(self, steps: int | None = None) -> float:
+        return skellam_epsilon([self.steps_entry(self.steps if steps is None else steps)], self.delta)[0]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "noise_multiplier": self.noise_multiplier}
+
+
+def calibrate_distributed(
+    *,
+    epsilon: float,
+    delta: float,
+    max_grad_norm: float,
+    dimension: int,
+    sample_rate: float,
+    steps: int,
+    clients: int,
+    records: int,
+    min_inputs_fraction: float,
+    colluding_fraction: float,
+    rounding_overhead: float,
+    modulus_bits: int,
+    max_noise_multiplier: float,
+) -> DistributedPlan:
+    """The least Skellam variance mu whose epsilon after ``steps`` rounds is <= ``epsilon`` (to 0.01 below).
+
+    Raises :class:`PrivacyBudgetError` when the budget needs more noise than
+    ``max_noise_multiplier`` (x C) and :class:`ConfigError` when the trust or
+    modulus settings cannot work. The search is a fixed number of bisection
+    steps, whatever the budget.
+    """
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise ConfigError(f"privacy.epsilon must be a positive finite number to calibrate noise, got {epsilon}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise ConfigError(f"federation.rounds = {steps}: distributed DP-SGD allows 1 to {MAX_STEPS} steps")
+    minimum = min_inputs(clients, min_inputs_fraction)
+    colluding = colluders(clients, colluding_fraction)
+    honest = minimum - colluding
+    if honest < 1:
+        raise ConfigError(
+            f"aggregation.min_inputs_fraction: {minimum} minimum inputs minus {colluding} colluders leaves no honest "
+            f"client to carry the noise in a round of {clients}; raise min_inputs_fraction or lower "
+            f"aggregation.colluding_fraction"
+        )
+    scale = rounding_scale(max_grad_norm, dimension, rounding_overhead)
+    l1, l2 = sensitivities(max_grad_norm, scale, dimension)
+
+    def spent(z: float) -> float:
+        return skellam_epsilon([SkellamSteps((z * l2) ** 2, l1, l2, sample_rate, steps)], delta)[0]
+
+    high = max_noise_multiplier
+    if spent(high) > epsilon:
+        raise PrivacyBudgetError(
+            f"privacy budget unreachable: epsilon {epsilon:g} at delta {delta:.3g} over {steps} distributed DP-SGD "
+            f"steps (sample rate {sample_rate:g}) needs a noise multiplier above {max_noise_multiplier:g} "
+            f"(privacy.max_noise_multiplier); raise privacy.epsilon or lower federation.rounds"
+        )
+    low = MIN_NOISE_MULTIPLIER
+    if spent(low) <= epsilon:
+        high = low
+    else:
+        for _ in range(64):  # geometric bisection: the number of steps does not depend on the budget
+            middle = math.sqrt(low * high)
+            if spent(middle) <= epsilon:
+                high = middle
+            else:
+                low = middle
+            if high / low < 1 + 1e-6 or spent(high) >= epsilon - EPSILON_TOLERANCE:
+                break
+    mu = (high * l2) ** 2
+    share = mu / honest
+    bits = int(modulus_bits)
+    limit = 2 ** (bits - 1) - 1
+    # Every record's clipped gradient moves any coordinate by at most C, rounding by < 1 per client, and the
+    # noise of all the round's shares stays below the tail bound (union bound over coordinates and steps).
+    needed = records * max_grad_norm * scale + clients + tail_bound(clients * share, float(dimension) * steps)
+    if needed > limit:
+        raise ConfigError(
+            f"aggregation.modulus_bits = {bits}: a sum of {records} records' gradients at scale 2^"
+            f"{int(math.log2(scale))} with noise can reach {needed:.3g}, beyond 2^{bits - 1} - 1; use "
+            f"aggregation.modulus_bits: 64 or raise privacy.rounding_overhead"
+        )
+    return DistributedPlan(
+        max_grad_norm=float(max_grad_norm), dimension=int(dimension), scale=scale, l1=l1, l2=l2, mu=mu,
+        share_variance=share, sample_rate=float(sample_rate), steps=int(steps), clients=int(clients),
+        min_inputs=minimum, colluders=colluding, delta=float(delta), target_epsilon=float(epsilon),
+        modulus_bits=bits, sum_bound=min(limit, math.ceil(needed)), records=int(records),
+    )
+
+
+def noise_generator(key: bytes | None = None) -> np.random.Generator:
+    """A numpy Generator over ChaCha20 keyed by ``key`` (32 bytes), or by 32 bytes of the OS CSPRNG.
+
+    ChaCha20 is a stream cipher: without the key its output is unpredictable,
+    so the noise shares and rounding uniforms cannot be recomputed by the
+    server (which never holds the key).
+    """
+    from randomgen import ChaCha
+
+    key = os.urandom(32) if key is None else key
+    if len(key) != 32:
+        raise ValueError("a noise key is 32 bytes")
+    return np.random.Generator(ChaCha(key=int.from_bytes(key, "little"), rounds=20))
+
+
+def derived_key(secret: bytes, *labels: object) -> bytes:
+    """A 32-byte key for one client and round from a run's secret key (HMAC-SHA256)."""
+    message = "privfer/distributed-noise/" + "/".join(str(label) for label in labels)
+    return hmac.new(secret, message.encode(), hashlib.sha256).digest()
+
+
+def skellam_noise(rng: np.random.Generator, variance: float, size: int) -> np.ndarray:
+    """Skellam(variance) integers: the difference of two independent Poisson(variance / 2) draws."""
+    if not variance > 0:
+        raise ValueError("the Skellam variance must be positive")
+    half = variance / 2
+    return rng.poisson(half, size).astype(np.int64) - rng.poisson(half, size).astype(np.int64)
+
+
+def randomized_round(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """floor(x + U), U uniform in [0, 1): unbiased, each value moved by less than 1."""
+    low = np.floor(values)
+    return (low + (rng.random(values.shape) < (values - low))).astype(np.int64)
+
+
+def encode_contribution(clipped_sum: np.ndarray, plan: DistributedPlan, rng: np.random.Generator) -> np.ndarray:
+    """A client's integer contribution: round(scale x its clipped gradient sum) + its Skellam noise share."""
+    flat = np.asarray(clipped_sum, dtype=np.float64).ravel()
+    if flat.size > plan.dimension:
+        raise ValueError(f"the contribution has {flat.size} coordinates, more than the plan's {plan.dimension}")
+    if not np.all(np.isfinite(flat)):
+        raise ValueError("clipped gradient sums must be finite")
+    return randomized_round(flat * plan.scale, rng) + skellam_noise(rng, plan.share_variance, flat.size)
+
+
+def local_noisy_sum(clipped_sum: np.ndarray, plan: DistributedPlan, rng: np.random.Generator) -> np.ndarray:
+    """A clipped sum with the FULL noise (variance mu), decoded to gradient units: for parameters that never
+    leave the client (FedPer's personal layers), noised as if released alone."""
+    flat = np.asarray(clipped_sum, dtype=np.float64).ravel()
+    noisy = randomized_round(flat * plan.scale, rng) + skellam_noise(rng, plan.mu, flat.size)
+    return noisy.astype(np.float64) / plan.scale
+
+
+def decode_sum(total: np.ndarray, plan: DistributedPlan) -> np.ndarray:
+    """The released integer sum -> a float gradient sum (divide by the public expected batch afterwards)."""
+    total = np.asarray(total, dtype=np.int64)
+    if total.size and int(np.abs(total).max()) > plan.sum_bound:
+        raise ValueError(
+            f"a released sum coordinate exceeds the planned bound {plan.sum_bound}: the modulus wrapped or a "
+            "contribution broke the plan"
+        )
+    return total.astype(np.float64) / plan.scale
+
+
+__all__ = [
+    "DistributedPlan",
+    "MECHANISM",
+    "calibrate_distributed",
+    "colluders",
+    "decode_sum",
+    "derived_key",
+    "encode_contribution",
+    "local_noisy_sum",
+    "min_inputs",
+    "noise_generator",
+    "randomized_round",
+    "rounding_scale",
+    "sensitivities",
+    "skellam_noise",
+    "tail_bound",
+]

@@ -164,16 +164,23 @@ def _chunk(model, recorder: _Recorder, criterion, x, y, g, max_grad_norm, sums) 
     present, counts = torch.unique_consecutive(g, return_counts=True)
     bounds = torch.cumsum(counts, 0).tolist()
     starts = [0] + bounds[:-1]
+    weights = factors.to(layers[0][1].dtype) if layers else factors
     for prefix, grad, act, module in layers:
-        weighted = grad * factors.to(grad.dtype).view(-1, 1, 1)
         w_name = f"{prefix}.weight" if prefix else "weight"
         b_name = f"{prefix}.bias" if prefix else "bias"
+        has_bias = module.bias is not None and module.bias.requires_grad
+        # sum_i f_i G_i^T A_i = G^T (f * A): scale whichever side is smaller
+        scale_act = act.shape[-1] <= grad.shape[-1]
+        if module.weight.requires_grad:
+            scaled = act * weights.view(-1, 1, 1) if scale_act else grad * weights.view(-1, 1, 1)
+        bias_terms = grad.sum(1) * weights.view(-1, 1) if has_bias else None
         for k, s, e in zip(present.tolist(), starts, bounds):
-            gk = weighted[s:e].reshape(-1, weighted.shape[-1])
             if module.weight.requires_grad:
-                sums[w_name][k] += (gk.t() @ act[s:e].reshape(-1, act.shape[-1])).double()
-            if module.bias is not None and module.bias.requires_grad:
-                sums[b_name][k] += gk.sum(0).double()
+                left = grad[s:e] if scale_act else scaled[s:e]
+                right = scaled[s:e] if scale_act else act[s:e]
+                sums[w_name][k] += (left.reshape(-1, left.shape[-1]).t() @ right.reshape(-1, right.shape[-1])).double()
+            if bias_terms is not None:
+                sums[b_name][k] += bias_terms[s:e].sum(0).double()
     return int((norms > max_grad_norm).sum())
 
 

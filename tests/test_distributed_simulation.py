@@ -1,0 +1,115 @@
+"""privfer simulate under distributed DP: the ledger, the audit, resume, FedPer's personal layers, the defaults."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import small_config
+from privfer.errors import ConfigError
+from privfer.fl import aggregation
+from privfer.fl.simulation import prepare_federation, simulate
+from privfer.privacy.audit import MISMATCH, OVER_BUDGET, audit_ledger, load_ledger
+
+FAST = ["federation.rounds=4", "federation.adaptation=false", "privacy.epsilon=3"]
+
+
+def test_auto_mechanism_and_refused_combinations():
+    assert small_config("privacy.epsilon=3").mechanism == "distributed"
+    assert small_config("privacy.epsilon=3", "aggregation.backend=ckks").mechanism == "local"
+    assert small_config("privacy.epsilon=3", "aggregation.backend=plain").mechanism == "local"
+    assert small_config().mechanism is None
+    with pytest.raises(ConfigError, match="approximate decryption"):
+        small_config("privacy.epsilon=3", "privacy.mechanism=distributed", "aggregation.backend=ckks")
+    with pytest.raises(ConfigError, match="aggregation.backend 'masking'"):
+        small_config("privacy.epsilon=3", "privacy.mechanism=distributed", "aggregation.backend=plain")
+
+
+def test_every_client_in_every_round_spends_its_budget_and_the_audit_agrees(tmp_path, small_clips):
+    config = small_config(*FAST)
+    result = simulate(config, tmp_path / "run", clips=small_clips)
+    assert result["privacy"]["mechanism"] == "distributed" and result["privacy"]["accountant"] == "skellam_rdp"
+    ledger = json.loads((tmp_path / "run" / "privacy_ledger.json").read_text())
+    federation = prepare_federation(config, small_clips)
+    assert ledger["mechanism_id"] == "distributed"
+    assert ledger["delta"] <= 1 / (10 * len(federation.parts["train"]))
+    plan = ledger["phases"]["training"]
+    assert plan["min_inputs"] - plan["colluders"] >= 1 and plan["clients"] == len(federation.clients["training"])
+    for entry in ledger["clients"]:
+        assert entry["epsilon"] <= 3.0
+        if entry["rounds_trained"] == 4:
+            assert entry["epsilon"] >= 0.9 * 3.0
+    report = audit_ledger(load_ledger(tmp_path / "run"))
+    assert report.passed, [c.reasons for c in report.clients if c.reasons]
+    assert all(c.floor is not None and c.floor <= c.certified for c in report.clients)
+
+    tampered = json.loads((tmp_path / "run" / "privacy_ledger.json").read_text())
+    tampered["clients"][0]["epsilon"] = 1.0
+    tampered["phases"]["training"]["mu"] *= 4  # claims four times the noise the history was computed with
+    (tmp_path / "t.json").write_text(json.dumps(tampered))
+    report = audit_ledger(load_ledger(tmp_path / "t.json"))
+    assert MISMATCH in report.clients[0].verdicts and not report.passed
+
+    over = json.loads((tmp_path / "run" / "privacy_ledger.json").read_text())
+    over["clients"][1]["history"][0][0] /= 9  # a third of the noise in the history itself
+    over["phases"]["training"]["mu"] /= 9
+    over["phases"]["training"]["share_variance"] /= 9
+    (tmp_path / "o.json").write_text(json.dumps(over))
+    report = audit_ledger(load_ledger(tmp_path / "o.json"))
+    assert OVER_BUDGET in report.clients[1].verdicts
+
+
+def test_resume_after_a_kill_ends_exactly_as_an_uninterrupted_run(tmp_path, small_clips):
+    config = small_config(*FAST, "privacy.noise_source=run_seed", "federation.dropout=0.1")
+    whole = simulate(config, tmp_path / "whole", clips=small_clips)
+
+    class Killed(Exception):
+        pass
+
+    def kill(record):
+        if record.round == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        simulate(config, tmp_path / "resumed", clips=small_clips, on_round=kill)
+    assert not (tmp_path / "resumed" / "result.json").exists()
+    resumed = simulate(config, tmp_path / "resumed", clips=small_clips)
+    assert resumed["test"] == whole["test"]
+    a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)["global"]
+    b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)["global"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fedper_personal_layers_never_enter_any_message(monkeypatch, small_clips):
+    config = small_config("federation.rounds=2", "privacy.epsilon=8", "federation.strategy=fedper",
+                          "federation.adaptation=false")
+    seen: list[np.ndarray] = []
+    real = aggregation.aggregate
+
+    def spy(updates, round_config, *args, **kwargs):
+        seen.extend(a for arrays in updates.values() for a in arrays)
+        return real(updates, round_config, *args, **kwargs)
+
+    monkeypatch.setattr(aggregation, "aggregate", spy)
+    federation = prepare_federation(config, small_clips)
+    from privfer.models.vfer import VFER
+
+    template = VFER.from_config(config.model, small_clips.feature_dim, private=True)
+    shared = federation.strategy.shared_names(template)
+    personal = [n for n, _ in template.named_parameters() if n not in shared]
+    assert personal
+    shared_size = sum(p.numel() for n, p in template.named_parameters() if n in shared)
+    result = simulate(config, None, clips=small_clips)
+    integer_messages = [a for a in seen if a.dtype.kind in "iu"]  # the distributed rounds' contributions
+    assert len(integer_messages) == 2 * len(federation.clients["training"])
+    assert all(a.size == shared_size for a in integer_messages)
+    assert result["privacy"]["mechanism"] == "distributed"
+
+
+def test_the_model_learns_under_distributed_dp(small_clips):
+    config = small_config("federation.rounds=10", "federation.adaptation=false", "privacy.epsilon=50")
+    result = simulate(config, None, clips=small_clips)
+    assert result["test"]["macro"]["f1"] > 0.3  # chance is 1/6

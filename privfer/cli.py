@@ -262,11 +262,25 @@ def describe_privacy(federation: Any) -> list[str]:
     """What the run promises, printed before it starts."""
     cfg = federation.config
     lines = []
-    if federation.private:
+    if federation.private and federation.mechanism == "distributed":
+        plan = federation.distributed["training"]
+        lines.append(
+            f"privacy: epsilon {cfg.privacy.epsilon:g} per client for the whole run (record level), "
+            f"delta {federation.delta:.3g}, distributed DP-SGD: Skellam noise in the secure sum "
+            f"(noise multiplier {plan.noise_multiplier:.3f} x C in the sum, {plan.steps} steps, sample rate "
+            f"{plan.sample_rate:g}), Skellam RDP accountant (calibrated for a client in every round)"
+        )
+        lines.append(
+            f"trust: honest-but-curious server, at most {plan.colluders} of {plan.clients} clients per round "
+            f"collude; clients refuse to unmask fewer than {plan.min_inputs} inputs; each adds 1/{plan.honest} "
+            f"of the noise variance"
+        )
+    elif federation.private:
         sigmas = sorted({p.noise_multiplier for plans in federation.plans.values() for p in plans.values()})
         lines.append(
             f"privacy: epsilon {cfg.privacy.epsilon:g} per client for the whole run (record level), "
-            f"delta {federation.delta:.3g}, {cfg.privacy.accountant.upper()} accountant, noise multiplier "
+            f"delta {federation.delta:.3g}, local DP-SGD on each client, {cfg.privacy.accountant.upper()} "
+            f"accountant, noise multiplier "
             + (f"{sigmas[0]:.3f}" if len(sigmas) == 1 else f"{sigmas[0]:.3f}-{sigmas[-1]:.3f}")
             + " (calibrated for a client that trains in every round)"
         )
@@ -288,6 +302,9 @@ def print_simulation(result: dict[str, Any], run_dir: Path) -> None:
     summary.add_column("value", justify="right")
     privacy = result["privacy"]
     if result["private"]:
+        summary.add_row("mechanism", {"distributed": "distributed DP-SGD (noise in the secure sum)",
+                                      "local": "local DP-SGD (each client adds all its noise)"}.get(
+                                          privacy.get("mechanism"), str(privacy.get("mechanism"))))
         summary.add_row("epsilon target (per client, whole run)", f"{privacy['target_epsilon']:g}")
         summary.add_row("epsilon spent: max / median over clients",
                         f"{privacy['epsilon_max']:.3f} / {privacy['epsilon_median']:.3f}")
@@ -431,24 +448,30 @@ def run_empirical_audit(run, as_json, kind, canaries, guesses, seeds, sweep, plo
 
 
 def print_audit(report: Any, per_client: bool) -> None:
-    from privfer.privacy.audit import ACCOUNTANTS
+    from privfer.privacy.audit import ACCOUNTANTS, DISTRIBUTED_ACCOUNTANTS
 
     names = {"opacus_rdp": "Opacus RDP", "opacus_prv": "Opacus PRV", "dp_accounting_rdp": "dp-acc. RDP",
-             "dp_accounting_pld": "dp-acc. PLD"}
+             "dp_accounting_pld": "dp-acc. PLD", "skellam_rdp": "Skellam RDP",
+             "skellam_rdp_independent": "Skellam RDP (2nd impl.)", "gaussian_floor": "Gaussian floor (PLD)"}
+    distributed = any(c.floor is not None for c in report.clients)
+    columns = DISTRIBUTED_ACCOUNTANTS if distributed else ACCOUNTANTS
     target = "none (no DP)" if report.target is None else f"{report.target:g}"
     title = f"privacy audit of {report.ledger}: target epsilon {target}, ledger accountant {report.accountant}"
     table = Table(title=title, title_justify="left")
     if per_client:
         for column in ("client", "phase", "records", "delta", "claimed"):
             table.add_column(column, justify="right" if column not in ("phase",) else "left")
-        for name in ACCOUNTANTS:
+        for name in columns:
             table.add_column(names[name], justify="right")
+        if distributed:
+            table.add_column(names["gaussian_floor"], justify="right")
         table.add_column("verdict")
         for client in report.clients:
             claimed = "-" if client.claimed is None else f"{client.claimed:.3f}"
             verdict = ", ".join(client.verdicts) or "ok"
             table.add_row(str(client.client), client.phase, str(client.records), f"{client.delta:.3g}", claimed,
-                          *(f"{client.values[n]:.3f}" if client.values else "inf" for n in ACCOUNTANTS),
+                          *(f"{client.values[n]:.3f}" if client.values else "inf" for n in columns),
+                          *([f"{client.floor:.3f}" if client.floor is not None else "-"] if distributed else []),
                           escape(verdict))
     else:
         table.add_column("epsilon over clients")
@@ -468,8 +491,11 @@ def print_audit(report: Any, per_client: bool) -> None:
     console.print(
         f"{status}: {len(report.clients)} clients; "
         + ", ".join(f"{name} {count}" for name, count in counts.items())
-        + ". The tightest of the four sound bounds must not exceed the target; RDP alone above it is expected "
-        "(RDP is looser than PRV/PLD). Tolerances: docs/auditing.md.",
+        + (". Both Skellam implementations must agree and stay within the target; the Gaussian with the same "
+           "variance (dp-accounting PLD) is a floor the Skellam bound can never be below. Tolerances: "
+           "docs/auditing.md." if distributed else
+           ". The tightest of the four sound bounds must not exceed the target; RDP alone above it is expected "
+           "(RDP is looser than PRV/PLD). Tolerances: docs/auditing.md."),
         highlight=False, markup=False,
     )
 

@@ -20,6 +20,7 @@ FAST = [
     "federation.local_lr=0.005",
     "federation.adaptation=false",
     "privacy.accountant=rdp",
+    "privacy.mechanism=local",  # these tests are about local DP-SGD; tests/test_distributed_*.py cover distributed
     "output.save_model=false",
 ]
 

@@ -19,6 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from privfer.errors import ConfigError
 
 
+# Defaults that depend on the privacy mechanism, resolved when a PrivferConfig is validated. The distributed
+# ones were tuned on the validation actors (docs/privacy-accounting.md, "Defaults").
+DISTRIBUTED_ROUNDS, LOCAL_ROUNDS = 40, 20
+DISTRIBUTED_HIDDEN, LOCAL_HIDDEN = 64, 128
+
+
 class _Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are checked on assignment."""
 
@@ -117,9 +123,16 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """The VFER: LSTM over frame features + linear classifier head."""
 
-    hidden_size: int = Field(128, ge=1, le=4096, description="LSTM hidden units.")
+    hidden_size: int | None = Field(
+        None, ge=1, le=4096, description="LSTM hidden units; None: 64 under distributed DP (tuned on the validation "
+        "actors), 128 otherwise.",
+    )
     num_layers: int = Field(1, ge=1, le=8, description="Stacked LSTM layers.")
-    readout: Literal["last", "mean"] = Field("last", description="Clip embedding: last hidden state or mean over time.")
+    readout: Literal["auto", "last", "mean"] = Field(
+        "auto",
+        description="Clip embedding: last hidden state or mean over time; auto: mean under distributed DP (tuned on "
+        "the validation actors), last otherwise (the seed paper's).",
+    )
     recurrent: Literal["auto", "lstm", "fast_dp"] = Field(
         "auto", description="Recurrent layer: nn.LSTM, or the fast DP-SGD layer (auto: fast_dp whenever DP is on)."
     )
@@ -146,7 +159,9 @@ class PrivacyConfig(_Section):
         None, gt=0.0, description="TOTAL per-client budget for the whole run; None or inf trains without DP."
     )
     delta: float | None = Field(
-        None, gt=0.0, lt=1.0, description="None: 1 / (10 x the largest client's record count), printed."
+        None, gt=0.0, lt=1.0,
+        description="None: 1 / (10 x the federation's records) under distributed DP, 1 / (10 x the largest "
+        "client's record count) under local DP; printed.",
     )
     unit: Literal["record"] = Field(
         "record", description="Privacy unit: one clip (record-level DP-SGD on each client; client-level DP is not built yet)."
@@ -192,7 +207,9 @@ class AggregationConfig(_Section):
     )
     modulus_bits: Literal[32, 64] = Field(32, description="Masking arithmetic modulus 2^k.")
     clipping_range: float = Field(8.0, gt=0.0, le=1e9, description="Quantization range: |value| <= this (clipped values are reported).")
-    graph: Literal["complete", "harary"] = Field("complete", description="Mask with all clients, or SecAgg+'s sparse graph.")
+    graph: Literal["complete", "harary"] = Field(
+        "harary", description="SecAgg+'s sparse graph (O(log n) neighbours; complete when n is small), or all pairs."
+    )
     threshold_fraction: float = Field(
         0.5, ge=0.5, lt=1.0, description="Shamir threshold t = floor(fraction x group) + 1 (0.5: strict majority)."
     )
@@ -237,7 +254,10 @@ class FederationConfig(_Section):
     """Rounds, client sampling and the FL strategy."""
 
     strategy: Literal["fedavg", "fedper"] = Field("fedavg", description="FedAvg, or FedPer with local head layers.")
-    rounds: int = Field(20, ge=1, le=100_000, description="Federated rounds.")
+    rounds: int | None = Field(
+        None, ge=1, le=100_000,
+        description="Federated rounds (distributed DP: DP-SGD steps); None: 40 under distributed DP, 20 otherwise.",
+    )
     clients_per_round: int | None = Field(
         None, ge=2, le=100_000,
         description="Clients sampled per round; None: every training client under distributed DP, 20 otherwise.",
@@ -256,7 +276,7 @@ class FederationConfig(_Section):
     server_optimizer: Literal["adam", "sgd"] = Field(
         "adam", description="distributed DP: the server's optimizer on the noisy mean gradient (sgd has momentum)."
     )
-    server_lr: float = Field(0.03, gt=0.0, le=100.0, description="distributed DP: the server optimizer's step size.")
+    server_lr: float = Field(0.02, gt=0.0, le=100.0, description="distributed DP: the server optimizer's step size.")
     server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="distributed DP: SGD momentum.")
 
     def cohort_size(self, mechanism: str | None, clients: int) -> int:
@@ -297,6 +317,18 @@ class PrivferConfig(_Section):
                 f"privacy.mechanism 'distributed' needs aggregation.backend 'masking', not "
                 f"'{self.aggregation.backend}': {why}; use privacy.mechanism 'local' with it"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _mechanism_defaults(self) -> "PrivferConfig":
+        # Resolved here, so config.yaml and `privfer config show` state the rounds a run really uses.
+        distributed = self.mechanism == "distributed"
+        if self.federation.rounds is None:
+            self.federation.rounds = DISTRIBUTED_ROUNDS if distributed else LOCAL_ROUNDS
+        if self.model.readout == "auto":
+            self.model.readout = "mean" if distributed else "last"
+        if self.model.hidden_size is None:
+            self.model.hidden_size = DISTRIBUTED_HIDDEN if distributed else LOCAL_HIDDEN
         return self
 
     @property

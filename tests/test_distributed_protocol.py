@@ -75,7 +75,7 @@ def test_the_unmasked_noise_has_the_claimed_skellam_distribution():
     pmf = stats.skellam.pmf(support, variance / 2, variance / 2)
     observed = np.array([(values == k).sum() for k in support])
     expected = pmf * values.size
-    edges, obs_bins, exp_bins, run_o, run_e = [], [], [], 0, 0.0
+    obs_bins, exp_bins, run_o, run_e = [], [], 0, 0.0
     for o, e in zip(observed, expected):
         run_o, run_e = run_o + o, run_e + e
         if run_e >= 20:

@@ -22,6 +22,7 @@ interact, so each client's sum equals what it computes alone (tests check it).
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -140,17 +141,25 @@ def run_distributed_round(
         chosen = torch.from_numpy(sample_records(len(x), plan.sample_rate, rngs[c]))
         batches[c] = (x[chosen], y[chosen])
     sums = clipped_sums_by_client(model_for, batches, plan.max_grad_norm, shared_model=personal_step is None)
-    contributions = {}
-    for c in cohort:
+
+    def contribute(c: int) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+        # Each client's own generator, used in the same order whichever thread runs it.
         flat = torch.cat([sums[c][name].reshape(-1) for name in shared]).numpy()
-        contributions[c] = encode_contribution(flat, plan, rngs[c])
+        contribution = encode_contribution(flat, plan, rngs[c])
+        noisy = {}
         if personal_step is not None:
-            personal = [name for name in sums[c] if name not in shared]
-            noisy = {}
-            for name in personal:
+            for name in (n for n in sums[c] if n not in shared):
                 values = local_noisy_sum(sums[c][name].reshape(-1).numpy(), plan, rngs[c])
                 noisy[name] = torch.from_numpy(values / (plan.sample_rate * len(data[c][0])))
-            personal_step(c, noisy)
+        return contribution, noisy
+
+    # numpy's samplers release the GIL: the clients' noise shares are drawn in parallel.
+    with ThreadPoolExecutor(max_workers=min(len(cohort), torch.get_num_threads(), 8)) as pool:
+        made = dict(zip(cohort, pool.map(contribute, cohort)))
+    contributions = {c: made[c][0] for c in cohort}
+    if personal_step is not None:
+        for c in cohort:
+            personal_step(c, made[c][1])
     gradient_seconds = time.perf_counter() - started
     summed = sum_integer_contributions(contributions, dropouts, aggregation, plan, round_id=round_id)
     if summed.aborted is not None:

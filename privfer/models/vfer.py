@@ -54,10 +54,10 @@ class VFER(nn.Module):
         fast = config.recurrent == "fast_dp" or (config.recurrent == "auto" and private)
         return cls(
             feature_dim=feature_dim,
-            hidden_size=config.hidden_size,
+            hidden_size=128 if config.hidden_size is None else config.hidden_size,  # None is resolved by PrivferConfig
             num_classes=num_classes,
             num_layers=config.num_layers,
-            readout=config.readout,
+            readout="last" if config.readout == "auto" else config.readout,  # auto is resolved by PrivferConfig
             dropout=config.dropout,
             fast_dp=fast,
         )

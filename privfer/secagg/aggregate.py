@@ -10,11 +10,8 @@ server classes are the primitives for real deployments.
 from __future__ import annotations
 
 import secrets
-import time
 import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -24,94 +21,8 @@ from privfer.secagg.messages import ForwardedShares, KeyRoster, UnmaskRequest
 from privfer.secagg.payload import PayloadLayout
 from privfer.secagg.quantize import ClippingReport, ClippingWarning
 from privfer.secagg.randomness import SYSTEM, Randomness
-from privfer.secagg.server import SecAggServer, ServerTranscript
-
-Stage = Literal["advertise_keys", "share_keys", "masked_input", "unmask"]
-STAGES: tuple[str, ...] = ("advertise_keys", "share_keys", "masked_input", "unmask")
-
-
-@dataclass
-class StageTimes:
-    """Wall-clock seconds per stage: each client's time, and the server's (encoding and decoding included)."""
-
-    clients: dict[str, dict[int, float]] = field(default_factory=lambda: {s: {} for s in STAGES})
-    server: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
-    masking: dict[int, float] = field(default_factory=dict)  # the mask expansion part of MaskedInput
-
-    @contextmanager
-    def client(self, stage: str, cid: int) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.clients[stage][cid] = self.clients[stage].get(cid, 0.0) + time.perf_counter() - start
-
-    @contextmanager
-    def on_server(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.server[stage] += time.perf_counter() - start
-
-    def client_mean(self, stage: str) -> float:
-        values = list(self.clients[stage].values())
-        return sum(values) / len(values) if values else 0.0
-
-    def total(self) -> float:
-        return sum(sum(v.values()) for v in self.clients.values()) + sum(self.server.values())
-
-
-@dataclass
-class AggregationResult:
-    """The sum and what it covers.
-
-    Attributes:
-        total: summed arrays (same shapes as the updates) over ``included``.
-        included: ids of the clients whose inputs are in the sum.
-        example_count: summed example counts of the included clients.
-        metrics: summed metrics of the included clients.
-        clipping: how many of the included values were clipped (a securely summed coordinate).
-        error_bound: largest possible |decoded - exact float sum| per coordinate (quantization).
-        transcript: everything the server received and sent (masking backend).
-        times: seconds per stage for each client and for the server.
-        bytes_sent: bytes each client sent.
-    """
-
-    total: list[np.ndarray]
-    included: list[int]
-    example_count: int
-    metrics: dict[str, float]
-    clipping: ClippingReport
-    error_bound: float
-    transcript: ServerTranscript
-    words: np.ndarray
-    times: StageTimes
-    bytes_sent: dict[int, int] = field(default_factory=dict)  # per client, on the wire
-
-
-def warn_clipping(clipping: ClippingReport) -> None:
-    if clipping.clipped:
-        warnings.warn(
-            f"{clipping.clipped} of {clipping.total} values of the included clients exceeded the clipping range "
-            "and were clipped",
-            ClippingWarning,
-            stacklevel=3,
-        )
-
-
-def check_round_arguments(
-    updates: Mapping[int, Sequence[np.ndarray]], num_clients: int, dropouts: Mapping[int, str] | None
-) -> dict[int, str]:
-    """Validate the driver's arguments (shared by both backends); returns the dropouts as a dict."""
-    if len(updates) < 1:
-        raise ValueError("no updates to aggregate")
-    if len(updates) > num_clients:
-        raise ValueError(f"{len(updates)} updates but the config is for num_clients={num_clients}")
-    dropouts = dict(dropouts or {})
-    unknown = set(dropouts) - set(updates)
-    if unknown:
-        raise ValueError(f"dropouts name clients without updates: {sorted(unknown)[:5]}")
-    bad = {c: s for c, s in dropouts.items() if s not in STAGES}
-    if bad:
-        raise ValueError(f"dropout stages must be one of {STAGES}, got {bad}")
-    return dropouts
+from privfer.secagg.rounds import STAGES, AggregationResult, Stage, StageTimes, check_round_arguments, warn_clipping
+from privfer.secagg.server import SecAggServer
 
 
 def aggregate(
@@ -132,12 +43,12 @@ def aggregate(
     recovered from the others' shares). A config for the CKKS backend is
     dispatched to :func:`privfer.secagg.he.aggregate`.
     """
-    if getattr(config, "backend", None) == "ckks":
-        from privfer.secagg.he import aggregate as he_aggregate
-
-        return he_aggregate(updates, config, dropouts, example_counts=example_counts, metrics=metrics,
-                            round_id=round_id)
     if not isinstance(config, SecAggConfig):
+        from privfer.secagg.he import CKKSConfig, aggregate as he_aggregate  # tenseal loads only when used
+
+        if isinstance(config, CKKSConfig):
+            return he_aggregate(updates, config, dropouts, example_counts=example_counts, metrics=metrics,
+                                round_id=round_id)
         raise TypeError(f"config must be a SecAggConfig (or a CKKS config), got {type(config).__name__}")
     dropouts = check_round_arguments(updates, config.num_clients, dropouts)
     first = next(iter(updates.values()))

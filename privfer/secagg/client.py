@@ -125,6 +125,7 @@ class SecAggClient:
         self._peers: frozenset[int] = frozenset()  # neighbours whose shares arrived
         self._held: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # owner -> (seed share, key share)
         self._self_seed = b""
+        self._share_keys: dict[int, bytes] = {}  # peer -> share-encryption key (the same both ways), this round only
         self.mask_seconds = 0.0  # PRG expansion + modular addition of all masks (benchmarks compare it with the cipher)
 
     # -- saving and restoring ------------------------------------------------------
@@ -257,6 +258,7 @@ class SecAggClient:
                     continue
                 key = agree(self._keys.c_private, self._roster[holder][0], PURPOSE_SHARE, self.round_id,
                             self.client_id, holder)
+                self._share_keys[holder] = key  # HKDF's info orders the pair: the key to decrypt holder's share
                 plaintext = share_plaintext(self.client_id, holder, seed_share, key_share)
                 ciphertexts[holder] = encrypt_share(key, plaintext, self.round_id, self.client_id, holder, self.randomness)
             return ShareKeys(round_id=self.round_id, sender=self.client_id, ciphertexts=ciphertexts)
@@ -286,13 +288,14 @@ class SecAggClient:
             if strangers:
                 raise UnknownSender(f"shares from clients outside this client's group: {sorted(strangers)[:5]}")
             for sender, blob in forwarded.ciphertexts.items():
-                key = agree(self._keys.c_private, self._roster[sender][0], PURPOSE_SHARE, self.round_id,
-                            sender, self.client_id)
+                key = self._share_keys.get(sender) or agree(self._keys.c_private, self._roster[sender][0],
+                                                            PURPOSE_SHARE, self.round_id, sender, self.client_id)
                 plaintext = decrypt_share(key, blob, self.round_id, sender, self.client_id)
                 inner_sender, inner_receiver, seed_share, key_share = parse_share_plaintext(plaintext)
                 if (inner_sender, inner_receiver) != (sender, self.client_id):
                     raise UnknownSender("a share bundle names other clients than the envelope")
                 self._held[sender] = (seed_share, key_share)
+            self._share_keys.clear()  # not needed after this stage
             self._peers = frozenset(forwarded.ciphertexts)
             if len(self._peers) + 1 < self.config.group_threshold:
                 self.stage = "aborted"

@@ -35,6 +35,7 @@ from privfer.secagg.errors import DuplicateSender, MalformedMessage, MessageErro
 from privfer.secagg.errors import UnsupportedVersion, WrongRound, WrongVectorLength
 from privfer.secagg.payload import ArrayLayout
 from privfer.secagg.quantize import ClippingReport, ClippingWarning, clip_and_report
+from privfer.secagg.rounds import STAGES, AggregationResult, StageTimes, check_round_arguments, warn_clipping
 
 HE_PROTOCOL_VERSION = 1
 DIGIT = 1 << 10  # the clipped-value count travels as three base-1024 digits, each summed exactly
@@ -430,9 +431,6 @@ def aggregate(
     """
     import warnings
 
-    from privfer.secagg.aggregate import STAGES, AggregationResult, StageTimes, check_round_arguments, warn_clipping
-    from privfer.secagg.server import ServerTranscript
-
     dropouts = check_round_arguments(updates, config.num_clients, dropouts)
     round_id = round_id or secrets.token_hex(8)
     layout = HELayout.for_arrays(next(iter(updates.values())), config)
@@ -470,8 +468,8 @@ def aggregate(
         metrics=plain.metrics,
         clipping=clipping,
         error_bound=config.error_bound(len(plain.included)),
-        transcript=ServerTranscript(),
-        words=np.zeros(0, dtype=np.uint32),
+        transcript=None,  # no masking transcript: the server's view is its ciphertexts (HEServer)
+        words=None,
         times=times,
         bytes_sent=dict(server.bytes_in),
     )

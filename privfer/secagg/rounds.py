@@ -1,0 +1,115 @@
+"""What every secure-aggregation backend shares: the stage names, per-stage timings, the one result type.
+
+The masking recipe (:mod:`privfer.secagg.aggregate`) and the CKKS recipe
+(:mod:`privfer.secagg.he`) both return an :class:`AggregationResult` and
+validate their arguments with :func:`check_round_arguments`; this module is
+below both, so neither imports the other's internals.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator, Literal, Mapping, Sequence
+
+import numpy as np
+
+from privfer.secagg.quantize import ClippingReport, ClippingWarning
+
+if TYPE_CHECKING:
+    from privfer.secagg.server import ServerTranscript
+
+Stage = Literal["advertise_keys", "share_keys", "masked_input", "unmask"]
+STAGES: tuple[str, ...] = ("advertise_keys", "share_keys", "masked_input", "unmask")
+
+
+@dataclass
+class StageTimes:
+    """Wall-clock seconds per stage: each client's time, and the server's (encoding and decoding included)."""
+
+    clients: dict[str, dict[int, float]] = field(default_factory=lambda: {s: {} for s in STAGES})
+    server: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
+    masking: dict[int, float] = field(default_factory=dict)  # the mask expansion part of MaskedInput
+
+    @contextmanager
+    def client(self, stage: str, cid: int) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.clients[stage][cid] = self.clients[stage].get(cid, 0.0) + time.perf_counter() - start
+
+    @contextmanager
+    def on_server(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.server[stage] += time.perf_counter() - start
+
+    def client_mean(self, stage: str) -> float:
+        values = list(self.clients[stage].values())
+        return sum(values) / len(values) if values else 0.0
+
+    def total(self) -> float:
+        return sum(sum(v.values()) for v in self.clients.values()) + sum(self.server.values())
+
+
+@dataclass
+class AggregationResult:
+    """The sum and what it covers.
+
+    Attributes:
+        total: summed arrays (same shapes as the updates) over ``included``.
+        included: ids of the clients whose inputs are in the sum.
+        example_count: summed example counts of the included clients.
+        metrics: summed metrics of the included clients.
+        clipping: how many of the included values were clipped (a securely summed coordinate).
+        error_bound: largest possible |decoded - exact float sum| per coordinate (quantization).
+        transcript: everything the server received and sent (masking; None for CKKS, whose messages are
+            ciphertexts kept by ``HEServer``).
+        times: seconds per stage for each client and for the server.
+        bytes_sent: bytes each client sent.
+    """
+
+    total: list[np.ndarray]
+    included: list[int]
+    example_count: int
+    metrics: dict[str, float]
+    clipping: ClippingReport
+    error_bound: float
+    transcript: "ServerTranscript | None"
+    words: np.ndarray | None  # the unmasked sum's words (masking); None for CKKS
+    times: StageTimes
+    bytes_sent: dict[int, int] = field(default_factory=dict)  # per client, on the wire
+
+
+def warn_clipping(clipping: ClippingReport) -> None:
+    if clipping.clipped:
+        warnings.warn(
+            f"{clipping.clipped} of {clipping.total} values of the included clients exceeded the clipping range "
+            "and were clipped",
+            ClippingWarning,
+            stacklevel=3,
+        )
+
+
+def check_round_arguments(
+    updates: Mapping[int, Sequence[np.ndarray]], num_clients: int, dropouts: Mapping[int, str] | None
+) -> dict[int, str]:
+    """Validate the driver's arguments (shared by both backends); returns the dropouts as a dict."""
+    if len(updates) < 1:
+        raise ValueError("no updates to aggregate")
+    if len(updates) > num_clients:
+        raise ValueError(f"{len(updates)} updates but the config is for num_clients={num_clients}")
+    dropouts = dict(dropouts or {})
+    unknown = set(dropouts) - set(updates)
+    if unknown:
+        raise ValueError(f"dropouts name clients without updates: {sorted(unknown)[:5]}")
+    bad = {c: s for c, s in dropouts.items() if s not in STAGES}
+    if bad:
+        raise ValueError(f"dropout stages must be one of {STAGES}, got {bad}")
+    return dropouts
+
+
+
+
+__all__ = ["AggregationResult", "STAGES", "Stage", "StageTimes", "check_round_arguments", "warn_clipping"]

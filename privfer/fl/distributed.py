@@ -43,9 +43,10 @@ class DistributedRoundResult:
     server_optimizer: dict | None
     included: list[int]
     aborted: str | None
-    seconds_gradients: float
+    seconds_gradients: float  # sampling and the clipped gradient sums
     seconds_aggregation: float
     bytes_sent: dict[int, int]
+    seconds_encoding: float = 0.0  # integer encoding and noise shares (all clients)
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, momentum: float) -> torch.optim.Optimizer:
@@ -141,6 +142,8 @@ def run_distributed_round(
         chosen = torch.from_numpy(sample_records(len(x), plan.sample_rate, rngs[c]))
         batches[c] = (x[chosen], y[chosen])
     sums = clipped_sums_by_client(model_for, batches, plan.max_grad_norm, shared_model=personal_step is None)
+    gradient_seconds = time.perf_counter() - started
+    encoding_started = time.perf_counter()
 
     def contribute(c: int) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
         # Each client's own generator, used in the same order whichever thread runs it.
@@ -160,11 +163,11 @@ def run_distributed_round(
     if personal_step is not None:
         for c in cohort:
             personal_step(c, made[c][1])
-    gradient_seconds = time.perf_counter() - started
+    encoding_seconds = time.perf_counter() - encoding_started
     summed = sum_integer_contributions(contributions, dropouts, aggregation, plan, round_id=round_id)
     if summed.aborted is not None:
         return DistributedRoundResult(global_state, server_state, [], summed.aborted, gradient_seconds,
-                                      summed.seconds, summed.bytes_sent)
+                                      summed.seconds, summed.bytes_sent, encoding_seconds)
     expected_batch = plan.sample_rate * sum(len(data[c][0]) for c in summed.included)
     gradient = decode_sum(summed.total, plan) / expected_batch
     gradients, at = {}, 0
@@ -180,7 +183,7 @@ def run_distributed_round(
         if name not in shared:
             new_state[name] = global_state[name]
     return DistributedRoundResult(new_state, new_server_state, list(summed.included), None, gradient_seconds,
-                                  summed.seconds, summed.bytes_sent)
+                                  summed.seconds, summed.bytes_sent, encoding_seconds)
 
 
 __all__ = ["DistributedRoundResult", "clipped_sums_by_client", "optimizer_step", "run_distributed_round",

@@ -47,6 +47,9 @@ def collect(cells: list[Cell], directory: Path) -> list[dict[str, Any]]:
         row[STRATEGY] = config.federation.strategy
         row["personal_layers"] = config.federation.personal_layers if config.federation.strategy == "fedper" else 0
         row["aggregator"] = result["aggregator"]
+        mechanism = config.privacy.mechanism  # as configured: a no-DP cell still belongs to its mechanism's line
+        row["mechanism"] = ("distributed" if config.aggregation.backend == "masking" else "local") \
+            if mechanism == "auto" else mechanism
         row["macro_f1"] = result["test"]["macro"]["f1"]
         row["micro_f1"] = result["test"]["micro"]["f1"]
         for emotion in EMOTIONS:
@@ -60,16 +63,19 @@ def collect(cells: list[Cell], directory: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _label(row: dict[str, Any]) -> str:
-    if row[STRATEGY] == "fedper":
-        return f"fedper ({row['personal_layers']} personal)" if row["personal_layers"] != 1 else "fedper"
-    return row[STRATEGY]
+def _label(row: dict[str, Any], with_mechanism: bool) -> str:
+    label = row[STRATEGY]
+    if row[STRATEGY] == "fedper" and row["personal_layers"] != 1:
+        label = f"fedper ({row['personal_layers']} personal)"
+    return f"{label}, {row.get('mechanism', 'local')}" if with_mechanism else label
 
 
 def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str, Any]]]:
+    """Rows by (line label, epsilon); the label names the mechanism when the study has more than one."""
+    several = len({row.get("mechanism", "local") for row in rows}) > 1
     groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        groups[(_label(row), row[EPSILON])].append(row)
+        groups[(_label(row, several), row[EPSILON])].append(row)
     return groups
 
 

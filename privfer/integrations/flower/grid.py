@@ -1,0 +1,297 @@
+"""Server side: SecAggGrid, the Grid wrapper that runs each protected exchange as a secure round."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from privfer.integrations.flower.common import (
+    DEFAULTS,
+    RECORD,
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Grid,
+    Message,
+    MetricRecord,
+    RecordDict,
+    log,
+)
+from privfer.integrations.flower.mod import base_type
+from privfer.integrations.flower.slots import _arrays_in, _slots_to_json, slots_of
+from privfer.secagg.config import SecAggConfig
+from privfer.secagg.errors import MessageError, RoundAborted
+from privfer.secagg.payload import PayloadLayout
+from privfer.secagg.server import SecAggServer
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Server side: the Grid wrapper
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class RoundReport:
+    """What one securely aggregated exchange did (one per protected ``send_and_receive``)."""
+
+    message_type: str
+    group_id: str
+    round_id: str
+    sampled: list[int]
+    included: list[int] = field(default_factory=list)
+    dropped: dict[int, str] = field(default_factory=dict)  # node id -> "stage: reason"
+    example_count: int = 0
+    clipped: int = 0
+    aborted: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    privfer_bytes: int = 0  # privfer's protocol messages both ways (Flower's envelopes not counted)
+
+
+class SecAggGrid(Grid):
+    """A ``Grid`` whose ``train``/``evaluate`` exchanges run privfer's secure aggregation.
+
+    Args:
+        grid: the ``Grid`` the ``ServerApp`` received.
+        protect: message types aggregated securely (others pass through).
+        with_arrays: protected message types whose replies carry the model's
+            arrays (averaged); the others' replies carry metrics only.
+        weighted_by_key: the metric holding each node's example count (FedAvg's key).
+        train_metrics, evaluate_metrics: metric names averaged securely (weighted
+            by the count); other metrics in the nodes' replies are never sent.
+        stage_timeout: seconds to wait for each stage's replies (default: the
+            strategy's timeout).
+        **secagg: :class:`~privfer.secagg.SecAggConfig` fields other than
+            ``num_clients`` (set to the number of sampled nodes each round) and
+            ``metrics``. Defaults here: ``modulus_bits=64``,
+            ``clipping_range=8.0`` (bounds each node's weighted delta),
+            ``max_examples=65536``.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        *,
+        protect: Iterable[str] = ("train", "evaluate"),
+        with_arrays: Iterable[str] = ("train",),
+        weighted_by_key: str = "num-examples",
+        train_metrics: Sequence[str] = (),
+        evaluate_metrics: Sequence[str] = (),
+        stage_timeout: float | None = None,
+        **secagg: Any,
+    ) -> None:
+        unknown = set(secagg) - set(SecAggConfig.model_fields)
+        if unknown:
+            raise TypeError(f"unknown SecAggConfig fields {sorted(unknown)}")
+        fixed = {"num_clients", "metrics", "backend"} & set(secagg)
+        if fixed:
+            raise TypeError(f"{sorted(fixed)} are set by SecAggGrid (sampled nodes, *_metrics), not passed")
+        if weighted_by_key in (*train_metrics, *evaluate_metrics):
+            raise ValueError(f"{weighted_by_key!r} is the weight; it cannot also be an averaged metric")
+        self.grid = grid
+        self.protect = frozenset(base_type(kind) for kind in protect)
+        self.with_arrays = frozenset(base_type(kind) for kind in with_arrays)
+        self.weighted_by_key = weighted_by_key
+        self.metrics = {"train": tuple(train_metrics), "evaluate": tuple(evaluate_metrics)}
+        self.stage_timeout = stage_timeout
+        self.secagg = {**DEFAULTS, **secagg}
+        SecAggConfig(num_clients=2, **self.secagg)  # field errors now, not in round 1
+        self.reports: list[RoundReport] = []
+
+    # -- Grid: delegated ---------------------------------------------------------------------------------------------
+    @property
+    def run(self):  # type: ignore[override]
+        return self.grid.run
+
+    def set_run(self, *args: Any, **kwargs: Any) -> None:
+        self.grid.set_run(*args, **kwargs)
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        protected = {base_type(m.metadata.message_type) for m in messages} & self.protect
+        if protected:
+            raise TypeError(
+                f"{sorted(protected)} messages go through send_and_receive, where privfer runs its four stages; "
+                "pushing them directly would bypass secure aggregation"
+            )
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        kinds = {m.metadata.message_type for m in messages}
+        if not messages or not {base_type(k) for k in kinds} & self.protect:
+            return self.grid.send_and_receive(messages, timeout=timeout)
+        if len(kinds) > 1:
+            raise ValueError(f"one securely aggregated exchange carries one message type, got {sorted(kinds)}")
+        return _SecureRound(self, messages, self.stage_timeout or timeout).run()
+
+
+class _SecureRound:
+    """One protected exchange: four Flower round trips, one aggregated reply."""
+
+    def __init__(self, grid: SecAggGrid, messages: list[Message], timeout: float | None) -> None:
+        self.grid, self.timeout = grid, timeout
+        self.kind = messages[0].metadata.message_type
+        self.group_id = messages[0].metadata.group_id
+        self.originals = {m.metadata.dst_node_id: m for m in messages}
+        if len(self.originals) != len(messages):
+            raise ValueError("two messages of one exchange go to the same node")
+        if len(self.originals) < 2:
+            raise ValueError(
+                f"secure aggregation needs at least 2 nodes; the strategy sampled {len(self.originals)} "
+                "(a 'sum' of one node is its update)"
+            )
+        self.nodes = sorted(self.originals)
+        self.ids = {node: index + 1 for index, node in enumerate(self.nodes)}
+        first = messages[0].content
+        self.slots = slots_of(first) if base_type(self.kind) in grid.with_arrays else []
+        for message in messages[1:]:
+            if not _same_arrays(first, message.content):
+                raise ValueError("every sampled node must receive the same arrays: privfer averages deltas from them")
+        self.received = _arrays_in(first, self.slots, "the strategy's message", exact=False)
+        names = grid.metrics.get(base_type(self.kind), ())
+        self.config = SecAggConfig(num_clients=len(self.nodes), metrics=tuple(names), **grid.secagg)
+        self.layout = PayloadLayout(tuple(s.shape for s in self.slots), self.config)
+        self.round_id = "/".join(filter(None, (self.kind, self.group_id, secrets.token_hex(8))))
+        self.server = SecAggServer(self.config, self.round_id, self.layout)
+        self.report = RoundReport(self.kind, self.group_id, self.round_id, list(self.nodes))
+        self.alive = list(self.nodes)
+
+    # -- one stage ------------------------------------------------------------------------------------------------------
+    def exchange(self, stage: str, payloads: Mapping[int, bytes], extra: Callable[[int], dict] | None = None,
+                 with_content: bool = False) -> dict[int, bytes]:
+        outgoing: dict[int, Message] = {}
+        for node, payload in payloads.items():
+            fields = {"stage": stage, "round": self.round_id, "message": payload, **(extra(node) if extra else {})}
+            content = RecordDict(dict(self.originals[node].content)) if with_content else RecordDict()
+            content[RECORD] = ConfigRecord(fields)
+            # a stage message expires with the stage: a late one cannot reach a node in a later round
+            outgoing[node] = Message(content, dst_node_id=node, message_type=self.kind, group_id=self.group_id,
+                                     ttl=self.timeout)
+        replies = self.grid.grid.send_and_receive(list(outgoing.values()), timeout=self.timeout)
+        by_message = {m.metadata.message_id: node for node, m in outgoing.items() if m.metadata.message_id}
+        answers: dict[int, bytes] = {}
+        for reply in replies:
+            node = by_message.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            if node not in outgoing or node in answers or node in self.report.dropped:
+                continue
+            if reply.has_error():
+                self.drop(node, stage, f"error reply: {reply.error.reason}")
+                continue
+            record = reply.content.config_records.get(RECORD)
+            message = None if record is None else record.get("message")
+            if record is None or record.get("stage") != stage or not isinstance(message, bytes):
+                self.drop(node, stage, "reply without privfer's record for this stage")
+                continue
+            answers[node] = message
+        for node in outgoing:
+            if node not in answers and node not in self.report.dropped:
+                self.drop(node, stage, "no reply before the timeout")
+        return answers
+
+    def drop(self, node: int, stage: str, reason: str) -> None:
+        self.report.dropped[node] = f"{stage}: {reason}"
+        if node in self.alive:
+            self.alive.remove(node)
+        log.info("node %d dropped out of secure aggregation at %s (%s)", node, stage, reason)
+
+    def accept(self, stage: str, answers: Mapping[int, bytes], receive: Callable[[bytes, int], None]) -> None:
+        for node, raw in answers.items():
+            try:
+                receive(raw, self.ids[node])
+            except MessageError as exc:
+                self.drop(node, stage, f"{type(exc).__name__}: {exc}")
+
+    # -- the round --------------------------------------------------------------------------------------------------
+    def run(self) -> list[Message]:
+        server, ids = self.server, self.ids
+        started = time.perf_counter()
+        try:
+            config_json = self.config.model_dump_json()
+            slots_json = _slots_to_json(self.slots)
+            answers = self.exchange("advertise_keys", {node: b"" for node in self.alive}, lambda node: {
+                "client_id": ids[node], "config": config_json, "slots": slots_json,
+                "weight_key": self.grid.weighted_by_key})
+            self.accept("advertise_keys", answers, lambda raw, cid: server.receive_advertise(raw, peer=cid))
+            self.lap("advertise_keys", started)
+
+            roster = server.key_roster().to_bytes()
+            answers = self.exchange("share_keys", {node: roster for node in self.alive})
+            self.accept("share_keys", answers, lambda raw, cid: server.receive_share_keys(raw, peer=cid))
+            self.lap("share_keys", started)
+
+            bundles = server.forward_shares()
+            payloads = {node: bundles[ids[node]].to_bytes() for node in self.alive if ids[node] in bundles}
+            answers = self.exchange("masked_input", payloads, with_content=True)
+            self.accept("masked_input", answers, lambda raw, cid: server.receive_masked_input(raw, peer=cid))
+            self.lap("masked_input", started)
+
+            request = server.unmask_request().to_bytes()
+            answers = self.exchange("unmask", {node: request for node in self.alive})
+            self.accept("unmask", answers, lambda raw, cid: server.receive_unmask(raw, peer=cid))
+            summed = server.finish()
+            self.lap("unmask", started)
+        except RoundAborted as exc:
+            self.report.aborted = str(exc)
+            log.warning("secure aggregation of %s round %s aborted: %s", self.kind, self.group_id, exc)
+            self.finish_report()
+            return self.error_replies(self.nodes, f"privfer secure aggregation aborted: {exc}")
+        self.report.included = [self.nodes[cid - 1] for cid in summed.included]
+        self.report.example_count = summed.decoded.example_count
+        self.report.clipped = summed.decoded.clipped
+        self.finish_report()
+        if summed.decoded.clipped:
+            log.warning("%d values of the included nodes were clipped to privfer's clipping range (%g)",
+                        summed.decoded.clipped, self.config.clipping_range)
+        # a node lost at unmask is in the sum (its self mask recovered): no error reply for it
+        replies = self.error_replies(sorted(set(self.report.dropped) - set(self.report.included)), None)
+        if summed.decoded.example_count <= 0:
+            log.warning("the included nodes reported 0 examples in total; there is nothing to average")
+            return replies
+        return [self.aggregated_reply(summed.decoded), *replies]
+
+    def lap(self, stage: str, started: float) -> None:
+        self.report.seconds[stage] = time.perf_counter() - started - sum(self.report.seconds.values())
+
+    def finish_report(self) -> None:
+        transcript = self.server.transcript
+        self.report.privfer_bytes = transcript.bytes_in() + transcript.bytes_out()
+        self.grid.reports.append(self.report)
+
+    def aggregated_reply(self, decoded: Any) -> Message:
+        total = decoded.example_count
+        factor = self.config.max_examples / total
+        content = RecordDict()
+        for slot, before, summed in zip(self.slots, self.received, decoded.arrays):
+            value = before + summed * factor
+            value = (np.rint(value) if np.dtype(slot.dtype).kind in "iub" else value).astype(slot.dtype)
+            if slot.record not in content.array_records:
+                content[slot.record] = ArrayRecord()
+            content[slot.record][slot.name] = Array(np.ascontiguousarray(value))
+        metrics: dict[str, int | float] = {self.grid.weighted_by_key: int(total)}
+        metrics.update({name: float(value) * factor for name, value in decoded.metrics.items()})
+        content["metrics"] = MetricRecord(metrics)
+        return Message(content, reply_to=self.originals[self.report.included[0]])
+
+    def error_replies(self, nodes: Iterable[int], reason: str | None) -> list[Message]:
+        return [Message(Error(code=0, reason=reason or f"privfer secure aggregation: dropped at {self.report.dropped[n]}"),
+                        reply_to=self.originals[n]) for n in nodes]
+
+
+def _same_arrays(a: RecordDict, b: RecordDict) -> bool:
+    if a is b:
+        return True
+    if slots_of(a) != slots_of(b):
+        return False
+    return all(a[r][n].data == b[r][n].data for r, record in a.array_records.items() for n in record)

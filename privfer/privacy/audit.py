@@ -51,6 +51,11 @@ ACCOUNTANTS = ("opacus_rdp", "opacus_prv", "dp_accounting_rdp", "dp_accounting_p
 DISTRIBUTED_ACCOUNTANTS = ("skellam_rdp", "skellam_rdp_independent")
 MAX_HISTORY = 100_000  # entries per client: a longer history is refused before any accountant runs
 MAX_CLIENTS = 1_000_000
+MAX_LEDGER_BYTES = 256 << 20  # a larger file is refused before it is read
+MAX_DISTINCT_STEPS = 64  # distributed: distinct (mu, l1, l2, q) per ledger (a real run has one per phase)
+MAX_ENTRIES = 1_000_000  # distributed: history entries over all clients
+FLOOR_MIN_NOISE = 0.3  # the Gaussian floor's PLD grows without bound as the noise vanishes: not computed below
+PUBLIC_NOISE = "PUBLIC NOISE"
 OVER_BUDGET, MISMATCH, WEAK_DELTA, NO_DP = "OVER BUDGET", "MISMATCH", "WEAK DELTA", "NO DP"
 CLAIM_TOLERANCE = (0.01, 0.01)  # absolute, relative
 RDP_TOLERANCE = 0.03
@@ -100,19 +105,22 @@ def recompute(history: History, delta: float) -> dict[str, float]:
     }
 
 
-@lru_cache(maxsize=4096)
-def _independent_skellam_epsilon(mu: float, l1: float, l2: float, q: float, steps: int, delta: float) -> float:
-    """A second, loop-by-loop implementation of the Skellam accountant (no numpy, no shared code): RDP of
-    Agarwal et al. 2021 at integer orders 2..256, Zhu & Wang's Theorem 6 for q < 1, Balle et al.'s conversion."""
+_INDEPENDENT_ORDERS = list(range(2, 257)) + [320, 384, 512, 768, 1024]
+
+
+@lru_cache(maxsize=256)
+def _independent_step_rdp(mu: float, l1: float, l2: float, q: float) -> tuple[float, ...]:
+    """A second, loop-by-loop implementation of one step's RDP (no numpy, no shared code): Agarwal et al. 2021's
+    Skellam RDP; Zhu & Wang's Theorem 6 for q < 1 at orders 2..256 (the larger orders unamplified)."""
 
     def base(alpha: int) -> float:
         return alpha * l2 * l2 / (2 * mu) + min(((2 * alpha - 1) * l2 * l2 + 6 * l1) / (4 * mu * mu),
                                                 3 * l1 / (2 * mu))
 
-    best = math.inf
-    for alpha in range(2, 257):
+    values = []
+    for alpha in _INDEPENDENT_ORDERS:
         rdp = base(alpha)
-        if q < 1:
+        if q < 1 and alpha <= 256:
             logs = [(alpha - 1) * math.log1p(-q) + math.log(alpha * q - q + 1)]
             for l in range(2, alpha + 1):
                 log_binom = math.lgamma(alpha + 1) - math.lgamma(l + 1) - math.lgamma(alpha - l + 1)
@@ -120,8 +128,15 @@ def _independent_skellam_epsilon(mu: float, l1: float, l2: float, q: float, step
                 logs.append(factor + log_binom + l * math.log(q) + (alpha - l) * math.log1p(-q) + (l - 1) * base(l))
             top = max(logs)
             rdp = min(rdp, (top + math.log(sum(math.exp(x - top) for x in logs))) / (alpha - 1))
-        eps = steps * rdp + math.log1p(-1 / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1)
-        best = min(best, eps)
+        values.append(rdp)
+    return tuple(values)
+
+
+def _independent_skellam_epsilon(mu: float, l1: float, l2: float, q: float, steps: int, delta: float) -> float:
+    """Epsilon after ``steps`` steps from :func:`_independent_step_rdp`, converted as Balle et al. 2020."""
+    best = math.inf
+    for alpha, rdp in zip(_INDEPENDENT_ORDERS, _independent_step_rdp(mu, l1, l2, q)):
+        best = min(best, steps * rdp + math.log1p(-1 / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1))
     return max(best, 0.0)
 
 
@@ -171,7 +186,7 @@ class AuditReport:
         return all(not c.verdicts for c in self.clients)
 
     def verdict_counts(self) -> dict[str, int]:
-        counts = {OVER_BUDGET: 0, MISMATCH: 0, WEAK_DELTA: 0, NO_DP: 0}
+        counts = {OVER_BUDGET: 0, MISMATCH: 0, WEAK_DELTA: 0, PUBLIC_NOISE: 0, NO_DP: 0}
         for client in self.clients:
             for verdict in client.verdicts:
                 counts[verdict] += 1
@@ -223,6 +238,8 @@ def load_ledger(path: Path | str) -> dict[str, Any]:
         path = path / "privacy_ledger.json"
     if not path.is_file():
         raise LedgerError(f"{path} does not exist (a finished privfer simulate run writes it)")
+    if path.stat().st_size > MAX_LEDGER_BYTES:
+        raise LedgerError(f"{path} is {path.stat().st_size} bytes; ledgers of at most {MAX_LEDGER_BYTES} are read")
     try:
         ledger = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -276,7 +293,7 @@ def load_ledger(path: Path | str) -> dict[str, Any]:
 
 
 _PLAN_FIELDS = ("max_grad_norm", "dimension", "scale", "l1", "l2", "mu", "share_variance", "sample_rate", "steps",
-                "clients", "min_inputs", "colluders", "delta")
+                "clients", "min_inputs", "colluders", "delta", "records")
 
 
 def _number(value: Any) -> bool:
@@ -292,8 +309,13 @@ def _check_distributed(ledger: dict[str, Any], path: Path) -> None:
             value = _field(plan, name, (int, float), path, f"phases.{phase}")
             if not _number(value) or value < 0:
                 raise LedgerError(f"{path}: phases.{phase} field '{name}' must be a finite number >= 0")
-        if not 0 < plan["sample_rate"] <= 1 or not 0 < plan["delta"] < 1 or plan["dimension"] > 1e12:
+        if not 0 < plan["sample_rate"] <= 1 or not 0 < plan["delta"] < 1 or not 1 <= plan["dimension"] <= 1e12:
             raise LedgerError(f"{path}: phases.{phase} has a sample_rate, delta or dimension out of range")
+        if min(plan["mu"], plan["l1"], plan["l2"], plan["scale"], plan["max_grad_norm"]) <= 0:
+            raise LedgerError(f"{path}: phases.{phase} needs positive mu, l1, l2, scale and max_grad_norm")
+    if len(phases) > 8:
+        raise LedgerError(f"{path}: {len(phases)} phases; at most 8 are audited")
+    entries, distinct = 0, set()
     for index, entry in enumerate(ledger["clients"]):
         where = f"clients[{index}]"
         if not isinstance(entry, dict):
@@ -307,8 +329,16 @@ def _check_distributed(ledger: dict[str, Any], path: Path) -> None:
         history = _field(entry, "history", list, path, where)
         if len(history) > MAX_HISTORY:
             raise LedgerError(f"{path}: {where} field 'history' has {len(history)} entries (at most {MAX_HISTORY})")
+        entries += len(history)
+        if entries > MAX_ENTRIES:
+            raise LedgerError(f"{path}: more than {MAX_ENTRIES} history entries over all clients")
         for step, item in enumerate(history):
             ok = isinstance(item, list) and len(item) == 5 and all(_number(x) for x in item)
+            if ok:
+                distinct.add(tuple(float(x) for x in item[:4]))
+                if len(distinct) > MAX_DISTINCT_STEPS:
+                    raise LedgerError(f"{path}: more than {MAX_DISTINCT_STEPS} distinct (mu, l1, l2, sample_rate) "
+                                      "in the histories (a run has one per phase)")
             if ok:
                 try:
                     SkellamSteps(float(item[0]), float(item[1]), float(item[2]), float(item[3]), int(item[4]))
@@ -363,12 +393,16 @@ def _audit_distributed(ledger: dict[str, Any], path: Path) -> AuditReport:
         if not _close(values["skellam_rdp"], values["skellam_rdp_independent"], 1e-6, 1e-6):
             mismatch.append(f"the two Skellam implementations disagree: {values['skellam_rdp']:.6f} vs "
                             f"{values['skellam_rdp_independent']:.6f}")
+        if not math.isclose(delta, float(plan["delta"]), rel_tol=1e-12):
+            mismatch.append(f"the entry's delta {delta:.6g} is not its phase's {plan['delta']:.6g}")
         if len(history) == 1 and history[0].steps:
             h = history[0]
-            audit.floor = _gaussian_floor(gaussian_equivalent(h.mu, h.l2), h.sample_rate, h.steps, delta)
-            if values["skellam_rdp"] < audit.floor - 1e-6:
-                mismatch.append(f"the Skellam bound {values['skellam_rdp']:.4f} is below the Gaussian with the same "
-                                f"variance ({audit.floor:.4f}, dp-accounting PLD)")
+            sigma = gaussian_equivalent(h.mu, h.l2)
+            if sigma >= FLOOR_MIN_NOISE and h.steps <= 100_000:
+                audit.floor = _gaussian_floor(sigma, h.sample_rate, h.steps, delta)
+                if values["skellam_rdp"] < audit.floor - 1e-6:
+                    mismatch.append(f"the Skellam bound {values['skellam_rdp']:.4f} is below the Gaussian with the "
+                                    f"same variance ({audit.floor:.4f}, dp-accounting PLD)")
         over = []
         if target is not None and audit.certified > target + 1e-9:
             over.append(f"the tightest sound bound, {audit.certified:.4f}, exceeds the target {target:g}")
@@ -378,10 +412,13 @@ def _audit_distributed(ledger: dict[str, Any], path: Path) -> AuditReport:
             audit.verdicts.append(OVER_BUDGET)
         if mismatch:
             audit.verdicts.append(MISMATCH)
-        total_records = int(plan.get("records", 0)) if _number(plan.get("records", 0)) else 0
-        if total_records > 0 and delta >= 1.0 / total_records:
+        total_records = int(plan["records"])
+        if total_records < 1 or delta >= 1.0 / total_records:
             audit.verdicts.append(WEAK_DELTA)
             audit.reasons.append(f"delta {delta:.3g} >= 1 / {total_records} records in a round's union")
+        if ledger.get("noise_source") == "run_seed":
+            audit.verdicts.append(PUBLIC_NOISE)
+            audit.reasons.append("noise_source run_seed: anyone holding the config can recompute every noise share")
         audit.reasons[:0] = over + mismatch
         audits.append(audit)
     return AuditReport(path, str(ledger["accountant"]), target, True, audits)
@@ -466,6 +503,7 @@ __all__ = [
     "MISMATCH",
     "NO_DP",
     "OVER_BUDGET",
+    "PUBLIC_NOISE",
     "WEAK_DELTA",
     "audit_ledger",
     "load_ledger",

@@ -26,7 +26,7 @@ is what DP promises, not a proof of it; a bound above it is evidence of a bug.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -222,7 +222,12 @@ def _distributed_canary_audit(config: PrivferConfig, canaries: int, guesses: int
         raise ValueError(f"{canaries} canaries but the model has {plan.dimension} coordinates")
     clients = sorted(federation.clients[TRAINING])
     client_id = max(clients, key=lambda c: (federation.clients[TRAINING][c].records, -c))
-    cohort = clients[: plan.clients] if client_id in clients[: plan.clients] else [client_id, *clients[: plan.clients - 1]]
+    # The guarantee's worst case: only the m_honest honest shares the trust sizing counts on (the others, colluders
+    # who subtract their own shares, add nothing), so the released sums carry exactly mu.
+    others = [c for c in clients if c != client_id][: plan.honest - 1]
+    cohort = [client_id, *others]
+    if len(cohort) < 2:
+        raise ValueError("the canary audit needs at least two honest clients in the plan")
     rng = np.random.default_rng([seed, 0xA0D17])
     included = rng.random(canaries) < 0.5
     released = np.zeros(canaries)
@@ -235,8 +240,12 @@ def _distributed_canary_audit(config: PrivferConfig, canaries: int, guesses: int
                 sampled = included & (own.random(canaries) < plan.sample_rate)
                 vector[sampled] = plan.max_grad_norm
             contributions[c] = encode_contribution(vector, plan, own)
-        summed = sum_integer_contributions(contributions, {}, config.aggregation, plan,
+        # The plan's minimum inputs exceed these m_honest clients: sum them with a plan for this cohort.
+        summed = sum_integer_contributions(contributions, {}, config.aggregation,
+                                           replace(plan, min_inputs=len(cohort), clients=len(cohort)),
                                            round_id=f"canary-audit:{seed}:{round_index}")
+        if summed.aborted is not None:
+            raise RuntimeError(f"a canary-audit round aborted: {summed.aborted}")
         released += summed.total / plan.scale
     order = np.argsort(released, kind="stable")
     half = guesses // 2

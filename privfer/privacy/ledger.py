@@ -234,13 +234,23 @@ def build_distributed_ledger(
             "minimum_inputs": "clients refuse to unmask a round with fewer than 'min_inputs' included inputs, so a "
             "released sum holds at least min_inputs - colluders honest shares of variance mu / (min_inputs - "
             "colluders): at least mu",
-            "noise_shares": "drawn by each client from ChaCha20 keyed from the OS CSPRNG (noise_source os) or from "
-            "the run's secret key (run_key); never from anything the server holds",
+            "noise_shares": {
+                "os": "drawn by each client from ChaCha20 keyed by 32 fresh bytes of the OS CSPRNG",
+                "run_key": "drawn by each client from ChaCha20 keyed by HMAC-SHA256 of the run's secret key (drawn "
+                "from the OS, kept only in the run's checkpoint)",
+                "run_seed": "drawn from ChaCha20 keyed by the PUBLIC run seed: anyone holding the config can "
+                "recompute every share; for reproducible experiments only, no guarantee against them",
+            }.get(noise_source, noise_source),
+            "equivocation": "not covered: a server that sends different clients different unmask requests (or "
+            "rosters) needs the consistency-check round of Bonawitz et al.'s active-security variant "
+            "(protocols/secagg/SPEC.md, section 1)",
         },
         "phases": {phase: plan.to_dict() for phase, plan in plans.items()},
         "public": [
             "each client's record count: the server divides the sum by the expected batch size "
-            "(sample_rate x the included clients' records), and it is written here",
+            "(sample_rate x the included clients' records), and it is written here; the guarantee is for "
+            "adding or removing a record with the counts treated as public (as in Opacus's DP-SGD), so the "
+            "counts themselves are not protected",
             "who took part in each round (the server sees who sends messages)",
         ],
         "not_covered": list(not_covered or []),

@@ -44,7 +44,8 @@ from functools import lru_cache
 import numpy as np
 from scipy.special import gammaln, logsumexp
 
-ORDERS: tuple[int, ...] = tuple(range(2, 129)) + (160, 192, 256, 384, 512)
+AMPLIFIED_ORDERS: tuple[int, ...] = tuple(range(2, 257))  # contiguous: Zhu & Wang's bound at alpha needs eps(2..alpha)
+ORDERS: tuple[int, ...] = AMPLIFIED_ORDERS + (320, 384, 512, 768, 1024)  # the last ones unamplified (sound)
 MAX_STEPS = 10_000_000  # a ledger or config asking for more is refused before any work
 
 
@@ -157,6 +158,7 @@ def gaussian_equivalent(mu: float, l2: float) -> float:
 
 
 __all__ = [
+    "AMPLIFIED_ORDERS",
     "MAX_STEPS",
     "ORDERS",
     "SkellamSteps",

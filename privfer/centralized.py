@@ -22,7 +22,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from privfer.config import PrivferConfig
 from privfer.data import load_clips
@@ -30,6 +29,7 @@ from privfer.data.clips import ClipSet
 from privfer.data.labels import discrete_labels, partial_labels, pseudo_labels
 from privfer.data.splits import ActorSplit, split_actors
 from privfer.metrics import classification_report
+from privfer.models.loss import label_loss
 from privfer.models.vfer import VFER, ifer_from_config
 from privfer.errors import RunDirectoryError
 from privfer.runs import atomic_torch_save, atomic_write_json, prepare_run_dir
@@ -63,14 +63,6 @@ def evaluation_labels(clips: ClipSet, eval_target: str) -> np.ndarray:
     if eval_target == "majority":
         return discrete_labels(clips.votes, clips.intended)
     raise ValueError(f"eval_target must be 'intended' or 'majority', got {eval_target!r}")
-
-
-def label_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """KL(target || model) for distribution targets, cross-entropy for class targets (mean over clips)."""
-    if targets.dtype.is_floating_point:
-        # kl_div treats 0 * log 0 as 0, so zero-vote classes add nothing.
-        return F.kl_div(F.log_softmax(logits, dim=-1), targets, reduction="batchmean")
-    return F.cross_entropy(logits, targets)
 
 
 @torch.no_grad()

@@ -113,3 +113,17 @@ def test_the_model_learns_under_distributed_dp(small_clips):
     config = small_config("federation.rounds=10", "federation.adaptation=false", "privacy.epsilon=50")
     result = simulate(config, None, clips=small_clips)
     assert result["test"]["macro"]["f1"] > 0.3  # chance is 1/6
+
+
+@pytest.mark.parametrize("epsilon", [2.0, 50.0])
+def test_the_canary_audit_never_certifies_more_than_the_claim(small_clips, epsilon):
+    from privfer.privacy.empirical import run_canary_audit
+
+    config = small_config("federation.rounds=6", f"privacy.epsilon={epsilon}")
+    audit = run_canary_audit(config, canaries=400, guesses=60, clips=small_clips, delta=1e-5)
+    assert audit.claimed_epsilon is not None and audit.epsilon_lower_bound <= audit.claimed_epsilon
+    assert audit.steps == 6
+    if epsilon >= 50:
+        assert audit.correct >= 55  # with little noise the canaries are found: the audit has power, not only soundness
+    with pytest.raises(ValueError, match="whitebox"):
+        run_canary_audit(config, kind="blackbox", canaries=10, guesses=4, clips=small_clips)

@@ -262,9 +262,9 @@ class FederationConfig(_Section):
         None, ge=2, le=100_000,
         description="Clients sampled per round; None: every training client under distributed DP, 20 otherwise.",
     )
-    local_epochs: int = Field(2, ge=1, le=1000, description="Local epochs per round.")
-    local_optimizer: Literal["adam", "sgd"] = Field("adam", description="Clients' optimizer (fresh each round).")
-    local_lr: float = Field(5e-3, gt=0.0, le=100.0, description="Clients' learning rate.")
+    local_epochs: int = Field(2, ge=1, le=1000, description="Local epochs per round (local DP and runs without DP).")
+    local_optimizer: Literal["adam", "sgd"] = Field("adam", description="Clients' optimizer, fresh each round (local DP and runs without DP).")
+    local_lr: float = Field(5e-3, gt=0.0, le=100.0, description="Clients' learning rate (local DP and runs without DP).")
     personal_layers: int = Field(1, ge=1, le=16, description="FedPer: layers (from the head down) kept local.")
     dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="Chance a sampled client drops out (at a uniformly random protocol stage)."

@@ -239,7 +239,7 @@ def prepare_federation(
         if fed.adaptation and len(counts[ADAPTATION]) < 2:
             clients[ADAPTATION] = {}
         distributed = {
-            phase: _distributed_plan(config, strategy, clips.feature_dim, counts[phase],
+            phase: _distributed_plan(config, clips.feature_dim, counts[phase],
                                      cohort_size if phase == TRAINING else len(counts[phase]), delta,
                                      fed.rounds if phase == TRAINING else fed.adaptation_rounds)
             for phase in (TRAINING, ADAPTATION)
@@ -270,8 +270,8 @@ def prepare_federation(
                       cohort_size)
 
 
-def _distributed_plan(config: PrivferConfig, strategy: Strategy, feature_dim: int, counts: dict[int, int],
-                      clients: int, delta: float, rounds: int) -> DistributedPlan:
+def _distributed_plan(config: PrivferConfig, feature_dim: int, counts: dict[int, int], clients: int, delta: float,
+                      rounds: int) -> DistributedPlan:
     """The phase's calibrated distributed DP-SGD plan. Every trainable coordinate is in the sensitivity (FedPer's
     personal layers are noised locally with the same variance, so the joint release is one Skellam mechanism)."""
     template = VFER.from_config(config.model, feature_dim, private=True)

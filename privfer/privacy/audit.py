@@ -231,6 +231,21 @@ def _field(entry: dict[str, Any], name: str, kind: type | tuple[type, ...], path
     return value
 
 
+def _entry_history(entry: Any, index: int, path: Path) -> tuple[str, list]:
+    """The checks every client entry needs (either mechanism): an object with client, records, delta and a
+    bounded history list. Returns (where, history)."""
+    where = f"clients[{index}]"
+    if not isinstance(entry, dict):
+        raise LedgerError(f"{path}: {where} must be an object")
+    _field(entry, "client", int, path, where)
+    _field(entry, "records", int, path, where)
+    _field(entry, "delta", (int, float), path, where)
+    history = _field(entry, "history", list, path, where)
+    if len(history) > MAX_HISTORY:
+        raise LedgerError(f"{path}: {where} field 'history' has {len(history)} entries (at most {MAX_HISTORY})")
+    return where, history
+
+
 def load_ledger(path: Path | str) -> dict[str, Any]:
     """Read and check a ledger file (a run directory is accepted too); LedgerError names file and field."""
     path = Path(path)
@@ -263,15 +278,7 @@ def load_ledger(path: Path | str) -> dict[str, Any]:
         _check_distributed(ledger, path)
         return ledger | {"_path": str(path)}
     for index, entry in enumerate(clients):
-        where = f"clients[{index}]"
-        if not isinstance(entry, dict):
-            raise LedgerError(f"{path}: {where} must be an object")
-        _field(entry, "client", int, path, where)
-        _field(entry, "records", int, path, where)
-        _field(entry, "delta", (int, float), path, where)
-        history = _field(entry, "history", list, path, where)
-        if len(history) > MAX_HISTORY:
-            raise LedgerError(f"{path}: {where} field 'history' has {len(history)} entries (at most {MAX_HISTORY})")
+        where, history = _entry_history(entry, index, path)
         for step, item in enumerate(history):
             ok = (
                 isinstance(item, list)
@@ -317,18 +324,10 @@ def _check_distributed(ledger: dict[str, Any], path: Path) -> None:
         raise LedgerError(f"{path}: {len(phases)} phases; at most 8 are audited")
     entries, distinct = 0, set()
     for index, entry in enumerate(ledger["clients"]):
-        where = f"clients[{index}]"
-        if not isinstance(entry, dict):
-            raise LedgerError(f"{path}: {where} must be an object")
-        _field(entry, "client", int, path, where)
-        _field(entry, "records", int, path, where)
-        _field(entry, "delta", (int, float), path, where)
+        where, history = _entry_history(entry, index, path)
         phase = _field(entry, "phase", str, path, where)
         if phase not in phases:
             raise LedgerError(f"{path}: {where} names phase {phase!r}, which has no plan in 'phases'")
-        history = _field(entry, "history", list, path, where)
-        if len(history) > MAX_HISTORY:
-            raise LedgerError(f"{path}: {where} field 'history' has {len(history)} entries (at most {MAX_HISTORY})")
         entries += len(history)
         if entries > MAX_ENTRIES:
             raise LedgerError(f"{path}: more than {MAX_ENTRIES} history entries over all clients")

@@ -40,7 +40,7 @@ def part_one(args) -> None:
     started = time.perf_counter()
     federation = simulation.prepare_federation(config)
     print(f"prepare (data, split, IFER, calibration): {time.perf_counter() - started:.1f} s")
-    plan = federation.distributed["training"]
+    plan = federation.plans["training"]
     print(f"{plan.clients} clients per round, {plan.dimension} coordinates, scale 2^{math.log2(plan.scale):.0f}, "
           f"{plan.modulus_bits}-bit words, noise multiplier {plan.noise_multiplier:.2f}")
     torch.manual_seed(config.seed)

@@ -31,8 +31,7 @@ from privfer.data.splits import ActorSplit, split_actors
 from privfer.metrics import classification_report
 from privfer.models.loss import label_loss
 from privfer.models.vfer import VFER, ifer_from_config
-from privfer.errors import RunDirectoryError
-from privfer.runs import atomic_torch_save, atomic_write_json, prepare_run_dir
+from privfer.runs import atomic_torch_save, atomic_write_json, load_checkpoint, prepare_run_dir
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -157,13 +156,8 @@ def train_centralized(
     elapsed_before = 0.0
 
     checkpoint_path = run_dir / CHECKPOINT if run_dir is not None else None
-    if resumed and checkpoint_path is not None and checkpoint_path.exists():
-        try:
-            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for a damaged file
-            raise RunDirectoryError(
-                f"{checkpoint_path} cannot be read ({exc.__class__.__name__}); delete it to restart the run"
-            ) from None
+    state = load_checkpoint(checkpoint_path, resumed)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         shuffler.set_state(state["shuffler"])

@@ -261,31 +261,7 @@ def simulate(
 def describe_privacy(federation: Any) -> list[str]:
     """What the run promises, printed before it starts."""
     cfg = federation.config
-    lines = []
-    if federation.private and federation.mechanism == "distributed":
-        plan = federation.distributed["training"]
-        lines.append(
-            f"privacy: epsilon {cfg.privacy.epsilon:g} per client for the whole run (record level), "
-            f"delta {federation.delta:.3g}, distributed DP-SGD: Skellam noise in the secure sum "
-            f"(noise multiplier {plan.noise_multiplier:.3f} x C in the sum, {plan.steps} steps, sample rate "
-            f"{plan.sample_rate:g}), Skellam RDP accountant (calibrated for a client in every round)"
-        )
-        lines.append(
-            f"trust: honest-but-curious server, at most {plan.colluders} of {plan.clients} clients per round "
-            f"collude; clients refuse to unmask fewer than {plan.min_inputs} inputs; each adds 1/{plan.honest} "
-            f"of the noise variance"
-        )
-    elif federation.private:
-        sigmas = sorted({p.noise_multiplier for plans in federation.plans.values() for p in plans.values()})
-        lines.append(
-            f"privacy: epsilon {cfg.privacy.epsilon:g} per client for the whole run (record level), "
-            f"delta {federation.delta:.3g}, local DP-SGD on each client, {cfg.privacy.accountant.upper()} "
-            f"accountant, noise multiplier "
-            + (f"{sigmas[0]:.3f}" if len(sigmas) == 1 else f"{sigmas[0]:.3f}-{sigmas[-1]:.3f}")
-            + " (calibrated for a client that trains in every round)"
-        )
-    else:
-        lines.append("privacy: OFF (no DP-SGD): pass --epsilon to train privately")
+    lines = federation.mechanism.describe(federation.delta)
     if cfg.aggregation.backend == "plain":
         lines.append("aggregator: plain sum -- NOT PRIVATE: the server sees every update (a baseline)")
     return lines

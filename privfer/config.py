@@ -239,15 +239,35 @@ class AggregationConfig(_Section):
             **extra,
         )
 
-    def round_config(self, num_clients: int, metrics: tuple[str, ...] = ()) -> Any:
-        """The secure-aggregation config of one round: SecAggConfig, CKKSConfig, or None for a plain sum."""
+    def round_config(
+        self,
+        num_clients: int,
+        metrics: tuple[str, ...] = (),
+        *,
+        integer_sum_bound: int | None = None,
+        min_inputs: int | None = None,
+    ) -> Any:
+        """The backend config of one round: SecAggConfig, CKKSConfig or PlainConfig (all run by
+        :func:`privfer.secagg.aggregate`). ``integer_sum_bound``: the inputs are already-encoded integers whose
+        sum must be exact (distributed DP) — CKKS's approximate decryption cannot give that and is refused."""
+        integer = integer_sum_bound is not None
         if self.backend == "plain":
-            return None
+            from privfer.secagg.plain import PlainConfig
+
+            return PlainConfig(num_clients=num_clients, encoding="integer" if integer else "fixed_point",
+                               min_inputs=min_inputs or 1, metrics=metrics,
+                               wire_bits=self.modulus_bits if integer else 32)
         if self.backend == "ckks":
+            if integer:
+                raise ConfigError("aggregation.backend = 'ckks' cannot sum integer contributions exactly "
+                                  "(approximate decryption); use 'masking'")
             from privfer.secagg.he import make_ckks_config
 
             return make_ckks_config(num_clients=num_clients, clipping_range=self.clipping_range, metrics=metrics)
-        return self.secagg_config(num_clients, metrics=metrics)
+        extra: dict[str, Any] = {}
+        if integer:
+            extra = dict(encoding="integer", integer_sum_bound=integer_sum_bound, min_inputs=min_inputs)
+        return self.secagg_config(num_clients, metrics=metrics, **extra)
 
 
 class FederationConfig(_Section):

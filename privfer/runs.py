@@ -87,6 +87,19 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda h: torch.save(obj, h), "wb")
 
 
+def load_checkpoint(path: Path | None, resumed: bool) -> dict[str, Any] | None:
+    """The checkpoint a resumed run continues from (None: start afresh); a damaged one is a RunDirectoryError."""
+    if not resumed or path is None or not path.exists():
+        return None
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise RunDirectoryError(f"{path} cannot be read ({exc.__class__.__name__}); delete it to restart the run"
+                                ) from None
+
+
 def prepare_run_dir(run_dir: Path, config: PrivferConfig) -> bool:
     """Create ``run_dir`` with its ``config.yaml``; returns True when it resumes an earlier run.
 

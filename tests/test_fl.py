@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from privfer.errors import ConfigError
-from privfer.fl import simulation
+from privfer.fl import mechanisms, simulation
 from privfer.fl.aggregation import sum_updates
 from privfer.fl.simulation import prepare_federation, simulate
 from tests.conftest import small_config
@@ -145,7 +145,8 @@ def test_fedper_round_updates_never_carry_the_heads(small_clips, monkeypatch):
         seen_names.append(set(next(iter(updates.values()))))
         return sum_updates(updates, *args, **kwargs)
 
-    monkeypatch.setattr(simulation, "sum_updates", spy)
+    monkeypatch.setattr(mechanisms, "sum_updates", spy)  # the rounds
+    monkeypatch.setattr(simulation, "sum_updates", spy)  # the newcomer head
     result = run(small_clips, "federation.strategy=fedper", "federation.adaptation=true")
     rounds, newcomer = seen_names[:-2], seen_names[-2]
     assert all(names and not any(n.startswith("head.") for n in names) for names in rounds)

@@ -1,11 +1,13 @@
 """One round's aggregation of client updates: masking SecAgg, CKKS, or a plain (NOT private) sum.
 
 Bridges torch state dictionaries and :func:`privfer.secagg.aggregate`, which
-takes lists of float numpy arrays. Each client submits ``weight x update``
+takes lists of numpy arrays and runs whichever backend the round's config
+names (every backend returns the same result type; nothing here branches on it). Each client submits ``weight x update``
 with its weight (example count) as the masked count coordinate and its
 training loss as a masked metric, so the server learns only sums. The
-``plain`` backend sums in float64 in the clear and exists as the baseline
-that shows what secure aggregation costs; results label it not private.
+``plain`` backend (:mod:`privfer.secagg.plain`) sums in float64 in the clear
+and exists as the baseline that shows what secure aggregation costs; results
+label it not private.
 """
 
 from __future__ import annotations
@@ -19,12 +21,9 @@ import numpy as np
 import torch
 
 from privfer.config import AggregationConfig
-from privfer.secagg import STAGES, aggregate
+from privfer.secagg import aggregate
 from privfer.secagg.errors import RoundAborted, SecAggError
 from privfer.secagg.quantize import ClippingWarning
-
-# Dropping before the masked input is sent excludes a client's update; later, it is included.
-EXCLUDING_STAGES = STAGES[: STAGES.index("masked_input") + 1]
 
 
 @dataclass
@@ -71,16 +70,6 @@ def sum_updates(
         for cid in clients
     }
     start = time.perf_counter()
-    if config.backend == "plain":
-        included = [c for c in clients if dropouts.get(c) not in EXCLUDING_STAGES]
-        if not included:
-            return RoundSum({}, 0.0, 0.0, [], aborted="every client dropped out", seconds=time.perf_counter() - start)
-        total = [sum(arrays[c][i] for c in included) for i in range(len(names))]
-        weight = float(sum(weights[c] for c in included))
-        loss = float(sum(losses[c] for c in included)) if losses is not None else 0.0
-        bytes_sent = {c: sum(a.nbytes // 2 for a in arrays[c]) for c in clients}  # float32 on the wire
-        return _result(names, shapes, total, weight, loss, included, time.perf_counter() - start, 0, 0.0, bytes_sent,
-                       weight_scale)
     round_config = config.round_config(len(clients), metrics=("loss",) if losses is not None else ())
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -145,28 +134,13 @@ def sum_integer_contributions(
     ``plan`` gives the modulus, the bound on any coordinate of the sum and the
     minimum number of included inputs (clients refuse to unmask below it). The
     ``plain`` backend adds the integers in the clear (NOT private: a test
-    baseline); CKKS is refused (its approximate decryption is not an exact sum).
+    baseline); CKKS is refused by the config (its approximate decryption is not an exact sum).
     """
     dropouts = dict(dropouts or {})
     clients = sorted(contributions)
     start = time.perf_counter()
-    if config.backend == "ckks":
-        raise ValueError("integer contributions need an exact sum: use the masking backend, not ckks")
-    if config.backend == "plain":
-        included = [c for c in clients if dropouts.get(c) not in EXCLUDING_STAGES]
-        if len(included) < plan.min_inputs:
-            return IntegerRoundSum(np.zeros(0, np.int64), [], f"only {len(included)} inputs, the minimum is "
-                                   f"{plan.min_inputs}", time.perf_counter() - start)
-        total = np.sum([np.asarray(contributions[c], dtype=np.int64) for c in included], axis=0)
-        bytes_sent = {c: contributions[c].size * plan.modulus_bits // 8 for c in clients}
-        return IntegerRoundSum(total, included, None, time.perf_counter() - start, bytes_sent)
-    round_config = config.secagg_config(
-        len(clients),
-        encoding="integer",
-        integer_sum_bound=plan.sum_bound,
-        min_inputs=plan.min_inputs,
-    )
-    if round_config.modulus_bits != plan.modulus_bits:
+    round_config = config.round_config(len(clients), integer_sum_bound=plan.sum_bound, min_inputs=plan.min_inputs)
+    if getattr(round_config, "modulus_bits", plan.modulus_bits) != plan.modulus_bits:
         raise ValueError(f"the plan is for 2^{plan.modulus_bits}, the aggregation for 2^{round_config.modulus_bits}")
     try:
         result = aggregate({c: [np.asarray(contributions[c], dtype=np.int64)] for c in clients}, round_config,
@@ -179,4 +153,4 @@ def sum_integer_contributions(
                            time.perf_counter() - start, dict(result.bytes_sent))
 
 
-__all__ = ["EXCLUDING_STAGES", "IntegerRoundSum", "RoundSum", "sum_integer_contributions", "sum_updates"]
+__all__ = ["IntegerRoundSum", "RoundSum", "sum_integer_contributions", "sum_updates"]

@@ -126,13 +126,14 @@ def run_distributed_round(
     template: VFER,
     server: tuple[str, float, float],
     server_state: dict | None,
-    personal_step: Callable[[int, dict[str, torch.Tensor]], None] | None,
+    personal_step: Callable[[int, dict[str, torch.Tensor]], None],
 ) -> DistributedRoundResult:
     """One DP-SGD step over the cohort's records with the noise in the securely computed sum.
 
-    ``personal_step(client, noisy_gradients)`` receives a FedPer client's
-    personal-layer gradient (full local noise, divided by its expected batch)
-    and applies it on the client; None under FedAvg.
+    ``personal_step(client, noisy_gradients)`` receives a client's
+    personal-layer gradient (FedPer: every trainable parameter not in
+    ``shared``; full local noise, divided by its expected batch) and applies it
+    on the client; it is not called when every parameter is shared (FedAvg).
     """
     started = time.perf_counter()
     rngs = {c: rng_for(c) for c in cohort}
@@ -141,7 +142,8 @@ def run_distributed_round(
         x, y = data[c]
         chosen = torch.from_numpy(sample_records(len(x), plan.sample_rate, rngs[c]))
         batches[c] = (x[chosen], y[chosen])
-    sums = clipped_sums_by_client(model_for, batches, plan.max_grad_norm, shared_model=personal_step is None)
+    personal = [n for n, p in template.named_parameters() if p.requires_grad and n not in shared]
+    sums = clipped_sums_by_client(model_for, batches, plan.max_grad_norm, shared_model=not personal)
     gradient_seconds = time.perf_counter() - started
     encoding_started = time.perf_counter()
 
@@ -150,8 +152,8 @@ def run_distributed_round(
         flat = torch.cat([sums[c][name].reshape(-1) for name in shared]).numpy()
         contribution = encode_contribution(flat, plan, rngs[c])
         noisy = {}
-        if personal_step is not None:
-            for name in (n for n in sums[c] if n not in shared):
+        if personal:
+            for name in personal:
                 values = local_noisy_sum(sums[c][name].reshape(-1).numpy(), plan, rngs[c])
                 noisy[name] = torch.from_numpy(values / (plan.sample_rate * len(data[c][0])))
         return contribution, noisy
@@ -160,7 +162,7 @@ def run_distributed_round(
     with ThreadPoolExecutor(max_workers=min(len(cohort), torch.get_num_threads(), 8)) as pool:
         made = dict(zip(cohort, pool.map(contribute, cohort)))
     contributions = {c: made[c][0] for c in cohort}
-    if personal_step is not None:
+    if personal:
         for c in cohort:
             personal_step(c, made[c][1])
     encoding_seconds = time.perf_counter() - encoding_started

@@ -23,8 +23,6 @@ the OS and moves the last bits).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import secrets
 import statistics
@@ -43,70 +41,54 @@ from privfer.data import load_clips
 from privfer.data.clips import ClipSet
 from privfer.data.labels import pseudo_labels
 from privfer.data.splits import split_actors
-from privfer.errors import ConfigError, RunDirectoryError
+from privfer.errors import ConfigError
 from privfer.fl.aggregation import sum_updates
-from privfer.fl.client import FLClient, LocalTraining
-from privfer.fl.distributed import optimizer_step, run_distributed_round
+from privfer.fl.client import FLClient
+from privfer.fl.mechanisms import Mechanism, make_mechanism, public_client_seed
+from privfer.fl.rounds import ADAPTATION, TRAINING, RoundRecord, draw_cohort
 from privfer.fl.strategies import Strategy, make_strategy
 from privfer.metrics import classification_report
 from privfer.models.vfer import VFER, ifer_from_config
-from privfer.privacy.calibrate import ClientPlan, default_delta, plan_clients
-from privfer.privacy.distributed import DistributedPlan, calibrate_distributed, derived_key, noise_generator
-from privfer.privacy.ledger import (
-    ClientAccount,
-    DistributedAccount,
-    account_from_state,
-    build_distributed_ledger,
-    build_ledger,
-    write_ledger,
-)
-from privfer.runs import atomic_torch_save, atomic_write_json, prepare_run_dir
-from privfer.secagg import STAGES
+from privfer.privacy.ledger import ClientAccount, account_from_state, write_ledger
+from privfer.runs import atomic_torch_save, atomic_write_json, load_checkpoint, prepare_run_dir
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
 LEDGER = "privacy_ledger.json"
 ROUNDS = "rounds.json"
-TRAINING, ADAPTATION = "training", "adaptation"
-
-
-@dataclass
-class RoundRecord:
-    """What one round did, as the server sees it (plus the simulation's validation score)."""
-
-    phase: str
-    round: int
-    clients: list[int]
-    included: list[int]
-    dropouts: dict[str, str]
-    aborted: str | None
-    train_loss: float | None  # mean of the clients' mean losses, securely summed; None in private runs
-    val_macro_f1: float | None
-    seconds: float
-    aggregation_seconds: float
-    bytes_per_client: float
-    clipped: int
-
-
 @dataclass
 class Federation:
     """Everything the simulation needs, prepared before the run directory is touched."""
 
     config: PrivferConfig
     strategy: Strategy
+    mechanism: Mechanism  # how rounds are made private: calibrated plans, the round, the ledger
     parts: dict[str, ClipSet]
     clients: dict[str, dict[int, FLClient]]
-    plans: dict[str, dict[int, ClientPlan]]
     delta: float
     pseudo: dict[str, Any] | None
     feature_dim: int
-    mechanism: str | None = None  # "distributed", "local", or None without DP
-    distributed: dict[str, DistributedPlan] = field(default_factory=dict)  # phase -> plan (distributed DP)
     cohort_size: int = 0  # training clients per round
 
     @property
     def private(self) -> bool:
         return self.config.privacy.enabled
+
+    @property
+    def plans(self) -> dict[str, Any]:
+        """The mechanism's calibrated plans per phase (local: per client; distributed: one per phase)."""
+        return self.mechanism.plans
+
+    def model(self, state: dict[str, torch.Tensor]) -> VFER:
+        model = VFER.from_config(self.config.model, self.feature_dim, private=self.private)
+        model.load_state_dict(state)
+        return model
+
+    def cohort(self, phase: str, round_index: int) -> tuple[list[int], dict[int, str]]:
+        """Who trains this round and who drops out at which stage (from the run seed: the same on resume)."""
+        ids = sorted(self.clients[phase])
+        size = self.cohort_size if phase == TRAINING else len(ids)
+        return draw_cohort(self.config.seed, ids, size, self.config.federation.dropout, phase, round_index)
 
 
 @dataclass
@@ -124,6 +106,18 @@ class _State:
     # Seeds the clients' DP noise and Poisson sampling (privacy.noise_source run_key): drawn from the OS,
     # kept only in the checkpoint (deleted when the run ends), never in the config, ledger or result.
     noise_key: str = field(default_factory=lambda: secrets.token_hex(32))
+
+    def personal_of(self, client_id: int, phase: str, shared: list[str]) -> dict[str, torch.Tensor]:
+        """The parameters a client keeps: its own, or (first round) the newcomer head / the initial ones."""
+        head = self.personal.get(client_id)
+        if head is None:
+            head = self.newcomer_head if phase == ADAPTATION and self.newcomer_head is not None else {
+                name: value for name, value in self.global_state.items() if name not in shared}
+        return head
+
+    def round_id(self, phase: str, round_index: int) -> str:
+        """Binds every protocol message of a round to this run and this round."""
+        return f"{self.nonce}:{phase}:{round_index}"
 
     def to_checkpoint(self) -> dict[str, Any]:
         return {
@@ -158,26 +152,6 @@ class _State:
         )
 
 
-def _derived_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def public_client_seed(config: PrivferConfig, phase: str, round_index: int, client_id: int) -> int:
-    """A client's training seed derived from the run seed alone: for runs without DP noise to keep secret (and
-    ``privacy.noise_source: run_seed``). Deployments that train the same clients (the Flower example) use it to
-    reproduce ``simulate`` exactly."""
-    return _derived_seed(config.seed, 0 if phase == TRAINING else 1, round_index, client_id)
-
-
-def _client_seed(config: PrivferConfig, state: "_State", phase: str, round_index: int, client_id: int) -> int:
-    """The seed of one client's local training (DP noise, Poisson sampling, dropout) in one round."""
-    if config.privacy.noise_source == "run_seed" or not config.privacy.enabled:  # public: nothing secret to seed
-        return public_client_seed(config, phase, round_index, client_id)
-    message = f"privfer/client-seed/{phase}/{round_index}/{client_id}".encode()
-    digest = hmac.new(bytes.fromhex(state.noise_key), message, hashlib.sha256).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def prepare_federation(
     config: PrivferConfig,
     clips: ClipSet | None = None,
@@ -203,16 +177,13 @@ def prepare_federation(
     for actor in train.actor_list():
         mask = train.actor_ids == actor
         clients[TRAINING][actor] = FLClient(actor, train.features[mask], targets[mask])
-    mechanism = config.mechanism
-    cohort_size = fed.cohort_size(mechanism, len(clients[TRAINING]))
+    mechanism = make_mechanism(config)
+    cohort_size = fed.cohort_size(config.mechanism, len(clients[TRAINING]))
     if cohort_size > len(clients[TRAINING]):
         raise ConfigError(
             f"federation.clients_per_round = {cohort_size} is more than the "
             f"{len(clients[TRAINING])} training clients; allowed: 2 to {len(clients[TRAINING])}"
         )
-    if only_client is not None and mechanism == "distributed":
-        raise ConfigError("a single node's federation (only_client) trains with privacy.mechanism 'local'; "
-                          "distributed DP needs every client's share in the secure sum")
     if only_client is not None and only_client not in clients[TRAINING]:
         raise ConfigError(f"actor {only_client} is not a training actor of this split")
     if only_client is not None and fed.adaptation:
@@ -228,70 +199,13 @@ def prepare_federation(
             if mask.any():
                 clients[ADAPTATION][actor] = FLClient(actor, adapt.features[mask], labels[mask].astype(np.int64))
     counts = {phase: {c: client.records for c, client in group.items()} for phase, group in clients.items()}
-    every = [n for group in counts.values() for n in group.values()]
-    if config.privacy.delta is not None:
-        delta = config.privacy.delta
-    else:  # distributed: one record of the union of all clients' records is the unit
-        delta = default_delta([sum(every)] if mechanism == "distributed" else every)
-    epsilon = config.privacy.epsilon if config.privacy.enabled else None
-    strategy = make_strategy(fed)
-    if mechanism == "distributed":
-        if fed.adaptation and len(counts[ADAPTATION]) < 2:
-            clients[ADAPTATION] = {}
-        distributed = {
-            phase: _distributed_plan(config, clips.feature_dim, counts[phase],
-                                     cohort_size if phase == TRAINING else len(counts[phase]), delta,
-                                     fed.rounds if phase == TRAINING else fed.adaptation_rounds)
-            for phase in (TRAINING, ADAPTATION)
-            if clients[phase]
-        }
-        return Federation(config, strategy, parts, clients, {TRAINING: {}, ADAPTATION: {}}, delta, pseudo,
-                          clips.feature_dim, mechanism, distributed, cohort_size)
-    common = dict(
-        epsilon=epsilon,
-        delta=delta,
-        batch_size=config.training.batch_size,
-        accountant=config.privacy.accountant,
-        max_noise_multiplier=config.privacy.max_noise_multiplier,
-    )
-    planned = counts[TRAINING] if only_client is None else {only_client: counts[TRAINING][only_client]}
-    plans = {
-        TRAINING: plan_clients(planned, rounds=fed.rounds, local_epochs=fed.local_epochs, known_noise=known_noise,
-                               **common),
-        ADAPTATION: plan_clients(
-            counts[ADAPTATION], rounds=fed.adaptation_rounds, local_epochs=fed.adaptation_epochs, **common
-        )
-        if len(counts[ADAPTATION]) >= 2
-        else {},
-    }
-    if fed.adaptation and not plans[ADAPTATION]:
+    delta = config.privacy.delta if config.privacy.delta is not None else mechanism.default_delta(counts)
+    runnable = mechanism.calibrate(counts, feature_dim=clips.feature_dim, cohort_size=cohort_size, delta=delta,
+                                   only_client=only_client, known_noise=known_noise)
+    if ADAPTATION not in runnable:
         clients[ADAPTATION] = {}  # fewer than two newcomers with pseudo labels: nothing to aggregate securely
-    return Federation(config, strategy, parts, clients, plans, delta, pseudo, clips.feature_dim, mechanism, {},
+    return Federation(config, make_strategy(fed), mechanism, parts, clients, delta, pseudo, clips.feature_dim,
                       cohort_size)
-
-
-def _distributed_plan(config: PrivferConfig, feature_dim: int, counts: dict[int, int], clients: int, delta: float,
-                      rounds: int) -> DistributedPlan:
-    """The phase's calibrated distributed DP-SGD plan. Every trainable coordinate is in the sensitivity (FedPer's
-    personal layers are noised locally with the same variance, so the joint release is one Skellam mechanism)."""
-    template = VFER.from_config(config.model, feature_dim, private=True)
-    dimension = sum(p.numel() for p in template.parameters() if p.requires_grad)
-    largest = sum(sorted(counts.values(), reverse=True)[:clients])
-    return calibrate_distributed(
-        epsilon=config.privacy.epsilon,
-        delta=delta,
-        max_grad_norm=config.privacy.max_grad_norm,
-        dimension=dimension,
-        sample_rate=config.privacy.sample_rate,
-        steps=rounds,
-        clients=clients,
-        records=largest,
-        min_inputs_fraction=config.aggregation.min_inputs_fraction,
-        colluding_fraction=config.aggregation.colluding_fraction,
-        rounding_overhead=config.privacy.rounding_overhead,
-        modulus_bits=config.aggregation.modulus_bits,
-        max_noise_multiplier=config.privacy.max_noise_multiplier,
-    )
 
 
 def _schedule(config: PrivferConfig, federation: Federation) -> list[tuple[str, int]]:
@@ -301,206 +215,48 @@ def _schedule(config: PrivferConfig, federation: Federation) -> list[tuple[str, 
     return steps
 
 
-def _cohort(federation: Federation, phase: str, round_index: int) -> tuple[list[int], dict[int, str]]:
-    """Who trains this round and who drops out at which stage (from the run seed: the same on resume)."""
-    config = federation.config
-    rng = np.random.default_rng([config.seed, 0 if phase == TRAINING else 1, round_index])
-    ids = sorted(federation.clients[phase])
-    k = federation.cohort_size if phase == TRAINING else len(ids)
-    cohort = sorted(int(c) for c in rng.choice(ids, size=k, replace=False))
-    dropouts = {}
-    for client in cohort:
-        if rng.random() < config.federation.dropout:
-            dropouts[client] = STAGES[int(rng.integers(len(STAGES)))]
-    return cohort, dropouts
-
-
-def _model(federation: Federation, state: dict[str, torch.Tensor]) -> VFER:
-    model = VFER.from_config(federation.config.model, federation.feature_dim, private=federation.private)
-    model.load_state_dict(state)
-    return model
-
-
 def _evaluate(federation: Federation, state: _State, clips: ClipSet, phase: str) -> dict[str, Any]:
-    """Macro/micro/per-class scores on ``clips``; under FedPer each actor with its own head."""
-    eval_target = federation.config.data.eval_target
-    if not federation.strategy.personalized:
-        predicted = predict(_model(federation, state.global_state), clips.features).argmax(axis=1)
-        return classification_report(evaluation_labels(clips, eval_target), predicted)
-    predicted = np.zeros(len(clips), dtype=np.int64)
-    for actor in clips.actor_list():
-        mask = clips.actor_ids == actor
-        head = state.personal.get(actor) if phase == ADAPTATION else None
-        head = head if head is not None else state.newcomer_head
-        model = _model(federation, {**state.global_state, **head})
-        predicted[mask] = predict(model, clips.features[mask]).argmax(axis=1)
-    return classification_report(evaluation_labels(clips, eval_target), predicted)
+    """Macro/micro/per-class scores on ``clips``; the strategy picks the model each actor is scored with."""
 
+    def scores(actor: int | None, features: np.ndarray) -> np.ndarray:
+        head: dict[str, torch.Tensor] = {}
+        if actor is not None:
+            head = state.personal.get(actor) if phase == ADAPTATION else None
+            head = head if head is not None else state.newcomer_head
+        return predict(federation.model({**state.global_state, **head}), features)
 
-def _noise_rng(config: PrivferConfig, state: "_State", phase: str, round_index: int, client_id: int):
-    """A client's secret generator for one round (distributed DP: sampling, rounding, noise share)."""
-    source = config.privacy.noise_source
-    if source == "os":
-        return noise_generator()
-    secret = bytes.fromhex(state.noise_key) if source == "run_key" else str(config.seed).encode()
-    return noise_generator(derived_key(secret, phase, round_index, client_id))
-
-
-def _run_distributed_round(federation: Federation, state: _State, phase: str, round_index: int) -> RoundRecord:
-    config, strategy = federation.config, federation.strategy
-    fed = config.federation
-    started = time.perf_counter()
-    cohort, dropouts = _cohort(federation, phase, round_index)
-    plan = federation.distributed[phase]
-    template = _model(federation, state.global_state)
-    shared = strategy.shared_names(template)
-    group = federation.clients[phase]
-    for client_id in cohort:
-        account = state.accounts.setdefault(
-            (phase, client_id), DistributedAccount(client_id, phase, group[client_id].records))
-        account.record_round()
-    lr = fed.server_lr if phase == TRAINING else fed.adaptation_lr
-
-    def personal_of(client_id: int) -> dict[str, torch.Tensor]:
-        head = state.personal.get(client_id)
-        if head is None:
-            head = state.newcomer_head if phase == ADAPTATION and state.newcomer_head is not None else {
-                name: value for name, value in state.global_state.items() if name not in shared}
-        return head
-
-    def model_for(client_id: int) -> VFER:
-        model = _model(federation, {**state.global_state, **personal_of(client_id)})
-        model.train()
-        return model
-
-    def personal_step(client_id: int, gradients: dict[str, torch.Tensor]) -> None:
-        model = _model(federation, {**state.global_state, **personal_of(client_id)})
-        names = [name for name, _ in model.named_parameters() if name not in shared]
-        state.personal_optimizer[client_id] = optimizer_step(
-            model, names, gradients, fed.server_optimizer, lr, fed.server_momentum,
-            state.personal_optimizer.get(client_id))
-        state.personal[client_id] = {name: value.detach().clone() for name, value in model.state_dict().items()
-                                     if name not in shared}
-
-    result = run_distributed_round(
-        model_for=model_for,
-        data={c: (group[c].features, group[c].targets) for c in cohort},
-        cohort=cohort,
-        dropouts=dropouts,
-        shared=shared,
-        plan=plan,
-        rng_for=lambda c: _noise_rng(config, state, phase, round_index, c),
-        aggregation=config.aggregation,
-        round_id=f"{state.nonce}:{phase}:{round_index}",
-        global_state=state.global_state,
-        template=template,
-        server=(fed.server_optimizer, lr, fed.server_momentum),
-        server_state=state.server_optimizer.get(phase),
-        personal_step=personal_step if strategy.personalized else None,
-    )
-    state.global_state = result.global_state
-    state.server_optimizer[phase] = result.server_optimizer
-    val = None
-    if phase == TRAINING and not strategy.personalized:
-        val = _evaluate(federation, state, federation.parts["val"], phase)["macro"]["f1"]
-    sent = list(result.bytes_sent.values())
-    return RoundRecord(
-        phase=phase, round=round_index, clients=cohort, included=result.included,
-        dropouts={str(c): s for c, s in dropouts.items()}, aborted=result.aborted, train_loss=None,
-        val_macro_f1=val, seconds=time.perf_counter() - started, aggregation_seconds=result.seconds_aggregation,
-        bytes_per_client=float(statistics.mean(sent)) if sent else 0.0, clipped=0,
-    )
+    predicted = federation.strategy.predict(clips.features, clips.actor_ids, scores).argmax(axis=1)
+    return classification_report(evaluation_labels(clips, federation.config.data.eval_target), predicted)
 
 
 def _run_round(federation: Federation, state: _State, phase: str, round_index: int) -> RoundRecord:
-    if federation.mechanism == "distributed":
-        return _run_distributed_round(federation, state, phase, round_index)
-    config, strategy = federation.config, federation.strategy
-    started = time.perf_counter()
-    cohort, dropouts = _cohort(federation, phase, round_index)
-    template = _model(federation, state.global_state)
-    shared = strategy.shared_names(template)
-    training = config.training
-    lr = config.federation.local_lr if phase == TRAINING else config.federation.adaptation_lr
-    epochs = config.federation.local_epochs if phase == TRAINING else config.federation.adaptation_epochs
-    updates, weights, losses = {}, {}, {}
-    for client_id in cohort:
-        client = federation.clients[phase][client_id]
-        plan = federation.plans[phase][client_id]
-        account = state.accounts.setdefault(
-            (phase, client_id),
-            ClientAccount(client_id, phase, plan.records, plan.noise_multiplier, plan.sample_rate),
-        )
-        personal = state.personal.get(client_id)
-        if personal is None:  # first round of this client: the initial (or newcomer) head
-            personal = state.newcomer_head if phase == ADAPTATION and state.newcomer_head is not None else {
-                name: value for name, value in state.global_state.items() if name not in shared
-            }
-        local = LocalTraining(
-            lr=lr,
-            epochs=epochs,
-            batch_size=training.batch_size,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=config.privacy.max_grad_norm,
-            accountant=config.privacy.accountant,
-            noise_source=config.privacy.noise_source,
-            weight_decay=training.weight_decay,
-            optimizer=config.federation.local_optimizer,
-        )
-        seed = _client_seed(config, state, phase, round_index, client_id)
-        update = client.fit(config, {**state.global_state, **personal}, shared, local,
-                            history=account.history, seed=seed)
-        account.record_round(update.history)
-        if strategy.personalized:
-            state.personal[client_id] = update.personal
-        updates[client_id] = update.delta
-        weights[client_id] = strategy.client_weight(update.examples)
-        losses[client_id] = update.loss
-    scale = max(strategy.client_weight(c.records) for c in federation.clients[phase].values())
-    if federation.private:
-        losses = None  # a client's loss on its clips is not DP-protected: private runs do not release it
-    summed = sum_updates(updates, weights, losses, config.aggregation, dropouts=dropouts,
-                         round_id=f"{state.nonce}:{phase}:{round_index}", weight_scale=scale)
-    if summed.aborted is None:
-        state.global_state = strategy.apply(state.global_state, summed.weighted_sum, summed.total_weight)
-    val = None
-    if phase == TRAINING and not strategy.personalized:
-        val = _evaluate(federation, state, federation.parts["val"], phase)["macro"]["f1"]
-    sent = list(summed.bytes_sent.values())
-    return RoundRecord(
-        phase=phase,
-        round=round_index,
-        clients=cohort,
-        included=summed.included,
-        dropouts={str(c): s for c, s in dropouts.items()},
-        aborted=summed.aborted,
-        train_loss=summed.loss_sum / len(summed.included) if summed.included and losses is not None else None,
-        val_macro_f1=val,
-        seconds=time.perf_counter() - started,
-        aggregation_seconds=summed.seconds,
-        bytes_per_client=float(statistics.mean(sent)) if sent else 0.0,
-        clipped=summed.clipped,
-    )
+    """The mechanism's round, then (FedAvg, training phase) the validation score the simulation reports."""
+    record = federation.mechanism.run_round(federation, state, phase, round_index)
+    if phase == TRAINING and federation.strategy.one_global_model:
+        record.val_macro_f1 = _evaluate(federation, state, federation.parts["val"], phase)["macro"]["f1"]
+    return record
 
 
 def _newcomer_head(federation: Federation, state: _State) -> dict[str, torch.Tensor] | None:
-    """FedPer: the securely summed, example-weighted mean of the trained clients' personal heads."""
-    if not federation.strategy.personalized:
-        return None
+    """The strategy's start for newcomers (FedPer: the securely summed, example-weighted mean of the heads)."""
     trained = sorted(c for c in state.personal if (TRAINING, c) in state.accounts)
     heads = {c: state.personal[c] for c in trained}
     weights = {c: federation.clients[TRAINING][c].records for c in trained}
-    summed = sum_updates(heads, weights, None, federation.config.aggregation,
-                         round_id=f"{state.nonce}:newcomer-head", weight_scale=max(weights.values()))
-    if summed.aborted is not None:
-        raise RuntimeError(f"the newcomer head could not be aggregated: {summed.aborted}")
-    if summed.clipped:
-        warnings.warn(
-            f"{summed.clipped} values of the clients' heads exceeded aggregation.clipping_range "
-            f"{federation.config.aggregation.clipping_range:g} and were clipped in the newcomer head",
-            stacklevel=2,
-        )
-    return {name: (value / summed.total_weight).float() for name, value in summed.weighted_sum.items()}
+
+    def weighted_mean(heads: dict, weights: dict) -> dict[str, torch.Tensor]:
+        summed = sum_updates(heads, weights, None, federation.config.aggregation,
+                             round_id=f"{state.nonce}:newcomer-head", weight_scale=max(weights.values()))
+        if summed.aborted is not None:
+            raise RuntimeError(f"the newcomer head could not be aggregated: {summed.aborted}")
+        if summed.clipped:
+            warnings.warn(
+                f"{summed.clipped} values of the clients' heads exceeded aggregation.clipping_range "
+                f"{federation.config.aggregation.clipping_range:g} and were clipped in the newcomer head",
+                stacklevel=2,
+            )
+        return {name: (value / summed.total_weight).float() for name, value in summed.weighted_sum.items()}
+
+    return federation.strategy.newcomer_head(heads, weights, weighted_mean)
 
 
 def simulate(
@@ -526,13 +282,9 @@ def simulate(
     state = _State(global_state={k: v.detach().clone() for k, v in initial.state_dict().items()}, personal={},
                    accounts={})
     checkpoint = run_dir / CHECKPOINT if run_dir is not None else None
-    if resumed and checkpoint is not None and checkpoint.exists():
-        try:
-            state = _State.from_checkpoint(torch.load(checkpoint, map_location="cpu", weights_only=True))
-        except Exception as exc:  # torch raises many types for a damaged file
-            raise RunDirectoryError(
-                f"{checkpoint} cannot be read ({exc.__class__.__name__}); delete it to restart the run"
-            ) from None
+    saved = load_checkpoint(checkpoint, resumed)
+    if saved is not None:
+        state = _State.from_checkpoint(saved)
     schedule = _schedule(config, federation)
     done = len(state.records)
     if on_start is not None:
@@ -582,27 +334,12 @@ def _ledger(federation: Federation, state: _State) -> dict[str, Any]:
         else []
     )
     max_rounds = {TRAINING: config.federation.rounds, ADAPTATION: config.federation.adaptation_rounds}
-    if federation.mechanism == "distributed":
-        return build_distributed_ledger(
-            list(state.accounts.values()), federation.distributed, noise_source=config.privacy.noise_source,
-            max_rounds=max_rounds, not_covered=not_covered)
-    return build_ledger(
-        list(state.accounts.values()),
-        target_epsilon=config.privacy.epsilon if federation.private else None,
-        delta=federation.delta,
-        accountant=config.privacy.accountant,
-        max_grad_norm=config.privacy.max_grad_norm,
-        noise_source=config.privacy.noise_source,
-        max_rounds=max_rounds,
-        not_covered=not_covered,
-    )
+    return federation.mechanism.ledger(list(state.accounts.values()), federation.delta, max_rounds, not_covered)
 
 
 def _result(federation: Federation, state: _State, final: dict, adapted: bool, ledger: dict, prepared_seconds: float):
     config = federation.config
-    sigmas = [p.noise_multiplier for plans in federation.plans.values() for p in plans.values()
-              if p.noise_multiplier is not None]
-    sigmas += [plan.noise_multiplier for plan in federation.distributed.values()]
+    sigmas = federation.mechanism.noise_multipliers()
     records = state.records
     return {
         "command": "simulate",
@@ -615,7 +352,7 @@ def _result(federation: Federation, state: _State, final: dict, adapted: bool, l
         "test_after_adaptation": final if adapted else None,
         "privacy": {
             "unit": "record",
-            "mechanism": federation.mechanism,
+            "mechanism": federation.mechanism.id,
             "target_epsilon": config.privacy.epsilon if federation.private else None,
             "delta": federation.delta,
             "accountant": ledger["accountant"],
@@ -645,4 +382,4 @@ def _result(federation: Federation, state: _State, final: dict, adapted: bool, l
     }
 
 
-__all__ = ["Federation", "RoundRecord", "prepare_federation", "simulate"]
+__all__ = ["Federation", "RoundRecord", "prepare_federation", "public_client_seed", "simulate"]

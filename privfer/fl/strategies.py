@@ -10,13 +10,18 @@ and FedPer differ only in what they share:
   base is aggregated, and each client is evaluated with its own head.
 
 The server only ever sees the secure sum of ``weight x update`` and of the
-weights (the example counts are summed as a masked coordinate too).
+weights (the example counts are summed as a masked coordinate too). How the
+shared part is made private is the mechanism's business
+(:mod:`privfer.fl.mechanisms`); what is shared, how a newcomer starts and how
+a client is evaluated is the strategy's.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Callable, ClassVar
 
+import numpy as np
 import torch
 
 from privfer.config import FederationConfig
@@ -52,9 +57,21 @@ class Strategy(ABC):
             new[name] = state[name] + (summed / total_weight).to(state[name].dtype)
         return new
 
-    @property
-    def personalized(self) -> bool:
-        return False
+    # Whether one global model serves every client, so the server side can score it (the validation actors after
+    # every training round). FedPer: each client has its own head; validation actors are newcomers without one
+    # until the newcomer head is aggregated at the end of phase 1.
+    one_global_model: ClassVar[bool] = True
+
+    def predict(self, features: np.ndarray, actors: np.ndarray,
+                scores: Callable[[int | None, np.ndarray], np.ndarray]) -> np.ndarray:
+        """Class scores for every clip: ``scores(actor, features)`` runs the model ``actor`` is evaluated with
+        (None: the global model alone). FedAvg: one model for everyone."""
+        return scores(None, features)
+
+    def newcomer_head(self, heads: dict[int, dict[str, torch.Tensor]], weights: dict[int, int],
+                      weighted_mean: Callable[[dict, dict], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+        """The personal parameters a client without any (a newcomer) starts from; None: nothing is personal."""
+        return None
 
 
 class FedAvg(Strategy):
@@ -74,12 +91,31 @@ class FedPer(Strategy):
     def __init__(self, personal_layers: int = 1) -> None:
         self.personal_layers = personal_layers
 
+    one_global_model = False
+
     def personal_names(self, model: VFER) -> list[str]:
         return model.personal_parameter_names(self.personal_layers)
 
-    @property
-    def personalized(self) -> bool:
-        return True
+    def predict(self, features: np.ndarray, actors: np.ndarray,
+                scores: Callable[[int | None, np.ndarray], np.ndarray]) -> np.ndarray:
+        """Each actor is scored with its own head (a newcomer: the newcomer head)."""
+        out: np.ndarray | None = None
+        for actor in np.unique(actors):
+            mask = actors == actor
+            part = scores(int(actor), features[mask])
+            if out is None:
+                out = np.zeros((len(features), *part.shape[1:]), dtype=part.dtype)
+            out[mask] = part
+        if out is None:
+            raise ValueError("no clips to score")
+        return out
+
+    def newcomer_head(self, heads: dict[int, dict[str, torch.Tensor]], weights: dict[int, int],
+                      weighted_mean: Callable[[dict, dict], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+        """The example-weighted mean of the trained clients' heads (``weighted_mean`` sums them securely)."""
+        if not heads:
+            raise ValueError("no trained client holds a head")
+        return weighted_mean(heads, weights)
 
 
 def make_strategy(config: FederationConfig) -> Strategy:

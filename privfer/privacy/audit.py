@@ -265,8 +265,8 @@ def load_ledger(path: Path | str) -> dict[str, Any]:
     if schema != SCHEMA and schema not in LEGACY_SCHEMAS:
         raise LedgerError(f"{path}: field 'schema' is {schema!r}; this privfer reads {SCHEMA!r}")
     mechanism = ledger.get("mechanism_id", "local")
-    if mechanism not in ("local", "distributed"):
-        raise LedgerError(f"{path}: field 'mechanism_id' is {mechanism!r}; expected 'local' or 'distributed'")
+    if mechanism not in AUDITORS:
+        raise LedgerError(f"{path}: field 'mechanism_id' is {mechanism!r}; expected one of {sorted(AUDITORS)}")
     ledger["mechanism_id"] = mechanism
     _field(ledger, "accountant", str, path, "the ledger")
     _field(ledger, "delta", (int, float), path, "the ledger")
@@ -274,10 +274,13 @@ def load_ledger(path: Path | str) -> dict[str, Any]:
     clients = _field(ledger, "clients", list, path, "the ledger")
     if len(clients) > MAX_CLIENTS:
         raise LedgerError(f"{path}: {len(clients)} client entries; at most {MAX_CLIENTS} are audited")
-    if mechanism == "distributed":
-        _check_distributed(ledger, path)
-        return ledger | {"_path": str(path)}
-    for index, entry in enumerate(clients):
+    CHECKS[mechanism](ledger, path)
+    return ledger | {"_path": str(path)}
+
+
+def _check_local(ledger: dict[str, Any], path: Path) -> None:
+    """The entries of a local DP-SGD ledger: Opacus histories of (noise multiplier, sample rate, steps)."""
+    for index, entry in enumerate(ledger["clients"]):
         where, history = _entry_history(entry, index, path)
         for step, item in enumerate(history):
             ok = (
@@ -296,7 +299,6 @@ def load_ledger(path: Path | str) -> dict[str, Any]:
                 )
         if ledger["private"] and not history and entry.get("rounds_trained", 0):
             raise LedgerError(f"{path}: {where} trained but its field 'history' is empty")
-    return ledger | {"_path": str(path)}
 
 
 _PLAN_FIELDS = ("max_grad_norm", "dimension", "scale", "l1", "l2", "mu", "share_variance", "sample_rate", "steps",
@@ -430,8 +432,11 @@ def _close(a: float, b: float, absolute: float, relative: float) -> bool:
 def audit_ledger(ledger: dict[str, Any]) -> AuditReport:
     """Recompute and judge every client of a loaded ledger."""
     path = Path(ledger.get("_path", "privacy_ledger.json"))
-    if ledger.get("mechanism_id") == "distributed":
-        return _audit_distributed(ledger, path)
+    return AUDITORS[ledger.get("mechanism_id", "local")](ledger, path)
+
+
+def _audit_local(ledger: dict[str, Any], path: Path) -> AuditReport:
+    """Local DP-SGD: each client's Opacus history recomputed by two accountants."""
     accountant = ledger["accountant"]
     target = ledger.get("target_epsilon")
     audits = []
@@ -492,6 +497,12 @@ def _judge(audit: ClientAudit, entry: dict, history: History, accountant: str, t
         audit.verdicts.append(WEAK_DELTA)
         audit.reasons.append(f"delta {audit.delta:.3g} >= 1 / {audit.records} records")
     audit.reasons[:0] = over + mismatch
+
+
+# One entry per ledger mechanism_id (privfer.fl.mechanisms.Mechanism.id): how its entries are checked on load
+# and how its epsilons are recomputed. A new mechanism adds its pair here.
+CHECKS = {"local": _check_local, "distributed": _check_distributed}
+AUDITORS = {"local": _audit_local, "distributed": _audit_distributed}
 
 
 __all__ = [

@@ -34,8 +34,10 @@ import torch
 
 from privfer.config import PrivferConfig
 from privfer.data.clips import ClipSet
-from privfer.fl.client import FLClient, LocalTraining
-from privfer.fl.simulation import TRAINING, prepare_federation
+from privfer.fl.client import FLClient
+from privfer.fl.mechanisms import local_training
+from privfer.fl.rounds import TRAINING
+from privfer.fl.simulation import prepare_federation
 from privfer.models.vfer import VFER
 from privfer.privacy.dpsgd import LabelLoss
 from privfer.privacy.calibrate import epsilon_spent
@@ -97,11 +99,12 @@ def run_canary_audit(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     _check(canaries, guesses)
-    if config.mechanism == "distributed":
-        if kind != "whitebox":
-            raise ValueError("the distributed mechanism is audited with whitebox canaries (the auditor sees only "
-                             "unmasked sums); blackbox canaries need a model trained by privfer simulate")
-        return _distributed_canary_audit(config, canaries, guesses, seed, clips, delta)
+    return CANARY_AUDITS[config.mechanism or "local"](config, kind, canaries, guesses, seed, clips, delta)
+
+
+def _local_canary_audit(config: PrivferConfig, kind: str, canaries: int, guesses: int, seed: int,
+                        clips: ClipSet | None, delta: float) -> CanaryAudit:
+    """Canaries in the worst-case client's local DP-SGD training (white- or blackbox)."""
     started = time.perf_counter()
     federation = prepare_federation(config.model_copy(update={"federation": config.federation.model_copy(
         update={"adaptation": False})}), clips)
@@ -117,11 +120,7 @@ def run_canary_audit(
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     sizes = [model.get_parameter(n).numel() for n in names]
-    fed = config.federation
-    local = LocalTraining(lr=fed.local_lr, epochs=fed.local_epochs, batch_size=config.training.batch_size,
-                          noise_multiplier=sigma, max_grad_norm=config.privacy.max_grad_norm,
-                          accountant=config.privacy.accountant, noise_source=config.privacy.noise_source,
-                          weight_decay=config.training.weight_decay, optimizer=fed.local_optimizer)
+    local = local_training(config, TRAINING, sigma)
     step_rng = np.random.default_rng([seed, 0x57E9])
 
     trainer = client
@@ -154,7 +153,7 @@ def run_canary_audit(
         )
 
     state, history = dict(start), []
-    for round_index in range(1, fed.rounds + 1):  # the worst case: every round, continuing from its own model
+    for round_index in range(1, config.federation.rounds + 1):  # the worst case: every round, continuing from its own model
         update = trainer.fit(config, state, list(state), local, history=history,
                              seed=seed * 100_003 + round_index, before_step=before_step)
         history = update.history
@@ -194,7 +193,7 @@ def run_canary_audit(
 
 
 
-def _distributed_canary_audit(config: PrivferConfig, canaries: int, guesses: int, seed: int,
+def _distributed_canary_audit(config: PrivferConfig, kind: str, canaries: int, guesses: int, seed: int,
                               clips: ClipSet | None, delta: float) -> CanaryAudit:
     """Whitebox canaries against distributed DP-SGD, the auditor holding only what the server sees.
 
@@ -214,10 +213,13 @@ def _distributed_canary_audit(config: PrivferConfig, canaries: int, guesses: int
     from privfer.privacy.distributed import encode_contribution, noise_generator
     from privfer.privacy.skellam import skellam_epsilon
 
+    if kind != "whitebox":
+        raise ValueError("the distributed mechanism is audited with whitebox canaries (the auditor sees only "
+                         "unmasked sums); blackbox canaries need a model trained by privfer simulate")
     started = time.perf_counter()
     federation = prepare_federation(config.model_copy(update={"federation": config.federation.model_copy(
         update={"adaptation": False})}), clips)
-    plan = federation.distributed[TRAINING]
+    plan = federation.plans[TRAINING]
     if canaries > plan.dimension:
         raise ValueError(f"{canaries} canaries but the model has {plan.dimension} coordinates")
     clients = sorted(federation.clients[TRAINING])
@@ -260,6 +262,9 @@ def _distributed_canary_audit(config: PrivferConfig, canaries: int, guesses: int
         client=client_id, records=federation.clients[TRAINING][client_id].records,
         seconds=time.perf_counter() - started,
     )
+
+
+CANARY_AUDITS = {"local": _local_canary_audit, "distributed": _distributed_canary_audit}  # by mechanism id
 
 
 def run_sweep(

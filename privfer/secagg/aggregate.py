@@ -40,16 +40,14 @@ def aggregate(
     ``dropouts`` maps a client id to the stage it never sends (and none after):
     "advertise_keys", "share_keys", "masked_input" (its input is excluded, its
     masks are recovered), or "unmask" (its input is included; its self mask is
-    recovered from the others' shares). A config for the CKKS backend is
-    dispatched to :func:`privfer.secagg.he.aggregate`.
+    recovered from the others' shares). The config names the backend: a
+    :class:`SecAggConfig` runs the masking protocol here, a CKKS config
+    :func:`privfer.secagg.he.aggregate`, a :class:`~privfer.secagg.plain.PlainConfig`
+    the plain (NOT private) sum; every backend returns an :class:`AggregationResult`.
     """
     if not isinstance(config, SecAggConfig):
-        from privfer.secagg.he import CKKSConfig, aggregate as he_aggregate  # tenseal loads only when used
-
-        if isinstance(config, CKKSConfig):
-            return he_aggregate(updates, config, dropouts, example_counts=example_counts, metrics=metrics,
-                                round_id=round_id)
-        raise TypeError(f"config must be a SecAggConfig (or a CKKS config), got {type(config).__name__}")
+        backend = _other_backend(config)
+        return backend(updates, config, dropouts, example_counts=example_counts, metrics=metrics, round_id=round_id)
     dropouts = check_round_arguments(updates, config.num_clients, dropouts)
     first = next(iter(updates.values()))
     layout = PayloadLayout.for_arrays(first, config)
@@ -117,6 +115,22 @@ def aggregate(
         times=times,
         bytes_sent={cid: server.transcript.bytes_in(cid) for cid in clients},
     )
+
+
+def _other_backend(config: object) -> Callable[..., AggregationResult]:
+    """The recipe of a non-masking backend's config (CKKS loads tenseal only when used)."""
+    backend = getattr(config, "backend", None)
+    if backend == "plain":
+        from privfer.secagg.plain import PlainConfig, aggregate as plain_aggregate
+
+        if isinstance(config, PlainConfig):
+            return plain_aggregate
+    if backend == "ckks":
+        from privfer.secagg.he import CKKSConfig, aggregate as he_aggregate
+
+        if isinstance(config, CKKSConfig):
+            return he_aggregate
+    raise TypeError(f"config must be a SecAggConfig, CKKSConfig or PlainConfig, got {type(config).__name__}")
 
 
 __all__ = ["AggregationResult", "STAGES", "Stage", "StageTimes", "aggregate"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from dataclasses import replace
 
 import numpy as np
 from flwr.client import ClientApp
@@ -69,8 +70,8 @@ def _personal(fed, context: Context, shared: list[str]) -> dict:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from privfer.fl.client import LocalTraining
-    from privfer.fl.simulation import TRAINING, public_client_seed
+    from privfer.fl.mechanisms import local_training, public_client_seed
+    from privfer.fl.rounds import TRAINING
     from privfer.privacy.calibrate import epsilon_spent
     from privfer_flower.task import from_record, shared_names, to_record
 
@@ -99,17 +100,9 @@ def train(msg: Message, context: Context) -> Message:
         config,
         {**received, **_personal(fed, context, shared)},
         shared,
-        LocalTraining(
-            lr=config.federation.local_lr,
-            epochs=config.federation.local_epochs,
-            batch_size=config.training.batch_size,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=config.privacy.max_grad_norm,
-            accountant=config.privacy.accountant,
-            noise_source="os" if config.privacy.noise_source == "os" else "run_key",  # never run_seed, see above
-            weight_decay=config.training.weight_decay,
-            optimizer=config.federation.local_optimizer,
-        ),
+        # never run_seed, see above
+        replace(local_training(config, TRAINING, plan.noise_multiplier),
+                noise_source="os" if config.privacy.noise_source == "os" else "run_key"),
         history=history,
         seed=seed,
     )
@@ -117,7 +110,7 @@ def train(msg: Message, context: Context) -> Message:
     if plan.noise_multiplier is not None:
         account["noise_multiplier"] = plan.noise_multiplier
     context.state.config_records[ACCOUNT] = ConfigRecord(account)
-    if fed.strategy.personalized:
+    if update.personal:  # the strategy's personal layers stay on this node
         context.state.array_records[PERSONAL] = to_record(update.personal, sorted(update.personal))
     trained = {name: received[name] + update.delta[name] for name in shared}
     metrics = {"num-examples": fed.strategy.client_weight(update.examples)}

@@ -43,10 +43,10 @@ def main(grid: Grid, context: Context) -> None:
     shared = shared_names(config, fed.feature_dim)
     initial = initial_state(config, fed.feature_dim)
     nodes = int(run_config.get("min-nodes", 3))
-    personalized = fed.strategy.personalized
+    global_model = fed.strategy.one_global_model  # FedPer: the heads are on the nodes, no global model
     strategy = FedAvg(
         fraction_train=float(run_config.get("fraction-train", 1.0)),
-        fraction_evaluate=1.0 if personalized and not private else 0.0,  # nodes score only without DP
+        fraction_evaluate=1.0 if not global_model and not private else 0.0,  # nodes score only without DP
         min_train_nodes=3,  # secagg_mod's min_clients: smaller samples would abort
         min_evaluate_nodes=3,
         min_available_nodes=nodes,
@@ -59,7 +59,7 @@ def main(grid: Grid, context: Context) -> None:
     test = fed.parts["test_eval"]  # the test actors' evaluation halves, as privfer simulate scores
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if personalized:
+        if not global_model:
             return None  # the heads are on the nodes
         model = VFER.from_config(config.model, fed.feature_dim, private=private)
         model.load_state_dict({**initial, **from_record(arrays)})

@@ -1,0 +1,350 @@
+"""A federation's privacy mechanism behind one interface: calibration, the round, the ledger, what it promises.
+
+The simulation (and a deployment node built on :func:`privfer.fl.simulation.prepare_federation`)
+asks the mechanism, and nothing else, how private the run is:
+
+* :meth:`Mechanism.calibrate` sizes the noise before the run directory is
+  touched (every impossible budget is an error here);
+* :meth:`Mechanism.run_round` runs one round — the clients' private
+  contributions through the configured aggregation backend, and the server's
+  update — and returns the round's :class:`~privfer.fl.rounds.RoundRecord`;
+* :meth:`Mechanism.ledger` writes the privacy ledger, whose ``mechanism_id``
+  selects the auditor in :mod:`privfer.privacy.audit` (``AUDITORS``);
+* :meth:`Mechanism.describe` states the promise before the run starts.
+
+Mechanisms: :class:`NoDP` (no noise; the ledger says so), :class:`LocalDPSGD`
+(each client runs DP-SGD with its full noise, as if the server saw its update)
+and :class:`DistributedDPSGD` (one DP-SGD step per secure sum, the noise split
+into shares that only add up to the calibrated variance inside the sum). The
+strategy (:mod:`privfer.fl.strategies`) decides which parameters are shared;
+the mechanism decides how what is shared is made private.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+
+from privfer.config import PrivferConfig
+from privfer.fl.aggregation import sum_updates
+from privfer.fl.client import LocalTraining
+from privfer.fl.distributed import optimizer_step, run_distributed_round
+from privfer.fl.rounds import ADAPTATION, TRAINING, RoundRecord, mean_bytes
+from privfer.models.vfer import VFER
+from privfer.privacy.calibrate import ClientPlan, default_delta, plan_clients
+from privfer.privacy.distributed import DistributedPlan, calibrate_distributed, derived_key, noise_generator
+from privfer.privacy.ledger import ClientAccount, DistributedAccount, build_distributed_ledger, build_ledger
+
+if TYPE_CHECKING:
+    from privfer.fl.simulation import Federation, _State
+
+Counts = dict[str, dict[int, int]]  # phase -> client -> records
+
+
+def _derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def public_client_seed(config: PrivferConfig, phase: str, round_index: int, client_id: int) -> int:
+    """A client's training seed derived from the run seed alone: for runs without DP noise to keep secret (and
+    ``privacy.noise_source: run_seed``). Deployments that train the same clients (the Flower example) use it to
+    reproduce ``simulate`` exactly."""
+    return _derived_seed(config.seed, 0 if phase == TRAINING else 1, round_index, client_id)
+
+
+def client_seed(config: PrivferConfig, noise_key: str, phase: str, round_index: int, client_id: int) -> int:
+    """The seed of one client's local training (DP noise, Poisson sampling) in one round."""
+    if config.privacy.noise_source == "run_seed" or not config.privacy.enabled:  # public: nothing secret to seed
+        return public_client_seed(config, phase, round_index, client_id)
+    message = f"privfer/client-seed/{phase}/{round_index}/{client_id}".encode()
+    digest = hmac.new(bytes.fromhex(noise_key), message, hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def local_training(config: PrivferConfig, phase: str, noise_multiplier: float | None) -> LocalTraining:
+    """How a client trains locally in ``phase`` (local DP-SGD or no DP): the one place it is read from the config."""
+    fed, training = config.federation, config.training
+    return LocalTraining(
+        lr=fed.local_lr if phase == TRAINING else fed.adaptation_lr,
+        epochs=fed.local_epochs if phase == TRAINING else fed.adaptation_epochs,
+        batch_size=training.batch_size,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=config.privacy.max_grad_norm,
+        accountant=config.privacy.accountant,
+        noise_source=config.privacy.noise_source,
+        weight_decay=training.weight_decay,
+        optimizer=fed.local_optimizer,
+    )
+
+
+class Mechanism(ABC):
+    """How a federation's rounds are made private (see the module docstring)."""
+
+    id: ClassVar[str | None]  # the ledger's mechanism_id; None without DP
+
+    def __init__(self, config: PrivferConfig) -> None:
+        self.config = config
+
+    def default_delta(self, counts: Counts) -> float:
+        """1 / (10 x the records of the protected unit's largest dataset)."""
+        return default_delta([n for group in counts.values() for n in group.values()])
+
+    @abstractmethod
+    def calibrate(self, counts: Counts, *, feature_dim: int, cohort_size: int, delta: float,
+                  only_client: int | None = None, known_noise: dict[int, float] | None = None) -> set[str]:
+        """Size the noise for each phase; returns the phases that can run (adaptation needs two clients)."""
+
+    @abstractmethod
+    def run_round(self, federation: "Federation", state: "_State", phase: str, round_index: int) -> RoundRecord:
+        """One round: the cohort's private contributions, their secure sum, the server's step."""
+
+    @abstractmethod
+    def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> dict:
+        """The privacy ledger (JSON-safe) of the run's accounts."""
+
+    @abstractmethod
+    def describe(self, delta: float) -> list[str]:
+        """What the run promises, in a line or two, printed before it starts."""
+
+    @abstractmethod
+    def noise_multipliers(self) -> list[float]:
+        """Every calibrated noise multiplier (for the result's summary)."""
+
+
+class LocalDPSGD(Mechanism):
+    """Each client trains with DP-SGD (Opacus) and adds its full noise locally; the update is securely summed."""
+
+    id = "local"
+
+    def __init__(self, config: PrivferConfig) -> None:
+        super().__init__(config)
+        self.plans: dict[str, dict[int, ClientPlan]] = {TRAINING: {}, ADAPTATION: {}}
+
+    @property
+    def epsilon(self) -> float | None:
+        return self.config.privacy.epsilon
+
+    def calibrate(self, counts: Counts, *, feature_dim: int, cohort_size: int, delta: float,
+                  only_client: int | None = None, known_noise: dict[int, float] | None = None) -> set[str]:
+        config, fed = self.config, self.config.federation
+        common = dict(epsilon=self.epsilon, delta=delta, batch_size=config.training.batch_size,
+                      accountant=config.privacy.accountant, max_noise_multiplier=config.privacy.max_noise_multiplier)
+        planned = counts[TRAINING] if only_client is None else {only_client: counts[TRAINING][only_client]}
+        self.plans[TRAINING] = plan_clients(planned, rounds=fed.rounds, local_epochs=fed.local_epochs,
+                                            known_noise=known_noise, **common)
+        if len(counts[ADAPTATION]) >= 2:  # fewer newcomers with pseudo labels: nothing to aggregate securely
+            self.plans[ADAPTATION] = plan_clients(counts[ADAPTATION], rounds=fed.adaptation_rounds,
+                                                  local_epochs=fed.adaptation_epochs, **common)
+        return {phase for phase, plans in self.plans.items() if plans}
+
+    def run_round(self, federation: "Federation", state: "_State", phase: str, round_index: int) -> RoundRecord:
+        config, strategy = self.config, federation.strategy
+        started = time.perf_counter()
+        cohort, dropouts = federation.cohort(phase, round_index)
+        shared = strategy.shared_names(federation.model(state.global_state))
+        updates, weights, losses = {}, {}, {}
+        for client_id in cohort:
+            client = federation.clients[phase][client_id]
+            plan = self.plans[phase][client_id]
+            account = state.accounts.setdefault(
+                (phase, client_id), ClientAccount(client_id, phase, plan.records, plan.noise_multiplier,
+                                                  plan.sample_rate))
+            seed = client_seed(config, state.noise_key, phase, round_index, client_id)
+            update = client.fit(config, {**state.global_state, **state.personal_of(client_id, phase, shared)},
+                                shared, local_training(config, phase, plan.noise_multiplier),
+                                history=account.history, seed=seed)
+            account.record_round(update.history)
+            if update.personal:  # the strategy's personal layers, kept on the client
+                state.personal[client_id] = update.personal
+            updates[client_id] = update.delta
+            weights[client_id] = strategy.client_weight(update.examples)
+            losses[client_id] = update.loss
+        scale = max(strategy.client_weight(c.records) for c in federation.clients[phase].values())
+        if self.id is not None:
+            losses = None  # a client's loss on its clips is not DP-protected: private runs do not release it
+        summed = sum_updates(updates, weights, losses, config.aggregation, dropouts=dropouts,
+                             round_id=state.round_id(phase, round_index), weight_scale=scale)
+        if summed.aborted is None:
+            state.global_state = strategy.apply(state.global_state, summed.weighted_sum, summed.total_weight)
+        return RoundRecord(
+            phase=phase, round=round_index, clients=cohort, included=summed.included,
+            dropouts={str(c): s for c, s in dropouts.items()}, aborted=summed.aborted,
+            train_loss=summed.loss_sum / len(summed.included) if summed.included and losses is not None else None,
+            val_macro_f1=None, seconds=time.perf_counter() - started, aggregation_seconds=summed.seconds,
+            bytes_per_client=mean_bytes(summed.bytes_sent), clipped=summed.clipped,
+        )
+
+    def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> dict:
+        privacy = self.config.privacy
+        return build_ledger(accounts, target_epsilon=self.epsilon, delta=delta, accountant=privacy.accountant,
+                            max_grad_norm=privacy.max_grad_norm, noise_source=privacy.noise_source,
+                            max_rounds=max_rounds, not_covered=not_covered)
+
+    def noise_multipliers(self) -> list[float]:
+        return [p.noise_multiplier for plans in self.plans.values() for p in plans.values()
+                if p.noise_multiplier is not None]
+
+    def describe(self, delta: float) -> list[str]:
+        sigmas = sorted(set(self.noise_multipliers()))
+        return [
+            f"privacy: epsilon {self.epsilon:g} per client for the whole run (record level), delta {delta:.3g}, "
+            f"local DP-SGD on each client, {self.config.privacy.accountant.upper()} accountant, noise multiplier "
+            + (f"{sigmas[0]:.3f}" if len(sigmas) == 1 else f"{sigmas[0]:.3f}-{sigmas[-1]:.3f}")
+            + " (calibrated for a client that trains in every round)"
+        ]
+
+
+class NoDP(LocalDPSGD):
+    """No DP noise: clients train normally; the update is still securely summed (unless the backend is plain)."""
+
+    id = None
+
+    @property
+    def epsilon(self) -> None:
+        return None
+
+    def describe(self, delta: float) -> list[str]:
+        return ["privacy: OFF (no DP-SGD): pass --epsilon to train privately"]
+
+
+class DistributedDPSGD(Mechanism):
+    """One DP-SGD step per secure sum over the union of the cohort's records; Skellam noise shares in the sum."""
+
+    id = "distributed"
+
+    def __init__(self, config: PrivferConfig) -> None:
+        super().__init__(config)
+        self.plans: dict[str, DistributedPlan] = {}
+
+    def default_delta(self, counts: Counts) -> float:
+        # one record of the union of every client's records is the protected unit
+        return default_delta([sum(n for group in counts.values() for n in group.values())])
+
+    def calibrate(self, counts: Counts, *, feature_dim: int, cohort_size: int, delta: float,
+                  only_client: int | None = None, known_noise: dict[int, float] | None = None) -> set[str]:
+        from privfer.errors import ConfigError
+
+        if only_client is not None:
+            raise ConfigError("a single node's federation (only_client) trains with privacy.mechanism 'local'; "
+                              "distributed DP needs every client's share in the secure sum")
+        fed = self.config.federation
+        phases = {TRAINING: (cohort_size, fed.rounds), ADAPTATION: (len(counts[ADAPTATION]), fed.adaptation_rounds)}
+        for phase, (clients, rounds) in phases.items():
+            if len(counts[phase]) >= 2:
+                self.plans[phase] = self._plan(feature_dim, counts[phase], clients, delta, rounds)
+        return set(self.plans)
+
+    def _plan(self, feature_dim: int, counts: dict[int, int], clients: int, delta: float,
+              rounds: int) -> DistributedPlan:
+        """A phase's plan. Every trainable coordinate is in the sensitivity (FedPer's personal layers are noised
+        locally with the same variance, so the joint release is one Skellam mechanism)."""
+        config = self.config
+        template = VFER.from_config(config.model, feature_dim, private=True)
+        dimension = sum(p.numel() for p in template.parameters() if p.requires_grad)
+        largest = sum(sorted(counts.values(), reverse=True)[:clients])
+        return calibrate_distributed(
+            epsilon=config.privacy.epsilon, delta=delta, max_grad_norm=config.privacy.max_grad_norm,
+            dimension=dimension, sample_rate=config.privacy.sample_rate, steps=rounds, clients=clients,
+            records=largest, min_inputs_fraction=config.aggregation.min_inputs_fraction,
+            colluding_fraction=config.aggregation.colluding_fraction,
+            rounding_overhead=config.privacy.rounding_overhead, modulus_bits=config.aggregation.modulus_bits,
+            max_noise_multiplier=config.privacy.max_noise_multiplier,
+        )
+
+    def noise_rng(self, state: "_State", phase: str, round_index: int, client_id: int) -> np.random.Generator:
+        """A client's secret generator for one round (sampling, rounding, noise share)."""
+        source = self.config.privacy.noise_source
+        if source == "os":
+            return noise_generator()
+        secret = bytes.fromhex(state.noise_key) if source == "run_key" else str(self.config.seed).encode()
+        return noise_generator(derived_key(secret, phase, round_index, client_id))
+
+    def run_round(self, federation: "Federation", state: "_State", phase: str, round_index: int) -> RoundRecord:
+        config, strategy, fed = self.config, federation.strategy, self.config.federation
+        started = time.perf_counter()
+        cohort, dropouts = federation.cohort(phase, round_index)
+        plan = self.plans[phase]
+        template = federation.model(state.global_state)
+        shared = strategy.shared_names(template)
+        group = federation.clients[phase]
+        for client_id in cohort:
+            account = state.accounts.setdefault(
+                (phase, client_id), DistributedAccount(client_id, phase, group[client_id].records))
+            account.record_round()
+        lr = fed.server_lr if phase == TRAINING else fed.adaptation_lr
+
+        def model_for(client_id: int) -> VFER:
+            model = federation.model({**state.global_state, **state.personal_of(client_id, phase, shared)})
+            model.train()
+            return model
+
+        def personal_step(client_id: int, gradients: dict[str, torch.Tensor]) -> None:
+            model = federation.model({**state.global_state, **state.personal_of(client_id, phase, shared)})
+            names = [name for name, _ in model.named_parameters() if name not in shared]
+            state.personal_optimizer[client_id] = optimizer_step(
+                model, names, gradients, fed.server_optimizer, lr, fed.server_momentum,
+                state.personal_optimizer.get(client_id))
+            state.personal[client_id] = {name: value.detach().clone() for name, value in model.state_dict().items()
+                                         if name not in shared}
+
+        result = run_distributed_round(
+            model_for=model_for,
+            data={c: (group[c].features, group[c].targets) for c in cohort},
+            cohort=cohort,
+            dropouts=dropouts,
+            shared=shared,
+            plan=plan,
+            rng_for=lambda c: self.noise_rng(state, phase, round_index, c),
+            aggregation=config.aggregation,
+            round_id=state.round_id(phase, round_index),
+            global_state=state.global_state,
+            template=template,
+            server=(fed.server_optimizer, lr, fed.server_momentum),
+            server_state=state.server_optimizer.get(phase),
+            personal_step=personal_step,
+        )
+        state.global_state = result.global_state
+        state.server_optimizer[phase] = result.server_optimizer
+        return RoundRecord(
+            phase=phase, round=round_index, clients=cohort, included=result.included,
+            dropouts={str(c): s for c, s in dropouts.items()}, aborted=result.aborted, train_loss=None,
+            val_macro_f1=None, seconds=time.perf_counter() - started, aggregation_seconds=result.seconds_aggregation,
+            bytes_per_client=mean_bytes(result.bytes_sent), clipped=0,
+        )
+
+    def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> dict:
+        return build_distributed_ledger(accounts, self.plans, noise_source=self.config.privacy.noise_source,
+                                        max_rounds=max_rounds, not_covered=not_covered)
+
+    def noise_multipliers(self) -> list[float]:
+        return [plan.noise_multiplier for plan in self.plans.values()]
+
+    def describe(self, delta: float) -> list[str]:
+        plan = self.plans[TRAINING]
+        return [
+            f"privacy: epsilon {self.config.privacy.epsilon:g} per client for the whole run (record level), "
+            f"delta {delta:.3g}, distributed DP-SGD: Skellam noise in the secure sum "
+            f"(noise multiplier {plan.noise_multiplier:.3f} x C in the sum, {plan.steps} steps, sample rate "
+            f"{plan.sample_rate:g}), Skellam RDP accountant (calibrated for a client in every round)",
+            f"trust: honest-but-curious server, at most {plan.colluders} of {plan.clients} clients per round "
+            f"collude; clients refuse to unmask fewer than {plan.min_inputs} inputs; each adds 1/{plan.honest} "
+            f"of the noise variance",
+        ]
+
+
+MECHANISMS: dict[str | None, type[Mechanism]] = {None: NoDP, "local": LocalDPSGD, "distributed": DistributedDPSGD}
+
+
+def make_mechanism(config: PrivferConfig) -> Mechanism:
+    """The mechanism the (validated) config resolves to."""
+    return MECHANISMS[config.mechanism](config)
+
+
+__all__ = ["MECHANISMS", "DistributedDPSGD", "LocalDPSGD", "Mechanism", "NoDP", "client_seed", "local_training",
+           "make_mechanism", "public_client_seed"]

@@ -1,0 +1,92 @@
+"""The plain backend: the same round, summed in the clear. NOT private.
+
+It exists as the baseline that shows what secure aggregation costs (time,
+bytes, quantization) and as a test oracle: for the same integer contributions
+it returns bit-identical sums to the masking backend. It follows the masking
+recipe's dropout semantics (a client dropped at or before "masked_input" is
+excluded; at "unmask" it is included), refuses rounds below ``min_inputs``
+exactly like the masking clients do, and returns the same
+:class:`~privfer.secagg.rounds.AggregationResult` (no transcript, no words:
+there is no protocol).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Mapping, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from privfer.secagg.errors import RoundAborted
+from privfer.secagg.quantize import ClippingReport
+from privfer.secagg.rounds import STAGES, AggregationResult, StageTimes, check_round_arguments
+
+EXCLUDING_STAGES: tuple[str, ...] = STAGES[: STAGES.index("masked_input") + 1]
+"""Dropping at or before the masked input excludes a client's input; dropping later, it is included."""
+
+
+class PlainConfig(BaseModel):
+    """A plain (NOT private) sum of one round."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["plain"] = "plain"
+    num_clients: int = Field(..., ge=1, le=1_000_000, description="Most clients in one aggregate.")
+    encoding: Literal["fixed_point", "integer"] = Field(
+        "fixed_point", description="fixed_point: float arrays summed in float64; integer: int64 arrays summed exactly."
+    )
+    min_inputs: int = Field(1, ge=1, description="A round with fewer included inputs is refused.")
+    metrics: tuple[str, ...] = Field((), description="Names of the scalar metrics summed with the update.")
+    wire_bits: int = Field(32, ge=8, le=64, description="Bits per value on the wire (for the bytes reported).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PlainConfig":
+        if self.min_inputs > self.num_clients:
+            raise ValueError(f"min_inputs = {self.min_inputs} exceeds num_clients = {self.num_clients}")
+        return self
+
+
+def aggregate(
+    updates: Mapping[int, Sequence[np.ndarray]],
+    config: PlainConfig,
+    dropouts: Mapping[int, str] | None = None,
+    *,
+    example_counts: Mapping[int, int] | None = None,
+    metrics: Mapping[int, Mapping[str, float]] | None = None,
+    round_id: str | None = None,
+) -> AggregationResult:
+    """The plain counterpart of :func:`privfer.secagg.aggregate` (same arguments and result)."""
+    del round_id  # nothing to bind: no messages
+    dropouts = check_round_arguments(updates, config.num_clients, dropouts)
+    times = StageTimes()
+    with times.on_server("unmask"):
+        included = [c for c in sorted(updates) if dropouts.get(c) not in EXCLUDING_STAGES]
+        if len(included) < max(1, config.min_inputs):
+            raise RoundAborted(f"only {len(included)} inputs were included, the minimum is {config.min_inputs}")
+        dtype = np.int64 if config.encoding == "integer" else np.float64
+        arrays = {c: [np.asarray(a, dtype=dtype) for a in updates[c]] for c in included}
+        first = arrays[included[0]]
+        if any(len(arrays[c]) != len(first) or any(a.shape != b.shape for a, b in zip(arrays[c], first))
+               for c in included):
+            raise ValueError("every client's update must have the same arrays and shapes")
+        total = [np.sum([arrays[c][i] for c in included], axis=0) for i in range(len(first))]
+        count = sum(int(example_counts[c]) for c in included) if example_counts is not None else len(included)
+        summed_metrics = {name: float(sum(float(metrics[c][name]) for c in included))
+                          for name in config.metrics} if metrics is not None else {}
+    values = sum(int(a.size) for a in first)
+    bytes_per_client = (values + 1 + len(config.metrics)) * config.wire_bits // 8
+    return AggregationResult(
+        total=total,
+        included=included,
+        example_count=count,
+        metrics=summed_metrics,
+        clipping=ClippingReport(clipped=0, total=len(included) * values),
+        error_bound=0.0,
+        transcript=None,
+        words=None,
+        times=times,
+        bytes_sent={c: bytes_per_client for c in sorted(updates)},
+    )
+
+
+__all__ = ["EXCLUDING_STAGES", "PlainConfig", "aggregate"]

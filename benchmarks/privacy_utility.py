@@ -72,7 +72,7 @@ def distributed(epsilon: float, seed: int, clips) -> tuple[float, float, float, 
     started = time.perf_counter()
     result = simulate(config, None, clips=clips)
     seconds = time.perf_counter() - started
-    return result["test"]["macro"]["f1"], result["privacy"]["epsilon_max"], seconds, result["privacy"]["delta"]
+    return result.macro_f1, result.privacy.epsilon_max, seconds, result.privacy.delta
 
 
 def main() -> None:

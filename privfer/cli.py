@@ -253,7 +253,7 @@ def simulate(
     finally:
         progress.stop()
     if as_json:
-        console.print_json(json.dumps(result))
+        console.print_json(json.dumps(result.to_json()))
         return
     print_simulation(result, run_dir)
 
@@ -267,38 +267,39 @@ def describe_privacy(federation: Any) -> list[str]:
     return lines
 
 
-def print_simulation(result: dict[str, Any], run_dir: Path) -> None:
+def print_simulation(result: Any, run_dir: Path) -> None:
+    """A :class:`privfer.fl.results.SimulationResult` as two tables."""
     title = (
-        f"{result['strategy']} VFER, aggregator {result['aggregator']}: test actors' evaluation halves"
-        + (" after federated adaptation" if result["test_after_adaptation"] else "")
+        f"{result.strategy} VFER, aggregator {result.aggregator}: test actors' evaluation halves"
+        + (" after federated adaptation" if result.test_after_adaptation else "")
     )
-    console.print(report_table(result["test"], title))
+    console.print(report_table(result.test, title))
     summary = Table(title="run", show_header=False, title_justify="left")
     summary.add_column("what")
     summary.add_column("value", justify="right")
-    privacy = result["privacy"]
-    if result["private"]:
+    privacy = result.privacy
+    if result.private:
         summary.add_row("mechanism", {"distributed": "distributed DP-SGD (noise in the secure sum)",
                                       "local": "local DP-SGD (each client adds all its noise)"}.get(
-                                          privacy.get("mechanism"), str(privacy.get("mechanism"))))
-        summary.add_row("epsilon target (per client, whole run)", f"{privacy['target_epsilon']:g}")
+                                          privacy.mechanism, str(privacy.mechanism)))
+        summary.add_row("epsilon target (per client, whole run)", f"{privacy.target_epsilon:g}")
         summary.add_row("epsilon spent: max / median over clients",
-                        f"{privacy['epsilon_max']:.3f} / {privacy['epsilon_median']:.3f}")
-        summary.add_row("delta", f"{privacy['delta']:.3g}")
+                        f"{privacy.epsilon_max:.3f} / {privacy.epsilon_median:.3f}")
+        summary.add_row("delta", f"{privacy.delta:.3g}")
     else:
         summary.add_row("epsilon", "inf (no DP)")
-    if result["test_after_adaptation"]:
-        summary.add_row("macro F1 before adaptation", f"{result['test_after_training']['macro']['f1']:.3f}")
-    rounds = result["rounds"]
-    summary.add_row("rounds (training + adaptation)", f"{rounds['training']} + {rounds['adaptation']}"
-                    + (f" ({rounds['aborted']} aborted)" if rounds["aborted"] else ""))
-    if result["pseudo_labels"]:
-        pseudo = result["pseudo_labels"]
+    if result.test_after_adaptation:
+        summary.add_row("macro F1 before adaptation", f"{result.test_after_training['macro']['f1']:.3f}")
+    rounds = result.rounds
+    summary.add_row("rounds (training + adaptation)", f"{rounds.training} + {rounds.adaptation}"
+                    + (f" ({rounds.aborted} aborted)" if rounds.aborted else ""))
+    if result.pseudo_labels:
+        pseudo = result.pseudo_labels
         summary.add_row("pseudo labels kept / correct", f"{pseudo['kept_fraction']:.1%} / {pseudo['accuracy_of_kept']:.1%}")
     summary.add_row("aggregation seconds / MB per client",
-                    f"{result['secure_aggregation']['seconds']:.1f} / "
-                    f"{result['secure_aggregation']['bytes_per_client_mean'] / 1e6:.2f}")
-    summary.add_row("time", f"{result['seconds']:.1f} s")
+                    f"{result.secure_aggregation.seconds:.1f} / "
+                    f"{result.secure_aggregation.bytes_per_client_mean / 1e6:.2f}")
+    summary.add_row("time", f"{result.seconds:.1f} s")
     console.print(summary)
     console.print(f"wrote {run_dir}/result.json and privacy_ledger.json", highlight=False, markup=False)
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from privfer.config import AggregationConfig
+from privfer.errors import ConfigError
 from privfer.fl.aggregation import sum_integer_contributions
 from privfer.models.vfer import VFER
 from privfer.privacy.clipped_sums import clipped_gradient_sums
@@ -136,6 +137,35 @@ def test_a_round_below_the_minimum_releases_nothing():
     summed = sum_integer_contributions(contributions, dropouts, AggregationConfig(graph="complete"), plan,
                                        round_id="few")
     assert summed.aborted is not None and summed.included == [] and summed.total.size == 0
+    plain = sum_integer_contributions(contributions, dropouts, AggregationConfig(backend="plain"), plan,
+                                      round_id="few")
+    assert plain.aborted is not None and plain.included == [] and plain.total.size == 0
+
+
+def test_every_backend_is_one_call_with_one_result_type():
+    from privfer.secagg.plain import PlainConfig
+    from privfer.secagg.rounds import AggregationResult
+
+    updates = {c: [np.full(3, float(c)), np.arange(2.0) * c] for c in range(1, 7)}
+    dropouts = {2: "masked_input", 4: "unmask"}  # 2 excluded, 4 included
+    results = {}
+    for backend in ("masking", "ckks", "plain"):
+        config = AggregationConfig(backend=backend, graph="complete").round_config(6, metrics=("loss",))
+        results[backend] = aggregate(updates, config, dropouts, example_counts={c: 10 * c for c in updates},
+                                     metrics={c: {"loss": 0.5} for c in updates}, round_id="one-call")
+    for backend, result in results.items():
+        assert isinstance(result, AggregationResult), backend
+        assert result.included == [1, 3, 4, 5, 6] and result.example_count == 190, backend
+        assert result.metrics["loss"] == pytest.approx(2.5, abs=1e-4), backend
+        np.testing.assert_allclose(result.total[0], np.full(3, 19.0), atol=1e-4)
+        np.testing.assert_allclose(result.total[1], np.arange(2.0) * 19, atol=1e-4)
+    assert results["masking"].transcript is not None and results["plain"].transcript is None
+    with pytest.raises(RoundAborted):
+        aggregate(updates, PlainConfig(num_clients=6, min_inputs=6), dropouts)
+    with pytest.raises(TypeError):
+        aggregate(updates, object())
+    with pytest.raises(ConfigError, match="ckks"):
+        AggregationConfig(backend="ckks").round_config(4, integer_sum_bound=100, min_inputs=3)
 
 
 def test_integer_encoding_refuses_floats_and_out_of_bound_values():

@@ -31,7 +31,7 @@ def test_auto_mechanism_and_refused_combinations():
 def test_every_client_in_every_round_spends_its_budget_and_the_audit_agrees(tmp_path, small_clips):
     config = small_config(*FAST)
     result = simulate(config, tmp_path / "run", clips=small_clips)
-    assert result["privacy"]["mechanism"] == "distributed" and result["privacy"]["accountant"] == "skellam_rdp"
+    assert result.privacy.mechanism == "distributed" and result.privacy.accountant == "skellam_rdp"
     ledger = json.loads((tmp_path / "run" / "privacy_ledger.json").read_text())
     federation = prepare_federation(config, small_clips)
     assert ledger["mechanism_id"] == "distributed"
@@ -77,7 +77,7 @@ def test_resume_after_a_kill_ends_exactly_as_an_uninterrupted_run(tmp_path, smal
         simulate(config, tmp_path / "resumed", clips=small_clips, on_round=kill)
     assert not (tmp_path / "resumed" / "result.json").exists()
     resumed = simulate(config, tmp_path / "resumed", clips=small_clips)
-    assert resumed["test"] == whole["test"]
+    assert resumed.test == whole.test
     a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)["global"]
     b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)["global"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -106,13 +106,13 @@ def test_fedper_personal_layers_never_enter_any_message(monkeypatch, small_clips
     integer_messages = [a for a in seen if a.dtype.kind in "iu"]  # the distributed rounds' contributions
     assert len(integer_messages) == 2 * len(federation.clients["training"])
     assert all(a.size == shared_size for a in integer_messages)
-    assert result["privacy"]["mechanism"] == "distributed"
+    assert result.privacy.mechanism == "distributed"
 
 
 def test_the_model_learns_under_distributed_dp(small_clips):
     config = small_config("federation.rounds=10", "federation.adaptation=false", "privacy.epsilon=50")
     result = simulate(config, None, clips=small_clips)
-    assert result["test"]["macro"]["f1"] > 0.3  # chance is 1/6
+    assert result.macro_f1 > 0.3  # chance is 1/6
 
 
 @pytest.mark.parametrize("epsilon", [2.0, 50.0])

@@ -46,8 +46,8 @@ def test_a_private_run_writes_its_directory_and_a_ledger_that_spends_the_budget(
         assert entry["rounds_trained"] == entry["max_rounds"]  # everyone trains every round here
         assert entry["epsilon"] >= 0.9 * 4.0  # so no noise is wasted
         assert entry["steps"] == sum(h[2] for h in entry["history"])
-    assert result["privacy"]["epsilon_max"] == pytest.approx(max(c["epsilon"] for c in ledger["clients"]))
-    assert json.loads((tmp_path / "result.json").read_text())["test"] == result["test"]
+    assert result.privacy.epsilon_max == pytest.approx(max(c["epsilon"] for c in ledger["clients"]))
+    assert json.loads((tmp_path / "result.json").read_text())["test"] == result.test
     rounds = json.loads((tmp_path / "rounds.json").read_text())
     assert [(r["phase"], r["round"]) for r in rounds] == [("training", 1), ("training", 2), ("training", 3),
                                                           ("adaptation", 1)]
@@ -108,7 +108,7 @@ def test_masking_ckks_and_plain_aggregators_give_the_same_model(small_clips, tmp
         flipped = logits[backend].argmax(1) != plain.argmax(1)
         assert (margin[flipped] <= 2 * change).all()
         if not flipped.any():
-            assert results[backend]["test"] == results["plain"]["test"]
+            assert results[backend].test == results["plain"].test
     assert results["plain"]["aggregator_private"] is False and results["masking"]["aggregator_private"]
 
 
@@ -131,7 +131,7 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(small_clips, tmp_
     seen = []
     resumed = run(small_clips, *overrides, run_dir=tmp_path / "killed", on_round=seen.append)
     assert [(r.phase, r.round) for r in seen] == [("training", 3), ("training", 4), ("adaptation", 1)]
-    assert resumed["test"] == whole["test"] and resumed["privacy"] == whole["privacy"]
+    assert resumed.test == whole.test and resumed.privacy == whole.privacy
     for name, value in final_parameters(tmp_path / "whole").items():
         assert torch.equal(final_parameters(tmp_path / "killed")[name], value)
     ledgers = [json.loads((tmp_path / d / "privacy_ledger.json").read_text()) for d in ("whole", "killed")]
@@ -151,7 +151,7 @@ def test_fedper_round_updates_never_carry_the_heads(small_clips, monkeypatch):
     rounds, newcomer = seen_names[:-2], seen_names[-2]
     assert all(names and not any(n.startswith("head.") for n in names) for names in rounds)
     assert newcomer == {"head.weight", "head.bias"}  # the one-time, secure mean head for newcomers
-    assert result["strategy"] == "fedper" and result["test_after_adaptation"] is not None
+    assert result.strategy == "fedper" and result.test_after_adaptation is not None
 
 
 def test_dropouts_exclude_clients_that_never_sent_their_input(small_clips):
@@ -183,7 +183,7 @@ def test_privacy_costs_accuracy_in_order(small_clips):
         scores[epsilon] = statistics.mean(
             run(small_clips, f"privacy.epsilon={epsilon}", f"seed={seed}", "federation.rounds=10",
                 "federation.clients_per_round=36", "federation.local_epochs=1", "federation.local_lr=0.01",
-                "aggregation.backend=plain")["test"]["macro"]["f1"]
+                "aggregation.backend=plain").macro_f1
             for seed in (0, 1)
         )
     assert scores["inf"] > scores["1000"] + 0.03 and scores["1000"] > scores["8"] + 0.03, scores
@@ -202,3 +202,24 @@ def test_private_runs_keep_their_noise_secret_and_their_losses_unreleased(small_
         assert "noise_key" not in text
     ledger = json.loads((tmp_path / "a" / "privacy_ledger.json").read_text())
     assert ledger["noise_source"] == "run_key" and ledger["neighbouring_relation"].startswith("add or remove")
+
+
+def test_every_mechanism_has_its_ledger_checks_and_auditors():
+    from privfer.fl.mechanisms import MECHANISMS
+    from privfer.privacy.audit import AUDITORS, CHECKS
+    from privfer.privacy.empirical import CANARY_AUDITS
+
+    ids = {kind.id for kind in MECHANISMS.values() if kind.id is not None}
+    assert ids == set(AUDITORS) == set(CHECKS) == set(CANARY_AUDITS) == {"local", "distributed"}
+
+
+def test_a_damaged_result_is_refused_not_returned(small_clips, tmp_path):
+    from privfer.errors import RunDirectoryError
+
+    result = run(small_clips, "federation.rounds=1", run_dir=tmp_path)
+    assert simulation.read_result(tmp_path) == result  # what resume returns is what the run returned
+    raw = json.loads((tmp_path / "result.json").read_text())
+    del raw["privacy"]["delta"]
+    (tmp_path / "result.json").write_text(json.dumps(raw))
+    with pytest.raises(RunDirectoryError, match="incomplete or damaged"):
+        run(small_clips, "federation.rounds=1", run_dir=tmp_path)

@@ -55,8 +55,8 @@ def test_the_flower_app_trains_exactly_as_privfer_simulate(tmp_path):
         update={"clients_per_round": TRAINING_ACTORS})})
     simulated = simulate(config)
     final = flower["server_evaluation"]["2"]
-    assert final["macro-f1"] == pytest.approx(simulated["test"]["macro"]["f1"], abs=1e-12)
-    assert final["micro-f1"] == pytest.approx(simulated["test"]["micro"]["f1"], abs=1e-12)
+    assert final["macro-f1"] == pytest.approx(simulated.test["macro"]["f1"], abs=1e-12)
+    assert final["micro-f1"] == pytest.approx(simulated.test["micro"]["f1"], abs=1e-12)
     assert flower["server_evaluation"]["2"] != flower["server_evaluation"]["0"]
     assert flower["epsilon_target"] is None and flower["delta"] is None
 

@@ -41,10 +41,11 @@ from privfer.data import load_clips
 from privfer.data.clips import ClipSet
 from privfer.data.labels import pseudo_labels
 from privfer.data.splits import split_actors
-from privfer.errors import ConfigError
+from privfer.errors import ConfigError, RunDirectoryError
 from privfer.fl.aggregation import sum_updates
 from privfer.fl.client import FLClient
 from privfer.fl.mechanisms import Mechanism, make_mechanism, public_client_seed
+from privfer.fl.results import AggregationSummary, DataSummary, PrivacySummary, RoundCounts, SimulationResult
 from privfer.fl.rounds import ADAPTATION, TRAINING, RoundRecord, draw_cohort
 from privfer.fl.strategies import Strategy, make_strategy
 from privfer.metrics import classification_report
@@ -266,7 +267,7 @@ def simulate(
     clips: ClipSet | None = None,
     on_start: Callable[[Federation, int, int], None] | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
-) -> dict[str, Any]:
+) -> SimulationResult:
     """Run the federation; with ``run_dir`` write checkpoints, rounds, the ledger and result.json there."""
     started = time.perf_counter()
     if config.training.torch_threads is not None:
@@ -275,7 +276,7 @@ def simulate(
     prepared_seconds = time.perf_counter() - started
     resumed = prepare_run_dir(run_dir, config) if run_dir is not None else False
     if resumed and (run_dir / RESULT).exists():
-        return json.loads((run_dir / RESULT).read_text(encoding="utf-8"))
+        return read_result(run_dir)
 
     torch.manual_seed(config.seed)
     initial = VFER.from_config(config.model, federation.feature_dim, private=federation.private)
@@ -315,9 +316,19 @@ def simulate(
         if config.output.save_model:
             atomic_torch_save(run_dir / "model.pt", {"global": state.global_state, "personal": state.personal,
                                                      "newcomer_head": state.newcomer_head})
-        atomic_write_json(run_dir / RESULT, result)
+        atomic_write_json(run_dir / RESULT, result.to_json())
         checkpoint.unlink(missing_ok=True)  # the result supersedes it
     return result
+
+
+def read_result(run_dir: Path) -> SimulationResult:
+    """A finished run's result.json (RunDirectoryError if it is not a complete simulate result)."""
+    path = Path(run_dir) / RESULT
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDirectoryError(f"{path} cannot be read ({exc.__class__.__name__}); delete it to rerun") from None
+    return SimulationResult.from_json(raw, str(path))
 
 
 def _finish_training_phase(federation: Federation, state: _State) -> None:
@@ -337,49 +348,50 @@ def _ledger(federation: Federation, state: _State) -> dict[str, Any]:
     return federation.mechanism.ledger(list(state.accounts.values()), federation.delta, max_rounds, not_covered)
 
 
-def _result(federation: Federation, state: _State, final: dict, adapted: bool, ledger: dict, prepared_seconds: float):
+def _result(federation: Federation, state: _State, final: dict, adapted: bool, ledger: dict,
+            prepared_seconds: float) -> SimulationResult:
     config = federation.config
     sigmas = federation.mechanism.noise_multipliers()
     records = state.records
-    return {
-        "command": "simulate",
-        "strategy": config.federation.strategy,
-        "aggregator": config.aggregation.backend,
-        "aggregator_private": config.aggregation.backend != "plain",
-        "private": federation.private,
-        "test": final,
-        "test_after_training": state.after_training,
-        "test_after_adaptation": final if adapted else None,
-        "privacy": {
-            "unit": "record",
-            "mechanism": federation.mechanism.id,
-            "target_epsilon": config.privacy.epsilon if federation.private else None,
-            "delta": federation.delta,
-            "accountant": ledger["accountant"],
-            "epsilon_max": ledger["epsilon_max"],
-            "epsilon_median": ledger["epsilon_median"],
-            "noise_multiplier_min": min(sigmas) if sigmas else None,
-            "noise_multiplier_max": max(sigmas) if sigmas else None,
-        },
-        "rounds": {
-            "training": sum(r.phase == TRAINING for r in records),
-            "adaptation": sum(r.phase == ADAPTATION for r in records),
-            "aborted": sum(r.aborted is not None for r in records),
-        },
-        "clients": {phase: len(group) for phase, group in federation.clients.items()},
-        "pseudo_labels": federation.pseudo,
-        "secure_aggregation": {
-            "seconds": sum(r.aggregation_seconds for r in records),
-            "bytes_per_client_mean": statistics.mean(r.bytes_per_client for r in records) if records else 0.0,
-            "clipped_values": sum(r.clipped for r in records),
-        },
-        "data": {
-            "source": config.data.source,
-            "train_clips": len(federation.parts["train"]),
-            "test_eval_clips": len(federation.parts["test_eval"]),
-        },
-        "seconds": state.elapsed + prepared_seconds,  # rounds of every invocation + this one's preparation
-    }
+    return SimulationResult(
+        strategy=config.federation.strategy,
+        aggregator=config.aggregation.backend,
+        aggregator_private=config.aggregation.backend != "plain",
+        private=federation.private,
+        test=final,
+        test_after_training=state.after_training,
+        test_after_adaptation=final if adapted else None,
+        privacy=PrivacySummary(
+            unit="record",
+            mechanism=federation.mechanism.id,
+            target_epsilon=config.privacy.epsilon if federation.private else None,
+            delta=federation.delta,
+            accountant=ledger["accountant"],
+            epsilon_max=ledger["epsilon_max"],
+            epsilon_median=ledger["epsilon_median"],
+            noise_multiplier_min=min(sigmas) if sigmas else None,
+            noise_multiplier_max=max(sigmas) if sigmas else None,
+        ),
+        rounds=RoundCounts(
+            training=sum(r.phase == TRAINING for r in records),
+            adaptation=sum(r.phase == ADAPTATION for r in records),
+            aborted=sum(r.aborted is not None for r in records),
+        ),
+        clients={phase: len(group) for phase, group in federation.clients.items()},
+        pseudo_labels=federation.pseudo,
+        secure_aggregation=AggregationSummary(
+            seconds=sum(r.aggregation_seconds for r in records),
+            bytes_per_client_mean=statistics.mean(r.bytes_per_client for r in records) if records else 0.0,
+            clipped_values=sum(r.clipped for r in records),
+        ),
+        data=DataSummary(
+            source=config.data.source,
+            train_clips=len(federation.parts["train"]),
+            test_eval_clips=len(federation.parts["test_eval"]),
+        ),
+        seconds=state.elapsed + prepared_seconds,
+    )
 
 
-__all__ = ["Federation", "RoundRecord", "prepare_federation", "public_client_seed", "simulate"]
+__all__ = ["Federation", "RoundRecord", "SimulationResult", "prepare_federation", "public_client_seed", "read_result",
+           "simulate"]

@@ -53,7 +53,7 @@ def _run_cell(cell: Cell, folder: str, threads: int) -> float:
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", category=UserWarning)  # clipping reports etc. land in the cell's result
     result = simulate(cell.config, Path(folder))  # the threads stay out of the config: resumes on any machine
-    return float(result["seconds"])
+    return float(result.seconds)
 
 
 def run_study(

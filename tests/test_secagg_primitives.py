@@ -216,8 +216,9 @@ def test_harary_graph_is_regular_symmetric_and_public():
 SAMPLES = [
     m.AdvertiseKeys(round_id="r", sender=3, c_public=b"\x01" * 32, s_public=b"\x02" * 32),
     m.KeyRoster(round_id="r", sender=0, keys={1: (b"\x01" * 32, b"\x02" * 32), 9: (b"\x03" * 32, b"\x04" * 32)}),
-    m.ShareKeys(round_id="r", sender=3, ciphertexts={1: b"abc", 2: b"defg"}),
-    m.ForwardedShares(round_id="r", sender=0, receiver=3, ciphertexts={1: b"abc"}),
+    m.ShareKeys(round_id="r", sender=3, ciphertexts={1: b"abc", 2: b"defg"},
+                commitments={1: bytes(range(64)), 2: bytes(64), 3: b"\xff" * 64}, seed_commitment=bytes(range(32))),
+    m.ForwardedShares(round_id="r", sender=0, receiver=3, ciphertexts={1: b"abc"}, commitments={1: bytes(64)}),
     m.MaskedInput(round_id="r", sender=3, modulus_bits=32, vector=np.arange(5, dtype=np.uint32)),
     m.MaskedInput(round_id="r", sender=3, modulus_bits=64, vector=np.arange(5, dtype=np.uint64)),
     m.UnmaskRequest(round_id="r", sender=0, survivors=(1, 2, 3), dropped=(4,)),

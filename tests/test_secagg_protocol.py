@@ -192,7 +192,7 @@ def test_a_tampered_share_fails_authentication():
     blob = bytearray(bundle.ciphertexts[sender])
     blob[20] ^= 0x40
     forged = m.ForwardedShares(round_id=r.round_id, sender=0, receiver=1,
-                               ciphertexts={**bundle.ciphertexts, sender: bytes(blob)})
+                               ciphertexts={**bundle.ciphertexts, sender: bytes(blob)}, commitments=bundle.commitments)
     with pytest.raises(ShareAuthenticationError, match=f"share from client {sender} to 1"):
         r.clients[1].masked_input(forged, [np.zeros(4)])
 
@@ -203,7 +203,9 @@ def test_a_share_redirected_to_another_client_fails_authentication():
     # client 3's share meant for client 2, handed to client 1 as if from 3
     stolen = {**bundles[1].ciphertexts, 3: bundles[2].ciphertexts[3]}
     with pytest.raises(ShareAuthenticationError):
-        r.clients[1].masked_input(m.ForwardedShares(round_id=r.round_id, sender=0, receiver=1, ciphertexts=stolen),
+        r.clients[1].masked_input(m.ForwardedShares(round_id=r.round_id, sender=0, receiver=1, ciphertexts=stolen,
+                                                    commitments={**bundles[1].commitments,
+                                                                 3: bundles[2].commitments[3]}),
                                   [np.zeros(4)])
 
 
@@ -223,7 +225,7 @@ def test_server_rejects_unknown_senders_and_wrong_lengths():
     for client in r.clients.values():
         r.server.receive_advertise(client.advertise_keys())
     roster = r.server.key_roster()
-    stranger = m.ShareKeys(round_id=r.round_id, sender=99, ciphertexts={})
+    stranger = m.ShareKeys(round_id=r.round_id, sender=99, ciphertexts={}, commitments={}, seed_commitment=bytes(32))
     with pytest.raises(UnknownSender):
         r.server.receive_share_keys(stranger)
     for client in r.clients.values():

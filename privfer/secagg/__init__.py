@@ -18,6 +18,7 @@ from privfer.secagg.config import PROTOCOL_VERSION, SecAggConfig, make_config
 from privfer.secagg.errors import (
     CorruptState,
     DuplicateSender,
+    InconsistentShares,
     MalformedMessage,
     MessageError,
     NotEnoughShares,
@@ -37,7 +38,7 @@ from privfer.secagg.quantize import ClippingReport, ClippingWarning
 from privfer.secagg.server import SecAggServer, ServerTranscript
 
 __all__ = [
-    "AggregationResult", "ClippingReport", "CorruptState", "ClippingWarning", "DuplicateSender", "MalformedMessage",
+    "AggregationResult", "ClippingReport", "CorruptState", "ClippingWarning", "DuplicateSender", "InconsistentShares", "MalformedMessage",
     "MessageError", "NotEnoughShares", "PROTOCOL_VERSION", "PayloadLayout", "RoundAborted", "STAGES",
     "SecAggClient", "SecAggConfig", "SecAggError", "SecAggServer", "ServerTranscript", "ShapeMismatch",
     "ShareAuthenticationError", "UnknownSender", "UnsafeUnmaskRequest", "UnsupportedVersion", "WrongRound",

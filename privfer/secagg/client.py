@@ -16,6 +16,7 @@ that could reveal its peers' individual inputs.
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import struct
 import time
@@ -28,6 +29,7 @@ from privfer.secagg import shamir
 from privfer.secagg.config import SecAggConfig
 from privfer.secagg.errors import (
     CorruptState,
+    InconsistentShares,
     MalformedMessage,
     RoundAborted,
     UnknownSender,
@@ -45,6 +47,8 @@ from privfer.secagg.keys import (
     decrypt_share,
     encrypt_share,
     private_bytes,
+    seed_commitment,
+    share_commitments,
 )
 from privfer.secagg.messages import (
     SERVER,
@@ -251,8 +255,12 @@ class SecAggClient:
             holders = sorted(self._group)
             shares = shamir.split([self._self_seed, self._keys.s_secret()], holders, threshold, self.randomness)
             ciphertexts: dict[int, bytes] = {}
+            commitments: dict[int, bytes] = {}
             for index, holder in enumerate(holders):
                 seed_share, key_share = shares[index, 0], shares[index, 1]
+                commitments[holder] = share_commitments(self.round_id, self.client_id, holder,
+                                                        shamir.share_to_bytes(seed_share),
+                                                        shamir.share_to_bytes(key_share))
                 if holder == self.client_id:
                     self._held[holder] = (seed_share, key_share)  # our own share never leaves the client
                     continue
@@ -261,7 +269,9 @@ class SecAggClient:
                 self._share_keys[holder] = key  # HKDF's info orders the pair: the key to decrypt holder's share
                 plaintext = share_plaintext(self.client_id, holder, seed_share, key_share)
                 ciphertexts[holder] = encrypt_share(key, plaintext, self.round_id, self.client_id, holder, self.randomness)
-            return ShareKeys(round_id=self.round_id, sender=self.client_id, ciphertexts=ciphertexts)
+            return ShareKeys(round_id=self.round_id, sender=self.client_id, ciphertexts=ciphertexts,
+                             commitments=commitments,
+                             seed_commitment=seed_commitment(self.round_id, self.client_id, self._self_seed))
 
     # -- stage 2 ---------------------------------------------------------------
     def check_forwarded(self, forwarded: ForwardedShares) -> None:
@@ -294,6 +304,14 @@ class SecAggClient:
                 inner_sender, inner_receiver, seed_share, key_share = parse_share_plaintext(plaintext)
                 if (inner_sender, inner_receiver) != (sender, self.client_id):
                     raise UnknownSender("a share bundle names other clients than the envelope")
+                committed = forwarded.commitments.get(sender)
+                if committed is None or not hmac.compare_digest(committed, share_commitments(
+                        self.round_id, sender, self.client_id, shamir.share_to_bytes(seed_share),
+                        shamir.share_to_bytes(key_share))):
+                    # the dealer committed to other shares than it sent (or the commitment was altered): a share
+                    # returned later could not be told from a tampered one
+                    raise InconsistentShares(f"client {sender}'s shares for client {self.client_id} do not match "
+                                             "its commitments", senders=(sender,))
                 self._held[sender] = (seed_share, key_share)
             self._share_keys.clear()  # not needed after this stage
             self._peers = frozenset(forwarded.ciphertexts)

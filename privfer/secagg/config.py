@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from privfer.errors import ConfigError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: commitments to every dealt share and to b (ShareKeys, ForwardedShares)
 MAX_CLIENTS = 65_535
 
 

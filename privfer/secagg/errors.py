@@ -60,5 +60,18 @@ class NotEnoughShares(SecAggError):
     """Fewer than the threshold of Shamir shares were given for a reconstruction."""
 
 
+class InconsistentShares(SecAggError):
+    """Shares disagree with their dealer's commitments, or reconstruct a secret other than the committed one.
+
+    ``senders`` names the clients at fault: the holders whose returned shares do not match what their dealer
+    committed to, or the dealer whose shares are inconsistent. A round that cannot reconstruct every secret from
+    shares that verify aborts with it; a round with enough verified shares left completes, exactly.
+    """
+
+    def __init__(self, message: str, senders: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.senders = tuple(sorted(senders))
+
+
 class CorruptState(SecAggError):
     """A saved client state does not restore: wrong magic or version, missing or malformed fields."""

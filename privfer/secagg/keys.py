@@ -53,6 +53,36 @@ def derive_key(secret: bytes, purpose: bytes, round_id: str, a: int, b: int) -> 
     )
 
 
+COMMITMENT_BYTES = 32
+_COMMIT_LABEL = b"privfer-secagg/v2/commit/"
+
+
+def commitment(kind: bytes, round_id: str, dealer: int, holder: int, value: bytes) -> bytes:
+    """SHA-256 commitment to a dealt value, bound to its round, dealer and holder (holder 0: the secret itself).
+
+    Hiding without a salt: every committed value has at least 256 bits of entropy (a 32-byte seed, or a
+    Shamir share: 9 field elements, uniformly random given fewer than t other shares)."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(_COMMIT_LABEL + kind + b"/" + round_bytes(round_id) + struct.pack(">II", dealer, holder) + value)
+    return digest.finalize()
+
+
+def share_commitments(round_id: str, dealer: int, holder: int, seed_share: bytes, key_share: bytes) -> bytes:
+    """The 64 bytes a dealer publishes for one holder: commitments to its share of b and its share of s."""
+    return (commitment(b"seed-share", round_id, dealer, holder, seed_share)
+            + commitment(b"key-share", round_id, dealer, holder, key_share))
+
+
+def seed_commitment(round_id: str, dealer: int, seed: bytes) -> bytes:
+    """The commitment to a client's self-mask seed b (its reconstruction is checked against it)."""
+    return commitment(b"seed", round_id, dealer, 0, seed)
+
+
+def public_of_private(raw: bytes) -> bytes:
+    """The X25519 public key of a 32-byte private key (a reconstructed s is checked against its advertised key)."""
+    return public_bytes(X25519PrivateKey.from_private_bytes(raw).public_key())
+
+
 def public_bytes(key: X25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 

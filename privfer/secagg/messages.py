@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from privfer.secagg.config import MAX_CLIENTS, PROTOCOL_VERSION
 from privfer.secagg.errors import DuplicateSender, MalformedMessage, UnsupportedVersion, WrongVectorLength
-from privfer.secagg.keys import KEY_BYTES
+from privfer.secagg.keys import COMMITMENT_BYTES, KEY_BYTES
 from privfer.secagg.prg import word_dtype
-from privfer.secagg.shamir import SHARE_BYTES
+from privfer.secagg.shamir import PRIME as FIELD_PRIME, SHARE_BYTES
 
 MAGIC = b"PFSA"
 MAX_CLIENT_ID = (1 << 31) - 2
@@ -101,6 +101,31 @@ def _read_blobs(reader: _Reader) -> dict[int, bytes]:
             raise MalformedMessage(f"share ciphertext of {size} bytes exceeds {MAX_BLOB}")
         table[last] = reader.take(size)
     return table
+
+
+PAIR_BYTES = 2 * COMMITMENT_BYTES  # a holder's commitments: to its share of b, to its share of s
+
+
+def _fixed(table: dict[int, bytes]) -> bytes:
+    """u32 count, then (u32 client, PAIR_BYTES bytes) in increasing client order."""
+    parts = [struct.pack(">I", len(table))]
+    parts.extend(struct.pack(">I", client) + table[client] for client in sorted(table))
+    return b"".join(parts)
+
+
+def _read_fixed(reader: "_Reader") -> dict[int, bytes]:
+    table: dict[int, bytes] = {}
+    last = 0
+    for _ in range(reader.count()):
+        last = reader.client_id(last)
+        table[last] = reader.take(PAIR_BYTES)
+    return table
+
+
+def _pair_sizes(value: dict[int, bytes]) -> dict[int, bytes]:
+    if any(len(pair) != PAIR_BYTES for pair in value.values()):
+        raise ValueError(f"share commitments are {PAIR_BYTES} bytes per holder")
+    return value
 
 
 ClientId = Field(..., ge=1, le=(1 << 31) - 2)
@@ -191,33 +216,51 @@ class KeyRoster(Message):
 
 
 class ShareKeys(Message):
-    """Stage 1, client -> server: one encrypted share bundle per group member."""
+    """Stage 1, client -> server: one encrypted share bundle per neighbour, the commitments to every share the
+    client dealt (its own included), and the commitment to its self-mask seed."""
 
     KIND: ClassVar[int] = 3
     ciphertexts: dict[int, bytes]
+    commitments: dict[int, bytes]  # holder -> commitment to its share of b || to its share of s
+    seed_commitment: bytes = Field(..., min_length=COMMITMENT_BYTES, max_length=COMMITMENT_BYTES)
+
+    @field_validator("commitments")
+    @classmethod
+    def _pairs(cls, value: dict[int, bytes]) -> dict[int, bytes]:
+        return _pair_sizes(value)
 
     def _body(self) -> bytes:
-        return _blobs(self.ciphertexts)
+        return _blobs(self.ciphertexts) + _fixed(self.commitments) + self.seed_commitment
 
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "ShareKeys":
-        return cls(**header, ciphertexts=_read_blobs(reader))
+        ciphertexts = _read_blobs(reader)
+        commitments = _read_fixed(reader)
+        return cls(**header, ciphertexts=ciphertexts, commitments=commitments,
+                   seed_commitment=reader.take(COMMITMENT_BYTES))
 
 
 class ForwardedShares(Message):
-    """Stage 1 result, server -> one client: the ciphertexts addressed to it, by sender."""
+    """Stage 1 result, server -> one client: the ciphertexts addressed to it and their dealers' commitments."""
 
     KIND: ClassVar[int] = 4
     receiver: int = ClientId
     ciphertexts: dict[int, bytes]
+    commitments: dict[int, bytes]  # sender -> its commitments for this receiver's shares
+
+    @field_validator("commitments")
+    @classmethod
+    def _pairs(cls, value: dict[int, bytes]) -> dict[int, bytes]:
+        return _pair_sizes(value)
 
     def _body(self) -> bytes:
-        return struct.pack(">I", self.receiver) + _blobs(self.ciphertexts)
+        return struct.pack(">I", self.receiver) + _blobs(self.ciphertexts) + _fixed(self.commitments)
 
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "ForwardedShares":
         receiver = reader.client_id()
-        return cls(**header, receiver=receiver, ciphertexts=_read_blobs(reader))
+        ciphertexts = _read_blobs(reader)
+        return cls(**header, receiver=receiver, ciphertexts=ciphertexts, commitments=_read_fixed(reader))
 
 
 class MaskedInput(Message):
@@ -286,6 +329,10 @@ class UnmaskResponse(Message):
     def _share_sizes(cls, value: dict[int, bytes]) -> dict[int, bytes]:
         if any(len(share) != SHARE_BYTES for share in value.values()):
             raise ValueError(f"shares are {SHARE_BYTES} bytes")
+        for share in value.values():  # every word must be an element of F_p (section 3.4)
+            words = np.frombuffer(share, dtype="<u4")
+            if np.any(words >= FIELD_PRIME):
+                raise ValueError("a share word is not a field element")
         return value
 
     def _body(self) -> bytes:

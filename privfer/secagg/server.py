@@ -14,6 +14,7 @@ remain. :attr:`transcript` records everything the server saw.
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,13 +25,22 @@ from privfer.secagg.client import check_header
 from privfer.secagg.config import SecAggConfig
 from privfer.secagg.errors import (
     DuplicateSender,
+    InconsistentShares,
     RoundAborted,
     UnknownSender,
     WrongStage,
     WrongVectorLength,
 )
 from privfer.secagg.graph import graph_seed, neighbourhoods
-from privfer.secagg.keys import PURPOSE_MASK, agree, check_public_key
+from privfer.secagg.keys import (
+    COMMITMENT_BYTES,
+    PURPOSE_MASK,
+    agree,
+    check_public_key,
+    commitment,
+    public_of_private,
+    seed_commitment,
+)
 from privfer.secagg.messages import (
     SERVER,
     AdvertiseKeys,
@@ -93,6 +103,9 @@ class SecAggServer:
         self._keys: dict[int, tuple[bytes, bytes]] = {}
         self._neighbours: dict[int, frozenset[int]] = {}
         self._shares: dict[int, dict[int, bytes]] = {}  # sender -> receiver -> ciphertext
+        self._commitments: dict[int, dict[int, bytes]] = {}  # dealer -> holder -> commitments to its two shares
+        self._seed_commitments: dict[int, bytes] = {}  # dealer -> commitment to its self-mask seed b
+        self.rejected: dict[int, set[int]] = {}  # dealer -> holders whose returned shares failed verification
         self._masked: dict[int, np.ndarray] = {}
         self._responses: dict[int, UnmaskResponse] = {}
         self._request: UnmaskRequest | None = None
@@ -155,7 +168,11 @@ class SecAggServer:
             raise DuplicateSender(f"client {sender} shared keys twice")
         if set(message.ciphertexts) != set(self._neighbours[sender]):
             raise UnknownSender(f"client {sender} sent shares for other clients than its {len(self._neighbours[sender])} neighbours")
+        if set(message.commitments) != set(self._neighbours[sender]) | {sender}:
+            raise UnknownSender(f"client {sender} committed to shares for other clients than its group")
         self._shares[sender] = dict(message.ciphertexts)
+        self._commitments[sender] = dict(message.commitments)
+        self._seed_commitments[sender] = message.seed_commitment
 
     def forward_shares(self) -> dict[int, ForwardedShares]:
         if self.stage != "share":
@@ -165,8 +182,10 @@ class SecAggServer:
         bundles: dict[int, ForwardedShares] = {}
         for receiver in sorted(self._shares):
             incoming = {s: c[receiver] for s, c in self._shares.items() if receiver in c}
+            committed = {s: self._commitments[s][receiver] for s in incoming}
             bundles[receiver] = self._send(
-                ForwardedShares(round_id=self.round_id, sender=SERVER, receiver=receiver, ciphertexts=incoming),
+                ForwardedShares(round_id=self.round_id, sender=SERVER, receiver=receiver, ciphertexts=incoming,
+                                commitments=committed),
                 "share", receiver,
             )
         return bundles
@@ -214,22 +233,51 @@ class SecAggServer:
         self._responses[message.sender] = message
 
     def _reconstruct(self, owner: int, table: str) -> bytes:
-        holders = [r for r in sorted(self._responses) if owner in getattr(self._responses[r], table)]
+        """``owner``'s secret from verified shares: every returned share is checked against the commitment its
+        dealer made in ShareKeys (a share that fails is set aside and its holder named), the secret is rebuilt
+        from t verified shares and checked against its own commitment (b) or advertised public key (s)."""
+        seed = table == "seed_shares"
+        what = "self-mask seed" if seed else "mask key"
         threshold = self.config.group_threshold
-        if len(holders) < threshold:
+        holders = [r for r in sorted(self._responses) if owner in getattr(self._responses[r], table)]
+        verified, rejected = [], []
+        for holder in holders:
+            raw = getattr(self._responses[holder], table)[owner]
+            pair = self._commitments[owner][holder]
+            expected = pair[:COMMITMENT_BYTES] if seed else pair[COMMITMENT_BYTES:]
+            kind = b"seed-share" if seed else b"key-share"
+            if hmac.compare_digest(expected, commitment(kind, self.round_id, owner, holder, raw)):
+                verified.append(holder)
+            else:
+                rejected.append(holder)
+        if rejected:
+            self.rejected.setdefault(owner, set()).update(rejected)
+        if len(verified) < threshold:
             self.stage = "aborted"
-            raise RoundAborted(
-                f"only {len(holders)} shares of client {owner}'s {'self-mask seed' if table == 'seed_shares' else 'mask key'} "
-                f"arrived; the threshold is {threshold}"
-            )
-        holders = holders[:threshold]
-        shares = np.stack([shamir.share_from_bytes(getattr(self._responses[h], table)[owner]) for h in holders])
-        key = tuple(holders)
+            if rejected:
+                raise InconsistentShares(
+                    f"the shares of client {owner}'s {what} returned by clients {rejected[:8]} do not match the "
+                    f"commitments client {owner} made; {len(verified)} verified shares remain, the threshold is "
+                    f"{threshold}", senders=tuple(rejected))
+            raise RoundAborted(f"only {len(verified)} shares of client {owner}'s {what} arrived; the threshold is "
+                               f"{threshold}")
+        chosen = verified[:threshold]
+        shares = np.stack([shamir.share_from_bytes(getattr(self._responses[h], table)[owner]) for h in chosen])
+        key = tuple(chosen)
         weights = self._lagrange.get(key)
         if weights is None:
-            weights = self._lagrange[key] = shamir.lagrange_at_zero(holders)
+            weights = self._lagrange[key] = shamir.lagrange_at_zero(chosen)
         chunks = (shares * weights[:, None] % np.uint64(shamir.PRIME)).sum(axis=0) % np.uint64(shamir.PRIME)
-        return shamir.chunks_to_secret(chunks)
+        secret = shamir.chunks_to_secret(chunks)
+        if seed:
+            consistent = hmac.compare_digest(self._seed_commitments[owner], seed_commitment(self.round_id, owner, secret))
+        else:
+            consistent = hmac.compare_digest(public_of_private(secret), self._keys[owner][1])
+        if not consistent:  # every share matches its commitment, yet they do not lie on one polynomial of degree < t
+            self.stage = "aborted"
+            raise InconsistentShares(f"client {owner} dealt shares of its {what} that reconstruct another secret "
+                                     "than the one it committed to", senders=(owner,))
+        return secret
 
     def finish(self) -> ServerSum:
         """Remove every mask and return the survivors' sum."""

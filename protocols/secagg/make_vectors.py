@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from privfer.secagg import SecAggConfig, aggregate, prg, shamir
+from privfer.secagg import PROTOCOL_VERSION, SecAggConfig, aggregate, prg, shamir
 from privfer.secagg.keys import PURPOSE_MASK, PURPOSE_SHARE, KeyPairs, agree, kdf_info
 from privfer.secagg.quantize import encode_fixed_point
 from privfer.secagg.randomness import InsecureDeterministicRandomness
@@ -138,7 +138,7 @@ def full_round() -> dict:
 def main() -> None:
     vectors = {
         "protocol": "privfer-secagg",
-        "version": 1,
+        "version": PROTOCOL_VERSION,
         "prg": prg_vectors(),
         "kdf": kdf_vectors(),
         "shamir": shamir_vectors(),

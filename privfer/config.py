@@ -152,11 +152,15 @@ class TrainingConfig(_Section):
     torch_threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op threads (None: torch default).")
 
 
+MAX_EPSILON = 1000.0
+
+
 class PrivacyConfig(_Section):
     """The differential-privacy budget (used by federated runs; the centralized baseline is non-private)."""
 
     epsilon: float | None = Field(
-        None, gt=0.0, description="TOTAL per-client budget for the whole run; None or inf trains without DP."
+        None, description=f"TOTAL per-client budget for the whole run, in (0, {MAX_EPSILON:g}]; None or inf trains "
+        "without DP."
     )
     delta: float | None = Field(
         None, gt=0.0, lt=1.0,
@@ -193,6 +197,17 @@ class PrivacyConfig(_Section):
         description="distributed: the integer scale makes randomized rounding add at most this share to the "
         "sensitivity (sqrt(d) / (C x scale)).",
     )
+
+    @field_validator("epsilon")
+    @classmethod
+    def _epsilon_range(cls, value: float | None) -> float | None:
+        # Past a few dozen a budget protects nothing measurable; past MAX_EPSILON it is a typo or an attack on
+        # the calibration (its accountants' cost grows with the epsilon they compute).
+        if value is None or value == math.inf:
+            return value
+        if not (0.0 < value <= MAX_EPSILON):  # also NaN and -inf
+            raise ValueError(f"must be in (0, {MAX_EPSILON:g}] (or inf for no DP), got {value}")
+        return value
 
     @property
     def enabled(self) -> bool:

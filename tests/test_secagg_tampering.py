@@ -163,3 +163,53 @@ def test_share_commitments_cover_exactly_the_dealers_group():
 
     with pytest.raises(SecAggError, match="committed to shares for other clients"):
         run_round(5, tamper_share_keys=short)
+
+
+def test_objects_are_checked_like_their_bytes():
+    """A message object that bypassed its constructor is malformed, not a crash later in the round."""
+    def short_commitment(sender, message):
+        if sender != 2:
+            return message
+        return m.ShareKeys.model_construct(round_id=message.round_id, sender=2, version=message.version,
+                                           ciphertexts=message.ciphertexts,
+                                           commitments={**message.commitments, 2: bytes(63)},
+                                           seed_commitment=message.seed_commitment)
+
+    config = SecAggConfig(num_clients=4, graph="complete")
+    layout = PayloadLayout.for_arrays([np.zeros(2)], config)
+    clients = {c: SecAggClient(c, config, "objects", layout) for c in range(1, 5)}
+    server = SecAggServer(config, "objects", layout)
+    for c, client in clients.items():
+        server.receive_advertise(client.advertise_keys(), peer=c)
+    roster = server.key_roster()
+    with pytest.raises(MalformedMessage):
+        server.receive_share_keys(short_commitment(2, clients[2].share_keys(roster)), peer=2)
+    old = clients[3].share_keys(roster)
+    with pytest.raises(SecAggError):  # a version-1 object is refused like version-1 bytes
+        server.receive_share_keys(old.model_copy(update={"version": 1}), peer=3)
+
+
+def test_a_dealer_whose_verified_shares_rebuild_no_secret_is_named(monkeypatch):
+    from privfer.secagg import shamir
+
+    real = shamir.split
+
+    def split(secrets, holders, threshold, randomness=None, **kwargs):
+        shares = real(secrets, holders, threshold, randomness, **kwargs)
+        # add the same constant to every share's first chunk: a consistent polynomial whose secret chunk is
+        # out of range (still field elements, and committed honestly)
+        shares[:, 0, 0] = (shares[:, 0, 0] + np.uint64((1 << 30) + 5)) % np.uint64(PRIME)
+        return shares
+
+    dealer = {"done": False}
+
+    def once(*args, **kwargs):
+        if dealer["done"]:
+            return real(*args, **kwargs)
+        dealer["done"] = True
+        return split(*args, **kwargs)
+
+    monkeypatch.setattr(shamir, "split", once)
+    with pytest.raises(InconsistentShares) as caught:
+        run_round(5)
+    assert caught.value.senders == (1,)

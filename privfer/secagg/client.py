@@ -81,8 +81,11 @@ def parse_share_plaintext(raw: bytes) -> tuple[int, int, np.ndarray, np.ndarray]
         raise MalformedMessage("decrypted share bundle has the wrong length")
     sender, receiver = _PLAINTEXT.unpack_from(raw)
     body = raw[_PLAINTEXT.size :]
-    return (sender, receiver, shamir.share_from_bytes(body[: shamir.SHARE_BYTES]),
-            shamir.share_from_bytes(body[shamir.SHARE_BYTES :]))
+    try:
+        return (sender, receiver, shamir.share_from_bytes(body[: shamir.SHARE_BYTES]),
+                shamir.share_from_bytes(body[shamir.SHARE_BYTES :]))
+    except ValueError:
+        raise InconsistentShares(f"client {sender} dealt a share word outside the field", senders=(sender,)) from None
 
 
 def _b64encode(raw: bytes) -> str:
@@ -311,7 +314,8 @@ class SecAggClient:
                     # the dealer committed to other shares than it sent (or the commitment was altered): a share
                     # returned later could not be told from a tampered one
                     raise InconsistentShares(f"client {sender}'s shares for client {self.client_id} do not match "
-                                             "its commitments", senders=(sender,))
+                                             "its commitments (the dealer, or the server relaying them, is at "
+                                             "fault)", senders=(sender,))
                 self._held[sender] = (seed_share, key_share)
             self._share_keys.clear()  # not needed after this stage
             self._peers = frozenset(forwarded.ciphertexts)

@@ -26,6 +26,8 @@ from privfer.secagg.config import SecAggConfig
 from privfer.secagg.errors import (
     DuplicateSender,
     InconsistentShares,
+    MalformedMessage,
+    NotEnoughShares,
     RoundAborted,
     UnknownSender,
     WrongStage,
@@ -112,7 +114,14 @@ class SecAggServer:
 
     # -- plumbing ---------------------------------------------------------------
     def _accept(self, raw: bytes | Message, kind: type[Message], stage: str, peer: int | None) -> Message:
-        message = decode(raw) if isinstance(raw, (bytes, bytearray, memoryview)) else raw
+        if not isinstance(raw, (bytes, bytearray, memoryview)):
+            # an object is checked exactly as its bytes would be (constructors can be bypassed: model_construct)
+            try:
+                raw = raw.to_bytes()
+            except Exception as exc:  # noqa: BLE001 - whatever a malformed object raises, it is malformed
+                raise MalformedMessage(f"a {type(raw).__name__} that does not encode ({exc.__class__.__name__})"
+                                       ) from None
+        message = decode(raw)
         if not isinstance(message, kind):
             raise WrongStage(f"expected {kind.__name__}, got {type(message).__name__}")
         check_header(message, self.round_id)
@@ -122,7 +131,7 @@ class SecAggServer:
             raise UnknownSender(f"the channel of client {peer} carried a message signed as client {message.sender}")
         if self.stage != stage:
             raise WrongStage(f"a {kind.__name__} arrived while the server is at stage {self.stage!r}")
-        size = len(raw) if isinstance(raw, (bytes, bytearray, memoryview)) else len(message.to_bytes())
+        size = len(raw)
         self.transcript.entries.append(TranscriptEntry(stage, "in", message.sender, size, message))
         return message
 
@@ -268,7 +277,12 @@ class SecAggServer:
         if weights is None:
             weights = self._lagrange[key] = shamir.lagrange_at_zero(chosen)
         chunks = (shares * weights[:, None] % np.uint64(shamir.PRIME)).sum(axis=0) % np.uint64(shamir.PRIME)
-        secret = shamir.chunks_to_secret(chunks)
+        try:
+            secret = shamir.chunks_to_secret(chunks)
+        except (NotEnoughShares, ValueError):  # verified shares on a polynomial whose secret is not 256 bits
+            self.stage = "aborted"
+            raise InconsistentShares(f"client {owner} dealt shares of its {what} that reconstruct no valid secret",
+                                     senders=(owner,)) from None
         if seed:
             consistent = hmac.compare_digest(self._seed_commitments[owner], seed_commitment(self.round_id, owner, secret))
         else:

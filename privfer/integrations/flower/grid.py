@@ -25,7 +25,7 @@ from privfer.integrations.flower.common import (
 from privfer.integrations.flower.mod import base_type
 from privfer.integrations.flower.slots import _arrays_in, _slots_to_json, slots_of
 from privfer.secagg.config import SecAggConfig
-from privfer.secagg.errors import MessageError, RoundAborted
+from privfer.secagg.errors import MessageError, RoundAborted, SecAggError
 from privfer.secagg.payload import PayloadLayout
 from privfer.secagg.server import SecAggServer
 
@@ -242,7 +242,11 @@ class _SecureRound:
             self.accept("unmask", answers, lambda raw, cid: server.receive_unmask(raw, peer=cid))
             summed = server.finish()
             self.lap("unmask", started)
-        except RoundAborted as exc:
+        except SecAggError as exc:  # aborted, or shares that fail their commitments (InconsistentShares)
+            if not isinstance(exc, RoundAborted):
+                blamed = [self.nodes[cid - 1] for cid in getattr(exc, "senders", ()) if 0 < cid <= len(self.nodes)]
+                log.warning("secure aggregation of %s round %s failed (%s); nodes at fault: %s", self.kind,
+                            self.group_id, exc.__class__.__name__, blamed)
             self.report.aborted = str(exc)
             log.warning("secure aggregation of %s round %s aborted: %s", self.kind, self.group_id, exc)
             self.finish_report()

@@ -224,6 +224,13 @@ def simulate(
         "federation.clients_per_round": clients_per_round, "federation.dropout": dropout, "seed": seed,
     }
     cfg = resolve_config(config, overrides, data, **settings)
+    # loading the clips, the pseudo labels and the noise calibration come before round 1: say so while they run
+    # (a transient status line: nothing is left behind, so an error is still one line)
+    preparing = errors.status(f"preparing: {cfg.data.source} data, "
+                              + (f"calibrating {cfg.mechanism} DP noise for epsilon {cfg.privacy.epsilon:g}"
+                                 if cfg.privacy.enabled else "no DP"))
+    if not as_json:
+        preparing.start()
     progress = Progress(
         TextColumn("[bold]{task.fields[phase]} round"), MofNCompleteColumn(), BarColumn(),
         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=errors, disable=as_json,
@@ -231,6 +238,7 @@ def simulate(
     task = progress.add_task("simulate", total=1, status="", phase="", start=False)
 
     def on_start(federation: Any, done: int, total: int) -> None:
+        preparing.stop()
         if not as_json:
             for line in describe_privacy(federation):
                 errors.print(line, highlight=False, markup=False)
@@ -251,6 +259,7 @@ def simulate(
         with run_directory(out, cfg, "simulate") as run_dir:
             result = run_simulation(cfg, run_dir, on_start=on_start, on_round=on_round)
     finally:
+        preparing.stop()
         progress.stop()
     if as_json:
         console.print_json(json.dumps(result.to_json()))
@@ -337,6 +346,11 @@ def audit(
             from privfer.privacy.audit import audit_ledger, load_ledger
 
             report = audit_ledger(load_ledger(run))
+            if report.unauditable:
+                first = report.unauditable[0]
+                raise UsageError(f"{report.ledger}: {len(report.unauditable)} entries are UNAUDITABLE (client "
+                                 f"{first.client}: {first.reasons[0]}); the ledger was not produced by this run's "
+                                 "plan or is damaged")
             if as_json:
                 console.print_json(json.dumps(report.to_dict()))
             else:
@@ -447,7 +461,8 @@ def print_audit(report: Any, per_client: bool) -> None:
             claimed = "-" if client.claimed is None else f"{client.claimed:.3f}"
             verdict = ", ".join(client.verdicts) or "ok"
             table.add_row(str(client.client), client.phase, str(client.records), f"{client.delta:.3g}", claimed,
-                          *(f"{client.values[n]:.3f}" if client.values else "inf" for n in columns),
+                          *(f"{client.values[n]:.3f}" if n in client.values else ("-" if client.values else "inf")
+                            for n in columns),
                           *([f"{client.floor:.3f}" if client.floor is not None else "-"] if distributed else []),
                           escape(verdict))
     else:

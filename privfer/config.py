@@ -153,6 +153,7 @@ class TrainingConfig(_Section):
 
 
 MAX_EPSILON = 1000.0
+SERVER_LR, SMALL_BUDGET_SERVER_LR = 0.02, 0.03  # distributed DP's Adam step; the second at epsilon <= 1
 
 
 class PrivacyConfig(_Section):
@@ -311,7 +312,11 @@ class FederationConfig(_Section):
     server_optimizer: Literal["adam", "sgd"] = Field(
         "adam", description="distributed DP: the server's optimizer on the noisy mean gradient (sgd has momentum)."
     )
-    server_lr: float = Field(0.02, gt=0.0, le=100.0, description="distributed DP: the server optimizer's step size.")
+    server_lr: float | None = Field(
+        None, gt=0.0, le=100.0,
+        description="distributed DP: the server optimizer's step size; None: 0.03 at epsilon <= 1, else 0.02 "
+        "(tuned on the validation actors).",
+    )
     server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="distributed DP: SGD momentum.")
 
     def cohort_size(self, mechanism: str | None, clients: int) -> int:
@@ -364,6 +369,9 @@ class PrivferConfig(_Section):
             self.model.readout = "mean" if distributed else "last"
         if self.model.hidden_size is None:
             self.model.hidden_size = DISTRIBUTED_HIDDEN if distributed else LOCAL_HIDDEN
+        if self.federation.server_lr is None:  # validation actors, benchmarks/tune_distributed.py
+            small = distributed and self.privacy.epsilon <= 1.0
+            self.federation.server_lr = SMALL_BUDGET_SERVER_LR if small else SERVER_LR
         return self
 
     @property

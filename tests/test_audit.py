@@ -189,3 +189,48 @@ def test_the_empirical_command_prints_the_ceiling_first_and_plots(small_clips, t
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = runner.invoke(app, ["audit", "--empirical", "--guesses", "3"])
     assert bad.exit_code == 2 and "even" in bad.stderr
+
+
+def test_a_million_step_ledger_is_audited_by_rdp_within_bounds(tmp_path):
+    """The 10^6-step entry that once asked PRV for 79 GB: the tight accountants are skipped by cost, RDP decides."""
+    report = audit_ledger(load_ledger(write(tmp_path, ledger([[0.6, 0.1, 1_000_000]], claimed=1.0))))
+    client = report.clients[0]
+    assert set(client.values) == {"opacus_rdp", "dp_accounting_rdp"}
+    assert client.certified > 1000 and OVER_BUDGET in client.verdicts and MISMATCH in client.verdicts
+    assert any("PRV and PLD skipped" in reason for reason in client.reasons)
+    result = runner.invoke(app, ["audit", str(tmp_path)])
+    assert result.exit_code == 1 and "FAIL" in result.stdout
+
+
+def test_an_entry_beyond_the_audit_bound_is_unauditable_exit_2(tmp_path):
+    from privfer.privacy.audit import UNAUDITABLE
+
+    folder = write(tmp_path, ledger([[1.0, 0.1, 10**12]], claimed=1.0))
+    report = audit_ledger(load_ledger(folder))
+    assert report.clients[0].verdicts == [UNAUDITABLE] and not report.passed
+    result = runner.invoke(app, ["audit", folder])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "UNAUDITABLE" in lines[0], result.stderr
+
+
+def test_prv_beyond_its_cost_bounds_reports_the_rdp_bound():
+    from privfer.privacy.calibrate import PRV_MAX_STEPS, calibrate_noise, epsilon_spent, prv_affordable
+
+    cheap = [(1.0, 0.01, 1000)]
+    assert prv_affordable(cheap, 1e-5) and epsilon_spent(cheap, 1e-5, "prv") < epsilon_spent(cheap, 1e-5, "rdp")
+    for costly in ([(0.3, 0.5, 200)], [(5.0, 0.01, PRV_MAX_STEPS + 1)]):
+        assert not prv_affordable(costly, 1e-5)
+        assert epsilon_spent(costly, 1e-5, "prv") == epsilon_spent(costly, 1e-5, "rdp")
+    # the largest budget the config allows calibrates without PRV's grid ever being sized by it
+    sigma = calibrate_noise(1000.0, 1e-4, 0.1, 200, "prv")
+    assert 0.05 <= sigma < 0.5 and epsilon_spent([(sigma, 0.1, 200)], 1e-4, "prv") <= 1000.0
+
+
+@pytest.mark.parametrize("value", ["nan", "-inf", "0", "1e8", "1e308"])
+def test_an_absurd_budget_is_a_config_error_naming_the_range(value):
+    from privfer.config import load_config
+    from privfer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"privacy.epsilon.*must be in \(0, 1000\]"):
+        load_config(None, [f"privacy.epsilon={value}"])

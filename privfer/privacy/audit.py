@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from privfer.errors import PrivferError
-from privfer.privacy.calibrate import epsilon_spent
+from privfer.privacy.calibrate import PRV_MAX_EPSILON, PRV_MAX_STEPS, epsilon_spent, prv_affordable
 from privfer.privacy.distributed import sensitivities
 from privfer.privacy.ledger import LEGACY_SCHEMAS, SCHEMA
 from privfer.privacy.skellam import MAX_STEPS, SkellamSteps, gaussian_equivalent, skellam_epsilon
@@ -57,6 +57,7 @@ MAX_ENTRIES = 1_000_000  # distributed: history entries over all clients
 FLOOR_MIN_NOISE = 0.3  # the Gaussian floor's PLD grows without bound as the noise vanishes: not computed below
 PUBLIC_NOISE = "PUBLIC NOISE"
 OVER_BUDGET, MISMATCH, WEAK_DELTA, NO_DP = "OVER BUDGET", "MISMATCH", "WEAK DELTA", "NO DP"
+UNAUDITABLE = "UNAUDITABLE"  # an entry the audit will not evaluate (bounded work); the CLI exits 2
 CLAIM_TOLERANCE = (0.01, 0.01)  # absolute, relative
 RDP_TOLERANCE = 0.03
 TIGHT_TOLERANCE = (0.05, 0.03)
@@ -94,15 +95,22 @@ def _dp_accounting_epsilon(history: History, delta: float, kind: str) -> float:
         absl.setLevel(level)
 
 
+MAX_AUDIT_STEPS = 10**9  # an entry claiming more steps is not evaluated at all (UNAUDITABLE)
+
+
 @lru_cache(maxsize=4096)
 def recompute(history: History, delta: float) -> dict[str, float]:
-    """The four accountants' epsilons for one history at ``delta``."""
-    return {
+    """The four accountants' epsilons for one history at ``delta``; the two tight ones (PRV, PLD) only when
+    their cost is bounded (:func:`privfer.privacy.calibrate.prv_affordable`: the RDP bound at most
+    PRV_MAX_EPSILON, at most PRV_MAX_STEPS steps) — RDP's cost does not grow with steps or epsilon."""
+    values = {
         "opacus_rdp": epsilon_spent(list(history), delta, "rdp"),
-        "opacus_prv": epsilon_spent(list(history), delta, "prv"),
         "dp_accounting_rdp": _dp_accounting_epsilon(history, delta, "rdp"),
-        "dp_accounting_pld": _dp_accounting_epsilon(history, delta, "pld"),
     }
+    if prv_affordable(list(history), delta):
+        values["opacus_prv"] = epsilon_spent(list(history), delta, "prv")
+        values["dp_accounting_pld"] = _dp_accounting_epsilon(history, delta, "pld")
+    return values
 
 
 _INDEPENDENT_ORDERS = list(range(2, 257)) + [320, 384, 512, 768, 1024]
@@ -185,8 +193,12 @@ class AuditReport:
     def passed(self) -> bool:
         return all(not c.verdicts for c in self.clients)
 
+    @property
+    def unauditable(self) -> list[ClientAudit]:
+        return [c for c in self.clients if UNAUDITABLE in c.verdicts]
+
     def verdict_counts(self) -> dict[str, int]:
-        counts = {OVER_BUDGET: 0, MISMATCH: 0, WEAK_DELTA: 0, PUBLIC_NOISE: 0, NO_DP: 0}
+        counts = {OVER_BUDGET: 0, MISMATCH: 0, WEAK_DELTA: 0, PUBLIC_NOISE: 0, NO_DP: 0, UNAUDITABLE: 0}
         for client in self.clients:
             for verdict in client.verdicts:
                 counts[verdict] += 1
@@ -399,7 +411,8 @@ def _audit_distributed(ledger: dict[str, Any], path: Path) -> AuditReport:
         if len(history) == 1 and history[0].steps:
             h = history[0]
             sigma = gaussian_equivalent(h.mu, h.l2)
-            if sigma >= FLOOR_MIN_NOISE and h.steps <= 100_000:
+            # the PLD's grid grows with the epsilon it computes and with steps: bounded like PRV's
+            if sigma >= FLOOR_MIN_NOISE and h.steps <= PRV_MAX_STEPS and values["skellam_rdp"] <= PRV_MAX_EPSILON:
                 audit.floor = _gaussian_floor(sigma, h.sample_rate, h.steps, delta)
                 if values["skellam_rdp"] < audit.floor - 1e-6:
                     mismatch.append(f"the Skellam bound {values['skellam_rdp']:.4f} is below the Gaussian with the "
@@ -449,10 +462,25 @@ def _audit_local(ledger: dict[str, Any], path: Path) -> AuditReport:
                                 None, {}, [NO_DP], ["trained without DP-SGD: no finite epsilon"])
             audits.append(audit)
             continue
-        values = recompute(history, delta) if history else {name: 0.0 for name in ACCOUNTANTS}
+        steps = sum(t for _, _, t in history)
+        if steps > MAX_AUDIT_STEPS:
+            audits.append(ClientAudit(int(entry["client"]), str(entry.get("phase", "")), int(entry["records"]),
+                                      delta, None if claimed is None else float(claimed), {}, [UNAUDITABLE],
+                                      [f"{steps} steps exceed the {MAX_AUDIT_STEPS} an audit evaluates"]))
+            continue
+        try:
+            values = recompute(history, delta) if history else {name: 0.0 for name in ACCOUNTANTS}
+        except (MemoryError, OverflowError, ValueError, FloatingPointError, RuntimeError) as exc:
+            audits.append(ClientAudit(int(entry["client"]), str(entry.get("phase", "")), int(entry["records"]),
+                                      delta, None if claimed is None else float(claimed), {}, [UNAUDITABLE],
+                                      [f"the accountants cannot evaluate this history ({exc.__class__.__name__})"]))
+            continue
         audit = ClientAudit(int(entry["client"]), str(entry.get("phase", "")), int(entry["records"]), delta,
                             None if claimed is None else float(claimed), values)
         _judge(audit, entry, history, str(entry.get("accountant", accountant)), target)
+        if history and "opacus_prv" not in values:
+            audit.reasons.append("PRV and PLD skipped (their cost grows with epsilon and steps); both RDP "
+                                 "bounds recomputed")
         audits.append(audit)
     return AuditReport(path, accountant, target, bool(ledger["private"]), audits)
 
@@ -465,18 +493,22 @@ def _judge(audit: ClientAudit, entry: dict, history: History, accountant: str, t
     if target is not None and audit.claimed is not None and audit.claimed > target + 1e-9:
         over.append(f"the claimed epsilon {audit.claimed:.4f} exceeds the target {target:g}")
     own = {"rdp": "opacus_rdp", "prv": "opacus_prv"}.get(accountant)
+    if own == "opacus_prv" and own not in values:
+        own = "opacus_rdp"  # beyond PRV's cost bounds privfer's own accountant reports the RDP bound too
     if own is not None and audit.claimed is not None and not _close(audit.claimed, values[own], *CLAIM_TOLERANCE):
         mismatch.append(f"claimed {audit.claimed:.4f} but {own} gives {values[own]:.4f}")
     if history:
         if not _close(values["opacus_rdp"], values["dp_accounting_rdp"], 0.0, RDP_TOLERANCE):
             mismatch.append(f"the RDP accountants disagree: {values['opacus_rdp']:.4f} vs "
                             f"{values['dp_accounting_rdp']:.4f}")
-        if not _close(values["opacus_prv"], values["dp_accounting_pld"], *TIGHT_TOLERANCE):
-            mismatch.append(f"PRV {values['opacus_prv']:.4f} and PLD {values['dp_accounting_pld']:.4f} disagree")
-        tight = values["dp_accounting_pld"]
-        slack = TIGHT_TOLERANCE[0] + TIGHT_TOLERANCE[1] * tight
-        if min(values["opacus_rdp"], values["dp_accounting_rdp"]) < tight - slack:
-            mismatch.append("an RDP bound is below the near-exact PLD value")
+        if "dp_accounting_pld" in values:
+            if not _close(values["opacus_prv"], values["dp_accounting_pld"], *TIGHT_TOLERANCE):
+                mismatch.append(f"PRV {values['opacus_prv']:.4f} and PLD {values['dp_accounting_pld']:.4f} "
+                                "disagree")
+            tight = values["dp_accounting_pld"]
+            slack = TIGHT_TOLERANCE[0] + TIGHT_TOLERANCE[1] * tight
+            if min(values["opacus_rdp"], values["dp_accounting_rdp"]) < tight - slack:
+                mismatch.append("an RDP bound is below the near-exact PLD value")
         sigmas = {s for s, _, _ in history}
         rates = {q for _, q, _ in history}
         if entry.get("noise_multiplier") is not None and any(
@@ -514,6 +546,7 @@ __all__ = [
     "NO_DP",
     "OVER_BUDGET",
     "PUBLIC_NOISE",
+    "UNAUDITABLE",
     "WEAK_DELTA",
     "audit_ledger",
     "load_ledger",

@@ -2,6 +2,7 @@
 
     python benchmarks/tune_distributed.py --hidden 64 --readout mean --steps 40,60 --lr 0.01,0.02
     python benchmarks/tune_distributed.py --epsilon 8 --steps 40 --lr 0.02 --threads 2
+    python benchmarks/tune_distributed.py --epsilon 1 --lr 0.02,0.03 --clip 1.0,0.3 --seeds 0,1
 
 What one round of ``privfer simulate --epsilon E`` computes, without the
 protocol's cost: every training clip's clipped gradient summed (the same
@@ -11,7 +12,11 @@ variance the released sum carries (the calibrated Skellam variance mu times
 the server's Adam. The noise is drawn as a Gaussian of that variance: at the
 default integer scale (2^16 units per unit of gradient, standard deviation
 above 10^5 units) the Skellam and the Gaussian are indistinguishable for
-optimisation. Prints the validation macro F1 at four points of the run.
+optimisation. Prints the validation macro F1 at four points of the run, per
+seed (``seed=S``: the actor split and the initialisation) and the mean over
+seeds, for every combination of steps, learning rate and clip norm
+(``privacy.max_grad_norm=C``, which the noise calibration and the clipped sums
+both use).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=3.0)
     parser.add_argument("--steps", default="40")
     parser.add_argument("--lr", default="0.02")
+    parser.add_argument("--clip", default="1.0", help="comma-separated privacy.max_grad_norm values")
+    parser.add_argument("--seeds", default="0", help="comma-separated run seeds (the split depends on the seed)")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--readout", default="mean", choices=("last", "mean"))
     parser.add_argument("--threads", type=int, default=1)
@@ -45,36 +52,48 @@ def main() -> None:
     from privfer.privacy.clipped_sums import clipped_gradient_sums
 
     torch.set_num_threads(args.threads)
-    overrides = [f"privacy.epsilon={args.epsilon}", f"model.hidden_size={args.hidden}",
-                 f"model.readout={args.readout}", "federation.adaptation=false"]
-    config = load_config(None, overrides)
-    clips = load_clips(config.data)
-    parts = split_clips(clips, split_actors(clips, config.data.split, config.seed))
-    train = parts["train"]
-    x = torch.from_numpy(train.features)
-    y = torch.from_numpy(training_targets(train, "partial"))
-    groups = torch.zeros(len(x), dtype=torch.long)
-    for steps, lr in itertools.product([int(s) for s in args.steps.split(",")], [float(v) for v in args.lr.split(",")]):
-        plan = prepare_federation(load_config(None, [*overrides, f"federation.rounds={steps}"]), clips)
-        plan = plan.distributed["training"]
-        # the released sum's noise, in gradient units: a full round carries clients / honest x mu
-        std = math.sqrt(plan.mu * plan.clients / plan.honest) / plan.scale
-        torch.manual_seed(config.seed)
-        model = VFER(clips.feature_dim, args.hidden, readout=args.readout, fast_dp=True)
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-        started, curve = time.perf_counter(), []
-        for step in range(steps):
-            sums = clipped_gradient_sums(model, x, y, groups, 1, config.privacy.max_grad_norm).sums
-            for name, parameter in model.named_parameters():
-                noisy = sums[name][0] + torch.randn_like(sums[name][0]) * std
-                parameter.grad = (noisy / len(x)).float()
-            optimizer.step()
-            if (step + 1) % max(steps // 4, 1) == 0:
-                curve.append(round(evaluate(model, parts["val"], "intended")["macro"]["f1"], 3))
-        print(f"epsilon {args.epsilon:g} hidden {args.hidden} {args.readout} steps {steps} lr {lr:g} "
-              f"noise multiplier {plan.noise_multiplier:.2f}: validation macro F1 {curve} "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
-
+    base = [f"privacy.epsilon={args.epsilon}", f"model.hidden_size={args.hidden}",
+            f"model.readout={args.readout}", "federation.adaptation=false"]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    clips = load_clips(load_config(None, base).data)
+    data = {}  # per seed: the split's parts and the training tensors
+    for seed in seeds:
+        config = load_config(None, [*base, f"seed={seed}"])
+        parts = split_clips(clips, split_actors(clips, config.data.split, config.seed))
+        train = parts["train"]
+        x = torch.from_numpy(train.features)
+        y = torch.from_numpy(training_targets(train, "partial"))
+        data[seed] = parts, x, y
+    grid = itertools.product([int(s) for s in args.steps.split(",")], [float(v) for v in args.lr.split(",")],
+                             [float(c) for c in args.clip.split(",")])
+    for steps, lr, clip in grid:
+        label = f"epsilon {args.epsilon:g} hidden {args.hidden} {args.readout} steps {steps} lr {lr:g} clip {clip:g}"
+        curves = []
+        for seed in seeds:
+            overrides = [*base, f"seed={seed}", f"privacy.max_grad_norm={clip}", f"federation.rounds={steps}"]
+            config = load_config(None, overrides)
+            parts, x, y = data[seed]
+            groups = torch.zeros(len(x), dtype=torch.long)
+            plan = prepare_federation(config, clips).plans["training"]
+            # the released sum's noise, in gradient units: a full round carries clients / honest x mu
+            std = math.sqrt(plan.mu * plan.clients / plan.honest) / plan.scale
+            torch.manual_seed(config.seed)
+            model = VFER(clips.feature_dim, args.hidden, readout=args.readout, fast_dp=True)
+            optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+            started, curve = time.perf_counter(), []
+            for step in range(steps):
+                sums = clipped_gradient_sums(model, x, y, groups, 1, config.privacy.max_grad_norm).sums
+                for name, parameter in model.named_parameters():
+                    noisy = sums[name][0] + torch.randn_like(sums[name][0]) * std
+                    parameter.grad = (noisy / len(x)).float()
+                optimizer.step()
+                if (step + 1) % max(steps // 4, 1) == 0:
+                    curve.append(round(evaluate(model, parts["val"], "intended")["macro"]["f1"], 3))
+            curves.append(curve)
+            print(f"{label} seed {seed} noise multiplier {plan.noise_multiplier:.2f} (std {std:.3g}): "
+                  f"validation macro F1 {curve} ({time.perf_counter() - started:.0f} s)", flush=True)
+        mean = [round(sum(c[i] for c in curves) / len(curves), 3) for i in range(min(map(len, curves)))]
+        print(f"{label} mean over seeds {seeds}: validation macro F1 {mean}", flush=True)
 
 if __name__ == "__main__":
     main()

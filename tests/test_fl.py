@@ -98,18 +98,20 @@ def test_masking_ckks_and_plain_aggregators_give_the_same_model(small_clips, tmp
     plain = logits["plain"]
     top2 = plain.topk(2, dim=1).values
     margin = top2[:, 0] - top2[:, 1]
+    # masking's quantization steps are about 2^-20; CKKS releases on a grid of 2^-grid_bits (2^-19 for these 6
+    # clients, chosen so the decryption noise is rounded away), which drifts a little further over the rounds
+    tolerance = {"masking": 1e-4, "ckks": 2e-3}
     for backend in ("masking", "ckks"):
         for name, value in models["plain"].items():
-            # quantization (2^-20-ish steps) and CKKS noise: far below anything the metrics can see
-            torch.testing.assert_close(models[backend][name], value, atol=1e-4, rtol=0)
+            torch.testing.assert_close(models[backend][name], value, atol=tolerance[backend], rtol=0)
         change = (logits[backend] - plain).abs().max()
-        assert change < 1e-3
+        assert change < 10 * tolerance[backend]
         # A prediction may only differ where the plain model's top two classes are closer than the error moves them.
         flipped = logits[backend].argmax(1) != plain.argmax(1)
         assert (margin[flipped] <= 2 * change).all()
         if not flipped.any():
             assert results[backend].test == results["plain"].test
-    assert results["plain"]["aggregator_private"] is False and results["masking"]["aggregator_private"]
+    assert results["plain"].aggregator_private is False and results["masking"].aggregator_private
 
 
 class Killed(Exception):

@@ -37,9 +37,9 @@ def authority():
 )
 def test_decrypted_sum_matches_the_float_sum(n, shapes, seed, data):
     rng = np.random.default_rng(seed)
-    config = make_ckks_config(num_clients=n, min_clients=1, metrics=("loss",))
+    config = make_ckks_config(num_clients=n, min_clients=2, metrics=("loss",))
     updates = {cid: [rng.uniform(-8, 8, shape) for shape in shapes] for cid in range(1, n + 1)}
-    dropped = data.draw(st.lists(st.integers(1, n), unique=True, max_size=n - 1))
+    dropped = data.draw(st.lists(st.integers(1, n), unique=True, max_size=n - 2))  # at least min_clients = 2 stay
     stage = data.draw(st.sampled_from(["advertise_keys", "masked_input", "unmask"]))
     counts = {cid: int(rng.integers(0, 100)) for cid in updates}
     result = aggregate(updates, config, {c: stage for c in dropped}, example_counts=counts,
@@ -55,7 +55,7 @@ def test_decrypted_sum_matches_the_float_sum(n, shapes, seed, data):
 
 
 def test_models_larger_than_one_ciphertext_are_chunked_without_tenseal_warnings():
-    config = make_ckks_config(num_clients=2, min_clients=1)
+    config = make_ckks_config(num_clients=2, min_clients=2)
     updates = {1: [np.full((100, 95), 0.5)], 2: [np.full((100, 95), -0.25)]}  # 9,500 values: 3 chunks of 4,096
     assert HELayout.for_arrays(updates[1], config).chunks == 3
     with warnings.catch_warnings():
@@ -139,7 +139,7 @@ def test_key_authority_refuses_small_or_inflated_aggregates(authority):
 
 
 def test_a_chunk_that_does_not_fit_leaves_nothing_in_the_sum():
-    config = make_ckks_config(num_clients=4, min_clients=1)
+    config = make_ckks_config(num_clients=4, min_clients=2)
     authority = KeyAuthority(config)
     layout = HELayout(((5000,),), config)  # two chunks: 4,096 + 906 values (+ extras)
     public = authority.public_context()
@@ -173,7 +173,7 @@ def test_parameters_are_checked_at_config_time(settings, message):
 
 
 def test_sixteen_k_ring_is_selectable():
-    config = make_ckks_config(num_clients=2, min_clients=1, poly_modulus_degree=16384,
+    config = make_ckks_config(num_clients=2, min_clients=2, poly_modulus_degree=16384,
                               coeff_mod_bit_sizes=(60, 40, 40, 40, 60))
     assert config.slots == 8192
     result = aggregate({1: [np.ones(9000)], 2: [np.ones(9000)]}, config)
@@ -183,7 +183,7 @@ def test_sixteen_k_ring_is_selectable():
 def test_clipped_counts_are_summed_exactly_under_encryption():
     from privfer.secagg import ClippingWarning
 
-    config = make_ckks_config(num_clients=3, min_clients=1, clipping_range=1.0)
+    config = make_ckks_config(num_clients=3, min_clients=2, clipping_range=1.0)
     updates = {1: [np.full(3000, 2.0)], 2: [np.zeros(3000)], 3: [np.concatenate([np.full(1100, -5.0), np.zeros(1900)])]}
     with pytest.warns(ClippingWarning, match="4100 of 9000 values"):
         result = aggregate(updates, config)
@@ -192,7 +192,7 @@ def test_clipped_counts_are_summed_exactly_under_encryption():
 
 
 def test_a_chunk_at_another_scale_is_rolled_back():
-    config = make_ckks_config(num_clients=3, min_clients=1)
+    config = make_ckks_config(num_clients=3, min_clients=2)
     authority = KeyAuthority(config)
     layout = HELayout(((5000,),), config)
     public = authority.public_context()
@@ -204,6 +204,44 @@ def test_a_chunk_at_another_scale_is_rolled_back():
     first = HEClient(2, public, layout, "r").encrypt([np.ones(5000)]).ciphertexts[0]
     with pytest.raises(InvalidCiphertext, match="do not add"):
         server.receive(HEMessage(kind="update", round_id="r", sender=2, ciphertexts=(first, second)))
+    server.receive(HEClient(3, public, layout, "r").encrypt([np.ones(5000)]))
     plain = authority.decrypt(server.aggregate(), layout, "r")
-    assert plain.included == (1,)
-    np.testing.assert_allclose(plain.arrays[0], 1.0, atol=1e-5)  # client 2's first chunk was taken out again
+    assert plain.included == (1, 3)
+    np.testing.assert_array_equal(plain.arrays[0], 2.0)  # client 2's first chunk was taken out again
+
+
+def test_the_release_carries_no_ckks_noise():
+    """Two encryptions of the same grid-valued inputs under fresh randomness release bit-identical sums: what
+    leaves the key authority is a function of the true sum alone (no decryption noise for key recovery)."""
+    config = make_ckks_config(num_clients=3)
+    scale = 2.0**config.grid
+    rng = np.random.default_rng(5)
+    updates = {c: [np.round(rng.uniform(-4, 4, 300) * scale) / scale] for c in (1, 2, 3)}
+    first = aggregate(updates, config, round_id="a")
+    second = aggregate(updates, config, round_id="b")
+    exact = sum(updates[c][0] for c in updates)
+    assert first.total[0].tobytes() == second.total[0].tobytes()
+    np.testing.assert_array_equal(first.total[0], exact)
+    # the raw decryptions do differ: the noise the release rounds away is really there
+    authority = KeyAuthority(config)
+    layout = HELayout.for_arrays(updates[1], config)
+    public = authority.public_context()
+    raws = []
+    for _ in range(2):
+        vector = ts.ckks_vector_from(ts.context_from(public),
+                                     HEClient(1, public, layout, "x").encrypt(updates[1]).ciphertexts[0])
+        vector.link_context(authority._context)
+        raws.append(np.asarray(vector.decrypt()))
+    assert not np.array_equal(raws[0], raws[1])
+
+
+def test_one_client_aggregates_are_refused_by_config():
+    for settings in ({"num_clients": 1, "min_clients": 1}, {"num_clients": 4, "min_clients": 1}):
+        with pytest.raises(ConfigError):
+            make_ckks_config(**settings)
+
+
+def test_a_grid_finer_than_the_decryption_error_is_refused():
+    finest = make_ckks_config(num_clients=64).finest_grid_bits()
+    with pytest.raises(ConfigError, match="finer than the decryption error"):
+        make_ckks_config(num_clients=64, grid_bits=finest + 1)

@@ -44,6 +44,7 @@ HE_MAGIC = b"PFHE"
 # SEAL's largest total coefficient-modulus bits for 128-bit security (HomomorphicEncryption.org standard).
 MAX_MODULUS_BITS = {8192: 218, 16384: 438}
 MAX_CIPHERTEXT_BYTES = 1 << 27
+MIN_GRID_BITS = 8
 
 
 class InvalidCiphertext(MessageError):
@@ -56,8 +57,17 @@ class CKKSConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backend: Literal["ckks"] = "ckks"
-    num_clients: int = Field(..., ge=1, le=1_000_000, description="Most clients in one aggregate.")
-    min_clients: int = Field(2, ge=1, description="The key authority decrypts only aggregates of at least this many.")
+    num_clients: int = Field(..., ge=2, le=1_000_000, description="Most clients in one aggregate.")
+    min_clients: int = Field(
+        2, ge=2, description="The key authority decrypts only aggregates of at least this many (one would release a "
+        "client's update in the clear)."
+    )
+    grid_bits: int | None = Field(
+        None, ge=MIN_GRID_BITS, le=30,
+        description="Clients' values are stochastically rounded to multiples of 2^-grid_bits; the key authority "
+        "rounds each decryption to that grid, so what it releases carries no CKKS noise. None: the finest grid "
+        "whose half-step is at least twice the decryption error bound.",
+    )
     poly_modulus_degree: Literal[8192, 16384] = Field(8192, description="Ring degree N; N / 2 slots per ciphertext.")
     coeff_mod_bit_sizes: tuple[int, ...] = Field((60, 40, 40, 60), description="Bit sizes of the coefficient moduli.")
     scale_bits: int = Field(40, ge=20, le=60, description="log2 of the CKKS scale.")
@@ -97,6 +107,19 @@ class CKKSConfig(BaseModel):
                 f"scale_bits {self.scale_bits} is too coarse for {self.num_clients} clients: the error bound "
                 f"{self.error_bound(self.num_clients):.3g} would blur the exact counts; raise scale_bits"
             )
+        finest = self.finest_grid_bits()
+        if finest < MIN_GRID_BITS:
+            raise ValueError(
+                f"scale_bits {self.scale_bits} leaves a release grid of 2^-{finest} for {self.num_clients} clients "
+                f"(the grid's half-step must be twice the decryption error bound); at least 2^-{MIN_GRID_BITS} "
+                "is needed: raise scale_bits"
+            )
+        if self.grid_bits is not None and self.grid_bits > finest:
+            raise ValueError(f"grid_bits {self.grid_bits} is finer than the decryption error allows for "
+                             f"{self.num_clients} clients (at most {finest})")
+        largest = self.num_clients * max(self.clipping_range, self.max_examples, self.metric_range, DIGIT - 1)
+        if largest * 2.0 ** self.grid >= 2.0**53:
+            raise ValueError(f"sums up to {largest:.4g} on a grid of 2^-{self.grid} exceed float64's exact integers")
         if self.min_clients > self.num_clients:
             raise ValueError(f"min_clients {self.min_clients} exceeds num_clients {self.num_clients}")
         if len(set(self.metrics)) != len(self.metrics):
@@ -117,6 +140,20 @@ class CKKSConfig(BaseModel):
         (tests/test_secagg_he.py checks it over random shapes and client counts).
         """
         return clients * 2.0 ** (16 - self.scale_bits)
+
+    def finest_grid_bits(self) -> int:
+        """The largest g with error_bound(num_clients) <= 2^-(g + 2): the decryption error stays below half of
+        half a grid step, so rounding to the grid recovers the exact sum of the clients' grid values."""
+        return min(30, math.floor(-math.log2(self.error_bound(self.num_clients))) - 2)
+
+    @property
+    def grid(self) -> int:
+        """grid_bits, resolved."""
+        return self.grid_bits if self.grid_bits is not None else self.finest_grid_bits()
+
+    def release_error_bound(self, clients: int) -> float:
+        """|released sum - float sum| per coordinate: the clients' stochastic rounding to the grid only."""
+        return clients * 2.0 ** -self.grid
 
 
 def make_ckks_config(**settings: object) -> CKKSConfig:
@@ -169,6 +206,7 @@ class HELayout(ArrayLayout):
             np.array([float(metrics.get(name, 0.0)) for name in config.metrics]), config.metric_range
         )
         report.add(metric_report)
+        flat, metric_values = to_grid(flat, config.grid), to_grid(metric_values, config.grid)
         digits = [(report.clipped // DIGIT**i) % DIGIT for i in range(COUNT_DIGITS)]
         vector = np.concatenate([flat, np.array([float(example_count), 1.0, *digits]), metric_values])
         slots = config.slots
@@ -180,6 +218,15 @@ class HELayout(ArrayLayout):
         clipped = int(sum(int(d) * DIGIT**i for i, d in enumerate(digits)))
         metrics = dict(zip(self.config.metrics, vector[n + 2 + COUNT_DIGITS : self.length].tolist()))
         return self.unflatten(vector[:n]), float(vector[n]), float(vector[n + 1]), clipped, metrics
+
+
+def to_grid(values: np.ndarray, bits: int) -> np.ndarray:
+    """Unbiased stochastic rounding to multiples of 2^-bits (uniforms from the OS CSPRNG)."""
+    if values.size == 0:
+        return values
+    uniforms = np.frombuffer(secrets.token_bytes(8 * values.size), dtype=np.uint64) / 2.0**64
+    scale = 2.0**bits
+    return np.floor(values * scale + uniforms) / scale
 
 
 # -- messages ----------------------------------------------------------------------------
@@ -317,7 +364,20 @@ class KeyAuthority:
             )
         vectors = parse_chunks(self._context, message.ciphertexts, layout, "the aggregate")
         values = [np.asarray(vector.decrypt(), dtype=np.float64) for vector in vectors]
-        flat = np.concatenate(values)[: layout.length]
+        noisy = np.concatenate(values)[: layout.length]
+        # Release only the grid point: every client's values are on the grid, so their sum is, and the
+        # decryption error (below a quarter step by the config's check) is rounded away. What leaves the key
+        # authority is then a function of the true sum alone — not the (ciphertext, decryption) pairs of Li and
+        # Micciancio's key-recovery attack.
+        scale = 2.0**self.config.grid
+        grid_points = np.rint(noisy * scale)
+        error = float(np.max(np.abs(noisy * scale - grid_points))) / scale if noisy.size else 0.0
+        if error > self.config.error_bound(len(message.included)):
+            raise RoundAborted(
+                f"the decryption error {error:.3g} exceeds the stated bound "
+                f"{self.config.error_bound(len(message.included)):.3g}; nothing is released"
+            )
+        flat = grid_points / scale
         arrays, count, clients, clipped, metrics = layout.unpack(flat)
         if round(clients) != len(message.included):
             raise RoundAborted(
@@ -467,7 +527,7 @@ def aggregate(
         example_count=plain.example_count,
         metrics=plain.metrics,
         clipping=clipping,
-        error_bound=config.error_bound(len(plain.included)),
+        error_bound=config.release_error_bound(len(plain.included)),
         transcript=None,  # no masking transcript: the server's view is its ciphertexts (HEServer)
         words=None,
         times=times,

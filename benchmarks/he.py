@@ -23,7 +23,7 @@ from privfer.secagg.he import HEClient, HELayout, HEServer, KeyAuthority, make_c
 
 
 def privfer_round(updates: dict[int, list[np.ndarray]], n: int) -> dict:
-    config = make_ckks_config(num_clients=n, min_clients=1, clipping_range=1.0)
+    config = make_ckks_config(num_clients=n, min_clients=2, clipping_range=1.0)
     layout = HELayout.for_arrays(updates[1], config)
     authority = KeyAuthority(config)
     public = authority.public_context()

@@ -31,7 +31,7 @@ from privfer.data.splits import ActorSplit, split_actors
 from privfer.metrics import classification_report
 from privfer.models.loss import label_loss
 from privfer.models.vfer import VFER, ifer_from_config
-from privfer.runs import atomic_torch_save, atomic_write_json, load_checkpoint, prepare_run_dir
+from privfer.runs import atomic_torch_save, atomic_write_json, load_checkpoint, prepare_run_dir, save_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -140,7 +140,7 @@ def train_centralized(
     val_y = training_targets(parts["val"], training.labels, temperature)
     pseudo = pseudo_label_quality(config, parts["train"], parts["test_adapt"])
 
-    resumed = prepare_run_dir(run_dir, config) if run_dir is not None else False
+    resumed = prepare_run_dir(run_dir, config, "train") if run_dir is not None else False
     if resumed and (run_dir / RESULT).exists():
         return json.loads((run_dir / RESULT).read_text(encoding="utf-8"))  # finished earlier
     train_x = torch.from_numpy(parts["train"].features)
@@ -192,7 +192,7 @@ def train_centralized(
         record = EpochRecord(epoch, total / max(seen, 1), val_loss, val_f1, time.perf_counter() - epoch_start)
         history.append(record)
         if checkpoint_path is not None:
-            atomic_torch_save(
+            save_checkpoint(
                 checkpoint_path,
                 {
                     "epoch": epoch,

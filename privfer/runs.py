@@ -7,6 +7,8 @@ place, so a run killed half-way never leaves a half-written result.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import os
@@ -87,28 +89,59 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda h: torch.save(obj, h), "wb")
 
 
+CHECKPOINT_MAGIC = b"PFCK\x01"  # then the SHA-256 of the payload, then torch.save's bytes
+
+
+def save_checkpoint(path: Path, obj: Any) -> None:
+    """A checkpoint with an integrity check: a flipped byte anywhere is refused on load, never trained on."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    payload = buffer.getvalue()
+    _atomic_write(path, lambda h: h.write(CHECKPOINT_MAGIC + hashlib.sha256(payload).digest() + payload), "wb")
+
+
 def load_checkpoint(path: Path | None, resumed: bool) -> dict[str, Any] | None:
     """The checkpoint a resumed run continues from (None: start afresh); a damaged one is a RunDirectoryError."""
     if not resumed or path is None or not path.exists():
         return None
+    import io
+
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RunDirectoryError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    head = len(CHECKPOINT_MAGIC)
+    if raw[:head] != CHECKPOINT_MAGIC or len(raw) < head + 32:
+        raise RunDirectoryError(f"{path} is not a privfer checkpoint (or predates integrity checks); delete it to "
+                                "restart the run")
+    digest, payload = raw[head : head + 32], raw[head + 32 :]
+    if not hmac.compare_digest(digest, hashlib.sha256(payload).digest()):
+        raise RunDirectoryError(f"{path} fails its integrity check (SHA-256): it was modified or damaged; delete it "
+                                "to restart the run")
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
         raise RunDirectoryError(f"{path} cannot be read ({exc.__class__.__name__}); delete it to restart the run"
                                 ) from None
 
 
-def prepare_run_dir(run_dir: Path, config: PrivferConfig) -> bool:
+RUN_FILE = "run.json"  # which command made the directory
+
+
+def prepare_run_dir(run_dir: Path, config: PrivferConfig, command: str) -> bool:
     """Create ``run_dir`` with its ``config.yaml``; returns True when it resumes an earlier run.
 
-    A directory that already holds a run may only be reused with the same
-    resolved config (then the run resumes); anything else is refused rather
-    than mixing two runs' outputs.
+    A directory that already holds a run may only be reused by the same command with the same resolved config
+    (then the run resumes); anything else is refused rather than mixing two runs' outputs.
     """
     try:
-        return _prepare_run_dir(Path(run_dir), config)
+        return _prepare_run_dir(Path(run_dir), config, command)
     except OSError as exc:
         raise RunDirectoryError(f"run directory {run_dir} cannot be used: {exc.strerror or exc}") from None
 
@@ -129,9 +162,18 @@ def create_unique_dir(parent: Path, stem: str) -> Path:
     raise RunDirectoryError(f"cannot create a run directory under {parent}: too many named {stem}")
 
 
-def _prepare_run_dir(run_dir: Path, config: PrivferConfig) -> bool:
+def _prepare_run_dir(run_dir: Path, config: PrivferConfig, command: str) -> bool:
     config_path = run_dir / "config.yaml"
     resolved = config.to_dict()
+    run_file = run_dir / RUN_FILE
+    if run_file.exists():
+        try:
+            made_by = json.loads(run_file.read_text(encoding="utf-8")).get("command")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            raise RunDirectoryError(f"{run_file} is unreadable; choose another --out") from None
+        if made_by != command:
+            raise RunDirectoryError(f"{run_dir} holds a privfer {made_by} run, not a {command} run; choose another "
+                                    "--out")
     if config_path.exists():
         try:
             existing = yaml.safe_load(config_path.read_text(encoding="utf-8"))
@@ -145,5 +187,6 @@ def _prepare_run_dir(run_dir: Path, config: PrivferConfig) -> bool:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise RunDirectoryError(f"{run_dir} exists and is not a privfer run directory; choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_file, json.dumps({"command": command}) + "\n")
     atomic_write_text(config_path, config.to_yaml())
     return False

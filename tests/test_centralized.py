@@ -6,6 +6,7 @@ import yaml
 
 from privfer.centralized import CHECKPOINT, train_centralized
 from privfer.errors import RunDirectoryError
+from privfer.runs import load_checkpoint
 
 from conftest import small_config
 
@@ -28,7 +29,7 @@ def test_run_directory_contents(tmp_path, small_clips):
     config = small_config("training.epochs=2")
     run = tmp_path / "run"
     result = train_centralized(config, run_dir=run, clips=small_clips)
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "model.pt", "result.json", "split.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "model.pt", "result.json", "run.json", "split.json"]
     assert yaml.safe_load((run / "config.yaml").read_text()) == config.to_dict()
     assert json.loads((run / "result.json").read_text())["test"] == json.loads(json.dumps(result["test"]))
     split = json.loads((run / "split.json").read_text())
@@ -83,7 +84,7 @@ def test_a_crash_while_writing_the_checkpoint_keeps_the_previous_one(tmp_path, s
         train_centralized(config, run_dir=run, clips=small_clips)
     monkeypatch.setattr(torch, "save", real_save)
     assert saves == [1, 2]
-    assert torch.load(run / CHECKPOINT, weights_only=True)["epoch"] == 1  # the old checkpoint is intact
+    assert load_checkpoint(run / CHECKPOINT, True)["epoch"] == 1  # the old checkpoint is intact
     assert not list(run.glob(".*.tmp"))
     resumed = train_centralized(config, run_dir=run, clips=small_clips)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
@@ -96,7 +97,7 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path, small_clips):
         train_centralized(config, run_dir=run, clips=small_clips,
                           on_epoch=lambda r: (_ for _ in ()).throw(Interrupted))
     (run / CHECKPOINT).write_bytes(b"garbage")
-    with pytest.raises(RunDirectoryError, match="checkpoint.pt cannot be read .*delete it to restart"):
+    with pytest.raises(RunDirectoryError, match="checkpoint.pt is not a privfer checkpoint.*delete it to restart"):
         train_centralized(config, run_dir=run, clips=small_clips)
 
 

@@ -225,3 +225,42 @@ def test_a_damaged_result_is_refused_not_returned(small_clips, tmp_path):
     (tmp_path / "result.json").write_text(json.dumps(raw))
     with pytest.raises(RunDirectoryError, match="incomplete or damaged"):
         run(small_clips, "federation.rounds=1", run_dir=tmp_path)
+
+
+def test_a_modified_checkpoint_is_refused_not_trained_on(small_clips, tmp_path):
+    from privfer.errors import RunDirectoryError
+
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        raise Stop
+
+    with pytest.raises(Stop):
+        run(small_clips, "federation.rounds=3", run_dir=tmp_path, on_round=stop)
+    checkpoint = tmp_path / "checkpoint.pt"
+    raw = bytearray(checkpoint.read_bytes())
+    raw[len(raw) // 2] ^= 0x55  # one byte inside the tensor data
+    checkpoint.write_bytes(bytes(raw))
+    with pytest.raises(RunDirectoryError, match="integrity check"):
+        run(small_clips, "federation.rounds=3", run_dir=tmp_path)
+    checkpoint.unlink()  # rounds.json without a checkpoint: refused, not silently restarted from round 1
+    with pytest.raises(RunDirectoryError, match="no checkpoint.pt"):
+        run(small_clips, "federation.rounds=3", run_dir=tmp_path)
+
+
+def test_a_run_directory_of_another_command_is_refused(small_clips, tmp_path):
+    from privfer.centralized import train_centralized
+    from privfer.errors import RunDirectoryError
+
+    config = small_config(*FAST, "federation.rounds=1")
+    simulate(config, tmp_path, clips=small_clips)
+    with pytest.raises(RunDirectoryError, match="holds a privfer simulate run, not a train run"):
+        train_centralized(config, run_dir=tmp_path, clips=small_clips)
+
+
+def test_a_delta_of_one_over_the_records_is_refused(small_clips):
+    for mechanism in ("local", "distributed"):
+        config = small_config("privacy.epsilon=3", f"privacy.mechanism={mechanism}", "privacy.delta=0.5")
+        with pytest.raises(ConfigError, match=r"privacy.delta = 0.5 must be below 1 / \d+ records"):
+            prepare_federation(config, small_clips)

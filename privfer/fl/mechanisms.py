@@ -91,9 +91,22 @@ class Mechanism(ABC):
     def __init__(self, config: PrivferConfig) -> None:
         self.config = config
 
+    def protected_records(self, counts: Counts) -> int:
+        """The records of the largest dataset a record is protected within (local DP: the largest client's)."""
+        return max(n for group in counts.values() for n in group.values())
+
     def default_delta(self, counts: Counts) -> float:
         """1 / (10 x the records of the protected unit's largest dataset)."""
-        return default_delta([n for group in counts.values() for n in group.values()])
+        return default_delta([self.protected_records(counts)])
+
+    def check_delta(self, delta: float, counts: Counts) -> None:
+        """A delta of 1 / records or more is met by publishing one random record: refuse it."""
+        records = self.protected_records(counts)
+        if self.id is not None and delta >= 1.0 / records:
+            from privfer.errors import ConfigError
+
+            raise ConfigError(f"privacy.delta = {delta:g} must be below 1 / {records} records = {1 / records:.3g} "
+                              f"(allowed: 0 < delta < {1 / records:.3g}; the default is {1 / (10 * records):.3g})")
 
     @abstractmethod
     def calibrate(self, counts: Counts, *, feature_dim: int, cohort_size: int, delta: float,
@@ -222,9 +235,9 @@ class DistributedDPSGD(Mechanism):
         super().__init__(config)
         self.plans: dict[str, DistributedPlan] = {}
 
-    def default_delta(self, counts: Counts) -> float:
+    def protected_records(self, counts: Counts) -> int:
         # one record of the union of every client's records is the protected unit
-        return default_delta([sum(n for group in counts.values() for n in group.values())])
+        return sum(n for group in counts.values() for n in group.values())
 
     def calibrate(self, counts: Counts, *, feature_dim: int, cohort_size: int, delta: float,
                   only_client: int | None = None, known_noise: dict[int, float] | None = None) -> set[str]:

@@ -51,7 +51,7 @@ from privfer.fl.strategies import Strategy, make_strategy
 from privfer.metrics import classification_report
 from privfer.models.vfer import VFER, ifer_from_config
 from privfer.privacy.ledger import ClientAccount, account_from_state, write_ledger
-from privfer.runs import atomic_torch_save, atomic_write_json, load_checkpoint, prepare_run_dir
+from privfer.runs import atomic_torch_save, atomic_write_json, load_checkpoint, prepare_run_dir, save_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -201,6 +201,7 @@ def prepare_federation(
                 clients[ADAPTATION][actor] = FLClient(actor, adapt.features[mask], labels[mask].astype(np.int64))
     counts = {phase: {c: client.records for c, client in group.items()} for phase, group in clients.items()}
     delta = config.privacy.delta if config.privacy.delta is not None else mechanism.default_delta(counts)
+    mechanism.check_delta(delta, counts)
     runnable = mechanism.calibrate(counts, feature_dim=clips.feature_dim, cohort_size=cohort_size, delta=delta,
                                    only_client=only_client, known_noise=known_noise)
     if ADAPTATION not in runnable:
@@ -274,7 +275,7 @@ def simulate(
         torch.set_num_threads(config.training.torch_threads)
     federation = prepare_federation(config, clips)
     prepared_seconds = time.perf_counter() - started
-    resumed = prepare_run_dir(run_dir, config) if run_dir is not None else False
+    resumed = prepare_run_dir(run_dir, config, "simulate") if run_dir is not None else False
     if resumed and (run_dir / RESULT).exists():
         return read_result(run_dir)
 
@@ -286,6 +287,9 @@ def simulate(
     saved = load_checkpoint(checkpoint, resumed)
     if saved is not None:
         state = _State.from_checkpoint(saved)
+    elif resumed and (run_dir / ROUNDS).exists():
+        raise RunDirectoryError(f"{run_dir} has {ROUNDS} but no {CHECKPOINT}: the rounds it records cannot be "
+                                "continued; delete the directory to rerun")
     schedule = _schedule(config, federation)
     done = len(state.records)
     if on_start is not None:
@@ -298,7 +302,7 @@ def simulate(
         state.records.append(record)
         state.elapsed += time.perf_counter() - round_started
         if run_dir is not None:
-            atomic_torch_save(checkpoint, state.to_checkpoint())
+            save_checkpoint(checkpoint, state.to_checkpoint())
             atomic_write_json(run_dir / ROUNDS, [asdict(r) for r in state.records])
         if on_round is not None:
             on_round(record)

@@ -479,6 +479,13 @@ def print_audit(report: Any, per_client: bool) -> None:
         for client in report.clients:
             for reason in client.reasons:
                 console.print(f"client {client.client} ({client.phase}): {reason}", highlight=False, markup=False)
+    if report.run_checks is None:
+        console.print("not cross-checked: no config.yaml and rounds.json next to the ledger (audit the run "
+                      "directory to check who trained, the plan and the target against the run)",
+                      highlight=False, markup=False)
+    else:
+        for problem in report.run_checks:
+            console.print(f"INCONSISTENT WITH THE RUN: {problem}", highlight=False, markup=False)
     status = "PASS" if report.passed else "FAIL"
     console.print(
         f"{status}: {len(report.clients)} clients; "

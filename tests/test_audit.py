@@ -234,3 +234,69 @@ def test_an_absurd_budget_is_a_config_error_naming_the_range(value):
 
     with pytest.raises(ConfigError, match=r"privacy.epsilon.*must be in \(0, 1000\]"):
         load_config(None, [f"privacy.epsilon={value}"])
+
+
+def _tamper_cases():
+    from privfer.privacy.calibrate import epsilon_spent
+
+    def lower_consistently(ledger, field):
+        entry = max(ledger["clients"], key=lambda e: e["steps"])
+        sigma, q, steps = entry["history"][0]
+        assert steps > 1
+        if field == "sample_rate":
+            q = q / 2
+            entry["sample_rate"] = q
+        elif field == "steps":
+            steps = steps - 1
+            entry["steps"] = steps
+        else:
+            entry["delta"] = ledger["delta"] = ledger["delta"] * 10
+        entry["history"] = [[sigma, q, steps]]
+        entry["epsilon"] = epsilon_spent([(sigma, q, steps)], entry["delta"], ledger["accountant"])
+
+    return {
+        "delete an entry": lambda ledger: ledger["clients"].pop(0),
+        "delete every entry": lambda ledger: ledger["clients"].clear(),
+        "duplicate an entry": lambda ledger: ledger["clients"].append(dict(ledger["clients"][0])),
+        "raise the target": lambda ledger: ledger.update(target_epsilon=ledger["target_epsilon"] * 2),
+        "lower the sample rate": lambda ledger: lower_consistently(ledger, "sample_rate"),
+        "lower the steps": lambda ledger: lower_consistently(ledger, "steps"),
+        "raise delta": lambda ledger: lower_consistently(ledger, "delta"),
+        "change rounds_trained": lambda ledger: ledger["clients"][0].update(
+            rounds_trained=ledger["clients"][0]["rounds_trained"] + 1),
+        "a false epsilon_max": lambda ledger: ledger.update(epsilon_max=ledger["epsilon_max"] / 2),
+        "unit user": lambda ledger: ledger.update(unit="user"),
+    }
+
+
+@pytest.fixture(scope="module")
+def audited_run(small_clips, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("audited-run")
+    config = small_config("privacy.epsilon=3", "federation.rounds=2", "federation.clients_per_round=3",
+                          "aggregation.backend=plain", "privacy.accountant=rdp", "output.save_model=false",
+                          "privacy.delta=1e-4", "training.batch_size=4")
+    simulate(config, folder, clips=small_clips)
+    return folder
+
+
+@pytest.mark.parametrize("case", sorted(_tamper_cases()))
+def test_a_ledger_edited_to_stay_self_consistent_fails_against_its_run(audited_run, tmp_path, case):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(audited_run, run_dir)
+    assert audit_ledger(load_ledger(run_dir)).passed  # the untouched run passes
+    path = run_dir / "privacy_ledger.json"
+    content = json.loads(path.read_text())
+    _tamper_cases()[case](content)
+    path.write_text(json.dumps(content))
+    report = audit_ledger(load_ledger(run_dir))
+    assert not report.passed, case
+    result = runner.invoke(app, ["audit", str(run_dir)])
+    assert result.exit_code == 1, (case, result.output)
+    # the same ledger alone is audited as before and says it was not cross-checked
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(path, alone / "privacy_ledger.json")
+    assert audit_ledger(load_ledger(alone)).run_checks is None
+    assert "not cross-checked" in runner.invoke(app, ["audit", str(alone)]).stdout

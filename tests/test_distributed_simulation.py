@@ -43,7 +43,8 @@ def test_every_client_in_every_round_spends_its_budget_and_the_audit_agrees(tmp_
         if entry["rounds_trained"] == 4:
             assert entry["epsilon"] >= 0.9 * 3.0
     report = audit_ledger(load_ledger(tmp_path / "run"))
-    assert report.passed, [c.reasons for c in report.clients if c.reasons]
+    assert report.passed, ([c.reasons for c in report.clients if c.reasons], report.run_checks)
+    assert report.run_checks == []  # cross-checked against config.yaml and rounds.json, and consistent
     assert all(c.floor is not None and c.floor <= c.certified for c in report.clients)
 
     tampered = json.loads((tmp_path / "run" / "privacy_ledger.json").read_text())

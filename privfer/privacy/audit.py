@@ -188,10 +188,12 @@ class AuditReport:
     target: float | None
     private: bool
     clients: list[ClientAudit]
+    # disagreements with the run directory's config.yaml and rounds.json; None: not cross-checked (no run files)
+    run_checks: list[str] | None = None
 
     @property
     def passed(self) -> bool:
-        return all(not c.verdicts for c in self.clients)
+        return all(not c.verdicts for c in self.clients) and not self.run_checks
 
     @property
     def unauditable(self) -> list[ClientAudit]:
@@ -223,6 +225,7 @@ class AuditReport:
             "private": self.private,
             "passed": self.passed,
             "verdicts": self.verdict_counts(),
+            "run_checks": self.run_checks,  # None: the ledger was audited alone (no config.yaml / rounds.json)
             "tolerances": {
                 "claim": {"absolute": CLAIM_TOLERANCE[0], "relative": CLAIM_TOLERANCE[1]},
                 "rdp_vs_rdp_relative": RDP_TOLERANCE,
@@ -444,8 +447,12 @@ def _close(a: float, b: float, absolute: float, relative: float) -> bool:
 
 def audit_ledger(ledger: dict[str, Any]) -> AuditReport:
     """Recompute and judge every client of a loaded ledger."""
+    from privfer.privacy.crosscheck import cross_check
+
     path = Path(ledger.get("_path", "privacy_ledger.json"))
-    return AUDITORS[ledger.get("mechanism_id", "local")](ledger, path)
+    report = AUDITORS[ledger.get("mechanism_id", "local")](ledger, path)
+    report.run_checks = cross_check(ledger, path.parent)
+    return report
 
 
 def _audit_local(ledger: dict[str, Any], path: Path) -> AuditReport:

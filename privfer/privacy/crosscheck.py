@@ -1,0 +1,123 @@
+"""Audit the run, not only the ledger: cross-check a ledger against its run directory's config and rounds.
+
+A ledger recomputes on its own — but a ledger whose entries were deleted,
+duplicated, or edited consistently (sample rate, steps, delta and epsilon
+changed together) recomputes too. The run directory also holds
+``config.yaml`` (the resolved config the run was made with) and
+``rounds.json`` (who took part in which round, as the server saw it), so
+:func:`cross_check` holds the ledger to them: the unit, the mechanism, the
+target, delta and the planned sample rates and steps come from the config;
+the set of clients and how often each trained come from the rounds. Every
+disagreement is one line in the result. A ledger without its run directory
+cannot be cross-checked, and the audit says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+MAX_ROUNDS_BYTES = 256 * 1024 * 1024
+
+
+def _close(a: Any, b: Any) -> bool:
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    except (TypeError, ValueError):
+        return False
+
+
+def cross_check(ledger: dict[str, Any], run_dir: Path) -> list[str] | None:
+    """Inconsistencies between ``ledger`` and the run in ``run_dir``; None when the run files are absent."""
+    config_path, rounds_path = run_dir / "config.yaml", run_dir / "rounds.json"
+    if not config_path.is_file() or not rounds_path.is_file():
+        return None
+    from privfer.config import load_config
+    from privfer.errors import PrivferError
+
+    try:
+        config = load_config(config_path)
+    except PrivferError as exc:
+        return [f"config.yaml does not load: {exc}"]
+    if rounds_path.stat().st_size > MAX_ROUNDS_BYTES:
+        return [f"rounds.json is {rounds_path.stat().st_size} bytes; at most {MAX_ROUNDS_BYTES} are read"]
+    try:
+        rounds = json.loads(rounds_path.read_text(encoding="utf-8"))
+        trained = Counter((str(r["phase"]), int(c)) for r in rounds for c in r["clients"])
+        phases = Counter(str(r["phase"]) for r in rounds)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        return [f"rounds.json is not a privfer rounds file ({exc.__class__.__name__})"]
+
+    problems: list[str] = []
+    privacy, fed = config.privacy, config.federation
+
+    def expect(what: str, found: Any, wanted: Any, *, numeric: bool = False) -> None:
+        same = _close(found, wanted) if numeric and found is not None and wanted is not None else found == wanted
+        if not same:
+            problems.append(f"{what} is {found!r} in the ledger but {wanted!r} in the run's config")
+
+    expect("the unit", ledger.get("unit"), privacy.unit)
+    expect("the mechanism", ledger.get("mechanism_id", "local"), config.mechanism or "local")
+    expect("'private'", ledger.get("private"), privacy.enabled)
+    expect("the target epsilon", ledger.get("target_epsilon"), privacy.epsilon if privacy.enabled else None,
+           numeric=True)
+    if privacy.delta is not None:
+        expect("delta", ledger.get("delta"), privacy.delta, numeric=True)
+    expect("max_grad_norm", ledger.get("max_grad_norm"), privacy.max_grad_norm, numeric=True)
+    max_rounds = {"training": fed.rounds, "adaptation": fed.adaptation_rounds}
+    for phase, count in phases.items():
+        if count > max_rounds.get(phase, 0):
+            problems.append(f"rounds.json records {count} {phase} rounds; the config plans {max_rounds.get(phase, 0)}")
+
+    entries = ledger.get("clients", [])
+    keys = Counter((str(e.get("phase")), int(e.get("client"))) for e in entries)
+    duplicated = sorted(k for k, n in keys.items() if n > 1)
+    if duplicated:
+        problems.append(f"{len(duplicated)} clients have more than one entry (first: {duplicated[0]})")
+    missing = sorted(set(trained) - set(keys))
+    if missing:
+        problems.append(f"{len(missing)} clients trained (rounds.json) but have no ledger entry "
+                        f"(first: client {missing[0][1]}, {missing[0][0]})")
+    extra = sorted(set(keys) - set(trained))
+    if extra:
+        problems.append(f"{len(extra)} ledger entries are for clients that never trained (first: client "
+                        f"{extra[0][1]}, {extra[0][0]})")
+    spent = [float(e["epsilon"]) for e in entries if isinstance(e.get("epsilon"), (int, float))]
+    if spent and not _close(ledger.get("epsilon_max"), max(spent)):
+        problems.append(f"epsilon_max is {ledger.get('epsilon_max')!r} but the entries' largest is {max(spent):.6g}")
+
+    distributed = ledger.get("mechanism_id") == "distributed"
+    plans = ledger.get("phases", {}) if distributed else {}
+    for phase, plan in plans.items():
+        if not isinstance(plan, dict):
+            continue
+        expect(f"the {phase} plan's steps", plan.get("steps"), max_rounds.get(phase))
+        expect(f"the {phase} plan's sample rate", plan.get("sample_rate"), privacy.sample_rate, numeric=True)
+    epochs = {"training": fed.local_epochs, "adaptation": fed.adaptation_epochs}
+    for entry in entries:
+        key = (str(entry.get("phase")), int(entry.get("client")))
+        where = f"client {key[1]} ({key[0]})"
+        if key in trained and entry.get("rounds_trained") != trained[key]:
+            problems.append(f"{where}: rounds_trained {entry.get('rounds_trained')!r}, but rounds.json has it in "
+                            f"{trained[key]} rounds")
+        expect(f"{where}: max_rounds", entry.get("max_rounds"), max_rounds.get(key[0]))
+        if distributed or not privacy.enabled:
+            continue
+        records = entry.get("records")
+        if not isinstance(records, int) or records < 1:
+            problems.append(f"{where}: records {records!r} is not a count")
+            continue
+        from privfer.privacy.calibrate import steps_per_epoch
+
+        per_epoch = steps_per_epoch(records, config.training.batch_size)
+        expect(f"{where}: the sample rate", entry.get("sample_rate"), 1.0 / per_epoch, numeric=True)
+        if isinstance(entry.get("rounds_trained"), int):
+            planned = entry["rounds_trained"] * epochs.get(key[0], 0) * per_epoch
+            expect(f"{where}: steps", entry.get("steps"), planned)
+    return problems
+
+
+__all__ = ["cross_check"]

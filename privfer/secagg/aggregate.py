@@ -66,14 +66,14 @@ def aggregate(
         with times.client("advertise_keys", cid):
             advert = clients[cid].advertise_keys().to_bytes()
         with times.on_server("advertise_keys"):
-            server.receive_advertise(advert)
+            server.receive_advertise(advert, peer=cid)
     with times.on_server("advertise_keys"):
         roster = server.key_roster().to_bytes()
     for cid in active("share_keys"):
         with times.client("share_keys", cid):
             shared = clients[cid].share_keys(KeyRoster.from_bytes(roster)).to_bytes()
         with times.on_server("share_keys"):
-            server.receive_share_keys(shared)
+            server.receive_share_keys(shared, peer=cid)
     with times.on_server("share_keys"):
         bundles = {cid: bundle.to_bytes() for cid, bundle in server.forward_shares().items()}
     with warnings.catch_warnings():
@@ -87,7 +87,7 @@ def aggregate(
                     metrics=None if metrics is None else metrics.get(cid),
                 ).to_bytes()
             with times.on_server("masked_input"):
-                server.receive_masked_input(masked)
+                server.receive_masked_input(masked, peer=cid)
             times.masking[cid] = clients[cid].mask_seconds
     with times.on_server("masked_input"):
         request = server.unmask_request().to_bytes()
@@ -95,7 +95,7 @@ def aggregate(
         with times.client("unmask", cid):
             response = clients[cid].unmask(UnmaskRequest.from_bytes(request)).to_bytes()
         with times.on_server("unmask"):
-            server.receive_unmask(response)
+            server.receive_unmask(response, peer=cid)
     with times.on_server("unmask"):
         summed = server.finish()
     clipping = ClippingReport(

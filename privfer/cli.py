@@ -242,6 +242,13 @@ def simulate(
         if not as_json:
             for line in describe_privacy(federation):
                 errors.print(line, highlight=False, markup=False)
+            if done:
+                errors.print(f"resuming: {done} of {total} rounds are done (checkpoint verified)", highlight=False,
+                             markup=False)
+            if federation.config.federation.adaptation and not federation.clients["adaptation"]:
+                errors.print("adaptation (phase 2) skipped: fewer than two test actors kept a pseudo label above "
+                             f"data.pseudo_label_threshold = {federation.config.data.pseudo_label_threshold:g}",
+                             highlight=False, markup=False)
         progress.start()
         progress.start_task(task)
         progress.update(task, total=total, completed=done, phase="training")

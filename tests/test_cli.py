@@ -157,3 +157,26 @@ def test_simulate_says_loudly_when_nothing_is_private(tmp_path):
                  "--set", "federation.adaptation=false", "--out", str(tmp_path / "p"))
     assert result.exit_code == 0, result.output
     assert "privacy: OFF" in result.stderr and "NOT PRIVATE" in result.stderr
+
+
+def test_a_resumed_simulation_says_so(tmp_path, monkeypatch):
+    from privfer.fl import simulation
+
+    out = tmp_path / "resumed"
+    args = ["simulate", "--rounds", "2", "--clients-per-round", "2", "--aggregator", "plain", *SETS,
+            "--set", "federation.adaptation=false", "--out", str(out)]
+    real = simulation._run_round
+    calls = []
+
+    def dies_in_round_two(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(simulation, "_run_round", dies_in_round_two)
+    assert run(*args).exit_code != 0
+    monkeypatch.setattr(simulation, "_run_round", real)
+    resumed = run(*args)
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming: 1 of 2 rounds are done" in resumed.stderr

@@ -408,6 +408,8 @@ def run_empirical_audit(run, as_json, kind, canaries, guesses, seeds, sweep, plo
         cfg = load_config(folder / "config.yaml", [f"privacy.epsilon={epsilon}"] if epsilon else [])
     else:
         cfg = resolve_config(config, overrides, data, **{"privacy.epsilon": epsilon})
+    if sweep is not None and not sweep.strip():
+        raise UsageError("--sweep takes epsilons separated by commas (e.g. 1,4,inf), got an empty list")
     epsilons = _epsilons(sweep) if sweep else [cfg.privacy.epsilon if cfg.privacy.enabled else None]
     ceiling = audit_ceiling(canaries, guesses, audit_delta)
     if not as_json:

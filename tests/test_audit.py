@@ -106,11 +106,14 @@ def test_a_delta_of_one_over_the_records_is_weak(tmp_path):
         ({"schema": SCHEMA, "accountant": "prv", "delta": 1e-5, "private": True}, "the ledger lacks the field 'clients'"),
         ("HISTORY", "clients[0] field 'history[0]' must be"),
         ("NO-HISTORY", "clients[0] lacks the field 'history'"),
+        ("STRING-SIGMA", "clients[0] field 'noise_multiplier' must be a number, got '1.0'"),
     ],
 )
 def test_a_corrupt_ledger_is_one_line_and_exit_2(tmp_path, content, message):
     if content == "HISTORY":
         content = ledger([[1.0, 2.0, 10]])
+    elif content == "STRING-SIGMA":
+        content = ledger([[1.0, 0.1, 10]], noise_multiplier="1.0")
     elif content == "NO-HISTORY":
         content = ledger([[1.0, 0.1, 10]])
         del content["clients"][0]["history"]

@@ -168,6 +168,8 @@ def _load_features(root: Path) -> tuple[list[str], np.ndarray]:
 def load_cremad(root: Path | str, votes: str = "tabulated") -> ClipSet:
     """Read a CREMA-D folder (see the module docstring); any problem is a :class:`DataError` naming the file."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root} is a file; --data (data.path) is a CREMA-D folder (features/, VideoDemographics.csv)")
     if not root.is_dir():
         raise DataError(f"CREMA-D folder {root} does not exist")
     actors = _read_demographics(root)

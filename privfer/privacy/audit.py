@@ -297,6 +297,10 @@ def _check_local(ledger: dict[str, Any], path: Path) -> None:
     """The entries of a local DP-SGD ledger: Opacus histories of (noise multiplier, sample rate, steps)."""
     for index, entry in enumerate(ledger["clients"]):
         where, history = _entry_history(entry, index, path)
+        for name in ("noise_multiplier", "sample_rate", "epsilon", "delta", "steps", "rounds_trained", "records"):
+            value = entry.get(name)
+            if value is not None and not _number(value):
+                raise LedgerError(f"{path}: {where} field '{name}' must be a number, got {value!r}")
         for step, item in enumerate(history):
             ok = (
                 isinstance(item, list)

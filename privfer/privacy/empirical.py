@@ -126,6 +126,9 @@ def _local_canary_audit(config: PrivferConfig, kind: str, canaries: int, guesses
     trainer = client
     before_step = None
     if kind == "whitebox":
+        if canaries > sum(sizes):
+            raise ValueError(f"{canaries} canaries but the model has {sum(sizes)} coordinates; use at most "
+                             f"{sum(sizes)} (--canaries)")
         coordinates = rng.choice(sum(sizes), size=canaries, replace=False)
         offsets = np.cumsum([0, *sizes])
         members = coordinates[included]

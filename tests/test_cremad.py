@@ -128,7 +128,11 @@ BAD_INPUTS = {
     ),
     "ragged feature shapes": (
         lambda r: np.save(r / "features" / "1002_ITS_NEU_XX.npy", np.zeros((FRAMES + 1, DIMS), np.float32)),
-        r"1002_ITS_NEU_XX.npy has shape \(6, 4\), other clips have \(5, 4\)",
+        r"1002_ITS_NEU_XX.npy has shape \(6, 4\), but \d+ of the \d+ clips have \(5, 4\) \(1 clips differ\)",
+    ),
+    "ragged feature shapes, the first file odd": (
+        lambda r: np.save(sorted((r / "features").glob("*.npy"))[0], np.zeros((FRAMES + 1, DIMS), np.float32)),
+        r"features/\d{4}_[A-Z]{3}_[A-Z]{3}_[A-Z]{2}.npy has shape \(6, 4\), but .* \(1 clips differ\)",
     ),
     "feature file not 2-d": (
         lambda r: np.save(r / "features" / "1001_DFA_ANG_XX.npy", np.zeros(FRAMES)),

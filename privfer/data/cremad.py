@@ -16,6 +16,8 @@ downloads weights itself.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import csv
 import math
 import os
@@ -139,7 +141,6 @@ def _load_features(root: Path) -> tuple[list[str], np.ndarray]:
     if not files:
         raise DataError(f"{folder} holds no .npy feature files")
     names, arrays = [], []
-    shape: tuple[int, ...] | None = None
     for file in files:
         try:
             parse_clip_name(file.stem)
@@ -154,14 +155,16 @@ def _load_features(root: Path) -> tuple[list[str], np.ndarray]:
             raise DataError(
                 f"{file} must be a non-empty real-valued frames x dims array, got shape {array.shape} {array.dtype}"
             )
-        if shape is None:
-            shape = array.shape
-        elif array.shape != shape:
-            raise DataError(f"{file} has shape {array.shape}, other clips have {shape}; all must be frames x dims alike")
         if not np.all(np.isfinite(array)):
             raise DataError(f"{file} contains NaN or infinite values")
         names.append(file.stem)
         arrays.append(array.astype(np.float32, copy=False))
+    shapes = Counter(a.shape for a in arrays)
+    if len(shapes) > 1:  # name the odd files out, not whichever file happened to come after the first
+        shape, count = shapes.most_common(1)[0]
+        odd = [(n, a.shape) for n, a in zip(names, arrays) if a.shape != shape]
+        raise DataError(f"{folder / (odd[0][0] + '.npy')} has shape {odd[0][1]}, but {count} of the {len(arrays)} "
+                        f"clips have {shape} ({len(odd)} clips differ); all must be frames x dims alike")
     return names, np.stack(arrays)
 
 

@@ -130,10 +130,7 @@ def test_a_share_word_outside_the_field_is_malformed_at_receive_unmask():
 
 def test_a_dealer_whose_shares_do_not_reconstruct_its_commitment_is_named():
     def lie(sender, message):  # client 3 commits to another self-mask seed than the one it shared
-        if sender != 3:
-            return message
-        return m.ShareKeys(round_id=message.round_id, sender=3, ciphertexts=message.ciphertexts,
-                           commitments=message.commitments, seed_commitment=bytes(32))
+        return message.model_copy(update={"seed_commitment": bytes(32)}) if sender == 3 else message
 
     with pytest.raises(InconsistentShares, match="client 3 dealt shares") as caught:
         run_round(5, tamper_share_keys=lie)
@@ -145,21 +142,17 @@ def test_a_holder_refuses_shares_that_differ_from_their_commitment():
         if receiver != 1:
             return bundle
         sender = sorted(bundle.commitments)[0]
-        return m.ForwardedShares(round_id=bundle.round_id, sender=0, receiver=1, ciphertexts=bundle.ciphertexts,
-                                 commitments={**bundle.commitments, sender: bytes(64)})
+        return bundle.model_copy(update={"commitments": {**bundle.commitments, sender: bytes(64)}})
 
     with pytest.raises(InconsistentShares, match="do not match its commitments"):
         run_round(5, tamper_forwarded=alter)
 
 
 def test_share_commitments_cover_exactly_the_dealers_group():
-    def short(sender, message):
+    def short(sender, message):  # client 2 leaves its own share out of its commitments
         if sender != 2:
             return message
-        commitments = dict(message.commitments)
-        commitments.pop(2)
-        return m.ShareKeys(round_id=message.round_id, sender=2, ciphertexts=message.ciphertexts,
-                           commitments=commitments, seed_commitment=message.seed_commitment)
+        return message.model_copy(update={"commitments": {h: c for h, c in message.commitments.items() if h != 2}})
 
     with pytest.raises(SecAggError, match="committed to shares for other clients"):
         run_round(5, tamper_share_keys=short)

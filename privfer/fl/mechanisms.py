@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from privfer.config import PrivferConfig
+from privfer.errors import ConfigError
 from privfer.fl.aggregation import sum_updates
 from privfer.fl.client import LocalTraining
 from privfer.fl.distributed import optimizer_step, run_distributed_round
@@ -103,8 +104,6 @@ class Mechanism(ABC):
         """A delta of 1 / records or more is met by publishing one random record: refuse it."""
         records = self.protected_records(counts)
         if self.id is not None and delta >= 1.0 / records:
-            from privfer.errors import ConfigError
-
             raise ConfigError(f"privacy.delta = {delta:g} must be below 1 / {records} records = {1 / records:.3g} "
                               f"(allowed: 0 < delta < {1 / records:.3g}; the default is {1 / (10 * records):.3g})")
 
@@ -241,8 +240,6 @@ class DistributedDPSGD(Mechanism):
 
     def calibrate(self, counts: Counts, *, feature_dim: int, cohort_size: int, delta: float,
                   only_client: int | None = None, known_noise: dict[int, float] | None = None) -> set[str]:
-        from privfer.errors import ConfigError
-
         if only_client is not None:
             raise ConfigError("a single node's federation (only_client) trains with privacy.mechanism 'local'; "
                               "distributed DP needs every client's share in the secure sum")

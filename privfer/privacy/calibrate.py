@@ -83,7 +83,17 @@ def prv_affordable(history: list[tuple[float, float, int]], delta: float) -> boo
     """Whether PRV can evaluate ``history`` within its cost bounds (decided by the cheap RDP bound)."""
     if sum(int(t) for _, _, t in history) > PRV_MAX_STEPS:
         return False
-    return _opacus_epsilon(history, delta, "rdp") <= PRV_MAX_EPSILON
+    return _rdp_epsilon(_key(history), float(delta)) <= PRV_MAX_EPSILON
+
+
+def _key(history: list[tuple[float, float, int]]) -> tuple[tuple[float, float, int], ...]:
+    return tuple((float(s), float(q), int(t)) for s, q, t in history)
+
+
+@lru_cache(maxsize=1024)
+def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """The RDP bound, cached: the cost check and an RDP-routed or RDP-requested value ask for the same one."""
+    return _opacus_epsilon(list(history), delta, "rdp")
 
 
 def epsilon_spent(history: list[tuple[float, float, int]], delta: float, accountant: str = "prv") -> float:
@@ -94,6 +104,8 @@ def epsilon_spent(history: list[tuple[float, float, int]], delta: float, account
         return 0.0
     if accountant == "prv" and not prv_affordable(history, delta):
         accountant = "rdp"
+    if accountant == "rdp":
+        return _rdp_epsilon(_key(history), float(delta))
     return _opacus_epsilon(history, delta, accountant)
 
 

@@ -37,6 +37,7 @@ def cross_check(ledger: dict[str, Any], run_dir: Path) -> list[str] | None:
         return None
     from privfer.config import load_config
     from privfer.errors import PrivferError
+    from privfer.privacy.calibrate import steps_per_epoch
 
     try:
         config = load_config(config_path)
@@ -110,8 +111,6 @@ def cross_check(ledger: dict[str, Any], run_dir: Path) -> list[str] | None:
         if not isinstance(records, int) or records < 1:
             problems.append(f"{where}: records {records!r} is not a count")
             continue
-        from privfer.privacy.calibrate import steps_per_epoch
-
         per_epoch = steps_per_epoch(records, config.training.batch_size)
         expect(f"{where}: the sample rate", entry.get("sample_rate"), 1.0 / per_epoch, numeric=True)
         if isinstance(entry.get("rounds_trained"), int):

@@ -13,16 +13,16 @@ protocols/secagg/SPEC.md gives the byte layouts.
 from __future__ import annotations
 
 import struct
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from privfer.secagg.config import MAX_CLIENTS, PROTOCOL_VERSION
 from privfer.secagg.errors import DuplicateSender, MalformedMessage, UnsupportedVersion, WrongVectorLength
 from privfer.secagg.keys import COMMITMENT_BYTES, KEY_BYTES
 from privfer.secagg.prg import word_dtype
-from privfer.secagg.shamir import PRIME as FIELD_PRIME, SHARE_BYTES
+from privfer.secagg.shamir import SHARE_BYTES, share_from_bytes
 
 MAGIC = b"PFSA"
 MAX_CLIENT_ID = (1 << 31) - 2
@@ -107,18 +107,18 @@ PAIR_BYTES = 2 * COMMITMENT_BYTES  # a holder's commitments: to its share of b, 
 
 
 def _fixed(table: dict[int, bytes]) -> bytes:
-    """u32 count, then (u32 client, PAIR_BYTES bytes) in increasing client order."""
+    """u32 count, then (u32 client, fixed-size bytes) in increasing client order."""
     parts = [struct.pack(">I", len(table))]
     parts.extend(struct.pack(">I", client) + table[client] for client in sorted(table))
     return b"".join(parts)
 
 
-def _read_fixed(reader: "_Reader") -> dict[int, bytes]:
+def _read_fixed(reader: "_Reader", size: int) -> dict[int, bytes]:
     table: dict[int, bytes] = {}
     last = 0
     for _ in range(reader.count()):
         last = reader.client_id(last)
-        table[last] = reader.take(PAIR_BYTES)
+        table[last] = reader.take(size)
     return table
 
 
@@ -126,6 +126,16 @@ def _pair_sizes(value: dict[int, bytes]) -> dict[int, bytes]:
     if any(len(pair) != PAIR_BYTES for pair in value.values()):
         raise ValueError(f"share commitments are {PAIR_BYTES} bytes per holder")
     return value
+
+
+def _field_shares(value: dict[int, bytes]) -> dict[int, bytes]:
+    for share in value.values():
+        share_from_bytes(share)  # SHARE_BYTES long, every word an element of F_p (section 3.4); else ValueError
+    return value
+
+
+Commitments = Annotated[dict[int, bytes], AfterValidator(_pair_sizes)]
+Shares = Annotated[dict[int, bytes], AfterValidator(_field_shares)]
 
 
 ClientId = Field(..., ge=1, le=(1 << 31) - 2)
@@ -221,13 +231,8 @@ class ShareKeys(Message):
 
     KIND: ClassVar[int] = 3
     ciphertexts: dict[int, bytes]
-    commitments: dict[int, bytes]  # holder -> commitment to its share of b || to its share of s
+    commitments: Commitments  # holder -> commitment to its share of b || to its share of s
     seed_commitment: bytes = Field(..., min_length=COMMITMENT_BYTES, max_length=COMMITMENT_BYTES)
-
-    @field_validator("commitments")
-    @classmethod
-    def _pairs(cls, value: dict[int, bytes]) -> dict[int, bytes]:
-        return _pair_sizes(value)
 
     def _body(self) -> bytes:
         return _blobs(self.ciphertexts) + _fixed(self.commitments) + self.seed_commitment
@@ -235,7 +240,7 @@ class ShareKeys(Message):
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "ShareKeys":
         ciphertexts = _read_blobs(reader)
-        commitments = _read_fixed(reader)
+        commitments = _read_fixed(reader, PAIR_BYTES)
         return cls(**header, ciphertexts=ciphertexts, commitments=commitments,
                    seed_commitment=reader.take(COMMITMENT_BYTES))
 
@@ -246,12 +251,7 @@ class ForwardedShares(Message):
     KIND: ClassVar[int] = 4
     receiver: int = ClientId
     ciphertexts: dict[int, bytes]
-    commitments: dict[int, bytes]  # sender -> its commitments for this receiver's shares
-
-    @field_validator("commitments")
-    @classmethod
-    def _pairs(cls, value: dict[int, bytes]) -> dict[int, bytes]:
-        return _pair_sizes(value)
+    commitments: Commitments  # sender -> its commitments for this receiver's shares
 
     def _body(self) -> bytes:
         return struct.pack(">I", self.receiver) + _blobs(self.ciphertexts) + _fixed(self.commitments)
@@ -260,7 +260,7 @@ class ForwardedShares(Message):
     def _read_body(cls, reader: _Reader, header: dict) -> "ForwardedShares":
         receiver = reader.client_id()
         ciphertexts = _read_blobs(reader)
-        return cls(**header, receiver=receiver, ciphertexts=ciphertexts, commitments=_read_fixed(reader))
+        return cls(**header, receiver=receiver, ciphertexts=ciphertexts, commitments=_read_fixed(reader, PAIR_BYTES))
 
 
 class MaskedInput(Message):
@@ -321,38 +321,16 @@ class UnmaskResponse(Message):
     """Stage 3, client -> server: shares of survivors' self-mask seeds and of dropped clients' mask keys."""
 
     KIND: ClassVar[int] = 7
-    seed_shares: dict[int, bytes]
-    key_shares: dict[int, bytes]
-
-    @field_validator("seed_shares", "key_shares")
-    @classmethod
-    def _share_sizes(cls, value: dict[int, bytes]) -> dict[int, bytes]:
-        if any(len(share) != SHARE_BYTES for share in value.values()):
-            raise ValueError(f"shares are {SHARE_BYTES} bytes")
-        for share in value.values():  # every word must be an element of F_p (section 3.4)
-            words = np.frombuffer(share, dtype="<u4")
-            if np.any(words >= FIELD_PRIME):
-                raise ValueError("a share word is not a field element")
-        return value
+    seed_shares: Shares
+    key_shares: Shares
 
     def _body(self) -> bytes:
-        parts = []
-        for table in (self.seed_shares, self.key_shares):
-            parts.append(struct.pack(">I", len(table)))
-            parts.extend(struct.pack(">I", owner) + table[owner] for owner in sorted(table))
-        return b"".join(parts)
+        return _fixed(self.seed_shares) + _fixed(self.key_shares)
 
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "UnmaskResponse":
-        tables = []
-        for _ in range(2):
-            table: dict[int, bytes] = {}
-            owner = 0
-            for _ in range(reader.count()):
-                owner = reader.client_id(owner)
-                table[owner] = reader.take(SHARE_BYTES)
-            tables.append(table)
-        return cls(**header, seed_shares=tables[0], key_shares=tables[1])
+        seed_shares = _read_fixed(reader, SHARE_BYTES)
+        return cls(**header, seed_shares=seed_shares, key_shares=_read_fixed(reader, SHARE_BYTES))
 
 
 KINDS: dict[int, type[Message]] = {

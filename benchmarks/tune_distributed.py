@@ -22,6 +22,7 @@ both use).
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import math
 import time
@@ -42,6 +43,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--readout", default="mean", choices=("last", "mean"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ema", type=float, default=0.0,
+                        help="also report an exponential moving average of the iterates with this decay (post-processing)")
     args = parser.parse_args()
     from privfer.centralized import evaluate, split_clips, training_targets
     from privfer.config import load_config
@@ -68,7 +71,7 @@ def main() -> None:
                              [float(c) for c in args.clip.split(",")])
     for steps, lr, clip in grid:
         label = f"epsilon {args.epsilon:g} hidden {args.hidden} {args.readout} steps {steps} lr {lr:g} clip {clip:g}"
-        curves = []
+        curves, ema_curves = [], []
         for seed in seeds:
             overrides = [*base, f"seed={seed}", f"privacy.max_grad_norm={clip}", f"federation.rounds={steps}"]
             config = load_config(None, overrides)
@@ -80,20 +83,33 @@ def main() -> None:
             torch.manual_seed(config.seed)
             model = VFER(clips.feature_dim, args.hidden, readout=args.readout, fast_dp=True)
             optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-            started, curve = time.perf_counter(), []
+            started, curve, ema_curve = time.perf_counter(), [], []
+            averaged = copy.deepcopy(model) if args.ema else None
             for step in range(steps):
                 sums = clipped_gradient_sums(model, x, y, groups, 1, config.privacy.max_grad_norm).sums
                 for name, parameter in model.named_parameters():
                     noisy = sums[name][0] + torch.randn_like(sums[name][0]) * std
                     parameter.grad = (noisy / len(x)).float()
                 optimizer.step()
+                if averaged is not None:
+                    with torch.no_grad():
+                        for mine, theirs in zip(averaged.parameters(), model.parameters()):
+                            mine.mul_(args.ema).add_(theirs, alpha=1 - args.ema)
                 if (step + 1) % max(steps // 4, 1) == 0:
                     curve.append(round(evaluate(model, parts["val"], "intended")["macro"]["f1"], 3))
+                    if averaged is not None:
+                        ema_curve.append(round(evaluate(averaged, parts["val"], "intended")["macro"]["f1"], 3))
             curves.append(curve)
             print(f"{label} seed {seed} noise multiplier {plan.noise_multiplier:.2f} (std {std:.3g}): "
-                  f"validation macro F1 {curve} ({time.perf_counter() - started:.0f} s)", flush=True)
+                  f"validation macro F1 {curve}" + (f" ema {args.ema:g} {ema_curve}" if averaged else "")
+                  + f" ({time.perf_counter() - started:.0f} s)", flush=True)
+            if averaged is not None:
+                ema_curves.append(ema_curve)
         mean = [round(sum(c[i] for c in curves) / len(curves), 3) for i in range(min(map(len, curves)))]
         print(f"{label} mean over seeds {seeds}: validation macro F1 {mean}", flush=True)
+        if ema_curves:
+            mean = [round(sum(c[i] for c in ema_curves) / len(ema_curves), 3) for i in range(min(map(len, ema_curves)))]
+            print(f"{label} ema {args.ema:g} mean over seeds {seeds}: validation macro F1 {mean}", flush=True)
 
 if __name__ == "__main__":
     main()

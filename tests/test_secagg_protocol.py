@@ -339,10 +339,16 @@ def test_server_rejects_bad_key_advertisements():
 
 
 def test_a_client_that_failed_a_stage_takes_no_further_part():
+    """A protocol failure ends the client's round (its own bad input does not: tests/test_secagg_inputs.py)."""
     r = Round()
-    bundles = r.to_forwarded()
-    with pytest.raises(ValueError, match="finite"):
-        r.clients[1].masked_input(bundles[1], [np.array([1.0, np.nan, 0.0, 0.0])])
+    bundle = r.to_forwarded()[1]
+    sender = next(iter(bundle.ciphertexts))
+    blob = bytearray(bundle.ciphertexts[sender])
+    blob[20] ^= 0x40
+    forged = m.ForwardedShares(round_id=r.round_id, sender=0, receiver=1,
+                               ciphertexts={**bundle.ciphertexts, sender: bytes(blob)}, commitments=bundle.commitments)
+    with pytest.raises(ShareAuthenticationError):
+        r.clients[1].masked_input(forged, [np.zeros(4)])
     assert r.clients[1].stage == "aborted"
     with pytest.raises(WrongStage):
         r.clients[1].unmask(m.UnmaskRequest(round_id=r.round_id, sender=0, survivors=(1, 2, 3, 4, 5), dropped=()))

@@ -19,11 +19,16 @@ from privfer.secagg.errors import (
     CorruptState,
     DuplicateSender,
     InconsistentShares,
+    InvalidExampleCount,
+    InvalidInput,
+    InvalidRoundArguments,
+    InvalidUpdate,
     MalformedMessage,
     MessageError,
     NotEnoughShares,
     RoundAborted,
     SecAggError,
+    ShapeMismatch,
     ShareAuthenticationError,
     UnknownSender,
     UnsafeUnmaskRequest,
@@ -33,12 +38,13 @@ from privfer.secagg.errors import (
     WrongVectorLength,
 )
 from privfer.secagg.messages import decode
-from privfer.secagg.payload import PayloadLayout, ShapeMismatch
+from privfer.secagg.payload import PayloadLayout
 from privfer.secagg.quantize import ClippingReport, ClippingWarning
 from privfer.secagg.server import SecAggServer, ServerTranscript
 
 __all__ = [
-    "AggregationResult", "ClippingReport", "CorruptState", "ClippingWarning", "DuplicateSender", "InconsistentShares", "MalformedMessage",
+    "AggregationResult", "ClippingReport", "CorruptState", "ClippingWarning", "DuplicateSender", "InconsistentShares", "InvalidExampleCount",
+    "InvalidInput", "InvalidRoundArguments", "InvalidUpdate", "MalformedMessage",
     "MessageError", "NotEnoughShares", "PROTOCOL_VERSION", "PayloadLayout", "RoundAborted", "STAGES",
     "SecAggClient", "SecAggConfig", "SecAggError", "SecAggServer", "ServerTranscript", "ShapeMismatch",
     "ShareAuthenticationError", "UnknownSender", "UnsafeUnmaskRequest", "UnsupportedVersion", "WrongRound",

@@ -30,6 +30,7 @@ from privfer.secagg.config import SecAggConfig
 from privfer.secagg.errors import (
     CorruptState,
     InconsistentShares,
+    InvalidInput,
     MalformedMessage,
     RoundAborted,
     UnknownSender,
@@ -117,8 +118,9 @@ class SecAggClient:
         layout: PayloadLayout,
         randomness: Randomness = SYSTEM,
     ) -> None:
-        if not 1 <= client_id <= shamir.PRIME - 1:
-            raise ValueError(f"client ids must be in 1..{shamir.PRIME - 1}, got {client_id}")
+        if isinstance(client_id, bool) or not isinstance(client_id, (int, np.integer)) \
+                or not 1 <= client_id <= shamir.PRIME - 1:
+            raise InvalidInput(f"client ids must be integers in 1..{shamir.PRIME - 1}, got {client_id!r}")
         self.client_id = client_id
         self.config = config
         self.round_id = round_id
@@ -294,6 +296,9 @@ class SecAggClient:
         metrics: Mapping[str, float] | None = None,
     ) -> MaskedInput:
         self.check_forwarded(forwarded)
+        # The caller's input first: a rejected update (InvalidInput) changes nothing, and the client can be given
+        # a corrected one for the same stage.
+        words, report = self.layout.encode(update, example_count, metrics, self.randomness)
         self._advance("shared", "masked")
         with self._or_abort():
             assert self._keys is not None
@@ -326,7 +331,6 @@ class SecAggClient:
                     f"the threshold is {self.config.group_threshold}"
                 )
 
-            words, report = self.layout.encode(update, example_count, metrics, self.randomness)
             self.clipping = report
             bits = self.config.modulus_bits
             seeds = {

@@ -2,7 +2,12 @@
 
 Every malformed or out-of-place message raises a specific subclass of
 :class:`MessageError`; a round that cannot finish safely raises
-:class:`RoundAborted`. None of them carries secret material in its text.
+:class:`RoundAborted`. A caller's own invalid input (an update of the wrong
+shape or type, a non-finite value, an example count that is not a
+non-negative integer, an empty round) raises a subclass of
+:class:`InvalidInput` *before* anything is sent or any state changes, so the
+client can be given a corrected input. None of them carries secret material
+in its text.
 """
 
 from __future__ import annotations
@@ -42,6 +47,28 @@ class DuplicateSender(MessageError):
 
 class WrongVectorLength(MessageError):
     """A masked vector (or a share) does not have the agreed length."""
+
+
+class InvalidInput(SecAggError, ValueError):
+    """The caller's own input is invalid; nothing was sent and the client's state is unchanged."""
+
+
+class ShapeMismatch(InvalidInput):
+    """An update's arrays do not match the agreed shapes (or their number)."""
+
+
+class InvalidUpdate(InvalidInput):
+    """An update holds values that cannot be summed as claimed: NaN or infinity, complex, boolean, text or
+    object values, or floats where the integer encoding expects integers (nothing is truncated or dropped)."""
+
+
+class InvalidExampleCount(InvalidInput):
+    """An example count that is not an integer in the allowed range (a float such as 2.7, a bool, a negative)."""
+
+
+class InvalidRoundArguments(InvalidInput):
+    """The recipe's arguments do not describe a round: no updates, more than num_clients, bad client ids,
+    dropouts of unknown clients or stages."""
 
 
 class ShareAuthenticationError(SecAggError):

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from privfer.secagg.config import SecAggConfig
+from privfer.secagg.errors import InvalidExampleCount, InvalidUpdate, ShapeMismatch
 from privfer.secagg.quantize import (
     ClippingReport,
     decode_fixed_point,
@@ -27,8 +28,56 @@ from privfer.secagg.quantize import (
 from privfer.secagg.randomness import SYSTEM, Randomness
 
 
-class ShapeMismatch(ValueError):
-    """An update's arrays do not match the agreed shapes."""
+def check_update(arrays: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...]], *, integer: bool = False
+                 ) -> np.ndarray:
+    """One client's update as one flat vector (float64, or int64 when ``integer``), or a specific
+    :class:`~privfer.secagg.errors.InvalidInput`: every backend checks its callers' updates here.
+
+    Only real numbers are summed: complex values (whose imaginary part would be dropped), booleans, text and
+    objects are refused, as are NaN and infinity; the integer encoding takes integer arrays only (2.7 is never
+    truncated to 2).
+    """
+    if isinstance(arrays, np.ndarray) or not isinstance(arrays, Sequence):
+        raise InvalidUpdate(f"an update is a sequence of arrays, got {type(arrays).__name__}")
+    got = [np.shape(a) for a in arrays]
+    if len(arrays) != len(shapes) or any(g != tuple(s) for g, s in zip(got, shapes)):
+        raise ShapeMismatch(f"update shapes {got} differ from the agreed {[tuple(s) for s in shapes]}")
+    values = [np.asarray(a) for a in arrays]
+    kinds = "iu" if integer else "iuf"
+    for index, array in enumerate(values):
+        if array.dtype.kind not in kinds:
+            expected = "integer" if integer else "real-valued (integer or float)"
+            raise InvalidUpdate(f"array {index} has dtype {array.dtype}; updates must be {expected} arrays")
+    if integer:
+        return np.concatenate([a.astype(np.int64).ravel() for a in values]) if values else np.zeros(0, np.int64)
+    flat = np.concatenate([a.astype(np.float64, copy=False).ravel() for a in values]) if values else np.zeros(0)
+    if not np.isfinite(flat).all():
+        raise InvalidUpdate("updates must be finite (found NaN or infinity)")
+    return flat
+
+
+def check_example_count(count: object, maximum: int | None) -> int:
+    """An example count as an int, or :class:`~privfer.secagg.errors.InvalidExampleCount`."""
+    if isinstance(count, (bool, np.bool_)) or not isinstance(count, (int, np.integer)):
+        raise InvalidExampleCount(f"an example count is an integer, got {count!r} ({type(count).__name__})")
+    count = int(count)
+    if count < 0 or (maximum is not None and count > maximum):
+        allowed = "at least 0" if maximum is None else f"in 0..{maximum}"
+        raise InvalidExampleCount(f"example_count {count} must be {allowed}")
+    return count
+
+
+def check_metrics(metrics: Mapping[str, float] | None, configured: Sequence[str]) -> dict[str, float]:
+    """A client's metrics: configured names only, finite real values; else :class:`InvalidUpdate`."""
+    metrics = dict(metrics or {})
+    unknown = set(metrics) - set(configured)
+    if unknown:
+        raise InvalidUpdate(f"metrics {sorted(unknown)} are not in the configured {list(configured)}")
+    for name, value in metrics.items():
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(value):
+            raise InvalidUpdate(f"metric {name!r} must be a finite real number, got {value!r}")
+    return {name: float(value) for name, value in metrics.items()}
 
 
 @dataclass(frozen=True)
@@ -61,19 +110,10 @@ class ArrayLayout:
     def flatten(
         self, arrays: Sequence[np.ndarray], example_count: int, metrics: Mapping[str, float] | None
     ) -> tuple[np.ndarray, dict[str, float]]:
-        """The update as one float vector (shapes checked) and the metrics (names checked)."""
-        if len(arrays) != len(self.shapes) or any(np.shape(a) != s for a, s in zip(arrays, self.shapes)):
-            raise ShapeMismatch(
-                f"update shapes {[np.shape(a) for a in arrays]} differ from the agreed {list(self.shapes)}"
-            )
-        if not 0 <= int(example_count) <= self.config.max_examples:
-            raise ValueError(f"example_count {example_count} is outside 0..{self.config.max_examples}")
-        metrics = dict(metrics or {})
-        unknown = set(metrics) - set(self.config.metrics)
-        if unknown:
-            raise ValueError(f"metrics {sorted(unknown)} are not in the configured {list(self.config.metrics)}")
-        flat = np.concatenate([np.asarray(a).ravel() for a in arrays]) if arrays else np.zeros(0)
-        return (flat if flat.dtype.kind == "f" else flat.astype(np.float64)), metrics
+        """The update as one float vector (shapes and values checked) and the metrics (names and values checked)."""
+        flat = check_update(arrays, self.shapes)
+        check_example_count(example_count, self.config.max_examples)
+        return flat, check_metrics(metrics, self.config.metrics)
 
     def unflatten(self, flat: np.ndarray) -> list[np.ndarray]:
         arrays, at = [], 0
@@ -116,16 +156,10 @@ class PayloadLayout(ArrayLayout):
 
     def encode_integer_arrays(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """Integer arrays (each |value| <= the config's sum bound) -> words mod 2^k; the vector is just them."""
-        if len(arrays) != len(self.shapes) or any(np.shape(a) != s for a, s in zip(arrays, self.shapes)):
-            raise ShapeMismatch(
-                f"update shapes {[np.shape(a) for a in arrays]} differ from the agreed {list(self.shapes)}"
-            )
-        if any(np.asarray(a).dtype.kind not in "iu" for a in arrays):
-            raise TypeError("integer encoding takes integer arrays (the caller encodes its values)")
-        flat = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in arrays]) if arrays else np.zeros(0, np.int64)
+        flat = check_update(arrays, self.shapes, integer=True)
         bound = self.config.integer_sum_bound
         if flat.size and int(np.abs(flat).max()) > bound:
-            raise ValueError(f"an integer value exceeds the round's sum bound {bound}")
+            raise InvalidUpdate(f"an integer value exceeds the round's sum bound {bound}")
         return encode_integers(flat, self.config.modulus_bits)
 
     def encode(

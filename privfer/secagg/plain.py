@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from privfer.secagg.errors import RoundAborted
+from privfer.secagg.payload import check_example_count, check_metrics, check_update
 from privfer.secagg.quantize import ClippingReport
 from privfer.secagg.rounds import STAGES, AggregationResult, StageTimes, check_round_arguments
 
@@ -63,17 +64,22 @@ def aggregate(
         included = [c for c in sorted(updates) if dropouts.get(c) not in EXCLUDING_STAGES]
         if len(included) < max(1, config.min_inputs):
             raise RoundAborted(f"only {len(included)} inputs were included, the minimum is {config.min_inputs}")
-        dtype = np.int64 if config.encoding == "integer" else np.float64
-        arrays = {c: [np.asarray(a, dtype=dtype) for a in updates[c]] for c in included}
-        first = arrays[included[0]]
-        if any(len(arrays[c]) != len(first) or any(a.shape != b.shape for a, b in zip(arrays[c], first))
-               for c in included):
-            raise ValueError("every client's update must have the same arrays and shapes")
-        total = [np.sum([arrays[c][i] for c in included], axis=0) for i in range(len(first))]
-        count = sum(int(example_counts[c]) for c in included) if example_counts is not None else len(included)
-        summed_metrics = {name: float(sum(float(metrics[c][name]) for c in included))
+        # the same checks as the masking and CKKS clients (the first client's shapes are the agreed ones)
+        shapes = [np.shape(a) for a in updates[included[0]]] if isinstance(updates[included[0]], Sequence) else []
+        integer = config.encoding == "integer"
+        flat = {c: check_update(updates[c], shapes, integer=integer) for c in included}
+        counts = {c: check_example_count(example_counts[c], None) for c in included} if example_counts else {}
+        client_metrics = {c: check_metrics(metrics.get(c), config.metrics) for c in included} if metrics else {}
+        summed = np.sum([flat[c] for c in included], axis=0)
+        total, at = [], 0
+        for shape in shapes:
+            size = int(np.prod(shape))
+            total.append(summed[at : at + size].reshape(shape))
+            at += size
+        count = sum(counts.values()) if example_counts is not None else len(included)
+        summed_metrics = {name: float(sum(client_metrics[c].get(name, 0.0) for c in included))
                           for name in config.metrics} if metrics is not None else {}
-    values = sum(int(a.size) for a in first)
+    values = int(summed.size)
     bytes_per_client = (values + 1 + len(config.metrics)) * config.wire_bits // 8
     return AggregationResult(
         total=total,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from privfer.secagg.errors import InvalidUpdate
 from privfer.secagg.prg import expand, word_dtype
 from privfer.secagg.randomness import SYSTEM, Randomness
 
@@ -56,7 +57,7 @@ def clip_and_report(x: np.ndarray, clip: float) -> tuple[np.ndarray, ClippingRep
     """Clip to [-clip, clip], counting (and warning about) every value that had to move."""
     max_abs = float(np.max(np.abs(x))) if x.size else 0.0
     if not np.isfinite(max_abs):
-        raise ValueError("updates must be finite (found NaN or infinity)")
+        raise InvalidUpdate("updates must be finite (found NaN or infinity)")
     report = ClippingReport(clipped=0, total=x.size, max_abs=max_abs)
     if max_abs > clip:
         report.clipped = int(np.count_nonzero(np.abs(x) > clip))

@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
+from privfer.secagg.errors import InvalidRoundArguments
 from privfer.secagg.quantize import ClippingReport, ClippingWarning
+from privfer.secagg.shamir import PRIME
+
+MAX_CLIENT_ID = PRIME - 1
+"""Client ids are the Shamir evaluation points: 1..p-1 (0 is the secret's point)."""
 
 if TYPE_CHECKING:
     from privfer.secagg.server import ServerTranscript
@@ -95,21 +100,31 @@ def warn_clipping(clipping: ClippingReport) -> None:
 def check_round_arguments(
     updates: Mapping[int, Sequence[np.ndarray]], num_clients: int, dropouts: Mapping[int, str] | None
 ) -> dict[int, str]:
-    """Validate the driver's arguments (shared by both backends); returns the dropouts as a dict."""
+    """Validate the recipe's arguments (shared by every backend); returns the dropouts as a dict.
+
+    Raises :class:`~privfer.secagg.errors.InvalidRoundArguments` for no updates, more than ``num_clients``,
+    client ids that are not integers in 1..MAX_CLIENT_ID, and dropouts of unknown clients or stages.
+    """
+    if not isinstance(updates, Mapping):
+        raise InvalidRoundArguments(f"updates map client ids to their arrays, got {type(updates).__name__}")
     if len(updates) < 1:
-        raise ValueError("no updates to aggregate")
+        raise InvalidRoundArguments("no updates to aggregate")
     if len(updates) > num_clients:
-        raise ValueError(f"{len(updates)} updates but the config is for num_clients={num_clients}")
+        raise InvalidRoundArguments(f"{len(updates)} updates but the config is for num_clients={num_clients}")
+    bad_ids = [c for c in updates if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer))
+               or not 1 <= c <= MAX_CLIENT_ID]
+    if bad_ids:
+        raise InvalidRoundArguments(f"client ids must be integers in 1..{MAX_CLIENT_ID}, got {bad_ids[:5]}")
     dropouts = dict(dropouts or {})
     unknown = set(dropouts) - set(updates)
     if unknown:
-        raise ValueError(f"dropouts name clients without updates: {sorted(unknown)[:5]}")
+        raise InvalidRoundArguments(f"dropouts name clients without updates: {sorted(unknown)[:5]}")
     bad = {c: s for c, s in dropouts.items() if s not in STAGES}
     if bad:
-        raise ValueError(f"dropout stages must be one of {STAGES}, got {bad}")
+        raise InvalidRoundArguments(f"dropout stages must be one of {STAGES}, got {bad}")
     return dropouts
 
 
 
 
-__all__ = ["AggregationResult", "STAGES", "Stage", "StageTimes", "check_round_arguments", "warn_clipping"]
+__all__ = ["AggregationResult", "MAX_CLIENT_ID", "STAGES", "Stage", "StageTimes", "check_round_arguments", "warn_clipping"]

@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--readout", default="mean", choices=("last", "mean"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shortcut", default="1", help="comma-separated: 1 with the VFER's linear shortcut, 0 without")
     parser.add_argument("--ema", type=float, default=0.0,
                         help="also report an exponential moving average of the iterates with this decay (post-processing)")
     args = parser.parse_args()
@@ -68,9 +69,11 @@ def main() -> None:
         y = torch.from_numpy(training_targets(train, "partial"))
         data[seed] = parts, x, y
     grid = itertools.product([int(s) for s in args.steps.split(",")], [float(v) for v in args.lr.split(",")],
-                             [float(c) for c in args.clip.split(",")])
-    for steps, lr, clip in grid:
-        label = f"epsilon {args.epsilon:g} hidden {args.hidden} {args.readout} steps {steps} lr {lr:g} clip {clip:g}"
+                             [float(c) for c in args.clip.split(",")],
+                             [bool(int(v)) for v in args.shortcut.split(",")])
+    for steps, lr, clip, shortcut in grid:
+        label = (f"epsilon {args.epsilon:g} hidden {args.hidden} {args.readout} shortcut {int(shortcut)} steps {steps} "
+                 f"lr {lr:g} clip {clip:g}")
         curves, ema_curves = [], []
         for seed in seeds:
             overrides = [*base, f"seed={seed}", f"privacy.max_grad_norm={clip}", f"federation.rounds={steps}"]
@@ -81,7 +84,7 @@ def main() -> None:
             # the released sum's noise, in gradient units: a full round carries clients / honest x mu
             std = math.sqrt(plan.mu * plan.clients / plan.honest) / plan.scale
             torch.manual_seed(config.seed)
-            model = VFER(clips.feature_dim, args.hidden, readout=args.readout, fast_dp=True)
+            model = VFER(clips.feature_dim, args.hidden, readout=args.readout, fast_dp=True, shortcut=shortcut)
             optimizer = torch.optim.Adam(model.parameters(), lr=lr)
             started, curve, ema_curve = time.perf_counter(), [], []
             averaged = copy.deepcopy(model) if args.ema else None

@@ -23,6 +23,7 @@ from privfer.errors import ConfigError
 # ones were tuned on the validation actors (docs/privacy-accounting.md, "Defaults").
 DISTRIBUTED_ROUNDS, LOCAL_ROUNDS = 40, 20
 DISTRIBUTED_HIDDEN, LOCAL_HIDDEN = 64, 128
+SYNTHETIC_FRAMES, SYNTHETIC_FEATURE_DIM = 16, 256
 
 
 class _Section(BaseModel):
@@ -93,8 +94,14 @@ class DataConfig(_Section):
         "tabulated",
         description="Visual-only votes from processedResults/tabulatedVotes.csv or finishedResponses.csv.",
     )
-    frames: int = Field(16, ge=2, le=1024, description="Frames per clip (T).")
-    feature_dim: int = Field(256, ge=2, le=8192, description="Features per frame (D).")
+    frames: int | None = Field(
+        None, ge=2, le=1024, description="Frames per clip (T); synthetic: 16 when unset. CREMA-D: read from the "
+        "features when unset; a value that differs from theirs is an error.",
+    )
+    feature_dim: int | None = Field(
+        None, ge=2, le=8192, description="Features per frame (D); synthetic: 256 when unset. CREMA-D: read from the "
+        "features when unset; a value that differs from theirs is an error.",
+    )
     eval_target: Literal["intended", "majority"] = Field(
         "intended", description="Ground truth for metrics: the acted emotion or the annotators' majority vote."
     )
@@ -117,6 +124,11 @@ class DataConfig(_Section):
     def _root_for_cremad(self) -> "DataConfig":
         if self.source == "cremad" and self.root is None:
             raise ValueError("root is required when source is 'cremad' (the CREMA-D folder)")
+        if self.source == "synthetic":  # the generator's defaults, stated in the resolved config
+            if self.frames is None:
+                self.frames = SYNTHETIC_FRAMES
+            if self.feature_dim is None:
+                self.feature_dim = SYNTHETIC_FEATURE_DIM
         return self
 
 
@@ -135,6 +147,11 @@ class ModelConfig(_Section):
     )
     recurrent: Literal["auto", "lstm", "fast_dp"] = Field(
         "auto", description="Recurrent layer: nn.LSTM, or the fast DP-SGD layer (auto: fast_dp whenever DP is on)."
+    )
+    shortcut: bool | Literal["auto"] = Field(
+        "auto",
+        description="Add a linear map of the clip's mean frame feature to the logits (a zero-initialised skip "
+        "around the LSTM); auto: on under distributed DP (tuned on the validation actors), off otherwise.",
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier head.")
     ifer_hidden: int = Field(128, ge=1, le=4096, description="Hidden units of the per-frame IFER head.")
@@ -369,6 +386,8 @@ class PrivferConfig(_Section):
             self.model.readout = "mean" if distributed else "last"
         if self.model.hidden_size is None:
             self.model.hidden_size = DISTRIBUTED_HIDDEN if distributed else LOCAL_HIDDEN
+        if self.model.shortcut == "auto":
+            self.model.shortcut = distributed
         if self.federation.server_lr is None:  # validation actors, benchmarks/tune_distributed.py
             small = distributed and self.privacy.epsilon <= 1.0
             self.federation.server_lr = SMALL_BUDGET_SERVER_LR if small else SERVER_LR

@@ -243,3 +243,39 @@ def test_synthetic_data_round_trips_through_the_layout(tmp_path):
     np.testing.assert_array_equal(loaded.votes, synthetic.votes[order])
     np.testing.assert_array_equal(loaded.intended, synthetic.intended[order])
     assert {a: v.sex for a, v in loaded.actors.items()} == {a: v.sex for a, v in synthetic.actors.items()}
+
+
+def test_frames_and_feature_dim_come_from_the_features(cremad):
+    config = load_config(None, ["data.source=cremad", f"data.root={cremad}"])
+    assert config.data.frames is None and config.data.feature_dim is None
+    load_clips(config.data)
+    # filled in, so a run's config.yaml states the shape it really trained on
+    assert (config.data.frames, config.data.feature_dim) == (FRAMES, DIMS)
+    assert "frames: 5" in config.to_yaml()
+    matching = load_config(None, ["data.source=cremad", f"data.root={cremad}", f"data.frames={FRAMES}"])
+    assert len(load_clips(matching.data)) == 4
+
+
+@pytest.mark.parametrize("setting", ["data.frames=8", "data.feature_dim=16"])
+def test_a_shape_setting_the_features_contradict_is_an_error(cremad, setting):
+    config = load_config(None, ["data.source=cremad", f"data.root={cremad}", setting])
+    field = setting.split("=")[0]
+    with pytest.raises(DataError, match=f"{field} = {setting.split('=')[1]}, but the features .* have"):
+        load_clips(config.data)
+
+
+def test_the_cli_refuses_a_contradicted_frames_setting_in_one_line(cremad, tmp_path):
+    from typer.testing import CliRunner
+
+    from privfer.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--data", str(cremad), "--set", "data.frames=8",
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "data.frames = 8, but the features" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_synthetic_shape_defaults_are_stated():
+    config = load_config(None, [])
+    assert (config.data.frames, config.data.feature_dim) == (16, 256)

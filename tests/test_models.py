@@ -29,6 +29,24 @@ def test_vfer_base_head_split():
         model.personal_parameter_names(2)
 
 
+def test_the_shortcut_starts_as_the_plain_vfer_and_is_shared_under_fedper():
+    torch.manual_seed(0)
+    plain = VFER(feature_dim=4, hidden_size=3)
+    torch.manual_seed(0)
+    short = VFER(feature_dim=4, hidden_size=3, shortcut=True)
+    x = torch.randn(5, 6, 4)
+    torch.testing.assert_close(short(x), plain(x))  # zero-initialised: the untrained model is the plain VFER
+    with torch.no_grad():
+        short.shortcut.weight.fill_(0.5)
+    torch.testing.assert_close(short(x), plain(x) + 0.5 * x.mean(dim=1).sum(dim=1, keepdim=True))
+    assert [g for g, _ in short.layer_groups()] == ["shortcut", "lstm layer 0", "head"]
+    assert short.personal_parameter_names(1) == ["head.weight", "head.bias"]
+    assert "shortcut.weight" not in short.personal_parameter_names(2)  # the LSTM and the head, not the shortcut
+    config = load_config(None, ["privacy.epsilon=3"])
+    assert config.model.shortcut is True and VFER.from_config(config.model, 4).shortcut is not None
+    assert load_config(None, []).model.shortcut is False
+
+
 @pytest.mark.parametrize("fast", [False, True])
 def test_fedper_layers_are_counted_from_the_head_down_through_stacked_lstm_layers(fast):
     model = VFER(feature_dim=4, hidden_size=3, num_layers=2, fast_dp=fast)

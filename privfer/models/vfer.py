@@ -21,7 +21,13 @@ from privfer.models.dp_lstm import FastDPLSTM
 
 
 class VFER(nn.Module):
-    """Video FER: an LSTM over per-frame features, read out at the last step (or the mean), then a linear head."""
+    """Video FER: an LSTM over per-frame features, read out at the last step (or the mean), then a linear head.
+
+    With ``shortcut`` the logits also get a linear map of the clip's mean frame feature (a zero-initialised
+    skip connection around the LSTM, so the untrained model is the plain VFER). Under DP-SGD's noise the few
+    shortcut weights learn from far fewer steps than the recurrent ones — "DP learning needs better features"
+    (Tramer and Boneh, ICLR 2021) — while the LSTM still adds what the frames' order carries.
+    """
 
     def __init__(
         self,
@@ -32,6 +38,7 @@ class VFER(nn.Module):
         readout: str = "last",
         dropout: float = 0.0,
         fast_dp: bool = False,
+        shortcut: bool = False,
     ) -> None:
         super().__init__()
         if readout not in ("last", "mean"):
@@ -45,6 +52,11 @@ class VFER(nn.Module):
             self.lstm = nn.LSTM(feature_dim, hidden_size, num_layers=num_layers, batch_first=True)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size, num_classes)
+        self.shortcut: nn.Linear | None = None
+        if shortcut:
+            self.shortcut = nn.Linear(feature_dim, num_classes)
+            nn.init.zeros_(self.shortcut.weight)
+            nn.init.zeros_(self.shortcut.bias)
 
     @classmethod
     def from_config(
@@ -60,6 +72,7 @@ class VFER(nn.Module):
             readout="last" if config.readout == "auto" else config.readout,  # auto is resolved by PrivferConfig
             dropout=config.dropout,
             fast_dp=fast,
+            shortcut=config.shortcut is True,  # auto is resolved by PrivferConfig
         )
 
     def embed(self, frames: torch.Tensor) -> torch.Tensor:
@@ -71,12 +84,18 @@ class VFER(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, classes) logits."""
-        return self.head(self.dropout(self.embed(frames)))
+        logits = self.head(self.dropout(self.embed(frames)))
+        if self.shortcut is not None:
+            logits = logits + self.shortcut(frames.mean(dim=1))
+        return logits
 
     def layer_groups(self) -> list[tuple[str, list[str]]]:
-        """Parameter names grouped by layer, from input to output: each LSTM layer, then the head."""
+        """Parameter names grouped by layer, from input to output: the shortcut (it reads the input; FedPer keeps
+        it local only with every LSTM layer), each LSTM layer, then the head."""
         lstm_names = [name for name, _ in self.lstm.named_parameters()]
         groups: list[tuple[str, list[str]]] = []
+        if self.shortcut is not None:
+            groups.append(("shortcut", [f"shortcut.{name}" for name, _ in self.shortcut.named_parameters()]))
         for index in range(self.lstm.num_layers):
             # nn.LSTM names its tensors weight_ih_l0 ...; FastDPLSTM nests them as layers.0.ih.weight ...
             mine = [n for n in lstm_names if n.endswith(f"_l{index}") or n.startswith(f"layers.{index}.")]

@@ -102,11 +102,11 @@ def _round(config, n=5):
     layout = PayloadLayout(((8,),), config)
     server = SecAggServer(config, "r", layout)
     clients = {c: SecAggClient(c, config, "r", layout) for c in range(1, n + 1)}
-    for c in clients.values():
-        server.receive_advertise(c.advertise_keys().to_bytes())
+    for cid, c in clients.items():
+        server.receive_advertise(c.advertise_keys().to_bytes(), peer=cid)
     roster = server.key_roster().to_bytes()
-    for c in clients.values():
-        server.receive_share_keys(c.share_keys(KeyRoster.from_bytes(roster)).to_bytes())
+    for cid, c in clients.items():
+        server.receive_share_keys(c.share_keys(KeyRoster.from_bytes(roster)).to_bytes(), peer=cid)
     return server, clients, {cid: b.to_bytes() for cid, b in server.forward_shares().items()}
 
 
@@ -118,7 +118,7 @@ def test_clients_refuse_to_unmask_below_the_minimum_inputs():
     server.config = lax
     for cid in (1, 2, 3, 4):
         server.receive_masked_input(clients[cid].masked_input(
-            ForwardedShares.from_bytes(bundles[cid]), [np.arange(8, dtype=np.int64)]).to_bytes())
+            ForwardedShares.from_bytes(bundles[cid]), [np.arange(8, dtype=np.int64)]).to_bytes(), peer=cid)
     request = UnmaskRequest.from_bytes(server.unmask_request().to_bytes())
     assert request.survivors == (1, 2, 3, 4)
     for cid in (1, 2, 3, 4):
@@ -171,9 +171,11 @@ def test_every_backend_is_one_call_with_one_result_type():
 def test_integer_encoding_refuses_floats_and_out_of_bound_values():
     config = make_config(num_clients=3, encoding="integer", integer_sum_bound=100)
     layout = PayloadLayout(((4,),), config)
-    with pytest.raises(TypeError):
+    from privfer.secagg import InvalidUpdate
+
+    with pytest.raises(InvalidUpdate, match="integer"):
         layout.encode([np.zeros(4)])
-    with pytest.raises(ValueError, match="sum bound"):
+    with pytest.raises(InvalidUpdate, match="sum bound"):
         layout.encode([np.array([0, 0, 0, 101])])
     with pytest.raises(Exception, match="integer_sum_bound"):
         make_config(num_clients=3, encoding="integer")

@@ -136,23 +136,24 @@ class Round:
         self.server = SecAggServer(self.config, round_id, self.layout)
 
     def to_forwarded(self):
-        for client in self.clients.values():
-            self.server.receive_advertise(client.advertise_keys())
+        for cid, client in self.clients.items():
+            self.server.receive_advertise(client.advertise_keys(), peer=cid)
         self.roster = self.server.key_roster()
-        for client in self.clients.values():
-            self.server.receive_share_keys(client.share_keys(self.roster))
+        for cid, client in self.clients.items():
+            self.server.receive_share_keys(client.share_keys(self.roster), peer=cid)
         return self.server.forward_shares()
 
     def to_masked(self, skip_masked=()):
-        for client in self.clients.values():
-            self.server.receive_advertise(client.advertise_keys().to_bytes())
+        for cid, client in self.clients.items():
+            self.server.receive_advertise(client.advertise_keys().to_bytes(), peer=cid)
         self.roster = self.server.key_roster()
-        for client in self.clients.values():
-            self.server.receive_share_keys(client.share_keys(self.roster).to_bytes())
+        for cid, client in self.clients.items():
+            self.server.receive_share_keys(client.share_keys(self.roster).to_bytes(), peer=cid)
         self.bundles = self.server.forward_shares()
         for cid, client in self.clients.items():
             if cid not in skip_masked:
-                self.server.receive_masked_input(client.masked_input(self.bundles[cid], [np.full(4, cid / 10)]))
+                self.server.receive_masked_input(client.masked_input(self.bundles[cid], [np.full(4, cid / 10)]),
+                                                 peer=cid)
         return self
 
 
@@ -216,29 +217,29 @@ def test_replayed_and_cross_round_messages_are_rejected():
     advert = old.clients[1].advertise_keys().to_bytes()
     new = Round(round_id="round-2")
     with pytest.raises(WrongRound):
-        new.server.receive_advertise(advert)
-    new.server.receive_advertise(new.clients[1].advertise_keys().to_bytes())
+        new.server.receive_advertise(advert, peer=1)
+    new.server.receive_advertise(new.clients[1].advertise_keys().to_bytes(), peer=1)
     with pytest.raises(DuplicateSender):
-        new.server.receive_advertise(new.server.transcript.entries[0].message)  # the same message again
+        new.server.receive_advertise(new.server.transcript.entries[0].message, peer=1)  # the same message again
 
 
 def test_server_rejects_unknown_senders_and_wrong_lengths():
     r = Round()
-    for client in r.clients.values():
-        r.server.receive_advertise(client.advertise_keys())
+    for cid, client in r.clients.items():
+        r.server.receive_advertise(client.advertise_keys(), peer=cid)
     roster = r.server.key_roster()
     stranger = m.ShareKeys(round_id=r.round_id, sender=99, ciphertexts={}, commitments={}, seed_commitment=bytes(32))
     with pytest.raises(UnknownSender):
-        r.server.receive_share_keys(stranger)
-    for client in r.clients.values():
-        r.server.receive_share_keys(client.share_keys(roster))
+        r.server.receive_share_keys(stranger, peer=99)
+    for cid, client in r.clients.items():
+        r.server.receive_share_keys(client.share_keys(roster), peer=cid)
     bundles = r.server.forward_shares()
     short = m.MaskedInput(round_id=r.round_id, sender=1, modulus_bits=32, vector=np.zeros(3, np.uint32))
     with pytest.raises(WrongVectorLength):
-        r.server.receive_masked_input(short)
+        r.server.receive_masked_input(short, peer=1)
     with pytest.raises(WrongStage):
         r.server.receive_advertise(m.AdvertiseKeys(
-            round_id=r.round_id, sender=7, c_public=b"\x09" * 32, s_public=b"\x08" * 32))
+            round_id=r.round_id, sender=7, c_public=b"\x09" * 32, s_public=b"\x08" * 32), peer=7)
     with pytest.raises(WrongStage):
         r.clients[1].share_keys(roster)  # a stage cannot be repeated
     assert bundles
@@ -321,19 +322,19 @@ def test_dropouts_cannot_cut_the_sparse_ring_into_revealed_segments():
 def test_server_rejects_bad_key_advertisements():
     r = Round()
     first = r.clients[1].advertise_keys()
-    r.server.receive_advertise(first)
+    r.server.receive_advertise(first, peer=1)
     with pytest.raises(UnknownSender, match="sender 0"):
         r.server.receive_advertise(m.AdvertiseKeys(round_id=r.round_id, sender=0, c_public=b"\x05" * 32,
-                                                   s_public=b"\x06" * 32))
+                                                   s_public=b"\x06" * 32), peer=None)  # an unauthenticated channel
     with pytest.raises(DuplicateSender, match="reuses a public key"):
         r.server.receive_advertise(m.AdvertiseKeys(round_id=r.round_id, sender=2, c_public=first.s_public,
-                                                   s_public=r.clients[2].advertise_keys().s_public))
+                                                   s_public=r.clients[2].advertise_keys().s_public), peer=2)
     low_order = bytes(32)  # the identity point: every shared secret would be zero
     from privfer.secagg import MalformedMessage
 
     with pytest.raises(MalformedMessage, match="low-order"):
         r.server.receive_advertise(m.AdvertiseKeys(round_id=r.round_id, sender=3, c_public=low_order,
-                                                   s_public=r.clients[3].advertise_keys().s_public))
+                                                   s_public=r.clients[3].advertise_keys().s_public), peer=3)
     with pytest.raises(UnknownSender, match="channel of client 5"):
         r.server.receive_advertise(r.clients[4].advertise_keys(), peer=5)
 

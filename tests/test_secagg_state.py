@@ -29,17 +29,17 @@ def run_round(n, dropped_before_masking=(), restore=True, seed=0):
         return clients[cid]
 
     for c in clients:
-        server.receive_advertise(client(c).advertise_keys().to_bytes())
+        server.receive_advertise(client(c).advertise_keys().to_bytes(), peer=c)
     roster = m.KeyRoster.from_bytes(server.key_roster().to_bytes())
     for c in clients:
-        server.receive_share_keys(client(c).share_keys(roster).to_bytes())
+        server.receive_share_keys(client(c).share_keys(roster).to_bytes(), peer=c)
     bundles = server.forward_shares()
     survivors = [c for c in clients if c not in dropped_before_masking]
     for c in survivors:
-        server.receive_masked_input(client(c).masked_input(bundles[c], updates[c]).to_bytes())
+        server.receive_masked_input(client(c).masked_input(bundles[c], updates[c]).to_bytes(), peer=c)
     request = m.UnmaskRequest.from_bytes(server.unmask_request().to_bytes())
     for c in survivors:
-        server.receive_unmask(client(c).unmask(request).to_bytes())
+        server.receive_unmask(client(c).unmask(request).to_bytes(), peer=c)
     total = server.finish().decoded.arrays[0]
     return total, sum(updates[c][0] for c in survivors), clients
 

@@ -94,7 +94,13 @@ class ServerSum:
 
 
 class SecAggServer:
-    """The aggregator of one round."""
+    """The aggregator of one round.
+
+    Every ``receive_*`` takes ``peer=``, a required keyword: the client the bytes arrived from, as the
+    authenticated channel (TLS client certificate, Flower node id) says. A message signed as another sender
+    is refused (``UnknownSender``). ``peer=None`` is an explicit statement that the transport cannot tell
+    who sent the bytes; the message's own sender field is then trusted, and one client can speak for another.
+    """
 
     def __init__(self, config: SecAggConfig, round_id: str, layout: PayloadLayout) -> None:
         self.config = config
@@ -146,7 +152,7 @@ class SecAggServer:
             raise RoundAborted(f"only {count} clients {what}; the threshold is {needed}")
 
     # -- stage 0 -----------------------------------------------------------------
-    def receive_advertise(self, raw: bytes | AdvertiseKeys, peer: int | None = None) -> None:
+    def receive_advertise(self, raw: bytes | AdvertiseKeys, *, peer: int | None) -> None:
         message = self._accept(raw, AdvertiseKeys, "advertise", peer)
         if message.sender in self._keys:
             raise DuplicateSender(f"client {message.sender} advertised keys twice")
@@ -168,7 +174,7 @@ class SecAggServer:
         return self._send(KeyRoster(round_id=self.round_id, sender=SERVER, keys=dict(self._keys)), "advertise", 0)
 
     # -- stage 1 -----------------------------------------------------------------
-    def receive_share_keys(self, raw: bytes | ShareKeys, peer: int | None = None) -> None:
+    def receive_share_keys(self, raw: bytes | ShareKeys, *, peer: int | None) -> None:
         message = self._accept(raw, ShareKeys, "share", peer)
         sender = message.sender
         if sender not in self._keys:
@@ -200,7 +206,7 @@ class SecAggServer:
         return bundles
 
     # -- stage 2 -----------------------------------------------------------------
-    def receive_masked_input(self, raw: bytes | MaskedInput, peer: int | None = None) -> None:
+    def receive_masked_input(self, raw: bytes | MaskedInput, *, peer: int | None) -> None:
         message = self._accept(raw, MaskedInput, "masked", peer)
         if message.sender not in self._shares:
             raise UnknownSender(f"client {message.sender} did not share keys")
@@ -227,7 +233,7 @@ class SecAggServer:
         return self._send(self._request, "masked", 0)
 
     # -- stage 3 -----------------------------------------------------------------
-    def receive_unmask(self, raw: bytes | UnmaskResponse, peer: int | None = None) -> None:
+    def receive_unmask(self, raw: bytes | UnmaskResponse, *, peer: int | None) -> None:
         message = self._accept(raw, UnmaskResponse, "unmask", peer)
         assert self._request is not None
         if message.sender not in self._masked:

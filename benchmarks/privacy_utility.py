@@ -12,7 +12,10 @@ halves after training (no adaptation phase):
   (``make_private_with_epsilon``, Poisson batches of expected size 512,
   20 epochs, Adam lr 5e-3, C = 1, PRV accountant, the fast DP LSTM with
   ghost clipping) — the setting of REFERENCES' anchors, and what privfer
-  could deliver if the server were trusted;
+  could deliver if the server were trusted. It trains the very model privfer's
+  run at that epsilon trains (the resolved ``model`` section: 64 hidden units,
+  mean readout, the linear shortcut), so the ratio is the cost of distributing
+  the trust alone;
 * **privfer**: ``privfer simulate --epsilon E`` with its defaults: every
   training client's clipped gradient sum and Skellam noise share through the
   real masking protocol each round, the noise sized for at most 10% colluders
@@ -96,7 +99,8 @@ def main() -> None:
         for seed in range(args.seeds):
             f1_d, eps_d, sec_d, delta = distributed(epsilon, seed, clips)
             parts = split_clips(clips, split_actors(clips, config.data.split, seed))
-            f1_c, eps_c, sec_c = central(epsilon, delta, seed, parts, clips.feature_dim, config)
+            same_model = load_config(None, [f"privacy.epsilon={epsilon}"])  # the model privfer's run trains
+            f1_c, eps_c, sec_c = central(epsilon, delta, seed, parts, clips.feature_dim, same_model)
             pair["central"].append(f1_c)
             pair["privfer"].append(f1_d)
             print(f"{epsilon:>7g} {seed:>4} {f1_c:>10.3f} {eps_c:>6.2f} {sec_c:>5.0f} {f1_d:>10.3f} {eps_d:>6.2f} "

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, List, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from privfer import EMOTIONS, __version__
@@ -615,6 +615,64 @@ def data_export(
     clips = load_clips(cfg.data)
     export_cremad_layout(clips, folder)
     console.print(f"wrote {len(clips)} clips of {len(clips.actors)} actors to {folder}", highlight=False, markup=False)
+
+
+@data_app.command("extract")
+@user_errors
+def data_extract(
+    videos: Path = typer.Argument(..., help="Folder of videos (searched recursively; CREMA-D's VideoFlash/*.flv)."),
+    encoder: Path = typer.Option(..., "--encoder", help="Frozen frame encoder: TorchScript (.pt) or ONNX (.onnx), "
+                                 "(B, 3, S, S) RGB crops -> (B, D) features."),
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write (features/<clip>.npy, "
+                             "extraction.json); re-run to resume."),
+    frames: int = typer.Option(16, "--frames", help="Frames sampled evenly per clip (T)."),
+    face: str = typer.Option("haar", "--face", help="haar: OpenCV's frontal-face cascade; none: a centre crop."),
+    size: int = typer.Option(256, "--size", help="Crop side in pixels (the encoder's input size)."),
+    margin: float = typer.Option(0.25, "--margin", help="Margin around the detected face, as a share of its side."),
+    normalize: str = typer.Option("imagenet", "--normalize", help="Crop normalization the encoder expects: imagenet "
+                                  "(mean/std of ImageNet), unit ([0, 1]) or symmetric ([-1, 1])."),
+    min_face_fraction: float = typer.Option(0.5, "--min-face-fraction", help="A clip with a face in fewer of its "
+                                            "sampled frames is reported and not written."),
+    workers: int = typer.Option(1, "--workers", help="Processes decoding videos and finding faces."),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", help="CREMA-D folder whose VideoDemographics.csv "
+                                            "and processedResults/ are copied alongside (default: the videos "
+                                            "folder's parent, if it has them)."),
+) -> None:
+    """Turn videos into privfer's features: frames -> face crops -> your frozen encoder -> features/<clip>.npy."""
+    from privfer.data.extract import ExtractOptions, extract
+
+    options = ExtractOptions(frames=frames, face=face, size=size, margin=margin, normalize=normalize,  # type: ignore[arg-type]
+                             min_face_fraction=min_face_fraction)
+    progress = Progress(
+        TextColumn("[bold]clips"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=errors,
+    )
+    task = progress.add_task("extract", total=None, status="", start=False)
+    failed = []
+
+    def on_start(total: int, done: int) -> None:
+        if done:
+            errors.print(f"resuming: {done} of {total} clips already extracted", highlight=False, markup=False)
+        progress.update(task, total=total, completed=done)
+        progress.start()
+        progress.start_task(task)
+
+    def on_clip(report: Any) -> None:
+        if report.status != "ok":
+            failed.append(report.clip)
+        progress.update(task, advance=1, status=f"{len(failed)} failed" if failed else "")
+
+    try:
+        manifest = extract(videos, encoder, out, options, workers=workers, metadata=metadata, on_clip=on_clip,
+                           on_start=on_start)
+    finally:
+        progress.stop()
+    summary = manifest["summary"]
+    console.print(f"{summary['ok']} of {summary['videos']} clips extracted ({manifest['feature_dim']} features x "
+                  f"{frames} frames) to {out / 'features'}; {summary['failed']} failed (reasons in "
+                  f"{out / 'extraction.json'})", highlight=False, markup=False)
+    if manifest["metadata_copied"]:
+        console.print(f"copied {', '.join(manifest['metadata_copied'])} alongside", highlight=False, markup=False)
 
 
 @config_app.command("show")

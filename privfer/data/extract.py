@@ -42,6 +42,7 @@ VIDEO_SUFFIXES = (".flv", ".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg
 MANIFEST = "extraction.json"
 MANIFEST_VERSION = 1
 KEEP_FRAMES_PER_SAMPLE = 4  # decoded frames kept per sampled frame while streaming: memory O(T), not O(clip)
+MAX_SIDE = 1280  # larger frames are downscaled as they are decoded: memory per kept frame is bounded too
 NORMALIZATIONS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision / EmoNet-style backbones
     "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # RGB in [0, 1]
@@ -118,7 +119,18 @@ def _video_stack(need_av: bool = False):
 
 
 def _decode(path: Path) -> Iterator[np.ndarray]:
-    """RGB uint8 frames (H, W, 3) of the first video stream."""
+    """RGB uint8 frames (H, W, 3) of the first video stream, the longer side at most MAX_SIDE."""
+    for frame in _decode_full(path):
+        side = max(frame.shape[:2])
+        if side > MAX_SIDE:
+            cv2 = _video_stack()
+            scale = MAX_SIDE / side
+            frame = cv2.resize(frame, (max(1, round(frame.shape[1] * scale)), max(1, round(frame.shape[0] * scale))),
+                               interpolation=cv2.INTER_AREA)
+        yield frame
+
+
+def _decode_full(path: Path) -> Iterator[np.ndarray]:
     try:
         import av
     except ImportError:

@@ -104,23 +104,33 @@ def test_a_full_decryption_of_the_aggregate_gives_away_the_secret_key(round_, tm
 
 def test_privfers_release_leaves_the_attack_nothing_to_work_with(round_, tmp_path):
     config, authority, updates, _, aggregate, release = round_
-    # everything the key authority releases, in the slot order it was encrypted in
+    layout = HELayout.for_arrays(updates[1], config)
+    # everything the key authority releases, in the order it was encrypted in
     digits = [(release.clipped // DIGIT**i) % DIGIT for i in range(COUNT_DIGITS)]
     released = np.concatenate([
         *(a.ravel() for a in release.arrays),
         [release.example_count, len(release.included), *digits],
         [release.metrics[name] for name in config.metrics],
     ])
-    # it is the exact sum of the clients' grid values: a function of the inputs alone, no CKKS noise in it
-    np.testing.assert_array_equal(release.arrays[0], updates[1][0] + updates[2][0] + updates[3][0])
+    # all of it is the exact sum of the clients' grid vectors: a function of the inputs alone, no CKKS noise
+    exact = sum(layout.pack(updates[c], 1, None)[0][0] for c in updates)  # grid inputs: packing is deterministic
+    np.testing.assert_array_equal(released, exact)
     vector = ts.ckks_vector_from(authority._context, aggregate.ciphertexts[0])
     attacker = KeyRecovery(vector, authority._context, tmp_path)
-    slots = [complex(v, 0.0) for v in released] + [0j] * (config.slots - released.size)
     secret = _secret_key(authority, attacker.levels, attacker.degree, tmp_path)
-    guess = attacker.recover(slots)
-    # (m - c0) / c1 = s - e / c1: without e the division returns noise, not one coefficient of s
-    assert sum(g == s for g, s in zip(guess, secret)) == 0
-    # the attack needs the noise: TenSEAL's real-slot decryption (privfer's release before it was rounded)
-    # also defeats this one-shot solve, but still carries e (tests/test_secagg_he.py) for subtler attacks
-    real_only = [complex(v, 0.0) for v in np.asarray(vector.decrypt())]
-    assert attacker.recover(real_only) != secret
+    decryptor = sealapi.Decryptor(attacker.seal_context, authority._context.secret_key().data)
+    plain = sealapi.Plaintext()
+    decryptor.decrypt(attacker.ciphertext, plain)
+    raw = np.asarray(attacker.encoder.decode_complex(plain))
+
+    def as_slots(real: np.ndarray, imaginary: np.ndarray) -> list[complex]:
+        """One builder for both inputs: the values, repeated over every slot as TenSEAL lays a short vector out."""
+        return [complex(r, i) for r, i in zip(np.resize(real, config.slots), np.resize(imaginary, config.slots))]
+
+    # the layout is right: the raw decryption is the release repeated over the slots, plus the noise
+    assert np.max(np.abs(raw.real - np.resize(released, config.slots))) <= config.error_bound(len(updates))
+    # positive control, through the same builder: the noisy decryption gives every coefficient of s ...
+    assert attacker.recover(as_slots(raw.real, raw.imag)) == secret
+    # ... the release (the same values without the noise) none: (m - c0) / c1 = s - e / c1 is noise
+    guess = attacker.recover(as_slots(released, np.zeros(released.size)))
+    assert sum(g == k for g, k in zip(guess, secret)) == 0

@@ -175,7 +175,7 @@ def test_integer_encoding_refuses_floats_and_out_of_bound_values():
 
     with pytest.raises(InvalidUpdate, match="integer"):
         layout.encode([np.zeros(4)])
-    with pytest.raises(InvalidUpdate, match="sum bound"):
+    with pytest.raises(InvalidUpdate, match="exceeds the bound 100"):
         layout.encode([np.array([0, 0, 0, 101])])
     with pytest.raises(Exception, match="integer_sum_bound"):
         make_config(num_clients=3, encoding="integer")

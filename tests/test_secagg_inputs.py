@@ -126,3 +126,56 @@ def test_a_client_stays_usable_after_a_rejected_input():
         server.receive_unmask(client.unmask(request).to_bytes(), peer=cid)
     total = server.finish()
     np.testing.assert_allclose(total.decoded.arrays[0], 1.5, atol=3 * 2.0**-config.update_precision_bits)
+
+
+INTEGER = {
+    "masking": lambda: SecAggConfig(num_clients=3, encoding="integer", integer_sum_bound=100),
+    "plain": lambda: PlainConfig(num_clients=3, encoding="integer"),
+}
+
+
+@pytest.mark.parametrize("backend", INTEGER)
+@pytest.mark.parametrize("value", [np.array([2**64 - 1], np.uint64), np.array([-(2**63)]), [2**63], [2**64],
+                                   np.array([2**62])])
+def test_integers_beyond_the_bound_never_wrap(backend, value):
+    zero = [np.zeros(1, np.int64)]
+    with pytest.raises(InvalidUpdate):
+        aggregate({1: [value], 2: zero, 3: zero}, INTEGER[backend]())
+
+
+@pytest.mark.parametrize("backend", INTEGER)
+def test_the_integer_encoding_takes_no_counts_or_metrics(backend):
+    ones = [np.ones(1, np.int64)]
+    with pytest.raises(InvalidRoundArguments, match="integers only"):
+        aggregate({1: ones, 2: ones, 3: ones}, INTEGER[backend](), example_counts={1: 2, 2: 2, 3: 2})
+
+
+@pytest.mark.parametrize("backend", CONFIGS)
+def test_counts_for_every_client_and_well_formed_metrics(backend):
+    with pytest.raises(InvalidRoundArguments, match="no count for clients"):
+        aggregate({1: GOOD, 2: GOOD, 3: GOOD}, CONFIGS[backend](), example_counts={})
+    with pytest.raises(InvalidRoundArguments, match="mappings"):
+        aggregate({1: GOOD, 2: GOOD, 3: GOOD}, CONFIGS[backend](), metrics={1: [("loss", 2.0)]})
+
+
+@pytest.mark.parametrize("backend", CONFIGS)
+@pytest.mark.parametrize("update", [[np.ma.array(np.ones((2, 3)), mask=True), np.zeros(4)],
+                                    [[[1.0, 2.0, 3.0], [4.0, 5.0]], np.zeros(4)]])
+def test_masked_and_ragged_arrays_are_refused(backend, update):
+    with pytest.raises(InvalidUpdate):
+        aggregate({1: GOOD, 2: update, 3: GOOD}, CONFIGS[backend]())
+
+
+def test_a_metric_that_overflows_float64_is_refused():
+    config = SecAggConfig(num_clients=3, metrics=("loss",))
+    for value in (np.longdouble("1e400"), 10**400):
+        with pytest.raises(InvalidUpdate, match="finite"):
+            aggregate({1: GOOD, 2: GOOD, 3: GOOD}, config, metrics={1: {"loss": value}})
+
+
+@pytest.mark.parametrize("backend", CONFIGS)
+def test_the_agreed_shapes_are_an_included_clients(backend):
+    """A client dropped before sending does not make every other update look mismatched."""
+    result = aggregate({1: [np.ones(5)], 2: GOOD, 3: GOOD}, CONFIGS[backend](), {1: "advertise_keys"})
+    assert result.included == [2, 3]
+    np.testing.assert_allclose(result.total[0], 2.0, atol=result.error_bound)

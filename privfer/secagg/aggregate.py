@@ -21,7 +21,15 @@ from privfer.secagg.messages import ForwardedShares, KeyRoster, UnmaskRequest
 from privfer.secagg.payload import PayloadLayout
 from privfer.secagg.quantize import ClippingReport, ClippingWarning
 from privfer.secagg.randomness import SYSTEM, Randomness
-from privfer.secagg.rounds import STAGES, AggregationResult, Stage, StageTimes, check_round_arguments, warn_clipping
+from privfer.secagg.rounds import (
+    STAGES,
+    AggregationResult,
+    Stage,
+    StageTimes,
+    agreed_shapes,
+    check_round_arguments,
+    warn_clipping,
+)
 from privfer.secagg.server import SecAggServer
 
 
@@ -48,9 +56,9 @@ def aggregate(
     if not isinstance(config, SecAggConfig):
         backend = _other_backend(config)
         return backend(updates, config, dropouts, example_counts=example_counts, metrics=metrics, round_id=round_id)
-    dropouts = check_round_arguments(updates, config.num_clients, dropouts)
-    first = next(iter(updates.values()))
-    layout = PayloadLayout.for_arrays(first, config)
+    dropouts = check_round_arguments(updates, config.num_clients, dropouts, example_counts, metrics,
+                                     integer=config.encoding == "integer")
+    layout = PayloadLayout(tuple(agreed_shapes(updates, dropouts)), config)
     round_id = round_id or secrets.token_hex(8)
     make_randomness = randomness or (lambda _client: SYSTEM)
 

@@ -35,7 +35,7 @@ from privfer.secagg.errors import DuplicateSender, MalformedMessage, MessageErro
 from privfer.secagg.errors import UnsupportedVersion, WrongRound, WrongVectorLength
 from privfer.secagg.payload import ArrayLayout
 from privfer.secagg.quantize import ClippingReport, ClippingWarning, clip_and_report
-from privfer.secagg.rounds import STAGES, AggregationResult, StageTimes, check_round_arguments, warn_clipping
+from privfer.secagg.rounds import STAGES, AggregationResult, StageTimes, agreed_shapes, check_round_arguments, warn_clipping
 
 HE_PROTOCOL_VERSION = 1
 DIGIT = 1 << 10  # the clipped-value count travels as three base-1024 digits, each summed exactly
@@ -491,9 +491,9 @@ def aggregate(
     """
     import warnings
 
-    dropouts = check_round_arguments(updates, config.num_clients, dropouts)
+    dropouts = check_round_arguments(updates, config.num_clients, dropouts, example_counts, metrics)
     round_id = round_id or secrets.token_hex(8)
-    layout = HELayout.for_arrays(next(iter(updates.values())), config)
+    layout = HELayout(tuple(agreed_shapes(updates, dropouts)), config)
     times = StageTimes()
     start = time.perf_counter()
     authority = KeyAuthority(config)

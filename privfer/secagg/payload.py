@@ -28,27 +28,39 @@ from privfer.secagg.quantize import (
 from privfer.secagg.randomness import SYSTEM, Randomness
 
 
-def check_update(arrays: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...]], *, integer: bool = False
-                 ) -> np.ndarray:
+def check_update(arrays: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...]], *, integer: bool = False,
+                 bound: int | None = None) -> np.ndarray:
     """One client's update as one flat vector (float64, or int64 when ``integer``), or a specific
     :class:`~privfer.secagg.errors.InvalidInput`: every backend checks its callers' updates here.
 
     Only real numbers are summed: complex values (whose imaginary part would be dropped), booleans, text and
-    objects are refused, as are NaN and infinity; the integer encoding takes integer arrays only (2.7 is never
-    truncated to 2).
+    objects are refused, as are NaN and infinity and masked arrays (whose hidden values would be summed); the
+    integer encoding takes integer arrays only (2.7 is never truncated to 2), each value within ``bound``
+    (checked before any conversion, so nothing wraps).
     """
     if isinstance(arrays, np.ndarray) or not isinstance(arrays, Sequence):
         raise InvalidUpdate(f"an update is a sequence of arrays, got {type(arrays).__name__}")
-    got = [np.shape(a) for a in arrays]
-    if len(arrays) != len(shapes) or any(g != tuple(s) for g, s in zip(got, shapes)):
+    values = []
+    for index, array in enumerate(arrays):
+        if isinstance(array, np.ma.MaskedArray):
+            raise InvalidUpdate(f"array {index} is a masked array; its masked values would be summed (fill them)")
+        try:
+            values.append(np.asarray(array))
+        except (ValueError, TypeError) as exc:  # ragged nested lists, objects numpy cannot read
+            raise InvalidUpdate(f"array {index} is not an array: {exc}") from None
+    got = [v.shape for v in values]
+    if len(values) != len(shapes) or any(g != tuple(s) for g, s in zip(got, shapes)):
         raise ShapeMismatch(f"update shapes {got} differ from the agreed {[tuple(s) for s in shapes]}")
-    values = [np.asarray(a) for a in arrays]
     kinds = "iu" if integer else "iuf"
     for index, array in enumerate(values):
         if array.dtype.kind not in kinds:
             expected = "integer" if integer else "real-valued (integer or float)"
             raise InvalidUpdate(f"array {index} has dtype {array.dtype}; updates must be {expected} arrays")
     if integer:
+        limit = bound if bound is not None else np.iinfo(np.int64).max
+        for array in values:  # compared in the array's own dtype: no wrap, no abs() of the int64 minimum
+            if array.size and (array.max() > limit or array.min() < -limit):
+                raise InvalidUpdate(f"an integer value exceeds the bound {limit}")
         return np.concatenate([a.astype(np.int64).ravel() for a in values]) if values else np.zeros(0, np.int64)
     flat = np.concatenate([a.astype(np.float64, copy=False).ravel() for a in values]) if values else np.zeros(0)
     if not np.isfinite(flat).all():
@@ -68,16 +80,25 @@ def check_example_count(count: object, maximum: int | None) -> int:
 
 
 def check_metrics(metrics: Mapping[str, float] | None, configured: Sequence[str]) -> dict[str, float]:
-    """A client's metrics: configured names only, finite real values; else :class:`InvalidUpdate`."""
+    """A client's metrics: configured names only, values that are finite as float64; else :class:`InvalidUpdate`."""
+    if metrics is not None and not isinstance(metrics, Mapping):
+        raise InvalidUpdate(f"metrics are a {{name: value}} mapping, got {type(metrics).__name__}")
     metrics = dict(metrics or {})
     unknown = set(metrics) - set(configured)
     if unknown:
         raise InvalidUpdate(f"metrics {sorted(unknown)} are not in the configured {list(configured)}")
+    checked = {}
     for name, value in metrics.items():
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                or not np.isfinite(value):
-            raise InvalidUpdate(f"metric {name!r} must be a finite real number, got {value!r}")
-    return {name: float(value) for name, value in metrics.items()}
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise InvalidUpdate(f"metric {name!r} must be a real number, got {value!r}")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = float("inf")
+        if not np.isfinite(number):
+            raise InvalidUpdate(f"metric {name!r} must be finite as a float64, got {value!r}")
+        checked[name] = number
+    return checked
 
 
 @dataclass(frozen=True)
@@ -133,7 +154,8 @@ class PayloadLayout(ArrayLayout):
     def __post_init__(self) -> None:
         config = self.config
         if self.length > config.max_vector_length:
-            raise ValueError(f"the update has {self.length} coordinates; max_vector_length is {config.max_vector_length}")
+            raise InvalidUpdate(f"the update has {self.length} coordinates; max_vector_length is "
+                                f"{config.max_vector_length}")
         if self.integer:
             return
         limit = 2 ** (config.modulus_bits - 1) - 1
@@ -156,10 +178,7 @@ class PayloadLayout(ArrayLayout):
 
     def encode_integer_arrays(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """Integer arrays (each |value| <= the config's sum bound) -> words mod 2^k; the vector is just them."""
-        flat = check_update(arrays, self.shapes, integer=True)
-        bound = self.config.integer_sum_bound
-        if flat.size and int(np.abs(flat).max()) > bound:
-            raise InvalidUpdate(f"an integer value exceeds the round's sum bound {bound}")
+        flat = check_update(arrays, self.shapes, integer=True, bound=self.config.integer_sum_bound)
         return encode_integers(flat, self.config.modulus_bits)
 
     def encode(
@@ -170,7 +189,11 @@ class PayloadLayout(ArrayLayout):
         randomness: Randomness = SYSTEM,
     ) -> tuple[np.ndarray, ClippingReport]:
         config = self.config
-        if self.integer:
+        if self.integer:  # the vector is the integers alone: counts and metrics have no place in it
+            check_example_count(example_count, config.max_examples)
+            if metrics:
+                raise InvalidUpdate("integer encoding carries no metrics (the caller's integers are the whole "
+                                    "vector)")
             return self.encode_integer_arrays(arrays), ClippingReport(total=self.update_length)
         flat, metrics = self.flatten(arrays, example_count, metrics)
         update, report = encode_fixed_point(

@@ -20,10 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from privfer.secagg.errors import RoundAborted
 from privfer.secagg.payload import check_example_count, check_metrics, check_update
 from privfer.secagg.quantize import ClippingReport
-from privfer.secagg.rounds import STAGES, AggregationResult, StageTimes, check_round_arguments
-
-EXCLUDING_STAGES: tuple[str, ...] = STAGES[: STAGES.index("masked_input") + 1]
-"""Dropping at or before the masked input excludes a client's input; dropping later, it is included."""
+from privfer.secagg.rounds import EXCLUDING_STAGES, AggregationResult, StageTimes, agreed_shapes, check_round_arguments
 
 
 class PlainConfig(BaseModel):
@@ -58,18 +55,21 @@ def aggregate(
 ) -> AggregationResult:
     """The plain counterpart of :func:`privfer.secagg.aggregate` (same arguments and result)."""
     del round_id  # nothing to bind: no messages
-    dropouts = check_round_arguments(updates, config.num_clients, dropouts)
+    integer = config.encoding == "integer"
+    dropouts = check_round_arguments(updates, config.num_clients, dropouts, example_counts, metrics, integer=integer)
     times = StageTimes()
     with times.on_server("unmask"):
         included = [c for c in sorted(updates) if dropouts.get(c) not in EXCLUDING_STAGES]
         if len(included) < max(1, config.min_inputs):
             raise RoundAborted(f"only {len(included)} inputs were included, the minimum is {config.min_inputs}")
-        # the same checks as the masking and CKKS clients (the first client's shapes are the agreed ones)
-        shapes = [np.shape(a) for a in updates[included[0]]] if isinstance(updates[included[0]], Sequence) else []
-        integer = config.encoding == "integer"
-        flat = {c: check_update(updates[c], shapes, integer=integer) for c in included}
-        counts = {c: check_example_count(example_counts[c], None) for c in included} if example_counts else {}
-        client_metrics = {c: check_metrics(metrics.get(c), config.metrics) for c in included} if metrics else {}
+        # the same checks as the masking and CKKS clients; an int64 sum of the included values cannot overflow
+        shapes = agreed_shapes(updates, dropouts)
+        bound = np.iinfo(np.int64).max // config.num_clients
+        flat = {c: check_update(updates[c], shapes, integer=integer, bound=bound) for c in included}
+        counts = {c: check_example_count(example_counts[c], None) for c in included} \
+            if example_counts is not None else {}
+        client_metrics = {c: check_metrics(metrics.get(c), config.metrics) for c in included} \
+            if metrics is not None else {}
         summed = np.sum([flat[c] for c in included], axis=0)
         total, at = [], 0
         for shape in shapes:
@@ -77,8 +77,8 @@ def aggregate(
             total.append(summed[at : at + size].reshape(shape))
             at += size
         count = sum(counts.values()) if example_counts is not None else len(included)
-        summed_metrics = {name: float(sum(client_metrics[c].get(name, 0.0) for c in included))
-                          for name in config.metrics} if metrics is not None else {}
+        summed_metrics = {name: float(sum(client_metrics.get(c, {}).get(name, 0.0) for c in included))
+                          for name in config.metrics}
     values = int(summed.size)
     bytes_per_client = (values + 1 + len(config.metrics)) * config.wire_bits // 8
     return AggregationResult(
@@ -95,4 +95,4 @@ def aggregate(
     )
 
 
-__all__ = ["EXCLUDING_STAGES", "PlainConfig", "aggregate"]
+__all__ = ["EXCLUDING_STAGES", "PlainConfig", "aggregate"]  # EXCLUDING_STAGES: re-exported from rounds

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
-from privfer.secagg.errors import InvalidRoundArguments
+from privfer.secagg.errors import InvalidRoundArguments, InvalidUpdate
 from privfer.secagg.quantize import ClippingReport, ClippingWarning
 from privfer.secagg.shamir import PRIME
 
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 Stage = Literal["advertise_keys", "share_keys", "masked_input", "unmask"]
 STAGES: tuple[str, ...] = ("advertise_keys", "share_keys", "masked_input", "unmask")
+EXCLUDING_STAGES: tuple[str, ...] = STAGES[: STAGES.index("masked_input") + 1]
+"""Dropping at or before the masked input excludes a client's input; dropping later, it is included."""
 
 
 @dataclass
@@ -98,12 +100,17 @@ def warn_clipping(clipping: ClippingReport) -> None:
 
 
 def check_round_arguments(
-    updates: Mapping[int, Sequence[np.ndarray]], num_clients: int, dropouts: Mapping[int, str] | None
+    updates: Mapping[int, Sequence[np.ndarray]], num_clients: int, dropouts: Mapping[int, str] | None,
+    example_counts: Mapping[int, int] | None = None, metrics: Mapping[int, Mapping[str, float]] | None = None,
+    *, integer: bool = False,
 ) -> dict[int, str]:
     """Validate the recipe's arguments (shared by every backend); returns the dropouts as a dict.
 
     Raises :class:`~privfer.secagg.errors.InvalidRoundArguments` for no updates, more than ``num_clients``,
-    client ids that are not integers in 1..MAX_CLIENT_ID, and dropouts of unknown clients or stages.
+    client ids that are not integers in 1..MAX_CLIENT_ID, dropouts of unknown clients or stages, example counts
+    that miss a client, metrics that are not a mapping of mappings, and either of them under the integer
+    encoding (which sums the caller's integers and nothing else); :class:`InvalidUpdate` for an update that is
+    not a sequence of arrays.
     """
     if not isinstance(updates, Mapping):
         raise InvalidRoundArguments(f"updates map client ids to their arrays, got {type(updates).__name__}")
@@ -122,9 +129,31 @@ def check_round_arguments(
     bad = {c: s for c, s in dropouts.items() if s not in STAGES}
     if bad:
         raise InvalidRoundArguments(f"dropout stages must be one of {STAGES}, got {bad}")
+    for client, update in updates.items():
+        if isinstance(update, np.ndarray) or not isinstance(update, Sequence):
+            raise InvalidUpdate(f"client {client}'s update is a {type(update).__name__}, not a sequence of arrays")
+    if integer and (example_counts is not None or metrics is not None):
+        raise InvalidRoundArguments("the integer encoding sums the caller's integers only: no example_counts or "
+                                    "metrics (put what must be summed into the arrays)")
+    if example_counts is not None:
+        if not isinstance(example_counts, Mapping):
+            raise InvalidRoundArguments("example_counts maps client ids to counts")
+        missing = sorted(set(updates) - set(example_counts))
+        if missing:
+            raise InvalidRoundArguments(f"example_counts has no count for clients {missing[:5]}")
+    if metrics is not None and (not isinstance(metrics, Mapping)
+                                or not all(isinstance(m, Mapping) for m in metrics.values())):
+        raise InvalidRoundArguments("metrics maps client ids to {name: value} mappings")
     return dropouts
 
 
+def agreed_shapes(updates: Mapping[int, Sequence[np.ndarray]], dropouts: Mapping[int, str]) -> list[tuple[int, ...]]:
+    """The round's public shapes: those of the first (lowest-id) client whose input is included, so a client
+    dropped before sending cannot make everyone else's update look mismatched."""
+    included = [c for c in sorted(updates) if dropouts.get(c) not in EXCLUDING_STAGES] or sorted(updates)
+    return [tuple(int(n) for n in np.shape(a)) for a in updates[included[0]]]
 
 
-__all__ = ["AggregationResult", "MAX_CLIENT_ID", "STAGES", "Stage", "StageTimes", "check_round_arguments", "warn_clipping"]
+
+
+__all__ = ["AggregationResult", "EXCLUDING_STAGES", "MAX_CLIENT_ID", "STAGES", "agreed_shapes", "Stage", "StageTimes", "check_round_arguments", "warn_clipping"]

@@ -668,6 +668,9 @@ def data_extract(
     finally:
         progress.stop()
     summary = manifest["summary"]
+    if summary["ok"] == 0:
+        print_error(f"no clip of {summary['videos']} was extracted; the reasons are in {out / 'extraction.json'}")
+        raise typer.Exit(2)
     console.print(f"{summary['ok']} of {summary['videos']} clips extracted ({manifest['feature_dim']} features x "
                   f"{frames} frames) to {out / 'features'}; {summary['failed']} failed (reasons in "
                   f"{out / 'extraction.json'})", highlight=False, markup=False)

@@ -243,17 +243,18 @@ def test_an_encoder_of_the_wrong_shape_is_a_clear_error(tmp_path):
     videos = tmp_path / "videos"
     videos.mkdir()
     write_avi(videos / "clip.avi", face_frames()[0])
-    with pytest.raises(EncoderError, match=r"to shape \(8, 3, 2, 2\); it must return \(8, D\)"):
+    with pytest.raises(EncoderError, match=r"to shape \(2, 3, 2, 2\); it must return \(2, D\)"):
         extract(videos, path, tmp_path / "out", OPTIONS)
+    assert not (tmp_path / "out").exists()  # refused before anything was read or written
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(EncoderError, match="does not load as TorchScript"):
         Encoder(tmp_path / "junk.pt", OPTIONS)
     result = CliRunner().invoke(app, ["data", "extract", str(videos), "--encoder", str(path), "--out",
                                       str(tmp_path / "cli"), "--frames", "8", "--size", str(SIZE)])
-    assert result.exit_code == 2 and "it must return (8, D)" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and "it must return (2, D)" in result.output and "Traceback" not in result.output
     bad = CliRunner().invoke(app, ["data", "extract", str(videos), "--encoder", str(path), "--out",
                                    str(tmp_path / "cli2"), "--frames", "1"])
-    assert bad.exit_code == 2 and "--frames must be in 2..1024" in bad.output
+    assert bad.exit_code == 2 and "--frames must be in 2..256" in bad.output
 
 
 def test_extracted_videos_train_end_to_end(tmp_path, torchscript_encoder):
@@ -288,3 +289,73 @@ def test_extracted_videos_train_end_to_end(tmp_path, torchscript_encoder):
                                   "--out", str(tmp_path / "run")])
     assert trained.exit_code == 0, trained.output
     assert "macro avg" in trained.output
+
+
+def test_a_clip_the_encoder_fails_on_is_reported_and_the_others_extracted(tmp_path):
+    import torch
+
+    class DarkOnly(torch.nn.Module):
+        def forward(self, x):
+            mean = x.mean(dim=(1, 2, 3), keepdim=True).flatten(1)
+            return torch.where(mean > 0.5, torch.full_like(mean, float("nan")), mean).repeat(1, 3)
+
+    path = tmp_path / "dark.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(DarkOnly()), str(path))
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_avi(videos / "dark.avi", face_frames()[0])
+    bright = [np.clip(f.astype(int) + 200, 0, 255).astype(np.uint8) for f in face_frames()[0]]
+    write_avi(videos / "bright.avi", bright)
+    options = ExtractOptions(frames=8, size=SIZE, face="none", normalize="unit")
+    manifest = extract(videos, path, tmp_path / "out", options)
+    assert manifest["clips"]["dark"]["status"] == "ok"
+    assert manifest["clips"]["bright"]["status"] == "failed" and "NaN" in manifest["clips"]["bright"]["error"]
+    assert not (tmp_path / "out" / "features" / "bright.npy").exists()
+
+
+def test_a_folder_without_a_manifest_is_not_resumed_and_gone_videos_are_dropped(tmp_path, torchscript_encoder):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for k in range(2):
+        write_avi(videos / f"clip{k}.avi", face_frames()[0])
+    foreign = tmp_path / "foreign"
+    (foreign / "features").mkdir(parents=True)
+    np.save(foreign / "features" / "clip0.npy", np.zeros((8, 16), np.float32))
+    with pytest.raises(ExtractionError, match="holds no extraction.json"):
+        extract(videos, torchscript_encoder[0], foreign, OPTIONS)
+    out = tmp_path / "out"
+    extract(videos, torchscript_encoder[0], out, OPTIONS)
+    (videos / "clip1.avi").unlink()
+    manifest = extract(videos, torchscript_encoder[0], out, OPTIONS)
+    assert set(manifest["clips"]) == {"clip0"} and not (out / "features" / "clip1.npy").exists()
+    np.save(out / "features" / "clip0.npy", np.full((8, 16), np.nan, np.float32))  # damaged since
+    assert extract(videos, torchscript_encoder[0], out, OPTIONS)["summary"]["ok"] == 1
+    assert np.isfinite(np.load(out / "features" / "clip0.npy")).all()  # redone, not trusted
+
+
+def test_the_box_does_not_smear_across_a_cut(tmp_path):
+    left, _ = face_frames(count=6, start=(10, 30), step=(0, 0))
+    right, _ = face_frames(count=6, start=(130, 30), step=(0, 0))
+    video = write_avi(tmp_path / "cut.avi", left + right)
+    _, report = clip_crops(video, ExtractOptions(frames=12, size=SIZE))
+    centres = [x + side / 2 for x, _, side in report.boxes]
+    face_left, face_right = 10 + 47, 130 + 47
+    assert all(abs(c - face_left) < 6 for c in centres[:6]) and all(abs(c - face_right) < 6 for c in centres[6:])
+
+
+def test_a_missing_video_stack_stops_the_run_once(tmp_path, torchscript_encoder, monkeypatch):
+    import privfer.data.extract as module
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_avi(videos / "clip.avi", face_frames()[0])
+
+    def missing(need_av=False):
+        raise ExtractionError('reading videos needs the "video" extra')
+
+    monkeypatch.setattr(module, "_video_stack", missing)
+    with pytest.raises(ExtractionError, match="video"):
+        extract(videos, torchscript_encoder[0], tmp_path / "out", OPTIONS)
+    assert not (tmp_path / "out").exists()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -43,6 +44,10 @@ MANIFEST = "extraction.json"
 MANIFEST_VERSION = 1
 KEEP_FRAMES_PER_SAMPLE = 4  # decoded frames kept per sampled frame while streaming: memory O(T), not O(clip)
 MAX_SIDE = 1280  # larger frames are downscaled as they are decoded: memory per kept frame is bounded too
+MAX_PIXELS = 8192 * 8192  # a stream with larger frames is refused before decoding
+MAX_FRAMES = 200_000  # about 1.9 hours at 30 fps: a longer clip is reported, not decoded for ever
+MAX_SAMPLED_FRAMES = 256  # --frames: 4 x 256 kept frames of at most 1280 px stay under 3 GB per worker
+ENCODE_BATCH = 64  # crops per encoder call
 NORMALIZATIONS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision / EmoNet-style backbones
     "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # RGB in [0, 1]
@@ -72,9 +77,9 @@ class ExtractOptions:
 
     def __post_init__(self) -> None:
         checks = [
-            (2 <= self.frames <= 1024, f"--frames must be in 2..1024, got {self.frames}"),
+            (2 <= self.frames <= MAX_SAMPLED_FRAMES, f"--frames must be in 2..{MAX_SAMPLED_FRAMES}, got {self.frames}"),
             (self.face in ("haar", "none"), f"--face must be haar or none, got {self.face!r}"),
-            (16 <= self.size <= 1024, f"--size must be in 16..1024, got {self.size}"),
+            (16 <= self.size <= 512, f"--size must be in 16..512, got {self.size}"),
             (0.0 <= self.margin <= 2.0, f"--margin must be in [0, 2], got {self.margin}"),
             (0.0 <= self.smoothing < 1.0, f"smoothing must be in [0, 1), got {self.smoothing}"),
             (0.0 <= self.min_face_fraction <= 1.0,
@@ -120,7 +125,9 @@ def _video_stack(need_av: bool = False):
 
 def _decode(path: Path) -> Iterator[np.ndarray]:
     """RGB uint8 frames (H, W, 3) of the first video stream, the longer side at most MAX_SIDE."""
-    for frame in _decode_full(path):
+    for index, frame in enumerate(_decode_full(path)):
+        if index >= MAX_FRAMES:
+            raise DataError(f"longer than {MAX_FRAMES} frames; cut the video into clips")
         side = max(frame.shape[:2])
         if side > MAX_SIDE:
             cv2 = _video_stack()
@@ -141,7 +148,15 @@ def _decode_full(path: Path) -> Iterator[np.ndarray]:
                 if not container.streams.video:
                     raise DataError("no video stream")
                 for frame in container.decode(video=0):
-                    yield frame.to_ndarray(format="rgb24")
+                    if frame.width * frame.height > MAX_PIXELS:
+                        raise DataError(f"frames of {frame.width} x {frame.height} pixels exceed {MAX_PIXELS}")
+                    side = max(frame.width, frame.height)
+                    if side > MAX_SIDE:  # scaled while converting: the full-size RGB frame is never made
+                        scale = MAX_SIDE / side
+                        yield frame.to_ndarray(width=max(1, round(frame.width * scale)),
+                                               height=max(1, round(frame.height * scale)), format="rgb24")
+                    else:
+                        yield frame.to_ndarray(format="rgb24")
         except av.error.FFmpegError as exc:
             raise DataError(f"cannot decode: {exc.__class__.__name__}: {exc}") from None
         return
@@ -154,7 +169,11 @@ def _decode_full(path: Path) -> Iterator[np.ndarray]:
             ok, frame = capture.read()
             if not ok:
                 return
-            yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            if frame.shape[0] * frame.shape[1] > MAX_PIXELS:
+                raise DataError(f"frames of {frame.shape[1]} x {frame.shape[0]} pixels exceed {MAX_PIXELS}")
+            if frame.ndim == 2:
+                frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+            yield cv2.cvtColor(frame[..., :3], cv2.COLOR_BGR2RGB)
     finally:
         capture.release()
 
@@ -169,15 +188,19 @@ def sample_frames(frames: Iterator[np.ndarray], count: int) -> tuple[list[np.nda
     limit = KEEP_FRAMES_PER_SAMPLE * count
     kept: list[tuple[int, np.ndarray]] = []
     stride, total = 1, 0
+    last: tuple[int, np.ndarray] | None = None
     for frame in frames:
         if total % stride == 0:
             kept.append((total, frame))
             if len(kept) > limit:
                 kept = kept[::2]
                 stride *= 2
+        last = (total, frame)
         total += 1
-    if not kept:
+    if last is None:
         return [], 0
+    if kept[-1][0] != last[0]:
+        kept.append(last)  # the clip's last frame is the last sample's target: never more than a stride away
     indices = np.array([i for i, _ in kept])
     targets = np.linspace(0, total - 1, count)
     chosen = [int(np.abs(indices - t).argmin()) for t in targets]
@@ -213,11 +236,14 @@ class FaceFinder:
 
     def boxes(self, frames: Sequence[np.ndarray], report: ClipReport) -> list[tuple[int, int, int]] | None:
         """One square box (x, y, side) per frame, or None when too few frames show a face."""
-        height, width = frames[0].shape[:2]
         if self.cascade is None:
-            side = min(height, width)
             report.fallback = "centre crop"
-            return [((width - side) // 2, (height - side) // 2, side)] * len(frames)
+            boxes = []
+            for frame in frames:  # per frame: the resolution may change within a stream
+                height, width = frame.shape[:2]
+                side = min(height, width)
+                boxes.append(((width - side) // 2, (height - side) // 2, side))
+            return boxes
         found = [self.detect(frame) for frame in frames]
         report.faces_found = sum(f is not None for f in found)
         if report.faces_found == 0 or report.faces_found < self.options.min_face_fraction * len(frames):
@@ -230,17 +256,35 @@ class FaceFinder:
                   for i in range(len(found))]
         if report.faces_found < len(frames):
             report.fallback = "neighbour box"
-        alpha = self.options.smoothing
-        forward, state = [], np.array(filled[0], dtype=float)
-        for box in filled:
-            state = alpha * state + (1 - alpha) * np.array(box, dtype=float)
-            forward.append(state)
-        backward, state = [], np.array(filled[-1], dtype=float)
-        for box in reversed(filled):
-            state = alpha * state + (1 - alpha) * np.array(box, dtype=float)
-            backward.append(state)
-        smoothed = [(f + b) / 2 for f, b in zip(forward, reversed(backward))]
+        smoothed = []
+        for segment in _segments(filled):
+            smoothed.extend(_smooth(segment, self.options.smoothing))
         return [(int(round(cx - s / 2)), int(round(cy - s / 2)), max(2, int(round(s)))) for cx, cy, s in smoothed]
+
+
+def _segments(boxes: list[tuple[float, float, float]]) -> list[list[tuple[float, float, float]]]:
+    """Runs of boxes without a jump (a cut, another face): the centre moves less than half the side."""
+    runs = [[boxes[0]]]
+    for previous, box in zip(boxes, boxes[1:]):
+        jump = math.hypot(box[0] - previous[0], box[1] - previous[1]) > 0.5 * min(box[2], previous[2])
+        if jump:
+            runs.append([box])
+        else:
+            runs[-1].append(box)
+    return runs
+
+
+def _smooth(boxes: list[tuple[float, float, float]], alpha: float) -> list[np.ndarray]:
+    """An exponential moving average run forwards and backwards, averaged: no lag at constant speed."""
+    forward, state = [], np.array(boxes[0], dtype=float)
+    for box in boxes:
+        state = alpha * state + (1 - alpha) * np.array(box, dtype=float)
+        forward.append(state)
+    backward, state = [], np.array(boxes[-1], dtype=float)
+    for box in reversed(boxes):
+        state = alpha * state + (1 - alpha) * np.array(box, dtype=float)
+        backward.append(state)
+    return [(f + b) / 2 for f, b in zip(forward, reversed(backward))]
 
 
 def crop(frame: np.ndarray, box: tuple[int, int, int], size: int) -> np.ndarray:
@@ -265,6 +309,8 @@ def clip_crops(path: Path, options: ExtractOptions) -> tuple[np.ndarray | None, 
     except DataError as exc:
         report.error = str(exc)
         return None, report
+    except PrivferError:
+        raise  # a missing extra or a broken install stops the run; it is no clip's fault
     except Exception as exc:  # noqa: BLE001 - a decoder's failure on one file is that clip's error, not the run's
         report.error = f"cannot decode: {exc.__class__.__name__}: {exc}"
         return None, report
@@ -346,6 +392,14 @@ class Encoder:
                 return out.float().numpy()
 
             self._run = run
+        self.probe()
+
+    def probe(self) -> None:
+        """Two blank crops through the model: the output shape and type are checked before any video is read."""
+        try:
+            self(np.zeros((2, self.options.size, self.options.size, 3), np.uint8))
+        except EncoderError as exc:
+            raise EncoderError(f"--encoder {self.path}: {exc}") from None
 
     def prepare(self, crops: np.ndarray) -> np.ndarray:
         """(B, S, S, 3) uint8 RGB -> (B, 3, S, S) float32, scaled to [0, 1] and normalised."""
@@ -353,17 +407,25 @@ class Encoder:
         return np.ascontiguousarray((batch - self._mean) / self._std, dtype=np.float32)
 
     def __call__(self, crops: np.ndarray) -> np.ndarray:
+        """(B, S, S, 3) crops -> (B, D) float32 features, in batches of at most ENCODE_BATCH."""
+        parts = [self._encode(crops[i : i + ENCODE_BATCH]) for i in range(0, len(crops), ENCODE_BATCH)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim or 0), np.float32)
+
+    def _encode(self, crops: np.ndarray) -> np.ndarray:
         try:
             out = np.asarray(self._run(self.prepare(crops)))
         except EncoderError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever the user's model raises on our input
             shape = (len(crops), 3, self.options.size, self.options.size)
+            text = " ".join(str(exc).split())[:300]  # one line, whatever the runtime printed
             raise EncoderError(f"the encoder failed on a batch of shape {shape}: {exc.__class__.__name__}: "
-                               f"{str(exc)[:200]}") from None
+                               f"{text}") from None
         if out.ndim != 2 or out.shape[0] != len(crops) or out.shape[1] < 1:
             raise EncoderError(f"the encoder maps a batch of {len(crops)} crops to shape {tuple(out.shape)}; it must "
                                f"return ({len(crops)}, D) features (flatten or pool inside the exported model)")
+        if out.dtype.kind != "f":
+            raise EncoderError(f"the encoder returned {out.dtype} values; features must be floating point")
         if self.dim is not None and out.shape[1] != self.dim:
             raise EncoderError(f"the encoder returned {out.shape[1]} features, earlier {self.dim}")
         if not np.isfinite(out).all():
@@ -403,12 +465,12 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
 
 
 def _complete(path: Path, frames: int, dim: int | None) -> bool:
-    """A features file a previous run finished (atomic writes: it exists only whole) of the expected shape."""
+    """A features file a previous run finished: float32, (frames, dim), finite (anything else is redone)."""
     try:
-        array = np.load(path, mmap_mode="r")
-    except (OSError, ValueError):
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
         return False
-    return array.ndim == 2 and array.shape[0] == frames and (dim is None or array.shape[1] == dim)
+    return (array.dtype == np.float32 and array.shape == (frames, dim) and bool(np.isfinite(array).all()))
 
 
 def _copy_metadata(source: Path, out: Path) -> list[str]:
@@ -444,71 +506,81 @@ def extract(
     """
     if workers < 1 or workers > 64:
         raise ExtractionError(f"--workers must be in 1..64, got {workers}")
+    _video_stack()  # a missing extra stops here, not once per clip
+    if options.face == "haar":
+        FaceFinder(options)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExtractionError(f"--out {out} is a file; give a folder for the dataset")
+    if metadata is not None and not (Path(metadata) / "VideoDemographics.csv").is_file():
+        raise ExtractionError(f"--metadata {metadata} has no VideoDemographics.csv")
     paths = find_videos(Path(videos))
     encoder = Encoder(encoder_path, options, threads=None)
-    out = Path(out)
     features = out / "features"
     manifest_path = out / MANIFEST
     settings = {"options": asdict(options), "encoder_sha256": encoder.sha256}
     manifest: dict[str, Any] = {"version": MANIFEST_VERSION, **settings, "encoder": str(encoder.path),
-                                "feature_dim": None, "clips": {}}
+                                "feature_dim": encoder.dim, "clips": {}}
     if manifest_path.exists():
         try:
             previous = json.loads(manifest_path.read_text(encoding="utf-8"))
-            same = {k: previous.get(k) for k in settings} == settings
+            same = {k: previous.get(k) for k in settings} == settings and isinstance(previous.get("clips"), dict)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             raise ExtractionError(f"{manifest_path} is unreadable; choose another --out") from None
         if not same:
             raise ExtractionError(f"{out} was extracted with other options or another encoder; use another --out "
                                   "(or the same --frames/--face/--size/--margin/--normalize and encoder file)")
-        manifest["clips"] = previous.get("clips", {})
-        manifest["feature_dim"] = previous.get("feature_dim")
-    elif out.exists() and any(out.iterdir()) and not (out / "features").is_dir():
-        raise ExtractionError(f"{out} exists and is not an extraction folder; choose another --out")
-    features.mkdir(parents=True, exist_ok=True)
-    source = metadata if metadata is not None else Path(videos).parent
-    if metadata is not None and not (metadata / "VideoDemographics.csv").is_file():
-        raise ExtractionError(f"--metadata {metadata} has no VideoDemographics.csv")
-    manifest["metadata_copied"] = _copy_metadata(source, out) if (source / "VideoDemographics.csv").is_file() else []
-
-    dim = manifest["feature_dim"]
-    todo = [p for p in paths if not _complete(features / f"{p.stem}.npy", options.frames, dim)]
-    if on_start is not None:
-        on_start(len(paths), len(paths) - len(todo))
+        manifest["clips"] = previous["clips"]
+    elif out.exists() and any(out.iterdir()):
+        raise ExtractionError(f"{out} is not empty and holds no {MANIFEST} (nothing says how its files were made); "
+                              "choose another --out")
+    source = Path(metadata) if metadata is not None else Path(videos).parent
 
     def save_manifest() -> None:
-        manifest["feature_dim"] = encoder.dim or manifest["feature_dim"]
         counts = {"ok": 0, "failed": 0}
         for entry in manifest["clips"].values():
             counts[entry["status"]] = counts.get(entry["status"], 0) + 1
         manifest["summary"] = {"videos": len(paths), **counts}
         atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
 
-    for path in paths:  # done by a run killed before it recorded them: the file is whole (atomic), its report lost
-        if path not in todo and manifest["clips"].get(path.stem, {}).get("status") != "ok":
-            manifest["clips"][path.stem] = {**asdict(ClipReport(clip=path.stem, source=str(path), status="ok")),
-                                            "error": None, "note": "extracted by an interrupted run (report lost)"}
     try:
-        _run(todo, options, workers, encoder, features, manifest, out, on_clip, save_manifest)
+        features.mkdir(parents=True, exist_ok=True)
+        save_manifest()  # the options and encoder are on disk before the first features file
+        manifest["metadata_copied"] = _copy_metadata(source, out) if (source / "VideoDemographics.csv").is_file() \
+            else []
+    except OSError as exc:
+        raise ExtractionError(f"cannot write to {out}: {exc.strerror or exc}") from None
+    # clips whose video is gone: their features were ours, and training must not read them
+    names = {p.stem for p in paths}
+    for clip in [c for c in manifest["clips"] if c not in names]:
+        (features / f"{clip}.npy").unlink(missing_ok=True)
+        del manifest["clips"][clip]
+    todo = [p for p in paths if not (manifest["clips"].get(p.stem, {}).get("status") == "ok"
+                                     and _complete(features / f"{p.stem}.npy", options.frames, encoder.dim))]
+    if on_start is not None:
+        on_start(len(paths), len(paths) - len(todo))
+    try:
+        _run(todo, options, workers, encoder, features, manifest, on_clip, save_manifest)
     finally:  # an interrupted run still records the clips it finished
         save_manifest()
     return manifest
 
 
-def _run(todo, options, workers, encoder, features, manifest, out, on_clip, save_manifest) -> None:
+def _run(todo, options, workers, encoder, features, manifest, on_clip, save_manifest) -> None:
     last_saved = time.monotonic()
     for crops, report in _crops_of(todo, options, workers):
+        target = features / f"{report.clip}.npy"
+        target.unlink(missing_ok=True)  # never a stale file: the entry and the file change together
         if crops is not None:
             started = time.perf_counter()
-            vectors = encoder(crops)
-            report.seconds["encode"] = time.perf_counter() - started
-            if manifest["feature_dim"] is not None and vectors.shape[1] != manifest["feature_dim"]:
-                raise EncoderError(f"the encoder returned {vectors.shape[1]} features; {out} holds "
-                                   f"{manifest['feature_dim']}")
-            _atomic_save(features / f"{report.clip}.npy", vectors)
-            report.status = "ok"
-        else:
-            (features / f"{report.clip}.npy").unlink(missing_ok=True)  # never a stale file for a failed clip
+            try:
+                vectors = encoder(crops)
+            except EncoderError as exc:  # this clip's output (NaN, say); the shape was checked at startup
+                report.error = f"encoder: {exc}"
+            else:
+                report.seconds["encode"] = time.perf_counter() - started
+                _atomic_save(target, vectors)
+                report.status = "ok"
         manifest["clips"][report.clip] = asdict(report)
         if on_clip is not None:
             on_clip(report)
@@ -523,11 +595,17 @@ def _crops_of(paths: list[Path], options: ExtractOptions, workers: int) -> Itera
         for path in paths:
             yield clip_crops(path, options)
         return
+    from concurrent.futures.process import BrokenProcessPool
+
     with ProcessPoolExecutor(max_workers=workers) as pool:
         pending = [pool.submit(clip_crops, path, options) for path in paths[: 2 * workers]]
         at = len(pending)
         while pending:
-            result = pending.pop(0).result()
+            try:
+                result = pending.pop(0).result()
+            except BrokenProcessPool:
+                raise ExtractionError("a worker process died (out of memory?); re-run to resume, perhaps with "
+                                      "fewer --workers") from None
             if at < len(paths):
                 pending.append(pool.submit(clip_crops, paths[at], options))
                 at += 1

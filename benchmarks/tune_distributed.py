@@ -3,6 +3,7 @@
     python benchmarks/tune_distributed.py --hidden 64 --readout mean --steps 40,60 --lr 0.01,0.02
     python benchmarks/tune_distributed.py --epsilon 8 --steps 40 --lr 0.02 --threads 2
     python benchmarks/tune_distributed.py --epsilon 1 --lr 0.02,0.03 --clip 1.0,0.3 --seeds 0,1
+    python benchmarks/tune_distributed.py --epsilon 1 --steps 20,40 --lr 0.03 --shortcut 0,1 --seeds 0,1
 
 What one round of ``privfer simulate --epsilon E`` computes, without the
 protocol's cost: every training clip's clipped gradient summed (the same
@@ -14,7 +15,8 @@ default integer scale (2^16 units per unit of gradient, standard deviation
 above 10^5 units) the Skellam and the Gaussian are indistinguishable for
 optimisation. Prints the validation macro F1 at four points of the run, per
 seed (``seed=S``: the actor split and the initialisation) and the mean over
-seeds, for every combination of steps, learning rate and clip norm
+seeds, for every combination of steps, learning rate, clip norm and the VFER's
+linear shortcut (``--shortcut``, on by default as under distributed DP)
 (``privacy.max_grad_norm=C``, which the noise calibration and the clipped sums
 both use).
 """

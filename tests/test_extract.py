@@ -125,6 +125,16 @@ def onnx_encoder(tmp_path_factory):
 OPTIONS = ExtractOptions(frames=8, size=SIZE)
 
 
+def save_scripted(module, path: Path) -> Path:
+    """A TorchScript file (deprecated by torch 2.13; users still have such files)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(module), str(path))
+    return path
+
+
 def test_sampling_is_even_and_bounded():
     sampled, total = sample_frames((np.array([i]) for i in range(1000)), 8)
     assert total == 1000 and len(sampled) == 8
@@ -236,10 +246,7 @@ def test_an_encoder_of_the_wrong_shape_is_a_clear_error(tmp_path):
         def forward(self, x):
             return x[:, :, :2, :2]  # (B, 3, 2, 2): not (B, D)
 
-    path = tmp_path / "bad.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(torch.jit.script(Spatial()), str(path))
+    path = save_scripted(Spatial(), tmp_path / "bad.pt")
     videos = tmp_path / "videos"
     videos.mkdir()
     write_avi(videos / "clip.avi", face_frames()[0])
@@ -299,10 +306,7 @@ def test_a_clip_the_encoder_fails_on_is_reported_and_the_others_extracted(tmp_pa
             mean = x.mean(dim=(1, 2, 3), keepdim=True).flatten(1)
             return torch.where(mean > 0.5, torch.full_like(mean, float("nan")), mean).repeat(1, 3)
 
-    path = tmp_path / "dark.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(torch.jit.script(DarkOnly()), str(path))
+    path = save_scripted(DarkOnly(), tmp_path / "dark.pt")
     videos = tmp_path / "videos"
     videos.mkdir()
     write_avi(videos / "dark.avi", face_frames()[0])
@@ -352,7 +356,7 @@ def test_a_missing_video_stack_stops_the_run_once(tmp_path, torchscript_encoder,
     videos.mkdir()
     write_avi(videos / "clip.avi", face_frames()[0])
 
-    def missing(need_av=False):
+    def missing():
         raise ExtractionError('reading videos needs the "video" extra')
 
     monkeypatch.setattr(module, "_video_stack", missing)

@@ -188,14 +188,20 @@ def test_a_client_aborts_when_too_few_of_its_group_survive():
         r.clients[1].unmask(thin)
 
 
-def test_a_tampered_share_fails_authentication():
-    r = Round()
+def tampered_bundle(r):
+    """Client 1's forwarded shares with one bit of one share's ciphertext flipped; and whose share it was."""
     bundle = r.to_forwarded()[1]
     sender = next(iter(bundle.ciphertexts))
     blob = bytearray(bundle.ciphertexts[sender])
     blob[20] ^= 0x40
     forged = m.ForwardedShares(round_id=r.round_id, sender=0, receiver=1,
                                ciphertexts={**bundle.ciphertexts, sender: bytes(blob)}, commitments=bundle.commitments)
+    return forged, sender
+
+
+def test_a_tampered_share_fails_authentication():
+    r = Round()
+    forged, sender = tampered_bundle(r)
     with pytest.raises(ShareAuthenticationError, match=f"share from client {sender} to 1"):
         r.clients[1].masked_input(forged, [np.zeros(4)])
 
@@ -342,12 +348,7 @@ def test_server_rejects_bad_key_advertisements():
 def test_a_client_that_failed_a_stage_takes_no_further_part():
     """A protocol failure ends the client's round (its own bad input does not: tests/test_secagg_inputs.py)."""
     r = Round()
-    bundle = r.to_forwarded()[1]
-    sender = next(iter(bundle.ciphertexts))
-    blob = bytearray(bundle.ciphertexts[sender])
-    blob[20] ^= 0x40
-    forged = m.ForwardedShares(round_id=r.round_id, sender=0, receiver=1,
-                               ciphertexts={**bundle.ciphertexts, sender: bytes(blob)}, commitments=bundle.commitments)
+    forged, sender = tampered_bundle(r)
     with pytest.raises(ShareAuthenticationError):
         r.clients[1].masked_input(forged, [np.zeros(4)])
     assert r.clients[1].stage == "aborted"

@@ -23,6 +23,7 @@ The video stack (PyAV, OpenCV, onnxruntime) is the optional extra ``video``:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -111,7 +112,7 @@ class ClipReport:
 # -- decoding ---------------------------------------------------------------------------------------------------
 
 
-def _video_stack(need_av: bool = False):
+def _video_stack():
     try:
         import cv2
     except ImportError:
@@ -210,18 +211,23 @@ def sample_frames(frames: Iterator[np.ndarray], count: int) -> tuple[list[np.nda
 # -- faces ------------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
+def _frontal_face_cascade():
+    """OpenCV's frontal-face cascade, loaded once per process (not once per clip)."""
+    cv2 = _video_stack()
+    cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+    if cascade.empty():
+        raise ExtractionError("OpenCV's frontal-face cascade did not load (is opencv-python-headless 4.x installed "
+                              "intact?)")
+    return cascade
+
+
 class FaceFinder:
     """The largest frontal face per frame (OpenCV Haar cascade), as a square box with a margin, smoothed."""
 
     def __init__(self, options: ExtractOptions) -> None:
         self.options = options
-        self.cascade = None
-        if options.face == "haar":
-            cv2 = _video_stack()
-            self.cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
-            if self.cascade.empty():
-                raise ExtractionError("OpenCV's frontal-face cascade did not load (is opencv-python-headless 4.x "
-                                      "installed intact?)")
+        self.cascade = _frontal_face_cascade() if options.face == "haar" else None
 
     def detect(self, frame: np.ndarray) -> tuple[float, float, float] | None:
         """(centre x, centre y, side) of the largest face, or None."""
@@ -336,7 +342,7 @@ class Encoder:
     """A frozen frame encoder: TorchScript (``torch.jit.save``, .pt), torch.export (``torch.export.save``, .pt2)
     or ONNX (.onnx); (B, 3, S, S) float32 -> (B, D)."""
 
-    def __init__(self, path: Path, options: ExtractOptions, threads: int | None = None) -> None:
+    def __init__(self, path: Path, options: ExtractOptions) -> None:
         self.path = Path(path)
         self.options = options
         if not self.path.is_file():
@@ -351,11 +357,8 @@ class Encoder:
                 import onnxruntime
             except ImportError:
                 raise ExtractionError('ONNX encoders need onnxruntime (the "video" extra)') from None
-            settings = onnxruntime.SessionOptions()
-            if threads:
-                settings.intra_op_num_threads = threads
             try:
-                self._session = onnxruntime.InferenceSession(str(self.path), settings,
+                self._session = onnxruntime.InferenceSession(str(self.path),
                                                              providers=["CPUExecutionProvider"])
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for any bad file
                 raise EncoderError(f"--encoder {self.path} does not load as ONNX: {exc}") from None
@@ -515,7 +518,7 @@ def extract(
     if metadata is not None and not (Path(metadata) / "VideoDemographics.csv").is_file():
         raise ExtractionError(f"--metadata {metadata} has no VideoDemographics.csv")
     paths = find_videos(Path(videos))
-    encoder = Encoder(encoder_path, options, threads=None)
+    encoder = Encoder(encoder_path, options)
     features = out / "features"
     manifest_path = out / MANIFEST
     settings = {"options": asdict(options), "encoder_sha256": encoder.sha256}

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from privfer.secagg.errors import RoundAborted
-from privfer.secagg.payload import check_example_count, check_metrics, check_update
+from privfer.secagg.payload import ArrayLayout, check_example_count, check_metrics, check_update
 from privfer.secagg.quantize import ClippingReport
 from privfer.secagg.rounds import EXCLUDING_STAGES, AggregationResult, StageTimes, agreed_shapes, check_round_arguments
 
@@ -71,11 +71,7 @@ def aggregate(
         client_metrics = {c: check_metrics(metrics.get(c), config.metrics) for c in included} \
             if metrics is not None else {}
         summed = np.sum([flat[c] for c in included], axis=0)
-        total, at = [], 0
-        for shape in shapes:
-            size = int(np.prod(shape))
-            total.append(summed[at : at + size].reshape(shape))
-            at += size
+        total = ArrayLayout(tuple(shapes), config).unflatten(summed)
         count = sum(counts.values()) if example_counts is not None else len(included)
         summed_metrics = {name: float(sum(client_metrics.get(c, {}).get(name, 0.0) for c in included))
                           for name in config.metrics}

@@ -296,9 +296,12 @@ def print_simulation(result: Any, run_dir: Path) -> None:
     privacy = result.privacy
     if result.private:
         summary.add_row("mechanism", {"distributed": "distributed DP-SGD (noise in the secure sum)",
+                                      "distributed_person": "distributed DP-FedAvg (person level, noise in the "
+                                                            "secure sum)",
                                       "local": "local DP-SGD (each client adds all its noise)"}.get(
                                           privacy.mechanism, str(privacy.mechanism)))
-        summary.add_row("epsilon target (per client, whole run)", f"{privacy.target_epsilon:g}")
+        who = "per person" if privacy.unit == "person" else "per client, record level"
+        summary.add_row(f"epsilon target ({who}, whole run)", f"{privacy.target_epsilon:g}")
         summary.add_row("epsilon spent: max / median over clients",
                         f"{privacy.epsilon_max:.3f} / {privacy.epsilon_median:.3f}")
         summary.add_row("delta", f"{privacy.delta:.3g}")

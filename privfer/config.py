@@ -24,6 +24,7 @@ from privfer.errors import ConfigError
 DISTRIBUTED_ROUNDS, LOCAL_ROUNDS = 40, 20
 DISTRIBUTED_HIDDEN, LOCAL_HIDDEN = 64, 128
 SYNTHETIC_FRAMES, SYNTHETIC_FEATURE_DIM = 16, 256
+PERSON_MECHANISM = "distributed_person"  # the ledger's mechanism_id of person-level distributed DP
 
 
 class _Section(BaseModel):
@@ -185,10 +186,21 @@ class PrivacyConfig(_Section):
         description="None: 1 / (10 x the federation's records) under distributed DP, 1 / (10 x the largest "
         "client's record count) under local DP; printed.",
     )
-    unit: Literal["record"] = Field(
-        "record", description="Privacy unit: one clip (record-level DP-SGD on each client; client-level DP is not built yet)."
+    unit: Literal["record", "person"] = Field(
+        "record",
+        description="Privacy unit: record (one clip of one client; DP-SGD) or person (everything one client holds; "
+        "DP-FedAvg with the noise in the secure sum, privacy.mechanism distributed only).",
     )
-    max_grad_norm: float = Field(1.0, gt=0.0, le=1e6, description="Per-sample gradient clipping bound.")
+    max_grad_norm: float = Field(1.0, gt=0.0, le=1e6, description="record: per-sample gradient clipping bound.")
+    max_update_norm: float = Field(
+        0.5, gt=0.0, le=1e6, description="person: each client's whole round update is clipped to this L2 norm."
+    )
+    participation: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="person: each selected client's secret coin: the probability that its clipped update (not zeros) "
+        "is in its masked input; every selected client always sends its noise share. Accounted as Poisson "
+        "sampling at this rate.",
+    )
     accountant: Literal["prv", "rdp"] = Field(
         "prv", description="Opacus accountant for calibration and the ledger (both sound upper bounds)."
     )
@@ -377,6 +389,16 @@ class PrivferConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _person_needs_the_sum(self) -> "PrivferConfig":
+        if self.privacy.unit == "person" and self.privacy.enabled and self.mechanism != "distributed":
+            raise ValueError(
+                "privacy.unit 'person' needs privacy.mechanism 'distributed' (with aggregation.backend 'masking'): "
+                "the noise that protects a whole person is only affordable inside the secure sum; use privacy.unit "
+                "'record' with privacy.mechanism 'local'"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _mechanism_defaults(self) -> "PrivferConfig":
         # Resolved here, so config.yaml and `privfer config show` state the rounds a run really uses.
         distributed = self.mechanism == "distributed"
@@ -388,6 +410,8 @@ class PrivferConfig(_Section):
             self.model.hidden_size = DISTRIBUTED_HIDDEN if distributed else LOCAL_HIDDEN
         if self.model.shortcut == "auto":
             self.model.shortcut = distributed
+        if self.model.recurrent == "auto" and self.mechanism_id == PERSON_MECHANISM:
+            self.model.recurrent = "lstm"  # person level clips whole updates: no per-sample gradients to compute
         if self.federation.server_lr is None:  # validation actors, benchmarks/tune_distributed.py
             small = distributed and self.privacy.epsilon <= 1.0
             self.federation.server_lr = SMALL_BUDGET_SERVER_LR if small else SERVER_LR
@@ -401,6 +425,14 @@ class PrivferConfig(_Section):
         if self.privacy.mechanism == "auto":
             return "distributed" if self.aggregation.backend == "masking" else "local"
         return self.privacy.mechanism
+
+    @property
+    def mechanism_id(self) -> str | None:
+        """The mechanism's id in the ledger: 'distributed' (record level), 'distributed_person', 'local', or None."""
+        mechanism = self.mechanism
+        if mechanism == "distributed" and self.privacy.unit == "person":
+            return PERSON_MECHANISM
+        return mechanism
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (paths as strings) suitable for YAML and JSON."""

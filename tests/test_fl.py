@@ -212,7 +212,7 @@ def test_every_mechanism_has_its_ledger_checks_and_auditors():
     from privfer.privacy.empirical import CANARY_AUDITS
 
     ids = {kind.id for kind in MECHANISMS.values() if kind.id is not None}
-    assert ids == set(AUDITORS) == set(CHECKS) == set(CANARY_AUDITS) == {"local", "distributed"}
+    assert ids == set(AUDITORS) == set(CHECKS) == set(CANARY_AUDITS) == {"local", "distributed", "distributed_person"}
 
 
 def test_a_damaged_result_is_refused_not_returned(small_clips, tmp_path):

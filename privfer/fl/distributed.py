@@ -171,12 +171,29 @@ def run_distributed_round(
         return DistributedRoundResult(global_state, server_state, [], summed.aborted, gradient_seconds,
                                       summed.seconds, summed.bytes_sent, encoding_seconds)
     expected_batch = plan.sample_rate * sum(len(data[c][0]) for c in summed.included)
-    gradient = decode_sum(summed.total, plan) / expected_batch
+    new_state, new_server_state = server_step(decode_sum(summed.total, plan) / expected_batch, global_state,
+                                              template, shared, server, server_state)
+    return DistributedRoundResult(new_state, new_server_state, list(summed.included), None, gradient_seconds,
+                                  summed.seconds, summed.bytes_sent, encoding_seconds)
+
+
+def server_step(
+    gradient: np.ndarray,
+    global_state: dict[str, torch.Tensor],
+    template: VFER,
+    shared: list[str],
+    server: tuple[str, float, float],
+    server_state: dict | None,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The server's optimizer step on the shared parameters with a flat (decoded, divided) gradient, in
+    ``shared``'s order; returns the new global state and optimizer state. Post-processing of the release."""
     gradients, at = {}, 0
     for name in shared:
         size = global_state[name].numel()
         gradients[name] = torch.from_numpy(gradient[at : at + size])
         at += size
+    if at != gradient.size:
+        raise ValueError(f"the released sum has {gradient.size} coordinates, the shared parameters {at}")
     template.load_state_dict(global_state)
     kind, lr, momentum = server
     new_server_state = optimizer_step(template, shared, gradients, kind, lr, momentum, server_state)
@@ -184,9 +201,8 @@ def run_distributed_round(
     for name in global_state:
         if name not in shared:
             new_state[name] = global_state[name]
-    return DistributedRoundResult(new_state, new_server_state, list(summed.included), None, gradient_seconds,
-                                  summed.seconds, summed.bytes_sent, encoding_seconds)
+    return new_state, new_server_state
 
 
 __all__ = ["DistributedRoundResult", "clipped_sums_by_client", "optimizer_step", "run_distributed_round",
-           "sample_records"]
+           "sample_records", "server_step"]

@@ -15,7 +15,9 @@ asks the mechanism, and nothing else, how private the run is:
 Mechanisms: :class:`NoDP` (no noise; the ledger says so), :class:`LocalDPSGD`
 (each client runs DP-SGD with its full noise, as if the server saw its update)
 and :class:`DistributedDPSGD` (one DP-SGD step per secure sum, the noise split
-into shares that only add up to the calibrated variance inside the sum). The
+into shares that only add up to the calibrated variance inside the sum) protect
+a record; :class:`DistributedDPFedAvg` protects a person (each client's clipped
+whole update, or zeros by its secret coin, with a noise share in the sum). The
 strategy (:mod:`privfer.fl.strategies`) decides which parameters are shared;
 the mechanism decides how what is shared is made private.
 """
@@ -31,15 +33,18 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import torch
 
-from privfer.config import PrivferConfig
+from privfer.config import PERSON_MECHANISM, PrivferConfig
 from privfer.errors import ConfigError
-from privfer.fl.aggregation import sum_updates
+from privfer.fl.aggregation import sum_integer_contributions, sum_updates
 from privfer.fl.client import LocalTraining
-from privfer.fl.distributed import optimizer_step, run_distributed_round
+from privfer.fl.distributed import optimizer_step, run_distributed_round, server_step
+from privfer.fl.person import mean_update, person_contribution, secret_coin
 from privfer.fl.rounds import ADAPTATION, TRAINING, RoundRecord, mean_bytes
+from privfer.fl.strategies import make_strategy
 from privfer.models.vfer import VFER
 from privfer.privacy.calibrate import ClientPlan, default_delta, plan_clients
-from privfer.privacy.distributed import DistributedPlan, calibrate_distributed, derived_key, noise_generator
+from privfer.privacy.distributed import (DistributedPlan, calibrate_distributed, decode_sum, derived_key,
+                                         noise_generator)
 from privfer.privacy.ledger import ClientAccount, DistributedAccount, build_distributed_ledger, build_ledger
 
 if TYPE_CHECKING:
@@ -100,12 +105,15 @@ class Mechanism(ABC):
         """1 / (10 x the records of the protected unit's largest dataset)."""
         return default_delta([self.protected_records(counts)])
 
+    units: ClassVar[str] = "records"  # what protected_records counts, for messages
+
     def check_delta(self, delta: float, counts: Counts) -> None:
-        """A delta of 1 / records or more is met by publishing one random record: refuse it."""
+        """A delta of 1 / records (persons) or more is met by publishing one random record (person): refuse it."""
         records = self.protected_records(counts)
         if self.id is not None and delta >= 1.0 / records:
-            raise ConfigError(f"privacy.delta = {delta:g} must be below 1 / {records} records = {1 / records:.3g} "
-                              f"(allowed: 0 < delta < {1 / records:.3g}; the default is {1 / (10 * records):.3g})")
+            raise ConfigError(f"privacy.delta = {delta:g} must be below 1 / {records} {self.units} = "
+                              f"{1 / records:.3g} (allowed: 0 < delta < {1 / records:.3g}; the default is "
+                              f"{1 / (10 * records):.3g})")
 
     @abstractmethod
     def calibrate(self, counts: Counts, *, feature_dim: int, cohort_size: int, delta: float,
@@ -196,7 +204,7 @@ class LocalDPSGD(Mechanism):
         privacy = self.config.privacy
         return build_ledger(accounts, target_epsilon=self.epsilon, delta=delta, accountant=privacy.accountant,
                             max_grad_norm=privacy.max_grad_norm, noise_source=privacy.noise_source,
-                            max_rounds=max_rounds, not_covered=not_covered)
+                            max_rounds=max_rounds, not_covered=not_covered, unit=privacy.unit)
 
     def noise_multipliers(self) -> list[float]:
         return [p.noise_multiplier for plans in self.plans.values() for p in plans.values()
@@ -330,7 +338,8 @@ class DistributedDPSGD(Mechanism):
 
     def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> dict:
         return build_distributed_ledger(accounts, self.plans, noise_source=self.config.privacy.noise_source,
-                                        max_rounds=max_rounds, not_covered=not_covered)
+                                        max_rounds=max_rounds, not_covered=not_covered,
+                                        unit=self.config.privacy.unit)
 
     def noise_multipliers(self) -> list[float]:
         return [plan.noise_multiplier for plan in self.plans.values()]
@@ -348,13 +357,102 @@ class DistributedDPSGD(Mechanism):
         ]
 
 
-MECHANISMS: dict[str | None, type[Mechanism]] = {None: NoDP, "local": LocalDPSGD, "distributed": DistributedDPSGD}
+class DistributedDPFedAvg(DistributedDPSGD):
+    """Person level: each selected client's clipped whole update (or zeros, by its secret coin) plus a Skellam
+    noise share, summed securely; the server steps on the mean over a public denominator
+    (:mod:`privfer.fl.person`)."""
+
+    id = PERSON_MECHANISM
+    units = "persons"
+
+    def protected_records(self, counts: Counts) -> int:
+        # the protected unit is a person: delta is judged against the federation's persons
+        return sum(len(group) for group in counts.values())
+
+    def _plan(self, feature_dim: int, counts: dict[int, int], clients: int, delta: float,
+              rounds: int) -> DistributedPlan:
+        """Only the shared parameters leave a client (FedPer's personal layers stay on it, unnoised: a person's
+        own head is released to nobody else), so the sensitivity covers those; each person moves the sum by at
+        most S (the clipped update), so the sum's bound counts ``clients`` units of S."""
+        config = self.config
+        template = VFER.from_config(config.model, feature_dim, private=True)
+        shared = set(make_strategy(config.federation).shared_names(template))
+        dimension = sum(p.numel() for n, p in template.named_parameters() if p.requires_grad and n in shared)
+        return calibrate_distributed(
+            epsilon=config.privacy.epsilon, delta=delta, max_grad_norm=config.privacy.max_update_norm,
+            dimension=dimension, sample_rate=config.privacy.participation, steps=rounds, clients=clients,
+            records=clients, min_inputs_fraction=config.aggregation.min_inputs_fraction,
+            colluding_fraction=config.aggregation.colluding_fraction,
+            rounding_overhead=config.privacy.rounding_overhead, modulus_bits=config.aggregation.modulus_bits,
+            max_noise_multiplier=config.privacy.max_noise_multiplier,
+        )
+
+    def run_round(self, federation: "Federation", state: "_State", phase: str, round_index: int) -> RoundRecord:
+        config, strategy, fed = self.config, federation.strategy, self.config.federation
+        started = time.perf_counter()
+        cohort, dropouts = federation.cohort(phase, round_index)
+        plan = self.plans[phase]
+        template = federation.model(state.global_state)
+        shared = strategy.shared_names(template)
+        keeps_state = len(shared) < len(list(template.parameters()))  # FedPer: the personal layers train too
+        group = federation.clients[phase]
+        training = local_training(config, phase, None)
+        contributions, train_seconds = {}, 0.0
+        for client_id in cohort:
+            state.accounts.setdefault((phase, client_id),
+                                      DistributedAccount(client_id, phase, group[client_id].records)).record_round()
+            rng = self.noise_rng(state, phase, round_index, client_id)
+            heads = secret_coin(rng, plan.sample_rate)
+            flat = None
+            # A deployed client trains whatever its coin says (constant work, so its timing does not tell). Here a
+            # tails client without personal layers is skipped: its training would change nothing it sends or keeps.
+            if heads or keeps_state:
+                trained = time.perf_counter()
+                update = group[client_id].fit(
+                    config, {**state.global_state, **state.personal_of(client_id, phase, shared)}, shared, training,
+                    seed=client_seed(config, state.noise_key, phase, round_index, client_id))
+                train_seconds += time.perf_counter() - trained
+                if update.personal:
+                    state.personal[client_id] = update.personal
+                flat = torch.cat([update.delta[name].reshape(-1) for name in shared]).double().numpy()
+            contributions[client_id] = person_contribution(flat, heads, plan, rng)
+        summed = sum_integer_contributions(contributions, dropouts, config.aggregation, plan,
+                                           round_id=state.round_id(phase, round_index))
+        if summed.aborted is None:
+            mean = mean_update(decode_sum(summed.total, plan), plan, len(summed.included))
+            lr = fed.server_lr if phase == TRAINING else fed.adaptation_lr
+            state.global_state, state.server_optimizer[phase] = server_step(
+                -mean, state.global_state, template, shared, (fed.server_optimizer, lr, fed.server_momentum),
+                state.server_optimizer.get(phase))
+        return RoundRecord(
+            phase=phase, round=round_index, clients=cohort, included=list(summed.included),
+            dropouts={str(c): s for c, s in dropouts.items()}, aborted=summed.aborted, train_loss=None,
+            val_macro_f1=None, seconds=time.perf_counter() - started, aggregation_seconds=summed.seconds,
+            bytes_per_client=mean_bytes(summed.bytes_sent), clipped=0,
+        )
+
+    def describe(self, delta: float) -> list[str]:
+        plan, privacy = self.plans[TRAINING], self.config.privacy
+        return [
+            f"privacy: epsilon {privacy.epsilon:g} per PERSON (all of a client's clips) for the whole run, delta "
+            f"{delta:.3g}, distributed DP-FedAvg: each update clipped to {plan.max_grad_norm:g}, Skellam noise in "
+            f"the secure sum (noise multiplier {plan.noise_multiplier:.3f} x S in the sum, {plan.steps} rounds, "
+            f"secret participation {plan.sample_rate:g}), Skellam RDP accountant (calibrated for a person "
+            "selected in every round)",
+            f"trust: honest-but-curious server, at most {plan.colluders} of {plan.clients} clients per round "
+            f"collude; clients refuse to unmask fewer than {plan.min_inputs} inputs; each adds 1/{plan.honest} "
+            f"of the noise variance",
+        ]
+
+
+MECHANISMS: dict[str | None, type[Mechanism]] = {None: NoDP, "local": LocalDPSGD, "distributed": DistributedDPSGD,
+                                                 PERSON_MECHANISM: DistributedDPFedAvg}
 
 
 def make_mechanism(config: PrivferConfig) -> Mechanism:
     """The mechanism the (validated) config resolves to."""
-    return MECHANISMS[config.mechanism](config)
+    return MECHANISMS[config.mechanism_id](config)
 
 
-__all__ = ["MECHANISMS", "DistributedDPSGD", "LocalDPSGD", "Mechanism", "NoDP", "client_seed", "local_training",
+__all__ = ["MECHANISMS", "DistributedDPFedAvg", "DistributedDPSGD", "LocalDPSGD", "Mechanism", "NoDP", "client_seed", "local_training",
            "make_mechanism", "public_client_seed"]

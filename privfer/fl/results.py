@@ -21,8 +21,8 @@ Report = dict[str, Any]  # privfer.metrics.classification_report
 
 @dataclass(frozen=True)
 class PrivacySummary:
-    unit: str  # "record"
-    mechanism: str | None  # "distributed", "local", None without DP
+    unit: str  # "record" or "person"
+    mechanism: str | None  # "distributed", "distributed_person", "local", None without DP
     target_epsilon: float | None
     delta: float
     accountant: str

@@ -366,7 +366,7 @@ def _result(federation: Federation, state: _State, final: dict, adapted: bool, l
         test_after_training=state.after_training,
         test_after_adaptation=final if adapted else None,
         privacy=PrivacySummary(
-            unit="record",
+            unit=config.privacy.unit,
             mechanism=federation.mechanism.id,
             target_epsilon=config.privacy.epsilon if federation.private else None,
             delta=federation.delta,

@@ -436,7 +436,8 @@ def _audit_distributed(ledger: dict[str, Any], path: Path) -> AuditReport:
         total_records = int(plan["records"])
         if total_records < 1 or delta >= 1.0 / total_records:
             audit.verdicts.append(WEAK_DELTA)
-            audit.reasons.append(f"delta {delta:.3g} >= 1 / {total_records} records in a round's union")
+            units = "persons per round" if ledger.get("unit") == "person" else "records in a round's union"
+            audit.reasons.append(f"delta {delta:.3g} >= 1 / {total_records} {units}")
         if ledger.get("noise_source") == "run_seed":
             audit.verdicts.append(PUBLIC_NOISE)
             audit.reasons.append("noise_source run_seed: anyone holding the config can recompute every noise share")
@@ -544,8 +545,10 @@ def _judge(audit: ClientAudit, entry: dict, history: History, accountant: str, t
 
 # One entry per ledger mechanism_id (privfer.fl.mechanisms.Mechanism.id): how its entries are checked on load
 # and how its epsilons are recomputed. A new mechanism adds its pair here.
-CHECKS = {"local": _check_local, "distributed": _check_distributed}
-AUDITORS = {"local": _audit_local, "distributed": _audit_distributed}
+# Person level is the same Skellam mechanism with other units (a person's clipped update, its secret coin as the
+# sample rate, persons in the sum's bound), so the same checks and recomputation serve it.
+CHECKS = {"local": _check_local, "distributed": _check_distributed, "distributed_person": _check_distributed}
+AUDITORS = {"local": _audit_local, "distributed": _audit_distributed, "distributed_person": _audit_distributed}
 
 
 __all__ = [

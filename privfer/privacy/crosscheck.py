@@ -61,13 +61,16 @@ def cross_check(ledger: dict[str, Any], run_dir: Path) -> list[str] | None:
             problems.append(f"{what} is {found!r} in the ledger but {wanted!r} in the run's config")
 
     expect("the unit", ledger.get("unit"), privacy.unit)
-    expect("the mechanism", ledger.get("mechanism_id", "local"), config.mechanism or "local")
+    expect("the mechanism", ledger.get("mechanism_id", "local"), config.mechanism_id or "local")
     expect("'private'", ledger.get("private"), privacy.enabled)
     expect("the target epsilon", ledger.get("target_epsilon"), privacy.epsilon if privacy.enabled else None,
            numeric=True)
     if privacy.delta is not None:
         expect("delta", ledger.get("delta"), privacy.delta, numeric=True)
-    expect("max_grad_norm", ledger.get("max_grad_norm"), privacy.max_grad_norm, numeric=True)
+    person = ledger.get("mechanism_id") == "distributed_person"
+    # the clipping bound of the protected unit: a record's gradient, or (person) a client's whole update
+    expect("max_grad_norm", ledger.get("max_grad_norm"), privacy.max_update_norm if person else privacy.max_grad_norm,
+           numeric=True)
     max_rounds = {"training": fed.rounds, "adaptation": fed.adaptation_rounds}
     for phase, count in phases.items():
         if count > max_rounds.get(phase, 0):
@@ -90,13 +93,16 @@ def cross_check(ledger: dict[str, Any], run_dir: Path) -> list[str] | None:
     if spent and not _close(ledger.get("epsilon_max"), max(spent)):
         problems.append(f"epsilon_max is {ledger.get('epsilon_max')!r} but the entries' largest is {max(spent):.6g}")
 
-    distributed = ledger.get("mechanism_id") == "distributed"
+    distributed = ledger.get("mechanism_id") in ("distributed", "distributed_person")
     plans = ledger.get("phases", {}) if distributed else {}
     for phase, plan in plans.items():
         if not isinstance(plan, dict):
             continue
         expect(f"the {phase} plan's steps", plan.get("steps"), max_rounds.get(phase))
-        expect(f"the {phase} plan's sample rate", plan.get("sample_rate"), privacy.sample_rate, numeric=True)
+        expect(f"the {phase} plan's sample rate", plan.get("sample_rate"),
+               privacy.participation if person else privacy.sample_rate, numeric=True)
+        expect(f"the {phase} plan's clipping bound", plan.get("max_grad_norm"),
+               privacy.max_update_norm if person else privacy.max_grad_norm, numeric=True)
     epochs = {"training": fed.local_epochs, "adaptation": fed.adaptation_epochs}
     for entry in entries:
         key = (str(entry.get("phase")), int(entry.get("client")))

@@ -74,6 +74,13 @@ def audit_ceiling(canaries: int, guesses: int, delta: float) -> float:
     return ceiling(canaries, guesses, delta)
 
 
+def _correct_guesses(scores: np.ndarray, included: np.ndarray, guesses: int) -> int:
+    """Guess "included" for the guesses/2 highest scores and "excluded" for the guesses/2 lowest; count the hits."""
+    order = np.argsort(scores, kind="stable")
+    half = guesses // 2
+    return int(included[order[-half:]].sum() + (~included[order[:half]]).sum())
+
+
 def _check(canaries: int, guesses: int) -> None:
     if canaries < 2 or guesses < 2 or guesses > canaries or guesses % 2:
         raise ValueError(f"need 2 <= guesses <= canaries and an even number of guesses, got {guesses} of {canaries}")
@@ -99,7 +106,7 @@ def run_canary_audit(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     _check(canaries, guesses)
-    return CANARY_AUDITS[config.mechanism or "local"](config, kind, canaries, guesses, seed, clips, delta)
+    return CANARY_AUDITS[config.mechanism_id or "local"](config, kind, canaries, guesses, seed, clips, delta)
 
 
 def _local_canary_audit(config: PrivferConfig, kind: str, canaries: int, guesses: int, seed: int,
@@ -172,9 +179,7 @@ def _local_canary_audit(config: PrivferConfig, kind: str, canaries: int, guesses
             logits = model(torch.from_numpy(frames))
             target = torch.from_numpy(targets)
             scores = -LabelLoss("none")(logits, target).numpy()
-    order = np.argsort(scores, kind="stable")
-    half = guesses // 2
-    correct = int(included[order[-half:]].sum() + (~included[order[:half]]).sum())
+    correct = _correct_guesses(scores, included, guesses)
     return CanaryAudit(
         kind=kind,
         canaries=canaries,
@@ -252,9 +257,7 @@ def _distributed_canary_audit(config: PrivferConfig, kind: str, canaries: int, g
         if summed.aborted is not None:
             raise RuntimeError(f"a canary-audit round aborted: {summed.aborted}")
         released += summed.total / plan.scale
-    order = np.argsort(released, kind="stable")
-    half = guesses // 2
-    correct = int(included[order[-half:]].sum() + (~included[order[:half]]).sum())
+    correct = _correct_guesses(released, included, guesses)
     history = [plan.steps_entry(plan.steps)]
     return CanaryAudit(
         kind="whitebox", canaries=canaries, guesses=guesses, correct=correct,
@@ -267,7 +270,71 @@ def _distributed_canary_audit(config: PrivferConfig, kind: str, canaries: int, g
     )
 
 
-CANARY_AUDITS = {"local": _local_canary_audit, "distributed": _distributed_canary_audit}  # by mechanism id
+def _person_canary_audit(config: PrivferConfig, kind: str, canaries: int, guesses: int, seed: int,
+                         clips: ClipSet | None, delta: float) -> CanaryAudit:
+    """Canary PERSONS against person-level distributed DP, the auditor holding only what the server sees.
+
+    Each canary is a whole client of its own, in every round of the run (who
+    takes part is public under the zero-out relation). An included canary
+    (probability 1/2) has the update ``S e_j`` — the largest a person may
+    move the sum, all on its own coordinate j — and flips its secret coin
+    every round (heads with the plan's participation rate); an excluded canary
+    submits zeros. The noise comes only from the ``m_honest`` honest clients
+    the trust sizing counts on (the canaries add none: the guarantee's worst
+    case, every released sum carrying exactly mu). Every contribution goes
+    through the real masking protocol. Score: the canary's coordinate of the
+    released sums, added over the rounds.
+    """
+    from privfer.fl.aggregation import sum_integer_contributions
+    from privfer.fl.person import secret_coin
+    from privfer.privacy.distributed import encode_contribution, noise_generator, randomized_round
+    from privfer.privacy.skellam import skellam_epsilon
+
+    if kind != "whitebox":
+        raise ValueError("the person-level mechanism is audited with whitebox canary persons (the auditor sees only "
+                         "unmasked sums)")
+    started = time.perf_counter()
+    federation = prepare_federation(config.model_copy(update={"federation": config.federation.model_copy(
+        update={"adaptation": False})}), clips)
+    plan = federation.plans[TRAINING]
+    if canaries > plan.dimension:
+        raise ValueError(f"{canaries} canaries but the model shares {plan.dimension} coordinates")
+    rng = np.random.default_rng([seed, 0xA0D17])
+    included = rng.random(canaries) < 0.5
+    first = 1 + max(federation.clients[TRAINING])  # canary ids after the real clients' (their data is not used)
+    canary_ids = list(range(first, first + canaries))
+    noise_ids = list(range(first + canaries, first + canaries + plan.honest))
+    cohort_plan = replace(plan, dimension=canaries, min_inputs=canaries + plan.honest,
+                          clients=canaries + plan.honest)
+    released = np.zeros(canaries)
+    for round_index in range(1, plan.steps + 1):
+        contributions = {}
+        for j, c in enumerate(canary_ids):
+            own = noise_generator()
+            vector = np.zeros(canaries)
+            if secret_coin(own, plan.sample_rate) and included[j]:
+                vector[j] = plan.max_grad_norm
+            contributions[c] = randomized_round(vector * plan.scale, own)
+        for c in noise_ids:
+            contributions[c] = encode_contribution(np.zeros(canaries), plan, noise_generator())
+        summed = sum_integer_contributions(contributions, {}, config.aggregation, cohort_plan,
+                                           round_id=f"person-canary-audit:{seed}:{round_index}")
+        if summed.aborted is not None:
+            raise RuntimeError(f"a canary-audit round aborted: {summed.aborted}")
+        released += summed.total / plan.scale
+    correct = _correct_guesses(released, included, guesses)
+    return CanaryAudit(
+        kind="whitebox", canaries=canaries, guesses=guesses, correct=correct,
+        epsilon_lower_bound=epsilon_lower_bound(canaries, guesses, correct, delta),
+        ceiling=audit_ceiling(canaries, guesses, delta),
+        claimed_epsilon=skellam_epsilon([plan.steps_entry(plan.steps)], delta)[0],
+        noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps, delta=delta,
+        client=canary_ids[0], records=0, seconds=time.perf_counter() - started,
+    )
+
+
+CANARY_AUDITS = {"local": _local_canary_audit, "distributed": _distributed_canary_audit,
+                 "distributed_person": _person_canary_audit}  # by mechanism id
 
 
 def run_sweep(

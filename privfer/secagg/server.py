@@ -80,6 +80,14 @@ class ServerTranscript:
     def bytes_in(self, party: int | None = None) -> int:
         return sum(e.size for e in self.entries if e.direction == "in" and (party is None or e.party == party))
 
+    def bytes_in_by_party(self) -> dict[int, int]:
+        """Bytes received from each client, in one pass over the transcript."""
+        totals: dict[int, int] = {}
+        for e in self.entries:
+            if e.direction == "in":
+                totals[e.party] = totals.get(e.party, 0) + e.size
+        return totals
+
     def bytes_out(self, party: int | None = None) -> int:
         return sum(e.size for e in self.entries if e.direction == "out" and (party is None or e.party in (party, 0)))
 
@@ -170,7 +178,7 @@ class SecAggServer:
             raise WrongStage(f"the roster is sent once, after key advertisement (stage is {self.stage!r})")
         self._require(len(self._keys), "advertised keys")
         self.stage = "share"
-        self._neighbours = neighbourhoods(list(self._keys), self.config.degree, graph_seed(self.round_id, self._keys))
+        self._neighbours = neighbourhoods(self._keys, self.config.degree, graph_seed(self.round_id, self._keys))
         return self._send(KeyRoster(round_id=self.round_id, sender=SERVER, keys=dict(self._keys)), "advertise", 0)
 
     # -- stage 1 -----------------------------------------------------------------
@@ -241,9 +249,9 @@ class SecAggServer:
         if message.sender in self._responses:
             raise DuplicateSender(f"client {message.sender} answered the unmask request twice")
         group = self._neighbours[message.sender] | {message.sender}
-        if not set(message.seed_shares) <= set(self._request.survivors) & group:
+        if not set(message.seed_shares) <= self._request.survivor_set & group:
             raise UnknownSender(f"client {message.sender} sent seed shares of clients that are not surviving neighbours")
-        if not set(message.key_shares) <= set(self._request.dropped) & group:
+        if not set(message.key_shares) <= self._request.dropped_set & group:
             raise UnknownSender(f"client {message.sender} sent key shares of clients that are not dropped neighbours")
         self._responses[message.sender] = message
 

@@ -6,7 +6,8 @@ seconds, secure-aggregation cost), ``study.md`` (macro F1 mean ± std over
 seeds, epsilon x strategy), ``privacy_utility.png`` (macro F1 against
 epsilon, one line per strategy, error bars, log epsilon axis with "inf" for
 no DP) and ``per_class_f1.png`` (a heat map of per-class F1, strategy x
-epsilon).
+epsilon). A study over several synthetic population sizes also gets a table
+by population and ``population.png`` (macro F1 against persons, log axis).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from privfer import EMOTIONS
 from privfer.runs import atomic_write_bytes, atomic_write_text
 from privfer.study.spec import Cell
 
-EPSILON, STRATEGY = "privacy.epsilon", "federation.strategy"
+EPSILON, STRATEGY, POPULATION = "privacy.epsilon", "federation.strategy", "population"
 
 
 def _epsilon(value: Any) -> float:
@@ -50,6 +51,8 @@ def collect(cells: list[Cell], directory: Path) -> list[dict[str, Any]]:
         mechanism = config.privacy.mechanism  # as configured: a no-DP cell still belongs to its mechanism's line
         row["mechanism"] = ("distributed" if config.aggregation.backend == "masking" else "local") \
             if mechanism == "auto" else mechanism
+        row["unit"] = config.privacy.unit
+        row[POPULATION] = config.data.synthetic.actors if config.data.source == "synthetic" else None
         row["macro_f1"] = result["test"]["macro"]["f1"]
         row["micro_f1"] = result["test"]["micro"]["f1"]
         for emotion in EMOTIONS:
@@ -63,20 +66,71 @@ def collect(cells: list[Cell], directory: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _label(row: dict[str, Any], with_mechanism: bool) -> str:
+def _label(row: dict[str, Any], with_mechanism: bool, with_unit: bool = False) -> str:
     label = row[STRATEGY]
     if row[STRATEGY] == "fedper" and row["personal_layers"] != 1:
         label = f"fedper ({row['personal_layers']} personal)"
-    return f"{label}, {row.get('mechanism', 'local')}" if with_mechanism else label
+    if with_mechanism:
+        label = f"{label}, {row.get('mechanism', 'local')}"
+    return f"{label}, {row.get('unit', 'record')} level" if with_unit else label
 
 
-def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, float], list[dict[str, Any]]]:
-    """Rows by (line label, epsilon); the label names the mechanism when the study has more than one."""
+def _groups(rows: list[dict[str, Any]], by_population: bool = False) -> dict[tuple, list[dict[str, Any]]]:
+    """Rows by (line label, epsilon) — or (label, epsilon, population) — the label naming the mechanism and the
+    unit when the study has more than one."""
     several = len({row.get("mechanism", "local") for row in rows}) > 1
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    units = len({row.get("unit", "record") for row in rows}) > 1
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        groups[(_label(row, several), row[EPSILON])].append(row)
+        key = (_label(row, several, units), row[EPSILON])
+        groups[key + ((row.get(POPULATION),) if by_population else ())].append(row)
     return groups
+
+
+def _populations(rows: list[dict[str, Any]]) -> list[int]:
+    return sorted({row[POPULATION] for row in rows if row.get(POPULATION) is not None})
+
+
+def population_table(rows: list[dict[str, Any]]) -> str:
+    """Macro F1 mean ± std over seeds by population (rows) and line x epsilon (columns)."""
+    groups = _groups(rows, by_population=True)
+    lines_ = sorted({(label, eps) for label, eps, _ in groups})
+    out = ["", "## By population", "",
+           "Macro F1 by the number of persons in the synthetic population (mean ± std over seeds).", "",
+           "| persons | " + " | ".join(f"{label}, eps {_eps_text(eps)}" for label, eps in lines_) + " |",
+           "|---|" + "---|" * len(lines_)]
+    for population in _populations(rows):
+        cells = []
+        for label, eps in lines_:
+            scores = [r["macro_f1"] for r in groups.get((label, eps, population), [])]
+            spread = statistics.stdev(scores) if len(scores) > 1 else 0.0
+            cells.append(f"{statistics.mean(scores):.3f} ± {spread:.3f}" if scores else "-")
+        out.append(f"| {population} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot_population(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Macro F1 against the population (log axis), one line per (strategy, mechanism, unit, epsilon)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(rows, by_population=True)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, eps in sorted({(label, eps) for label, eps, _ in groups}):
+        points = sorted((pop, [r["macro_f1"] for r in rs]) for (lab, e, pop), rs in groups.items()
+                        if lab == label and e == eps)
+        ax.errorbar([p for p, _ in points], [statistics.mean(s) for _, s in points],
+                    yerr=[statistics.stdev(s) if len(s) > 1 else 0.0 for _, s in points], marker="o", capsize=4,
+                    label=f"{label}, eps {_eps_text(eps)}")
+    ax.set_xscale("log")
+    ax.axhline(1 / len(EMOTIONS), color="grey", linestyle=":", linewidth=1, label="1/6 (chance accuracy)")
+    ax.set_xlabel("persons in the population (clients)")
+    ax.set_ylabel("macro F1 (test actors)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    _save(fig, path)
 
 
 def _eps_text(epsilon: float) -> str:
@@ -188,11 +242,15 @@ def write_report(cells: list[Cell], directory: Path, name: str) -> list[dict[str
     """study.csv, study.md and both plots from the finished cells; returns the rows."""
     rows = collect(cells, directory)
     write_csv(rows, directory / "study.csv")
-    atomic_write_text(directory / "study.md", markdown_table(rows, f"Study {name}"))
+    several_populations = len(_populations(rows)) > 1
+    table = markdown_table(rows, f"Study {name}") + (population_table(rows) if several_populations else "")
+    atomic_write_text(directory / "study.md", table)
     if rows:
         plot_privacy_utility(rows, directory / "privacy_utility.png", f"{name}: privacy vs utility")
         plot_per_class(rows, directory / "per_class_f1.png", f"{name}: per-class F1")
+        if several_populations:
+            plot_population(rows, directory / "population.png", f"{name}: utility vs population")
     return rows
 
 
-__all__ = ["collect", "markdown_table", "write_report"]
+__all__ = ["collect", "markdown_table", "plot_population", "population_table", "write_report"]

@@ -1,0 +1,119 @@
+"""What one person-level round costs each client as the population grows: neighbours, bytes, seconds.
+
+    python benchmarks/population.py                     # n = 100, 300, 1000, 3000, 10000 (about 10 minutes)
+    python benchmarks/population.py --sizes 100,1000    # a quicker look
+
+For each population size n, one round of person-level distributed DP with
+every person selected: each client's clipped update of the smaller VFER
+(configs/study-population.yaml: 8 frames x 64 features, 16 hidden units; its
+shared dimension d) is encoded with its Skellam share and summed by the real
+masking protocol on the SecAgg+ (Harary) graph, in one process. Printed side
+by side per n: the graph degree k (neighbours per client), the bytes a client
+sends and receives, the mean client seconds of the protocol (all four
+stages), the server's seconds, and how each grows relative to the smallest n
+(the per-client figures should follow log n, not n). Local training is
+measured separately, once per client on real synthetic data (it does not
+depend on n).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import numpy as np
+
+
+def round_cost(n: int, dimension: int) -> dict[str, float]:
+    from privfer.config import AggregationConfig
+    from privfer.fl.person import person_contribution, secret_coin
+    from privfer.privacy.distributed import calibrate_distributed, noise_generator
+    from privfer.secagg import aggregate
+
+    aggregation = AggregationConfig()
+    plan = calibrate_distributed(epsilon=3.0, delta=1 / (10 * n), max_grad_norm=0.5, dimension=dimension,
+                                 sample_rate=1.0, steps=20, clients=n, records=n,
+                                 min_inputs_fraction=aggregation.min_inputs_fraction,
+                                 colluding_fraction=aggregation.colluding_fraction, rounding_overhead=0.01,
+                                 modulus_bits=32, max_noise_multiplier=50.0)
+    rng = np.random.default_rng(n)
+    updates = {}
+    encode_started = time.perf_counter()
+    for client in range(1, n + 1):
+        own = noise_generator()
+        update = rng.normal(0, 0.01, dimension)
+        updates[client] = [person_contribution(update, secret_coin(own, 1.0), plan, own)]
+    encode = (time.perf_counter() - encode_started) / n
+    config = aggregation.round_config(n, integer_sum_bound=plan.sum_bound, min_inputs=plan.min_inputs)
+    started = time.perf_counter()
+    result = aggregate(updates, config, round_id=f"population-benchmark:{n}")
+    seconds = time.perf_counter() - started
+    times = result.times
+    client_seconds = statistics.mean(sum(times.clients[stage].get(c, 0.0) for stage in times.clients)
+                                     for c in updates)
+    sent = statistics.mean(result.transcript.bytes_in_by_party().values())
+    received = statistics.mean(result.transcript.bytes_out(c) for c in list(updates)[:50])
+    return {"n": n, "k": config.degree, "sent": sent, "received": received, "client": client_seconds,
+            "encode": encode, "server": sum(times.server.values()), "round": seconds}
+
+
+def training_cost(clients: int = 20) -> float:
+    """Seconds of one client's local training in a person-level round (the study's model and data)."""
+    import torch
+
+    from privfer.config import load_config
+    from privfer.fl.mechanisms import local_training
+    from privfer.fl.rounds import TRAINING
+    from privfer.fl.simulation import prepare_federation
+    from privfer.models.vfer import VFER
+
+    config = load_config(None, ["data.frames=8", "data.feature_dim=64", "model.hidden_size=16",
+                                "federation.local_epochs=1", "federation.adaptation=false",
+                                "data.synthetic.actors=60", "privacy.unit=person", "privacy.epsilon=3"])
+    torch.set_num_threads(1)
+    federation = prepare_federation(config)
+    torch.manual_seed(0)
+    start = VFER.from_config(config.model, federation.feature_dim).state_dict()
+    shared = list(start)
+    training = local_training(config, TRAINING, None)
+    ids = sorted(federation.clients[TRAINING])[:clients]
+    began = time.perf_counter()
+    for client in ids:
+        federation.clients[TRAINING][client].fit(config, start, shared, training, seed=client)
+    return (time.perf_counter() - began) / len(ids)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="100,300,1000,3000,10000")
+    parser.add_argument("--dimension", type=int, default=0, help="shared coordinates (default: the study's VFER)")
+    args = parser.parse_args()
+    dimension = args.dimension
+    if not dimension:
+        from privfer.config import load_config
+        from privfer.models.vfer import VFER
+
+        config = load_config(None, ["data.frames=8", "data.feature_dim=64", "model.hidden_size=16",
+                                    "privacy.unit=person", "privacy.epsilon=3"])
+        dimension = sum(p.numel() for p in VFER.from_config(config.model, 64).parameters())
+    print(f"person-level round, every person selected, d = {dimension} shared coordinates, SecAgg+ graph, "
+          "32-bit words, 10% expected dropout sizing, no dropouts")
+    print(f"local training per client (1 epoch, 1 thread): {training_cost():.3f} s")
+    header = (f"{'n':>6} {'k':>4} | {'sent KB':>8} {'recv KB':>8} | {'client s':>8} {'encode s':>8} | "
+              f"{'server s':>8} {'round s':>8} | {'k/k0':>5} {'client/c0':>9} {'log n/log n0':>12} {'n/n0':>6}")
+    print(header)
+    print("-" * len(header))
+    first = None
+    for n in [int(x) for x in args.sizes.split(",")]:
+        row = round_cost(n, dimension)
+        first = first or row
+        print(f"{n:>6} {row['k']:>4} | {row['sent'] / 1e3:>8.1f} {row['received'] / 1e3:>8.1f} | "
+              f"{row['client']:>8.4f} {row['encode']:>8.4f} | {row['server']:>8.2f} {row['round']:>8.2f} | "
+              f"{row['k'] / first['k']:>5.2f} {row['client'] / first['client']:>9.2f} "
+              f"{math.log(n) / math.log(first['n']):>12.2f} {n / first['n']:>6.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -117,6 +117,7 @@ class SecAggServer:
         self.stage = "advertise"
         self.transcript = ServerTranscript()
         self._keys: dict[int, tuple[bytes, bytes]] = {}
+        self._public_keys: set[bytes] = set()  # every advertised public key, for the reuse check in O(1)
         self._neighbours: dict[int, frozenset[int]] = {}
         self._shares: dict[int, dict[int, bytes]] = {}  # sender -> receiver -> ciphertext
         self._commitments: dict[int, dict[int, bytes]] = {}  # dealer -> holder -> commitments to its two shares
@@ -166,12 +167,13 @@ class SecAggServer:
             raise DuplicateSender(f"client {message.sender} advertised keys twice")
         if len(self._keys) >= self.config.num_clients:
             raise UnknownSender(f"more than num_clients={self.config.num_clients} clients advertised keys")
-        seen = {key for pair in self._keys.values() for key in pair}
+        seen = self._public_keys
         if message.c_public in seen or message.s_public in seen or message.c_public == message.s_public:
             raise DuplicateSender(f"client {message.sender} reuses a public key")
         for key in (message.c_public, message.s_public):
             check_public_key(key)
         self._keys[message.sender] = (message.c_public, message.s_public)
+        seen.update((message.c_public, message.s_public))
 
     def key_roster(self) -> KeyRoster:
         if self.stage != "advertise":
@@ -203,8 +205,13 @@ class SecAggServer:
         self._require(len(self._shares), "shared keys")
         self.stage = "masked"
         bundles: dict[int, ForwardedShares] = {}
+        addressed: dict[int, dict[int, bytes]] = {receiver: {} for receiver in self._shares}
+        for dealer in sorted(self._shares):  # one pass over every (dealer, receiver) pair: O(n k), not O(n^2)
+            for receiver, blob in self._shares[dealer].items():
+                if receiver in addressed:
+                    addressed[receiver][dealer] = blob
         for receiver in sorted(self._shares):
-            incoming = {s: c[receiver] for s, c in self._shares.items() if receiver in c}
+            incoming = addressed[receiver]
             committed = {s: self._commitments[s][receiver] for s in incoming}
             bundles[receiver] = self._send(
                 ForwardedShares(round_id=self.round_id, sender=SERVER, receiver=receiver, ciphertexts=incoming,
@@ -262,7 +269,9 @@ class SecAggServer:
         seed = table == "seed_shares"
         what = "self-mask seed" if seed else "mask key"
         threshold = self.config.group_threshold
-        holders = [r for r in sorted(self._responses) if owner in getattr(self._responses[r], table)]
+        # only the owner's group holds its shares: look there, not through every response (O(k), not O(n))
+        holders = [r for r in sorted(self._neighbours[owner] | {owner})
+                   if r in self._responses and owner in getattr(self._responses[r], table)]
         verified, rejected = [], []
         for holder in holders:
             raw = getattr(self._responses[holder], table)[owner]

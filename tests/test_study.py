@@ -103,3 +103,20 @@ def test_the_command_runs_reports_and_regenerates(tmp_path):
     other = write_spec(tmp_path, {"privacy.epsilon": [5]})
     refused = runner.invoke(app, ["study", str(other), "--out", str(folder)])
     assert refused.exit_code == 2 and "another spec" in refused.stderr
+
+
+def test_a_population_study_gets_a_table_and_a_plot_by_population(tmp_path):
+    from privfer.study.report import plot_population, population_table
+
+    rows = []
+    for population, person, record in ((100, 0.17, 0.38), (300, 0.26, 0.46), (1000, 0.40, 0.47)):
+        for unit, score in (("person", person), ("record", record)):
+            rows.append({"privacy.epsilon": 3.0, "federation.strategy": "fedavg", "personal_layers": 0,
+                         "mechanism": "distributed", "unit": unit, "population": population, "macro_f1": score})
+    table = population_table(rows)
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    assert "fedavg, person level, eps 3" in lines[0] and "fedavg, record level, eps 3" in lines[0]
+    assert [line.split(" | ")[0] for line in lines[1:]] == ["| 100", "| 300", "| 1000"]
+    assert "0.400 ± 0.000" in lines[-1] and "0.470 ± 0.000" in lines[-1]
+    plot_population(rows, tmp_path / "population.png", "population")
+    assert (tmp_path / "population.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

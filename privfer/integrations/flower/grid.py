@@ -22,6 +22,7 @@ from privfer.integrations.flower.common import (
     RecordDict,
     log,
 )
+from privfer.integrations.flower.dp import PLAN_FIELD, plan_to_json
 from privfer.integrations.flower.mod import base_type
 from privfer.integrations.flower.slots import _arrays_in, _slots_to_json, slots_of
 from privfer.secagg.config import SecAggConfig
@@ -63,6 +64,13 @@ class SecAggGrid(Grid):
             by the count); other metrics in the nodes' replies are never sent.
         stage_timeout: seconds to wait for each stage's replies (default: the
             strategy's timeout).
+        dp: :class:`~privfer.integrations.flower.dp.DistributedDP`: every
+            protected exchange with arrays (``train``) runs person-level
+            distributed DP — the nodes send clipped updates (or zeros, by
+            their secret coins) with their own noise shares as integers, the
+            server divides the sum by ``participation x included`` and the
+            strategy receives the received arrays plus that mean, weighted by
+            the number of included nodes. No metric is averaged then.
         **secagg: :class:`~privfer.secagg.SecAggConfig` fields other than
             ``num_clients`` (set to the number of sampled nodes each round) and
             ``metrics``. Defaults here: ``modulus_bits=64``,
@@ -80,6 +88,7 @@ class SecAggGrid(Grid):
         train_metrics: Sequence[str] = (),
         evaluate_metrics: Sequence[str] = (),
         stage_timeout: float | None = None,
+        dp: Any = None,
         **secagg: Any,
     ) -> None:
         unknown = set(secagg) - set(SecAggConfig.model_fields)
@@ -90,6 +99,10 @@ class SecAggGrid(Grid):
             raise TypeError(f"{sorted(fixed)} are set by SecAggGrid (sampled nodes, *_metrics), not passed")
         if weighted_by_key in (*train_metrics, *evaluate_metrics):
             raise ValueError(f"{weighted_by_key!r} is the weight; it cannot also be an averaged metric")
+        if dp is not None and train_metrics:
+            raise ValueError("under distributed DP a train reply carries no metric (a loss is not DP-protected): "
+                             "pass train_metrics=()")
+        self.dp = dp
         self.grid = grid
         self.protect = frozenset(base_type(kind) for kind in protect)
         self.with_arrays = frozenset(base_type(kind) for kind in with_arrays)
@@ -161,7 +174,15 @@ class _SecureRound:
                 raise ValueError("every sampled node must receive the same arrays: privfer averages deltas from them")
         self.received = _arrays_in(first, self.slots, "the strategy's message", exact=False)
         names = grid.metrics.get(base_type(self.kind), ())
-        self.config = SecAggConfig(num_clients=len(self.nodes), metrics=tuple(names), **grid.secagg)
+        self.plan = None
+        if grid.dp is not None and self.slots:  # person-level distributed DP: integers, the plan's bounds
+            dimension = sum(int(np.prod(s.shape, dtype=np.int64)) for s in self.slots)
+            self.plan = grid.dp.plan(len(self.nodes), dimension)
+            dp_fields = {"encoding": "integer", "integer_sum_bound": self.plan.sum_bound,
+                         "min_inputs": self.plan.min_inputs, "modulus_bits": self.plan.modulus_bits}
+            self.config = SecAggConfig(num_clients=len(self.nodes), **{**grid.secagg, **dp_fields})
+        else:
+            self.config = SecAggConfig(num_clients=len(self.nodes), metrics=tuple(names), **grid.secagg)
         self.layout = PayloadLayout(tuple(s.shape for s in self.slots), self.config)
         self.round_id = "/".join(filter(None, (self.kind, self.group_id, secrets.token_hex(8))))
         self.server = SecAggServer(self.config, self.round_id, self.layout)
@@ -220,9 +241,10 @@ class _SecureRound:
         try:
             config_json = self.config.model_dump_json()
             slots_json = _slots_to_json(self.slots)
+            plan = {} if self.plan is None else {PLAN_FIELD: plan_to_json(self.plan)}
             answers = self.exchange("advertise_keys", {node: b"" for node in self.alive}, lambda node: {
                 "client_id": ids[node], "config": config_json, "slots": slots_json,
-                "weight_key": self.grid.weighted_by_key})
+                "weight_key": self.grid.weighted_by_key, **plan})
             self.accept("advertise_keys", answers, lambda raw, cid: server.receive_advertise(raw, peer=cid))
             self.lap("advertise_keys", started)
 
@@ -255,6 +277,9 @@ class _SecureRound:
         self.report.example_count = summed.decoded.example_count
         self.report.clipped = summed.decoded.clipped
         self.finish_report()
+        if self.plan is not None:
+            replies = self.error_replies(sorted(set(self.report.dropped) - set(self.report.included)), None)
+            return [self.private_reply(summed.decoded), *replies]
         if summed.decoded.clipped:
             log.warning("%d values of the included nodes were clipped to privfer's clipping range (%g)",
                         summed.decoded.clipped, self.config.clipping_range)
@@ -286,6 +311,25 @@ class _SecureRound:
         metrics: dict[str, int | float] = {self.grid.weighted_by_key: int(total)}
         metrics.update({name: float(value) * factor for name, value in decoded.metrics.items()})
         content["metrics"] = MetricRecord(metrics)
+        return Message(content, reply_to=self.originals[self.report.included[0]])
+
+    def private_reply(self, decoded: Any) -> Message:
+        """Person-level DP: the received arrays plus the mean clipped update, the decoded integer sum over the
+        PUBLIC denominator participation x included nodes; weighted by the included nodes (never by a count)."""
+        from privfer.fl.person import mean_update
+        from privfer.privacy.distributed import decode_sum
+
+        flat = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in decoded.arrays])
+        mean = mean_update(decode_sum(flat, self.plan), self.plan, len(self.report.included))
+        content, at = RecordDict(), 0
+        for slot, before in zip(self.slots, self.received):
+            size = int(np.prod(slot.shape, dtype=np.int64))
+            value = before + mean[at : at + size].reshape(slot.shape)
+            at += size
+            if slot.record not in content.array_records:
+                content[slot.record] = ArrayRecord()
+            content[slot.record][slot.name] = Array(np.ascontiguousarray(value.astype(slot.dtype)))
+        content["metrics"] = MetricRecord({self.grid.weighted_by_key: len(self.report.included)})
         return Message(content, reply_to=self.originals[self.report.included[0]])
 
     def error_replies(self, nodes: Iterable[int], reason: str | None) -> list[Message]:

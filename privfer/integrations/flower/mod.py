@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
 
 from privfer.integrations.flower.common import (
     RECORD,
@@ -28,6 +28,9 @@ from privfer.secagg.errors import (
 )
 from privfer.secagg.payload import PayloadLayout
 
+if TYPE_CHECKING:
+    from privfer.integrations.flower.dp import NodePrivacy
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Client side: the mod
@@ -37,8 +40,14 @@ def base_type(message_type: str) -> str:
     return message_type.split(".", 1)[0]
 
 
+Privacy = Union["NodePrivacy", Callable[[Context], "NodePrivacy | None"], None]
+
+
 def make_secagg_mod(
-    require: Iterable[str] = ("train", "evaluate"), min_clients: int = 3, state_ttl: float = 6 * 3600.0
+    require: Iterable[str] = ("train", "evaluate"),
+    min_clients: int = 3,
+    state_ttl: float = 6 * 3600.0,
+    privacy: Privacy = None,
 ) -> Callable[[Message, Context, Callable], Message]:
     """A Flower mod that answers privfer's secure-aggregation stages.
 
@@ -55,6 +64,14 @@ def make_secagg_mod(
     ``state_ttl``: seconds after which a round's keys left in the node's
     ``Context`` (a round the server abandoned) are deleted, at the node's next
     message.
+
+    ``privacy``: the node's :class:`~privfer.integrations.flower.dp.NodePrivacy`
+    (or a function of the ``Context`` returning it, e.g. from the node config;
+    None: no DP). With it the node takes part only in rounds that come with a
+    person-level DP plan it accepts, refuses a round past its lifetime budget
+    (kept in its ledger file), and sends its clipped update — or zeros, by its
+    secret coin — with its own noise share instead of the weighted delta; no
+    example count or metric leaves it (:mod:`privfer.integrations.flower.dp`).
     """
     required = frozenset(base_type(kind) for kind in require)
     if min_clients < 2:
@@ -76,13 +93,14 @@ def make_secagg_mod(
         record = content.config_records[RECORD]
         stage = record.get("stage")
         try:
+            policy = privacy(ctxt) if callable(privacy) else privacy
             if stage == "advertise_keys":
-                reply = _advertise(record, ctxt, min_clients)
+                reply = _advertise(record, ctxt, min_clients, policy)
             elif stage == "share_keys":
                 reply = _share_keys(record, ctxt, min_clients)
             elif stage == "masked_input":
                 del content[RECORD]  # the ClientApp sees the strategy's message as it was sent
-                answer = _masked_input(record, msg, ctxt, call_next)
+                answer = _masked_input(record, msg, ctxt, call_next, policy)
                 if isinstance(answer, Message):
                     return answer  # the ClientApp's own error reply
                 reply = answer
@@ -110,15 +128,17 @@ def _field(record: ConfigRecord, name: str, kind: type) -> Any:
     return value
 
 
-def _save(ctxt: Context, client: SecAggClient, slots: str, weight_key: str, created: float | None = None) -> None:
+def _save(ctxt: Context, client: SecAggClient, slots: str, weight_key: str, created: float | None = None,
+          plan: str = "") -> None:
     ctxt.state.config_records[STATE] = ConfigRecord({"client": client.export_state(), "slots": slots,
                                                      "weight_key": weight_key,
-                                                     "created": time.time() if created is None else created})
+                                                     "created": time.time() if created is None else created,
+                                                     "dp": plan})
 
 
 def _resave(ctxt: Context, client: SecAggClient, saved: ConfigRecord) -> None:
-    """Save the client after a stage, with the round's layout, weight key and start time unchanged."""
-    _save(ctxt, client, saved["slots"], saved["weight_key"], saved["created"])
+    """Save the client after a stage, with the round's layout, weight key, plan and start time unchanged."""
+    _save(ctxt, client, saved["slots"], saved["weight_key"], saved["created"], str(saved.get("dp", "")))
 
 
 def _at_least(count: int, min_clients: int, what: str) -> None:
@@ -157,7 +177,7 @@ def _expect(raw: bytes, kind: type[wire.Message]) -> Any:
     return message
 
 
-def _advertise(record: ConfigRecord, ctxt: Context, min_clients: int) -> bytes:
+def _advertise(record: ConfigRecord, ctxt: Context, min_clients: int, policy: "NodePrivacy | None") -> bytes:
     _forget(ctxt)  # a new round replaces whatever an unfinished one left
     try:
         config = SecAggConfig.model_validate_json(_field(record, "config", str))
@@ -169,9 +189,22 @@ def _advertise(record: ConfigRecord, ctxt: Context, min_clients: int) -> bytes:
         raise MalformedMessage(f"privfer record field 'config' or 'slots' is invalid ({type(exc).__name__})") from None
     _at_least(config.num_clients, min_clients, "the round is configured for")
     layout = PayloadLayout(tuple(s.shape for s in slots), config)
+    plan_json = ""
+    if policy is not None:  # this node releases nothing without a DP plan it accepts and a budget left for it
+        from privfer.integrations.flower.dp import PLAN_FIELD, NodeLedger, UnacceptablePlan, accept_plan
+
+        if record.get(PLAN_FIELD) is None:
+            raise UnacceptablePlan("this node takes part only in rounds with a person-level DP plan "
+                                   "(SecAggGrid(dp=DistributedDP(...))); the server sent none")
+        plan = accept_plan(record.get(PLAN_FIELD), config, layout.update_length, policy)
+        NodeLedger(policy).check(plan.steps_entry(1))  # refuse early; checked again before training
+        plan_json = str(record.get(PLAN_FIELD))
+    elif record.get("dp") is not None:
+        raise WrongStage("the server asks for distributed DP, but this node has no privacy policy "
+                         "(make_secagg_mod(privacy=NodePrivacy(...))): it cannot add its noise share")
     client = SecAggClient(_field(record, "client_id", int), config, _field(record, "round", str), layout)
     advert = client.advertise_keys().to_bytes()
-    _save(ctxt, client, slots_json, _field(record, "weight_key", str))
+    _save(ctxt, client, slots_json, _field(record, "weight_key", str), plan=plan_json)
     return advert
 
 
@@ -184,13 +217,19 @@ def _share_keys(record: ConfigRecord, ctxt: Context, min_clients: int) -> bytes:
     return answer
 
 
-def _masked_input(record: ConfigRecord, msg: Message, ctxt: Context, call_next: Callable) -> bytes | Message:
+def _masked_input(record: ConfigRecord, msg: Message, ctxt: Context, call_next: Callable,
+                  policy: "NodePrivacy | None") -> bytes | Message:
     client, saved = _load(ctxt, record)
     forwarded = _expect(_field(record, "message", bytes), wire.ForwardedShares)
     client.check_forwarded(forwarded)  # before training: a replayed or misrouted stage spends no privacy budget
     slots = _slots_from_json(saved["slots"])
     weight_key = saved["weight_key"]
     received = _arrays_in(msg.content, slots, "the server's message", exact=False)
+    plan_json = str(saved.get("dp", ""))
+    if bool(plan_json) != (policy is not None):
+        raise WrongStage("this round's DP plan and the node's privacy policy disagree (set at the first stage)")
+    if policy is not None:
+        return _private_input(client, saved, forwarded, slots, received, msg, ctxt, call_next, policy, plan_json)
     reply = call_next(msg, ctxt)
     if reply.has_error():
         _forget(ctxt)
@@ -228,6 +267,41 @@ def _masked_input(record: ConfigRecord, msg: Message, ctxt: Context, call_next: 
     if client.clipping.clipped:
         log.warning("%d of %d values exceeded privfer's clipping range and were clipped", client.clipping.clipped,
                     client.clipping.total)
+    _resave(ctxt, client, saved)
+    return answer
+
+
+def _private_input(client: SecAggClient, saved: ConfigRecord, forwarded: Any, slots: list, received: list,
+                   msg: Message, ctxt: Context, call_next: Callable, policy: "NodePrivacy",
+                   plan_json: str) -> bytes | Message:
+    """Person-level distributed DP on this node: budget first, then train (whatever the coin), clip, coin, share."""
+    import numpy as np
+
+    from privfer.fl.person import person_contribution, secret_coin
+    from privfer.integrations.flower.dp import NodeLedger, accept_plan
+    from privfer.privacy.distributed import noise_generator
+
+    plan = accept_plan(plan_json, client.config, client.layout.update_length, policy)
+    ledger = NodeLedger(policy)
+    step = plan.steps_entry(1)
+    ledger.check(step)  # before training: a round past the lifetime budget costs the person nothing
+    reply = call_next(msg, ctxt)  # constant work: the node trains whatever its coin will say
+    if reply.has_error():
+        _forget(ctxt)
+        return reply
+    local = _arrays_in(reply.content, slots, "the ClientApp's reply")
+    update = np.concatenate([(after - before).ravel() for after, before in zip(local, received)])
+    rng = noise_generator()  # ChaCha20 keyed by the OS CSPRNG: the coin and the share, unknown to the server
+    contribution = person_contribution(update, secret_coin(rng, plan.sample_rate), plan, rng)
+    arrays, at = [], 0
+    for slot in slots:
+        size = int(np.prod(slot.shape, dtype=np.int64))
+        arrays.append(contribution[at : at + size].reshape(slot.shape))
+        at += size
+    epsilon = ledger.charge(step, client.round_id)  # on disk before the input leaves the node
+    log.info("person-level DP: this node has now spent epsilon %.3f of its lifetime %g", epsilon,
+             policy.lifetime_epsilon)
+    answer = client.masked_input(forwarded, arrays).to_bytes()  # no count, no metric: the integers alone
     _resave(ctxt, client, saved)
     return answer
 

@@ -1,0 +1,276 @@
+"""Person-level distributed DP in Flower: the server's plan, each node's own noise share and lifetime ledger.
+
+The server (:class:`DistributedDP`, given to ``SecAggGrid(dp=...)``) calibrates
+one plan per protected ``train`` round for the nodes it sampled and sends it
+with the first stage. Nothing about the noise is left to the server, though:
+
+* each node checks the plan against its own policy (:class:`NodePrivacy`):
+  the sensitivities follow from the clipping bound, scale and dimension; the
+  round's minimum of included inputs and the colluders it is sized for are at
+  least what the node assumes; the honest shares carry the claimed variance;
+  the secure-aggregation config enforces the plan's minimum inputs;
+* it draws its own secret coin and noise share (ChaCha20 keyed by the OS
+  CSPRNG), clips its own update (the ``ClientApp``'s trained arrays minus the
+  received ones) to the plan's bound, and sends only the integer
+  contribution (:func:`privfer.fl.person.person_contribution`);
+* it keeps its privacy ledger on its own disk (:class:`NodeLedger`): the
+  Skellam history of every round it contributed to, across runs and
+  restarts, against a lifetime budget. A round that would take it past the
+  budget is refused before the ``ClientApp`` trains; the round's spend is
+  written (atomically) before its masked input leaves the node.
+
+Accounting: the node's epsilon is the Skellam RDP of its history at its own
+delta (:func:`privfer.privacy.skellam.skellam_epsilon`), each round one step
+of the plan's mechanism with the secret coin as the Poisson sample rate, the
+same bound ``privfer audit`` recomputes for ``privfer simulate``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from privfer.config import MAX_EPSILON
+from privfer.privacy.distributed import DistributedPlan, calibrate_distributed, colluders, min_inputs, sensitivities
+from privfer.privacy.skellam import MAX_STEPS, SkellamSteps, skellam_epsilon
+from privfer.runs import atomic_write_json
+from privfer.secagg.config import SecAggConfig
+from privfer.secagg.errors import SecAggError
+
+PLAN_FIELD = "dp"  # the advertise_keys record field holding the round's plan (JSON)
+LEDGER_SCHEMA = "privfer.node_ledger/1"
+MAX_LEDGER_BYTES = 1 << 20  # a larger file is refused before it is read
+MAX_LEDGER_ENTRIES = 1024  # distinct (mu, l1, l2, sample_rate); rounds with the same plan merge into one entry
+PERSON = "distributed_person"
+
+
+class NodePrivacyError(SecAggError):
+    """A node refuses a round for a privacy reason: an unacceptable plan, an exhausted budget, a bad ledger."""
+
+
+class UnacceptablePlan(NodePrivacyError):
+    """The server's DP plan contradicts itself or the node's policy."""
+
+
+class BudgetExhausted(NodePrivacyError):
+    """Another round would take the node past its lifetime budget."""
+
+
+class NodeLedgerError(NodePrivacyError):
+    """The node's ledger file is unreadable, corrupt or belongs to another policy; the node refuses to train."""
+
+
+@dataclass(frozen=True)
+class NodePrivacy:
+    """What a node promises its person, whatever a run asks: a lifetime budget kept on its own disk.
+
+    ``ledger``: the node's ledger file (created on first use). ``lifetime_epsilon`` at ``delta``: the most this
+    node ever spends, over every run. ``colluding_fraction`` / ``min_inputs_fraction``: the node's own trust
+    assumptions; a plan sized for fewer colluders or fewer minimum inputs is refused.
+    """
+
+    ledger: Path
+    lifetime_epsilon: float
+    delta: float
+    colluding_fraction: float = 0.1
+    min_inputs_fraction: float = 0.9
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ledger", Path(self.ledger))
+        if not (0 < self.lifetime_epsilon <= MAX_EPSILON):
+            raise ValueError(f"lifetime_epsilon must be in (0, {MAX_EPSILON:g}], got {self.lifetime_epsilon}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if not 0 <= self.colluding_fraction < 0.5:
+            raise ValueError(f"colluding_fraction must be in [0, 0.5), got {self.colluding_fraction}")
+        if not 0 < self.min_inputs_fraction <= 1:
+            raise ValueError(f"min_inputs_fraction must be in (0, 1], got {self.min_inputs_fraction}")
+
+
+@dataclass(frozen=True)
+class DistributedDP:
+    """The server's side: person-level distributed DP for every protected ``train`` round (``SecAggGrid(dp=...)``).
+
+    ``epsilon`` at ``delta`` over ``rounds`` rounds is the run's target for a node in every round; each node still
+    holds itself to its own lifetime budget. ``max_update_norm``: each node's update is clipped to this L2 norm;
+    ``participation``: each node's secret coin (heads: its update, tails: zeros).
+    """
+
+    epsilon: float
+    rounds: int
+    delta: float
+    max_update_norm: float = 0.5
+    participation: float = 1.0
+    colluding_fraction: float = 0.1
+    min_inputs_fraction: float = 0.9
+    rounding_overhead: float = 0.01
+    modulus_bits: int = 64
+    max_noise_multiplier: float = 50.0
+
+    def __post_init__(self) -> None:
+        if not (0 < self.epsilon <= MAX_EPSILON) or not 1 <= self.rounds <= MAX_STEPS or not 0 < self.delta < 1:
+            raise ValueError("DistributedDP needs 0 < epsilon <= 1000, 1 <= rounds and 0 < delta < 1")
+        if not (self.max_update_norm > 0 and 0 < self.participation <= 1):
+            raise ValueError("max_update_norm must be positive and participation in (0, 1]")
+
+    def plan(self, clients: int, dimension: int) -> DistributedPlan:
+        """The plan of a round of ``clients`` nodes sending ``dimension`` coordinates (ConfigError, or
+        PrivacyBudgetError when the budget needs more noise than ``max_noise_multiplier``)."""
+        return calibrate_distributed(
+            epsilon=self.epsilon, delta=self.delta, max_grad_norm=self.max_update_norm, dimension=dimension,
+            sample_rate=self.participation, steps=self.rounds, clients=clients, records=clients,
+            min_inputs_fraction=self.min_inputs_fraction, colluding_fraction=self.colluding_fraction,
+            rounding_overhead=self.rounding_overhead, modulus_bits=self.modulus_bits,
+            max_noise_multiplier=self.max_noise_multiplier)
+
+
+def plan_to_json(plan: DistributedPlan) -> str:
+    return json.dumps({"mechanism": PERSON, **asdict(plan)})
+
+
+_PLAN_FIELDS = {f.name: f.type for f in fields(DistributedPlan)}
+
+
+def accept_plan(text: Any, config: SecAggConfig, dimension: int, policy: NodePrivacy) -> DistributedPlan:
+    """The server's plan, checked against itself, the round's secure-aggregation config and the node's policy."""
+    if not isinstance(text, str) or len(text) > 8192:
+        raise UnacceptablePlan("the round's DP plan is missing or not a short JSON text")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError:
+        raise UnacceptablePlan("the round's DP plan is not JSON") from None
+    if not isinstance(raw, dict) or raw.pop("mechanism", None) != PERSON or set(raw) != set(_PLAN_FIELDS):
+        raise UnacceptablePlan(f"the round's DP plan is not a {PERSON} plan with the fields {sorted(_PLAN_FIELDS)}")
+    for name, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise UnacceptablePlan(f"the DP plan's field {name!r} must be a finite number >= 0, got {value!r}")
+    integers = ("dimension", "steps", "clients", "min_inputs", "colluders", "modulus_bits", "sum_bound", "records")
+    if any(float(raw[name]) != int(raw[name]) for name in integers):
+        raise UnacceptablePlan(f"the DP plan's fields {integers} must be whole numbers")
+    plan = DistributedPlan(**{name: int(raw[name]) if name in integers else float(raw[name]) for name in raw})
+    problems = []
+    if plan.dimension != dimension:
+        problems.append(f"it is for {plan.dimension} coordinates, the round's arrays have {dimension}")
+    if min(plan.mu, plan.share_variance, plan.scale, plan.max_grad_norm) <= 0 or not 0 < plan.sample_rate <= 1:
+        problems.append("its variance, scale, clipping bound or participation rate is out of range")
+    else:
+        l1, l2 = sensitivities(plan.max_grad_norm, plan.scale, plan.dimension)
+        if not (math.isclose(l1, plan.l1, rel_tol=1e-9) and math.isclose(l2, plan.l2, rel_tol=1e-9)):
+            problems.append("its sensitivities are not those of its clipping bound, scale and dimension")
+    if plan.clients != config.num_clients:
+        problems.append(f"it is for {plan.clients} nodes, the round has {config.num_clients}")
+    if (config.encoding != "integer" or config.integer_sum_bound != plan.sum_bound
+            or config.min_inputs != plan.min_inputs or config.modulus_bits != plan.modulus_bits):
+        problems.append("the secure-aggregation config does not enforce it (integer encoding, sum bound, minimum "
+                        "inputs, modulus)")
+    if plan.min_inputs < min_inputs(plan.clients, policy.min_inputs_fraction) or plan.min_inputs > plan.clients:
+        problems.append(f"its minimum of {plan.min_inputs} included inputs is below this node's "
+                        f"{min_inputs(plan.clients, policy.min_inputs_fraction)} (or above the round's nodes)")
+    if plan.colluders < colluders(plan.clients, policy.colluding_fraction):
+        problems.append(f"it is sized for {plan.colluders} colluders, this node assumes "
+                        f"{colluders(plan.clients, policy.colluding_fraction)}")
+    honest = plan.min_inputs - plan.colluders
+    if honest < 1 or plan.share_variance * honest < plan.mu * (1 - 1e-9):
+        problems.append(f"{max(honest, 0)} honest shares of variance {plan.share_variance:.4g} do not carry its "
+                        f"variance {plan.mu:.4g}")
+    if problems:
+        raise UnacceptablePlan("this node refuses the round's DP plan: " + "; ".join(problems))
+    return plan
+
+
+class NodeLedger:
+    """A node's lifetime privacy ledger on its own disk (schema ``privfer.node_ledger/1``, JSON)."""
+
+    def __init__(self, policy: NodePrivacy) -> None:
+        self.policy = policy
+        self.path = policy.ledger
+
+    def load(self) -> dict[str, Any]:
+        """The ledger (a fresh one if the file does not exist); NodeLedgerError for anything else wrong."""
+        path = self.path
+        if not path.exists():
+            return {"schema": LEDGER_SCHEMA, "unit": "person", "mechanism_id": PERSON, "delta": self.policy.delta,
+                    "lifetime_epsilon": self.policy.lifetime_epsilon, "rounds": 0, "epsilon": 0.0, "history": [],
+                    "last": []}
+        where = f"privfer node ledger {path}"
+        try:
+            if path.stat().st_size > MAX_LEDGER_BYTES:
+                raise NodeLedgerError(f"{where} is larger than {MAX_LEDGER_BYTES} bytes; refusing to train")
+            ledger = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise NodeLedgerError(f"{where} cannot be read ({exc.__class__.__name__}): the node's spent budget is "
+                                  "unknown, so it refuses to train until its operator restores the file") from None
+        if not isinstance(ledger, dict) or ledger.get("schema") != LEDGER_SCHEMA:
+            raise NodeLedgerError(f"{where} is not a {LEDGER_SCHEMA} file; refusing to train")
+        if ledger.get("delta") != self.policy.delta:
+            raise NodeLedgerError(f"{where} accounts at delta {ledger.get('delta')!r}, this node's policy at "
+                                  f"{self.policy.delta!r}; a ledger is kept at one delta")
+        history = ledger.get("history")
+        rounds = ledger.get("rounds")
+        if not isinstance(history, list) or len(history) > MAX_LEDGER_ENTRIES or isinstance(rounds, bool) \
+                or not isinstance(rounds, int) or rounds < 0:
+            raise NodeLedgerError(f"{where} has no valid 'history' (a list of at most {MAX_LEDGER_ENTRIES}) or "
+                                  "'rounds'; refusing to train")
+        for index, item in enumerate(history):
+            try:
+                ok = (isinstance(item, list) and len(item) == 5
+                      and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in item)
+                      and float(item[4]).is_integer())
+                if ok:
+                    SkellamSteps(float(item[0]), float(item[1]), float(item[2]), float(item[3]), int(item[4]))
+            except ValueError:
+                ok = False
+            if not ok:
+                raise NodeLedgerError(f"{where} field 'history[{index}]' is not [mu, l1, l2, sample_rate, steps]; "
+                                      "refusing to train")
+        return ledger
+
+    @staticmethod
+    def _entries(ledger: dict[str, Any]) -> list[SkellamSteps]:
+        return [SkellamSteps(float(m), float(a), float(b), float(q), int(t)) for m, a, b, q, t in ledger["history"]]
+
+    def spent(self) -> float:
+        """The node's epsilon so far, recomputed from its history at its delta."""
+        return skellam_epsilon(self._entries(self.load()), self.policy.delta)[0]
+
+    def after(self, step: SkellamSteps) -> float:
+        """The node's epsilon if it took part in one more round of ``step``'s mechanism."""
+        return skellam_epsilon([*self._entries(self.load()), step], self.policy.delta)[0]
+
+    def check(self, step: SkellamSteps) -> float:
+        """BudgetExhausted if one more round would pass the lifetime budget; else the epsilon it would leave."""
+        epsilon = self.after(step)
+        if epsilon > self.policy.lifetime_epsilon + 1e-9:
+            raise BudgetExhausted(
+                f"this node has spent epsilon {self.spent():.3f} of its lifetime {self.policy.lifetime_epsilon:g} "
+                f"(delta {self.policy.delta:g}); another round would take it to {epsilon:.3f}: refused")
+        return epsilon
+
+    def charge(self, step: SkellamSteps, round_id: str) -> float:
+        """Record one round of ``step`` (atomically, before the node's input leaves it); returns the new epsilon."""
+        epsilon = self.check(step)
+        ledger = self.load()
+        key = [step.mu, step.l1, step.l2, step.sample_rate]
+        for item in ledger["history"]:
+            if [float(x) for x in item[:4]] == key:
+                item[4] = int(item[4]) + step.steps
+                break
+        else:
+            if len(ledger["history"]) >= MAX_LEDGER_ENTRIES:
+                raise NodeLedgerError(f"privfer node ledger {self.path} holds {MAX_LEDGER_ENTRIES} distinct "
+                                      "mechanisms; refusing to add another")
+            ledger["history"].append([*key, step.steps])
+        ledger["rounds"] = int(ledger["rounds"]) + 1
+        ledger["epsilon"] = epsilon
+        ledger["last"] = [round_id, time.time()]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path, ledger)
+        return epsilon
+
+
+__all__ = ["BudgetExhausted", "DistributedDP", "NodeLedger", "NodeLedgerError", "NodePrivacy", "NodePrivacyError",
+           "PLAN_FIELD", "UnacceptablePlan", "accept_plan", "plan_to_json"]

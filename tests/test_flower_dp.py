@@ -1,0 +1,174 @@
+"""Person-level distributed DP in Flower: each node adds its own noise share, checks the server's plan, and keeps
+a lifetime ledger on its own disk across runs and restarts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr", reason='the Flower integration needs pip install -e ".[flower]"')
+
+from flwr.client import ClientApp  # noqa: E402
+from flwr.common import Array, ArrayRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.serverapp.strategy import FedAvg  # noqa: E402
+
+from privfer.integrations.flower import (  # noqa: E402
+    DistributedDP,
+    LocalGrid,
+    NodeLedger,
+    NodePrivacy,
+    SecAggGrid,
+    UnacceptablePlan,
+    make_secagg_mod,
+)
+from privfer.integrations.flower.dp import BudgetExhausted, NodeLedgerError, accept_plan, plan_to_json  # noqa: E402
+from privfer.privacy.skellam import SkellamSteps, skellam_epsilon  # noqa: E402
+from privfer.secagg import SecAggConfig  # noqa: E402
+
+SHAPES = {"w": (6, 5), "b": (5,)}
+DIMENSION = 35
+DELTA = 1e-3
+
+
+def step(node: int, server_round: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([node, server_round])
+    return {k: rng.normal(0, 0.1, s) for k, s in SHAPES.items()}
+
+
+def make_app(policy_for, trained: list | None = None):
+    app = ClientApp(mods=[make_secagg_mod(privacy=policy_for)])
+
+    @app.train()
+    def train(msg: Message, ctx) -> Message:
+        if trained is not None:
+            trained.append(ctx.node_id)
+        server_round = int(msg.content["config"]["server-round"])
+        delta = step(ctx.node_id, server_round)
+        arrays = {k: (a.numpy() + delta[k]).astype(np.float32) for k, a in msg.content["arrays"].items()}
+        return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                                   "metrics": MetricRecord({"num-examples": 10, "loss": 0.5})}), reply_to=msg)
+
+    return app
+
+
+def policies(tmp_path, lifetime: float):
+    return lambda ctx: NodePrivacy(ledger=tmp_path / f"node-{ctx.node_id}.json", lifetime_epsilon=lifetime,
+                                   delta=DELTA)
+
+
+def initial() -> ArrayRecord:
+    return ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
+
+
+def run(grid, rounds=1):
+    result = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=5).start(
+        grid=grid, initial_arrays=initial(), num_rounds=rounds, timeout=5)
+    return {k: a.numpy() for k, a in result.arrays.items()}
+
+
+DP = DistributedDP(epsilon=500.0, rounds=2, delta=DELTA, max_update_norm=1.0)  # little noise; updates within S
+
+
+def test_nodes_add_their_own_shares_and_the_mean_update_arrives(tmp_path):
+    secure = SecAggGrid(LocalGrid(make_app(policies(tmp_path, 1000.0)), 5), dp=DP)
+    arrays = run(secure, rounds=2)
+    nodes = secure.grid.node_ids
+    expected = {k: sum(step(n, 1)[k] + step(n, 2)[k] for n in nodes) / 5 for k in SHAPES}  # unweighted, unclipped
+    for k in SHAPES:
+        assert np.allclose(arrays[k], expected[k], atol=0.05)
+    for report in secure.reports:
+        assert report.aborted is None and len(report.included) == 5
+        assert report.example_count == 0  # no count leaves a node
+    plan = DP.plan(5, DIMENSION)
+    for node in nodes:
+        ledger = json.loads((tmp_path / f"node-{node}.json").read_text())
+        assert ledger["rounds"] == 2 and ledger["unit"] == "person"
+        history = [SkellamSteps(*item[:4], int(item[4])) for item in ledger["history"]]
+        assert [h.steps for h in history] == [2]
+        assert ledger["epsilon"] == pytest.approx(skellam_epsilon(history, DELTA)[0], rel=1e-12)
+        assert ledger["epsilon"] == pytest.approx(skellam_epsilon([plan.steps_entry(2)], DELTA)[0], rel=1e-9)
+
+
+def test_a_restarted_node_keeps_its_spent_budget_and_refuses_past_it(tmp_path):
+    plan = DistributedDP(epsilon=3.0, rounds=2, delta=DELTA).plan(5, DIMENSION)
+    lifetime = skellam_epsilon([plan.steps_entry(2)], DELTA)[0] * 1.0001  # two rounds, not three
+    dp = DistributedDP(epsilon=3.0, rounds=2, delta=DELTA)
+    first = SecAggGrid(LocalGrid(make_app(policies(tmp_path, lifetime)), 5), dp=dp)
+    run(first, rounds=2)
+    assert all(r.aborted is None for r in first.reports)
+    # "restart": new node processes (fresh Contexts, new mods), the same ledger files on their disks
+    trained: list[int] = []
+    second = SecAggGrid(LocalGrid(make_app(policies(tmp_path, lifetime), trained), 5), dp=dp)
+    run(second, rounds=1)
+    report = second.reports[-1]
+    assert report.included == [] and len(report.dropped) == 5
+    assert all("lifetime" in reason for reason in report.dropped.values())
+    assert trained == []  # refused before any training
+    for node in second.grid.node_ids:
+        assert json.loads((tmp_path / f"node-{node}.json").read_text())["rounds"] == 2
+
+
+def test_a_corrupt_ledger_is_refused_with_a_clear_error(tmp_path):
+    policy = NodePrivacy(ledger=tmp_path / "ledger.json", lifetime_epsilon=10.0, delta=DELTA)
+    entry = SkellamSteps(1e6, 1e3, 1e3, 1.0, 1)
+    ledger = NodeLedger(policy)
+    ledger.charge(entry, "r1")
+    assert ledger.spent() == pytest.approx(skellam_epsilon([entry], DELTA)[0])
+    for damage in ("{not json", json.dumps({"schema": "other"}), json.dumps({**ledger.load(), "delta": 0.5}),
+                   json.dumps({**ledger.load(), "history": [[1, 2, 3]]}), json.dumps({**ledger.load(), "rounds": -1})):
+        (tmp_path / "bad.json").write_text(damage)
+        with pytest.raises(NodeLedgerError, match="bad.json"):
+            NodeLedger(replace(policy, ledger=tmp_path / "bad.json")).check(entry)
+    (tmp_path / "big.json").write_bytes(b" " * (2 << 20))
+    with pytest.raises(NodeLedgerError, match="larger than"):
+        NodeLedger(replace(policy, ledger=tmp_path / "big.json")).load()
+    with pytest.raises(BudgetExhausted, match="lifetime"):
+        NodeLedger(replace(policy, lifetime_epsilon=1e-6)).check(entry)
+    # in a round: the node with the corrupt ledger drops out with the reason, the others go on
+    bad = tmp_path / "node-1000.json"
+    bad.write_text("{truncated")
+    secure = SecAggGrid(LocalGrid(make_app(policies(tmp_path, 1000.0)), 6), dp=DP)
+    FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=6).start(
+        grid=secure, initial_arrays=initial(), num_rounds=1, timeout=5)
+    report = secure.reports[-1]
+    assert "cannot be read" in report.dropped[1000] and 1000 not in report.included
+
+
+def test_a_node_checks_the_servers_plan():
+    policy = NodePrivacy(ledger="/nonexistent/ledger.json", lifetime_epsilon=10.0, delta=DELTA)
+    plan = DistributedDP(epsilon=3.0, rounds=4, delta=DELTA).plan(20, DIMENSION)
+    config = SecAggConfig(num_clients=20, encoding="integer", integer_sum_bound=plan.sum_bound,
+                          min_inputs=plan.min_inputs, modulus_bits=plan.modulus_bits)
+    assert accept_plan(plan_to_json(plan), config, DIMENSION, policy) == plan
+    bad = {
+        "half the noise per share": replace(plan, share_variance=plan.share_variance / 2),
+        "no colluders assumed": replace(plan, colluders=0),
+        "fewer minimum inputs": replace(plan, min_inputs=plan.min_inputs - 3),
+        "understated sensitivity": replace(plan, l2=plan.l2 / 2),
+        "another dimension": replace(plan, dimension=DIMENSION + 1),
+    }
+    for what, changed in bad.items():
+        with pytest.raises(UnacceptablePlan, match="refuses"):
+            accept_plan(plan_to_json(changed), config, DIMENSION, policy)
+    with pytest.raises(UnacceptablePlan, match="does not enforce"):
+        accept_plan(plan_to_json(plan), SecAggConfig(num_clients=20), DIMENSION, policy)
+    for junk in ("", "[]", json.dumps({"mechanism": "local"}), json.dumps({**asdict(plan), "mechanism":
+                                                                             "distributed_person", "mu": "x"})):
+        with pytest.raises(UnacceptablePlan):
+            accept_plan(junk, config, DIMENSION, policy)
+
+
+def test_dp_and_no_dp_do_not_mix(tmp_path):
+    # a node with a privacy policy never answers a round without a plan
+    plain_server = SecAggGrid(LocalGrid(make_app(policies(tmp_path, 10.0)), 5))
+    run(plain_server)
+    assert all("person-level DP plan" in r for r in plain_server.reports[-1].dropped.values())
+    # a node without one cannot add a noise share: it refuses a DP round
+    no_policy = SecAggGrid(LocalGrid(make_app(None), 5), dp=DP)
+    run(no_policy)
+    assert all("no privacy policy" in r for r in no_policy.reports[-1].dropped.values())
+    with pytest.raises(ValueError, match="no metric"):
+        SecAggGrid(LocalGrid(make_app(None), 5), dp=DP, train_metrics=("loss",))

@@ -521,6 +521,7 @@ def study(
 ) -> None:
     """Run a privacy-utility study (every grid cell a simulate run; re-run to resume), or `study report DIR`."""
     from privfer.study import load_spec, run_study, write_report
+    from privfer.study.report import report_files
 
     if target == "report":
         if directory is None:
@@ -531,8 +532,8 @@ def study(
         spec, cells = load_spec(spec_path)
         rows = write_report(cells, directory, spec.name)
         console.print(study_table(directory))
-        console.print(f"{len(rows)} of {len(cells)} cells finished; wrote {directory}/study.csv, study.md, "
-                      "privacy_utility.png, per_class_f1.png", highlight=False, markup=False)
+        console.print(f"{len(rows)} of {len(cells)} cells finished; wrote in {directory}: {report_files(directory)}",
+                      highlight=False, markup=False)
         return
     if directory is not None:
         raise UsageError("give the study directory with --out (a second argument is only for 'report')")
@@ -564,8 +565,8 @@ def study(
         run_study(spec, cells, folder, workers=workers, on_outcome=on_outcome)
     rows = write_report(cells, folder, spec.name)
     console.print(study_table(folder))
-    console.print(f"{len(rows)} of {len(cells)} cells finished; wrote {folder}/study.csv, study.md, "
-                  "privacy_utility.png, per_class_f1.png", highlight=False, markup=False)
+    console.print(f"{len(rows)} of {len(cells)} cells finished; wrote in {folder}: {report_files(folder)}",
+                  highlight=False, markup=False)
     if failures:
         print_error(f"{len(failures)} cell(s) failed (see their error.json); re-run the same command to retry them")
         raise typer.Exit(1)

@@ -1,8 +1,11 @@
 """A real Flower deployment on 127.0.0.1: a SuperLink, three SuperNodes and `flwr run` of the example app.
 
-Two rounds of DP-SGD training with privfer's secure aggregation across separate processes (each stage a fresh
-ClientApp process restoring the node's protocol state from its Context); the result is checked and every process
-is shut down. Marked ``deployment`` (runs in CI; ``-m "not deployment"`` skips it locally): about two minutes.
+Two rounds of person-level distributed DP (the example's default: each node adds its own noise share in
+secagg_mod and charges the ledger file on its own disk) with privfer's secure aggregation across separate
+processes (each stage a fresh ClientApp process restoring the node's protocol state from its Context). Then one
+SuperNode is killed and restarted on the same ledger, and a second run finds every node's lifetime budget spent:
+it is refused before any training. Every process is shut down. Marked ``deployment`` (runs in CI;
+``-m "not deployment"`` skips it locally): about three minutes.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def group_alive(pgid: int) -> bool:
 
 @pytest.mark.deployment
 @pytest.mark.skipif(sys.platform == "win32", reason="process groups")
-def test_two_rounds_on_a_superlink_and_three_supernodes(tmp_path):
+def test_two_rounds_on_a_superlink_and_three_supernodes_then_a_restarted_node_keeps_its_budget(tmp_path):
     app = tmp_path / "app"
     shutil.copytree(EXAMPLE, app, ignore=shutil.ignore_patterns("__pycache__"))  # flwr run may migrate files
     home = tmp_path / "flwr-home"
@@ -78,26 +81,40 @@ def test_two_rounds_on_a_superlink_and_three_supernodes(tmp_path):
         processes.append(process)
         return process
 
-    result_file = tmp_path / "result.json"
-    try:
-        superlink = start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                          "--host", "127.0.0.1", "--port", str(port))
-        wait_for_port(port, superlink, 60)
-        for index in range(3):
-            start(f"supernode{index}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                  "--port", str(free_port()), "--node-config", f"partition-id={index} num-partitions=3")
-        run_config = (f'num-server-rounds=2 epsilon="3" min-nodes=3 timeout=120.0 '
-                      f'privfer-set="{SMALL}" result-file="{result_file}"')
+    result_file, second_file = tmp_path / "result.json", tmp_path / "second.json"
+    ledgers = tmp_path / "ledgers"  # each node's own disk
+
+    def supernode(index: int) -> subprocess.Popen:
+        return start(f"supernode{index}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                     "--port", str(free_port()), "--node-config",
+                     f'partition-id={index} num-partitions=3 ledger="{ledgers / f"node-{index}.json"}"')
+
+    def flwr_run(rounds: int, path: Path) -> dict:
+        run_config = (f'num-server-rounds={rounds} epsilon="3" min-nodes=3 timeout=120.0 '
+                      f'privfer-set="{SMALL}" result-file="{path}"')
         completed = subprocess.run([str(BIN / "flwr"), "run", str(app), "local", "--run-config", run_config],
                                    env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert completed.returncode == 0, completed.stdout + completed.stderr
         deadline = time.monotonic() + 420
-        while not result_file.exists() and time.monotonic() < deadline:
+        while not path.exists() and time.monotonic() < deadline:
             time.sleep(1)
-        if not result_file.exists():
+        if not path.exists():
             tails = {p.name: p.read_text(errors="replace")[-1500:] for p in logs.iterdir()}
             pytest.fail(f"no result after 7 minutes; logs: {tails}")
-        result = json.loads(result_file.read_text())
+        return json.loads(path.read_text())
+
+    try:
+        superlink = start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+                          "--host", "127.0.0.1", "--port", str(port))
+        wait_for_port(port, superlink, 60)
+        nodes = [supernode(index) for index in range(3)]
+        result = flwr_run(2, result_file)
+        spent = json.loads((ledgers / "node-0.json").read_text())
+        os.killpg(nodes[0].pid, signal.SIGTERM)  # node 0 goes down and comes back on the same disk
+        nodes[0].wait(timeout=30)
+        supernode(0)
+        second = flwr_run(1, second_file)
+        after = json.loads((ledgers / "node-0.json").read_text())
     finally:
         for process in processes:
             if process.poll() is None:
@@ -118,12 +135,19 @@ def test_two_rounds_on_a_superlink_and_three_supernodes(tmp_path):
     assert not any(group_alive(p.pid) for p in processes), "a Flower process outlived the test"
 
     assert result["rounds"] == 2 and result["epsilon_target"] == 3.0 and 0 < result["delta"] < 1
+    assert result["mechanism"] == "distributed" and result["unit"] == "person"
     reports = result["secure_aggregation"]
     assert [r["message_type"] for r in reports] == ["train", "train"]
     for report in reports:
         assert report["aborted"] is None and report["dropped"] == {}
-        assert len(report["included"]) == 3 and report["example_count"] > 0
+        assert len(report["included"]) == 3 and report["example_count"] == 0  # no count leaves a node
         assert set(report["seconds"]) == {"advertise_keys", "share_keys", "masked_input", "unmask"}
+    # the restarted node kept its ledger: the second run is refused past the lifetime budget, before training
+    assert spent["rounds"] == 2 and 0.9 * 3.0 <= spent["epsilon"] <= 3.0 + 1e-9 and after == spent
+    (refused,) = second["secure_aggregation"]
+    assert refused["included"] == []
+    # the three live nodes (the restarted one among them) refuse; the SuperLink may still list the dead one
+    assert sum("lifetime" in reason for reason in refused["dropped"].values()) == 3
     scores = result["server_evaluation"]
     assert sorted(scores) == ["0", "1", "2"]
     assert all(0.0 <= s["macro-f1"] <= 1.0 for s in scores.values())

@@ -38,9 +38,13 @@ def run_config(tmp_path, **values) -> dict:
     return config
 
 
-def run_app(run_config: dict, nodes: int, server_config: dict | None = None, **node_config) -> tuple[dict, LocalGrid]:
-    grid = LocalGrid(client_app, nodes, run_config=run_config,
-                     node_config=lambda index: {"partition-id": index, "num-partitions": nodes, **node_config})
+def run_app(run_config: dict, nodes: int, server_config: dict | None = None, ledgers: Path | None = None,
+            **node_config) -> tuple[dict, LocalGrid]:
+    def own(index: int) -> dict:
+        ledger = {"ledger": str(ledgers / f"node-{index}.json")} if ledgers is not None else {}
+        return {"partition-id": index, "num-partitions": nodes, **ledger, **node_config}
+
+    grid = LocalGrid(client_app, nodes, run_config=run_config, node_config=own)
     main(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
                        run_config=server_config or run_config))
     return json.loads(Path(run_config["result-file"]).read_text()), grid
@@ -62,7 +66,7 @@ def test_the_flower_app_trains_exactly_as_privfer_simulate(tmp_path):
 
 
 def test_private_fedper_nodes_compose_their_budget_and_keep_their_heads(tmp_path):
-    values = {"epsilon": "2", "num-server-rounds": 2, "strategy": "fedper", "min-nodes": 3}
+    values = {"epsilon": "2", "num-server-rounds": 2, "strategy": "fedper", "min-nodes": 3, "mechanism": "local"}
     result, grid = run_app(run_config(tmp_path, **values), 3)
     assert result["epsilon_target"] == 2.0
     assert result["client_evaluation"] == {}  # a private run releases no (not DP-protected) accuracy
@@ -82,7 +86,7 @@ def test_private_fedper_nodes_compose_their_budget_and_keep_their_heads(tmp_path
 
 def test_nodes_stop_at_their_budget_whatever_the_server_asks(tmp_path):
     """The nodes' run config plans 2 rounds; a server that runs 3 gets no third update."""
-    values = {"epsilon": "2", "num-server-rounds": 2, "min-nodes": 3}
+    values = {"epsilon": "2", "num-server-rounds": 2, "min-nodes": 3, "mechanism": "local"}
     server = run_config(tmp_path, **{**values, "num-server-rounds": 3})
     result, grid = run_app(run_config(tmp_path, **values), 3, server_config=server)
     assert [r["aborted"] is None for r in result["secure_aggregation"]] == [True, True, False]
@@ -98,8 +102,8 @@ def test_nodes_stop_at_their_budget_whatever_the_server_asks(tmp_path):
     ("2", {"max-delta": 1e-9}, "delta <"),
 ])
 def test_a_node_refuses_a_run_above_its_own_ceilings(tmp_path, epsilon, ceiling, refusal):
-    result, _ = run_app(run_config(tmp_path, epsilon=epsilon, **{"num-server-rounds": 1, "min-nodes": 3}), 3,
-                        **ceiling)
+    values = {"num-server-rounds": 1, "min-nodes": 3, "mechanism": "local"}
+    result, _ = run_app(run_config(tmp_path, epsilon=epsilon, **values), 3, **ceiling)
     (report,) = result["secure_aggregation"]
     assert report["aborted"] and all(refusal in reason for reason in report["dropped"].values())
 
@@ -110,3 +114,22 @@ def test_without_dp_fedper_nodes_report_their_personal_accuracy_securely(tmp_pat
     assert [r["message_type"] for r in result["secure_aggregation"]] == ["train", "evaluate"]
     assert 0.0 <= result["client_evaluation"]["1"]["accuracy"] <= 1.0
     assert "train-loss" in result["train_metrics"]["1"]
+
+
+def test_by_default_nodes_add_their_own_noise_and_keep_their_lifetime_ledgers(tmp_path):
+    """Person-level distributed DP: every node's ledger on its own disk; a second run on the same nodes (new
+    processes, the same files) finds the lifetime budget spent and is refused before any training."""
+    from privfer.integrations.flower import NodeLedger, NodePrivacy
+
+    values = {"epsilon": "3", "num-server-rounds": 2, "min-nodes": 3}
+    result, grid = run_app(run_config(tmp_path, **values), 3, ledgers=tmp_path)
+    assert result["mechanism"] == "distributed" and result["unit"] == "person" and result["delta"] == 1e-5
+    assert [len(r["included"]) for r in result["secure_aggregation"]] == [3, 3]
+    assert all(r["example_count"] == 0 for r in result["secure_aggregation"])  # no count left a node
+    assert result["server_evaluation"]["2"] != result["server_evaluation"]["0"]
+    for index in range(3):
+        ledger = NodeLedger(NodePrivacy(ledger=tmp_path / f"node-{index}.json", lifetime_epsilon=3.0, delta=1e-5))
+        assert ledger.load()["rounds"] == 2 and 0.9 * 3.0 <= ledger.spent() <= 3.0 + 1e-9
+    again, _ = run_app(run_config(tmp_path, **values), 3, ledgers=tmp_path)
+    first = again["secure_aggregation"][0]
+    assert first["included"] == [] and all("lifetime" in reason for reason in first["dropped"].values())

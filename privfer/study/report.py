@@ -80,9 +80,11 @@ def _groups(rows: list[dict[str, Any]], by_population: bool = False) -> dict[tup
     unit when the study has more than one."""
     several = len({row.get("mechanism", "local") for row in rows}) > 1
     units = len({row.get("unit", "record") for row in rows}) > 1
+    populations = not by_population and len(_populations(rows)) > 1  # never pool cells of different populations
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        key = (_label(row, several, units), row[EPSILON])
+        label = _label(row, several, units) + (f", {row.get(POPULATION)} persons" if populations else "")
+        key = (label, row[EPSILON])
         groups[key + ((row.get(POPULATION),) if by_population else ())].append(row)
     return groups
 
@@ -238,6 +240,14 @@ def plot_per_class(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     _save(fig, path)
 
 
+REPORT_FILES = ("study.csv", "study.md", "privacy_utility.png", "per_class_f1.png", "population.png")
+
+
+def report_files(directory: Path) -> str:
+    """The report files present in ``directory``, for a one-line summary."""
+    return ", ".join(name for name in REPORT_FILES if (Path(directory) / name).exists())
+
+
 def write_report(cells: list[Cell], directory: Path, name: str) -> list[dict[str, Any]]:
     """study.csv, study.md and both plots from the finished cells; returns the rows."""
     rows = collect(cells, directory)
@@ -253,4 +263,5 @@ def write_report(cells: list[Cell], directory: Path, name: str) -> list[dict[str
     return rows
 
 
-__all__ = ["collect", "markdown_table", "plot_population", "population_table", "write_report"]
+__all__ = ["REPORT_FILES", "collect", "markdown_table", "plot_population", "population_table", "report_files",
+           "write_report"]

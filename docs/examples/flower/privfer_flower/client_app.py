@@ -1,12 +1,22 @@
-"""The ClientApp: one SuperNode = one person, training the VFER with DP-SGD (Opacus) on their own clips.
+"""The ClientApp: one SuperNode = one person, training the VFER on their own clips.
 
 The two lines that make a Flower ClientApp use privfer's secure aggregation are
-the import of ``secagg_mod`` and ``ClientApp(mods=[secagg_mod])``: the node's
-update, example count and metrics leave it only masked.
+the import of ``make_secagg_mod`` and ``ClientApp(mods=[make_secagg_mod(...)])``:
+the node's update leaves it only masked.
 
-What persists on the node between rounds (``context.state``, never sent): its
-Opacus accountant history (epsilon composes over every round it trains in) and,
-under FedPer, its personal classifier head.
+Two mechanisms (run config ``mechanism``):
+
+* ``distributed`` (the default): person-level DP with the noise in the sum.
+  The node trains normally; the mod clips its whole update, flips its secret
+  participation coin, adds its own Skellam noise share and charges its
+  lifetime ledger — a file on the node's own disk (node config ``ledger``,
+  ``lifetime-epsilon``, ``delta``), kept across runs and restarts.
+* ``local``: record-level DP-SGD with Opacus on the node, each node adding all
+  its noise; the mod masks the weighted delta, count and metrics. What
+  persists between rounds (``context.state``, never sent): the Opacus
+  accountant history.
+
+Under FedPer the personal classifier head stays in ``context.state``.
 """
 
 from __future__ import annotations
@@ -20,7 +30,8 @@ import numpy as np
 from flwr.client import ClientApp
 from flwr.common import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from privfer.integrations.flower import secagg_mod
+from privfer.integrations.flower import make_secagg_mod
+from privfer_flower.task import is_distributed, node_privacy
 
 # torch, Opacus and the data load lazily, in train/evaluate: a SuperNode starts a fresh ClientApp process for each
 # message, and three of privfer's four secure-aggregation stages need only the mod.
@@ -28,7 +39,7 @@ from privfer.integrations.flower import secagg_mod
 ACCOUNT = "privfer.account"  # the node's accountant history
 PERSONAL = "privfer.personal"  # FedPer: the node's own head
 
-app = ClientApp(mods=[secagg_mod])
+app = ClientApp(mods=[make_secagg_mod(privacy=node_privacy)])  # node_privacy: None unless distributed DP
 log = logging.getLogger("privfer_flower")
 
 
@@ -68,8 +79,32 @@ def _personal(fed, context: Context, shared: list[str]) -> dict:
     return {name: value for name, value in initial_state(fed.config, fed.feature_dim).items() if name not in shared}
 
 
+def _train_distributed(msg: Message, context: Context) -> Message:
+    """Person level: plain local training; secagg_mod clips the update and adds this node's noise share."""
+    from privfer.fl.mechanisms import local_training
+    from privfer.fl.rounds import TRAINING
+    from privfer_flower.task import from_record, node_federation, shared_names, to_record
+
+    fed, actor = node_federation(context.run_config, context.node_config)
+    config, client = fed.config, fed.clients[TRAINING][actor]
+    shared = shared_names(config, fed.feature_dim)
+    received = from_record(msg.content["arrays"])
+    if sorted(received) != sorted(shared):
+        raise ValueError(f"the server sent {sorted(received)[:4]}..., this node shares {sorted(shared)[:4]}...")
+    update = client.fit(config, {**received, **_personal(fed, context, shared)}, shared,
+                        local_training(config, TRAINING, None), seed=secrets.randbits(63))
+    if update.personal:  # the strategy's personal layers stay on this node
+        context.state.array_records[PERSONAL] = to_record(update.personal, sorted(update.personal))
+    trained = {name: received[name] + update.delta[name] for name in shared}
+    # the count is for the ClientApp contract only: under distributed DP the mod sends no count or metric
+    return Message(RecordDict({"arrays": to_record(trained, shared),
+                               "metrics": MetricRecord({"num-examples": update.examples})}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if is_distributed(context.run_config):
+        return _train_distributed(msg, context)
     from privfer.fl.mechanisms import local_training, public_client_seed
     from privfer.fl.rounds import TRAINING
     from privfer.privacy.calibrate import epsilon_spent
@@ -133,6 +168,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     from privfer.models.vfer import VFER
     from privfer_flower.task import from_record, shared_names
 
+    if is_distributed(context.run_config):
+        raise PermissionError("a private run releases no accuracy on a node's own clips (not DP-protected)")
     fed, _, client, _, _ = _node(context)
     if fed.private:
         raise PermissionError("a private run releases no accuracy on a node's own clips (not DP-protected)")

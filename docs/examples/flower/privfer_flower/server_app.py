@@ -3,7 +3,10 @@
 The line that makes a Flower ServerApp use privfer's secure aggregation is
 ``strategy.start(grid=SecAggGrid(grid), ...)``: every train (and evaluate)
 exchange runs privfer's four protocol stages, and the strategy sees only the
-weighted average of the surviving nodes' updates.
+average of the surviving nodes' updates. Under distributed DP (the default,
+person level) ``SecAggGrid(grid, dp=DistributedDP(...))`` sends each round's
+noise plan; the nodes add their own shares, and the strategy receives the
+received model plus the noisy mean of the clipped updates.
 
 Under FedAvg the server scores the global model on the held-out test actors'
 evaluation halves after every round (macro F1, as ``privfer simulate`` does).
@@ -30,7 +33,8 @@ from privfer.metrics import classification_report
 from privfer.models.vfer import VFER
 from privfer.runs import atomic_write_json
 
-from privfer_flower.task import from_record, initial_state, server_federation, shared_names, to_record
+from privfer_flower.task import (from_record, initial_state, mechanism_of, server_dp, server_federation,
+                                 shared_names, to_record)
 
 app = ServerApp()
 
@@ -51,10 +55,12 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=3,
         min_available_nodes=nodes,
     )
+    dp = server_dp(run_config)  # person-level distributed DP (the default); None: local DP-SGD or no DP
     secure = SecAggGrid(
         grid,
         train_metrics=() if private else ("train-loss",),
         evaluate_metrics=("accuracy",),
+        dp=dp,
     )
     test = fed.parts["test_eval"]  # the test actors' evaluation halves, as privfer simulate scores
 
@@ -80,8 +86,10 @@ def main(grid: Grid, context: Context) -> None:
         atomic_write_json(Path(path), {
             "strategy": config.federation.strategy,
             "rounds": int(run_config.get("num-server-rounds", 3)),
-            "epsilon_target": config.privacy.epsilon if private else None,  # per node, record level, whole run
-            "delta": fed.delta if private else None,
+            "mechanism": (mechanism_of(run_config) if private else None),
+            "unit": ("person" if dp is not None else "record") if private else None,
+            "epsilon_target": config.privacy.epsilon if private else None,  # per node, whole run
+            "delta": (dp.delta if dp is not None else fed.delta) if private else None,
             "server_evaluation": {str(r): dict(m) for r, m in result.evaluate_metrics_serverapp.items()},
             "client_evaluation": {str(r): dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
             "train_metrics": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()},

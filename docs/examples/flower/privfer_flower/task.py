@@ -31,8 +31,11 @@ def privfer_config(run_config: Mapping[str, Any]) -> PrivferConfig:
     epsilon = str(run_config.get("epsilon", "3")).strip().lower()
     # Flower's strategy samples the nodes (fraction-train): privfer's own sampling setting is unused here and set to
     # its minimum, so that any population passes validation.
-    # The nodes run local DP-SGD (each adds its full noise); distributed DP in Flower nodes is not built yet.
-    overrides = ["federation.clients_per_round=2", "privacy.mechanism=local",
+    # distributed (the default): person-level DP, each node adds its own noise share inside secagg_mod;
+    # local: each node runs DP-SGD with Opacus and adds all its noise itself (record level).
+    mechanism = mechanism_of(run_config)
+    unit = ["privacy.unit=person"] if mechanism == "distributed" else []
+    overrides = ["federation.clients_per_round=2", f"privacy.mechanism={mechanism}", *unit,
                  *shlex.split(str(run_config.get("privfer-set", "")))]
     overrides += [
         f"privacy.epsilon={'null' if epsilon in ('inf', 'none', '') else float(epsilon)}",
@@ -42,6 +45,22 @@ def privfer_config(run_config: Mapping[str, Any]) -> PrivferConfig:
     ]
     path = str(run_config.get("privfer-config", "")) or None
     return load_config(path, overrides)
+
+
+MECHANISMS = ("distributed", "local")
+DEFAULT_DELTA = 1e-5  # person level: below 1 / persons for federations of up to 10^4 people
+
+
+def mechanism_of(run_config: Mapping[str, Any]) -> str:
+    mechanism = str(run_config.get("mechanism", "distributed"))
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"run config 'mechanism' must be one of {MECHANISMS}, got {mechanism!r}")
+    return mechanism
+
+
+def is_distributed(run_config: Mapping[str, Any]) -> bool:
+    """Person-level distributed DP: a private run whose mechanism is distributed (the noise added by secagg_mod)."""
+    return mechanism_of(run_config) == "distributed" and privfer_config(run_config).privacy.enabled
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,6 +80,9 @@ def _federation(key: tuple, partition: int | None, known_noise: float | None) ->
         raise ValueError(f"partition-id {partition} is outside 0..{len(actors) - 1} (the run has {len(actors)} "
                          "training actors)")
     actor = actors[partition]
+    if is_distributed(dict(key)):  # the node trains without per-record noise; secagg_mod adds its share
+        public = config.model_copy(update={"privacy": config.privacy.model_copy(update={"epsilon": None})})
+        return prepare_federation(public, clips, only_client=actor)
     known = None if known_noise is None else {actor: known_noise}
     return prepare_federation(config, clips, only_client=actor, known_noise=known)  # this node's noise only
 
@@ -84,6 +106,43 @@ def node_federation(
     fed = _federation(tuple(sorted(run_config.items())), int(node_config["partition-id"]), known_noise)
     (actor,) = fed.plans[TRAINING]
     return fed, actor
+
+
+def node_privacy(context: Any) -> Any:
+    """The node's own privacy policy under distributed DP (None otherwise), from its node config:
+    ``ledger`` (its ledger file; default privfer-ledger-<partition-id>.json in the node's working directory),
+    ``lifetime-epsilon`` (default: its ``max-epsilon``, else the run's epsilon) and ``delta`` (default 1e-5)."""
+    from pathlib import Path
+
+    from privfer.integrations.flower import NodePrivacy
+
+    run_config, node_config = context.run_config, context.node_config
+    if not is_distributed(run_config):
+        return None
+    config = privfer_config(run_config)
+    default = node_config.get("max-epsilon", config.privacy.epsilon)
+    return NodePrivacy(
+        ledger=Path(str(node_config.get("ledger", f"privfer-ledger-{node_config.get('partition-id', 'node')}.json"))),
+        lifetime_epsilon=float(node_config.get("lifetime-epsilon", default)),
+        delta=float(node_config.get("delta", DEFAULT_DELTA)),
+        colluding_fraction=config.aggregation.colluding_fraction,
+        min_inputs_fraction=config.aggregation.min_inputs_fraction,
+    )
+
+
+def server_dp(run_config: Mapping[str, Any]) -> Any:
+    """The server's person-level plan maker under distributed DP (None otherwise)."""
+    from privfer.integrations.flower import DistributedDP
+
+    if not is_distributed(run_config):
+        return None
+    config = privfer_config(run_config)
+    return DistributedDP(
+        epsilon=float(config.privacy.epsilon), rounds=int(run_config.get("num-server-rounds", 3)),
+        delta=float(run_config.get("delta", DEFAULT_DELTA)), max_update_norm=config.privacy.max_update_norm,
+        participation=config.privacy.participation, colluding_fraction=config.aggregation.colluding_fraction,
+        min_inputs_fraction=config.aggregation.min_inputs_fraction,
+    )
 
 
 def initial_state(config: PrivferConfig, feature_dim: int) -> dict[str, torch.Tensor]:

@@ -396,6 +396,12 @@ class PrivferConfig(_Section):
                 "the noise that protects a whole person is only affordable inside the secure sum; use privacy.unit "
                 "'record' with privacy.mechanism 'local'"
             )
+        if self.privacy.unit == "person" and self.privacy.enabled and self.federation.strategy == "fedper":
+            raise ValueError(
+                "privacy.unit 'person' with federation.strategy 'fedper' is not built: the newcomers' head (the mean "
+                "of the persons' heads) and the scores of the personal heads would be released without noise; use "
+                "fedavg, or privacy.unit 'record'"
+            )
         return self
 
     @model_validator(mode="after")

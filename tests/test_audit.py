@@ -268,8 +268,19 @@ def _tamper_cases():
         "change rounds_trained": lambda ledger: ledger["clients"][0].update(
             rounds_trained=ledger["clients"][0]["rounds_trained"] + 1),
         "a false epsilon_max": lambda ledger: ledger.update(epsilon_max=ledger["epsilon_max"] / 2),
-        "unit user": lambda ledger: ledger.update(unit="user"),
     }
+
+
+def test_a_ledger_whose_unit_is_not_its_mechanisms_is_refused_on_load(audited_run, tmp_path):
+    from privfer.privacy.audit import LedgerError
+
+    content = json.loads((audited_run / "privacy_ledger.json").read_text())
+    for unit in ("user", "person"):  # a local (record-level) ledger relabelled
+        (tmp_path / "ledger.json").write_text(json.dumps({**content, "unit": unit}))
+        with pytest.raises(LedgerError, match="field 'unit'"):
+            load_ledger(tmp_path / "ledger.json")
+        result = runner.invoke(app, ["audit", str(tmp_path / "ledger.json")])
+        assert result.exit_code == 2 and "field 'unit'" in result.output
 
 
 @pytest.fixture(scope="module")

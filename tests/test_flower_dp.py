@@ -172,3 +172,57 @@ def test_dp_and_no_dp_do_not_mix(tmp_path):
     assert all("no privacy policy" in r for r in no_policy.reports[-1].dropped.values())
     with pytest.raises(ValueError, match="no metric"):
         SecAggGrid(LocalGrid(make_app(None), 5), dp=DP, train_metrics=("loss",))
+
+
+def record_app(policy_for, clip: float, unclipped: bool = False):
+    """A record-level ClientApp: its 'clipped gradient sum' is the sum of per-example vectors each clipped to the C
+    the mod passes on, with its record count as the weight."""
+    app = ClientApp(mods=[make_secagg_mod(privacy=policy_for)])
+
+    @app.train()
+    def train(msg: Message, ctx) -> Message:
+        config = msg.content["config"]
+        c, q = float(config["privfer-dp-max-grad-norm"]), float(config["privfer-dp-sample-rate"])
+        assert c == clip and q == 1.0
+        rng = np.random.default_rng(ctx.node_id)
+        records = 4 + ctx.node_id % 3
+        sums = {}
+        for k, shape in SHAPES.items():
+            examples = rng.normal(0, 1, (records, *shape))
+            sums[k] = examples
+        flat = np.concatenate([sums[k].reshape(records, -1) for k in SHAPES], axis=1)
+        factors = np.minimum(1.0, c / np.linalg.norm(flat, axis=1)) if not unclipped else np.ones(records)
+        out = {k: (np.tensordot(factors, sums[k], axes=1)).astype(np.float32) for k in SHAPES}
+        return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in out.items()}),
+                                   "metrics": MetricRecord({"num-examples": records})}), reply_to=msg)
+
+    return app
+
+
+def record_policies(tmp_path):
+    return lambda ctx: NodePrivacy(ledger=tmp_path / f"record-{ctx.node_id}.json", lifetime_epsilon=1000.0,
+                                   delta=DELTA, unit="record")
+
+
+def test_record_level_nodes_noise_the_clipped_gradient_sums_and_the_server_steps(tmp_path):
+    dp = DistributedDP(epsilon=500.0, rounds=1, delta=DELTA, unit="record", max_grad_norm=1.0, max_records=1000,
+                       server_lr=0.01)
+    secure = SecAggGrid(LocalGrid(record_app(record_policies(tmp_path), 1.0), 5), dp=dp)
+    arrays = run(secure)
+    (report,) = secure.reports
+    assert report.aborted is None and len(report.included) == 5
+    assert report.example_count == sum(4 + n % 3 for n in secure.grid.node_ids)  # the exact, public count
+    # Adam's first step moves every coordinate by lr in the direction of minus the (noisy) mean gradient
+    moved = np.concatenate([arrays[k].ravel() for k in SHAPES])
+    assert np.allclose(np.abs(moved), 0.01, rtol=1e-3)
+    for node in secure.grid.node_ids:
+        ledger = json.loads((tmp_path / f"record-{node}.json").read_text())
+        assert ledger["unit"] == "record" and ledger["mechanism_id"] == "distributed" and ledger["rounds"] == 1
+    # a ClientApp that does not clip per example is refused: its sum is above records x C
+    unclipped = SecAggGrid(LocalGrid(record_app(record_policies(tmp_path / "u"), 1.0, unclipped=True), 5), dp=dp)
+    run(unclipped)
+    assert all("not clipped per example" in r for r in unclipped.reports[-1].dropped.values())
+    # a person-level node refuses a record-level plan, and the reverse
+    mixed = SecAggGrid(LocalGrid(make_app(policies(tmp_path / "p", 100.0)), 5), dp=dp)
+    run(mixed)
+    assert all("distributed_person plan" in r for r in mixed.reports[-1].dropped.values())

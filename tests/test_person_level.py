@@ -43,6 +43,8 @@ def test_person_unit_needs_the_noise_in_the_sum():
         small_config(*PERSON, "aggregation.backend=ckks")
     with pytest.raises(ConfigError, match="privacy.participation"):
         small_config(*PERSON, "privacy.participation=0")
+    with pytest.raises(ConfigError, match="fedper"):  # its newcomer head and personal scores would be unnoised
+        small_config(*PERSON, "federation.strategy=fedper")
     assert small_config("privacy.unit=person").mechanism_id is None  # no DP: nothing to refuse
 
 
@@ -74,7 +76,7 @@ def test_the_coin_is_heads_at_the_participation_rate():
 
 def test_a_tails_contribution_is_noise_only_with_the_planned_variance():
     plan = _plan(dimension=20_000)
-    tails = person_contribution(None, False, plan, noise_generator()).astype(np.float64)
+    tails = person_contribution(np.ones(plan.dimension), False, plan, noise_generator()).astype(np.float64)
     assert tails.size == plan.dimension
     assert abs(tails.mean()) < 5 * np.sqrt(plan.share_variance / tails.size)
     assert tails.var() == pytest.approx(plan.share_variance, rel=0.05)
@@ -83,8 +85,11 @@ def test_a_tails_contribution_is_noise_only_with_the_planned_variance():
     signal = heads.mean() / plan.scale  # S / sqrt(d) per coordinate, plus the share's noise
     error = 5 * np.sqrt(plan.share_variance / plan.dimension) / plan.scale
     assert signal == pytest.approx(plan.max_grad_norm / np.sqrt(plan.dimension), abs=error)
-    with pytest.raises(ValueError, match="coordinates"):
-        person_contribution(np.ones(3), True, plan, noise_generator())
+    for heads in (True, False):  # a bad update is an error whatever the coin says: an error never tells it
+        with pytest.raises(ValueError, match="coordinates"):
+            person_contribution(np.ones(3), heads, plan, noise_generator())
+        with pytest.raises(ValueError, match="not finite"):
+            person_contribution(np.full(plan.dimension, np.nan), heads, plan, noise_generator())
 
 
 def test_the_public_denominator_makes_the_mean_unbiased():
@@ -117,14 +122,14 @@ def _server_view(heads: bool, rounds: int, backend: str) -> tuple[np.ndarray, se
         contributions = {
             1: person_contribution(update, heads, plan, noise_generator()),
             2: person_contribution(update, True, plan, noise_generator()),
-            3: person_contribution(None, False, plan, noise_generator()),
+            3: person_contribution(update, False, plan, noise_generator()),
         }
         result = aggregate({c: [v] for c, v in contributions.items()}, config, round_id=f"coin:{r}")
         if backend == "masking":
             mine = [e for e in result.transcript.entries if e.direction == "in" and e.party == 1]
             sizes |= {(e.stage, e.size) for e in mine}
             words.append(next(e.message.vector for e in mine if isinstance(e.message, MaskedInput)))
-        else:  # the plain baseline shows the server each contribution: the positive control
+        else:  # positive control: what a server WITHOUT masking would see of client 1, its contribution itself
             words.append(contributions[1].astype(np.int64))
     return np.concatenate(words), sizes
 
@@ -176,7 +181,9 @@ def test_a_person_level_run_releases_no_count_and_spends_its_budget(person_run, 
     for record in rounds:  # nothing about the coins, the losses or the clipping is released
         assert record["train_loss"] is None and record["clipped"] == 0
         assert set(record["included"]) == set(record["clients"])
+    assert ledger["persons"] == persons
     for entry in ledger["clients"]:
+        assert entry["records"] is None  # how many clips a person recorded is not published
         assert entry["epsilon"] <= 3.0 and entry["rounds_trained"] == 3
         # recomputed from the ledger alone
         history = [SkellamSteps(*entry["history"][0][:4], int(entry["history"][0][4]))]
@@ -207,20 +214,61 @@ def test_the_person_level_ledger_recomputes_and_tampering_is_caught(person_run, 
     report = audit_ledger(load_ledger(copy))
     assert any("max_grad_norm" in problem for problem in report.run_checks)
     assert any("clipping bound" in problem for problem in report.run_checks)
+    from privfer.privacy.audit import LedgerError
+
     tampered = json.loads(json.dumps(original))
-    tampered["unit"] = "record"
-    (copy / "privacy_ledger.json").write_text(json.dumps(tampered))
-    assert any("the unit" in problem for problem in audit_ledger(load_ledger(copy)).run_checks)
+    tampered["unit"] = "record"  # a person-level mechanism relabelled: refused even without its run directory
+    (tmp_path / "unit.json").write_text(json.dumps(tampered))
+    with pytest.raises(LedgerError, match="'unit'"):
+        load_ledger(tmp_path / "unit.json")
+
+    # edits that keep the ledger consistent with itself: only the run's config and rounds can tell
+    from privfer.privacy.distributed import sensitivities
+
+    def consistent(edit) -> dict:
+        ledger = json.loads(json.dumps(original))
+        plan = ledger["phases"]["training"]
+        edit(ledger, plan)
+        plan["l1"], plan["l2"] = sensitivities(plan["max_grad_norm"], plan["scale"], plan["dimension"])
+        history = [plan["mu"], plan["l1"], plan["l2"], plan["sample_rate"]]
+        for entry in ledger["clients"]:
+            entry["history"] = [[*history, entry["history"][0][4]]]
+            entry["delta"] = plan["delta"] = ledger["delta"]
+            entry["epsilon"] = skellam_epsilon([SkellamSteps(*history, entry["history"][0][4])], ledger["delta"])[0]
+        ledger["epsilon_max"] = max(e["epsilon"] for e in ledger["clients"])
+        ledger["epsilon_median"] = sorted(e["epsilon"] for e in ledger["clients"])[len(ledger["clients"]) // 2]
+        return ledger
+
+    def more_noise(ledger, plan):
+        plan["mu"] *= 4
+        plan["share_variance"] *= 4
+
+    def coarser(ledger, plan):
+        plan["scale"] /= 4
+
+    def larger_delta(ledger, plan):
+        ledger["delta"] = 0.5 / plan["clients"]
+
+    for edit, field in ((more_noise, "mu"), (coarser, "scale"), (larger_delta, "delta")):
+        edited = consistent(edit)
+        (tmp_path / "alone.json").write_text(json.dumps(edited))
+        alone = audit_ledger(load_ledger(tmp_path / "alone.json"))
+        assert alone.run_checks is None and not any(MISMATCH in c.verdicts for c in alone.clients)  # self-consistent
+        (copy / "privacy_ledger.json").write_text(json.dumps(edited))
+        report = audit_ledger(load_ledger(copy))
+        assert not report.passed and any(field in problem for problem in report.run_checks), report.run_checks
 
 
 def test_canary_persons_bound_epsilon_below_the_claim_and_find_no_noise():
     from privfer.privacy.empirical import run_canary_audit
 
     base = [*PERSON, "data.synthetic.actors=16", "data.split.val_actors=2", "data.split.test_actors=2",
-            "data.feature_dim=16", "federation.rounds=4", "privacy.participation=0.5"]
-    private = run_canary_audit(small_config(*base), canaries=120, guesses=40, delta=1e-5)
+            "data.feature_dim=16", "federation.rounds=4"]
+    private = run_canary_audit(small_config(*base, "privacy.epsilon=1", "privacy.participation=0.5"), canaries=120,
+                               guesses=40, delta=1e-5)
+    assert private.ceiling > private.claimed_epsilon  # the audit could show a violation: none is found
     assert private.epsilon_lower_bound <= private.claimed_epsilon
     assert private.sample_rate == 0.5 and private.steps == 4
-    # almost no noise: the canary persons are found, so the audit has power
+    # almost no noise and every coin heads: the canary persons are found, so the audit has power
     loud = run_canary_audit(small_config(*base, "privacy.epsilon=1000"), canaries=120, guesses=40, delta=1e-5)
     assert loud.correct >= 38 and loud.epsilon_lower_bound > 1.0

@@ -241,6 +241,7 @@ class DistributedDPSGD(Mechanism):
     def __init__(self, config: PrivferConfig) -> None:
         super().__init__(config)
         self.plans: dict[str, DistributedPlan] = {}
+        self.persons: int | None = None  # person level: the federation's persons (what delta is judged against)
 
     def protected_records(self, counts: Counts) -> int:
         # one record of the union of every client's records is the protected unit
@@ -339,7 +340,7 @@ class DistributedDPSGD(Mechanism):
     def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> dict:
         return build_distributed_ledger(accounts, self.plans, noise_source=self.config.privacy.noise_source,
                                         max_rounds=max_rounds, not_covered=not_covered,
-                                        unit=self.config.privacy.unit)
+                                        unit=self.config.privacy.unit, persons=self.persons)
 
     def noise_multipliers(self) -> list[float]:
         return [plan.noise_multiplier for plan in self.plans.values()]
@@ -369,6 +370,10 @@ class DistributedDPFedAvg(DistributedDPSGD):
         # the protected unit is a person: delta is judged against the federation's persons
         return sum(len(group) for group in counts.values())
 
+    def calibrate(self, counts: Counts, **kwargs) -> set[str]:
+        self.persons = self.protected_records(counts)
+        return super().calibrate(counts, **kwargs)
+
     def _plan(self, feature_dim: int, counts: dict[int, int], clients: int, delta: float,
               rounds: int) -> DistributedPlan:
         """Only the shared parameters leave a client (FedPer's personal layers stay on it, unnoised: a person's
@@ -394,27 +399,20 @@ class DistributedDPFedAvg(DistributedDPSGD):
         plan = self.plans[phase]
         template = federation.model(state.global_state)
         shared = strategy.shared_names(template)
-        keeps_state = len(shared) < len(list(template.parameters()))  # FedPer: the personal layers train too
         group = federation.clients[phase]
         training = local_training(config, phase, None)
-        contributions, train_seconds = {}, 0.0
+        contributions = {}
         for client_id in cohort:
             state.accounts.setdefault((phase, client_id),
                                       DistributedAccount(client_id, phase, group[client_id].records)).record_round()
             rng = self.noise_rng(state, phase, round_index, client_id)
             heads = secret_coin(rng, plan.sample_rate)
-            flat = None
-            # A deployed client trains whatever its coin says (constant work, so its timing does not tell). Here a
-            # tails client without personal layers is skipped: its training would change nothing it sends or keeps.
-            if heads or keeps_state:
-                trained = time.perf_counter()
-                update = group[client_id].fit(
-                    config, {**state.global_state, **state.personal_of(client_id, phase, shared)}, shared, training,
-                    seed=client_seed(config, state.noise_key, phase, round_index, client_id))
-                train_seconds += time.perf_counter() - trained
-                if update.personal:
-                    state.personal[client_id] = update.personal
-                flat = torch.cat([update.delta[name].reshape(-1) for name in shared]).double().numpy()
+            # Constant work: every selected client trains whatever its coin says, so neither the round's time
+            # (recorded in rounds.json) nor an error tells the coin (Mechanism docs, "what breaks it").
+            update = group[client_id].fit(
+                config, {**state.global_state, **state.personal_of(client_id, phase, shared)}, shared, training,
+                seed=client_seed(config, state.noise_key, phase, round_index, client_id))
+            flat = torch.cat([update.delta[name].reshape(-1) for name in shared]).double().numpy()
             contributions[client_id] = person_contribution(flat, heads, plan, rng)
         summed = sum_integer_contributions(contributions, dropouts, config.aggregation, plan,
                                            round_id=state.round_id(phase, round_index))

@@ -56,19 +56,17 @@ def clip_update(update: np.ndarray, bound: float) -> np.ndarray:
     return flat if norm <= bound else flat * (bound / norm)
 
 
-def person_contribution(update: np.ndarray | None, heads: bool, plan: DistributedPlan,
+def person_contribution(update: np.ndarray, heads: bool, plan: DistributedPlan,
                         rng: np.random.Generator) -> np.ndarray:
     """A selected client's integer contribution: its clipped update (heads) or zeros (tails), rounded at the
-    plan's scale, plus its noise share — the same length and noise either way."""
-    if heads:
-        if update is None:
-            raise ValueError("heads needs the client's update")
-        vector = clip_update(update, plan.max_grad_norm)
-        if vector.size != plan.dimension:
-            raise ValueError(f"the update has {vector.size} coordinates, the plan {plan.dimension}")
-    else:
-        vector = np.zeros(plan.dimension)
-    return encode_contribution(vector, plan, rng)
+    plan's scale, plus its noise share — the same length and noise either way. The update is checked (finite,
+    the plan's length) whatever the coin says, so an error never tells the coin."""
+    if update is None:
+        raise ValueError("a selected client computes its update whatever its coin says (constant work)")
+    clipped = clip_update(update, plan.max_grad_norm)
+    if clipped.size != plan.dimension:
+        raise ValueError(f"the update has {clipped.size} coordinates, the plan {plan.dimension}")
+    return encode_contribution(clipped if heads else np.zeros(plan.dimension), plan, rng)
 
 
 def mean_update(decoded_sum: np.ndarray, plan: DistributedPlan, included: int) -> np.ndarray:

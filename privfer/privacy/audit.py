@@ -246,14 +246,15 @@ def _field(entry: dict[str, Any], name: str, kind: type | tuple[type, ...], path
     return value
 
 
-def _entry_history(entry: Any, index: int, path: Path) -> tuple[str, list]:
+def _entry_history(entry: Any, index: int, path: Path, person: bool = False) -> tuple[str, list]:
     """The checks every client entry needs (either mechanism): an object with client, records, delta and a
     bounded history list. Returns (where, history)."""
     where = f"clients[{index}]"
     if not isinstance(entry, dict):
         raise LedgerError(f"{path}: {where} must be an object")
     _field(entry, "client", int, path, where)
-    _field(entry, "records", int, path, where)
+    if not (entry.get("records", 0) is None and person):  # person level publishes no record counts
+        _field(entry, "records", int, path, where)
     _field(entry, "delta", (int, float), path, where)
     history = _field(entry, "history", list, path, where)
     if len(history) > MAX_HISTORY:
@@ -283,6 +284,10 @@ def load_ledger(path: Path | str) -> dict[str, Any]:
     if mechanism not in AUDITORS:
         raise LedgerError(f"{path}: field 'mechanism_id' is {mechanism!r}; expected one of {sorted(AUDITORS)}")
     ledger["mechanism_id"] = mechanism
+    unit = ledger.get("unit", "record")
+    if unit != UNITS[mechanism]:
+        raise LedgerError(f"{path}: field 'unit' is {unit!r}, but mechanism_id {mechanism!r} protects a "
+                          f"{UNITS[mechanism]}")
     _field(ledger, "accountant", str, path, "the ledger")
     _field(ledger, "delta", (int, float), path, "the ledger")
     _field(ledger, "private", bool, path, "the ledger")
@@ -344,8 +349,13 @@ def _check_distributed(ledger: dict[str, Any], path: Path) -> None:
     if len(phases) > 8:
         raise LedgerError(f"{path}: {len(phases)} phases; at most 8 are audited")
     entries, distinct = 0, set()
+    person = ledger.get("mechanism_id") == "distributed_person"
+    if person:
+        persons = _field(ledger, "persons", int, path, "the ledger")
+        if persons < 1:
+            raise LedgerError(f"{path}: field 'persons' must be at least 1")
     for index, entry in enumerate(ledger["clients"]):
-        where, history = _entry_history(entry, index, path)
+        where, history = _entry_history(entry, index, path, person)
         phase = _field(entry, "phase", str, path, where)
         if phase not in phases:
             raise LedgerError(f"{path}: {where} names phase {phase!r}, which has no plan in 'phases'")
@@ -385,7 +395,7 @@ def _audit_distributed(ledger: dict[str, Any], path: Path) -> AuditReport:
         values["skellam_rdp_independent"] = sum(
             _independent_skellam_epsilon(h.mu, h.l1, h.l2, h.sample_rate, h.steps, delta) for h in history
         ) if len(history) == 1 else values["skellam_rdp"]
-        audit = ClientAudit(int(entry["client"]), str(entry["phase"]), int(entry["records"]), delta,
+        audit = ClientAudit(int(entry["client"]), str(entry["phase"]), int(entry["records"] or 0), delta,
                             None if claimed is None else float(claimed), values)
         mismatch: list[str] = []
         l1, l2 = sensitivities(float(plan["max_grad_norm"]), float(plan["scale"]), int(plan["dimension"]))
@@ -424,6 +434,10 @@ def _audit_distributed(ledger: dict[str, Any], path: Path) -> AuditReport:
                 if values["skellam_rdp"] < audit.floor - 1e-6:
                     mismatch.append(f"the Skellam bound {values['skellam_rdp']:.4f} is below the Gaussian with the "
                                     f"same variance ({audit.floor:.4f}, dp-accounting PLD)")
+        person = ledger.get("mechanism_id") == "distributed_person"
+        if person and int(plan["records"]) != int(plan["clients"]):
+            mismatch.append(f"a person-level plan bounds the sum by its {plan['clients']} clients' updates, not "
+                            f"{plan['records']}")
         over = []
         if target is not None and audit.certified > target + 1e-9:
             over.append(f"the tightest sound bound, {audit.certified:.4f}, exceeds the target {target:g}")
@@ -433,10 +447,10 @@ def _audit_distributed(ledger: dict[str, Any], path: Path) -> AuditReport:
             audit.verdicts.append(OVER_BUDGET)
         if mismatch:
             audit.verdicts.append(MISMATCH)
-        total_records = int(plan["records"])
+        total_records = int(ledger["persons"]) if person else int(plan["records"])
         if total_records < 1 or delta >= 1.0 / total_records:
             audit.verdicts.append(WEAK_DELTA)
-            units = "persons per round" if ledger.get("unit") == "person" else "records in a round's union"
+            units = "persons in the federation" if person else "records in a round's union"
             audit.reasons.append(f"delta {delta:.3g} >= 1 / {total_records} {units}")
         if ledger.get("noise_source") == "run_seed":
             audit.verdicts.append(PUBLIC_NOISE)
@@ -542,6 +556,8 @@ def _judge(audit: ClientAudit, entry: dict, history: History, accountant: str, t
         audit.reasons.append(f"delta {audit.delta:.3g} >= 1 / {audit.records} records")
     audit.reasons[:0] = over + mismatch
 
+
+UNITS = {"local": "record", "distributed": "record", "distributed_person": "person"}  # mechanism_id -> its unit
 
 # One entry per ledger mechanism_id (privfer.fl.mechanisms.Mechanism.id): how its entries are checked on load
 # and how its epsilons are recomputed. A new mechanism adds its pair here.

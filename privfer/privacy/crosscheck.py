@@ -7,7 +7,9 @@ changed together) recomputes too. The run directory also holds
 ``rounds.json`` (who took part in which round, as the server saw it), so
 :func:`cross_check` holds the ledger to them: the unit, the mechanism, the
 target, delta and the planned sample rates and steps come from the config;
-the set of clients and how often each trained come from the rounds. Every
+the set of clients and how often each trained come from the rounds; a
+distributed run's plans are recalibrated from both and compared field by
+field (noise, scale, sensitivities, trust sizing, bounds). Every
 disagreement is one line in the result. A ledger without its run directory
 cannot be cross-checked, and the audit says so.
 """
@@ -103,6 +105,8 @@ def cross_check(ledger: dict[str, Any], run_dir: Path) -> list[str] | None:
                privacy.participation if person else privacy.sample_rate, numeric=True)
         expect(f"the {phase} plan's clipping bound", plan.get("max_grad_norm"),
                privacy.max_update_norm if person else privacy.max_grad_norm, numeric=True)
+    if distributed and privacy.enabled and isinstance(plans, dict):
+        problems += _check_plans(ledger, config, plans, trained)
     epochs = {"training": fed.local_epochs, "adaptation": fed.adaptation_epochs}
     for entry in entries:
         key = (str(entry.get("phase")), int(entry.get("client")))
@@ -122,6 +126,77 @@ def cross_check(ledger: dict[str, Any], run_dir: Path) -> list[str] | None:
         if isinstance(entry.get("rounds_trained"), int):
             planned = entry["rounds_trained"] * epochs.get(key[0], 0) * per_epoch
             expect(f"{where}: steps", entry.get("steps"), planned)
+    return problems
+
+
+_RECOMPUTED = ("dimension", "scale", "l1", "l2", "mu", "share_variance", "min_inputs", "colluders", "sum_bound",
+               "records", "clients")
+
+
+def _check_plans(ledger: dict[str, Any], config: Any, plans: dict, trained: Counter) -> list[str]:
+    """Recalibrate every phase's plan from config.yaml and rounds.json and hold the ledger's plan and delta to it:
+    a ledger edited consistently (more noise claimed, a coarser scale, a larger delta) recomputes on its own, but
+    not from the run that made it."""
+    from privfer.fl.strategies import make_strategy
+    from privfer.models.vfer import VFER
+    from privfer.privacy.calibrate import default_delta
+    from privfer.privacy.distributed import calibrate_distributed
+
+    problems: list[str] = []
+    privacy, fed, aggregation = config.privacy, config.federation, config.aggregation
+    person = config.mechanism_id == "distributed_person"
+    entries = [e for e in ledger.get("clients", []) if isinstance(e, dict)]
+    clients_of = {phase: sorted({c for (p, c) in trained if p == phase}) for phase in ("training", "adaptation")}
+    if person:
+        persons = ledger.get("persons")
+        took_part = sum(len(ids) for ids in clients_of.values())
+        if not isinstance(persons, int) or persons < took_part:
+            problems.append(f"the ledger's persons {persons!r} is fewer than the {took_part} who took part "
+                            "(rounds.json)")
+            return problems
+        units = persons
+    else:
+        records = [e.get("records") for e in entries]
+        if not all(isinstance(r, int) and r >= 1 for r in records):
+            return problems  # reported with the entries
+        units = sum(records)
+    expected_delta = privacy.delta if privacy.delta is not None else default_delta([units])
+    if not _close(ledger.get("delta"), expected_delta):
+        problems.append(f"delta is {ledger.get('delta')!r} in the ledger but {expected_delta:.6g} for the run's "
+                        f"{units} {'persons' if person else 'records'}")
+    try:
+        template = VFER.from_config(config.model, int(config.data.feature_dim), private=True)
+    except (TypeError, ValueError) as exc:
+        return problems + [f"the run's model cannot be rebuilt from config.yaml ({exc.__class__.__name__})"]
+    shared = set(make_strategy(fed).shared_names(template)) if person else None
+    dimension = sum(p.numel() for n, p in template.named_parameters()
+                    if p.requires_grad and (shared is None or n in shared))
+    for phase, plan in plans.items():
+        if not isinstance(plan, dict) or phase not in clients_of:
+            continue
+        ids = clients_of[phase]
+        clients = (fed.cohort_size(config.mechanism, len(ids)) if phase == "training" else len(ids))
+        if person:
+            records = clients
+        else:
+            counts = sorted((e["records"] for e in entries if e.get("phase") == phase), reverse=True)
+            records = sum(counts[:clients])
+        rounds = fed.rounds if phase == "training" else fed.adaptation_rounds
+        try:
+            expected = calibrate_distributed(
+                epsilon=privacy.epsilon, delta=expected_delta,
+                max_grad_norm=privacy.max_update_norm if person else privacy.max_grad_norm, dimension=dimension,
+                sample_rate=privacy.participation if person else privacy.sample_rate, steps=rounds, clients=clients,
+                records=records, min_inputs_fraction=aggregation.min_inputs_fraction,
+                colluding_fraction=aggregation.colluding_fraction, rounding_overhead=privacy.rounding_overhead,
+                modulus_bits=aggregation.modulus_bits, max_noise_multiplier=privacy.max_noise_multiplier)
+        except Exception as exc:  # noqa: BLE001 - any failure to recalibrate is a finding, not a crash
+            problems.append(f"the {phase} plan cannot be recalibrated from the run's config ({exc})")
+            continue
+        for name in _RECOMPUTED:
+            if not _close(plan.get(name), getattr(expected, name)):
+                problems.append(f"the {phase} plan's {name} is {plan.get(name)!r} in the ledger but "
+                                f"{getattr(expected, name)!r} recalibrated from the run's config and rounds")
     return problems
 
 

@@ -208,8 +208,8 @@ _DISTRIBUTED_UNITS: dict[str, dict[str, Any]] = {
         "public": [
             "who is selected and takes part in each round (the server sees who sends messages); the ledger's "
             "rounds_trained counts every round a person was selected in, whatever its coin said",
-            "each person's record count is written here for the record and enters no released quantity (no "
-            "weight, count, loss or metric leaves a client)",
+            "the number of persons in the federation ('persons', what delta is judged against); no person's record "
+            "count, weight, loss or metric is released (entries say records: null)",
         ],
         "secret_participation": "each selected client flips its own coin from its secret ChaCha20 stream and "
         "submits either its clipped update or zeros, always with its noise share; the masked input, its length, "
@@ -228,9 +228,11 @@ def build_distributed_ledger(
     max_rounds: dict[str, int],
     not_covered: list[str] | None = None,
     unit: str = "record",
+    persons: int | None = None,
 ) -> dict[str, Any]:
     """The ledger of a distributed-DP run (record or person ``unit``): each phase's plan and each client's
-    Skellam history and epsilon."""
+    Skellam history and epsilon. ``persons``: the federation's persons, the count delta is judged against at
+    person level."""
     from privfer.privacy.skellam import skellam_epsilon
 
     stated = _DISTRIBUTED_UNITS[unit]
@@ -244,7 +246,8 @@ def build_distributed_ledger(
             {
                 "client": account.client,
                 "phase": account.phase,
-                "records": account.records,
+                # person level: how many clips a person recorded is theirs too, and enters no released quantity
+                "records": None if unit == "person" else account.records,
                 "rounds_trained": account.rounds_trained,
                 "steps": account.rounds_trained,
                 "max_rounds": max_rounds.get(account.phase, 0),
@@ -288,6 +291,7 @@ def build_distributed_ledger(
             "(protocols/secagg/SPEC.md, section 1)",
         },
         "phases": {phase: plan.to_dict() for phase, plan in plans.items()},
+        **({"persons": persons} if persons is not None else {}),
         "public": list(stated["public"]),
         **({"secret_participation": stated["secret_participation"]} if "secret_participation" in stated else {}),
         "not_covered": list(not_covered or []),

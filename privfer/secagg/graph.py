@@ -48,7 +48,7 @@ def neighbourhoods(ids: Iterable[int], degree: int, seed: bytes | None = None) -
     return _neighbourhoods(tuple(sorted(ids)), int(degree), seed)
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=2)
 def _neighbourhoods(ids: tuple[int, ...], degree: int, seed: bytes | None) -> Mapping[int, frozenset[int]]:
     n = len(ids)
     if degree >= n - 1:

@@ -13,7 +13,7 @@ protocols/secagg/SPEC.md gives the byte layouts.
 from __future__ import annotations
 
 import struct
-from functools import cached_property
+from functools import lru_cache
 from typing import Annotated, ClassVar
 
 import numpy as np
@@ -301,6 +301,12 @@ class MaskedInput(Message):
         return cls(**header, modulus_bits=bits, vector=vector)
 
 
+@lru_cache(maxsize=4)
+def _id_set(ids: tuple[int, ...]) -> frozenset[int]:
+    """The ids as a set, cached by value: the clients of an in-process round build it once, not once each."""
+    return frozenset(ids)
+
+
 class UnmaskRequest(Message):
     """Stage 3, server -> clients: whose masked inputs arrived (survivors) and who dropped after sharing keys."""
 
@@ -311,13 +317,13 @@ class UnmaskRequest(Message):
     def _body(self) -> bytes:
         return _ids(self.survivors) + _ids(self.dropped)
 
-    @cached_property
+    @property
     def survivor_set(self) -> frozenset[int]:
-        return frozenset(self.survivors)
+        return _id_set(self.survivors)
 
-    @cached_property
+    @property
     def dropped_set(self) -> frozenset[int]:
-        return frozenset(self.dropped)
+        return _id_set(self.dropped)
 
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "UnmaskRequest":

@@ -1,4 +1,4 @@
-"""Person-level distributed DP in Flower: the server's plan, each node's own noise share and lifetime ledger.
+"""Distributed DP in Flower (person or record level): the server's plan, each node's own noise share and ledger.
 
 The server (:class:`DistributedDP`, given to ``SecAggGrid(dp=...)``) calibrates
 one plan per protected ``train`` round for the nodes it sampled and sends it
@@ -46,6 +46,7 @@ LEDGER_SCHEMA = "privfer.node_ledger/1"
 MAX_LEDGER_BYTES = 1 << 20  # a larger file is refused before it is read
 MAX_LEDGER_ENTRIES = 1024  # distinct (mu, l1, l2, sample_rate); rounds with the same plan merge into one entry
 PERSON = "distributed_person"
+UNITS = {"person": PERSON, "record": "distributed"}  # unit -> the plan's (and ledger's) mechanism id
 
 
 class NodePrivacyError(SecAggError):
@@ -78,9 +79,12 @@ class NodePrivacy:
     delta: float
     colluding_fraction: float = 0.1
     min_inputs_fraction: float = 0.9
+    unit: str = "person"  # or "record": the unit this node's ledger and accepted plans protect
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ledger", Path(self.ledger))
+        if self.unit not in UNITS:
+            raise ValueError(f"unit must be one of {sorted(UNITS)}, got {self.unit!r}")
         if not (0 < self.lifetime_epsilon <= MAX_EPSILON):
             raise ValueError(f"lifetime_epsilon must be in (0, {MAX_EPSILON:g}], got {self.lifetime_epsilon}")
         if not 0 < self.delta < 1:
@@ -103,8 +107,13 @@ class DistributedDP:
     epsilon: float
     rounds: int
     delta: float
-    max_update_norm: float = 0.5
-    participation: float = 1.0
+    unit: str = "person"
+    max_update_norm: float = 0.5  # person: each node's whole update is clipped to this
+    participation: float = 1.0  # person: each node's secret coin
+    max_grad_norm: float = 1.0  # record: each example's gradient is clipped to this (by the ClientApp)
+    sample_rate: float = 1.0  # record: each record's Poisson rate (the ClientApp samples)
+    max_records: int = 1_000_000  # record: a bound on one round's records together (the sum's headroom)
+    server_lr: float = 0.02  # record: the server's Adam step on the noisy mean gradient
     colluding_fraction: float = 0.1
     min_inputs_fraction: float = 0.9
     rounding_overhead: float = 0.01
@@ -114,22 +123,61 @@ class DistributedDP:
     def __post_init__(self) -> None:
         if not (0 < self.epsilon <= MAX_EPSILON) or not 1 <= self.rounds <= MAX_STEPS or not 0 < self.delta < 1:
             raise ValueError("DistributedDP needs 0 < epsilon <= 1000, 1 <= rounds and 0 < delta < 1")
-        if not (self.max_update_norm > 0 and 0 < self.participation <= 1):
-            raise ValueError("max_update_norm must be positive and participation in (0, 1]")
+        if self.unit not in UNITS:
+            raise ValueError(f"unit must be one of {sorted(UNITS)}, got {self.unit!r}")
+        if not (self.max_update_norm > 0 and 0 < self.participation <= 1 and self.max_grad_norm > 0
+                and 0 < self.sample_rate <= 1 and self.max_records >= 1 and self.server_lr > 0):
+            raise ValueError("clipping bounds, max_records and server_lr must be positive; participation and "
+                             "sample_rate in (0, 1]")
+
+    @property
+    def mechanism_id(self) -> str:
+        return UNITS[self.unit]
 
     def plan(self, clients: int, dimension: int) -> DistributedPlan:
-        """The plan of a round of ``clients`` nodes sending ``dimension`` coordinates (ConfigError, or
+        """The plan of a round of ``clients`` nodes sending ``dimension`` noised coordinates (ConfigError, or
         PrivacyBudgetError when the budget needs more noise than ``max_noise_multiplier``)."""
+        person = self.unit == "person"
         return calibrate_distributed(
-            epsilon=self.epsilon, delta=self.delta, max_grad_norm=self.max_update_norm, dimension=dimension,
-            sample_rate=self.participation, steps=self.rounds, clients=clients, records=clients,
+            epsilon=self.epsilon, delta=self.delta,
+            max_grad_norm=self.max_update_norm if person else self.max_grad_norm, dimension=dimension,
+            sample_rate=self.participation if person else self.sample_rate, steps=self.rounds, clients=clients,
+            records=clients if person else self.max_records,
             min_inputs_fraction=self.min_inputs_fraction, colluding_fraction=self.colluding_fraction,
             rounding_overhead=self.rounding_overhead, modulus_bits=self.modulus_bits,
             max_noise_multiplier=self.max_noise_multiplier)
 
 
-def plan_to_json(plan: DistributedPlan) -> str:
-    return json.dumps({"mechanism": PERSON, **asdict(plan)})
+def plan_to_json(plan: DistributedPlan, unit: str = "person") -> str:
+    return json.dumps({"mechanism": UNITS[unit], **asdict(plan)})
+
+
+class ServerAdam:
+    """Record level: the server's Adam on the noisy mean gradient (post-processing), state kept across rounds."""
+
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.m: list[Any] | None = None
+        self.v: list[Any] | None = None
+        self.t = 0
+
+    def step(self, params: list[Any], grads: list[Any]) -> list[Any]:
+        import numpy as np
+
+        if self.m is None or len(self.m) != len(params) or any(m.shape != g.shape for m, g in zip(self.m, grads)):
+            self.m = [np.zeros_like(g, dtype=np.float64) for g in grads]
+            self.v = [np.zeros_like(g, dtype=np.float64) for g in grads]
+            self.t = 0
+        self.t += 1
+        b1, b2 = self.betas
+        out = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            self.m[i] = b1 * self.m[i] + (1 - b1) * g
+            self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
+            m_hat = self.m[i] / (1 - b1**self.t)
+            v_hat = self.v[i] / (1 - b2**self.t)
+            out.append(p - self.lr * m_hat / (np.sqrt(v_hat) + self.eps))
+        return out
 
 
 _PLAN_FIELDS = {f.name: f.type for f in fields(DistributedPlan)}
@@ -143,8 +191,10 @@ def accept_plan(text: Any, config: SecAggConfig, dimension: int, policy: NodePri
         raw = json.loads(text)
     except json.JSONDecodeError:
         raise UnacceptablePlan("the round's DP plan is not JSON") from None
-    if not isinstance(raw, dict) or raw.pop("mechanism", None) != PERSON or set(raw) != set(_PLAN_FIELDS):
-        raise UnacceptablePlan(f"the round's DP plan is not a {PERSON} plan with the fields {sorted(_PLAN_FIELDS)}")
+    wanted = UNITS[policy.unit]
+    if not isinstance(raw, dict) or raw.pop("mechanism", None) != wanted or set(raw) != set(_PLAN_FIELDS):
+        raise UnacceptablePlan(f"this node takes part only with a {wanted} plan (its unit is {policy.unit}) with the "
+                               f"fields {sorted(_PLAN_FIELDS)}")
     for name, value in raw.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise UnacceptablePlan(f"the DP plan's field {name!r} must be a finite number >= 0, got {value!r}")
@@ -153,8 +203,9 @@ def accept_plan(text: Any, config: SecAggConfig, dimension: int, policy: NodePri
         raise UnacceptablePlan(f"the DP plan's fields {integers} must be whole numbers")
     plan = DistributedPlan(**{name: int(raw[name]) if name in integers else float(raw[name]) for name in raw})
     problems = []
-    if plan.dimension != dimension:
-        problems.append(f"it is for {plan.dimension} coordinates, the round's arrays have {dimension}")
+    noised = dimension - (1 if policy.unit == "record" else 0)  # record level: the last word is the record count
+    if plan.dimension != noised:
+        problems.append(f"it is for {plan.dimension} coordinates, the round's arrays have {noised}")
     if min(plan.mu, plan.share_variance, plan.scale, plan.max_grad_norm) <= 0 or not 0 < plan.sample_rate <= 1:
         problems.append("its variance, scale, clipping bound or participation rate is out of range")
     else:
@@ -193,7 +244,8 @@ class NodeLedger:
         """The ledger (a fresh one if the file does not exist); NodeLedgerError for anything else wrong."""
         path = self.path
         if not path.exists():
-            return {"schema": LEDGER_SCHEMA, "unit": "person", "mechanism_id": PERSON, "delta": self.policy.delta,
+            return {"schema": LEDGER_SCHEMA, "unit": self.policy.unit, "mechanism_id": UNITS[self.policy.unit],
+                    "delta": self.policy.delta,
                     "lifetime_epsilon": self.policy.lifetime_epsilon, "rounds": 0, "epsilon": 0.0, "history": [],
                     "last": []}
         where = f"privfer node ledger {path}"
@@ -206,6 +258,9 @@ class NodeLedger:
                                   "unknown, so it refuses to train until its operator restores the file") from None
         if not isinstance(ledger, dict) or ledger.get("schema") != LEDGER_SCHEMA:
             raise NodeLedgerError(f"{where} is not a {LEDGER_SCHEMA} file; refusing to train")
+        if ledger.get("unit") != self.policy.unit:
+            raise NodeLedgerError(f"{where} protects the unit {ledger.get('unit')!r}, this node's policy the "
+                                  f"{self.policy.unit!r}; a ledger is kept for one unit")
         if ledger.get("delta") != self.policy.delta:
             raise NodeLedgerError(f"{where} accounts at delta {ledger.get('delta')!r}, this node's policy at "
                                   f"{self.policy.delta!r}; a ledger is kept at one delta")
@@ -273,4 +328,4 @@ class NodeLedger:
 
 
 __all__ = ["BudgetExhausted", "DistributedDP", "NodeLedger", "NodeLedgerError", "NodePrivacy", "NodePrivacyError",
-           "PLAN_FIELD", "UnacceptablePlan", "accept_plan", "plan_to_json"]
+           "PLAN_FIELD", "ServerAdam", "UNITS", "UnacceptablePlan", "accept_plan", "plan_to_json"]

@@ -22,13 +22,16 @@ from privfer.integrations.flower.common import (
     RecordDict,
     log,
 )
-from privfer.integrations.flower.dp import PLAN_FIELD, plan_to_json
+from privfer.integrations.flower.dp import PLAN_FIELD, ServerAdam, plan_to_json
 from privfer.integrations.flower.mod import base_type
-from privfer.integrations.flower.slots import _arrays_in, _slots_to_json, slots_of
+from privfer.integrations.flower.slots import ArraySlot, _arrays_in, _slots_to_json, slots_of
 from privfer.secagg.config import SecAggConfig
 from privfer.secagg.errors import MessageError, RoundAborted, SecAggError
 from privfer.secagg.payload import PayloadLayout
 from privfer.secagg.server import SecAggServer
+
+
+COUNT_SLOT = ArraySlot("privfer.dp", "records", (1,), "int64")  # record-level DP: each node's record count
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -103,6 +106,7 @@ class SecAggGrid(Grid):
             raise ValueError("under distributed DP a train reply carries no metric (a loss is not DP-protected): "
                              "pass train_metrics=()")
         self.dp = dp
+        self.server_optimizer = ServerAdam(dp.server_lr) if dp is not None and dp.unit == "record" else None
         self.grid = grid
         self.protect = frozenset(base_type(kind) for kind in protect)
         self.with_arrays = frozenset(base_type(kind) for kind in with_arrays)
@@ -178,6 +182,8 @@ class _SecureRound:
         if grid.dp is not None and self.slots:  # person-level distributed DP: integers, the plan's bounds
             dimension = sum(int(np.prod(s.shape, dtype=np.int64)) for s in self.slots)
             self.plan = grid.dp.plan(len(self.nodes), dimension)
+            if grid.dp.unit == "record":  # each node adds its record count (public at record level), exact
+                self.slots = [*self.slots, COUNT_SLOT]
             dp_fields = {"encoding": "integer", "integer_sum_bound": self.plan.sum_bound,
                          "min_inputs": self.plan.min_inputs, "modulus_bits": self.plan.modulus_bits}
             self.config = SecAggConfig(num_clients=len(self.nodes), **{**grid.secagg, **dp_fields})
@@ -241,7 +247,7 @@ class _SecureRound:
         try:
             config_json = self.config.model_dump_json()
             slots_json = _slots_to_json(self.slots)
-            plan = {} if self.plan is None else {PLAN_FIELD: plan_to_json(self.plan)}
+            plan = {} if self.plan is None else {PLAN_FIELD: plan_to_json(self.plan, self.grid.dp.unit)}
             answers = self.exchange("advertise_keys", {node: b"" for node in self.alive}, lambda node: {
                 "client_id": ids[node], "config": config_json, "slots": slots_json,
                 "weight_key": self.grid.weighted_by_key, **plan})
@@ -279,7 +285,12 @@ class _SecureRound:
         self.finish_report()
         if self.plan is not None:
             replies = self.error_replies(sorted(set(self.report.dropped) - set(self.report.included)), None)
-            return [self.private_reply(summed.decoded), *replies]
+            try:
+                return [self.private_reply(summed.decoded), *replies]
+            except (RoundAborted, ValueError) as exc:  # a sum beyond the plan's bound, or no records
+                self.report.aborted = str(exc)
+                log.warning("distributed DP round %s released no update: %s", self.group_id, exc)
+                return self.error_replies(self.nodes, f"privfer distributed DP: {exc}")
         if summed.decoded.clipped:
             log.warning("%d values of the included nodes were clipped to privfer's clipping range (%g)",
                         summed.decoded.clipped, self.config.clipping_range)
@@ -314,18 +325,39 @@ class _SecureRound:
         return Message(content, reply_to=self.originals[self.report.included[0]])
 
     def private_reply(self, decoded: Any) -> Message:
-        """Person-level DP: the received arrays plus the mean clipped update, the decoded integer sum over the
-        PUBLIC denominator participation x included nodes; weighted by the included nodes (never by a count)."""
+        """The strategy's one reply under distributed DP, weighted by the included nodes (never by a count).
+
+        Person level: the received arrays plus the mean clipped update — the decoded integer sum over the PUBLIC
+        denominator participation x included nodes. Record level: one DP-SGD step — the decoded gradient sum over
+        sample_rate x the included nodes' records (the last, exact word of the sum), then the server's Adam."""
         from privfer.fl.person import mean_update
         from privfer.privacy.distributed import decode_sum
 
-        flat = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in decoded.arrays])
-        mean = mean_update(decode_sum(flat, self.plan), self.plan, len(self.report.included))
-        content, at = RecordDict(), 0
-        for slot, before in zip(self.slots, self.received):
-            size = int(np.prod(slot.shape, dtype=np.int64))
-            value = before + mean[at : at + size].reshape(slot.shape)
-            at += size
+        record_level = self.grid.dp.unit == "record"
+        words = decoded.arrays[:-1] if record_level else decoded.arrays
+        flat = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in words])
+        slots = self.slots[:-1] if record_level else self.slots
+        if record_level:  # one DP-SGD step: the noisy sum over the public expected batch, then the server's Adam
+            records = int(np.asarray(decoded.arrays[-1]).ravel()[0])
+            self.report.example_count = records
+            if records < 1:
+                raise RoundAborted("the included nodes hold no records")
+            gradient = decode_sum(flat, self.plan) / (self.plan.sample_rate * records)
+            grads, at = [], 0
+            for slot in slots:
+                size = int(np.prod(slot.shape, dtype=np.int64))
+                grads.append(gradient[at : at + size].reshape(slot.shape))
+                at += size
+            values = self.grid.server_optimizer.step(list(self.received), grads)
+        else:
+            mean = mean_update(decode_sum(flat, self.plan), self.plan, len(self.report.included))
+            values, at = [], 0
+            for slot, before in zip(slots, self.received):
+                size = int(np.prod(slot.shape, dtype=np.int64))
+                values.append(before + mean[at : at + size].reshape(slot.shape))
+                at += size
+        content = RecordDict()
+        for slot, value in zip(slots, values):
             if slot.record not in content.array_records:
                 content[slot.record] = ArrayRecord()
             content[slot.record][slot.name] = Array(np.ascontiguousarray(value.astype(slot.dtype)))

@@ -224,7 +224,9 @@ def _masked_input(record: ConfigRecord, msg: Message, ctxt: Context, call_next: 
     client.check_forwarded(forwarded)  # before training: a replayed or misrouted stage spends no privacy budget
     slots = _slots_from_json(saved["slots"])
     weight_key = saved["weight_key"]
-    received = _arrays_in(msg.content, slots, "the server's message", exact=False)
+    # record-level DP: the round's last slot is the record count this node adds; the server's message lacks it
+    model_slots = slots[:-1] if policy is not None and policy.unit == "record" else slots
+    received = _arrays_in(msg.content, model_slots, "the server's message", exact=False)
     plan_json = str(saved.get("dp", ""))
     if bool(plan_json) != (policy is not None):
         raise WrongStage("this round's DP plan and the node's privacy policy disagree (set at the first stage)")
@@ -285,14 +287,27 @@ def _private_input(client: SecAggClient, saved: ConfigRecord, forwarded: Any, sl
     ledger = NodeLedger(policy)
     step = plan.steps_entry(1)
     ledger.check(step)  # before training: a round past the lifetime budget costs the person nothing
+    record_level = policy.unit == "record"
+    if record_level:  # the ClientApp samples (rate q) and clips (bound C) per example: it is told both
+        model_slots = slots[:-1]  # the last slot is the record count, added here
+        config = msg.content.config_records.get("config")
+        if config is None:
+            msg.content["config"] = config = ConfigRecord()
+        config[DP_CLIP_KEY] = float(plan.max_grad_norm)
+        config[DP_RATE_KEY] = float(plan.sample_rate)
+    else:
+        model_slots = slots
     reply = call_next(msg, ctxt)  # constant work: the node trains whatever its coin will say
     if reply.has_error():
         _forget(ctxt)
         return reply
-    local = _arrays_in(reply.content, slots, "the ClientApp's reply")
-    update = np.concatenate([(after - before).ravel() for after, before in zip(local, received)])
+    local = _arrays_in(reply.content, model_slots, "the ClientApp's reply")
     rng = noise_generator()  # ChaCha20 keyed by the OS CSPRNG: the coin and the share, unknown to the server
-    contribution = person_contribution(update, secret_coin(rng, plan.sample_rate), plan, rng)
+    if record_level:
+        contribution = _record_contribution(local, reply, saved["weight_key"], plan, rng)
+    else:
+        update = np.concatenate([(after - before).ravel() for after, before in zip(local, received)])
+        contribution = person_contribution(update, secret_coin(rng, plan.sample_rate), plan, rng)
     arrays, at = [], 0
     for slot in slots:
         size = int(np.prod(slot.shape, dtype=np.int64))
@@ -304,6 +319,31 @@ def _private_input(client: SecAggClient, saved: ConfigRecord, forwarded: Any, sl
     answer = client.masked_input(forwarded, arrays).to_bytes()  # no count, no metric: the integers alone
     _resave(ctxt, client, saved)
     return answer
+
+
+DP_CLIP_KEY, DP_RATE_KEY = "privfer-dp-max-grad-norm", "privfer-dp-sample-rate"  # record level, to the ClientApp
+
+
+def _record_contribution(sums: list, reply: Message, weight_key: str, plan: Any, rng: Any) -> Any:
+    """Record level: the ClientApp's clipped gradient sum, rounded with this node's noise share, and its record
+    count (public under record-level DP: the server divides by sample_rate x the included records) as the last
+    word, exact."""
+    import numpy as np
+
+    from privfer.privacy.distributed import encode_contribution
+
+    records = _metrics_in(reply.content).get(weight_key)
+    if isinstance(records, bool) or not isinstance(records, (int, float)) or records != int(records) \
+            or not 1 <= records <= plan.records:
+        raise ValueError(f"the ClientApp's reply must give its record count as {weight_key!r} (1 to "
+                         f"{plan.records}), got {records!r}")
+    flat = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in sums])
+    bound = plan.max_grad_norm * int(records)
+    if not np.all(np.isfinite(flat)) or float(np.linalg.norm(flat)) > bound * (1 + 1e-6):
+        # a sum of n gradients each clipped to C has norm <= n C: anything else was not clipped per example
+        raise ValueError(f"the ClientApp's gradient sum has norm {float(np.linalg.norm(flat)):.4g}, above "
+                         f"{int(records)} records x C = {bound:.4g}: it was not clipped per example")
+    return np.append(encode_contribution(flat, plan, rng), np.int64(records))
 
 
 def _unmask(record: ConfigRecord, ctxt: Context, min_clients: int) -> bytes:

@@ -83,11 +83,13 @@ def test_two_rounds_on_a_superlink_and_three_supernodes_then_a_restarted_node_ke
 
     result_file, second_file = tmp_path / "result.json", tmp_path / "second.json"
     ledgers = tmp_path / "ledgers"  # each node's own disk
+    ledgers.mkdir()
 
     def supernode(index: int) -> subprocess.Popen:
         return start(f"supernode{index}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                      "--port", str(free_port()), "--node-config",
-                     f'partition-id={index} num-partitions=3 ledger="{ledgers / f"node-{index}.json"}"')
+                     f'partition-id={index} num-partitions=3 ledger="{ledgers / f"node-{index}.json"}" '
+                     "lifetime-epsilon=3.0")
 
     def flwr_run(rounds: int, path: Path) -> dict:
         run_config = (f'num-server-rounds={rounds} epsilon="3" min-nodes=3 timeout=120.0 '
@@ -148,6 +150,7 @@ def test_two_rounds_on_a_superlink_and_three_supernodes_then_a_restarted_node_ke
     assert refused["included"] == []
     # the three live nodes (the restarted one among them) refuse; the SuperLink may still list the dead one
     assert sum("lifetime" in reason for reason in refused["dropped"].values()) == 3
+    assert all(r.startswith("advertise_keys:") for r in refused["dropped"].values() if "lifetime" in r)
     scores = result["server_evaluation"]
     assert sorted(scores) == ["0", "1", "2"]
     assert all(0.0 <= s["macro-f1"] <= 1.0 for s in scores.values())

@@ -139,6 +139,10 @@ def test_a_corrupt_ledger_is_refused_with_a_clear_error(tmp_path):
 
 def test_a_node_checks_the_servers_plan():
     policy = NodePrivacy(ledger="/nonexistent/ledger.json", lifetime_epsilon=10.0, delta=DELTA)
+    with pytest.raises(ValueError, match="absolute"):
+        NodePrivacy(ledger="ledger.json", lifetime_epsilon=10.0, delta=DELTA)
+    with pytest.raises(NodeLedgerError, match="directory does not exist"):
+        NodeLedger(policy)
     plan = DistributedDP(epsilon=3.0, rounds=4, delta=DELTA).plan(20, DIMENSION)
     config = SecAggConfig(num_clients=20, encoding="integer", integer_sum_bound=plan.sum_bound,
                           min_inputs=plan.min_inputs, modulus_bits=plan.modulus_bits)
@@ -149,10 +153,14 @@ def test_a_node_checks_the_servers_plan():
         "fewer minimum inputs": replace(plan, min_inputs=plan.min_inputs - 3),
         "understated sensitivity": replace(plan, l2=plan.l2 / 2),
         "another dimension": replace(plan, dimension=DIMENSION + 1),
+        "a sum bound too small for honest sums": replace(plan, sum_bound=int(plan.scale)),
     }
     for what, changed in bad.items():
+        # the round's config enforces the changed plan: only the node's own checks can refuse it
+        enforced = SecAggConfig(num_clients=20, encoding="integer", integer_sum_bound=changed.sum_bound,
+                                min_inputs=changed.min_inputs, modulus_bits=changed.modulus_bits)
         with pytest.raises(UnacceptablePlan, match="refuses"):
-            accept_plan(plan_to_json(changed), config, DIMENSION, policy)
+            accept_plan(plan_to_json(changed), enforced, DIMENSION, policy)
     with pytest.raises(UnacceptablePlan, match="does not enforce"):
         accept_plan(plan_to_json(plan), SecAggConfig(num_clients=20), DIMENSION, policy)
     for junk in ("", "[]", json.dumps({"mechanism": "local"}), json.dumps({**asdict(plan), "mechanism":
@@ -174,6 +182,16 @@ def test_dp_and_no_dp_do_not_mix(tmp_path):
         SecAggGrid(LocalGrid(make_app(None), 5), dp=DP, train_metrics=("loss",))
 
 
+def record_sums(node: int, clip: float, unclipped: bool = False) -> np.ndarray:
+    """Node ``node``'s per-example vectors, each clipped to ``clip``, summed (flat, in SHAPES' order)."""
+    rng = np.random.default_rng(node)
+    records = 4 + node % 3
+    examples = {k: rng.normal(0, 1, (records, *shape)) for k, shape in SHAPES.items()}
+    flat = np.concatenate([examples[k].reshape(records, -1) for k in SHAPES], axis=1)
+    factors = np.ones(records) if unclipped else np.minimum(1.0, clip / np.linalg.norm(flat, axis=1))
+    return factors @ flat
+
+
 def record_app(policy_for, clip: float, unclipped: bool = False):
     """A record-level ClientApp: its 'clipped gradient sum' is the sum of per-example vectors each clipped to the C
     the mod passes on, with its record count as the weight."""
@@ -184,17 +202,15 @@ def record_app(policy_for, clip: float, unclipped: bool = False):
         config = msg.content["config"]
         c, q = float(config["privfer-dp-max-grad-norm"]), float(config["privfer-dp-sample-rate"])
         assert c == clip and q == 1.0
-        rng = np.random.default_rng(ctx.node_id)
         records = 4 + ctx.node_id % 3
-        sums = {}
+        flat, out, at = record_sums(ctx.node_id, c, unclipped), {}, 0
         for k, shape in SHAPES.items():
-            examples = rng.normal(0, 1, (records, *shape))
-            sums[k] = examples
-        flat = np.concatenate([sums[k].reshape(records, -1) for k in SHAPES], axis=1)
-        factors = np.minimum(1.0, c / np.linalg.norm(flat, axis=1)) if not unclipped else np.ones(records)
-        out = {k: (np.tensordot(factors, sums[k], axes=1)).astype(np.float32) for k in SHAPES}
+            size = int(np.prod(shape))
+            out[k] = flat[at : at + size].reshape(shape).astype(np.float32)
+            at += size
         return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in out.items()}),
-                                   "metrics": MetricRecord({"num-examples": records})}), reply_to=msg)
+                                   "metrics": MetricRecord({"num-examples": records, "privfer-records": records})}),
+                       reply_to=msg)
 
     return app
 
@@ -212,17 +228,25 @@ def test_record_level_nodes_noise_the_clipped_gradient_sums_and_the_server_steps
     (report,) = secure.reports
     assert report.aborted is None and len(report.included) == 5
     assert report.example_count == sum(4 + n % 3 for n in secure.grid.node_ids)  # the exact, public count
-    # Adam's first step moves every coordinate by lr in the direction of minus the (noisy) mean gradient
+    # Adam's first step moves every coordinate by lr against the (noisy) mean gradient: the sign is checked where
+    # the gradient is well above the noise
     moved = np.concatenate([arrays[k].ravel() for k in SHAPES])
     assert np.allclose(np.abs(moved), 0.01, rtol=1e-3)
+    total = sum(record_sums(node, 1.0) for node in secure.grid.node_ids)
+    strong = np.abs(total) > 0.5
+    assert strong.sum() >= 5 and np.all(np.sign(moved[strong]) == -np.sign(total[strong]))
     for node in secure.grid.node_ids:
         ledger = json.loads((tmp_path / f"record-{node}.json").read_text())
         assert ledger["unit"] == "record" and ledger["mechanism_id"] == "distributed" and ledger["rounds"] == 1
-    # a ClientApp that does not clip per example is refused: its sum is above records x C
+    # a ClientApp that does not clip per example is refused (its sum is above records x C), with a fixed text
+    # (the details could tell the data) and the round paid for
+    (tmp_path / "u").mkdir()
     unclipped = SecAggGrid(LocalGrid(record_app(record_policies(tmp_path / "u"), 1.0, unclipped=True), 5), dp=dp)
     run(unclipped)
-    assert all("not clipped per example" in r for r in unclipped.reports[-1].dropped.values())
+    assert all("failed after training" in r for r in unclipped.reports[-1].dropped.values())
+    assert all(json.loads(f.read_text())["rounds"] == 1 for f in (tmp_path / "u").glob("record-*.json"))
     # a person-level node refuses a record-level plan, and the reverse
+    (tmp_path / "p").mkdir()
     mixed = SecAggGrid(LocalGrid(make_app(policies(tmp_path / "p", 100.0)), 5), dp=dp)
     run(mixed)
     assert all("distributed_person plan" in r for r in mixed.reports[-1].dropped.values())

@@ -41,7 +41,8 @@ def run_config(tmp_path, **values) -> dict:
 def run_app(run_config: dict, nodes: int, server_config: dict | None = None, ledgers: Path | None = None,
             **node_config) -> tuple[dict, LocalGrid]:
     def own(index: int) -> dict:
-        ledger = {"ledger": str(ledgers / f"node-{index}.json")} if ledgers is not None else {}
+        ledger = ({"ledger": str(ledgers / f"node-{index}.json"), "lifetime-epsilon": 3.0}
+                  if ledgers is not None else {})
         return {"partition-id": index, "num-partitions": nodes, **ledger, **node_config}
 
     grid = LocalGrid(client_app, nodes, run_config=run_config, node_config=own)
@@ -133,3 +134,4 @@ def test_by_default_nodes_add_their_own_noise_and_keep_their_lifetime_ledgers(tm
     again, _ = run_app(run_config(tmp_path, **values), 3, ledgers=tmp_path)
     first = again["secure_aggregation"][0]
     assert first["included"] == [] and all("lifetime" in reason for reason in first["dropped"].values())
+    assert all(reason.startswith("advertise_keys:") for reason in first["dropped"].values())  # before training

@@ -35,13 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from privfer.config import MAX_EPSILON
-from privfer.privacy.distributed import DistributedPlan, calibrate_distributed, colluders, min_inputs, sensitivities
+from privfer.privacy.distributed import (DistributedPlan, calibrate_distributed, colluders, min_inputs, sensitivities,
+                                         tail_bound)
 from privfer.privacy.skellam import MAX_STEPS, SkellamSteps, skellam_epsilon
 from privfer.runs import atomic_write_json
 from privfer.secagg.config import SecAggConfig
 from privfer.secagg.errors import SecAggError
 
 PLAN_FIELD = "dp"  # the advertise_keys record field holding the round's plan (JSON)
+COUNT_RECORD = "privfer.dp"  # record level: the array record of the count word the nodes append
 LEDGER_SCHEMA = "privfer.node_ledger/1"
 MAX_LEDGER_BYTES = 1 << 20  # a larger file is refused before it is read
 MAX_LEDGER_ENTRIES = 1024  # distinct (mu, l1, l2, sample_rate); rounds with the same plan merge into one entry
@@ -82,7 +84,11 @@ class NodePrivacy:
     unit: str = "person"  # or "record": the unit this node's ledger and accepted plans protect
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ledger", Path(self.ledger))
+        ledger = Path(self.ledger)
+        if not ledger.is_absolute():
+            raise ValueError(f"the ledger path must be absolute (a node's ledger must not move with its working "
+                             f"directory), got {str(ledger)!r}")
+        object.__setattr__(self, "ledger", ledger)
         if self.unit not in UNITS:
             raise ValueError(f"unit must be one of {sorted(UNITS)}, got {self.unit!r}")
         if not (0 < self.lifetime_epsilon <= MAX_EPSILON):
@@ -224,6 +230,15 @@ def accept_plan(text: Any, config: SecAggConfig, dimension: int, policy: NodePri
     if plan.colluders < colluders(plan.clients, policy.colluding_fraction):
         problems.append(f"it is sized for {plan.colluders} colluders, this node assumes "
                         f"{colluders(plan.clients, policy.colluding_fraction)}")
+    if plan.share_variance > 0 and plan.scale > 0:
+        # a bound too small for an honest sum would make a node's error depend on its data and coin
+        needed = (plan.records * plan.max_grad_norm * plan.scale + plan.clients
+                  + tail_bound(plan.clients * plan.share_variance, float(plan.dimension) * max(plan.steps, 1)))
+        if plan.sum_bound < needed:
+            problems.append(f"its sum bound {plan.sum_bound} is below the {needed:.4g} its own clients, clipping "
+                            "bound, scale and noise need")
+    if policy.unit == "person" and plan.records != plan.clients:
+        problems.append("a person-level plan bounds the sum by its clients' updates (records = clients)")
     honest = plan.min_inputs - plan.colluders
     if honest < 1 or plan.share_variance * honest < plan.mu * (1 - 1e-9):
         problems.append(f"{max(honest, 0)} honest shares of variance {plan.share_variance:.4g} do not carry its "
@@ -238,7 +253,17 @@ class NodeLedger:
 
     def __init__(self, policy: NodePrivacy) -> None:
         self.policy = policy
-        self.path = policy.ledger
+        self.path = policy.ledger.resolve()  # a symlinked ledger is written through to its target
+        if not self.path.parent.is_dir():  # an unmounted disk must not read as a fresh, unspent ledger
+            raise NodeLedgerError(f"privfer node ledger {policy.ledger}: its directory does not exist; refusing "
+                                  "to train (create it to start a new ledger)")
+
+    @property
+    def lifetime(self) -> float:
+        """The budget in force: the policy's, or the smaller one the ledger was created with (pinned)."""
+        stored = self.load().get("lifetime_epsilon")
+        return min(self.policy.lifetime_epsilon, float(stored)) if isinstance(stored, (int, float)) \
+            else self.policy.lifetime_epsilon
 
     def load(self) -> dict[str, Any]:
         """The ledger (a fresh one if the file does not exist); NodeLedgerError for anything else wrong."""
@@ -266,6 +291,9 @@ class NodeLedger:
                                   f"{self.policy.delta!r}; a ledger is kept at one delta")
         history = ledger.get("history")
         rounds = ledger.get("rounds")
+        lifetime = ledger.get("lifetime_epsilon")
+        if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) or not 0 < lifetime <= MAX_EPSILON:
+            raise NodeLedgerError(f"{where} has no valid 'lifetime_epsilon'; refusing to train")
         if not isinstance(history, list) or len(history) > MAX_LEDGER_ENTRIES or isinstance(rounds, bool) \
                 or not isinstance(rounds, int) or rounds < 0:
             raise NodeLedgerError(f"{where} has no valid 'history' (a list of at most {MAX_LEDGER_ENTRIES}) or "
@@ -299,16 +327,29 @@ class NodeLedger:
     def check(self, step: SkellamSteps) -> float:
         """BudgetExhausted if one more round would pass the lifetime budget; else the epsilon it would leave."""
         epsilon = self.after(step)
-        if epsilon > self.policy.lifetime_epsilon + 1e-9:
+        lifetime = self.lifetime
+        if epsilon > lifetime + 1e-9:
             raise BudgetExhausted(
-                f"this node has spent epsilon {self.spent():.3f} of its lifetime {self.policy.lifetime_epsilon:g} "
+                f"this node has spent epsilon {self.spent():.3f} of its lifetime {lifetime:g} "
                 f"(delta {self.policy.delta:g}); another round would take it to {epsilon:.3f}: refused")
         return epsilon
 
     def charge(self, step: SkellamSteps, round_id: str) -> float:
-        """Record one round of ``step`` (atomically, before the node's input leaves it); returns the new epsilon."""
+        """Record one round of ``step`` (atomically, under an exclusive lock so that concurrent processes cannot
+        both pass the check), before the node's input is even computed; returns the new epsilon."""
+        import fcntl
+
+        with open(self.path.with_name(self.path.name + ".lock"), "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                return self._charge(step, round_id)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _charge(self, step: SkellamSteps, round_id: str) -> float:
         epsilon = self.check(step)
         ledger = self.load()
+        ledger["lifetime_epsilon"] = self.lifetime  # pinned: a later, larger policy does not raise it
         key = [step.mu, step.l1, step.l2, step.sample_rate]
         for item in ledger["history"]:
             if [float(x) for x in item[:4]] == key:
@@ -322,7 +363,6 @@ class NodeLedger:
         ledger["rounds"] = int(ledger["rounds"]) + 1
         ledger["epsilon"] = epsilon
         ledger["last"] = [round_id, time.time()]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path, ledger)
         return epsilon
 

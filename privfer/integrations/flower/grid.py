@@ -22,7 +22,7 @@ from privfer.integrations.flower.common import (
     RecordDict,
     log,
 )
-from privfer.integrations.flower.dp import PLAN_FIELD, ServerAdam, plan_to_json
+from privfer.integrations.flower.dp import COUNT_RECORD, PLAN_FIELD, ServerAdam, plan_to_json
 from privfer.integrations.flower.mod import base_type
 from privfer.integrations.flower.slots import ArraySlot, _arrays_in, _slots_to_json, slots_of
 from privfer.secagg.config import SecAggConfig
@@ -31,7 +31,7 @@ from privfer.secagg.payload import PayloadLayout
 from privfer.secagg.server import SecAggServer
 
 
-COUNT_SLOT = ArraySlot("privfer.dp", "records", (1,), "int64")  # record-level DP: each node's record count
+COUNT_SLOT = ArraySlot(COUNT_RECORD, "records", (1,), "int64")  # record-level DP: each node's record count
 
 
 # --------------------------------------------------------------------------------------------------------------------

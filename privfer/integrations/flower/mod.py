@@ -191,13 +191,15 @@ def _advertise(record: ConfigRecord, ctxt: Context, min_clients: int, policy: "N
     layout = PayloadLayout(tuple(s.shape for s in slots), config)
     plan_json = ""
     if policy is not None:  # this node releases nothing without a DP plan it accepts and a budget left for it
-        from privfer.integrations.flower.dp import PLAN_FIELD, NodeLedger, UnacceptablePlan, accept_plan
+        from privfer.integrations.flower.dp import COUNT_RECORD, PLAN_FIELD, NodeLedger, UnacceptablePlan, accept_plan
 
         if record.get(PLAN_FIELD) is None:
             raise UnacceptablePlan("this node takes part only in rounds with a person-level DP plan "
                                    "(SecAggGrid(dp=DistributedDP(...))); the server sent none")
         plan = accept_plan(record.get(PLAN_FIELD), config, layout.update_length, policy)
-        NodeLedger(policy).check(plan.steps_entry(1))  # refuse early; checked again before training
+        if policy.unit == "record" and (not slots or slots[-1].record != COUNT_RECORD or slots[-1].shape != (1,)):
+            raise UnacceptablePlan("a record-level round's last array must be the record-count word")
+        NodeLedger(policy).check(plan.steps_entry(1))  # refuse early; charged before training
         plan_json = str(record.get(PLAN_FIELD))
     elif record.get("dp") is not None:
         raise WrongStage("the server asks for distributed DP, but this node has no privacy policy "
@@ -280,13 +282,16 @@ def _private_input(client: SecAggClient, saved: ConfigRecord, forwarded: Any, sl
     import numpy as np
 
     from privfer.fl.person import person_contribution, secret_coin
-    from privfer.integrations.flower.dp import NodeLedger, accept_plan
+    from privfer.integrations.flower.dp import NodeLedger, NodePrivacyError, accept_plan
     from privfer.privacy.distributed import noise_generator
 
     plan = accept_plan(plan_json, client.config, client.layout.update_length, policy)
     ledger = NodeLedger(policy)
-    step = plan.steps_entry(1)
-    ledger.check(step)  # before training: a round past the lifetime budget costs the person nothing
+    # Charged BEFORE training (under the ledger's lock): whatever happens after — the ClientApp failing, an input
+    # refused — may depend on the data, so it is paid for; a round past the budget is refused here, costing nothing.
+    epsilon = ledger.charge(plan.steps_entry(1), client.round_id)
+    log.info("distributed DP (%s level): this node has now spent epsilon %.3f of its lifetime %g", policy.unit,
+             epsilon, ledger.lifetime)
     record_level = policy.unit == "record"
     if record_level:  # the ClientApp samples (rate q) and clips (bound C) per example: it is told both
         model_slots = slots[:-1]  # the last slot is the record count, added here
@@ -297,52 +302,53 @@ def _private_input(client: SecAggClient, saved: ConfigRecord, forwarded: Any, sl
         config[DP_RATE_KEY] = float(plan.sample_rate)
     else:
         model_slots = slots
-    reply = call_next(msg, ctxt)  # constant work: the node trains whatever its coin will say
-    if reply.has_error():
-        _forget(ctxt)
-        return reply
-    local = _arrays_in(reply.content, model_slots, "the ClientApp's reply")
-    rng = noise_generator()  # ChaCha20 keyed by the OS CSPRNG: the coin and the share, unknown to the server
-    if record_level:
-        contribution = _record_contribution(local, reply, saved["weight_key"], plan, rng)
-    else:
-        update = np.concatenate([(after - before).ravel() for after, before in zip(local, received)])
-        contribution = person_contribution(update, secret_coin(rng, plan.sample_rate), plan, rng)
-    arrays, at = [], 0
-    for slot in slots:
-        size = int(np.prod(slot.shape, dtype=np.int64))
-        arrays.append(contribution[at : at + size].reshape(slot.shape))
-        at += size
-    epsilon = ledger.charge(step, client.round_id)  # on disk before the input leaves the node
-    log.info("person-level DP: this node has now spent epsilon %.3f of its lifetime %g", epsilon,
-             policy.lifetime_epsilon)
-    answer = client.masked_input(forwarded, arrays).to_bytes()  # no count, no metric: the integers alone
+    try:
+        reply = call_next(msg, ctxt)  # constant work: the node trains whatever its coin will say
+        if reply.has_error():
+            raise ValueError("the ClientApp replied with an error")
+        local = _arrays_in(reply.content, model_slots, "the ClientApp's reply")
+        rng = noise_generator()  # ChaCha20 keyed by the OS CSPRNG: the coin and the share, unknown to the server
+        if record_level:
+            contribution = _record_contribution(local, reply, plan, rng)
+        else:
+            update = np.concatenate([(after - before).ravel() for after, before in zip(local, received)])
+            contribution = person_contribution(update, secret_coin(rng, plan.sample_rate), plan, rng)
+        arrays, at = [], 0
+        for slot in slots:
+            size = int(np.prod(slot.shape, dtype=np.int64))
+            arrays.append(contribution[at : at + size].reshape(slot.shape))
+            at += size
+        answer = client.masked_input(forwarded, arrays).to_bytes()  # no count, no metric: the integers alone
+    except Exception as exc:  # noqa: BLE001 - after training, a failure's text could tell the data (or the coin)
+        log.warning("this node sends nothing this round (%s); the round is paid for", exc.__class__.__name__)
+        raise NodePrivacyError("this node's contribution failed after training; it sends nothing this round "
+                               "(details in the node's log)") from None
     _resave(ctxt, client, saved)
     return answer
 
 
 DP_CLIP_KEY, DP_RATE_KEY = "privfer-dp-max-grad-norm", "privfer-dp-sample-rate"  # record level, to the ClientApp
+RECORDS_KEY = "privfer-records"  # record level: the ClientApp's TOTAL record count (never the sampled one)
 
 
-def _record_contribution(sums: list, reply: Message, weight_key: str, plan: Any, rng: Any) -> Any:
-    """Record level: the ClientApp's clipped gradient sum, rounded with this node's noise share, and its record
-    count (public under record-level DP: the server divides by sample_rate x the included records) as the last
-    word, exact."""
+def _record_contribution(sums: list, reply: Message, plan: Any, rng: Any) -> Any:
+    """Record level: the ClientApp's clipped gradient sum, rounded with this node's noise share, and its total
+    record count as the last word, exact (counts are public under record-level DP, as in privfer simulate's
+    ledger: the server divides by sample_rate x the included records). The count comes from a key the node's
+    code fixes (``privfer-records``), never one the server names."""
     import numpy as np
 
     from privfer.privacy.distributed import encode_contribution
 
-    records = _metrics_in(reply.content).get(weight_key)
+    records = _metrics_in(reply.content).get(RECORDS_KEY)
     if isinstance(records, bool) or not isinstance(records, (int, float)) or records != int(records) \
             or not 1 <= records <= plan.records:
-        raise ValueError(f"the ClientApp's reply must give its record count as {weight_key!r} (1 to "
-                         f"{plan.records}), got {records!r}")
+        raise ValueError(f"the ClientApp's reply must give its total record count as {RECORDS_KEY!r}")
     flat = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in sums])
     bound = plan.max_grad_norm * int(records)
     if not np.all(np.isfinite(flat)) or float(np.linalg.norm(flat)) > bound * (1 + 1e-6):
         # a sum of n gradients each clipped to C has norm <= n C: anything else was not clipped per example
-        raise ValueError(f"the ClientApp's gradient sum has norm {float(np.linalg.norm(flat)):.4g}, above "
-                         f"{int(records)} records x C = {bound:.4g}: it was not clipped per example")
+        raise ValueError("the ClientApp's gradient sum is above records x C: it was not clipped per example")
     return np.append(encode_contribution(flat, plan, rng), np.int64(records))
 
 

@@ -109,24 +109,25 @@ def node_federation(
 
 
 def node_privacy(context: Any) -> Any:
-    """The node's own privacy policy under distributed DP (None otherwise), from its node config:
-    ``ledger`` (its ledger file; default privfer-ledger-<partition-id>.json in the node's working directory),
-    ``lifetime-epsilon`` (default: its ``max-epsilon``, else the run's epsilon) and ``delta`` (default 1e-5)."""
+    """The node's own privacy policy, from its node config ONLY (the run config comes from the server's side):
+    ``ledger`` (an absolute path on the node's disk), ``lifetime-epsilon`` (required with it), ``delta`` (default
+    1e-5), ``colluding-fraction`` (0.1) and ``min-inputs-fraction`` (0.9). A node with a ledger takes part only in
+    distributed-DP rounds whose plan it accepts; a node without one refuses them (it would add no noise)."""
     from pathlib import Path
 
     from privfer.integrations.flower import NodePrivacy
 
-    run_config, node_config = context.run_config, context.node_config
-    if not is_distributed(run_config):
+    node_config = context.node_config
+    if "ledger" not in node_config:
         return None
-    config = privfer_config(run_config)
-    default = node_config.get("max-epsilon", config.privacy.epsilon)
+    if "lifetime-epsilon" not in node_config:
+        raise PermissionError('a node with a "ledger" needs its own "lifetime-epsilon" in its node config')
     return NodePrivacy(
-        ledger=Path(str(node_config.get("ledger", f"privfer-ledger-{node_config.get('partition-id', 'node')}.json"))),
-        lifetime_epsilon=float(node_config.get("lifetime-epsilon", default)),
+        ledger=Path(str(node_config["ledger"])),
+        lifetime_epsilon=float(node_config["lifetime-epsilon"]),
         delta=float(node_config.get("delta", DEFAULT_DELTA)),
-        colluding_fraction=config.aggregation.colluding_fraction,
-        min_inputs_fraction=config.aggregation.min_inputs_fraction,
+        colluding_fraction=float(node_config.get("colluding-fraction", 0.1)),
+        min_inputs_fraction=float(node_config.get("min-inputs-fraction", 0.9)),
     )
 
 

@@ -430,8 +430,9 @@ def run_empirical_audit(run, as_json, kind, canaries, guesses, seeds, sweep, plo
         console.print_json(json.dumps({"ceiling": ceiling, "passed": not violations,
                                        "audits": [r.to_dict() for r in results]}))
         return not violations
-    table = Table(title=f"one-run canary audit (client {results[0].client}, {results[0].records} clips; "
-                  f"delta {audit_delta:g})", title_justify="left")
+    first = results[0]  # person level: the canaries are whole persons, no client's clips
+    who = f"client {first.client}, {first.records} clips" if first.records else "the canaries are whole persons"
+    table = Table(title=f"one-run canary audit ({who}; delta {audit_delta:g})", title_justify="left")
     for column in ("canaries", "epsilon claimed", "sigma", "steps", "correct", "lower bound", "verdict"):
         table.add_column(column, justify="left" if column in ("canaries", "verdict") else "right")
     for r in results:

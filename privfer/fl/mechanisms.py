@@ -89,6 +89,37 @@ def local_training(config: PrivferConfig, phase: str, noise_multiplier: float | 
     )
 
 
+def noised_dimension(config: PrivferConfig, feature_dim: int) -> int:
+    """The coordinates a distributed plan's sensitivity covers: every trainable one at record level (FedPer's
+    personal layers are noised locally with the same variance), only the shared ones at person level (the
+    personal layers never leave the client)."""
+    template = VFER.from_config(config.model, feature_dim, private=True)
+    shared = set(make_strategy(config.federation).shared_names(template)) if config.privacy.unit == "person" else None
+    return sum(p.numel() for n, p in template.named_parameters() if p.requires_grad and (shared is None or n in shared))
+
+
+def calibrate_plan(config: PrivferConfig, *, delta: float, dimension: int, steps: int, clients: int,
+                   records: int) -> DistributedPlan:
+    """A distributed phase's plan from the run's config: the unit picks the clipping bound (a record's gradient
+    or a person's update) and the sample rate (Poisson records or the secret coin). The simulation and
+    ``privfer audit``'s cross-check both calibrate through here."""
+    privacy, aggregation = config.privacy, config.aggregation
+    person = privacy.unit == "person"
+    return calibrate_distributed(
+        epsilon=privacy.epsilon, delta=delta, max_grad_norm=privacy.max_update_norm if person else privacy.max_grad_norm,
+        dimension=dimension, sample_rate=privacy.participation if person else privacy.sample_rate, steps=steps,
+        clients=clients, records=records, min_inputs_fraction=aggregation.min_inputs_fraction,
+        colluding_fraction=aggregation.colluding_fraction, rounding_overhead=privacy.rounding_overhead,
+        modulus_bits=aggregation.modulus_bits, max_noise_multiplier=privacy.max_noise_multiplier,
+    )
+
+
+def _trust_line(plan: DistributedPlan) -> str:
+    return (f"trust: honest-but-curious server, at most {plan.colluders} of {plan.clients} clients per round "
+            f"collude; clients refuse to unmask fewer than {plan.min_inputs} inputs; each adds 1/{plan.honest} "
+            f"of the noise variance")
+
+
 class Mechanism(ABC):
     """How a federation's rounds are made private (see the module docstring)."""
 
@@ -261,20 +292,10 @@ class DistributedDPSGD(Mechanism):
 
     def _plan(self, feature_dim: int, counts: dict[int, int], clients: int, delta: float,
               rounds: int) -> DistributedPlan:
-        """A phase's plan. Every trainable coordinate is in the sensitivity (FedPer's personal layers are noised
-        locally with the same variance, so the joint release is one Skellam mechanism)."""
-        config = self.config
-        template = VFER.from_config(config.model, feature_dim, private=True)
-        dimension = sum(p.numel() for p in template.parameters() if p.requires_grad)
+        """A phase's plan: the sum bounds the largest ``clients`` clients' records."""
         largest = sum(sorted(counts.values(), reverse=True)[:clients])
-        return calibrate_distributed(
-            epsilon=config.privacy.epsilon, delta=delta, max_grad_norm=config.privacy.max_grad_norm,
-            dimension=dimension, sample_rate=config.privacy.sample_rate, steps=rounds, clients=clients,
-            records=largest, min_inputs_fraction=config.aggregation.min_inputs_fraction,
-            colluding_fraction=config.aggregation.colluding_fraction,
-            rounding_overhead=config.privacy.rounding_overhead, modulus_bits=config.aggregation.modulus_bits,
-            max_noise_multiplier=config.privacy.max_noise_multiplier,
-        )
+        return calibrate_plan(self.config, delta=delta, dimension=noised_dimension(self.config, feature_dim),
+                              steps=rounds, clients=clients, records=largest)
 
     def noise_rng(self, state: "_State", phase: str, round_index: int, client_id: int) -> np.random.Generator:
         """A client's secret generator for one round (sampling, rounding, noise share)."""
@@ -352,9 +373,7 @@ class DistributedDPSGD(Mechanism):
             f"delta {delta:.3g}, distributed DP-SGD: Skellam noise in the secure sum "
             f"(noise multiplier {plan.noise_multiplier:.3f} x C in the sum, {plan.steps} steps, sample rate "
             f"{plan.sample_rate:g}), Skellam RDP accountant (calibrated for a client in every round)",
-            f"trust: honest-but-curious server, at most {plan.colluders} of {plan.clients} clients per round "
-            f"collude; clients refuse to unmask fewer than {plan.min_inputs} inputs; each adds 1/{plan.honest} "
-            f"of the noise variance",
+            _trust_line(plan),
         ]
 
 
@@ -376,21 +395,10 @@ class DistributedDPFedAvg(DistributedDPSGD):
 
     def _plan(self, feature_dim: int, counts: dict[int, int], clients: int, delta: float,
               rounds: int) -> DistributedPlan:
-        """Only the shared parameters leave a client (FedPer's personal layers stay on it, unnoised: a person's
-        own head is released to nobody else), so the sensitivity covers those; each person moves the sum by at
-        most S (the clipped update), so the sum's bound counts ``clients`` units of S."""
-        config = self.config
-        template = VFER.from_config(config.model, feature_dim, private=True)
-        shared = set(make_strategy(config.federation).shared_names(template))
-        dimension = sum(p.numel() for n, p in template.named_parameters() if p.requires_grad and n in shared)
-        return calibrate_distributed(
-            epsilon=config.privacy.epsilon, delta=delta, max_grad_norm=config.privacy.max_update_norm,
-            dimension=dimension, sample_rate=config.privacy.participation, steps=rounds, clients=clients,
-            records=clients, min_inputs_fraction=config.aggregation.min_inputs_fraction,
-            colluding_fraction=config.aggregation.colluding_fraction,
-            rounding_overhead=config.privacy.rounding_overhead, modulus_bits=config.aggregation.modulus_bits,
-            max_noise_multiplier=config.privacy.max_noise_multiplier,
-        )
+        """Each person moves the sum by at most S (its clipped update), so the sum's bound counts ``clients``
+        units of S; the sensitivity covers the shared parameters (:func:`noised_dimension`)."""
+        return calibrate_plan(self.config, delta=delta, dimension=noised_dimension(self.config, feature_dim),
+                              steps=rounds, clients=clients, records=clients)
 
     def run_round(self, federation: "Federation", state: "_State", phase: str, round_index: int) -> RoundRecord:
         config, strategy, fed = self.config, federation.strategy, self.config.federation
@@ -437,9 +445,7 @@ class DistributedDPFedAvg(DistributedDPSGD):
             f"the secure sum (noise multiplier {plan.noise_multiplier:.3f} x S in the sum, {plan.steps} rounds, "
             f"secret participation {plan.sample_rate:g}), Skellam RDP accountant (calibrated for a person "
             "selected in every round)",
-            f"trust: honest-but-curious server, at most {plan.colluders} of {plan.clients} clients per round "
-            f"collude; clients refuse to unmask fewer than {plan.min_inputs} inputs; each adds 1/{plan.honest} "
-            f"of the noise variance",
+            _trust_line(plan),
         ]
 
 
@@ -452,5 +458,5 @@ def make_mechanism(config: PrivferConfig) -> Mechanism:
     return MECHANISMS[config.mechanism_id](config)
 
 
-__all__ = ["MECHANISMS", "DistributedDPFedAvg", "DistributedDPSGD", "LocalDPSGD", "Mechanism", "NoDP", "client_seed", "local_training",
+__all__ = ["MECHANISMS", "calibrate_plan", "noised_dimension", "DistributedDPFedAvg", "DistributedDPSGD", "LocalDPSGD", "Mechanism", "NoDP", "client_seed", "local_training",
            "make_mechanism", "public_client_seed"]

@@ -137,13 +137,11 @@ def _check_plans(ledger: dict[str, Any], config: Any, plans: dict, trained: Coun
     """Recalibrate every phase's plan from config.yaml and rounds.json and hold the ledger's plan and delta to it:
     a ledger edited consistently (more noise claimed, a coarser scale, a larger delta) recomputes on its own, but
     not from the run that made it."""
-    from privfer.fl.strategies import make_strategy
-    from privfer.models.vfer import VFER
+    from privfer.fl.mechanisms import calibrate_plan, noised_dimension
     from privfer.privacy.calibrate import default_delta
-    from privfer.privacy.distributed import calibrate_distributed
 
     problems: list[str] = []
-    privacy, fed, aggregation = config.privacy, config.federation, config.aggregation
+    privacy, fed = config.privacy, config.federation
     person = config.mechanism_id == "distributed_person"
     entries = [e for e in ledger.get("clients", []) if isinstance(e, dict)]
     clients_of = {phase: sorted({c for (p, c) in trained if p == phase}) for phase in ("training", "adaptation")}
@@ -165,12 +163,9 @@ def _check_plans(ledger: dict[str, Any], config: Any, plans: dict, trained: Coun
         problems.append(f"delta is {ledger.get('delta')!r} in the ledger but {expected_delta:.6g} for the run's "
                         f"{units} {'persons' if person else 'records'}")
     try:
-        template = VFER.from_config(config.model, int(config.data.feature_dim), private=True)
+        dimension = noised_dimension(config, int(config.data.feature_dim))
     except (TypeError, ValueError) as exc:
         return problems + [f"the run's model cannot be rebuilt from config.yaml ({exc.__class__.__name__})"]
-    shared = set(make_strategy(fed).shared_names(template)) if person else None
-    dimension = sum(p.numel() for n, p in template.named_parameters()
-                    if p.requires_grad and (shared is None or n in shared))
     for phase, plan in plans.items():
         if not isinstance(plan, dict) or phase not in clients_of:
             continue
@@ -183,13 +178,8 @@ def _check_plans(ledger: dict[str, Any], config: Any, plans: dict, trained: Coun
             records = sum(counts[:clients])
         rounds = fed.rounds if phase == "training" else fed.adaptation_rounds
         try:
-            expected = calibrate_distributed(
-                epsilon=privacy.epsilon, delta=expected_delta,
-                max_grad_norm=privacy.max_update_norm if person else privacy.max_grad_norm, dimension=dimension,
-                sample_rate=privacy.participation if person else privacy.sample_rate, steps=rounds, clients=clients,
-                records=records, min_inputs_fraction=aggregation.min_inputs_fraction,
-                colluding_fraction=aggregation.colluding_fraction, rounding_overhead=privacy.rounding_overhead,
-                modulus_bits=aggregation.modulus_bits, max_noise_multiplier=privacy.max_noise_multiplier)
+            expected = calibrate_plan(config, delta=expected_delta, dimension=dimension, steps=rounds,
+                                      clients=clients, records=records)
         except Exception as exc:  # noqa: BLE001 - any failure to recalibrate is a finding, not a crash
             problems.append(f"the {phase} plan cannot be recalibrated from the run's config ({exc})")
             continue

@@ -347,6 +347,10 @@ class FederationConfig(_Section):
         "(tuned on the validation actors).",
     )
     server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="distributed DP: SGD momentum.")
+    batched_training: bool = Field(
+        True, description="person level: train the round's clients together, stacked along a client axis (the "
+        "same steps as one by one, up to float rounding; models with dropout or the fast DP layer train one by one).",
+    )
 
     def cohort_size(self, mechanism: str | None, clients: int) -> int:
         """Clients per training round: the setting, or its default for the mechanism (all under distributed DP)."""

@@ -36,6 +36,7 @@ import torch
 from privfer.config import PERSON_MECHANISM, PrivferConfig
 from privfer.errors import ConfigError
 from privfer.fl.aggregation import sum_integer_contributions, sum_updates
+from privfer.fl.batched import fit_many
 from privfer.fl.client import LocalTraining
 from privfer.fl.distributed import optimizer_step, run_distributed_round, server_step
 from privfer.fl.person import mean_update, person_contribution, secret_coin
@@ -409,19 +410,21 @@ class DistributedDPFedAvg(DistributedDPSGD):
         shared = strategy.shared_names(template)
         group = federation.clients[phase]
         training = local_training(config, phase, None)
-        contributions = {}
+        rngs, coins, states, seeds = {}, {}, [], []
         for client_id in cohort:
             state.accounts.setdefault((phase, client_id),
                                       DistributedAccount(client_id, phase, group[client_id].records)).record_round()
-            rng = self.noise_rng(state, phase, round_index, client_id)
-            heads = secret_coin(rng, plan.sample_rate)
-            # Constant work: every selected client trains whatever its coin says, so neither the round's time
-            # (recorded in rounds.json) nor an error tells the coin (Mechanism docs, "what breaks it").
-            update = group[client_id].fit(
-                config, {**state.global_state, **state.personal_of(client_id, phase, shared)}, shared, training,
-                seed=client_seed(config, state.noise_key, phase, round_index, client_id))
+            rngs[client_id] = self.noise_rng(state, phase, round_index, client_id)
+            coins[client_id] = secret_coin(rngs[client_id], plan.sample_rate)
+            states.append({**state.global_state, **state.personal_of(client_id, phase, shared)})
+            seeds.append(client_seed(config, state.noise_key, phase, round_index, client_id))
+        # Constant work: every selected client trains whatever its coin says, so neither the round's time
+        # (recorded in rounds.json) nor an error tells the coin (Mechanism docs, "what breaks it").
+        updates = fit_many([group[c] for c in cohort], config, states, shared, training, seeds)
+        contributions = {}
+        for client_id, update in zip(cohort, updates):
             flat = torch.cat([update.delta[name].reshape(-1) for name in shared]).double().numpy()
-            contributions[client_id] = person_contribution(flat, heads, plan, rng)
+            contributions[client_id] = person_contribution(flat, coins[client_id], plan, rngs[client_id])
         summed = sum_integer_contributions(contributions, dropouts, config.aggregation, plan,
                                            round_id=state.round_id(phase, round_index))
         if summed.aborted is None:

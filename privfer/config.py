@@ -268,6 +268,12 @@ class AggregationConfig(_Section):
         0.9, gt=0.0, le=1.0,
         description="distributed DP: clients refuse to unmask a round with fewer than ceil(fraction x clients) inputs.",
     )
+    roster: Literal["full", "group"] = Field(
+        "full",
+        description="masking: each client receives every participant's keys and ids and derives the graph itself "
+        "(O(n) bytes), or only its group's (O(log n) bytes on the SecAgg+ graph; it takes the graph from the "
+        "server).",
+    )
 
     def secagg_config(self, num_clients: int, **extra: Any) -> Any:
         """The :class:`privfer.secagg.SecAggConfig` for a round of ``num_clients`` (ConfigError if it cannot work)."""
@@ -281,6 +287,7 @@ class AggregationConfig(_Section):
             threshold_fraction=self.threshold_fraction,
             expected_dropout=self.expected_dropout,
             colluding_fraction=self.colluding_fraction,
+            roster=self.roster,
             **extra,
         )
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from privfer.secagg.client import SecAggClient
 from privfer.secagg.config import SecAggConfig
-from privfer.secagg.messages import ForwardedShares, KeyRoster, UnmaskRequest
+from privfer.secagg.messages import ForwardedShares, GroupRoster, GroupUnmaskRequest, KeyRoster, UnmaskRequest
 from privfer.secagg.payload import PayloadLayout
 from privfer.secagg.quantize import ClippingReport, ClippingWarning
 from privfer.secagg.randomness import SYSTEM, Randomness
@@ -75,12 +75,18 @@ def aggregate(
             advert = clients[cid].advertise_keys().to_bytes()
         with times.on_server("advertise_keys"):
             server.receive_advertise(advert, peer=cid)
-    # Broadcasts (the roster, the unmask request) are the same bytes for every client: decoded once here, where a
-    # deployed client decodes its copy (a per-client decode would make an in-process round O(n^2)).
+    # Broadcasts (the full roster, the unmask request) are the same bytes for every client: decoded once here,
+    # where a deployed client decodes its copy (a per-client decode would make an in-process round O(n^2)).
+    # A group roster is one O(k) message per client, decoded by its client.
+    group = config.roster == "group"
     with times.on_server("advertise_keys"):
-        roster = KeyRoster.from_bytes(server.key_roster().to_bytes())
+        if group:
+            rosters = {cid: roster.to_bytes() for cid, roster in server.group_rosters().items()}
+        else:
+            broadcast = KeyRoster.from_bytes(server.key_roster().to_bytes())
     for cid in active("share_keys"):
         with times.client("share_keys", cid):
+            roster = GroupRoster.from_bytes(rosters[cid]) if group else broadcast
             shared = clients[cid].share_keys(roster).to_bytes()
         with times.on_server("share_keys"):
             server.receive_share_keys(shared, peer=cid)
@@ -100,9 +106,13 @@ def aggregate(
                 server.receive_masked_input(masked, peer=cid)
             times.masking[cid] = clients[cid].mask_seconds
     with times.on_server("masked_input"):
-        request = UnmaskRequest.from_bytes(server.unmask_request().to_bytes())
+        if group:
+            requests = {cid: request.to_bytes() for cid, request in server.group_unmask_requests().items()}
+        else:
+            everyone = UnmaskRequest.from_bytes(server.unmask_request().to_bytes())
     for cid in active("unmask"):
         with times.client("unmask", cid):
+            request = GroupUnmaskRequest.from_bytes(requests[cid]) if group else everyone
             response = clients[cid].unmask(request).to_bytes()
         with times.on_server("unmask"):
             server.receive_unmask(response, peer=cid)

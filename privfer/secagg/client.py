@@ -55,6 +55,8 @@ from privfer.secagg.messages import (
     SERVER,
     AdvertiseKeys,
     ForwardedShares,
+    GroupRoster,
+    GroupUnmaskRequest,
     KeyRoster,
     MaskedInput,
     Message,
@@ -240,16 +242,41 @@ class SecAggClient:
         )
 
     # -- stage 1 ---------------------------------------------------------------
-    def share_keys(self, roster: KeyRoster) -> ShareKeys:
+    def _expect(self, message: Message, full: type[Message], group: type[Message]) -> None:
+        """The roster setting fixes which of the two forms of a broadcast this client accepts."""
+        wanted = group if self.config.roster == "group" else full
+        if not isinstance(message, wanted):
+            raise WrongStage(f"the round's roster is {self.config.roster!r}: expected a {wanted.__name__}, "
+                             f"got a {type(message).__name__}")
+        if isinstance(message, (GroupRoster, GroupUnmaskRequest)) and message.receiver != self.client_id:
+            raise UnknownSender(f"a {type(message).__name__} for client {message.receiver} was delivered to "
+                                f"client {self.client_id}")
+
+    def _group_of(self, roster: KeyRoster | GroupRoster) -> frozenset[int]:
+        """This client's group: derived from the full roster, or as the server sent it (checked for its size)."""
+        if isinstance(roster, KeyRoster):
+            neighbours = neighbourhoods(roster.keys, self.config.degree, graph_seed(self.round_id, roster.keys))
+            return neighbours[self.client_id] | {self.client_id}
+        advertised = roster.advertised
+        if not len(roster.keys) <= advertised <= self.config.num_clients:
+            raise MalformedMessage(f"the group roster lists {len(roster.keys)} members of {advertised} advertised "
+                                   f"clients (the round has at most {self.config.num_clients})")
+        expected = min(self.config.degree, advertised - 1) + 1  # the graph of section 4 on `advertised` clients
+        if len(roster.keys) != expected:
+            raise MalformedMessage(f"the group roster lists {len(roster.keys)} members; the round's graph on "
+                                   f"{advertised} clients gives every group {expected}")
+        return frozenset(roster.keys)
+
+    def share_keys(self, roster: KeyRoster | GroupRoster) -> ShareKeys:
         check_header(roster, self.round_id, SERVER)
+        self._expect(roster, KeyRoster, GroupRoster)
         self._advance("advertised", "shared")
         with self._or_abort():
             assert self._keys is not None
             mine = roster.keys.get(self.client_id)
             if mine != (self._keys.c_public, self._keys.s_public):
                 raise UnknownSender(f"the roster does not list client {self.client_id} with its own keys")
-            neighbours = neighbourhoods(roster.keys, self.config.degree, graph_seed(self.round_id, roster.keys))
-            self._group = neighbours[self.client_id] | {self.client_id}
+            self._group = self._group_of(roster)
             self._roster = {v: roster.keys[v] for v in self._group}  # only its group's keys are ever used
             threshold = self.config.group_threshold
             if len(self._group) < threshold:
@@ -349,11 +376,15 @@ class SecAggClient:
             return MaskedInput(round_id=self.round_id, sender=self.client_id, modulus_bits=bits, vector=masked)
 
     # -- stage 3 ---------------------------------------------------------------
-    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
+    def unmask(self, request: UnmaskRequest | GroupUnmaskRequest) -> UnmaskResponse:
         check_header(request, self.round_id, SERVER)
+        self._expect(request, UnmaskRequest, GroupUnmaskRequest)
         # Answer at most once per round: a second request could ask for the other share of a peer.
         self._advance("masked", "unmasked")
         survivors, dropped = request.survivor_set, request.dropped_set
+        if isinstance(request, GroupUnmaskRequest) and not (survivors | dropped) <= self._group:
+            raise MalformedMessage(f"the group unmask request names clients outside client {self.client_id}'s "
+                                   f"group: {sorted((survivors | dropped) - self._group)[:5]}")
         known = set(self._peers) | {self.client_id}
         both = known & survivors & dropped  # the client holds shares of its group only: those are what it guards
         if both:
@@ -364,10 +395,13 @@ class SecAggClient:
         if self.client_id in dropped or self.client_id not in survivors:
             raise UnsafeUnmaskRequest(f"client {self.client_id} sent its masked input but is not listed as a survivor")
         minimum = self.config.min_inputs
-        if minimum is not None and len(survivors) < minimum:
+        if request.included < len(survivors & known):
+            raise UnsafeUnmaskRequest(f"the request says {request.included} inputs are included but lists "
+                                      f"{len(survivors & known)} survivors in client {self.client_id}'s group")
+        if minimum is not None and request.included < minimum:
             # The caller's guarantee (e.g. enough noise shares in the sum) needs at least this many inputs.
             raise RoundAborted(
-                f"client {self.client_id}: the round includes {len(survivors)} inputs, fewer than the minimum "
+                f"client {self.client_id}: the round includes {request.included} inputs, fewer than the minimum "
                 f"{minimum}; refusing to unmask"
             )
         alive = survivors & known

@@ -132,6 +132,12 @@ class SecAggConfig(BaseModel):
     min_inputs: int | None = Field(
         None, ge=2, description="Clients refuse to unmask a round whose survivors (included inputs) are fewer."
     )
+    roster: Literal["full", "group"] = Field(
+        "full",
+        description="What each client receives of the roster and the unmask request: everyone's keys and ids (a "
+        "client recomputes the graph itself; O(n) bytes), or its group's only (O(k) bytes; the client takes the "
+        "graph from the server).",
+    )
 
     @model_validator(mode="after")
     def _check_bounds(self) -> "SecAggConfig":

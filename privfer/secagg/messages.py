@@ -203,27 +203,54 @@ class AdvertiseKeys(Message):
         return cls(**header, c_public=reader.take(KEY_BYTES), s_public=reader.take(KEY_BYTES))
 
 
+def _key_table(keys: dict[int, tuple[bytes, bytes]]) -> bytes:
+    """u32 count, then (u32 client, c_pk, s_pk) in increasing client order."""
+    parts = [struct.pack(">I", len(keys))]
+    parts.extend(struct.pack(">I", client) + keys[client][0] + keys[client][1] for client in sorted(keys))
+    return b"".join(parts)
+
+
+def _read_key_table(reader: _Reader) -> dict[int, tuple[bytes, bytes]]:
+    keys: dict[int, tuple[bytes, bytes]] = {}
+    client = 0
+    for _ in range(reader.count()):
+        client = reader.client_id(client)
+        keys[client] = (reader.take(KEY_BYTES), reader.take(KEY_BYTES))
+    return keys
+
+
 class KeyRoster(Message):
-    """Stage 0 result, server -> clients: every participant's public keys."""
+    """Stage 0 result, server -> clients (``roster = "full"``): every participant's public keys."""
 
     KIND: ClassVar[int] = 2
     keys: dict[int, tuple[bytes, bytes]]
 
     def _body(self) -> bytes:
-        parts = [struct.pack(">I", len(self.keys))]
-        for client in sorted(self.keys):
-            c_pk, s_pk = self.keys[client]
-            parts.append(struct.pack(">I", client) + c_pk + s_pk)
-        return b"".join(parts)
+        return _key_table(self.keys)
 
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "KeyRoster":
-        keys: dict[int, tuple[bytes, bytes]] = {}
-        client = 0
-        for _ in range(reader.count()):
-            client = reader.client_id(client)
-            keys[client] = (reader.take(KEY_BYTES), reader.take(KEY_BYTES))
-        return cls(**header, keys=keys)
+        return cls(**header, keys=_read_key_table(reader))
+
+
+class GroupRoster(Message):
+    """Stage 0 result, server -> one client (``roster = "group"``): how many clients advertised keys, and the
+    public keys of the receiver's group only (its neighbours on the round's graph, and itself) — O(k) bytes
+    instead of O(n) (SecAgg+, Bell et al. 2020). The receiver takes the graph from the server."""
+
+    KIND: ClassVar[int] = 8
+    receiver: int = ClientId
+    advertised: int = Field(..., ge=1, le=MAX_CLIENTS)
+    keys: dict[int, tuple[bytes, bytes]]
+
+    def _body(self) -> bytes:
+        return struct.pack(">II", self.receiver, self.advertised) + _key_table(self.keys)
+
+    @classmethod
+    def _read_body(cls, reader: _Reader, header: dict) -> "GroupRoster":
+        receiver = reader.client_id()
+        advertised = reader.count()
+        return cls(**header, receiver=receiver, advertised=advertised, keys=_read_key_table(reader))
 
 
 class ShareKeys(Message):
@@ -318,6 +345,11 @@ class UnmaskRequest(Message):
         return _ids(self.survivors) + _ids(self.dropped)
 
     @property
+    def included(self) -> int:
+        """How many inputs the round includes (GroupUnmaskRequest states it; here it is the survivors' count)."""
+        return len(self.survivors)
+
+    @property
     def survivor_set(self) -> frozenset[int]:
         return _id_set(self.survivors)
 
@@ -330,6 +362,35 @@ class UnmaskRequest(Message):
         survivors = reader.ids()
         dropped = reader.ids()
         return cls(**header, survivors=survivors, dropped=dropped)
+
+
+class GroupUnmaskRequest(Message):
+    """Stage 3, server -> one client (``roster = "group"``): how many inputs the round includes, and which members
+    of the receiver's group survived or dropped — all the client's answer depends on, in O(k) bytes."""
+
+    KIND: ClassVar[int] = 9
+    receiver: int = ClientId
+    included: int = Field(..., ge=1, le=MAX_CLIENTS)
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+    def _body(self) -> bytes:
+        return struct.pack(">II", self.receiver, self.included) + _ids(self.survivors) + _ids(self.dropped)
+
+    @property
+    def survivor_set(self) -> frozenset[int]:
+        return frozenset(self.survivors)
+
+    @property
+    def dropped_set(self) -> frozenset[int]:
+        return frozenset(self.dropped)
+
+    @classmethod
+    def _read_body(cls, reader: _Reader, header: dict) -> "GroupUnmaskRequest":
+        receiver = reader.client_id()
+        included = reader.count()
+        survivors = reader.ids()
+        return cls(**header, receiver=receiver, included=included, survivors=survivors, dropped=reader.ids())
 
 
 class UnmaskResponse(Message):
@@ -350,7 +411,8 @@ class UnmaskResponse(Message):
 
 KINDS: dict[int, type[Message]] = {
     cls.KIND: cls
-    for cls in (AdvertiseKeys, KeyRoster, ShareKeys, ForwardedShares, MaskedInput, UnmaskRequest, UnmaskResponse)
+    for cls in (AdvertiseKeys, KeyRoster, ShareKeys, ForwardedShares, MaskedInput, UnmaskRequest, UnmaskResponse,
+                GroupRoster, GroupUnmaskRequest)
 }
 
 

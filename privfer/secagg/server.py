@@ -47,6 +47,8 @@ from privfer.secagg.messages import (
     SERVER,
     AdvertiseKeys,
     ForwardedShares,
+    GroupRoster,
+    GroupUnmaskRequest,
     KeyRoster,
     MaskedInput,
     Message,
@@ -175,13 +177,31 @@ class SecAggServer:
         self._keys[message.sender] = (message.c_public, message.s_public)
         seen.update((message.c_public, message.s_public))
 
-    def key_roster(self) -> KeyRoster:
+    def _close_advertise(self, roster: str) -> None:
         if self.stage != "advertise":
             raise WrongStage(f"the roster is sent once, after key advertisement (stage is {self.stage!r})")
+        if self.config.roster != roster:
+            raise WrongStage(f"the round's roster is {self.config.roster!r}, not {roster!r}")
         self._require(len(self._keys), "advertised keys")
         self.stage = "share"
         self._neighbours = neighbourhoods(self._keys, self.config.degree, graph_seed(self.round_id, self._keys))
+
+    def key_roster(self) -> KeyRoster:
+        """``roster = "full"``: every participant's keys, one broadcast (each client derives the graph)."""
+        self._close_advertise("full")
         return self._send(KeyRoster(round_id=self.round_id, sender=SERVER, keys=dict(self._keys)), "advertise", 0)
+
+    def group_rosters(self) -> dict[int, GroupRoster]:
+        """``roster = "group"``: one message per client with its group's keys only (O(k) bytes each)."""
+        self._close_advertise("group")
+        advertised = len(self._keys)
+        return {
+            client: self._send(GroupRoster(round_id=self.round_id, sender=SERVER, receiver=client,
+                                           advertised=advertised,
+                                           keys={v: self._keys[v] for v in self._neighbours[client] | {client}}),
+                               "advertise", client)
+            for client in sorted(self._keys)
+        }
 
     # -- stage 1 -----------------------------------------------------------------
     def receive_share_keys(self, raw: bytes | ShareKeys, *, peer: int | None) -> None:
@@ -233,9 +253,11 @@ class SecAggServer:
             raise WrongVectorLength(f"masked input of {message.vector.size} words, expected {self.layout.length}")
         self._masked[message.sender] = message.vector
 
-    def unmask_request(self) -> UnmaskRequest:
+    def _close_masked(self, roster: str) -> UnmaskRequest:
         if self.stage != "masked":
             raise WrongStage(f"the unmask request is sent once, after MaskedInput (stage is {self.stage!r})")
+        if self.config.roster != roster:
+            raise WrongStage(f"the round's roster is {self.config.roster!r}, not {roster!r}")
         self._require(len(self._masked), "sent masked inputs")
         minimum = self.config.min_inputs
         if minimum is not None and len(self._masked) < minimum:
@@ -245,7 +267,24 @@ class SecAggServer:
         survivors = tuple(sorted(self._masked))
         dropped = tuple(sorted(set(self._shares) - set(self._masked)))
         self._request = UnmaskRequest(round_id=self.round_id, sender=SERVER, survivors=survivors, dropped=dropped)
-        return self._send(self._request, "masked", 0)
+        return self._request
+
+    def unmask_request(self) -> UnmaskRequest:
+        """``roster = "full"``: every survivor and dropped id, one broadcast."""
+        return self._send(self._close_masked("full"), "masked", 0)
+
+    def group_unmask_requests(self) -> dict[int, GroupUnmaskRequest]:
+        """``roster = "group"``: one request per survivor naming the survivors and dropped clients of its group,
+        and how many inputs the round includes (O(k) bytes each)."""
+        request = self._close_masked("group")
+        survivors, dropped = request.survivor_set, request.dropped_set
+        out = {}
+        for client in request.survivors:
+            group = self._neighbours[client] | {client}
+            out[client] = self._send(GroupUnmaskRequest(
+                round_id=self.round_id, sender=SERVER, receiver=client, included=len(request.survivors),
+                survivors=tuple(sorted(group & survivors)), dropped=tuple(sorted(group & dropped))), "masked", client)
+        return out
 
     # -- stage 3 -----------------------------------------------------------------
     def receive_unmask(self, raw: bytes | UnmaskResponse, *, peer: int | None) -> None:

@@ -307,3 +307,19 @@ def test_integer_arrays_stay_integers():
         [grid.create_message(content, "train", node, "1") for node in grid.node_ids])
     steps = reply.content["arrays"]["steps"].numpy()  # (Flower's FedAvg then averages it in floating point)
     assert steps.dtype == np.int64 and steps.tolist() == [10, 103]
+
+
+@pytest.mark.parametrize("answered", [None, 1, 3])
+def test_group_rosters_give_the_same_average_on_a_sparse_graph(answered):
+    nodes = 40
+    answers = {} if answered is None else {1003: answered}
+    grid = LocalGrid(make_app([secagg_mod]), nodes, answers=answers)
+    secure = SecAggGrid(grid, protect=("train",), graph="harary", roster="group")
+    arrays, _ = run(secure)
+    report = secure.reports[0]
+    included = [n for n in grid.node_ids if n != 1003 or answered in (None, 3)]
+    assert report.included == included
+    average, _ = expected_average(included)
+    for k in SHAPES:
+        np.testing.assert_allclose(arrays[k], average[k], atol=1e-5, rtol=0)
+    assert SecAggConfig(num_clients=nodes, graph="harary").degree < nodes - 1  # the graph really is sparse

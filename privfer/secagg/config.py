@@ -187,7 +187,7 @@ class SecAggConfig(BaseModel):
         n = self.num_clients
         if self.graph == "harary":
             degree = self.degree
-            if not 2 <= degree <= n - 1 or (degree % 2 and degree != n - 1):
+            if degree != n - 1 and (not 2 <= degree < n - 1 or degree % 2):  # n - 1: the complete graph
                 raise ValueError(f"neighbours must be even and between 2 and {n - 1} (n - 1), got {degree}")
         group = self.group_size
         t = self.group_threshold

@@ -254,8 +254,13 @@ class _SecureRound:
             self.accept("advertise_keys", answers, lambda raw, cid: server.receive_advertise(raw, peer=cid))
             self.lap("advertise_keys", started)
 
-            roster = server.key_roster().to_bytes()
-            answers = self.exchange("share_keys", {node: roster for node in self.alive})
+            if self.config.roster == "group":  # each node gets its group's keys only (O(log n) bytes)
+                rosters = server.group_rosters()
+                payloads = {node: rosters[ids[node]].to_bytes() for node in self.alive if ids[node] in rosters}
+            else:
+                roster = server.key_roster().to_bytes()
+                payloads = {node: roster for node in self.alive}
+            answers = self.exchange("share_keys", payloads)
             self.accept("share_keys", answers, lambda raw, cid: server.receive_share_keys(raw, peer=cid))
             self.lap("share_keys", started)
 
@@ -265,8 +270,13 @@ class _SecureRound:
             self.accept("masked_input", answers, lambda raw, cid: server.receive_masked_input(raw, peer=cid))
             self.lap("masked_input", started)
 
-            request = server.unmask_request().to_bytes()
-            answers = self.exchange("unmask", {node: request for node in self.alive})
+            if self.config.roster == "group":
+                requests = server.group_unmask_requests()
+                payloads = {node: requests[ids[node]].to_bytes() for node in self.alive if ids[node] in requests}
+            else:
+                request = server.unmask_request().to_bytes()
+                payloads = {node: request for node in self.alive}
+            answers = self.exchange("unmask", payloads)
             self.accept("unmask", answers, lambda raw, cid: server.receive_unmask(raw, peer=cid))
             summed = server.finish()
             self.lap("unmask", started)

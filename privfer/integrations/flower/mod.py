@@ -170,10 +170,11 @@ def _forget(ctxt: Context) -> None:
         del ctxt.state[STATE]
 
 
-def _expect(raw: bytes, kind: type[wire.Message]) -> Any:
+def _expect(raw: bytes, kind: type[wire.Message] | tuple[type[wire.Message], ...]) -> Any:
     message = wire.decode(raw)
     if not isinstance(message, kind):
-        raise WrongStage(f"expected {kind.__name__}, got {type(message).__name__}")
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise WrongStage(f"expected {names}, got {type(message).__name__}")
     return message
 
 
@@ -212,8 +213,9 @@ def _advertise(record: ConfigRecord, ctxt: Context, min_clients: int, policy: "N
 
 def _share_keys(record: ConfigRecord, ctxt: Context, min_clients: int) -> bytes:
     client, saved = _load(ctxt, record)
-    roster = _expect(_field(record, "message", bytes), wire.KeyRoster)
-    _at_least(len(roster.keys), min_clients, "the key roster lists")
+    roster = _expect(_field(record, "message", bytes), (wire.KeyRoster, wire.GroupRoster))
+    _at_least(roster.advertised if isinstance(roster, wire.GroupRoster) else len(roster.keys), min_clients,
+              "the key roster lists")
     answer = client.share_keys(roster).to_bytes()
     _resave(ctxt, client, saved)
     return answer
@@ -354,6 +356,6 @@ def _record_contribution(sums: list, reply: Message, plan: Any, rng: Any) -> Any
 
 def _unmask(record: ConfigRecord, ctxt: Context, min_clients: int) -> bytes:
     client, _ = _load(ctxt, record)
-    request = _expect(_field(record, "message", bytes), wire.UnmaskRequest)
-    _at_least(len(request.survivors), min_clients, "the unmask request lists as survivors")
+    request = _expect(_field(record, "message", bytes), (wire.UnmaskRequest, wire.GroupUnmaskRequest))
+    _at_least(request.included, min_clients, "the unmask request lists as survivors")
     return client.unmask(request).to_bytes()

@@ -163,6 +163,19 @@ def test_a_node_checks_the_servers_plan():
             accept_plan(plan_to_json(changed), enforced, DIMENSION, policy)
     with pytest.raises(UnacceptablePlan, match="does not enforce"):
         accept_plan(plan_to_json(plan), SecAggConfig(num_clients=20), DIMENSION, policy)
+    # a node that assumes 5 sybils or colluders whatever the round's size refuses a plan sized by the fraction (2 of
+    # 20), and accepts one whose honest shares carry the noise without 5 of the round's nodes
+    wary = replace(policy, min_colluders=5)
+    with pytest.raises(UnacceptablePlan, match="sized for 2 colluders, this node assumes 5"):
+        accept_plan(plan_to_json(plan), config, DIMENSION, wary)
+    sized = DistributedDP(epsilon=3.0, rounds=4, delta=DELTA, min_colluders=5).plan(20, DIMENSION)
+    assert sized.colluders == 5 and sized.share_variance * (sized.min_inputs - 5) >= sized.mu * (1 - 1e-9)
+    assert sized.share_variance > plan.share_variance  # fewer honest shares, each carries more
+    enforced = SecAggConfig(num_clients=20, encoding="integer", integer_sum_bound=sized.sum_bound,
+                            min_inputs=sized.min_inputs, modulus_bits=sized.modulus_bits)
+    assert accept_plan(plan_to_json(sized), enforced, DIMENSION, wary) == sized
+    with pytest.raises(ValueError, match="min_colluders"):
+        replace(policy, min_colluders=-1)
     for junk in ("", "[]", json.dumps({"mechanism": "local"}), json.dumps({**asdict(plan), "mechanism":
                                                                              "distributed_person", "mu": "x"})):
         with pytest.raises(UnacceptablePlan):

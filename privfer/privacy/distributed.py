@@ -143,8 +143,11 @@ def calibrate_distributed(
     rounding_overhead: float,
     modulus_bits: int,
     max_noise_multiplier: float,
+    min_colluders: int = 0,
 ) -> DistributedPlan:
     """The least Skellam variance mu whose epsilon after ``steps`` rounds is <= ``epsilon`` (to 0.01 below).
+
+    The shares are sized for ``max(floor(colluding_fraction x clients), min_colluders)`` colluders.
 
     Raises :class:`PrivacyBudgetError` when the budget needs more noise than
     ``max_noise_multiplier`` (x C) and :class:`ConfigError` when the trust or
@@ -156,7 +159,7 @@ def calibrate_distributed(
     if not 1 <= steps <= MAX_STEPS:
         raise ConfigError(f"federation.rounds = {steps}: distributed DP-SGD allows 1 to {MAX_STEPS} steps")
     minimum = min_inputs(clients, min_inputs_fraction)
-    colluding = colluders(clients, colluding_fraction)
+    colluding = max(colluders(clients, colluding_fraction), min_colluders)
     honest = minimum - colluding
     if honest < 1:
         raise ConfigError(

@@ -73,7 +73,11 @@ class NodePrivacy:
 
     ``ledger``: the node's ledger file (created on first use). ``lifetime_epsilon`` at ``delta``: the most this
     node ever spends, over every run. ``colluding_fraction`` / ``min_inputs_fraction``: the node's own trust
-    assumptions; a plan sized for fewer colluders or fewer minimum inputs is refused.
+    assumptions; a plan sized for fewer colluders or fewer minimum inputs is refused. ``min_colluders``: an
+    absolute floor on the colluders a plan is sized for, whatever the round's size — a server that inflates a
+    round with sybil nodes it controls raises the fraction's count with it, so a node that believes the server
+    can field up to m sybils sets ``min_colluders = m`` and refuses plans whose honest shares would not carry the
+    noise without them.
     """
 
     ledger: Path
@@ -82,6 +86,7 @@ class NodePrivacy:
     colluding_fraction: float = 0.1
     min_inputs_fraction: float = 0.9
     unit: str = "person"  # or "record": the unit this node's ledger and accepted plans protect
+    min_colluders: int = 0
 
     def __post_init__(self) -> None:
         ledger = Path(self.ledger)
@@ -99,6 +104,13 @@ class NodePrivacy:
             raise ValueError(f"colluding_fraction must be in [0, 0.5), got {self.colluding_fraction}")
         if not 0 < self.min_inputs_fraction <= 1:
             raise ValueError(f"min_inputs_fraction must be in (0, 1], got {self.min_inputs_fraction}")
+        if isinstance(self.min_colluders, bool) or not isinstance(self.min_colluders, int) \
+                or not 0 <= self.min_colluders <= 1_000_000:
+            raise ValueError(f"min_colluders must be an integer in 0..1000000, got {self.min_colluders!r}")
+
+    def colluders(self, clients: int) -> int:
+        """The colluders this node assumes in a round of ``clients``: its fraction's count, at least its floor."""
+        return max(colluders(clients, self.colluding_fraction), self.min_colluders)
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,7 @@ class DistributedDP:
     server_lr: float = 0.02  # record: the server's Adam step on the noisy mean gradient
     colluding_fraction: float = 0.1
     min_inputs_fraction: float = 0.9
+    min_colluders: int = 0  # an absolute floor on the colluders the shares are sized for (NodePrivacy's)
     rounding_overhead: float = 0.01
     modulus_bits: int = 64
     max_noise_multiplier: float = 50.0
@@ -135,6 +148,9 @@ class DistributedDP:
                 and 0 < self.sample_rate <= 1 and self.max_records >= 1 and self.server_lr > 0):
             raise ValueError("clipping bounds, max_records and server_lr must be positive; participation and "
                              "sample_rate in (0, 1]")
+        if isinstance(self.min_colluders, bool) or not isinstance(self.min_colluders, int) \
+                or not 0 <= self.min_colluders <= 1_000_000:
+            raise ValueError(f"min_colluders must be an integer in 0..1000000, got {self.min_colluders!r}")
 
     @property
     def mechanism_id(self) -> str:
@@ -151,7 +167,7 @@ class DistributedDP:
             records=clients if person else self.max_records,
             min_inputs_fraction=self.min_inputs_fraction, colluding_fraction=self.colluding_fraction,
             rounding_overhead=self.rounding_overhead, modulus_bits=self.modulus_bits,
-            max_noise_multiplier=self.max_noise_multiplier)
+            max_noise_multiplier=self.max_noise_multiplier, min_colluders=self.min_colluders)
 
 
 def plan_to_json(plan: DistributedPlan, unit: str = "person") -> str:
@@ -227,9 +243,9 @@ def accept_plan(text: Any, config: SecAggConfig, dimension: int, policy: NodePri
     if plan.min_inputs < min_inputs(plan.clients, policy.min_inputs_fraction) or plan.min_inputs > plan.clients:
         problems.append(f"its minimum of {plan.min_inputs} included inputs is below this node's "
                         f"{min_inputs(plan.clients, policy.min_inputs_fraction)} (or above the round's nodes)")
-    if plan.colluders < colluders(plan.clients, policy.colluding_fraction):
+    if plan.colluders < policy.colluders(plan.clients):
         problems.append(f"it is sized for {plan.colluders} colluders, this node assumes "
-                        f"{colluders(plan.clients, policy.colluding_fraction)}")
+                        f"{policy.colluders(plan.clients)}")
     if plan.share_variance > 0 and plan.scale > 0:
         # a bound too small for an honest sum would make a node's error depend on its data and coin
         needed = (plan.records * plan.max_grad_norm * plan.scale + plan.clients

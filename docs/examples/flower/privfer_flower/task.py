@@ -111,7 +111,8 @@ def node_federation(
 def node_privacy(context: Any) -> Any:
     """The node's own privacy policy, from its node config ONLY (the run config comes from the server's side):
     ``ledger`` (an absolute path on the node's disk), ``lifetime-epsilon`` (required with it), ``delta`` (default
-    1e-5), ``colluding-fraction`` (0.1) and ``min-inputs-fraction`` (0.9). A node with a ledger takes part only in
+    1e-5), ``colluding-fraction`` (0.1), ``min-inputs-fraction`` (0.9) and ``min-colluders`` (0: the colluders or
+    sybils it assumes in any round, whatever its size). A node with a ledger takes part only in
     distributed-DP rounds whose plan it accepts; a node without one refuses them (it would add no noise)."""
     from pathlib import Path
 
@@ -128,6 +129,7 @@ def node_privacy(context: Any) -> Any:
         delta=float(node_config.get("delta", DEFAULT_DELTA)),
         colluding_fraction=float(node_config.get("colluding-fraction", 0.1)),
         min_inputs_fraction=float(node_config.get("min-inputs-fraction", 0.9)),
+        min_colluders=int(node_config.get("min-colluders", 0)),
     )
 
 
@@ -143,6 +145,7 @@ def server_dp(run_config: Mapping[str, Any]) -> Any:
         delta=float(run_config.get("delta", DEFAULT_DELTA)), max_update_norm=config.privacy.max_update_norm,
         participation=config.privacy.participation, colluding_fraction=config.aggregation.colluding_fraction,
         min_inputs_fraction=config.aggregation.min_inputs_fraction,
+        min_colluders=int(run_config.get("min-colluders", 0)),
     )
 
 

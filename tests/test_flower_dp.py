@@ -137,6 +137,30 @@ def test_a_corrupt_ledger_is_refused_with_a_clear_error(tmp_path):
     assert "cannot be read" in report.dropped[1000] and 1000 not in report.included
 
 
+def test_plans_past_the_itemized_limit_are_folded_into_one_exact_rdp_vector(tmp_path, monkeypatch):
+    from privfer.integrations.flower import dp as node_dp
+
+    monkeypatch.setattr(node_dp, "MAX_LEDGER_ENTRIES", 2)
+    policy = NodePrivacy(ledger=tmp_path / "ledger.json", lifetime_epsilon=50.0, delta=DELTA)
+    ledger = NodeLedger(policy)
+    # a server nudging mu each round: five distinct plans, two itemized, three folded
+    steps = [SkellamSteps(1e6 * (1 + i * 1e-9), 1e3, 1e3, 1.0, 1) for i in range(5)] + \
+        [SkellamSteps(1e6, 1e3, 1e3, 1.0, 1)]  # the first plan again: merged into its entry
+    for i, step in enumerate(steps):
+        spent = ledger.charge(step, f"r{i}")
+    stored = json.loads((tmp_path / "ledger.json").read_text())
+    assert len(stored["history"]) == 2 and stored["history"][0][4] == 2 and stored["folded"]["rounds"] == 3
+    assert stored["rounds"] == 6
+    exact = skellam_epsilon(steps, DELTA)[0]
+    assert spent == pytest.approx(exact, rel=1e-12) and ledger.spent() == pytest.approx(exact, rel=1e-12)
+    assert NodeLedger(policy).spent() == pytest.approx(exact, rel=1e-12)  # a restarted node reads the same
+    for damage in ({"rdp": stored["folded"]["rdp"][:-1]}, {"rdp": [-1.0] * len(stored["folded"]["rdp"])},
+                   {"rounds": 99}, {"orders": [2, 3]}):
+        (tmp_path / "bad.json").write_text(json.dumps({**stored, "folded": {**stored["folded"], **damage}}))
+        with pytest.raises(NodeLedgerError, match="'folded'"):
+            NodeLedger(replace(policy, ledger=tmp_path / "bad.json")).spent()
+
+
 def test_a_node_checks_the_servers_plan():
     policy = NodePrivacy(ledger="/nonexistent/ledger.json", lifetime_epsilon=10.0, delta=DELTA)
     with pytest.raises(ValueError, match="absolute"):

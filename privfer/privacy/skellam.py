@@ -141,12 +141,22 @@ def _step_rdp(mu: float, l1: float, l2: float, sample_rate: float) -> tuple[floa
     return tuple(subsampled_rdp(ORDERS, sample_rate, base))
 
 
-def skellam_epsilon(history: list[SkellamSteps] | tuple[SkellamSteps, ...], delta: float) -> tuple[float, int]:
-    """(epsilon, order) after every entry of ``history``, composed."""
+def skellam_history_rdp(history: list[SkellamSteps] | tuple[SkellamSteps, ...]) -> np.ndarray:
+    """The composed RDP at :data:`ORDERS` of every entry of ``history``."""
     total = np.zeros(len(ORDERS))
     for entry in history:
         if entry.steps:
             total += entry.steps * np.array(_step_rdp(entry.mu, entry.l1, entry.l2, entry.sample_rate))
+    return total
+
+
+def skellam_epsilon(history: list[SkellamSteps] | tuple[SkellamSteps, ...], delta: float,
+                    extra_rdp: np.ndarray | None = None) -> tuple[float, int]:
+    """(epsilon, order) after every entry of ``history``, composed (with ``extra_rdp`` at :data:`ORDERS`, an
+    already composed part, added)."""
+    total = skellam_history_rdp(history)
+    if extra_rdp is not None:
+        total = total + np.asarray(extra_rdp, dtype=np.float64)
     if not np.any(total):
         return 0.0, int(ORDERS[0])
     return rdp_to_epsilon(ORDERS, total, delta)
@@ -165,6 +175,7 @@ __all__ = [
     "gaussian_equivalent",
     "rdp_to_epsilon",
     "skellam_epsilon",
+    "skellam_history_rdp",
     "skellam_rdp",
     "subsampled_rdp",
 ]

@@ -37,7 +37,7 @@ from typing import Any
 from privfer.config import MAX_EPSILON
 from privfer.privacy.distributed import (DistributedPlan, calibrate_distributed, colluders, min_inputs, sensitivities,
                                          tail_bound)
-from privfer.privacy.skellam import MAX_STEPS, SkellamSteps, skellam_epsilon
+from privfer.privacy.skellam import MAX_STEPS, ORDERS, SkellamSteps, skellam_epsilon, skellam_history_rdp
 from privfer.runs import atomic_write_json
 from privfer.secagg.config import SecAggConfig
 from privfer.secagg.errors import SecAggError
@@ -46,7 +46,8 @@ PLAN_FIELD = "dp"  # the advertise_keys record field holding the round's plan (J
 COUNT_RECORD = "privfer.dp"  # record level: the array record of the count word the nodes append
 LEDGER_SCHEMA = "privfer.node_ledger/1"
 MAX_LEDGER_BYTES = 1 << 20  # a larger file is refused before it is read
-MAX_LEDGER_ENTRIES = 1024  # distinct (mu, l1, l2, sample_rate); rounds with the same plan merge into one entry
+MAX_LEDGER_ENTRIES = 1024  # distinct (mu, l1, l2, sample_rate); rounds with the same plan merge into one entry,
+# and the rounds of plans beyond this many are folded into one composed RDP vector ("folded")
 PERSON = "distributed_person"
 UNITS = {"person": PERSON, "record": "distributed"}  # unit -> the plan's (and ledger's) mechanism id
 
@@ -314,6 +315,18 @@ class NodeLedger:
                 or not isinstance(rounds, int) or rounds < 0:
             raise NodeLedgerError(f"{where} has no valid 'history' (a list of at most {MAX_LEDGER_ENTRIES}) or "
                                   "'rounds'; refusing to train")
+        folded = ledger.get("folded")
+        if folded is not None:
+            vector = folded.get("rdp") if isinstance(folded, dict) else None
+            count = folded.get("rounds") if isinstance(folded, dict) else None
+            if not (isinstance(folded, dict) and folded.get("orders") == list(ORDERS)
+                    and isinstance(vector, list) and len(vector) == len(ORDERS)
+                    and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+                            for x in vector)
+                    and isinstance(count, int) and not isinstance(count, bool) and 0 < count <= rounds):
+                raise NodeLedgerError(f"{where} field 'folded' is not {{'orders': this accountant's orders, 'rdp': "
+                                      f"[{len(ORDERS)} finite numbers >= 0], 'rounds': its rounds}}; refusing to "
+                                      "train")
         for index, item in enumerate(history):
             try:
                 ok = (isinstance(item, list) and len(item) == 5
@@ -332,13 +345,20 @@ class NodeLedger:
     def _entries(ledger: dict[str, Any]) -> list[SkellamSteps]:
         return [SkellamSteps(float(m), float(a), float(b), float(q), int(t)) for m, a, b, q, t in ledger["history"]]
 
+    @staticmethod
+    def _folded(ledger: dict[str, Any]) -> Any:
+        folded = ledger.get("folded")
+        return None if folded is None else [float(x) for x in folded["rdp"]]
+
     def spent(self) -> float:
-        """The node's epsilon so far, recomputed from its history at its delta."""
-        return skellam_epsilon(self._entries(self.load()), self.policy.delta)[0]
+        """The node's epsilon so far, recomputed from its history (and folded rounds) at its delta."""
+        ledger = self.load()
+        return skellam_epsilon(self._entries(ledger), self.policy.delta, self._folded(ledger))[0]
 
     def after(self, step: SkellamSteps) -> float:
         """The node's epsilon if it took part in one more round of ``step``'s mechanism."""
-        return skellam_epsilon([*self._entries(self.load()), step], self.policy.delta)[0]
+        ledger = self.load()
+        return skellam_epsilon([*self._entries(ledger), step], self.policy.delta, self._folded(ledger))[0]
 
     def check(self, step: SkellamSteps) -> float:
         """BudgetExhausted if one more round would pass the lifetime budget; else the epsilon it would leave."""
@@ -373,9 +393,13 @@ class NodeLedger:
                 break
         else:
             if len(ledger["history"]) >= MAX_LEDGER_ENTRIES:
-                raise NodeLedgerError(f"privfer node ledger {self.path} holds {MAX_LEDGER_ENTRIES} distinct "
-                                      "mechanisms; refusing to add another")
-            ledger["history"].append([*key, step.steps])
+                # A server varying its plan by an ulp each round must not grow the file without bound: past this
+                # many distinct plans, a round's RDP is added to one composed vector (exact, just not itemized).
+                folded = ledger.get("folded") or {"rdp": [0.0] * len(ORDERS), "rounds": 0}
+                vector = [a + b for a, b in zip(folded["rdp"], skellam_history_rdp([step]).tolist())]
+                ledger["folded"] = {"orders": list(ORDERS), "rdp": vector, "rounds": int(folded["rounds"]) + 1}
+            else:
+                ledger["history"].append([*key, step.steps])
         ledger["rounds"] = int(ledger["rounds"]) + 1
         ledger["epsilon"] = epsilon
         ledger["last"] = [round_id, time.time()]

@@ -62,10 +62,9 @@ def test_each_client_receives_its_group_only_and_bytes_grow_with_k_not_n():
         for message in sent:
             if isinstance(message, m.GroupRoster):
                 assert set(message.keys) == graph[message.receiver] | {message.receiver}
-                assert message.advertised == n
+                assert message.members == ((1, n),) and message.advertised == n  # one run: 8 bytes for n ids
             if isinstance(message, m.GroupUnmaskRequest):
-                assert set(message.survivors) == graph[message.receiver] | {message.receiver}
-                assert message.included == n
+                assert message.survivors == ((1, n),) and message.dropped == () and message.included == n
         received[n] = (config.degree, np.mean([result.transcript.bytes_out(c) for c in range(1, 51)]))
     (k1, b1), (k2, b2) = received[200], received[800]
     assert b2 / b1 < 1.05 * (k2 + 1) / (k1 + 1)  # per-client bytes follow the degree (n grew 4x)
@@ -106,7 +105,7 @@ def test_the_roster_form_is_fixed_by_the_config():
     assert r.clients[1].stage == "advertised"  # refused before the stage moved
 
 
-def test_a_roster_for_another_client_or_of_the_wrong_size_is_refused():
+def test_a_roster_for_another_client_or_another_graph_is_refused():
     r = GroupRound()
     rosters = r.server.group_rosters()
     with pytest.raises(UnknownSender, match="delivered to client 1"):
@@ -114,42 +113,102 @@ def test_a_roster_for_another_client_or_of_the_wrong_size_is_refused():
     mine = rosters[3]
     shrunk = dict(mine.keys)
     shrunk.pop(next(c for c in shrunk if c != 3))  # a server hiding one neighbour (a smaller group, lower t)
-    with pytest.raises(MalformedMessage, match="gives every group 5"):
-        r.clients[3].share_keys(m.GroupRoster(round_id=r.round_id, sender=0, receiver=3, advertised=12, keys=shrunk))
+    with pytest.raises(MalformedMessage, match="not client 3's group"):
+        r.clients[3].share_keys(mine.model_copy(update={"keys": shrunk}))
+    # a graph the server made up: client 4 with neighbours of the server's choosing, each with its real keys
+    keys = {**rosters[5].keys, **rosters[4].keys}
+    chosen = {c: keys[c] for c in sorted(keys)[:5]} if 4 in sorted(keys)[:5] else {4: keys[4], **{
+        c: keys[c] for c in sorted(set(keys) - {4})[:4]}}
+    assert set(chosen) != set(rosters[4].keys)
+    with pytest.raises(MalformedMessage, match="not client 4's group"):
+        r.clients[4].share_keys(rosters[4].model_copy(update={"keys": chosen}))
+    # a roster whose ids make another graph (one id left out): the keys no longer match the group it gives
+    with pytest.raises(MalformedMessage, match="not client 6's group"):
+        r.clients[6].share_keys(rosters[6].model_copy(update={"members": ((1, 11),) if 12 not in rosters[6].keys
+                                                              else ((2, 11),)}))
     with pytest.raises(MalformedMessage, match="at most 12"):
-        r.clients[4].share_keys(m.GroupRoster(round_id=r.round_id, sender=0, receiver=4, advertised=13,
-                                              keys=dict(rosters[4].keys)))
-    # the encoding round-trips and is checked like every message
+        r.clients[7].share_keys(rosters[7].model_copy(update={"members": ((1, 13),)}))
+    with pytest.raises(UnknownSender, match="does not list client 8"):
+        r.clients[8].share_keys(rosters[8].model_copy(update={"members": ((1, 7), (9, 4))}))
+    # the encoding round-trips and is checked like every message; id runs must be canonical
     assert m.decode(mine.to_bytes()) == mine
     with pytest.raises(MalformedMessage):
         m.decode(mine.to_bytes()[:-3])
+    overlapping = m.GroupRoster.model_construct(round_id=mine.round_id, sender=0, version=mine.version,
+                                                receiver=3, members=((1, 6), (6, 7)), keys=mine.keys)
+    with pytest.raises(MalformedMessage, match="canonical"):
+        m.decode(overlapping.to_bytes())
+
+
+def test_the_server_cannot_split_the_round_into_separately_unmasked_parts():
+    """The reviewer's attack on a server-chosen graph: 9 clients cut into three triangles, each unmasked on its
+    own. Every client derives its group from the roster's ids, so a triangle roster is refused."""
+    config = SecAggConfig(num_clients=9, graph="harary", neighbours=2, roster="group")
+    layout = PayloadLayout(((2,),), config)
+    clients = {c: SecAggClient(c, config, "split", layout) for c in range(1, 10)}
+    server = SecAggServer(config, "split", layout)
+    for cid, client in clients.items():
+        server.receive_advertise(client.advertise_keys(), peer=cid)
+    honest = server.group_rosters()
+    keys = {c: honest[c].keys[c] for c in honest}
+    refused = 0
+    for c in clients:
+        first = (c - 1) // 3 * 3 + 1
+        triangle = m.GroupRoster(round_id="split", sender=0, receiver=c, members=honest[c].members,
+                                 keys={v: keys[v] for v in range(first, first + 3)})
+        if set(triangle.keys) == set(honest[c].keys):
+            continue  # this client's ring group happens to be its triangle
+        with pytest.raises(MalformedMessage):
+            clients[c].share_keys(triangle)
+        refused += 1
+    assert refused >= 3
 
 
 def test_the_group_unmask_request_is_checked_like_the_full_one():
     r = GroupRound().to_masked(skip={5})
     requests = r.server.group_unmask_requests()
     assert 5 not in requests
-    assert all(x.included == 11 for x in requests.values())
+    assert all(x.included == 11 and x.survivors == ((1, 4), (6, 7)) for x in requests.values())
     client, honest = next((c, x) for c, x in requests.items() if 5 in x.dropped)  # a neighbour of the dropout
-    group = set(honest.survivors) | set(honest.dropped)
-    greedy = honest.model_copy(update={"survivors": tuple(sorted(group))})
+    greedy = honest.model_copy(update={"survivors": ((1, 12),)})  # 5 both survived and dropped
     with pytest.raises(UnsafeUnmaskRequest, match="both survived and dropped"):
         r.clients[client].unmask(greedy)
     fresh = GroupRound(round_id="group-round-2").to_masked(skip={5})
     requests = fresh.server.group_unmask_requests()
-    outsider = next(c for c in range(1, 13) if c not in set(requests[1].survivors) | set(requests[1].dropped))
+    outsider = next(c for c in range(1, 13) if c not in fresh.server._neighbours[1] | {1})
     with pytest.raises(MalformedMessage, match="outside"):
-        fresh.clients[1].unmask(requests[1].model_copy(update={"survivors": tuple(sorted({*requests[1].survivors,
-                                                                                           outsider}))}))
-    with pytest.raises(UnsafeUnmaskRequest, match="inputs are included"):
-        fresh.clients[2].unmask(requests[2].model_copy(update={"included": 1}))
+        fresh.clients[1].unmask(requests[1].model_copy(update={"dropped": (outsider,)}))
+    with pytest.raises(UnsafeUnmaskRequest, match="the roster did not"):  # padding the count with made-up inputs
+        fresh.clients[2].unmask(requests[2].model_copy(update={"survivors": ((1, 4), (6, 7), (1001, 6))}))
     with pytest.raises(UnknownSender, match="delivered to client 3"):
         fresh.clients[3].unmask(requests[4])
 
 
-def test_min_inputs_counts_the_stated_inclusions():
+def test_min_inputs_counts_survivors_the_roster_listed():
     r = GroupRound(min_inputs=11).to_masked()
     requests = r.server.group_unmask_requests()
     with pytest.raises(RoundAborted, match="fewer than the minimum 11"):
-        r.clients[1].unmask(requests[1].model_copy(update={"included": 10}))
+        r.clients[1].unmask(requests[1].model_copy(update={"survivors": ((1, 10),)}))
     assert isinstance(r.clients[2].unmask(requests[2]), m.UnmaskResponse)
+
+
+def test_the_full_request_counts_distinct_listed_survivors():
+    config = SecAggConfig(num_clients=8, min_inputs=6)
+    layout = PayloadLayout(((2,),), config)
+    clients = {c: SecAggClient(c, config, "full", layout) for c in range(1, 9)}
+    server = SecAggServer(config, "full", layout)
+    for cid, client in clients.items():
+        server.receive_advertise(client.advertise_keys(), peer=cid)
+    roster = server.key_roster()
+    for cid, client in clients.items():
+        server.receive_share_keys(client.share_keys(roster), peer=cid)
+    bundles = server.forward_shares()
+    for cid in (1, 2, 3):
+        server.receive_masked_input(clients[cid].masked_input(bundles[cid], [np.ones(2)]), peer=cid)
+    padded = m.UnmaskRequest(round_id="full", sender=0, survivors=(1, 2, 3, 1001, 1002, 1003), dropped=())
+    with pytest.raises(UnsafeUnmaskRequest, match="the roster did not"):
+        clients[1].unmask(padded)
+    repeated = m.UnmaskRequest.model_construct(round_id="full", sender=0, version=2, survivors=(1, 2, 3, 3, 3, 3),
+                                               dropped=(4, 5, 6, 7, 8))
+    with pytest.raises(RoundAborted, match="includes 3 inputs"):
+        clients[2].unmask(repeated)

@@ -115,7 +115,7 @@ def test_a_state_past_stage_new_without_keys_is_refused():
     document = json.loads(state_after_share_keys()[5:])
     document["keys"] = None
     with pytest.raises(CorruptState, match="no keys"):
-        SecAggClient.restore(b"PFSC\x01" + json.dumps(document).encode())
+        SecAggClient.restore(b"PFSC\x02" + json.dumps(document).encode())
 
 
 @settings(max_examples=200, deadline=None)

@@ -21,6 +21,7 @@ import json
 import struct
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -38,7 +39,8 @@ from privfer.secagg.errors import (
     WrongRound,
     WrongStage,
 )
-from privfer.secagg.graph import graph_seed, neighbourhoods
+from privfer.secagg.graph import runs_neighbourhoods
+from privfer.secagg.idsets import Runs, check_runs, in_runs, runs_size, runs_within
 from privfer.secagg.keys import (
     KEY_BYTES,
     PURPOSE_MASK,
@@ -72,7 +74,7 @@ from privfer.secagg.randomness import SYSTEM, Randomness
 _STAGES = ("new", "advertised", "shared", "masked", "unmasked")
 _PLAINTEXT = struct.Struct(">II")
 STATE_MAGIC = b"PFSC"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the roster's ids (members)
 
 
 def share_plaintext(sender: int, receiver: int, seed_share: np.ndarray, key_share: np.ndarray) -> bytes:
@@ -100,6 +102,12 @@ def _b64decode(text: str, length: int | None) -> bytes:
     if length is not None and len(raw) != length:
         raise ValueError(f"{len(raw)} bytes, expected {length}")
     return raw
+
+
+@lru_cache(maxsize=4)
+def _listed(ids: tuple[int, ...], members: Runs) -> bool:
+    """Whether every id is in ``members`` (cached: the clients of an in-process round check a request once)."""
+    return all(in_runs(members, v) for v in ids)
 
 
 def check_header(message: Message, round_id: str, sender: int | None = None) -> None:
@@ -133,6 +141,7 @@ class SecAggClient:
         self._keys: KeyPairs | None = None
         self._roster: dict[int, tuple[bytes, bytes]] = {}
         self._group: frozenset[int] = frozenset()
+        self._members: Runs = ()  # every client that advertised keys (the roster's ids), as runs
         self._peers: frozenset[int] = frozenset()  # neighbours whose shares arrived
         self._held: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # owner -> (seed share, key share)
         self._self_seed = b""
@@ -163,6 +172,7 @@ class SecAggClient:
                                                      b64(private_bytes(self._keys.s_private))],
             "roster": {str(c): [b64(a), b64(b)] for c, (a, b) in self._roster.items()},
             "group": sorted(self._group),
+            "members": [list(run) for run in self._members],
             "peers": sorted(self._peers),
             "held": {str(owner): [b64(shamir.share_to_bytes(seed)), b64(shamir.share_to_bytes(key))]
                      for owner, (seed, key) in self._held.items()},
@@ -199,6 +209,8 @@ class SecAggClient:
                               for c, (a, b) in document["roster"].items()}
             field = "group"
             client._group = frozenset(int(c) for c in document["group"])
+            field = "members"
+            client._members = check_runs(tuple((int(a), int(b)) for a, b in document["members"]), config.num_clients)
             field = "peers"
             client._peers = frozenset(int(c) for c in document["peers"])
             field = "held"
@@ -253,19 +265,20 @@ class SecAggClient:
                                 f"client {self.client_id}")
 
     def _group_of(self, roster: KeyRoster | GroupRoster) -> frozenset[int]:
-        """This client's group: derived from the full roster, or as the server sent it (checked for its size)."""
-        if isinstance(roster, KeyRoster):
-            neighbours = neighbourhoods(roster.keys, self.config.degree, graph_seed(self.round_id, roster.keys))
-            return neighbours[self.client_id] | {self.client_id}
-        advertised = roster.advertised
-        if not len(roster.keys) <= advertised <= self.config.num_clients:
-            raise MalformedMessage(f"the group roster lists {len(roster.keys)} members of {advertised} advertised "
-                                   f"clients (the round has at most {self.config.num_clients})")
-        expected = min(self.config.degree, advertised - 1) + 1  # the graph of section 4 on `advertised` clients
-        if len(roster.keys) != expected:
-            raise MalformedMessage(f"the group roster lists {len(roster.keys)} members; the round's graph on "
-                                   f"{advertised} clients gives every group {expected}")
-        return frozenset(roster.keys)
+        """This client's group on the round's graph, which it derives itself from the ids of every client that
+        advertised (section 4) — in either form; a group roster must carry exactly that group's keys."""
+        members = roster.members
+        if runs_size(members) > self.config.num_clients:
+            raise MalformedMessage(f"the roster lists {runs_size(members)} clients, the round has at most "
+                                   f"{self.config.num_clients}")
+        if not in_runs(members, self.client_id):
+            raise UnknownSender(f"the roster does not list client {self.client_id}")
+        group = runs_neighbourhoods(self.round_id, members, self.config.degree)[self.client_id] | {self.client_id}
+        if isinstance(roster, GroupRoster) and set(roster.keys) != group:
+            raise MalformedMessage(f"the group roster's keys are not client {self.client_id}'s group on the round's "
+                                   f"graph ({len(roster.keys)} listed, {len(group)} in the group)")
+        self._members = members
+        return group
 
     def share_keys(self, roster: KeyRoster | GroupRoster) -> ShareKeys:
         check_header(roster, self.round_id, SERVER)
@@ -381,10 +394,18 @@ class SecAggClient:
         self._expect(request, UnmaskRequest, GroupUnmaskRequest)
         # Answer at most once per round: a second request could ask for the other share of a peer.
         self._advance("masked", "unmasked")
-        survivors, dropped = request.survivor_set, request.dropped_set
-        if isinstance(request, GroupUnmaskRequest) and not (survivors | dropped) <= self._group:
-            raise MalformedMessage(f"the group unmask request names clients outside client {self.client_id}'s "
-                                   f"group: {sorted((survivors | dropped) - self._group)[:5]}")
+        if isinstance(request, GroupUnmaskRequest):
+            dropped = frozenset(request.dropped)
+            if not dropped <= self._group:
+                raise MalformedMessage(f"the group unmask request lists as dropped clients outside client "
+                                       f"{self.client_id}'s group: {sorted(dropped - self._group)[:5]}")
+            inside = runs_within(request.survivors, self._members)
+            survivors = frozenset(v for v in self._group if request.survived(v))  # the group's: all it answers for
+        else:
+            survivors, dropped = request.survivor_set, request.dropped_set
+            inside = _listed(request.survivors, self._members) and _listed(request.dropped, self._members)
+        if not inside:  # an input the roster never had would count towards min_inputs
+            raise UnsafeUnmaskRequest("the unmask request lists clients the roster did not")
         known = set(self._peers) | {self.client_id}
         both = known & survivors & dropped  # the client holds shares of its group only: those are what it guards
         if both:
@@ -395,9 +416,6 @@ class SecAggClient:
         if self.client_id in dropped or self.client_id not in survivors:
             raise UnsafeUnmaskRequest(f"client {self.client_id} sent its masked input but is not listed as a survivor")
         minimum = self.config.min_inputs
-        if request.included < len(survivors & known):
-            raise UnsafeUnmaskRequest(f"the request says {request.included} inputs are included but lists "
-                                      f"{len(survivors & known)} survivors in client {self.client_id}'s group")
         if minimum is not None and request.included < minimum:
             # The caller's guarantee (e.g. enough noise shares in the sum) needs at least this many inputs.
             raise RoundAborted(

@@ -19,6 +19,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from privfer.secagg.idsets import Runs, expand_runs
 from privfer.secagg.keys import round_bytes
 from privfer.secagg.prg import expand
 
@@ -63,3 +64,11 @@ def _neighbourhoods(ids: tuple[int, ...], degree: int, seed: bytes | None) -> Ma
     steps = np.array([step for step in range(-half, half + 1) if step], dtype=np.int64)
     table = ring[(np.arange(n)[:, None] + steps[None, :]) % n].tolist()  # row i: the ring neighbours of ring[i]
     return MappingProxyType({int(u): frozenset(row) for u, row in zip(ring.tolist(), table)})
+
+
+@lru_cache(maxsize=4)
+def runs_neighbourhoods(round_id: str, members: Runs, degree: int) -> Mapping[int, frozenset[int]]:
+    """The round's graph on the ids ``members`` holds (runs of consecutive ids), cached by the runs: the clients
+    of an in-process round with group rosters derive it once, not once each."""
+    ids = expand_runs(members)
+    return neighbourhoods(ids, degree, graph_seed(round_id, ids))

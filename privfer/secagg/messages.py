@@ -13,7 +13,7 @@ protocols/secagg/SPEC.md gives the byte layouts.
 from __future__ import annotations
 
 import struct
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Annotated, ClassVar
 
 import numpy as np
@@ -21,6 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from privfer.secagg.config import MAX_CLIENTS, PROTOCOL_VERSION
 from privfer.secagg.errors import DuplicateSender, MalformedMessage, UnsupportedVersion, WrongVectorLength
+from privfer.secagg.idsets import Runs, check_runs, id_runs, in_runs, runs_size
 from privfer.secagg.keys import COMMITMENT_BYTES, KEY_BYTES
 from privfer.secagg.prg import word_dtype
 from privfer.secagg.shamir import SHARE_BYTES, share_from_bytes
@@ -225,6 +226,11 @@ class KeyRoster(Message):
     KIND: ClassVar[int] = 2
     keys: dict[int, tuple[bytes, bytes]]
 
+    @cached_property
+    def members(self) -> Runs:
+        """The listed ids as runs (computed once per message: every client of an in-process round shares it)."""
+        return id_runs(self.keys)
+
     def _body(self) -> bytes:
         return _key_table(self.keys)
 
@@ -233,24 +239,49 @@ class KeyRoster(Message):
         return cls(**header, keys=_read_key_table(reader))
 
 
+def _runs(runs: Runs) -> bytes:
+    """u32 count, then (u32 first, u32 count) per run."""
+    return struct.pack(f">I{2 * len(runs)}I", len(runs), *(x for run in runs for x in run))
+
+
+def _read_runs(reader: _Reader) -> Runs:
+    runs = tuple((reader.u32(), reader.u32()) for _ in range(reader.count()))
+    try:
+        return check_runs(runs, MAX_CLIENTS)
+    except ValueError as exc:
+        raise MalformedMessage(f"id set: {exc}") from None
+
+
+def _check_id_set(value: Runs) -> Runs:
+    return check_runs(tuple(tuple(run) for run in value), MAX_CLIENTS)
+
+
+IdSet = Annotated[tuple[tuple[int, int], ...], AfterValidator(_check_id_set)]
+
+
 class GroupRoster(Message):
-    """Stage 0 result, server -> one client (``roster = "group"``): how many clients advertised keys, and the
-    public keys of the receiver's group only (its neighbours on the round's graph, and itself) — O(k) bytes
-    instead of O(n) (SecAgg+, Bell et al. 2020). The receiver takes the graph from the server."""
+    """Stage 0 result, server -> one client (``roster = "group"``): the ids of every client that advertised keys,
+    as runs of consecutive ids (a few bytes when the server numbers its clients), and the public keys of the
+    receiver's group only — O(k + runs) bytes instead of O(n) (SecAgg+, Bell et al. 2020). The receiver derives
+    the graph from the ids and checks the keys are exactly its group's."""
 
     KIND: ClassVar[int] = 8
     receiver: int = ClientId
-    advertised: int = Field(..., ge=1, le=MAX_CLIENTS)
+    members: IdSet
     keys: dict[int, tuple[bytes, bytes]]
 
+    @property
+    def advertised(self) -> int:
+        return runs_size(self.members)
+
     def _body(self) -> bytes:
-        return struct.pack(">II", self.receiver, self.advertised) + _key_table(self.keys)
+        return struct.pack(">I", self.receiver) + _runs(self.members) + _key_table(self.keys)
 
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "GroupRoster":
         receiver = reader.client_id()
-        advertised = reader.count()
-        return cls(**header, receiver=receiver, advertised=advertised, keys=_read_key_table(reader))
+        members = _read_runs(reader)
+        return cls(**header, receiver=receiver, members=members, keys=_read_key_table(reader))
 
 
 class ShareKeys(Message):
@@ -346,8 +377,11 @@ class UnmaskRequest(Message):
 
     @property
     def included(self) -> int:
-        """How many inputs the round includes (GroupUnmaskRequest states it; here it is the survivors' count)."""
-        return len(self.survivors)
+        """How many inputs the round includes (distinct survivors)."""
+        return len(self.survivor_set)
+
+    def survived(self, client: int) -> bool:
+        return client in self.survivor_set
 
     @property
     def survivor_set(self) -> frozenset[int]:
@@ -365,32 +399,30 @@ class UnmaskRequest(Message):
 
 
 class GroupUnmaskRequest(Message):
-    """Stage 3, server -> one client (``roster = "group"``): how many inputs the round includes, and which members
-    of the receiver's group survived or dropped — all the client's answer depends on, in O(k) bytes."""
+    """Stage 3, server -> one client (``roster = "group"``): the ids of every survivor, as runs (so the client can
+    count the included inputs and check them against the roster), and which members of the receiver's group
+    dropped."""
 
     KIND: ClassVar[int] = 9
     receiver: int = ClientId
-    included: int = Field(..., ge=1, le=MAX_CLIENTS)
-    survivors: tuple[int, ...]
+    survivors: IdSet
     dropped: tuple[int, ...]
 
+    @property
+    def included(self) -> int:
+        return runs_size(self.survivors)
+
+    def survived(self, client: int) -> bool:
+        return in_runs(self.survivors, client)
+
     def _body(self) -> bytes:
-        return struct.pack(">II", self.receiver, self.included) + _ids(self.survivors) + _ids(self.dropped)
-
-    @property
-    def survivor_set(self) -> frozenset[int]:
-        return frozenset(self.survivors)
-
-    @property
-    def dropped_set(self) -> frozenset[int]:
-        return frozenset(self.dropped)
+        return struct.pack(">I", self.receiver) + _runs(self.survivors) + _ids(self.dropped)
 
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "GroupUnmaskRequest":
         receiver = reader.client_id()
-        included = reader.count()
-        survivors = reader.ids()
-        return cls(**header, receiver=receiver, included=included, survivors=survivors, dropped=reader.ids())
+        survivors = _read_runs(reader)
+        return cls(**header, receiver=receiver, survivors=survivors, dropped=reader.ids())
 
 
 class UnmaskResponse(Message):

@@ -34,6 +34,7 @@ from privfer.secagg.errors import (
     WrongVectorLength,
 )
 from privfer.secagg.graph import graph_seed, neighbourhoods
+from privfer.secagg.idsets import id_runs
 from privfer.secagg.keys import (
     COMMITMENT_BYTES,
     PURPOSE_MASK,
@@ -192,12 +193,12 @@ class SecAggServer:
         return self._send(KeyRoster(round_id=self.round_id, sender=SERVER, keys=dict(self._keys)), "advertise", 0)
 
     def group_rosters(self) -> dict[int, GroupRoster]:
-        """``roster = "group"``: one message per client with its group's keys only (O(k) bytes each)."""
+        """``roster = "group"``: one message per client with every advertised id as runs and its group's keys
+        only (O(k + runs) bytes each)."""
         self._close_advertise("group")
-        advertised = len(self._keys)
+        members = id_runs(self._keys)
         return {
-            client: self._send(GroupRoster(round_id=self.round_id, sender=SERVER, receiver=client,
-                                           advertised=advertised,
+            client: self._send(GroupRoster(round_id=self.round_id, sender=SERVER, receiver=client, members=members,
                                            keys={v: self._keys[v] for v in self._neighbours[client] | {client}}),
                                "advertise", client)
             for client in sorted(self._keys)
@@ -274,16 +275,16 @@ class SecAggServer:
         return self._send(self._close_masked("full"), "masked", 0)
 
     def group_unmask_requests(self) -> dict[int, GroupUnmaskRequest]:
-        """``roster = "group"``: one request per survivor naming the survivors and dropped clients of its group,
-        and how many inputs the round includes (O(k) bytes each)."""
+        """``roster = "group"``: one request per survivor with every survivor's id as runs (a few bytes when few
+        dropped) and the dropped clients of its group (O(k))."""
         request = self._close_masked("group")
-        survivors, dropped = request.survivor_set, request.dropped_set
+        survivors, dropped = id_runs(request.survivors), request.dropped_set
         out = {}
         for client in request.survivors:
             group = self._neighbours[client] | {client}
             out[client] = self._send(GroupUnmaskRequest(
-                round_id=self.round_id, sender=SERVER, receiver=client, included=len(request.survivors),
-                survivors=tuple(sorted(group & survivors)), dropped=tuple(sorted(group & dropped))), "masked", client)
+                round_id=self.round_id, sender=SERVER, receiver=client, survivors=survivors,
+                dropped=tuple(sorted(group & dropped))), "masked", client)
         return out
 
     # -- stage 3 -----------------------------------------------------------------

@@ -270,9 +270,9 @@ class AggregationConfig(_Section):
     )
     roster: Literal["full", "group"] = Field(
         "full",
-        description="masking: each client receives every participant's keys and ids and derives the graph itself "
-        "(O(n) bytes), or only its group's (O(log n) bytes on the SecAgg+ graph; it takes the graph from the "
-        "server).",
+        description="masking: each client receives every participant's keys (O(n) bytes), or everyone's ids as "
+        "runs and only its group's keys (O(log n) bytes on the SecAgg+ graph); either way it derives the graph "
+        "itself.",
     )
 
     def secagg_config(self, num_clients: int, **extra: Any) -> Any:

@@ -75,8 +75,10 @@ def test_quantization(case):
     assert report.clipped == case["clipped"]
 
 
-def test_complete_three_client_round():
-    case = VECTORS["round"]
+@pytest.mark.parametrize("name", ["round", "group_round"])
+def test_complete_rounds(name):
+    """A 3-client complete-graph round, and a 7-client SecAgg+ ring with group rosters (kinds 8 and 9)."""
+    case = VECTORS[name]
     settings = {k: v for k, v in case["config"].items()}
     settings["metrics"] = tuple(settings["metrics"])
     config = SecAggConfig(**settings)
@@ -98,5 +100,6 @@ def test_complete_three_client_round():
     assert [f"{w:08x}" for w in result.words.tolist()] == case["sum_words"]
     assert result.included == case["included"]
     assert [a.tolist() for a in result.total] == case["total"]
-    assert result.example_count == case["example_count"] == 30
+    assert result.example_count == case["example_count"] == sum(
+        v for c, v in case["example_counts"].items() if int(c) in case["included"])
     assert result.metrics == case["metric_sums"]

@@ -134,9 +134,9 @@ class SecAggConfig(BaseModel):
     )
     roster: Literal["full", "group"] = Field(
         "full",
-        description="What each client receives of the roster and the unmask request: everyone's keys and ids (a "
-        "client recomputes the graph itself; O(n) bytes), or its group's only (O(k) bytes; the client takes the "
-        "graph from the server).",
+        description="What each client receives of the roster and the unmask request: everyone's keys and ids "
+        "(O(n) bytes), or everyone's ids as runs of consecutive ids and its group's keys only (O(k + runs) bytes); "
+        "either way the client derives the graph itself.",
     )
 
     @model_validator(mode="after")

@@ -111,17 +111,32 @@ def full_round() -> dict:
                3: [np.array([-0.25, 0.125]), np.array([[1.0]])]}
     counts = {1: 10, 2: 20, 3: 30}
     metrics = {1: {"loss": 0.5}, 2: {"loss": 1.0}, 3: {"loss": 2.0}}
-    result = aggregate(updates, config, {3: "masked_input"}, example_counts=counts, metrics=metrics,
-                       round_id="kat-round-3",
+    return _round(config, updates, counts, metrics, {3: "masked_input"}, "kat-round-3")
+
+
+def group_round() -> dict:
+    """Seven clients on a degree-4 SecAgg+ ring with group rosters (kinds 8 and 9); client 5 drops before its
+    masked input."""
+    config = SecAggConfig(num_clients=7, modulus_bits=32, clipping_range=4.0, precision_bits=16, graph="harary",
+                          neighbours=4, roster="group", metrics=("loss",), metric_range=10.0)
+    updates = {c: [np.array([0.25 * c, -0.5 * c]), np.array([[0.125 * (c % 3)]])] for c in range(1, 8)}
+    counts = {c: 10 * c for c in range(1, 8)}
+    metrics = {c: {"loss": 0.25 * c} for c in range(1, 8)}
+    return _round(config, updates, counts, metrics, {5: "masked_input"}, "kat-group-round-7")
+
+
+def _round(config: SecAggConfig, updates: dict, counts: dict, metrics: dict, dropouts: dict, round_id: str) -> dict:
+    result = aggregate(updates, config, dropouts, example_counts=counts, metrics=metrics,
+                       round_id=round_id,
                        randomness=lambda cid: InsecureDeterministicRandomness(seed(f"client-{cid}")))
     return {
         "config": {k: v for k, v in config.model_dump().items() if v is not None} | {"metrics": ["loss"]},
-        "round_id": "kat-round-3",
+        "round_id": round_id,
         "client_randomness": {str(c): seed(f"client-{c}").hex() for c in updates},
         "updates": {str(c): [a.tolist() for a in u] for c, u in updates.items()},
         "example_counts": {str(c): v for c, v in counts.items()},
         "metrics": {str(c): v for c, v in metrics.items()},
-        "dropouts": {"3": "masked_input"},
+        "dropouts": {str(c): stage for c, stage in dropouts.items()},
         "messages": [
             {"stage": e.stage, "direction": e.direction, "party": e.party, "kind": type(e.message).__name__,
              "bytes": e.message.to_bytes().hex()}
@@ -144,6 +159,7 @@ def main() -> None:
         "shamir": shamir_vectors(),
         "quantization": quantization_vectors(),
         "round": full_round(),
+        "group_round": group_round(),
     }
     (HERE / "vectors.json").write_text(json.dumps(vectors, indent=1) + "\n")
     print(f"wrote {HERE / 'vectors.json'}")

@@ -271,8 +271,8 @@ class AggregationConfig(_Section):
     roster: Literal["full", "group"] = Field(
         "full",
         description="masking: each client receives every participant's keys (O(n) bytes), or everyone's ids as "
-        "runs and only its group's keys (O(log n) bytes on the SecAgg+ graph); either way it derives the graph "
-        "itself.",
+        "runs and only its group's keys (O(log n + runs) bytes on the SecAgg+ graph; one run per gap or "
+        "dropout); either way it derives the graph itself.",
     )
 
     def secagg_config(self, num_clients: int, **extra: Any) -> Any:

@@ -212,3 +212,45 @@ def test_the_full_request_counts_distinct_listed_survivors():
                                                dropped=(4, 5, 6, 7, 8))
     with pytest.raises(RoundAborted, match="includes 3 inputs"):
         clients[2].unmask(repeated)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ids=st.sets(st.integers(1, 300), min_size=3, max_size=120), half=st.integers(1, 8),
+       round_id=st.text(min_size=1, max_size=8))
+def test_one_clients_group_is_its_row_of_the_whole_graph(ids, half, round_id):
+    from privfer.secagg.graph import client_group
+    from privfer.secagg.idsets import id_runs
+
+    members = id_runs(ids)
+    graph = neighbourhoods(ids, 2 * half, graph_seed(round_id, ids))
+    for client in sorted(ids)[:: max(1, len(ids) // 10)]:
+        assert client_group(round_id, members, 2 * half, client) == graph[client] | {client}
+
+
+def test_runs_passed_as_objects_are_checked_like_decoded_ones():
+    r = GroupRound()
+    rosters = r.server.group_rosters()
+    doubled = rosters[1].model_copy(update={"members": ((1, 6), (1, 6))})  # bypasses the constructor's check
+    with pytest.raises(MalformedMessage, match="canonical"):
+        r.clients[1].share_keys(doubled)
+    fresh = GroupRound(round_id="objects", min_inputs=10).to_masked()
+    requests = fresh.server.group_unmask_requests()
+    twice = requests[1].model_copy(update={"survivors": ((1, 6), (1, 6))})  # 6 survivors counted twice
+    with pytest.raises(MalformedMessage, match="canonical"):
+        fresh.clients[1].unmask(twice)
+
+
+def test_a_restored_client_refuses_a_state_whose_roster_ids_do_not_hold_its_group():
+    import json
+
+    from privfer.secagg import CorruptState
+
+    r = GroupRound()
+    rosters = r.server.group_rosters()
+    r.clients[1].share_keys(rosters[1])
+    state = r.clients[1].export_state()
+    document = json.loads(state[5:])
+    assert SecAggClient.restore(state)._members == rosters[1].members
+    for members in ([[20, 3]], [[True, 12]], [[1.5, 11]], [["1", "12"]], [[1, 6], [1, 6]]):
+        with pytest.raises(CorruptState, match="members"):
+            SecAggClient.restore(state[:5] + json.dumps({**document, "members": members}).encode())

@@ -39,8 +39,8 @@ from privfer.secagg.errors import (
     WrongRound,
     WrongStage,
 )
-from privfer.secagg.graph import runs_neighbourhoods
-from privfer.secagg.idsets import Runs, check_runs, in_runs, runs_size, runs_within
+from privfer.secagg.graph import client_group
+from privfer.secagg.idsets import Runs, check_runs, id_runs, in_runs, runs_size, runs_within
 from privfer.secagg.keys import (
     KEY_BYTES,
     PURPOSE_MASK,
@@ -102,6 +102,14 @@ def _b64decode(text: str, length: int | None) -> bytes:
     if length is not None and len(raw) != length:
         raise ValueError(f"{len(raw)} bytes, expected {length}")
     return raw
+
+
+def _canonical(runs: object) -> Runs:
+    """Id runs in canonical form, else MalformedMessage."""
+    try:
+        return check_runs(tuple(tuple(run) for run in runs), shamir.PRIME)  # type: ignore[union-attr]
+    except (TypeError, ValueError) as exc:
+        raise MalformedMessage(f"id runs: {exc}") from None
 
 
 @lru_cache(maxsize=4)
@@ -210,7 +218,10 @@ class SecAggClient:
             field = "group"
             client._group = frozenset(int(c) for c in document["group"])
             field = "members"
-            client._members = check_runs(tuple((int(a), int(b)) for a, b in document["members"]), config.num_clients)
+            client._members = check_runs(tuple((a, b) for a, b in document["members"]), config.num_clients)
+            if client._group and not (in_runs(client._members, client.client_id)
+                                      and all(in_runs(client._members, v) for v in client._group)):
+                raise ValueError("the group is not within the roster")
             field = "peers"
             client._peers = frozenset(int(c) for c in document["peers"])
             field = "held"
@@ -267,13 +278,15 @@ class SecAggClient:
     def _group_of(self, roster: KeyRoster | GroupRoster) -> frozenset[int]:
         """This client's group on the round's graph, which it derives itself from the ids of every client that
         advertised (section 4) — in either form; a group roster must carry exactly that group's keys."""
-        members = roster.members
+        # the ids from the keys themselves (full form), or the runs re-checked (an object passed in process skips
+        # the decoder's checks)
+        members = id_runs(roster.keys) if isinstance(roster, KeyRoster) else _canonical(roster.members)
         if runs_size(members) > self.config.num_clients:
             raise MalformedMessage(f"the roster lists {runs_size(members)} clients, the round has at most "
                                    f"{self.config.num_clients}")
         if not in_runs(members, self.client_id):
             raise UnknownSender(f"the roster does not list client {self.client_id}")
-        group = runs_neighbourhoods(self.round_id, members, self.config.degree)[self.client_id] | {self.client_id}
+        group = client_group(self.round_id, members, self.config.degree, self.client_id)
         if isinstance(roster, GroupRoster) and set(roster.keys) != group:
             raise MalformedMessage(f"the group roster's keys are not client {self.client_id}'s group on the round's "
                                    f"graph ({len(roster.keys)} listed, {len(group)} in the group)")
@@ -399,7 +412,7 @@ class SecAggClient:
             if not dropped <= self._group:
                 raise MalformedMessage(f"the group unmask request lists as dropped clients outside client "
                                        f"{self.client_id}'s group: {sorted(dropped - self._group)[:5]}")
-            inside = runs_within(request.survivors, self._members)
+            inside = runs_within(_canonical(request.survivors), self._members)
             survivors = frozenset(v for v in self._group if request.survived(v))  # the group's: all it answers for
         else:
             survivors, dropped = request.survivor_set, request.dropped_set

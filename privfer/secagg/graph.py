@@ -67,8 +67,35 @@ def _neighbourhoods(ids: tuple[int, ...], degree: int, seed: bytes | None) -> Ma
 
 
 @lru_cache(maxsize=4)
-def runs_neighbourhoods(round_id: str, members: Runs, degree: int) -> Mapping[int, frozenset[int]]:
-    """The round's graph on the ids ``members`` holds (runs of consecutive ids), cached by the runs: the clients
-    of an in-process round with group rosters derive it once, not once each."""
+def _ring(round_id: str, members: Runs) -> tuple[np.ndarray, np.ndarray]:
+    """The ring of the ids ``members`` holds, and each sorted id's ring position: O(n) memory, cached by value so
+    the clients of an in-process round build it once."""
     ids = expand_runs(members)
-    return neighbourhoods(ids, degree, graph_seed(round_id, ids))
+    order = np.argsort(expand(graph_seed(round_id, ids), len(ids), 64), kind="stable")  # as ring_order
+    ring = np.asarray(ids, dtype=np.int64)[order]
+    position = np.empty(len(ids), dtype=np.int64)
+    position[order] = np.arange(len(ids))
+    return ring, position
+
+
+def client_group(round_id: str, members: Runs, degree: int, client: int) -> frozenset[int]:
+    """``client`` and its neighbours on the round's graph over the ids ``members`` holds (the same graph as
+    :func:`neighbourhoods`), without building every other client's row: what one client needs."""
+    ids = expand_runs(members)
+    n = len(ids)
+    if degree >= n - 1:
+        return frozenset(ids)
+    if degree % 2:
+        raise ValueError("the Harary degree must be even")
+    ring, position = _ring(round_id, members)
+    index = 0  # the client's index among the sorted ids, from the runs
+    for first, count in members:
+        if first <= client < first + count:
+            index += client - first
+            break
+        index += count
+    else:
+        raise ValueError(f"client {client} is not in the roster")
+    half = degree // 2
+    at = int(position[index])
+    return frozenset(int(v) for v in ring[(at + np.arange(-half, half + 1)) % n])

@@ -13,7 +13,7 @@ protocols/secagg/SPEC.md gives the byte layouts.
 from __future__ import annotations
 
 import struct
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from typing import Annotated, ClassVar
 
 import numpy as np
@@ -226,9 +226,9 @@ class KeyRoster(Message):
     KIND: ClassVar[int] = 2
     keys: dict[int, tuple[bytes, bytes]]
 
-    @cached_property
+    @property
     def members(self) -> Runs:
-        """The listed ids as runs (computed once per message: every client of an in-process round shares it)."""
+        """The listed ids as runs."""
         return id_runs(self.keys)
 
     def _body(self) -> bytes:

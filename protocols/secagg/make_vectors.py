@@ -115,14 +115,14 @@ def full_round() -> dict:
 
 
 def group_round() -> dict:
-    """Seven clients on a degree-4 SecAgg+ ring with group rosters (kinds 8 and 9); client 5 drops before its
-    masked input."""
+    """Seven clients on a degree-4 SecAgg+ ring with group rosters (kinds 8 and 9); client 3 never advertises
+    keys (the roster's ids are two runs) and client 5 drops before its masked input (the survivors three)."""
     config = SecAggConfig(num_clients=7, modulus_bits=32, clipping_range=4.0, precision_bits=16, graph="harary",
                           neighbours=4, roster="group", metrics=("loss",), metric_range=10.0)
     updates = {c: [np.array([0.25 * c, -0.5 * c]), np.array([[0.125 * (c % 3)]])] for c in range(1, 8)}
     counts = {c: 10 * c for c in range(1, 8)}
     metrics = {c: {"loss": 0.25 * c} for c in range(1, 8)}
-    return _round(config, updates, counts, metrics, {5: "masked_input"}, "kat-group-round-7")
+    return _round(config, updates, counts, metrics, {3: "advertise_keys", 5: "masked_input"}, "kat-group-round-7")
 
 
 def _round(config: SecAggConfig, updates: dict, counts: dict, metrics: dict, dropouts: dict, round_id: str) -> dict:

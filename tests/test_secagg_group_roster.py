@@ -74,8 +74,11 @@ def test_each_client_receives_its_group_only_and_bytes_grow_with_k_not_n():
 
 
 class GroupRound:
+    """A round driven by hand up to the roster (sparse ring of degree 4 and group rosters unless told otherwise)."""
+
     def __init__(self, n=12, round_id="group-round", **settings):
-        self.config = SecAggConfig(num_clients=n, graph="harary", neighbours=4, roster="group", **settings)
+        self.config = SecAggConfig(num_clients=n, **{"graph": "harary", "neighbours": 4, "roster": "group",
+                                                     **settings})
         self.layout = PayloadLayout(((3,),), self.config)
         self.round_id = round_id
         self.clients = {c: SecAggClient(c, self.config, round_id, self.layout) for c in range(1, n + 1)}
@@ -143,12 +146,8 @@ def test_a_roster_for_another_client_or_another_graph_is_refused():
 def test_the_server_cannot_split_the_round_into_separately_unmasked_parts():
     """The reviewer's attack on a server-chosen graph: 9 clients cut into three triangles, each unmasked on its
     own. Every client derives its group from the roster's ids, so a triangle roster is refused."""
-    config = SecAggConfig(num_clients=9, graph="harary", neighbours=2, roster="group")
-    layout = PayloadLayout(((2,),), config)
-    clients = {c: SecAggClient(c, config, "split", layout) for c in range(1, 10)}
-    server = SecAggServer(config, "split", layout)
-    for cid, client in clients.items():
-        server.receive_advertise(client.advertise_keys(), peer=cid)
+    r = GroupRound(9, "split", neighbours=2)
+    clients, server = r.clients, r.server
     honest = server.group_rosters()
     keys = {c: honest[c].keys[c] for c in honest}
     refused = 0
@@ -193,18 +192,14 @@ def test_min_inputs_counts_survivors_the_roster_listed():
 
 
 def test_the_full_request_counts_distinct_listed_survivors():
-    config = SecAggConfig(num_clients=8, min_inputs=6)
-    layout = PayloadLayout(((2,),), config)
-    clients = {c: SecAggClient(c, config, "full", layout) for c in range(1, 9)}
-    server = SecAggServer(config, "full", layout)
-    for cid, client in clients.items():
-        server.receive_advertise(client.advertise_keys(), peer=cid)
+    r = GroupRound(8, "full", graph="complete", neighbours=None, roster="full", min_inputs=6)
+    clients, server = r.clients, r.server
     roster = server.key_roster()
     for cid, client in clients.items():
         server.receive_share_keys(client.share_keys(roster), peer=cid)
     bundles = server.forward_shares()
     for cid in (1, 2, 3):
-        server.receive_masked_input(clients[cid].masked_input(bundles[cid], [np.ones(2)]), peer=cid)
+        server.receive_masked_input(clients[cid].masked_input(bundles[cid], [np.ones(3)]), peer=cid)
     padded = m.UnmaskRequest(round_id="full", sender=0, survivors=(1, 2, 3, 1001, 1002, 1003), dropped=())
     with pytest.raises(UnsafeUnmaskRequest, match="the roster did not"):
         clients[1].unmask(padded)

@@ -227,6 +227,15 @@ class _SecureRound:
                 self.drop(node, stage, "no reply before the timeout")
         return answers
 
+    def addressed(self, messages: Mapping[int, Any]) -> dict[int, bytes]:
+        """Each live node's own message (keyed by its client id), as bytes."""
+        return {node: messages[self.ids[node]].to_bytes() for node in self.alive if self.ids[node] in messages}
+
+    def broadcast(self, message: Any) -> dict[int, bytes]:
+        """The same message's bytes for every live node."""
+        raw = message.to_bytes()
+        return {node: raw for node in self.alive}
+
     def drop(self, node: int, stage: str, reason: str) -> None:
         self.report.dropped[node] = f"{stage}: {reason}"
         if node in self.alive:
@@ -254,29 +263,18 @@ class _SecureRound:
             self.accept("advertise_keys", answers, lambda raw, cid: server.receive_advertise(raw, peer=cid))
             self.lap("advertise_keys", started)
 
-            if self.config.roster == "group":  # each node gets its group's keys only (O(log n) bytes)
-                rosters = server.group_rosters()
-                payloads = {node: rosters[ids[node]].to_bytes() for node in self.alive if ids[node] in rosters}
-            else:
-                roster = server.key_roster().to_bytes()
-                payloads = {node: roster for node in self.alive}
-            answers = self.exchange("share_keys", payloads)
+            group = self.config.roster == "group"  # each node gets its group's keys only (O(log n) bytes)
+            answers = self.exchange("share_keys", self.addressed(server.group_rosters()) if group
+                                    else self.broadcast(server.key_roster()))
             self.accept("share_keys", answers, lambda raw, cid: server.receive_share_keys(raw, peer=cid))
             self.lap("share_keys", started)
 
-            bundles = server.forward_shares()
-            payloads = {node: bundles[ids[node]].to_bytes() for node in self.alive if ids[node] in bundles}
-            answers = self.exchange("masked_input", payloads, with_content=True)
+            answers = self.exchange("masked_input", self.addressed(server.forward_shares()), with_content=True)
             self.accept("masked_input", answers, lambda raw, cid: server.receive_masked_input(raw, peer=cid))
             self.lap("masked_input", started)
 
-            if self.config.roster == "group":
-                requests = server.group_unmask_requests()
-                payloads = {node: requests[ids[node]].to_bytes() for node in self.alive if ids[node] in requests}
-            else:
-                request = server.unmask_request().to_bytes()
-                payloads = {node: request for node in self.alive}
-            answers = self.exchange("unmask", payloads)
+            answers = self.exchange("unmask", self.addressed(server.group_unmask_requests()) if group
+                                    else self.broadcast(server.unmask_request()))
             self.accept("unmask", answers, lambda raw, cid: server.receive_unmask(raw, peer=cid))
             summed = server.finish()
             self.lap("unmask", started)

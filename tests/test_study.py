@@ -120,3 +120,18 @@ def test_a_population_study_gets_a_table_and_a_plot_by_population(tmp_path):
     assert "0.400 ± 0.000" in lines[-1] and "0.470 ± 0.000" in lines[-1]
     plot_population(rows, tmp_path / "population.png", "population")
     assert (tmp_path / "population.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_only_seeds_are_pooled_any_other_varying_setting_names_its_line():
+    from privfer.study.report import markdown_table
+
+    rows = []
+    for participation, scores in ((1.0, (0.40, 0.42)), (0.2, (0.30, 0.34))):
+        for seed, score in enumerate(scores):
+            rows.append({"privacy.epsilon": 3.0, "federation.strategy": "fedavg", "personal_layers": 0,
+                         "mechanism": "distributed", "unit": "person", "population": 1000, "macro_f1": score,
+                         "privacy.participation": participation, "seed": seed, "epsilon_max": 2.99,
+                         "axes": ("privacy.participation", "privacy.epsilon")})
+    table = markdown_table(rows, "participation")
+    assert "fedavg, participation 1.0" in table and "fedavg, participation 0.2" in table
+    assert "0.410 ± 0.014 (2)" in table and "0.320 ± 0.028 (2)" in table  # two seeds each, never four cells

@@ -25,7 +25,10 @@ from privfer import EMOTIONS
 from privfer.runs import atomic_write_bytes, atomic_write_text
 from privfer.study.spec import Cell
 
-EPSILON, STRATEGY, POPULATION = "privacy.epsilon", "federation.strategy", "population"
+EPSILON, STRATEGY, POPULATION, AXES = "privacy.epsilon", "federation.strategy", "population", "axes"
+# grid settings a line's label (or the table's rows and columns) already tells apart
+LABELLED = {EPSILON, STRATEGY, "privacy.mechanism", "privacy.unit", "aggregation.backend", "federation.personal_layers",
+            "data.synthetic.actors", "privacy.enabled"}
 
 
 def _epsilon(value: Any) -> float:
@@ -43,7 +46,7 @@ def collect(cells: list[Cell], directory: Path) -> list[dict[str, Any]]:
             continue
         result = json.loads(path.read_text(encoding="utf-8"))
         config = cell.config
-        row: dict[str, Any] = {"cell": cell.id, **cell.values, "seed": cell.seed}
+        row: dict[str, Any] = {"cell": cell.id, **cell.values, "seed": cell.seed, AXES: tuple(cell.values)}
         row[EPSILON] = _epsilon(config.privacy.epsilon if config.privacy.enabled else None)
         row[STRATEGY] = config.federation.strategy
         row["personal_layers"] = config.federation.personal_layers if config.federation.strategy == "fedper" else 0
@@ -81,9 +84,13 @@ def _groups(rows: list[dict[str, Any]], by_population: bool = False) -> dict[tup
     several = len({row.get("mechanism", "local") for row in rows}) > 1
     units = len({row.get("unit", "record") for row in rows}) > 1
     populations = not by_population and len(_populations(rows)) > 1  # never pool cells of different populations
+    # any other grid setting that varies names its own lines: only seeds are pooled into a mean ± std
+    others = sorted({key for row in rows for key in row.get(AXES, ()) if key not in LABELLED
+                     and len({json.dumps(r.get(key), default=str) for r in rows}) > 1})
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         label = _label(row, several, units) + (f", {row.get(POPULATION)} persons" if populations else "")
+        label += "".join(f", {key.split('.')[-1]} {row.get(key)}" for key in others)
         key = (label, row[EPSILON])
         groups[key + ((row.get(POPULATION),) if by_population else ())].append(row)
     return groups
@@ -142,12 +149,13 @@ def _eps_text(epsilon: float) -> str:
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     columns: list[str] = []
     for row in rows:
-        columns.extend(k for k in row if k not in columns)
+        columns.extend(k for k in row if k not in columns and k != AXES)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()})
+        writer.writerow({k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()
+                         if k != AXES})
     atomic_write_text(path, buffer.getvalue())
 
 

@@ -162,7 +162,8 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 def markdown_table(rows: list[dict[str, Any]], title: str) -> str:
     """Macro F1 mean ± std over seeds: one row per epsilon, one column per strategy."""
     groups = _groups(rows)
-    labels = sorted({label for label, _ in groups})
+    size = {label: members[0].get(POPULATION) or 0 for (label, _), members in groups.items()}
+    labels = sorted(size, key=lambda label: (label.split(",")[0], size[label], label))  # populations in order
     epsilons = sorted({eps for _, eps in groups})
     lines = [f"# {title}", "", "Macro F1 on the test actors' evaluation halves, mean ± std over seeds (n).", ""]
     lines.append("| epsilon | " + " | ".join(labels) + " |")

@@ -151,8 +151,10 @@ def test_the_server_cannot_tell_a_tails_client_from_a_heads_one():
     signed = lambda w: w.astype(np.int64) - 2**31  # the words read as numbers: the signal would shift them
     assert stats.ttest_ind(signed(heads), signed(tails)).pvalue > 1e-4
     # Positive control: the same mean test on what the plain (NOT private) sum sees tells them apart at once.
-    plain_heads, _ = _server_view(True, 400, "plain")
-    plain_tails, _ = _server_view(False, 400, "plain")
+    # (3,000 rounds: the effect's t statistic is 16-19 there, so the control cannot fail by chance; at 400 rounds it
+    # was about 6 and once fell to 4.6, past the threshold)
+    plain_heads, _ = _server_view(True, 3000, "plain")
+    plain_tails, _ = _server_view(False, 3000, "plain")
     assert stats.ttest_ind(plain_heads, plain_tails).pvalue < 1e-6
 
 

@@ -78,6 +78,13 @@ def test_matches_fit_with_sgd_weight_decay_and_discrete_labels():
     _compare(config, plan, _clients([3, 9, 14], discrete=True))
 
 
+def test_a_batch_larger_than_every_client_is_one_step_each():
+    config = _config("model.readout=mean", "model.shortcut=true")
+    plan = LocalTraining(lr=5e-3, epochs=2, batch_size=4096, noise_multiplier=None, weight_decay=0.001)
+    updates = _compare(config, plan, _clients([2, 7, 11]))
+    assert [u.steps for u in updates] == [2, 2, 2]
+
+
 def test_personal_layers_stay_out_of_the_delta():
     config = _config("model.readout=mean", "model.shortcut=true")
     plan = LocalTraining(lr=5e-3, epochs=1, batch_size=8, noise_multiplier=None)
@@ -95,8 +102,13 @@ def test_chunks_give_the_same_result(monkeypatch):
     shared = list(states[0])
     seeds = [1, 2, 3, 4, 5]
     whole = fit_clients(clients, config, states, shared, plan, seeds)
-    monkeypatch.setattr(batched, "MAX_CHUNK_VALUES", 2 * 13 * 6 * 12)  # two clients per chunk at most
+    # per client of 13 clips: its features (13 x 6 x 12) and one batch of 8 clips' activations (8 x 6 x (12 + 16 x 5))
+    monkeypatch.setattr(batched, "MAX_CHUNK_VALUES", 2 * (13 * 6 * 12 + 8 * 6 * (12 + 16 * 5)))
+    sizes = []
+    real = batched._fit_chunk
+    monkeypatch.setattr(batched, "_fit_chunk", lambda chunk, *rest: sizes.append(len(chunk)) or real(chunk, *rest))
     chunked = fit_clients(clients, config, states, shared, plan, seeds)
+    assert sizes == [2, 2, 1]  # two clients per chunk at most, every client once
     for a, b in zip(whole, chunked):
         for name in a.delta:
             torch.testing.assert_close(a.delta[name], b.delta[name], rtol=1e-4, atol=1e-6)

@@ -35,7 +35,7 @@ from privfer.models.vfer import VFER
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which FLClient.fit uses
 ADAM_EPS = 1e-8
-MAX_CHUNK_VALUES = 1 << 26  # padded feature values per chunk (256 MiB of float32): bounds the memory
+MAX_CHUNK_VALUES = 1 << 26  # float32 values a chunk keeps (256 MiB): padded features and one batch's activations
 
 
 def batchable(config: PrivferConfig, plan: LocalTraining) -> str | None:
@@ -104,15 +104,22 @@ def fit_clients(clients: Sequence[FLClient], config: PrivferConfig, states: Sequ
         raise ValueError(f"clients cannot be trained together: {reason}")
     if not len(clients) == len(states) == len(seeds):
         raise ValueError("one state and one seed per client")
+    frames, dim = clients[0].features.shape[1:] if clients else (0, 0)
+    hidden = 128 if config.model.hidden_size is None else config.model.hidden_size
+    # what one batch keeps for the backward pass, per clip: its frames and, per layer and frame, the projected
+    # gates, the gate activations and the states (about 16 hidden-sized vectors)
+    per_clip = frames * (dim + 16 * config.model.num_layers * hidden)
     updates: list[LocalUpdate] = []
     start = 0
     while start < len(clients):
-        end, values = start, 0
+        end, most = start, 0  # most: the largest client of the chunk so far (records)
         while end < len(clients):
-            width = max(values, clients[end].features[0].numel() * max(c.records for c in clients[start:end + 1]))
-            if end > start and width * (end + 1 - start) > MAX_CHUNK_VALUES:
+            largest = max(most, clients[end].records)
+            # padded features, plus one padded batch's activations, for every client of the chunk
+            values = (end + 1 - start) * (largest * frames * dim + min(largest, plan.batch_size) * per_clip)
+            if end > start and values > MAX_CHUNK_VALUES:
                 break
-            values, end = width, end + 1
+            most, end = largest, end + 1
         updates.extend(_fit_chunk(clients[start:end], config, states[start:end], shared, plan, seeds[start:end]))
         start = end
     return updates
@@ -147,8 +154,9 @@ def _fit_chunk(clients: Sequence[FLClient], config: PrivferConfig, states: Seque
     loss_sums = torch.zeros(count, dtype=torch.float64)
     rows = torch.arange(count)[:, None]
     for step in range(steps):
-        index = torch.zeros(count, plan.batch_size, dtype=torch.long)
-        valid = torch.zeros(count, plan.batch_size)
+        width = max(len(schedule[step]) for schedule in schedules if step < len(schedule))  # no wider than needed
+        index = torch.zeros(count, width, dtype=torch.long)
+        valid = torch.zeros(count, width)
         active = torch.zeros(count, dtype=torch.bool)
         for j, schedule in enumerate(schedules):
             if step < len(schedule):

@@ -11,8 +11,8 @@ masking protocol on the SecAgg+ (Harary) graph with group rosters (each client
 receives its group's keys only), in one process. Printed side by side per n:
 the graph degree k (neighbours per client), the bytes a client sends and
 receives, what it would receive with the full roster instead (the broadcasts
-of the same round's keys and survivors), the mean client seconds of the protocol (all four
-stages), the server's seconds, and how each grows relative to the smallest n
+of the same round's keys and survivors), the mean client seconds of the
+protocol (all four stages), the server's seconds, and how each grows relative to the smallest n
 (the per-client figures should follow log n, not n). Local training is
 measured separately per client on real synthetic data (it does not depend on
 n), one client after the other and all stacked (privfer.fl.batched).
@@ -35,7 +35,7 @@ def round_cost(n: int, dimension: int) -> dict[str, float]:
     from privfer.secagg import aggregate
     from privfer.secagg.messages import GroupRoster, GroupUnmaskRequest, KeyRoster, UnmaskRequest
 
-    aggregation = AggregationConfig()
+    aggregation = AggregationConfig(roster="group")
     plan = calibrate_distributed(epsilon=3.0, delta=1 / (10 * n), max_grad_norm=0.5, dimension=dimension,
                                  sample_rate=1.0, steps=20, clients=n, records=n,
                                  min_inputs_fraction=aggregation.min_inputs_fraction,
@@ -50,7 +50,6 @@ def round_cost(n: int, dimension: int) -> dict[str, float]:
         updates[client] = [person_contribution(update, secret_coin(own, 1.0), plan, own)]
     encode = (time.perf_counter() - encode_started) / n
     config = aggregation.round_config(n, integer_sum_bound=plan.sum_bound, min_inputs=plan.min_inputs)
-    config = config.model_copy(update={"roster": "group"})
     round_id = f"population-benchmark:{n}"
     started = time.perf_counter()
     result = aggregate(updates, config, round_id=round_id)

@@ -65,6 +65,7 @@ from privfer.secagg.messages import (
     ShareKeys,
     UnmaskRequest,
     UnmaskResponse,
+    id_set,
 )
 from privfer.secagg.payload import PayloadLayout
 from privfer.secagg.prg import SEED_BYTES, MaskExpander
@@ -102,14 +103,6 @@ def _b64decode(text: str, length: int | None) -> bytes:
     if length is not None and len(raw) != length:
         raise ValueError(f"{len(raw)} bytes, expected {length}")
     return raw
-
-
-def _canonical(runs: object) -> Runs:
-    """Id runs in canonical form, else MalformedMessage."""
-    try:
-        return check_runs(tuple(tuple(run) for run in runs), shamir.PRIME)  # type: ignore[union-attr]
-    except (TypeError, ValueError) as exc:
-        raise MalformedMessage(f"id runs: {exc}") from None
 
 
 @lru_cache(maxsize=4)
@@ -280,7 +273,7 @@ class SecAggClient:
         advertised (section 4) — in either form; a group roster must carry exactly that group's keys."""
         # the ids from the keys themselves (full form), or the runs re-checked (an object passed in process skips
         # the decoder's checks)
-        members = id_runs(roster.keys) if isinstance(roster, KeyRoster) else _canonical(roster.members)
+        members = id_runs(roster.keys) if isinstance(roster, KeyRoster) else id_set(roster.members)
         if runs_size(members) > self.config.num_clients:
             raise MalformedMessage(f"the roster lists {runs_size(members)} clients, the round has at most "
                                    f"{self.config.num_clients}")
@@ -412,7 +405,7 @@ class SecAggClient:
             if not dropped <= self._group:
                 raise MalformedMessage(f"the group unmask request lists as dropped clients outside client "
                                        f"{self.client_id}'s group: {sorted(dropped - self._group)[:5]}")
-            inside = runs_within(_canonical(request.survivors), self._members)
+            inside = runs_within(id_set(request.survivors), self._members)
             survivors = frozenset(v for v in self._group if request.survived(v))  # the group's: all it answers for
         else:
             survivors, dropped = request.survivor_set, request.dropped_set

@@ -19,7 +19,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from privfer.secagg.idsets import Runs, expand_runs
+from privfer.secagg.idsets import Runs, expand_runs, runs_size
 from privfer.secagg.keys import round_bytes
 from privfer.secagg.prg import expand
 
@@ -81,10 +81,9 @@ def _ring(round_id: str, members: Runs) -> tuple[np.ndarray, np.ndarray]:
 def client_group(round_id: str, members: Runs, degree: int, client: int) -> frozenset[int]:
     """``client`` and its neighbours on the round's graph over the ids ``members`` holds (the same graph as
     :func:`neighbourhoods`), without building every other client's row: what one client needs."""
-    ids = expand_runs(members)
-    n = len(ids)
+    n = runs_size(members)
     if degree >= n - 1:
-        return frozenset(ids)
+        return frozenset(expand_runs(members))
     if degree % 2:
         raise ValueError("the Harary degree must be even")
     ring, position = _ring(round_id, members)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from functools import lru_cache
-from typing import Annotated, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
@@ -244,19 +244,20 @@ def _runs(runs: Runs) -> bytes:
     return struct.pack(f">I{2 * len(runs)}I", len(runs), *(x for run in runs for x in run))
 
 
-def _read_runs(reader: _Reader) -> Runs:
-    runs = tuple((reader.u32(), reader.u32()) for _ in range(reader.count()))
+def id_set(value: Any) -> Runs:
+    """Id runs in canonical form (at most MAX_CLIENTS ids), else MalformedMessage: the decoder, the message
+    constructors and the clients (which re-check objects handed to them in process) all check them here."""
     try:
-        return check_runs(runs, MAX_CLIENTS)
-    except ValueError as exc:
-        raise MalformedMessage(f"id set: {exc}") from None
+        return check_runs(tuple(tuple(run) for run in value), MAX_CLIENTS)
+    except (TypeError, ValueError) as exc:
+        raise MalformedMessage(f"id runs: {exc}") from None
 
 
-def _check_id_set(value: Runs) -> Runs:
-    return check_runs(tuple(tuple(run) for run in value), MAX_CLIENTS)
+def _read_runs(reader: _Reader) -> Runs:
+    return id_set((reader.u32(), reader.u32()) for _ in range(reader.count()))
 
 
-IdSet = Annotated[tuple[tuple[int, int], ...], AfterValidator(_check_id_set)]
+IdSet = Annotated[tuple[tuple[int, int], ...], AfterValidator(id_set)]
 
 
 class GroupRoster(Message):

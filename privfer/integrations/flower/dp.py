@@ -52,6 +52,11 @@ PERSON = "distributed_person"
 UNITS = {"person": PERSON, "record": "distributed"}  # unit -> the plan's (and ledger's) mechanism id
 
 
+def _check_min_colluders(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1_000_000:
+        raise ValueError(f"min_colluders must be an integer in 0..1000000, got {value!r}")
+
+
 class NodePrivacyError(SecAggError):
     """A node refuses a round for a privacy reason: an unacceptable plan, an exhausted budget, a bad ledger."""
 
@@ -105,9 +110,7 @@ class NodePrivacy:
             raise ValueError(f"colluding_fraction must be in [0, 0.5), got {self.colluding_fraction}")
         if not 0 < self.min_inputs_fraction <= 1:
             raise ValueError(f"min_inputs_fraction must be in (0, 1], got {self.min_inputs_fraction}")
-        if isinstance(self.min_colluders, bool) or not isinstance(self.min_colluders, int) \
-                or not 0 <= self.min_colluders <= 1_000_000:
-            raise ValueError(f"min_colluders must be an integer in 0..1000000, got {self.min_colluders!r}")
+        _check_min_colluders(self.min_colluders)
 
     def colluders(self, clients: int) -> int:
         """The colluders this node assumes in a round of ``clients``: its fraction's count, at least its floor."""
@@ -149,9 +152,7 @@ class DistributedDP:
                 and 0 < self.sample_rate <= 1 and self.max_records >= 1 and self.server_lr > 0):
             raise ValueError("clipping bounds, max_records and server_lr must be positive; participation and "
                              "sample_rate in (0, 1]")
-        if isinstance(self.min_colluders, bool) or not isinstance(self.min_colluders, int) \
-                or not 0 <= self.min_colluders <= 1_000_000:
-            raise ValueError(f"min_colluders must be an integer in 0..1000000, got {self.min_colluders!r}")
+        _check_min_colluders(self.min_colluders)
 
     @property
     def mechanism_id(self) -> str:

@@ -189,11 +189,13 @@ def test_key_agreement_is_symmetric_and_bound_to_round_purpose_and_pair():
 
 def test_share_encryption_authenticates_content_round_and_parties():
     key = os.urandom(32)
-    blob = encrypt_share(key, b"secret share", "r1", 1, 2)
-    assert decrypt_share(key, blob, "r1", 1, 2) == b"secret share"
+    roster = b"R" * 32
+    blob = encrypt_share(key, b"secret share", "r1", 1, 2, roster)
+    assert decrypt_share(key, blob, "r1", 1, 2, roster) == b"secret share"
     tampered = bytearray(blob)
     tampered[-1] ^= 1
-    for args in [(bytes(tampered), "r1", 1, 2), (blob, "r2", 1, 2), (blob, "r1", 2, 1), (blob, "r1", 1, 3)]:
+    for args in [(bytes(tampered), "r1", 1, 2, roster), (blob, "r2", 1, 2, roster), (blob, "r1", 2, 1, roster),
+                 (blob, "r1", 1, 3, roster), (blob, "r1", 1, 2, b"S" * 32)]:  # last: a holder shown another roster
         with pytest.raises(ShareAuthenticationError):
             decrypt_share(key, *args)
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from privfer.secagg import CorruptState, PayloadLayout, RoundAborted, SecAggClient, SecAggConfig, SecAggServer, WrongStage
 from privfer.secagg import messages as m
+from privfer.secagg.client import STATE_VERSION
 
 
 def run_round(n, dropped_before_masking=(), restore=True, seed=0):
@@ -115,7 +116,7 @@ def test_a_state_past_stage_new_without_keys_is_refused():
     document = json.loads(state_after_share_keys()[5:])
     document["keys"] = None
     with pytest.raises(CorruptState, match="no keys"):
-        SecAggClient.restore(b"PFSC\x02" + json.dumps(document).encode())
+        SecAggClient.restore(b"PFSC" + bytes([STATE_VERSION]) + json.dumps(document).encode())
 
 
 @settings(max_examples=200, deadline=None)

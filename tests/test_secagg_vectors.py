@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from privfer.secagg import SecAggConfig, aggregate, decode, prg, shamir
+from privfer.secagg.identity import Enrollment, EnrollmentAuthority, Identity, RosterCertificate
 from privfer.secagg.keys import agree, kdf_info
 from privfer.secagg.quantize import encode_fixed_point
 from privfer.secagg.randomness import InsecureDeterministicRandomness, Randomness
@@ -75,16 +76,35 @@ def test_quantization(case):
     assert report.clipped == case["clipped"]
 
 
-@pytest.mark.parametrize("name", ["round", "group_round"])
+def _active(case: dict) -> dict:
+    """The active round's enrollments rebuilt from the vector's seeds; the certificate's bytes must match."""
+    if "certificate" not in case:
+        return {}
+    raw = bytes.fromhex(case["certificate"])
+    authority = Identity.from_seed(bytes.fromhex(case["authority_seed"]))
+    certificate = RosterCertificate.load(raw, authority.public, "kat-study",
+                                         now=RosterCertificate.parse(raw).not_before)
+    identities = {int(c): Identity.from_seed(bytes.fromhex(h)) for c, h in case["identity_seeds"].items()}
+    assert all(certificate.members[c] == i.public for c, i in identities.items())
+    rebuilt = EnrollmentAuthority(authority).certify("kat-study", {c: i.public for c, i in identities.items()},
+                                                     valid_seconds=certificate.not_after - certificate.not_before,
+                                                     not_before=certificate.not_before)
+    assert rebuilt.to_bytes() == raw  # Ed25519 signatures are deterministic
+    return {"enrollments": {c: Enrollment(c, i, certificate) for c, i in identities.items()},
+            "context": bytes.fromhex(case["context"])}
+
+
+@pytest.mark.parametrize("name", ["round", "group_round", "active_round"])
 def test_complete_rounds(name):
-    """A 3-client complete-graph round, and a 7-client SecAgg+ ring with group rosters (kinds 8 and 9)."""
+    """A 3-client complete-graph round, a 7-client SecAgg+ ring with group rosters (kinds 8 and 9), and a 4-client
+    round under active security (signed adverts and rosters, the consistency check: kinds 10 and 11)."""
     case = VECTORS[name]
     settings = {k: v for k, v in case["config"].items()}
     settings["metrics"] = tuple(settings["metrics"])
     config = SecAggConfig(**settings)
     updates = {int(c): [np.array(a, dtype=np.float64) for a in arrays] for c, arrays in case["updates"].items()}
     result = aggregate(
-        updates, config, {int(c): s for c, s in case["dropouts"].items()},
+        updates, config, {int(c): s for c, s in case["dropouts"].items()}, **_active(case),
         example_counts={int(c): v for c, v in case["example_counts"].items()},
         metrics={int(c): v for c, v in case["metrics"].items()},
         round_id=case["round_id"],

@@ -17,10 +17,19 @@ import numpy as np
 
 from privfer.secagg.client import SecAggClient
 from privfer.secagg.config import SecAggConfig
-from privfer.secagg.messages import ForwardedShares, GroupRoster, GroupUnmaskRequest, KeyRoster, UnmaskRequest
+from privfer.secagg.identity import Enrollment, enroll_in_process
+from privfer.secagg.messages import (
+    ForwardedShares,
+    GroupRoster,
+    GroupUnmaskRequest,
+    KeyRoster,
+    SignatureList,
+    UnmaskRequest,
+)
 from privfer.secagg.payload import PayloadLayout
 from privfer.secagg.quantize import ClippingReport, ClippingWarning
 from privfer.secagg.randomness import SYSTEM, Randomness
+from privfer.secagg.errors import InvalidRoundArguments
 from privfer.secagg.rounds import (
     STAGES,
     AggregationResult,
@@ -31,6 +40,7 @@ from privfer.secagg.rounds import (
     warn_clipping,
 )
 from privfer.secagg.server import SecAggServer
+from privfer.secagg.statements import NO_CONTEXT
 
 
 def aggregate(
@@ -42,13 +52,21 @@ def aggregate(
     metrics: Mapping[int, Mapping[str, float]] | None = None,
     round_id: str | None = None,
     randomness: Callable[[int], Randomness] | None = None,
+    enrollments: Mapping[int, Enrollment] | None = None,
+    context: bytes = NO_CONTEXT,
 ):
     """Securely sum ``updates`` (client id -> list of float arrays).
 
     ``dropouts`` maps a client id to the stage it never sends (and none after):
     "advertise_keys", "share_keys", "masked_input" (its input is excluded, its
-    masks are recovered), or "unmask" (its input is included; its self mask is
-    recovered from the others' shares). The config names the backend: a
+    masks are recovered), "consistency" or "unmask" (its input is included; its
+    self mask is recovered from the others' shares).
+
+    Under ``security = "active"``, ``enrollments`` gives each client its
+    member identity and the roster certificate (one certificate for all); when
+    omitted, an in-process enrollment authority — a different object from the
+    server — enrolls the round's clients with fresh keys. ``context`` is the
+    32-byte digest of the model and plan every client trained from. The config names the backend: a
     :class:`SecAggConfig` runs the masking protocol here, a CKKS config
     :func:`privfer.secagg.he.aggregate`, a :class:`~privfer.secagg.plain.PlainConfig`
     the plain (NOT private) sum; every backend returns an :class:`AggregationResult`.
@@ -61,9 +79,24 @@ def aggregate(
     layout = PayloadLayout(tuple(agreed_shapes(updates, dropouts)), config)
     round_id = round_id or secrets.token_hex(8)
     make_randomness = randomness or (lambda _client: SYSTEM)
+    active_security = config.security == "active"
+    certificate = None
+    if active_security:
+        if enrollments is None:
+            enrollments = enroll_in_process(sorted(updates))
+        missing = sorted(set(updates) - set(enrollments))
+        if missing:
+            raise InvalidRoundArguments(f"enrollments has no identity for clients {missing[:5]}")
+        certificate = enrollments[min(updates)].certificate
+        if any(enrollments[c].certificate is not certificate and enrollments[c].certificate != certificate
+               for c in updates):
+            raise InvalidRoundArguments("every client of a round must hold the same roster certificate")
 
-    clients = {cid: SecAggClient(cid, config, round_id, layout, make_randomness(cid)) for cid in sorted(updates)}
-    server = SecAggServer(config, round_id, layout)
+    clients = {cid: SecAggClient(cid, config, round_id, layout, make_randomness(cid),
+                                 enrollment=enrollments[cid] if active_security else None, context=context)
+               for cid in sorted(updates)}
+    server = SecAggServer(config, round_id, layout, certificate=certificate,
+                          context=context if active_security else None)
 
     def active(stage: str) -> list[int]:
         cut = STAGES.index(stage)
@@ -110,10 +143,21 @@ def aggregate(
             requests = {cid: request.to_bytes() for cid, request in server.group_unmask_requests().items()}
         else:
             everyone = UnmaskRequest.from_bytes(server.unmask_request().to_bytes())
+    if active_security:  # every survivor signs its view; the signatures go back to all before any share does
+        for cid in active("consistency"):
+            with times.client("consistency", cid):
+                signed = clients[cid].check_consistency(everyone).to_bytes()
+            with times.on_server("consistency"):
+                server.receive_consistency(signed, peer=cid)
+        with times.on_server("consistency"):
+            signatures = SignatureList.from_bytes(server.signature_list().to_bytes())
     for cid in active("unmask"):
         with times.client("unmask", cid):
-            request = GroupUnmaskRequest.from_bytes(requests[cid]) if group else everyone
-            response = clients[cid].unmask(request).to_bytes()
+            if active_security:
+                response = clients[cid].unmask(signatures).to_bytes()
+            else:
+                request = GroupUnmaskRequest.from_bytes(requests[cid]) if group else everyone
+                response = clients[cid].unmask(request).to_bytes()
         with times.on_server("unmask"):
             server.receive_unmask(response, peer=cid)
     with times.on_server("unmask"):

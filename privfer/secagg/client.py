@@ -29,17 +29,21 @@ import numpy as np
 from privfer.secagg import shamir
 from privfer.secagg.config import SecAggConfig
 from privfer.secagg.errors import (
+    ConsistencyCheckFailed,
     CorruptState,
+    DuplicateSender,
     InconsistentShares,
     InvalidInput,
     MalformedMessage,
     RoundAborted,
+    SecAggError,
     UnknownSender,
     UnsafeUnmaskRequest,
     WrongRound,
     WrongStage,
 )
 from privfer.secagg.graph import client_group
+from privfer.secagg.identity import Enrollment, verify_signature
 from privfer.secagg.idsets import Runs, check_runs, id_runs, in_runs, runs_size, runs_within
 from privfer.secagg.keys import (
     KEY_BYTES,
@@ -56,6 +60,7 @@ from privfer.secagg.keys import (
 from privfer.secagg.messages import (
     SERVER,
     AdvertiseKeys,
+    ConsistencySignature,
     ForwardedShares,
     GroupRoster,
     GroupUnmaskRequest,
@@ -63,19 +68,29 @@ from privfer.secagg.messages import (
     MaskedInput,
     Message,
     ShareKeys,
+    SignatureList,
     UnmaskRequest,
     UnmaskResponse,
+    decode,
     id_set,
 )
 from privfer.secagg.payload import PayloadLayout
 from privfer.secagg.prg import SEED_BYTES, MaskExpander
 from privfer.secagg.quantize import ClippingReport
 from privfer.secagg.randomness import SYSTEM, Randomness
+from privfer.secagg.statements import (
+    CONTEXT_BYTES,
+    NO_CONTEXT,
+    advertise_statement,
+    config_digest,
+    consistency_statement,
+    ids_digest,
+)
 
-_STAGES = ("new", "advertised", "shared", "masked", "unmasked")
+_STAGES = ("new", "advertised", "shared", "masked", "signed", "unmasked")
 _PLAINTEXT = struct.Struct(">II")
 STATE_MAGIC = b"PFSC"
-STATE_VERSION = 2  # 2: the roster's ids (members)
+STATE_VERSION = 3  # 2: the roster's ids (members); 3: roster digest, context, the signed unmask request
 
 
 def share_plaintext(sender: int, receiver: int, seed_share: np.ndarray, key_share: np.ndarray) -> bytes:
@@ -106,6 +121,24 @@ def _b64decode(text: str, length: int | None) -> bytes:
 
 
 @lru_cache(maxsize=4)
+def _survivors_digest(ids: tuple[int, ...]) -> bytes:
+    """The digest of a full request's survivors (cached: the clients of an in-process round share the tuple)."""
+    return ids_digest(ids)
+
+
+@lru_cache(maxsize=8)
+def _config_digest(config: SecAggConfig) -> bytes:
+    return config_digest(config)
+
+
+def _check_context(context: bytes) -> bytes:
+    if not isinstance(context, (bytes, bytearray)) or len(context) != CONTEXT_BYTES:
+        raise InvalidInput(f"a round's context is a {CONTEXT_BYTES}-byte digest of the model and plan "
+                           "(privfer.secagg.statements.context_digest)")
+    return bytes(context)
+
+
+@lru_cache(maxsize=4)
 def _listed(ids: tuple[int, ...], members: Runs) -> bool:
     """Whether every id is in ``members`` (cached: the clients of an in-process round check a request once)."""
     return all(in_runs(members, v) for v in ids)
@@ -119,7 +152,15 @@ def check_header(message: Message, round_id: str, sender: int | None = None) -> 
 
 
 class SecAggClient:
-    """One participant of one secure-aggregation round."""
+    """One participant of one secure-aggregation round.
+
+    Under ``config.security == "active"`` the client is an enrolled member: ``enrollment`` carries its member id
+    (which must be ``client_id``), its long-term signing key and the roster certificate it checked against its
+    pinned authority key. ``context`` is the 32-byte digest of the model and plan this round trains with
+    (:func:`privfer.secagg.statements.context_digest`); it can also be given to :meth:`masked_input`, when the
+    model arrives with that stage. Two clients with different contexts sign different statements, and no share
+    is revealed unless enough members signed the same one.
+    """
 
     def __init__(
         self,
@@ -128,10 +169,22 @@ class SecAggClient:
         round_id: str,
         layout: PayloadLayout,
         randomness: Randomness = SYSTEM,
+        *,
+        enrollment: Enrollment | None = None,
+        context: bytes = NO_CONTEXT,
     ) -> None:
         if isinstance(client_id, bool) or not isinstance(client_id, (int, np.integer)) \
                 or not 1 <= client_id <= shamir.PRIME - 1:
             raise InvalidInput(f"client ids must be integers in 1..{shamir.PRIME - 1}, got {client_id!r}")
+        if config.security == "active":
+            if not isinstance(enrollment, Enrollment):
+                raise InvalidInput("security 'active' needs the client's enrollment (member id, identity key and "
+                                   "the roster certificate checked against the pinned authority key)")
+            if enrollment.member != client_id:
+                raise InvalidInput(f"client {client_id} is enrolled as member {enrollment.member}: under active "
+                                   "security a client's id is its member id")
+        self.enrollment = enrollment
+        self.context = _check_context(context)
         self.client_id = client_id
         self.config = config
         self.round_id = round_id
@@ -147,6 +200,8 @@ class SecAggClient:
         self._held: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # owner -> (seed share, key share)
         self._self_seed = b""
         self._share_keys: dict[int, bytes] = {}  # peer -> share-encryption key (the same both ways), this round only
+        self._roster_digest = b""  # digest of the roster's ids (binds every share and the signed statement)
+        self._request = b""  # active: the unmask request this client signed, kept until the signatures arrive
         self.mask_seconds = 0.0  # PRG expansion + modular addition of all masks (benchmarks compare it with the cipher)
 
     # -- saving and restoring ------------------------------------------------------
@@ -178,12 +233,18 @@ class SecAggClient:
             "held": {str(owner): [b64(shamir.share_to_bytes(seed)), b64(shamir.share_to_bytes(key))]
                      for owner, (seed, key) in self._held.items()},
             "self_seed": b64(self._self_seed),
+            "roster_digest": b64(self._roster_digest),
+            "context": b64(self.context),
+            "request": b64(self._request),
         }
         return STATE_MAGIC + bytes([STATE_VERSION]) + json.dumps(document, separators=(",", ":")).encode("utf-8")
 
     @classmethod
-    def restore(cls, state: bytes, randomness: Randomness = SYSTEM) -> "SecAggClient":
-        """Rebuild a client from :meth:`export_state`'s bytes; raises :class:`CorruptState` naming what is wrong."""
+    def restore(cls, state: bytes, randomness: Randomness = SYSTEM, *,
+                enrollment: Enrollment | None = None) -> "SecAggClient":
+        """Rebuild a client from :meth:`export_state`'s bytes; raises :class:`CorruptState` naming what is wrong.
+
+        The state never holds the member's identity key: under active security pass ``enrollment`` again."""
         if not isinstance(state, (bytes, bytearray)) or bytes(state[:4]) != STATE_MAGIC:
             raise CorruptState("not a privfer secure-aggregation client state (bad magic)")
         if len(state) < 5 or state[4] != STATE_VERSION:
@@ -195,8 +256,16 @@ class SecAggClient:
             config = SecAggConfig(**document["config"])
             field = "shapes"
             layout = PayloadLayout(tuple(tuple(int(d) for d in shape) for shape in document["shapes"]), config)
+            field = "context"
+            context = _b64decode(document["context"], CONTEXT_BYTES)
             field = "client_id"
-            client = cls(int(document["client_id"]), config, str(document["round_id"]), layout, randomness)
+            try:
+                client = cls(int(document["client_id"]), config, str(document["round_id"]), layout, randomness,
+                             enrollment=enrollment, context=context)
+            except InvalidInput as exc:
+                if config.security == "active":
+                    raise CorruptState(f"the state's client cannot be restored with this enrollment: {exc}") from None
+                raise
             field = "stage"
             if document["stage"] not in _STAGES:
                 raise ValueError(document["stage"])
@@ -227,12 +296,22 @@ class SecAggClient:
             client._self_seed = _b64decode(document["self_seed"], None)
             if client._self_seed and len(client._self_seed) != SEED_BYTES:
                 raise ValueError("seed length")
+            field = "roster_digest"
+            client._roster_digest = _b64decode(document["roster_digest"], None)
+            if client._roster_digest and len(client._roster_digest) != 32:
+                raise ValueError("digest length")
+            field = "request"
+            client._request = _b64decode(document["request"], None)
+            if client._request:
+                client._vet(decode(client._request))  # the signed request, re-checked against the state
         except CorruptState:
             raise
         except Exception as exc:  # any decoding failure names the field, never its (secret) value
             raise CorruptState(f"client state field {field!r} is missing or malformed ({type(exc).__name__})") from None
         if client.stage != "new" and client._keys is None:
             raise CorruptState(f"client state at stage {client.stage!r} has no keys")
+        if (client.stage == "signed") != bool(client._request):
+            raise CorruptState("client state field 'request' does not match its stage")
         return client
 
     def _advance(self, expected: str, to: str) -> None:
@@ -253,9 +332,12 @@ class SecAggClient:
     def advertise_keys(self) -> AdvertiseKeys:
         self._advance("new", "advertised")
         self._keys = KeyPairs.generate(self.randomness)
-        return AdvertiseKeys(
-            round_id=self.round_id, sender=self.client_id, c_public=self._keys.c_public, s_public=self._keys.s_public
-        )
+        signature = b""
+        if self.enrollment is not None and self.config.security == "active":
+            signature = self.enrollment.identity.sign(advertise_statement(
+                self.enrollment.study, self.round_id, self.client_id, self._keys.c_public, self._keys.s_public))
+        return AdvertiseKeys(round_id=self.round_id, sender=self.client_id, c_public=self._keys.c_public,
+                             s_public=self._keys.s_public, signature=signature)
 
     # -- stage 1 ---------------------------------------------------------------
     def _expect(self, message: Message, full: type[Message], group: type[Message]) -> None:
@@ -286,6 +368,26 @@ class SecAggClient:
         self._members = members
         return group
 
+    def _check_roster_keys(self, roster: KeyRoster | GroupRoster) -> None:
+        """No key twice (a server reusing one client's key for another); under active security every entry is an
+        enrolled member whose signature on (study, round, id, keys) verifies against the certificate — a sybil or a
+        server-made key is refused here, before anything is shared with it."""
+        seen: set[bytes] = set()
+        for v, (c_public, s_public) in roster.keys.items():
+            if c_public in seen or s_public in seen or c_public == s_public:
+                raise DuplicateSender(f"the roster lists a public key twice (client {v})")
+            seen.update((c_public, s_public))
+        if self.config.security != "active":
+            return
+        assert self.enrollment is not None
+        certificate = self.enrollment.certificate
+        if set(roster.signatures) != set(roster.keys):
+            raise UnknownSender("under active security every roster entry carries its advertisement signature")
+        for v, (c_public, s_public) in roster.keys.items():
+            verify_signature(certificate.public_key(v),
+                             advertise_statement(certificate.study, self.round_id, v, c_public, s_public),
+                             roster.signatures[v], f"client {v}'s key advertisement")
+
     def share_keys(self, roster: KeyRoster | GroupRoster) -> ShareKeys:
         check_header(roster, self.round_id, SERVER)
         self._expect(roster, KeyRoster, GroupRoster)
@@ -296,7 +398,9 @@ class SecAggClient:
             if mine != (self._keys.c_public, self._keys.s_public):
                 raise UnknownSender(f"the roster does not list client {self.client_id} with its own keys")
             self._group = self._group_of(roster)
+            self._check_roster_keys(roster)
             self._roster = {v: roster.keys[v] for v in self._group}  # only its group's keys are ever used
+            self._roster_digest = ids_digest(self._members, runs=True)
             threshold = self.config.group_threshold
             if len(self._group) < threshold:
                 self.stage = "aborted"
@@ -319,7 +423,8 @@ class SecAggClient:
                             self.client_id, holder)
                 self._share_keys[holder] = key  # HKDF's info orders the pair: the key to decrypt holder's share
                 plaintext = share_plaintext(self.client_id, holder, seed_share, key_share)
-                ciphertexts[holder] = encrypt_share(key, plaintext, self.round_id, self.client_id, holder, self.randomness)
+                ciphertexts[holder] = encrypt_share(key, plaintext, self.round_id, self.client_id, holder,
+                                                    self._roster_digest, self.randomness)
             return ShareKeys(round_id=self.round_id, sender=self.client_id, ciphertexts=ciphertexts,
                              commitments=commitments,
                              seed_commitment=seed_commitment(self.round_id, self.client_id, self._self_seed))
@@ -340,12 +445,18 @@ class SecAggClient:
         update: Sequence[np.ndarray],
         example_count: int = 1,
         metrics: Mapping[str, float] | None = None,
+        *,
+        context: bytes | None = None,
     ) -> MaskedInput:
+        """``context``: the digest of the model and plan this update was trained from, when it was not known at
+        construction (it goes into the statement the client signs under active security)."""
         self.check_forwarded(forwarded)
         # The caller's input first: a rejected update (InvalidInput) changes nothing, and the client can be given
         # a corrected one for the same stage.
+        fixed_context = self.context if context is None else _check_context(context)
         words, report = self.layout.encode(update, example_count, metrics, self.randomness)
         self._advance("shared", "masked")
+        self.context = fixed_context
         with self._or_abort():
             assert self._keys is not None
             strangers = set(forwarded.ciphertexts) - set(self._group)
@@ -354,7 +465,7 @@ class SecAggClient:
             for sender, blob in forwarded.ciphertexts.items():
                 key = self._share_keys.get(sender) or agree(self._keys.c_private, self._roster[sender][0],
                                                             PURPOSE_SHARE, self.round_id, sender, self.client_id)
-                plaintext = decrypt_share(key, blob, self.round_id, sender, self.client_id)
+                plaintext = decrypt_share(key, blob, self.round_id, sender, self.client_id, self._roster_digest)
                 inner_sender, inner_receiver, seed_share, key_share = parse_share_plaintext(plaintext)
                 if (inner_sender, inner_receiver) != (sender, self.client_id):
                     raise UnknownSender("a share bundle names other clients than the envelope")
@@ -395,11 +506,11 @@ class SecAggClient:
             return MaskedInput(round_id=self.round_id, sender=self.client_id, modulus_bits=bits, vector=masked)
 
     # -- stage 3 ---------------------------------------------------------------
-    def unmask(self, request: UnmaskRequest | GroupUnmaskRequest) -> UnmaskResponse:
+    def _vet(self, request: UnmaskRequest | GroupUnmaskRequest) -> tuple[frozenset[int], frozenset[int]]:
+        """Every check an unmask request must pass before this client answers it (or, under active security,
+        signs it); returns the survivors of its group and the dropped clients it was told of."""
         check_header(request, self.round_id, SERVER)
         self._expect(request, UnmaskRequest, GroupUnmaskRequest)
-        # Answer at most once per round: a second request could ask for the other share of a peer.
-        self._advance("masked", "unmasked")
         if isinstance(request, GroupUnmaskRequest):
             dropped = frozenset(request.dropped)
             if not dropped <= self._group:
@@ -434,6 +545,82 @@ class SecAggClient:
                 f"client {self.client_id}: {len(alive)} of its group survived, the threshold is "
                 f"{self.config.group_threshold}"
             )
+        return survivors, dropped
+
+    def _statement(self, request: UnmaskRequest) -> bytes:
+        assert self.enrollment is not None
+        return consistency_statement(self.enrollment.study, self.round_id, self._roster_digest,
+                                     _survivors_digest(request.survivors), self.context, _config_digest(self.config))
+
+    def check_consistency(self, request: UnmaskRequest) -> ConsistencySignature:
+        """Active security, stage 3a: check the unmask request as :meth:`unmask` would, then sign this client's
+        statement — the round, its roster's ids, the survivors, its context and the config. Once per round: an
+        honest client never signs two statements, which is what makes a split view impossible (SPEC 6.4)."""
+        if self.config.security != "active":
+            raise WrongStage("the consistency check runs under security 'active' only")
+        check_header(request, self.round_id, SERVER)
+        self._advance("masked", "signed")
+        with self._or_abort():
+            self._vet(request)
+            self._request = request.to_bytes()
+            assert self.enrollment is not None
+            return ConsistencySignature(round_id=self.round_id, sender=self.client_id,
+                                        signature=self.enrollment.identity.sign(self._statement(request)))
+
+    def _check_signatures(self, signed: SignatureList, request: UnmaskRequest) -> None:
+        """At least the consistency threshold of distinct enrolled survivors signed exactly this client's
+        statement; otherwise :class:`ConsistencyCheckFailed` and no share leaves the client."""
+        check_header(signed, self.round_id, SERVER)
+        assert self.enrollment is not None
+        certificate = self.enrollment.certificate
+        statement = self._statement(request)
+        needed = self.config.consistency_threshold(runs_size(self._members))
+        survivors = request.survivor_set
+        valid, disagreeing = 0, []
+        for signer in sorted(signed.signatures):
+            if signer not in survivors:
+                continue  # only survivors' signatures count: each of them is an input the sum must hold
+            try:
+                verify_signature(certificate.public_key(signer), statement, signed.signatures[signer],
+                                 f"client {signer}'s consistency signature")
+            except SecAggError:
+                disagreeing.append(signer)
+                continue
+            valid += 1
+            if valid >= needed:
+                return
+        raise ConsistencyCheckFailed(
+            f"client {self.client_id}: {valid} enrolled survivors signed its view of round {self.round_id!r}, "
+            f"{needed} are needed (of {runs_size(self._members)} listed, {self.config.colluders} may collude)"
+            + (f"; the signatures of {disagreeing[:8]} are on another statement (a different survivor set, "
+               "roster, model or plan) or altered" if disagreeing else ""),
+            disagreeing=tuple(disagreeing))
+
+    def unmask(self, message: UnmaskRequest | GroupUnmaskRequest | SignatureList) -> UnmaskResponse:
+        """Stage 3: the shares the server needs. Semi-honest: answers the unmask request. Active: answers the
+        signature list, after :meth:`check_consistency` signed the request and enough members' signatures verify
+        on exactly the same statement."""
+        if self.config.security == "active":
+            if not isinstance(message, SignatureList):
+                raise WrongStage(f"under active security the unmask stage answers a SignatureList (after "
+                                 f"check_consistency), not a {type(message).__name__}")
+            check_header(message, self.round_id, SERVER)
+            self._advance("signed", "unmasked")
+            with self._or_abort():
+                request = decode(self._request)
+                assert isinstance(request, UnmaskRequest)
+                self._check_signatures(message, request)
+                self._request = b""
+                return self._response(*self._vet(request))
+        check_header(message, self.round_id, SERVER)
+        self._expect(message, UnmaskRequest, GroupUnmaskRequest)
+        # Answer at most once per round: a second request could ask for the other share of a peer.
+        self._advance("masked", "unmasked")
+        return self._response(*self._vet(message))
+
+    def _response(self, survivors: frozenset[int], dropped: frozenset[int]) -> UnmaskResponse:
+        known = set(self._peers) | {self.client_id}
+        alive = survivors & known
         seed_shares = {v: shamir.share_to_bytes(self._held[v][0]) for v in sorted(alive)}
         key_shares = {v: shamir.share_to_bytes(self._held[v][1]) for v in sorted(dropped & known)}
         return UnmaskResponse(round_id=self.round_id, sender=self.client_id, seed_shares=seed_shares,

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from privfer.errors import ConfigError
 
-PROTOCOL_VERSION = 2  # 2: commitments to every dealt share and to b (ShareKeys, ForwardedShares)
+PROTOCOL_VERSION = 3  # 2: commitments to every dealt share and to b; 3: signed adverts, consistency check, roster-bound shares
 MAX_CLIENTS = 65_535
 
 
@@ -132,6 +132,14 @@ class SecAggConfig(BaseModel):
     min_inputs: int | None = Field(
         None, ge=2, description="Clients refuse to unmask a round whose survivors (included inputs) are fewer."
     )
+    security: Literal["semi_honest", "active"] = Field(
+        "semi_honest",
+        description="semi_honest: the server is trusted to follow the protocol (Bonawitz et al.'s honest-but-curious "
+        "setting). active: every client is an enrolled member whose key advertisement is signed, and no client "
+        "reveals a share before at least the consistency threshold of enrolled members signed exactly its view "
+        "of the round (survivors, roster, model and plan digest): a server that lies, splits views or invents "
+        "clients learns nothing more than the sum (protocols/secagg/SPEC.md, section 6.4).",
+    )
     roster: Literal["full", "group"] = Field(
         "full",
         description="What each client receives of the roster and the unmask request: everyone's keys and ids "
@@ -145,6 +153,8 @@ class SecAggConfig(BaseModel):
         limit = 2 ** (k - 1) - 1
         if self.min_inputs is not None and self.min_inputs > n:
             raise ValueError(f"min_inputs {self.min_inputs} is more than the {n} clients of the round")
+        if self.security == "active":
+            self._check_active()
         if self.encoding == "integer":
             self._check_integer(limit)
             return self._check_graph()
@@ -171,6 +181,36 @@ class SecAggConfig(BaseModel):
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError("metric names must be distinct")
         return self._check_graph()
+
+    def _check_active(self) -> None:
+        if self.roster == "group":
+            raise ValueError(
+                "roster: 'group' cannot be used with security: 'active' yet: a client that sees only its group's "
+                "keys cannot count the enrolled members who signed the survivor set, so neither the consistency "
+                "check nor min_inputs could be verified with O(log n) work (Bell et al.'s group-level check is not "
+                "implemented); use roster: 'full' (O(n) bytes per client) or security: 'semi_honest'")
+        colluders = self.colluders
+        if self.threshold is not None and self.threshold <= colluders:
+            raise ValueError(f"threshold {self.threshold} must exceed the {colluders} colluders of "
+                             f"colluding_fraction {self.colluding_fraction:g} x {self.num_clients} clients under "
+                             "active security: otherwise the colluders alone rebuild an honest client's secrets")
+
+    @property
+    def colluders(self) -> int:
+        """The clients of a round that may collude with the server: floor(colluding_fraction x num_clients)."""
+        return math.floor(self.colluding_fraction * self.num_clients + 1e-9)
+
+    def consistency_threshold(self, listed: int) -> int:
+        """Signatures of distinct enrolled survivors a client needs on exactly its statement before it reveals a
+        share (``security = "active"``), for a roster of ``listed`` clients.
+
+        T = floor((listed + c) / 2) + 1 with c = :attr:`colluders`: two different statements would need 2T
+        signatures from ``listed`` members of which only the c colluders sign twice (an honest client signs one
+        statement per round), and 2T > listed + c makes that impossible. At least ``min_inputs``: every honest
+        signer's input is in any sum the server can unmask, so the released sum holds at least
+        min_inputs - c honest inputs. At least 2.
+        """
+        return max(2, (listed + self.colluders) // 2 + 1, self.min_inputs or 0)
 
     def _check_integer(self, limit: int) -> None:
         if self.integer_sum_bound is None:

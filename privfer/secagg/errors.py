@@ -102,3 +102,29 @@ class InconsistentShares(SecAggError):
 
 class CorruptState(SecAggError):
     """A saved client state does not restore: wrong magic or version, missing or malformed fields."""
+
+
+class InvalidSignature(MessageError):
+    """A signature does not verify: a key advertisement or a consistency statement not signed by the enrolled
+    member it names (forged, altered, or made for another round or study)."""
+
+
+class UnenrolledClient(MessageError):
+    """A roster entry, sender or signer that the enrollment authority's certificate does not list (a sybil the
+    server made up), or listed with another key."""
+
+
+class InvalidCertificate(SecAggError):
+    """A roster certificate that is malformed, not signed by the pinned enrollment authority, for another study,
+    or outside its validity period."""
+
+
+class ConsistencyCheckFailed(SecAggError):
+    """Too few enrolled members signed exactly this client's statement (round, roster, survivors, model and plan
+    digest): the server showed clients different views, or gave them different models; the client reveals no
+    share. ``disagreeing`` names the members whose forwarded signatures do not verify on this client's statement
+    (they signed another one, or the server altered them)."""
+
+    def __init__(self, message: str, disagreeing: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.disagreeing = tuple(sorted(disagreeing))

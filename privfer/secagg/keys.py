@@ -149,25 +149,30 @@ class KeyPairs:
         return private_bytes(self.s_private)
 
 
-def share_aad(round_id: str, sender: int, receiver: int) -> bytes:
+def share_aad(round_id: str, sender: int, receiver: int, roster: bytes) -> bytes:
+    """Binds a share to its round, its pair and (version 3) the digest of the roster's ids the DEALER saw: a
+    holder shown another roster than the dealer cannot open the share, so every holder of a client's shares
+    shares its view of U1 (what the consistency check's threshold counts on, SPEC section 5)."""
     return b"privfer-secagg/v1/share-aad" + bytes([PROTOCOL_VERSION]) + round_bytes(round_id) + struct.pack(
         ">II", sender, receiver
-    )
+    ) + roster
 
 
-def encrypt_share(key: bytes, plaintext: bytes, round_id: str, sender: int, receiver: int,
+def encrypt_share(key: bytes, plaintext: bytes, round_id: str, sender: int, receiver: int, roster: bytes,
                   randomness: Randomness = SYSTEM) -> bytes:
     """nonce (12 bytes) || AES-256-GCM(key, nonce, plaintext, aad=share_aad(...))."""
     nonce = randomness.bytes(NONCE_BYTES)
-    return nonce + AESGCM(key).encrypt(nonce, plaintext, share_aad(round_id, sender, receiver))
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, share_aad(round_id, sender, receiver, roster))
 
 
-def decrypt_share(key: bytes, blob: bytes, round_id: str, sender: int, receiver: int) -> bytes:
+def decrypt_share(key: bytes, blob: bytes, round_id: str, sender: int, receiver: int, roster: bytes) -> bytes:
     if len(blob) < NONCE_BYTES + 16:
         raise ShareAuthenticationError("encrypted share is too short")
     try:
-        return AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], share_aad(round_id, sender, receiver))
+        return AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:],
+                                   share_aad(round_id, sender, receiver, roster))
     except InvalidTag:
         raise ShareAuthenticationError(
-            f"share from client {sender} to {receiver} failed authentication (tampered, misrouted or another round)"
+            f"share from client {sender} to {receiver} failed authentication (tampered, misrouted, another round, "
+            "or a dealer shown another roster)"
         ) from None

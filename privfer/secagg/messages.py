@@ -22,6 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from privfer.secagg.config import MAX_CLIENTS, PROTOCOL_VERSION
 from privfer.secagg.errors import DuplicateSender, MalformedMessage, UnsupportedVersion, WrongVectorLength
 from privfer.secagg.idsets import Runs, check_runs, id_runs, in_runs, runs_size
+from privfer.secagg.identity import SIGNATURE_BYTES
 from privfer.secagg.keys import COMMITMENT_BYTES, KEY_BYTES
 from privfer.secagg.prg import word_dtype
 from privfer.secagg.shamir import SHARE_BYTES, share_from_bytes
@@ -182,12 +183,23 @@ class Message(BaseModel):
         return message
 
 
+def _signature(value: bytes) -> bytes:
+    if len(value) not in (0, SIGNATURE_BYTES):
+        raise ValueError(f"a signature is {SIGNATURE_BYTES} bytes (or absent under semi-honest security)")
+    return value
+
+
+Signature = Annotated[bytes, AfterValidator(_signature)]
+
+
 class AdvertiseKeys(Message):
-    """Stage 0, client -> server: the client's two X25519 public keys."""
+    """Stage 0, client -> server: the client's two X25519 public keys and, under active security, its enrolled
+    identity's Ed25519 signature over (study, round, sender, both keys) — section 3.6."""
 
     KIND: ClassVar[int] = 1
     c_public: bytes
     s_public: bytes
+    signature: Signature = b""
 
     @field_validator("c_public", "s_public")
     @classmethod
@@ -197,34 +209,63 @@ class AdvertiseKeys(Message):
         return value
 
     def _body(self) -> bytes:
-        return self.c_public + self.s_public
+        return self.c_public + self.s_public + bytes([len(self.signature)]) + self.signature
 
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "AdvertiseKeys":
-        return cls(**header, c_public=reader.take(KEY_BYTES), s_public=reader.take(KEY_BYTES))
+        c_public, s_public = reader.take(KEY_BYTES), reader.take(KEY_BYTES)
+        return cls(**header, c_public=c_public, s_public=s_public, signature=reader.take(reader.u8()))
 
 
-def _key_table(keys: dict[int, tuple[bytes, bytes]]) -> bytes:
-    """u32 count, then (u32 client, c_pk, s_pk) in increasing client order."""
+def _signed_entries(value: dict[int, bytes]) -> dict[int, bytes]:
+    if any(len(signature) != SIGNATURE_BYTES for signature in value.values()):
+        raise ValueError(f"signatures are {SIGNATURE_BYTES} bytes")
+    return value
+
+
+Signatures = Annotated[dict[int, bytes], AfterValidator(_signed_entries)]
+
+
+def _key_table(keys: dict[int, tuple[bytes, bytes]], signatures: dict[int, bytes]) -> bytes:
+    """u32 count, then (u32 client, c_pk, s_pk) in increasing client order; u8 signed (0 or 1), and when signed
+    each entry's 64-byte advertisement signature in the same order."""
+    if signatures and set(signatures) != set(keys):
+        raise MalformedMessage("a signed roster carries one signature per listed client")
     parts = [struct.pack(">I", len(keys))]
     parts.extend(struct.pack(">I", client) + keys[client][0] + keys[client][1] for client in sorted(keys))
+    parts.append(bytes([1 if signatures else 0]))
+    parts.extend(signatures[client] for client in sorted(signatures))
     return b"".join(parts)
 
 
-def _read_key_table(reader: _Reader) -> dict[int, tuple[bytes, bytes]]:
+def _read_key_table(reader: _Reader) -> tuple[dict[int, tuple[bytes, bytes]], dict[int, bytes]]:
     keys: dict[int, tuple[bytes, bytes]] = {}
     client = 0
     for _ in range(reader.count()):
         client = reader.client_id(client)
         keys[client] = (reader.take(KEY_BYTES), reader.take(KEY_BYTES))
-    return keys
+    signed = reader.u8()
+    if signed not in (0, 1):
+        raise MalformedMessage(f"roster signature flag {signed} is not 0 or 1")
+    signatures = {client: reader.take(SIGNATURE_BYTES) for client in keys} if signed else {}
+    return keys, signatures
+
+
+def _one_per_entry(message: "KeyRoster | GroupRoster") -> None:
+    if message.signatures and set(message.signatures) != set(message.keys):
+        raise ValueError("a signed roster carries one signature per listed client")
 
 
 class KeyRoster(Message):
-    """Stage 0 result, server -> clients (``roster = "full"``): every participant's public keys."""
+    """Stage 0 result, server -> clients (``roster = "full"``): every participant's public keys (and, under active
+    security, each one's advertisement signature, which every client checks against the roster certificate)."""
 
     KIND: ClassVar[int] = 2
     keys: dict[int, tuple[bytes, bytes]]
+    signatures: Signatures = {}
+
+    def model_post_init(self, _context: Any) -> None:
+        _one_per_entry(self)
 
     @property
     def members(self) -> Runs:
@@ -232,11 +273,12 @@ class KeyRoster(Message):
         return id_runs(self.keys)
 
     def _body(self) -> bytes:
-        return _key_table(self.keys)
+        return _key_table(self.keys, self.signatures)
 
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "KeyRoster":
-        return cls(**header, keys=_read_key_table(reader))
+        keys, signatures = _read_key_table(reader)
+        return cls(**header, keys=keys, signatures=signatures)
 
 
 def _runs(runs: Runs) -> bytes:
@@ -270,19 +312,24 @@ class GroupRoster(Message):
     receiver: int = ClientId
     members: IdSet
     keys: dict[int, tuple[bytes, bytes]]
+    signatures: Signatures = {}
+
+    def model_post_init(self, _context: Any) -> None:
+        _one_per_entry(self)
 
     @property
     def advertised(self) -> int:
         return runs_size(self.members)
 
     def _body(self) -> bytes:
-        return struct.pack(">I", self.receiver) + _runs(self.members) + _key_table(self.keys)
+        return struct.pack(">I", self.receiver) + _runs(self.members) + _key_table(self.keys, self.signatures)
 
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "GroupRoster":
         receiver = reader.client_id()
         members = _read_runs(reader)
-        return cls(**header, receiver=receiver, members=members, keys=_read_key_table(reader))
+        keys, signatures = _read_key_table(reader)
+        return cls(**header, receiver=receiver, members=members, keys=keys, signatures=signatures)
 
 
 class ShareKeys(Message):
@@ -442,10 +489,41 @@ class UnmaskResponse(Message):
         return cls(**header, seed_shares=seed_shares, key_shares=_read_fixed(reader, SHARE_BYTES))
 
 
+class ConsistencySignature(Message):
+    """Stage 3a, client -> server (``security = "active"``): the client's Ed25519 signature on its statement —
+    the round, its roster's ids, the survivors of the unmask request, the digest of the model and plan it trained
+    with, and the round's config (section 6.4). An honest client signs one statement per round."""
+
+    KIND: ClassVar[int] = 10
+    signature: bytes = Field(..., min_length=SIGNATURE_BYTES, max_length=SIGNATURE_BYTES)
+
+    def _body(self) -> bytes:
+        return self.signature
+
+    @classmethod
+    def _read_body(cls, reader: _Reader, header: dict) -> "ConsistencySignature":
+        return cls(**header, signature=reader.take(SIGNATURE_BYTES))
+
+
+class SignatureList(Message):
+    """Stage 3b, server -> clients (``security = "active"``): the survivors' consistency signatures it collected.
+    A client reveals shares only when enough of them verify on exactly its own statement."""
+
+    KIND: ClassVar[int] = 11
+    signatures: Signatures
+
+    def _body(self) -> bytes:
+        return _fixed(self.signatures)
+
+    @classmethod
+    def _read_body(cls, reader: _Reader, header: dict) -> "SignatureList":
+        return cls(**header, signatures=_read_fixed(reader, SIGNATURE_BYTES))
+
+
 KINDS: dict[int, type[Message]] = {
     cls.KIND: cls
     for cls in (AdvertiseKeys, KeyRoster, ShareKeys, ForwardedShares, MaskedInput, UnmaskRequest, UnmaskResponse,
-                GroupRoster, GroupUnmaskRequest)
+                GroupRoster, GroupUnmaskRequest, ConsistencySignature, SignatureList)
 }
 
 

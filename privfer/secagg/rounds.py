@@ -26,8 +26,11 @@ MAX_CLIENT_ID = PRIME - 1
 if TYPE_CHECKING:
     from privfer.secagg.server import ServerTranscript
 
-Stage = Literal["advertise_keys", "share_keys", "masked_input", "unmask"]
-STAGES: tuple[str, ...] = ("advertise_keys", "share_keys", "masked_input", "unmask")
+Stage = Literal["advertise_keys", "share_keys", "masked_input", "consistency", "unmask"]
+STAGES: tuple[str, ...] = ("advertise_keys", "share_keys", "masked_input", "consistency", "unmask")
+"""A client dropped at "consistency" sent its masked input but never signs the round (active security) nor
+answers the unmask request: its input is included. Under semi-honest security the stage does not exist and such
+a client simply never answers the unmask request."""
 EXCLUDING_STAGES: tuple[str, ...] = STAGES[: STAGES.index("masked_input") + 1]
 """Dropping at or before the masked input excludes a client's input; dropping later, it is included."""
 

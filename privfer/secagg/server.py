@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from privfer.secagg import shamir
-from privfer.secagg.client import check_header
+from privfer.secagg.client import _config_digest, _survivors_digest, check_header
 from privfer.secagg.config import SecAggConfig
 from privfer.secagg.errors import (
     DuplicateSender,
@@ -34,6 +34,7 @@ from privfer.secagg.errors import (
     WrongVectorLength,
 )
 from privfer.secagg.graph import graph_seed, neighbourhoods
+from privfer.secagg.identity import RosterCertificate, verify_signature
 from privfer.secagg.idsets import id_runs
 from privfer.secagg.keys import (
     COMMITMENT_BYTES,
@@ -47,6 +48,7 @@ from privfer.secagg.keys import (
 from privfer.secagg.messages import (
     SERVER,
     AdvertiseKeys,
+    ConsistencySignature,
     ForwardedShares,
     GroupRoster,
     GroupUnmaskRequest,
@@ -54,12 +56,14 @@ from privfer.secagg.messages import (
     MaskedInput,
     Message,
     ShareKeys,
+    SignatureList,
     UnmaskRequest,
     UnmaskResponse,
     decode,
 )
 from privfer.secagg.payload import Decoded, PayloadLayout
 from privfer.secagg.prg import MaskExpander, word_dtype
+from privfer.secagg.statements import advertise_statement, consistency_statement, ids_digest
 
 
 @dataclass
@@ -111,9 +115,20 @@ class SecAggServer:
     authenticated channel (TLS client certificate, Flower node id) says. A message signed as another sender
     is refused (``UnknownSender``). ``peer=None`` is an explicit statement that the transport cannot tell
     who sent the bytes; the message's own sender field is then trusted, and one client can speak for another.
+
+    Under ``security = "active"`` the server takes the roster ``certificate`` (it refuses unenrolled or unsigned
+    advertisements early, as an honest server should — the clients check everything again) and, when it knows
+    it, the round's ``context`` digest (then it forwards only consistency signatures that verify). Its honesty
+    is never relied on: the clients' checks are what the guarantee rests on.
     """
 
-    def __init__(self, config: SecAggConfig, round_id: str, layout: PayloadLayout) -> None:
+    def __init__(self, config: SecAggConfig, round_id: str, layout: PayloadLayout, *,
+                 certificate: RosterCertificate | None = None, context: bytes | None = None) -> None:
+        if config.security == "active" and certificate is None:
+            raise ValueError("security 'active' needs the roster certificate on the server too (to refuse "
+                             "unenrolled advertisements before the clients do)")
+        self.certificate = certificate
+        self.context = context
         self.config = config
         self.round_id = round_id
         self.layout = layout
@@ -129,6 +144,8 @@ class SecAggServer:
         self._masked: dict[int, np.ndarray] = {}
         self._responses: dict[int, UnmaskResponse] = {}
         self._request: UnmaskRequest | None = None
+        self._advert_signatures: dict[int, bytes] = {}
+        self._consistency: dict[int, bytes] = {}  # survivor -> its signature on the round's statement
 
     # -- plumbing ---------------------------------------------------------------
     def _accept(self, raw: bytes | Message, kind: type[Message], stage: str, peer: int | None) -> Message:
@@ -175,6 +192,13 @@ class SecAggServer:
             raise DuplicateSender(f"client {message.sender} reuses a public key")
         for key in (message.c_public, message.s_public):
             check_public_key(key)
+        if self.config.security == "active":
+            assert self.certificate is not None
+            verify_signature(self.certificate.public_key(message.sender),
+                             advertise_statement(self.certificate.study, self.round_id, message.sender,
+                                                 message.c_public, message.s_public),
+                             message.signature, f"client {message.sender}'s key advertisement")
+            self._advert_signatures[message.sender] = message.signature
         self._keys[message.sender] = (message.c_public, message.s_public)
         seen.update((message.c_public, message.s_public))
 
@@ -190,7 +214,8 @@ class SecAggServer:
     def key_roster(self) -> KeyRoster:
         """``roster = "full"``: every participant's keys, one broadcast (each client derives the graph)."""
         self._close_advertise("full")
-        return self._send(KeyRoster(round_id=self.round_id, sender=SERVER, keys=dict(self._keys)), "advertise", 0)
+        return self._send(KeyRoster(round_id=self.round_id, sender=SERVER, keys=dict(self._keys),
+                                    signatures=dict(self._advert_signatures)), "advertise", 0)
 
     def group_rosters(self) -> dict[int, GroupRoster]:
         """``roster = "group"``: one message per client with every advertised id as runs and its group's keys
@@ -199,7 +224,10 @@ class SecAggServer:
         members = id_runs(self._keys)
         return {
             client: self._send(GroupRoster(round_id=self.round_id, sender=SERVER, receiver=client, members=members,
-                                           keys={v: self._keys[v] for v in self._neighbours[client] | {client}}),
+                                           keys={v: self._keys[v] for v in self._neighbours[client] | {client}},
+                                           signatures={v: self._advert_signatures[v]
+                                                       for v in self._neighbours[client] | {client}
+                                                       if v in self._advert_signatures}),
                                "advertise", client)
             for client in sorted(self._keys)
         }
@@ -264,7 +292,7 @@ class SecAggServer:
         if minimum is not None and len(self._masked) < minimum:
             self.stage = "aborted"  # the clients would refuse to unmask (SecAggClient.unmask)
             raise RoundAborted(f"only {len(self._masked)} masked inputs arrived; the round needs at least {minimum}")
-        self.stage = "unmask"
+        self.stage = "consistency" if self.config.security == "active" else "unmask"
         survivors = tuple(sorted(self._masked))
         dropped = tuple(sorted(set(self._shares) - set(self._masked)))
         self._request = UnmaskRequest(round_id=self.round_id, sender=SERVER, survivors=survivors, dropped=dropped)
@@ -286,6 +314,39 @@ class SecAggServer:
                 round_id=self.round_id, sender=SERVER, receiver=client, survivors=survivors,
                 dropped=tuple(sorted(group & dropped))), "masked", client)
         return out
+
+    # -- stage 3a (active security) ---------------------------------------------------
+    def receive_consistency(self, raw: bytes | ConsistencySignature, *, peer: int | None) -> None:
+        """A survivor's signature on its statement. With the round's ``context`` known, a signature that does not
+        verify on the statement this server sent is refused (``InvalidSignature``) and never forwarded."""
+        message = self._accept(raw, ConsistencySignature, "consistency", peer)
+        assert self._request is not None
+        if not self._request.survived(message.sender):
+            raise UnknownSender(f"client {message.sender} is not a survivor; only survivors sign the round")
+        if message.sender in self._consistency:
+            raise DuplicateSender(f"client {message.sender} signed the round twice")
+        if self.context is not None:
+            assert self.certificate is not None
+            statement = consistency_statement(self.certificate.study, self.round_id, ids_digest(self._keys),
+                                              _survivors_digest(self._request.survivors), self.context,
+                                              _config_digest(self.config))
+            verify_signature(self.certificate.public_key(message.sender), statement, message.signature,
+                             f"client {message.sender}'s consistency signature")
+        self._consistency[message.sender] = message.signature
+
+    def signature_list(self) -> SignatureList:
+        """Every survivor's consistency signature, one broadcast; the round aborts if fewer than the consistency
+        threshold signed (the clients would refuse to unmask)."""
+        if self.stage != "consistency":
+            raise WrongStage(f"the signatures are sent once, after the consistency check (stage is {self.stage!r})")
+        needed = self.config.consistency_threshold(len(self._keys))
+        if len(self._consistency) < needed:
+            self.stage = "aborted"
+            raise RoundAborted(f"only {len(self._consistency)} survivors signed the round; the consistency "
+                               f"threshold is {needed}")
+        self.stage = "unmask"
+        return self._send(SignatureList(round_id=self.round_id, sender=SERVER, signatures=dict(self._consistency)),
+                          "consistency", 0)
 
     # -- stage 3 -----------------------------------------------------------------
     def receive_unmask(self, raw: bytes | UnmaskResponse, *, peer: int | None) -> None:
@@ -389,5 +450,6 @@ class SecAggServer:
             "advertised": len(self._keys),
             "shared": len(self._shares),
             "masked": len(self._masked),
+            "signed": len(self._consistency),
             "responded": len(self._responses),
         }

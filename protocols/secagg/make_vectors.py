@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from privfer.secagg import PROTOCOL_VERSION, SecAggConfig, aggregate, prg, shamir
+from privfer.secagg.identity import Enrollment, EnrollmentAuthority, Identity
 from privfer.secagg.keys import PURPOSE_MASK, PURPOSE_SHARE, KeyPairs, agree, kdf_info
 from privfer.secagg.quantize import encode_fixed_point
 from privfer.secagg.randomness import InsecureDeterministicRandomness
+from privfer.secagg.statements import context_digest
 
 HERE = Path(__file__).resolve().parent
 
@@ -125,10 +127,40 @@ def group_round() -> dict:
     return _round(config, updates, counts, metrics, {3: "advertise_keys", 5: "masked_input"}, "kat-group-round-7")
 
 
-def _round(config: SecAggConfig, updates: dict, counts: dict, metrics: dict, dropouts: dict, round_id: str) -> dict:
+CERT_START = 1_800_000_000  # the active round's certificate: valid from this unix time for ten years
+
+
+def active_enrollments(members: list[int]) -> dict[int, Enrollment]:
+    """Deterministic identities (Ed25519 keys from fixed seeds; signatures are deterministic) and certificate."""
+    authority = EnrollmentAuthority(Identity.from_seed(seed("authority")))
+    identities = {c: Identity.from_seed(seed(f"identity-{c}")) for c in members}
+    certificate = authority.certify("kat-study", {c: i.public for c, i in identities.items()},
+                                    valid_seconds=10 * 365 * 86400, not_before=CERT_START)
+    return {c: Enrollment(c, identities[c], certificate) for c in members}
+
+
+def active_round() -> dict:
+    """Five enrolled clients, active security (section 6.4's consistency check, kinds 10 and 11): client 5 drops
+    before its masked input, client 2 after it but before signing (its input is included); three sign."""
+    config = SecAggConfig(num_clients=5, modulus_bits=32, clipping_range=4.0, precision_bits=16,
+                          metrics=("loss",), metric_range=10.0, security="active")
+    updates = {c: [np.array([0.5 * c, -0.25 * c]), np.array([[0.125 * c]])] for c in range(1, 6)}
+    counts = {c: 5 * c for c in range(1, 6)}
+    metrics = {c: {"loss": 0.5 * c} for c in range(1, 6)}
+    enrollments = active_enrollments(list(updates))
+    context = context_digest(b"kat-model", b"kat-plan")
+    case = _round(config, updates, counts, metrics, {5: "masked_input", 2: "consistency"}, "kat-active-round-5",
+                  enrollments=enrollments, context=context)
+    return {**case, "authority_seed": seed("authority").hex(),
+            "identity_seeds": {str(c): seed(f"identity-{c}").hex() for c in updates},
+            "certificate": enrollments[1].certificate.to_bytes().hex(), "context": context.hex()}
+
+
+def _round(config: SecAggConfig, updates: dict, counts: dict, metrics: dict, dropouts: dict, round_id: str,
+           **active: object) -> dict:
     result = aggregate(updates, config, dropouts, example_counts=counts, metrics=metrics,
                        round_id=round_id,
-                       randomness=lambda cid: InsecureDeterministicRandomness(seed(f"client-{cid}")))
+                       randomness=lambda cid: InsecureDeterministicRandomness(seed(f"client-{cid}")), **active)
     return {
         "config": {k: v for k, v in config.model_dump().items() if v is not None} | {"metrics": ["loss"]},
         "round_id": round_id,
@@ -160,6 +192,7 @@ def main() -> None:
         "quantization": quantization_vectors(),
         "round": full_round(),
         "group_round": group_round(),
+        "active_round": active_round(),
     }
     (HERE / "vectors.json").write_text(json.dumps(vectors, indent=1) + "\n")
     print(f"wrote {HERE / 'vectors.json'}")

@@ -1,0 +1,73 @@
+"""The byte strings members sign under active security, and the digests that bind a round's view.
+
+Two statements (protocols/secagg/SPEC.md, section 3.6):
+
+- the **advertisement**: a member's two X25519 keys for one round of one study;
+- the **consistency statement**: what a client saw of a round before it reveals
+  any share — the roster's ids (U1), the survivors (U3), the digest of the
+  model and plan it trained with (the caller's ``context``), and the round's
+  config. An honest client signs one consistency statement per round, so
+  enough signatures on one statement rule out any other (section 5).
+
+Id sets are digested in their canonical run encoding, so a full roster and a
+group roster of the same ids give the same digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from typing import Iterable
+
+from privfer.secagg.idsets import Runs, id_runs
+from privfer.secagg.keys import round_bytes
+
+CONTEXT_BYTES = 32
+NO_CONTEXT = bytes(CONTEXT_BYTES)
+_ADVERTISE = b"privfer-secagg/v3/advertise"
+_STATEMENT = b"privfer-secagg/v3/statement"
+_IDS = b"privfer-secagg/v3/ids"
+
+
+def _study(study: str) -> bytes:
+    return round_bytes(study)  # the same 1..255-byte length-prefixed UTF-8
+
+
+def ids_digest(ids: Iterable[int] | Runs, *, runs: bool = False) -> bytes:
+    """SHA-256 of an id set's canonical runs: ``u32 R`` then R x (``u32 first``, ``u32 count``)."""
+    canonical = tuple(ids) if runs else id_runs(ids)
+    packed = struct.pack(f">I{2 * len(canonical)}I", len(canonical), *(x for run in canonical for x in run))
+    return hashlib.sha256(_IDS + packed).digest()
+
+
+def config_digest(config: object) -> bytes:
+    """SHA-256 of the round's config as canonical JSON (sorted keys, no spaces): two clients given different
+    parameters (a threshold, a bound, min_inputs) sign different statements."""
+    document = config.model_dump(mode="json")  # type: ignore[attr-defined]
+    return hashlib.sha256(json.dumps(document, sort_keys=True, separators=(",", ":")).encode("utf-8")).digest()
+
+
+def advertise_statement(study: str, round_id: str, sender: int, c_public: bytes, s_public: bytes) -> bytes:
+    return _ADVERTISE + _study(study) + round_bytes(round_id) + struct.pack(">I", sender) + c_public + s_public
+
+
+def consistency_statement(study: str, round_id: str, roster: bytes, survivors: bytes, context: bytes,
+                          config: bytes) -> bytes:
+    """``roster`` and ``survivors`` are :func:`ids_digest` values, ``context`` the caller's 32-byte digest of the
+    model and plan, ``config`` :func:`config_digest`."""
+    if len(context) != CONTEXT_BYTES:
+        raise ValueError(f"the round's context is a {CONTEXT_BYTES}-byte digest")
+    return _STATEMENT + _study(study) + round_bytes(round_id) + roster + survivors + context + config
+
+
+def context_digest(*parts: bytes) -> bytes:
+    """A round context from its parts (model bytes, plan bytes ...): SHA-256 over each part's length and bytes."""
+    digest = hashlib.sha256(b"privfer-secagg/v3/context")
+    for part in parts:
+        digest.update(struct.pack(">Q", len(part)) + part)
+    return digest.digest()
+
+
+__all__ = ["CONTEXT_BYTES", "NO_CONTEXT", "advertise_statement", "config_digest", "consistency_statement",
+           "context_digest", "ids_digest"]

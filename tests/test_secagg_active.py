@@ -1,0 +1,366 @@
+"""A server that deviates from the protocol (SPEC sections 1, 5, 6.4): each attack is performed for real.
+
+Under ``security="semi_honest"`` each attack below succeeds (the test shows the victim's input recovered
+exactly), so the test attacks something real; under ``security="active"`` the same attack is refused by the
+honest clients before any share that would complete it leaves them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from privfer.secagg import PayloadLayout, SecAggClient, SecAggConfig, SecAggServer, aggregate, shamir
+from privfer.secagg import messages as m
+from privfer.secagg.errors import (
+    ConsistencyCheckFailed,
+    DuplicateSender,
+    InvalidInput,
+    InvalidSignature,
+    RoundAborted,
+    UnenrolledClient,
+    UnknownSender,
+)
+from privfer.secagg.identity import Enrollment, EnrollmentAuthority, Identity, enroll_in_process
+from privfer.secagg.keys import PURPOSE_MASK, KeyPairs, agree
+from privfer.secagg.prg import MaskExpander
+from privfer.secagg.statements import context_digest
+
+ROUND = "active-attack"
+
+
+class Round:
+    """n clients (ids 1..n) run honestly up to their masked inputs; the test then plays the server."""
+
+    def __init__(self, n: int, security: str, *, min_inputs: int | None = None, contexts=None, seed: int = 0,
+                 colluding_fraction: float = 0.1):
+        self.config = SecAggConfig(num_clients=n, security=security, encoding="integer", integer_sum_bound=1 << 20,
+                                   min_inputs=min_inputs, colluding_fraction=colluding_fraction)
+        rng = np.random.default_rng(seed)
+        self.updates = {c: [rng.integers(-1000, 1000, 5)] for c in range(1, n + 1)}
+        self.layout = PayloadLayout.for_arrays(self.updates[1], self.config)
+        self.enrollments = enroll_in_process(range(1, n + 1)) if security == "active" else {}
+        certificate = self.enrollments[1].certificate if self.enrollments else None
+        contexts = contexts or {}
+        self.clients = {c: SecAggClient(c, self.config, ROUND, self.layout, enrollment=self.enrollments.get(c),
+                                        context=contexts.get(c, context_digest(b"model")))
+                        for c in self.updates}
+        self.server = SecAggServer(self.config, ROUND, self.layout, certificate=certificate)
+        for c, client in self.clients.items():
+            self.server.receive_advertise(client.advertise_keys().to_bytes(), peer=c)
+        roster = m.KeyRoster.from_bytes(self.server.key_roster().to_bytes())
+        self.keys = dict(roster.keys)
+        for c, client in self.clients.items():
+            self.server.receive_share_keys(client.share_keys(roster).to_bytes(), peer=c)
+        for c, bundle in self.server.forward_shares().items():
+            masked = self.clients[c].masked_input(m.ForwardedShares.from_bytes(bundle.to_bytes()), self.updates[c])
+            self.server.receive_masked_input(masked.to_bytes(), peer=c)
+
+    def request(self, survivors) -> m.UnmaskRequest:
+        survivors = tuple(sorted(survivors))
+        dropped = tuple(sorted(set(self.clients) - set(survivors)))
+        return m.UnmaskRequest(round_id=ROUND, sender=0, survivors=survivors, dropped=dropped)
+
+    def copy(self, client: int) -> SecAggClient:
+        """A colluding client answers as often as the server likes: a fresh copy of its state each time."""
+        return SecAggClient.restore(self.clients[client].export_state(), enrollment=self.enrollments.get(client))
+
+    def recover(self, victim: int, seed: bytes, s_private: bytes) -> np.ndarray:
+        """The victim's input from its masked vector, its self-mask seed and its mask key."""
+        bits = self.config.modulus_bits
+        expander = MaskExpander(self.layout.length, bits)
+        x = self.server._masked[victim] - expander.expand(seed)
+        for peer in self.clients:
+            if peer == victim:
+                continue
+            mask = expander.expand(agree(s_private, self.keys[peer][1], PURPOSE_MASK, ROUND, victim, peer))
+            if victim < peer:
+                x -= mask
+            else:
+                x += mask
+        return self.layout.decode(x).arrays[0]
+
+
+def rebuild(shares: dict[int, bytes], threshold: int) -> bytes:
+    holders = sorted(shares)[:threshold]
+    stacked = np.stack([shamir.share_from_bytes(shares[h]) for h in holders])[:, None, :]
+    return shamir.reconstruct(holders, stacked, threshold)[0]
+
+
+def split_view_attack(security: str):
+    """Attack 1 of issue 24: n = 11, t = 6, min_inputs = 10, one colluder (client 10). Clients 1-4 and the victim
+    (11) are told "the victim survived", clients 5-9 "the victim dropped"; the colluder answers both."""
+    game = Round(11, security, min_inputs=10)
+    victim, colluder, t = 11, 10, game.config.group_threshold
+    assert t == 6
+    survived, dropped = game.request(range(1, 12)), game.request(range(1, 11))
+    views = {c: survived for c in (1, 2, 3, 4, victim)} | {c: dropped for c in (5, 6, 7, 8, 9)}
+    seed_shares, key_shares, refusals = {}, {}, {}
+    if security == "active":
+        signatures = {}
+        for c, view in views.items():
+            signatures[(c, id(view))] = game.clients[c].check_consistency(view).signature
+        for view in (survived, dropped):  # the colluder signs both statements
+            signatures[(colluder, id(view))] = game.copy(colluder).check_consistency(view).signature
+        for c, view in views.items():
+            # the best the server can do: every signature made on this client's view, plus the others
+            mine = {s: sig for (s, v), sig in signatures.items() if v == id(view)}
+            others = {s: sig for (s, v), sig in signatures.items() if v != id(view) and s not in mine}
+            try:
+                response = game.clients[c].unmask(m.SignatureList(round_id=ROUND, sender=0,
+                                                                  signatures={**others, **mine}))
+            except ConsistencyCheckFailed as exc:
+                refusals[c] = exc
+                continue
+            seed_shares.update({c: response.seed_shares[victim]} if victim in response.seed_shares else {})
+            key_shares.update({c: response.key_shares[victim]} if victim in response.key_shares else {})
+    else:
+        for c, view in views.items():
+            response = game.clients[c].unmask(view)
+            if victim in response.seed_shares:
+                seed_shares[c] = response.seed_shares[victim]
+            if victim in response.key_shares:
+                key_shares[c] = response.key_shares[victim]
+    # the colluder's own shares of both secrets are the server's anyway
+    held = game.clients[colluder]._held[victim]
+    seed_shares[colluder] = shamir.share_to_bytes(held[0])
+    key_shares[colluder] = shamir.share_to_bytes(held[1])
+    return game, victim, t, seed_shares, key_shares, refusals
+
+
+def test_split_views_with_one_colluder_recover_the_victim_under_semi_honest_security():
+    game, victim, t, seed_shares, key_shares, _ = split_view_attack("semi_honest")
+    assert len(seed_shares) >= t and len(key_shares) >= t
+    recovered = game.recover(victim, rebuild(seed_shares, t), rebuild(key_shares, t))
+    np.testing.assert_array_equal(recovered, game.updates[victim][0])  # the attack is real
+
+
+def test_split_views_are_refused_under_active_security():
+    game, victim, t, seed_shares, key_shares, refusals = split_view_attack("active")
+    honest = {1, 2, 3, 4, 5, 6, 7, 8, 9, victim}
+    assert set(refusals) == honest  # no honest client reveals anything
+    assert all(isinstance(exc, ConsistencyCheckFailed) for exc in refusals.values())
+    assert len(seed_shares) == 1 and len(key_shares) == 1  # the colluder's own: far below t
+    # the refusal names the signers whose signatures are on the other statement
+    assert set(refusals[5].disagreeing) == {1, 2, 3, 4}  # the victim is no survivor in this view: not counted
+    assert set(refusals[1].disagreeing) == {5, 6, 7, 8, 9}
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(4, 9), colluders=st.integers(0, 2), cut=st.integers(0, 100), victim_side=st.booleans())
+def test_no_split_of_the_survivors_passes_the_consistency_check(n, colluders, cut, victim_side):
+    """Whatever partition of the honest clients into two views (which differ on whether the victim survived), and
+    whatever the colluders sign, at most one view collects the threshold of signatures — with as many colluders
+    as the config assumes (the guarantee's stated bound)."""
+    colluders = min(colluders, (n - 2) // 2)  # colluding_fraction < 1/2
+    game = Round(n, "active", colluding_fraction=(colluders + 0.5) / n)
+    assert game.config.colluders == colluders
+    bad = set(range(n - colluders + 1, n + 1))
+    victim = 1
+    everyone, without = game.request(range(1, n + 1)), game.request(range(2, n + 1))
+    honest = [c for c in game.clients if c not in bad]
+    split = 1 + cut % len(honest)
+    views = {c: (everyone if (i < split) == victim_side or c == victim else without) for i, c in enumerate(honest)}
+    signed = {}
+    for c, view in views.items():
+        signed.setdefault(id(view), {})[c] = game.clients[c].check_consistency(view).signature
+    for c in bad:
+        for view in (everyone, without):
+            signed.setdefault(id(view), {})[c] = game.copy(c).check_consistency(view).signature
+    passed = set()
+    for c, view in views.items():
+        try:
+            game.clients[c].unmask(m.SignatureList(round_id=ROUND, sender=0, signatures=signed.get(id(view), {})))
+            passed.add(id(view))
+        except ConsistencyCheckFailed:
+            pass
+    assert len(passed) <= 1  # never both: the victim's two secrets cannot both be released
+
+
+def sybil_attack(security: str, forge):
+    """Attack 2 of issue 24, zero colluders: the victim (client 1) is shown a roster of server-made keys for every
+    other id; the server plays all of them, so the "sum" minus its own inputs is the victim's input."""
+    n = 6
+    config = SecAggConfig(num_clients=n, security=security, encoding="integer", integer_sum_bound=1 << 20)
+    layout = PayloadLayout.for_arrays([np.zeros(4)], config)
+    enrollments = enroll_in_process(range(1, n + 1)) if security == "active" else {}
+    victim_input = [np.array([7, -3, 11, 5])]
+    victim = SecAggClient(1, config, ROUND, layout, enrollment=enrollments.get(1))
+    advert = victim.advertise_keys()
+    # the server's own clients, with the ids of the real members 2..n
+    fakes = {c: SecAggClient(c, config.model_copy(update={"security": "semi_honest"}), ROUND, layout)
+             for c in range(2, n + 1)}
+    keys = {1: (advert.c_public, advert.s_public)} | {
+        c: (a.c_public, a.s_public) for c, a in ((c, f.advertise_keys()) for c, f in fakes.items())}
+    signatures = forge(advert, keys) if security == "active" else {}
+    roster = m.KeyRoster(round_id=ROUND, sender=0, keys=keys, signatures=signatures)
+    shared = {1: victim.share_keys(roster)}  # under active security this is where the victim refuses
+    for c, fake in fakes.items():
+        shared[c] = fake.share_keys(m.KeyRoster(round_id=ROUND, sender=0, keys=keys))
+    server = SecAggServer(config.model_copy(update={"security": "semi_honest"}), ROUND, layout)
+    for c in sorted(keys):
+        server.receive_advertise(m.AdvertiseKeys(round_id=ROUND, sender=c, c_public=keys[c][0],
+                                                 s_public=keys[c][1]), peer=c)
+    server.key_roster()
+    for c, message in shared.items():
+        server.receive_share_keys(message.model_copy(update={"version": message.version}), peer=c)
+    bundles = server.forward_shares()
+    server.receive_masked_input(victim.masked_input(bundles[1], victim_input), peer=1)
+    for c, fake in fakes.items():
+        server.receive_masked_input(fake.masked_input(bundles[c], [np.zeros(4, dtype=np.int64)]), peer=c)
+    request = server.unmask_request()
+    for c, client in {1: victim, **fakes}.items():
+        server.receive_unmask(client.unmask(request), peer=c)
+    return server.finish().decoded.arrays[0], victim_input[0]
+
+
+def test_a_roster_of_server_made_keys_reads_the_victim_under_semi_honest_security():
+    total, victim_input = sybil_attack("semi_honest", None)
+    np.testing.assert_array_equal(total, victim_input)  # the server's inputs are zeros: the sum IS the victim's
+
+
+def _unsigned(advert, keys):
+    return {c: advert.signature if c == 1 else bytes(64) for c in keys}
+
+
+def _server_signed(advert, keys):
+    """The server signs the made-up entries with an Ed25519 key of its own."""
+    from privfer.secagg.statements import advertise_statement
+
+    mine = Identity.generate()
+    return {c: advert.signature if c == 1 else mine.sign(advertise_statement("privfer-simulation", ROUND, c, *keys[c]))
+            for c in keys}
+
+
+@pytest.mark.parametrize("forge", [_unsigned, _server_signed], ids=["zero-signatures", "server-signed"])
+def test_a_roster_of_server_made_keys_is_refused_under_active_security(forge):
+    with pytest.raises(InvalidSignature, match="client 2's key advertisement"):
+        sybil_attack("active", forge)
+
+
+def test_a_sybil_the_certificate_does_not_list_is_refused():
+    game_enrollments = enroll_in_process([1, 2, 3])
+    config = SecAggConfig(num_clients=4, security="active")
+    layout = PayloadLayout.for_arrays([np.zeros(2)], config)
+    clients = {c: SecAggClient(c, config, ROUND, layout, enrollment=game_enrollments[c]) for c in (1, 2, 3)}
+    adverts = {c: client.advertise_keys() for c, client in clients.items()}
+    sybil = KeyPairs.generate()
+    keys = {c: (a.c_public, a.s_public) for c, a in adverts.items()} | {4: (sybil.c_public, sybil.s_public)}
+    signatures = {c: a.signature for c, a in adverts.items()} | {4: Identity.generate().sign(b"anything")}
+    with pytest.raises(UnenrolledClient, match="client 4 is not enrolled"):
+        clients[1].share_keys(m.KeyRoster(round_id=ROUND, sender=0, keys=keys, signatures=signatures))
+    # the honest server refuses the sybil's advertisement too
+    server = SecAggServer(config, ROUND, layout, certificate=game_enrollments[1].certificate)
+    with pytest.raises(UnenrolledClient):
+        server.receive_advertise(m.AdvertiseKeys(round_id=ROUND, sender=4, c_public=sybil.c_public,
+                                                 s_public=sybil.s_public, signature=bytes(64)), peer=4)
+
+
+def test_an_advertisement_replayed_from_another_round_or_with_a_swapped_key_is_refused():
+    enrollments = enroll_in_process([1, 2, 3])
+    config = SecAggConfig(num_clients=3, security="active")
+    layout = PayloadLayout.for_arrays([np.zeros(2)], config)
+    old = {c: SecAggClient(c, config, "old-round", layout, enrollment=enrollments[c]).advertise_keys()
+           for c in (1, 2, 3)}
+    new = {c: SecAggClient(c, config, ROUND, layout, enrollment=enrollments[c]) for c in (1, 2, 3)}
+    fresh = {c: client.advertise_keys() for c, client in new.items()}
+    keys = {c: (a.c_public, a.s_public) for c, a in fresh.items()}
+    replayed = {1: fresh[1].signature, 2: old[2].signature, 3: fresh[3].signature}
+    with pytest.raises(InvalidSignature, match="client 2"):
+        new[1].share_keys(m.KeyRoster(round_id=ROUND, sender=0, keys=keys, signatures=replayed))
+    # client 3's signed keys, but its mask key swapped for the server's
+    server_keys = KeyPairs.generate()
+    swapped = dict(keys) | {3: (keys[3][0], server_keys.s_public)}
+    signatures = {c: a.signature for c, a in fresh.items()}
+    with pytest.raises(InvalidSignature, match="client 3"):
+        new[2].share_keys(m.KeyRoster(round_id=ROUND, sender=0, keys=swapped, signatures=signatures))
+
+
+def test_one_members_keys_listed_under_two_ids_are_refused():
+    game = enroll_in_process([1, 2, 3])
+    config = SecAggConfig(num_clients=3, security="semi_honest")
+    layout = PayloadLayout.for_arrays([np.zeros(2)], config)
+    clients = {c: SecAggClient(c, config, ROUND, layout) for c in (1, 2, 3)}
+    adverts = {c: client.advertise_keys() for c, client in clients.items()}
+    keys = {c: (a.c_public, a.s_public) for c, a in adverts.items()} | {3: (adverts[2].c_public,
+                                                                            adverts[2].s_public)}
+    with pytest.raises(DuplicateSender):
+        clients[1].share_keys(m.KeyRoster(round_id=ROUND, sender=0, keys=keys))
+    del game
+
+
+def test_clients_given_different_models_cannot_both_be_in_a_released_sum():
+    """Attack 3's protocol half: the server trains some clients from another model. Their statements differ, so
+    at most one group reaches the threshold; here neither does, and both name the other's signers."""
+    contexts = {c: context_digest(b"model-A" if c <= 3 else b"model-B") for c in range(1, 7)}
+    game = Round(6, "active", contexts=contexts)
+    request = game.request(range(1, 7))
+    signatures = {c: client.check_consistency(request).signature for c, client in game.clients.items()}
+    everyone = m.SignatureList(round_id=ROUND, sender=0, signatures=signatures)
+    for c, client in game.clients.items():
+        with pytest.raises(ConsistencyCheckFailed) as caught:
+            client.unmask(everyone)
+        assert set(caught.value.disagreeing) == ({4, 5, 6} if c <= 3 else {1, 2, 3})
+
+
+def test_an_honest_active_round_sums_exactly_with_dropouts():
+    rng = np.random.default_rng(3)
+    updates = {c: [rng.normal(size=(3, 2))] for c in range(1, 10)}
+    result = aggregate(updates, SecAggConfig(num_clients=9, security="active"),
+                       {2: "share_keys", 5: "masked_input", 7: "consistency", 8: "unmask"})
+    assert result.included == [1, 3, 4, 6, 7, 8, 9]
+    exact = sum(updates[c][0] for c in result.included)
+    assert np.max(np.abs(result.total[0] - exact)) <= result.error_bound
+
+
+def test_an_active_round_with_too_few_signers_aborts_before_any_share():
+    updates = {c: [np.ones(2)] for c in range(1, 8)}
+    # T = floor((7 + 0) / 2) + 1 = 4 signatures; four survivors stop before signing
+    with pytest.raises(RoundAborted, match="consistency threshold is 4"):
+        aggregate(updates, SecAggConfig(num_clients=7, security="active"),
+                  {c: "consistency" for c in (1, 2, 3, 4)})
+
+
+def test_min_inputs_counts_signatures_not_the_servers_list():
+    """The server lists ten survivors (min_inputs 10) but only eight of them really took part and signed."""
+    game = Round(10, "active", min_inputs=10)
+    request = game.request(range(1, 11))
+    signatures = {c: game.clients[c].check_consistency(request).signature for c in range(1, 9)}
+    with pytest.raises(ConsistencyCheckFailed, match="8 enrolled survivors signed"):
+        game.clients[1].unmask(m.SignatureList(round_id=ROUND, sender=0, signatures=signatures))
+
+
+def test_active_security_needs_an_enrollment_that_matches_the_client():
+    config = SecAggConfig(num_clients=3, security="active")
+    layout = PayloadLayout.for_arrays([np.zeros(2)], config)
+    enrollments = enroll_in_process([1, 2])
+    with pytest.raises(InvalidInput, match="enrollment"):
+        SecAggClient(1, config, ROUND, layout)
+    with pytest.raises(InvalidInput, match="enrolled as member 2"):
+        SecAggClient(1, config, ROUND, layout, enrollment=enrollments[2])
+    with pytest.raises(UnenrolledClient):
+        Enrollment(1, Identity.generate(), enrollments[1].certificate)
+    with pytest.raises(ValueError, match="certificate"):
+        SecAggServer(config, ROUND, layout)
+
+
+def test_the_consistency_threshold_rule():
+    for n in range(2, 60):
+        for fraction in (0.0, 0.1, 0.2, 0.33, 0.49):
+            config = SecAggConfig(num_clients=n, colluding_fraction=fraction, security="active")
+            c, t = config.colluders, config.consistency_threshold(n)
+            assert 2 * t > n + c and t > c  # two statements would need an honest signer twice
+            assert t <= n
+    with pytest.raises(ValueError, match="group"):
+        SecAggConfig(num_clients=20, security="active", roster="group", graph="harary")
+    with pytest.raises(ValueError, match="exceed the 2 colluders"):
+        SecAggConfig(num_clients=20, security="active", threshold=2, colluding_fraction=0.1)
+
+
+def test_the_authority_is_not_the_server():
+    authority = EnrollmentAuthority()
+    enrollments = enroll_in_process([1, 2, 3], authority=authority)
+    assert enrollments[1].certificate.authority == authority.public
+    assert all(e.certificate is enrollments[1].certificate for e in enrollments.values())

@@ -708,6 +708,9 @@ def config_fields() -> None:
     console.print(table)
 
 
+from privfer import cli_identity  # noqa: E402,F401 - registers `identity` and `enroll` on the app
+
+
 def main() -> None:
     """Console-script entry point: usage errors too are one line and exit code 2."""
     try:

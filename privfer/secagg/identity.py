@@ -103,20 +103,16 @@ class Identity:
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the private key (PKCS#8 PEM) readable by its owner only (0600), and the public key beside it as
-        ``<path>.pub``. An existing file is never replaced unless ``overwrite``."""
+        ``<path>.pub``; returns the public key's path. Each file appears whole or not at all (written to a
+        temporary file, then linked into place), and an existing key is never replaced unless ``overwrite``."""
         path = Path(path)
         pem = self._private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption())
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-        try:
-            descriptor = os.open(path, flags, 0o600)
-        except FileExistsError:
-            raise FileExistsError(f"{path} exists; an identity key is never overwritten silently") from None
-        with os.fdopen(descriptor, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(pem)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; an identity key is never overwritten silently")
+        _write_whole(path, pem, 0o600, overwrite)
         public_path = path.with_name(path.name + ".pub")
-        public_path.write_text(public_line(self.public))
+        _write_whole(public_path, public_line(self.public).encode("ascii"), 0o644, True)
         return public_path
 
     @classmethod
@@ -138,6 +134,37 @@ class Identity:
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
         return cls(key)
+
+
+def _write_whole(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
+    """``data`` to ``path`` with ``mode`` from the start (never briefly readable by others), fsynced, then moved
+    into place: replaced when ``overwrite``, else linked (FileExistsError if ``path`` appeared meanwhile)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if overwrite:
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path} exists; an identity key is never overwritten silently") from None
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def write_certificate(path: str | Path, certificate: "RosterCertificate", *, overwrite: bool = False) -> None:
+    """The certificate's bytes to ``path``, whole or not at all."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite to replace a roster certificate")
+    _write_whole(path, certificate.to_bytes(), 0o644, overwrite)
 
 
 def public_line(public: bytes) -> str:
@@ -345,4 +372,5 @@ def enroll_in_process(members: "list[int] | range", study: str = "privfer-simula
 
 
 __all__ = ["Enrollment", "EnrollmentAuthority", "Identity", "PUBLIC_BYTES", "RosterCertificate", "SIGNATURE_BYTES",
-           "enroll_in_process", "fingerprint", "load_public", "parse_public", "public_line", "verify_signature"]
+           "enroll_in_process", "fingerprint", "load_public", "parse_public", "public_line", "verify_signature",
+           "write_certificate"]

@@ -35,7 +35,7 @@ def round_cost(n: int, dimension: int) -> dict[str, float]:
     from privfer.secagg import aggregate
     from privfer.secagg.messages import GroupRoster, GroupUnmaskRequest, KeyRoster, UnmaskRequest
 
-    aggregation = AggregationConfig(roster="group")
+    aggregation = AggregationConfig(roster="group", security="semi_honest")  # active + group: not built yet
     plan = calibrate_distributed(epsilon=3.0, delta=1 / (10 * n), max_grad_norm=0.5, dimension=dimension,
                                  sample_rate=1.0, steps=20, clients=n, records=n,
                                  min_inputs_fraction=aggregation.min_inputs_fraction,

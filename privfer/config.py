@@ -252,8 +252,11 @@ class AggregationConfig(_Section):
     )
     modulus_bits: Literal[32, 64] = Field(32, description="Masking arithmetic modulus 2^k.")
     clipping_range: float = Field(8.0, gt=0.0, le=1e9, description="Quantization range: |value| <= this (clipped values are reported).")
-    graph: Literal["complete", "harary"] = Field(
-        "harary", description="SecAgg+'s sparse graph (O(log n) neighbours; complete when n is small), or all pairs."
+    graph: Literal["auto", "complete", "harary"] = Field(
+        "auto",
+        description="SecAgg+'s sparse graph (O(log n) neighbours; complete when n is small), or all pairs; auto: "
+        "complete under active security (a sparse graph drawn from the server's choices is not safe against it), "
+        "harary otherwise.",
     )
     threshold_fraction: float = Field(
         0.5, ge=0.5, lt=1.0, description="Shamir threshold t = floor(fraction x group) + 1 (0.5: strict majority)."
@@ -267,6 +270,14 @@ class AggregationConfig(_Section):
     min_inputs_fraction: float = Field(
         0.9, gt=0.0, le=1.0,
         description="distributed DP: clients refuse to unmask a round with fewer than ceil(fraction x clients) inputs.",
+    )
+    security: Literal["auto", "active", "semi_honest"] = Field(
+        "auto",
+        description="active (auto with masking): every client is an enrolled member (an in-process enrollment "
+        "authority, not the server, signs the roster), key advertisements are signed and no share is revealed "
+        "before enough members signed the same view of the round (survivors, roster, model and plan): privacy "
+        "holds against a server that deviates from the protocol. semi_honest (auto with ckks and plain): the "
+        "server is trusted to follow it (labelled in the trust line, the ledger and result.json).",
     )
     roster: Literal["full", "group"] = Field(
         "full",
@@ -283,13 +294,42 @@ class AggregationConfig(_Section):
             num_clients=num_clients,
             modulus_bits=self.modulus_bits,
             clipping_range=self.clipping_range,
-            graph=self.graph,
+            graph=self.resolved_graph,
             threshold_fraction=self.threshold_fraction,
             expected_dropout=self.expected_dropout,
             colluding_fraction=self.colluding_fraction,
             roster=self.roster,
+            security=self.resolved_security,
             **extra,
         )
+
+    @property
+    def resolved_graph(self) -> str:
+        """``graph`` with ``auto`` resolved: complete under active security, harary otherwise."""
+        if self.graph != "auto":
+            return self.graph
+        return "complete" if self.resolved_security == "active" else "harary"
+
+    @property
+    def resolved_security(self) -> str:
+        """``security`` with ``auto`` resolved: active with the masking backend, semi_honest otherwise."""
+        if self.security != "auto":
+            return self.security
+        return "active" if self.backend == "masking" else "semi_honest"
+
+    @model_validator(mode="after")
+    def _security_fits_backend(self) -> "AggregationConfig":
+        if self.security == "active" and self.backend != "masking":
+            why = ("TenSEAL has no threshold decryption, so the key authority must be trusted to decrypt only "
+                   "aggregates" if self.backend == "ckks" else "a plain sum shows the server every update")
+            raise ValueError(f"aggregation.security 'active' needs aggregation.backend 'masking', not "
+                             f"'{self.backend}': {why}; use aggregation.security 'semi_honest' (or 'auto')")
+        if self.resolved_security == "active" and self.roster == "group":
+            raise ValueError(
+                "aggregation.roster 'group' cannot be used with aggregation.security 'active' yet: a client that "
+                "sees only its group's keys cannot verify the signatures the consistency check and min_inputs rest "
+                "on with O(log n) work; use aggregation.roster 'full' or aggregation.security 'semi_honest'")
+        return self
 
     def round_config(
         self,

@@ -17,11 +17,13 @@ from privfer.secagg import messages as m
 from privfer.secagg.errors import (
     ConsistencyCheckFailed,
     DuplicateSender,
+    InvalidCertificate,
     InvalidInput,
     InvalidSignature,
     RoundAborted,
     UnenrolledClient,
     UnknownSender,
+    WrongRound,
 )
 from privfer.secagg.identity import Enrollment, EnrollmentAuthority, Identity, enroll_in_process
 from privfer.secagg.keys import PURPOSE_MASK, KeyPairs, agree
@@ -35,13 +37,13 @@ class Round:
     """n clients (ids 1..n) run honestly up to their masked inputs; the test then plays the server."""
 
     def __init__(self, n: int, security: str, *, min_inputs: int | None = None, contexts=None, seed: int = 0,
-                 colluding_fraction: float = 0.1):
+                 colluding_fraction: float = 0.1, enrollments=None):
         self.config = SecAggConfig(num_clients=n, security=security, encoding="integer", integer_sum_bound=1 << 20,
                                    min_inputs=min_inputs, colluding_fraction=colluding_fraction)
         rng = np.random.default_rng(seed)
         self.updates = {c: [rng.integers(-1000, 1000, 5)] for c in range(1, n + 1)}
         self.layout = PayloadLayout.for_arrays(self.updates[1], self.config)
-        self.enrollments = enroll_in_process(range(1, n + 1)) if security == "active" else {}
+        self.enrollments = enrollments or (enroll_in_process(range(1, n + 1)) if security == "active" else {})
         certificate = self.enrollments[1].certificate if self.enrollments else None
         contexts = contexts or {}
         self.clients = {c: SecAggClient(c, self.config, ROUND, self.layout, enrollment=self.enrollments.get(c),
@@ -155,7 +157,7 @@ def test_no_split_of_the_survivors_passes_the_consistency_check(n, colluders, cu
     whatever the colluders sign, at most one view collects the threshold of signatures — with as many colluders
     as the config assumes (the guarantee's stated bound)."""
     colluders = min(colluders, (n - 2) // 2)  # colluding_fraction < 1/2
-    game = Round(n, "active", colluding_fraction=(colluders + 0.5) / n)
+    game = Round(n, "active", colluding_fraction=(colluders + 0.5) / n if colluders else 0.0)
     assert game.config.colluders == colluders
     bad = set(range(n - colluders + 1, n + 1))
     victim = 1
@@ -317,8 +319,8 @@ def test_an_honest_active_round_sums_exactly_with_dropouts():
 
 def test_an_active_round_with_too_few_signers_aborts_before_any_share():
     updates = {c: [np.ones(2)] for c in range(1, 8)}
-    # T = floor((7 + 0) / 2) + 1 = 4 signatures; four survivors stop before signing
-    with pytest.raises(RoundAborted, match="consistency threshold is 4"):
+    # T = floor((7 + 1 colluder) / 2) + 1 = 5 signatures; four survivors stop before signing
+    with pytest.raises(RoundAborted, match="consistency threshold is 5"):
         aggregate(updates, SecAggConfig(num_clients=7, security="active"),
                   {c: "consistency" for c in (1, 2, 3, 4)})
 
@@ -355,6 +357,9 @@ def test_the_consistency_threshold_rule():
             assert t <= n
     with pytest.raises(ValueError, match="group"):
         SecAggConfig(num_clients=20, security="active", roster="group", graph="harary")
+    # review finding: a fraction that rounds to no colluder still assumes one (10% of 9 clients)
+    assert SecAggConfig(num_clients=9, security="active").colluders == 1
+    assert SecAggConfig(num_clients=9, security="active", colluding_fraction=0.0).colluders == 0
     with pytest.raises(ValueError, match="exceed the 2 colluders"):
         SecAggConfig(num_clients=20, security="active", threshold=2, colluding_fraction=0.1)
 
@@ -364,3 +369,51 @@ def test_the_authority_is_not_the_server():
     enrollments = enroll_in_process([1, 2, 3], authority=authority)
     assert enrollments[1].certificate.authority == authority.public
     assert all(e.certificate is enrollments[1].certificate for e in enrollments.values())
+
+
+def test_signatures_collected_in_a_copy_of_the_round_count_for_nothing():
+    """Review finding: the server runs copies of one round id (the members on fresh processes, with fresh round
+    keys) to collect a signature on each statement. The statement binds the key table, so the copy's signatures
+    do not verify in the real round."""
+    enrollments = enroll_in_process(range(1, 8))
+
+    def fresh():  # a member restarted: the same identity, no in-process record of the rounds it joined
+        return {c: Enrollment(c, e.identity, e.certificate) for c, e in enrollments.items()}
+
+    real, copy = Round(7, "active", enrollments=fresh()), Round(7, "active", enrollments=fresh())
+    view = real.request(range(1, 8))
+    assert view == copy.request(range(1, 8))  # the same round id and survivors: only the keys differ
+    signatures = {c: client.check_consistency(view).signature for c, client in copy.clients.items()}
+    signatures[1] = real.clients[1].check_consistency(view).signature  # the victim's own, in the real round
+    with pytest.raises(ConsistencyCheckFailed) as caught:
+        real.clients[1].unmask(m.SignatureList(round_id=ROUND, sender=0, signatures=signatures))
+    assert set(caught.value.disagreeing) == set(range(2, 8))
+
+
+def test_a_member_joins_each_round_id_once():
+    enrollments = enroll_in_process([1, 2, 3])
+    config = SecAggConfig(num_clients=3, security="active")
+    layout = PayloadLayout.for_arrays([np.zeros(2)], config)
+    SecAggClient(1, config, ROUND, layout, enrollment=enrollments[1]).advertise_keys()
+    again = SecAggClient(1, config, ROUND, layout, enrollment=enrollments[1])
+    with pytest.raises(WrongRound, match="already took part"):
+        again.advertise_keys()
+    SecAggClient(1, config, "another-round", layout, enrollment=enrollments[1]).advertise_keys()
+
+
+def test_a_sparse_graph_is_refused_under_active_security():
+    """Review finding: with a server-chosen roster and round id, a SecAgg+ group of t = 21 could be filled with 21
+    of the 100 colluders of 1,000 clients."""
+    with pytest.raises(ValueError, match="harary.*cannot be used with security: 'active'"):
+        SecAggConfig(num_clients=1000, graph="harary", security="active")
+    assert not SecAggConfig(num_clients=10, graph="harary", security="active").sparse  # complete: allowed
+
+
+def test_an_expired_certificate_is_refused_when_the_round_starts():
+    authority = EnrollmentAuthority()
+    identity = Identity.generate()
+    certificate = authority.certify("s", {1: identity.public}, valid_seconds=10, not_before=1_000_000)
+    config = SecAggConfig(num_clients=2, security="active")
+    with pytest.raises(InvalidCertificate, match="valid from"):
+        SecAggClient(1, config, ROUND, PayloadLayout.for_arrays([np.zeros(2)], config),
+                     enrollment=Enrollment(1, identity, certificate))

@@ -12,6 +12,7 @@ label it not private.
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,6 +25,21 @@ from privfer.config import AggregationConfig
 from privfer.secagg import aggregate
 from privfer.secagg.errors import RoundAborted, SecAggError
 from privfer.secagg.quantize import ClippingWarning
+from privfer.secagg.statements import NO_CONTEXT, context_digest
+
+
+def round_context(state: Mapping[str, torch.Tensor], plan: object | None = None) -> bytes:
+    """The digest every client of a round signs under active security: the model it trains from (names, dtypes,
+    shapes and bytes, in name order) and the round's DP plan. Two clients given different models or plans sign
+    different statements, and no share is revealed unless enough members signed the same one."""
+    parts = []
+    for name in sorted(state):
+        tensor = state[name].detach().contiguous().cpu()
+        parts.append(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode("utf-8"))
+        parts.append(tensor.numpy().tobytes())
+    if plan is not None:
+        parts.append(json.dumps(plan.to_dict(), sort_keys=True, default=str).encode("utf-8"))  # type: ignore[attr-defined]
+    return context_digest(*parts)
 
 
 @dataclass
@@ -50,6 +66,7 @@ def sum_updates(
     dropouts: Mapping[int, str] | None = None,
     round_id: str,
     weight_scale: float = 1.0,
+    context: bytes = NO_CONTEXT,
 ) -> RoundSum:
     """Sum ``weight x update`` over the clients, with ``dropouts`` (client -> stage it never completes).
 
@@ -81,6 +98,7 @@ def sum_updates(
                 example_counts={c: int(weights[c]) for c in clients},
                 metrics={c: {"loss": float(losses[c])} for c in clients} if losses is not None else None,
                 round_id=round_id,
+                context=context,
             )
     except RoundAborted as exc:
         return RoundSum({}, 0.0, 0.0, [], aborted=str(exc), seconds=time.perf_counter() - start)
@@ -128,6 +146,7 @@ def sum_integer_contributions(
     plan,
     *,
     round_id: str,
+    context: bytes = NO_CONTEXT,
 ) -> IntegerRoundSum:
     """Sum already-encoded integer vectors (distributed DP's contributions) over the clients that stay.
 
@@ -144,7 +163,7 @@ def sum_integer_contributions(
         raise ValueError(f"the plan is for 2^{plan.modulus_bits}, the aggregation for 2^{round_config.modulus_bits}")
     try:
         result = aggregate({c: [np.asarray(contributions[c], dtype=np.int64)] for c in clients}, round_config,
-                           dropouts, round_id=round_id)
+                           dropouts, round_id=round_id, context=context)
     except RoundAborted as exc:
         return IntegerRoundSum(np.zeros(0, np.int64), [], str(exc), time.perf_counter() - start)
     except SecAggError as exc:
@@ -153,4 +172,4 @@ def sum_integer_contributions(
                            time.perf_counter() - start, dict(result.bytes_sent))
 
 
-__all__ = ["IntegerRoundSum", "RoundSum", "sum_integer_contributions", "sum_updates"]
+__all__ = ["IntegerRoundSum", "RoundSum", "round_context", "sum_integer_contributions", "sum_updates"]

@@ -29,7 +29,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from privfer.fl.aggregation import sum_integer_contributions
+from privfer.fl.aggregation import round_context, sum_integer_contributions
 from privfer.models.vfer import VFER
 from privfer.privacy.clipped_sums import clipped_gradient_sums
 from privfer.privacy.distributed import DistributedPlan, decode_sum, encode_contribution, local_noisy_sum
@@ -166,7 +166,8 @@ def run_distributed_round(
         for c in cohort:
             personal_step(c, made[c][1])
     encoding_seconds = time.perf_counter() - encoding_started
-    summed = sum_integer_contributions(contributions, dropouts, aggregation, plan, round_id=round_id)
+    summed = sum_integer_contributions(contributions, dropouts, aggregation, plan, round_id=round_id,
+                                       context=round_context(global_state, plan))
     if summed.aborted is not None:
         return DistributedRoundResult(global_state, server_state, [], summed.aborted, gradient_seconds,
                                       summed.seconds, summed.bytes_sent, encoding_seconds)

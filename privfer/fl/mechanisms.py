@@ -35,7 +35,7 @@ import torch
 
 from privfer.config import PERSON_MECHANISM, PrivferConfig
 from privfer.errors import ConfigError
-from privfer.fl.aggregation import sum_integer_contributions, sum_updates
+from privfer.fl.aggregation import round_context, sum_integer_contributions, sum_updates
 from privfer.fl.batched import fit_many
 from privfer.fl.client import LocalTraining
 from privfer.fl.distributed import optimizer_step, run_distributed_round, server_step
@@ -115,10 +115,14 @@ def calibrate_plan(config: PrivferConfig, *, delta: float, dimension: int, steps
     )
 
 
-def _trust_line(plan: DistributedPlan) -> str:
-    return (f"trust: honest-but-curious server, at most {plan.colluders} of {plan.clients} clients per round "
-            f"collude; clients refuse to unmask fewer than {plan.min_inputs} inputs; each adds 1/{plan.honest} "
-            f"of the noise variance")
+def _trust_line(plan: DistributedPlan, security: str) -> str:
+    server = ("a server that may deviate from the protocol (active security: enrolled members, signed rosters, "
+              "consistency check)" if security == "active"
+              else "SEMI-HONEST server (trusted to follow the protocol)")
+    counted = "enrolled members' signatures" if security == "active" else "inputs"
+    return (f"trust: {server}, at most {plan.colluders} of {plan.clients} clients per round collude; clients "
+            f"refuse to unmask fewer than {plan.min_inputs} {counted}; each adds 1/{plan.honest} of the noise "
+            f"variance")
 
 
 class Mechanism(ABC):
@@ -221,7 +225,8 @@ class LocalDPSGD(Mechanism):
         if self.id is not None:
             losses = None  # a client's loss on its clips is not DP-protected: private runs do not release it
         summed = sum_updates(updates, weights, losses, config.aggregation, dropouts=dropouts,
-                             round_id=state.round_id(phase, round_index), weight_scale=scale)
+                             round_id=state.round_id(phase, round_index), weight_scale=scale,
+                             context=round_context(state.global_state))
         if summed.aborted is None:
             state.global_state = strategy.apply(state.global_state, summed.weighted_sum, summed.total_weight)
         return RoundRecord(
@@ -362,7 +367,8 @@ class DistributedDPSGD(Mechanism):
     def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> dict:
         return build_distributed_ledger(accounts, self.plans, noise_source=self.config.privacy.noise_source,
                                         max_rounds=max_rounds, not_covered=not_covered,
-                                        unit=self.config.privacy.unit, persons=self.persons)
+                                        unit=self.config.privacy.unit, persons=self.persons,
+                                        security=self.config.aggregation.resolved_security)
 
     def noise_multipliers(self) -> list[float]:
         return [plan.noise_multiplier for plan in self.plans.values()]
@@ -374,7 +380,7 @@ class DistributedDPSGD(Mechanism):
             f"delta {delta:.3g}, distributed DP-SGD: Skellam noise in the secure sum "
             f"(noise multiplier {plan.noise_multiplier:.3f} x C in the sum, {plan.steps} steps, sample rate "
             f"{plan.sample_rate:g}), Skellam RDP accountant (calibrated for a client in every round)",
-            _trust_line(plan),
+            _trust_line(plan, self.config.aggregation.resolved_security),
         ]
 
 
@@ -426,7 +432,8 @@ class DistributedDPFedAvg(DistributedDPSGD):
             flat = torch.cat([update.delta[name].reshape(-1) for name in shared]).double().numpy()
             contributions[client_id] = person_contribution(flat, coins[client_id], plan, rngs[client_id])
         summed = sum_integer_contributions(contributions, dropouts, config.aggregation, plan,
-                                           round_id=state.round_id(phase, round_index))
+                                           round_id=state.round_id(phase, round_index),
+                                           context=round_context(state.global_state, plan))
         if summed.aborted is None:
             mean = mean_update(decode_sum(summed.total, plan), plan, len(summed.included))
             lr = fed.server_lr if phase == TRAINING else fed.adaptation_lr
@@ -448,7 +455,7 @@ class DistributedDPFedAvg(DistributedDPSGD):
             f"the secure sum (noise multiplier {plan.noise_multiplier:.3f} x S in the sum, {plan.steps} rounds, "
             f"secret participation {plan.sample_rate:g}), Skellam RDP accountant (calibrated for a person "
             "selected in every round)",
-            _trust_line(plan),
+            _trust_line(plan, self.config.aggregation.resolved_security),
         ]
 
 

@@ -77,6 +77,9 @@ class SimulationResult:
     secure_aggregation: AggregationSummary
     data: DataSummary
     seconds: float  # rounds of every invocation + the last one's preparation
+    # what the privacy promise assumes of the server: "active" (it may deviate from the protocol) or "semi_honest"
+    # (it follows it); results written before the field existed were semi-honest
+    security: str = "semi_honest"
 
     @property
     def macro_f1(self) -> float:
@@ -90,7 +93,8 @@ class SimulationResult:
         if not isinstance(raw, dict) or raw.get("command") != cls.command:
             raise RunDirectoryError(f"{where} is not a privfer simulate result; delete it to rerun")
         try:
-            values = {f.name: raw[f.name] for f in dataclasses.fields(cls)}
+            values = {f.name: raw[f.name] for f in dataclasses.fields(cls)
+                      if f.name in raw or f.default is dataclasses.MISSING}
             for name, kind in _NESTED.items():
                 values[name] = kind(**values[name])
         except (KeyError, TypeError) as exc:

@@ -361,6 +361,7 @@ def _result(federation: Federation, state: _State, final: dict, adapted: bool, l
         strategy=config.federation.strategy,
         aggregator=config.aggregation.backend,
         aggregator_private=config.aggregation.backend != "plain",
+        security=config.aggregation.resolved_security,
         private=federation.private,
         test=final,
         test_after_training=state.after_training,

@@ -229,6 +229,7 @@ def build_distributed_ledger(
     not_covered: list[str] | None = None,
     unit: str = "record",
     persons: int | None = None,
+    security: str = "semi_honest",
 ) -> dict[str, Any]:
     """The ledger of a distributed-DP run (record or person ``unit``): each phase's plan and each client's
     Skellam history and epsilon. ``persons``: the federation's persons, the count delta is judged against at
@@ -273,7 +274,7 @@ def build_distributed_ledger(
         "noise_source": noise_source,
         "neighbouring_relation": stated["neighbouring_relation"],
         "trust": {
-            "server": "honest-but-curious: follows the protocol, sees every message it receives",
+            **_server_trust(security),
             "colluding_clients": "at most 'colluders' of a round's clients collude with the server (they know and "
             "can subtract their own noise shares)",
             "minimum_inputs": "clients refuse to unmask a round with fewer than 'min_inputs' included inputs, so a "
@@ -286,9 +287,6 @@ def build_distributed_ledger(
                 "run_seed": "drawn from ChaCha20 keyed by the PUBLIC run seed: anyone holding the config can "
                 "recompute every share; for reproducible experiments only, no guarantee against them",
             }.get(noise_source, noise_source),
-            "equivocation": "not covered: a server that sends different clients different unmask requests (or "
-            "rosters) needs the consistency-check round of Bonawitz et al.'s active-security variant "
-            "(protocols/secagg/SPEC.md, section 1)",
         },
         "phases": {phase: plan.to_dict() for phase, plan in plans.items()},
         **({"persons": persons} if persons is not None else {}),
@@ -298,6 +296,28 @@ def build_distributed_ledger(
         "epsilon_max": max(spent) if spent else None,
         "epsilon_median": statistics.median(spent) if spent else None,
         "clients": clients,
+    }
+
+
+def _server_trust(security: str) -> dict[str, str]:
+    """What the ledger's guarantee assumes of the server (docs/threat-model.md states it once, in full)."""
+    if security == "active":
+        return {
+            "security": "active",
+            "server": "may deviate from the protocol arbitrarily: lie about dropouts, show clients different "
+            "rosters, survivor sets, models or plans, replay, drop or invent messages and clients",
+            "enrollment": "an enrollment authority that is not the server signs the roster of members' keys and is "
+            "trusted to enroll real, distinct persons; every key advertisement is signed by its member",
+            "equivocation": "covered: no client reveals a share before max(floor((n + colluders) / 2) + 1, "
+            "min_inputs) enrolled survivors signed exactly its statement (round, roster, survivors, model and plan "
+            "digest, config), so two views of one round cannot both be unmasked and every released sum holds at "
+            "least min_inputs - colluders honest noise shares (protocols/secagg/SPEC.md, sections 5 and 6.4)",
+        }
+    return {
+        "security": "semi_honest",
+        "server": "honest-but-curious: follows the protocol, sees every message it receives",
+        "equivocation": "not covered: a server that sends different clients different unmask requests (or "
+        "rosters) can isolate one client's input with a colluder; run with aggregation.security 'active'",
     }
 
 

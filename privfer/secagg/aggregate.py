@@ -71,7 +71,7 @@ def aggregate(
     :func:`privfer.secagg.he.aggregate`, a :class:`~privfer.secagg.plain.PlainConfig`
     the plain (NOT private) sum; every backend returns an :class:`AggregationResult`.
     """
-    if not isinstance(config, SecAggConfig):
+    if not isinstance(config, SecAggConfig):  # enrollments and context belong to the masking protocol's active mode
         backend = _other_backend(config)
         return backend(updates, config, dropouts, example_counts=example_counts, metrics=metrics, round_id=round_id)
     dropouts = check_round_arguments(updates, config.num_clients, dropouts, example_counts, metrics,

@@ -85,6 +85,7 @@ from privfer.secagg.statements import (
     config_digest,
     consistency_statement,
     ids_digest,
+    roster_digest,
 )
 
 _STAGES = ("new", "advertised", "shared", "masked", "signed", "unmasked")
@@ -124,6 +125,21 @@ def _b64decode(text: str, length: int | None) -> bytes:
 def _survivors_digest(ids: tuple[int, ...]) -> bytes:
     """The digest of a full request's survivors (cached: the clients of an in-process round share the tuple)."""
     return ids_digest(ids)
+
+
+_TABLES: list[tuple[object, bytes]] = []
+
+
+def _table_digest(keys: dict[int, tuple[bytes, bytes]]) -> bytes:
+    """:func:`roster_digest` of a full roster, cached by object identity (a kept reference, so an id is never
+    reused): the clients of an in-process round share one decoded broadcast and hash it once, not n times."""
+    for table, digest in _TABLES:
+        if table is keys:
+            return digest
+    digest = roster_digest(keys)
+    _TABLES.insert(0, (keys, digest))
+    del _TABLES[4:]
+    return digest
 
 
 @lru_cache(maxsize=8)
@@ -183,6 +199,7 @@ class SecAggClient:
             if enrollment.member != client_id:
                 raise InvalidInput(f"client {client_id} is enrolled as member {enrollment.member}: under active "
                                    "security a client's id is its member id")
+            enrollment.check_validity()
         self.enrollment = enrollment
         self.context = _check_context(context)
         self.client_id = client_id
@@ -200,7 +217,7 @@ class SecAggClient:
         self._held: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # owner -> (seed share, key share)
         self._self_seed = b""
         self._share_keys: dict[int, bytes] = {}  # peer -> share-encryption key (the same both ways), this round only
-        self._roster_digest = b""  # digest of the roster's ids (binds every share and the signed statement)
+        self._roster_digest = b""  # digest of the roster (binds every share and the signed statement)
         self._request = b""  # active: the unmask request this client signed, kept until the signatures arrive
         self.mask_seconds = 0.0  # PRG expansion + modular addition of all masks (benchmarks compare it with the cipher)
 
@@ -330,6 +347,8 @@ class SecAggClient:
 
     # -- stage 0 ---------------------------------------------------------------
     def advertise_keys(self) -> AdvertiseKeys:
+        if self.enrollment is not None and self.config.security == "active":
+            self.enrollment.claim(self.round_id)
         self._advance("new", "advertised")
         self._keys = KeyPairs.generate(self.randomness)
         signature = b""
@@ -400,7 +419,10 @@ class SecAggClient:
             self._group = self._group_of(roster)
             self._check_roster_keys(roster)
             self._roster = {v: roster.keys[v] for v in self._group}  # only its group's keys are ever used
-            self._roster_digest = ids_digest(self._members, runs=True)
+            # a full roster binds the key table (who, with which round keys); a group roster its ids (the client
+            # sees no other keys)
+            self._roster_digest = (_table_digest(roster.keys) if isinstance(roster, KeyRoster)
+                                   else ids_digest(self._members, runs=True))
             threshold = self.config.group_threshold
             if len(self._group) < threshold:
                 self.stage = "aborted"

@@ -189,6 +189,14 @@ class SecAggConfig(BaseModel):
                 "keys cannot count the enrolled members who signed the survivor set, so neither the consistency "
                 "check nor min_inputs could be verified with O(log n) work (Bell et al.'s group-level check is not "
                 "implemented); use roster: 'full' (O(n) bytes per client) or security: 'semi_honest'")
+        if self.sparse:
+            raise ValueError(
+                f"graph: 'harary' (a sparse SecAgg+ graph of degree {self.degree} for {self.num_clients} clients) "
+                "cannot be used with security: 'active': the server chooses the roster and the round id the graph "
+                "is drawn from, so it can place colluders in a victim's group, or declare clients beside a colluder "
+                "dropped until the ring falls into segments whose sums it unmasks one by one (Bell et al.'s random-"
+                "graph argument needs randomness the server does not control); use graph: 'complete' (O(n) masks "
+                "and bytes per client) or security: 'semi_honest'")
         colluders = self.colluders
         if self.threshold is not None and self.threshold <= colluders:
             raise ValueError(f"threshold {self.threshold} must exceed the {colluders} colluders of "
@@ -197,8 +205,11 @@ class SecAggConfig(BaseModel):
 
     @property
     def colluders(self) -> int:
-        """The clients of a round that may collude with the server: floor(colluding_fraction x num_clients)."""
-        return math.floor(self.colluding_fraction * self.num_clients + 1e-9)
+        """The clients of a round that may collude with the server, as the consistency check counts them:
+        floor(colluding_fraction x num_clients), and at least one whenever the fraction is positive (10% of nine
+        clients is still one colluder, not none)."""
+        count = math.floor(self.colluding_fraction * self.num_clients + 1e-9)
+        return max(count, 1) if self.colluding_fraction > 0 else count
 
     def consistency_threshold(self, listed: int) -> int:
         """Signatures of distinct enrolled survivors a client needs on exactly its statement before it reveals a

@@ -34,7 +34,7 @@ from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from privfer.secagg.errors import InvalidCertificate, InvalidSignature, UnenrolledClient
+from privfer.secagg.errors import InvalidCertificate, InvalidSignature, UnenrolledClient, WrongRound
 
 PUBLIC_BYTES = 32
 SIGNATURE_BYTES = 64
@@ -350,6 +350,7 @@ class Enrollment:
     member: int
     identity: Identity
     certificate: RosterCertificate
+    _rounds: set = field(default_factory=set, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.certificate.members.get(self.member) != self.identity.public:
@@ -359,6 +360,24 @@ class Enrollment:
     @property
     def study(self) -> str:
         return self.certificate.study
+
+    def claim(self, round_id: str) -> None:
+        """Record that this member advertises keys in ``round_id``; a second time is refused: a member joins
+        each round id once, so a server cannot run copies of one round to collect signatures on statements an
+        honest member would make only once. In process only — a deployment keeps the record with the key
+        (the Flower node's ledger directory)."""
+        if round_id in self._rounds:
+            raise WrongRound(f"member {self.member} already took part in round {round_id!r}; a member joins each "
+                             "round id once")
+        self._rounds.add(round_id)
+
+    def check_validity(self, now: float | None = None) -> None:
+        """The certificate's validity period, checked again when a round starts (it was checked at loading)."""
+        moment = time.time() if now is None else now
+        if not self.certificate.not_before <= moment <= self.certificate.not_after:
+            raise InvalidCertificate(f"the roster certificate of study {self.study!r} is valid from "
+                                     f"{self.certificate.not_before} to {self.certificate.not_after} (unix time), "
+                                     f"not at {int(moment)}")
 
 
 def enroll_in_process(members: "list[int] | range", study: str = "privfer-simulation",

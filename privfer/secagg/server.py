@@ -63,7 +63,7 @@ from privfer.secagg.messages import (
 )
 from privfer.secagg.payload import Decoded, PayloadLayout
 from privfer.secagg.prg import MaskExpander, word_dtype
-from privfer.secagg.statements import advertise_statement, consistency_statement, ids_digest
+from privfer.secagg.statements import advertise_statement, consistency_statement, roster_digest
 
 
 @dataclass
@@ -146,6 +146,7 @@ class SecAggServer:
         self._request: UnmaskRequest | None = None
         self._advert_signatures: dict[int, bytes] = {}
         self._consistency: dict[int, bytes] = {}  # survivor -> its signature on the round's statement
+        self._roster_digest = b""
 
     # -- plumbing ---------------------------------------------------------------
     def _accept(self, raw: bytes | Message, kind: type[Message], stage: str, peer: int | None) -> Message:
@@ -214,6 +215,7 @@ class SecAggServer:
     def key_roster(self) -> KeyRoster:
         """``roster = "full"``: every participant's keys, one broadcast (each client derives the graph)."""
         self._close_advertise("full")
+        self._roster_digest = roster_digest(self._keys)
         return self._send(KeyRoster(round_id=self.round_id, sender=SERVER, keys=dict(self._keys),
                                     signatures=dict(self._advert_signatures)), "advertise", 0)
 
@@ -327,7 +329,7 @@ class SecAggServer:
             raise DuplicateSender(f"client {message.sender} signed the round twice")
         if self.context is not None:
             assert self.certificate is not None
-            statement = consistency_statement(self.certificate.study, self.round_id, ids_digest(self._keys),
+            statement = consistency_statement(self.certificate.study, self.round_id, self._roster_digest,
                                               _survivors_digest(self._request.survivors), self.context,
                                               _config_digest(self.config))
             verify_signature(self.certificate.public_key(message.sender), statement, message.signature,

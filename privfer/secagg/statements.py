@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from privfer.secagg.idsets import Runs, id_runs
 from privfer.secagg.keys import round_bytes
@@ -28,6 +28,7 @@ NO_CONTEXT = bytes(CONTEXT_BYTES)
 _ADVERTISE = b"privfer-secagg/v3/advertise"
 _STATEMENT = b"privfer-secagg/v3/statement"
 _IDS = b"privfer-secagg/v3/ids"
+_ROSTER = b"privfer-secagg/v3/roster"
 
 
 def _study(study: str) -> bytes:
@@ -39,6 +40,19 @@ def ids_digest(ids: Iterable[int] | Runs, *, runs: bool = False) -> bytes:
     canonical = tuple(ids) if runs else id_runs(ids)
     packed = struct.pack(f">I{2 * len(canonical)}I", len(canonical), *(x for run in canonical for x in run))
     return hashlib.sha256(_IDS + packed).digest()
+
+
+def roster_digest(keys: Mapping[int, tuple[bytes, bytes]]) -> bytes:
+    """SHA-256 of a full roster's key table: ``u32 N`` then N x (``u32 id``, ``c_pk``, ``s_pk``), ids increasing.
+
+    What a full-roster client signs and binds its shares to: not only who is in the round but with which round
+    keys, so a copy of the round run under the same round id (fresh keys for the same members) has another
+    statement, and signatures collected there count for nothing here."""
+    digest = hashlib.sha256(_ROSTER + struct.pack(">I", len(keys)))
+    for client in sorted(keys):
+        c_public, s_public = keys[client]
+        digest.update(struct.pack(">I", client) + c_public + s_public)
+    return digest.digest()
 
 
 def config_digest(config: object) -> bytes:
@@ -54,7 +68,8 @@ def advertise_statement(study: str, round_id: str, sender: int, c_public: bytes,
 
 def consistency_statement(study: str, round_id: str, roster: bytes, survivors: bytes, context: bytes,
                           config: bytes) -> bytes:
-    """``roster`` and ``survivors`` are :func:`ids_digest` values, ``context`` the caller's 32-byte digest of the
+    """``roster`` is :func:`roster_digest` (full roster) or :func:`ids_digest` (group roster), ``survivors`` an
+    :func:`ids_digest`, ``context`` the caller's 32-byte digest of the
     model and plan, ``config`` :func:`config_digest`."""
     if len(context) != CONTEXT_BYTES:
         raise ValueError(f"the round's context is a {CONTEXT_BYTES}-byte digest")
@@ -70,4 +85,4 @@ def context_digest(*parts: bytes) -> bytes:
 
 
 __all__ = ["CONTEXT_BYTES", "NO_CONTEXT", "advertise_statement", "config_digest", "consistency_statement",
-           "context_digest", "ids_digest"]
+           "context_digest", "ids_digest", "roster_digest"]

@@ -127,7 +127,7 @@ def group_round() -> dict:
     return _round(config, updates, counts, metrics, {3: "advertise_keys", 5: "masked_input"}, "kat-group-round-7")
 
 
-CERT_START = 1_800_000_000  # the active round's certificate: valid from this unix time for ten years
+CERT_START = 1_700_000_000  # the active round's certificate: valid from this unix time for twenty years
 
 
 def active_enrollments(members: list[int]) -> dict[int, Enrollment]:
@@ -135,13 +135,14 @@ def active_enrollments(members: list[int]) -> dict[int, Enrollment]:
     authority = EnrollmentAuthority(Identity.from_seed(seed("authority")))
     identities = {c: Identity.from_seed(seed(f"identity-{c}")) for c in members}
     certificate = authority.certify("kat-study", {c: i.public for c, i in identities.items()},
-                                    valid_seconds=10 * 365 * 86400, not_before=CERT_START)
+                                    valid_seconds=20 * 365 * 86400, not_before=CERT_START)
     return {c: Enrollment(c, identities[c], certificate) for c in members}
 
 
 def active_round() -> dict:
     """Five enrolled clients, active security (section 6.4's consistency check, kinds 10 and 11): client 5 drops
-    before its masked input, client 2 after it but before signing (its input is included); three sign."""
+    before its masked input, client 2 after signing but before unmasking (its input is included); four sign (the
+    threshold: floor((5 + 1 colluder) / 2) + 1)."""
     config = SecAggConfig(num_clients=5, modulus_bits=32, clipping_range=4.0, precision_bits=16,
                           metrics=("loss",), metric_range=10.0, security="active")
     updates = {c: [np.array([0.5 * c, -0.25 * c]), np.array([[0.125 * c]])] for c in range(1, 6)}
@@ -149,7 +150,7 @@ def active_round() -> dict:
     metrics = {c: {"loss": 0.5 * c} for c in range(1, 6)}
     enrollments = active_enrollments(list(updates))
     context = context_digest(b"kat-model", b"kat-plan")
-    case = _round(config, updates, counts, metrics, {5: "masked_input", 2: "consistency"}, "kat-active-round-5",
+    case = _round(config, updates, counts, metrics, {5: "masked_input", 2: "unmask"}, "kat-active-round-5",
                   enrollments=enrollments, context=context)
     return {**case, "authority_seed": seed("authority").hex(),
             "identity_seeds": {str(c): seed(f"identity-{c}").hex() for c in updates},

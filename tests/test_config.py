@@ -120,9 +120,21 @@ def test_configuration_doc_lists_every_setting():
 
 
 def test_aggregation_section_builds_a_checked_secagg_config():
-    config = load_config(None, ["aggregation.graph=harary", "aggregation.modulus_bits=64"])
+    config = load_config(None, ["aggregation.graph=harary", "aggregation.modulus_bits=64",
+                                "aggregation.security=semi_honest"])
     secagg = config.aggregation.secagg_config(num_clients=91)
     assert secagg.graph == "harary" and secagg.modulus_bits == 64 and secagg.num_clients == 91
+    assert secagg.security == "semi_honest"
+    # the default: active security on the complete graph; a sparse graph under it is refused, naming why
+    default = load_config(None, []).aggregation.secagg_config(num_clients=91)
+    assert default.security == "active" and default.graph == "complete"
+    with pytest.raises(ConfigError, match="cannot be used with security: 'active'"):
+        load_config(None, ["aggregation.graph=harary"]).aggregation.secagg_config(num_clients=91)
+    with pytest.raises(ConfigError, match="aggregation.security 'active' needs aggregation.backend 'masking'"):
+        load_config(None, ["aggregation.security=active", "aggregation.backend=ckks"])
+    assert load_config(None, ["aggregation.backend=ckks"]).aggregation.resolved_security == "semi_honest"
+    with pytest.raises(ConfigError, match="roster 'group' cannot be used"):
+        load_config(None, ["aggregation.roster=group"])
     with pytest.raises(ConfigError, match="only -15 fractional bits fit for 60000 clients"):
         load_config(None, ["aggregation.clipping_range=1e9"]).aggregation.secagg_config(num_clients=60000)
 

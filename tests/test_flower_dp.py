@@ -77,8 +77,13 @@ def test_nodes_add_their_own_shares_and_the_mean_update_arrives(tmp_path):
     arrays = run(secure, rounds=2)
     nodes = secure.grid.node_ids
     expected = {k: sum(step(n, 1)[k] + step(n, 2)[k] for n in nodes) / 5 for k in SHAPES}  # unweighted, unclipped
+    # the noise the plan puts in each round's mean: Skellam of variance mu in units of 1/scale, over 5 nodes; two
+    # rounds add. Six standard deviations (the 35 coordinates all pass with probability > 1 - 1e-7).
+    noise = DP.plan(5, DIMENSION)
+    sigma = np.sqrt(2 * noise.mu) / (noise.scale * 5)
     for k in SHAPES:
-        assert np.allclose(arrays[k], expected[k], atol=0.05)
+        assert np.allclose(arrays[k], expected[k], atol=6 * sigma + 2 / noise.scale), (k, sigma)
+        assert not np.allclose(arrays[k], expected[k], atol=1e-6)  # the noise is there
     for report in secure.reports:
         assert report.aborted is None and len(report.included) == 5
         assert report.example_count == 0  # no count leaves a node

@@ -13,7 +13,7 @@ invent clients (sybils) nor substitute its own keys for a member's.
 
 What must still be trusted: the authority enrolls real, distinct people and
 keeps its key; a member keeps its private key (written 0600, never printed or
-logged). protocols/secagg/SPEC.md section 3.6 gives the byte layouts.
+logged). protocols/secagg/SPEC.md section 3.8 gives the byte layouts.
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ Signature = Annotated[bytes, AfterValidator(_signature)]
 
 class AdvertiseKeys(Message):
     """Stage 0, client -> server: the client's two X25519 public keys and, under active security, its enrolled
-    identity's Ed25519 signature over (study, round, sender, both keys) — section 3.6."""
+    identity's Ed25519 signature over (study, round, sender, both keys) — section 3.8."""
 
     KIND: ClassVar[int] = 1
     c_public: bytes

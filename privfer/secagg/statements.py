@@ -1,6 +1,6 @@
 """The byte strings members sign under active security, and the digests that bind a round's view.
 
-Two statements (protocols/secagg/SPEC.md, section 3.6):
+Two statements (protocols/secagg/SPEC.md, section 3.8):
 
 - the **advertisement**: a member's two X25519 keys for one round of one study;
 - the **consistency statement**: what a client saw of a round before it reveals

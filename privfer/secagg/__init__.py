@@ -16,20 +16,25 @@ from privfer.secagg.aggregate import STAGES, AggregationResult, aggregate
 from privfer.secagg.client import SecAggClient
 from privfer.secagg.config import PROTOCOL_VERSION, SecAggConfig, make_config
 from privfer.secagg.errors import (
+    ConsistencyCheckFailed,
     CorruptState,
     DuplicateSender,
     InconsistentShares,
+    InvalidCertificate,
     InvalidExampleCount,
     InvalidInput,
     InvalidRoundArguments,
+    InvalidSignature,
     InvalidUpdate,
     MalformedMessage,
     MessageError,
     NotEnoughShares,
+    OutOfRangeSum,
     RoundAborted,
     SecAggError,
     ShapeMismatch,
     ShareAuthenticationError,
+    UnenrolledClient,
     UnknownSender,
     UnsafeUnmaskRequest,
     UnsupportedVersion,
@@ -37,15 +42,18 @@ from privfer.secagg.errors import (
     WrongStage,
     WrongVectorLength,
 )
+from privfer.secagg.identity import Enrollment, EnrollmentAuthority, Identity, RosterCertificate, enroll_in_process
 from privfer.secagg.messages import decode
 from privfer.secagg.payload import PayloadLayout
 from privfer.secagg.quantize import ClippingReport, ClippingWarning
 from privfer.secagg.server import SecAggServer, ServerTranscript
 
 __all__ = [
+    "ConsistencyCheckFailed", "Enrollment", "EnrollmentAuthority", "Identity", "InvalidCertificate",
+    "InvalidSignature", "RosterCertificate", "UnenrolledClient", "enroll_in_process",
     "AggregationResult", "ClippingReport", "CorruptState", "ClippingWarning", "DuplicateSender", "InconsistentShares", "InvalidExampleCount",
     "InvalidInput", "InvalidRoundArguments", "InvalidUpdate", "MalformedMessage",
-    "MessageError", "NotEnoughShares", "PROTOCOL_VERSION", "PayloadLayout", "RoundAborted", "STAGES",
+    "MessageError", "NotEnoughShares", "OutOfRangeSum", "PROTOCOL_VERSION", "PayloadLayout", "RoundAborted", "STAGES",
     "SecAggClient", "SecAggConfig", "SecAggError", "SecAggServer", "ServerTranscript", "ShapeMismatch",
     "ShareAuthenticationError", "UnknownSender", "UnsafeUnmaskRequest", "UnsupportedVersion", "WrongRound",
     "WrongStage", "WrongVectorLength", "aggregate", "decode", "make_config",

@@ -128,3 +128,9 @@ class ConsistencyCheckFailed(SecAggError):
     def __init__(self, message: str, disagreeing: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.disagreeing = tuple(sorted(disagreeing))
+
+
+class OutOfRangeSum(SecAggError):
+    """The unmasked sum holds a coordinate, count or metric that the included clients could not have produced had
+    each sent an in-range input (a client sent a forged or out-of-range one): the round is refused, nothing is
+    released. In-range poisoning cannot be told from an honest input without zero-knowledge proofs."""

@@ -11,13 +11,14 @@ server learns only their sums — never a single client's count, clipping or los
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from privfer.secagg.config import SecAggConfig
-from privfer.secagg.errors import InvalidExampleCount, InvalidUpdate, ShapeMismatch
+from privfer.secagg.errors import InvalidExampleCount, InvalidUpdate, OutOfRangeSum, ShapeMismatch
 from privfer.secagg.quantize import (
     ClippingReport,
     decode_fixed_point,
@@ -221,8 +222,39 @@ class PayloadLayout(ArrayLayout):
         metric_values = decode_fixed_point(words[n + 2 :], config.metric_precision_bits, config.modulus_bits)
         return Decoded(arrays, count, clipped, dict(zip(config.metrics, metric_values.tolist())))
 
+    def check_sum(self, words: np.ndarray, included: int) -> None:
+        """Refuse (:class:`OutOfRangeSum`) a sum that ``included`` clients sending in-range inputs cannot produce:
+        each update word is at most ceil(c 2^p) + 1 in magnitude (clipping, then stochastic rounding), each count
+        in 0..max_examples, each clipping count in 0..(values + metrics), each metric word at most
+        ceil(m 2^q) + 1; under the integer encoding every coordinate of the sum is within the caller's bound B.
+        Checked on the server before anything is decoded or released (SPEC section 6.5)."""
+        config = self.config
+        signed = to_signed(words, config.modulus_bits)
+        if self.integer:
+            bound = int(config.integer_sum_bound)  # type: ignore[arg-type]
+            _within(signed, -bound, bound, "coordinate", included)
+            return
+        n = self.update_length
+        per_value = math.ceil(config.clipping_range * 2.0 ** config.update_precision_bits) + 1
+        _within(signed[:n], -included * per_value, included * per_value, "update value", included)
+        _within(signed[n : n + 1], 0, included * config.max_examples, "example count", included)
+        _within(signed[n + 1 : n + 2], 0, included * (n + len(config.metrics)), "clipping count", included)
+        if config.metrics:
+            per_metric = math.ceil(config.metric_range * 2.0 ** config.metric_precision_bits) + 1
+            _within(signed[n + 2 :], -included * per_metric, included * per_metric, "metric", included)
+
     def error_bound(self, clients: int) -> float:
         """Largest decoding error of a sum of ``clients`` updates: stochastic rounding adds < 2^-p each."""
         if self.integer:
             return 0.0  # integers are summed exactly
         return clients * 2.0 ** -self.config.update_precision_bits
+
+
+def _within(values: np.ndarray, low: int, high: int, what: str, included: int) -> None:
+    outside = np.flatnonzero((values < low) | (values > high))
+    if outside.size:
+        index = int(outside[0])
+        raise OutOfRangeSum(f"the unmasked sum's {what} {index} is {int(values[index])} (in fixed-point units), "
+                            f"outside [{low}, {high}], the most {included} clients with in-range inputs can "
+                            f"produce ({outside.size} such coordinates): a client sent a forged input; the round "
+                            "is refused")

@@ -28,6 +28,7 @@ from privfer.secagg.errors import (
     InconsistentShares,
     MalformedMessage,
     NotEnoughShares,
+    OutOfRangeSum,
     RoundAborted,
     UnknownSender,
     WrongStage,
@@ -443,8 +444,13 @@ class SecAggServer:
                     total -= mask
                 else:
                     total += mask
-        self.stage = "done"
         included = tuple(sorted(survivors))
+        try:
+            self.layout.check_sum(total, len(included))
+        except OutOfRangeSum:
+            self.stage = "aborted"
+            raise
+        self.stage = "done"
         return ServerSum(words=total, included=included, decoded=self.layout.decode(total))
 
     def stats(self) -> dict[str, Any]:

@@ -37,11 +37,13 @@ class Round:
     """n clients (ids 1..n) run honestly up to their masked inputs; the test then plays the server."""
 
     def __init__(self, n: int, security: str, *, min_inputs: int | None = None, contexts=None, seed: int = 0,
-                 colluding_fraction: float = 0.1, enrollments=None):
-        self.config = SecAggConfig(num_clients=n, security=security, encoding="integer", integer_sum_bound=1 << 20,
-                                   min_inputs=min_inputs, colluding_fraction=colluding_fraction)
+                 colluding_fraction: float = 0.1, enrollments=None, updates=None, sum_bound: int = 1 << 20,
+                 modulus_bits: int = 32):
+        self.config = SecAggConfig(num_clients=n, security=security, encoding="integer", integer_sum_bound=sum_bound,
+                                   min_inputs=min_inputs, colluding_fraction=colluding_fraction,
+                                   modulus_bits=modulus_bits)
         rng = np.random.default_rng(seed)
-        self.updates = {c: [rng.integers(-1000, 1000, 5)] for c in range(1, n + 1)}
+        self.updates = updates or {c: [rng.integers(-1000, 1000, 5)] for c in range(1, n + 1)}
         self.layout = PayloadLayout.for_arrays(self.updates[1], self.config)
         self.enrollments = enrollments or (enroll_in_process(range(1, n + 1)) if security == "active" else {})
         certificate = self.enrollments[1].certificate if self.enrollments else None
@@ -91,10 +93,10 @@ def rebuild(shares: dict[int, bytes], threshold: int) -> bytes:
     return shamir.reconstruct(holders, stacked, threshold)[0]
 
 
-def split_view_attack(security: str):
+def split_view_attack(security: str, game: Round | None = None):
     """Attack 1 of issue 24: n = 11, t = 6, min_inputs = 10, one colluder (client 10). Clients 1-4 and the victim
     (11) are told "the victim survived", clients 5-9 "the victim dropped"; the colluder answers both."""
-    game = Round(11, security, min_inputs=10)
+    game = game or Round(11, security, min_inputs=10)
     victim, colluder, t = 11, 10, game.config.group_threshold
     assert t == 6
     survived, dropped = game.request(range(1, 12)), game.request(range(1, 11))
@@ -417,3 +419,34 @@ def test_an_expired_certificate_is_refused_when_the_round_starts():
     with pytest.raises(InvalidCertificate, match="valid from"):
         SecAggClient(1, config, ROUND, PayloadLayout.for_arrays([np.zeros(2)], config),
                      enrollment=Enrollment(1, identity, certificate))
+
+
+def dp_round(security: str) -> tuple[Round, object]:
+    """Eleven clients of distributed DP (epsilon 3 over 40 rounds), each submitting only its noise share (a zero
+    update): what the server recovers of one client is exactly the noise that protects it."""
+    from privfer.privacy.distributed import calibrate_distributed, encode_contribution, noise_generator
+
+    plan = calibrate_distributed(epsilon=3.0, delta=1e-5, max_grad_norm=1.0, dimension=4000, sample_rate=1.0,
+                                 steps=40, clients=11, records=11, min_inputs_fraction=0.9, colluding_fraction=0.1,
+                                 rounding_overhead=0.01, modulus_bits=32, max_noise_multiplier=1e4)
+    updates = {c: [encode_contribution(np.zeros(plan.dimension), plan, noise_generator())] for c in range(1, 12)}
+    game = Round(11, security, min_inputs=plan.min_inputs, updates=updates, sum_bound=plan.sum_bound,
+                 modulus_bits=plan.modulus_bits)
+    return game, plan
+
+
+def test_an_isolated_victims_release_carries_only_its_share_under_semi_honest_security():
+    """Attack 4 of issue 24: through the split view the server reads one client's contribution, whose noise
+    variance is its share, mu / (min_inputs - colluders), not the mu its ledger counts on."""
+    game, plan = dp_round("semi_honest")
+    _, victim, t, seed_shares, key_shares, _ = split_view_attack("semi_honest", game)
+    released = game.recover(victim, rebuild(seed_shares, t), rebuild(key_shares, t)).astype(np.float64)
+    np.testing.assert_array_equal(released, game.updates[victim][0])
+    assert plan.honest == 9 and released.var() == pytest.approx(plan.mu / 9, rel=0.15)
+    assert released.var() < plan.mu / 5  # far less noise than any sum the ledger accounts for
+
+
+def test_an_isolated_victims_release_is_refused_under_active_security():
+    game, plan = dp_round("active")
+    _, _, _, seed_shares, key_shares, refusals = split_view_attack("active", game)
+    assert len(refusals) == 10 and len(seed_shares) == len(key_shares) == 1  # only the colluder's own shares

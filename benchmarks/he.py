@@ -19,20 +19,22 @@ import time
 import numpy as np
 import tenseal as ts
 
+from privfer.secagg.identity import enroll_in_process
 from privfer.secagg.he import HEClient, HELayout, HEServer, KeyAuthority, make_ckks_config
 
 
 def privfer_round(updates: dict[int, list[np.ndarray]], n: int) -> dict:
     config = make_ckks_config(num_clients=n, min_clients=2, clipping_range=1.0)
     layout = HELayout.for_arrays(updates[1], config)
-    authority = KeyAuthority(config)
+    enrolled = enroll_in_process(list(updates))
+    authority = KeyAuthority(config, enrolled[min(updates)].certificate)
     public = authority.public_context()
     server = HEServer(public, layout, "bench", config)
     encrypt = add = load = 0.0
     sizes = []
     for cid, update in updates.items():
         start = time.perf_counter()
-        client = HEClient(cid, public, layout, "bench")  # each client loads the public context once
+        client = HEClient(cid, public, layout, "bench", enrolled[cid])  # each client loads the public context once
         load += time.perf_counter() - start
         start = time.perf_counter()
         message = client.encrypt(update).to_bytes()
@@ -42,7 +44,7 @@ def privfer_round(updates: dict[int, list[np.ndarray]], n: int) -> dict:
         server.receive(message)
         add += time.perf_counter() - start
     start = time.perf_counter()
-    aggregate = server.aggregate().to_bytes()
+    aggregate = server.bundle().to_bytes()
     add += time.perf_counter() - start
     start = time.perf_counter()
     plain = authority.decrypt(aggregate, layout, "bench")

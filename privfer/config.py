@@ -355,7 +355,13 @@ class AggregationConfig(_Section):
                                   "(approximate decryption); use 'masking'")
             from privfer.secagg.he import make_ckks_config
 
-            return make_ckks_config(num_clients=num_clients, clipping_range=self.clipping_range, metrics=metrics)
+            # the key authority releases sums of at least two honest clients besides the colluders the config allows
+            # (a server chooses which signed updates it forwards)
+            from privfer.secagg.config import assumed_colluders
+
+            colluders = assumed_colluders(num_clients, self.colluding_fraction)
+            return make_ckks_config(num_clients=num_clients, clipping_range=self.clipping_range, metrics=metrics,
+                                    min_clients=min(num_clients, max(2, colluders + 2)))
         extra: dict[str, Any] = {}
         if integer:
             extra = dict(encoding="integer", integer_sum_bound=integer_sum_bound, min_inputs=min_inputs)

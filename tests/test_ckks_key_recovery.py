@@ -21,7 +21,8 @@ import pytest
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
-from privfer.secagg.he import COUNT_DIGITS, DIGIT, HEClient, HELayout, HEServer, KeyAuthority, make_ckks_config
+from privfer.secagg.identity import enroll_in_process
+from privfer.secagg.he import add_updates, parse_chunks, HEMessage, COUNT_DIGITS, DIGIT, HEClient, HELayout, HEServer, KeyAuthority, make_ckks_config
 
 
 def _seal(obj, factory, context, path):
@@ -70,15 +71,20 @@ def round_():
     scale = 2.0**config.grid
     rng = np.random.default_rng(11)
     updates = {c: [np.round(rng.uniform(-2, 2, 500) * scale) / scale] for c in (1, 2, 3)}
-    authority = KeyAuthority(config)
+    enrolled = enroll_in_process(list(updates))
+    authority = KeyAuthority(config, enrolled[1].certificate)
     layout = HELayout.for_arrays(updates[1], config)
     public = authority.public_context()
     server = HEServer(public, layout, "r", config)
-    messages = {c: HEClient(c, public, layout, "r").encrypt(updates[c]) for c in updates}
+    messages = {c: HEClient(c, public, layout, "r", enrolled[c]).encrypt(updates[c]) for c in updates}
     for message in messages.values():
         server.receive(message.to_bytes())
-    aggregate = server.aggregate()
-    release = authority.decrypt(aggregate.to_bytes(), layout, "r")
+    release = authority.decrypt(server.bundle().to_bytes(), layout, "r")
+    # the aggregate ciphertext the key authority decrypted: anyone with the public context computes it
+    context = ts.context_from(public)
+    summed = add_updates([parse_chunks(context, m.ciphertexts, layout, "c") for m in messages.values()],
+                         list(messages))
+    aggregate = HEMessage(kind="update", round_id="r", sender=0, ciphertexts=tuple(v.serialize() for v in summed))
     return config, authority, updates, messages, aggregate, release
 
 

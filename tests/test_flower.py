@@ -3,6 +3,8 @@ every stage, a strict client mod, and a server that receives only masked vectors
 
 from __future__ import annotations
 
+import functools
+
 import logging
 
 import numpy as np
@@ -22,7 +24,10 @@ from privfer.integrations.flower import (  # noqa: E402
     make_secagg_mod,
     secagg_mod,
 )
+
 from privfer.secagg import SecAggConfig, aggregate  # noqa: E402
+
+SemiHonestGrid = functools.partial(SecAggGrid, security="semi_honest")  # active security: test_flower_active.py
 
 SHAPES = {"w": (6, 5), "b": (5,)}
 M = 1 << 16
@@ -75,7 +80,7 @@ def expected_average(nodes, server_round=1):
 
 def test_same_aggregate_as_plain_fedavg_and_as_privfers_driver():
     grid = LocalGrid(make_app([secagg_mod]), 5)
-    secure = SecAggGrid(grid, train_metrics=("loss",), evaluate_metrics=("accuracy",))
+    secure = SemiHonestGrid(grid, train_metrics=("loss",), evaluate_metrics=("accuracy",))
     arrays, result = run(secure)
     plain, plain_result = run(LocalGrid(make_app(), 5))
     average, updates = expected_average(grid.node_ids)
@@ -107,7 +112,7 @@ def test_same_aggregate_as_plain_fedavg_and_as_privfers_driver():
 @pytest.mark.parametrize("answered", [0, 1, 2, 3])
 def test_a_node_that_vanishes_at_any_stage_is_left_out_exactly(answered):
     grid = LocalGrid(make_app([secagg_mod]), 5, answers={1002: answered})
-    secure = SecAggGrid(grid, protect=("train",))
+    secure = SemiHonestGrid(grid, protect=("train",))
     arrays, _ = run(secure)
     report = secure.reports[0]
     stage = ("advertise_keys", "share_keys", "masked_input", "unmask")[answered]
@@ -130,7 +135,7 @@ def test_the_server_receives_only_masked_vectors():
             return replies
 
     grid = Recording(make_app([secagg_mod]), 4)
-    run(SecAggGrid(grid, train_metrics=("loss",), evaluate_metrics=("accuracy",)))
+    run(SemiHonestGrid(grid, train_metrics=("loss",), evaluate_metrics=("accuracy",)))
     assert len(seen) == 2 * 4 * 4  # train + evaluate, 4 stages, 4 nodes
     for reply in seen:
         assert not reply.has_error()
@@ -146,7 +151,7 @@ def test_the_mod_refuses_a_train_message_without_secure_aggregation():
     assert arrays == {} and 1 not in result.train_metrics_clientapp  # nothing was aggregated
     # a mod that does not require evaluate lets plain evaluate messages through
     relaxed = LocalGrid(make_app([make_secagg_mod(require=("train",))]), 3)
-    secure = SecAggGrid(relaxed, protect=("train",))
+    secure = SemiHonestGrid(relaxed, protect=("train",))
     arrays, result = run(secure)
     assert set(arrays) == set(SHAPES) and [r.message_type for r in secure.reports] == ["train"]
     assert "accuracy" in result.evaluate_metrics_clientapp[1]  # evaluated in the clear, as this server asked
@@ -154,7 +159,7 @@ def test_the_mod_refuses_a_train_message_without_secure_aggregation():
 
 def test_a_round_below_the_threshold_aborts_and_keeps_the_model():
     grid = LocalGrid(make_app([secagg_mod]), 3, answers={1000: 0, 1001: 0})
-    secure = SecAggGrid(grid, protect=("train",))
+    secure = SemiHonestGrid(grid, protect=("train",))
     arrays, _ = run(secure)
     assert secure.reports[0].aborted and not secure.reports[0].included
     assert arrays == {}  # the strategy got only error replies: no new model
@@ -174,7 +179,7 @@ def test_nodes_with_bad_replies_drop_out_with_the_reason(caplog):
         return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
     grid = LocalGrid(app, 5)
-    secure = SecAggGrid(grid, protect=("train",))
+    secure = SemiHonestGrid(grid, protect=("train",))
     with caplog.at_level(logging.INFO, logger="privfer.flower"):
         run(secure)
     dropped = secure.reports[0].dropped
@@ -194,25 +199,25 @@ def test_a_stage_for_another_round_or_without_state_is_refused():
 def test_bad_secagg_grid_arguments_are_named():
     grid = LocalGrid(make_app(), 2)
     with pytest.raises(TypeError, match="unknown SecAggConfig fields"):
-        SecAggGrid(grid, modulus=64)
+        SemiHonestGrid(grid, modulus=64)
     with pytest.raises(TypeError, match="num_clients"):
-        SecAggGrid(grid, num_clients=3)
+        SemiHonestGrid(grid, num_clients=3)
     with pytest.raises(ValueError, match="weight"):
-        SecAggGrid(grid, train_metrics=("num-examples",))
+        SemiHonestGrid(grid, train_metrics=("num-examples",))
     with pytest.raises(ValueError, match="at least 2 nodes"):
-        SecAggGrid(grid).send_and_receive([grid.create_message(RecordDict(), "train", 1000, "1")])
+        SemiHonestGrid(grid).send_and_receive([grid.create_message(RecordDict(), "train", 1000, "1")])
     with pytest.raises(TypeError, match="bypass"):
-        SecAggGrid(grid).push_messages([grid.create_message(RecordDict(), "train", 1000, "1")])
+        SemiHonestGrid(grid).push_messages([grid.create_message(RecordDict(), "train", 1000, "1")])
 
 
 def test_nodes_refuse_rounds_below_their_minimum_size():
     grid = LocalGrid(make_app([secagg_mod]), 2)  # the default mod takes part only with at least 3 nodes
-    secure = SecAggGrid(grid, protect=("train",))
+    secure = SemiHonestGrid(grid, protect=("train",))
     arrays, _ = run(secure, min_available_nodes=2, min_train_nodes=2)
     assert arrays == {} and secure.reports[0].aborted
     assert all("at least 3" in reason for reason in secure.reports[0].dropped.values())
     relaxed = LocalGrid(make_app([make_secagg_mod(min_clients=2)]), 2)
-    arrays, _ = run(SecAggGrid(relaxed, protect=("train",)), min_available_nodes=2, min_train_nodes=2)
+    arrays, _ = run(SemiHonestGrid(relaxed, protect=("train",)), min_available_nodes=2, min_train_nodes=2)
     average, _ = expected_average(relaxed.node_ids)
     np.testing.assert_allclose(arrays["w"], average["w"], atol=1e-5)
     with pytest.raises(ValueError, match="at least 2"):
@@ -229,7 +234,7 @@ def test_a_count_above_the_cap_is_capped_not_refused():
         return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": count})}),
                        reply_to=msg)
 
-    secure = SecAggGrid(LocalGrid(app, 4), protect=("train",))
+    secure = SemiHonestGrid(LocalGrid(app, 4), protect=("train",))
     run(secure)
     assert secure.reports[0].dropped == {} and secure.reports[0].example_count == M + 3 * 4
 
@@ -240,14 +245,14 @@ def test_sub_typed_train_messages_are_protected_too():
     content = RecordDict({"arrays": initial(), "config": ConfigRecord({"server-round": 1})})
     reply = list(grid.send_and_receive([grid.create_message(content, "train.default", 1000, "1")]))[0]
     assert reply.has_error() and "UnprotectedMessage" in reply.error.reason
-    secure = SecAggGrid(grid, protect=("train",))
+    secure = SemiHonestGrid(grid, protect=("train",))
     replies = list(secure.send_and_receive([grid.create_message(content, "train.default", n, "1") for n in grid.node_ids]))
     assert len(replies) == 1 and not replies[0].has_error() and secure.reports[0].included == grid.node_ids
 
 
 def test_nodes_refuse_a_roster_smaller_than_their_minimum():
     grid = LocalGrid(make_app([secagg_mod]), 3, answers={1002: 0})  # config for 3, only 2 advertise keys
-    secure = SecAggGrid(grid, protect=("train",))
+    secure = SemiHonestGrid(grid, protect=("train",))
     arrays, _ = run(secure)
     assert arrays == {} and secure.reports[0].aborted
     assert "roster lists 2 nodes" in secure.reports[0].dropped[1000]
@@ -273,7 +278,7 @@ def test_a_misrouted_masked_input_stage_is_refused_before_training():
                 records[1000]["message"], records[1001]["message"] = records[1001]["message"], records[1000]["message"]
             return super().push_messages(messages)
 
-    secure = SecAggGrid(Swapping(counting, 4), protect=("train",))
+    secure = SemiHonestGrid(Swapping(counting, 4), protect=("train",))
     run(secure)
     dropped = secure.reports[0].dropped
     assert set(dropped) == {1000, 1001} and all("UnknownSender" in reason for reason in dropped.values())
@@ -282,7 +287,7 @@ def test_a_misrouted_masked_input_stage_is_refused_before_training():
 
 def test_abandoned_round_keys_expire():
     grid = LocalGrid(make_app([make_secagg_mod(state_ttl=1e-9)]), 3)
-    secure = SecAggGrid(grid, protect=("train",))
+    secure = SemiHonestGrid(grid, protect=("train",))
     run(secure)  # every node's keys have expired by its next stage: the round cannot proceed
     assert secure.reports[0].aborted
     assert all("holds no secure-aggregation round" in reason for reason in secure.reports[0].dropped.values())
@@ -303,7 +308,7 @@ def test_integer_arrays_stay_integers():
     grid = LocalGrid(app, 3)
     content = RecordDict({"arrays": ArrayRecord({"steps": Array(np.array([7, 100], dtype=np.int64))}),
                           "config": ConfigRecord({"server-round": 1})})
-    (reply,) = SecAggGrid(grid, protect=("train",)).send_and_receive(
+    (reply,) = SemiHonestGrid(grid, protect=("train",)).send_and_receive(
         [grid.create_message(content, "train", node, "1") for node in grid.node_ids])
     steps = reply.content["arrays"]["steps"].numpy()  # (Flower's FedAvg then averages it in floating point)
     assert steps.dtype == np.int64 and steps.tolist() == [10, 103]
@@ -314,7 +319,7 @@ def test_group_rosters_give_the_same_average_on_a_sparse_graph(answered):
     nodes = 40
     answers = {} if answered is None else {1003: answered}
     grid = LocalGrid(make_app([secagg_mod]), nodes, answers=answers)
-    secure = SecAggGrid(grid, protect=("train",), graph="harary", roster="group")
+    secure = SemiHonestGrid(grid, protect=("train",), graph="harary", roster="group")
     arrays, _ = run(secure)
     report = secure.reports[0]
     included = [n for n in grid.node_ids if n != 1003 or answered in (None, 3)]

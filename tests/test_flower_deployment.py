@@ -24,6 +24,8 @@ import pytest
 
 pytest.importorskip("flwr", reason='the Flower integration needs pip install -e ".[flower]"')
 
+from privfer.secagg.identity import EnrollmentAuthority, Identity  # noqa: E402
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "flower"
 BIN = Path(sys.executable).parent
 SMALL = ("data.frames=4 data.feature_dim=32 data.synthetic.actors=48 data.synthetic.missing_clips=0 "
@@ -85,15 +87,30 @@ def test_two_rounds_on_a_superlink_and_three_supernodes_then_a_restarted_node_ke
     ledgers = tmp_path / "ledgers"  # each node's own disk
     ledgers.mkdir()
 
+    # active security: an enrollment authority (not the server) signs the roster of the nodes' keys; each node
+    # keeps its key on its own disk and pins the authority's public key
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    authority = EnrollmentAuthority()
+    authority.identity.save(keys / "authority.key")
+    members = {}
+    for index in range(3):
+        identity = Identity.generate()
+        identity.save(keys / f"node-{index}.key")
+        members[101 + index] = identity.public
+    (keys / "roster.cert").write_bytes(authority.certify("deployment-study", members).to_bytes())
+
     def supernode(index: int) -> subprocess.Popen:
         return start(f"supernode{index}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                      "--port", str(free_port()), "--node-config",
                      f'partition-id={index} num-partitions=3 ledger="{ledgers / f"node-{index}.json"}" '
-                     "lifetime-epsilon=3.0")
+                     f'lifetime-epsilon=3.0 identity-key="{keys / f"node-{index}.key"}" '
+                     f'roster-certificate="{keys / "roster.cert"}" authority-key="{keys / "authority.key.pub"}"')
 
     def flwr_run(rounds: int, path: Path) -> dict:
         run_config = (f'num-server-rounds={rounds} epsilon="3" min-nodes=3 timeout=120.0 '
-                      f'privfer-set="{SMALL}" result-file="{path}"')
+                      f'privfer-set="{SMALL}" result-file="{path}" roster-certificate="{keys / "roster.cert"}" '
+                      f'authority-key="{keys / "authority.key.pub"}"')
         completed = subprocess.run([str(BIN / "flwr"), "run", str(app), "local", "--run-config", run_config],
                                    env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert completed.returncode == 0, completed.stdout + completed.stderr
@@ -143,7 +160,8 @@ def test_two_rounds_on_a_superlink_and_three_supernodes_then_a_restarted_node_ke
     for report in reports:
         assert report["aborted"] is None and report["dropped"] == {}
         assert len(report["included"]) == 3 and report["example_count"] == 0  # no count leaves a node
-        assert set(report["seconds"]) == {"advertise_keys", "share_keys", "masked_input", "unmask"}
+        assert set(report["seconds"]) == {"advertise_keys", "share_keys", "masked_input", "consistency", "unmask"}
+        assert report["security"] == "active" and sorted(report["client_ids"].values()) == [101, 102, 103]
     # the restarted node kept its ledger: the second run is refused past the lifetime budget, before training
     assert spent["rounds"] == 2 and 0.9 * 3.0 <= spent["epsilon"] <= 3.0 + 1e-9 and after == spent
     (refused,) = second["secure_aggregation"]

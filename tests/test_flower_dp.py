@@ -3,6 +3,8 @@ a lifetime ledger on its own disk across runs and restarts."""
 
 from __future__ import annotations
 
+import functools
+
 import json
 from dataclasses import asdict, replace
 
@@ -24,9 +26,12 @@ from privfer.integrations.flower import (  # noqa: E402
     UnacceptablePlan,
     make_secagg_mod,
 )
+
 from privfer.integrations.flower.dp import BudgetExhausted, NodeLedgerError, accept_plan, plan_to_json  # noqa: E402
 from privfer.privacy.skellam import SkellamSteps, skellam_epsilon  # noqa: E402
 from privfer.secagg import SecAggConfig  # noqa: E402
+
+SemiHonestGrid = functools.partial(SecAggGrid, security="semi_honest")  # active security: test_flower_active.py
 
 SHAPES = {"w": (6, 5), "b": (5,)}
 DIMENSION = 35
@@ -73,7 +78,7 @@ DP = DistributedDP(epsilon=500.0, rounds=2, delta=DELTA, max_update_norm=1.0)  #
 
 
 def test_nodes_add_their_own_shares_and_the_mean_update_arrives(tmp_path):
-    secure = SecAggGrid(LocalGrid(make_app(policies(tmp_path, 1000.0)), 5), dp=DP)
+    secure = SemiHonestGrid(LocalGrid(make_app(policies(tmp_path, 1000.0)), 5), dp=DP)
     arrays = run(secure, rounds=2)
     nodes = secure.grid.node_ids
     expected = {k: sum(step(n, 1)[k] + step(n, 2)[k] for n in nodes) / 5 for k in SHAPES}  # unweighted, unclipped
@@ -101,12 +106,12 @@ def test_a_restarted_node_keeps_its_spent_budget_and_refuses_past_it(tmp_path):
     plan = DistributedDP(epsilon=3.0, rounds=2, delta=DELTA).plan(5, DIMENSION)
     lifetime = skellam_epsilon([plan.steps_entry(2)], DELTA)[0] * 1.0001  # two rounds, not three
     dp = DistributedDP(epsilon=3.0, rounds=2, delta=DELTA)
-    first = SecAggGrid(LocalGrid(make_app(policies(tmp_path, lifetime)), 5), dp=dp)
+    first = SemiHonestGrid(LocalGrid(make_app(policies(tmp_path, lifetime)), 5), dp=dp)
     run(first, rounds=2)
     assert all(r.aborted is None for r in first.reports)
     # "restart": new node processes (fresh Contexts, new mods), the same ledger files on their disks
     trained: list[int] = []
-    second = SecAggGrid(LocalGrid(make_app(policies(tmp_path, lifetime), trained), 5), dp=dp)
+    second = SemiHonestGrid(LocalGrid(make_app(policies(tmp_path, lifetime), trained), 5), dp=dp)
     run(second, rounds=1)
     report = second.reports[-1]
     assert report.included == [] and len(report.dropped) == 5
@@ -135,7 +140,7 @@ def test_a_corrupt_ledger_is_refused_with_a_clear_error(tmp_path):
     # in a round: the node with the corrupt ledger drops out with the reason, the others go on
     bad = tmp_path / "node-1000.json"
     bad.write_text("{truncated")
-    secure = SecAggGrid(LocalGrid(make_app(policies(tmp_path, 1000.0)), 6), dp=DP)
+    secure = SemiHonestGrid(LocalGrid(make_app(policies(tmp_path, 1000.0)), 6), dp=DP)
     FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=6).start(
         grid=secure, initial_arrays=initial(), num_rounds=1, timeout=5)
     report = secure.reports[-1]
@@ -213,15 +218,15 @@ def test_a_node_checks_the_servers_plan():
 
 def test_dp_and_no_dp_do_not_mix(tmp_path):
     # a node with a privacy policy never answers a round without a plan
-    plain_server = SecAggGrid(LocalGrid(make_app(policies(tmp_path, 10.0)), 5))
+    plain_server = SemiHonestGrid(LocalGrid(make_app(policies(tmp_path, 10.0)), 5))
     run(plain_server)
     assert all("person-level DP plan" in r for r in plain_server.reports[-1].dropped.values())
     # a node without one cannot add a noise share: it refuses a DP round
-    no_policy = SecAggGrid(LocalGrid(make_app(None), 5), dp=DP)
+    no_policy = SemiHonestGrid(LocalGrid(make_app(None), 5), dp=DP)
     run(no_policy)
     assert all("no privacy policy" in r for r in no_policy.reports[-1].dropped.values())
     with pytest.raises(ValueError, match="no metric"):
-        SecAggGrid(LocalGrid(make_app(None), 5), dp=DP, train_metrics=("loss",))
+        SemiHonestGrid(LocalGrid(make_app(None), 5), dp=DP, train_metrics=("loss",))
 
 
 def record_sums(node: int, clip: float, unclipped: bool = False) -> np.ndarray:
@@ -265,7 +270,7 @@ def record_policies(tmp_path):
 def test_record_level_nodes_noise_the_clipped_gradient_sums_and_the_server_steps(tmp_path):
     dp = DistributedDP(epsilon=500.0, rounds=1, delta=DELTA, unit="record", max_grad_norm=1.0, max_records=1000,
                        server_lr=0.01)
-    secure = SecAggGrid(LocalGrid(record_app(record_policies(tmp_path), 1.0), 5), dp=dp)
+    secure = SemiHonestGrid(LocalGrid(record_app(record_policies(tmp_path), 1.0), 5), dp=dp)
     arrays = run(secure)
     (report,) = secure.reports
     assert report.aborted is None and len(report.included) == 5
@@ -283,12 +288,12 @@ def test_record_level_nodes_noise_the_clipped_gradient_sums_and_the_server_steps
     # a ClientApp that does not clip per example is refused (its sum is above records x C), with a fixed text
     # (the details could tell the data) and the round paid for
     (tmp_path / "u").mkdir()
-    unclipped = SecAggGrid(LocalGrid(record_app(record_policies(tmp_path / "u"), 1.0, unclipped=True), 5), dp=dp)
+    unclipped = SemiHonestGrid(LocalGrid(record_app(record_policies(tmp_path / "u"), 1.0, unclipped=True), 5), dp=dp)
     run(unclipped)
     assert all("failed after training" in r for r in unclipped.reports[-1].dropped.values())
     assert all(json.loads(f.read_text())["rounds"] == 1 for f in (tmp_path / "u").glob("record-*.json"))
     # a person-level node refuses a record-level plan, and the reverse
     (tmp_path / "p").mkdir()
-    mixed = SecAggGrid(LocalGrid(make_app(policies(tmp_path / "p", 100.0)), 5), dp=dp)
+    mixed = SemiHonestGrid(LocalGrid(make_app(policies(tmp_path / "p", 100.0)), 5), dp=dp)
     run(mixed)
     assert all("distributed_person plan" in r for r in mixed.reports[-1].dropped.values())

@@ -313,18 +313,22 @@ def test_an_honest_active_round_sums_exactly_with_dropouts():
     rng = np.random.default_rng(3)
     updates = {c: [rng.normal(size=(3, 2))] for c in range(1, 10)}
     result = aggregate(updates, SecAggConfig(num_clients=9, security="active"),
-                       {2: "share_keys", 5: "masked_input", 7: "consistency", 8: "unmask"})
+                       {2: "share_keys", 5: "masked_input", 8: "unmask"})
     assert result.included == [1, 3, 4, 6, 7, 8, 9]
     exact = sum(updates[c][0] for c in result.included)
     assert np.max(np.abs(result.total[0] - exact)) <= result.error_bound
 
 
-def test_an_active_round_with_too_few_signers_aborts_before_any_share():
+def test_an_active_round_whose_survivor_does_not_sign_aborts_before_any_share():
+    """Every survivor must sign (its input is in the sum either way): one that stops before signing ends the
+    round; too few survivors end it before anyone signs."""
     updates = {c: [np.ones(2)] for c in range(1, 8)}
-    # T = floor((7 + 1 colluder) / 2) + 1 = 5 signatures; four survivors stop before signing
-    with pytest.raises(RoundAborted, match="consistency threshold is 5"):
+    with pytest.raises(RoundAborted, match=r"survivors \[3\] did not sign"):
+        aggregate(updates, SecAggConfig(num_clients=7, security="active"), {3: "consistency"})
+    # T = floor((7 + 1 colluder) / 2) + 1 = 5 survivors at least; three drop before their masked input
+    with pytest.raises(RoundAborted, match="needs at least 5 survivors"):
         aggregate(updates, SecAggConfig(num_clients=7, security="active"),
-                  {c: "consistency" for c in (1, 2, 3, 4)})
+                  {c: "masked_input" for c in (1, 2, 3)})
 
 
 def test_min_inputs_counts_signatures_not_the_servers_list():
@@ -332,7 +336,7 @@ def test_min_inputs_counts_signatures_not_the_servers_list():
     game = Round(10, "active", min_inputs=10)
     request = game.request(range(1, 11))
     signatures = {c: game.clients[c].check_consistency(request).signature for c in range(1, 9)}
-    with pytest.raises(ConsistencyCheckFailed, match="8 enrolled survivors signed"):
+    with pytest.raises(ConsistencyCheckFailed, match=r"no signature from \[9, 10\]"):
         game.clients[1].unmask(m.SignatureList(round_id=ROUND, sender=0, signatures=signatures))
 
 
@@ -450,3 +454,18 @@ def test_an_isolated_victims_release_is_refused_under_active_security():
     game, plan = dp_round("active")
     _, _, _, seed_shares, key_shares, refusals = split_view_attack("active", game)
     assert len(refusals) == 10 and len(seed_shares) == len(key_shares) == 1  # only the colluder's own shares
+
+
+def test_four_clients_on_a_zero_model_and_the_victim_on_the_real_one_release_nothing():
+    """Attack 3 exactly: four clients get a model whose update is zero, the victim the real one. Four of five
+    would have passed a count threshold (T = 4) and released the victim's update as the "sum"; since every
+    survivor must sign, the victim's refusal to sign the others' statement stops them all."""
+    contexts = {c: context_digest(b"real" if c == 5 else b"zero-update") for c in range(1, 6)}
+    game = Round(5, "active", contexts=contexts)
+    assert game.config.consistency_threshold(5) == 4
+    request = game.request(range(1, 6))
+    signatures = {c: client.check_consistency(request).signature for c, client in game.clients.items()}
+    for c in range(1, 5):
+        with pytest.raises(ConsistencyCheckFailed) as caught:
+            game.clients[c].unmask(m.SignatureList(round_id=ROUND, sender=0, signatures=signatures))
+        assert caught.value.disagreeing == (5,)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from privfer.errors import ConfigError
 from privfer.secagg import DuplicateSender, MalformedMessage, RoundAborted, WrongRound, WrongVectorLength, aggregate
+from privfer.secagg.identity import enroll_in_process
 from privfer.secagg.he import (
     HEClient,
     HELayout,
@@ -23,9 +24,17 @@ from privfer.secagg.he import (
 )
 
 
+ENROLLED = enroll_in_process(range(1, 11), study="ckks-tests")  # an enrollment authority that is not the server
+CERT = ENROLLED[1].certificate
+
+
+def he_client(cid, public, layout, round_id):
+    return HEClient(cid, public, layout, round_id, ENROLLED[cid])
+
+
 @pytest.fixture(scope="module")
 def authority():
-    return KeyAuthority(make_ckks_config(num_clients=5, min_clients=3))
+    return KeyAuthority(make_ckks_config(num_clients=5, min_clients=3), CERT)
 
 
 @settings(max_examples=8, deadline=None)
@@ -72,14 +81,16 @@ def test_public_contexts_hold_no_secret_key(authority):
     with pytest.raises(ValueError, match="secret"):
         vector.decrypt()
     layout = HELayout(((2,),), authority.config)
-    client = HEClient(1, public, layout, "r")
+    client = he_client(1, public, layout, "r")
     server = HEServer(public, layout, "r", authority.config)
     for holder in (client.context, server.context):
         with pytest.raises(ValueError, match="secret"):
             ts.ckks_vector_from(holder, vector.serialize()).decrypt()
     secret_context = authority._context.serialize(save_secret_key=True)
     with pytest.raises(ValueError, match="public context"):
-        HEClient(1, secret_context, layout, "r")
+        he_client(1, secret_context, layout, "r")
+    with pytest.raises(ValueError, match="enrollment"):
+        HEClient(1, public, layout, "r", ENROLLED[2])
     with pytest.raises(ValueError, match="public context"):
         HEServer(secret_context, layout, "r", authority.config)
 
@@ -88,7 +99,7 @@ def _round(authority, n=4, round_id="r"):
     layout = HELayout(((3,),), authority.config)
     public = authority.public_context()
     server = HEServer(public, layout, round_id, authority.config)
-    messages = {cid: HEClient(cid, public, layout, round_id).encrypt([np.full(3, float(cid))]) for cid in range(1, n + 1)}
+    messages = {cid: he_client(cid, public, layout, round_id).encrypt([np.full(3, float(cid))]) for cid in range(1, n + 1)}
     return layout, server, messages
 
 
@@ -110,7 +121,7 @@ def test_server_checks_round_duplicates_and_length(authority):
     _, _, other_round = _round(authority, round_id="r-old")
     with pytest.raises(WrongRound):
         server.receive(other_round[2].to_bytes())
-    wide = HEClient(3, authority.public_context(), HELayout(((5000,),), authority.config), "r")
+    wide = he_client(3, authority.public_context(), HELayout(((5000,),), authority.config), "r")
     with pytest.raises(WrongVectorLength):
         server.receive(wide.encrypt([np.zeros(5000)]).to_bytes())
 
@@ -119,39 +130,86 @@ def test_key_authority_refuses_small_or_inflated_aggregates(authority):
     layout, server, messages = _round(authority)
     for cid in (1, 2):
         server.receive(messages[cid])
-    small = server.aggregate()
+    small = server.bundle()
     with pytest.raises(RoundAborted, match="at least 3"):
         authority.decrypt(small.to_bytes(), layout, "r")
-    # the server claims four clients but summed only two ciphertexts
-    inflated = HEMessage(kind="aggregate", round_id="r", sender=0, included=(1, 2, 3, 4), ciphertexts=small.ciphertexts)
-    with pytest.raises(RoundAborted, match="encrypted client count is 2.00"):
+    # the server claims four clients but forwards two updates, or lists clients whose updates it does not carry
+    inflated = HEMessage(kind="bundle", round_id="r", sender=0, included=(1, 2, 3, 4), updates=small.updates)
+    with pytest.raises(RoundAborted, match="at least 3"):
         authority.decrypt(inflated, layout, "r")
+    mislabelled = HEMessage(kind="bundle", round_id="r", sender=0, included=(1, 2, 4),
+                            updates=(*small.updates, messages[3].to_bytes()))
+    with pytest.raises(MalformedMessage, match="not the senders"):
+        authority.decrypt(mislabelled, layout, "r")
     server.receive(messages[3])
-    plain = authority.decrypt(server.aggregate().to_bytes(), layout, "r")
+    plain = authority.decrypt(server.bundle().to_bytes(), layout, "r")
     assert plain.included == (1, 2, 3)
     np.testing.assert_allclose(plain.arrays[0], 6.0, atol=1e-6)
     with pytest.raises(WrongRound):
-        authority.decrypt(server.aggregate(), layout, "another")
+        authority.decrypt(server.bundle(), layout, "another")
     # one release per round: a second subset of the same round could be subtracted from the first
     server.receive(messages[4])
     with pytest.raises(RoundAborted, match="already decrypted"):
-        authority.decrypt(server.aggregate(), layout, "r")
+        authority.decrypt(server.bundle(), layout, "r")
+
+
+def test_a_forged_aggregate_of_pads_around_one_victim_is_refused():
+    """Attack 5 of issue 24: the server encrypts two pads itself (anyone holding the public context can) and
+    presents them with one victim's update as a three-client round, under a fresh round id. Each pad needs an
+    enrolled member's signature for this round: unsigned, signed by the server's own key, or a member's update
+    replayed from another round — all refused, and nothing is decrypted."""
+    from privfer.secagg import InvalidSignature, UnenrolledClient
+    from privfer.secagg.identity import Identity
+    from privfer.secagg.he import update_statement
+
+    config = make_ckks_config(num_clients=5, min_clients=3)
+    authority = KeyAuthority(config, CERT)
+    layout = HELayout(((3,),), config)
+    public = authority.public_context()
+    victim = he_client(1, public, layout, "fresh").encrypt([np.array([0.25, -1.5, 3.0])])
+    server_key = Identity.generate()
+
+    def pad(sender, sign):
+        blobs = tuple(ts.ckks_vector(ts.context_from(public), c.tolist()).serialize()
+                      for c in layout.pack([np.zeros(3)], 1, None)[0])
+        return HEMessage(kind="update", round_id="fresh", sender=sender, ciphertexts=blobs,
+                         signature=sign(update_statement(CERT.study, "fresh", sender, blobs))).to_bytes()
+
+    unsigned = [pad(c, lambda _: bytes(64)) for c in (2, 3)]
+    server_signed = [pad(c, server_key.sign) for c in (2, 3)]
+    sybils = [pad(c, server_key.sign) for c in (77, 78)]
+    replayed = [he_client(c, public, layout, "old").encrypt([np.zeros(3)]).to_bytes() for c in (2, 3)]
+    for pads, error in ((unsigned, InvalidSignature), (server_signed, InvalidSignature), (sybils, UnenrolledClient),
+                        (replayed, WrongRound)):
+        senders = (1, *(HEMessage.from_bytes(p).sender for p in pads))
+        bundle = HEMessage(kind="bundle", round_id="fresh", sender=0, included=tuple(sorted(senders)),
+                           updates=(victim.to_bytes(), *pads))
+        with pytest.raises(error):
+            authority.decrypt(bundle, layout, "fresh")
+    duplicated = HEMessage(kind="bundle", round_id="fresh", sender=0, included=(1, 1, 1),
+                           updates=(victim.to_bytes(),) * 3)
+    with pytest.raises((DuplicateSender, MalformedMessage)):
+        authority.decrypt(duplicated, layout, "fresh")
+    # the honest server refuses the pads on arrival too
+    server = HEServer(public, layout, "fresh", config, CERT)
+    with pytest.raises(InvalidSignature):
+        server.receive(server_signed[0])
 
 
 def test_a_chunk_that_does_not_fit_leaves_nothing_in_the_sum():
     config = make_ckks_config(num_clients=4, min_clients=2)
-    authority = KeyAuthority(config)
+    authority = KeyAuthority(config, CERT)
     layout = HELayout(((5000,),), config)  # two chunks: 4,096 + 906 values (+ extras)
     public = authority.public_context()
     server = HEServer(public, layout, "r", config)
-    clients = {cid: HEClient(cid, public, layout, "r") for cid in (1, 2, 3)}
+    clients = {cid: he_client(cid, public, layout, "r") for cid in (1, 2, 3)}
     server.receive(clients[1].encrypt([np.ones(5000)]))
     good = clients[2].encrypt([np.ones(5000)])
     short = ts.ckks_vector(ts.context_from(public), [1.0] * 10).serialize()
     with pytest.raises(InvalidCiphertext, match="chunk 1 holds 10 values"):
         server.receive(HEMessage(kind="update", round_id="r", sender=2, ciphertexts=(good.ciphertexts[0], short)))
     server.receive(clients[3].encrypt([np.ones(5000)]))
-    plain = authority.decrypt(server.aggregate(), layout, "r")
+    plain = authority.decrypt(server.bundle(), layout, "r")
     assert plain.included == (1, 3)
     np.testing.assert_allclose(plain.arrays[0], 2.0, atol=1e-5)
 
@@ -193,19 +251,19 @@ def test_clipped_counts_are_summed_exactly_under_encryption():
 
 def test_a_chunk_at_another_scale_is_rolled_back():
     config = make_ckks_config(num_clients=3, min_clients=2)
-    authority = KeyAuthority(config)
+    authority = KeyAuthority(config, CERT)
     layout = HELayout(((5000,),), config)
     public = authority.public_context()
     server = HEServer(public, layout, "r", config)
-    server.receive(HEClient(1, public, layout, "r").encrypt([np.ones(5000)]))
+    server.receive(he_client(1, public, layout, "r").encrypt([np.ones(5000)]))
     other_scale = ts.context_from(public)
     other_scale.global_scale = 2.0**30
     second = ts.ckks_vector(other_scale, [1.0] * (layout.length - config.slots)).serialize()
-    first = HEClient(2, public, layout, "r").encrypt([np.ones(5000)]).ciphertexts[0]
+    first = he_client(2, public, layout, "r").encrypt([np.ones(5000)]).ciphertexts[0]
     with pytest.raises(InvalidCiphertext, match="do not add"):
         server.receive(HEMessage(kind="update", round_id="r", sender=2, ciphertexts=(first, second)))
-    server.receive(HEClient(3, public, layout, "r").encrypt([np.ones(5000)]))
-    plain = authority.decrypt(server.aggregate(), layout, "r")
+    server.receive(he_client(3, public, layout, "r").encrypt([np.ones(5000)]))
+    plain = authority.decrypt(server.bundle(), layout, "r")
     assert plain.included == (1, 3)
     np.testing.assert_array_equal(plain.arrays[0], 2.0)  # client 2's first chunk was taken out again
 
@@ -223,13 +281,13 @@ def test_the_release_carries_no_ckks_noise():
     assert first.total[0].tobytes() == second.total[0].tobytes()
     np.testing.assert_array_equal(first.total[0], exact)
     # the raw decryptions do differ: the noise the release rounds away is really there
-    authority = KeyAuthority(config)
+    authority = KeyAuthority(config, CERT)
     layout = HELayout.for_arrays(updates[1], config)
     public = authority.public_context()
     raws = []
     for _ in range(2):
         vector = ts.ckks_vector_from(ts.context_from(public),
-                                     HEClient(1, public, layout, "x").encrypt(updates[1]).ciphertexts[0])
+                                     he_client(1, public, layout, "x").encrypt(updates[1]).ciphertexts[0])
         vector.link_context(authority._context)
         raws.append(np.asarray(vector.decrypt()))
     assert not np.array_equal(raws[0], raws[1])

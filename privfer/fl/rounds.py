@@ -8,6 +8,11 @@ import numpy as np
 
 from privfer.secagg import STAGES
 
+# The stages a simulated dropout happens at: training time is where clients vanish. A dropout in the short window
+# between the masked input and the consistency signature aborts an active-security round (every listed survivor
+# must sign, SPEC 5.2), and would abort rounds the simulation means to keep.
+DROPOUT_STAGES = tuple(stage for stage in STAGES if stage != "consistency")
+
 TRAINING, ADAPTATION = "training", "adaptation"
 
 
@@ -37,7 +42,7 @@ def draw_cohort(seed: int, ids: list[int], size: int, dropout: float, phase: str
     dropouts = {}
     for client in cohort:
         if rng.random() < dropout:
-            dropouts[client] = STAGES[int(rng.integers(len(STAGES)))]
+            dropouts[client] = DROPOUT_STAGES[int(rng.integers(len(DROPOUT_STAGES)))]
     return cohort, dropouts
 
 

@@ -308,10 +308,11 @@ def _server_trust(security: str) -> dict[str, str]:
             "rosters, survivor sets, models or plans, replay, drop or invent messages and clients",
             "enrollment": "an enrollment authority that is not the server signs the roster of members' keys and is "
             "trusted to enroll real, distinct persons; every key advertisement is signed by its member",
-            "equivocation": "covered: no client reveals a share before max(floor((n + colluders) / 2) + 1, "
-            "min_inputs) enrolled survivors signed exactly its statement (round, roster, survivors, model and plan "
-            "digest, config), so two views of one round cannot both be unmasked and every released sum holds at "
-            "least min_inputs - colluders honest noise shares (protocols/secagg/SPEC.md, sections 5 and 6.4)",
+            "equivocation": "covered: a round lists at least max(floor((n + colluders) / 2) + 1, min_inputs) "
+            "survivors and no client reveals a share before every one of them signed exactly its statement (round, "
+            "roster, survivors, model and plan digest, config), so two views of one round cannot both be unmasked, "
+            "clients given different models cannot share a released sum, and every released sum holds at least "
+            "min_inputs - colluders honest noise shares (protocols/secagg/SPEC.md, sections 5.2 and 6.4)",
         }
     return {
         "security": "semi_honest",

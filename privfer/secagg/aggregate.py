@@ -73,7 +73,9 @@ def aggregate(
     """
     if not isinstance(config, SecAggConfig):  # enrollments and context belong to the masking protocol's active mode
         backend = _other_backend(config)
-        return backend(updates, config, dropouts, example_counts=example_counts, metrics=metrics, round_id=round_id)
+        extra = {} if enrollments is None else {"enrollments": enrollments}  # CKKS: signed updates
+        return backend(updates, config, dropouts, example_counts=example_counts, metrics=metrics, round_id=round_id,
+                       **extra)
     dropouts = check_round_arguments(updates, config.num_clients, dropouts, example_counts, metrics,
                                      integer=config.encoding == "integer")
     layout = PayloadLayout(tuple(agreed_shapes(updates, dropouts)), config)

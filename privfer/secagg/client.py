@@ -584,39 +584,44 @@ class SecAggClient:
         self._advance("masked", "signed")
         with self._or_abort():
             self._vet(request)
+            needed = self.config.consistency_threshold(runs_size(self._members))
+            if request.included < needed:
+                raise RoundAborted(f"client {self.client_id}: the round lists {request.included} survivors; active "
+                                   f"security needs at least {needed} (of {runs_size(self._members)} listed, "
+                                   f"{self.config.colluders} may collude)")
             self._request = request.to_bytes()
             assert self.enrollment is not None
             return ConsistencySignature(round_id=self.round_id, sender=self.client_id,
                                         signature=self.enrollment.identity.sign(self._statement(request)))
 
     def _check_signatures(self, signed: SignatureList, request: UnmaskRequest) -> None:
-        """At least the consistency threshold of distinct enrolled survivors signed exactly this client's
-        statement; otherwise :class:`ConsistencyCheckFailed` and no share leaves the client."""
+        """Every survivor of the request — at least the consistency threshold of them, checked before signing —
+        signed exactly this client's statement; otherwise :class:`ConsistencyCheckFailed` and no share leaves the
+        client. Every survivor, not a count: an input is in the sum whether or not its client signed, so a client
+        trained from another model must not be a survivor of a statement it did not sign."""
         check_header(signed, self.round_id, SERVER)
         assert self.enrollment is not None
         certificate = self.enrollment.certificate
         statement = self._statement(request)
-        needed = self.config.consistency_threshold(runs_size(self._members))
-        survivors = request.survivor_set
-        valid, disagreeing = 0, []
-        for signer in sorted(signed.signatures):
-            if signer not in survivors:
-                continue  # only survivors' signatures count: each of them is an input the sum must hold
-            try:
-                verify_signature(certificate.public_key(signer), statement, signed.signatures[signer],
-                                 f"client {signer}'s consistency signature")
-            except SecAggError:
-                disagreeing.append(signer)
+        missing, disagreeing = [], []
+        for survivor in request.survivors:
+            signature = signed.signatures.get(survivor)
+            if signature is None:
+                missing.append(survivor)
                 continue
-            valid += 1
-            if valid >= needed:
-                return
-        raise ConsistencyCheckFailed(
-            f"client {self.client_id}: {valid} enrolled survivors signed its view of round {self.round_id!r}, "
-            f"{needed} are needed (of {runs_size(self._members)} listed, {self.config.colluders} may collude)"
-            + (f"; the signatures of {disagreeing[:8]} are on another statement (a different survivor set, "
-               "roster, model or plan) or altered" if disagreeing else ""),
-            disagreeing=tuple(disagreeing))
+            try:
+                verify_signature(certificate.public_key(survivor), statement, signature,
+                                 f"client {survivor}'s consistency signature")
+            except SecAggError:
+                disagreeing.append(survivor)
+        if missing or disagreeing:
+            raise ConsistencyCheckFailed(
+                f"client {self.client_id}: {request.included - len(missing) - len(disagreeing)} of the "
+                f"{request.included} survivors signed its view of round {self.round_id!r}; every survivor must"
+                + (f"; no signature from {missing[:8]}" if missing else "")
+                + (f"; the signatures of {disagreeing[:8]} are on another statement (a different survivor set, "
+                   "roster, model or plan) or altered" if disagreeing else ""),
+                disagreeing=tuple(disagreeing))
 
     def unmask(self, message: UnmaskRequest | GroupUnmaskRequest | SignatureList) -> UnmaskResponse:
         """Stage 3: the shares the server needs. Semi-honest: answers the unmask request. Active: answers the

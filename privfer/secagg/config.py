@@ -46,6 +46,13 @@ def _auto_precision(n: int, bound: float, modulus_bits: int) -> int:
     return precision
 
 
+def assumed_colluders(clients: int, fraction: float) -> int:
+    """The colluders a protocol guarantee assumes among ``clients``: floor(fraction x clients), and at least one
+    whenever the fraction is positive (10% of nine clients is still one colluder, not none)."""
+    count = math.floor(fraction * clients + 1e-9)
+    return max(count, 1) if fraction > 0 else count
+
+
 FAILURE_PROBABILITY = 2.0**-20
 """Target probability that some client's group keeps fewer than t survivors (SecAgg+ degree choice)."""
 
@@ -205,21 +212,19 @@ class SecAggConfig(BaseModel):
 
     @property
     def colluders(self) -> int:
-        """The clients of a round that may collude with the server, as the consistency check counts them:
-        floor(colluding_fraction x num_clients), and at least one whenever the fraction is positive (10% of nine
-        clients is still one colluder, not none)."""
-        count = math.floor(self.colluding_fraction * self.num_clients + 1e-9)
-        return max(count, 1) if self.colluding_fraction > 0 else count
+        """The clients of a round that may collude with the server, as the consistency check counts them
+        (:func:`assumed_colluders`)."""
+        return assumed_colluders(self.num_clients, self.colluding_fraction)
 
     def consistency_threshold(self, listed: int) -> int:
-        """Signatures of distinct enrolled survivors a client needs on exactly its statement before it reveals a
-        share (``security = "active"``), for a roster of ``listed`` clients.
+        """The fewest survivors an active-security round may list, for a roster of ``listed`` clients; every one of
+        them must sign exactly the client's statement before it reveals a share (SPEC section 5.2).
 
         T = floor((listed + c) / 2) + 1 with c = :attr:`colluders`: two different statements would need 2T
         signatures from ``listed`` members of which only the c colluders sign twice (an honest client signs one
-        statement per round), and 2T > listed + c makes that impossible. At least ``min_inputs``: every honest
-        signer's input is in any sum the server can unmask, so the released sum holds at least
-        min_inputs - c honest inputs. At least 2.
+        statement per round), and 2T > listed + c makes that impossible. Every survivor signs, so every input in
+        the sum comes from a client that trained from the same model and plan. At least ``min_inputs``: the
+        released sum then holds at least min_inputs - c honest inputs. At least 2.
         """
         return max(2, (listed + self.colluders) // 2 + 1, self.min_inputs or 0)
 

@@ -11,11 +11,15 @@ Roles (protocols/he/SPEC.md):
 * :class:`HEServer` holds the public context only: it sums ciphertexts and
   forwards the aggregate to the key authority. It cannot decrypt anything.
 
-Privacy holds against an honest-but-curious server unless it colludes with the
-key authority — unlike the common deployment in which every client holds the
-same secret key, where any one client colluding with the server reads every
-update. The key authority releases one aggregate per round; a malicious server
-that duplicates a client's ciphertext is not stopped (protocols/he/SPEC.md, section 1).
+Privacy holds unless the server colludes with the key authority — unlike the
+common deployment in which every client holds the same secret key, where any
+one client colluding with the server reads every update. Version 2: every
+client is an enrolled member (a roster certificate from an enrollment authority
+that is not the server) and signs its encrypted update for the round; the key
+authority verifies every signature, sums the signed updates itself and decrypts
+one such sum per round, of at least ``min_clients`` distinct members. A server
+that adds its own encryptions (pads) to a victim's ciphertext, duplicates one,
+or replays one in another round is refused (protocols/he/SPEC.md, section 1).
 """
 
 from __future__ import annotations
@@ -32,12 +36,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from privfer.errors import ConfigError
 from privfer.secagg.errors import DuplicateSender, MalformedMessage, MessageError, RoundAborted, UnknownSender
+from privfer.secagg.identity import SIGNATURE_BYTES, Enrollment, RosterCertificate, enroll_in_process, verify_signature
 from privfer.secagg.errors import UnsupportedVersion, WrongRound, WrongVectorLength
 from privfer.secagg.payload import ArrayLayout
 from privfer.secagg.quantize import ClippingReport, ClippingWarning, clip_and_report
 from privfer.secagg.rounds import STAGES, AggregationResult, StageTimes, agreed_shapes, check_round_arguments, warn_clipping
 
-HE_PROTOCOL_VERSION = 1
+HE_PROTOCOL_VERSION = 2  # 2: signed updates; the key authority sums them itself
 DIGIT = 1 << 10  # the clipped-value count travels as three base-1024 digits, each summed exactly
 COUNT_DIGITS = 3
 HE_MAGIC = b"PFHE"
@@ -232,17 +237,31 @@ def to_grid(values: np.ndarray, bits: int) -> np.ndarray:
 # -- messages ----------------------------------------------------------------------------
 
 
+def update_statement(study: str, round_id: str, sender: int, ciphertexts: Sequence[bytes]) -> bytes:
+    """What a client signs: its encrypted update for one round of one study (SPEC section 3)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for blob in ciphertexts:
+        digest.update(struct.pack(">I", len(blob)) + blob)
+    study_bytes, round_bytes = study.encode("utf-8"), round_id.encode("utf-8")
+    return (b"privfer-he/v2/update" + bytes([len(study_bytes)]) + study_bytes + bytes([len(round_bytes)])
+            + round_bytes + struct.pack(">I", sender) + digest.digest())
+
+
 class HEMessage(BaseModel):
-    """An encrypted update (client -> server) or aggregate (server -> key authority)."""
+    """An encrypted, signed update (client -> server) or the bundle of them (server -> key authority)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    KINDS: ClassVar[dict[str, int]] = {"update": 1, "aggregate": 2}
+    KINDS: ClassVar[dict[str, int]] = {"update": 1, "bundle": 3}
 
-    kind: Literal["update", "aggregate"]
+    kind: Literal["update", "bundle"]
     round_id: str = Field(..., min_length=1, max_length=255)
     sender: int = Field(..., ge=0, le=(1 << 31) - 2)
-    included: tuple[int, ...] = ()  # aggregate only: the clients summed
-    ciphertexts: tuple[bytes, ...]
+    included: tuple[int, ...] = ()  # bundle only: the clients whose updates it carries
+    ciphertexts: tuple[bytes, ...] = ()  # update only
+    signature: bytes = b""  # update only: the sender's Ed25519 signature on update_statement(...)
+    updates: tuple[bytes, ...] = ()  # bundle only: each included client's update message, as it was sent
     version: int = HE_PROTOCOL_VERSION
 
     def to_bytes(self) -> bytes:
@@ -253,6 +272,10 @@ class HEMessage(BaseModel):
         parts.append(struct.pack(">I", len(self.ciphertexts)))
         for blob in self.ciphertexts:
             parts.append(struct.pack(">I", len(blob)) + blob)
+        parts.append(bytes([len(self.signature)]) + self.signature)
+        parts.append(struct.pack(">I", len(self.updates)))
+        for blob in self.updates:
+            parts.append(struct.pack(">Q", len(blob)) + blob)
         return b"".join(parts)
 
     @classmethod
@@ -295,10 +318,21 @@ class HEMessage(BaseModel):
             if size > MAX_CIPHERTEXT_BYTES:
                 raise MalformedMessage(f"ciphertext of {size} bytes exceeds {MAX_CIPHERTEXT_BYTES}")
             blobs.append(take(size))
+        signature = take(take(1)[0])
+        if len(signature) not in (0, SIGNATURE_BYTES):
+            raise MalformedMessage(f"an update's signature is {SIGNATURE_BYTES} bytes")
+        (count_updates,) = struct.unpack(">I", take(4))
+        if count_updates > 1_000_000:
+            raise MalformedMessage("too many updates in the bundle")
+        updates = []
+        for _ in range(count_updates):
+            (size,) = struct.unpack(">Q", take(8))
+            updates.append(take(size))  # take() refuses sizes beyond the bytes present
         if at != len(view):
             raise MalformedMessage("trailing bytes after the HE message")
         try:
-            return cls(kind=names[kind], round_id=round_id, sender=sender, included=included, ciphertexts=tuple(blobs))
+            return cls(kind=names[kind], round_id=round_id, sender=sender, included=included, ciphertexts=tuple(blobs),
+                       signature=signature, updates=tuple(updates))
         except Exception as exc:
             raise MalformedMessage(f"invalid HE message: {exc.__class__.__name__}") from None
 
@@ -325,12 +359,34 @@ def parse_chunks(context, blobs: Sequence[bytes], layout: "HELayout", who: str) 
     return vectors
 
 
-class KeyAuthority:
-    """Creates the CKKS keys, keeps the secret key, and decrypts aggregates of enough clients."""
+def add_updates(vectors: list[list], who: Sequence[int]) -> list:
+    """The chunk-wise sum of several clients' CKKS vectors (in place into the first), or InvalidCiphertext naming
+    the client whose chunks do not add (another scale, say). Any holder of the public context computes the same
+    sum: the key authority sums the signed updates itself, and a server could too."""
+    total = [vector.copy() for vector in vectors[0]]
+    for sender, chunks in zip(who[1:], vectors[1:]):
+        try:
+            for index, vector in enumerate(chunks):
+                total[index] += vector
+        except (ValueError, RuntimeError):
+            raise InvalidCiphertext(f"client {sender}'s ciphertexts do not add to the others'") from None
+    return total
 
-    def __init__(self, config: CKKSConfig) -> None:
+
+class KeyAuthority:
+    """Creates the CKKS keys, keeps the secret key, and decrypts one verified sum per round.
+
+    ``certificate``: the study's roster certificate (checked by the caller against its pinned authority key): the
+    key authority decrypts only sums of updates it verified — each signed by an enrolled member for this round,
+    distinct members, at least ``min_clients`` — and sums them itself, so a server cannot add ciphertexts of its
+    own (pads), duplicate one, or bring one from another round."""
+
+    def __init__(self, config: CKKSConfig, certificate: RosterCertificate) -> None:
+        if not isinstance(certificate, RosterCertificate):
+            raise TypeError("the key authority needs the study's RosterCertificate to verify signed updates")
         ts = _tenseal()
         self.config = config
+        self.certificate = certificate
         self._context = ts.context(
             ts.SCHEME_TYPE.CKKS,
             poly_modulus_degree=config.poly_modulus_degree,
@@ -346,24 +402,47 @@ class KeyAuthority:
         """The context clients and the server get: public key only."""
         return self._public
 
+    def verified_updates(self, bundle: HEMessage, layout: "HELayout", round_id: str) -> tuple[list[int], list]:
+        """Every update of the bundle, checked: this round, distinct enrolled senders, a valid signature each, the
+        agreed chunks. Any failure refuses the whole bundle (an honest server forwards only verified updates)."""
+        senders: list[int] = []
+        vectors: list = []
+        for raw in bundle.updates:
+            update = HEMessage.from_bytes(raw)
+            if update.kind != "update":
+                raise MalformedMessage("a bundle carries client updates only")
+            if update.round_id != round_id:
+                raise WrongRound(f"an update of round {update.round_id!r} in the bundle of round {round_id!r}")
+            if update.sender in senders:
+                raise DuplicateSender(f"the bundle carries client {update.sender}'s update twice")
+            verify_signature(self.certificate.public_key(update.sender),
+                             update_statement(self.certificate.study, round_id, update.sender, update.ciphertexts),
+                             update.signature, f"client {update.sender}'s encrypted update")
+            vectors.append(parse_chunks(self._context, update.ciphertexts, layout, f"client {update.sender}"))
+            senders.append(update.sender)
+        if tuple(sorted(senders)) != tuple(sorted(bundle.included)):
+            raise MalformedMessage("the bundle's list of included clients is not the senders of its updates")
+        return senders, vectors
+
     def decrypt(self, message: HEMessage | bytes, layout: HELayout, round_id: str) -> "HEPlainSum":
         message = HEMessage.from_bytes(message) if isinstance(message, (bytes, bytearray)) else message
-        if message.kind != "aggregate":
-            raise MalformedMessage("the key authority decrypts aggregates only")
+        if message.kind != "bundle":
+            raise MalformedMessage("the key authority decrypts bundles of signed updates only")
         if message.round_id != round_id:
-            raise WrongRound(f"aggregate of round {message.round_id!r} in round {round_id!r}")
-        if len(message.included) < self.config.min_clients:
+            raise WrongRound(f"bundle of round {message.round_id!r} in round {round_id!r}")
+        if len(message.updates) < self.config.min_clients:
             raise RoundAborted(
-                f"the aggregate claims {len(message.included)} clients; the key authority decrypts only "
-                f"aggregates of at least {self.config.min_clients}"
+                f"the bundle carries {len(message.updates)} updates; the key authority decrypts only sums of at "
+                f"least {self.config.min_clients} enrolled clients"
             )
         if round_id in self._released:
             raise RoundAborted(
                 f"round {round_id!r} was already decrypted; a second aggregate of the same round could be "
                 "subtracted from the first to isolate clients"
             )
-        vectors = parse_chunks(self._context, message.ciphertexts, layout, "the aggregate")
-        values = [np.asarray(vector.decrypt(), dtype=np.float64) for vector in vectors]
+        senders, vectors = self.verified_updates(message, layout, round_id)
+        summed = add_updates(vectors, senders)
+        values = [np.asarray(vector.decrypt(), dtype=np.float64) for vector in summed]
         noisy = np.concatenate(values)[: layout.length]
         # Release only the grid point: every client's values are on the grid, so their sum is, and the
         # decryption error (below a quarter step by the config's check) is rounded away. What leaves the key
@@ -372,20 +451,20 @@ class KeyAuthority:
         scale = 2.0**self.config.grid
         grid_points = np.rint(noisy * scale)
         error = float(np.max(np.abs(noisy * scale - grid_points))) / scale if noisy.size else 0.0
-        if error > self.config.error_bound(len(message.included)):
+        if error > self.config.error_bound(len(senders)):
             raise RoundAborted(
                 f"the decryption error {error:.3g} exceeds the stated bound "
-                f"{self.config.error_bound(len(message.included)):.3g}; nothing is released"
+                f"{self.config.error_bound(len(senders)):.3g}; nothing is released"
             )
         flat = grid_points / scale
         arrays, count, clients, clipped, metrics = layout.unpack(flat)
-        if round(clients) != len(message.included):
+        if round(clients) != len(senders):
             raise RoundAborted(
-                f"the aggregate claims {len(message.included)} clients but its encrypted client count is "
-                f"{clients:.2f}; refusing to release it"
+                f"the bundle carries {len(senders)} signed updates but their encrypted client count is "
+                f"{clients:.2f} (a client encrypted a false count); refusing to release it"
             )
         self._released.add(round_id)  # released: no other aggregate of this round will be
-        return HEPlainSum(arrays, tuple(message.included), int(round(count)), clipped, metrics)
+        return HEPlainSum(arrays, tuple(sorted(senders)), int(round(count)), clipped, metrics)
 
 
 @dataclass
@@ -398,10 +477,15 @@ class HEPlainSum:
 
 
 class HEClient:
-    """Encrypts one client's update with the public context (it cannot decrypt)."""
+    """Encrypts one client's update with the public context (it cannot decrypt) and signs it as its member."""
 
-    def __init__(self, client_id: int, public_context: bytes, layout: HELayout, round_id: str) -> None:
+    def __init__(self, client_id: int, public_context: bytes, layout: HELayout, round_id: str,
+                 enrollment: Enrollment) -> None:
+        if not isinstance(enrollment, Enrollment) or enrollment.member != client_id:
+            raise ValueError(f"client {client_id} needs its enrollment (member {client_id}'s identity and the "
+                             "roster certificate) to sign its update")
         self.client_id = client_id
+        self.enrollment = enrollment
         self.context = _load_context(public_context)
         if self.context.has_secret_key():
             raise ValueError("clients must be given the public context, not the secret key")
@@ -414,61 +498,63 @@ class HEClient:
         ts = _tenseal()
         chunks, self.clipping = self.layout.pack(update, example_count, metrics)
         blobs = tuple(ts.ckks_vector(self.context, chunk.tolist()).serialize() for chunk in chunks)
-        return HEMessage(kind="update", round_id=self.round_id, sender=self.client_id, ciphertexts=blobs)
+        signature = self.enrollment.identity.sign(
+            update_statement(self.enrollment.study, self.round_id, self.client_id, blobs))
+        return HEMessage(kind="update", round_id=self.round_id, sender=self.client_id, ciphertexts=blobs,
+                         signature=signature)
 
 
 class HEServer:
-    """Sums encrypted updates with the public context; forwards only the aggregate."""
+    """Checks encrypted, signed updates with the public context and forwards them, as sent, to the key authority
+    (which verifies and sums them itself: the server's sum would be its word)."""
 
-    def __init__(self, public_context: bytes, layout: HELayout, round_id: str, config: CKKSConfig) -> None:
+    def __init__(self, public_context: bytes, layout: HELayout, round_id: str, config: CKKSConfig,
+                 certificate: RosterCertificate | None = None) -> None:
         self.context = _load_context(public_context)
         if self.context.has_secret_key():
             raise ValueError("the server must be given the public context, not the secret key")
         self.layout = layout
         self.round_id = round_id
         self.config = config
-        self._sum: list | None = None
-        self._included: list[int] = []
+        self.certificate = certificate
+        self._updates: dict[int, bytes] = {}
         self.bytes_in: dict[int, int] = {}
 
     def receive(self, raw: bytes | HEMessage) -> None:
-        size = len(raw) if isinstance(raw, (bytes, bytearray)) else None
         message = HEMessage.from_bytes(raw) if isinstance(raw, (bytes, bytearray)) else raw
+        raw = message.to_bytes()
         if message.kind != "update":
             raise MalformedMessage("the server accepts encrypted updates only")
         if message.round_id != self.round_id:
             raise WrongRound(f"update of round {message.round_id!r} in round {self.round_id!r}")
-        if message.sender in self._included:
+        if message.sender in self._updates:
             raise DuplicateSender(f"client {message.sender} sent two updates")
         if not 1 <= message.sender:
             raise UnknownSender("updates come from clients (ids >= 1)")
-        if len(self._included) >= self.config.num_clients:
+        if len(self._updates) >= self.config.num_clients:
             raise UnknownSender(f"more than num_clients={self.config.num_clients} updates")
         if len(message.ciphertexts) != self.layout.chunks:
             raise WrongVectorLength(f"{len(message.ciphertexts)} ciphertext chunks, expected {self.layout.chunks}")
+        if self.certificate is not None:  # an honest server refuses what the key authority would
+            verify_signature(self.certificate.public_key(message.sender),
+                             update_statement(self.certificate.study, self.round_id, message.sender,
+                                              message.ciphertexts),
+                             message.signature, f"client {message.sender}'s encrypted update")
         vectors = parse_chunks(self.context, message.ciphertexts, self.layout, f"client {message.sender}")
-        if self._sum is None:
-            self._sum = vectors
-        else:
-            # In place (no new ciphertexts), and rolled back if a chunk does not add (another
-            # scale, say), so no part of a rejected client's update stays in the sum.
-            added = []
-            try:
-                for total, vector in zip(self._sum, vectors):
-                    total += vector
-                    added.append((total, vector))
-            except (ValueError, RuntimeError):
-                for total, vector in added:
-                    total -= vector
-                raise InvalidCiphertext(f"client {message.sender}'s ciphertexts do not add to the others'") from None
-        self._included.append(message.sender)
-        self.bytes_in[message.sender] = size if size is not None else len(message.to_bytes())
+        if self._updates:  # the chunks must add to the others' (same scale): refuse now, not at the authority
+            first = HEMessage.from_bytes(next(iter(self._updates.values())))
+            add_updates([parse_chunks(self.context, first.ciphertexts, self.layout, "a client"), vectors],
+                        [first.sender, message.sender])
+        self._updates[message.sender] = raw
+        self.bytes_in[message.sender] = len(raw)
 
-    def aggregate(self) -> HEMessage:
-        if self._sum is None:
+    def bundle(self) -> HEMessage:
+        """Every received update, as sent, for the key authority."""
+        if not self._updates:
             raise RoundAborted("no encrypted update arrived")
-        return HEMessage(kind="aggregate", round_id=self.round_id, sender=0, included=tuple(sorted(self._included)),
-                         ciphertexts=tuple(v.serialize() for v in self._sum))
+        included = tuple(sorted(self._updates))
+        return HEMessage(kind="bundle", round_id=self.round_id, sender=0, included=included,
+                         updates=tuple(self._updates[c] for c in included))
 
 
 # -- the recipe -------------------------------------------------------------------------------
@@ -482,8 +568,10 @@ def aggregate(
     example_counts: Mapping[int, int] | None = None,
     metrics: Mapping[int, Mapping[str, float]] | None = None,
     round_id: str | None = None,
+    enrollments: Mapping[int, Enrollment] | None = None,
 ):
-    """The CKKS counterpart of :func:`privfer.secagg.aggregate` (same arguments and result).
+    """The CKKS counterpart of :func:`privfer.secagg.aggregate` (same arguments and result); ``enrollments`` as
+    there (default: an in-process enrollment authority).
 
     A client dropped at any stage up to and including "masked_input" never sends
     its ciphertext and is absent from the sum; a client dropped at "unmask" had
@@ -494,11 +582,19 @@ def aggregate(
     dropouts = check_round_arguments(updates, config.num_clients, dropouts, example_counts, metrics)
     round_id = round_id or secrets.token_hex(8)
     layout = HELayout(tuple(agreed_shapes(updates, dropouts)), config)
+    if enrollments is None:  # an in-process enrollment authority, not the server, enrolls the round's clients
+        enrollments = enroll_in_process(sorted(updates))
+    missing = sorted(set(updates) - set(enrollments))
+    if missing:
+        from privfer.secagg.errors import InvalidRoundArguments
+
+        raise InvalidRoundArguments(f"enrollments has no identity for clients {missing[:5]}")
+    certificate = enrollments[min(updates)].certificate
     times = StageTimes()
     start = time.perf_counter()
-    authority = KeyAuthority(config)
+    authority = KeyAuthority(config, certificate)
     public = authority.public_context()
-    server = HEServer(public, layout, round_id, config)
+    server = HEServer(public, layout, round_id, config, certificate)
     times.server["advertise_keys"] += time.perf_counter() - start
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ClippingWarning)
@@ -506,7 +602,7 @@ def aggregate(
             if cid in dropouts and STAGES.index(dropouts[cid]) <= STAGES.index("masked_input"):
                 continue
             with times.client("masked_input", cid):
-                client = HEClient(cid, public, layout, round_id)
+                client = HEClient(cid, public, layout, round_id, enrollments[cid])
                 message = client.encrypt(
                     updates[cid],
                     1 if example_counts is None else example_counts[cid],
@@ -515,9 +611,9 @@ def aggregate(
             with times.on_server("masked_input"):
                 server.receive(message)
     with times.on_server("unmask"):
-        summed = server.aggregate().to_bytes()
+        bundle = server.bundle().to_bytes()
     start = time.perf_counter()
-    plain = authority.decrypt(summed, layout, round_id)
+    plain = authority.decrypt(bundle, layout, round_id)
     times.server["unmask"] += time.perf_counter() - start  # the key authority's share, reported with the server's
     clipping = ClippingReport(plain.clipped, len(plain.included) * (layout.update_length + len(config.metrics)))
     warn_clipping(clipping)

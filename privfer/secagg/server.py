@@ -295,6 +295,12 @@ class SecAggServer:
         if minimum is not None and len(self._masked) < minimum:
             self.stage = "aborted"  # the clients would refuse to unmask (SecAggClient.unmask)
             raise RoundAborted(f"only {len(self._masked)} masked inputs arrived; the round needs at least {minimum}")
+        if self.config.security == "active":
+            needed = self.config.consistency_threshold(len(self._keys))
+            if len(self._masked) < needed:
+                self.stage = "aborted"
+                raise RoundAborted(f"only {len(self._masked)} masked inputs arrived; active security needs at least "
+                                   f"{needed} survivors (the clients would refuse to sign)")
         self.stage = "consistency" if self.config.security == "active" else "unmask"
         survivors = tuple(sorted(self._masked))
         dropped = tuple(sorted(set(self._shares) - set(self._masked)))
@@ -338,15 +344,16 @@ class SecAggServer:
         self._consistency[message.sender] = message.signature
 
     def signature_list(self) -> SignatureList:
-        """Every survivor's consistency signature, one broadcast; the round aborts if fewer than the consistency
-        threshold signed (the clients would refuse to unmask)."""
+        """Every survivor's consistency signature, one broadcast; the round aborts if a survivor did not sign (the
+        clients would refuse to unmask: SPEC 5.2)."""
         if self.stage != "consistency":
             raise WrongStage(f"the signatures are sent once, after the consistency check (stage is {self.stage!r})")
-        needed = self.config.consistency_threshold(len(self._keys))
-        if len(self._consistency) < needed:
+        assert self._request is not None
+        unsigned = sorted(set(self._request.survivors) - set(self._consistency))
+        if unsigned:
             self.stage = "aborted"
-            raise RoundAborted(f"only {len(self._consistency)} survivors signed the round; the consistency "
-                               f"threshold is {needed}")
+            raise RoundAborted(f"survivors {unsigned[:8]} did not sign the round ({len(self._consistency)} of "
+                               f"{self._request.included} did); every survivor must, so nothing is released")
         self.stage = "unmask"
         return self._send(SignatureList(round_id=self.round_id, sender=SERVER, signatures=dict(self._consistency)),
                           "consistency", 0)

@@ -24,9 +24,11 @@ from privfer.integrations.flower.common import (
 )
 from privfer.integrations.flower.dp import COUNT_RECORD, PLAN_FIELD, ServerAdam, plan_to_json
 from privfer.integrations.flower.mod import base_type
-from privfer.integrations.flower.slots import ArraySlot, _arrays_in, _slots_to_json, slots_of
+from privfer.integrations.flower.slots import ArraySlot, _arrays_in, _slots_to_json, round_context, slots_of
+from privfer.secagg import messages as wire
 from privfer.secagg.config import SecAggConfig
 from privfer.secagg.errors import MessageError, RoundAborted, SecAggError
+from privfer.secagg.identity import RosterCertificate
 from privfer.secagg.payload import PayloadLayout
 from privfer.secagg.server import SecAggServer
 
@@ -52,6 +54,8 @@ class RoundReport:
     aborted: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     privfer_bytes: int = 0  # privfer's protocol messages both ways (Flower's envelopes not counted)
+    security: str = "semi_honest"  # "active": enrolled nodes, signed rosters, the consistency check
+    client_ids: dict[int, int] = field(default_factory=dict)  # node id -> its protocol id (member id when active)
 
 
 class SecAggGrid(Grid):
@@ -67,6 +71,17 @@ class SecAggGrid(Grid):
             by the count); other metrics in the nodes' replies are never sent.
         stage_timeout: seconds to wait for each stage's replies (default: the
             strategy's timeout).
+        security: "active" (the default): the nodes are members of
+            ``certificate`` (signed by an enrollment authority that is not this
+            server), their key advertisements are signed, and a fifth exchange
+            — the consistency check — has every survivor sign its view of the
+            round (survivors, roster, the arrays it received and the DP plan)
+            before any node reveals a share: a node given another model than
+            its peers makes the round abort. "semi_honest": the server is
+            trusted to follow the protocol (labelled in every report).
+        certificate: the study's :class:`~privfer.secagg.identity.RosterCertificate`
+            (active security; the nodes check it against their own pinned
+            authority key, the server uses it to refuse unenrolled nodes early).
         dp: :class:`~privfer.integrations.flower.dp.DistributedDP`: every
             protected exchange with arrays (``train``) runs person-level
             distributed DP — the nodes send clipped updates (or zeros, by
@@ -92,12 +107,21 @@ class SecAggGrid(Grid):
         evaluate_metrics: Sequence[str] = (),
         stage_timeout: float | None = None,
         dp: Any = None,
+        security: str = "active",
+        certificate: RosterCertificate | None = None,
         **secagg: Any,
     ) -> None:
         unknown = set(secagg) - set(SecAggConfig.model_fields)
         if unknown:
             raise TypeError(f"unknown SecAggConfig fields {sorted(unknown)}")
-        fixed = {"num_clients", "metrics", "backend"} & set(secagg)
+        if security not in ("active", "semi_honest"):
+            raise ValueError(f"security must be 'active' or 'semi_honest', got {security!r}")
+        if security == "active" and not isinstance(certificate, RosterCertificate):
+            raise ValueError("SecAggGrid runs active security by default: pass certificate=RosterCertificate.load(...) "
+                             "(the study's roster, privfer enroll), or security='semi_honest' to trust the server "
+                             "to follow the protocol")
+        self.security, self.certificate = security, certificate
+        fixed = {"num_clients", "metrics", "backend", "security"} & set(secagg)
         if fixed:
             raise TypeError(f"{sorted(fixed)} are set by SecAggGrid (sampled nodes, *_metrics), not passed")
         if weighted_by_key in (*train_metrics, *evaluate_metrics):
@@ -113,7 +137,7 @@ class SecAggGrid(Grid):
         self.weighted_by_key = weighted_by_key
         self.metrics = {"train": tuple(train_metrics), "evaluate": tuple(evaluate_metrics)}
         self.stage_timeout = stage_timeout
-        self.secagg = {**DEFAULTS, **secagg}
+        self.secagg = {**DEFAULTS, **secagg, "security": security}
         SecAggConfig(num_clients=2, **self.secagg)  # field errors now, not in round 1
         self.reports: list[RoundReport] = []
 
@@ -170,7 +194,10 @@ class _SecureRound:
                 "(a 'sum' of one node is its update)"
             )
         self.nodes = sorted(self.originals)
+        # client ids: the server numbers the nodes (semi-honest); under active security each node's member id,
+        # learned from its signed advertisement
         self.ids = {node: index + 1 for index, node in enumerate(self.nodes)}
+        self.node_of = {cid: node for node, cid in self.ids.items()}
         first = messages[0].content
         self.slots = slots_of(first) if base_type(self.kind) in grid.with_arrays else []
         for message in messages[1:]:
@@ -191,8 +218,13 @@ class _SecureRound:
             self.config = SecAggConfig(num_clients=len(self.nodes), metrics=tuple(names), **grid.secagg)
         self.layout = PayloadLayout(tuple(s.shape for s in self.slots), self.config)
         self.round_id = "/".join(filter(None, (self.kind, self.group_id, secrets.token_hex(8))))
-        self.server = SecAggServer(self.config, self.round_id, self.layout)
-        self.report = RoundReport(self.kind, self.group_id, self.round_id, list(self.nodes))
+        self.plan_json = "" if self.plan is None else plan_to_json(self.plan, grid.dp.unit)
+        self.active = self.config.security == "active"
+        self.server = SecAggServer(
+            self.config, self.round_id, self.layout, certificate=grid.certificate if self.active else None,
+            context=round_context(_slots_to_json(self.slots), self.received, self.plan_json) if self.active else None)
+        self.report = RoundReport(self.kind, self.group_id, self.round_id, list(self.nodes),
+                                  security=self.config.security)
         self.alive = list(self.nodes)
 
     # -- one stage ------------------------------------------------------------------------------------------------------
@@ -227,6 +259,27 @@ class _SecureRound:
                 self.drop(node, stage, "no reply before the timeout")
         return answers
 
+    def member_ids(self, answers: Mapping[int, bytes]) -> dict[int, bytes]:
+        """Active security: each node's id is the member id its signed advertisement names (the signature, checked
+        by the server and by every client, binds it to the enrolled key). A node claiming an id another node has
+        already claimed, or sending no advertisement, drops out."""
+        claimed: dict[int, bytes] = {}
+        owner: dict[int, int] = {}  # member id -> the node that claimed it first
+        for node, raw in answers.items():
+            try:
+                member = wire.AdvertiseKeys.from_bytes(raw).sender
+            except MessageError as exc:
+                self.drop(node, "advertise_keys", f"{type(exc).__name__}: {exc}")
+                continue
+            if member in owner:
+                self.drop(node, "advertise_keys", f"claims member id {member}, already claimed by node {owner[member]}")
+                continue
+            owner[member] = node
+            self.ids[node] = member
+            claimed[node] = raw
+        self.node_of = {member: node for member, node in owner.items()}
+        return claimed
+
     def addressed(self, messages: Mapping[int, Any]) -> dict[int, bytes]:
         """Each live node's own message (keyed by its client id), as bytes."""
         return {node: messages[self.ids[node]].to_bytes() for node in self.alive if self.ids[node] in messages}
@@ -256,10 +309,12 @@ class _SecureRound:
         try:
             config_json = self.config.model_dump_json()
             slots_json = _slots_to_json(self.slots)
-            plan = {} if self.plan is None else {PLAN_FIELD: plan_to_json(self.plan, self.grid.dp.unit)}
+            plan = {} if self.plan is None else {PLAN_FIELD: self.plan_json}
             answers = self.exchange("advertise_keys", {node: b"" for node in self.alive}, lambda node: {
                 "client_id": ids[node], "config": config_json, "slots": slots_json,
                 "weight_key": self.grid.weighted_by_key, **plan})
+            if self.active:
+                answers = self.member_ids(answers)
             self.accept("advertise_keys", answers, lambda raw, cid: server.receive_advertise(raw, peer=cid))
             self.lap("advertise_keys", started)
 
@@ -273,21 +328,27 @@ class _SecureRound:
             self.accept("masked_input", answers, lambda raw, cid: server.receive_masked_input(raw, peer=cid))
             self.lap("masked_input", started)
 
-            answers = self.exchange("unmask", self.addressed(server.group_unmask_requests()) if group
-                                    else self.broadcast(server.unmask_request()))
+            if self.active:  # every survivor signs its view; only then do the shares leave the nodes
+                answers = self.exchange("consistency", self.broadcast(server.unmask_request()))
+                self.accept("consistency", answers, lambda raw, cid: server.receive_consistency(raw, peer=cid))
+                self.lap("consistency", started)
+                answers = self.exchange("unmask", self.broadcast(server.signature_list()))
+            else:
+                answers = self.exchange("unmask", self.addressed(server.group_unmask_requests()) if group
+                                        else self.broadcast(server.unmask_request()))
             self.accept("unmask", answers, lambda raw, cid: server.receive_unmask(raw, peer=cid))
             summed = server.finish()
             self.lap("unmask", started)
         except SecAggError as exc:  # aborted, or shares that fail their commitments (InconsistentShares)
             if not isinstance(exc, RoundAborted):
-                blamed = [self.nodes[cid - 1] for cid in getattr(exc, "senders", ()) if 0 < cid <= len(self.nodes)]
+                blamed = [self.node_of[cid] for cid in getattr(exc, "senders", ()) if cid in self.node_of]
                 log.warning("secure aggregation of %s round %s failed (%s); nodes at fault: %s", self.kind,
                             self.group_id, exc.__class__.__name__, blamed)
             self.report.aborted = str(exc)
             log.warning("secure aggregation of %s round %s aborted: %s", self.kind, self.group_id, exc)
             self.finish_report()
             return self.error_replies(self.nodes, f"privfer secure aggregation aborted: {exc}")
-        self.report.included = [self.nodes[cid - 1] for cid in summed.included]
+        self.report.included = [self.node_of[cid] for cid in summed.included]
         self.report.example_count = summed.decoded.example_count
         self.report.clipped = summed.decoded.clipped
         self.finish_report()
@@ -313,6 +374,8 @@ class _SecureRound:
         self.report.seconds[stage] = time.perf_counter() - started - sum(self.report.seconds.values())
 
     def finish_report(self) -> None:
+        self.report.client_ids = {node: self.ids[node] for node in self.nodes if node not in self.report.dropped
+                                  or self.report.dropped[node].split(":")[0] != "advertise_keys"}
         transcript = self.server.transcript
         self.report.privfer_bytes = transcript.bytes_in() + transcript.bytes_out()
         self.grid.reports.append(self.report)

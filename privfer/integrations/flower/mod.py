@@ -16,7 +16,8 @@ from privfer.integrations.flower.common import (
     UnprotectedMessage,
     log,
 )
-from privfer.integrations.flower.slots import _arrays_in, _metrics_in, _slots_from_json
+from privfer.integrations.flower.membership import MembershipError, NodeMembership, claim_round
+from privfer.integrations.flower.slots import _arrays_in, _metrics_in, _slots_from_json, round_context
 from privfer.secagg import messages as wire
 from privfer.secagg.client import SecAggClient
 from privfer.secagg.config import SecAggConfig
@@ -41,6 +42,7 @@ def base_type(message_type: str) -> str:
 
 
 Privacy = Union["NodePrivacy", Callable[[Context], "NodePrivacy | None"], None]
+Membership = Union[NodeMembership, Callable[[Context], "NodeMembership | None"], None]
 
 
 def make_secagg_mod(
@@ -48,6 +50,7 @@ def make_secagg_mod(
     min_clients: int = 3,
     state_ttl: float = 6 * 3600.0,
     privacy: Privacy = None,
+    membership: Membership = NodeMembership.from_node_config_of,
 ) -> Callable[[Message, Context, Callable], Message]:
     """A Flower mod that answers privfer's secure-aggregation stages.
 
@@ -72,6 +75,12 @@ def make_secagg_mod(
     (kept in its ledger file), and sends its clipped update — or zeros, by its
     secret coin — with its own noise share instead of the weighted delta; no
     example count or metric leaves it (:mod:`privfer.integrations.flower.dp`).
+
+    ``membership``: the node's :class:`~privfer.integrations.flower.membership.NodeMembership` (or a function of
+    the ``Context``; default: from the node config's ``identity-key``, ``roster-certificate`` and
+    ``authority-key``). With it the node takes part only in active-security rounds — signed advertisements and
+    the consistency check, its member id from the certificate — and refuses a semi-honest config; without it,
+    only in semi-honest rounds.
     """
     required = frozenset(base_type(kind) for kind in require)
     if min_clients < 2:
@@ -94,18 +103,22 @@ def make_secagg_mod(
         stage = record.get("stage")
         try:
             policy = privacy(ctxt) if callable(privacy) else privacy
+            member = membership(ctxt) if callable(membership) else membership
+            enrollment = member.enrollment() if member is not None else None
             if stage == "advertise_keys":
-                reply = _advertise(record, ctxt, min_clients, policy)
+                reply = _advertise(record, ctxt, min_clients, policy, member)
             elif stage == "share_keys":
-                reply = _share_keys(record, ctxt, min_clients)
+                reply = _share_keys(record, ctxt, min_clients, enrollment)
             elif stage == "masked_input":
                 del content[RECORD]  # the ClientApp sees the strategy's message as it was sent
-                answer = _masked_input(record, msg, ctxt, call_next, policy)
+                answer = _masked_input(record, msg, ctxt, call_next, policy, enrollment)
                 if isinstance(answer, Message):
                     return answer  # the ClientApp's own error reply
                 reply = answer
+            elif stage == "consistency":
+                reply = _consistency(record, ctxt, min_clients, enrollment)
             elif stage == "unmask":
-                reply = _unmask(record, ctxt, min_clients)
+                reply = _unmask(record, ctxt, min_clients, enrollment)
                 _forget(ctxt)
             else:
                 raise WrongStage(f"unknown privfer secure-aggregation stage {stage!r}")
@@ -154,11 +167,11 @@ def _expire(ctxt: Context, ttl: float) -> None:
         _forget(ctxt)
 
 
-def _load(ctxt: Context, record: ConfigRecord) -> tuple[SecAggClient, ConfigRecord]:
+def _load(ctxt: Context, record: ConfigRecord, enrollment: Any = None) -> tuple[SecAggClient, ConfigRecord]:
     saved = ctxt.state.config_records.get(STATE)
     if saved is None:
         raise WrongStage("this node holds no secure-aggregation round (it missed the first stage, or the round ended)")
-    client = SecAggClient.restore(saved["client"])
+    client = SecAggClient.restore(saved["client"], enrollment=enrollment)
     round_id = _field(record, "round", str)
     if client.round_id != round_id:
         raise WrongRound(f"a stage of round {round_id!r} arrived; this node is in round {client.round_id!r}")
@@ -178,7 +191,8 @@ def _expect(raw: bytes, kind: type[wire.Message] | tuple[type[wire.Message], ...
     return message
 
 
-def _advertise(record: ConfigRecord, ctxt: Context, min_clients: int, policy: "NodePrivacy | None") -> bytes:
+def _advertise(record: ConfigRecord, ctxt: Context, min_clients: int, policy: "NodePrivacy | None",
+               member: NodeMembership | None) -> bytes:
     _forget(ctxt)  # a new round replaces whatever an unfinished one left
     try:
         config = SecAggConfig.model_validate_json(_field(record, "config", str))
@@ -189,6 +203,12 @@ def _advertise(record: ConfigRecord, ctxt: Context, min_clients: int, policy: "N
     except Exception as exc:  # pydantic, JSON or shape errors in what the server sent
         raise MalformedMessage(f"privfer record field 'config' or 'slots' is invalid ({type(exc).__name__})") from None
     _at_least(config.num_clients, min_clients, "the round is configured for")
+    # the node's own policy decides the security of the rounds it joins, never the server's config
+    if member is not None:
+        member.accept(config)
+    elif config.security == "active":
+        raise MembershipError("the server asks for active security, but this node has no membership (node config "
+                              "identity-key, roster-certificate, authority-key; make_secagg_mod(membership=...))")
     layout = PayloadLayout(tuple(s.shape for s in slots), config)
     plan_json = ""
     if policy is not None:  # this node releases nothing without a DP plan it accepts and a budget left for it
@@ -205,14 +225,20 @@ def _advertise(record: ConfigRecord, ctxt: Context, min_clients: int, policy: "N
     elif record.get("dp") is not None:
         raise WrongStage("the server asks for distributed DP, but this node has no privacy policy "
                          "(make_secagg_mod(privacy=NodePrivacy(...))): it cannot add its noise share")
-    client = SecAggClient(_field(record, "client_id", int), config, _field(record, "round", str), layout)
+    round_id = _field(record, "round", str)
+    if member is not None:  # its member id is its own, from the certificate; the server learns it from the advert
+        enrollment = member.enrollment()
+        claim_round(ctxt, round_id)
+        client = SecAggClient(enrollment.member, config, round_id, layout, enrollment=enrollment)
+    else:
+        client = SecAggClient(_field(record, "client_id", int), config, round_id, layout)
     advert = client.advertise_keys().to_bytes()
     _save(ctxt, client, slots_json, _field(record, "weight_key", str), plan=plan_json)
     return advert
 
 
-def _share_keys(record: ConfigRecord, ctxt: Context, min_clients: int) -> bytes:
-    client, saved = _load(ctxt, record)
+def _share_keys(record: ConfigRecord, ctxt: Context, min_clients: int, enrollment: Any) -> bytes:
+    client, saved = _load(ctxt, record, enrollment)
     roster = _expect(_field(record, "message", bytes), (wire.KeyRoster, wire.GroupRoster))
     _at_least(roster.advertised if isinstance(roster, wire.GroupRoster) else len(roster.keys), min_clients,
               "the key roster lists")
@@ -222,8 +248,8 @@ def _share_keys(record: ConfigRecord, ctxt: Context, min_clients: int) -> bytes:
 
 
 def _masked_input(record: ConfigRecord, msg: Message, ctxt: Context, call_next: Callable,
-                  policy: "NodePrivacy | None") -> bytes | Message:
-    client, saved = _load(ctxt, record)
+                  policy: "NodePrivacy | None", enrollment: Any) -> bytes | Message:
+    client, saved = _load(ctxt, record, enrollment)
     forwarded = _expect(_field(record, "message", bytes), wire.ForwardedShares)
     client.check_forwarded(forwarded)  # before training: a replayed or misrouted stage spends no privacy budget
     slots = _slots_from_json(saved["slots"])
@@ -234,8 +260,11 @@ def _masked_input(record: ConfigRecord, msg: Message, ctxt: Context, call_next: 
     plan_json = str(saved.get("dp", ""))
     if bool(plan_json) != (policy is not None):
         raise WrongStage("this round's DP plan and the node's privacy policy disagree (set at the first stage)")
+    # what this node trains from, as it received it: the statement it signs under active security
+    context = round_context(str(saved["slots"]), received, plan_json)
     if policy is not None:
-        return _private_input(client, saved, forwarded, slots, received, msg, ctxt, call_next, policy, plan_json)
+        return _private_input(client, saved, forwarded, slots, received, msg, ctxt, call_next, policy, plan_json,
+                              context)
     reply = call_next(msg, ctxt)
     if reply.has_error():
         _forget(ctxt)
@@ -269,7 +298,7 @@ def _masked_input(record: ConfigRecord, msg: Message, ctxt: Context, call_next: 
             raise ValueError(f"metric {name!r} must be a number to be averaged securely, got {type(value).__name__}")
         values[name] = float(value) * scale
     update = [(after - before) * scale for after, before in zip(local, received)]
-    answer = client.masked_input(forwarded, update, example_count=count, metrics=values).to_bytes()
+    answer = client.masked_input(forwarded, update, example_count=count, metrics=values, context=context).to_bytes()
     if client.clipping.clipped:
         log.warning("%d of %d values exceeded privfer's clipping range and were clipped", client.clipping.clipped,
                     client.clipping.total)
@@ -279,7 +308,7 @@ def _masked_input(record: ConfigRecord, msg: Message, ctxt: Context, call_next: 
 
 def _private_input(client: SecAggClient, saved: ConfigRecord, forwarded: Any, slots: list, received: list,
                    msg: Message, ctxt: Context, call_next: Callable, policy: "NodePrivacy",
-                   plan_json: str) -> bytes | Message:
+                   plan_json: str, context: bytes) -> bytes | Message:
     """Person-level distributed DP on this node: budget first, then train (whatever the coin), clip, coin, share."""
     import numpy as np
 
@@ -320,7 +349,7 @@ def _private_input(client: SecAggClient, saved: ConfigRecord, forwarded: Any, sl
             size = int(np.prod(slot.shape, dtype=np.int64))
             arrays.append(contribution[at : at + size].reshape(slot.shape))
             at += size
-        answer = client.masked_input(forwarded, arrays).to_bytes()  # no count, no metric: the integers alone
+        answer = client.masked_input(forwarded, arrays, context=context).to_bytes()  # the integers alone
     except Exception as exc:  # noqa: BLE001 - after training, a failure's text could tell the data (or the coin)
         log.warning("this node sends nothing this round (%s); the round is paid for", exc.__class__.__name__)
         raise NodePrivacyError("this node's contribution failed after training; it sends nothing this round "
@@ -354,8 +383,20 @@ def _record_contribution(sums: list, reply: Message, plan: Any, rng: Any) -> Any
     return np.append(encode_contribution(flat, plan, rng), np.int64(records))
 
 
-def _unmask(record: ConfigRecord, ctxt: Context, min_clients: int) -> bytes:
-    client, _ = _load(ctxt, record)
+def _consistency(record: ConfigRecord, ctxt: Context, min_clients: int, enrollment: Any) -> bytes:
+    """Active security: check the unmask request and sign this node's statement (once per round)."""
+    client, saved = _load(ctxt, record, enrollment)
+    request = _expect(_field(record, "message", bytes), wire.UnmaskRequest)
+    _at_least(request.included, min_clients, "the unmask request lists as survivors")
+    answer = client.check_consistency(request).to_bytes()
+    _resave(ctxt, client, saved)
+    return answer
+
+
+def _unmask(record: ConfigRecord, ctxt: Context, min_clients: int, enrollment: Any) -> bytes:
+    client, _ = _load(ctxt, record, enrollment)
+    if client.config.security == "active":  # the signatures of the survivors: shares only if enough verify
+        return client.unmask(_expect(_field(record, "message", bytes), wire.SignatureList)).to_bytes()
     request = _expect(_field(record, "message", bytes), (wire.UnmaskRequest, wire.GroupUnmaskRequest))
     _at_least(request.included, min_clients, "the unmask request lists as survivors")
     return client.unmask(request).to_bytes()

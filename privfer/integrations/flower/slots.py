@@ -55,3 +55,14 @@ def _metrics_in(content: RecordDict) -> dict[str, Any]:
     for record in content.metric_records.values():
         merged.update(record)
     return merged
+
+
+def round_context(slots_json: str, arrays: Sequence[np.ndarray], plan_json: str) -> bytes:
+    """What the nodes of an active-security round sign besides the survivors: the digest of the round's layout, of
+    the arrays the node received (as float64, in slot order) and of the DP plan. The grid computes it from what it
+    sent, each node from what it received: a node given another model signs another statement."""
+    from privfer.secagg.statements import context_digest
+
+    return context_digest(slots_json.encode("utf-8"),
+                          *(np.ascontiguousarray(a, dtype=np.float64).tobytes() for a in arrays),
+                          plan_json.encode("utf-8"))

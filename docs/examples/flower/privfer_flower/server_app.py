@@ -15,6 +15,14 @@ personalized models on their own clips and the server sees the securely
 averaged accuracy; a private run releases no such score (it is not
 DP-protected). With ``result-file`` set, the ServerApp writes a JSON summary
 atomically.
+
+Active security (run config ``roster-certificate`` and ``authority-key``: the
+study's certificate from ``privfer enroll`` and the authority's public key):
+every node is an enrolled member (its node config names its ``identity-key``,
+the same certificate and the authority key it pins), advertisements are signed,
+and every survivor signs its view of each round — the model it received
+included — before any share is revealed. Without them the grid runs the
+semi-honest protocol and says so in its log and its reports.
 """
 
 from __future__ import annotations
@@ -28,8 +36,9 @@ from flwr.server import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from privfer.centralized import evaluation_labels, predict
-from privfer.integrations.flower import SecAggGrid
+from privfer.integrations.flower import SecAggGrid, log
 from privfer.metrics import classification_report
+from privfer.secagg.identity import RosterCertificate, load_public
 from privfer.models.vfer import VFER
 from privfer.runs import atomic_write_json
 
@@ -56,11 +65,21 @@ def main(grid: Grid, context: Context) -> None:
         min_available_nodes=nodes,
     )
     dp = server_dp(run_config)  # person-level distributed DP (the default); None: local DP-SGD or no DP
+    certificate_path = str(run_config.get("roster-certificate", ""))
+    if certificate_path:  # active security: the study's roster, checked against the authority's key
+        certificate = RosterCertificate.load(Path(certificate_path).read_bytes(),
+                                             load_public(str(run_config.get("authority-key", ""))))
+        security = {"certificate": certificate}
+    else:
+        log.warning("no roster-certificate in the run config: SEMI-HONEST secure aggregation (the server is "
+                    "trusted to follow the protocol)")
+        security = {"security": "semi_honest"}
     secure = SecAggGrid(
         grid,
         train_metrics=() if private else ("train-loss",),
         evaluate_metrics=("accuracy",),
         dp=dp,
+        **security,
     )
     test = fed.parts["test_eval"]  # the test actors' evaluation halves, as privfer simulate scores
 

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("flwr", reason='the Flower integration needs pip install -e ".[flower]"')
 
-from flwr.common import Array, ArrayRecord  # noqa: E402
+from flwr.common import Array, ArrayRecord, ConfigRecord  # noqa: E402
 
 from privfer.integrations.flower import RECORD, LocalGrid, SecAggGrid, secagg_mod  # noqa: E402
 from privfer.integrations.flower.membership import NodeMembership  # noqa: E402
@@ -144,3 +144,56 @@ def test_membership_paths_must_be_absolute_and_complete(tmp_path):
     member = NodeMembership.from_node_config(node_config(2))
     assert member.enrollment().member == MEMBERS[2]
     assert isinstance(member.enrollment().certificate, RosterCertificate)
+
+
+class ConfigTamperingGrid(LocalGrid):
+    """Review finding: the same arrays for everyone, but every node except the victim is told lr = 0 — the
+    model-inconsistency attack through the config record instead of the weights."""
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for message in messages:
+            record = message.content.config_records.get(RECORD)
+            if record is not None and record.get("stage") == "masked_input" \
+                    and message.metadata.dst_node_id != self.node_ids[0]:
+                message.content["config"] = ConfigRecord({**dict(message.content["config"]), "lr": 0.0})
+        return super().push_messages(messages)
+
+
+def test_a_node_given_another_config_makes_the_round_abort(tmp_path):
+    certificate, node_config = enroll(tmp_path)
+    grid = ConfigTamperingGrid(make_app([secagg_mod]), 5, node_config=node_config)
+    secure = SecAggGrid(grid, protect=("train",), certificate=certificate)
+    run(secure)
+    report = secure.reports[0]
+    assert report.aborted is not None and report.included == []
+
+
+class SquattingGrid(LocalGrid):
+    """Review finding: node 1000 answers the advertisement first, claiming member 23's id (node 1001's) with a
+    signature it cannot make."""
+
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(message_ids))
+        for reply in replies:
+            if reply.has_error() or reply.metadata.src_node_id != self.node_ids[0]:
+                continue
+            record = reply.content.config_records.get(RECORD)
+            if record is not None and record.get("stage") == "advertise_keys":
+                from privfer.secagg import messages as wire
+
+                advert = wire.AdvertiseKeys.from_bytes(record["message"])
+                forged = advert.model_copy(update={"sender": MEMBERS[1]})
+                reply.content[RECORD] = ConfigRecord({"stage": "advertise_keys", "message": forged.to_bytes()})
+        return replies
+
+
+def test_a_node_cannot_evict_another_by_claiming_its_member_id(tmp_path):
+    certificate, node_config = enroll(tmp_path)
+    grid = SquattingGrid(make_app([secagg_mod]), 5, node_config=node_config)
+    secure = SecAggGrid(grid, protect=("train",), certificate=certificate)
+    run(secure)
+    report = secure.reports[0]
+    squatter, owner = grid.node_ids[0], grid.node_ids[1]
+    assert report.dropped[squatter].startswith("advertise_keys: InvalidSignature")
+    assert owner in report.included and report.client_ids[owner] == MEMBERS[1]

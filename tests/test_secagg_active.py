@@ -469,3 +469,25 @@ def test_four_clients_on_a_zero_model_and_the_victim_on_the_real_one_release_not
         with pytest.raises(ConsistencyCheckFailed) as caught:
             game.clients[c].unmask(m.SignatureList(round_id=ROUND, sender=0, signatures=signatures))
         assert caught.value.disagreeing == (5,)
+
+
+def test_colluders_are_counted_against_the_whole_study():
+    """Review finding: the server picks a round's members, so it can gather every colluding member of the study into
+    one small round. 30 members, 10% collude: every client assumes 3 colluders whatever the round's size."""
+    enrolled = enroll_in_process(range(1, 31))
+    game = Round(6, "active", enrollments={c: enrolled[c] for c in range(1, 7)}, colluding_fraction=0.1)
+    assert game.config.colluders == 1 and game.clients[1].colluders == 3
+    # the split the round's own count (c = 1, T = 4) would have let through: victim 1 survived for clients 1-2
+    # and the colluders 4-6; dropped for client 3. T is now floor((6 + 3) / 2) + 1 = 5.
+    view_b = game.request([3, 4, 5, 6])
+    with pytest.raises(RoundAborted, match="needs at least 5"):
+        game.clients[3].check_consistency(view_b)
+    # and a round whose Shamir threshold the study's colluders reach is refused before anything is shared
+    small = SecAggConfig(num_clients=5, security="active", colluding_fraction=0.1)
+    layout = PayloadLayout.for_arrays([np.zeros(2)], small)
+    clients = {c: SecAggClient(c, small, "small", layout, enrollment=enrolled[c]) for c in range(1, 6)}
+    adverts = {c: client.advertise_keys() for c, client in clients.items()}
+    roster = m.KeyRoster(round_id="small", sender=0, keys={c: (a.c_public, a.s_public) for c, a in adverts.items()},
+                         signatures={c: a.signature for c, a in adverts.items()})
+    with pytest.raises(RoundAborted, match="threshold 3 does not exceed the 3 colluders"):
+        clients[1].share_keys(roster)

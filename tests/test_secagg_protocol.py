@@ -303,7 +303,7 @@ def test_the_documented_examples_run():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "secure-aggregation.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     for block in blocks:
         exec(compile(block, "docs/secure-aggregation.md", "exec"), {})
 

@@ -418,6 +418,12 @@ class SecAggClient:
                 raise UnknownSender(f"the roster does not list client {self.client_id} with its own keys")
             self._group = self._group_of(roster)
             self._check_roster_keys(roster)
+            if self.config.security == "active" and self.config.group_threshold <= self.colluders:
+                raise RoundAborted(
+                    f"client {self.client_id}: the round's Shamir threshold {self.config.group_threshold} does not "
+                    f"exceed the {self.colluders} colluders the study may hold (colluding_fraction "
+                    f"{self.config.colluding_fraction:g} of {len(self.enrollment.certificate.members)} members, "
+                    "any of whom the server may put in this round): they alone could rebuild its secrets")
             self._roster = {v: roster.keys[v] for v in self._group}  # only its group's keys are ever used
             # a full roster binds the key table (who, with which round keys); a group roster its ids (the client
             # sees no other keys)
@@ -527,6 +533,13 @@ class SecAggClient:
             self.mask_seconds = time.perf_counter() - started
             return MaskedInput(round_id=self.round_id, sender=self.client_id, modulus_bits=bits, vector=masked)
 
+    @property
+    def colluders(self) -> int:
+        """The colluders this client assumes (active security: counted against the whole study, SPEC 5.2)."""
+        if self.enrollment is None:
+            return self.config.colluders
+        return self.config.study_colluders(len(self.enrollment.certificate.members))
+
     # -- stage 3 ---------------------------------------------------------------
     def _vet(self, request: UnmaskRequest | GroupUnmaskRequest) -> tuple[frozenset[int], frozenset[int]]:
         """Every check an unmask request must pass before this client answers it (or, under active security,
@@ -584,11 +597,11 @@ class SecAggClient:
         self._advance("masked", "signed")
         with self._or_abort():
             self._vet(request)
-            needed = self.config.consistency_threshold(runs_size(self._members))
+            needed = self.config.consistency_threshold(runs_size(self._members), self.colluders)
             if request.included < needed:
                 raise RoundAborted(f"client {self.client_id}: the round lists {request.included} survivors; active "
                                    f"security needs at least {needed} (of {runs_size(self._members)} listed, "
-                                   f"{self.config.colluders} may collude)")
+                                   f"{self.colluders} may collude)")
             self._request = request.to_bytes()
             assert self.enrollment is not None
             return ConsistencySignature(round_id=self.round_id, sender=self.client_id,

@@ -216,7 +216,14 @@ class SecAggConfig(BaseModel):
         (:func:`assumed_colluders`)."""
         return assumed_colluders(self.num_clients, self.colluding_fraction)
 
-    def consistency_threshold(self, listed: int) -> int:
+    def study_colluders(self, enrolled: int) -> int:
+        """The colluders an active-security client assumes: the round's (:attr:`colluders`) or the study's —
+        ``colluding_fraction`` of every member the certificate enrolls — whichever is larger. The server picks a
+        round's members, so it could gather every colluding member into one small round: a bound on the round's
+        clients alone would not hold."""
+        return max(self.colluders, assumed_colluders(enrolled, self.colluding_fraction))
+
+    def consistency_threshold(self, listed: int, colluders: int | None = None) -> int:
         """The fewest survivors an active-security round may list, for a roster of ``listed`` clients; every one of
         them must sign exactly the client's statement before it reveals a share (SPEC section 5.2).
 
@@ -226,7 +233,8 @@ class SecAggConfig(BaseModel):
         the sum comes from a client that trained from the same model and plan. At least ``min_inputs``: the
         released sum then holds at least min_inputs - c honest inputs. At least 2.
         """
-        return max(2, (listed + self.colluders) // 2 + 1, self.min_inputs or 0)
+        c = self.colluders if colluders is None else colluders
+        return max(2, (listed + c) // 2 + 1, self.min_inputs or 0)
 
     def _check_integer(self, limit: int) -> None:
         if self.integer_sum_bound is None:

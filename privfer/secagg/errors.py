@@ -133,4 +133,5 @@ class ConsistencyCheckFailed(SecAggError):
 class OutOfRangeSum(SecAggError):
     """The unmasked sum holds a coordinate, count or metric that the included clients could not have produced had
     each sent an in-range input (a client sent a forged or out-of-range one): the round is refused, nothing is
-    released. In-range poisoning cannot be told from an honest input without zero-knowledge proofs."""
+    released. The bound is on the sum: one client may still use the headroom of all the included ones, and an
+    in-range wrong input cannot be told from an honest one without zero-knowledge proofs."""

@@ -362,10 +362,10 @@ class Enrollment:
         return self.certificate.study
 
     def claim(self, round_id: str) -> None:
-        """Record that this member advertises keys in ``round_id``; a second time is refused: a member joins
-        each round id once, so a server cannot run copies of one round to collect signatures on statements an
-        honest member would make only once. In process only — a deployment keeps the record with the key
-        (the Flower node's ledger directory)."""
+        """Record that this member advertises keys in ``round_id``; a second time is refused. Defence in depth:
+        what makes a copy of a round harmless is that statements and shares bind the roster's key table (fresh
+        round keys in a copy give another statement). The record lives in this object (the process); the Flower
+        node keeps its own in its ``Context`` for the run (membership.claim_round)."""
         if round_id in self._rounds:
             raise WrongRound(f"member {self.member} already took part in round {round_id!r}; a member joins each "
                              "round id once")

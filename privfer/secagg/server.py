@@ -296,7 +296,9 @@ class SecAggServer:
             self.stage = "aborted"  # the clients would refuse to unmask (SecAggClient.unmask)
             raise RoundAborted(f"only {len(self._masked)} masked inputs arrived; the round needs at least {minimum}")
         if self.config.security == "active":
-            needed = self.config.consistency_threshold(len(self._keys))
+            assert self.certificate is not None
+            needed = self.config.consistency_threshold(
+                len(self._keys), self.config.study_colluders(len(self.certificate.members)))
             if len(self._masked) < needed:
                 self.stage = "aborted"
                 raise RoundAborted(f"only {len(self._masked)} masked inputs arrived; active security needs at least "

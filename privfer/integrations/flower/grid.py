@@ -24,11 +24,13 @@ from privfer.integrations.flower.common import (
 )
 from privfer.integrations.flower.dp import COUNT_RECORD, PLAN_FIELD, ServerAdam, plan_to_json
 from privfer.integrations.flower.mod import base_type
-from privfer.integrations.flower.slots import ArraySlot, _arrays_in, _slots_to_json, round_context, slots_of
+from privfer.integrations.flower.slots import (ArraySlot, _arrays_in, _slots_to_json, content_bytes, round_context,
+                                               slots_of)
 from privfer.secagg import messages as wire
 from privfer.secagg.config import SecAggConfig
 from privfer.secagg.errors import MessageError, RoundAborted, SecAggError
-from privfer.secagg.identity import RosterCertificate
+from privfer.secagg.identity import RosterCertificate, verify_signature
+from privfer.secagg.statements import advertise_statement
 from privfer.secagg.payload import PayloadLayout
 from privfer.secagg.server import SecAggServer
 
@@ -220,9 +222,14 @@ class _SecureRound:
         self.round_id = "/".join(filter(None, (self.kind, self.group_id, secrets.token_hex(8))))
         self.plan_json = "" if self.plan is None else plan_to_json(self.plan, grid.dp.unit)
         self.active = self.config.security == "active"
-        self.server = SecAggServer(
-            self.config, self.round_id, self.layout, certificate=grid.certificate if self.active else None,
-            context=round_context(_slots_to_json(self.slots), self.received, self.plan_json) if self.active else None)
+        context = None
+        if self.active:  # every node signs the whole message it is given: they must all be given the same one
+            if len({content_bytes(m.content) for m in messages}) != 1:
+                raise ValueError("under active security every sampled node receives the same message (the nodes "
+                                 "sign what they were given; differing messages would abort the round)")
+            context = round_context(first, _slots_to_json(self.slots), grid.weighted_by_key, self.plan_json)
+        self.server = SecAggServer(self.config, self.round_id, self.layout,
+                                   certificate=grid.certificate if self.active else None, context=context)
         self.report = RoundReport(self.kind, self.group_id, self.round_id, list(self.nodes),
                                   security=self.config.security)
         self.alive = list(self.nodes)
@@ -260,14 +267,22 @@ class _SecureRound:
         return answers
 
     def member_ids(self, answers: Mapping[int, bytes]) -> dict[int, bytes]:
-        """Active security: each node's id is the member id its signed advertisement names (the signature, checked
-        by the server and by every client, binds it to the enrolled key). A node claiming an id another node has
-        already claimed, or sending no advertisement, drops out."""
+        """Active security: each node's id is the member id its signed advertisement names. The signature is checked
+        against the certificate BEFORE the id is assigned, so a node cannot squat another member's id with a bad
+        signature and evict it; only a valid advertisement claims an id (a second valid one for the same id — the
+        same member on two nodes — drops out). Every client checks every roster entry again."""
+        certificate = self.grid.certificate
+        assert certificate is not None
         claimed: dict[int, bytes] = {}
-        owner: dict[int, int] = {}  # member id -> the node that claimed it first
+        owner: dict[int, int] = {}  # member id -> the node whose valid advertisement claimed it
         for node, raw in answers.items():
             try:
-                member = wire.AdvertiseKeys.from_bytes(raw).sender
+                advert = wire.AdvertiseKeys.from_bytes(raw)
+                member = advert.sender
+                verify_signature(certificate.public_key(member),
+                                 advertise_statement(certificate.study, self.round_id, member, advert.c_public,
+                                                     advert.s_public),
+                                 advert.signature, f"node {node}'s key advertisement")
             except MessageError as exc:
                 self.drop(node, "advertise_keys", f"{type(exc).__name__}: {exc}")
                 continue

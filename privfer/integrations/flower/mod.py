@@ -260,8 +260,8 @@ def _masked_input(record: ConfigRecord, msg: Message, ctxt: Context, call_next: 
     plan_json = str(saved.get("dp", ""))
     if bool(plan_json) != (policy is not None):
         raise WrongStage("this round's DP plan and the node's privacy policy disagree (set at the first stage)")
-    # what this node trains from, as it received it: the statement it signs under active security
-    context = round_context(str(saved["slots"]), received, plan_json)
+    # everything this node's ClientApp is given, as it received it: the statement it signs under active security
+    context = round_context(msg.content, str(saved["slots"]), weight_key, plan_json)
     if policy is not None:
         return _private_input(client, saved, forwarded, slots, received, msg, ctxt, call_next, policy, plan_json,
                               context)

@@ -57,12 +57,21 @@ def _metrics_in(content: RecordDict) -> dict[str, Any]:
     return merged
 
 
-def round_context(slots_json: str, arrays: Sequence[np.ndarray], plan_json: str) -> bytes:
-    """What the nodes of an active-security round sign besides the survivors: the digest of the round's layout, of
-    the arrays the node received (as float64, in slot order) and of the DP plan. The grid computes it from what it
-    sent, each node from what it received: a node given another model signs another statement."""
+def content_bytes(content: RecordDict) -> bytes:
+    """A message's whole content — every array, config and metric record — as Flower's protobuf, serialized
+    deterministically (map keys sorted): equal contents give equal bytes on the grid and on the node."""
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(content).SerializeToString(deterministic=True)
+
+
+def round_context(content: RecordDict, slots_json: str, weight_key: str, plan_json: str) -> bytes:
+    """What the nodes of an active-security round sign besides the survivors: the digest of everything the
+    ClientApp is given — the strategy's whole message (model arrays, the config record with its learning rate and
+    epochs, any metrics), for train and evaluate alike — and of the round's layout, weight key and DP plan. The
+    grid computes it from what it sent, each node from what it received: a node given another model or another
+    config signs another statement."""
     from privfer.secagg.statements import context_digest
 
-    return context_digest(slots_json.encode("utf-8"),
-                          *(np.ascontiguousarray(a, dtype=np.float64).tobytes() for a in arrays),
+    return context_digest(content_bytes(content), slots_json.encode("utf-8"), weight_key.encode("utf-8"),
                           plan_json.encode("utf-8"))

@@ -326,7 +326,7 @@ def test_an_active_round_whose_survivor_does_not_sign_aborts_before_any_share():
     with pytest.raises(RoundAborted, match=r"survivors \[3\] did not sign"):
         aggregate(updates, SecAggConfig(num_clients=7, security="active"), {3: "consistency"})
     # T = floor((7 + 1 colluder) / 2) + 1 = 5 survivors at least; three drop before their masked input
-    with pytest.raises(RoundAborted, match="needs at least 5 survivors"):
+    with pytest.raises(RoundAborted, match="needs at least 5"):
         aggregate(updates, SecAggConfig(num_clients=7, security="active"),
                   {c: "masked_input" for c in (1, 2, 3)})
 
@@ -491,3 +491,99 @@ def test_colluders_are_counted_against_the_whole_study():
                          signatures={c: a.signature for c, a in adverts.items()})
     with pytest.raises(RoundAborted, match="threshold 3 does not exceed the 3 colluders"):
         clients[1].share_keys(roster)
+
+
+# -- attack 6: a dishonest dealer, and the complaint round ----------------------------------------------------
+
+def complaint_round(*, bad_dealer=None, victim_holder=5, tamper_transit=False, false_complaint=False):
+    """Seven enrolled clients; ``bad_dealer`` hands ``victim_holder`` a ciphertext that does not open and signs its
+    deal over it (a dishonest dealer can: the key is its own). ``tamper_transit``: the SERVER alters that
+    ciphertext on the way instead. ``false_complaint``: the holder accuses an honest dealer, revealing the true key.
+    Returns the server's sum (or the exception) and the server."""
+    from privfer.secagg.keys import PURPOSE_SHARE
+    from privfer.secagg.statements import deal_leaf, deal_statement, merkle_levels
+
+    enrollments = enroll_in_process(range(1, 8))
+    config = SecAggConfig(num_clients=7, security="active", encoding="integer", integer_sum_bound=1 << 20)
+    updates = {c: [np.array([c, -c, 10 * c])] for c in range(1, 8)}
+    layout = PayloadLayout.for_arrays(updates[1], config)
+    clients = {c: SecAggClient(c, config, ROUND, layout, enrollment=enrollments[c]) for c in updates}
+    server = SecAggServer(config, ROUND, layout, certificate=enrollments[1].certificate)
+    for c, client in clients.items():
+        server.receive_advertise(client.advertise_keys(), peer=c)
+    roster = server.key_roster()
+    for c, client in clients.items():
+        deal = client.share_keys(roster)
+        if c == bad_dealer:
+            blob = bytearray(deal.ciphertexts[victim_holder])
+            blob[-1] ^= 1
+            ciphertexts = {**deal.ciphertexts, victim_holder: bytes(blob)}
+            holders = sorted(deal.commitments)
+            root = merkle_levels([deal_leaf(h, ciphertexts.get(h, b""), deal.commitments[h]) for h in holders])[-1][0]
+            signature = enrollments[c].identity.sign(deal_statement(enrollments[c].study, ROUND, c, len(holders),
+                                                                    root))
+            deal = deal.model_copy(update={"ciphertexts": ciphertexts, "signature": signature})
+        server.receive_share_keys(deal, peer=c)
+    for c, bundle in server.forward_shares().items():
+        if tamper_transit and c == victim_holder:
+            blob = bytearray(bundle.ciphertexts[2])
+            blob[-1] ^= 1
+            bundle = bundle.model_copy(update={"ciphertexts": {**bundle.ciphertexts, 2: bytes(blob)}})
+        masked = clients[c].masked_input(bundle, updates[c])
+        if false_complaint and c == victim_holder:
+            key = agree(clients[c]._keys.c_private, roster.keys[2][0], PURPOSE_SHARE, ROUND, 2, c)
+            masked = masked.model_copy(update={"complaints": {2: key}})
+        server.receive_masked_input(masked, peer=c)
+    request = server.unmask_request()
+    for c in request.survivors:
+        server.receive_consistency(clients[c].check_consistency(request), peer=c)
+    signatures = server.signature_list()
+    for c in request.survivors:
+        server.receive_unmask(clients[c].unmask(signatures), peer=c)
+    return server.finish(), updates, server
+
+
+def test_a_dealer_whose_signed_share_does_not_open_is_blamed_and_the_round_continues_without_it():
+    summed, updates, _ = complaint_round(bad_dealer=2)
+    assert summed.blamed == {2: (5,)} and summed.false_complaints == {}
+    assert summed.included == (1, 3, 4, 5, 6, 7)  # the holder stays; the dealer is left out, as if dropped
+    np.testing.assert_array_equal(summed.decoded.arrays[0], sum(updates[c][0] for c in summed.included))
+
+
+def test_under_semi_honest_security_the_same_dealer_silently_removes_the_holder():
+    """What attack 6 did before: the holder aborts, nobody is blamed."""
+    from privfer.secagg import ShareAuthenticationError
+
+    config = SecAggConfig(num_clients=7)
+    layout = PayloadLayout.for_arrays([np.zeros(2)], config)
+    clients = {c: SecAggClient(c, config, ROUND, layout) for c in range(1, 8)}
+    server = SecAggServer(config, ROUND, layout)
+    for c, client in clients.items():
+        server.receive_advertise(client.advertise_keys(), peer=c)
+    roster = server.key_roster()
+    for c, client in clients.items():
+        deal = client.share_keys(roster)
+        if c == 2:
+            blob = bytearray(deal.ciphertexts[5])
+            blob[-1] ^= 1
+            deal = deal.model_copy(update={"ciphertexts": {**deal.ciphertexts, 5: bytes(blob)}})
+        server.receive_share_keys(deal, peer=c)
+    bundles = server.forward_shares()
+    with pytest.raises(ShareAuthenticationError):
+        clients[5].masked_input(bundles[5], [np.zeros(2)])
+    assert clients[5].stage == "aborted"
+
+
+def test_a_server_that_alters_a_ciphertext_gets_no_key():
+    """If the server could make a holder complain about a ciphertext it altered, the revealed key would open the
+    original it kept. The deal's signature covers the ciphertext: the holder sees the alteration and reveals
+    nothing."""
+    with pytest.raises(InvalidSignature, match="client 2's deal"):
+        complaint_round(tamper_transit=True)
+
+
+def test_a_false_complaint_is_exposed_and_the_honest_dealer_stays():
+    summed, updates, _ = complaint_round(false_complaint=True)
+    assert summed.blamed == {} and summed.false_complaints == {5: (2,)}
+    assert summed.included == tuple(range(1, 8))
+    np.testing.assert_array_equal(summed.decoded.arrays[0], sum(updates[c][0] for c in range(1, 8)))

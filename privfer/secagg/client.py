@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+from bisect import bisect_left
 import json
 import struct
 import time
@@ -34,17 +35,19 @@ from privfer.secagg.errors import (
     DuplicateSender,
     InconsistentShares,
     InvalidInput,
+    InvalidSignature,
     MalformedMessage,
     RoundAborted,
     SecAggError,
+    ShareAuthenticationError,
     UnknownSender,
     UnsafeUnmaskRequest,
     WrongRound,
     WrongStage,
 )
 from privfer.secagg.graph import client_group
-from privfer.secagg.identity import Enrollment, verify_signature
-from privfer.secagg.idsets import Runs, check_runs, id_runs, in_runs, runs_size, runs_within
+from privfer.secagg.identity import SIGNATURE_BYTES, Enrollment, verify_signature
+from privfer.secagg.idsets import Runs, check_runs, expand_runs, id_runs, in_runs, runs_size, runs_within
 from privfer.secagg.keys import (
     KEY_BYTES,
     PURPOSE_MASK,
@@ -84,7 +87,11 @@ from privfer.secagg.statements import (
     advertise_statement,
     config_digest,
     consistency_statement,
+    deal_leaf,
+    deal_statement,
     ids_digest,
+    merkle_levels,
+    merkle_root_from,
     roster_digest,
 )
 
@@ -108,6 +115,24 @@ def parse_share_plaintext(raw: bytes) -> tuple[int, int, np.ndarray, np.ndarray]
                 shamir.share_from_bytes(body[shamir.SHARE_BYTES :]))
     except ValueError:
         raise InconsistentShares(f"client {sender} dealt a share word outside the field", senders=(sender,)) from None
+
+
+def open_share(key: bytes, blob: bytes, round_id: str, dealer: int, holder: int, roster: bytes,
+               committed: bytes | None) -> tuple[np.ndarray, np.ndarray]:
+    """Decrypt a dealer's shares for a holder and check them against the dealer's commitments: what a holder does,
+    and what anyone given the pair's key does to check a complaint. Raises ShareAuthenticationError,
+    MalformedMessage, UnknownSender or InconsistentShares (each the dealer's fault when its deal is signed)."""
+    plaintext = decrypt_share(key, blob, round_id, dealer, holder, roster)
+    inner_sender, inner_receiver, seed_share, key_share = parse_share_plaintext(plaintext)
+    if (inner_sender, inner_receiver) != (dealer, holder):
+        raise UnknownSender("a share bundle names other clients than the envelope")
+    if committed is None or not hmac.compare_digest(committed, share_commitments(
+            round_id, dealer, holder, shamir.share_to_bytes(seed_share), shamir.share_to_bytes(key_share))):
+        # the dealer committed to other shares than it sent (or the commitment was altered): a share returned
+        # later could not be told from a tampered one
+        raise InconsistentShares(f"client {dealer}'s shares for client {holder} do not match its commitments "
+                                 "(the dealer, or the server relaying them, is at fault)", senders=(dealer,))
+    return seed_share, key_share
 
 
 def _b64encode(raw: bytes) -> str:
@@ -219,6 +244,7 @@ class SecAggClient:
         self._share_keys: dict[int, bytes] = {}  # peer -> share-encryption key (the same both ways), this round only
         self._roster_digest = b""  # digest of the roster (binds every share and the signed statement)
         self._request = b""  # active: the unmask request this client signed, kept until the signatures arrive
+        self._complaints: dict[int, bytes] = {}  # dealer -> revealed share key, sent with the masked input
         self.mask_seconds = 0.0  # PRG expansion + modular addition of all masks (benchmarks compare it with the cipher)
 
     # -- saving and restoring ------------------------------------------------------
@@ -387,6 +413,39 @@ class SecAggClient:
         self._members = members
         return group
 
+    def _open_share(self, key: bytes, blob: bytes, sender: int,
+                    forwarded: ForwardedShares) -> tuple[np.ndarray, np.ndarray]:
+        return open_share(key, blob, self.round_id, sender, self.client_id, self._roster_digest,
+                          forwarded.commitments.get(sender))
+
+    def _deal_holders(self, dealer: int) -> tuple[int, ...]:
+        """The holders of ``dealer``'s shares in id order (its group; every member on the complete graph)."""
+        if runs_size(self._members) - 1 <= self.config.degree:
+            return expand_runs(self._members)
+        return tuple(sorted(client_group(self.round_id, self._members, self.config.degree, dealer)))
+
+    def _check_deal(self, dealer: int, blob: bytes, forwarded: ForwardedShares) -> None:
+        """Active security: the dealer's signature on its deal, through this client's hash-tree path, covers the
+        forwarded ciphertext and commitments. Otherwise the server (or the transport) altered them:
+        :class:`InvalidSignature`, and this client reveals nothing — a complaint could otherwise hand the server
+        the key to a share it has the original ciphertext of."""
+        assert self.enrollment is not None
+        proof = forwarded.proofs.get(dealer, b"")
+        committed = forwarded.commitments.get(dealer, b"")
+        holders = self._deal_holders(dealer)
+        index = bisect_left(holders, self.client_id)
+        if len(proof) < SIGNATURE_BYTES or (len(proof) - SIGNATURE_BYTES) % 32 or len(committed) != 64 \
+                or index >= len(holders) or holders[index] != self.client_id:
+            raise InvalidSignature(f"client {dealer}'s deal proof for client {self.client_id} is missing or malformed")
+        path = [proof[i:i + 32] for i in range(SIGNATURE_BYTES, len(proof), 32)]
+        try:
+            root = merkle_root_from(deal_leaf(self.client_id, blob, committed), index, len(holders), path)
+        except ValueError:
+            raise InvalidSignature(f"client {dealer}'s deal proof has a path of the wrong length") from None
+        verify_signature(self.enrollment.certificate.public_key(dealer),
+                         deal_statement(self.enrollment.study, self.round_id, dealer, len(holders), root),
+                         proof[:SIGNATURE_BYTES], f"client {dealer}'s deal")
+
     def _check_roster_keys(self, roster: KeyRoster | GroupRoster) -> None:
         """No key twice (a server reusing one client's key for another); under active security every entry is an
         enrolled member whose signature on (study, round, id, keys) verifies against the certificate — a sybil or a
@@ -453,9 +512,17 @@ class SecAggClient:
                 plaintext = share_plaintext(self.client_id, holder, seed_share, key_share)
                 ciphertexts[holder] = encrypt_share(key, plaintext, self.round_id, self.client_id, holder,
                                                     self._roster_digest, self.randomness)
+            signature = b""
+            if self.config.security == "active":  # signed: a holder can prove a ciphertext it cannot open is ours
+                assert self.enrollment is not None
+                leaves = [deal_leaf(h, ciphertexts.get(h, b""), commitments[h]) for h in holders]
+                signature = self.enrollment.identity.sign(deal_statement(
+                    self.enrollment.study, self.round_id, self.client_id, len(holders),
+                    merkle_levels(leaves)[-1][0]))
             return ShareKeys(round_id=self.round_id, sender=self.client_id, ciphertexts=ciphertexts,
                              commitments=commitments,
-                             seed_commitment=seed_commitment(self.round_id, self.client_id, self._self_seed))
+                             seed_commitment=seed_commitment(self.round_id, self.client_id, self._self_seed),
+                             signature=signature)
 
     # -- stage 2 ---------------------------------------------------------------
     def check_forwarded(self, forwarded: ForwardedShares) -> None:
@@ -490,24 +557,24 @@ class SecAggClient:
             strangers = set(forwarded.ciphertexts) - set(self._group)
             if strangers:
                 raise UnknownSender(f"shares from clients outside this client's group: {sorted(strangers)[:5]}")
+            active = self.config.security == "active"
+            complaints: dict[int, bytes] = {}
             for sender, blob in forwarded.ciphertexts.items():
                 key = self._share_keys.get(sender) or agree(self._keys.c_private, self._roster[sender][0],
                                                             PURPOSE_SHARE, self.round_id, sender, self.client_id)
-                plaintext = decrypt_share(key, blob, self.round_id, sender, self.client_id, self._roster_digest)
-                inner_sender, inner_receiver, seed_share, key_share = parse_share_plaintext(plaintext)
-                if (inner_sender, inner_receiver) != (sender, self.client_id):
-                    raise UnknownSender("a share bundle names other clients than the envelope")
-                committed = forwarded.commitments.get(sender)
-                if committed is None or not hmac.compare_digest(committed, share_commitments(
-                        self.round_id, sender, self.client_id, shamir.share_to_bytes(seed_share),
-                        shamir.share_to_bytes(key_share))):
-                    # the dealer committed to other shares than it sent (or the commitment was altered): a share
-                    # returned later could not be told from a tampered one
-                    raise InconsistentShares(f"client {sender}'s shares for client {self.client_id} do not match "
-                                             "its commitments (the dealer, or the server relaying them, is at "
-                                             "fault)", senders=(sender,))
-                self._held[sender] = (seed_share, key_share)
+                if active:  # the dealer's signature covers this very ciphertext and commitment, or nothing is said
+                    self._check_deal(sender, blob, forwarded)
+                try:
+                    self._held[sender] = self._open_share(key, blob, sender, forwarded)
+                except (ShareAuthenticationError, InconsistentShares, UnknownSender, MalformedMessage):
+                    if not active:
+                        raise
+                    # Bonawitz et al.'s complaint: the dealer signed a share that does not open (or does not match
+                    # its commitments). Revealing the pair's key exposes only that signed ciphertext — garbage, or
+                    # this client's own share from a dealer that cheated — and lets anyone check the accusation.
+                    complaints[sender] = key
             self._share_keys.clear()  # not needed after this stage
+            self._complaints = complaints
             self._peers = frozenset(forwarded.ciphertexts)
             if len(self._peers) + 1 < self.config.group_threshold:
                 self.stage = "aborted"
@@ -531,7 +598,8 @@ class SecAggClient:
                 else:
                     masked -= expander.expand(seed)
             self.mask_seconds = time.perf_counter() - started
-            return MaskedInput(round_id=self.round_id, sender=self.client_id, modulus_bits=bits, vector=masked)
+            return MaskedInput(round_id=self.round_id, sender=self.client_id, modulus_bits=bits, vector=masked,
+                               complaints=self._complaints)
 
     @property
     def colluders(self) -> int:
@@ -659,7 +727,7 @@ class SecAggClient:
         return self._response(*self._vet(message))
 
     def _response(self, survivors: frozenset[int], dropped: frozenset[int]) -> UnmaskResponse:
-        known = set(self._peers) | {self.client_id}
+        known = set(self._held)  # a dealer this client complained about left it no shares to give
         alive = survivors & known
         seed_shares = {v: shamir.share_to_bytes(self._held[v][0]) for v in sorted(alive)}
         key_shares = {v: shamir.share_to_bytes(self._held[v][1]) for v in sorted(dropped & known)}

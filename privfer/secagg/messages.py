@@ -340,16 +340,19 @@ class ShareKeys(Message):
     ciphertexts: dict[int, bytes]
     commitments: Commitments  # holder -> commitment to its share of b || to its share of s
     seed_commitment: bytes = Field(..., min_length=COMMITMENT_BYTES, max_length=COMMITMENT_BYTES)
+    signature: Signature = b""  # active security: the dealer's signature on its deal (statements.deal_statement)
 
     def _body(self) -> bytes:
-        return _blobs(self.ciphertexts) + _fixed(self.commitments) + self.seed_commitment
+        return (_blobs(self.ciphertexts) + _fixed(self.commitments) + self.seed_commitment
+                + bytes([len(self.signature)]) + self.signature)
 
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "ShareKeys":
         ciphertexts = _read_blobs(reader)
         commitments = _read_fixed(reader, PAIR_BYTES)
-        return cls(**header, ciphertexts=ciphertexts, commitments=commitments,
-                   seed_commitment=reader.take(COMMITMENT_BYTES))
+        seed_commitment = reader.take(COMMITMENT_BYTES)
+        return cls(**header, ciphertexts=ciphertexts, commitments=commitments, seed_commitment=seed_commitment,
+                   signature=reader.take(reader.u8()))
 
 
 class ForwardedShares(Message):
@@ -359,15 +362,20 @@ class ForwardedShares(Message):
     receiver: int = ClientId
     ciphertexts: dict[int, bytes]
     commitments: Commitments  # sender -> its commitments for this receiver's shares
+    # active security: sender -> its deal signature (64 bytes) and this receiver's hash-tree path (32 bytes a step)
+    proofs: dict[int, bytes] = {}
 
     def _body(self) -> bytes:
-        return struct.pack(">I", self.receiver) + _blobs(self.ciphertexts) + _fixed(self.commitments)
+        return (struct.pack(">I", self.receiver) + _blobs(self.ciphertexts) + _fixed(self.commitments)
+                + _blobs(self.proofs))
 
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "ForwardedShares":
         receiver = reader.client_id()
         ciphertexts = _read_blobs(reader)
-        return cls(**header, receiver=receiver, ciphertexts=ciphertexts, commitments=_read_fixed(reader, PAIR_BYTES))
+        commitments = _read_fixed(reader, PAIR_BYTES)
+        return cls(**header, receiver=receiver, ciphertexts=ciphertexts, commitments=commitments,
+                   proofs=_read_blobs(reader))
 
 
 class MaskedInput(Message):
@@ -376,6 +384,16 @@ class MaskedInput(Message):
     KIND: ClassVar[int] = 5
     modulus_bits: int
     vector: np.ndarray
+    # active security: dealer -> the share key of the pair (32 bytes), revealed because the dealer's signed
+    # ciphertext for this client does not open or does not match its commitments (a complaint, SPEC 6.3)
+    complaints: dict[int, bytes] = {}
+
+    @field_validator("complaints")
+    @classmethod
+    def _keys(cls, value: dict[int, bytes]) -> dict[int, bytes]:
+        if any(len(key) != KEY_BYTES for key in value.values()):
+            raise ValueError(f"a complaint reveals a {KEY_BYTES}-byte share key")
+        return value
 
     @field_validator("modulus_bits")
     @classmethod
@@ -393,7 +411,7 @@ class MaskedInput(Message):
 
     def _body(self) -> bytes:
         words = np.ascontiguousarray(self.vector, dtype=word_dtype(self.modulus_bits))
-        return struct.pack(">BI", self.modulus_bits, words.size) + words.tobytes()
+        return struct.pack(">BI", self.modulus_bits, words.size) + words.tobytes() + _fixed(self.complaints)
 
     @classmethod
     def _read_body(cls, reader: _Reader, header: dict) -> "MaskedInput":
@@ -404,7 +422,7 @@ class MaskedInput(Message):
             raise WrongVectorLength(f"vector of {length} words exceeds {MAX_WORDS}")
         dtype = word_dtype(bits)
         vector = np.frombuffer(reader.take(length * dtype.itemsize), dtype=dtype)
-        return cls(**header, modulus_bits=bits, vector=vector)
+        return cls(**header, modulus_bits=bits, vector=vector, complaints=_read_fixed(reader, KEY_BYTES))
 
 
 @lru_cache(maxsize=4)

@@ -15,13 +15,14 @@ remain. :attr:`transcript` records everything the server saw.
 from __future__ import annotations
 
 import hmac
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from privfer.secagg import shamir
-from privfer.secagg.client import _config_digest, _survivors_digest, check_header
+from privfer.secagg.client import _config_digest, _survivors_digest, check_header, open_share
 from privfer.secagg.config import SecAggConfig
 from privfer.secagg.errors import (
     DuplicateSender,
@@ -30,6 +31,7 @@ from privfer.secagg.errors import (
     NotEnoughShares,
     OutOfRangeSum,
     RoundAborted,
+    SecAggError,
     UnknownSender,
     WrongStage,
     WrongVectorLength,
@@ -64,7 +66,15 @@ from privfer.secagg.messages import (
 )
 from privfer.secagg.payload import Decoded, PayloadLayout
 from privfer.secagg.prg import MaskExpander, word_dtype
-from privfer.secagg.statements import advertise_statement, consistency_statement, roster_digest
+from privfer.secagg.statements import (
+    advertise_statement,
+    consistency_statement,
+    deal_leaf,
+    deal_statement,
+    merkle_levels,
+    merkle_path,
+    roster_digest,
+)
 
 
 @dataclass
@@ -107,6 +117,8 @@ class ServerSum:
     words: np.ndarray
     included: tuple[int, ...]
     decoded: Decoded
+    blamed: dict[int, tuple[int, ...]] = field(default_factory=dict)  # dealer -> holders whose complaint held
+    false_complaints: dict[int, tuple[int, ...]] = field(default_factory=dict)  # holder -> dealers it accused
 
 
 class SecAggServer:
@@ -148,6 +160,9 @@ class SecAggServer:
         self._advert_signatures: dict[int, bytes] = {}
         self._consistency: dict[int, bytes] = {}  # survivor -> its signature on the round's statement
         self._roster_digest = b""
+        self._deals: dict[int, tuple[bytes, list[list[bytes]], tuple[int, ...]]] = {}  # dealer -> signature, tree
+        self.blamed: dict[int, set[int]] = {}  # dealer -> holders whose verified complaint excluded it
+        self.false_complaints: dict[int, set[int]] = {}  # holder -> dealers it accused of a share that opens
 
     # -- plumbing ---------------------------------------------------------------
     def _accept(self, raw: bytes | Message, kind: type[Message], stage: str, peer: int | None) -> Message:
@@ -247,6 +262,16 @@ class SecAggServer:
             raise UnknownSender(f"client {sender} sent shares for other clients than its {len(self._neighbours[sender])} neighbours")
         if set(message.commitments) != set(self._neighbours[sender]) | {sender}:
             raise UnknownSender(f"client {sender} committed to shares for other clients than its group")
+        if self.config.security == "active":  # the signed deal: what a holder's complaint is checked against
+            assert self.certificate is not None
+            holders = tuple(sorted(message.commitments))
+            levels = merkle_levels([deal_leaf(h, message.ciphertexts.get(h, b""), message.commitments[h])
+                                    for h in holders])
+            verify_signature(self.certificate.public_key(sender),
+                             deal_statement(self.certificate.study, self.round_id, sender, len(holders),
+                                            levels[-1][0]),
+                             message.signature, f"client {sender}'s deal")
+            self._deals[sender] = (message.signature, levels, holders)
         self._shares[sender] = dict(message.ciphertexts)
         self._commitments[sender] = dict(message.commitments)
         self._seed_commitments[sender] = message.seed_commitment
@@ -265,9 +290,13 @@ class SecAggServer:
         for receiver in sorted(self._shares):
             incoming = addressed[receiver]
             committed = {s: self._commitments[s][receiver] for s in incoming}
+            proofs = {}
+            for dealer in incoming if self._deals else ():
+                signature, levels, holders = self._deals[dealer]
+                proofs[dealer] = signature + b"".join(merkle_path(levels, bisect_left(holders, receiver)))
             bundles[receiver] = self._send(
                 ForwardedShares(round_id=self.round_id, sender=SERVER, receiver=receiver, ciphertexts=incoming,
-                                commitments=committed),
+                                commitments=committed, proofs=proofs),
                 "share", receiver,
             )
         return bundles
@@ -283,29 +312,51 @@ class SecAggServer:
             raise WrongVectorLength(f"masked input in 2^{message.modulus_bits}, the round uses 2^{self.config.modulus_bits}")
         if message.vector.size != self.layout.length:
             raise WrongVectorLength(f"masked input of {message.vector.size} words, expected {self.layout.length}")
+        if message.complaints:
+            self._check_complaints(message.sender, message.complaints)
         self._masked[message.sender] = message.vector
+
+    def _check_complaints(self, holder: int, complaints: dict[int, bytes]) -> None:
+        """A holder revealed the share key of each dealer whose signed ciphertext it could not open. Check each
+        accusation with that key: a ciphertext that opens and matches the dealer's commitments means the holder
+        lied (recorded, ignored); otherwise the dealer cheated and is excluded — treated as dropped, its masks
+        removed with its mask key, its input left out (SPEC 6.3)."""
+        if self.config.security != "active":
+            raise MalformedMessage("complaints are part of active security (signed deals) only")
+        for dealer, key in complaints.items():
+            blob = self._shares.get(dealer, {}).get(holder)
+            if blob is None:
+                raise UnknownSender(f"client {holder} complains about client {dealer}, who dealt it no share")
+            try:
+                open_share(key, blob, self.round_id, dealer, holder, self._roster_digest,
+                           self._commitments[dealer].get(holder))
+            except SecAggError:
+                self.blamed.setdefault(dealer, set()).add(holder)
+            else:
+                self.false_complaints.setdefault(holder, set()).add(dealer)
 
     def _close_masked(self, roster: str) -> UnmaskRequest:
         if self.stage != "masked":
             raise WrongStage(f"the unmask request is sent once, after MaskedInput (stage is {self.stage!r})")
         if self.config.roster != roster:
             raise WrongStage(f"the round's roster is {self.config.roster!r}, not {roster!r}")
-        self._require(len(self._masked), "sent masked inputs")
-        minimum = self.config.min_inputs
-        if minimum is not None and len(self._masked) < minimum:
-            self.stage = "aborted"  # the clients would refuse to unmask (SecAggClient.unmask)
-            raise RoundAborted(f"only {len(self._masked)} masked inputs arrived; the round needs at least {minimum}")
+        # a dealer whose signed share did not open is treated as dropped: its input is left out of the sum
+        survivors = tuple(sorted(set(self._masked) - set(self.blamed)))
+        needed = max(self.config.group_threshold, self.config.min_inputs or 0)
         if self.config.security == "active":
             assert self.certificate is not None
-            needed = self.config.consistency_threshold(
-                len(self._keys), self.config.study_colluders(len(self.certificate.members)))
-            if len(self._masked) < needed:
-                self.stage = "aborted"
-                raise RoundAborted(f"only {len(self._masked)} masked inputs arrived; active security needs at least "
-                                   f"{needed} survivors (the clients would refuse to sign)")
+            needed = max(needed, self.config.consistency_threshold(
+                len(self._keys), self.config.study_colluders(len(self.certificate.members))))
+        if len(survivors) < needed:
+            self.stage = "aborted"  # the clients would refuse to unmask (or to sign)
+            if self.blamed:
+                raise InconsistentShares(f"dealers {sorted(self.blamed)[:8]} dealt shares that do not open; "
+                                         f"without them {len(survivors)} inputs remain, fewer than {needed}",
+                                         senders=tuple(sorted(self.blamed)))
+            self._require(len(survivors), "sent masked inputs")
+            raise RoundAborted(f"only {len(survivors)} masked inputs arrived; the round needs at least {needed}")
         self.stage = "consistency" if self.config.security == "active" else "unmask"
-        survivors = tuple(sorted(self._masked))
-        dropped = tuple(sorted(set(self._shares) - set(self._masked)))
+        dropped = tuple(sorted(set(self._shares) - set(survivors)))
         self._request = UnmaskRequest(round_id=self.round_id, sender=SERVER, survivors=survivors, dropped=dropped)
         return self._request
 
@@ -438,8 +489,8 @@ class SecAggServer:
         self._lagrange: dict[tuple[int, ...], np.ndarray] = {}
         bits, length = self.config.modulus_bits, self.layout.length
         total = np.zeros(length, dtype=word_dtype(bits))
-        for vector in self._masked.values():
-            total += vector
+        for survivor in self._request.survivors:  # a blamed dealer's masked input is not summed
+            total += self._masked[survivor]
         expander = MaskExpander(length, bits)
         for survivor in self._request.survivors:
             total -= expander.expand(self._reconstruct(survivor, "seed_shares"))
@@ -460,7 +511,9 @@ class SecAggServer:
             self.stage = "aborted"
             raise
         self.stage = "done"
-        return ServerSum(words=total, included=included, decoded=self.layout.decode(total))
+        return ServerSum(words=total, included=included, decoded=self.layout.decode(total),
+                         blamed={d: tuple(sorted(h)) for d, h in self.blamed.items()},
+                         false_complaints={h: tuple(sorted(d)) for h, d in self.false_complaints.items()})
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -84,5 +84,68 @@ def context_digest(*parts: bytes) -> bytes:
     return digest.digest()
 
 
-__all__ = ["CONTEXT_BYTES", "NO_CONTEXT", "advertise_statement", "config_digest", "consistency_statement",
+_DEAL = b"privfer-secagg/v3/deal"
+_LEAF = b"privfer-secagg/v3/deal-leaf"
+_NODE = b"privfer-secagg/v3/deal-node"
+
+
+def deal_leaf(holder: int, ciphertext: bytes, commitments: bytes) -> bytes:
+    """One holder's entry in a dealer's signed deal: its ciphertext (empty for the dealer's own share) and the
+    dealer's 64 bytes of commitments to its two shares."""
+    return hashlib.sha256(_LEAF + struct.pack(">I", holder) + hashlib.sha256(ciphertext).digest()
+                          + commitments).digest()
+
+
+def _parent(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(_NODE + left + right).digest()
+
+
+def merkle_levels(leaves: list[bytes]) -> list[list[bytes]]:
+    """A binary hash tree over ``leaves`` (in holder order); an odd last node is carried up unchanged."""
+    if not leaves:
+        raise ValueError("a deal has at least one holder")
+    levels = [list(leaves)]
+    while len(levels[-1]) > 1:
+        level = levels[-1]
+        levels.append([_parent(level[i], level[i + 1]) if i + 1 < len(level) else level[i]
+                       for i in range(0, len(level), 2)])
+    return levels
+
+
+def merkle_path(levels: list[list[bytes]], index: int) -> list[bytes]:
+    """The sibling hashes from leaf ``index`` up to the root (a carried-up node has no sibling at its level)."""
+    path = []
+    for level in levels[:-1]:
+        sibling = index ^ 1
+        if sibling < len(level):
+            path.append(level[sibling])
+        index //= 2
+    return path
+
+
+def merkle_root_from(leaf: bytes, index: int, count: int, path: list[bytes]) -> bytes:
+    """The root a leaf and its path lead to, for a tree of ``count`` leaves; ValueError if the path's length does
+    not fit the position."""
+    node, width, used = leaf, count, 0
+    while width > 1:
+        sibling = index ^ 1
+        if sibling < width:
+            if used >= len(path):
+                raise ValueError("the path is too short")
+            node = _parent(node, path[used]) if index % 2 == 0 else _parent(path[used], node)
+            used += 1
+        index //= 2
+        width = (width + 1) // 2
+    if used != len(path):
+        raise ValueError("the path is too long")
+    return node
+
+
+def deal_statement(study: str, round_id: str, dealer: int, holders: int, root: bytes) -> bytes:
+    """What a dealer signs under active security: the hash tree over every holder's ciphertext and commitments.
+    A holder can then prove to anyone that the ciphertext it cannot open is the dealer's own (complaints)."""
+    return _DEAL + _study(study) + round_bytes(round_id) + struct.pack(">II", dealer, holders) + root
+
+
+__all__ = ["deal_leaf", "deal_statement", "merkle_levels", "merkle_path", "merkle_root_from","CONTEXT_BYTES", "NO_CONTEXT", "advertise_statement", "config_digest", "consistency_statement",
            "context_digest", "ids_digest", "roster_digest"]

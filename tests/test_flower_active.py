@@ -37,6 +37,15 @@ def enroll(tmp_path, count=5, study="flower-study"):
     return certificate, node_config
 
 
+def active_round(tmp_path, grid_class=LocalGrid):
+    """One active-security train round of five enrolled nodes over ``grid_class`` (a transport that may lie)."""
+    certificate, node_config = enroll(tmp_path)
+    grid = grid_class(make_app([secagg_mod]), 5, node_config=node_config)
+    secure = SecAggGrid(grid, protect=("train",), certificate=certificate)
+    run(secure)
+    return secure.reports[0], grid
+
+
 class TamperingGrid(LocalGrid):
     """The transport of a malicious server: at the masked-input stage (where the nodes train) one node receives
     another model than its peers."""
@@ -75,11 +84,7 @@ def test_a_node_given_another_model_makes_the_round_abort(tmp_path):
     """Attack 3: the transport gives one node another model. Its signature is on another statement: the grid's
     server refuses it, and a round whose survivor did not sign releases nothing (the nodes would refuse too —
     tests/test_secagg_active.py forwards the signatures as a lying server would)."""
-    certificate, node_config = enroll(tmp_path)
-    grid = TamperingGrid(make_app([secagg_mod]), 5, node_config=node_config)
-    secure = SecAggGrid(grid, protect=("train",), certificate=certificate)
-    run(secure)
-    report = secure.reports[0]
+    report, grid = active_round(tmp_path, TamperingGrid)
     assert report.aborted is not None and "did not sign" in report.aborted and report.included == []
     victim = grid.node_ids[0]
     assert report.dropped[victim].startswith("consistency: InvalidSignature")
@@ -161,11 +166,7 @@ class ConfigTamperingGrid(LocalGrid):
 
 
 def test_a_node_given_another_config_makes_the_round_abort(tmp_path):
-    certificate, node_config = enroll(tmp_path)
-    grid = ConfigTamperingGrid(make_app([secagg_mod]), 5, node_config=node_config)
-    secure = SecAggGrid(grid, protect=("train",), certificate=certificate)
-    run(secure)
-    report = secure.reports[0]
+    report, _ = active_round(tmp_path, ConfigTamperingGrid)
     assert report.aborted is not None and report.included == []
 
 
@@ -189,11 +190,7 @@ class SquattingGrid(LocalGrid):
 
 
 def test_a_node_cannot_evict_another_by_claiming_its_member_id(tmp_path):
-    certificate, node_config = enroll(tmp_path)
-    grid = SquattingGrid(make_app([secagg_mod]), 5, node_config=node_config)
-    secure = SecAggGrid(grid, protect=("train",), certificate=certificate)
-    run(secure)
-    report = secure.reports[0]
+    report, grid = active_round(tmp_path, SquattingGrid)
     squatter, owner = grid.node_ids[0], grid.node_ids[1]
     assert report.dropped[squatter].startswith("advertise_keys: InvalidSignature")
     assert owner in report.included and report.client_ids[owner] == MEMBERS[1]

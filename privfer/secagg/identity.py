@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from privfer.secagg.errors import InvalidCertificate, InvalidSignature, UnenrolledClient, WrongRound
+from privfer.secagg.reader import ByteReader
 
 PUBLIC_BYTES = 32
 SIGNATURE_BYTES = 64
@@ -229,17 +230,8 @@ class RosterCertificate:
     @classmethod
     def parse(cls, raw: bytes) -> "RosterCertificate":
         """Decode (without verifying: use :meth:`load`); :class:`InvalidCertificate` on malformed bytes."""
-        view = memoryview(bytes(raw))
-        at = 0
-
-        def take(n: int) -> bytes:
-            nonlocal at
-            if at + n > len(view):
-                raise InvalidCertificate("roster certificate truncated")
-            chunk = view[at:at + n].tobytes()
-            at += n
-            return chunk
-
+        reader = ByteReader(bytes(raw), InvalidCertificate, "roster certificate")
+        take = reader.take
         if take(4) != CERT_MAGIC:
             raise InvalidCertificate("not a privfer roster certificate (bad magic)")
         if take(1)[0] != CERT_VERSION:
@@ -250,24 +242,23 @@ class RosterCertificate:
             raise InvalidCertificate("the certificate's study id is not UTF-8") from None
         if not study:
             raise InvalidCertificate("the certificate's study id is empty")
-        not_before, not_after = struct.unpack(">QQ", take(16))
+        not_before, not_after = reader.u64(), reader.u64()
         authority = take(PUBLIC_BYTES)
-        count = struct.unpack(">I", take(4))[0]
-        if count > MAX_MEMBERS or count * (4 + PUBLIC_BYTES) > len(view) - at:
+        count = reader.u32()
+        if count > MAX_MEMBERS or count * (4 + PUBLIC_BYTES) > reader.left:
             raise InvalidCertificate(f"the certificate claims {count} members, more than it holds or "
                                      f"{MAX_MEMBERS}")
         members: dict[int, bytes] = {}
         last = 0
         for _ in range(count):
-            member = struct.unpack(">I", take(4))[0]
+            member = reader.u32()
             if not last < member <= MAX_MEMBER_ID:
                 raise InvalidCertificate(f"member ids must be increasing in 1..{MAX_MEMBER_ID} ({member} after "
                                          f"{last})")
             members[member] = take(PUBLIC_BYTES)
             last = member
         signature = take(SIGNATURE_BYTES)
-        if at != len(view):
-            raise InvalidCertificate(f"{len(view) - at} trailing bytes after the roster certificate")
+        reader.end()
         return cls._build(study, not_before, not_after, authority, members, signature)
 
     @classmethod

@@ -25,6 +25,7 @@ from privfer.secagg.idsets import Runs, check_runs, id_runs, in_runs, runs_size
 from privfer.secagg.identity import SIGNATURE_BYTES
 from privfer.secagg.keys import COMMITMENT_BYTES, KEY_BYTES
 from privfer.secagg.prg import word_dtype
+from privfer.secagg.reader import ByteReader
 from privfer.secagg.shamir import SHARE_BYTES, share_from_bytes
 
 MAGIC = b"PFSA"
@@ -34,27 +35,7 @@ MAX_BLOB = 1024
 MAX_WORDS = 1 << 31
 
 
-class _Reader:
-    def __init__(self, raw: bytes) -> None:
-        self.view = memoryview(raw)
-        self.at = 0
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.at + n > len(self.view):
-            raise MalformedMessage(f"message truncated: needs {n} more bytes at offset {self.at}, has {len(self.view) - self.at}")
-        chunk = self.view[self.at : self.at + n]
-        self.at += n
-        return chunk.tobytes()
-
-    def u8(self) -> int:
-        return self.take(1)[0]
-
-    def u16(self) -> int:
-        return struct.unpack(">H", self.take(2))[0]
-
-    def u32(self) -> int:
-        return struct.unpack(">I", self.take(4))[0]
-
+class _Reader(ByteReader):
     def count(self, limit: int = MAX_CLIENTS) -> int:
         n = self.u32()
         if n > limit:
@@ -78,9 +59,6 @@ class _Reader:
             values.append(self.client_id(values[-1] if values else 0))
         return tuple(values)
 
-    def end(self) -> None:
-        if self.at != len(self.view):
-            raise MalformedMessage(f"{len(self.view) - self.at} trailing bytes after the message")
 
 
 def _ids(values: tuple[int, ...]) -> bytes:

@@ -303,3 +303,27 @@ def test_a_grid_finer_than_the_decryption_error_is_refused():
     finest = make_ckks_config(num_clients=64).finest_grid_bits()
     with pytest.raises(ConfigError, match="finer than the decryption error"):
         make_ckks_config(num_clients=64, grid_bits=finest + 1)
+
+
+def test_a_client_that_encrypts_out_of_range_values_or_counts_gets_nothing_released():
+    """Attack 7 under CKKS: a client can encrypt anything with the public context (bypassing its own clipping);
+    the key authority refuses a sum that in-range inputs cannot produce."""
+    from privfer.secagg import OutOfRangeSum
+    from privfer.secagg.he import update_statement
+
+    config = make_ckks_config(num_clients=3, min_clients=2, clipping_range=1.0, max_examples=100)
+    layout = HELayout(((3,),), config)
+    for index, value in ((0, 5000.25), (3, 1e6)):  # an update value; the example count
+        authority = KeyAuthority(config, CERT)
+        public = authority.public_context()
+        server = HEServer(public, layout, "r", config, CERT)
+        for cid in (1, 2):
+            server.receive(he_client(cid, public, layout, "r").encrypt([np.full(3, 0.25)], 10))
+        vector = np.concatenate([np.full(3, 0.25), [10.0, 1.0, 0.0, 0.0, 0.0]])
+        vector[index] = value
+        blobs = (ts.ckks_vector(ts.context_from(public), vector.tolist()).serialize(),)
+        forged = HEMessage(kind="update", round_id="r", sender=3, ciphertexts=blobs,
+                           signature=ENROLLED[3].identity.sign(update_statement(CERT.study, "r", 3, blobs)))
+        server.receive(forged)
+        with pytest.raises(OutOfRangeSum):
+            authority.decrypt(server.bundle(), layout, "r")

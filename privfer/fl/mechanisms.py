@@ -119,10 +119,10 @@ def _trust_line(plan: DistributedPlan, security: str) -> str:
     server = ("a server that may deviate from the protocol (active security: enrolled members, signed rosters, "
               "consistency check)" if security == "active"
               else "SEMI-HONEST server (trusted to follow the protocol)")
-    counted = "enrolled members' signatures" if security == "active" else "inputs"
-    return (f"trust: {server}, at most {plan.colluders} of {plan.clients} clients per round collude; clients "
-            f"refuse to unmask fewer than {plan.min_inputs} {counted}; each adds 1/{plan.honest} of the noise "
-            f"variance")
+    refuse = (f"clients unmask only when every survivor, at least {plan.min_inputs}, signed the same view"
+              if security == "active" else f"clients refuse to unmask fewer than {plan.min_inputs} inputs")
+    return (f"trust: {server}, at most {plan.colluders} of {plan.clients} clients per round collude; {refuse}; "
+            f"each adds 1/{plan.honest} of the noise variance")
 
 
 class Mechanism(ABC):

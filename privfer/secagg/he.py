@@ -35,7 +35,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from privfer.errors import ConfigError
-from privfer.secagg.errors import DuplicateSender, MalformedMessage, MessageError, RoundAborted, UnknownSender
+from privfer.secagg.errors import (DuplicateSender, MalformedMessage, MessageError, OutOfRangeSum, RoundAborted,
+                                   UnknownSender)
 from privfer.secagg.identity import SIGNATURE_BYTES, Enrollment, RosterCertificate, enroll_in_process, verify_signature
 from privfer.secagg.errors import UnsupportedVersion, WrongRound, WrongVectorLength
 from privfer.secagg.payload import ArrayLayout
@@ -216,6 +217,26 @@ class HELayout(ArrayLayout):
         vector = np.concatenate([flat, np.array([float(example_count), 1.0, *digits]), metric_values])
         slots = config.slots
         return [vector[i : i + slots] for i in range(0, vector.size, slots)], report
+
+    def check_sum(self, vector: np.ndarray, clients: int) -> None:
+        """Refuse (:class:`OutOfRangeSum`) a decrypted sum that ``clients`` in-range inputs cannot produce: each
+        update value within clients x (c + 2^-g) (clipping, then rounding up to the grid), the example count in
+        0..clients x max_examples, each clipped-count digit in 0..clients x 1023, each metric within
+        clients x (m + 2^-g). A client can encrypt anything; the key authority releases nothing beyond this."""
+        config, n = self.config, self.update_length
+        step = 2.0 ** -config.grid
+        ranges = [(vector[:n], config.clipping_range + step, "update value"),
+                  (vector[n + 2 + COUNT_DIGITS : self.length], config.metric_range + step, "metric")]
+        for values, bound, what in ranges:
+            outside = np.flatnonzero(np.abs(values) > clients * bound)
+            if outside.size:
+                raise OutOfRangeSum(f"the decrypted sum's {what} {int(outside[0])} is beyond what {clients} clients "
+                                    "with in-range inputs can produce; nothing is released")
+        digits = vector[n + 2 : n + 2 + COUNT_DIGITS]
+        if not 0 <= vector[n] <= clients * config.max_examples or np.any(digits < 0) \
+                or np.any(digits > clients * (DIGIT - 1)):
+            raise OutOfRangeSum(f"the decrypted sum's example or clipping count is beyond what {clients} clients can "
+                                "report; nothing is released")
 
     def unpack(self, vector: np.ndarray) -> tuple[list[np.ndarray], float, float, int, dict[str, float]]:
         n = self.update_length
@@ -457,6 +478,7 @@ class KeyAuthority:
                 f"{self.config.error_bound(len(senders)):.3g}; nothing is released"
             )
         flat = grid_points / scale
+        layout.check_sum(flat, len(senders))
         arrays, count, clients, clipped, metrics = layout.unpack(flat)
         if round(clients) != len(senders):
             raise RoundAborted(

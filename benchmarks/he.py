@@ -34,7 +34,7 @@ def privfer_round(updates: dict[int, list[np.ndarray]], n: int) -> dict:
     sizes = []
     for cid, update in updates.items():
         start = time.perf_counter()
-        client = HEClient(cid, public, layout, "bench", enrolled[cid])  # each client loads the public context once
+        client = HEClient(cid, public, layout, "bench", enrolled[cid], authority.sealing_key)  # loads the context once
         load += time.perf_counter() - start
         start = time.perf_counter()
         message = client.encrypt(update).to_bytes()

@@ -76,14 +76,16 @@ def round_():
     layout = HELayout.for_arrays(updates[1], config)
     public = authority.public_context()
     server = HEServer(public, layout, "r", config)
-    messages = {c: HEClient(c, public, layout, "r", enrolled[c]).encrypt(updates[c]) for c in updates}
+    messages = {c: HEClient(c, public, layout, "r", enrolled[c], authority.sealing_key).encrypt(updates[c])
+                for c in updates}
     for message in messages.values():
         server.receive(message.to_bytes())
     release = authority.decrypt(server.bundle().to_bytes(), layout, "r")
-    # the aggregate ciphertext the key authority decrypted: anyone with the public context computes it
+    # the aggregate ciphertext the key authority decrypted (sealed updates: only it could form it; the attack
+    # below is what anyone holding it and a noisy decryption could do)
     context = ts.context_from(public)
-    summed = add_updates([parse_chunks(context, m.ciphertexts, layout, "c") for m in messages.values()],
-                         list(messages))
+    summed = add_updates([parse_chunks(context, authority._unseal(m, layout), layout, "c")
+                          for m in messages.values()], list(messages))
     aggregate = HEMessage(kind="update", round_id="r", sender=0, ciphertexts=tuple(v.serialize() for v in summed))
     return config, authority, updates, messages, aggregate, release
 

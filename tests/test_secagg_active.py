@@ -521,7 +521,7 @@ def complaint_round(*, bad_dealer=None, victim_holder=5, tamper_transit=False, f
             holders = sorted(deal.commitments)
             root = merkle_levels([deal_leaf(h, ciphertexts.get(h, b""), deal.commitments[h]) for h in holders])[-1][0]
             signature = enrollments[c].identity.sign(deal_statement(enrollments[c].study, ROUND, c, len(holders),
-                                                                    root))
+                                                                    root, clients[c]._roster_digest))
             deal = deal.model_copy(update={"ciphertexts": ciphertexts, "signature": signature})
         server.receive_share_keys(deal, peer=c)
     for c, bundle in server.forward_shares().items():
@@ -587,3 +587,67 @@ def test_a_false_complaint_is_exposed_and_the_honest_dealer_stays():
     assert summed.blamed == {} and summed.false_complaints == {5: (2,)}
     assert summed.included == tuple(range(1, 8))
     np.testing.assert_array_equal(summed.decoded.arrays[0], sum(updates[c][0] for c in range(1, 8)))
+
+
+def test_a_revealed_share_key_opens_only_the_dealers_ciphertext_to_the_holder():
+    """Review finding (A1): share keys are directed. The key a holder reveals about dealer d opens E(d -> holder)
+    only, never the holder's own deal to d (which would hand the server a share of the holder's secrets)."""
+    from privfer.secagg import ShareAuthenticationError
+    from privfer.secagg.keys import PURPOSE_SHARE, decrypt_share
+
+    game = Round(5, "active")
+    forwarded_to_2 = game.server._shares[3][2]  # E(3 -> 2)
+    own_deal_of_2 = game.server._shares[2][3]  # E(2 -> 3)
+    revealed = agree(game.clients[2]._keys.c_private, game.keys[3][0], PURPOSE_SHARE, ROUND, 3, 2)
+    digest = game.clients[2]._roster_digest
+    decrypt_share(revealed, forwarded_to_2, ROUND, 3, 2, digest)  # opens the dealer's ciphertext
+    with pytest.raises(ShareAuthenticationError):
+        decrypt_share(revealed, own_deal_of_2, ROUND, 2, 3, digest)
+
+
+def test_a_holder_shown_another_roster_reveals_no_key():
+    """Review finding (A1): the server gives each honest client a roster differing only in a colluder's keys, so
+    no share opens. The deal's signature covers the dealer's roster digest: the holder sees an invalid deal and
+    aborts without complaining (no key leaves it)."""
+    game = Round(5, "active")
+    victim = SecAggClient(1, game.config, "split-roster", game.layout, enrollment=Enrollment(
+        1, game.enrollments[1].identity, game.enrollments[1].certificate))
+    with pytest.raises(InvalidSignature):
+        _deal_check_with_roster(victim)
+
+
+def _deal_check_with_roster(client):
+    """Client 1 saw roster digest R; the deal it is forwarded (dealer 1's key, a valid tree) was signed for S."""
+    from privfer.secagg.statements import deal_leaf, deal_statement, merkle_levels, merkle_path
+
+    client._members = ((1, 5),)
+    client._roster_digest = b"R" * 32  # what this client saw
+    dealer = client.enrollment  # a stand-in dealer key: signs for its own (different) roster digest
+    holders = list(range(1, 6))
+    leaves = [deal_leaf(h, b"ct", bytes(64)) for h in holders]
+    levels = merkle_levels(leaves)
+    signature = dealer.identity.sign(deal_statement(dealer.study, client.round_id, 1, 5, levels[-1][0], b"S" * 32))
+    forwarded = m.ForwardedShares(round_id=client.round_id, sender=0, receiver=1, ciphertexts={2: b"ct"},
+                                  commitments={2: bytes(64)}, proofs={2: signature + b"".join(merkle_path(levels, 0))})
+    client._check_deal(1, b"ct", forwarded)
+
+
+def test_a_forwarded_share_from_the_client_itself_is_refused():
+    """Review finding (A2): the server forwards a client its own (empty) leaf as if from a peer."""
+    game = Round(5, "active", seed=4)
+    client = SecAggClient(1, game.config, "self-leaf", game.layout, enrollment=Enrollment(
+        1, game.enrollments[1].identity, game.enrollments[1].certificate))
+    client.stage, client._group, client._keys = "shared", frozenset(range(1, 6)), game.clients[1]._keys
+    forwarded = m.ForwardedShares(round_id="self-leaf", sender=0, receiver=1, ciphertexts={1: b""},
+                                  commitments={1: bytes(64)})
+    with pytest.raises(UnknownSender, match="outside this client's group"):
+        client.masked_input(forwarded, game.updates[1])
+
+
+def test_a_refused_complaint_blames_no_one():
+    """Review finding (A3): a complaint table with one valid and one bogus entry is refused whole."""
+    game = Round(7, "active")
+    server = game.server
+    with pytest.raises(UnknownSender):
+        server._check_complaints(5, {2: bytes(32), 99: bytes(32)})
+    assert server.blamed == {} and server.false_complaints == {}

@@ -14,12 +14,15 @@ from privfer.errors import ConfigError
 from privfer.secagg import DuplicateSender, MalformedMessage, RoundAborted, WrongRound, WrongVectorLength, aggregate
 from privfer.secagg.identity import enroll_in_process
 from privfer.secagg.he import (
+    seal_update,
+    update_statement,
     HEClient,
     HELayout,
     HEMessage,
     HEServer,
     InvalidCiphertext,
     KeyAuthority,
+    parse_chunks,
     make_ckks_config,
 )
 
@@ -28,13 +31,29 @@ ENROLLED = enroll_in_process(range(1, 11), study="ckks-tests")  # an enrollment 
 CERT = ENROLLED[1].certificate
 
 
+SEALS: dict[bytes, bytes] = {}  # public context -> its key authority's sealing key (a trusted channel)
+
+
+def make_authority(config):
+    authority = KeyAuthority(config, CERT)
+    SEALS[authority.public_context()] = authority.sealing_key
+    return authority
+
+
 def he_client(cid, public, layout, round_id):
-    return HEClient(cid, public, layout, round_id, ENROLLED[cid])
+    return HEClient(cid, public, layout, round_id, ENROLLED[cid], SEALS[public])
 
 
-@pytest.fixture(scope="module")
+def signed_sealed(public, cid, round_id, chunks):
+    """A client's update made by hand: raw CKKS chunks sealed to the key authority and signed by member ``cid``."""
+    sealed = (seal_update(SEALS[public], round_id, cid, chunks),)
+    return HEMessage(kind="update", round_id=round_id, sender=cid, ciphertexts=sealed,
+                     signature=ENROLLED[cid].identity.sign(update_statement(CERT.study, round_id, cid, sealed)))
+
+
+@pytest.fixture()
 def authority():
-    return KeyAuthority(make_ckks_config(num_clients=5, min_clients=3), CERT)
+    return make_authority(make_ckks_config(num_clients=5, min_clients=3))
 
 
 @settings(max_examples=8, deadline=None)
@@ -88,9 +107,9 @@ def test_public_contexts_hold_no_secret_key(authority):
             ts.ckks_vector_from(holder, vector.serialize()).decrypt()
     secret_context = authority._context.serialize(save_secret_key=True)
     with pytest.raises(ValueError, match="public context"):
-        he_client(1, secret_context, layout, "r")
+        HEClient(1, secret_context, layout, "r", ENROLLED[1], authority.sealing_key)
     with pytest.raises(ValueError, match="enrollment"):
-        HEClient(1, public, layout, "r", ENROLLED[2])
+        HEClient(1, public, layout, "r", ENROLLED[2], SEALS[public])
     with pytest.raises(ValueError, match="public context"):
         HEServer(secret_context, layout, "r", authority.config)
 
@@ -105,9 +124,14 @@ def _round(authority, n=4, round_id="r"):
 
 def test_bad_ciphertext_bytes_raise_a_specific_error(authority):
     layout, server, messages = _round(authority)
-    forged = HEMessage(kind="update", round_id="r", sender=1, ciphertexts=(b"not a ciphertext",))
+    # the server sees sealed bytes only; the key authority opens them and leaves out what is not CKKS
+    for cid in (2, 3, 4):
+        server.receive(messages[cid])
+    server.receive(signed_sealed(authority.public_context(), 1, "r", [b"not a ciphertext"]))
+    plain = authority.decrypt(server.bundle(), layout, "r")
+    assert plain.included == (2, 3, 4) and authority.rejected == {1}
     with pytest.raises(InvalidCiphertext, match="client 1 sent bytes that are not a CKKS vector"):
-        server.receive(forged.to_bytes())
+        parse_chunks(ts.context_from(authority.public_context()), [b"not a ciphertext"], layout, "client 1")
     for broken in (b"", b"PFHE", messages[2].to_bytes()[:-5], b"XXXX" + messages[2].to_bytes()[4:]):
         with pytest.raises(MalformedMessage):
             server.receive(broken)
@@ -121,9 +145,9 @@ def test_server_checks_round_duplicates_and_length(authority):
     _, _, other_round = _round(authority, round_id="r-old")
     with pytest.raises(WrongRound):
         server.receive(other_round[2].to_bytes())
-    wide = he_client(3, authority.public_context(), HELayout(((5000,),), authority.config), "r")
+    two_blobs = messages[3].model_copy(update={"ciphertexts": messages[3].ciphertexts * 2})
     with pytest.raises(WrongVectorLength):
-        server.receive(wide.encrypt([np.zeros(5000)]).to_bytes())
+        server.receive(two_blobs)
 
 
 def test_key_authority_refuses_small_or_inflated_aggregates(authority):
@@ -139,7 +163,7 @@ def test_key_authority_refuses_small_or_inflated_aggregates(authority):
         authority.decrypt(inflated, layout, "r")
     mislabelled = HEMessage(kind="bundle", round_id="r", sender=0, included=(1, 2, 4),
                             updates=(*small.updates, messages[3].to_bytes()))
-    with pytest.raises(MalformedMessage, match="not the senders"):
+    with pytest.raises(MalformedMessage, match="not the senders"):  # found before decrypting: "r" stays open
         authority.decrypt(mislabelled, layout, "r")
     server.receive(messages[3])
     plain = authority.decrypt(server.bundle().to_bytes(), layout, "r")
@@ -163,7 +187,7 @@ def test_a_forged_aggregate_of_pads_around_one_victim_is_refused():
     from privfer.secagg.he import update_statement
 
     config = make_ckks_config(num_clients=5, min_clients=3)
-    authority = KeyAuthority(config, CERT)
+    authority = make_authority(config)
     layout = HELayout(((3,),), config)
     public = authority.public_context()
     victim = he_client(1, public, layout, "fresh").encrypt([np.array([0.25, -1.5, 3.0])])
@@ -198,19 +222,19 @@ def test_a_forged_aggregate_of_pads_around_one_victim_is_refused():
 
 def test_a_chunk_that_does_not_fit_leaves_nothing_in_the_sum():
     config = make_ckks_config(num_clients=4, min_clients=2)
-    authority = KeyAuthority(config, CERT)
+    authority = make_authority(config)
     layout = HELayout(((5000,),), config)  # two chunks: 4,096 + 906 values (+ extras)
     public = authority.public_context()
     server = HEServer(public, layout, "r", config)
     clients = {cid: he_client(cid, public, layout, "r") for cid in (1, 2, 3)}
     server.receive(clients[1].encrypt([np.ones(5000)]))
-    good = clients[2].encrypt([np.ones(5000)])
-    short = ts.ckks_vector(ts.context_from(public), [1.0] * 10).serialize()
-    with pytest.raises(InvalidCiphertext, match="chunk 1 holds 10 values"):
-        server.receive(HEMessage(kind="update", round_id="r", sender=2, ciphertexts=(good.ciphertexts[0], short)))
+    context = ts.context_from(public)
+    first = ts.ckks_vector(context, [1.0] * config.slots).serialize()
+    short = ts.ckks_vector(context, [1.0] * 10).serialize()
+    server.receive(signed_sealed(public, 2, "r", [first, short]))
     server.receive(clients[3].encrypt([np.ones(5000)]))
     plain = authority.decrypt(server.bundle(), layout, "r")
-    assert plain.included == (1, 3)
+    assert plain.included == (1, 3) and authority.rejected == {2}
     np.testing.assert_allclose(plain.arrays[0], 2.0, atol=1e-5)
 
 
@@ -251,7 +275,7 @@ def test_clipped_counts_are_summed_exactly_under_encryption():
 
 def test_a_chunk_at_another_scale_is_rolled_back():
     config = make_ckks_config(num_clients=3, min_clients=2)
-    authority = KeyAuthority(config, CERT)
+    authority = make_authority(config)
     layout = HELayout(((5000,),), config)
     public = authority.public_context()
     server = HEServer(public, layout, "r", config)
@@ -259,12 +283,11 @@ def test_a_chunk_at_another_scale_is_rolled_back():
     other_scale = ts.context_from(public)
     other_scale.global_scale = 2.0**30
     second = ts.ckks_vector(other_scale, [1.0] * (layout.length - config.slots)).serialize()
-    first = he_client(2, public, layout, "r").encrypt([np.ones(5000)]).ciphertexts[0]
-    with pytest.raises(InvalidCiphertext, match="do not add"):
-        server.receive(HEMessage(kind="update", round_id="r", sender=2, ciphertexts=(first, second)))
+    first = ts.ckks_vector(ts.context_from(public), [1.0] * config.slots).serialize()
+    server.receive(signed_sealed(public, 2, "r", [first, second]))
     server.receive(he_client(3, public, layout, "r").encrypt([np.ones(5000)]))
     plain = authority.decrypt(server.bundle(), layout, "r")
-    assert plain.included == (1, 3)
+    assert plain.included == (1, 3) and authority.rejected == {2}
     np.testing.assert_array_equal(plain.arrays[0], 2.0)  # client 2's first chunk was taken out again
 
 
@@ -281,13 +304,13 @@ def test_the_release_carries_no_ckks_noise():
     assert first.total[0].tobytes() == second.total[0].tobytes()
     np.testing.assert_array_equal(first.total[0], exact)
     # the raw decryptions do differ: the noise the release rounds away is really there
-    authority = KeyAuthority(config, CERT)
+    authority = make_authority(config)
     layout = HELayout.for_arrays(updates[1], config)
     public = authority.public_context()
     raws = []
     for _ in range(2):
-        vector = ts.ckks_vector_from(ts.context_from(public),
-                                     he_client(1, public, layout, "x").encrypt(updates[1]).ciphertexts[0])
+        sealed = he_client(1, public, layout, "x").encrypt(updates[1])
+        vector = ts.ckks_vector_from(ts.context_from(public), authority._unseal(sealed, layout)[0])
         vector.link_context(authority._context)
         raws.append(np.asarray(vector.decrypt()))
     assert not np.array_equal(raws[0], raws[1])
@@ -309,21 +332,70 @@ def test_a_client_that_encrypts_out_of_range_values_or_counts_gets_nothing_relea
     """Attack 7 under CKKS: a client can encrypt anything with the public context (bypassing its own clipping);
     the key authority refuses a sum that in-range inputs cannot produce."""
     from privfer.secagg import OutOfRangeSum
-    from privfer.secagg.he import update_statement
 
     config = make_ckks_config(num_clients=3, min_clients=2, clipping_range=1.0, max_examples=100)
     layout = HELayout(((3,),), config)
     for index, value in ((0, 5000.25), (3, 1e6)):  # an update value; the example count
-        authority = KeyAuthority(config, CERT)
+        authority = make_authority(config)
         public = authority.public_context()
         server = HEServer(public, layout, "r", config, CERT)
         for cid in (1, 2):
             server.receive(he_client(cid, public, layout, "r").encrypt([np.full(3, 0.25)], 10))
         vector = np.concatenate([np.full(3, 0.25), [10.0, 1.0, 0.0, 0.0, 0.0]])
         vector[index] = value
-        blobs = (ts.ckks_vector(ts.context_from(public), vector.tolist()).serialize(),)
-        forged = HEMessage(kind="update", round_id="r", sender=3, ciphertexts=blobs,
-                           signature=ENROLLED[3].identity.sign(update_statement(CERT.study, "r", 3, blobs)))
-        server.receive(forged)
+        server.receive(signed_sealed(public, 3, "r", [ts.ckks_vector(ts.context_from(public),
+                                                                     vector.tolist()).serialize()]))
         with pytest.raises(OutOfRangeSum):
             authority.decrypt(server.bundle(), layout, "r")
+
+
+def test_colluders_cannot_compute_on_an_honest_update():
+    """Review finding (B1): a colluder that held an honest ciphertext could sign Enc(pad) - ct_honest and cancel
+    it, so that "three signed updates" sum to one victim's. Updates are sealed to the key authority: what the
+    server relays is not a CKKS vector, and re-signing it under another member's id does not open."""
+    config = make_ckks_config(num_clients=4, min_clients=2)
+    authority = make_authority(config)
+    layout = HELayout(((3,),), config)
+    public = authority.public_context()
+    victim = he_client(1, public, layout, "r").encrypt([np.array([0.5, -1.0, 2.0])])
+    with pytest.raises(Exception):  # the relayed bytes are no ciphertext anyone but the key authority can use
+        ts.ckks_vector_from(ts.context_from(public), victim.ciphertexts[0])
+    stolen = HEMessage(kind="update", round_id="r", sender=2, ciphertexts=victim.ciphertexts,
+                       signature=ENROLLED[2].identity.sign(update_statement(CERT.study, "r", 2, victim.ciphertexts)))
+    server = HEServer(public, layout, "r", config, CERT)
+    for message in (victim, stolen, he_client(3, public, layout, "r").encrypt([np.zeros(3)])):
+        server.receive(message)
+    plain = authority.decrypt(server.bundle(), layout, "r")
+    assert authority.rejected == {2} and plain.included == (1, 3)  # the copy did not open under client 2's id
+
+
+def test_a_refused_decryption_consumes_the_round_and_tells_no_number():
+    """Review finding (B2): refusals were repeatable per round id and printed the decryption error, an oracle on
+    the CKKS noise. Now the first attempt that decrypts consumes the round id, whatever its outcome."""
+    config = make_ckks_config(num_clients=3, min_clients=2, clipping_range=1.0)
+    authority = make_authority(config)
+    layout = HELayout(((3,),), config)
+    public = authority.public_context()
+    server = HEServer(public, layout, "r", config, CERT)
+    server.receive(he_client(1, public, layout, "r").encrypt([np.zeros(3)]))
+    lie = np.concatenate([np.zeros(3), [1.0, 5.0, 0.0, 0.0, 0.0]])  # a false client count
+    server.receive(signed_sealed(public, 2, "r", [ts.ckks_vector(ts.context_from(public), lie.tolist()).serialize()]))
+    with pytest.raises(RoundAborted) as refused:
+        authority.decrypt(server.bundle(), layout, "r")
+    import re
+
+    assert re.search(r"\d\.\d|\de-\d", str(refused.value)) is None  # no measured value: counts only
+    with pytest.raises(RoundAborted, match="already decrypted"):
+        authority.decrypt(server.bundle(), layout, "r")
+
+
+def test_a_bundle_larger_than_the_round_is_refused():
+    """Review finding (B3): the decryption error bound is sized for num_clients updates."""
+    config = make_ckks_config(num_clients=2, min_clients=2)
+    authority = make_authority(config)
+    layout = HELayout(((3,),), config)
+    public = authority.public_context()
+    updates = tuple(he_client(c, public, layout, "r").encrypt([np.zeros(3)]).to_bytes() for c in (1, 2, 3))
+    bundle = HEMessage(kind="bundle", round_id="r", sender=0, included=(1, 2, 3), updates=updates)
+    with pytest.raises(RoundAborted, match="at most 2"):
+        authority.decrypt(bundle, layout, "r")

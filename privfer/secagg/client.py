@@ -241,7 +241,6 @@ class SecAggClient:
         self._peers: frozenset[int] = frozenset()  # neighbours whose shares arrived
         self._held: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # owner -> (seed share, key share)
         self._self_seed = b""
-        self._share_keys: dict[int, bytes] = {}  # peer -> share-encryption key (the same both ways), this round only
         self._roster_digest = b""  # digest of the roster (binds every share and the signed statement)
         self._request = b""  # active: the unmask request this client signed, kept until the signatures arrive
         self._complaints: dict[int, bytes] = {}  # dealer -> revealed share key, sent with the masked input
@@ -443,7 +442,8 @@ class SecAggClient:
         except ValueError:
             raise InvalidSignature(f"client {dealer}'s deal proof has a path of the wrong length") from None
         verify_signature(self.enrollment.certificate.public_key(dealer),
-                         deal_statement(self.enrollment.study, self.round_id, dealer, len(holders), root),
+                         deal_statement(self.enrollment.study, self.round_id, dealer, len(holders), root,
+                                        self._roster_digest),
                          proof[:SIGNATURE_BYTES], f"client {dealer}'s deal")
 
     def _check_roster_keys(self, roster: KeyRoster | GroupRoster) -> None:
@@ -508,7 +508,6 @@ class SecAggClient:
                     continue
                 key = agree(self._keys.c_private, self._roster[holder][0], PURPOSE_SHARE, self.round_id,
                             self.client_id, holder)
-                self._share_keys[holder] = key  # HKDF's info orders the pair: the key to decrypt holder's share
                 plaintext = share_plaintext(self.client_id, holder, seed_share, key_share)
                 ciphertexts[holder] = encrypt_share(key, plaintext, self.round_id, self.client_id, holder,
                                                     self._roster_digest, self.randomness)
@@ -518,7 +517,7 @@ class SecAggClient:
                 leaves = [deal_leaf(h, ciphertexts.get(h, b""), commitments[h]) for h in holders]
                 signature = self.enrollment.identity.sign(deal_statement(
                     self.enrollment.study, self.round_id, self.client_id, len(holders),
-                    merkle_levels(leaves)[-1][0]))
+                    merkle_levels(leaves)[-1][0], self._roster_digest))
             return ShareKeys(round_id=self.round_id, sender=self.client_id, ciphertexts=ciphertexts,
                              commitments=commitments,
                              seed_commitment=seed_commitment(self.round_id, self.client_id, self._self_seed),
@@ -554,14 +553,15 @@ class SecAggClient:
         self.context = fixed_context
         with self._or_abort():
             assert self._keys is not None
-            strangers = set(forwarded.ciphertexts) - set(self._group)
+            strangers = set(forwarded.ciphertexts) - (set(self._group) - {self.client_id})
             if strangers:
                 raise UnknownSender(f"shares from clients outside this client's group: {sorted(strangers)[:5]}")
             active = self.config.security == "active"
             complaints: dict[int, bytes] = {}
             for sender, blob in forwarded.ciphertexts.items():
-                key = self._share_keys.get(sender) or agree(self._keys.c_private, self._roster[sender][0],
-                                                            PURPOSE_SHARE, self.round_id, sender, self.client_id)
+                # directed: the key of sender -> this client (this client's own deal to sender used another)
+                key = agree(self._keys.c_private, self._roster[sender][0], PURPOSE_SHARE, self.round_id, sender,
+                            self.client_id)
                 if active:  # the dealer's signature covers this very ciphertext and commitment, or nothing is said
                     self._check_deal(sender, blob, forwarded)
                 try:
@@ -573,7 +573,6 @@ class SecAggClient:
                     # its commitments). Revealing the pair's key exposes only that signed ciphertext — garbage, or
                     # this client's own share from a dealer that cheated — and lets anyone check the accusation.
                     complaints[sender] = key
-            self._share_keys.clear()  # not needed after this stage
             self._complaints = complaints
             self._peers = frozenset(forwarded.ciphertexts)
             if len(self._peers) + 1 < self.config.group_threshold:

@@ -7,9 +7,9 @@ Roles (protocols/he/SPEC.md):
   decrypts an aggregate only when it covers at least ``min_clients`` distinct
   clients — which it verifies from an encrypted client-count coordinate.
 * :class:`HEClient` encrypts its update, example count and metrics with the
-  public context.
-* :class:`HEServer` holds the public context only: it sums ciphertexts and
-  forwards the aggregate to the key authority. It cannot decrypt anything.
+  public context, seals the ciphertexts to the key authority and signs them.
+* :class:`HEServer` holds the public context only: it relays the sealed, signed
+  updates to the key authority. It cannot decrypt or compute on anything.
 
 Privacy holds unless the server colludes with the key authority — unlike the
 common deployment in which every client holds the same secret key, where any
@@ -258,6 +258,58 @@ def to_grid(values: np.ndarray, bits: int) -> np.ndarray:
 # -- messages ----------------------------------------------------------------------------
 
 
+_SEAL_INFO = b"privfer-he/v2/seal"
+_SEAL_HEADER = 32 + 12  # ephemeral X25519 public key, AES-GCM nonce
+
+
+def _seal_key(shared: bytes, round_id: str, sender: int) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    encoded = round_id.encode("utf-8")
+    info = _SEAL_INFO + bytes([len(encoded)]) + encoded + struct.pack(">I", sender)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
+
+
+def _pack_chunks(chunks: Sequence[bytes]) -> bytes:
+    return struct.pack(">I", len(chunks)) + b"".join(struct.pack(">I", len(c)) + c for c in chunks)
+
+
+def _unpack_chunks(raw: bytes, limit: int) -> tuple[bytes, ...]:
+    from privfer.secagg.reader import ByteReader
+
+    reader = ByteReader(raw, InvalidCiphertext, "sealed update")
+    count = reader.u32()
+    if count > limit:
+        raise InvalidCiphertext(f"a sealed update of {count} chunks; the round has {limit}")
+    chunks = []
+    for _ in range(count):
+        size = reader.u32()
+        if size > MAX_CIPHERTEXT_BYTES:
+            raise InvalidCiphertext(f"a chunk of {size} bytes exceeds {MAX_CIPHERTEXT_BYTES}")
+        chunks.append(reader.take(size))
+    reader.end()
+    return tuple(chunks)
+
+
+def seal_update(authority_key: bytes, round_id: str, sender: int, chunks: Sequence[bytes]) -> bytes:
+    """A client's CKKS chunks encrypted to the key authority (X25519 with a fresh key, HKDF-SHA256 bound to the
+    round and sender, AES-256-GCM): the server relays bytes it cannot compute on. Without it a colluding client
+    could sign Enc(pad) - ct_honest — the server relays ct_honest to it — and cancel an honest input, so that
+    the key authority's sum of "three signed updates" is one victim's (SPEC section 1)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from privfer.secagg.keys import public_bytes
+
+    ephemeral = X25519PrivateKey.generate()
+    shared = ephemeral.exchange(X25519PublicKey.from_public_bytes(authority_key))
+    nonce = secrets.token_bytes(12)
+    aad = _SEAL_INFO + round_id.encode("utf-8") + struct.pack(">I", sender)
+    sealed = AESGCM(_seal_key(shared, round_id, sender)).encrypt(nonce, _pack_chunks(chunks), aad)
+    return public_bytes(ephemeral.public_key()) + nonce + sealed
+
+
 def update_statement(study: str, round_id: str, sender: int, ciphertexts: Sequence[bytes]) -> bytes:
     """What a client signs: its encrypted update for one round of one study (SPEC section 3)."""
     import hashlib
@@ -336,9 +388,7 @@ class HEMessage(BaseModel):
             raise MalformedMessage("too many ciphertext chunks")
         for _ in range(chunks):
             (size,) = struct.unpack(">I", take(4))
-            if size > MAX_CIPHERTEXT_BYTES:
-                raise MalformedMessage(f"ciphertext of {size} bytes exceeds {MAX_CIPHERTEXT_BYTES}")
-            blobs.append(take(size))
+            blobs.append(take(size))  # bounded by the bytes present; a sealed update's chunks are checked inside
         signature = take(take(1)[0])
         if len(signature) not in (0, SIGNATURE_BYTES):
             raise MalformedMessage(f"an update's signature is {SIGNATURE_BYTES} bytes")
@@ -417,17 +467,49 @@ class KeyAuthority:
         public = self._context.copy()
         public.make_context_public()  # drops the secret key
         self._public = public.serialize(save_secret_key=False)
-        self._released: set[str] = set()  # rounds already decrypted: one aggregate per round
+        self._released: set[str] = set()  # rounds whose decryption was attempted: one attempt per round id
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+        self._seal = X25519PrivateKey.generate()  # clients seal their updates to it (OS CSPRNG)
+        self.rejected: set[int] = set()  # the last decryption's senders whose sealed update was bad
+
+    @property
+    def sealing_key(self) -> bytes:
+        """The X25519 public key clients seal their updates to. Clients must get it from the key authority, not
+        through the server (which could substitute its own and open every update)."""
+        from privfer.secagg.keys import public_bytes
+
+        return public_bytes(self._seal.public_key())
+
+    def _unseal(self, update: HEMessage, layout: "HELayout") -> tuple[bytes, ...]:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        if len(update.ciphertexts) != 1 or len(update.ciphertexts[0]) < _SEAL_HEADER + 16:
+            raise InvalidCiphertext(f"client {update.sender}'s update is not one sealed blob")
+        blob = update.ciphertexts[0]
+        try:
+            shared = self._seal.exchange(X25519PublicKey.from_public_bytes(blob[:32]))
+            aad = _SEAL_INFO + update.round_id.encode("utf-8") + struct.pack(">I", update.sender)
+            plain = AESGCM(_seal_key(shared, update.round_id, update.sender)).decrypt(
+                blob[32:_SEAL_HEADER], blob[_SEAL_HEADER:], aad)
+        except (InvalidTag, ValueError):
+            raise InvalidCiphertext(f"client {update.sender}'s sealed update does not open") from None
+        return _unpack_chunks(plain, layout.chunks)
 
     def public_context(self) -> bytes:
         """The context clients and the server get: public key only."""
         return self._public
 
-    def verified_updates(self, bundle: HEMessage, layout: "HELayout", round_id: str) -> tuple[list[int], list]:
-        """Every update of the bundle, checked: this round, distinct enrolled senders, a valid signature each, the
-        agreed chunks. Any failure refuses the whole bundle (an honest server forwards only verified updates)."""
+    def signed_senders(self, bundle: HEMessage, round_id: str) -> list[int]:
+        """Every update of the bundle, checked without decrypting anything: this round, distinct enrolled senders,
+        a valid signature each. Any failure refuses the whole bundle (an honest server forwards only verified
+        updates) and, deciding nothing about the plaintexts, leaves the round id open."""
         senders: list[int] = []
-        vectors: list = []
+        if len(bundle.updates) > self.config.num_clients:
+            raise RoundAborted(f"the bundle carries {len(bundle.updates)} updates; the round is for at most "
+                               f"{self.config.num_clients} (the decryption error bound is sized for them)")
         for raw in bundle.updates:
             update = HEMessage.from_bytes(raw)
             if update.kind != "update":
@@ -439,11 +521,39 @@ class KeyAuthority:
             verify_signature(self.certificate.public_key(update.sender),
                              update_statement(self.certificate.study, round_id, update.sender, update.ciphertexts),
                              update.signature, f"client {update.sender}'s encrypted update")
-            vectors.append(parse_chunks(self._context, update.ciphertexts, layout, f"client {update.sender}"))
             senders.append(update.sender)
         if tuple(sorted(senders)) != tuple(sorted(bundle.included)):
             raise MalformedMessage("the bundle's list of included clients is not the senders of its updates")
-        return senders, vectors
+        return senders
+
+    def opened_updates(self, bundle: HEMessage, senders: list[int], layout: "HELayout") -> tuple[list[int], list]:
+        """Each signed update opened, parsed and added to the sum: one whose content is bad (the server could not
+        see it) — not sealed to this authority, not CKKS, other chunks, another scale — is left out whole
+        (``rejected``) and the others are summed."""
+        total: list | None = None
+        kept: list[int] = []
+        for raw, sender in zip(bundle.updates, senders):
+            try:
+                chunks = parse_chunks(self._context, self._unseal(HEMessage.from_bytes(raw), layout), layout,
+                                      f"client {sender}")
+            except MessageError:
+                self.rejected.add(sender)
+                continue
+            if total is None:
+                total = chunks
+            else:
+                added = []  # in place, and rolled back if a chunk does not add: nothing of it stays in the sum
+                try:
+                    for chunk_sum, vector in zip(total, chunks):
+                        chunk_sum += vector
+                        added.append((chunk_sum, vector))
+                except (ValueError, RuntimeError):
+                    for chunk_sum, vector in added:
+                        chunk_sum -= vector
+                    self.rejected.add(sender)
+                    continue
+            kept.append(sender)
+        return kept, total or []
 
     def decrypt(self, message: HEMessage | bytes, layout: HELayout, round_id: str) -> "HEPlainSum":
         message = HEMessage.from_bytes(message) if isinstance(message, (bytes, bytearray)) else message
@@ -458,11 +568,16 @@ class KeyAuthority:
             )
         if round_id in self._released:
             raise RoundAborted(
-                f"round {round_id!r} was already decrypted; a second aggregate of the same round could be "
-                "subtracted from the first to isolate clients"
+                f"round {round_id!r} was already decrypted (or its decryption refused); a second aggregate of the "
+                "same round could be subtracted from the first, and repeated refusals would tell the noise"
             )
-        senders, vectors = self.verified_updates(message, layout, round_id)
-        summed = add_updates(vectors, senders)
+        signed = self.signed_senders(message, round_id)
+        self._released.add(round_id)  # from here on plaintexts decide: one attempt per round id, whatever it gives
+        self.rejected = set()
+        senders, summed = self.opened_updates(message, signed, layout)
+        if len(senders) < self.config.min_clients:
+            raise RoundAborted(f"{len(senders)} updates opened; the key authority decrypts only sums of at least "
+                               f"{self.config.min_clients}")
         values = [np.asarray(vector.decrypt(), dtype=np.float64) for vector in summed]
         noisy = np.concatenate(values)[: layout.length]
         # Release only the grid point: every client's values are on the grid, so their sum is, and the
@@ -473,19 +588,16 @@ class KeyAuthority:
         grid_points = np.rint(noisy * scale)
         error = float(np.max(np.abs(noisy * scale - grid_points))) / scale if noisy.size else 0.0
         if error > self.config.error_bound(len(senders)):
-            raise RoundAborted(
-                f"the decryption error {error:.3g} exceeds the stated bound "
-                f"{self.config.error_bound(len(senders)):.3g}; nothing is released"
-            )
+            # no number in the text: the size of the error is what a key-recovery attacker wants
+            raise RoundAborted("the decryption error exceeds the stated bound; nothing is released")
         flat = grid_points / scale
         layout.check_sum(flat, len(senders))
         arrays, count, clients, clipped, metrics = layout.unpack(flat)
         if round(clients) != len(senders):
             raise RoundAborted(
-                f"the bundle carries {len(senders)} signed updates but their encrypted client count is "
-                f"{clients:.2f} (a client encrypted a false count); refusing to release it"
+                f"the bundle carries {len(senders)} signed updates but their encrypted client count differs (a "
+                "client encrypted a false count); refusing to release it"
             )
-        self._released.add(round_id)  # released: no other aggregate of this round will be
         return HEPlainSum(arrays, tuple(sorted(senders)), int(round(count)), clipped, metrics)
 
 
@@ -499,15 +611,20 @@ class HEPlainSum:
 
 
 class HEClient:
-    """Encrypts one client's update with the public context (it cannot decrypt) and signs it as its member."""
+    """Encrypts one client's update with the public context (it cannot decrypt), seals it to the key authority
+    and signs it as its member. ``sealing_key``: :attr:`KeyAuthority.sealing_key`, from the key authority (a
+    trusted channel), never from the server."""
 
     def __init__(self, client_id: int, public_context: bytes, layout: HELayout, round_id: str,
-                 enrollment: Enrollment) -> None:
+                 enrollment: Enrollment, sealing_key: bytes) -> None:
         if not isinstance(enrollment, Enrollment) or enrollment.member != client_id:
             raise ValueError(f"client {client_id} needs its enrollment (member {client_id}'s identity and the "
                              "roster certificate) to sign its update")
+        if not isinstance(sealing_key, (bytes, bytearray)) or len(sealing_key) != 32:
+            raise ValueError("the key authority's sealing key is a 32-byte X25519 public key")
         self.client_id = client_id
         self.enrollment = enrollment
+        self.sealing_key = bytes(sealing_key)
         self.context = _load_context(public_context)
         if self.context.has_secret_key():
             raise ValueError("clients must be given the public context, not the secret key")
@@ -519,16 +636,17 @@ class HEClient:
                 metrics: Mapping[str, float] | None = None) -> HEMessage:
         ts = _tenseal()
         chunks, self.clipping = self.layout.pack(update, example_count, metrics)
-        blobs = tuple(ts.ckks_vector(self.context, chunk.tolist()).serialize() for chunk in chunks)
+        blobs = [ts.ckks_vector(self.context, chunk.tolist()).serialize() for chunk in chunks]
+        sealed = (seal_update(self.sealing_key, self.round_id, self.client_id, blobs),)
         signature = self.enrollment.identity.sign(
-            update_statement(self.enrollment.study, self.round_id, self.client_id, blobs))
-        return HEMessage(kind="update", round_id=self.round_id, sender=self.client_id, ciphertexts=blobs,
+            update_statement(self.enrollment.study, self.round_id, self.client_id, sealed))
+        return HEMessage(kind="update", round_id=self.round_id, sender=self.client_id, ciphertexts=sealed,
                          signature=signature)
 
 
 class HEServer:
-    """Checks encrypted, signed updates with the public context and forwards them, as sent, to the key authority
-    (which verifies and sums them itself: the server's sum would be its word)."""
+    """Checks signed, sealed updates and forwards them, as sent, to the key authority, which opens, verifies and
+    sums them itself: the server never holds a ciphertext it could compute on, and its sum would be its word."""
 
     def __init__(self, public_context: bytes, layout: HELayout, round_id: str, config: CKKSConfig,
                  certificate: RosterCertificate | None = None) -> None:
@@ -555,18 +673,15 @@ class HEServer:
             raise UnknownSender("updates come from clients (ids >= 1)")
         if len(self._updates) >= self.config.num_clients:
             raise UnknownSender(f"more than num_clients={self.config.num_clients} updates")
-        if len(message.ciphertexts) != self.layout.chunks:
-            raise WrongVectorLength(f"{len(message.ciphertexts)} ciphertext chunks, expected {self.layout.chunks}")
+        limit = _SEAL_HEADER + 16 + 4 + self.layout.chunks * (4 + MAX_CIPHERTEXT_BYTES)
+        if len(message.ciphertexts) != 1 or len(message.ciphertexts[0]) > limit:
+            raise WrongVectorLength(f"client {message.sender}'s update is not one sealed blob of at most the "
+                                    f"round's {self.layout.chunks} chunks")
         if self.certificate is not None:  # an honest server refuses what the key authority would
             verify_signature(self.certificate.public_key(message.sender),
                              update_statement(self.certificate.study, self.round_id, message.sender,
                                               message.ciphertexts),
                              message.signature, f"client {message.sender}'s encrypted update")
-        vectors = parse_chunks(self.context, message.ciphertexts, self.layout, f"client {message.sender}")
-        if self._updates:  # the chunks must add to the others' (same scale): refuse now, not at the authority
-            first = HEMessage.from_bytes(next(iter(self._updates.values())))
-            add_updates([parse_chunks(self.context, first.ciphertexts, self.layout, "a client"), vectors],
-                        [first.sender, message.sender])
         self._updates[message.sender] = raw
         self.bytes_in[message.sender] = len(raw)
 
@@ -624,7 +739,7 @@ def aggregate(
             if cid in dropouts and STAGES.index(dropouts[cid]) <= STAGES.index("masked_input"):
                 continue
             with times.client("masked_input", cid):
-                client = HEClient(cid, public, layout, round_id, enrollments[cid])
+                client = HEClient(cid, public, layout, round_id, enrollments[cid], authority.sealing_key)
                 message = client.encrypt(
                     updates[cid],
                     1 if example_counts is None else example_counts[cid],

@@ -42,8 +42,11 @@ def round_bytes(round_id: str) -> bytes:
 
 
 def kdf_info(purpose: bytes, round_id: str, a: int, b: int) -> bytes:
-    low, high = sorted((a, b))
-    return _LABEL + purpose + b"/" + round_bytes(round_id) + struct.pack(">II", low, high)
+    """Mask seeds are symmetric (the pair in increasing order); share keys are directed, (dealer, holder) as
+    given: the key a holder reveals in a complaint opens the dealer's ciphertext to it, never its own to the
+    dealer (SPEC 3.2)."""
+    first, second = (a, b) if purpose == PURPOSE_SHARE else sorted((a, b))
+    return _LABEL + purpose + b"/" + round_bytes(round_id) + struct.pack(">II", first, second)
 
 
 def derive_key(secret: bytes, purpose: bytes, round_id: str, a: int, b: int) -> bytes:

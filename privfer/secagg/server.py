@@ -269,7 +269,7 @@ class SecAggServer:
                                     for h in holders])
             verify_signature(self.certificate.public_key(sender),
                              deal_statement(self.certificate.study, self.round_id, sender, len(holders),
-                                            levels[-1][0]),
+                                            levels[-1][0], self._roster_digest),
                              message.signature, f"client {sender}'s deal")
             self._deals[sender] = (message.signature, levels, holders)
         self._shares[sender] = dict(message.ciphertexts)
@@ -323,14 +323,20 @@ class SecAggServer:
         removed with its mask key, its input left out (SPEC 6.3)."""
         if self.config.security != "active":
             raise MalformedMessage("complaints are part of active security (signed deals) only")
+        verdicts: dict[int, bool] = {}  # every complaint checked before any is recorded: a refused message blames no one
         for dealer, key in complaints.items():
             blob = self._shares.get(dealer, {}).get(holder)
-            if blob is None:
+            if blob is None or dealer == holder:
                 raise UnknownSender(f"client {holder} complains about client {dealer}, who dealt it no share")
             try:
                 open_share(key, blob, self.round_id, dealer, holder, self._roster_digest,
                            self._commitments[dealer].get(holder))
             except SecAggError:
+                verdicts[dealer] = True
+            else:
+                verdicts[dealer] = False
+        for dealer, guilty in verdicts.items():
+            if guilty:
                 self.blamed.setdefault(dealer, set()).add(holder)
             else:
                 self.false_complaints.setdefault(holder, set()).add(dealer)

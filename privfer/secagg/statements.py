@@ -141,10 +141,12 @@ def merkle_root_from(leaf: bytes, index: int, count: int, path: list[bytes]) -> 
     return node
 
 
-def deal_statement(study: str, round_id: str, dealer: int, holders: int, root: bytes) -> bytes:
-    """What a dealer signs under active security: the hash tree over every holder's ciphertext and commitments.
-    A holder can then prove to anyone that the ciphertext it cannot open is the dealer's own (complaints)."""
-    return _DEAL + _study(study) + round_bytes(round_id) + struct.pack(">II", dealer, holders) + root
+def deal_statement(study: str, round_id: str, dealer: int, holders: int, root: bytes, roster: bytes) -> bytes:
+    """What a dealer signs under active security: the hash tree over every holder's ciphertext and commitments,
+    and the digest of the roster it dealt under (the one its shares' AAD carries). A holder can then prove to
+    anyone that the ciphertext it cannot open is the dealer's own, made for the holder's own roster — a holder
+    shown another roster sees an invalid deal and reveals nothing (complaints, SPEC 6.3)."""
+    return _DEAL + _study(study) + round_bytes(round_id) + struct.pack(">II", dealer, holders) + root + roster
 
 
 __all__ = ["deal_leaf", "deal_statement", "merkle_levels", "merkle_path", "merkle_root_from","CONTEXT_BYTES", "NO_CONTEXT", "advertise_statement", "config_digest", "consistency_statement",

@@ -411,6 +411,48 @@ class HEMessage(BaseModel):
 # -- roles ---------------------------------------------------------------------------------
 
 
+def _varint(raw: bytes, at: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if at >= len(raw) or shift > 63:
+            raise InvalidCiphertext("a CKKS vector's framing is truncated")
+        byte = raw[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if not byte & 0x80:
+            return value, at
+
+
+def check_vector_framing(raw: bytes, who: str) -> None:
+    """Refuse, before TenSEAL loads it, a serialized CKKSVector that holds anything but ONE ciphertext (TenSEAL's
+    CKKSVectorProto: sizes = 1, ciphertexts = 2, scale = 3). A vector may carry any number of compressed
+    ciphertexts, each tiny on the wire and megabytes once loaded: one enrolled client could otherwise exhaust
+    the key authority's memory with a small update (hostile review 4). One SEAL ciphertext is bounded (at most
+    16 polynomials)."""
+    at, ciphertexts = 0, 0
+    while at < len(raw):
+        tag, at = _varint(raw, at)
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            _, at = _varint(raw, at)
+        elif wire == 1:
+            at += 8
+        elif wire == 2:
+            length, at = _varint(raw, at)
+            at += length
+            ciphertexts += field == 2
+        elif wire == 5:
+            at += 4
+        else:
+            raise InvalidCiphertext(f"{who} sent a CKKS vector with an unknown field encoding")
+        if at > len(raw):
+            raise InvalidCiphertext(f"{who} sent a truncated CKKS vector")
+        if field not in (1, 2, 3):
+            raise InvalidCiphertext(f"{who} sent a CKKS vector with an unknown field {field}")
+    if ciphertexts != 1:
+        raise InvalidCiphertext(f"{who} sent a CKKS vector carrying {ciphertexts} ciphertexts, not one")
+
+
 def parse_chunks(context, blobs: Sequence[bytes], layout: "HELayout", who: str) -> list:
     """CKKS vectors from bytes, each checked for the agreed number of values (InvalidCiphertext otherwise)."""
     ts = _tenseal()
@@ -419,6 +461,7 @@ def parse_chunks(context, blobs: Sequence[bytes], layout: "HELayout", who: str) 
     slots = layout.config.slots
     vectors = []
     for index, blob in enumerate(blobs):
+        check_vector_framing(blob, who)
         try:
             vector = ts.ckks_vector_from(context, blob)
         except Exception:  # TenSEAL raises ValueError or RuntimeError on bad bytes
@@ -587,17 +630,19 @@ class KeyAuthority:
         scale = 2.0**self.config.grid
         grid_points = np.rint(noisy * scale)
         error = float(np.max(np.abs(noisy * scale - grid_points))) / scale if noisy.size else 0.0
-        if error > self.config.error_bound(len(senders)):
-            # no number in the text: the size of the error is what a key-recovery attacker wants
-            raise RoundAborted("the decryption error exceeds the stated bound; nothing is released")
         flat = grid_points / scale
-        layout.check_sum(flat, len(senders))
         arrays, count, clients, clipped, metrics = layout.unpack(flat)
-        if round(clients) != len(senders):
-            raise RoundAborted(
-                f"the bundle carries {len(senders)} signed updates but their encrypted client count differs (a "
-                "client encrypted a false count); refusing to release it"
-            )
+        try:
+            layout.check_sum(flat, len(senders))
+            refused = error > self.config.error_bound(len(senders)) or round(clients) != len(senders)
+        except OutOfRangeSum:
+            refused = True
+        if refused:
+            # One refusal for every reason a decrypted sum is withheld (a decryption error beyond the bound, a false
+            # client count, values out of range), and no number in it: which check failed, or by how much, would
+            # be an oracle on the CKKS noise for whoever crafted the inputs (hostile review 4).
+            raise OutOfRangeSum("the decrypted sum is refused: the decryption error, the encrypted client count or "
+                                "a value is out of its bounds; nothing is released")
         return HEPlainSum(arrays, tuple(sorted(senders)), int(round(count)), clipped, metrics)
 
 

@@ -324,6 +324,11 @@ class AggregationConfig(_Section):
                    "aggregates" if self.backend == "ckks" else "a plain sum shows the server every update")
             raise ValueError(f"aggregation.security 'active' needs aggregation.backend 'masking', not "
                              f"'{self.backend}': {why}; use aggregation.security 'semi_honest' (or 'auto')")
+        if self.resolved_security == "active" and self.graph == "harary":
+            raise ValueError(
+                "aggregation.graph 'harary' cannot be used with aggregation.security 'active': the server chooses "
+                "the roster and round id the sparse graph is drawn from (protocols/secagg/SPEC.md, section 1); use "
+                "aggregation.graph 'complete' (or 'auto'), or aggregation.security 'semi_honest'")
         if self.resolved_security == "active" and self.roster == "group":
             raise ValueError(
                 "aggregation.roster 'group' cannot be used with aggregation.security 'active' yet: a client that "

@@ -128,8 +128,11 @@ def test_aggregation_section_builds_a_checked_secagg_config():
     # the default: active security on the complete graph; a sparse graph under it is refused, naming why
     default = load_config(None, []).aggregation.secagg_config(num_clients=91)
     assert default.security == "active" and default.graph == "complete"
-    with pytest.raises(ConfigError, match="cannot be used with security: 'active'"):
-        load_config(None, ["aggregation.graph=harary"]).aggregation.secagg_config(num_clients=91)
+    with pytest.raises(ConfigError, match="graph 'harary' cannot be used with aggregation.security 'active'"):
+        load_config(None, ["aggregation.graph=harary"])
+    with pytest.raises(ConfigError, match="cannot be used with security: 'active'"):  # the primitive says it too
+        load_config(None, ["aggregation.graph=harary", "aggregation.security=semi_honest"]).aggregation \
+            .model_copy(update={"security": "active"}).secagg_config(num_clients=91)
     with pytest.raises(ConfigError, match="aggregation.security 'active' needs aggregation.backend 'masking'"):
         load_config(None, ["aggregation.security=active", "aggregation.backend=ckks"])
     assert load_config(None, ["aggregation.backend=ckks"]).aggregation.resolved_security == "semi_honest"

@@ -30,7 +30,7 @@ import numpy as np
 
 def round_cost(n: int, dimension: int) -> dict[str, float]:
     from privfer.config import AggregationConfig
-    from privfer.fl.person import person_contribution, secret_coin
+    from privfer.privacy.person import person_contribution, secret_coin
     from privfer.privacy.distributed import calibrate_distributed, noise_generator
     from privfer.secagg import aggregate
     from privfer.secagg.messages import GroupRoster, GroupUnmaskRequest, KeyRoster, UnmaskRequest

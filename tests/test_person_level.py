@@ -13,7 +13,7 @@ from scipy import stats
 
 from conftest import small_config
 from privfer.errors import ConfigError
-from privfer.fl.person import clip_update, mean_update, person_contribution, secret_coin
+from privfer.privacy.person import clip_update, mean_update, person_contribution, secret_coin
 from privfer.fl.simulation import prepare_federation, simulate
 from privfer.privacy.audit import MISMATCH, audit_ledger, load_ledger
 from privfer.privacy.distributed import calibrate_distributed, noise_generator

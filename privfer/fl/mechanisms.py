@@ -39,7 +39,7 @@ from privfer.fl.aggregation import round_context, sum_integer_contributions, sum
 from privfer.fl.batched import fit_many
 from privfer.fl.client import LocalTraining
 from privfer.fl.distributed import optimizer_step, run_distributed_round, server_step
-from privfer.fl.person import mean_update, person_contribution, secret_coin
+from privfer.privacy.person import mean_update, person_contribution, secret_coin
 from privfer.fl.rounds import ADAPTATION, TRAINING, RoundRecord, mean_bytes
 from privfer.fl.strategies import make_strategy
 from privfer.models.vfer import VFER
@@ -387,7 +387,7 @@ class DistributedDPSGD(Mechanism):
 class DistributedDPFedAvg(DistributedDPSGD):
     """Person level: each selected client's clipped whole update (or zeros, by its secret coin) plus a Skellam
     noise share, summed securely; the server steps on the mean over a public denominator
-    (:mod:`privfer.fl.person`)."""
+    (:mod:`privfer.privacy.person`)."""
 
     id = PERSON_MECHANISM
     units = "persons"

@@ -286,7 +286,7 @@ def _person_canary_audit(config: PrivferConfig, kind: str, canaries: int, guesse
     released sums, added over the rounds.
     """
     from privfer.fl.aggregation import sum_integer_contributions
-    from privfer.fl.person import secret_coin
+    from privfer.privacy.person import secret_coin
     from privfer.privacy.distributed import encode_contribution, noise_generator, randomized_round
     from privfer.privacy.skellam import skellam_epsilon
 

@@ -12,7 +12,7 @@ with the first stage. Nothing about the noise is left to the server, though:
 * it draws its own secret coin and noise share (ChaCha20 keyed by the OS
   CSPRNG), clips its own update (the ``ClientApp``'s trained arrays minus the
   received ones) to the plan's bound, and sends only the integer
-  contribution (:func:`privfer.fl.person.person_contribution`);
+  contribution (:func:`privfer.privacy.person.person_contribution`);
 * it keeps its privacy ledger on its own disk (:class:`NodeLedger`): the
   Skellam history of every round it contributed to, across runs and
   restarts, against a lifetime budget. A round that would take it past the

@@ -416,7 +416,7 @@ class _SecureRound:
         Person level: the received arrays plus the mean clipped update — the decoded integer sum over the PUBLIC
         denominator participation x included nodes. Record level: one DP-SGD step — the decoded gradient sum over
         sample_rate x the included nodes' records (the last, exact word of the sum), then the server's Adam."""
-        from privfer.fl.person import mean_update
+        from privfer.privacy.person import mean_update
         from privfer.privacy.distributed import decode_sum
 
         record_level = self.grid.dp.unit == "record"

@@ -312,7 +312,7 @@ def _private_input(client: SecAggClient, saved: ConfigRecord, forwarded: Any, sl
     """Person-level distributed DP on this node: budget first, then train (whatever the coin), clip, coin, share."""
     import numpy as np
 
-    from privfer.fl.person import person_contribution, secret_coin
+    from privfer.privacy.person import person_contribution, secret_coin
     from privfer.integrations.flower.dp import NodeLedger, NodePrivacyError, accept_plan
     from privfer.privacy.distributed import noise_generator
 

@@ -1,0 +1,79 @@
+"""The layers point one way (docs/architecture.md, "Layers"): a module imports only its own layer and those below.
+
+secagg < privacy, config, runs < models, data, metrics < fl, centralized < study, integrations < cli.
+
+The check reads every module's imports (top-level and inside functions) from the source. ``KNOWN_UPWARD`` lists
+the upward imports main still has (issue 25 moves the torch trainers and the audits that re-run a simulation out of
+``privacy/``); the test fails on any other upward import, and on a listed one that is gone (so the list only
+shrinks).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "privfer"
+LAYERS = {
+    "errors": 0, "secagg": 0,
+    "privacy": 1, "config": 1, "runs": 1,
+    "models": 2, "data": 2, "metrics": 2,
+    "fl": 3, "centralized": 3,
+    "study": 4, "integrations": 4,
+    "cli": 5, "cli_identity": 5,
+}
+KNOWN_UPWARD = {
+    ("privacy/clipped_sums.py", "privfer.models.dp_lstm"),
+    ("privacy/dpsgd.py", "privfer.models.loss"),
+    ("privacy/crosscheck.py", "privfer.fl.mechanisms"),
+    ("privacy/empirical.py", "privfer.data.clips"),
+    ("privacy/empirical.py", "privfer.fl.aggregation"),
+    ("privacy/empirical.py", "privfer.fl.client"),
+    ("privacy/empirical.py", "privfer.fl.mechanisms"),
+    ("privacy/empirical.py", "privfer.fl.rounds"),
+    ("privacy/empirical.py", "privfer.fl.simulation"),
+    ("privacy/empirical.py", "privfer.models.vfer"),
+}
+
+
+def imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {name for name in names if name.startswith("privfer.")}
+
+
+def upward_imports() -> set[tuple[str, str]]:
+    found = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE)
+        top = relative.parts[0].removesuffix(".py")
+        if top == "__init__":
+            continue
+        assert top in LAYERS, f"privfer/{relative}: its package {top!r} has no layer in tests/test_layers.py"
+        for name in imports(path):
+            target = name.split(".")[1]
+            assert target in LAYERS, f"privfer/{relative} imports {name}: {target!r} has no layer"
+            if LAYERS[target] > LAYERS[top]:
+                found.add((relative.as_posix(), name))
+    return found
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    found = upward_imports()
+    new = sorted(found - KNOWN_UPWARD)
+    assert not new, f"upward imports (a lower layer importing a higher one): {new}"
+    gone = sorted(KNOWN_UPWARD - found)
+    assert not gone, f"these upward imports are gone: remove them from KNOWN_UPWARD in tests/test_layers.py: {gone}"
+
+
+def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
+    """The scanner itself: a secagg module that imports fl is reported."""
+    fake = tmp_path / "privfer"
+    (fake / "secagg").mkdir(parents=True)
+    (fake / "secagg" / "bad.py").write_text("def f():\n    from privfer.fl.simulation import simulate\n")
+    monkeypatch.setattr("test_layers.PACKAGE", fake)
+    assert upward_imports() == {("secagg/bad.py", "privfer.fl.simulation")}

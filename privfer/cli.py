@@ -353,9 +353,9 @@ def audit(
         else:
             if run is None:
                 raise UsageError("privfer audit needs a run directory (or --empirical)")
-            from privfer.privacy.audit import audit_ledger, load_ledger
+            from privfer.privacy.audit import audit_path
 
-            report = audit_ledger(load_ledger(run))
+            report = audit_path(run)
             if report.unauditable:
                 first = report.unauditable[0]
                 raise UsageError(f"{report.ledger}: {len(report.unauditable)} entries are UNAUDITABLE (client "

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from privfer.cli import app
 from privfer.fl.simulation import simulate
-from privfer.privacy.audit import MISMATCH, OVER_BUDGET, WEAK_DELTA, audit_ledger, load_ledger
+from privfer.privacy.audit import MISMATCH, OVER_BUDGET, WEAK_DELTA, audit_path, load_ledger
 from privfer.privacy.ledger import SCHEMA
 from privfer.privacy.one_run import ceiling, epsilon_lower_bound, p_value
 from tests.conftest import small_config
@@ -51,7 +51,7 @@ def write(tmp_path, content) -> str:
 
 def test_accountants_match_the_published_cross_check_values(tmp_path):
     # REFERENCES.md: q = 0.01, sigma = 1.0, 1000 steps, delta = 1e-5: RDP 2.101, PLD / PRV about 1.83.
-    report = audit_ledger(load_ledger(write(tmp_path, ledger([[1.0, 0.01, 1000]], claimed=1.83))))
+    report = audit_path(write(tmp_path, ledger([[1.0, 0.01, 1000]], claimed=1.83)))
     values = report.clients[0].values
     assert values["opacus_rdp"] == pytest.approx(2.101, abs=0.01)
     assert values["dp_accounting_rdp"] == pytest.approx(2.101, abs=0.01)
@@ -66,7 +66,7 @@ def test_accountants_match_the_published_cross_check_values(tmp_path):
     [(0.00427, 1.1, 14062, 1e-5, 2.597, 2.38), (0.032, 1.0, 625, 1e-4, 4.952, 4.39)],
 )
 def test_more_cross_check_values(tmp_path, q, sigma, steps, delta, rdp, tight):
-    report = audit_ledger(load_ledger(write(tmp_path, ledger([[sigma, q, steps]], delta=delta, target=None))))
+    report = audit_path(write(tmp_path, ledger([[sigma, q, steps]], delta=delta, target=None)))
     values = report.clients[0].values
     assert values["dp_accounting_rdp"] == pytest.approx(rdp, abs=0.02)
     assert values["dp_accounting_pld"] == pytest.approx(tight, abs=0.06)
@@ -75,9 +75,9 @@ def test_more_cross_check_values(tmp_path, q, sigma, steps, delta, rdp, tight):
 def test_a_tampered_ledger_is_over_budget_and_the_command_exits_1(tmp_path):
     honest = ledger([[1.0, 0.01, 1000]], claimed=1.83)
     tampered = ledger([[0.7, 0.01, 1000]], claimed=1.83)  # less noise than the claim needs
-    assert audit_ledger(load_ledger(write(tmp_path, honest))).passed
+    assert audit_path(write(tmp_path, honest)).passed
     folder = write(tmp_path, tampered)
-    report = audit_ledger(load_ledger(folder))
+    report = audit_path(folder)
     assert OVER_BUDGET in report.clients[0].verdicts and MISMATCH in report.clients[0].verdicts
     result = runner.invoke(app, ["audit", folder])
     assert result.exit_code == 1 and "OVER BUDGET" in result.stdout and "FAIL" in result.stdout
@@ -88,13 +88,13 @@ def test_a_tampered_ledger_is_over_budget_and_the_command_exits_1(tmp_path):
 def test_fields_that_contradict_the_history_are_a_mismatch(tmp_path):
     entry = ledger([[1.0, 0.01, 1000]], claimed=1.83)
     entry["clients"][0]["noise_multiplier"] = 1.5  # says more noise than the history holds
-    report = audit_ledger(load_ledger(write(tmp_path, entry)))
+    report = audit_path(write(tmp_path, entry))
     assert report.clients[0].verdicts == [MISMATCH]
 
 
 def test_a_delta_of_one_over_the_records_is_weak(tmp_path):
-    report = audit_ledger(load_ledger(write(tmp_path, ledger([[1.0, 0.5, 10]], delta=0.01, records=100,
-                                                             target=None))))
+    report = audit_path(write(tmp_path, ledger([[1.0, 0.5, 10]], delta=0.01, records=100,
+                                                             target=None)))
     assert WEAK_DELTA in report.clients[0].verdicts
 
 
@@ -130,7 +130,7 @@ def test_a_real_run_passes_its_audit(small_clips, tmp_path):
     config = small_config("privacy.epsilon=3", "federation.rounds=2", "federation.clients_per_round=3",
                           "aggregation.backend=plain", "privacy.accountant=rdp", "output.save_model=false")
     simulate(config, tmp_path, clips=small_clips)
-    report = audit_ledger(load_ledger(tmp_path))
+    report = audit_path(tmp_path)
     assert report.passed and len(report.clients) >= 3
     result = runner.invoke(app, ["audit", str(tmp_path), "--per-client"])
     assert result.exit_code == 0 and "PASS" in result.stdout
@@ -196,7 +196,7 @@ def test_the_empirical_command_prints_the_ceiling_first_and_plots(small_clips, t
 
 def test_a_million_step_ledger_is_audited_by_rdp_within_bounds(tmp_path):
     """The 10^6-step entry that once asked PRV for 79 GB: the tight accountants are skipped by cost, RDP decides."""
-    report = audit_ledger(load_ledger(write(tmp_path, ledger([[0.6, 0.1, 1_000_000]], claimed=1.0))))
+    report = audit_path(write(tmp_path, ledger([[0.6, 0.1, 1_000_000]], claimed=1.0)))
     client = report.clients[0]
     assert set(client.values) == {"opacus_rdp", "dp_accounting_rdp"}
     assert client.certified > 1000 and OVER_BUDGET in client.verdicts and MISMATCH in client.verdicts
@@ -209,7 +209,7 @@ def test_an_entry_beyond_the_audit_bound_is_unauditable_exit_2(tmp_path):
     from privfer.privacy.audit import UNAUDITABLE
 
     folder = write(tmp_path, ledger([[1.0, 0.1, 10**12]], claimed=1.0))
-    report = audit_ledger(load_ledger(folder))
+    report = audit_path(folder)
     assert report.clients[0].verdicts == [UNAUDITABLE] and not report.passed
     result = runner.invoke(app, ["audit", folder])
     assert result.exit_code == 2
@@ -299,12 +299,12 @@ def test_a_ledger_edited_to_stay_self_consistent_fails_against_its_run(audited_r
 
     run_dir = tmp_path / "run"
     shutil.copytree(audited_run, run_dir)
-    assert audit_ledger(load_ledger(run_dir)).passed  # the untouched run passes
+    assert audit_path(run_dir).passed  # the untouched run passes
     path = run_dir / "privacy_ledger.json"
     content = json.loads(path.read_text())
     _tamper_cases()[case](content)
     path.write_text(json.dumps(content))
-    report = audit_ledger(load_ledger(run_dir))
+    report = audit_path(run_dir)
     assert not report.passed, case
     result = runner.invoke(app, ["audit", str(run_dir)])
     assert result.exit_code == 1, (case, result.output)
@@ -312,5 +312,5 @@ def test_a_ledger_edited_to_stay_self_consistent_fails_against_its_run(audited_r
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copy(path, alone / "privacy_ledger.json")
-    assert audit_ledger(load_ledger(alone)).run_checks is None
+    assert audit_path(alone).run_checks is None
     assert "not cross-checked" in runner.invoke(app, ["audit", str(alone)]).stdout

@@ -12,7 +12,7 @@ from conftest import small_config
 from privfer.errors import ConfigError
 from privfer.fl import aggregation
 from privfer.fl.simulation import prepare_federation, simulate
-from privfer.privacy.audit import MISMATCH, OVER_BUDGET, audit_ledger, load_ledger
+from privfer.privacy.audit import MISMATCH, OVER_BUDGET, audit_path, load_ledger
 
 FAST = ["federation.rounds=4", "federation.adaptation=false", "privacy.epsilon=3"]
 
@@ -42,7 +42,7 @@ def test_every_client_in_every_round_spends_its_budget_and_the_audit_agrees(tmp_
         assert entry["epsilon"] <= 3.0
         if entry["rounds_trained"] == 4:
             assert entry["epsilon"] >= 0.9 * 3.0
-    report = audit_ledger(load_ledger(tmp_path / "run"))
+    report = audit_path(tmp_path / "run")
     assert report.passed, ([c.reasons for c in report.clients if c.reasons], report.run_checks)
     assert report.run_checks == []  # cross-checked against config.yaml and rounds.json, and consistent
     assert all(c.floor is not None and c.floor <= c.certified for c in report.clients)
@@ -51,7 +51,7 @@ def test_every_client_in_every_round_spends_its_budget_and_the_audit_agrees(tmp_
     tampered["clients"][0]["epsilon"] = 1.0
     tampered["phases"]["training"]["mu"] *= 4  # claims four times the noise the history was computed with
     (tmp_path / "t.json").write_text(json.dumps(tampered))
-    report = audit_ledger(load_ledger(tmp_path / "t.json"))
+    report = audit_path(tmp_path / "t.json")
     assert MISMATCH in report.clients[0].verdicts and not report.passed
 
     over = json.loads((tmp_path / "run" / "privacy_ledger.json").read_text())
@@ -59,7 +59,7 @@ def test_every_client_in_every_round_spends_its_budget_and_the_audit_agrees(tmp_
     over["phases"]["training"]["mu"] /= 9
     over["phases"]["training"]["share_variance"] /= 9
     (tmp_path / "o.json").write_text(json.dumps(over))
-    report = audit_ledger(load_ledger(tmp_path / "o.json"))
+    report = audit_path(tmp_path / "o.json")
     assert OVER_BUDGET in report.clients[1].verdicts
 
 

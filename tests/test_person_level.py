@@ -15,7 +15,7 @@ from conftest import small_config
 from privfer.errors import ConfigError
 from privfer.privacy.person import clip_update, mean_update, person_contribution, secret_coin
 from privfer.fl.simulation import prepare_federation, simulate
-from privfer.privacy.audit import MISMATCH, audit_ledger, load_ledger
+from privfer.privacy.audit import MISMATCH, audit_path, load_ledger
 from privfer.privacy.distributed import calibrate_distributed, noise_generator
 from privfer.privacy.skellam import SkellamSteps, skellam_epsilon
 from privfer.secagg import aggregate
@@ -195,7 +195,7 @@ def test_a_person_level_run_releases_no_count_and_spends_its_budget(person_run, 
 
 def test_the_person_level_ledger_recomputes_and_tampering_is_caught(person_run, tmp_path):
     _, _, directory = person_run
-    report = audit_ledger(load_ledger(directory))
+    report = audit_path(directory)
     assert report.passed and report.run_checks == [], ([c.reasons for c in report.clients], report.run_checks)
     original = json.loads((directory / "privacy_ledger.json").read_text())
 
@@ -203,7 +203,7 @@ def test_the_person_level_ledger_recomputes_and_tampering_is_caught(person_run, 
     tampered = json.loads(json.dumps(original))
     tampered["phases"]["training"]["sample_rate"] = 0.25
     (tmp_path / "a.json").write_text(json.dumps(tampered))
-    assert MISMATCH in audit_ledger(load_ledger(tmp_path / "a.json")).clients[0].verdicts
+    assert MISMATCH in audit_path(tmp_path / "a.json").clients[0].verdicts
 
     # consistent edits of every entry to a looser clipping bound: the ledger recomputes, the run does not
     import shutil
@@ -213,7 +213,7 @@ def test_the_person_level_ledger_recomputes_and_tampering_is_caught(person_run, 
     tampered = json.loads(json.dumps(original))
     tampered["max_grad_norm"] = tampered["phases"]["training"]["max_grad_norm"] = 0.1
     (copy / "privacy_ledger.json").write_text(json.dumps(tampered))
-    report = audit_ledger(load_ledger(copy))
+    report = audit_path(copy)
     assert any("max_grad_norm" in problem for problem in report.run_checks)
     assert any("clipping bound" in problem for problem in report.run_checks)
     from privfer.privacy.audit import LedgerError
@@ -254,10 +254,10 @@ def test_the_person_level_ledger_recomputes_and_tampering_is_caught(person_run, 
     for edit, field in ((more_noise, "mu"), (coarser, "scale"), (larger_delta, "delta")):
         edited = consistent(edit)
         (tmp_path / "alone.json").write_text(json.dumps(edited))
-        alone = audit_ledger(load_ledger(tmp_path / "alone.json"))
+        alone = audit_path(tmp_path / "alone.json")
         assert alone.run_checks is None and not any(MISMATCH in c.verdicts for c in alone.clients)  # self-consistent
         (copy / "privacy_ledger.json").write_text(json.dumps(edited))
-        report = audit_ledger(load_ledger(copy))
+        report = audit_path(copy)
         assert not report.passed and any(field in problem for problem in report.run_checks), report.run_checks
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from privfer.privacy import recipe
-from privfer.privacy.audit import audit_ledger, load_ledger
+from privfer.privacy.audit import audit_path
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "numpy" / "dp_fedavg.py"
 
@@ -21,9 +21,10 @@ def test_the_numpy_example_learns_and_its_ledger_passes_the_audit(tmp_path):
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     result = example.main(str(tmp_path / "ledger.json"))
-    assert result["end_loss"] < result["start_loss"] / 3  # a budget of epsilon 3 buys a model
+    # a budget of epsilon 3 buys a model: the error falls from 0.72 to about 0.08 (0.03-0.18 over 20 noise draws)
+    assert result["end_loss"] < result["start_loss"] / 2
     assert 2.9 < result["epsilon"] <= 3.0
-    report = audit_ledger(load_ledger(tmp_path / "ledger.json"))
+    report = audit_path(tmp_path / "ledger.json")
     assert report.passed and len(report.clients) == 40
 
 

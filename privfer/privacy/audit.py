@@ -262,11 +262,16 @@ def _entry_history(entry: Any, index: int, path: Path, person: bool = False) -> 
     return where, history
 
 
-def load_ledger(path: Path | str) -> dict[str, Any]:
-    """Read and check a ledger file (a run directory is accepted too); LedgerError names file and field."""
+def ledger_file(path: Path | str) -> Path:
+    """The ledger file of ``path``: the file itself, or a run directory's privacy_ledger.json."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "privacy_ledger.json"
+    return path / "privacy_ledger.json" if path.is_dir() else path
+
+
+def load_ledger(path: Path | str) -> dict[str, Any]:
+    """Read and check a ledger file (a run directory is accepted too); LedgerError names file and field. The
+    document is returned as read: nothing is added to it."""
+    path = ledger_file(path)
     if not path.is_file():
         raise LedgerError(f"{path} does not exist (a finished privfer simulate run writes it)")
     if path.stat().st_size > MAX_LEDGER_BYTES:
@@ -295,7 +300,7 @@ def load_ledger(path: Path | str) -> dict[str, Any]:
     if len(clients) > MAX_CLIENTS:
         raise LedgerError(f"{path}: {len(clients)} client entries; at most {MAX_CLIENTS} are audited")
     CHECKS[mechanism](ledger, path)
-    return ledger | {"_path": str(path)}
+    return ledger
 
 
 def _check_local(ledger: dict[str, Any], path: Path) -> None:
@@ -464,11 +469,17 @@ def _close(a: float, b: float, absolute: float, relative: float) -> bool:
     return abs(a - b) <= absolute + relative * max(abs(a), abs(b))
 
 
-def audit_ledger(ledger: dict[str, Any]) -> AuditReport:
-    """Recompute and judge every client of a loaded ledger."""
+def audit_path(path: Path | str) -> AuditReport:
+    """Load the ledger at ``path`` (a file or a run directory) and audit it against its run directory."""
+    return audit_ledger(load_ledger(path), ledger_file(path))
+
+
+def audit_ledger(ledger: dict[str, Any], path: Path | str = "privacy_ledger.json") -> AuditReport:
+    """Recompute and judge every client of a loaded ledger; ``path`` is where it was read (errors name it, and
+    the run directory beside it is cross-checked)."""
     from privfer.privacy.crosscheck import cross_check
 
-    path = Path(ledger.get("_path", "privacy_ledger.json"))
+    path = Path(path)
     report = AUDITORS[ledger.get("mechanism_id", "local")](ledger, path)
     report.run_checks = cross_check(ledger, path.parent)
     return report
@@ -578,7 +589,7 @@ __all__ = [
     "PUBLIC_NOISE",
     "UNAUDITABLE",
     "WEAK_DELTA",
-    "audit_ledger",
+    "audit_ledger", "audit_path", "ledger_file",
     "load_ledger",
     "recompute",
 ]

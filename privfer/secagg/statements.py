@@ -149,5 +149,5 @@ def deal_statement(study: str, round_id: str, dealer: int, holders: int, root: b
     return _DEAL + _study(study) + round_bytes(round_id) + struct.pack(">II", dealer, holders) + root + roster
 
 
-__all__ = ["deal_leaf", "deal_statement", "merkle_levels", "merkle_path", "merkle_root_from","CONTEXT_BYTES", "NO_CONTEXT", "advertise_statement", "config_digest", "consistency_statement",
+__all__ = ["deal_leaf", "deal_statement", "merkle_levels", "merkle_path", "merkle_root_from", "CONTEXT_BYTES", "NO_CONTEXT", "advertise_statement", "config_digest", "consistency_statement",
            "context_digest", "ids_digest", "roster_digest"]

@@ -15,19 +15,19 @@ from privfer.privacy import recipe
 from privfer.secagg import aggregate, enroll_in_process
 
 
-def main(ledger_path: str, rounds: int = 10, clients: int = 40, epsilon: float = 3.0, seed: int = 0) -> dict:
+def main(ledger_path: str, rounds: int = 5, clients: int = 40, epsilon: float = 3.0, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     true_w = rng.normal(size=5)
     data = {c: rng.normal(size=(40, 5)) for c in range(1, clients + 1)}
     targets = {c: x @ true_w + rng.normal(0, 0.1, 40) for c, x in data.items()}
     plan = recipe.plan_run(epsilon=epsilon, delta=1e-4, rounds=rounds, clients=clients, dimension=5,
-                           max_update_norm=1.0)
+                           max_update_norm=1.5)
     config = recipe.secagg_config(plan)
     enrollments = enroll_in_process(range(1, clients + 1))  # the enrollment authority: not the server
     run, w = recipe.RunLedger(), np.zeros(5)
     start_loss = np.mean([np.mean((x @ w - targets[c]) ** 2) for c, x in data.items()])
     for _ in range(rounds):
-        updates = {c: -0.1 * 2 * x.T @ (x @ w - targets[c]) / len(x) for c, x in data.items()}  # one local step
+        updates = {c: -0.3 * 2 * x.T @ (x @ w - targets[c]) / len(x) for c, x in data.items()}  # one local step
         contributions = {c: [recipe.contribute(u, plan)] for c, u in updates.items()}  # on each client
         summed = aggregate(contributions, config, enrollments={c: type(e)(c, e.identity, e.certificate)
                                                                for c, e in enrollments.items()})

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from privfer import EMOTIONS
+from privfer.fl.results import SimulationResult
 from privfer.runs import atomic_write_bytes, atomic_write_text
 from privfer.study.spec import Cell
 
@@ -44,27 +45,27 @@ def collect(cells: list[Cell], directory: Path) -> list[dict[str, Any]]:
         path = directory / "cells" / cell.id / "result.json"
         if not path.is_file():
             continue
-        result = json.loads(path.read_text(encoding="utf-8"))
+        result = SimulationResult.from_json(json.loads(path.read_text(encoding="utf-8")), str(path))
         config = cell.config
         row: dict[str, Any] = {"cell": cell.id, **cell.values, "seed": cell.seed, AXES: tuple(cell.values)}
         row[EPSILON] = _epsilon(config.privacy.epsilon if config.privacy.enabled else None)
         row[STRATEGY] = config.federation.strategy
         row["personal_layers"] = config.federation.personal_layers if config.federation.strategy == "fedper" else 0
-        row["aggregator"] = result["aggregator"]
+        row["aggregator"] = result.aggregator
         mechanism = config.privacy.mechanism  # as configured: a no-DP cell still belongs to its mechanism's line
         row["mechanism"] = ("distributed" if config.aggregation.backend == "masking" else "local") \
             if mechanism == "auto" else mechanism
         row["unit"] = config.privacy.unit
         row[POPULATION] = config.data.synthetic.actors if config.data.source == "synthetic" else None
-        row["macro_f1"] = result["test"]["macro"]["f1"]
-        row["micro_f1"] = result["test"]["micro"]["f1"]
+        row["macro_f1"] = result.macro_f1
+        row["micro_f1"] = result.test["micro"]["f1"]
         for emotion in EMOTIONS:
-            row[f"f1_{emotion}"] = result["test"]["per_class"][emotion]["f1"]
-        row["epsilon_max"] = result["privacy"]["epsilon_max"]
-        row["epsilon_median"] = result["privacy"]["epsilon_median"]
-        row["seconds"] = result["seconds"]
-        row["secagg_seconds"] = result["secure_aggregation"]["seconds"]
-        row["secagg_mb_per_client"] = result["secure_aggregation"]["bytes_per_client_mean"] / 1e6
+            row[f"f1_{emotion}"] = result.test["per_class"][emotion]["f1"]
+        row["epsilon_max"] = result.privacy.epsilon_max
+        row["epsilon_median"] = result.privacy.epsilon_median
+        row["seconds"] = result.seconds
+        row["secagg_seconds"] = result.secure_aggregation.seconds
+        row["secagg_mb_per_client"] = result.secure_aggregation.bytes_per_client_mean / 1e6
         rows.append(row)
     return rows
 

@@ -12,7 +12,7 @@ from conftest import small_config
 from privfer.errors import ConfigError
 from privfer.fl import aggregation
 from privfer.fl.simulation import prepare_federation, simulate
-from privfer.privacy.audit import MISMATCH, OVER_BUDGET, audit_path, load_ledger
+from privfer.privacy.audit import MISMATCH, OVER_BUDGET, audit_path
 
 FAST = ["federation.rounds=4", "federation.adaptation=false", "privacy.epsilon=3"]
 

@@ -473,17 +473,28 @@ def parse_chunks(context, blobs: Sequence[bytes], layout: "HELayout", who: str) 
     return vectors
 
 
+def add_into(total: list, chunks: list) -> bool:
+    """Add one client's chunks to ``total`` in place; if a chunk does not add (another scale, say), take back the
+    ones already added and return False: nothing of that client stays in the sum."""
+    added = []
+    try:
+        for chunk_sum, vector in zip(total, chunks):
+            chunk_sum += vector
+            added.append((chunk_sum, vector))
+    except (ValueError, RuntimeError):
+        for chunk_sum, vector in added:
+            chunk_sum -= vector
+        return False
+    return True
+
+
 def add_updates(vectors: list[list], who: Sequence[int]) -> list:
-    """The chunk-wise sum of several clients' CKKS vectors (in place into the first), or InvalidCiphertext naming
-    the client whose chunks do not add (another scale, say). Any holder of the public context computes the same
-    sum: the key authority sums the signed updates itself, and a server could too."""
+    """The chunk-wise sum of several clients' CKKS vectors, or InvalidCiphertext naming the client whose chunks
+    do not add. The key authority sums the opened updates this way; anyone holding them computes the same sum."""
     total = [vector.copy() for vector in vectors[0]]
     for sender, chunks in zip(who[1:], vectors[1:]):
-        try:
-            for index, vector in enumerate(chunks):
-                total[index] += vector
-        except (ValueError, RuntimeError):
-            raise InvalidCiphertext(f"client {sender}'s ciphertexts do not add to the others'") from None
+        if not add_into(total, chunks):
+            raise InvalidCiphertext(f"client {sender}'s ciphertexts do not add to the others'")
     return total
 
 
@@ -584,17 +595,9 @@ class KeyAuthority:
                 continue
             if total is None:
                 total = chunks
-            else:
-                added = []  # in place, and rolled back if a chunk does not add: nothing of it stays in the sum
-                try:
-                    for chunk_sum, vector in zip(total, chunks):
-                        chunk_sum += vector
-                        added.append((chunk_sum, vector))
-                except (ValueError, RuntimeError):
-                    for chunk_sum, vector in added:
-                        chunk_sum -= vector
-                    self.rejected.add(sender)
-                    continue
+            elif not add_into(total, chunks):
+                self.rejected.add(sender)
+                continue
             kept.append(sender)
         return kept, total or []
 

@@ -452,13 +452,11 @@ def run_empirical_audit(run, as_json, kind, canaries, guesses, seeds, sweep, plo
 
 
 def print_audit(report: Any, per_client: bool) -> None:
-    from privfer.privacy.audit import ACCOUNTANTS, DISTRIBUTED_ACCOUNTANTS
+    from privfer.privacy.audit import ACCOUNTANTS, DISTRIBUTED_ACCOUNTANTS, TITLES as names
 
-    names = {"opacus_rdp": "Opacus RDP", "opacus_prv": "Opacus PRV", "dp_accounting_rdp": "dp-acc. RDP",
-             "dp_accounting_pld": "dp-acc. PLD", "skellam_rdp": "Skellam RDP",
-             "skellam_rdp_independent": "Skellam RDP (2nd impl.)", "gaussian_floor": "Gaussian floor (PLD)"}
     distributed = any(c.floor is not None for c in report.clients)
-    columns = DISTRIBUTED_ACCOUNTANTS if distributed else ACCOUNTANTS
+    present = {name for client in report.clients for name in client.values}
+    columns = [name for name in DISTRIBUTED_ACCOUNTANTS if name in present] if distributed else ACCOUNTANTS
     target = "none (no DP)" if report.target is None else f"{report.target:g}"
     title = f"privacy audit of {report.ledger}: target epsilon {target}, ledger accountant {report.accountant}"
     table = Table(title=title, title_justify="left")
@@ -503,8 +501,8 @@ def print_audit(report: Any, per_client: bool) -> None:
     console.print(
         f"{status}: {len(report.clients)} clients; "
         + ", ".join(f"{name} {count}" for name, count in counts.items())
-        + (". Both Skellam implementations must agree and stay within the target; the Gaussian with the same "
-           "variance (dp-accounting PLD) is a floor the Skellam bound can never be below. Tolerances: "
+        + (". Both implementations of the noise's bound must agree and stay within the target; the Gaussian with "
+           "the same variance (dp-accounting PLD) is a floor the bound can never be below. Tolerances: "
            "docs/auditing.md." if distributed else
            ". The tightest of the four sound bounds must not exceed the target; RDP alone above it is expected "
            "(RDP is looser than PRV/PLD). Tolerances: docs/auditing.md."),

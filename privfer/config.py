@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from privfer.errors import ConfigError
+from privfer.privacy.noise import DEFAULT as NOISE_DEFAULT, names as noise_names
 
 
 # Defaults that depend on the privacy mechanism, resolved when a PrivferConfig is validated. The distributed
@@ -214,9 +215,14 @@ class PrivacyConfig(_Section):
     )
     mechanism: Literal["auto", "distributed", "local"] = Field(
         "auto",
-        description="distributed: the DP noise lives in the securely aggregated sum (each client adds a Skellam "
-        "share; one DP-SGD step per round); local: every client adds its full DP-SGD noise (Opacus) as if the server "
+        description="distributed: the DP noise lives in the securely aggregated sum (each client adds a noise "
+        "share of privacy.noise; one DP-SGD step per round); local: every client adds its full DP-SGD noise (Opacus) as if the server "
         "saw its update; auto: distributed with the masking aggregator, local otherwise.",
+    )
+    noise: str = Field(
+        NOISE_DEFAULT,
+        description="distributed: the noise family of the shares in the secure sum, one of those registered in "
+        "privfer.privacy.noise (docs/privacy-accounting.md compares them).",
     )
     sample_rate: float = Field(
         1.0, gt=0.0, le=1.0,
@@ -227,6 +233,13 @@ class PrivacyConfig(_Section):
         description="distributed: the integer scale makes randomized rounding add at most this share to the "
         "sensitivity (sqrt(d) / (C x scale)).",
     )
+
+    @field_validator("noise")
+    @classmethod
+    def _known_noise(cls, value: str) -> str:
+        if value not in noise_names():
+            raise ValueError(f"must be one of {', '.join(noise_names())}, got {value!r}")
+        return value
 
     @field_validator("epsilon")
     @classmethod
@@ -447,6 +460,16 @@ class PrivferConfig(_Section):
             raise ValueError(
                 f"privacy.mechanism 'distributed' needs aggregation.backend 'masking', not "
                 f"'{self.aggregation.backend}': {why}; use privacy.mechanism 'local' with it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _noise_needs_the_sum(self) -> "PrivferConfig":
+        if self.privacy.noise != NOISE_DEFAULT and self.privacy.enabled and self.mechanism != "distributed":
+            raise ValueError(
+                f"privacy.noise '{self.privacy.noise}' is a noise family of the secure sum: it needs "
+                f"privacy.mechanism 'distributed' (with aggregation.backend 'masking'); local DP-SGD adds Opacus's "
+                f"Gaussian noise (allowed here: privacy.noise '{NOISE_DEFAULT}', the default)"
             )
         return self
 

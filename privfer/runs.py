@@ -14,12 +14,14 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
-from privfer.config import PrivferConfig
 from privfer.errors import RunDirectoryError
+
+if TYPE_CHECKING:
+    from privfer.config import PrivferConfig
 
 
 def current_umask() -> int:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from privfer.errors import ConfigError
-from privfer.privacy.audit import _gaussian_floor, _independent_skellam_epsilon
+from privfer.privacy.audit import _gaussian_floor, independent_epsilon
 from privfer.privacy.calibrate import PrivacyBudgetError
 from privfer.privacy.distributed import (
     calibrate_distributed,
@@ -16,9 +16,11 @@ from privfer.privacy.distributed import (
     min_inputs,
     rounding_scale,
     sensitivities,
-    tail_bound,
 )
-from privfer.privacy.skellam import ORDERS, SkellamSteps, skellam_epsilon, skellam_rdp, subsampled_rdp
+from privfer.privacy.noise import NoiseSteps, noise_family
+from privfer.privacy.rdp import ORDERS, subsampled_rdp
+
+SKELLAM = noise_family("skellam")
 
 
 @pytest.mark.parametrize(
@@ -27,7 +29,7 @@ from privfer.privacy.skellam import ORDERS, SkellamSteps, skellam_epsilon, skell
 )
 def test_skellam_rdp_matches_agarwal_et_al(alpha, l1, l2_squared, mu, expected):
     # eps(a) = a D2^2 / (2 mu) + min(((2a - 1) D2^2 + 6 D1) / (4 mu^2), 3 D1 / (2 mu)), evaluated by hand
-    assert skellam_rdp(np.array([alpha]), l1, math.sqrt(l2_squared), mu)[0] == pytest.approx(expected, rel=1e-7)
+    assert SKELLAM.base_rdp(np.array([alpha]), l1, math.sqrt(l2_squared), mu, 1, 1)[0] == pytest.approx(expected, rel=1e-7)
 
 
 @pytest.mark.parametrize(
@@ -40,7 +42,7 @@ def test_skellam_rdp_matches_agarwal_et_al(alpha, l1, l2_squared, mu, expected):
     ],
 )
 def test_skellam_epsilon_matches_the_reference_arithmetic(mu, l1, l2, q, steps, expected, order):
-    epsilon, best = skellam_epsilon([SkellamSteps(mu, l1, l2, q, steps)], 1e-5)
+    epsilon, best = SKELLAM.epsilon([NoiseSteps(mu, l1, l2, q, steps)], 1e-5)
     assert epsilon == pytest.approx(expected, rel=1e-9)
     assert best == order
 
@@ -51,7 +53,7 @@ def test_never_below_the_gaussian_with_the_same_variance(q, sigma, steps):
     scale, d = 2.0**16, 10_000
     l1, l2 = sensitivities(1.0, scale, d)
     mu = (sigma * l2) ** 2
-    skellam = skellam_epsilon([SkellamSteps(mu, l1, l2, q, steps)], 1e-5)[0]
+    skellam = SKELLAM.epsilon([NoiseSteps(mu, l1, l2, q, steps)], 1e-5)[0]
     assert skellam >= _gaussian_floor(sigma, q, steps, 1e-5) - 1e-9
 
 
@@ -65,27 +67,27 @@ def test_converges_to_the_gaussian_as_the_variance_grows():
     for scale in (2.0**2, 2.0**6, 2.0**12, 2.0**20):
         l2 = scale  # no rounding term: the sensitivity is exactly C x scale
         l1 = l2 * min(math.sqrt(1000), l2)
-        gaps.append(skellam_epsilon([SkellamSteps((4.0 * l2) ** 2, l1, l2, 1.0, 20)], 1e-5)[0] - gaussian)
+        gaps.append(SKELLAM.epsilon([NoiseSteps((4.0 * l2) ** 2, l1, l2, 1.0, 20)], 1e-5)[0] - gaussian)
     assert all(g >= -1e-9 for g in gaps)
     assert gaps == sorted(gaps, reverse=True)
     assert gaps[-1] < 1e-4 and gaps[0] > 1e-2
 
 
 def test_subsampling_never_hurts_and_composition_adds():
-    base = skellam_rdp(np.array(ORDERS), 1e6, 1e4, 1e9)
+    base = SKELLAM.base_rdp(np.array(ORDERS), 1e6, 1e4, 1e9, 1, 1)
     sampled = subsampled_rdp(ORDERS, 0.1, base)
     assert np.all(sampled <= base + 1e-15)
-    one = SkellamSteps(1e9, 1e6, 1e4, 0.1, 10)
-    assert skellam_epsilon([one, one], 1e-5)[0] == pytest.approx(
-        skellam_epsilon([SkellamSteps(1e9, 1e6, 1e4, 0.1, 20)], 1e-5)[0])
+    one = NoiseSteps(1e9, 1e6, 1e4, 0.1, 10)
+    assert SKELLAM.epsilon([one, one], 1e-5)[0] == pytest.approx(
+        SKELLAM.epsilon([NoiseSteps(1e9, 1e6, 1e4, 0.1, 20)], 1e-5)[0])
 
 
 @pytest.mark.parametrize("q", [1.0, 0.03])
 def test_two_implementations_agree(q):
     l1, l2 = sensitivities(1.0, 2.0**14, 5000)
     mu = (3.0 * l2) ** 2
-    mine = skellam_epsilon([SkellamSteps(mu, l1, l2, q, 30)], 1e-6)[0]
-    assert _independent_skellam_epsilon(mu, l1, l2, q, 30, 1e-6) == pytest.approx(mine, rel=1e-9, abs=1e-9)
+    mine = SKELLAM.epsilon([NoiseSteps(mu, l1, l2, q, 30)], 1e-6)[0]
+    assert independent_epsilon(SKELLAM, mu, l1, l2, q, 30, 1e-6) == pytest.approx(mine, rel=1e-9, abs=1e-9)
 
 
 def test_sensitivity_and_scale_arithmetic():
@@ -100,7 +102,7 @@ def test_sensitivity_and_scale_arithmetic():
 def test_tail_bound_holds_empirically():
     rng = np.random.default_rng(0)
     draws = rng.poisson(50.0, 200_000) - rng.poisson(50.0, 200_000)
-    assert np.abs(draws).max() <= tail_bound(100.0, 200_000, failure=1e-3)
+    assert np.abs(draws).max() <= SKELLAM.tail_bound(100.0, 200_000, failure=1e-3)
 
 
 def _plan(**overrides):

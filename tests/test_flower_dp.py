@@ -28,7 +28,9 @@ from privfer.integrations.flower import (  # noqa: E402
 )
 
 from privfer.integrations.flower.dp import BudgetExhausted, NodeLedgerError, accept_plan, plan_to_json  # noqa: E402
-from privfer.privacy.skellam import SkellamSteps, skellam_epsilon  # noqa: E402
+from privfer.privacy.noise import NoiseSteps, noise_family  # noqa: E402
+
+SKELLAM = noise_family("skellam")
 from privfer.secagg import SecAggConfig  # noqa: E402
 
 SemiHonestGrid = functools.partial(SecAggGrid, security="semi_honest")  # active security: test_flower_active.py
@@ -96,15 +98,15 @@ def test_nodes_add_their_own_shares_and_the_mean_update_arrives(tmp_path):
     for node in nodes:
         ledger = json.loads((tmp_path / f"node-{node}.json").read_text())
         assert ledger["rounds"] == 2 and ledger["unit"] == "person"
-        history = [SkellamSteps(*item[:4], int(item[4])) for item in ledger["history"]]
+        history = [NoiseSteps(*item[:4], int(item[4])) for item in ledger["history"]]
         assert [h.steps for h in history] == [2]
-        assert ledger["epsilon"] == pytest.approx(skellam_epsilon(history, DELTA)[0], rel=1e-12)
-        assert ledger["epsilon"] == pytest.approx(skellam_epsilon([plan.steps_entry(2)], DELTA)[0], rel=1e-9)
+        assert ledger["epsilon"] == pytest.approx(SKELLAM.epsilon(history, DELTA)[0], rel=1e-12)
+        assert ledger["epsilon"] == pytest.approx(SKELLAM.epsilon([plan.steps_entry(2)], DELTA)[0], rel=1e-9)
 
 
 def test_a_restarted_node_keeps_its_spent_budget_and_refuses_past_it(tmp_path):
     plan = DistributedDP(epsilon=3.0, rounds=2, delta=DELTA).plan(5, DIMENSION)
-    lifetime = skellam_epsilon([plan.steps_entry(2)], DELTA)[0] * 1.0001  # two rounds, not three
+    lifetime = SKELLAM.epsilon([plan.steps_entry(2)], DELTA)[0] * 1.0001  # two rounds, not three
     dp = DistributedDP(epsilon=3.0, rounds=2, delta=DELTA)
     first = SemiHonestGrid(LocalGrid(make_app(policies(tmp_path, lifetime)), 5), dp=dp)
     run(first, rounds=2)
@@ -123,10 +125,10 @@ def test_a_restarted_node_keeps_its_spent_budget_and_refuses_past_it(tmp_path):
 
 def test_a_corrupt_ledger_is_refused_with_a_clear_error(tmp_path):
     policy = NodePrivacy(ledger=tmp_path / "ledger.json", lifetime_epsilon=10.0, delta=DELTA)
-    entry = SkellamSteps(1e6, 1e3, 1e3, 1.0, 1)
+    entry = NoiseSteps(1e6, 1e3, 1e3, 1.0, 1)
     ledger = NodeLedger(policy)
     ledger.charge(entry, "r1")
-    assert ledger.spent() == pytest.approx(skellam_epsilon([entry], DELTA)[0])
+    assert ledger.spent() == pytest.approx(SKELLAM.epsilon([entry], DELTA)[0])
     for damage in ("{not json", json.dumps({"schema": "other"}), json.dumps({**ledger.load(), "delta": 0.5}),
                    json.dumps({**ledger.load(), "history": [[1, 2, 3]]}), json.dumps({**ledger.load(), "rounds": -1})):
         (tmp_path / "bad.json").write_text(damage)
@@ -154,14 +156,14 @@ def test_plans_past_the_itemized_limit_are_folded_into_one_exact_rdp_vector(tmp_
     policy = NodePrivacy(ledger=tmp_path / "ledger.json", lifetime_epsilon=50.0, delta=DELTA)
     ledger = NodeLedger(policy)
     # a server nudging mu each round: five distinct plans, two itemized, three folded
-    steps = [SkellamSteps(1e6 * (1 + i * 1e-9), 1e3, 1e3, 1.0, 1) for i in range(5)] + \
-        [SkellamSteps(1e6, 1e3, 1e3, 1.0, 1)]  # the first plan again: merged into its entry
+    steps = [NoiseSteps(1e6 * (1 + i * 1e-9), 1e3, 1e3, 1.0, 1) for i in range(5)] + \
+        [NoiseSteps(1e6, 1e3, 1e3, 1.0, 1)]  # the first plan again: merged into its entry
     for i, step in enumerate(steps):
         spent = ledger.charge(step, f"r{i}")
     stored = json.loads((tmp_path / "ledger.json").read_text())
     assert len(stored["history"]) == 2 and stored["history"][0][4] == 2 and stored["folded"]["rounds"] == 3
     assert stored["rounds"] == 6
-    exact = skellam_epsilon(steps, DELTA)[0]
+    exact = SKELLAM.epsilon(steps, DELTA)[0]
     assert spent == pytest.approx(exact, rel=1e-12) and ledger.spent() == pytest.approx(exact, rel=1e-12)
     assert NodeLedger(policy).spent() == pytest.approx(exact, rel=1e-12)  # a restarted node reads the same
     for damage in ({"rdp": stored["folded"]["rdp"][:-1]}, {"rdp": [-1.0] * len(stored["folded"]["rdp"])},

@@ -17,7 +17,9 @@ from privfer.privacy.person import clip_update, mean_update, person_contribution
 from privfer.fl.simulation import prepare_federation, simulate
 from privfer.privacy.audit import MISMATCH, audit_path, load_ledger
 from privfer.privacy.distributed import calibrate_distributed, noise_generator
-from privfer.privacy.skellam import SkellamSteps, skellam_epsilon
+from privfer.privacy.noise import NoiseSteps, noise_family
+
+SKELLAM = noise_family("skellam")
 from privfer.secagg import aggregate
 from privfer.secagg.config import SecAggConfig
 from privfer.secagg.messages import MaskedInput
@@ -188,8 +190,8 @@ def test_a_person_level_run_releases_no_count_and_spends_its_budget(person_run, 
         assert entry["records"] is None  # how many clips a person recorded is not published
         assert entry["epsilon"] <= 3.0 and entry["rounds_trained"] == 3
         # recomputed from the ledger alone
-        history = [SkellamSteps(*entry["history"][0][:4], int(entry["history"][0][4]))]
-        assert skellam_epsilon(history, entry["delta"])[0] == pytest.approx(entry["epsilon"], rel=1e-9)
+        history = [NoiseSteps(*entry["history"][0][:4], int(entry["history"][0][4]))]
+        assert SKELLAM.epsilon(history, entry["delta"])[0] == pytest.approx(entry["epsilon"], rel=1e-9)
         assert entry["epsilon"] >= 0.9 * 3.0  # calibrated for a person in every round, as they all were
 
 
@@ -236,7 +238,7 @@ def test_the_person_level_ledger_recomputes_and_tampering_is_caught(person_run, 
         for entry in ledger["clients"]:
             entry["history"] = [[*history, entry["history"][0][4]]]
             entry["delta"] = plan["delta"] = ledger["delta"]
-            entry["epsilon"] = skellam_epsilon([SkellamSteps(*history, entry["history"][0][4])], ledger["delta"])[0]
+            entry["epsilon"] = SKELLAM.epsilon([NoiseSteps(*history, entry["history"][0][4])], ledger["delta"])[0]
         ledger["epsilon_max"] = max(e["epsilon"] for e in ledger["clients"])
         ledger["epsilon_median"] = sorted(e["epsilon"] for e in ledger["clients"])[len(ledger["clients"]) // 2]
         return ledger

@@ -2,7 +2,7 @@
 
 Each client of the round samples its records (Poisson, rate q, from its own
 secret generator), sums their per-example gradients clipped to C, encodes
-the sum as integers with its Skellam noise share
+the sum as integers with its noise share
 (:func:`privfer.privacy.distributed.encode_contribution`) and submits only
 that through secure aggregation. The server unmasks the integer sum, divides
 by the public expected batch size ``q x (records of the included clients)``

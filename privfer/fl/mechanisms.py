@@ -111,7 +111,7 @@ def calibrate_plan(config: PrivferConfig, *, delta: float, dimension: int, steps
         dimension=dimension, sample_rate=privacy.participation if person else privacy.sample_rate, steps=steps,
         clients=clients, records=records, min_inputs_fraction=aggregation.min_inputs_fraction,
         colluding_fraction=aggregation.colluding_fraction, rounding_overhead=privacy.rounding_overhead,
-        modulus_bits=aggregation.modulus_bits, max_noise_multiplier=privacy.max_noise_multiplier,
+        modulus_bits=aggregation.modulus_bits, max_noise_multiplier=privacy.max_noise_multiplier, noise=privacy.noise,
     )
 
 
@@ -271,7 +271,7 @@ class NoDP(LocalDPSGD):
 
 
 class DistributedDPSGD(Mechanism):
-    """One DP-SGD step per secure sum over the union of the cohort's records; Skellam noise shares in the sum."""
+    """One DP-SGD step per secure sum over the union of the cohort's records; noise shares in the sum."""
 
     id = "distributed"
 
@@ -377,16 +377,16 @@ class DistributedDPSGD(Mechanism):
         plan = self.plans[TRAINING]
         return [
             f"privacy: epsilon {self.config.privacy.epsilon:g} per client for the whole run (record level), "
-            f"delta {delta:.3g}, distributed DP-SGD: Skellam noise in the secure sum "
+            f"delta {delta:.3g}, distributed DP-SGD: {plan.family.title} noise in the secure sum "
             f"(noise multiplier {plan.noise_multiplier:.3f} x C in the sum, {plan.steps} steps, sample rate "
-            f"{plan.sample_rate:g}), Skellam RDP accountant (calibrated for a client in every round)",
+            f"{plan.sample_rate:g}), {plan.family.title} RDP accountant (calibrated for a client in every round)",
             _trust_line(plan, self.config.aggregation.resolved_security),
         ]
 
 
 class DistributedDPFedAvg(DistributedDPSGD):
-    """Person level: each selected client's clipped whole update (or zeros, by its secret coin) plus a Skellam
-    noise share, summed securely; the server steps on the mean over a public denominator
+    """Person level: each selected client's clipped whole update (or zeros, by its secret coin) plus a noise
+    share, summed securely; the server steps on the mean over a public denominator
     (:mod:`privfer.privacy.person`)."""
 
     id = PERSON_MECHANISM
@@ -451,9 +451,10 @@ class DistributedDPFedAvg(DistributedDPSGD):
         plan, privacy = self.plans[TRAINING], self.config.privacy
         return [
             f"privacy: epsilon {privacy.epsilon:g} per PERSON (all of a client's clips) for the whole run, delta "
-            f"{delta:.3g}, distributed DP-FedAvg: each update clipped to {plan.max_grad_norm:g}, Skellam noise in "
-            f"the secure sum (noise multiplier {plan.noise_multiplier:.3f} x S in the sum, {plan.steps} rounds, "
-            f"secret participation {plan.sample_rate:g}), Skellam RDP accountant (calibrated for a person "
+            f"{delta:.3g}, distributed DP-FedAvg: each update clipped to {plan.max_grad_norm:g}, {plan.family.title} "
+            f"noise in the secure sum (noise multiplier {plan.noise_multiplier:.3f} x S in the sum, {plan.steps} "
+            f"rounds, secret participation {plan.sample_rate:g}), {plan.family.title} RDP accountant (calibrated for "
+            "a person "
             "selected in every round)",
             _trust_line(plan, self.config.aggregation.resolved_security),
         ]

@@ -45,10 +45,17 @@ from privfer.errors import PrivferError
 from privfer.privacy.calibrate import PRV_MAX_EPSILON, PRV_MAX_STEPS, epsilon_spent, prv_affordable
 from privfer.privacy.distributed import sensitivities
 from privfer.privacy.ledger import LEGACY_SCHEMAS, SCHEMA
-from privfer.privacy.skellam import MAX_STEPS, SkellamSteps, gaussian_equivalent, skellam_epsilon
+from privfer.privacy.noise import FAMILIES, LEGACY, NoiseFamily, noise_family
+from privfer.privacy.rdp import MAX_STEPS
 
 ACCOUNTANTS = ("opacus_rdp", "opacus_prv", "dp_accounting_rdp", "dp_accounting_pld")
-DISTRIBUTED_ACCOUNTANTS = ("skellam_rdp", "skellam_rdp_independent")
+INDEPENDENT = "_independent"  # a distributed family's accountant + this: the audit's second implementation
+DISTRIBUTED_ACCOUNTANTS = tuple(name for family in FAMILIES.values()
+                                for name in (family.accountant, family.accountant + INDEPENDENT))
+TITLES = {"opacus_rdp": "Opacus RDP", "opacus_prv": "Opacus PRV", "dp_accounting_rdp": "dp-acc. RDP",
+          "dp_accounting_pld": "dp-acc. PLD", "gaussian_floor": "Gaussian floor (PLD)",
+          **{family.accountant: f"{family.title} RDP" for family in FAMILIES.values()},
+          **{family.accountant + INDEPENDENT: f"{family.title} RDP (2nd impl.)" for family in FAMILIES.values()}}
 MAX_HISTORY = 100_000  # entries per client: a longer history is refused before any accountant runs
 MAX_CLIENTS = 1_000_000
 MAX_LEDGER_BYTES = 256 << 20  # a larger file is refused before it is read
@@ -117,13 +124,13 @@ _INDEPENDENT_ORDERS = list(range(2, 257)) + [320, 384, 512, 768, 1024]
 
 
 @lru_cache(maxsize=256)
-def _independent_step_rdp(mu: float, l1: float, l2: float, q: float) -> tuple[float, ...]:
-    """A second, loop-by-loop implementation of one step's RDP (no numpy, no shared code): Agarwal et al. 2021's
-    Skellam RDP; Zhu & Wang's Theorem 6 for q < 1 at orders 2..256 (the larger orders unamplified)."""
+def _independent_step_rdp(family: NoiseFamily, mu: float, l1: float, l2: float, q: float, shares: int,
+                          dimension: int) -> tuple[float, ...]:
+    """A second, loop-by-loop implementation of one step's RDP (no numpy, no shared code): the family's own second
+    base RDP; Zhu & Wang's Theorem 6 for q < 1 at orders 2..256 (the larger orders unamplified)."""
 
     def base(alpha: int) -> float:
-        return alpha * l2 * l2 / (2 * mu) + min(((2 * alpha - 1) * l2 * l2 + 6 * l1) / (4 * mu * mu),
-                                                3 * l1 / (2 * mu))
+        return family.independent_base_rdp(alpha, l1, l2, mu, shares, dimension)
 
     values = []
     for alpha in _INDEPENDENT_ORDERS:
@@ -140,10 +147,11 @@ def _independent_step_rdp(mu: float, l1: float, l2: float, q: float) -> tuple[fl
     return tuple(values)
 
 
-def _independent_skellam_epsilon(mu: float, l1: float, l2: float, q: float, steps: int, delta: float) -> float:
+def independent_epsilon(family: NoiseFamily, mu: float, l1: float, l2: float, q: float, steps: int, delta: float,
+                        shares: int = 1, dimension: int = 1) -> float:
     """Epsilon after ``steps`` steps from :func:`_independent_step_rdp`, converted as Balle et al. 2020."""
     best = math.inf
-    for alpha, rdp in zip(_INDEPENDENT_ORDERS, _independent_step_rdp(mu, l1, l2, q)):
+    for alpha, rdp in zip(_INDEPENDENT_ORDERS, _independent_step_rdp(family, mu, l1, l2, q, shares, dimension)):
         best = min(best, steps * rdp + math.log1p(-1 / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1))
     return max(best, 0.0)
 
@@ -151,7 +159,7 @@ def _independent_skellam_epsilon(mu: float, l1: float, l2: float, q: float, step
 @lru_cache(maxsize=1024)
 def _gaussian_floor(sigma: float, q: float, steps: int, delta: float) -> float:
     """dp-accounting's PLD epsilon of the Poisson-subsampled Gaussian with the same noise multiplier: near exact,
-    and the Skellam bound (which adds a positive term to the Gaussian's RDP) can never be below it."""
+    and no integer family's bound (each adds a positive term to the Gaussian's RDP) can be below it."""
     import dp_accounting
 
     event = dp_accounting.SelfComposedDpEvent(
@@ -338,7 +346,21 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def ledger_noise(ledger: dict[str, Any], path: Path) -> NoiseFamily:
+    """The noise family of a distributed ledger (field 'noise'; a ledger without it was written when Skellam was the
+    only one)."""
+    name = ledger.get("noise", LEGACY)
+    try:
+        return noise_family(name)
+    except ValueError:
+        raise LedgerError(f"{path}: field 'noise' is {name!r}; expected one of {sorted(FAMILIES)}") from None
+
+
 def _check_distributed(ledger: dict[str, Any], path: Path) -> None:
+    family = ledger_noise(ledger, path)
+    if ledger["accountant"] != family.accountant:
+        raise LedgerError(f"{path}: field 'accountant' is {ledger['accountant']!r}; a {family.title} ledger's is "
+                          f"{family.accountant!r}")
     phases = _field(ledger, "phases", dict, path, "the ledger")
     for phase, plan in phases.items():
         if not isinstance(plan, dict):
@@ -351,6 +373,12 @@ def _check_distributed(ledger: dict[str, Any], path: Path) -> None:
             raise LedgerError(f"{path}: phases.{phase} has a sample_rate, delta or dimension out of range")
         if min(plan["mu"], plan["l1"], plan["l2"], plan["scale"], plan["max_grad_norm"]) <= 0:
             raise LedgerError(f"{path}: phases.{phase} needs positive mu, l1, l2, scale and max_grad_norm")
+        if plan.get("noise", family.name) != family.name:
+            raise LedgerError(f"{path}: phases.{phase} field 'noise' is {plan.get('noise')!r}, the ledger's is "
+                              f"{family.name!r}")
+        if not (1 <= plan["min_inputs"] - plan["colluders"] <= plan["clients"] <= MAX_CLIENTS):
+            raise LedgerError(f"{path}: phases.{phase} needs 1 <= min_inputs - colluders <= clients <= "
+                              f"{MAX_CLIENTS}")
     if len(phases) > 8:
         raise LedgerError(f"{path}: {len(phases)} phases; at most 8 are audited")
     entries, distinct = 0, set()
@@ -367,39 +395,48 @@ def _check_distributed(ledger: dict[str, Any], path: Path) -> None:
         entries += len(history)
         if entries > MAX_ENTRIES:
             raise LedgerError(f"{path}: more than {MAX_ENTRIES} history entries over all clients")
+        plan = phases[phase]
+        honest, dimension = int(plan["min_inputs"] - plan["colluders"]), int(plan["dimension"])
         for step, item in enumerate(history):
-            ok = isinstance(item, list) and len(item) == 5 and all(_number(x) for x in item)
-            if ok:
-                distinct.add(tuple(float(x) for x in item[:4]))
-                if len(distinct) > MAX_DISTINCT_STEPS:
-                    raise LedgerError(f"{path}: more than {MAX_DISTINCT_STEPS} distinct (mu, l1, l2, sample_rate) "
-                                      "in the histories (a run has one per phase)")
-            if ok:
-                try:
-                    SkellamSteps(float(item[0]), float(item[1]), float(item[2]), float(item[3]), int(item[4]))
-                    ok = float(item[4]).is_integer()
-                except ValueError:
-                    ok = False
-            if not ok:
+            try:
+                if not (isinstance(item, list) and all(_number(x) for x in item)):
+                    raise ValueError
+                parsed = family.parse_entry(item)
+                distinct.add(family.entry_key(parsed))
+            except ValueError:
                 raise LedgerError(
-                    f"{path}: {where} field 'history[{step}]' must be [mu > 0, l1 > 0, l2 > 0, 0 < sample_rate <= 1, "
-                    f"0 <= steps <= {MAX_STEPS}], got {item!r}"
-                )
+                    f"{path}: {where} field 'history[{step}]' must be a {family.title} entry "
+                    f"[{', '.join(family.fields)}] (mu, l1, l2 > 0, 0 < sample_rate <= 1, 0 <= steps <= {MAX_STEPS}), "
+                    f"got {item!r}"
+                ) from None
+            if len(distinct) > MAX_DISTINCT_STEPS:
+                raise LedgerError(f"{path}: more than {MAX_DISTINCT_STEPS} distinct step mechanisms in the "
+                                  "histories (a run has one per phase)")
+            # refused before any accountant runs: a bound's cost may grow with its shares or dimension
+            implied = family.steps(parsed.mu, parsed.l1, parsed.l2, parsed.sample_rate, parsed.steps, honest, dimension)
+            if (parsed.shares, parsed.dimension) != (implied.shares, implied.dimension):
+                raise LedgerError(f"{path}: {where} field 'history[{step}]' claims {parsed.shares} noise shares over "
+                                  f"{parsed.dimension} coordinates; its phase's plan guarantees {implied.shares} "
+                                  f"over {implied.dimension}")
 
 
 def _audit_distributed(ledger: dict[str, Any], path: Path) -> AuditReport:
-    """Recompute each client's Skellam epsilon twice (two implementations) and check the plan's arithmetic."""
+    """Recompute each client's epsilon twice (two implementations of its noise family's bound) and check the plan's
+    arithmetic."""
     target = ledger.get("target_epsilon")
+    family = ledger_noise(ledger, path)
+    first, second = family.accountant, family.accountant + INDEPENDENT
     audits = []
     for entry in ledger["clients"]:
         plan = ledger["phases"][entry["phase"]]
         delta = float(entry["delta"])
         claimed = entry.get("epsilon")
-        history = [SkellamSteps(float(m), float(a), float(b), float(q), int(t)) for m, a, b, q, t in entry["history"]]
-        values = {"skellam_rdp": skellam_epsilon(history, delta)[0] if history else 0.0}
-        values["skellam_rdp_independent"] = sum(
-            _independent_skellam_epsilon(h.mu, h.l1, h.l2, h.sample_rate, h.steps, delta) for h in history
-        ) if len(history) == 1 else values["skellam_rdp"]
+        history = [family.parse_entry(item) for item in entry["history"]]
+        values = {first: family.epsilon(history, delta)[0] if history else 0.0}
+        values[second] = sum(
+            independent_epsilon(family, h.mu, h.l1, h.l2, h.sample_rate, h.steps, delta, h.shares, h.dimension)
+            for h in history
+        ) if len(history) == 1 else values[first]
         audit = ClientAudit(int(entry["client"]), str(entry["phase"]), int(entry["records"] or 0), delta,
                             None if claimed is None else float(claimed), values)
         mismatch: list[str] = []
@@ -423,21 +460,21 @@ def _audit_distributed(ledger: dict[str, Any], path: Path) -> AuditReport:
             mismatch.append(f"steps {entry['steps']} is not the history's {steps}")
         if entry.get("max_rounds") is not None and steps > int(entry["max_rounds"]):
             mismatch.append(f"{steps} steps, more than the run's {entry['max_rounds']} rounds")
-        if audit.claimed is not None and not _close(audit.claimed, values["skellam_rdp"], *CLAIM_TOLERANCE):
-            mismatch.append(f"claimed {audit.claimed:.4f} but skellam_rdp gives {values['skellam_rdp']:.4f}")
-        if not _close(values["skellam_rdp"], values["skellam_rdp_independent"], 1e-6, 1e-6):
-            mismatch.append(f"the two Skellam implementations disagree: {values['skellam_rdp']:.6f} vs "
-                            f"{values['skellam_rdp_independent']:.6f}")
+        if audit.claimed is not None and not _close(audit.claimed, values[first], *CLAIM_TOLERANCE):
+            mismatch.append(f"claimed {audit.claimed:.4f} but {first} gives {values[first]:.4f}")
+        if not _close(values[first], values[second], 1e-6, 1e-6):
+            mismatch.append(f"the two {family.title} implementations disagree: {values[first]:.6f} vs "
+                            f"{values[second]:.6f}")
         if not math.isclose(delta, float(plan["delta"]), rel_tol=1e-12):
             mismatch.append(f"the entry's delta {delta:.6g} is not its phase's {plan['delta']:.6g}")
         if len(history) == 1 and history[0].steps:
             h = history[0]
-            sigma = gaussian_equivalent(h.mu, h.l2)
+            sigma = math.sqrt(h.mu) / h.l2  # the noise multiplier of the Gaussian with the same variance
             # the PLD's grid grows with the epsilon it computes and with steps: bounded like PRV's
-            if sigma >= FLOOR_MIN_NOISE and h.steps <= PRV_MAX_STEPS and values["skellam_rdp"] <= PRV_MAX_EPSILON:
+            if sigma >= FLOOR_MIN_NOISE and h.steps <= PRV_MAX_STEPS and values[first] <= PRV_MAX_EPSILON:
                 audit.floor = _gaussian_floor(sigma, h.sample_rate, h.steps, delta)
-                if values["skellam_rdp"] < audit.floor - 1e-6:
-                    mismatch.append(f"the Skellam bound {values['skellam_rdp']:.4f} is below the Gaussian with the "
+                if values[first] < audit.floor - 1e-6:
+                    mismatch.append(f"the {family.title} bound {values[first]:.4f} is below the Gaussian with the "
                                     f"same variance ({audit.floor:.4f}, dp-accounting PLD)")
         person = ledger.get("mechanism_id") == "distributed_person"
         if person and int(plan["records"]) != int(plan["clients"]):
@@ -572,7 +609,7 @@ UNITS = {"local": "record", "distributed": "record", "distributed_person": "pers
 
 # One entry per ledger mechanism_id (privfer.fl.mechanisms.Mechanism.id): how its entries are checked on load
 # and how its epsilons are recomputed. A new mechanism adds its pair here.
-# Person level is the same Skellam mechanism with other units (a person's clipped update, its secret coin as the
+# Person level is the same noise mechanism with other units (a person's clipped update, its secret coin as the
 # sample rate, persons in the sum's bound), so the same checks and recomputation serve it.
 CHECKS = {"local": _check_local, "distributed": _check_distributed, "distributed_person": _check_distributed}
 AUDITORS = {"local": _audit_local, "distributed": _audit_distributed, "distributed_person": _audit_distributed}
@@ -589,7 +626,8 @@ __all__ = [
     "PUBLIC_NOISE",
     "UNAUDITABLE",
     "WEAK_DELTA",
-    "audit_ledger", "audit_path", "ledger_file",
+    "TITLES",
+    "audit_ledger", "audit_path", "independent_epsilon", "ledger_file", "ledger_noise",
     "load_ledger",
     "recompute",
 ]

@@ -22,6 +22,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from privfer.privacy.noise import LEGACY
+
 MAX_ROUNDS_BYTES = 256 * 1024 * 1024
 
 
@@ -183,6 +185,10 @@ def _check_plans(ledger: dict[str, Any], config: Any, plans: dict, trained: Coun
         except Exception as exc:  # noqa: BLE001 - any failure to recalibrate is a finding, not a crash
             problems.append(f"the {phase} plan cannot be recalibrated from the run's config ({exc})")
             continue
+        stated = plan.get("noise", ledger.get("noise", LEGACY))  # absent: read as the audit reads it
+        if stated != expected.noise:
+            problems.append(f"the {phase} plan's noise family is {stated!r} in the ledger but the run's config "
+                            f"uses {expected.noise!r}")
         for name in _RECOMPUTED:
             if not _close(plan.get(name), getattr(expected, name)):
                 problems.append(f"the {phase} plan's {name} is {plan.get(name)!r} in the ledger but "

@@ -5,10 +5,11 @@ round's clients' records. Client ``c`` sums its (Poisson-sampled, rate q)
 records' per-example gradients clipped to norm C, scales the sum by
 ``scale`` (integer units per unit of gradient), rounds every coordinate
 randomly (up with probability equal to its fractional part) and adds an
-integer noise share ``Skellam(share_variance)``. The server learns only the
-sum over the included clients, which carries Skellam noise of variance at
-least ``mu``, the calibrated variance (a sum of independent Skellams is
-Skellam).
+integer noise share of variance ``share_variance`` from the plan's noise
+family (:mod:`privfer.privacy.noise`: Skellam by default). The server learns
+only the sum over the included clients, which carries the noise of at least
+``min_inputs - colluders`` honest shares, of variance at least ``mu``, the
+calibrated variance.
 
 Sensitivity of the rounded release (proved in protocols/secagg/SPEC.md,
 "Distributed DP"): couple the two neighbouring runs on the same rounding
@@ -18,9 +19,11 @@ with ``|v_j - scale g_j| < 1`` in every coordinate, hence
 
     ||v||_2 <= C scale + sqrt(d) = l2,      ||v||_1 <= min(sqrt(d) l2, l2^2) = l1
 
-(an integer vector has |v_j| <= v_j^2). For every fixed U the release is a
-Skellam mechanism with these sensitivities, and Rényi divergence is jointly
-quasi-convex, so the bound holds for the randomly rounded release.
+(an integer vector has |v_j| <= v_j^2). For every fixed U the release is the
+noise family's mechanism with these sensitivities, and Rényi divergence is jointly
+quasi-convex, so the bound holds for the randomly rounded release. The
+same argument holds for every noise family: its accountant is given these
+sensitivities.
 ``scale`` is a power of two chosen so that sqrt(d) / (C scale) is at most
 ``privacy.rounding_overhead`` (1% by default): the rounding's cost is counted,
 and small.
@@ -43,13 +46,9 @@ import numpy as np
 
 from privfer.errors import ConfigError
 from privfer.privacy.calibrate import EPSILON_TOLERANCE, PrivacyBudgetError
-from privfer.privacy.skellam import MAX_STEPS, SkellamSteps, skellam_epsilon
+from privfer.privacy.noise import DEFAULT, NoiseFamily, NoiseSteps, noise_family
+from privfer.privacy.rdp import MAX_STEPS
 
-MECHANISM = (
-    "distributed DP-SGD: per-example clipping, randomized rounding to integers, Skellam noise shares summed "
-    "inside secure aggregation (Agarwal, Kairouz, Liu 2021)"
-)
-TAIL_FAILURE = 2.0**-40  # chance, over a whole run, that a sum coordinate leaves the modulus' headroom
 MIN_NOISE_MULTIPLIER = 1e-3
 
 
@@ -76,17 +75,6 @@ def sensitivities(max_grad_norm: float, scale: float, dimension: int) -> tuple[f
     return min(math.sqrt(dimension) * l2, l2 * l2), l2
 
 
-def tail_bound(variance: float, coordinates: float, failure: float = TAIL_FAILURE) -> float:
-    """t with P(some |Skellam(variance)| > t among ``coordinates`` draws) <= failure.
-
-    A Skellam variable is a sum of centred Poisson variables, for which
-    Bernstein's inequality gives P(|X| >= t) <= 2 exp(-t^2 / (2 (v + t / 3)));
-    solve for t after a union bound over the coordinates.
-    """
-    log_term = math.log(2 * coordinates / failure)
-    return log_term / 3 + math.sqrt((log_term / 3) ** 2 + 2 * variance * log_term)
-
-
 @dataclass(frozen=True)
 class DistributedPlan:
     """Everything one phase of distributed DP-SGD needs, fixed before it starts (and written to the ledger)."""
@@ -108,6 +96,11 @@ class DistributedPlan:
     modulus_bits: int
     sum_bound: int  # |any coordinate of a released sum| stays below this (with failure TAIL_FAILURE)
     records: int  # records of the round's clients together (the public denominator is q x this)
+    noise: str  # the noise family (privfer.privacy.noise)
+
+    @property
+    def family(self) -> NoiseFamily:
+        return noise_family(self.noise)
 
     @property
     def noise_multiplier(self) -> float:
@@ -118,11 +111,12 @@ class DistributedPlan:
     def honest(self) -> int:
         return self.min_inputs - self.colluders
 
-    def steps_entry(self, steps: int) -> SkellamSteps:
-        return SkellamSteps(self.mu, self.l1, self.l2, self.sample_rate, int(steps))
+    def steps_entry(self, steps: int) -> NoiseSteps:
+        """``steps`` releases of this plan's sum (its noise carried by at least the honest shares)."""
+        return self.family.steps(self.mu, self.l1, self.l2, self.sample_rate, int(steps), self.honest, self.dimension)
 
     def epsilon(self, steps: int | None = None) -> float:
-        return skellam_epsilon([self.steps_entry(self.steps if steps is None else steps)], self.delta)[0]
+        return self.family.epsilon([self.steps_entry(self.steps if steps is None else steps)], self.delta)[0]
 
     def to_dict(self) -> dict:
         return {**asdict(self), "noise_multiplier": self.noise_multiplier}
@@ -144,8 +138,9 @@ def calibrate_distributed(
     modulus_bits: int,
     max_noise_multiplier: float,
     min_colluders: int = 0,
+    noise: str = DEFAULT,
 ) -> DistributedPlan:
-    """The least Skellam variance mu whose epsilon after ``steps`` rounds is <= ``epsilon`` (to 0.01 below).
+    """The least noise variance mu (of the family ``noise``) whose epsilon after ``steps`` rounds is <= ``epsilon`` (to 0.01 below).
 
     The shares are sized for ``max(floor(colluding_fraction x clients), min_colluders)`` colluders.
 
@@ -167,20 +162,21 @@ def calibrate_distributed(
             f"client to carry the noise in a round of {clients}; raise min_inputs_fraction or lower "
             f"aggregation.colluding_fraction"
         )
+    family = noise_family(noise)
     scale = rounding_scale(max_grad_norm, dimension, rounding_overhead)
     l1, l2 = sensitivities(max_grad_norm, scale, dimension)
 
     def spent(z: float) -> float:
-        return skellam_epsilon([SkellamSteps((z * l2) ** 2, l1, l2, sample_rate, steps)], delta)[0]
+        return family.epsilon([family.steps((z * l2) ** 2, l1, l2, sample_rate, steps, honest, dimension)], delta)[0]
 
     high = max_noise_multiplier
     if spent(high) > epsilon:
         raise PrivacyBudgetError(
             f"privacy budget unreachable: epsilon {epsilon:g} at delta {delta:.3g} over {steps} distributed DP-SGD "
-            f"steps (sample rate {sample_rate:g}) needs a noise multiplier above {max_noise_multiplier:g} "
+            f"steps with {family.title} noise (sample rate {sample_rate:g}) needs a noise multiplier above {max_noise_multiplier:g} "
             f"(privacy.max_noise_multiplier); raise privacy.epsilon or lower federation.rounds"
         )
-    low = MIN_NOISE_MULTIPLIER
+    low = max(MIN_NOISE_MULTIPLIER, math.sqrt(family.min_mu(honest)) / l2 * (1 + 1e-9))  # where the bound holds
     if spent(low) <= epsilon:
         high = low
     else:
@@ -198,7 +194,7 @@ def calibrate_distributed(
     limit = 2 ** (bits - 1) - 1
     # Every record's clipped gradient moves any coordinate by at most C, rounding by < 1 per client, and the
     # noise of all the round's shares stays below the tail bound (union bound over coordinates and steps).
-    needed = records * max_grad_norm * scale + clients + tail_bound(clients * share, float(dimension) * steps)
+    needed = records * max_grad_norm * scale + clients + family.tail_bound(clients * share, float(dimension) * steps)
     if needed > limit:
         raise ConfigError(
             f"aggregation.modulus_bits = {bits}: a sum of {records} records' gradients at scale 2^"
@@ -209,7 +205,7 @@ def calibrate_distributed(
         max_grad_norm=float(max_grad_norm), dimension=int(dimension), scale=scale, l1=l1, l2=l2, mu=mu,
         share_variance=share, sample_rate=float(sample_rate), steps=int(steps), clients=int(clients),
         min_inputs=minimum, colluders=colluding, delta=float(delta), target_epsilon=float(epsilon),
-        modulus_bits=bits, sum_bound=min(limit, math.ceil(needed)), records=int(records),
+        modulus_bits=bits, sum_bound=min(limit, math.ceil(needed)), records=int(records), noise=family.name,
     )
 
 
@@ -234,14 +230,6 @@ def derived_key(secret: bytes, *labels: object) -> bytes:
     return hmac.new(secret, message.encode(), hashlib.sha256).digest()
 
 
-def skellam_noise(rng: np.random.Generator, variance: float, size: int) -> np.ndarray:
-    """Skellam(variance) integers: the difference of two independent Poisson(variance / 2) draws."""
-    if not variance > 0:
-        raise ValueError("the Skellam variance must be positive")
-    half = variance / 2
-    return rng.poisson(half, size).astype(np.int64) - rng.poisson(half, size).astype(np.int64)
-
-
 def randomized_round(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """floor(x + U), U uniform in [0, 1): unbiased, each value moved by less than 1."""
     low = np.floor(values)
@@ -249,20 +237,20 @@ def randomized_round(values: np.ndarray, rng: np.random.Generator) -> np.ndarray
 
 
 def encode_contribution(clipped_sum: np.ndarray, plan: DistributedPlan, rng: np.random.Generator) -> np.ndarray:
-    """A client's integer contribution: round(scale x its clipped gradient sum) + its Skellam noise share."""
+    """A client's integer contribution: round(scale x its clipped gradient sum) + its noise share."""
     flat = np.asarray(clipped_sum, dtype=np.float64).ravel()
     if flat.size > plan.dimension:
         raise ValueError(f"the contribution has {flat.size} coordinates, more than the plan's {plan.dimension}")
     if not np.all(np.isfinite(flat)):
         raise ValueError("clipped gradient sums must be finite")
-    return randomized_round(flat * plan.scale, rng) + skellam_noise(rng, plan.share_variance, flat.size)
+    return randomized_round(flat * plan.scale, rng) + plan.family.sample(rng, plan.share_variance, flat.size)
 
 
 def local_noisy_sum(clipped_sum: np.ndarray, plan: DistributedPlan, rng: np.random.Generator) -> np.ndarray:
     """A clipped sum with the FULL noise (variance mu), decoded to gradient units: for parameters that never
     leave the client (FedPer's personal layers), noised as if released alone."""
     flat = np.asarray(clipped_sum, dtype=np.float64).ravel()
-    noisy = randomized_round(flat * plan.scale, rng) + skellam_noise(rng, plan.mu, flat.size)
+    noisy = randomized_round(flat * plan.scale, rng) + plan.family.sample(rng, plan.mu, flat.size)
     return noisy.astype(np.float64) / plan.scale
 
 
@@ -279,7 +267,6 @@ def decode_sum(total: np.ndarray, plan: DistributedPlan) -> np.ndarray:
 
 __all__ = [
     "DistributedPlan",
-    "MECHANISM",
     "calibrate_distributed",
     "colluders",
     "decode_sum",
@@ -291,6 +278,4 @@ __all__ = [
     "randomized_round",
     "rounding_scale",
     "sensitivities",
-    "skellam_noise",
-    "tail_bound",
 ]

@@ -209,7 +209,7 @@ def _distributed_canary_audit(config: PrivferConfig, kind: str, canaries: int, g
     whose clipped gradient is ``C e_j``; it is Poisson-sampled at the plan's
     rate every round. Every client of the round encodes its contribution with
     the real :func:`~privfer.privacy.distributed.encode_contribution`
-    (randomized rounding, its own Skellam share) and the contributions are
+    (randomized rounding, its own noise share) and the contributions are
     summed by the real masking protocol. The auditor gets every other record's
     gradient for free (the background is zero: the strongest auditor), so the
     noise in the released sums is all that stands in its way. Score: the
@@ -219,7 +219,6 @@ def _distributed_canary_audit(config: PrivferConfig, kind: str, canaries: int, g
     """
     from privfer.fl.aggregation import sum_integer_contributions
     from privfer.privacy.distributed import encode_contribution, noise_generator
-    from privfer.privacy.skellam import skellam_epsilon
 
     if kind != "whitebox":
         raise ValueError("the distributed mechanism is audited with whitebox canaries (the auditor sees only "
@@ -263,7 +262,7 @@ def _distributed_canary_audit(config: PrivferConfig, kind: str, canaries: int, g
         kind="whitebox", canaries=canaries, guesses=guesses, correct=correct,
         epsilon_lower_bound=epsilon_lower_bound(canaries, guesses, correct, delta),
         ceiling=audit_ceiling(canaries, guesses, delta),
-        claimed_epsilon=skellam_epsilon(history, delta)[0],
+        claimed_epsilon=plan.family.epsilon(history, delta)[0],
         noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps, delta=delta,
         client=client_id, records=federation.clients[TRAINING][client_id].records,
         seconds=time.perf_counter() - started,
@@ -288,7 +287,6 @@ def _person_canary_audit(config: PrivferConfig, kind: str, canaries: int, guesse
     from privfer.fl.aggregation import sum_integer_contributions
     from privfer.privacy.person import secret_coin
     from privfer.privacy.distributed import encode_contribution, noise_generator, randomized_round
-    from privfer.privacy.skellam import skellam_epsilon
 
     if kind != "whitebox":
         raise ValueError("the person-level mechanism is audited with whitebox canary persons (the auditor sees only "
@@ -327,7 +325,7 @@ def _person_canary_audit(config: PrivferConfig, kind: str, canaries: int, guesse
         kind="whitebox", canaries=canaries, guesses=guesses, correct=correct,
         epsilon_lower_bound=epsilon_lower_bound(canaries, guesses, correct, delta),
         ceiling=audit_ceiling(canaries, guesses, delta),
-        claimed_epsilon=skellam_epsilon([plan.steps_entry(plan.steps)], delta)[0],
+        claimed_epsilon=plan.family.epsilon([plan.steps_entry(plan.steps)], delta)[0],
         noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps, delta=delta,
         client=canary_ids[0], records=0, seconds=time.perf_counter() - started,
     )

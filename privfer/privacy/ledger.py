@@ -13,9 +13,11 @@ delta, clipping bound, noise source) and one entry per client and phase.
   person protected): the run-level ``phases``
   section holds each phase's plan (integer scale, dimension, sensitivities
   l1 / l2, the least variance ``mu`` of any released sum, the share variance,
-  clients per round, minimum inputs, colluders assumed, sample rate, modulus);
-  an entry's history is ``[[mu, l1, l2, sample_rate, steps]]`` (Skellam RDP,
-  :mod:`privfer.privacy.skellam`).
+  clients per round, minimum inputs, colluders assumed, sample rate, modulus,
+  noise family); the run-level ``noise`` names the family
+  (:mod:`privfer.privacy.noise`; a ledger without it was written when Skellam
+  was the only one) and an entry's history holds that family's fields, e.g.
+  ``[[mu, l1, l2, sample_rate, steps]]`` for Skellam.
 
 A client's history composes every round it took part in, so its epsilon is
 its spend over the whole run.
@@ -35,12 +37,6 @@ from privfer.runs import atomic_write_json
 SCHEMA = "privfer.privacy_ledger/2"
 LEGACY_SCHEMAS = ("privfer.privacy_ledger/1",)  # local ledgers written before mechanism_id existed
 MECHANISM = "DP-SGD (Opacus): per-example gradient clipping, Poisson-subsampled Gaussian noise"
-DISTRIBUTED_ACCOUNTANT = "skellam_rdp"
-DISTRIBUTED_ACCOUNTING = (
-    "Skellam RDP (Agarwal, Kairouz, Liu 2021, Thm 3.5) of the sum's noise with the rounded sensitivities, amplified "
-    "by Poisson subsampling with Zhu & Wang 2019's general bound (Thm 6) when sample_rate < 1, composed over steps, "
-    "converted with Balle et al. 2020 (Thm 21)"
-)
 
 History = list[tuple[float, float, int]]
 
@@ -185,7 +181,7 @@ def build_ledger(
 _DISTRIBUTED_UNITS: dict[str, dict[str, Any]] = {
     "record": {
         "mechanism_id": "distributed",
-        "mechanism": "distributed DP-SGD: per-example clipping, randomized rounding to integers, Skellam noise "
+        "mechanism": "distributed DP-SGD: per-example clipping, randomized rounding to integers, {noise} noise "
         "shares summed inside secure aggregation; one DP-SGD step per secure-aggregation round",
         "neighbouring_relation": "add or remove one record (clip) of one client, in the union of the round's "
         "clients' records",
@@ -201,7 +197,7 @@ _DISTRIBUTED_UNITS: dict[str, dict[str, Any]] = {
         "mechanism_id": "distributed_person",
         "mechanism": "distributed DP-FedAvg: each selected client's whole update clipped to max_grad_norm (the "
         "person's update bound, privacy.max_update_norm), or zeros by its secret coin (heads with probability "
-        "sample_rate, privacy.participation), randomized rounding to integers, Skellam noise shares summed inside "
+        "sample_rate, privacy.participation), randomized rounding to integers, {noise} noise shares summed inside "
         "secure aggregation; the server divides by sample_rate x the included clients",
         "neighbouring_relation": "replace everything one person (client) contributes by zeros (zero-out): all of "
         "their clips at once; who is selected and sends messages stays public",
@@ -232,17 +228,19 @@ def build_distributed_ledger(
     security: str = "semi_honest",
 ) -> dict[str, Any]:
     """The ledger of a distributed-DP run (record or person ``unit``): each phase's plan and each client's
-    Skellam history and epsilon. ``persons``: the federation's persons, the count delta is judged against at
-    person level."""
-    from privfer.privacy.skellam import skellam_epsilon
-
+    history (in its noise family's fields) and epsilon. ``persons``: the federation's persons, the count delta is
+    judged against at person level."""
     stated = _DISTRIBUTED_UNITS[unit]
+    first = next(iter(plans.values()))
+    family = first.family
+    if any(plan.noise != family.name for plan in plans.values()):
+        raise ValueError("every phase of a run uses one noise family")
 
     clients = []
     for account in sorted(accounts, key=lambda a: (a.phase, a.client)):
         plan = plans[account.phase]
         entry = plan.steps_entry(account.rounds_trained)
-        epsilon = skellam_epsilon([entry], plan.delta)[0]
+        epsilon = family.epsilon([entry], plan.delta)[0]
         clients.append(
             {
                 "client": account.client,
@@ -252,22 +250,22 @@ def build_distributed_ledger(
                 "rounds_trained": account.rounds_trained,
                 "steps": account.rounds_trained,
                 "max_rounds": max_rounds.get(account.phase, 0),
-                "history": [entry.as_list()] if account.rounds_trained else [],
+                "history": [family.entry(entry)] if account.rounds_trained else [],
                 "delta": plan.delta,
                 "epsilon": epsilon,
-                "accountant": DISTRIBUTED_ACCOUNTANT,
+                "accountant": family.accountant,
             }
         )
     spent = [c["epsilon"] for c in clients]
-    first = next(iter(plans.values()))
     return {
         "schema": SCHEMA,
         "mechanism_id": stated["mechanism_id"],
         "unit": unit,
-        "mechanism": stated["mechanism"],
+        "mechanism": stated["mechanism"].format(noise=family.title),
+        "noise": family.name,
         "private": True,
-        "accountant": DISTRIBUTED_ACCOUNTANT,
-        "accounting": DISTRIBUTED_ACCOUNTING,
+        "accountant": family.accountant,
+        "accounting": family.accounting,
         "target_epsilon": first.target_epsilon,
         "delta": first.delta,
         "max_grad_norm": first.max_grad_norm,
@@ -326,5 +324,5 @@ def write_ledger(path: Path, ledger: dict[str, Any]) -> None:
     atomic_write_json(path, ledger)
 
 
-__all__ = ["ClientAccount", "DISTRIBUTED_ACCOUNTANT", "DistributedAccount", "LEGACY_SCHEMAS", "MECHANISM",
+__all__ = ["ClientAccount", "DistributedAccount", "LEGACY_SCHEMAS", "MECHANISM",
            "SCHEMA", "account_from_state", "build_distributed_ledger", "build_ledger", "write_ledger"]

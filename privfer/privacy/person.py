@@ -11,7 +11,7 @@ clips. In a round every selected client
 3. clips its whole update of the shared parameters to L2 norm ``S``
    (``privacy.max_update_norm``) — heads — or takes the zero vector — tails;
 4. encodes that vector as integers (randomized rounding at the plan's scale)
-   and adds its Skellam noise share, exactly as record-level distributed DP
+   and adds its noise share, exactly as record-level distributed DP
    (:func:`privfer.privacy.distributed.encode_contribution`), and submits only
    that through secure aggregation. No count, loss or metric leaves it.
 

@@ -18,7 +18,7 @@ NumPy or PyTorch federated loop can call without privfer's simulation::
 
 Each client's contribution is its update clipped to ``max_update_norm`` (or
 zeros, by its secret coin, when ``participation`` < 1), rounded to integers at
-the plan's scale, plus its Skellam noise share — drawn from ChaCha20 keyed by
+the plan's scale, plus its noise share (Skellam by default) — drawn from ChaCha20 keyed by
 the OS CSPRNG, never by anything the server holds. The shares are sized so
 that the honest clients of any released sum (at least ``min_inputs`` inputs,
 at most ``colluders`` of them colluding) carry the calibrated noise; the
@@ -39,6 +39,7 @@ from privfer.privacy.distributed import (
     decode_sum,
     noise_generator,
 )
+from privfer.privacy.noise import DEFAULT
 from privfer.privacy.ledger import DistributedAccount, build_distributed_ledger
 from privfer.privacy.ledger import write_ledger as _write_ledger
 from privfer.privacy.person import mean_update as _mean_update
@@ -50,17 +51,18 @@ PHASE = "training"
 def plan_run(*, epsilon: float, delta: float, rounds: int, clients: int, dimension: int,
              max_update_norm: float = 1.0, participation: float = 1.0, min_inputs_fraction: float = 0.9,
              colluding_fraction: float = 0.1, rounding_overhead: float = 0.01, modulus_bits: int = 64,
-             max_noise_multiplier: float = 100.0) -> DistributedPlan:
+             max_noise_multiplier: float = 100.0, noise: str = DEFAULT) -> DistributedPlan:
     """The noise plan of a whole run: every client's epsilon after ``rounds`` rounds is at most ``epsilon`` at
     ``delta`` (a client in every round), with ``clients`` per round. Raises
     :class:`~privfer.privacy.calibrate.PrivacyBudgetError` when the budget needs more noise than
     ``max_noise_multiplier`` x the update bound, and :class:`~privfer.errors.ConfigError` for settings that
-    cannot work (the error names them)."""
+    cannot work (the error names them). ``noise``: the family of the shares (:data:`privfer.privacy.noise.FAMILIES`)."""
     return calibrate_distributed(
         epsilon=epsilon, delta=delta, max_grad_norm=max_update_norm, dimension=dimension,
         sample_rate=participation, steps=rounds, clients=clients, records=clients,
         min_inputs_fraction=min_inputs_fraction, colluding_fraction=colluding_fraction,
-        rounding_overhead=rounding_overhead, modulus_bits=modulus_bits, max_noise_multiplier=max_noise_multiplier)
+        rounding_overhead=rounding_overhead, modulus_bits=modulus_bits, max_noise_multiplier=max_noise_multiplier,
+        noise=noise)
 
 
 def secagg_config(plan: DistributedPlan, security: str = "active", **fields: object):

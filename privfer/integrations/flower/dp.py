@@ -14,13 +14,13 @@ with the first stage. Nothing about the noise is left to the server, though:
   received ones) to the plan's bound, and sends only the integer
   contribution (:func:`privfer.privacy.person.person_contribution`);
 * it keeps its privacy ledger on its own disk (:class:`NodeLedger`): the
-  Skellam history of every round it contributed to, across runs and
+  history of every round it contributed to (one noise family per ledger), across runs and
   restarts, against a lifetime budget. A round that would take it past the
   budget is refused before the ``ClientApp`` trains; the round's spend is
   written (atomically) before its masked input leaves the node.
 
-Accounting: the node's epsilon is the Skellam RDP of its history at its own
-delta (:func:`privfer.privacy.skellam.skellam_epsilon`), each round one step
+Accounting: the node's epsilon is its noise family's RDP of its history at its
+own delta (:meth:`privfer.privacy.noise.NoiseFamily.epsilon`), each round one step
 of the plan's mechanism with the secret coin as the Poisson sample rate, the
 same bound ``privfer audit`` recomputes for ``privfer simulate``.
 """
@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from privfer.config import MAX_EPSILON
-from privfer.privacy.distributed import (DistributedPlan, calibrate_distributed, colluders, min_inputs, sensitivities,
-                                         tail_bound)
-from privfer.privacy.skellam import MAX_STEPS, ORDERS, SkellamSteps, skellam_epsilon, skellam_history_rdp
+from privfer.privacy.distributed import DistributedPlan, calibrate_distributed, colluders, min_inputs, sensitivities
+from privfer.privacy.noise import DEFAULT, FAMILIES, LEGACY, NoiseFamily, NoiseSteps, noise_family
+from privfer.privacy.rdp import MAX_STEPS, ORDERS
 from privfer.runs import atomic_write_json
 from privfer.secagg.config import SecAggConfig
 from privfer.secagg.errors import SecAggError
@@ -46,10 +46,15 @@ PLAN_FIELD = "dp"  # the advertise_keys record field holding the round's plan (J
 COUNT_RECORD = "privfer.dp"  # record level: the array record of the count word the nodes append
 LEDGER_SCHEMA = "privfer.node_ledger/1"
 MAX_LEDGER_BYTES = 1 << 20  # a larger file is refused before it is read
-MAX_LEDGER_ENTRIES = 1024  # distinct (mu, l1, l2, sample_rate); rounds with the same plan merge into one entry,
+MAX_LEDGER_ENTRIES = 1024  # distinct step mechanisms (the entry without its steps); rounds with the same plan merge into one entry,
 # and the rounds of plans beyond this many are folded into one composed RDP vector ("folded")
 PERSON = "distributed_person"
 UNITS = {"person": PERSON, "record": "distributed"}  # unit -> the plan's (and ledger's) mechanism id
+
+
+def _check_noise(value: Any) -> None:
+    if value not in FAMILIES:
+        raise ValueError(f"noise must be one of {sorted(FAMILIES)}, got {value!r}")
 
 
 def _check_min_colluders(value: Any) -> None:
@@ -93,8 +98,10 @@ class NodePrivacy:
     min_inputs_fraction: float = 0.9
     unit: str = "person"  # or "record": the unit this node's ledger and accepted plans protect
     min_colluders: int = 0
+    noise: str = DEFAULT  # the noise family of the plans this node accepts (one per ledger)
 
     def __post_init__(self) -> None:
+        _check_noise(self.noise)
         ledger = Path(self.ledger)
         if not ledger.is_absolute():
             raise ValueError(f"the ledger path must be absolute (a node's ledger must not move with its working "
@@ -142,8 +149,10 @@ class DistributedDP:
     rounding_overhead: float = 0.01
     modulus_bits: int = 64
     max_noise_multiplier: float = 50.0
+    noise: str = DEFAULT  # the noise family of the shares (privfer.privacy.noise)
 
     def __post_init__(self) -> None:
+        _check_noise(self.noise)
         if not (0 < self.epsilon <= MAX_EPSILON) or not 1 <= self.rounds <= MAX_STEPS or not 0 < self.delta < 1:
             raise ValueError("DistributedDP needs 0 < epsilon <= 1000, 1 <= rounds and 0 < delta < 1")
         if self.unit not in UNITS:
@@ -169,7 +178,7 @@ class DistributedDP:
             records=clients if person else self.max_records,
             min_inputs_fraction=self.min_inputs_fraction, colluding_fraction=self.colluding_fraction,
             rounding_overhead=self.rounding_overhead, modulus_bits=self.modulus_bits,
-            max_noise_multiplier=self.max_noise_multiplier, min_colluders=self.min_colluders)
+            max_noise_multiplier=self.max_noise_multiplier, min_colluders=self.min_colluders, noise=self.noise)
 
 
 def plan_to_json(plan: DistributedPlan, unit: str = "person") -> str:
@@ -219,13 +228,16 @@ def accept_plan(text: Any, config: SecAggConfig, dimension: int, policy: NodePri
     if not isinstance(raw, dict) or raw.pop("mechanism", None) != wanted or set(raw) != set(_PLAN_FIELDS):
         raise UnacceptablePlan(f"this node takes part only with a {wanted} plan (its unit is {policy.unit}) with the "
                                f"fields {sorted(_PLAN_FIELDS)}")
+    if raw.pop("noise") != policy.noise:
+        raise UnacceptablePlan(f"this node takes part only with {policy.noise} noise shares (its policy's family)")
     for name, value in raw.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise UnacceptablePlan(f"the DP plan's field {name!r} must be a finite number >= 0, got {value!r}")
     integers = ("dimension", "steps", "clients", "min_inputs", "colluders", "modulus_bits", "sum_bound", "records")
     if any(float(raw[name]) != int(raw[name]) for name in integers):
         raise UnacceptablePlan(f"the DP plan's fields {integers} must be whole numbers")
-    plan = DistributedPlan(**{name: int(raw[name]) if name in integers else float(raw[name]) for name in raw})
+    plan = DistributedPlan(**{name: int(raw[name]) if name in integers else float(raw[name]) for name in raw},
+                           noise=policy.noise)
     problems = []
     noised = dimension - (1 if policy.unit == "record" else 0)  # record level: the last word is the record count
     if plan.dimension != noised:
@@ -251,7 +263,8 @@ def accept_plan(text: Any, config: SecAggConfig, dimension: int, policy: NodePri
     if plan.share_variance > 0 and plan.scale > 0:
         # a bound too small for an honest sum would make a node's error depend on its data and coin
         needed = (plan.records * plan.max_grad_norm * plan.scale + plan.clients
-                  + tail_bound(plan.clients * plan.share_variance, float(plan.dimension) * max(plan.steps, 1)))
+                  + plan.family.tail_bound(plan.clients * plan.share_variance,
+                                           float(plan.dimension) * max(plan.steps, 1)))
         if plan.sum_bound < needed:
             problems.append(f"its sum bound {plan.sum_bound} is below the {needed:.4g} its own clients, clipping "
                             "bound, scale and noise need")
@@ -261,6 +274,11 @@ def accept_plan(text: Any, config: SecAggConfig, dimension: int, policy: NodePri
     if honest < 1 or plan.share_variance * honest < plan.mu * (1 - 1e-9):
         problems.append(f"{max(honest, 0)} honest shares of variance {plan.share_variance:.4g} do not carry its "
                         f"variance {plan.mu:.4g}")
+    elif plan.mu > 0:
+        try:
+            plan.family.check_shares(plan.mu, honest)
+        except ValueError as exc:
+            problems.append(str(exc))
     if problems:
         raise UnacceptablePlan("this node refuses the round's DP plan: " + "; ".join(problems))
     return plan
@@ -288,7 +306,7 @@ class NodeLedger:
         path = self.path
         if not path.exists():
             return {"schema": LEDGER_SCHEMA, "unit": self.policy.unit, "mechanism_id": UNITS[self.policy.unit],
-                    "delta": self.policy.delta,
+                    "noise": self.policy.noise, "delta": self.policy.delta,
                     "lifetime_epsilon": self.policy.lifetime_epsilon, "rounds": 0, "epsilon": 0.0, "history": [],
                     "last": []}
         where = f"privfer node ledger {path}"
@@ -304,6 +322,9 @@ class NodeLedger:
         if ledger.get("unit") != self.policy.unit:
             raise NodeLedgerError(f"{where} protects the unit {ledger.get('unit')!r}, this node's policy the "
                                   f"{self.policy.unit!r}; a ledger is kept for one unit")
+        if ledger.get("noise", LEGACY) != self.policy.noise:  # without the field: written when it was the only one
+            raise NodeLedgerError(f"{where} accounts {ledger.get('noise')!r} noise, this node's policy "
+                                  f"{self.policy.noise!r}; a ledger is kept for one noise family")
         if ledger.get("delta") != self.policy.delta:
             raise NodeLedgerError(f"{where} accounts at delta {ledger.get('delta')!r}, this node's policy at "
                                   f"{self.policy.delta!r}; a ledger is kept at one delta")
@@ -328,23 +349,21 @@ class NodeLedger:
                 raise NodeLedgerError(f"{where} field 'folded' is not {{'orders': this accountant's orders, 'rdp': "
                                       f"[{len(ORDERS)} finite numbers >= 0], 'rounds': its rounds}}; refusing to "
                                       "train")
+        family = self.family
         for index, item in enumerate(history):
             try:
-                ok = (isinstance(item, list) and len(item) == 5
-                      and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in item)
-                      and float(item[4]).is_integer())
-                if ok:
-                    SkellamSteps(float(item[0]), float(item[1]), float(item[2]), float(item[3]), int(item[4]))
+                family.parse_entry(item)
             except ValueError:
-                ok = False
-            if not ok:
-                raise NodeLedgerError(f"{where} field 'history[{index}]' is not [mu, l1, l2, sample_rate, steps]; "
-                                      "refusing to train")
+                raise NodeLedgerError(f"{where} field 'history[{index}]' is not [{', '.join(family.fields)}]; "
+                                      "refusing to train") from None
         return ledger
 
-    @staticmethod
-    def _entries(ledger: dict[str, Any]) -> list[SkellamSteps]:
-        return [SkellamSteps(float(m), float(a), float(b), float(q), int(t)) for m, a, b, q, t in ledger["history"]]
+    @property
+    def family(self) -> NoiseFamily:
+        return noise_family(self.policy.noise)
+
+    def _entries(self, ledger: dict[str, Any]) -> list[NoiseSteps]:
+        return [self.family.parse_entry(item) for item in ledger["history"]]
 
     @staticmethod
     def _folded(ledger: dict[str, Any]) -> Any:
@@ -354,14 +373,14 @@ class NodeLedger:
     def spent(self) -> float:
         """The node's epsilon so far, recomputed from its history (and folded rounds) at its delta."""
         ledger = self.load()
-        return skellam_epsilon(self._entries(ledger), self.policy.delta, self._folded(ledger))[0]
+        return self.family.epsilon(self._entries(ledger), self.policy.delta, self._folded(ledger))[0]
 
-    def after(self, step: SkellamSteps) -> float:
+    def after(self, step: NoiseSteps) -> float:
         """The node's epsilon if it took part in one more round of ``step``'s mechanism."""
         ledger = self.load()
-        return skellam_epsilon([*self._entries(ledger), step], self.policy.delta, self._folded(ledger))[0]
+        return self.family.epsilon([*self._entries(ledger), step], self.policy.delta, self._folded(ledger))[0]
 
-    def check(self, step: SkellamSteps) -> float:
+    def check(self, step: NoiseSteps) -> float:
         """BudgetExhausted if one more round would pass the lifetime budget; else the epsilon it would leave."""
         epsilon = self.after(step)
         lifetime = self.lifetime
@@ -371,7 +390,7 @@ class NodeLedger:
                 f"(delta {self.policy.delta:g}); another round would take it to {epsilon:.3f}: refused")
         return epsilon
 
-    def charge(self, step: SkellamSteps, round_id: str) -> float:
+    def charge(self, step: NoiseSteps, round_id: str) -> float:
         """Record one round of ``step`` (atomically, under an exclusive lock so that concurrent processes cannot
         both pass the check), before the node's input is even computed; returns the new epsilon."""
         import fcntl
@@ -383,24 +402,27 @@ class NodeLedger:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _charge(self, step: SkellamSteps, round_id: str) -> float:
+    def _charge(self, step: NoiseSteps, round_id: str) -> float:
         epsilon = self.check(step)
         ledger = self.load()
         ledger["lifetime_epsilon"] = self.lifetime  # pinned: a later, larger policy does not raise it
-        key = [step.mu, step.l1, step.l2, step.sample_rate]
+        ledger["noise"] = self.policy.noise  # (a ledger written before the field was the legacy family's, checked)
+        family = self.family
+        key = family.entry_key(step)
+        at = family.fields.index("steps")
         for item in ledger["history"]:
-            if [float(x) for x in item[:4]] == key:
-                item[4] = int(item[4]) + step.steps
+            if family.entry_key(family.parse_entry(item)) == key:
+                item[at] = int(item[at]) + step.steps
                 break
         else:
             if len(ledger["history"]) >= MAX_LEDGER_ENTRIES:
                 # A server varying its plan by an ulp each round must not grow the file without bound: past this
                 # many distinct plans, a round's RDP is added to one composed vector (exact, just not itemized).
                 folded = ledger.get("folded") or {"rdp": [0.0] * len(ORDERS), "rounds": 0}
-                vector = [a + b for a, b in zip(folded["rdp"], skellam_history_rdp([step]).tolist())]
+                vector = [a + b for a, b in zip(folded["rdp"], family.history_rdp([step]).tolist())]
                 ledger["folded"] = {"orders": list(ORDERS), "rdp": vector, "rounds": int(folded["rounds"]) + 1}
             else:
-                ledger["history"].append([*key, step.steps])
+                ledger["history"].append(family.entry(step))
         ledger["rounds"] = int(ledger["rounds"]) + 1
         ledger["epsilon"] = epsilon
         ledger["last"] = [round_id, time.time()]

@@ -1,15 +1,8 @@
-"""Accountant of the (Poisson-subsampled) Skellam mechanism: RDP composed over steps, then (epsilon, delta).
+"""Rényi DP of a noise mechanism released over many steps: Poisson subsampling, composition, (epsilon, delta).
 
-Base mechanism (Agarwal, Kairouz, Liu, NeurIPS 2021, "The Skellam Mechanism
-for Differentially Private Federated Learning", Theorem 3.5 with Corollary
-3.6): adding Skellam noise of variance ``mu`` to every coordinate of an
-integer vector whose L1 / L2 sensitivities are ``l1`` / ``l2`` satisfies
-(alpha, eps(alpha))-RDP with
-
-    eps(alpha) = alpha l2^2 / (2 mu) + min(((2 alpha - 1) l2^2 + 6 l1) / (4 mu^2), 3 l1 / (2 mu)).
-
-A sum of independent Skellam variables is Skellam (variances add), so the
-noise shares of the clients add up to exactly this mechanism.
+Every noise family of distributed DP (:mod:`privfer.privacy.noise`) states the
+RDP of ONE unsampled release of its noise at integer orders; this module does
+the rest, the same for every family:
 
 Subsampling (a record taken with probability ``q`` per step, Poisson): the
 general upper bound of Zhu & Wang (ICML 2019, "Poisson Subsampled Rényi
@@ -38,8 +31,6 @@ docs/privacy-accounting.md.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 from scipy.special import gammaln, logsumexp
@@ -47,15 +38,6 @@ from scipy.special import gammaln, logsumexp
 AMPLIFIED_ORDERS: tuple[int, ...] = tuple(range(2, 257))  # contiguous: Zhu & Wang's bound at alpha needs eps(2..alpha)
 ORDERS: tuple[int, ...] = AMPLIFIED_ORDERS + (320, 384, 512, 768, 1024)  # the last ones unamplified (sound)
 MAX_STEPS = 10_000_000  # a ledger or config asking for more is refused before any work
-
-
-def skellam_rdp(orders: np.ndarray, l1: float, l2: float, mu: float) -> np.ndarray:
-    """RDP of the unsampled Skellam mechanism at ``orders`` (integer units: sensitivities and variance)."""
-    if not (mu > 0 and l2 > 0 and l1 > 0):
-        raise ValueError("the Skellam variance and both sensitivities must be positive")
-    a = np.asarray(orders, dtype=np.float64)
-    extra = np.minimum(((2 * a - 1) * l2**2 + 6 * l1) / (4 * mu**2), 3 * l1 / (2 * mu))
-    return a * l2**2 / (2 * mu) + extra
 
 
 def _log_binomials(alpha: int) -> np.ndarray:
@@ -110,72 +92,4 @@ def rdp_to_epsilon(orders: tuple[int, ...], rdp: np.ndarray, delta: float) -> tu
     return max(float(eps[best]), 0.0), int(orders[best])
 
 
-@dataclass(frozen=True)
-class SkellamSteps:
-    """``steps`` releases of a sum carrying Skellam noise of variance >= ``mu`` (integer units), each record in
-    the sum with probability ``sample_rate``, one record moving the sum by at most ``l1`` / ``l2``."""
-
-    mu: float
-    l1: float
-    l2: float
-    sample_rate: float
-    steps: int
-
-    def __post_init__(self) -> None:
-        for name in ("mu", "l1", "l2"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-        if not 0 < self.sample_rate <= 1:
-            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate!r}")
-        if not (isinstance(self.steps, int) and 0 <= self.steps <= MAX_STEPS):
-            raise ValueError(f"steps must be an integer in 0..{MAX_STEPS}, got {self.steps!r}")
-
-    def as_list(self) -> list[float]:
-        return [self.mu, self.l1, self.l2, self.sample_rate, self.steps]
-
-
-@lru_cache(maxsize=4096)
-def _step_rdp(mu: float, l1: float, l2: float, sample_rate: float) -> tuple[float, ...]:
-    base = skellam_rdp(np.array(ORDERS), l1, l2, mu)
-    return tuple(subsampled_rdp(ORDERS, sample_rate, base))
-
-
-def skellam_history_rdp(history: list[SkellamSteps] | tuple[SkellamSteps, ...]) -> np.ndarray:
-    """The composed RDP at :data:`ORDERS` of every entry of ``history``."""
-    total = np.zeros(len(ORDERS))
-    for entry in history:
-        if entry.steps:
-            total += entry.steps * np.array(_step_rdp(entry.mu, entry.l1, entry.l2, entry.sample_rate))
-    return total
-
-
-def skellam_epsilon(history: list[SkellamSteps] | tuple[SkellamSteps, ...], delta: float,
-                    extra_rdp: np.ndarray | None = None) -> tuple[float, int]:
-    """(epsilon, order) after every entry of ``history``, composed (with ``extra_rdp`` at :data:`ORDERS`, an
-    already composed part, added)."""
-    total = skellam_history_rdp(history)
-    if extra_rdp is not None:
-        total = total + np.asarray(extra_rdp, dtype=np.float64)
-    if not np.any(total):
-        return 0.0, int(ORDERS[0])
-    return rdp_to_epsilon(ORDERS, total, delta)
-
-
-def gaussian_equivalent(mu: float, l2: float) -> float:
-    """The noise multiplier of the Gaussian with the same variance: sqrt(mu) / l2."""
-    return math.sqrt(mu) / l2
-
-
-__all__ = [
-    "AMPLIFIED_ORDERS",
-    "MAX_STEPS",
-    "ORDERS",
-    "SkellamSteps",
-    "gaussian_equivalent",
-    "rdp_to_epsilon",
-    "skellam_epsilon",
-    "skellam_history_rdp",
-    "skellam_rdp",
-    "subsampled_rdp",
-]
+__all__ = ["AMPLIFIED_ORDERS", "MAX_STEPS", "ORDERS", "rdp_to_epsilon", "subsampled_rdp"]

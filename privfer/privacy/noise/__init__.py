@@ -14,6 +14,7 @@ from privfer.privacy.noise.base import TAIL_FAILURE, NoiseFamily, NoiseSteps
 
 _MODULES = (  # one line per family; the first is the default
     "skellam",
+    "discrete_gaussian",
 )
 
 FAMILIES: dict[str, NoiseFamily] = {}

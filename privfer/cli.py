@@ -201,7 +201,7 @@ def simulate(
         None, "--epsilon", "-e", help="TOTAL per-client budget for the whole run (record level); inf: no DP."
     ),
     delta: Optional[float] = typer.Option(None, "--delta", help="Delta (default 1 / (10 x records per client))."),
-    strategy: Optional[str] = typer.Option(None, "--strategy", help="fedavg or fedper."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="fedavg, fedper, fedprox (options: --set federation.strategy_options.mu=0.01)."),
     aggregator: Optional[str] = typer.Option(
         None, "--aggregator", help="masking (SecAgg, default), ckks, or plain (NOT private: a baseline)."
     ),
@@ -295,11 +295,10 @@ def print_simulation(result: Any, run_dir: Path) -> None:
     summary.add_column("value", justify="right")
     privacy = result.privacy
     if result.private:
-        summary.add_row("mechanism", {"distributed": "distributed DP-SGD (noise in the secure sum)",
-                                      "distributed_person": "distributed DP-FedAvg (person level, noise in the "
-                                                            "secure sum)",
-                                      "local": "local DP-SGD (each client adds all its noise)"}.get(
-                                          privacy.mechanism, str(privacy.mechanism)))
+        from privfer.fl.mechanisms import MECHANISMS
+
+        known = MECHANISMS.get(privacy.mechanism)
+        summary.add_row("mechanism", known.title if known is not None else str(privacy.mechanism))
         who = "per person" if privacy.unit == "person" else "per client, record level"
         summary.add_row(f"epsilon target ({who}, whole run)", f"{privacy.target_epsilon:g}")
         summary.add_row("epsilon spent: max / median over clients",

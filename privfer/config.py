@@ -389,7 +389,15 @@ class AggregationConfig(_Section):
 class FederationConfig(_Section):
     """Rounds, client sampling and the FL strategy."""
 
-    strategy: Literal["fedavg", "fedper"] = Field("fedavg", description="FedAvg, or FedPer with local head layers.")
+    strategy: str = Field(
+        "fedavg", pattern=r"^[a-z][a-z0-9_]{0,31}$",
+        description="The FL strategy, one of those registered in privfer.fl.strategies (docs/configuration.md lists "
+        "them); checked when the federation is prepared.",
+    )
+    strategy_options: dict[str, float | int | bool | str] = Field(
+        default_factory=dict, max_length=16,
+        description="The strategy's own options (e.g. fedprox's mu), checked by the strategy.",
+    )
     rounds: int | None = Field(
         None, ge=1, le=100_000,
         description="Federated rounds (distributed DP: DP-SGD steps); None: 40 under distributed DP, 20 otherwise.",

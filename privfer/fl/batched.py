@@ -136,6 +136,7 @@ def _fit_chunk(clients: Sequence[FLClient], config: PrivferConfig, states: Seque
     count = len(clients)
     params = {name: torch.stack([state[name].detach().float() for state in states]).requires_grad_(True)
               for name in names}
+    received = {name: p.detach().clone() for name, p in params.items()} if plan.local_step is not None else {}
 
     size = max(c.records for c in clients)
     features = clients[0].features.new_zeros((count, size, *clients[0].features.shape[1:]))
@@ -185,6 +186,8 @@ def _fit_chunk(clients: Sequence[FLClient], config: PrivferConfig, states: Seque
                 else:
                     update = plan.lr * grad
                 p.sub_(torch.where(on, update, torch.zeros_like(update)))
+                if plan.local_step is not None:
+                    p.copy_(torch.where(on, plan.local_step(p, received[name], plan.lr), p))
     updates = []
     for j, client in enumerate(clients):
         trained = {name: params[name][j].detach().clone() for name in names}

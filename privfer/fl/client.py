@@ -52,6 +52,8 @@ class LocalTraining:
     noise_source: str = "run_key"
     weight_decay: float = 0.0
     optimizer: str = "adam"  # or "sgd"
+    # the strategy's operator on every trained parameter after each optimizer step (Strategy.local_step)
+    local_step: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
 
 
 class FLClient:
@@ -130,6 +132,10 @@ class FLClient:
                     if before_step is not None:
                         before_step(model)
                     optimizer.step()  # an empty Poisson batch still takes a (noise-only) step
+                    if plan.local_step is not None:
+                        with torch.no_grad():
+                            for name, parameter in model.named_parameters():
+                                parameter.copy_(plan.local_step(parameter, state[name], plan.lr))
                     if len(x):  # (its loss is NaN)
                         total += float(loss.item()) * len(x)
                     steps += 1

@@ -75,7 +75,9 @@ def client_seed(config: PrivferConfig, noise_key: str, phase: str, round_index: 
 
 
 def local_training(config: PrivferConfig, phase: str, noise_multiplier: float | None) -> LocalTraining:
-    """How a client trains locally in ``phase`` (local DP-SGD or no DP): the one place it is read from the config."""
+    """How a client trains locally in ``phase`` (local DP-SGD or no DP): the one place it is read from the config.
+    The strategy's local step (FedProx's proximal operator) applies in the training phase; adaptation fine-tunes the
+    final model on pseudo labels as the seed paper does."""
     fed, training = config.federation, config.training
     return LocalTraining(
         lr=fed.local_lr if phase == TRAINING else fed.adaptation_lr,
@@ -87,6 +89,7 @@ def local_training(config: PrivferConfig, phase: str, noise_multiplier: float | 
         noise_source=config.privacy.noise_source,
         weight_decay=training.weight_decay,
         optimizer=fed.local_optimizer,
+        local_step=make_strategy(fed).local_step() if phase == TRAINING else None,
     )
 
 
@@ -129,6 +132,8 @@ class Mechanism(ABC):
     """How a federation's rounds are made private (see the module docstring)."""
 
     id: ClassVar[str | None]  # the ledger's mechanism_id; None without DP
+    takes_local_steps: ClassVar[bool] = True  # False: one step on the global model per round (no client training)
+    title: ClassVar[str]  # in sentences and the run summary
 
     def __init__(self, config: PrivferConfig) -> None:
         self.config = config
@@ -177,6 +182,7 @@ class LocalDPSGD(Mechanism):
     """Each client trains with DP-SGD (Opacus) and adds its full noise locally; the update is securely summed."""
 
     id = "local"
+    title = "local DP-SGD (each client adds all its noise)"
 
     def __init__(self, config: PrivferConfig) -> None:
         super().__init__(config)
@@ -261,6 +267,7 @@ class NoDP(LocalDPSGD):
     """No DP noise: clients train normally; the update is still securely summed (unless the backend is plain)."""
 
     id = None
+    title = "no DP"
 
     @property
     def epsilon(self) -> None:
@@ -274,6 +281,8 @@ class DistributedDPSGD(Mechanism):
     """One DP-SGD step per secure sum over the union of the cohort's records; noise shares in the sum."""
 
     id = "distributed"
+    takes_local_steps = False
+    title = "distributed DP-SGD (noise in the secure sum)"
 
     def __init__(self, config: PrivferConfig) -> None:
         super().__init__(config)
@@ -390,7 +399,9 @@ class DistributedDPFedAvg(DistributedDPSGD):
     (:mod:`privfer.privacy.person`)."""
 
     id = PERSON_MECHANISM
+    title = "distributed DP-FedAvg (person level, noise in the secure sum)"
     units = "persons"
+    takes_local_steps = True  # each selected client trains locally, then its whole update is clipped
 
     def protected_records(self, counts: Counts) -> int:
         # the protected unit is a person: delta is judged against the federation's persons

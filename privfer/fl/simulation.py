@@ -168,6 +168,12 @@ def prepare_federation(
     noise multipliers calibrated earlier in the run, checked instead of searched.
     """
     fed = config.federation
+    strategy = make_strategy(fed)  # an unknown strategy or a bad option is refused before any data is read
+    mechanism = make_mechanism(config)
+    if strategy.needs_local_steps and not mechanism.takes_local_steps:
+        raise ConfigError(f"federation.strategy '{strategy.name}' changes how clients train locally, and "
+                          f"{mechanism.title} takes no local steps (one step on the global model per "
+                          "round); use privacy.unit 'person' or privacy.mechanism 'local', or another strategy")
     clips = load_clips(config.data) if clips is None else clips
     split = split_actors(clips, config.data.split, config.seed)
     parts = split_clips(clips, split)
@@ -178,7 +184,6 @@ def prepare_federation(
     for actor in train.actor_list():
         mask = train.actor_ids == actor
         clients[TRAINING][actor] = FLClient(actor, train.features[mask], targets[mask])
-    mechanism = make_mechanism(config)
     cohort_size = fed.cohort_size(config.mechanism, len(clients[TRAINING]))
     if cohort_size > len(clients[TRAINING]):
         raise ConfigError(
@@ -206,7 +211,7 @@ def prepare_federation(
                                    only_client=only_client, known_noise=known_noise)
     if ADAPTATION not in runnable:
         clients[ADAPTATION] = {}  # fewer than two newcomers with pseudo labels: nothing to aggregate securely
-    return Federation(config, make_strategy(fed), mechanism, parts, clients, delta, pseudo, clips.feature_dim,
+    return Federation(config, strategy, mechanism, parts, clients, delta, pseudo, clips.feature_dim,
                       cohort_size)
 
 

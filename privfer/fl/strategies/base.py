@@ -1,13 +1,16 @@
-"""Federated strategies: which parameters are shared, how updates are weighted, how the sum is applied.
+"""What a federated strategy is: which parameters are shared, how a client trains, how the sum is applied.
 
-A strategy is a small class behind one interface (as in Flower), so FedAvg
-and FedPer differ only in what they share:
+A strategy is a small class behind one interface (as in Flower), one file
+under :mod:`privfer.fl.strategies`, registered there by one line:
 
-* :class:`FedAvg` (McMahan et al. 2017) shares every parameter; the server
-  adds the example-weighted mean of the clients' updates.
-* :class:`FedPer` (Arivazhagan et al. 2019, "personalization layers") keeps
-  the last N layers (the classifier head by default) on each client; only the
-  base is aggregated, and each client is evaluated with its own head.
+* what is shared and what stays personal (:meth:`Strategy.personal_names`);
+* what a client's local training adds to the optimizer's steps
+  (:meth:`Strategy.local_step`: FedProx's proximal operator), and whether the
+  strategy means anything without local steps (:attr:`Strategy.needs_local_steps`);
+* its own options (``federation.strategy_options``, validated by its
+  :attr:`Strategy.Options` model) — the config knows only the names;
+* how the server applies a weighted sum, how a newcomer starts, how a client
+  is evaluated.
 
 The server only ever sees the secure sum of ``weight x update`` and of the
 weights (the example counts are summed as a masked coordinate too). How the
@@ -19,23 +22,47 @@ a client is evaluated is the strategy's.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from privfer.config import FederationConfig
 from privfer.models.vfer import VFER
+
+# (parameter after an optimizer step, the value the client received, the step size) -> the parameter's new value
+LocalStep = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+class NoOptions(BaseModel):
+    """A strategy without options of its own."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class Strategy(ABC):
     """The interface a federated algorithm implements."""
 
-    name: str = ""
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""  # in sentences
+    Options: ClassVar[type[BaseModel]] = NoOptions  # federation.strategy_options, validated
+    # True: the strategy changes how clients train locally, so a mechanism that takes no local steps (record-level
+    # distributed DP-SGD: one step on the global model per round) cannot run it
+    needs_local_steps: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, config: FederationConfig, options: Any) -> "Strategy":
+        """The strategy from the federation config and its validated options."""
+        return cls()
 
     @abstractmethod
     def personal_names(self, model: VFER) -> list[str]:
         """Parameters that never leave the client."""
+
+    def local_step(self) -> LocalStep | None:
+        """An operator applied to every trained parameter after each local optimizer step (None: nothing)."""
+        return None
 
     def shared_names(self, model: VFER) -> list[str]:
         """Parameters whose updates are securely aggregated, in the model's order."""
@@ -74,56 +101,4 @@ class Strategy(ABC):
         return None
 
 
-class FedAvg(Strategy):
-    """Share everything; weighted mean of the updates."""
-
-    name = "fedavg"
-
-    def personal_names(self, model: VFER) -> list[str]:
-        return []
-
-
-class FedPer(Strategy):
-    """Keep the last ``personal_layers`` layers (the head by default) on the client; share the base."""
-
-    name = "fedper"
-
-    def __init__(self, personal_layers: int = 1) -> None:
-        self.personal_layers = personal_layers
-
-    one_global_model = False
-
-    def personal_names(self, model: VFER) -> list[str]:
-        return model.personal_parameter_names(self.personal_layers)
-
-    def predict(self, features: np.ndarray, actors: np.ndarray,
-                scores: Callable[[int | None, np.ndarray], np.ndarray]) -> np.ndarray:
-        """Each actor is scored with its own head (a newcomer: the newcomer head)."""
-        out: np.ndarray | None = None
-        for actor in np.unique(actors):
-            mask = actors == actor
-            part = scores(int(actor), features[mask])
-            if out is None:
-                out = np.zeros((len(features), *part.shape[1:]), dtype=part.dtype)
-            out[mask] = part
-        if out is None:
-            raise ValueError("no clips to score")
-        return out
-
-    def newcomer_head(self, heads: dict[int, dict[str, torch.Tensor]], weights: dict[int, int],
-                      weighted_mean: Callable[[dict, dict], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
-        """The example-weighted mean of the trained clients' heads (``weighted_mean`` sums them securely)."""
-        if not heads:
-            raise ValueError("no trained client holds a head")
-        return weighted_mean(heads, weights)
-
-
-def make_strategy(config: FederationConfig) -> Strategy:
-    if config.strategy == "fedavg":
-        return FedAvg()
-    if config.strategy == "fedper":
-        return FedPer(config.personal_layers)
-    raise ValueError(f"unknown strategy {config.strategy!r}")
-
-
-__all__ = ["FedAvg", "FedPer", "Strategy", "make_strategy"]
+__all__ = ["LocalStep", "NoOptions", "Strategy"]

@@ -1,0 +1,56 @@
+"""The federated strategies, by name: the registry ``federation.strategy`` is read against.
+
+A new strategy is one file defining a :class:`~privfer.fl.strategies.base.Strategy`
+subclass (its options, what it shares, what it adds to local training) and one
+line in :data:`_MODULES`; nothing else in privfer names it. The config holds
+only the name and the options (``federation.strategy_options``);
+:func:`make_strategy` checks both and says what is allowed.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from pydantic import ValidationError
+
+from privfer.config import FederationConfig
+from privfer.errors import ConfigError
+from privfer.fl.strategies.base import LocalStep, NoOptions, Strategy
+
+_MODULES = (  # one line per strategy
+    "fedavg",
+    "fedper",
+)
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+for _module in _MODULES:
+    _loaded = importlib.import_module(f"{__name__}.{_module}")
+    for _name in _loaded.__all__:
+        _cls = getattr(_loaded, _name)
+        STRATEGIES[_cls.name] = _cls
+
+
+def names() -> list[str]:
+    return list(STRATEGIES)
+
+
+def make_strategy(config: FederationConfig) -> Strategy:
+    """The strategy ``config.strategy`` names, with its options checked (ConfigError naming the field otherwise)."""
+    cls = STRATEGIES.get(config.strategy)
+    if cls is None:
+        raise ConfigError(f"federation.strategy = {config.strategy!r}: allowed: {', '.join(STRATEGIES)}")
+    try:
+        options = cls.Options.model_validate(config.strategy_options)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        fields = ", ".join(cls.Options.model_fields) or "none"
+        raise ConfigError(f"federation.strategy_options{'.' + where if where else ''}: {problem['msg']} "
+                          f"({cls.title} takes: {fields})") from None
+    return cls.from_config(config, options)
+
+
+FedAvg = STRATEGIES["fedavg"]
+FedPer = STRATEGIES["fedper"]
+
+__all__ = ["FedAvg", "FedPer", "LocalStep", "NoOptions", "STRATEGIES", "Strategy", "make_strategy", "names"]

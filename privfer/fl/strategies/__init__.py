@@ -20,6 +20,7 @@ from privfer.fl.strategies.base import LocalStep, NoOptions, Strategy
 _MODULES = (  # one line per strategy
     "fedavg",
     "fedper",
+    "fedprox",
 )
 
 STRATEGIES: dict[str, type[Strategy]] = {}

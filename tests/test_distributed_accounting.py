@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from privfer.errors import ConfigError
-from privfer.privacy.audit import _gaussian_floor, independent_epsilon
+from privfer.privacy.audit.distributed import _gaussian_floor, independent_epsilon
 from privfer.privacy.calibrate import PrivacyBudgetError
 from privfer.privacy.distributed import (
     calibrate_distributed,

@@ -208,11 +208,13 @@ def test_private_runs_keep_their_noise_secret_and_their_losses_unreleased(small_
 
 def test_every_mechanism_has_its_ledger_checks_and_auditors():
     from privfer.fl.mechanisms import MECHANISMS
-    from privfer.privacy.audit import AUDITORS, CHECKS
+    from privfer.privacy.audit import KINDS
     from privfer.privacy.empirical import CANARY_AUDITS
 
     ids = {kind.id for kind in MECHANISMS.values() if kind.id is not None}
-    assert ids == set(AUDITORS) == set(CHECKS) == set(CANARY_AUDITS) == {"local", "distributed", "distributed_person"}
+    assert ids == set(KINDS) == set(CANARY_AUDITS) == {"local", "distributed", "distributed_person"}
+    assert {m.id: m.units == "persons" for m in MECHANISMS.values() if m.id} == \
+        {k: kind.unit == "person" for k, kind in KINDS.items()}
 
 
 def test_a_damaged_result_is_refused_not_returned(small_clips, tmp_path):

@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from privfer.privacy.ledger import LOCAL
 from privfer.privacy.noise import LEGACY
 
 MAX_ROUNDS_BYTES = 256 * 1024 * 1024
@@ -40,6 +41,7 @@ def cross_check(ledger: dict[str, Any], run_dir: Path) -> list[str] | None:
     if not config_path.is_file() or not rounds_path.is_file():
         return None
     from privfer.config import load_config
+    from privfer.privacy.audit import KINDS, mechanism_of
     from privfer.errors import PrivferError
     from privfer.privacy.calibrate import steps_per_epoch
 
@@ -65,13 +67,13 @@ def cross_check(ledger: dict[str, Any], run_dir: Path) -> list[str] | None:
             problems.append(f"{what} is {found!r} in the ledger but {wanted!r} in the run's config")
 
     expect("the unit", ledger.get("unit"), privacy.unit)
-    expect("the mechanism", ledger.get("mechanism_id", "local"), config.mechanism_id or "local")
+    expect("the mechanism", mechanism_of(ledger), config.mechanism_id or LOCAL)  # without DP: a local ledger
     expect("'private'", ledger.get("private"), privacy.enabled)
     expect("the target epsilon", ledger.get("target_epsilon"), privacy.epsilon if privacy.enabled else None,
            numeric=True)
     if privacy.delta is not None:
         expect("delta", ledger.get("delta"), privacy.delta, numeric=True)
-    person = ledger.get("mechanism_id") == "distributed_person"
+    person = ledger.get("unit") == "person"
     # the clipping bound of the protected unit: a record's gradient, or (person) a client's whole update
     expect("max_grad_norm", ledger.get("max_grad_norm"), privacy.max_update_norm if person else privacy.max_grad_norm,
            numeric=True)
@@ -97,7 +99,8 @@ def cross_check(ledger: dict[str, Any], run_dir: Path) -> list[str] | None:
     if spent and not _close(ledger.get("epsilon_max"), max(spent)):
         problems.append(f"epsilon_max is {ledger.get('epsilon_max')!r} but the entries' largest is {max(spent):.6g}")
 
-    distributed = ledger.get("mechanism_id") in ("distributed", "distributed_person")
+    kind = KINDS.get(mechanism_of(ledger))
+    distributed = kind is not None and kind.noise_in_sum
     plans = ledger.get("phases", {}) if distributed else {}
     for phase, plan in plans.items():
         if not isinstance(plan, dict):
@@ -144,7 +147,7 @@ def _check_plans(ledger: dict[str, Any], config: Any, plans: dict, trained: Coun
 
     problems: list[str] = []
     privacy, fed = config.privacy, config.federation
-    person = config.mechanism_id == "distributed_person"
+    person = config.privacy.unit == "person"
     entries = [e for e in ledger.get("clients", []) if isinstance(e, dict)]
     clients_of = {phase: sorted({c for (p, c) in trained if p == phase}) for phase in ("training", "adaptation")}
     if person:

@@ -35,6 +35,7 @@ from privfer.privacy.calibrate import epsilon_spent
 from privfer.runs import atomic_write_json
 
 SCHEMA = "privfer.privacy_ledger/2"
+LOCAL = "local"  # the mechanism id of a ledger of Opacus histories: local DP-SGD, and runs without DP
 LEGACY_SCHEMAS = ("privfer.privacy_ledger/1",)  # local ledgers written before mechanism_id existed
 MECHANISM = "DP-SGD (Opacus): per-example gradient clipping, Poisson-subsampled Gaussian noise"
 
@@ -156,7 +157,7 @@ def build_ledger(
     spent = [c["epsilon"] for c in clients if c["epsilon"] is not None]
     return {
         "schema": SCHEMA,
-        "mechanism_id": "local",
+        "mechanism_id": LOCAL,
         "unit": unit,
         "mechanism": MECHANISM,
         "private": target_epsilon is not None,
@@ -324,5 +325,5 @@ def write_ledger(path: Path, ledger: dict[str, Any]) -> None:
     atomic_write_json(path, ledger)
 
 
-__all__ = ["ClientAccount", "DistributedAccount", "LEGACY_SCHEMAS", "MECHANISM",
+__all__ = ["ClientAccount", "DistributedAccount", "LEGACY_SCHEMAS", "LOCAL", "MECHANISM",
            "SCHEMA", "account_from_state", "build_distributed_ledger", "build_ledger", "write_ledger"]

@@ -1,0 +1,254 @@
+"""The audit of a distributed-DP ledger (record or person level): each client's epsilon recomputed twice.
+
+Both implementations of the ledger's noise family's bound (:mod:`privfer.privacy.noise`)
+recompute every entry; the plan's arithmetic is checked (sensitivities from the
+clipping bound, scale and dimension; the honest shares carry the variance), and
+the Gaussian with the same variance (dp-accounting PLD, near exact) is a floor
+no family's bound can be below.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from privfer.privacy.audit.report import (CLAIM_TOLERANCE, MAX_CLIENTS, MISMATCH, OVER_BUDGET, PUBLIC_NOISE,
+                                          WEAK_DELTA, AuditReport, ClientAudit, LedgerKind, LedgerError, _close,
+                                          _entry_history, _field, _number)
+from privfer.privacy.calibrate import PRV_MAX_EPSILON, PRV_MAX_STEPS
+from privfer.privacy.distributed import sensitivities
+from privfer.privacy.noise import FAMILIES, LEGACY, NoiseFamily, noise_family
+from privfer.privacy.rdp import MAX_STEPS
+
+INDEPENDENT = "_independent"  # a distributed family's accountant + this: the audit's second implementation
+DISTRIBUTED_ACCOUNTANTS = tuple(name for family in FAMILIES.values()
+                                for name in (family.accountant, family.accountant + INDEPENDENT))
+TITLES = {"gaussian_floor": "Gaussian floor (PLD)",
+          **{family.accountant: f"{family.title} RDP" for family in FAMILIES.values()},
+          **{family.accountant + INDEPENDENT: f"{family.title} RDP (2nd impl.)" for family in FAMILIES.values()}}
+MAX_DISTINCT_STEPS = 64  # distinct step mechanisms per ledger (a real run has one per phase)
+MAX_ENTRIES = 1_000_000  # history entries over all clients
+FLOOR_MIN_NOISE = 0.3  # the Gaussian floor's PLD grows without bound as the noise vanishes: not computed below
+
+
+_INDEPENDENT_ORDERS = list(range(2, 257)) + [320, 384, 512, 768, 1024]
+
+
+@lru_cache(maxsize=256)
+def _independent_step_rdp(family: NoiseFamily, mu: float, l1: float, l2: float, q: float, shares: int,
+                          dimension: int) -> tuple[float, ...]:
+    """A second, loop-by-loop implementation of one step's RDP (no numpy, no shared code): the family's own second
+    base RDP; Zhu & Wang's Theorem 6 for q < 1 at orders 2..256 (the larger orders unamplified)."""
+
+    def base(alpha: int) -> float:
+        return family.independent_base_rdp(alpha, l1, l2, mu, shares, dimension)
+
+    values = []
+    for alpha in _INDEPENDENT_ORDERS:
+        rdp = base(alpha)
+        if q < 1 and alpha <= 256:
+            logs = [(alpha - 1) * math.log1p(-q) + math.log(alpha * q - q + 1)]
+            for l in range(2, alpha + 1):
+                log_binom = math.lgamma(alpha + 1) - math.lgamma(l + 1) - math.lgamma(alpha - l + 1)
+                factor = 0.0 if l == 2 else math.log(3)
+                logs.append(factor + log_binom + l * math.log(q) + (alpha - l) * math.log1p(-q) + (l - 1) * base(l))
+            top = max(logs)
+            rdp = min(rdp, (top + math.log(sum(math.exp(x - top) for x in logs))) / (alpha - 1))
+        values.append(rdp)
+    return tuple(values)
+
+
+def independent_epsilon(family: NoiseFamily, mu: float, l1: float, l2: float, q: float, steps: int, delta: float,
+                        shares: int = 1, dimension: int = 1) -> float:
+    """Epsilon after ``steps`` steps from :func:`_independent_step_rdp`, converted as Balle et al. 2020."""
+    best = math.inf
+    for alpha, rdp in zip(_INDEPENDENT_ORDERS, _independent_step_rdp(family, mu, l1, l2, q, shares, dimension)):
+        best = min(best, steps * rdp + math.log1p(-1 / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1))
+    return max(best, 0.0)
+
+
+@lru_cache(maxsize=1024)
+def _gaussian_floor(sigma: float, q: float, steps: int, delta: float) -> float:
+    """dp-accounting's PLD epsilon of the Poisson-subsampled Gaussian with the same noise multiplier: near exact,
+    and no integer family's bound (each adds a positive term to the Gaussian's RDP) can be below it."""
+    import dp_accounting
+
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    accountant = dp_accounting.pld.PLDAccountant()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        accountant.compose(event)
+        return float(accountant.get_epsilon(delta))
+
+
+_PLAN_FIELDS = ("max_grad_norm", "dimension", "scale", "l1", "l2", "mu", "share_variance", "sample_rate", "steps",
+                "clients", "min_inputs", "colluders", "delta", "records")
+
+
+def ledger_noise(ledger: dict[str, Any], path: Path) -> NoiseFamily:
+    """The noise family of a distributed ledger (field 'noise'; a ledger without it was written when Skellam was the
+    only one)."""
+    name = ledger.get("noise", LEGACY)
+    try:
+        return noise_family(name)
+    except ValueError:
+        raise LedgerError(f"{path}: field 'noise' is {name!r}; expected one of {sorted(FAMILIES)}") from None
+
+
+def _check_distributed(ledger: dict[str, Any], path: Path) -> None:
+    family = ledger_noise(ledger, path)
+    if ledger["accountant"] != family.accountant:
+        raise LedgerError(f"{path}: field 'accountant' is {ledger['accountant']!r}; a {family.title} ledger's is "
+                          f"{family.accountant!r}")
+    phases = _field(ledger, "phases", dict, path, "the ledger")
+    for phase, plan in phases.items():
+        if not isinstance(plan, dict):
+            raise LedgerError(f"{path}: phases.{phase} must be an object")
+        for name in _PLAN_FIELDS:
+            value = _field(plan, name, (int, float), path, f"phases.{phase}")
+            if not _number(value) or value < 0:
+                raise LedgerError(f"{path}: phases.{phase} field '{name}' must be a finite number >= 0")
+        if not 0 < plan["sample_rate"] <= 1 or not 0 < plan["delta"] < 1 or not 1 <= plan["dimension"] <= 1e12:
+            raise LedgerError(f"{path}: phases.{phase} has a sample_rate, delta or dimension out of range")
+        if min(plan["mu"], plan["l1"], plan["l2"], plan["scale"], plan["max_grad_norm"]) <= 0:
+            raise LedgerError(f"{path}: phases.{phase} needs positive mu, l1, l2, scale and max_grad_norm")
+        if plan.get("noise", family.name) != family.name:
+            raise LedgerError(f"{path}: phases.{phase} field 'noise' is {plan.get('noise')!r}, the ledger's is "
+                              f"{family.name!r}")
+        if not (1 <= plan["min_inputs"] - plan["colluders"] <= plan["clients"] <= MAX_CLIENTS):
+            raise LedgerError(f"{path}: phases.{phase} needs 1 <= min_inputs - colluders <= clients <= "
+                              f"{MAX_CLIENTS}")
+    if len(phases) > 8:
+        raise LedgerError(f"{path}: {len(phases)} phases; at most 8 are audited")
+    entries, distinct = 0, set()
+    person = ledger["unit"] == "person"
+    if person:
+        persons = _field(ledger, "persons", int, path, "the ledger")
+        if persons < 1:
+            raise LedgerError(f"{path}: field 'persons' must be at least 1")
+    for index, entry in enumerate(ledger["clients"]):
+        where, history = _entry_history(entry, index, path, person)
+        phase = _field(entry, "phase", str, path, where)
+        if phase not in phases:
+            raise LedgerError(f"{path}: {where} names phase {phase!r}, which has no plan in 'phases'")
+        entries += len(history)
+        if entries > MAX_ENTRIES:
+            raise LedgerError(f"{path}: more than {MAX_ENTRIES} history entries over all clients")
+        plan = phases[phase]
+        honest, dimension = int(plan["min_inputs"] - plan["colluders"]), int(plan["dimension"])
+        for step, item in enumerate(history):
+            try:
+                if not (isinstance(item, list) and all(_number(x) for x in item)):
+                    raise ValueError
+                parsed = family.parse_entry(item)
+                distinct.add(family.entry_key(parsed))
+            except ValueError:
+                raise LedgerError(
+                    f"{path}: {where} field 'history[{step}]' must be a {family.title} entry "
+                    f"[{', '.join(family.fields)}] (mu, l1, l2 > 0, 0 < sample_rate <= 1, 0 <= steps <= {MAX_STEPS}), "
+                    f"got {item!r}"
+                ) from None
+            if len(distinct) > MAX_DISTINCT_STEPS:
+                raise LedgerError(f"{path}: more than {MAX_DISTINCT_STEPS} distinct step mechanisms in the "
+                                  "histories (a run has one per phase)")
+            # refused before any accountant runs: a bound's cost may grow with its shares or dimension
+            implied = family.steps(parsed.mu, parsed.l1, parsed.l2, parsed.sample_rate, parsed.steps, honest, dimension)
+            if (parsed.shares, parsed.dimension) != (implied.shares, implied.dimension):
+                raise LedgerError(f"{path}: {where} field 'history[{step}]' claims {parsed.shares} noise shares over "
+                                  f"{parsed.dimension} coordinates; its phase's plan guarantees {implied.shares} "
+                                  f"over {implied.dimension}")
+
+
+def _audit_distributed(ledger: dict[str, Any], path: Path) -> AuditReport:
+    """Recompute each client's epsilon twice (two implementations of its noise family's bound) and check the plan's
+    arithmetic."""
+    target = ledger.get("target_epsilon")
+    family = ledger_noise(ledger, path)
+    first, second = family.accountant, family.accountant + INDEPENDENT
+    audits = []
+    for entry in ledger["clients"]:
+        plan = ledger["phases"][entry["phase"]]
+        delta = float(entry["delta"])
+        claimed = entry.get("epsilon")
+        history = [family.parse_entry(item) for item in entry["history"]]
+        values = {first: family.epsilon(history, delta)[0] if history else 0.0}
+        values[second] = sum(
+            independent_epsilon(family, h.mu, h.l1, h.l2, h.sample_rate, h.steps, delta, h.shares, h.dimension)
+            for h in history
+        ) if len(history) == 1 else values[first]
+        audit = ClientAudit(int(entry["client"]), str(entry["phase"]), int(entry["records"] or 0), delta,
+                            None if claimed is None else float(claimed), values)
+        mismatch: list[str] = []
+        l1, l2 = sensitivities(float(plan["max_grad_norm"]), float(plan["scale"]), int(plan["dimension"]))
+        if not (math.isclose(l1, plan["l1"], rel_tol=1e-9) and math.isclose(l2, plan["l2"], rel_tol=1e-9)):
+            mismatch.append(f"the plan's sensitivities ({plan['l1']:.6g}, {plan['l2']:.6g}) are not C x scale + "
+                            f"sqrt(d) and min(sqrt(d) l2, l2^2) = ({l1:.6g}, {l2:.6g})")
+        honest = int(plan["min_inputs"]) - int(plan["colluders"])
+        if honest < 1 or plan["share_variance"] * honest < plan["mu"] * (1 - 1e-9):
+            mismatch.append(f"{honest} honest shares of variance {plan['share_variance']:.6g} do not carry the "
+                            f"claimed mu {plan['mu']:.6g}")
+        if plan["min_inputs"] > plan["clients"]:
+            mismatch.append("min_inputs exceeds the clients per round")
+        for h in history:
+            if not (math.isclose(h.mu, plan["mu"], rel_tol=1e-9) and math.isclose(h.l1, l1, rel_tol=1e-9)
+                    and math.isclose(h.l2, l2, rel_tol=1e-9)
+                    and math.isclose(h.sample_rate, plan["sample_rate"], rel_tol=1e-12)):
+                mismatch.append("the history's (mu, l1, l2, sample_rate) is not the phase's plan")
+        steps = sum(h.steps for h in history)
+        if entry.get("steps") is not None and int(entry["steps"]) != steps:
+            mismatch.append(f"steps {entry['steps']} is not the history's {steps}")
+        if entry.get("max_rounds") is not None and steps > int(entry["max_rounds"]):
+            mismatch.append(f"{steps} steps, more than the run's {entry['max_rounds']} rounds")
+        if audit.claimed is not None and not _close(audit.claimed, values[first], *CLAIM_TOLERANCE):
+            mismatch.append(f"claimed {audit.claimed:.4f} but {first} gives {values[first]:.4f}")
+        if not _close(values[first], values[second], 1e-6, 1e-6):
+            mismatch.append(f"the two {family.title} implementations disagree: {values[first]:.6f} vs "
+                            f"{values[second]:.6f}")
+        if not math.isclose(delta, float(plan["delta"]), rel_tol=1e-12):
+            mismatch.append(f"the entry's delta {delta:.6g} is not its phase's {plan['delta']:.6g}")
+        if len(history) == 1 and history[0].steps:
+            h = history[0]
+            sigma = math.sqrt(h.mu) / h.l2  # the noise multiplier of the Gaussian with the same variance
+            # the PLD's grid grows with the epsilon it computes and with steps: bounded like PRV's
+            if sigma >= FLOOR_MIN_NOISE and h.steps <= PRV_MAX_STEPS and values[first] <= PRV_MAX_EPSILON:
+                audit.floor = _gaussian_floor(sigma, h.sample_rate, h.steps, delta)
+                if values[first] < audit.floor - 1e-6:
+                    mismatch.append(f"the {family.title} bound {values[first]:.4f} is below the Gaussian with the "
+                                    f"same variance ({audit.floor:.4f}, dp-accounting PLD)")
+        person = ledger["unit"] == "person"
+        if person and int(plan["records"]) != int(plan["clients"]):
+            mismatch.append(f"a person-level plan bounds the sum by its {plan['clients']} clients' updates, not "
+                            f"{plan['records']}")
+        over = []
+        if target is not None and audit.certified > target + 1e-9:
+            over.append(f"the tightest sound bound, {audit.certified:.4f}, exceeds the target {target:g}")
+        if target is not None and audit.claimed is not None and audit.claimed > target + 1e-9:
+            over.append(f"the claimed epsilon {audit.claimed:.4f} exceeds the target {target:g}")
+        if over:
+            audit.verdicts.append(OVER_BUDGET)
+        if mismatch:
+            audit.verdicts.append(MISMATCH)
+        total_records = int(ledger["persons"]) if person else int(plan["records"])
+        if total_records < 1 or delta >= 1.0 / total_records:
+            audit.verdicts.append(WEAK_DELTA)
+            units = "persons in the federation" if person else "records in a round's union"
+            audit.reasons.append(f"delta {delta:.3g} >= 1 / {total_records} {units}")
+        if ledger.get("noise_source") == "run_seed":
+            audit.verdicts.append(PUBLIC_NOISE)
+            audit.reasons.append("noise_source run_seed: anyone holding the config can recompute every noise share")
+        audit.reasons[:0] = over + mismatch
+        audits.append(audit)
+    return AuditReport(path, str(ledger["accountant"]), target, True, audits)
+
+
+# Person level is the same noise mechanism with other units (a person's clipped update, its secret coin as the
+# sample rate, persons in the sum's bound), so the same checks and recomputation serve it.
+KINDS = (LedgerKind("distributed", "record", _check_distributed, _audit_distributed, noise_in_sum=True),
+         LedgerKind("distributed_person", "person", _check_distributed, _audit_distributed, noise_in_sum=True))
+
+
+__all__ = ["DISTRIBUTED_ACCOUNTANTS", "INDEPENDENT", "TITLES", "independent_epsilon", "ledger_noise"]

@@ -1,0 +1,154 @@
+"""What a privacy audit finds: per client the recomputed epsilons, the verdicts and why; the limits and tolerances.
+
+Shared by every mechanism's auditor (:mod:`privfer.privacy.audit.local`,
+:mod:`privfer.privacy.audit.distributed`); the verdicts are explained in
+:mod:`privfer.privacy.audit` and docs/auditing.md.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from privfer.errors import PrivferError
+
+MAX_HISTORY = 100_000  # entries per client: a longer history is refused before any accountant runs
+MAX_CLIENTS = 1_000_000
+MAX_LEDGER_BYTES = 256 << 20  # a larger file is refused before it is read
+PUBLIC_NOISE = "PUBLIC NOISE"
+OVER_BUDGET, MISMATCH, WEAK_DELTA, NO_DP = "OVER BUDGET", "MISMATCH", "WEAK DELTA", "NO DP"
+UNAUDITABLE = "UNAUDITABLE"  # an entry the audit will not evaluate (bounded work); the CLI exits 2
+CLAIM_TOLERANCE = (0.01, 0.01)  # absolute, relative
+RDP_TOLERANCE = 0.03
+TIGHT_TOLERANCE = (0.05, 0.03)
+
+
+class LedgerError(PrivferError):
+    """A privacy ledger is missing, unreadable, or lacks a field; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class LedgerKind:
+    """How the ledger of one mechanism (its ``mechanism_id``) is audited: the unit it protects, the checks of its
+    entries on load (LedgerError), the recomputation of its epsilons."""
+
+    mechanism_id: str
+    unit: str
+    check: Callable[[dict[str, Any], Path], None]
+    audit: Callable[[dict[str, Any], Path], "AuditReport"]
+    noise_in_sum: bool = False  # the ledger holds each phase's plan of the noise in the secure sum ('phases')
+
+
+@dataclass
+class ClientAudit:
+    client: int
+    phase: str
+    records: int
+    delta: float
+    claimed: float | None
+    values: dict[str, float]
+    verdicts: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    floor: float | None = None  # distributed: the Gaussian-equivalent epsilon, a lower reference (not a bound)
+
+    @property
+    def certified(self) -> float | None:
+        """The tightest sound upper bound (None without DP)."""
+        return min(self.values.values()) if self.values else None
+
+
+@dataclass
+class AuditReport:
+    ledger: Path
+    accountant: str
+    target: float | None
+    private: bool
+    clients: list[ClientAudit]
+    # disagreements with the run directory's config.yaml and rounds.json; None: not cross-checked (no run files)
+    run_checks: list[str] | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(not c.verdicts for c in self.clients) and not self.run_checks
+
+    @property
+    def unauditable(self) -> list[ClientAudit]:
+        return [c for c in self.clients if UNAUDITABLE in c.verdicts]
+
+    def verdict_counts(self) -> dict[str, int]:
+        counts = {OVER_BUDGET: 0, MISMATCH: 0, WEAK_DELTA: 0, PUBLIC_NOISE: 0, NO_DP: 0, UNAUDITABLE: 0}
+        for client in self.clients:
+            for verdict in client.verdicts:
+                counts[verdict] += 1
+        return counts
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """min / median / max of each accountant and of the claimed epsilon over the clients."""
+        columns = {"claimed": [c.claimed for c in self.clients if c.claimed is not None]}
+        names = list(dict.fromkeys(name for c in self.clients for name in c.values))  # in the auditor's order
+        for name in names:
+            columns[name] = [c.values[name] for c in self.clients if name in c.values]
+        columns["gaussian_floor"] = [c.floor for c in self.clients if c.floor is not None]
+        return {
+            name: {"min": min(v), "median": statistics.median(v), "max": max(v)} for name, v in columns.items() if v
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ledger": str(self.ledger),
+            "accountant": self.accountant,
+            "target_epsilon": self.target,
+            "private": self.private,
+            "passed": self.passed,
+            "verdicts": self.verdict_counts(),
+            "run_checks": self.run_checks,  # None: the ledger was audited alone (no config.yaml / rounds.json)
+            "tolerances": {
+                "claim": {"absolute": CLAIM_TOLERANCE[0], "relative": CLAIM_TOLERANCE[1]},
+                "rdp_vs_rdp_relative": RDP_TOLERANCE,
+                "prv_vs_pld": {"absolute": TIGHT_TOLERANCE[0], "relative": TIGHT_TOLERANCE[1]},
+            },
+            "summary": self.summary(),
+            "clients": [asdict(c) | {"certified": c.certified} for c in self.clients],
+        }
+
+
+def _field(entry: dict[str, Any], name: str, kind: type | tuple[type, ...], path: Path, where: str) -> Any:
+    if name not in entry:
+        raise LedgerError(f"{path}: {where} lacks the field '{name}'")
+    value = entry[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        raise LedgerError(f"{path}: {where} field '{name}' has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _entry_history(entry: Any, index: int, path: Path, person: bool = False) -> tuple[str, list]:
+    """The checks every client entry needs (either mechanism): an object with client, records, delta and a
+    bounded history list. Returns (where, history)."""
+    where = f"clients[{index}]"
+    if not isinstance(entry, dict):
+        raise LedgerError(f"{path}: {where} must be an object")
+    _field(entry, "client", int, path, where)
+    if not (entry.get("records", 0) is None and person):  # person level publishes no record counts
+        _field(entry, "records", int, path, where)
+    _field(entry, "delta", (int, float), path, where)
+    history = _field(entry, "history", list, path, where)
+    if len(history) > MAX_HISTORY:
+        raise LedgerError(f"{path}: {where} field 'history' has {len(history)} entries (at most {MAX_HISTORY})")
+    return where, history
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _close(a: float, b: float, absolute: float, relative: float) -> bool:
+    return abs(a - b) <= absolute + relative * max(abs(a), abs(b))
+
+
+__all__ = ["CLAIM_TOLERANCE", "MAX_CLIENTS", "MAX_HISTORY", "MAX_LEDGER_BYTES", "MISMATCH", "NO_DP", "OVER_BUDGET",
+           "PUBLIC_NOISE", "RDP_TOLERANCE", "TIGHT_TOLERANCE", "UNAUDITABLE", "WEAK_DELTA", "AuditReport",
+           "ClientAudit", "LedgerError", "LedgerKind"]

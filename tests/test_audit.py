@@ -180,18 +180,23 @@ def test_without_dp_the_canary_audit_has_power(small_clips, kind):
 
 
 def test_the_empirical_command_prints_the_ceiling_first_and_plots(small_clips, tmp_path):
+    from privfer.cli_audit import DEPRECATED
     from tests.test_cli import SETS
 
     plot = tmp_path / "audit.png"
-    result = runner.invoke(app, ["audit", "--empirical", "--sweep", "2,inf", "--canaries", "200", "--guesses", "40",
+    result = runner.invoke(app, ["canary-audit", "--sweep", "2,inf", "--canaries", "200", "--guesses", "40",
                                  *SETS, "--set", "federation.rounds=2", "--set", "privacy.accountant=rdp",
                                  "--plot", str(plot)])
     assert result.exit_code == 0, result.output
     assert result.stderr.startswith("200 canaries, 40 guesses, delta 1e-05: the largest lower bound")
     assert "PASS" in result.stdout and "inf (DP off)" in result.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    bad = runner.invoke(app, ["audit", "--empirical", "--guesses", "3"])
-    assert bad.exit_code == 2 and "even" in bad.stderr
+    bad = runner.invoke(app, ["canary-audit", "--guesses", "3"])
+    assert bad.exit_code == 2 and "even" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    old = runner.invoke(app, ["audit", "--empirical", "--guesses", "3"])  # the old spelling still works, and says so
+    assert old.exit_code == 2 and old.stderr.splitlines()[0] == DEPRECATED and "even" in old.stderr
+    plain = runner.invoke(app, ["audit", "--help"])
+    assert "--canaries" not in plain.stdout  # the theoretical audit's help shows its own options only
 
 
 def test_a_million_step_ledger_is_audited_by_rdp_within_bounds(tmp_path):

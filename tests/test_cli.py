@@ -63,7 +63,7 @@ def test_train_json_output(tmp_path):
         (["simulate", "--epsilon", "nan"], "must be in (0, 1000] (or inf for no DP)"),
         (["simulate", "--epsilon", "1e8"], "must be in (0, 1000] (or inf for no DP)"),
         (["train", "--data", "afile"], "afile is a file; --data (data.path) is a CREMA-D folder"),
-        (["audit", "--empirical", "--epsilon", "2", "--sweep", " "], "--sweep takes epsilons separated by commas"),
+        (["canary-audit", "--epsilon", "2", "--sweep", " "], "--sweep takes epsilons separated by commas"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path, monkeypatch):
@@ -188,6 +188,6 @@ def test_a_resumed_simulation_says_so(tmp_path, monkeypatch):
 
 def test_more_canaries_than_coordinates_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = run("audit", "--empirical", *SETS, "--epsilon", "2", "--canaries", "10000000", "--guesses", "10")
+    result = run("canary-audit", *SETS, "--epsilon", "2", "--canaries", "10000000", "--guesses", "10")
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: 10000000 canaries but the model has")

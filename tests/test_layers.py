@@ -20,7 +20,7 @@ LAYERS = {
     "models": 2, "data": 2, "metrics": 2,
     "fl": 3, "centralized": 3,
     "study": 4, "integrations": 4,
-    "cli": 5, "cli_identity": 5,
+    "cli": 5, "cli_audit": 5, "cli_identity": 5,
 }
 KNOWN_UPWARD = {
     ("privacy/clipped_sums.py", "privfer.models.dp_lstm"),

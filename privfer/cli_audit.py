@@ -174,11 +174,10 @@ def run_empirical_audit(run, as_json, kind, canaries, guesses, seeds, sweep, plo
 
 
 def print_audit(report: Any, per_client: bool) -> None:
-    from privfer.privacy.audit import ACCOUNTANTS, DISTRIBUTED_ACCOUNTANTS, TITLES as names
+    from privfer.privacy.audit import TITLES as names
 
-    distributed = any(c.floor is not None for c in report.clients)
-    present = {name for client in report.clients for name in client.values}
-    columns = [name for name in DISTRIBUTED_ACCOUNTANTS if name in present] if distributed else ACCOUNTANTS
+    distributed = report.noise_in_sum
+    columns = report.columns
     target = "none (no DP)" if report.target is None else f"{report.target:g}"
     title = f"privacy audit of {report.ledger}: target epsilon {target}, ledger accountant {report.accountant}"
     table = Table(title=title, title_justify="left")

@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from scipy import stats
 
 from privfer.config import PrivferConfig, load_config
 from privfer.data.synthetic import generate_synthetic
+
+def chi_square_p(values: np.ndarray, support: np.ndarray, pmf: np.ndarray) -> float:
+    """Chi-square goodness of fit of integer ``values`` to ``pmf`` on ``support``, in bins of >= 20 expected draws
+    (draws outside the support count against the fit, in the last bin)."""
+    observed = np.array([(values == k).sum() for k in support])
+    expected = pmf * values.size
+    obs_bins, exp_bins, run_o, run_e = [], [], 0, 0.0
+    for o, e in zip(observed, expected):
+        run_o, run_e = run_o + o, run_e + e
+        if run_e >= 20:
+            obs_bins.append(run_o)
+            exp_bins.append(run_e)
+            run_o, run_e = 0, 0.0
+    obs_bins[-1] += run_o + (values.size - observed.sum())
+    exp_bins[-1] += run_e + (values.size - expected.sum())
+    return stats.chisquare(obs_bins, np.array(exp_bins) * sum(obs_bins) / sum(exp_bins)).pvalue
+
 
 SMALL = [
     "data.frames=8",

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from privfer.cli import app
 from privfer.fl.simulation import simulate
-from privfer.privacy.audit import MISMATCH, OVER_BUDGET, WEAK_DELTA, audit_path, load_ledger
+from privfer.privacy.audit import MISMATCH, NO_DP, OVER_BUDGET, WEAK_DELTA, LedgerError, audit_path, load_ledger
 from privfer.privacy.ledger import SCHEMA
 from privfer.privacy.one_run import ceiling, epsilon_lower_bound, p_value
 from tests.conftest import small_config
@@ -103,7 +103,8 @@ def test_a_delta_of_one_over_the_records_is_weak(tmp_path):
     [
         ("{not json", "is not readable JSON"),
         ({"schema": "other/9"}, "field 'schema' is 'other/9'"),
-        ({"schema": SCHEMA, "accountant": "prv", "delta": 1e-5, "private": True}, "the ledger lacks the field 'clients'"),
+        ({"schema": SCHEMA, "unit": "record", "accountant": "prv", "delta": 1e-5, "private": True},
+         "the ledger lacks the field 'clients'"),
         ("HISTORY", "clients[0] field 'history[0]' must be"),
         ("NO-HISTORY", "clients[0] lacks the field 'history'"),
         ("STRING-SIGMA", "clients[0] field 'noise_multiplier' must be a number, got '1.0'"),
@@ -319,3 +320,60 @@ def test_a_ledger_edited_to_stay_self_consistent_fails_against_its_run(audited_r
     shutil.copy(path, alone / "privacy_ledger.json")
     assert audit_path(alone).run_checks is None
     assert "not cross-checked" in runner.invoke(app, ["audit", str(alone)]).stdout
+
+
+# -- forged headers (hostile review of the audit's split) -----------------------------------------------------------
+
+
+def _person_ledger():
+    from privfer.privacy import recipe
+
+    plan = recipe.plan_run(epsilon=3.0, delta=1e-4, rounds=4, clients=20, dimension=50)
+    run = recipe.RunLedger()
+    for _ in range(4):
+        run.record(range(20))
+    return recipe.ledger(plan, run, persons=40)
+
+
+def test_forged_headers_are_ledger_errors_on_every_path(tmp_path):
+    from privfer.privacy.audit import audit_ledger
+
+    document = _person_ledger()
+    assert audit_ledger(json.loads(json.dumps(document)), tmp_path / "l.json").passed
+    forgeries = {
+        "no unit": lambda d: d.pop("unit"),
+        "person relabelled record": lambda d: d.update(unit="record"),
+        "target as text": lambda d: d.update(target_epsilon="3"),
+        "target NaN": lambda d: d.update(target_epsilon=float("nan")),
+        "steps as a list": lambda d: d["clients"][0].update(steps=[1]),
+        "epsilon NaN": lambda d: d["clients"][0].update(epsilon=float("nan")),
+        "mechanism as a list": lambda d: d.update(mechanism_id=["distributed"]),
+    }
+    for name, forge in forgeries.items():
+        forged = json.loads(json.dumps(document))
+        forge(forged)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(forged))
+        with pytest.raises(LedgerError):
+            audit_path(path)
+        with pytest.raises(LedgerError):
+            audit_ledger(forged, path)  # a document load_ledger never saw
+
+
+def test_a_run_without_dp_writes_a_ledger_its_audit_reads_at_either_unit(tmp_path):
+    from privfer.privacy.ledger import ClientAccount, build_ledger
+
+    accounts = [ClientAccount(1, "training", 10, None, 0.1)]
+    document = build_ledger(accounts, target_epsilon=None, delta=1e-3, accountant="prv", max_grad_norm=1.0,
+                            noise_source="os", max_rounds={"training": 1}, unit="person")
+    path = tmp_path / "privacy_ledger.json"
+    path.write_text(json.dumps(document))
+    report = audit_path(path)
+    assert not report.private and report.clients[0].verdicts == [NO_DP]
+
+
+def test_the_summary_keeps_the_auditors_column_order(tmp_path):
+    report = audit_path(write(tmp_path, ledger([[1.0, 0.5, 10]])))
+    shown = [name for name in report.summary() if name not in ("claimed", "gaussian_floor")]
+    assert shown == [name for name in report.columns if name in shown] and len(shown) == 4
+    assert report.columns[:2] == ("opacus_rdp", "opacus_prv")

@@ -7,9 +7,8 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats
 
-from conftest import small_config
+from conftest import chi_square_p, small_config
 from privfer.config import AggregationConfig
 from privfer.errors import ConfigError
 from privfer.fl.aggregation import sum_integer_contributions
@@ -28,22 +27,6 @@ def exact_pmf(sigma2: float, half_width: int) -> np.ndarray:
     support = np.arange(-half_width, half_width + 1)
     weights = np.exp(-support.astype(np.float64) ** 2 / (2 * sigma2))
     return weights / weights.sum()
-
-
-def chi_square_p(values: np.ndarray, support: np.ndarray, pmf: np.ndarray) -> float:
-    """Chi-square goodness of fit of integer ``values`` to ``pmf`` on ``support``, bins of >= 20 expected draws."""
-    observed = np.array([(values == k).sum() for k in support])
-    expected = pmf * values.size
-    obs_bins, exp_bins, run_o, run_e = [], [], 0, 0.0
-    for o, e in zip(observed, expected):
-        run_o, run_e = run_o + o, run_e + e
-        if run_e >= 20:
-            obs_bins.append(run_o)
-            exp_bins.append(run_e)
-            run_o, run_e = 0, 0.0
-    obs_bins[-1] += run_o + (values.size - observed.sum())  # draws outside the support count against the fit
-    exp_bins[-1] += run_e
-    return stats.chisquare(obs_bins, np.array(exp_bins) * sum(obs_bins) / sum(exp_bins)).pvalue
 
 
 @pytest.mark.parametrize("sigma2", [0.3, 2.5, 40.0])

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+from conftest import chi_square_p
 from privfer.config import AggregationConfig
 from privfer.errors import ConfigError
 from privfer.fl.aggregation import sum_integer_contributions
@@ -75,19 +76,7 @@ def test_the_unmasked_noise_has_the_claimed_skellam_distribution():
     assert values.var() == pytest.approx(variance, rel=5 * math.sqrt(2 / values.size))
     # chi-square goodness of fit against the exact Skellam pmf, bins with >= 20 expected draws
     support = np.arange(values.min(), values.max() + 1)
-    pmf = stats.skellam.pmf(support, variance / 2, variance / 2)
-    observed = np.array([(values == k).sum() for k in support])
-    expected = pmf * values.size
-    obs_bins, exp_bins, run_o, run_e = [], [], 0, 0.0
-    for o, e in zip(observed, expected):
-        run_o, run_e = run_o + o, run_e + e
-        if run_e >= 20:
-            obs_bins.append(run_o)
-            exp_bins.append(run_e)
-            run_o, run_e = 0, 0.0
-    obs_bins[-1] += run_o
-    exp_bins[-1] += run_e + (values.size - expected.sum())  # the tails beyond the observed range
-    p = stats.chisquare(obs_bins, np.array(exp_bins) * sum(obs_bins) / sum(exp_bins)).pvalue
+    p = chi_square_p(values, support, stats.skellam.pmf(support, variance / 2, variance / 2))
     assert p > 1e-4
 
 

@@ -39,7 +39,7 @@ from privfer.privacy.audit.distributed import DISTRIBUTED_ACCOUNTANTS, independe
 from privfer.privacy.audit.local import ACCOUNTANTS, recompute
 from privfer.privacy.audit.report import (MAX_CLIENTS, MAX_LEDGER_BYTES, MISMATCH, NO_DP, OVER_BUDGET, PUBLIC_NOISE,
                                           UNAUDITABLE, WEAK_DELTA, AuditReport, ClientAudit, LedgerError, LedgerKind,
-                                          _field)
+                                          _field, _number)
 from privfer.privacy.ledger import LEGACY_SCHEMAS, LOCAL, SCHEMA
 
 _MODULES = (  # one line per auditor module; each lists the mechanisms it audits in its KINDS
@@ -52,7 +52,10 @@ KINDS: dict[str, LedgerKind] = {}
 TITLES: dict[str, str] = {}
 for _module in _MODULES:
     _loaded = importlib.import_module(f"{__name__}.{_module}")
-    KINDS.update({kind.mechanism_id: kind for kind in _loaded.KINDS})
+    for _kind in _loaded.KINDS:
+        if _kind.mechanism_id in KINDS:
+            raise RuntimeError(f"two auditors claim the mechanism id {_kind.mechanism_id!r}")
+        KINDS[_kind.mechanism_id] = _kind
     TITLES.update(_loaded.TITLES)
 
 
@@ -84,22 +87,33 @@ def load_ledger(path: Path | str) -> dict[str, Any]:
     schema = _field(ledger, "schema", str, path, "the ledger")
     if schema != SCHEMA and schema not in LEGACY_SCHEMAS:
         raise LedgerError(f"{path}: field 'schema' is {schema!r}; this privfer reads {SCHEMA!r}")
+    kind = _header(ledger, path)
+    kind.check(ledger, path, kind)
+    return ledger
+
+
+def _header(ledger: dict[str, Any], path: Path) -> LedgerKind:
+    """The run-level fields every ledger needs; the kind its mechanism id names (LedgerError otherwise)."""
     mechanism = mechanism_of(ledger)
     kind = KINDS.get(mechanism) if isinstance(mechanism, str) else None
     if kind is None:
         raise LedgerError(f"{path}: field 'mechanism_id' is {mechanism!r}; expected one of {sorted(KINDS)}")
-    unit = ledger.get("unit", "record")
-    if unit != kind.unit:
+    private = _field(ledger, "private", bool, path, "the ledger")
+    unit = ledger.get("unit", "record") if ledger.get("schema") in LEGACY_SCHEMAS else \
+        _field(ledger, "unit", str, path, "the ledger")
+    if unit != kind.unit and private:  # a run without DP protects nothing: its ledger states the configured unit
         raise LedgerError(f"{path}: field 'unit' is {unit!r}, but mechanism_id {mechanism!r} protects a "
                           f"{kind.unit}")
     _field(ledger, "accountant", str, path, "the ledger")
-    _field(ledger, "delta", (int, float), path, "the ledger")
-    _field(ledger, "private", bool, path, "the ledger")
+    delta = _field(ledger, "delta", (int, float), path, "the ledger")
+    target = ledger.get("target_epsilon")
+    if not (0 < delta < 1) or (target is not None and not (_number(target) and target > 0)):
+        raise LedgerError(f"{path}: fields 'delta' (in (0, 1)) or 'target_epsilon' (a number > 0, or null: no "
+                          "target to hold the entries to) out of range")
     clients = _field(ledger, "clients", list, path, "the ledger")
     if len(clients) > MAX_CLIENTS:
         raise LedgerError(f"{path}: {len(clients)} client entries; at most {MAX_CLIENTS} are audited")
-    kind.check(ledger, path)
-    return ledger
+    return kind
 
 
 def audit_path(path: Path | str) -> AuditReport:
@@ -113,7 +127,9 @@ def audit_ledger(ledger: dict[str, Any], path: Path | str = "privacy_ledger.json
     from privfer.privacy.crosscheck import cross_check
 
     path = Path(path)
-    report = KINDS[mechanism_of(ledger)].audit(ledger, path)
+    kind = _header(ledger, path)  # again: a caller may hand over a document load_ledger never saw
+    kind.check(ledger, path, kind)
+    report = kind.audit(ledger, path, kind)
     report.run_checks = cross_check(ledger, path.parent)
     return report
 

@@ -99,7 +99,7 @@ def ledger_noise(ledger: dict[str, Any], path: Path) -> NoiseFamily:
         raise LedgerError(f"{path}: field 'noise' is {name!r}; expected one of {sorted(FAMILIES)}") from None
 
 
-def _check_distributed(ledger: dict[str, Any], path: Path) -> None:
+def _check_distributed(ledger: dict[str, Any], path: Path, kind: LedgerKind) -> None:
     family = ledger_noise(ledger, path)
     if ledger["accountant"] != family.accountant:
         raise LedgerError(f"{path}: field 'accountant' is {ledger['accountant']!r}; a {family.title} ledger's is "
@@ -125,7 +125,7 @@ def _check_distributed(ledger: dict[str, Any], path: Path) -> None:
     if len(phases) > 8:
         raise LedgerError(f"{path}: {len(phases)} phases; at most 8 are audited")
     entries, distinct = 0, set()
-    person = ledger["unit"] == "person"
+    person = kind.unit == "person"  # the kind's, not the document's: load_ledger holds the two equal
     if person:
         persons = _field(ledger, "persons", int, path, "the ledger")
         if persons < 1:
@@ -133,6 +133,10 @@ def _check_distributed(ledger: dict[str, Any], path: Path) -> None:
     for index, entry in enumerate(ledger["clients"]):
         where, history = _entry_history(entry, index, path, person)
         phase = _field(entry, "phase", str, path, where)
+        for name in ("epsilon", "delta", "steps", "rounds_trained", "max_rounds"):
+            value = entry.get(name)
+            if value is not None and not _number(value):
+                raise LedgerError(f"{path}: {where} field '{name}' must be a number, got {value!r}")
         if phase not in phases:
             raise LedgerError(f"{path}: {where} names phase {phase!r}, which has no plan in 'phases'")
         entries += len(history)
@@ -163,7 +167,7 @@ def _check_distributed(ledger: dict[str, Any], path: Path) -> None:
                                   f"over {implied.dimension}")
 
 
-def _audit_distributed(ledger: dict[str, Any], path: Path) -> AuditReport:
+def _audit_distributed(ledger: dict[str, Any], path: Path, kind: LedgerKind) -> AuditReport:
     """Recompute each client's epsilon twice (two implementations of its noise family's bound) and check the plan's
     arithmetic."""
     target = ledger.get("target_epsilon")
@@ -219,7 +223,7 @@ def _audit_distributed(ledger: dict[str, Any], path: Path) -> AuditReport:
                 if values[first] < audit.floor - 1e-6:
                     mismatch.append(f"the {family.title} bound {values[first]:.4f} is below the Gaussian with the "
                                     f"same variance ({audit.floor:.4f}, dp-accounting PLD)")
-        person = ledger["unit"] == "person"
+        person = kind.unit == "person"
         if person and int(plan["records"]) != int(plan["clients"]):
             mismatch.append(f"a person-level plan bounds the sum by its {plan['clients']} clients' updates, not "
                             f"{plan['records']}")
@@ -242,7 +246,8 @@ def _audit_distributed(ledger: dict[str, Any], path: Path) -> AuditReport:
             audit.reasons.append("noise_source run_seed: anyone holding the config can recompute every noise share")
         audit.reasons[:0] = over + mismatch
         audits.append(audit)
-    return AuditReport(path, str(ledger["accountant"]), target, True, audits)
+    return AuditReport(path, str(ledger["accountant"]), target, True, audits, columns=(first, second),
+                       noise_in_sum=True)
 
 
 # Person level is the same noise mechanism with other units (a person's clipped update, its secret coin as the

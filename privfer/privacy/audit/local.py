@@ -70,7 +70,7 @@ def recompute(history: History, delta: float) -> dict[str, float]:
     return values
 
 
-def _check_local(ledger: dict[str, Any], path: Path) -> None:
+def _check_local(ledger: dict[str, Any], path: Path, kind: LedgerKind) -> None:
     """The entries of a local DP-SGD ledger: Opacus histories of (noise multiplier, sample rate, steps)."""
     for index, entry in enumerate(ledger["clients"]):
         where, history = _entry_history(entry, index, path)
@@ -97,7 +97,7 @@ def _check_local(ledger: dict[str, Any], path: Path) -> None:
             raise LedgerError(f"{path}: {where} trained but its field 'history' is empty")
 
 
-def _audit_local(ledger: dict[str, Any], path: Path) -> AuditReport:
+def _audit_local(ledger: dict[str, Any], path: Path, kind: LedgerKind) -> AuditReport:
     """Local DP-SGD: each client's Opacus history recomputed by two accountants."""
     accountant = ledger["accountant"]
     target = ledger.get("target_epsilon")
@@ -132,7 +132,7 @@ def _audit_local(ledger: dict[str, Any], path: Path) -> AuditReport:
             audit.reasons.append("PRV and PLD skipped (their cost grows with epsilon and steps); both RDP "
                                  "bounds recomputed")
         audits.append(audit)
-    return AuditReport(path, accountant, target, bool(ledger["private"]), audits)
+    return AuditReport(path, accountant, target, bool(ledger["private"]), audits, columns=ACCOUNTANTS)
 
 
 def _judge(audit: ClientAudit, entry: dict, history: History, accountant: str, target: float | None) -> None:

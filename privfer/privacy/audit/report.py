@@ -37,8 +37,8 @@ class LedgerKind:
 
     mechanism_id: str
     unit: str
-    check: Callable[[dict[str, Any], Path], None]
-    audit: Callable[[dict[str, Any], Path], "AuditReport"]
+    check: Callable[[dict[str, Any], Path, "LedgerKind"], None]
+    audit: Callable[[dict[str, Any], Path, "LedgerKind"], "AuditReport"]
     noise_in_sum: bool = False  # the ledger holds each phase's plan of the noise in the secure sum ('phases')
 
 
@@ -69,6 +69,8 @@ class AuditReport:
     clients: list[ClientAudit]
     # disagreements with the run directory's config.yaml and rounds.json; None: not cross-checked (no run files)
     run_checks: list[str] | None = None
+    columns: tuple[str, ...] = ()  # the auditor's accountants, in the order reports show them
+    noise_in_sum: bool = False  # a distributed ledger: the Gaussian floor applies
 
     @property
     def passed(self) -> bool:
@@ -88,7 +90,7 @@ class AuditReport:
     def summary(self) -> dict[str, dict[str, float]]:
         """min / median / max of each accountant and of the claimed epsilon over the clients."""
         columns = {"claimed": [c.claimed for c in self.clients if c.claimed is not None]}
-        names = list(dict.fromkeys(name for c in self.clients for name in c.values))  # in the auditor's order
+        names = [n for n in self.columns if any(n in c.values for c in self.clients)]
         for name in names:
             columns[name] = [c.values[name] for c in self.clients if name in c.values]
         columns["gaussian_floor"] = [c.floor for c in self.clients if c.floor is not None]

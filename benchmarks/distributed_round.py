@@ -83,8 +83,8 @@ def part_two() -> None:
     from opacus import GradSampleModule
 
     from privfer.models.vfer import VFER
-    from privfer.privacy.clipped_sums import clipped_gradient_sums
-    from privfer.privacy.dpsgd import LabelLoss
+    from privfer.fl.clipped_sums import clipped_gradient_sums
+    from privfer.models.loss import LabelLoss
 
     torch.manual_seed(0)
     clients, per_client = 67, 30

@@ -41,7 +41,7 @@ def central(epsilon: float, delta: float, seed: int, parts, feature_dim: int, co
 
     from privfer.centralized import evaluate, training_targets
     from privfer.models.vfer import VFER
-    from privfer.privacy.dpsgd import LabelLoss
+    from privfer.models.loss import LabelLoss
 
     torch.manual_seed(seed)
     model = VFER.from_config(config.model, feature_dim, private=True)

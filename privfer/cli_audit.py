@@ -1,6 +1,6 @@
 """``privfer audit`` (recompute a run's epsilons) and ``privfer canary-audit`` (empirical lower bounds with canaries).
 
-Thin commands over :mod:`privfer.privacy.audit` and :mod:`privfer.privacy.empirical`.
+Thin commands over :mod:`privfer.auditing` (the ledger, then its run) and :mod:`privfer.auditing.empirical`.
 ``privfer audit --empirical ...`` still works and says, on stderr, that it is
 now ``privfer canary-audit``.
 """
@@ -52,7 +52,7 @@ def audit(
         else:
             if run is None:
                 raise UsageError("privfer audit needs a run directory (the canary audit is privfer canary-audit)")
-            from privfer.privacy.audit import audit_path
+            from privfer.auditing import audit_path
 
             report = audit_path(run)
             if report.unauditable:
@@ -114,9 +114,9 @@ def _epsilons(text: str) -> list[Optional[float]]:
 
 def run_empirical_audit(run, as_json, kind, canaries, guesses, seeds, sweep, plot, audit_delta, epsilon, config,
                         data, overrides) -> bool:
+    from privfer.auditing.empirical import KINDS, audit_ceiling, plot_sweep, run_sweep
     from privfer.config import load_config
     from privfer.data import load_clips
-    from privfer.privacy.empirical import KINDS, audit_ceiling, plot_sweep, run_sweep
 
     kinds = KINDS if kind == "both" else (kind,)
     if kind != "both" and kind not in KINDS:

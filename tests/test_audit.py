@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from privfer.cli import app
 from privfer.fl.simulation import simulate
-from privfer.privacy.audit import MISMATCH, NO_DP, OVER_BUDGET, WEAK_DELTA, LedgerError, audit_path, load_ledger
+from privfer.auditing import audit_path
+from privfer.privacy.audit import MISMATCH, NO_DP, OVER_BUDGET, WEAK_DELTA, LedgerError, load_ledger
 from privfer.privacy.ledger import SCHEMA
 from privfer.privacy.one_run import ceiling, epsilon_lower_bound, p_value
 from tests.conftest import small_config
@@ -163,7 +164,7 @@ AUDIT = ("federation.rounds=3", "privacy.accountant=rdp")
 
 @pytest.mark.parametrize("epsilon", [1.0, 4.0])
 def test_the_canary_audit_never_certifies_more_than_the_claim(small_clips, epsilon):
-    from privfer.privacy.empirical import run_canary_audit
+    from privfer.auditing.empirical import run_canary_audit
 
     for seed in range(3):
         result = run_canary_audit(small_config(*AUDIT, f"privacy.epsilon={epsilon}"), seed=seed, clips=small_clips)
@@ -173,7 +174,7 @@ def test_the_canary_audit_never_certifies_more_than_the_claim(small_clips, epsil
 
 @pytest.mark.parametrize("kind", ["whitebox", "blackbox"])
 def test_without_dp_the_canary_audit_has_power(small_clips, kind):
-    from privfer.privacy.empirical import run_canary_audit
+    from privfer.auditing.empirical import run_canary_audit
 
     bounds = [run_canary_audit(small_config(*AUDIT), kind=kind, seed=seed, clips=small_clips).epsilon_lower_bound
               for seed in range(2)]
@@ -336,10 +337,12 @@ def _person_ledger():
 
 
 def test_forged_headers_are_ledger_errors_on_every_path(tmp_path):
-    from privfer.privacy.audit import audit_ledger
+    from privfer.auditing import audit_ledger as audit_with_run
+    from privfer.privacy.audit import audit_ledger as audit_alone
 
     document = _person_ledger()
-    assert audit_ledger(json.loads(json.dumps(document)), tmp_path / "l.json").passed
+    for audit_ledger in (audit_alone, audit_with_run):
+        assert audit_ledger(json.loads(json.dumps(document)), tmp_path / "l.json").passed
     forgeries = {
         "no unit": lambda d: d.pop("unit"),
         "person relabelled record": lambda d: d.update(unit="record"),
@@ -356,8 +359,9 @@ def test_forged_headers_are_ledger_errors_on_every_path(tmp_path):
         path.write_text(json.dumps(forged))
         with pytest.raises(LedgerError):
             audit_path(path)
-        with pytest.raises(LedgerError):
-            audit_ledger(forged, path)  # a document load_ledger never saw
+        for audit_ledger in (audit_alone, audit_with_run):
+            with pytest.raises(LedgerError):
+                audit_ledger(forged, path)  # a document load_ledger never saw
 
 
 def test_a_run_without_dp_writes_a_ledger_its_audit_reads_at_either_unit(tmp_path):

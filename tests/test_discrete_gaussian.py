@@ -13,7 +13,8 @@ from privfer.config import AggregationConfig
 from privfer.errors import ConfigError
 from privfer.fl.aggregation import sum_integer_contributions
 from privfer.fl.simulation import simulate
-from privfer.privacy.audit import MISMATCH, audit_path
+from privfer.auditing import audit_path
+from privfer.privacy.audit import MISMATCH
 from privfer.privacy.audit.distributed import _gaussian_floor, independent_epsilon
 from privfer.privacy.distributed import calibrate_distributed, encode_contribution, noise_generator
 from privfer.privacy.noise import NoiseSteps, noise_family

@@ -16,7 +16,7 @@ from privfer.config import AggregationConfig
 from privfer.errors import ConfigError
 from privfer.fl.aggregation import sum_integer_contributions
 from privfer.models.vfer import VFER
-from privfer.privacy.clipped_sums import clipped_gradient_sums
+from privfer.fl.clipped_sums import clipped_gradient_sums
 from privfer.privacy.noise import noise_family
 from privfer.privacy.distributed import (
     calibrate_distributed,
@@ -26,7 +26,7 @@ from privfer.privacy.distributed import (
     randomized_round,
     sensitivities,
 )
-from privfer.privacy.dpsgd import LabelLoss
+from privfer.models.loss import LabelLoss
 from privfer.secagg import RoundAborted, SecAggClient, SecAggServer, aggregate, make_config
 from privfer.secagg.messages import ForwardedShares, KeyRoster, UnmaskRequest
 from privfer.secagg.payload import PayloadLayout

@@ -12,7 +12,8 @@ from conftest import small_config
 from privfer.errors import ConfigError
 from privfer.fl import aggregation
 from privfer.fl.simulation import prepare_federation, simulate
-from privfer.privacy.audit import MISMATCH, OVER_BUDGET, audit_path
+from privfer.auditing import audit_path
+from privfer.privacy.audit import MISMATCH, OVER_BUDGET
 
 FAST = ["federation.rounds=4", "federation.adaptation=false", "privacy.epsilon=3"]
 
@@ -118,7 +119,7 @@ def test_the_model_learns_under_distributed_dp(small_clips):
 
 @pytest.mark.parametrize("epsilon", [2.0, 50.0])
 def test_the_canary_audit_never_certifies_more_than_the_claim(small_clips, epsilon):
-    from privfer.privacy.empirical import run_canary_audit
+    from privfer.auditing.empirical import run_canary_audit
 
     config = small_config("federation.rounds=6", f"privacy.epsilon={epsilon}")
     audit = run_canary_audit(config, canaries=400, guesses=60, clips=small_clips, delta=1e-5)

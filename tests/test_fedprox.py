@@ -16,8 +16,8 @@ from privfer.fl.client import FLClient, LocalTraining
 from privfer.fl.simulation import prepare_federation, simulate
 from privfer.fl.strategies import STRATEGIES, make_strategy
 from privfer.models.vfer import VFER
-from privfer.privacy.audit import audit_path
-from privfer.privacy.dpsgd import LabelLoss
+from privfer.auditing import audit_path
+from privfer.models.loss import LabelLoss
 
 
 def _client(n=12, frames=6, dim=12, seed=0, client_id=1):

@@ -209,7 +209,7 @@ def test_private_runs_keep_their_noise_secret_and_their_losses_unreleased(small_
 def test_every_mechanism_has_its_ledger_checks_and_auditors():
     from privfer.fl.mechanisms import MECHANISMS
     from privfer.privacy.audit import KINDS
-    from privfer.privacy.empirical import CANARY_AUDITS
+    from privfer.auditing.empirical import CANARY_AUDITS
 
     ids = {kind.id for kind in MECHANISMS.values() if kind.id is not None}
     assert ids == set(KINDS) == set(CANARY_AUDITS) == {"local", "distributed", "distributed_person"}

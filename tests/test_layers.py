@@ -1,11 +1,10 @@
 """The layers point one way (docs/architecture.md, "Layers"): a module imports only its own layer and those below.
 
-secagg < privacy, config, runs < models, data, metrics < fl, centralized < study, integrations < cli.
+secagg < privacy, config, runs < models, data, metrics < fl, centralized < study, integrations, auditing < cli.
 
-The check reads every module's imports (top-level and inside functions) from the source. ``KNOWN_UPWARD`` lists
-the upward imports main still has (issue 25 moves the torch trainers and the audits that re-run a simulation out of
-``privacy/``); the test fails on any other upward import, and on a listed one that is gone (so the list only
-shrinks).
+The check reads every module's imports (top-level and inside functions) from the source and fails on any upward
+one. A second test imports the bottom layers in a fresh interpreter and fails if torch comes with them: the secure
+aggregator, the DP math, the ledger audit and the Flower node's privacy are usable without the trainers.
 """
 
 from __future__ import annotations
@@ -19,21 +18,10 @@ LAYERS = {
     "privacy": 1, "config": 1, "runs": 1,
     "models": 2, "data": 2, "metrics": 2,
     "fl": 3, "centralized": 3,
-    "study": 4, "integrations": 4,
+    "study": 4, "integrations": 4, "auditing": 4,
     "cli": 5, "cli_audit": 5, "cli_identity": 5,
 }
-KNOWN_UPWARD = {
-    ("privacy/clipped_sums.py", "privfer.models.dp_lstm"),
-    ("privacy/dpsgd.py", "privfer.models.loss"),
-    ("privacy/crosscheck.py", "privfer.fl.mechanisms"),
-    ("privacy/empirical.py", "privfer.data.clips"),
-    ("privacy/empirical.py", "privfer.fl.aggregation"),
-    ("privacy/empirical.py", "privfer.fl.client"),
-    ("privacy/empirical.py", "privfer.fl.mechanisms"),
-    ("privacy/empirical.py", "privfer.fl.rounds"),
-    ("privacy/empirical.py", "privfer.fl.simulation"),
-    ("privacy/empirical.py", "privfer.models.vfer"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()  # issue 25 emptied it; keep it empty
 
 
 def imports(path: Path) -> set[str]:
@@ -77,3 +65,24 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
     (fake / "secagg" / "bad.py").write_text("def f():\n    from privfer.fl.simulation import simulate\n")
     monkeypatch.setattr("test_layers.PACKAGE", fake)
     assert upward_imports() == {("secagg/bad.py", "privfer.fl.simulation")}
+
+
+BOTTOM = [
+    "privfer.secagg", "privfer.config", "privfer.runs", "privfer.privacy.recipe", "privfer.privacy.audit",
+    "privfer.privacy.distributed", "privfer.privacy.person", "privfer.privacy.ledger", "privfer.privacy.calibrate",
+    "privfer.privacy.one_run", "privfer.privacy.noise", "privfer.integrations.flower.dp",
+]
+
+
+def test_the_dp_math_the_ledger_audit_and_the_secure_aggregator_import_without_torch():
+    """What the layers are for: a privacy engineer's own FL loop (the recipe), the Flower server's node privacy and
+    ``privfer audit`` of a ledger do not pull torch, Opacus or the simulation in."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n" + "".join(f"import {name}\n" for name in BOTTOM)
+            + "heavy = sorted(m for m in ('torch', 'opacus', 'privfer.fl', 'privfer.models') if m in sys.modules)\n"
+              "print(','.join(heavy))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"importing the bottom layers pulled in: {done.stdout.strip()}"

@@ -15,7 +15,8 @@ from conftest import small_config
 from privfer.errors import ConfigError
 from privfer.privacy.person import clip_update, mean_update, person_contribution, secret_coin
 from privfer.fl.simulation import prepare_federation, simulate
-from privfer.privacy.audit import MISMATCH, audit_path, load_ledger
+from privfer.auditing import audit_path
+from privfer.privacy.audit import MISMATCH, load_ledger
 from privfer.privacy.distributed import calibrate_distributed, noise_generator
 from privfer.privacy.noise import NoiseSteps, noise_family
 
@@ -264,7 +265,7 @@ def test_the_person_level_ledger_recomputes_and_tampering_is_caught(person_run, 
 
 
 def test_canary_persons_bound_epsilon_below_the_claim_and_find_no_noise():
-    from privfer.privacy.empirical import run_canary_audit
+    from privfer.auditing.empirical import run_canary_audit
 
     base = [*PERSON, "data.synthetic.actors=16", "data.split.val_actors=2", "data.split.test_actors=2",
             "data.feature_dim=16", "federation.rounds=4"]

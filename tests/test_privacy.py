@@ -20,7 +20,7 @@ from privfer.privacy.calibrate import (
     plan_clients,
     steps_per_epoch,
 )
-from privfer.privacy.dpsgd import LabelLoss
+from privfer.models.loss import LabelLoss
 from tests.conftest import small_config
 
 

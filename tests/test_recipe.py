@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from privfer.privacy import recipe
-from privfer.privacy.audit import audit_path
+from privfer.auditing import audit_path
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "numpy" / "dp_fedavg.py"
 

@@ -20,8 +20,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from privfer.config import PrivferConfig
+from privfer.fl.dpsgd import make_private_training
+from privfer.models.loss import LabelLoss
 from privfer.models.vfer import VFER
-from privfer.privacy.dpsgd import LabelLoss, make_private_training
 
 History = list[tuple[float, float, int]]
 

@@ -44,8 +44,7 @@ from privfer.fl.rounds import ADAPTATION, TRAINING, RoundRecord, mean_bytes
 from privfer.fl.strategies import make_strategy
 from privfer.models.vfer import VFER
 from privfer.privacy.calibrate import ClientPlan, default_delta, plan_clients
-from privfer.privacy.distributed import (DistributedPlan, calibrate_distributed, decode_sum, derived_key,
-                                         noise_generator)
+from privfer.privacy.distributed import DistributedPlan, calibrate_plan, decode_sum, derived_key, noise_generator
 from privfer.privacy.ledger import ClientAccount, DistributedAccount, build_distributed_ledger, build_ledger
 
 if TYPE_CHECKING:
@@ -100,22 +99,6 @@ def noised_dimension(config: PrivferConfig, feature_dim: int) -> int:
     template = VFER.from_config(config.model, feature_dim, private=True)
     shared = set(make_strategy(config.federation).shared_names(template)) if config.privacy.unit == "person" else None
     return sum(p.numel() for n, p in template.named_parameters() if p.requires_grad and (shared is None or n in shared))
-
-
-def calibrate_plan(config: PrivferConfig, *, delta: float, dimension: int, steps: int, clients: int,
-                   records: int) -> DistributedPlan:
-    """A distributed phase's plan from the run's config: the unit picks the clipping bound (a record's gradient
-    or a person's update) and the sample rate (Poisson records or the secret coin). The simulation and
-    ``privfer audit``'s cross-check both calibrate through here."""
-    privacy, aggregation = config.privacy, config.aggregation
-    person = privacy.unit == "person"
-    return calibrate_distributed(
-        epsilon=privacy.epsilon, delta=delta, max_grad_norm=privacy.max_update_norm if person else privacy.max_grad_norm,
-        dimension=dimension, sample_rate=privacy.participation if person else privacy.sample_rate, steps=steps,
-        clients=clients, records=records, min_inputs_fraction=aggregation.min_inputs_fraction,
-        colluding_fraction=aggregation.colluding_fraction, rounding_overhead=privacy.rounding_overhead,
-        modulus_bits=aggregation.modulus_bits, max_noise_multiplier=privacy.max_noise_multiplier, noise=privacy.noise,
-    )
 
 
 def _trust_line(plan: DistributedPlan, security: str) -> str:
@@ -480,5 +463,5 @@ def make_mechanism(config: PrivferConfig) -> Mechanism:
     return MECHANISMS[config.mechanism_id](config)
 
 
-__all__ = ["MECHANISMS", "calibrate_plan", "noised_dimension", "DistributedDPFedAvg", "DistributedDPSGD", "LocalDPSGD", "Mechanism", "NoDP", "client_seed", "local_training",
+__all__ = ["MECHANISMS", "noised_dimension", "DistributedDPFedAvg", "DistributedDPSGD", "LocalDPSGD", "Mechanism", "NoDP", "client_seed", "local_training",
            "make_mechanism", "public_client_seed"]

@@ -41,6 +41,7 @@ import hmac
 import math
 import os
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -48,6 +49,9 @@ from privfer.errors import ConfigError
 from privfer.privacy.calibrate import EPSILON_TOLERANCE, PrivacyBudgetError
 from privfer.privacy.noise import DEFAULT, NoiseFamily, NoiseSteps, noise_family
 from privfer.privacy.rdp import MAX_STEPS
+
+if TYPE_CHECKING:
+    from privfer.config import PrivferConfig
 
 MIN_NOISE_MULTIPLIER = 1e-3
 
@@ -209,6 +213,22 @@ def calibrate_distributed(
     )
 
 
+def calibrate_plan(config: PrivferConfig, *, delta: float, dimension: int, steps: int, clients: int,
+                   records: int) -> DistributedPlan:
+    """A distributed phase's plan from the run's config: the unit picks the clipping bound (a record's gradient
+    or a person's update) and the sample rate (Poisson records or the secret coin). The simulation and
+    ``privfer audit``'s cross-check both calibrate through here: the one translation of a run's config into a plan."""
+    privacy, aggregation = config.privacy, config.aggregation
+    person = privacy.unit == "person"
+    return calibrate_distributed(
+        epsilon=privacy.epsilon, delta=delta, max_grad_norm=privacy.max_update_norm if person else privacy.max_grad_norm,
+        dimension=dimension, sample_rate=privacy.participation if person else privacy.sample_rate, steps=steps,
+        clients=clients, records=records, min_inputs_fraction=aggregation.min_inputs_fraction,
+        colluding_fraction=aggregation.colluding_fraction, rounding_overhead=privacy.rounding_overhead,
+        modulus_bits=aggregation.modulus_bits, max_noise_multiplier=privacy.max_noise_multiplier, noise=privacy.noise,
+    )
+
+
 def noise_generator(key: bytes | None = None) -> np.random.Generator:
     """A numpy Generator over ChaCha20 keyed by ``key`` (32 bytes), or by 32 bytes of the OS CSPRNG.
 
@@ -268,6 +288,7 @@ def decode_sum(total: np.ndarray, plan: DistributedPlan) -> np.ndarray:
 __all__ = [
     "DistributedPlan",
     "calibrate_distributed",
+    "calibrate_plan",
     "colluders",
     "decode_sum",
     "derived_key",

@@ -4,8 +4,9 @@ Reads a run's ``privacy_ledger.json`` (docs/privacy-accounting.md), checks it
 with the auditor of its ``mechanism_id`` (:data:`KINDS`, one per mechanism:
 the unit it protects, how its entries are checked on load, how its epsilons
 are recomputed — :mod:`privfer.privacy.audit.local` for Opacus histories,
-:mod:`privfer.privacy.audit.distributed` for the noise in the secure sum) and
-cross-checks it against its run directory (:mod:`privfer.privacy.crosscheck`).
+:mod:`privfer.privacy.audit.distributed` for the noise in the secure sum).
+This package is the ledger alone, torch-free; :mod:`privfer.auditing` (a layer
+above the trainers) also holds the ledger to the run directory that wrote it.
 
 Local DP-SGD: four accountants, all sound upper bounds on the true epsilon of
 the Poisson-subsampled Gaussian mechanism (Opacus RDP and PRV, dp-accounting
@@ -116,22 +117,15 @@ def _header(ledger: dict[str, Any], path: Path) -> LedgerKind:
     return kind
 
 
-def audit_path(path: Path | str) -> AuditReport:
-    """Load the ledger at ``path`` (a file or a run directory) and audit it against its run directory."""
-    return audit_ledger(load_ledger(path), ledger_file(path))
-
-
 def audit_ledger(ledger: dict[str, Any], path: Path | str = "privacy_ledger.json") -> AuditReport:
-    """Recompute and judge every client of a loaded ledger; ``path`` is where it was read (errors name it, and
-    the run directory beside it is cross-checked)."""
-    from privfer.privacy.crosscheck import cross_check
-
+    """Recompute and judge every client of a loaded ledger, the ledger alone; ``path`` is where it was read
+    (errors name it). The report's ``run_checks`` is None: holding the ledger to the run that wrote it
+    (config.yaml, rounds.json) rebuilds the run's model and plans, which is :func:`privfer.auditing.audit_ledger`'s
+    work, a layer above the trainers."""
     path = Path(path)
     kind = _header(ledger, path)  # again: a caller may hand over a document load_ledger never saw
     kind.check(ledger, path, kind)
-    report = kind.audit(ledger, path, kind)
-    report.run_checks = cross_check(ledger, path.parent)
-    return report
+    return kind.audit(ledger, path, kind)
 
 
 __all__ = [
@@ -149,7 +143,6 @@ __all__ = [
     "ClientAudit",
     "LedgerError",
     "audit_ledger",
-    "audit_path",
     "independent_epsilon",
     "ledger_file",
     "load_ledger",

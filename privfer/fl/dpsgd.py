@@ -81,4 +81,4 @@ def make_private_training(
     return PrivateTraining(module, dp_optimizer, criterion, dp_loader, engine)
 
 
-__all__ = ["LabelLoss", "PrivateTraining", "make_private_training"]
+__all__ = ["PrivateTraining", "make_private_training"]

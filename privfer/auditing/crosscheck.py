@@ -22,6 +22,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from privfer.config import load_config
+from privfer.errors import PrivferError
+from privfer.privacy.audit import KINDS, mechanism_of
+from privfer.privacy.calibrate import default_delta, steps_per_epoch
+from privfer.privacy.distributed import calibrate_plan
 from privfer.privacy.ledger import LOCAL
 from privfer.privacy.noise import LEGACY
 
@@ -40,11 +45,6 @@ def cross_check(ledger: dict[str, Any], run_dir: Path) -> list[str] | None:
     config_path, rounds_path = run_dir / "config.yaml", run_dir / "rounds.json"
     if not config_path.is_file() or not rounds_path.is_file():
         return None
-    from privfer.config import load_config
-    from privfer.privacy.audit import KINDS, mechanism_of
-    from privfer.errors import PrivferError
-    from privfer.privacy.calibrate import steps_per_epoch
-
     try:
         config = load_config(config_path)
     except PrivferError as exc:
@@ -142,8 +142,7 @@ def _check_plans(ledger: dict[str, Any], config: Any, plans: dict, trained: Coun
     """Recalibrate every phase's plan from config.yaml and rounds.json and hold the ledger's plan and delta to it:
     a ledger edited consistently (more noise claimed, a coarser scale, a larger delta) recomputes on its own, but
     not from the run that made it."""
-    from privfer.fl.mechanisms import calibrate_plan, noised_dimension
-    from privfer.privacy.calibrate import default_delta
+    from privfer.fl.mechanisms import noised_dimension  # rebuilds the run's model (torch): only for a run
 
     problems: list[str] = []
     privacy, fed = config.privacy, config.federation

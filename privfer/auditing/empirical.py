@@ -38,8 +38,8 @@ from privfer.fl.client import FLClient
 from privfer.fl.mechanisms import local_training
 from privfer.fl.rounds import TRAINING
 from privfer.fl.simulation import prepare_federation
+from privfer.models.loss import LabelLoss
 from privfer.models.vfer import VFER
-from privfer.privacy.dpsgd import LabelLoss
 from privfer.privacy.calibrate import epsilon_spent
 from privfer.privacy.one_run import ceiling, epsilon_lower_bound
 
@@ -285,8 +285,8 @@ def _person_canary_audit(config: PrivferConfig, kind: str, canaries: int, guesse
     released sums, added over the rounds.
     """
     from privfer.fl.aggregation import sum_integer_contributions
-    from privfer.privacy.person import secret_coin
     from privfer.privacy.distributed import encode_contribution, noise_generator, randomized_round
+    from privfer.privacy.person import secret_coin
 
     if kind != "whitebox":
         raise ValueError("the person-level mechanism is audited with whitebox canary persons (the auditor sees only "

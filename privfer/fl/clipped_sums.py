@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from privfer.models.dp_lstm import LSTMRecurrence
-from privfer.privacy.dpsgd import LabelLoss
+from privfer.models.loss import LabelLoss
 
 NORM_EPSILON = 1e-6  # as Opacus: factor C / (norm + 1e-6)
 
@@ -109,7 +109,7 @@ def clipped_gradient_sums(
     gradient (every trainable parameter) to ``max_grad_norm``.
 
     ``groups`` (long, one per example, in 0..num_groups-1) says whose example
-    each row is. The loss is :class:`~privfer.privacy.dpsgd.LabelLoss` per
+    each row is. The loss is :class:`~privfer.fl.dpsgd.LabelLoss` per
     example. The model's parameter gradients are left untouched.
     """
     if not max_grad_norm > 0:

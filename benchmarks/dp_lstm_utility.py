@@ -21,7 +21,10 @@ import warnings
 import numpy as np
 import torch
 
-from privfer.centralized import split_clips, evaluate, label_loss, training_targets
+from privfer.data.labels import training_targets
+from privfer.data.splits import split_clips
+from privfer.evaluation import evaluate
+from privfer.models.loss import label_loss
 from privfer.config import load_config
 from privfer.data import load_clips
 from privfer.data.splits import split_actors

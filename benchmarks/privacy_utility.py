@@ -39,7 +39,8 @@ warnings.filterwarnings("ignore")
 def central(epsilon: float, delta: float, seed: int, parts, feature_dim: int, config) -> tuple[float, float, float]:
     from opacus import PrivacyEngine
 
-    from privfer.centralized import evaluate, training_targets
+    from privfer.data.labels import training_targets
+    from privfer.evaluation import evaluate
     from privfer.models.vfer import VFER
     from privfer.models.loss import LabelLoss
 
@@ -83,7 +84,7 @@ def main() -> None:
     parser.add_argument("--epsilons", default="1,3,8")
     parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
-    from privfer.centralized import split_clips
+    from privfer.data.splits import split_clips
     from privfer.config import load_config
     from privfer.data import load_clips
     from privfer.data.splits import split_actors

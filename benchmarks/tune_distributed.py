@@ -49,7 +49,9 @@ def main() -> None:
     parser.add_argument("--ema", type=float, default=0.0,
                         help="also report an exponential moving average of the iterates with this decay (post-processing)")
     args = parser.parse_args()
-    from privfer.centralized import evaluate, split_clips, training_targets
+    from privfer.data.labels import training_targets
+    from privfer.data.splits import split_clips
+    from privfer.evaluation import evaluate
     from privfer.config import load_config
     from privfer.data import load_clips
     from privfer.data.splits import split_actors

@@ -19,18 +19,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
-from torch import nn
 
 from privfer.config import PrivferConfig
 from privfer.data import load_clips
 from privfer.data.clips import ClipSet
-from privfer.data.labels import discrete_labels, partial_labels, pseudo_labels
-from privfer.data.splits import ActorSplit, split_actors
+from privfer.data.labels import evaluation_labels, training_targets
+from privfer.data.splits import split_actors, split_clips
+from privfer.evaluation import evaluate, predict, pseudo_label_quality
 from privfer.metrics import classification_report
 from privfer.models.loss import label_loss
-from privfer.models.vfer import VFER, ifer_from_config
+from privfer.models.vfer import VFER
 from privfer.runs import atomic_torch_save, atomic_write_json, load_checkpoint, prepare_run_dir, save_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
@@ -44,70 +43,6 @@ class EpochRecord:
     val_loss: float
     val_macro_f1: float
     seconds: float
-
-
-def training_targets(clips: ClipSet, labels: str, temperature: float = 1.0) -> np.ndarray:
-    """Partial labels (float (N, 6) distributions) or discrete labels (int (N,) classes)."""
-    if labels == "partial":
-        return partial_labels(clips.votes, temperature)
-    if labels == "discrete":
-        return discrete_labels(clips.votes, clips.intended)
-    raise ValueError(f"labels must be 'partial' or 'discrete', got {labels!r}")
-
-
-def evaluation_labels(clips: ClipSet, eval_target: str) -> np.ndarray:
-    """Ground truth for metrics: the acted emotion or the annotators' majority vote."""
-    if eval_target == "intended":
-        return clips.intended
-    if eval_target == "majority":
-        return discrete_labels(clips.votes, clips.intended)
-    raise ValueError(f"eval_target must be 'intended' or 'majority', got {eval_target!r}")
-
-
-@torch.no_grad()
-def predict(model: nn.Module, features: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """(N, T, D) -> (N, classes) logits, in evaluation mode."""
-    model.eval()
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    chunks = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    if not chunks:
-        return np.zeros((0, model(torch.zeros(1, *x.shape[1:])).shape[-1]), np.float32)
-    return torch.cat(chunks).numpy()
-
-
-def evaluate(model: nn.Module, clips: ClipSet, eval_target: str) -> dict[str, Any]:
-    """The seed paper's table for ``clips``."""
-    predicted = predict(model, clips.features).argmax(axis=1)
-    return classification_report(evaluation_labels(clips, eval_target), predicted)
-
-
-def pseudo_label_report(clips: ClipSet, labels: np.ndarray, keep: np.ndarray, data: Any) -> dict[str, Any]:
-    """Coverage and accuracy of pseudo labels ``labels`` (kept where ``keep``) on ``clips``."""
-    truth = evaluation_labels(clips, data.eval_target)
-    return {
-        "clips": len(clips),
-        "kept": int(keep.sum()),
-        "kept_fraction": float(keep.mean()) if len(keep) else 0.0,
-        "accuracy_of_kept": float((labels[keep] == truth[keep]).mean()) if keep.any() else 0.0,
-        "threshold": data.pseudo_label_threshold,
-    }
-
-
-def pseudo_label_quality(config: PrivferConfig, training: ClipSet, adaptation: ClipSet) -> dict[str, Any]:
-    """How good the IFER's pseudo labels are on the adaptation halves (the seed paper's self-supervision)."""
-    ifer = ifer_from_config(config.model, training, config.seed)
-    labels, keep = pseudo_labels(ifer.frame_probabilities(adaptation.features), config.data.pseudo_label_threshold)
-    return pseudo_label_report(adaptation, labels, keep, config.data)
-
-
-def split_clips(clips: ClipSet, split: ActorSplit) -> dict[str, ClipSet]:
-    return {
-        "train": clips.for_actors(split.train),
-        "val": clips.for_actors(split.val),
-        "test": clips.for_actors(split.test),
-        "test_eval": clips.subset(np.isin(clips.names, np.asarray(split.evaluation_clips))),
-        "test_adapt": clips.subset(np.isin(clips.names, np.asarray(split.adaptation_clips))),
-    }
 
 
 def train_centralized(

@@ -75,7 +75,7 @@ def final_parameters(result_dir):
 
 
 def evaluation_logits(small_clips, folder, *overrides):
-    from privfer.centralized import predict
+    from privfer.evaluation import predict
     from privfer.models.vfer import VFER
 
     config = small_config(*FAST, *overrides)

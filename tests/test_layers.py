@@ -1,6 +1,6 @@
 """The layers point one way (docs/architecture.md, "Layers"): a module imports only its own layer and those below.
 
-secagg < privacy, config, runs < models, data, metrics < fl, centralized < study, integrations, auditing < cli.
+secagg < privacy, config, runs < models, data, metrics, evaluation < fl, centralized < study, integrations, auditing < cli.
 
 The check reads every module's imports (top-level and inside functions) from the source and fails on any upward
 one. A second test imports the bottom layers in a fresh interpreter and fails if torch comes with them: the secure
@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "privfer"
 LAYERS = {
     "errors": 0, "secagg": 0,
     "privacy": 1, "config": 1, "runs": 1,
-    "models": 2, "data": 2, "metrics": 2,
+    "models": 2, "data": 2, "metrics": 2, "evaluation": 2,
     "fl": 3, "centralized": 3,
     "study": 4, "integrations": 4, "auditing": 4,
     "cli": 5, "cli_audit": 5, "cli_identity": 5,

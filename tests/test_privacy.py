@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from privfer.centralized import label_loss
 from privfer.fl.client import FLClient, LocalTraining
+from privfer.models.loss import LabelLoss, label_loss
 from privfer.models.vfer import VFER
 from privfer.privacy.calibrate import (
     EPSILON_TOLERANCE,
@@ -20,7 +20,6 @@ from privfer.privacy.calibrate import (
     plan_clients,
     steps_per_epoch,
 )
-from privfer.models.loss import LabelLoss
 from tests.conftest import small_config
 
 

@@ -8,9 +8,14 @@ number, "-10^-9" in print, meaning -1e9).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from privfer.errors import DataError
+
+if TYPE_CHECKING:
+    from privfer.data.clips import ClipSet
 
 
 def _check_votes(votes: np.ndarray) -> np.ndarray:
@@ -76,3 +81,21 @@ def pseudo_labels(frame_probabilities: np.ndarray, threshold: float = 0.5) -> tu
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
     clip_probs = probs.mean(axis=1)
     return clip_probs.argmax(axis=1).astype(np.int64), clip_probs.max(axis=1) > threshold
+
+
+def training_targets(clips: ClipSet, labels: str, temperature: float = 1.0) -> np.ndarray:
+    """Partial labels (float (N, 6) distributions) or discrete labels (int (N,) classes)."""
+    if labels == "partial":
+        return partial_labels(clips.votes, temperature)
+    if labels == "discrete":
+        return discrete_labels(clips.votes, clips.intended)
+    raise ValueError(f"labels must be 'partial' or 'discrete', got {labels!r}")
+
+
+def evaluation_labels(clips: ClipSet, eval_target: str) -> np.ndarray:
+    """Ground truth for metrics: the acted emotion or the annotators' majority vote."""
+    if eval_target == "intended":
+        return clips.intended
+    if eval_target == "majority":
+        return discrete_labels(clips.votes, clips.intended)
+    raise ValueError(f"eval_target must be 'intended' or 'majority', got {eval_target!r}")

@@ -94,3 +94,14 @@ def split_actors(clips: ClipSet, config: SplitConfig, seed: int) -> ActorSplit:
         adaptation_clips=tuple(sorted(adaptation)),
         evaluation_clips=tuple(sorted(evaluation)),
     )
+
+
+def split_clips(clips: ClipSet, split: ActorSplit) -> dict[str, ClipSet]:
+    """The clip sets of a split: its actors' clips, and the test actors' evaluation and adaptation halves."""
+    return {
+        "train": clips.for_actors(split.train),
+        "val": clips.for_actors(split.val),
+        "test": clips.for_actors(split.test),
+        "test_eval": clips.subset(np.isin(clips.names, np.asarray(split.evaluation_clips))),
+        "test_adapt": clips.subset(np.isin(clips.names, np.asarray(split.adaptation_clips))),
+    }

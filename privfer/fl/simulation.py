@@ -35,13 +35,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from privfer.centralized import evaluation_labels, predict, pseudo_label_report, split_clips, training_targets
 from privfer.config import PrivferConfig
 from privfer.data import load_clips
 from privfer.data.clips import ClipSet
-from privfer.data.labels import pseudo_labels
-from privfer.data.splits import split_actors
+from privfer.data.labels import evaluation_labels, pseudo_labels, training_targets
+from privfer.data.splits import split_actors, split_clips
 from privfer.errors import ConfigError, RunDirectoryError
+from privfer.evaluation import predict, pseudo_label_report
 from privfer.fl.aggregation import sum_updates
 from privfer.fl.client import FLClient
 from privfer.fl.mechanisms import Mechanism, make_mechanism, public_client_seed

@@ -164,7 +164,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     A private run releases no accuracy: it is computed on the node's clips without DP noise (the same reason it
     releases no training loss).
     """
-    from privfer.centralized import predict
+    from privfer.evaluation import predict
     from privfer.models.vfer import VFER
     from privfer_flower.task import from_record, shared_names
 

@@ -35,7 +35,8 @@ from flwr.common import ArrayRecord, Context, MetricRecord
 from flwr.server import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from privfer.centralized import evaluation_labels, predict
+from privfer.data.labels import evaluation_labels
+from privfer.evaluation import predict
 from privfer.integrations.flower import SecAggGrid, log
 from privfer.metrics import classification_report
 from privfer.secagg.identity import RosterCertificate, load_public

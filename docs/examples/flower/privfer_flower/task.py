@@ -17,10 +17,9 @@ import numpy as np
 import torch
 from flwr.common import Array, ArrayRecord
 
-from privfer.centralized import split_clips
 from privfer.config import PrivferConfig, load_config
 from privfer.data import load_clips
-from privfer.data.splits import split_actors
+from privfer.data.splits import split_actors, split_clips
 from privfer.fl.simulation import TRAINING, Federation, prepare_federation
 from privfer.fl.strategies import make_strategy
 from privfer.models.vfer import VFER

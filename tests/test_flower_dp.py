@@ -15,7 +15,7 @@ pytest.importorskip("flwr", reason='the Flower integration needs pip install -e 
 
 from flwr.client import ClientApp  # noqa: E402
 from flwr.common import Array, ArrayRecord, Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.serverapp.strategy import FedAvg  # noqa: E402
+from flwr.serverapp.strategy import FedAdam, FedAvg  # noqa: E402
 
 from privfer.integrations.flower import (  # noqa: E402
     DistributedDP,
@@ -27,7 +27,7 @@ from privfer.integrations.flower import (  # noqa: E402
     make_secagg_mod,
 )
 
-from privfer.integrations.flower.dp import BudgetExhausted, NodeLedgerError, accept_plan, plan_to_json  # noqa: E402
+from privfer.privacy.node import BudgetExhausted, NodeLedgerError, accept_plan, plan_to_json  # noqa: E402
 from privfer.privacy.noise import NoiseSteps, noise_family  # noqa: E402
 
 SKELLAM = noise_family("skellam")
@@ -150,7 +150,7 @@ def test_a_corrupt_ledger_is_refused_with_a_clear_error(tmp_path):
 
 
 def test_plans_past_the_itemized_limit_are_folded_into_one_exact_rdp_vector(tmp_path, monkeypatch):
-    from privfer.integrations.flower import dp as node_dp
+    from privfer.privacy import node as node_dp
 
     monkeypatch.setattr(node_dp, "MAX_LEDGER_ENTRIES", 2)
     policy = NodePrivacy(ledger=tmp_path / "ledger.json", lifetime_epsilon=50.0, delta=DELTA)
@@ -277,16 +277,27 @@ def test_record_level_nodes_noise_the_clipped_gradient_sums_and_the_server_steps
     (report,) = secure.reports
     assert report.aborted is None and len(report.included) == 5
     assert report.example_count == sum(4 + n % 3 for n in secure.grid.node_ids)  # the exact, public count
-    # Adam's first step moves every coordinate by lr against the (noisy) mean gradient: the sign is checked where
-    # the gradient is well above the noise
+    # the reply is one plain gradient step, server_lr against the noisy mean gradient over the public batch
+    # (sample rate 1 x the records), with no optimizer of its own: FedAvg's result moves each coordinate in
+    # proportion to the gradient (an Adam here would move every coordinate by about lr, whatever the gradient)
     moved = np.concatenate([arrays[k].ravel() for k in SHAPES])
-    assert np.allclose(np.abs(moved), 0.01, rtol=1e-3)
     total = sum(record_sums(node, 1.0) for node in secure.grid.node_ids)
-    strong = np.abs(total) > 0.5
-    assert strong.sum() >= 5 and np.all(np.sign(moved[strong]) == -np.sign(total[strong]))
+    expected = -0.01 * total / report.example_count
+    plan = dp.plan(5, DIMENSION)  # the noise and the rounding in the sum: 6 standard deviations in step units
+    noise = 0.01 * 6 * np.sqrt(plan.mu + 5 / 4) / (plan.scale * report.example_count)
+    assert np.allclose(moved, expected, atol=noise), np.abs(moved - expected).max()
+    assert np.abs(moved).max() < 0.1 * 0.01  # an Adam step of lr 0.01 would have moved every coordinate by ~0.01
     for node in secure.grid.node_ids:
         ledger = json.loads((tmp_path / f"record-{node}.json").read_text())
         assert ledger["unit"] == "record" and ledger["mechanism_id"] == "distributed" and ledger["rounds"] == 1
+    # Flower's own server optimizer is then the only one: FedAdam's pseudo-gradient (its first moment over
+    # 1 - beta_1) is exactly the grid's linear step, not an already-adapted one
+    (tmp_path / "adam").mkdir()
+    adam_grid = SemiHonestGrid(LocalGrid(record_app(record_policies(tmp_path / "adam"), 1.0), 5), dp=dp)
+    adam = FedAdam(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=5, eta=0.05, tau=1e-9)
+    adam.start(grid=adam_grid, initial_arrays=initial(), num_rounds=1, timeout=5)
+    pseudo = np.concatenate([np.asarray(adam.m_t[k]).ravel() / (1 - adam.beta_1) for k in SHAPES])
+    assert np.allclose(pseudo, expected, atol=noise), np.abs(pseudo - expected).max()
     # a ClientApp that does not clip per example is refused (its sum is above records x C), with a fixed text
     # (the details could tell the data) and the round paid for
     (tmp_path / "u").mkdir()

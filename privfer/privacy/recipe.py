@@ -33,15 +33,11 @@ from typing import Iterable
 
 import numpy as np
 
-from privfer.privacy.distributed import (
-    DistributedPlan,
-    calibrate_distributed,
-    decode_sum,
-    noise_generator,
-)
-from privfer.privacy.noise import DEFAULT
+from privfer.privacy.distributed import DistributedPlan, decode_sum, noise_generator
 from privfer.privacy.ledger import DistributedAccount, build_distributed_ledger
 from privfer.privacy.ledger import write_ledger as _write_ledger
+from privfer.privacy.node import DistributedDP
+from privfer.privacy.noise import DEFAULT
 from privfer.privacy.person import mean_update as _mean_update
 from privfer.privacy.person import person_contribution, secret_coin
 
@@ -56,13 +52,14 @@ def plan_run(*, epsilon: float, delta: float, rounds: int, clients: int, dimensi
     ``delta`` (a client in every round), with ``clients`` per round. Raises
     :class:`~privfer.privacy.calibrate.PrivacyBudgetError` when the budget needs more noise than
     ``max_noise_multiplier`` x the update bound, and :class:`~privfer.errors.ConfigError` for settings that
-    cannot work (the error names them). ``noise``: the family of the shares (:data:`privfer.privacy.noise.FAMILIES`)."""
-    return calibrate_distributed(
-        epsilon=epsilon, delta=delta, max_grad_norm=max_update_norm, dimension=dimension,
-        sample_rate=participation, steps=rounds, clients=clients, records=clients,
-        min_inputs_fraction=min_inputs_fraction, colluding_fraction=colluding_fraction,
+    cannot work (the error names them; ValueError for a value out of range). ``noise``: the family of the shares
+    (:data:`privfer.privacy.noise.FAMILIES`). The same plan as a Flower server's
+    :class:`~privfer.privacy.node.DistributedDP` at person level."""
+    return DistributedDP(
+        epsilon=epsilon, rounds=rounds, delta=delta, unit="person", max_update_norm=max_update_norm,
+        participation=participation, colluding_fraction=colluding_fraction, min_inputs_fraction=min_inputs_fraction,
         rounding_overhead=rounding_overhead, modulus_bits=modulus_bits, max_noise_multiplier=max_noise_multiplier,
-        noise=noise)
+        noise=noise).plan(clients, dimension)
 
 
 def secagg_config(plan: DistributedPlan, security: str = "active", **fields: object):
@@ -89,6 +86,15 @@ def mean_update(total: np.ndarray, plan: DistributedPlan, included: int) -> np.n
     """On the server: the released integer sum (checked against the plan's bound) -> the noisy mean clipped update,
     over the public denominator participation x included clients."""
     return _mean_update(decode_sum(np.asarray(total).ravel(), plan), plan, included)
+
+
+def mean_gradient(total: np.ndarray, plan: DistributedPlan, records: int) -> np.ndarray:
+    """On the server, record level (one DP-SGD step per round): the released integer sum of per-example clipped
+    gradients (checked against the plan's bound) -> the noisy mean gradient, over the public expected batch
+    sample_rate x ``records`` (the included clients' total record count, public at record level)."""
+    if isinstance(records, bool) or not isinstance(records, (int, np.integer)) or records < 1:
+        raise ValueError(f"records must be a whole number >= 1 (the included clients' records), got {records!r}")
+    return decode_sum(np.asarray(total).ravel(), plan) / (plan.sample_rate * int(records))
 
 
 @dataclass
@@ -121,4 +127,5 @@ def write_ledger(path: str | Path, plan: DistributedPlan, run: RunLedger, *, per
     _write_ledger(Path(path), ledger(plan, run, persons=persons, security=security))
 
 
-__all__ = ["RunLedger", "contribute", "ledger", "mean_update", "plan_run", "secagg_config", "write_ledger"]
+__all__ = ["RunLedger", "contribute", "ledger", "mean_gradient", "mean_update", "plan_run", "secagg_config",
+           "write_ledger"]

@@ -32,7 +32,7 @@ secure aggregation (a misconfigured server cannot collect plaintext updates).
 Person-level distributed DP: ``SecAggGrid(grid, dp=DistributedDP(...))`` on the
 server and ``make_secagg_mod(privacy=NodePrivacy(...))`` on each node; every
 node adds its own noise share and keeps its lifetime ledger on its own disk
-(:mod:`privfer.integrations.flower.dp`).
+(:mod:`privfer.privacy.node`, framework-neutral).
 
 :class:`LocalGrid` runs a ``ClientApp`` for several nodes in this process —
 each with a persistent ``Context`` that is serialized between messages like a
@@ -45,14 +45,14 @@ from __future__ import annotations
 from privfer.integrations.flower.common import DEFAULTS as DEFAULTS
 from privfer.integrations.flower.common import RECORD, STATE, UnprotectedMessage
 from privfer.integrations.flower.common import log as log
-from privfer.integrations.flower.dp import (BudgetExhausted, DistributedDP, NodeLedger, NodeLedgerError, NodePrivacy,
-                                           UnacceptablePlan)
 from privfer.integrations.flower.grid import RoundReport, SecAggGrid
 from privfer.integrations.flower.local import LocalGrid
 from privfer.integrations.flower.mod import base_type as base_type
 from privfer.integrations.flower.mod import make_secagg_mod, secagg_mod
 from privfer.integrations.flower.slots import ArraySlot as ArraySlot
 from privfer.integrations.flower.slots import slots_of as slots_of
+from privfer.privacy.node import (BudgetExhausted, DistributedDP, NodeLedger, NodeLedgerError, NodePrivacy,
+                                  UnacceptablePlan)
 
 __all__ = ["BudgetExhausted", "DistributedDP", "LocalGrid", "NodeLedger", "NodeLedgerError", "NodePrivacy", "RECORD",
            "RoundReport", "STATE", "SecAggGrid", "UnacceptablePlan", "UnprotectedMessage", "make_secagg_mod",

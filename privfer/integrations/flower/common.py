@@ -28,6 +28,8 @@ log = logging.getLogger("privfer.flower")
 
 RECORD = "privfer.secagg"  # the ConfigRecord that carries privfer's protocol messages
 STATE = "privfer.secagg.state"  # the node's protocol state, in Context.state (never sent)
+PLAN_FIELD = "dp"  # distributed DP: the advertise_keys record field holding the round's plan (JSON)
+COUNT_RECORD = "privfer.dp"  # record level: the array record of the count word the nodes append
 DEFAULTS: dict[str, Any] = {"modulus_bits": 64, "clipping_range": 8.0, "max_examples": 1 << 16}
 
 

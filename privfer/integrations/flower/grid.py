@@ -10,7 +10,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from privfer.integrations.flower.common import (
+    COUNT_RECORD,
     DEFAULTS,
+    PLAN_FIELD,
     RECORD,
     Array,
     ArrayRecord,
@@ -22,8 +24,9 @@ from privfer.integrations.flower.common import (
     RecordDict,
     log,
 )
-from privfer.integrations.flower.dp import COUNT_RECORD, PLAN_FIELD, ServerAdam, plan_to_json
 from privfer.integrations.flower.mod import base_type
+from privfer.privacy import recipe
+from privfer.privacy.node import plan_to_json
 from privfer.integrations.flower.slots import (ArraySlot, _arrays_in, _slots_to_json, content_bytes, round_context,
                                                slots_of)
 from privfer.secagg import messages as wire
@@ -84,7 +87,7 @@ class SecAggGrid(Grid):
         certificate: the study's :class:`~privfer.secagg.identity.RosterCertificate`
             (active security; the nodes check it against their own pinned
             authority key, the server uses it to refuse unenrolled nodes early).
-        dp: :class:`~privfer.integrations.flower.dp.DistributedDP`: every
+        dp: :class:`~privfer.privacy.node.DistributedDP`: every
             protected exchange with arrays (``train``) runs person-level
             distributed DP — the nodes send clipped updates (or zeros, by
             their secret coins) with their own noise shares as integers, the
@@ -132,7 +135,6 @@ class SecAggGrid(Grid):
             raise ValueError("under distributed DP a train reply carries no metric (a loss is not DP-protected): "
                              "pass train_metrics=()")
         self.dp = dp
-        self.server_optimizer = ServerAdam(dp.server_lr) if dp is not None and dp.unit == "record" else None
         self.grid = grid
         self.protect = frozenset(base_type(kind) for kind in protect)
         self.with_arrays = frozenset(base_type(kind) for kind in with_arrays)
@@ -413,35 +415,29 @@ class _SecureRound:
     def private_reply(self, decoded: Any) -> Message:
         """The strategy's one reply under distributed DP, weighted by the included nodes (never by a count).
 
-        Person level: the received arrays plus the mean clipped update — the decoded integer sum over the PUBLIC
-        denominator participation x included nodes. Record level: one DP-SGD step — the decoded gradient sum over
-        sample_rate x the included nodes' records (the last, exact word of the sum), then the server's Adam."""
-        from privfer.privacy.person import mean_update
-        from privfer.privacy.distributed import decode_sum
-
+        Both decode through :mod:`privfer.privacy.recipe`, as any other FL loop would. Person level: the received
+        arrays plus the mean clipped update — the decoded integer sum over the PUBLIC denominator participation x
+        included nodes. Record level: one gradient step — the received arrays minus ``server_lr`` x the decoded
+        gradient sum over sample_rate x the included nodes' records (the last, exact word of the sum). Neither
+        keeps optimizer state: the strategy's own server optimizer (Flower's FedAdam, FedYogi, ...) is the only
+        one, applied to what this reply moved (FedAvg takes the reply as it is)."""
         record_level = self.grid.dp.unit == "record"
         words = decoded.arrays[:-1] if record_level else decoded.arrays
         flat = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in words])
         slots = self.slots[:-1] if record_level else self.slots
-        if record_level:  # one DP-SGD step: the noisy sum over the public expected batch, then the server's Adam
+        if record_level:  # one DP-SGD step: the noisy sum over the public expected batch
             records = int(np.asarray(decoded.arrays[-1]).ravel()[0])
             self.report.example_count = records
             if records < 1:
                 raise RoundAborted("the included nodes hold no records")
-            gradient = decode_sum(flat, self.plan) / (self.plan.sample_rate * records)
-            grads, at = [], 0
-            for slot in slots:
-                size = int(np.prod(slot.shape, dtype=np.int64))
-                grads.append(gradient[at : at + size].reshape(slot.shape))
-                at += size
-            values = self.grid.server_optimizer.step(list(self.received), grads)
+            step = -self.grid.dp.server_lr * recipe.mean_gradient(flat, self.plan, records)
         else:
-            mean = mean_update(decode_sum(flat, self.plan), self.plan, len(self.report.included))
-            values, at = [], 0
-            for slot, before in zip(slots, self.received):
-                size = int(np.prod(slot.shape, dtype=np.int64))
-                values.append(before + mean[at : at + size].reshape(slot.shape))
-                at += size
+            step = recipe.mean_update(flat, self.plan, len(self.report.included))
+        values, at = [], 0
+        for slot, before in zip(slots, self.received):
+            size = int(np.prod(slot.shape, dtype=np.int64))
+            values.append(before + step[at : at + size].reshape(slot.shape))
+            at += size
         content = RecordDict()
         for slot, value in zip(slots, values):
             if slot.record not in content.array_records:

@@ -7,6 +7,8 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Union
 
 from privfer.integrations.flower.common import (
+    COUNT_RECORD,
+    PLAN_FIELD,
     RECORD,
     STATE,
     ConfigRecord,
@@ -30,7 +32,7 @@ from privfer.secagg.errors import (
 from privfer.secagg.payload import PayloadLayout
 
 if TYPE_CHECKING:
-    from privfer.integrations.flower.dp import NodePrivacy
+    from privfer.privacy.node import NodePrivacy
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -68,13 +70,13 @@ def make_secagg_mod(
     ``Context`` (a round the server abandoned) are deleted, at the node's next
     message.
 
-    ``privacy``: the node's :class:`~privfer.integrations.flower.dp.NodePrivacy`
+    ``privacy``: the node's :class:`~privfer.privacy.node.NodePrivacy`
     (or a function of the ``Context`` returning it, e.g. from the node config;
     None: no DP). With it the node takes part only in rounds that come with a
     person-level DP plan it accepts, refuses a round past its lifetime budget
     (kept in its ledger file), and sends its clipped update — or zeros, by its
     secret coin — with its own noise share instead of the weighted delta; no
-    example count or metric leaves it (:mod:`privfer.integrations.flower.dp`).
+    example count or metric leaves it (:mod:`privfer.privacy.node`).
 
     ``membership``: the node's :class:`~privfer.integrations.flower.membership.NodeMembership` (or a function of
     the ``Context``; default: from the node config's ``identity-key``, ``roster-certificate`` and
@@ -212,7 +214,7 @@ def _advertise(record: ConfigRecord, ctxt: Context, min_clients: int, policy: "N
     layout = PayloadLayout(tuple(s.shape for s in slots), config)
     plan_json = ""
     if policy is not None:  # this node releases nothing without a DP plan it accepts and a budget left for it
-        from privfer.integrations.flower.dp import COUNT_RECORD, PLAN_FIELD, NodeLedger, UnacceptablePlan, accept_plan
+        from privfer.privacy.node import NodeLedger, UnacceptablePlan, accept_plan
 
         if record.get(PLAN_FIELD) is None:
             raise UnacceptablePlan("this node takes part only in rounds with a person-level DP plan "
@@ -313,7 +315,7 @@ def _private_input(client: SecAggClient, saved: ConfigRecord, forwarded: Any, sl
     import numpy as np
 
     from privfer.privacy.person import person_contribution, secret_coin
-    from privfer.integrations.flower.dp import NodeLedger, NodePrivacyError, accept_plan
+    from privfer.privacy.node import NodeLedger, NodePrivacyError, accept_plan
     from privfer.privacy.distributed import noise_generator
 
     plan = accept_plan(plan_json, client.config, client.layout.update_length, policy)

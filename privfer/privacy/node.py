@@ -1,8 +1,10 @@
-"""Distributed DP in Flower (person or record level): the server's plan, each node's own noise share and ledger.
+"""Distributed DP across nodes of any FL framework (person or record level): the server's plan, each node's own
+policy, plan acceptance and lifetime ledger. Framework-neutral and torch-free: the Flower integration
+(:mod:`privfer.integrations.flower`) carries these across Flower messages; another framework can too.
 
-The server (:class:`DistributedDP`, given to ``SecAggGrid(dp=...)``) calibrates
-one plan per protected ``train`` round for the nodes it sampled and sends it
-with the first stage. Nothing about the noise is left to the server, though:
+The server (:class:`DistributedDP`; in Flower, ``SecAggGrid(dp=...)``) calibrates
+one plan per protected round for the nodes it sampled and sends it with the
+first stage. Nothing about the noise is left to the server, though:
 
 * each node checks the plan against its own policy (:class:`NodePrivacy`):
   the sensitivities follow from the clipping bound, scale and dimension; the
@@ -42,8 +44,6 @@ from privfer.runs import atomic_write_json
 from privfer.secagg.config import SecAggConfig
 from privfer.secagg.errors import SecAggError
 
-PLAN_FIELD = "dp"  # the advertise_keys record field holding the round's plan (JSON)
-COUNT_RECORD = "privfer.dp"  # record level: the array record of the count word the nodes append
 LEDGER_SCHEMA = "privfer.node_ledger/1"
 MAX_LEDGER_BYTES = 1 << 20  # a larger file is refused before it is read
 MAX_LEDGER_ENTRIES = 1024  # distinct step mechanisms (the entry without its steps); rounds with the same plan merge into one entry,
@@ -142,7 +142,10 @@ class DistributedDP:
     max_grad_norm: float = 1.0  # record: each example's gradient is clipped to this (by the ClientApp)
     sample_rate: float = 1.0  # record: each record's Poisson rate (the ClientApp samples)
     max_records: int = 1_000_000  # record: a bound on one round's records together (the sum's headroom)
-    server_lr: float = 0.02  # record: the server's Adam step on the noisy mean gradient
+    # record: the reply to the strategy is the received arrays minus server_lr x the noisy mean gradient, with no
+    # optimizer state: the strategy's own server optimizer is the only one (FedAvg: SGD at server_lr; FedAdam,
+    # FedYogi: their adaptive step on the pseudo-gradient server_lr x g, whose scale their own lr sets)
+    server_lr: float = 1.0
     colluding_fraction: float = 0.1
     min_inputs_fraction: float = 0.9
     min_colluders: int = 0  # an absolute floor on the colluders the shares are sized for (NodePrivacy's)
@@ -183,34 +186,6 @@ class DistributedDP:
 
 def plan_to_json(plan: DistributedPlan, unit: str = "person") -> str:
     return json.dumps({"mechanism": UNITS[unit], **asdict(plan)})
-
-
-class ServerAdam:
-    """Record level: the server's Adam on the noisy mean gradient (post-processing), state kept across rounds."""
-
-    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.lr, self.betas, self.eps = lr, betas, eps
-        self.m: list[Any] | None = None
-        self.v: list[Any] | None = None
-        self.t = 0
-
-    def step(self, params: list[Any], grads: list[Any]) -> list[Any]:
-        import numpy as np
-
-        if self.m is None or len(self.m) != len(params) or any(m.shape != g.shape for m, g in zip(self.m, grads)):
-            self.m = [np.zeros_like(g, dtype=np.float64) for g in grads]
-            self.v = [np.zeros_like(g, dtype=np.float64) for g in grads]
-            self.t = 0
-        self.t += 1
-        b1, b2 = self.betas
-        out = []
-        for i, (p, g) in enumerate(zip(params, grads)):
-            self.m[i] = b1 * self.m[i] + (1 - b1) * g
-            self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
-            m_hat = self.m[i] / (1 - b1**self.t)
-            v_hat = self.v[i] / (1 - b2**self.t)
-            out.append(p - self.lr * m_hat / (np.sqrt(v_hat) + self.eps))
-        return out
 
 
 _PLAN_FIELDS = {f.name: f.type for f in fields(DistributedPlan)}
@@ -431,4 +406,4 @@ class NodeLedger:
 
 
 __all__ = ["BudgetExhausted", "DistributedDP", "NodeLedger", "NodeLedgerError", "NodePrivacy", "NodePrivacyError",
-           "PLAN_FIELD", "ServerAdam", "UNITS", "UnacceptablePlan", "accept_plan", "plan_to_json"]
+           "UNITS", "UnacceptablePlan", "accept_plan", "plan_to_json"]

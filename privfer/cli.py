@@ -295,7 +295,7 @@ def print_simulation(result: Any, run_dir: Path) -> None:
     summary.add_column("value", justify="right")
     privacy = result.privacy
     if result.private:
-        from privfer.fl.mechanisms import MECHANISMS
+        from privfer.privacy.mechanisms import MECHANISMS
 
         known = MECHANISMS.get(privacy.mechanism)
         summary.add_row("mechanism", known.title if known is not None else str(privacy.mechanism))

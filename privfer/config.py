@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from privfer.errors import ConfigError
+from privfer.privacy.mechanisms import MECHANISMS, PrivacyMechanism, select
 from privfer.privacy.noise import DEFAULT as NOISE_DEFAULT, names as noise_names
 
 
@@ -25,7 +26,6 @@ from privfer.privacy.noise import DEFAULT as NOISE_DEFAULT, names as noise_names
 DISTRIBUTED_ROUNDS, LOCAL_ROUNDS = 40, 20
 DISTRIBUTED_HIDDEN, LOCAL_HIDDEN = 64, 128
 SYNTHETIC_FRAMES, SYNTHETIC_FEATURE_DIM = 16, 256
-PERSON_MECHANISM = "distributed_person"  # the ledger's mechanism_id of person-level distributed DP
 
 
 class _Section(BaseModel):
@@ -459,21 +459,24 @@ class PrivferConfig(_Section):
 
     @model_validator(mode="after")
     def _mechanism_fits_aggregator(self) -> "PrivferConfig":
-        if self.privacy.mechanism == "distributed" and self.aggregation.backend != "masking":
+        backends = {b for m in MECHANISMS.values() if m.selected_by == self.privacy.mechanism for b in m.backends or ()}
+        if backends and self.aggregation.backend not in backends:
             why = (
                 "its approximate decryption is not the exact integer sum the noise shares' distribution needs"
                 if self.aggregation.backend == "ckks"
                 else "a plain sum shows the server every client's contribution with only its share of the noise"
             )
             raise ValueError(
-                f"privacy.mechanism 'distributed' needs aggregation.backend 'masking', not "
+                f"privacy.mechanism '{self.privacy.mechanism}' needs aggregation.backend "
+                f"{' or '.join(repr(b) for b in sorted(backends))}, not "
                 f"'{self.aggregation.backend}': {why}; use privacy.mechanism 'local' with it"
             )
         return self
 
     @model_validator(mode="after")
     def _noise_needs_the_sum(self) -> "PrivferConfig":
-        if self.privacy.noise != NOISE_DEFAULT and self.privacy.enabled and self.mechanism != "distributed":
+        in_sum = any(m.noise_in_sum for m in MECHANISMS.values() if m.selected_by == self.mechanism)
+        if self.privacy.noise != NOISE_DEFAULT and self.privacy.enabled and not in_sum:
             raise ValueError(
                 f"privacy.noise '{self.privacy.noise}' is a noise family of the secure sum: it needs "
                 f"privacy.mechanism 'distributed' (with aggregation.backend 'masking'); local DP-SGD adds Opacus's "
@@ -483,12 +486,13 @@ class PrivferConfig(_Section):
 
     @model_validator(mode="after")
     def _person_needs_the_sum(self) -> "PrivferConfig":
-        if self.privacy.unit == "person" and self.privacy.enabled and self.mechanism != "distributed":
-            raise ValueError(
-                "privacy.unit 'person' needs privacy.mechanism 'distributed' (with aggregation.backend 'masking'): "
-                "the noise that protects a whole person is only affordable inside the secure sum; use privacy.unit "
-                "'record' with privacy.mechanism 'local'"
-            )
+        units = {m.unit for m in MECHANISMS.values() if m.selected_by == self.mechanism}
+        if self.privacy.enabled and self.privacy.unit not in units:
+            protecting = " or ".join(repr(m.selected_by) for m in MECHANISMS.values() if m.unit == self.privacy.unit)
+            why = {"person": " (with aggregation.backend 'masking'): the noise that protects a whole person is only "
+                   "affordable inside the secure sum; use privacy.unit 'record' with privacy.mechanism 'local'"}
+            raise ValueError(f"privacy.unit '{self.privacy.unit}' needs privacy.mechanism {protecting}"
+                             + why.get(self.privacy.unit, ""))
         if self.privacy.unit == "person" and self.privacy.enabled and self.federation.strategy == "fedper":
             raise ValueError(
                 "privacy.unit 'person' with federation.strategy 'fedper' is not built: the newcomers' head (the mean "
@@ -509,8 +513,9 @@ class PrivferConfig(_Section):
             self.model.hidden_size = DISTRIBUTED_HIDDEN if distributed else LOCAL_HIDDEN
         if self.model.shortcut == "auto":
             self.model.shortcut = distributed
-        if self.model.recurrent == "auto" and self.mechanism_id == PERSON_MECHANISM:
-            self.model.recurrent = "lstm"  # person level clips whole updates: no per-sample gradients to compute
+        mechanism = self.privacy_mechanism
+        if self.model.recurrent == "auto" and mechanism is not None and not mechanism.per_sample_gradients:
+            self.model.recurrent = "lstm"  # e.g. person level clips whole updates: no per-sample gradients
         if self.federation.server_lr is None:  # validation actors, benchmarks/tune_distributed.py
             small = distributed and self.privacy.epsilon <= 1.0
             self.federation.server_lr = SMALL_BUDGET_SERVER_LR if small else SERVER_LR
@@ -526,12 +531,16 @@ class PrivferConfig(_Section):
         return self.privacy.mechanism
 
     @property
+    def privacy_mechanism(self) -> PrivacyMechanism | None:
+        """The registered mechanism (:mod:`privfer.privacy.mechanisms`) this run's privacy.mechanism and unit
+        select; None without DP."""
+        return select(self.mechanism, self.privacy.unit)
+
+    @property
     def mechanism_id(self) -> str | None:
-        """The mechanism's id in the ledger: 'distributed' (record level), 'distributed_person', 'local', or None."""
-        mechanism = self.mechanism
-        if mechanism == "distributed" and self.privacy.unit == "person":
-            return PERSON_MECHANISM
-        return mechanism
+        """The mechanism's id in the ledger (e.g. 'distributed', 'distributed_person', 'local'), or None."""
+        mechanism = self.privacy_mechanism
+        return None if mechanism is None else mechanism.id
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (paths as strings) suitable for YAML and JSON."""

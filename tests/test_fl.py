@@ -206,15 +206,20 @@ def test_private_runs_keep_their_noise_secret_and_their_losses_unreleased(small_
     assert ledger["noise_source"] == "run_key" and ledger["neighbouring_relation"].startswith("add or remove")
 
 
-def test_every_mechanism_has_its_ledger_checks_and_auditors():
+def test_every_registered_mechanism_has_a_trainer_an_auditor_and_a_canary_audit():
+    from privfer.auditing.empirical import CANARY_AUDITS
     from privfer.fl.mechanisms import MECHANISMS
     from privfer.privacy.audit import KINDS
-    from privfer.auditing.empirical import CANARY_AUDITS
+    from privfer.privacy.mechanisms import MECHANISMS as REGISTERED
 
-    ids = {kind.id for kind in MECHANISMS.values() if kind.id is not None}
-    assert ids == set(KINDS) == set(CANARY_AUDITS) == {"local", "distributed", "distributed_person"}
-    assert {m.id: m.units == "persons" for m in MECHANISMS.values() if m.id} == \
-        {k: kind.unit == "person" for k, kind in KINDS.items()}
+    trained = {trainer.id for trainer in MECHANISMS.values() if trainer.id is not None}
+    assert trained == set(REGISTERED) == set(KINDS) == set(CANARY_AUDITS) == {"local", "distributed",
+                                                                               "distributed_person"}
+    for mechanism_id, facts in REGISTERED.items():  # the trainer and the auditor read the registered facts
+        trainer, kind = MECHANISMS[mechanism_id], KINDS[mechanism_id]
+        assert (trainer.title, trainer.takes_local_steps, trainer.units) == (facts.title, facts.takes_local_steps,
+                                                                             facts.counted)
+        assert (kind.unit, kind.noise_in_sum) == (facts.unit, facts.noise_in_sum)
 
 
 def test_a_damaged_result_is_refused_not_returned(small_clips, tmp_path):

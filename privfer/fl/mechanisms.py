@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import torch
 
-from privfer.config import PERSON_MECHANISM, PrivferConfig
+from privfer.config import PrivferConfig
 from privfer.errors import ConfigError
 from privfer.fl.aggregation import round_context, sum_integer_contributions, sum_updates
 from privfer.fl.batched import fit_many
@@ -46,6 +46,10 @@ from privfer.models.vfer import VFER
 from privfer.privacy.calibrate import ClientPlan, default_delta, plan_clients
 from privfer.privacy.distributed import DistributedPlan, calibrate_plan, decode_sum, derived_key, noise_generator
 from privfer.privacy.ledger import ClientAccount, DistributedAccount, build_distributed_ledger, build_ledger
+from privfer.privacy.mechanisms import PrivacyMechanism
+from privfer.privacy.mechanisms import distributed as _distributed
+from privfer.privacy.mechanisms import distributed_person as _distributed_person
+from privfer.privacy.mechanisms import local as _local
 
 if TYPE_CHECKING:
     from privfer.fl.simulation import Federation, _State
@@ -114,9 +118,19 @@ def _trust_line(plan: DistributedPlan, security: str) -> str:
 class Mechanism(ABC):
     """How a federation's rounds are made private (see the module docstring)."""
 
+    privacy: ClassVar[PrivacyMechanism | None]  # the registered facts this class trains (privfer.privacy.mechanisms)
+    # read from ``privacy`` (None: no DP):
     id: ClassVar[str | None]  # the ledger's mechanism_id; None without DP
     takes_local_steps: ClassVar[bool] = True  # False: one step on the global model per round (no client training)
     title: ClassVar[str]  # in sentences and the run summary
+    units: ClassVar[str] = "records"  # what protected_records counts, for messages
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        facts = cls.__dict__.get("privacy")
+        if facts is not None:
+            cls.id, cls.title, cls.units = facts.id, facts.title, facts.counted
+            cls.takes_local_steps = facts.takes_local_steps
 
     def __init__(self, config: PrivferConfig) -> None:
         self.config = config
@@ -128,8 +142,6 @@ class Mechanism(ABC):
     def default_delta(self, counts: Counts) -> float:
         """1 / (10 x the records of the protected unit's largest dataset)."""
         return default_delta([self.protected_records(counts)])
-
-    units: ClassVar[str] = "records"  # what protected_records counts, for messages
 
     def check_delta(self, delta: float, counts: Counts) -> None:
         """A delta of 1 / records (persons) or more is met by publishing one random record (person): refuse it."""
@@ -164,8 +176,7 @@ class Mechanism(ABC):
 class LocalDPSGD(Mechanism):
     """Each client trains with DP-SGD (Opacus) and adds its full noise locally; the update is securely summed."""
 
-    id = "local"
-    title = "local DP-SGD (each client adds all its noise)"
+    privacy = _local.MECHANISM
 
     def __init__(self, config: PrivferConfig) -> None:
         super().__init__(config)
@@ -249,6 +260,7 @@ class LocalDPSGD(Mechanism):
 class NoDP(LocalDPSGD):
     """No DP noise: clients train normally; the update is still securely summed (unless the backend is plain)."""
 
+    privacy = None
     id = None
     title = "no DP"
 
@@ -263,9 +275,7 @@ class NoDP(LocalDPSGD):
 class DistributedDPSGD(Mechanism):
     """One DP-SGD step per secure sum over the union of the cohort's records; noise shares in the sum."""
 
-    id = "distributed"
-    takes_local_steps = False
-    title = "distributed DP-SGD (noise in the secure sum)"
+    privacy = _distributed.MECHANISM
 
     def __init__(self, config: PrivferConfig) -> None:
         super().__init__(config)
@@ -381,10 +391,7 @@ class DistributedDPFedAvg(DistributedDPSGD):
     share, summed securely; the server steps on the mean over a public denominator
     (:mod:`privfer.privacy.person`)."""
 
-    id = PERSON_MECHANISM
-    title = "distributed DP-FedAvg (person level, noise in the secure sum)"
-    units = "persons"
-    takes_local_steps = True  # each selected client trains locally, then its whole update is clipped
+    privacy = _distributed_person.MECHANISM
 
     def protected_records(self, counts: Counts) -> int:
         # the protected unit is a person: delta is judged against the federation's persons
@@ -454,13 +461,19 @@ class DistributedDPFedAvg(DistributedDPSGD):
         ]
 
 
-MECHANISMS: dict[str | None, type[Mechanism]] = {None: NoDP, "local": LocalDPSGD, "distributed": DistributedDPSGD,
-                                                 PERSON_MECHANISM: DistributedDPFedAvg}
+# the trainer of each registered privacy mechanism, by its id (None: no DP)
+MECHANISMS: dict[str | None, type[Mechanism]] = {
+    None: NoDP, **{trainer.id: trainer for trainer in (LocalDPSGD, DistributedDPSGD, DistributedDPFedAvg)}}
 
 
 def make_mechanism(config: PrivferConfig) -> Mechanism:
-    """The mechanism the (validated) config resolves to."""
-    return MECHANISMS[config.mechanism_id](config)
+    """The trainer of the mechanism the (validated) config resolves to."""
+    trainer = MECHANISMS.get(config.mechanism_id)
+    if trainer is None:
+        raise ConfigError(f"the privacy mechanism {config.mechanism_id!r} is registered (privfer.privacy.mechanisms) "
+                          f"but has no trainer in privfer.fl.mechanisms; trained: {sorted(map(str, MECHANISMS))}")
+    return trainer(config)
+
 
 
 __all__ = ["MECHANISMS", "noised_dimension", "DistributedDPFedAvg", "DistributedDPSGD", "LocalDPSGD", "Mechanism", "NoDP", "client_seed", "local_training",

@@ -47,6 +47,7 @@ import numpy as np
 
 from privfer.errors import ConfigError
 from privfer.privacy.calibrate import EPSILON_TOLERANCE, PrivacyBudgetError
+from privfer.privacy.mechanisms import select
 from privfer.privacy.noise import DEFAULT, NoiseFamily, NoiseSteps, noise_family
 from privfer.privacy.rdp import MAX_STEPS
 
@@ -219,11 +220,17 @@ def calibrate_plan(config: PrivferConfig, *, delta: float, dimension: int, steps
     or a person's update) and the sample rate (Poisson records or the secret coin). The simulation and
     ``privfer audit``'s cross-check both calibrate through here: the one translation of a run's config into a plan."""
     privacy, aggregation = config.privacy, config.aggregation
-    person = privacy.unit == "person"
+    mechanism = select(config.mechanism, privacy.unit)
+    if mechanism is None or not mechanism.noise_in_sum:
+        raise ValueError(f"the run's mechanism ({config.mechanism_id}) puts no noise in the secure sum: it has no "
+                         "distributed plan")
+    unit = mechanism.plan_inputs(
+        max_grad_norm=privacy.max_grad_norm, sample_rate=privacy.sample_rate, max_update_norm=privacy.max_update_norm,
+        participation=privacy.participation, clients=clients, records=records)
     return calibrate_distributed(
-        epsilon=privacy.epsilon, delta=delta, max_grad_norm=privacy.max_update_norm if person else privacy.max_grad_norm,
-        dimension=dimension, sample_rate=privacy.participation if person else privacy.sample_rate, steps=steps,
-        clients=clients, records=records, min_inputs_fraction=aggregation.min_inputs_fraction,
+        epsilon=privacy.epsilon, delta=delta, max_grad_norm=unit.max_grad_norm, dimension=dimension,
+        sample_rate=unit.sample_rate, steps=steps, clients=clients, records=unit.records,
+        min_inputs_fraction=aggregation.min_inputs_fraction,
         colluding_fraction=aggregation.colluding_fraction, rounding_overhead=privacy.rounding_overhead,
         modulus_bits=aggregation.modulus_bits, max_noise_multiplier=privacy.max_noise_multiplier, noise=privacy.noise,
     )

@@ -32,12 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from privfer.privacy.calibrate import epsilon_spent
+from privfer.privacy.mechanisms import select
+from privfer.privacy.mechanisms.local import MECHANISM as _LOCAL
 from privfer.runs import atomic_write_json
 
 SCHEMA = "privfer.privacy_ledger/2"
-LOCAL = "local"  # the mechanism id of a ledger of Opacus histories: local DP-SGD, and runs without DP
+LOCAL = _LOCAL.id  # the mechanism id of a ledger of Opacus histories: local DP-SGD, and runs without DP
 LEGACY_SCHEMAS = ("privfer.privacy_ledger/1",)  # local ledgers written before mechanism_id existed
-MECHANISM = "DP-SGD (Opacus): per-example gradient clipping, Poisson-subsampled Gaussian noise"
 
 History = list[tuple[float, float, int]]
 
@@ -155,66 +156,25 @@ def build_ledger(
             }
         )
     spent = [c["epsilon"] for c in clients if c["epsilon"] is not None]
+    stated = _LOCAL.ledger_statement()
     return {
         "schema": SCHEMA,
         "mechanism_id": LOCAL,
         "unit": unit,
-        "mechanism": MECHANISM,
+        "mechanism": stated["mechanism"],
         "private": target_epsilon is not None,
         "accountant": accountant,
         "target_epsilon": target_epsilon,
         "delta": delta,
         "max_grad_norm": max_grad_norm,
         "noise_source": noise_source,
-        "neighbouring_relation": "add or remove one record (clip) of one client",
-        "public": [
-            "each client's record count: it sets the client's sample rate, steps and FedAvg weight, and is "
-            "written here",
-        ],
+        "neighbouring_relation": stated["neighbouring_relation"],
+        "public": stated["public"],
         "not_covered": list(not_covered or []),
         "epsilon_max": max(spent) if spent else None,
         "epsilon_median": statistics.median(spent) if spent else None,
         "clients": clients,
     }
-
-
-# What differs between the record and the person unit of distributed DP: the ledger states it.
-_DISTRIBUTED_UNITS: dict[str, dict[str, Any]] = {
-    "record": {
-        "mechanism_id": "distributed",
-        "mechanism": "distributed DP-SGD: per-example clipping, randomized rounding to integers, {noise} noise "
-        "shares summed inside secure aggregation; one DP-SGD step per secure-aggregation round",
-        "neighbouring_relation": "add or remove one record (clip) of one client, in the union of the round's "
-        "clients' records",
-        "public": [
-            "each client's record count: the server divides the sum by the expected batch size "
-            "(sample_rate x the included clients' records), and it is written here; the guarantee is for "
-            "adding or removing a record with the counts treated as public (as in Opacus's DP-SGD), so the "
-            "counts themselves are not protected",
-            "who took part in each round (the server sees who sends messages)",
-        ],
-    },
-    "person": {
-        "mechanism_id": "distributed_person",
-        "mechanism": "distributed DP-FedAvg: each selected client's whole update clipped to max_grad_norm (the "
-        "person's update bound, privacy.max_update_norm), or zeros by its secret coin (heads with probability "
-        "sample_rate, privacy.participation), randomized rounding to integers, {noise} noise shares summed inside "
-        "secure aggregation; the server divides by sample_rate x the included clients",
-        "neighbouring_relation": "replace everything one person (client) contributes by zeros (zero-out): all of "
-        "their clips at once; who is selected and sends messages stays public",
-        "public": [
-            "who is selected and takes part in each round (the server sees who sends messages); the ledger's "
-            "rounds_trained counts every round a person was selected in, whatever its coin said",
-            "the number of persons in the federation ('persons', what delta is judged against); no person's record "
-            "count, weight, loss or metric is released (entries say records: null)",
-        ],
-        "secret_participation": "each selected client flips its own coin from its secret ChaCha20 stream and "
-        "submits either its clipped update or zeros, always with its noise share; the masked input, its length, "
-        "the protocol messages and the public denominator are the same either way, so the coin is accounted as "
-        "Poisson subsampling at rate sample_rate over the rounds the person is selected in. Not covered: a client "
-        "whose timing, dropout or energy use depends on its coin (a deployed client trains either way)",
-    },
-}
 
 
 def build_distributed_ledger(
@@ -231,9 +191,10 @@ def build_distributed_ledger(
     """The ledger of a distributed-DP run (record or person ``unit``): each phase's plan and each client's
     history (in its noise family's fields) and epsilon. ``persons``: the federation's persons, the count delta is
     judged against at person level."""
-    stated = _DISTRIBUTED_UNITS[unit]
+    mechanism = select("distributed", unit)
     first = next(iter(plans.values()))
     family = first.family
+    stated = mechanism.ledger_statement(noise=family.title)
     if any(plan.noise != family.name for plan in plans.values()):
         raise ValueError("every phase of a run uses one noise family")
 
@@ -260,9 +221,9 @@ def build_distributed_ledger(
     spent = [c["epsilon"] for c in clients]
     return {
         "schema": SCHEMA,
-        "mechanism_id": stated["mechanism_id"],
+        "mechanism_id": mechanism.id,
         "unit": unit,
-        "mechanism": stated["mechanism"].format(noise=family.title),
+        "mechanism": stated["mechanism"],
         "noise": family.name,
         "private": True,
         "accountant": family.accountant,
@@ -289,7 +250,7 @@ def build_distributed_ledger(
         },
         "phases": {phase: plan.to_dict() for phase, plan in plans.items()},
         **({"persons": persons} if persons is not None else {}),
-        "public": list(stated["public"]),
+        "public": stated["public"],
         **({"secret_participation": stated["secret_participation"]} if "secret_participation" in stated else {}),
         "not_covered": list(not_covered or []),
         "epsilon_max": max(spent) if spent else None,
@@ -325,5 +286,5 @@ def write_ledger(path: Path, ledger: dict[str, Any]) -> None:
     atomic_write_json(path, ledger)
 
 
-__all__ = ["ClientAccount", "DistributedAccount", "LEGACY_SCHEMAS", "LOCAL", "MECHANISM",
+__all__ = ["ClientAccount", "DistributedAccount", "LEGACY_SCHEMAS", "LOCAL",
            "SCHEMA", "account_from_state", "build_distributed_ledger", "build_ledger", "write_ledger"]

@@ -38,6 +38,7 @@ from typing import Any
 
 from privfer.config import MAX_EPSILON
 from privfer.privacy.distributed import DistributedPlan, calibrate_distributed, colluders, min_inputs, sensitivities
+from privfer.privacy.mechanisms import select, units_of
 from privfer.privacy.noise import DEFAULT, FAMILIES, LEGACY, NoiseFamily, NoiseSteps, noise_family
 from privfer.privacy.rdp import MAX_STEPS, ORDERS
 from privfer.runs import atomic_write_json
@@ -48,8 +49,8 @@ LEDGER_SCHEMA = "privfer.node_ledger/1"
 MAX_LEDGER_BYTES = 1 << 20  # a larger file is refused before it is read
 MAX_LEDGER_ENTRIES = 1024  # distinct step mechanisms (the entry without its steps); rounds with the same plan merge into one entry,
 # and the rounds of plans beyond this many are folded into one composed RDP vector ("folded")
-PERSON = "distributed_person"
-UNITS = {"person": PERSON, "record": "distributed"}  # unit -> the plan's (and ledger's) mechanism id
+DISTRIBUTED = "distributed"  # the privacy.mechanism whose plans nodes accept: the noise is in the secure sum
+UNITS = {unit: select(DISTRIBUTED, unit) for unit in units_of(DISTRIBUTED)}  # unit -> its registered mechanism
 
 
 def _check_noise(value: Any) -> None:
@@ -168,24 +169,24 @@ class DistributedDP:
 
     @property
     def mechanism_id(self) -> str:
-        return UNITS[self.unit]
+        return UNITS[self.unit].id
 
     def plan(self, clients: int, dimension: int) -> DistributedPlan:
         """The plan of a round of ``clients`` nodes sending ``dimension`` noised coordinates (ConfigError, or
         PrivacyBudgetError when the budget needs more noise than ``max_noise_multiplier``)."""
-        person = self.unit == "person"
+        unit = UNITS[self.unit].plan_inputs(max_grad_norm=self.max_grad_norm, sample_rate=self.sample_rate,
+                                            max_update_norm=self.max_update_norm, participation=self.participation,
+                                            clients=clients, records=self.max_records)
         return calibrate_distributed(
-            epsilon=self.epsilon, delta=self.delta,
-            max_grad_norm=self.max_update_norm if person else self.max_grad_norm, dimension=dimension,
-            sample_rate=self.participation if person else self.sample_rate, steps=self.rounds, clients=clients,
-            records=clients if person else self.max_records,
+            epsilon=self.epsilon, delta=self.delta, max_grad_norm=unit.max_grad_norm, dimension=dimension,
+            sample_rate=unit.sample_rate, steps=self.rounds, clients=clients, records=unit.records,
             min_inputs_fraction=self.min_inputs_fraction, colluding_fraction=self.colluding_fraction,
             rounding_overhead=self.rounding_overhead, modulus_bits=self.modulus_bits,
             max_noise_multiplier=self.max_noise_multiplier, min_colluders=self.min_colluders, noise=self.noise)
 
 
 def plan_to_json(plan: DistributedPlan, unit: str = "person") -> str:
-    return json.dumps({"mechanism": UNITS[unit], **asdict(plan)})
+    return json.dumps({"mechanism": UNITS[unit].id, **asdict(plan)})
 
 
 _PLAN_FIELDS = {f.name: f.type for f in fields(DistributedPlan)}
@@ -199,7 +200,7 @@ def accept_plan(text: Any, config: SecAggConfig, dimension: int, policy: NodePri
         raw = json.loads(text)
     except json.JSONDecodeError:
         raise UnacceptablePlan("the round's DP plan is not JSON") from None
-    wanted = UNITS[policy.unit]
+    wanted = UNITS[policy.unit].id
     if not isinstance(raw, dict) or raw.pop("mechanism", None) != wanted or set(raw) != set(_PLAN_FIELDS):
         raise UnacceptablePlan(f"this node takes part only with a {wanted} plan (its unit is {policy.unit}) with the "
                                f"fields {sorted(_PLAN_FIELDS)}")
@@ -280,7 +281,7 @@ class NodeLedger:
         """The ledger (a fresh one if the file does not exist); NodeLedgerError for anything else wrong."""
         path = self.path
         if not path.exists():
-            return {"schema": LEDGER_SCHEMA, "unit": self.policy.unit, "mechanism_id": UNITS[self.policy.unit],
+            return {"schema": LEDGER_SCHEMA, "unit": self.policy.unit, "mechanism_id": UNITS[self.policy.unit].id,
                     "noise": self.policy.noise, "delta": self.policy.delta,
                     "lifetime_epsilon": self.policy.lifetime_epsilon, "rounds": 0, "epsilon": 0.0, "history": [],
                     "last": []}

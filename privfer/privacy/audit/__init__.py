@@ -42,22 +42,28 @@ from privfer.privacy.audit.report import (MAX_CLIENTS, MAX_LEDGER_BYTES, MISMATC
                                           UNAUDITABLE, WEAK_DELTA, AuditReport, ClientAudit, LedgerError, LedgerKind,
                                           _field, _number)
 from privfer.privacy.ledger import LEGACY_SCHEMAS, LOCAL, SCHEMA
+from privfer.privacy.mechanisms import MECHANISMS
 
-_MODULES = (  # one line per auditor module; each lists the mechanisms it audits in its KINDS
+_MODULES = (  # one line per auditor module; each audits the ledgers of one accounting (its ACCOUNTING)
     "local",
     "distributed",
 )
 LEGACY_MECHANISM = LOCAL  # privfer.privacy_ledger/1 files predate 'mechanism_id': all of them are local DP-SGD
 
-KINDS: dict[str, LedgerKind] = {}
+AUDITORS: dict[str, tuple] = {}  # accounting -> (check, audit)
 TITLES: dict[str, str] = {}
 for _module in _MODULES:
     _loaded = importlib.import_module(f"{__name__}.{_module}")
-    for _kind in _loaded.KINDS:
-        if _kind.mechanism_id in KINDS:
-            raise RuntimeError(f"two auditors claim the mechanism id {_kind.mechanism_id!r}")
-        KINDS[_kind.mechanism_id] = _kind
+    if _loaded.ACCOUNTING in AUDITORS:
+        raise RuntimeError(f"two auditors claim the accounting {_loaded.ACCOUNTING!r}")
+    AUDITORS[_loaded.ACCOUNTING] = _loaded.AUDITOR
     TITLES.update(_loaded.TITLES)
+# every registered mechanism's ledger kind: its unit and its accounting's auditor (privfer.privacy.mechanisms)
+KINDS: dict[str, LedgerKind] = {
+    mechanism.id: LedgerKind(mechanism.id, mechanism.unit, *AUDITORS[mechanism.accounting],
+                             noise_in_sum=mechanism.noise_in_sum)
+    for mechanism in MECHANISMS.values()
+}
 
 
 def mechanism_of(ledger: dict[str, Any]) -> str:

@@ -252,8 +252,8 @@ def _audit_distributed(ledger: dict[str, Any], path: Path, kind: LedgerKind) -> 
 
 # Person level is the same noise mechanism with other units (a person's clipped update, its secret coin as the
 # sample rate, persons in the sum's bound), so the same checks and recomputation serve it.
-KINDS = (LedgerKind("distributed", "record", _check_distributed, _audit_distributed, noise_in_sum=True),
-         LedgerKind("distributed_person", "person", _check_distributed, _audit_distributed, noise_in_sum=True))
+ACCOUNTING = "secure_sum"  # the ledgers of the mechanisms with this accounting are audited here
+AUDITOR = (_check_distributed, _audit_distributed)
 
 
 __all__ = ["DISTRIBUTED_ACCOUNTANTS", "INDEPENDENT", "TITLES", "independent_epsilon", "ledger_noise"]

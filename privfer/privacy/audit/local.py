@@ -19,7 +19,6 @@ from privfer.privacy.audit.report import (CLAIM_TOLERANCE, MISMATCH, NO_DP, OVER
                                           TIGHT_TOLERANCE, UNAUDITABLE, WEAK_DELTA, AuditReport, ClientAudit, LedgerKind,
                                           LedgerError, _close, _entry_history, _number)
 from privfer.privacy.calibrate import epsilon_spent, prv_affordable
-from privfer.privacy.ledger import LOCAL
 
 ACCOUNTANTS = ("opacus_rdp", "opacus_prv", "dp_accounting_rdp", "dp_accounting_pld")
 TITLES = {"opacus_rdp": "Opacus RDP", "opacus_prv": "Opacus PRV", "dp_accounting_rdp": "dp-acc. RDP",
@@ -181,7 +180,8 @@ def _judge(audit: ClientAudit, entry: dict, history: History, accountant: str, t
     audit.reasons[:0] = over + mismatch
 
 
-KINDS = (LedgerKind(LOCAL, "record", _check_local, _audit_local),)
+ACCOUNTING = "opacus"  # the ledgers of the mechanisms with this accounting are audited here
+AUDITOR = (_check_local, _audit_local)
 
 
 __all__ = ["ACCOUNTANTS", "MAX_AUDIT_STEPS", "TITLES", "recompute"]

@@ -1,7 +1,7 @@
 """The registry of privacy mechanisms: one file each, registered by one line in ``_MODULES``.
 
 A new mechanism is a file defining ``MECHANISM`` (a :class:`~privfer.privacy.mechanisms.base.PrivacyMechanism`),
-plus its trainer in ``privfer/fl/mechanisms.py``; config selection, the ledger, the audit, the Flower node and the
+plus its trainer under ``privfer/fl/mechanisms/``; config selection, the ledger, the audit, the Flower node and the
 CLI find it here. Importing this package needs no torch.
 """
 

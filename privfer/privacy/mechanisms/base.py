@@ -4,7 +4,7 @@ A :class:`PrivacyMechanism` is registered by one file under this package (``__in
 names the ledger's ``mechanism_id`` and the unit it protects, how a config selects it, the aggregation backends it
 needs, whether clients train locally, which accounting its ledger holds (the audit picks its auditor by it), the
 sentences its ledger states, and how a distributed plan's clipping bound, sample rate and sum bound follow from
-the unit. The trainers (``privfer/fl/mechanisms.py``), the ledger, the audit, the Flower node and the CLI read
+the unit. The trainers (``privfer/fl/mechanisms/``), the ledger, the audit, the Flower node and the CLI read
 these facts; none of them spells a mechanism's id.
 """
 

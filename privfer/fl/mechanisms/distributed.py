@@ -1,0 +1,139 @@
+"""The trainer of distributed DP-SGD at record level: one DP-SGD step per secure sum, noise shares in the sum."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from privfer.config import PrivferConfig
+from privfer.errors import ConfigError
+from privfer.fl.distributed import optimizer_step, run_distributed_round
+from privfer.fl.mechanisms.base import Counts, Mechanism, _trust_line, noised_dimension
+from privfer.fl.rounds import ADAPTATION, TRAINING, RoundRecord, mean_bytes
+from privfer.models.vfer import VFER
+from privfer.privacy.distributed import DistributedPlan, calibrate_plan, derived_key, noise_generator
+from privfer.privacy.ledger import DistributedAccount, build_distributed_ledger
+from privfer.privacy.mechanisms import distributed as _distributed
+
+if TYPE_CHECKING:
+    from privfer.fl.simulation import Federation, _State
+
+
+class DistributedDPSGD(Mechanism):
+    """One DP-SGD step per secure sum over the union of the cohort's records; noise shares in the sum."""
+
+    privacy = _distributed.MECHANISM
+
+    def __init__(self, config: PrivferConfig) -> None:
+        super().__init__(config)
+        self.plans: dict[str, DistributedPlan] = {}
+        self.persons: int | None = None  # person level: the federation's persons (what delta is judged against)
+
+    def protected_records(self, counts: Counts) -> int:
+        # one record of the union of every client's records is the protected unit
+        return sum(n for group in counts.values() for n in group.values())
+
+    def calibrate(self, counts: Counts, *, feature_dim: int, cohort_size: int, delta: float,
+                  only_client: int | None = None, known_noise: dict[int, float] | None = None) -> set[str]:
+        if only_client is not None:
+            raise ConfigError("a single node's federation (only_client) trains with privacy.mechanism 'local'; "
+                              "distributed DP needs every client's share in the secure sum")
+        fed = self.config.federation
+        phases = {TRAINING: (cohort_size, fed.rounds), ADAPTATION: (len(counts[ADAPTATION]), fed.adaptation_rounds)}
+        for phase, (clients, rounds) in phases.items():
+            if len(counts[phase]) >= 2:
+                self.plans[phase] = self._plan(feature_dim, counts[phase], clients, delta, rounds)
+        return set(self.plans)
+
+    def _plan(self, feature_dim: int, counts: dict[int, int], clients: int, delta: float,
+              rounds: int) -> DistributedPlan:
+        """A phase's plan: the sum bounds the largest ``clients`` clients' records."""
+        largest = sum(sorted(counts.values(), reverse=True)[:clients])
+        return calibrate_plan(self.config, delta=delta, dimension=noised_dimension(self.config, feature_dim),
+                              steps=rounds, clients=clients, records=largest)
+
+    def noise_rng(self, state: "_State", phase: str, round_index: int, client_id: int) -> np.random.Generator:
+        """A client's secret generator for one round (sampling, rounding, noise share)."""
+        source = self.config.privacy.noise_source
+        if source == "os":
+            return noise_generator()
+        secret = bytes.fromhex(state.noise_key) if source == "run_key" else str(self.config.seed).encode()
+        return noise_generator(derived_key(secret, phase, round_index, client_id))
+
+    def run_round(self, federation: "Federation", state: "_State", phase: str, round_index: int) -> RoundRecord:
+        config, strategy, fed = self.config, federation.strategy, self.config.federation
+        started = time.perf_counter()
+        cohort, dropouts = federation.cohort(phase, round_index)
+        plan = self.plans[phase]
+        template = federation.model(state.global_state)
+        shared = strategy.shared_names(template)
+        group = federation.clients[phase]
+        for client_id in cohort:
+            account = state.accounts.setdefault(
+                (phase, client_id), DistributedAccount(client_id, phase, group[client_id].records))
+            account.record_round()
+        lr = fed.server_lr if phase == TRAINING else fed.adaptation_lr
+
+        def model_for(client_id: int) -> VFER:
+            model = federation.model({**state.global_state, **state.personal_of(client_id, phase, shared)})
+            model.train()
+            return model
+
+        def personal_step(client_id: int, gradients: dict[str, torch.Tensor]) -> None:
+            model = federation.model({**state.global_state, **state.personal_of(client_id, phase, shared)})
+            names = [name for name, _ in model.named_parameters() if name not in shared]
+            state.personal_optimizer[client_id] = optimizer_step(
+                model, names, gradients, fed.server_optimizer, lr, fed.server_momentum,
+                state.personal_optimizer.get(client_id))
+            state.personal[client_id] = {name: value.detach().clone() for name, value in model.state_dict().items()
+                                         if name not in shared}
+
+        result = run_distributed_round(
+            model_for=model_for,
+            data={c: (group[c].features, group[c].targets) for c in cohort},
+            cohort=cohort,
+            dropouts=dropouts,
+            shared=shared,
+            plan=plan,
+            rng_for=lambda c: self.noise_rng(state, phase, round_index, c),
+            aggregation=config.aggregation,
+            round_id=state.round_id(phase, round_index),
+            global_state=state.global_state,
+            template=template,
+            server=(fed.server_optimizer, lr, fed.server_momentum),
+            server_state=state.server_optimizer.get(phase),
+            personal_step=personal_step,
+        )
+        state.global_state = result.global_state
+        state.server_optimizer[phase] = result.server_optimizer
+        return RoundRecord(
+            phase=phase, round=round_index, clients=cohort, included=result.included,
+            dropouts={str(c): s for c, s in dropouts.items()}, aborted=result.aborted, train_loss=None,
+            val_macro_f1=None, seconds=time.perf_counter() - started, aggregation_seconds=result.seconds_aggregation,
+            bytes_per_client=mean_bytes(result.bytes_sent), clipped=0,
+        )
+
+    def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> dict:
+        return build_distributed_ledger(accounts, self.plans, noise_source=self.config.privacy.noise_source,
+                                        max_rounds=max_rounds, not_covered=not_covered,
+                                        unit=self.config.privacy.unit, persons=self.persons,
+                                        security=self.config.aggregation.resolved_security)
+
+    def noise_multipliers(self) -> list[float]:
+        return [plan.noise_multiplier for plan in self.plans.values()]
+
+    def describe(self, delta: float) -> list[str]:
+        plan = self.plans[TRAINING]
+        return [
+            f"privacy: epsilon {self.config.privacy.epsilon:g} per client for the whole run (record level), "
+            f"delta {delta:.3g}, distributed DP-SGD: {plan.family.title} noise in the secure sum "
+            f"(noise multiplier {plan.noise_multiplier:.3f} x C in the sum, {plan.steps} steps, sample rate "
+            f"{plan.sample_rate:g}), {plan.family.title} RDP accountant (calibrated for a client in every round)",
+            _trust_line(plan, self.config.aggregation.resolved_security),
+        ]
+
+
+TRAINERS = (DistributedDPSGD,)

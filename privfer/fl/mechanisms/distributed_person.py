@@ -1,0 +1,101 @@
+"""The trainer of distributed DP-FedAvg at person level: clipped whole updates (or zeros by a secret coin) and noise
+shares in the secure sum."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from privfer.fl.aggregation import round_context, sum_integer_contributions
+from privfer.fl.batched import fit_many
+from privfer.fl.distributed import server_step
+from privfer.fl.mechanisms.base import Counts, _trust_line, client_seed, local_training, noised_dimension
+from privfer.fl.mechanisms.distributed import DistributedDPSGD
+from privfer.fl.rounds import TRAINING, RoundRecord, mean_bytes
+from privfer.privacy.distributed import DistributedPlan, calibrate_plan, decode_sum
+from privfer.privacy.ledger import DistributedAccount
+from privfer.privacy.mechanisms import distributed_person as _distributed_person
+from privfer.privacy.person import mean_update, person_contribution, secret_coin
+
+if TYPE_CHECKING:
+    from privfer.fl.simulation import Federation, _State
+
+
+class DistributedDPFedAvg(DistributedDPSGD):
+    """Person level: each selected client's clipped whole update (or zeros, by its secret coin) plus a noise
+    share, summed securely; the server steps on the mean over a public denominator
+    (:mod:`privfer.privacy.person`)."""
+
+    privacy = _distributed_person.MECHANISM
+
+    def protected_records(self, counts: Counts) -> int:
+        # the protected unit is a person: delta is judged against the federation's persons
+        return sum(len(group) for group in counts.values())
+
+    def calibrate(self, counts: Counts, **kwargs) -> set[str]:
+        self.persons = self.protected_records(counts)
+        return super().calibrate(counts, **kwargs)
+
+    def _plan(self, feature_dim: int, counts: dict[int, int], clients: int, delta: float,
+              rounds: int) -> DistributedPlan:
+        """Each person moves the sum by at most S (its clipped update), so the sum's bound counts ``clients``
+        units of S; the sensitivity covers the shared parameters (:func:`noised_dimension`)."""
+        return calibrate_plan(self.config, delta=delta, dimension=noised_dimension(self.config, feature_dim),
+                              steps=rounds, clients=clients, records=clients)
+
+    def run_round(self, federation: "Federation", state: "_State", phase: str, round_index: int) -> RoundRecord:
+        config, strategy, fed = self.config, federation.strategy, self.config.federation
+        started = time.perf_counter()
+        cohort, dropouts = federation.cohort(phase, round_index)
+        plan = self.plans[phase]
+        template = federation.model(state.global_state)
+        shared = strategy.shared_names(template)
+        group = federation.clients[phase]
+        training = local_training(config, phase, None)
+        rngs, coins, states, seeds = {}, {}, [], []
+        for client_id in cohort:
+            state.accounts.setdefault((phase, client_id),
+                                      DistributedAccount(client_id, phase, group[client_id].records)).record_round()
+            rngs[client_id] = self.noise_rng(state, phase, round_index, client_id)
+            coins[client_id] = secret_coin(rngs[client_id], plan.sample_rate)
+            states.append({**state.global_state, **state.personal_of(client_id, phase, shared)})
+            seeds.append(client_seed(config, state.noise_key, phase, round_index, client_id))
+        # Constant work: every selected client trains whatever its coin says, so neither the round's time
+        # (recorded in rounds.json) nor an error tells the coin (Mechanism docs, "what breaks it").
+        updates = fit_many([group[c] for c in cohort], config, states, shared, training, seeds)
+        contributions = {}
+        for client_id, update in zip(cohort, updates):
+            flat = torch.cat([update.delta[name].reshape(-1) for name in shared]).double().numpy()
+            contributions[client_id] = person_contribution(flat, coins[client_id], plan, rngs[client_id])
+        summed = sum_integer_contributions(contributions, dropouts, config.aggregation, plan,
+                                           round_id=state.round_id(phase, round_index),
+                                           context=round_context(state.global_state, plan))
+        if summed.aborted is None:
+            mean = mean_update(decode_sum(summed.total, plan), plan, len(summed.included))
+            lr = fed.server_lr if phase == TRAINING else fed.adaptation_lr
+            state.global_state, state.server_optimizer[phase] = server_step(
+                -mean, state.global_state, template, shared, (fed.server_optimizer, lr, fed.server_momentum),
+                state.server_optimizer.get(phase))
+        return RoundRecord(
+            phase=phase, round=round_index, clients=cohort, included=list(summed.included),
+            dropouts={str(c): s for c, s in dropouts.items()}, aborted=summed.aborted, train_loss=None,
+            val_macro_f1=None, seconds=time.perf_counter() - started, aggregation_seconds=summed.seconds,
+            bytes_per_client=mean_bytes(summed.bytes_sent), clipped=0,
+        )
+
+    def describe(self, delta: float) -> list[str]:
+        plan, privacy = self.plans[TRAINING], self.config.privacy
+        return [
+            f"privacy: epsilon {privacy.epsilon:g} per PERSON (all of a client's clips) for the whole run, delta "
+            f"{delta:.3g}, distributed DP-FedAvg: each update clipped to {plan.max_grad_norm:g}, {plan.family.title} "
+            f"noise in the secure sum (noise multiplier {plan.noise_multiplier:.3f} x S in the sum, {plan.steps} "
+            f"rounds, secret participation {plan.sample_rate:g}), {plan.family.title} RDP accountant (calibrated for "
+            "a person "
+            "selected in every round)",
+            _trust_line(plan, self.config.aggregation.resolved_security),
+        ]
+
+
+TRAINERS = (DistributedDPFedAvg,)

@@ -350,7 +350,7 @@ def test_the_box_does_not_smear_across_a_cut(tmp_path):
 
 
 def test_a_missing_video_stack_stops_the_run_once(tmp_path, torchscript_encoder, monkeypatch):
-    import privfer.data.extract as module
+    import privfer.data.extract.decode as module
 
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -359,7 +359,7 @@ def test_a_missing_video_stack_stops_the_run_once(tmp_path, torchscript_encoder,
     def missing():
         raise ExtractionError('reading videos needs the "video" extra')
 
-    monkeypatch.setattr(module, "_video_stack", missing)
+    monkeypatch.setattr(module, "video_stack", missing)
     with pytest.raises(ExtractionError, match="video"):
         extract(videos, torchscript_encoder[0], tmp_path / "out", OPTIONS)
     assert not (tmp_path / "out").exists()

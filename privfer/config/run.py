@@ -1,0 +1,120 @@
+"""The resolved config of one run: its sections, the checks across them, and the mechanism it selects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from pydantic import Field, model_validator
+
+from privfer.config.federation import (SERVER_LR, SMALL_BUDGET_SERVER_LR, AggregationConfig, FederationConfig,
+                                       PrivacyConfig)
+from privfer.config.sections import (DISTRIBUTED_HIDDEN, DISTRIBUTED_ROUNDS, LOCAL_HIDDEN, LOCAL_ROUNDS, DataConfig,
+                                     ModelConfig, OutputConfig, TrainingConfig, _Section)
+from privfer.privacy.mechanisms import MECHANISMS, PrivacyMechanism, select
+from privfer.privacy.noise import DEFAULT as NOISE_DEFAULT
+
+
+class PrivferConfig(_Section):
+    """The resolved configuration of one run."""
+
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Run seed: splits, weight init, shuffling, client sampling.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _mechanism_fits_aggregator(self) -> "PrivferConfig":
+        backends = {b for m in MECHANISMS.values() if m.selected_by == self.privacy.mechanism for b in m.backends or ()}
+        if backends and self.aggregation.backend not in backends:
+            why = (
+                "its approximate decryption is not the exact integer sum the noise shares' distribution needs"
+                if self.aggregation.backend == "ckks"
+                else "a plain sum shows the server every client's contribution with only its share of the noise"
+            )
+            raise ValueError(
+                f"privacy.mechanism '{self.privacy.mechanism}' needs aggregation.backend "
+                f"{' or '.join(repr(b) for b in sorted(backends))}, not "
+                f"'{self.aggregation.backend}': {why}; use privacy.mechanism 'local' with it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _noise_needs_the_sum(self) -> "PrivferConfig":
+        in_sum = any(m.noise_in_sum for m in MECHANISMS.values() if m.selected_by == self.mechanism)
+        if self.privacy.noise != NOISE_DEFAULT and self.privacy.enabled and not in_sum:
+            raise ValueError(
+                f"privacy.noise '{self.privacy.noise}' is a noise family of the secure sum: it needs "
+                f"privacy.mechanism 'distributed' (with aggregation.backend 'masking'); local DP-SGD adds Opacus's "
+                f"Gaussian noise (allowed here: privacy.noise '{NOISE_DEFAULT}', the default)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _person_needs_the_sum(self) -> "PrivferConfig":
+        units = {m.unit for m in MECHANISMS.values() if m.selected_by == self.mechanism}
+        if self.privacy.enabled and self.privacy.unit not in units:
+            protecting = " or ".join(repr(m.selected_by) for m in MECHANISMS.values() if m.unit == self.privacy.unit)
+            why = {"person": " (with aggregation.backend 'masking'): the noise that protects a whole person is only "
+                   "affordable inside the secure sum; use privacy.unit 'record' with privacy.mechanism 'local'"}
+            raise ValueError(f"privacy.unit '{self.privacy.unit}' needs privacy.mechanism {protecting}"
+                             + why.get(self.privacy.unit, ""))
+        if self.privacy.unit == "person" and self.privacy.enabled and self.federation.strategy == "fedper":
+            raise ValueError(
+                "privacy.unit 'person' with federation.strategy 'fedper' is not built: the newcomers' head (the mean "
+                "of the persons' heads) and the scores of the personal heads would be released without noise; use "
+                "fedavg, or privacy.unit 'record'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _mechanism_defaults(self) -> "PrivferConfig":
+        # Resolved here, so config.yaml and `privfer config show` state the rounds a run really uses.
+        distributed = self.mechanism == "distributed"
+        if self.federation.rounds is None:
+            self.federation.rounds = DISTRIBUTED_ROUNDS if distributed else LOCAL_ROUNDS
+        if self.model.readout == "auto":
+            self.model.readout = "mean" if distributed else "last"
+        if self.model.hidden_size is None:
+            self.model.hidden_size = DISTRIBUTED_HIDDEN if distributed else LOCAL_HIDDEN
+        if self.model.shortcut == "auto":
+            self.model.shortcut = distributed
+        mechanism = self.privacy_mechanism
+        if self.model.recurrent == "auto" and mechanism is not None and not mechanism.per_sample_gradients:
+            self.model.recurrent = "lstm"  # e.g. person level clips whole updates: no per-sample gradients
+        if self.federation.server_lr is None:  # validation actors, benchmarks/tune_distributed.py
+            small = distributed and self.privacy.epsilon <= 1.0
+            self.federation.server_lr = SMALL_BUDGET_SERVER_LR if small else SERVER_LR
+        return self
+
+    @property
+    def mechanism(self) -> str | None:
+        """The privacy mechanism this run uses: 'distributed', 'local', or None without DP."""
+        if not self.privacy.enabled:
+            return None
+        if self.privacy.mechanism == "auto":
+            return "distributed" if self.aggregation.backend == "masking" else "local"
+        return self.privacy.mechanism
+
+    @property
+    def privacy_mechanism(self) -> PrivacyMechanism | None:
+        """The registered mechanism (:mod:`privfer.privacy.mechanisms`) this run's privacy.mechanism and unit
+        select; None without DP."""
+        return select(self.mechanism, self.privacy.unit)
+
+    @property
+    def mechanism_id(self) -> str | None:
+        """The mechanism's id in the ledger (e.g. 'distributed', 'distributed_person', 'local'), or None."""
+        mechanism = self.privacy_mechanism
+        return None if mechanism is None else mechanism.id
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (paths as strings) suitable for YAML and JSON."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -182,7 +182,7 @@ def test_without_dp_the_canary_audit_has_power(small_clips, kind):
 
 
 def test_the_empirical_command_prints_the_ceiling_first_and_plots(small_clips, tmp_path):
-    from privfer.cli_audit import DEPRECATED
+    from privfer.cli.audit import DEPRECATED
     from tests.test_cli import SETS
 
     plot = tmp_path / "audit.png"

@@ -19,7 +19,7 @@ LAYERS = {
     "models": 2, "data": 2, "metrics": 2, "evaluation": 2,
     "fl": 3, "centralized": 3,
     "study": 4, "integrations": 4, "auditing": 4,
-    "cli": 5, "cli_audit": 5, "cli_identity": 5,
+    "cli": 5,
 }
 KNOWN_UPWARD: set[tuple[str, str]] = set()  # issue 25 emptied it; keep it empty
 

@@ -14,19 +14,10 @@ from typing import Any, Callable, List, Optional
 import typer
 from rich.table import Table
 
-from privfer.cli import app, console, print_error
+from privfer.cli.common import app, console, print_error
 from privfer.secagg.errors import InvalidCertificate
-from privfer.secagg.identity import (
-    CERT_MAGIC,
-    EnrollmentAuthority,
-    Identity,
-    RosterCertificate,
-    fingerprint,
-    load_public,
-    parse_public,
-    public_line,
-    write_certificate,
-)
+from privfer.secagg.identity import (CERT_MAGIC, EnrollmentAuthority, Identity, RosterCertificate, fingerprint,
+                                     load_public, parse_public, public_line, write_certificate)
 
 identity_app = typer.Typer(help="Members' long-term signing keys (Ed25519) for active security.",
                            no_args_is_help=True)

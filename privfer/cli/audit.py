@@ -15,8 +15,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from privfer.cli import (ConfigOption, DataOption, SetOption, UsageError, _nothing, app, console, errors,
-                         print_error, resolve_config)
+from privfer.cli.common import (ConfigOption, DataOption, SetOption, UsageError, _nothing, app, console, errors,
+                                print_error, resolve_config)
 from privfer.errors import PrivferError
 
 DEPRECATED = "privfer audit --empirical is deprecated and will be removed: use privfer canary-audit (same options)"

@@ -1,0 +1,5 @@
+"""``python -m privfer.cli``: the same as the ``privfer`` command."""
+
+from privfer.cli import main
+
+main()

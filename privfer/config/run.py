@@ -94,8 +94,12 @@ class PrivferConfig(_Section):
     @property
     def mechanism(self) -> str | None:
         """The privacy mechanism this run uses: 'distributed', 'local', or None without DP."""
-        if not self.privacy.enabled:
-            return None
+        return self.selected_mechanism if self.privacy.enabled else None
+
+    @property
+    def selected_mechanism(self) -> str:
+        """privacy.mechanism with 'auto' resolved ('distributed' over masking, else 'local'), whether or not the run
+        is private: a study's no-DP cell belongs to its mechanism's line."""
         if self.privacy.mechanism == "auto":
             return "distributed" if self.aggregation.backend == "masking" else "local"
         return self.privacy.mechanism

@@ -52,9 +52,7 @@ def collect(cells: list[Cell], directory: Path) -> list[dict[str, Any]]:
         row[STRATEGY] = config.federation.strategy
         row["personal_layers"] = config.federation.personal_layers if config.federation.strategy == "fedper" else 0
         row["aggregator"] = result.aggregator
-        mechanism = config.privacy.mechanism  # as configured: a no-DP cell still belongs to its mechanism's line
-        row["mechanism"] = ("distributed" if config.aggregation.backend == "masking" else "local") \
-            if mechanism == "auto" else mechanism
+        row["mechanism"] = config.selected_mechanism  # a no-DP cell still belongs to its mechanism's line
         row["unit"] = config.privacy.unit
         row[POPULATION] = config.data.synthetic.actors if config.data.source == "synthetic" else None
         row["macro_f1"] = result.macro_f1

@@ -147,7 +147,7 @@ def test_fedper_round_updates_never_carry_the_heads(small_clips, monkeypatch):
         seen_names.append(set(next(iter(updates.values()))))
         return sum_updates(updates, *args, **kwargs)
 
-    monkeypatch.setattr(mechanisms, "sum_updates", spy)  # the rounds
+    monkeypatch.setattr(mechanisms.local, "sum_updates", spy)  # the rounds (LocalDPSGD and NoDP)
     monkeypatch.setattr(simulation, "sum_updates", spy)  # the newcomer head
     result = run(small_clips, "federation.strategy=fedper", "federation.adaptation=true")
     rounds, newcomer = seen_names[:-2], seen_names[-2]

@@ -34,6 +34,7 @@ warnings.filterwarnings("ignore")
 def part_one(args) -> None:
     from privfer.config import load_config
     from privfer.fl import simulation
+    from privfer.fl.mechanisms import distributed as trainer  # where the round's trainer looks the round up
     from privfer.models.vfer import VFER
 
     config = load_config(None, [f"privacy.epsilon={args.epsilon}", f"federation.strategy={args.strategy}"])
@@ -48,14 +49,14 @@ def part_one(args) -> None:
     state = simulation._State(global_state={k: v.detach().clone() for k, v in initial.state_dict().items()},
                               personal={}, accounts={})
     captured = []
-    real = simulation.run_distributed_round
+    real = trainer.run_distributed_round
 
     def timed(**kwargs):
         result = real(**kwargs)
         captured.append(result)
         return result
 
-    simulation.run_distributed_round = timed
+    trainer.run_distributed_round = timed
     rows = []
     try:
         for round_index in range(1, args.rounds + 1):
@@ -65,7 +66,7 @@ def part_one(args) -> None:
             rows.append((record.seconds, result.seconds_gradients, result.seconds_encoding,
                          result.seconds_aggregation, rest, record.bytes_per_client))
     finally:
-        simulation.run_distributed_round = real
+        trainer.run_distributed_round = real
     names = ("round", "clipped sums", "encoding + noise", "secure aggregation", "server step + validation")
     print(f"\n| {' | '.join(names)} | bytes sent per client |")
     print("|" + "---|" * (len(names) + 1))

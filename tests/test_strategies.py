@@ -75,3 +75,36 @@ def test_a_strategy_that_needs_local_steps_is_refused_where_there_are_none(monke
     with pytest.raises(ConfigError, match="federation.strategy 'anchored' changes how clients train locally, and "
                                           "distributed DP-SGD"):
         prepare_federation(small_config("federation.strategy=anchored", "privacy.epsilon=3"), clips=None)
+
+
+class Frozen(FedAvg):
+    """A test strategy whose server never moves the model: it records each release and keeps the global state."""
+
+    name = "frozen"
+    title = "Frozen"
+    seen: list[tuple[str, int]] = []
+
+    def server_step(self, gradient, global_state, template, shared, phase, server_state):
+        Frozen.seen.append((phase, gradient.size))
+        return global_state, server_state
+
+
+@pytest.mark.parametrize("unit", ["record", "person"])
+def test_the_strategy_applies_every_release_under_distributed_dp(small_clips, monkeypatch, unit):
+    """The server optimizer belongs to the strategy: both distributed trainers hand it the decoded release of
+    every round, and what it returns is the new global model."""
+    from privfer.fl.simulation import simulate
+
+    monkeypatch.setitem(strategies.STRATEGIES, "frozen", Frozen)
+    Frozen.seen = []
+    settings = ("privacy.epsilon=3", f"privacy.unit={unit}", "federation.rounds=3", "federation.local_epochs=1",
+                "federation.adaptation=false", "privacy.noise_source=run_seed")
+    config = small_config(*settings)
+    frozen = simulate(small_config("federation.strategy=frozen", *settings), None, clips=small_clips)
+    shared = sum(p.numel() for p in VFER.from_config(config.model, small_clips.features.shape[-1], private=True)
+                 .parameters() if p.requires_grad)
+    assert Frozen.seen == [("training", shared)] * 3
+    trained = simulate(config, None, clips=small_clips)
+    assert frozen.test != trained.test  # the model that was scored is the one the strategy's server step returned
+    fed = config.federation
+    assert make_strategy(fed).server_optimizer("training") == (fed.server_optimizer, fed.server_lr, fed.server_momentum)

@@ -37,46 +37,15 @@ from privfer.privacy.distributed import DistributedPlan, decode_sum, encode_cont
 
 @dataclass
 class DistributedRoundResult:
-    """What one round produced: the new shared state and what the server saw."""
+    """What one round produced: the released gradient and what the server saw."""
 
-    global_state: dict[str, torch.Tensor]
-    server_optimizer: dict | None
+    gradient: np.ndarray | None  # the noisy mean gradient of the shared parameters, in their order (None: aborted)
     included: list[int]
     aborted: str | None
     seconds_gradients: float  # sampling and the clipped gradient sums
     seconds_aggregation: float
     bytes_sent: dict[int, int]
     seconds_encoding: float = 0.0  # integer encoding and noise shares (all clients)
-
-
-def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, momentum: float) -> torch.optim.Optimizer:
-    """The server's (or a client's personal-layer) optimizer: Adam, or SGD with momentum."""
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum)
-    raise ValueError(f"unknown optimizer {name!r}")
-
-
-def optimizer_step(
-    model: VFER,
-    names: list[str],
-    gradients: Mapping[str, torch.Tensor],
-    kind: str,
-    lr: float,
-    momentum: float,
-    state: dict | None,
-) -> dict:
-    """One optimizer step on ``model``'s parameters ``names`` with the given gradients; returns the new state."""
-    params = dict(model.named_parameters())
-    chosen = [params[name] for name in names]
-    optimizer = make_optimizer(kind, chosen, lr, momentum)
-    if state is not None:
-        optimizer.load_state_dict(state)
-    for name, parameter in zip(names, chosen):
-        parameter.grad = gradients[name].to(parameter.dtype).reshape(parameter.shape)
-    optimizer.step()
-    return optimizer.state_dict()
 
 
 def sample_records(records: int, sample_rate: float, rng: np.random.Generator) -> np.ndarray:
@@ -124,11 +93,11 @@ def run_distributed_round(
     round_id: str,
     global_state: dict[str, torch.Tensor],
     template: VFER,
-    server: tuple[str, float, float],
-    server_state: dict | None,
     personal_step: Callable[[int, dict[str, torch.Tensor]], None],
 ) -> DistributedRoundResult:
-    """One DP-SGD step over the cohort's records with the noise in the securely computed sum.
+    """One DP-SGD step's release over the cohort's records, the noise in the securely computed sum: the decoded sum
+    over the public expected batch (sample rate x the included clients' records). The strategy applies it
+    (:meth:`privfer.fl.strategies.Strategy.server_step`).
 
     ``personal_step(client, noisy_gradients)`` receives a client's
     personal-layer gradient (FedPer: every trainable parameter not in
@@ -169,41 +138,11 @@ def run_distributed_round(
     summed = sum_integer_contributions(contributions, dropouts, aggregation, plan, round_id=round_id,
                                        context=round_context(global_state, plan))
     if summed.aborted is not None:
-        return DistributedRoundResult(global_state, server_state, [], summed.aborted, gradient_seconds,
-                                      summed.seconds, summed.bytes_sent, encoding_seconds)
+        return DistributedRoundResult(None, [], summed.aborted, gradient_seconds, summed.seconds, summed.bytes_sent,
+                                      encoding_seconds)
     expected_batch = plan.sample_rate * sum(len(data[c][0]) for c in summed.included)
-    new_state, new_server_state = server_step(decode_sum(summed.total, plan) / expected_batch, global_state,
-                                              template, shared, server, server_state)
-    return DistributedRoundResult(new_state, new_server_state, list(summed.included), None, gradient_seconds,
-                                  summed.seconds, summed.bytes_sent, encoding_seconds)
+    return DistributedRoundResult(decode_sum(summed.total, plan) / expected_batch, list(summed.included), None,
+                                  gradient_seconds, summed.seconds, summed.bytes_sent, encoding_seconds)
 
 
-def server_step(
-    gradient: np.ndarray,
-    global_state: dict[str, torch.Tensor],
-    template: VFER,
-    shared: list[str],
-    server: tuple[str, float, float],
-    server_state: dict | None,
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """The server's optimizer step on the shared parameters with a flat (decoded, divided) gradient, in
-    ``shared``'s order; returns the new global state and optimizer state. Post-processing of the release."""
-    gradients, at = {}, 0
-    for name in shared:
-        size = global_state[name].numel()
-        gradients[name] = torch.from_numpy(gradient[at : at + size])
-        at += size
-    if at != gradient.size:
-        raise ValueError(f"the released sum has {gradient.size} coordinates, the shared parameters {at}")
-    template.load_state_dict(global_state)
-    kind, lr, momentum = server
-    new_server_state = optimizer_step(template, shared, gradients, kind, lr, momentum, server_state)
-    new_state = {name: value.detach().clone() for name, value in template.state_dict().items()}
-    for name in global_state:
-        if name not in shared:
-            new_state[name] = global_state[name]
-    return new_state, new_server_state
-
-
-__all__ = ["DistributedRoundResult", "clipped_sums_by_client", "optimizer_step", "run_distributed_round",
-           "sample_records", "server_step"]
+__all__ = ["DistributedRoundResult", "clipped_sums_by_client", "run_distributed_round", "sample_records"]

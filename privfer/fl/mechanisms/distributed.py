@@ -10,7 +10,8 @@ import torch
 
 from privfer.config import PrivferConfig
 from privfer.errors import ConfigError
-from privfer.fl.distributed import optimizer_step, run_distributed_round
+from privfer.fl.distributed import run_distributed_round
+from privfer.fl.strategies.base import optimizer_step
 from privfer.fl.mechanisms.base import Counts, Mechanism, _trust_line, noised_dimension
 from privfer.fl.rounds import ADAPTATION, TRAINING, RoundRecord, mean_bytes
 from privfer.models.vfer import VFER
@@ -64,7 +65,7 @@ class DistributedDPSGD(Mechanism):
         return noise_generator(derived_key(secret, phase, round_index, client_id))
 
     def run_round(self, federation: "Federation", state: "_State", phase: str, round_index: int) -> RoundRecord:
-        config, strategy, fed = self.config, federation.strategy, self.config.federation
+        config, strategy = self.config, federation.strategy
         started = time.perf_counter()
         cohort, dropouts = federation.cohort(phase, round_index)
         plan = self.plans[phase]
@@ -75,7 +76,6 @@ class DistributedDPSGD(Mechanism):
             account = state.accounts.setdefault(
                 (phase, client_id), DistributedAccount(client_id, phase, group[client_id].records))
             account.record_round()
-        lr = fed.server_lr if phase == TRAINING else fed.adaptation_lr
 
         def model_for(client_id: int) -> VFER:
             model = federation.model({**state.global_state, **state.personal_of(client_id, phase, shared)})
@@ -86,8 +86,7 @@ class DistributedDPSGD(Mechanism):
             model = federation.model({**state.global_state, **state.personal_of(client_id, phase, shared)})
             names = [name for name, _ in model.named_parameters() if name not in shared]
             state.personal_optimizer[client_id] = optimizer_step(
-                model, names, gradients, fed.server_optimizer, lr, fed.server_momentum,
-                state.personal_optimizer.get(client_id))
+                model, names, gradients, *strategy.server_optimizer(phase), state.personal_optimizer.get(client_id))
             state.personal[client_id] = {name: value.detach().clone() for name, value in model.state_dict().items()
                                          if name not in shared}
 
@@ -103,12 +102,11 @@ class DistributedDPSGD(Mechanism):
             round_id=state.round_id(phase, round_index),
             global_state=state.global_state,
             template=template,
-            server=(fed.server_optimizer, lr, fed.server_momentum),
-            server_state=state.server_optimizer.get(phase),
             personal_step=personal_step,
         )
-        state.global_state = result.global_state
-        state.server_optimizer[phase] = result.server_optimizer
+        if result.gradient is not None:  # the strategy's server optimizer applies the release
+            state.global_state, state.server_optimizer[phase] = strategy.server_step(
+                result.gradient, state.global_state, template, shared, phase, state.server_optimizer.get(phase))
         return RoundRecord(
             phase=phase, round=round_index, clients=cohort, included=result.included,
             dropouts={str(c): s for c, s in dropouts.items()}, aborted=result.aborted, train_loss=None,

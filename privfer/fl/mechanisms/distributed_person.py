@@ -10,7 +10,6 @@ import torch
 
 from privfer.fl.aggregation import round_context, sum_integer_contributions
 from privfer.fl.batched import fit_many
-from privfer.fl.distributed import server_step
 from privfer.fl.mechanisms.base import Counts, _trust_line, client_seed, local_training, noised_dimension
 from privfer.fl.mechanisms.distributed import DistributedDPSGD
 from privfer.fl.rounds import TRAINING, RoundRecord, mean_bytes
@@ -46,7 +45,7 @@ class DistributedDPFedAvg(DistributedDPSGD):
                               steps=rounds, clients=clients, records=clients)
 
     def run_round(self, federation: "Federation", state: "_State", phase: str, round_index: int) -> RoundRecord:
-        config, strategy, fed = self.config, federation.strategy, self.config.federation
+        config, strategy = self.config, federation.strategy
         started = time.perf_counter()
         cohort, dropouts = federation.cohort(phase, round_index)
         plan = self.plans[phase]
@@ -74,10 +73,8 @@ class DistributedDPFedAvg(DistributedDPSGD):
                                            context=round_context(state.global_state, plan))
         if summed.aborted is None:
             mean = mean_update(decode_sum(summed.total, plan), plan, len(summed.included))
-            lr = fed.server_lr if phase == TRAINING else fed.adaptation_lr
-            state.global_state, state.server_optimizer[phase] = server_step(
-                -mean, state.global_state, template, shared, (fed.server_optimizer, lr, fed.server_momentum),
-                state.server_optimizer.get(phase))
+            state.global_state, state.server_optimizer[phase] = strategy.server_step(
+                -mean, state.global_state, template, shared, phase, state.server_optimizer.get(phase))
         return RoundRecord(
             phase=phase, round=round_index, clients=cohort, included=list(summed.included),
             dropouts={str(c): s for c, s in dropouts.items()}, aborted=summed.aborted, train_loss=None,

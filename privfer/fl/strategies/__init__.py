@@ -48,7 +48,9 @@ def make_strategy(config: FederationConfig) -> Strategy:
         fields = ", ".join(cls.Options.model_fields) or "none"
         raise ConfigError(f"federation.strategy_options{'.' + where if where else ''}: {problem['msg']} "
                           f"({cls.title} takes: {fields})") from None
-    return cls.from_config(config, options)
+    strategy = cls.from_config(config, options)
+    strategy.federation = config
+    return strategy
 
 
 FedAvg = STRATEGIES["fedavg"]

@@ -22,17 +22,48 @@ a client is evaluated is the strategy's.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from privfer.config import FederationConfig
+from privfer.fl.rounds import TRAINING
 from privfer.models.vfer import VFER
 
 # (parameter after an optimizer step, the value the client received, the step size) -> the parameter's new value
 LocalStep = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, momentum: float) -> torch.optim.Optimizer:
+    """The server's (or a client's personal-layer) optimizer: Adam, or SGD with momentum."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def optimizer_step(
+    model: VFER,
+    names: list[str],
+    gradients: Mapping[str, torch.Tensor],
+    kind: str,
+    lr: float,
+    momentum: float,
+    state: dict | None,
+) -> dict:
+    """One optimizer step on ``model``'s parameters ``names`` with the given gradients; returns the new state."""
+    params = dict(model.named_parameters())
+    chosen = [params[name] for name in names]
+    optimizer = make_optimizer(kind, chosen, lr, momentum)
+    if state is not None:
+        optimizer.load_state_dict(state)
+    for name, parameter in zip(names, chosen):
+        parameter.grad = gradients[name].to(parameter.dtype).reshape(parameter.shape)
+    optimizer.step()
+    return optimizer.state_dict()
 
 
 class NoOptions(BaseModel):
@@ -50,6 +81,7 @@ class Strategy(ABC):
     # True: the strategy changes how clients train locally, so a mechanism that takes no local steps (record-level
     # distributed DP-SGD: one step on the global model per round) cannot run it
     needs_local_steps: ClassVar[bool] = False
+    federation: FederationConfig | None = None  # set by make_strategy: the server optimizer's settings
 
     @classmethod
     def from_config(cls, config: FederationConfig, options: Any) -> "Strategy":
@@ -84,6 +116,37 @@ class Strategy(ABC):
             new[name] = state[name] + (summed / total_weight).to(state[name].dtype)
         return new
 
+    def server_optimizer(self, phase: str) -> tuple[str, float, float]:
+        """The server's optimizer under distributed DP in ``phase``: its kind, step size and momentum
+        (federation.server_optimizer, server_lr or adaptation_lr, server_momentum)."""
+        fed = self.federation
+        if fed is None:
+            raise ValueError("this strategy was not made by make_strategy: it has no federation settings")
+        return fed.server_optimizer, (fed.server_lr if phase == TRAINING else fed.adaptation_lr), fed.server_momentum
+
+    def server_step(self, gradient: np.ndarray, global_state: dict[str, torch.Tensor], template: VFER,
+                    shared: list[str], phase: str, server_state: dict | None) -> tuple[dict[str, torch.Tensor], dict]:
+        """How the server applies a released sum under distributed DP: one step of its optimizer
+        (:meth:`server_optimizer`) on the shared parameters against a flat gradient in ``shared``'s order (the
+        decoded noisy mean gradient, or the negated mean update at person level). Returns the new global state and
+        the optimizer's state (checkpointed with the run). Post-processing of the release. Under local DP and
+        without DP the server adds the weighted mean instead (:meth:`apply`)."""
+        gradients, at = {}, 0
+        for name in shared:
+            size = global_state[name].numel()
+            gradients[name] = torch.from_numpy(gradient[at : at + size])
+            at += size
+        if at != gradient.size:
+            raise ValueError(f"the released sum has {gradient.size} coordinates, the shared parameters {at}")
+        template.load_state_dict(global_state)
+        kind, lr, momentum = self.server_optimizer(phase)
+        new_server_state = optimizer_step(template, shared, gradients, kind, lr, momentum, server_state)
+        new_state = {name: value.detach().clone() for name, value in template.state_dict().items()}
+        for name in global_state:
+            if name not in shared:
+                new_state[name] = global_state[name]
+        return new_state, new_server_state
+
     # Whether one global model serves every client, so the server side can score it (the validation actors after
     # every training round). FedPer: each client has its own head; validation actors are newcomers without one
     # until the newcomer head is aggregated at the end of phase 1.
@@ -101,4 +164,4 @@ class Strategy(ABC):
         return None
 
 
-__all__ = ["LocalStep", "NoOptions", "Strategy"]
+__all__ = ["LocalStep", "NoOptions", "Strategy", "make_optimizer", "optimizer_step"]

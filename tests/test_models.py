@@ -87,3 +87,23 @@ def test_ifer_weights_round_trip_and_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(DataError, match="cannot be read"):
         IFER.load(tmp_path / "junk.pt", feature_dim=8)
+
+
+@pytest.mark.parametrize("readout,shortcut,layers", [("last", False, 1), ("mean", True, 2)])
+def test_the_stacked_forward_is_the_forward_of_each_stacked_model(readout, shortcut, layers):
+    """VFER.stacked_forward (the stacked trainer's forward) computes, for K stacked parameter sets, exactly what
+    each of the K models' own forward computes."""
+    torch.manual_seed(0)
+    models = [VFER(12, hidden_size=7, num_layers=layers, readout=readout, shortcut=shortcut) for _ in range(3)]
+    for model in models:  # a shortcut starts at zero: give it weights, so it is exercised
+        if model.shortcut is not None:
+            torch.nn.init.normal_(model.shortcut.weight)
+    frames = torch.randn(3, 5, 6, 12)
+    params = {name: torch.stack([dict(m.named_parameters())[name].detach() for m in models])
+              for name, _ in models[0].named_parameters()}
+    stacked = models[0].stacked_forward(params, frames)
+    with torch.no_grad():
+        each = torch.stack([model(frames[k]) for k, model in enumerate(models)])
+    torch.testing.assert_close(stacked, each, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="fast DP-SGD"):
+        VFER(12, hidden_size=7, fast_dp=True).stacked_forward(params, frames)

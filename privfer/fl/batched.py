@@ -4,7 +4,8 @@ A person-level round at population scale trains thousands of small VFERs one
 after the other; each step is a few tiny matrix products, so the time goes to
 Python and autograd overhead, not arithmetic (8.4 ms per client for the
 population study's model, 1.1 ms stacked: benchmarks/population.py). Here every parameter gets a leading client axis,
-the LSTM is unrolled with batched matrix products, and one backward pass
+the model's stacked forward (:meth:`privfer.models.vfer.VFER.stacked_forward`, the LSTM unrolled with batched
+matrix products) runs them all, and one backward pass
 yields every client's own gradient: the loss is the SUM over clients of each
 client's mean loss on its own batch, and no parameter is shared between
 clients, so client j's gradient is exactly the gradient of its own loss.
@@ -48,37 +49,6 @@ def batchable(config: PrivferConfig, plan: LocalTraining) -> str | None:
     if config.model.recurrent == "fast_dp":
         return "the fast DP-SGD recurrent layer"
     return None
-
-
-def _lstm_names(layer: int) -> tuple[str, str, str, str]:
-    return (f"lstm.weight_ih_l{layer}", f"lstm.weight_hh_l{layer}", f"lstm.bias_ih_l{layer}",
-            f"lstm.bias_hh_l{layer}")
-
-
-def _forward(params: dict[str, torch.Tensor], frames: torch.Tensor, layers: int, readout: str,
-             shortcut: bool) -> torch.Tensor:
-    """(K, B, T, D) frames -> (K, B, classes) logits of K stacked VFERs (nn.LSTM's gate order i, f, g, o)."""
-    x = frames
-    for layer in range(layers):
-        w_ih, w_hh, b_ih, b_hh = (params[name] for name in _lstm_names(layer))
-        hidden = w_hh.shape[-1]
-        projected = torch.einsum("kbtd,kgd->kbtg", x, w_ih) + (b_ih + b_hh)[:, None, None, :]
-        h = x.new_zeros(x.shape[0], x.shape[1], hidden)
-        c = torch.zeros_like(h)
-        states = []
-        for t in range(x.shape[2]):
-            gates = projected[:, :, t] + torch.bmm(h, w_hh.transpose(1, 2))
-            i, f, g, o = gates.chunk(4, dim=-1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            states.append(h)
-        x = torch.stack(states, dim=2)
-    embedding = x[:, :, -1] if readout == "last" else x.mean(dim=2)
-    logits = torch.bmm(embedding, params["head.weight"].transpose(1, 2)) + params["head.bias"][:, None, :]
-    if shortcut:
-        logits = logits + torch.bmm(frames.mean(dim=2), params["shortcut.weight"].transpose(1, 2)) \
-            + params["shortcut.bias"][:, None, :]
-    return logits
 
 
 def _per_clip_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -132,7 +102,6 @@ def _fit_chunk(clients: Sequence[FLClient], config: PrivferConfig, states: Seque
     buffers = [name for name in template.state_dict() if name not in names]
     if buffers:
         raise ValueError(f"the VFER has buffers the batched trainer does not carry: {buffers}")
-    layers, readout, shortcut = template.lstm.num_layers, template.readout, template.shortcut is not None
     count = len(clients)
     params = {name: torch.stack([state[name].detach().float() for state in states]).requires_grad_(True)
               for name in names}
@@ -164,7 +133,7 @@ def _fit_chunk(clients: Sequence[FLClient], config: PrivferConfig, states: Seque
                 valid[j, :len(batch)] = 1.0
                 active[j] = True
         counts = valid.sum(dim=1)
-        per_clip = _per_clip_loss(_forward(params, features[rows, index], layers, readout, shortcut),
+        per_clip = _per_clip_loss(template.stacked_forward(params, features[rows, index]),
                                   targets[rows, index]) * valid
         # each client's mean over its own batch; the sum over clients keeps their gradients apart
         per_client = per_clip.sum(dim=1) / counts.clamp(min=1.0)

@@ -9,6 +9,7 @@ groups from input to output; FedPer's "last N layers" are its last N entries.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -87,6 +88,37 @@ class VFER(nn.Module):
         logits = self.head(self.dropout(self.embed(frames)))
         if self.shortcut is not None:
             logits = logits + self.shortcut(frames.mean(dim=1))
+        return logits
+
+    def stacked_forward(self, params: Mapping[str, torch.Tensor], frames: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` for K stacked parameter sets of this model (each tensor with a leading client axis):
+        (K, B, T, D) frames -> (K, B, classes) logits, nn.LSTM's function (gate order i, f, g, o) unrolled with
+        batched matrix products. The stacked trainer (:mod:`privfer.fl.batched`) runs it: ``torch.func.vmap``
+        cannot batch ``aten::lstm`` (no batching rule), so the model states its own forward twice, here, side by
+        side, and tests/test_models.py holds them equal. No dropout (the stacked trainer refuses it)."""
+        if isinstance(self.lstm, FastDPLSTM):
+            raise ValueError("stacked_forward runs nn.LSTM's parameters; the fast DP-SGD layer trains per client")
+        x = frames
+        for layer in range(self.lstm.num_layers):
+            w_ih, w_hh, b_ih, b_hh = (params[f"lstm.{kind}_l{layer}"]
+                                      for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            hidden = w_hh.shape[-1]
+            projected = torch.einsum("kbtd,kgd->kbtg", x, w_ih) + (b_ih + b_hh)[:, None, None, :]
+            h = x.new_zeros(x.shape[0], x.shape[1], hidden)
+            c = torch.zeros_like(h)
+            states = []
+            for t in range(x.shape[2]):
+                gates = projected[:, :, t] + torch.bmm(h, w_hh.transpose(1, 2))
+                i, f, g, o = gates.chunk(4, dim=-1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                states.append(h)
+            x = torch.stack(states, dim=2)
+        embedding = x[:, :, -1] if self.readout == "last" else x.mean(dim=2)
+        logits = torch.bmm(embedding, params["head.weight"].transpose(1, 2)) + params["head.bias"][:, None, :]
+        if self.shortcut is not None:
+            logits = logits + torch.bmm(frames.mean(dim=2), params["shortcut.weight"].transpose(1, 2)) \
+                + params["shortcut.bias"][:, None, :]
         return logits
 
     def layer_groups(self) -> list[tuple[str, list[str]]]:

@@ -60,8 +60,8 @@ from privfer.secagg.keys import (
     seed_commitment,
     share_commitments,
 )
+from privfer.secagg.codec import SERVER, id_set
 from privfer.secagg.messages import (
-    SERVER,
     AdvertiseKeys,
     ConsistencySignature,
     ForwardedShares,
@@ -75,7 +75,6 @@ from privfer.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
     decode,
-    id_set,
 )
 from privfer.secagg.payload import PayloadLayout
 from privfer.secagg.prg import SEED_BYTES, MaskExpander

@@ -14,112 +14,22 @@ from __future__ import annotations
 
 import struct
 from functools import lru_cache
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from privfer.secagg.config import MAX_CLIENTS, PROTOCOL_VERSION
-from privfer.secagg.errors import DuplicateSender, MalformedMessage, UnsupportedVersion, WrongVectorLength
-from privfer.secagg.idsets import Runs, check_runs, id_runs, in_runs, runs_size
+from privfer.secagg.codec import (MAGIC, MAX_BLOB, MAX_CLIENT_ID, MAX_WORDS, PAIR_BYTES, SERVER, ClientId, Commitments,
+                                  IdSet, Reader, Shares, Signature, Signatures, encode_blobs, encode_fixed, encode_ids,
+                                  encode_key_table, encode_runs, id_set, read_blobs, read_fixed, read_key_table,
+                                  read_runs)
+from privfer.secagg.config import PROTOCOL_VERSION
+from privfer.secagg.errors import MalformedMessage, UnsupportedVersion, WrongVectorLength
+from privfer.secagg.idsets import Runs, id_runs, in_runs, runs_size
 from privfer.secagg.identity import SIGNATURE_BYTES
 from privfer.secagg.keys import COMMITMENT_BYTES, KEY_BYTES
 from privfer.secagg.prg import word_dtype
-from privfer.secagg.reader import ByteReader
-from privfer.secagg.shamir import SHARE_BYTES, share_from_bytes
-
-MAGIC = b"PFSA"
-MAX_CLIENT_ID = (1 << 31) - 2
-SERVER = 0
-MAX_BLOB = 1024
-MAX_WORDS = 1 << 31
-
-
-class _Reader(ByteReader):
-    def count(self, limit: int = MAX_CLIENTS) -> int:
-        n = self.u32()
-        if n > limit:
-            raise MalformedMessage(f"list of {n} entries exceeds the limit of {limit}")
-        return n
-
-    def client_id(self, after: int = 0) -> int:
-        """A client id in 1..2^31 - 2, strictly greater than ``after`` (lists are in increasing order)."""
-        value = self.u32()
-        if not 1 <= value <= MAX_CLIENT_ID:
-            raise MalformedMessage(f"client id {value} is outside 1..{MAX_CLIENT_ID}")
-        if value == after:
-            raise DuplicateSender(f"client {value} is listed twice")
-        if value < after:
-            raise MalformedMessage(f"client ids must be in increasing order ({value} after {after})")
-        return value
-
-    def ids(self) -> tuple[int, ...]:
-        values: list[int] = []
-        for _ in range(self.count()):
-            values.append(self.client_id(values[-1] if values else 0))
-        return tuple(values)
-
-
-
-def _ids(values: tuple[int, ...]) -> bytes:
-    return struct.pack(f">I{len(values)}I", len(values), *values)
-
-
-def _blobs(table: dict[int, bytes]) -> bytes:
-    """u32 count, then (u32 client, u16 length, bytes) in increasing client order."""
-    parts = [struct.pack(">I", len(table))]
-    parts.extend(struct.pack(">IH", client, len(table[client])) + table[client] for client in sorted(table))
-    return b"".join(parts)
-
-
-def _read_blobs(reader: _Reader) -> dict[int, bytes]:
-    table: dict[int, bytes] = {}
-    last = 0
-    for _ in range(reader.count()):
-        last = reader.client_id(last)
-        size = reader.u16()
-        if size > MAX_BLOB:
-            raise MalformedMessage(f"share ciphertext of {size} bytes exceeds {MAX_BLOB}")
-        table[last] = reader.take(size)
-    return table
-
-
-PAIR_BYTES = 2 * COMMITMENT_BYTES  # a holder's commitments: to its share of b, to its share of s
-
-
-def _fixed(table: dict[int, bytes]) -> bytes:
-    """u32 count, then (u32 client, fixed-size bytes) in increasing client order."""
-    parts = [struct.pack(">I", len(table))]
-    parts.extend(struct.pack(">I", client) + table[client] for client in sorted(table))
-    return b"".join(parts)
-
-
-def _read_fixed(reader: "_Reader", size: int) -> dict[int, bytes]:
-    table: dict[int, bytes] = {}
-    last = 0
-    for _ in range(reader.count()):
-        last = reader.client_id(last)
-        table[last] = reader.take(size)
-    return table
-
-
-def _pair_sizes(value: dict[int, bytes]) -> dict[int, bytes]:
-    if any(len(pair) != PAIR_BYTES for pair in value.values()):
-        raise ValueError(f"share commitments are {PAIR_BYTES} bytes per holder")
-    return value
-
-
-def _field_shares(value: dict[int, bytes]) -> dict[int, bytes]:
-    for share in value.values():
-        share_from_bytes(share)  # SHARE_BYTES long, every word an element of F_p (section 3.4); else ValueError
-    return value
-
-
-Commitments = Annotated[dict[int, bytes], AfterValidator(_pair_sizes)]
-Shares = Annotated[dict[int, bytes], AfterValidator(_field_shares)]
-
-
-ClientId = Field(..., ge=1, le=(1 << 31) - 2)
+from privfer.secagg.shamir import SHARE_BYTES
 
 
 class Message(BaseModel):
@@ -150,7 +60,7 @@ class Message(BaseModel):
         return self._header() + self._body()
 
     @classmethod
-    def _read_body(cls, reader: _Reader, header: dict) -> "Message":
+    def _read_body(cls, reader: Reader, header: dict) -> "Message":
         raise NotImplementedError
 
     @classmethod
@@ -159,15 +69,6 @@ class Message(BaseModel):
         if not isinstance(message, cls):
             raise MalformedMessage(f"expected a {cls.__name__}, got a {type(message).__name__}")
         return message
-
-
-def _signature(value: bytes) -> bytes:
-    if len(value) not in (0, SIGNATURE_BYTES):
-        raise ValueError(f"a signature is {SIGNATURE_BYTES} bytes (or absent under semi-honest security)")
-    return value
-
-
-Signature = Annotated[bytes, AfterValidator(_signature)]
 
 
 class AdvertiseKeys(Message):
@@ -190,43 +91,9 @@ class AdvertiseKeys(Message):
         return self.c_public + self.s_public + bytes([len(self.signature)]) + self.signature
 
     @classmethod
-    def _read_body(cls, reader: _Reader, header: dict) -> "AdvertiseKeys":
+    def _read_body(cls, reader: Reader, header: dict) -> "AdvertiseKeys":
         c_public, s_public = reader.take(KEY_BYTES), reader.take(KEY_BYTES)
         return cls(**header, c_public=c_public, s_public=s_public, signature=reader.take(reader.u8()))
-
-
-def _signed_entries(value: dict[int, bytes]) -> dict[int, bytes]:
-    if any(len(signature) != SIGNATURE_BYTES for signature in value.values()):
-        raise ValueError(f"signatures are {SIGNATURE_BYTES} bytes")
-    return value
-
-
-Signatures = Annotated[dict[int, bytes], AfterValidator(_signed_entries)]
-
-
-def _key_table(keys: dict[int, tuple[bytes, bytes]], signatures: dict[int, bytes]) -> bytes:
-    """u32 count, then (u32 client, c_pk, s_pk) in increasing client order; u8 signed (0 or 1), and when signed
-    each entry's 64-byte advertisement signature in the same order."""
-    if signatures and set(signatures) != set(keys):
-        raise MalformedMessage("a signed roster carries one signature per listed client")
-    parts = [struct.pack(">I", len(keys))]
-    parts.extend(struct.pack(">I", client) + keys[client][0] + keys[client][1] for client in sorted(keys))
-    parts.append(bytes([1 if signatures else 0]))
-    parts.extend(signatures[client] for client in sorted(signatures))
-    return b"".join(parts)
-
-
-def _read_key_table(reader: _Reader) -> tuple[dict[int, tuple[bytes, bytes]], dict[int, bytes]]:
-    keys: dict[int, tuple[bytes, bytes]] = {}
-    client = 0
-    for _ in range(reader.count()):
-        client = reader.client_id(client)
-        keys[client] = (reader.take(KEY_BYTES), reader.take(KEY_BYTES))
-    signed = reader.u8()
-    if signed not in (0, 1):
-        raise MalformedMessage(f"roster signature flag {signed} is not 0 or 1")
-    signatures = {client: reader.take(SIGNATURE_BYTES) for client in keys} if signed else {}
-    return keys, signatures
 
 
 def _one_per_entry(message: "KeyRoster | GroupRoster") -> None:
@@ -251,33 +118,12 @@ class KeyRoster(Message):
         return id_runs(self.keys)
 
     def _body(self) -> bytes:
-        return _key_table(self.keys, self.signatures)
+        return encode_key_table(self.keys, self.signatures)
 
     @classmethod
-    def _read_body(cls, reader: _Reader, header: dict) -> "KeyRoster":
-        keys, signatures = _read_key_table(reader)
+    def _read_body(cls, reader: Reader, header: dict) -> "KeyRoster":
+        keys, signatures = read_key_table(reader)
         return cls(**header, keys=keys, signatures=signatures)
-
-
-def _runs(runs: Runs) -> bytes:
-    """u32 count, then (u32 first, u32 count) per run."""
-    return struct.pack(f">I{2 * len(runs)}I", len(runs), *(x for run in runs for x in run))
-
-
-def id_set(value: Any) -> Runs:
-    """Id runs in canonical form (at most MAX_CLIENTS ids), else MalformedMessage: the decoder, the message
-    constructors and the clients (which re-check objects handed to them in process) all check them here."""
-    try:
-        return check_runs(tuple(tuple(run) for run in value), MAX_CLIENTS)
-    except (TypeError, ValueError) as exc:
-        raise MalformedMessage(f"id runs: {exc}") from None
-
-
-def _read_runs(reader: _Reader) -> Runs:
-    return id_set((reader.u32(), reader.u32()) for _ in range(reader.count()))
-
-
-IdSet = Annotated[tuple[tuple[int, int], ...], AfterValidator(id_set)]
 
 
 class GroupRoster(Message):
@@ -300,13 +146,13 @@ class GroupRoster(Message):
         return runs_size(self.members)
 
     def _body(self) -> bytes:
-        return struct.pack(">I", self.receiver) + _runs(self.members) + _key_table(self.keys, self.signatures)
+        return struct.pack(">I", self.receiver) + encode_runs(self.members) + encode_key_table(self.keys, self.signatures)
 
     @classmethod
-    def _read_body(cls, reader: _Reader, header: dict) -> "GroupRoster":
+    def _read_body(cls, reader: Reader, header: dict) -> "GroupRoster":
         receiver = reader.client_id()
-        members = _read_runs(reader)
-        keys, signatures = _read_key_table(reader)
+        members = read_runs(reader)
+        keys, signatures = read_key_table(reader)
         return cls(**header, receiver=receiver, members=members, keys=keys, signatures=signatures)
 
 
@@ -321,13 +167,13 @@ class ShareKeys(Message):
     signature: Signature = b""  # active security: the dealer's signature on its deal (statements.deal_statement)
 
     def _body(self) -> bytes:
-        return (_blobs(self.ciphertexts) + _fixed(self.commitments) + self.seed_commitment
+        return (encode_blobs(self.ciphertexts) + encode_fixed(self.commitments) + self.seed_commitment
                 + bytes([len(self.signature)]) + self.signature)
 
     @classmethod
-    def _read_body(cls, reader: _Reader, header: dict) -> "ShareKeys":
-        ciphertexts = _read_blobs(reader)
-        commitments = _read_fixed(reader, PAIR_BYTES)
+    def _read_body(cls, reader: Reader, header: dict) -> "ShareKeys":
+        ciphertexts = read_blobs(reader)
+        commitments = read_fixed(reader, PAIR_BYTES)
         seed_commitment = reader.take(COMMITMENT_BYTES)
         return cls(**header, ciphertexts=ciphertexts, commitments=commitments, seed_commitment=seed_commitment,
                    signature=reader.take(reader.u8()))
@@ -344,16 +190,16 @@ class ForwardedShares(Message):
     proofs: dict[int, bytes] = {}
 
     def _body(self) -> bytes:
-        return (struct.pack(">I", self.receiver) + _blobs(self.ciphertexts) + _fixed(self.commitments)
-                + _blobs(self.proofs))
+        return (struct.pack(">I", self.receiver) + encode_blobs(self.ciphertexts) + encode_fixed(self.commitments)
+                + encode_blobs(self.proofs))
 
     @classmethod
-    def _read_body(cls, reader: _Reader, header: dict) -> "ForwardedShares":
+    def _read_body(cls, reader: Reader, header: dict) -> "ForwardedShares":
         receiver = reader.client_id()
-        ciphertexts = _read_blobs(reader)
-        commitments = _read_fixed(reader, PAIR_BYTES)
+        ciphertexts = read_blobs(reader)
+        commitments = read_fixed(reader, PAIR_BYTES)
         return cls(**header, receiver=receiver, ciphertexts=ciphertexts, commitments=commitments,
-                   proofs=_read_blobs(reader))
+                   proofs=read_blobs(reader))
 
 
 class MaskedInput(Message):
@@ -389,10 +235,10 @@ class MaskedInput(Message):
 
     def _body(self) -> bytes:
         words = np.ascontiguousarray(self.vector, dtype=word_dtype(self.modulus_bits))
-        return struct.pack(">BI", self.modulus_bits, words.size) + words.tobytes() + _fixed(self.complaints)
+        return struct.pack(">BI", self.modulus_bits, words.size) + words.tobytes() + encode_fixed(self.complaints)
 
     @classmethod
-    def _read_body(cls, reader: _Reader, header: dict) -> "MaskedInput":
+    def _read_body(cls, reader: Reader, header: dict) -> "MaskedInput":
         bits, length = reader.u8(), reader.u32()
         if bits not in (32, 64):
             raise MalformedMessage(f"modulus_bits {bits} is not 32 or 64")
@@ -400,7 +246,7 @@ class MaskedInput(Message):
             raise WrongVectorLength(f"vector of {length} words exceeds {MAX_WORDS}")
         dtype = word_dtype(bits)
         vector = np.frombuffer(reader.take(length * dtype.itemsize), dtype=dtype)
-        return cls(**header, modulus_bits=bits, vector=vector, complaints=_read_fixed(reader, KEY_BYTES))
+        return cls(**header, modulus_bits=bits, vector=vector, complaints=read_fixed(reader, KEY_BYTES))
 
 
 @lru_cache(maxsize=4)
@@ -417,7 +263,7 @@ class UnmaskRequest(Message):
     dropped: tuple[int, ...]
 
     def _body(self) -> bytes:
-        return _ids(self.survivors) + _ids(self.dropped)
+        return encode_ids(self.survivors) + encode_ids(self.dropped)
 
     @property
     def included(self) -> int:
@@ -436,7 +282,7 @@ class UnmaskRequest(Message):
         return _id_set(self.dropped)
 
     @classmethod
-    def _read_body(cls, reader: _Reader, header: dict) -> "UnmaskRequest":
+    def _read_body(cls, reader: Reader, header: dict) -> "UnmaskRequest":
         survivors = reader.ids()
         dropped = reader.ids()
         return cls(**header, survivors=survivors, dropped=dropped)
@@ -460,12 +306,12 @@ class GroupUnmaskRequest(Message):
         return in_runs(self.survivors, client)
 
     def _body(self) -> bytes:
-        return struct.pack(">I", self.receiver) + _runs(self.survivors) + _ids(self.dropped)
+        return struct.pack(">I", self.receiver) + encode_runs(self.survivors) + encode_ids(self.dropped)
 
     @classmethod
-    def _read_body(cls, reader: _Reader, header: dict) -> "GroupUnmaskRequest":
+    def _read_body(cls, reader: Reader, header: dict) -> "GroupUnmaskRequest":
         receiver = reader.client_id()
-        survivors = _read_runs(reader)
+        survivors = read_runs(reader)
         return cls(**header, receiver=receiver, survivors=survivors, dropped=reader.ids())
 
 
@@ -477,12 +323,12 @@ class UnmaskResponse(Message):
     key_shares: Shares
 
     def _body(self) -> bytes:
-        return _fixed(self.seed_shares) + _fixed(self.key_shares)
+        return encode_fixed(self.seed_shares) + encode_fixed(self.key_shares)
 
     @classmethod
-    def _read_body(cls, reader: _Reader, header: dict) -> "UnmaskResponse":
-        seed_shares = _read_fixed(reader, SHARE_BYTES)
-        return cls(**header, seed_shares=seed_shares, key_shares=_read_fixed(reader, SHARE_BYTES))
+    def _read_body(cls, reader: Reader, header: dict) -> "UnmaskResponse":
+        seed_shares = read_fixed(reader, SHARE_BYTES)
+        return cls(**header, seed_shares=seed_shares, key_shares=read_fixed(reader, SHARE_BYTES))
 
 
 class ConsistencySignature(Message):
@@ -497,7 +343,7 @@ class ConsistencySignature(Message):
         return self.signature
 
     @classmethod
-    def _read_body(cls, reader: _Reader, header: dict) -> "ConsistencySignature":
+    def _read_body(cls, reader: Reader, header: dict) -> "ConsistencySignature":
         return cls(**header, signature=reader.take(SIGNATURE_BYTES))
 
 
@@ -509,11 +355,11 @@ class SignatureList(Message):
     signatures: Signatures
 
     def _body(self) -> bytes:
-        return _fixed(self.signatures)
+        return encode_fixed(self.signatures)
 
     @classmethod
-    def _read_body(cls, reader: _Reader, header: dict) -> "SignatureList":
-        return cls(**header, signatures=_read_fixed(reader, SIGNATURE_BYTES))
+    def _read_body(cls, reader: Reader, header: dict) -> "SignatureList":
+        return cls(**header, signatures=read_fixed(reader, SIGNATURE_BYTES))
 
 
 KINDS: dict[int, type[Message]] = {
@@ -529,7 +375,7 @@ def decode(raw: bytes) -> Message:
 
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise MalformedMessage(f"a message is bytes, got {type(raw).__name__}")
-    reader = _Reader(bytes(raw))
+    reader = Reader(bytes(raw))
     if reader.take(4) != MAGIC:
         raise MalformedMessage("not a privfer secure-aggregation message (bad magic)")
     version, kind = reader.u8(), reader.u8()
@@ -549,3 +395,8 @@ def decode(raw: bytes) -> Message:
         raise MalformedMessage(f"{KINDS[kind].__name__}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     reader.end()
     return message
+
+
+__all__ = ["KINDS", "MAGIC", "MAX_BLOB", "MAX_CLIENT_ID", "MAX_WORDS", "PAIR_BYTES", "SERVER", "AdvertiseKeys",
+           "ConsistencySignature", "ForwardedShares", "GroupRoster", "GroupUnmaskRequest", "KeyRoster", "MaskedInput",
+           "Message", "ShareKeys", "SignatureList", "UnmaskRequest", "UnmaskResponse", "decode", "id_set"]

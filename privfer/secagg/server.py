@@ -48,8 +48,8 @@ from privfer.secagg.keys import (
     public_of_private,
     seed_commitment,
 )
+from privfer.secagg.codec import SERVER
 from privfer.secagg.messages import (
-    SERVER,
     AdvertiseKeys,
     ConsistencySignature,
     ForwardedShares,

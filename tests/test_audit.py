@@ -338,7 +338,7 @@ def _person_ledger():
 
 def test_forged_headers_are_ledger_errors_on_every_path(tmp_path):
     from privfer.auditing import audit_ledger as audit_with_run
-    from privfer.privacy.audit import audit_ledger as audit_alone
+    from privfer.privacy.audit import audit_ledger_alone as audit_alone
 
     document = _person_ledger()
     for audit_ledger in (audit_alone, audit_with_run):

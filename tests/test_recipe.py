@@ -53,3 +53,14 @@ def test_the_server_refuses_a_sum_beyond_the_plan():
     config = recipe.secagg_config(plan)
     assert config.security == "active" and config.min_inputs == plan.min_inputs
     assert config.integer_sum_bound == plan.sum_bound and config.colluders >= plan.colluders
+
+
+@pytest.mark.parametrize("setting,value", [("epsilon", float("inf")), ("epsilon", float("nan")), ("epsilon", 1001.0),
+                                           ("rounds", 0), ("delta", 1.0), ("participation", 0.0)])
+def test_a_plan_out_of_range_is_a_config_error_naming_the_setting(setting, value):
+    from privfer.errors import ConfigError
+
+    settings = dict(epsilon=3.0, delta=1e-4, rounds=4, clients=20, dimension=50)
+    settings[setting] = value
+    with pytest.raises(ConfigError, match=setting):
+        recipe.plan_run(**settings)

@@ -14,14 +14,14 @@ from typing import Any
 
 from privfer.auditing.crosscheck import cross_check
 from privfer.privacy.audit import AuditReport, ledger_file, load_ledger
-from privfer.privacy.audit import audit_ledger as _audit_alone
+from privfer.privacy.audit import audit_ledger_alone
 
 
 def audit_ledger(ledger: dict[str, Any], path: Path | str = "privacy_ledger.json") -> AuditReport:
     """Recompute and judge every client of a loaded ledger read at ``path``, then cross-check it against the run
     directory beside ``path`` (``run_checks``: the disagreements, or None where the run's files are absent)."""
     path = Path(path)
-    report = _audit_alone(ledger, path)
+    report = audit_ledger_alone(ledger, path)
     report.run_checks = cross_check(ledger, path.parent)
     return report
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from privfer.config import MAX_EPSILON
+from privfer.errors import ConfigError
 from privfer.privacy.distributed import DistributedPlan, calibrate_distributed, colluders, min_inputs, sensitivities
 from privfer.privacy.mechanisms import select, units_of
 from privfer.privacy.noise import DEFAULT, FAMILIES, LEGACY, NoiseFamily, NoiseSteps, noise_family
@@ -55,12 +56,12 @@ UNITS = {unit: select(DISTRIBUTED, unit) for unit in units_of(DISTRIBUTED)}  # u
 
 def _check_noise(value: Any) -> None:
     if value not in FAMILIES:
-        raise ValueError(f"noise must be one of {sorted(FAMILIES)}, got {value!r}")
+        raise ConfigError(f"noise must be one of {sorted(FAMILIES)}, got {value!r}")
 
 
 def _check_min_colluders(value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1_000_000:
-        raise ValueError(f"min_colluders must be an integer in 0..1000000, got {value!r}")
+        raise ConfigError(f"min_colluders must be an integer in 0..1000000, got {value!r}")
 
 
 class NodePrivacyError(SecAggError):
@@ -105,19 +106,19 @@ class NodePrivacy:
         _check_noise(self.noise)
         ledger = Path(self.ledger)
         if not ledger.is_absolute():
-            raise ValueError(f"the ledger path must be absolute (a node's ledger must not move with its working "
+            raise ConfigError(f"the ledger path must be absolute (a node's ledger must not move with its working "
                              f"directory), got {str(ledger)!r}")
         object.__setattr__(self, "ledger", ledger)
         if self.unit not in UNITS:
-            raise ValueError(f"unit must be one of {sorted(UNITS)}, got {self.unit!r}")
+            raise ConfigError(f"unit must be one of {sorted(UNITS)}, got {self.unit!r}")
         if not (0 < self.lifetime_epsilon <= MAX_EPSILON):
-            raise ValueError(f"lifetime_epsilon must be in (0, {MAX_EPSILON:g}], got {self.lifetime_epsilon}")
+            raise ConfigError(f"lifetime_epsilon must be in (0, {MAX_EPSILON:g}], got {self.lifetime_epsilon}")
         if not 0 < self.delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
         if not 0 <= self.colluding_fraction < 0.5:
-            raise ValueError(f"colluding_fraction must be in [0, 0.5), got {self.colluding_fraction}")
+            raise ConfigError(f"colluding_fraction must be in [0, 0.5), got {self.colluding_fraction}")
         if not 0 < self.min_inputs_fraction <= 1:
-            raise ValueError(f"min_inputs_fraction must be in (0, 1], got {self.min_inputs_fraction}")
+            raise ConfigError(f"min_inputs_fraction must be in (0, 1], got {self.min_inputs_fraction}")
         _check_min_colluders(self.min_colluders)
 
     def colluders(self, clients: int) -> int:
@@ -157,13 +158,17 @@ class DistributedDP:
 
     def __post_init__(self) -> None:
         _check_noise(self.noise)
-        if not (0 < self.epsilon <= MAX_EPSILON) or not 1 <= self.rounds <= MAX_STEPS or not 0 < self.delta < 1:
-            raise ValueError("DistributedDP needs 0 < epsilon <= 1000, 1 <= rounds and 0 < delta < 1")
+        if not 0 < self.epsilon <= MAX_EPSILON:  # (NaN fails too)
+            raise ConfigError(f"epsilon must be in (0, {MAX_EPSILON:g}], got {self.epsilon!r}")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or not 1 <= self.rounds <= MAX_STEPS:
+            raise ConfigError(f"rounds must be a whole number in 1..{MAX_STEPS}, got {self.rounds!r}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta!r}")
         if self.unit not in UNITS:
-            raise ValueError(f"unit must be one of {sorted(UNITS)}, got {self.unit!r}")
+            raise ConfigError(f"unit must be one of {sorted(UNITS)}, got {self.unit!r}")
         if not (self.max_update_norm > 0 and 0 < self.participation <= 1 and self.max_grad_norm > 0
                 and 0 < self.sample_rate <= 1 and self.max_records >= 1 and self.server_lr > 0):
-            raise ValueError("clipping bounds, max_records and server_lr must be positive; participation and "
+            raise ConfigError("clipping bounds, max_records and server_lr must be positive; participation and "
                              "sample_rate in (0, 1]")
         _check_min_colluders(self.min_colluders)
 

@@ -52,7 +52,7 @@ def plan_run(*, epsilon: float, delta: float, rounds: int, clients: int, dimensi
     ``delta`` (a client in every round), with ``clients`` per round. Raises
     :class:`~privfer.privacy.calibrate.PrivacyBudgetError` when the budget needs more noise than
     ``max_noise_multiplier`` x the update bound, and :class:`~privfer.errors.ConfigError` for settings that
-    cannot work (the error names them; ValueError for a value out of range). ``noise``: the family of the shares
+    cannot work or are out of range (the error names the setting; a ConfigError is a ValueError). ``noise``: the family of the shares
     (:data:`privfer.privacy.noise.FAMILIES`). The same plan as a Flower server's
     :class:`~privfer.privacy.node.DistributedDP` at person level."""
     return DistributedDP(

@@ -123,9 +123,10 @@ def _header(ledger: dict[str, Any], path: Path) -> LedgerKind:
     return kind
 
 
-def audit_ledger(ledger: dict[str, Any], path: Path | str = "privacy_ledger.json") -> AuditReport:
+def audit_ledger_alone(ledger: dict[str, Any], path: Path | str = "privacy_ledger.json") -> AuditReport:
     """Recompute and judge every client of a loaded ledger, the ledger alone; ``path`` is where it was read
-    (errors name it). The report's ``run_checks`` is None: holding the ledger to the run that wrote it
+    (errors name it). NOT the full audit — the name says so, since a report audited alone passes where the run
+    would contradict it: its ``run_checks`` is None, and holding the ledger to the run that wrote it
     (config.yaml, rounds.json) rebuilds the run's model and plans, which is :func:`privfer.auditing.audit_ledger`'s
     work, a layer above the trainers."""
     path = Path(path)
@@ -148,7 +149,7 @@ __all__ = [
     "AuditReport",
     "ClientAudit",
     "LedgerError",
-    "audit_ledger",
+    "audit_ledger_alone",
     "independent_epsilon",
     "ledger_file",
     "load_ledger",

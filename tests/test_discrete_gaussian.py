@@ -206,7 +206,8 @@ def test_local_dp_refuses_a_noise_family():
 
 def test_a_flower_node_keeps_one_family_per_ledger(tmp_path):
     pytest.importorskip("flwr")
-    from privfer.privacy.node import NodeLedger, NodeLedgerError, NodePrivacy
+    from privfer.privacy.node import NodeLedgerError, NodePrivacy
+    from privfer.privacy.node_ledger import NodeLedger
 
     policy = NodePrivacy(ledger=tmp_path / "node.json", lifetime_epsilon=8.0, delta=1e-6, noise="discrete_gaussian")
     ledger = NodeLedger(policy)

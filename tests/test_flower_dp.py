@@ -150,7 +150,7 @@ def test_a_corrupt_ledger_is_refused_with_a_clear_error(tmp_path):
 
 
 def test_plans_past_the_itemized_limit_are_folded_into_one_exact_rdp_vector(tmp_path, monkeypatch):
-    from privfer.privacy import node as node_dp
+    from privfer.privacy import node_ledger as node_dp
 
     monkeypatch.setattr(node_dp, "MAX_LEDGER_ENTRIES", 2)
     policy = NodePrivacy(ledger=tmp_path / "ledger.json", lifetime_epsilon=50.0, delta=DELTA)

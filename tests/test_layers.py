@@ -70,7 +70,7 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
 BOTTOM = [
     "privfer.secagg", "privfer.config", "privfer.runs", "privfer.privacy.recipe", "privfer.privacy.audit",
     "privfer.privacy.distributed", "privfer.privacy.person", "privfer.privacy.ledger", "privfer.privacy.calibrate",
-    "privfer.privacy.one_run", "privfer.privacy.noise", "privfer.privacy.node",
+    "privfer.privacy.one_run", "privfer.privacy.noise", "privfer.privacy.node", "privfer.privacy.node_ledger",
 ]
 
 

@@ -51,8 +51,8 @@ from privfer.integrations.flower.mod import base_type as base_type
 from privfer.integrations.flower.mod import make_secagg_mod, secagg_mod
 from privfer.integrations.flower.slots import ArraySlot as ArraySlot
 from privfer.integrations.flower.slots import slots_of as slots_of
-from privfer.privacy.node import (BudgetExhausted, DistributedDP, NodeLedger, NodeLedgerError, NodePrivacy,
-                                  UnacceptablePlan)
+from privfer.privacy.node import BudgetExhausted, DistributedDP, NodeLedgerError, NodePrivacy, UnacceptablePlan
+from privfer.privacy.node_ledger import NodeLedger
 
 __all__ = ["BudgetExhausted", "DistributedDP", "LocalGrid", "NodeLedger", "NodeLedgerError", "NodePrivacy", "RECORD",
            "RoundReport", "STATE", "SecAggGrid", "UnacceptablePlan", "UnprotectedMessage", "make_secagg_mod",

@@ -214,7 +214,8 @@ def _advertise(record: ConfigRecord, ctxt: Context, min_clients: int, policy: "N
     layout = PayloadLayout(tuple(s.shape for s in slots), config)
     plan_json = ""
     if policy is not None:  # this node releases nothing without a DP plan it accepts and a budget left for it
-        from privfer.privacy.node import NodeLedger, UnacceptablePlan, accept_plan
+        from privfer.privacy.node import UnacceptablePlan, accept_plan
+        from privfer.privacy.node_ledger import NodeLedger
 
         if record.get(PLAN_FIELD) is None:
             raise UnacceptablePlan("this node takes part only in rounds with a person-level DP plan "
@@ -315,7 +316,8 @@ def _private_input(client: SecAggClient, saved: ConfigRecord, forwarded: Any, sl
     import numpy as np
 
     from privfer.privacy.person import person_contribution, secret_coin
-    from privfer.privacy.node import NodeLedger, NodePrivacyError, accept_plan
+    from privfer.privacy.node import NodePrivacyError, accept_plan
+    from privfer.privacy.node_ledger import NodeLedger
     from privfer.privacy.distributed import noise_generator
 
     plan = accept_plan(plan_json, client.config, client.layout.update_length, policy)

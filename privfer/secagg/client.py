@@ -16,10 +16,8 @@ that could reveal its peers' individual inputs.
 from __future__ import annotations
 
 import base64
-import hmac
 from bisect import bisect_left
 import json
-import struct
 import time
 from contextlib import contextmanager
 from functools import lru_cache
@@ -42,7 +40,6 @@ from privfer.secagg.errors import (
     ShareAuthenticationError,
     UnknownSender,
     UnsafeUnmaskRequest,
-    WrongRound,
     WrongStage,
 )
 from privfer.secagg.graph import client_group
@@ -54,7 +51,6 @@ from privfer.secagg.keys import (
     PURPOSE_SHARE,
     KeyPairs,
     agree,
-    decrypt_share,
     encrypt_share,
     private_bytes,
     seed_commitment,
@@ -74,17 +70,20 @@ from privfer.secagg.messages import (
     SignatureList,
     UnmaskRequest,
     UnmaskResponse,
+    check_header,
     decode,
 )
 from privfer.secagg.payload import PayloadLayout
 from privfer.secagg.prg import SEED_BYTES, MaskExpander
 from privfer.secagg.quantize import ClippingReport
 from privfer.secagg.randomness import SYSTEM, Randomness
+from privfer.secagg.shares import open_share, share_plaintext
 from privfer.secagg.statements import (
     CONTEXT_BYTES,
+    cached_config_digest,
+    cached_ids_digest,
     NO_CONTEXT,
     advertise_statement,
-    config_digest,
     consistency_statement,
     deal_leaf,
     deal_statement,
@@ -95,43 +94,8 @@ from privfer.secagg.statements import (
 )
 
 _STAGES = ("new", "advertised", "shared", "masked", "signed", "unmasked")
-_PLAINTEXT = struct.Struct(">II")
 STATE_MAGIC = b"PFSC"
 STATE_VERSION = 3  # 2: the roster's ids (members); 3: roster digest, context, the signed unmask request
-
-
-def share_plaintext(sender: int, receiver: int, seed_share: np.ndarray, key_share: np.ndarray) -> bytes:
-    return _PLAINTEXT.pack(sender, receiver) + shamir.share_to_bytes(seed_share) + shamir.share_to_bytes(key_share)
-
-
-def parse_share_plaintext(raw: bytes) -> tuple[int, int, np.ndarray, np.ndarray]:
-    if len(raw) != _PLAINTEXT.size + 2 * shamir.SHARE_BYTES:
-        raise MalformedMessage("decrypted share bundle has the wrong length")
-    sender, receiver = _PLAINTEXT.unpack_from(raw)
-    body = raw[_PLAINTEXT.size :]
-    try:
-        return (sender, receiver, shamir.share_from_bytes(body[: shamir.SHARE_BYTES]),
-                shamir.share_from_bytes(body[shamir.SHARE_BYTES :]))
-    except ValueError:
-        raise InconsistentShares(f"client {sender} dealt a share word outside the field", senders=(sender,)) from None
-
-
-def open_share(key: bytes, blob: bytes, round_id: str, dealer: int, holder: int, roster: bytes,
-               committed: bytes | None) -> tuple[np.ndarray, np.ndarray]:
-    """Decrypt a dealer's shares for a holder and check them against the dealer's commitments: what a holder does,
-    and what anyone given the pair's key does to check a complaint. Raises ShareAuthenticationError,
-    MalformedMessage, UnknownSender or InconsistentShares (each the dealer's fault when its deal is signed)."""
-    plaintext = decrypt_share(key, blob, round_id, dealer, holder, roster)
-    inner_sender, inner_receiver, seed_share, key_share = parse_share_plaintext(plaintext)
-    if (inner_sender, inner_receiver) != (dealer, holder):
-        raise UnknownSender("a share bundle names other clients than the envelope")
-    if committed is None or not hmac.compare_digest(committed, share_commitments(
-            round_id, dealer, holder, shamir.share_to_bytes(seed_share), shamir.share_to_bytes(key_share))):
-        # the dealer committed to other shares than it sent (or the commitment was altered): a share returned
-        # later could not be told from a tampered one
-        raise InconsistentShares(f"client {dealer}'s shares for client {holder} do not match its commitments "
-                                 "(the dealer, or the server relaying them, is at fault)", senders=(dealer,))
-    return seed_share, key_share
 
 
 def _b64encode(raw: bytes) -> str:
@@ -143,12 +107,6 @@ def _b64decode(text: str, length: int | None) -> bytes:
     if length is not None and len(raw) != length:
         raise ValueError(f"{len(raw)} bytes, expected {length}")
     return raw
-
-
-@lru_cache(maxsize=4)
-def _survivors_digest(ids: tuple[int, ...]) -> bytes:
-    """The digest of a full request's survivors (cached: the clients of an in-process round share the tuple)."""
-    return ids_digest(ids)
 
 
 _TABLES: list[tuple[object, bytes]] = []
@@ -166,11 +124,6 @@ def _table_digest(keys: dict[int, tuple[bytes, bytes]]) -> bytes:
     return digest
 
 
-@lru_cache(maxsize=8)
-def _config_digest(config: SecAggConfig) -> bytes:
-    return config_digest(config)
-
-
 def _check_context(context: bytes) -> bytes:
     if not isinstance(context, (bytes, bytearray)) or len(context) != CONTEXT_BYTES:
         raise InvalidInput(f"a round's context is a {CONTEXT_BYTES}-byte digest of the model and plan "
@@ -182,13 +135,6 @@ def _check_context(context: bytes) -> bytes:
 def _listed(ids: tuple[int, ...], members: Runs) -> bool:
     """Whether every id is in ``members`` (cached: the clients of an in-process round check a request once)."""
     return all(in_runs(members, v) for v in ids)
-
-
-def check_header(message: Message, round_id: str, sender: int | None = None) -> None:
-    if message.round_id != round_id:
-        raise WrongRound(f"message of round {message.round_id!r} in round {round_id!r}")
-    if sender is not None and message.sender != sender:
-        raise UnknownSender(f"expected a message from {sender}, got one from {message.sender}")
 
 
 class SecAggClient:
@@ -651,7 +597,7 @@ class SecAggClient:
     def _statement(self, request: UnmaskRequest) -> bytes:
         assert self.enrollment is not None
         return consistency_statement(self.enrollment.study, self.round_id, self._roster_digest,
-                                     _survivors_digest(request.survivors), self.context, _config_digest(self.config))
+                                     cached_ids_digest(request.survivors), self.context, cached_config_digest(self.config))
 
     def check_consistency(self, request: UnmaskRequest) -> ConsistencySignature:
         """Active security, stage 3a: check the unmask request as :meth:`unmask` would, then sign this client's

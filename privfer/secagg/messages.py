@@ -24,7 +24,7 @@ from privfer.secagg.codec import (MAGIC, MAX_BLOB, MAX_CLIENT_ID, MAX_WORDS, PAI
                                   encode_key_table, encode_runs, id_set, read_blobs, read_fixed, read_key_table,
                                   read_runs)
 from privfer.secagg.config import PROTOCOL_VERSION
-from privfer.secagg.errors import MalformedMessage, UnsupportedVersion, WrongVectorLength
+from privfer.secagg.errors import MalformedMessage, UnknownSender, UnsupportedVersion, WrongRound, WrongVectorLength
 from privfer.secagg.idsets import Runs, id_runs, in_runs, runs_size
 from privfer.secagg.identity import SIGNATURE_BYTES
 from privfer.secagg.keys import COMMITMENT_BYTES, KEY_BYTES
@@ -397,6 +397,13 @@ def decode(raw: bytes) -> Message:
     return message
 
 
+def check_header(message: Message, round_id: str, sender: int | None = None) -> None:
+    """WrongRound unless ``message`` is of ``round_id``; UnknownSender unless it is from ``sender`` (if given)."""
+    if message.round_id != round_id:
+        raise WrongRound(f"message of round {message.round_id!r} in round {round_id!r}")
+    if sender is not None and message.sender != sender:
+        raise UnknownSender(f"expected a message from {sender}, got one from {message.sender}")
+
 __all__ = ["KINDS", "MAGIC", "MAX_BLOB", "MAX_CLIENT_ID", "MAX_WORDS", "PAIR_BYTES", "SERVER", "AdvertiseKeys",
            "ConsistencySignature", "ForwardedShares", "GroupRoster", "GroupUnmaskRequest", "KeyRoster", "MaskedInput",
-           "Message", "ShareKeys", "SignatureList", "UnmaskRequest", "UnmaskResponse", "decode", "id_set"]
+           "Message", "ShareKeys", "SignatureList", "UnmaskRequest", "UnmaskResponse", "check_header", "decode", "id_set"]

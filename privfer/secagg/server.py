@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from privfer.secagg import shamir
-from privfer.secagg.client import _config_digest, _survivors_digest, check_header, open_share
+from privfer.secagg.shares import open_share
 from privfer.secagg.config import SecAggConfig
 from privfer.secagg.errors import (
     DuplicateSender,
@@ -62,12 +62,15 @@ from privfer.secagg.messages import (
     SignatureList,
     UnmaskRequest,
     UnmaskResponse,
+    check_header,
     decode,
 )
 from privfer.secagg.payload import Decoded, PayloadLayout
 from privfer.secagg.prg import MaskExpander, word_dtype
 from privfer.secagg.statements import (
     advertise_statement,
+    cached_config_digest,
+    cached_ids_digest,
     consistency_statement,
     deal_leaf,
     deal_statement,
@@ -396,8 +399,8 @@ class SecAggServer:
         if self.context is not None:
             assert self.certificate is not None
             statement = consistency_statement(self.certificate.study, self.round_id, self._roster_digest,
-                                              _survivors_digest(self._request.survivors), self.context,
-                                              _config_digest(self.config))
+                                              cached_ids_digest(self._request.survivors), self.context,
+                                              cached_config_digest(self.config))
             verify_signature(self.certificate.public_key(message.sender), statement, message.signature,
                              f"client {message.sender}'s consistency signature")
         self._consistency[message.sender] = message.signature

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from functools import lru_cache
 from typing import Iterable, Mapping
 
 from privfer.secagg.idsets import Runs, id_runs
@@ -149,5 +150,18 @@ def deal_statement(study: str, round_id: str, dealer: int, holders: int, root: b
     return _DEAL + _study(study) + round_bytes(round_id) + struct.pack(">II", dealer, holders) + root + roster
 
 
-__all__ = ["deal_leaf", "deal_statement", "merkle_levels", "merkle_path", "merkle_root_from", "CONTEXT_BYTES", "NO_CONTEXT", "advertise_statement", "config_digest", "consistency_statement",
+@lru_cache(maxsize=4)
+def cached_ids_digest(ids: tuple[int, ...]) -> bytes:
+    """:func:`ids_digest` of a tuple of ids, cached: the clients of an in-process round share one request's
+    survivors and hash them once."""
+    return ids_digest(ids)
+
+
+@lru_cache(maxsize=8)
+def cached_config_digest(config: object) -> bytes:
+    """:func:`config_digest`, cached (a config is frozen and hashable)."""
+    return config_digest(config)
+
+
+__all__ = ["deal_leaf", "deal_statement", "merkle_levels", "merkle_path", "merkle_root_from", "CONTEXT_BYTES", "NO_CONTEXT", "advertise_statement", "cached_config_digest", "cached_ids_digest", "config_digest", "consistency_statement",
            "context_digest", "ids_digest", "roster_digest"]

@@ -9,10 +9,11 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from privfer.config.sections import _Section
-from privfer.errors import ConfigError
+from privfer.secagg.backends import BACKENDS, backend_named
 from privfer.privacy.noise import DEFAULT as NOISE_DEFAULT, names as noise_names
 
 
+BackendName = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]  # aggregation.backend: a registered backend
 MAX_EPSILON = 1000.0
 SERVER_LR, SMALL_BUDGET_SERVER_LR = 0.02, 0.03  # distributed DP's Adam step; the second at epsilon <= 1
 
@@ -102,7 +103,7 @@ class PrivacyConfig(_Section):
 class AggregationConfig(_Section):
     """How client updates are summed without the server seeing them (see docs/secure-aggregation.md)."""
 
-    backend: Literal["masking", "ckks", "plain"] = Field(
+    backend: BackendName = Field(
         "masking", description="Pairwise-mask SecAgg, CKKS encryption, or a plain sum (NOT private: a baseline)."
     )
     modulus_bits: Literal[32, 64] = Field(32, description="Masking arithmetic modulus 2^k.")
@@ -141,22 +142,14 @@ class AggregationConfig(_Section):
         "dropout); either way it derives the graph itself.",
     )
 
-    def secagg_config(self, num_clients: int, **extra: Any) -> Any:
-        """The :class:`privfer.secagg.SecAggConfig` for a round of ``num_clients`` (ConfigError if it cannot work)."""
-        from privfer.secagg.config import make_config
+    def secagg_config(self, num_clients: int) -> Any:
+        """The masking backend's :class:`privfer.secagg.SecAggConfig` for a round of ``num_clients`` from these
+        settings, whatever ``backend`` says (ConfigError if it cannot work)."""
+        return backend_named("masking").round_config(num_clients, settings=self._settings())
 
-        return make_config(
-            num_clients=num_clients,
-            modulus_bits=self.modulus_bits,
-            clipping_range=self.clipping_range,
-            graph=self.resolved_graph,
-            threshold_fraction=self.threshold_fraction,
-            expected_dropout=self.expected_dropout,
-            colluding_fraction=self.colluding_fraction,
-            roster=self.roster,
-            security=self.resolved_security,
-            **extra,
-        )
+    def _settings(self) -> dict[str, Any]:
+        """These settings as a backend's round_config reads them, ``auto`` values resolved."""
+        return {**self.model_dump(), "graph": self.resolved_graph, "security": self.resolved_security}
 
     @property
     def resolved_graph(self) -> str:
@@ -202,30 +195,8 @@ class AggregationConfig(_Section):
         """The backend config of one round: SecAggConfig, CKKSConfig or PlainConfig (all run by
         :func:`privfer.secagg.aggregate`). ``integer_sum_bound``: the inputs are already-encoded integers whose
         sum must be exact (distributed DP) — CKKS's approximate decryption cannot give that and is refused."""
-        integer = integer_sum_bound is not None
-        if self.backend == "plain":
-            from privfer.secagg.plain import PlainConfig
-
-            return PlainConfig(num_clients=num_clients, encoding="integer" if integer else "fixed_point",
-                               min_inputs=min_inputs or 1, metrics=metrics,
-                               wire_bits=self.modulus_bits if integer else 32)
-        if self.backend == "ckks":
-            if integer:
-                raise ConfigError("aggregation.backend = 'ckks' cannot sum integer contributions exactly "
-                                  "(approximate decryption); use 'masking'")
-            from privfer.secagg.he import make_ckks_config
-
-            # the key authority releases sums of at least two honest clients besides the colluders the config allows
-            # (a server chooses which signed updates it forwards)
-            from privfer.secagg.config import assumed_colluders
-
-            colluders = assumed_colluders(num_clients, self.colluding_fraction)
-            return make_ckks_config(num_clients=num_clients, clipping_range=self.clipping_range, metrics=metrics,
-                                    min_clients=min(num_clients, max(2, colluders + 2)))
-        extra: dict[str, Any] = {}
-        if integer:
-            extra = dict(encoding="integer", integer_sum_bound=integer_sum_bound, min_inputs=min_inputs)
-        return self.secagg_config(num_clients, metrics=metrics, **extra)
+        return backend_named(self.backend).round_config(num_clients, metrics, integer_sum_bound=integer_sum_bound,
+                                                        min_inputs=min_inputs, settings=self._settings())
 
 
 class FederationConfig(_Section):

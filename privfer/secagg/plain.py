@@ -12,7 +12,7 @@ there is no protocol).
 
 from __future__ import annotations
 
-from typing import Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -91,4 +91,13 @@ def aggregate(
     )
 
 
-__all__ = ["EXCLUDING_STAGES", "PlainConfig", "aggregate"]  # EXCLUDING_STAGES: re-exported from rounds
+def round_config(num_clients: int, metrics: tuple[str, ...], *, integer_sum_bound: int | None,
+                 min_inputs: int | None, settings: Mapping[str, Any]) -> PlainConfig:
+    """The :class:`PlainConfig` of one round: integers summed exactly when ``integer_sum_bound`` is given (the
+    wire words then as wide as the run's modulus), else fixed-point floats."""
+    integer = integer_sum_bound is not None
+    return PlainConfig(num_clients=num_clients, encoding="integer" if integer else "fixed_point",
+                       min_inputs=min_inputs or 1, metrics=metrics,
+                       wire_bits=settings["modulus_bits"] if integer else 32)
+
+__all__ = ["EXCLUDING_STAGES", "PlainConfig", "aggregate", "round_config"]  # EXCLUDING_STAGES: re-exported from rounds

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from privfer.secagg.he.config import CKKSConfig
+from privfer.errors import ConfigError
+from privfer.secagg.config import assumed_colluders
+from privfer.secagg.he.config import CKKSConfig, make_ckks_config
 from privfer.secagg.he.packing import HELayout
 from privfer.secagg.he.roles import HEClient, HEServer, KeyAuthority
 from privfer.secagg.identity import Enrollment, enroll_in_process
@@ -86,3 +88,17 @@ def aggregate(
         times=times,
         bytes_sent=dict(server.bytes_in),
     )
+
+
+def round_config(num_clients: int, metrics: tuple[str, ...], *, integer_sum_bound: int | None,
+                 min_inputs: int | None, settings: Mapping[str, Any]) -> CKKSConfig:
+    """The :class:`CKKSConfig` of one round. Integer contributions are refused: CKKS's approximate decryption
+    cannot give the exact sum their noise shares need. The key authority releases sums of at least two honest
+    clients besides the colluders the settings allow (a server chooses which signed updates it forwards)."""
+    del min_inputs  # the key authority's min_clients is the bound here
+    if integer_sum_bound is not None:
+        raise ConfigError("aggregation.backend = 'ckks' cannot sum integer contributions exactly (approximate "
+                          "decryption); use 'masking'")
+    colluders = assumed_colluders(num_clients, settings["colluding_fraction"])
+    return make_ckks_config(num_clients=num_clients, clipping_range=settings["clipping_range"], metrics=metrics,
+                            min_clients=min(num_clients, max(2, colluders + 2)))

@@ -1,0 +1,193 @@
+"""The masking backend's recipe: a whole pairwise-masking round (SecAgg / SecAgg+, active or semi-honest
+security) in process, every message through its byte encoding, clients dropping out at the stages named."""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from privfer.secagg.client import SecAggClient
+from privfer.secagg.config import SecAggConfig, make_config
+from privfer.secagg.identity import Enrollment, enroll_in_process
+from privfer.secagg.messages import (
+    ForwardedShares,
+    GroupRoster,
+    GroupUnmaskRequest,
+    KeyRoster,
+    SignatureList,
+    UnmaskRequest,
+)
+from privfer.secagg.payload import PayloadLayout
+from privfer.secagg.quantize import ClippingReport, ClippingWarning
+from privfer.secagg.randomness import SYSTEM, Randomness
+from privfer.secagg.errors import InvalidRoundArguments
+from privfer.secagg.rounds import (
+    STAGES,
+    AggregationResult,
+    Stage,
+    StageTimes,
+    agreed_shapes,
+    check_round_arguments,
+    warn_clipping,
+)
+from privfer.secagg.server import SecAggServer
+from privfer.secagg.statements import NO_CONTEXT
+
+
+def aggregate(
+    updates: Mapping[int, Sequence[np.ndarray]],
+    config: SecAggConfig,
+    dropouts: Mapping[int, Stage] | None = None,
+    *,
+    example_counts: Mapping[int, int] | None = None,
+    metrics: Mapping[int, Mapping[str, float]] | None = None,
+    round_id: str | None = None,
+    randomness: Callable[[int], Randomness] | None = None,
+    enrollments: Mapping[int, Enrollment] | None = None,
+    context: bytes = NO_CONTEXT,
+) -> AggregationResult:
+    """Securely sum ``updates`` (client id -> list of float arrays) with the pairwise-masking protocol.
+
+    ``dropouts`` maps a client id to the stage it never sends (and none after):
+    "advertise_keys", "share_keys", "masked_input" (its input is excluded, its
+    masks are recovered), "consistency" or "unmask" (its input is included; its
+    self mask is recovered from the others' shares).
+
+    Under ``security = "active"``, ``enrollments`` gives each client its
+    member identity and the roster certificate (one certificate for all); when
+    omitted, an in-process enrollment authority — a different object from the
+    server — enrolls the round's clients with fresh keys. ``context`` is the
+    32-byte digest of the model and plan every client trained from.
+    """
+    if not isinstance(config, SecAggConfig):
+        raise TypeError(f"the masking recipe runs a SecAggConfig, got {type(config).__name__}")
+    dropouts = check_round_arguments(updates, config.num_clients, dropouts, example_counts, metrics,
+                                     integer=config.encoding == "integer")
+    layout = PayloadLayout(tuple(agreed_shapes(updates, dropouts)), config)
+    round_id = round_id or secrets.token_hex(8)
+    make_randomness = randomness or (lambda _client: SYSTEM)
+    active_security = config.security == "active"
+    certificate = None
+    if active_security:
+        if enrollments is None:
+            enrollments = enroll_in_process(sorted(updates))
+        missing = sorted(set(updates) - set(enrollments))
+        if missing:
+            raise InvalidRoundArguments(f"enrollments has no identity for clients {missing[:5]}")
+        certificate = enrollments[min(updates)].certificate
+        if any(enrollments[c].certificate is not certificate and enrollments[c].certificate != certificate
+               for c in updates):
+            raise InvalidRoundArguments("every client of a round must hold the same roster certificate")
+
+    clients = {cid: SecAggClient(cid, config, round_id, layout, make_randomness(cid),
+                                 enrollment=enrollments[cid] if active_security else None, context=context)
+               for cid in sorted(updates)}
+    server = SecAggServer(config, round_id, layout, certificate=certificate,
+                          context=context if active_security else None)
+
+    def active(stage: str) -> list[int]:
+        cut = STAGES.index(stage)
+        return [c for c in clients if c not in dropouts or STAGES.index(dropouts[c]) > cut]
+
+    times = StageTimes()
+    for cid in active("advertise_keys"):
+        with times.client("advertise_keys", cid):
+            advert = clients[cid].advertise_keys().to_bytes()
+        with times.on_server("advertise_keys"):
+            server.receive_advertise(advert, peer=cid)
+    # Broadcasts (the full roster, the unmask request) are the same bytes for every client: decoded once here,
+    # where a deployed client decodes its copy (a per-client decode would make an in-process round O(n^2)).
+    # A group roster is one O(k) message per client, decoded by its client.
+    group = config.roster == "group"
+    with times.on_server("advertise_keys"):
+        if group:
+            rosters = {cid: roster.to_bytes() for cid, roster in server.group_rosters().items()}
+        else:
+            broadcast = KeyRoster.from_bytes(server.key_roster().to_bytes())
+    for cid in active("share_keys"):
+        with times.client("share_keys", cid):
+            roster = GroupRoster.from_bytes(rosters[cid]) if group else broadcast
+            shared = clients[cid].share_keys(roster).to_bytes()
+        with times.on_server("share_keys"):
+            server.receive_share_keys(shared, peer=cid)
+    with times.on_server("share_keys"):
+        bundles = {cid: bundle.to_bytes() for cid, bundle in server.forward_shares().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClippingWarning)  # reported once, summed, below
+        for cid in active("masked_input"):
+            with times.client("masked_input", cid):
+                masked = clients[cid].masked_input(
+                    ForwardedShares.from_bytes(bundles[cid]),
+                    updates[cid],
+                    example_count=1 if example_counts is None else example_counts[cid],
+                    metrics=None if metrics is None else metrics.get(cid),
+                ).to_bytes()
+            with times.on_server("masked_input"):
+                server.receive_masked_input(masked, peer=cid)
+            times.masking[cid] = clients[cid].mask_seconds
+    with times.on_server("masked_input"):
+        if group:
+            requests = {cid: request.to_bytes() for cid, request in server.group_unmask_requests().items()}
+        else:
+            everyone = UnmaskRequest.from_bytes(server.unmask_request().to_bytes())
+    if active_security:  # every survivor signs its view; the signatures go back to all before any share does
+        for cid in active("consistency"):
+            with times.client("consistency", cid):
+                signed = clients[cid].check_consistency(everyone).to_bytes()
+            with times.on_server("consistency"):
+                server.receive_consistency(signed, peer=cid)
+        with times.on_server("consistency"):
+            signatures = SignatureList.from_bytes(server.signature_list().to_bytes())
+    for cid in active("unmask"):
+        with times.client("unmask", cid):
+            if active_security:
+                response = clients[cid].unmask(signatures).to_bytes()
+            else:
+                request = GroupUnmaskRequest.from_bytes(requests[cid]) if group else everyone
+                response = clients[cid].unmask(request).to_bytes()
+        with times.on_server("unmask"):
+            server.receive_unmask(response, peer=cid)
+    with times.on_server("unmask"):
+        summed = server.finish()
+    clipping = ClippingReport(
+        clipped=summed.decoded.clipped,
+        total=len(summed.included) * (layout.update_length + len(config.metrics)),
+    )
+    warn_clipping(clipping)
+    return AggregationResult(
+        total=summed.decoded.arrays,
+        included=list(summed.included),
+        example_count=summed.decoded.example_count,
+        metrics=summed.decoded.metrics,
+        clipping=clipping,
+        error_bound=layout.error_bound(len(summed.included)),
+        transcript=server.transcript,
+        words=summed.words,
+        times=times,
+        bytes_sent=_bytes_sent(server.transcript.bytes_in_by_party(), clients),
+    )
+
+
+def _bytes_sent(received: Mapping[int, int], clients: Mapping[int, object]) -> dict[int, int]:
+    return {cid: received.get(cid, 0) for cid in clients}
+
+
+def round_config(num_clients: int, metrics: tuple[str, ...], *, integer_sum_bound: int | None,
+                 min_inputs: int | None, settings: Mapping[str, Any]) -> SecAggConfig:
+    """The :class:`SecAggConfig` of one round from a run's aggregation settings (privfer's
+    ``AggregationConfig``, with ``graph`` and ``security`` resolved)."""
+    extra: dict[str, Any] = {}
+    if integer_sum_bound is not None:
+        extra = dict(encoding="integer", integer_sum_bound=integer_sum_bound, min_inputs=min_inputs)
+    return make_config(num_clients=num_clients, metrics=metrics, modulus_bits=settings["modulus_bits"],
+                       clipping_range=settings["clipping_range"], graph=settings["graph"],
+                       threshold_fraction=settings["threshold_fraction"],
+                       expected_dropout=settings["expected_dropout"],
+                       colluding_fraction=settings["colluding_fraction"], roster=settings["roster"],
+                       security=settings["security"], **extra)
+
+
+__all__ = ["aggregate", "round_config"]

@@ -5,9 +5,11 @@ asks the mechanism, and nothing else, how private the run is:
 
 * :meth:`Mechanism.calibrate` sizes the noise before the run directory is
   touched (every impossible budget is an error here);
-* :meth:`Mechanism.run_round` runs one round — the clients' private
-  contributions through the configured aggregation backend, and the server's
-  update — and returns the round's :class:`~privfer.fl.rounds.RoundRecord`;
+* :meth:`Mechanism.run_round`, the one round driver, runs one round — the
+  clients' private contributions through the configured aggregation backend
+  (each mechanism's :meth:`Mechanism.release`), then the strategy's server step
+  on what was released — and returns the round's
+  :class:`~privfer.fl.rounds.RoundRecord`;
 * :meth:`Mechanism.ledger` writes the privacy ledger, whose ``mechanism_id``
   selects the auditor in :mod:`privfer.privacy.audit` (``KINDS``);
 * :meth:`Mechanism.describe` states the promise before the run starts.
@@ -33,8 +35,8 @@ import importlib
 
 from privfer.config import PrivferConfig
 from privfer.errors import ConfigError
-from privfer.fl.mechanisms.base import (Counts, Mechanism, client_seed, local_training, noised_dimension,
-                                         public_client_seed)
+from privfer.fl.mechanisms.base import (Counts, Mechanism, Release, client_seed, local_training, noised_dimension,
+                                        public_client_seed)
 from privfer.fl.mechanisms.distributed import DistributedDPSGD
 from privfer.fl.mechanisms.distributed_person import DistributedDPFedAvg
 from privfer.fl.mechanisms.local import LocalDPSGD, NoDP
@@ -63,5 +65,5 @@ def make_mechanism(config: PrivferConfig) -> Mechanism:
     return trainer(config)
 
 
-__all__ = ["MECHANISMS", "Counts", "DistributedDPFedAvg", "DistributedDPSGD", "LocalDPSGD", "Mechanism", "NoDP",
+__all__ = ["MECHANISMS", "Counts", "DistributedDPFedAvg", "DistributedDPSGD", "LocalDPSGD", "Mechanism", "NoDP", "Release",
            "client_seed", "local_training", "make_mechanism", "noised_dimension", "public_client_seed"]

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
+import torch
 
 from privfer.config import PrivferConfig
 from privfer.errors import ConfigError
 from privfer.fl.client import LocalTraining
-from privfer.fl.rounds import TRAINING, RoundRecord
+from privfer.fl.rounds import TRAINING, RoundRecord, mean_bytes
 from privfer.fl.strategies import make_strategy
 from privfer.models.vfer import VFER
 from privfer.privacy.calibrate import default_delta
@@ -85,6 +88,28 @@ def _trust_line(plan: DistributedPlan, security: str) -> str:
             f"each adds 1/{plan.honest} of the noise variance")
 
 
+@dataclass
+class Release:
+    """What one round's secure sum released, before the server applies it (:meth:`Mechanism.run_round`).
+
+    Local DP and no DP release a weighted sum of the clients' updates (``weighted_sum`` over ``total_weight``:
+    the strategy adds the weighted mean, :meth:`~privfer.fl.strategies.Strategy.apply`); distributed DP releases
+    a flat noisy ``gradient`` of the ``shared`` parameters of ``template`` (the strategy's server optimizer steps
+    against it, :meth:`~privfer.fl.strategies.Strategy.server_step`). Nothing is applied when ``aborted``."""
+
+    included: list[int]
+    aborted: str | None
+    aggregation_seconds: float
+    bytes_sent: dict[int, int]
+    clipped: int = 0
+    train_loss: float | None = None  # the clients' mean loss, securely summed; None in private runs
+    weighted_sum: dict[str, torch.Tensor] | None = None
+    total_weight: float = 0.0
+    gradient: np.ndarray | None = None
+    template: VFER | None = None
+    shared: list[str] = field(default_factory=list)
+
+
 class Mechanism(ABC):
     """How a federation's rounds are made private (see the module docstring)."""
 
@@ -126,9 +151,31 @@ class Mechanism(ABC):
                   only_client: int | None = None, known_noise: dict[int, float] | None = None) -> set[str]:
         """Size the noise for each phase; returns the phases that can run (adaptation needs two clients)."""
 
-    @abstractmethod
     def run_round(self, federation: "Federation", state: "_State", phase: str, round_index: int) -> RoundRecord:
-        """One round: the cohort's private contributions, their secure sum, the server's step."""
+        """One round, the same for every mechanism: the cohort, its private contributions through the secure sum
+        (:meth:`release`), the strategy's server step on what was released, the round's record."""
+        started = time.perf_counter()
+        cohort, dropouts = federation.cohort(phase, round_index)
+        release = self.release(federation, state, phase, round_index, cohort, dropouts)
+        if release.aborted is None:
+            strategy = federation.strategy
+            if release.gradient is not None:
+                state.global_state, state.server_optimizer[phase] = strategy.server_step(
+                    release.gradient, state.global_state, release.template, release.shared, phase,
+                    state.server_optimizer.get(phase))
+            else:
+                state.global_state = strategy.apply(state.global_state, release.weighted_sum, release.total_weight)
+        return RoundRecord(
+            phase=phase, round=round_index, clients=cohort, included=list(release.included),
+            dropouts={str(c): s for c, s in dropouts.items()}, aborted=release.aborted, train_loss=release.train_loss,
+            val_macro_f1=None, seconds=time.perf_counter() - started, aggregation_seconds=release.aggregation_seconds,
+            bytes_per_client=mean_bytes(release.bytes_sent), clipped=release.clipped,
+        )
+
+    @abstractmethod
+    def release(self, federation: "Federation", state: "_State", phase: str, round_index: int, cohort: list[int],
+                dropouts: dict[int, str]) -> Release:
+        """The cohort's private contributions through the secure sum (their accounts recorded): what it released."""
 
     @abstractmethod
     def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> dict:

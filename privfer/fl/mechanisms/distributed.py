@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,8 +11,8 @@ from privfer.config import PrivferConfig
 from privfer.errors import ConfigError
 from privfer.fl.distributed import run_distributed_round
 from privfer.fl.strategies.base import optimizer_step
-from privfer.fl.mechanisms.base import Counts, Mechanism, _trust_line, noised_dimension
-from privfer.fl.rounds import ADAPTATION, TRAINING, RoundRecord, mean_bytes
+from privfer.fl.mechanisms.base import Counts, Mechanism, Release, _trust_line, noised_dimension
+from privfer.fl.rounds import ADAPTATION, TRAINING
 from privfer.models.vfer import VFER
 from privfer.privacy.distributed import DistributedPlan, calibrate_plan, derived_key, noise_generator
 from privfer.privacy.ledger import DistributedAccount, build_distributed_ledger
@@ -64,10 +63,9 @@ class DistributedDPSGD(Mechanism):
         secret = bytes.fromhex(state.noise_key) if source == "run_key" else str(self.config.seed).encode()
         return noise_generator(derived_key(secret, phase, round_index, client_id))
 
-    def run_round(self, federation: "Federation", state: "_State", phase: str, round_index: int) -> RoundRecord:
+    def release(self, federation: "Federation", state: "_State", phase: str, round_index: int, cohort: list[int],
+                dropouts: dict[int, str]) -> Release:
         config, strategy = self.config, federation.strategy
-        started = time.perf_counter()
-        cohort, dropouts = federation.cohort(phase, round_index)
         plan = self.plans[phase]
         template = federation.model(state.global_state)
         shared = strategy.shared_names(template)
@@ -104,15 +102,9 @@ class DistributedDPSGD(Mechanism):
             template=template,
             personal_step=personal_step,
         )
-        if result.gradient is not None:  # the strategy's server optimizer applies the release
-            state.global_state, state.server_optimizer[phase] = strategy.server_step(
-                result.gradient, state.global_state, template, shared, phase, state.server_optimizer.get(phase))
-        return RoundRecord(
-            phase=phase, round=round_index, clients=cohort, included=result.included,
-            dropouts={str(c): s for c, s in dropouts.items()}, aborted=result.aborted, train_loss=None,
-            val_macro_f1=None, seconds=time.perf_counter() - started, aggregation_seconds=result.seconds_aggregation,
-            bytes_per_client=mean_bytes(result.bytes_sent), clipped=0,
-        )
+        return Release(included=result.included, aborted=result.aborted,
+                       aggregation_seconds=result.seconds_aggregation, bytes_sent=result.bytes_sent,
+                       gradient=result.gradient, template=template, shared=shared)
 
     def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> dict:
         return build_distributed_ledger(accounts, self.plans, noise_source=self.config.privacy.noise_source,

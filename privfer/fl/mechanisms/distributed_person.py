@@ -3,16 +3,15 @@ shares in the secure sum."""
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import torch
 
 from privfer.fl.aggregation import round_context, sum_integer_contributions
 from privfer.fl.batched import fit_many
-from privfer.fl.mechanisms.base import Counts, _trust_line, client_seed, local_training, noised_dimension
+from privfer.fl.mechanisms.base import Counts, Release, _trust_line, client_seed, local_training, noised_dimension
 from privfer.fl.mechanisms.distributed import DistributedDPSGD
-from privfer.fl.rounds import TRAINING, RoundRecord, mean_bytes
+from privfer.fl.rounds import TRAINING
 from privfer.privacy.distributed import DistributedPlan, calibrate_plan, decode_sum
 from privfer.privacy.ledger import DistributedAccount
 from privfer.privacy.mechanisms import distributed_person as _distributed_person
@@ -44,10 +43,9 @@ class DistributedDPFedAvg(DistributedDPSGD):
         return calibrate_plan(self.config, delta=delta, dimension=noised_dimension(self.config, feature_dim),
                               steps=rounds, clients=clients, records=clients)
 
-    def run_round(self, federation: "Federation", state: "_State", phase: str, round_index: int) -> RoundRecord:
+    def release(self, federation: "Federation", state: "_State", phase: str, round_index: int, cohort: list[int],
+                dropouts: dict[int, str]) -> Release:
         config, strategy = self.config, federation.strategy
-        started = time.perf_counter()
-        cohort, dropouts = federation.cohort(phase, round_index)
         plan = self.plans[phase]
         template = federation.model(state.global_state)
         shared = strategy.shared_names(template)
@@ -71,16 +69,11 @@ class DistributedDPFedAvg(DistributedDPSGD):
         summed = sum_integer_contributions(contributions, dropouts, config.aggregation, plan,
                                            round_id=state.round_id(phase, round_index),
                                            context=round_context(state.global_state, plan))
-        if summed.aborted is None:
-            mean = mean_update(decode_sum(summed.total, plan), plan, len(summed.included))
-            state.global_state, state.server_optimizer[phase] = strategy.server_step(
-                -mean, state.global_state, template, shared, phase, state.server_optimizer.get(phase))
-        return RoundRecord(
-            phase=phase, round=round_index, clients=cohort, included=list(summed.included),
-            dropouts={str(c): s for c, s in dropouts.items()}, aborted=summed.aborted, train_loss=None,
-            val_macro_f1=None, seconds=time.perf_counter() - started, aggregation_seconds=summed.seconds,
-            bytes_per_client=mean_bytes(summed.bytes_sent), clipped=0,
-        )
+        # the server steps against the negated mean update over the public denominator
+        gradient = None if summed.aborted is not None else \
+            -mean_update(decode_sum(summed.total, plan), plan, len(summed.included))
+        return Release(included=list(summed.included), aborted=summed.aborted, aggregation_seconds=summed.seconds,
+                       bytes_sent=summed.bytes_sent, gradient=gradient, template=template, shared=shared)
 
     def describe(self, delta: float) -> list[str]:
         plan, privacy = self.plans[TRAINING], self.config.privacy

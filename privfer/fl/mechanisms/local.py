@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 from privfer.config import PrivferConfig
 from privfer.fl.aggregation import round_context, sum_updates
-from privfer.fl.mechanisms.base import Counts, Mechanism, client_seed, local_training
-from privfer.fl.rounds import ADAPTATION, TRAINING, RoundRecord, mean_bytes
+from privfer.fl.mechanisms.base import Counts, Mechanism, Release, client_seed, local_training
+from privfer.fl.rounds import ADAPTATION, TRAINING
 from privfer.privacy.calibrate import ClientPlan, plan_clients
 from privfer.privacy.ledger import ClientAccount, build_ledger
 from privfer.privacy.mechanisms import local as _local
@@ -43,10 +42,9 @@ class LocalDPSGD(Mechanism):
                                                   local_epochs=fed.adaptation_epochs, **common)
         return {phase for phase, plans in self.plans.items() if plans}
 
-    def run_round(self, federation: "Federation", state: "_State", phase: str, round_index: int) -> RoundRecord:
+    def release(self, federation: "Federation", state: "_State", phase: str, round_index: int, cohort: list[int],
+                dropouts: dict[int, str]) -> Release:
         config, strategy = self.config, federation.strategy
-        started = time.perf_counter()
-        cohort, dropouts = federation.cohort(phase, round_index)
         shared = strategy.shared_names(federation.model(state.global_state))
         updates, weights, losses = {}, {}, {}
         for client_id in cohort:
@@ -71,15 +69,11 @@ class LocalDPSGD(Mechanism):
         summed = sum_updates(updates, weights, losses, config.aggregation, dropouts=dropouts,
                              round_id=state.round_id(phase, round_index), weight_scale=scale,
                              context=round_context(state.global_state))
-        if summed.aborted is None:
-            state.global_state = strategy.apply(state.global_state, summed.weighted_sum, summed.total_weight)
-        return RoundRecord(
-            phase=phase, round=round_index, clients=cohort, included=summed.included,
-            dropouts={str(c): s for c, s in dropouts.items()}, aborted=summed.aborted,
+        return Release(
+            included=summed.included, aborted=summed.aborted, aggregation_seconds=summed.seconds,
+            bytes_sent=summed.bytes_sent, clipped=summed.clipped,
             train_loss=summed.loss_sum / len(summed.included) if summed.included and losses is not None else None,
-            val_macro_f1=None, seconds=time.perf_counter() - started, aggregation_seconds=summed.seconds,
-            bytes_per_client=mean_bytes(summed.bytes_sent), clipped=summed.clipped,
-        )
+            weighted_sum=summed.weighted_sum, total_weight=summed.total_weight)
 
     def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> dict:
         privacy = self.config.privacy

@@ -49,19 +49,8 @@ def aggregate(
     enrollments: Mapping[int, Enrollment] | None = None,
     context: bytes = NO_CONTEXT,
 ) -> AggregationResult:
-    """Securely sum ``updates`` (client id -> list of float arrays) with the pairwise-masking protocol.
-
-    ``dropouts`` maps a client id to the stage it never sends (and none after):
-    "advertise_keys", "share_keys", "masked_input" (its input is excluded, its
-    masks are recovered), "consistency" or "unmask" (its input is included; its
-    self mask is recovered from the others' shares).
-
-    Under ``security = "active"``, ``enrollments`` gives each client its
-    member identity and the roster certificate (one certificate for all); when
-    omitted, an in-process enrollment authority — a different object from the
-    server — enrolls the round's clients with fresh keys. ``context`` is the
-    32-byte digest of the model and plan every client trained from.
-    """
+    """Securely sum ``updates`` with the pairwise-masking protocol; the arguments are
+    :func:`privfer.secagg.aggregate`'s, which documents them (every option applies here)."""
     if not isinstance(config, SecAggConfig):
         raise TypeError(f"the masking recipe runs a SecAggConfig, got {type(config).__name__}")
     dropouts = check_round_arguments(updates, config.num_clients, dropouts, example_counts, metrics,

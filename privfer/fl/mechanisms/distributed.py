@@ -63,17 +63,21 @@ class DistributedDPSGD(Mechanism):
         secret = bytes.fromhex(state.noise_key) if source == "run_key" else str(self.config.seed).encode()
         return noise_generator(derived_key(secret, phase, round_index, client_id))
 
+    def _begin(self, federation: "Federation", state: "_State", phase: str,
+               cohort: list[int]) -> tuple[DistributedPlan, VFER, list[str], dict]:
+        """A round's plan, the global model, its shared parameter names and the phase's clients; every selected
+        client's account records the round (it is charged whatever happens next)."""
+        template = federation.model(state.global_state)
+        group = federation.clients[phase]
+        for client_id in cohort:
+            state.accounts.setdefault((phase, client_id),
+                                      DistributedAccount(client_id, phase, group[client_id].records)).record_round()
+        return self.plans[phase], template, federation.strategy.shared_names(template), group
+
     def release(self, federation: "Federation", state: "_State", phase: str, round_index: int, cohort: list[int],
                 dropouts: dict[int, str]) -> Release:
         config, strategy = self.config, federation.strategy
-        plan = self.plans[phase]
-        template = federation.model(state.global_state)
-        shared = strategy.shared_names(template)
-        group = federation.clients[phase]
-        for client_id in cohort:
-            account = state.accounts.setdefault(
-                (phase, client_id), DistributedAccount(client_id, phase, group[client_id].records))
-            account.record_round()
+        plan, template, shared, group = self._begin(federation, state, phase, cohort)
 
         def model_for(client_id: int) -> VFER:
             model = federation.model({**state.global_state, **state.personal_of(client_id, phase, shared)})

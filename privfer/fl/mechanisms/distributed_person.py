@@ -13,7 +13,6 @@ from privfer.fl.mechanisms.base import Counts, Release, _trust_line, client_seed
 from privfer.fl.mechanisms.distributed import DistributedDPSGD
 from privfer.fl.rounds import TRAINING
 from privfer.privacy.distributed import DistributedPlan, calibrate_plan, decode_sum
-from privfer.privacy.ledger import DistributedAccount
 from privfer.privacy.mechanisms import distributed_person as _distributed_person
 from privfer.privacy.person import mean_update, person_contribution, secret_coin
 
@@ -45,16 +44,11 @@ class DistributedDPFedAvg(DistributedDPSGD):
 
     def release(self, federation: "Federation", state: "_State", phase: str, round_index: int, cohort: list[int],
                 dropouts: dict[int, str]) -> Release:
-        config, strategy = self.config, federation.strategy
-        plan = self.plans[phase]
-        template = federation.model(state.global_state)
-        shared = strategy.shared_names(template)
-        group = federation.clients[phase]
+        config = self.config
+        plan, template, shared, group = self._begin(federation, state, phase, cohort)
         training = local_training(config, phase, None)
         rngs, coins, states, seeds = {}, {}, [], []
         for client_id in cohort:
-            state.accounts.setdefault((phase, client_id),
-                                      DistributedAccount(client_id, phase, group[client_id].records)).record_round()
             rngs[client_id] = self.noise_rng(state, phase, round_index, client_id)
             coins[client_id] = secret_coin(rngs[client_id], plan.sample_rate)
             states.append({**state.global_state, **state.personal_of(client_id, phase, shared)})

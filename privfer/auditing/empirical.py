@@ -201,6 +201,17 @@ def _local_canary_audit(config: PrivferConfig, kind: str, canaries: int, guesses
 
 
 
+def _training_plan(config: PrivferConfig, clips: ClipSet | None, canaries: int, verb: str) -> tuple[Any, Any]:
+    """The federation (without adaptation) and its training phase's distributed plan, with room for the canaries
+    (one model coordinate each)."""
+    federation = prepare_federation(config.model_copy(update={"federation": config.federation.model_copy(
+        update={"adaptation": False})}), clips)
+    plan = federation.plans[TRAINING]
+    if canaries > plan.dimension:
+        raise ValueError(f"{canaries} canaries but the model {verb} {plan.dimension} coordinates")
+    return federation, plan
+
+
 def _distributed_canary_audit(config: PrivferConfig, kind: str, canaries: int, guesses: int, seed: int,
                               clips: ClipSet | None, delta: float) -> CanaryAudit:
     """Whitebox canaries against distributed DP-SGD, the auditor holding only what the server sees.
@@ -224,11 +235,7 @@ def _distributed_canary_audit(config: PrivferConfig, kind: str, canaries: int, g
         raise ValueError("the distributed mechanism is audited with whitebox canaries (the auditor sees only "
                          "unmasked sums); blackbox canaries need a model trained by privfer simulate")
     started = time.perf_counter()
-    federation = prepare_federation(config.model_copy(update={"federation": config.federation.model_copy(
-        update={"adaptation": False})}), clips)
-    plan = federation.plans[TRAINING]
-    if canaries > plan.dimension:
-        raise ValueError(f"{canaries} canaries but the model has {plan.dimension} coordinates")
+    federation, plan = _training_plan(config, clips, canaries, "has")
     clients = sorted(federation.clients[TRAINING])
     client_id = max(clients, key=lambda c: (federation.clients[TRAINING][c].records, -c))
     # The guarantee's worst case: only the m_honest honest shares the trust sizing counts on (the others, colluders
@@ -292,11 +299,7 @@ def _person_canary_audit(config: PrivferConfig, kind: str, canaries: int, guesse
         raise ValueError("the person-level mechanism is audited with whitebox canary persons (the auditor sees only "
                          "unmasked sums)")
     started = time.perf_counter()
-    federation = prepare_federation(config.model_copy(update={"federation": config.federation.model_copy(
-        update={"adaptation": False})}), clips)
-    plan = federation.plans[TRAINING]
-    if canaries > plan.dimension:
-        raise ValueError(f"{canaries} canaries but the model shares {plan.dimension} coordinates")
+    federation, plan = _training_plan(config, clips, canaries, "shares")
     rng = np.random.default_rng([seed, 0xA0D17])
     included = rng.random(canaries) < 0.5
     first = 1 + max(federation.clients[TRAINING])  # canary ids after the real clients' (their data is not used)

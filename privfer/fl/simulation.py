@@ -52,6 +52,7 @@ from privfer.metrics import classification_report
 from privfer.models.vfer import VFER, ifer_from_config
 from privfer.privacy.ledger import ClientAccount, account_from_state, write_ledger
 from privfer.runs import atomic_torch_save, atomic_write_json, load_checkpoint, prepare_run_dir, save_checkpoint
+from privfer.secagg.backends import BACKENDS
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -365,7 +366,7 @@ def _result(federation: Federation, state: _State, final: dict, adapted: bool, l
     return SimulationResult(
         strategy=config.federation.strategy,
         aggregator=config.aggregation.backend,
-        aggregator_private=config.aggregation.backend != "plain",
+        aggregator_private=BACKENDS[config.aggregation.backend].private,
         security=config.aggregation.resolved_security,
         private=federation.private,
         test=final,

@@ -58,8 +58,7 @@ def aggregate(
     (the masking protocol's ``randomness`` and ``context``) is not passed to it.
     """
     backend = backend_of(config)
-    given = {"randomness": randomness, "enrollments": enrollments,
-             "context": None if context == NO_CONTEXT else context}
+    given = {"randomness": randomness, "enrollments": enrollments, "context": context}
     options = {name: value for name, value in given.items() if value is not None and name in backend.options}
     return backend.recipe()(updates, config, dropouts, example_counts=example_counts, metrics=metrics,
                             round_id=round_id, **options)

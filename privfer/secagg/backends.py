@@ -34,10 +34,6 @@ class Backend:
     private: bool  # the server learns only the sum
     exact_integers: bool  # sums already-encoded integers exactly (what the noise shares of distributed DP need)
     options: tuple[str, ...] = ()  # the recipe's keyword arguments beyond the common ones
-    title: str = ""
-
-    def config_type(self) -> type:
-        return getattr(importlib.import_module(self.config_module), self.config_class)
 
     def recipe(self) -> Callable[..., AggregationResult]:
         return importlib.import_module(self.module).aggregate
@@ -52,12 +48,11 @@ class Backend:
 
 BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (  # one entry per backend
     Backend("masking", "privfer.secagg.masking", "SecAggConfig", "privfer.secagg.config", private=True,
-            exact_integers=True, options=("randomness", "enrollments", "context"),
-            title="pairwise-mask secure aggregation"),
+            exact_integers=True, options=("randomness", "enrollments", "context")),
     Backend("ckks", "privfer.secagg.he.recipe", "CKKSConfig", "privfer.secagg.he.config", private=True,
-            exact_integers=False, options=("enrollments",), title="CKKS homomorphic encryption"),
+            exact_integers=False, options=("enrollments",)),
     Backend("plain", "privfer.secagg.plain", "PlainConfig", "privfer.secagg.plain", private=False,
-            exact_integers=True, title="plain sum (NOT private)"),
+            exact_integers=True),
 )}
 
 

@@ -19,13 +19,23 @@ runner = CliRunner()
 
 
 def ledger(history, *, delta=1e-5, records=1000, claimed=None, target=2.0, accountant="prv", **entry):
+    """A complete local ledger of one client (every field the writer writes)."""
     return {
         "schema": SCHEMA,
+        "mechanism_id": "local",
         "unit": "record",
+        "mechanism": "DP-SGD on each client",
         "private": True,
         "accountant": accountant,
         "target_epsilon": target,
         "delta": delta,
+        "max_grad_norm": 1.0,
+        "noise_source": "os",
+        "neighbouring_relation": "add or remove one record (clip) of one client",
+        "public": [],
+        "not_covered": [],
+        "epsilon_max": claimed,
+        "epsilon_median": claimed,
         "clients": [
             {
                 "client": 7,
@@ -36,8 +46,10 @@ def ledger(history, *, delta=1e-5, records=1000, claimed=None, target=2.0, accou
                 "history": history,
                 "steps": sum(h[2] for h in history),
                 "rounds_trained": 1,
+                "max_rounds": 1,
                 "delta": delta,
                 "epsilon": claimed,
+                "accountant": accountant,
                 **entry,
             }
         ],
@@ -104,8 +116,9 @@ def test_a_delta_of_one_over_the_records_is_weak(tmp_path):
     [
         ("{not json", "is not readable JSON"),
         ({"schema": "other/9"}, "field 'schema' is 'other/9'"),
-        ({"schema": SCHEMA, "unit": "record", "accountant": "prv", "delta": 1e-5, "private": True},
-         "the ledger lacks the field 'clients'"),
+        ({"schema": SCHEMA, "mechanism_id": "local", "unit": "record", "accountant": "prv", "delta": 1e-5,
+          "private": True},
+         "the ledger lacks the field 'mechanism'"),
         ("HISTORY", "clients[0] field 'history[0]' must be"),
         ("NO-HISTORY", "clients[0] lacks the field 'history'"),
         ("STRING-SIGMA", "clients[0] field 'noise_multiplier' must be a number, got '1.0'"),
@@ -113,7 +126,7 @@ def test_a_delta_of_one_over_the_records_is_weak(tmp_path):
 )
 def test_a_corrupt_ledger_is_one_line_and_exit_2(tmp_path, content, message):
     if content == "HISTORY":
-        content = ledger([[1.0, 2.0, 10]])
+        content = ledger([[1.0, 2.0, 10]], sample_rate=0.1)
     elif content == "STRING-SIGMA":
         content = ledger([[1.0, 0.1, 10]], noise_multiplier="1.0")
     elif content == "NO-HISTORY":
@@ -246,23 +259,37 @@ def test_an_absurd_budget_is_a_config_error_naming_the_range(value):
         load_config(None, [f"privacy.epsilon={value}"])
 
 
+def _restate(ledger):
+    """The header's summary of the entries' epsilons, as the writer states it: the edit stays self-consistent."""
+    import statistics
+
+    spent = [e["epsilon"] for e in ledger["clients"] if e["epsilon"] is not None]
+    ledger["epsilon_max"] = max(spent) if spent else None
+    ledger["epsilon_median"] = statistics.median(spent) if spent else None
+
+
 def _tamper_cases():
     from privfer.privacy.calibrate import epsilon_spent
 
     def lower_consistently(ledger, field):
-        entry = max(ledger["clients"], key=lambda e: e["steps"])
-        sigma, q, steps = entry["history"][0]
-        assert steps > 1
-        if field == "sample_rate":
-            q = q / 2
-            entry["sample_rate"] = q
-        elif field == "steps":
-            steps = steps - 1
-            entry["steps"] = steps
-        else:
-            entry["delta"] = ledger["delta"] = ledger["delta"] * 10
-        entry["history"] = [[sigma, q, steps]]
-        entry["epsilon"] = epsilon_spent([(sigma, q, steps)], entry["delta"], ledger["accountant"])
+        targets = ledger["clients"] if field == "delta" else [max(ledger["clients"], key=lambda e: e["steps"])]
+        if field == "delta":
+            ledger["delta"] *= 10
+        for entry in targets:
+            if not entry["history"]:
+                continue
+            sigma, q, steps = entry["history"][0]
+            assert steps > 1 or field == "delta"
+            if field == "sample_rate":
+                q = q / 2
+                entry["sample_rate"] = q
+            elif field == "steps":
+                steps = steps - 1
+                entry["steps"] = steps
+            else:
+                entry["delta"] = ledger["delta"]
+            entry["history"] = [[sigma, q, steps]]
+            entry["epsilon"] = epsilon_spent([(sigma, q, steps)], entry["delta"], ledger["accountant"])
 
     return {
         "delete an entry": lambda ledger: ledger["clients"].pop(0),
@@ -274,7 +301,6 @@ def _tamper_cases():
         "raise delta": lambda ledger: lower_consistently(ledger, "delta"),
         "change rounds_trained": lambda ledger: ledger["clients"][0].update(
             rounds_trained=ledger["clients"][0]["rounds_trained"] + 1),
-        "a false epsilon_max": lambda ledger: ledger.update(epsilon_max=ledger["epsilon_max"] / 2),
     }
 
 
@@ -310,6 +336,7 @@ def test_a_ledger_edited_to_stay_self_consistent_fails_against_its_run(audited_r
     path = run_dir / "privacy_ledger.json"
     content = json.loads(path.read_text())
     _tamper_cases()[case](content)
+    _restate(content)
     path.write_text(json.dumps(content))
     report = audit_path(run_dir)
     assert not report.passed, case
@@ -333,7 +360,7 @@ def _person_ledger():
     run = recipe.RunLedger()
     for _ in range(4):
         run.record(range(20))
-    return recipe.ledger(plan, run, persons=40)
+    return recipe.ledger(plan, run, persons=40).document()
 
 
 def test_forged_headers_are_ledger_errors_on_every_path(tmp_path):
@@ -369,7 +396,7 @@ def test_a_run_without_dp_writes_a_ledger_its_audit_reads_at_either_unit(tmp_pat
 
     accounts = [ClientAccount(1, "training", 10, None, 0.1)]
     document = build_ledger(accounts, target_epsilon=None, delta=1e-3, accountant="prv", max_grad_norm=1.0,
-                            noise_source="os", max_rounds={"training": 1}, unit="person")
+                            noise_source="os", max_rounds={"training": 1}, unit="person").document()
     path = tmp_path / "privacy_ledger.json"
     path.write_text(json.dumps(document))
     report = audit_path(path)
@@ -381,3 +408,107 @@ def test_the_summary_keeps_the_auditors_column_order(tmp_path):
     shown = [name for name in report.summary() if name not in ("claimed", "gaussian_floor")]
     assert shown == [name for name in report.columns if name in shown] and len(shown) == 4
     assert report.columns[:2] == ("opacus_rdp", "opacus_prv")
+
+
+# -- the typed ledger: what the model refuses on load, and what it keeps ------------------------------------------
+
+
+def _refused(tmp_path, document, match, name="forged.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(document))
+    with pytest.raises(LedgerError, match=match):
+        load_ledger(path)
+    result = runner.invoke(app, ["audit", str(path)])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+
+
+def test_a_header_that_contradicts_its_entries_is_refused_on_load(audited_run, tmp_path):
+    original = json.loads((audited_run / "privacy_ledger.json").read_text())
+    forged = json.loads(json.dumps(original))
+    forged["epsilon_max"] /= 2  # the summary understates the entries
+    _refused(tmp_path, forged, "field 'epsilon_max'")
+    forged = json.loads(json.dumps(original))
+    forged["delta"] *= 10  # the run's delta raised above the entries' (a weaker delta judged, WEAK DELTA hidden)
+    _refused(tmp_path, forged, r"clients\[0\] field 'delta'")
+    forged = json.loads(json.dumps(original))
+    forged["clients"][0]["note"] = "audited by hand"  # a field the schema does not define
+    _refused(tmp_path, forged, r"clients\[0\] field 'note' is not a field")
+    forged = json.loads(json.dumps(original))
+    del forged["clients"][0]["max_rounds"]  # every field the writer writes is required
+    _refused(tmp_path, forged, r"clients\[0\] lacks the field 'max_rounds'")
+    forged = json.loads(json.dumps(original))
+    forged["clients"][0]["steps"] = True  # a boolean is not a count
+    _refused(tmp_path, forged, r"clients\[0\] field 'steps' must be a whole number")
+
+
+def test_a_distributed_ledger_relabelled_legacy_is_refused(tmp_path):
+    document = _person_ledger()
+    relabelled = {**document, "schema": "privfer.privacy_ledger/1"}
+    _refused(tmp_path, relabelled, "predates it")
+    del relabelled["mechanism_id"]  # read as a local ledger, its plans and entries are not one
+    _refused(tmp_path, relabelled, r"clients\[0\]|is not a field|lacks the field")
+
+
+def test_a_person_level_entry_that_states_records_is_refused(tmp_path):
+    document = _person_ledger()
+    document["clients"][0]["records"] = 2  # a person's clip count enters no released quantity: it is not written
+    _refused(tmp_path, document, r"clients\[0\] field 'records'")
+
+
+def test_a_local_entry_with_inflated_records_fails_against_its_run(audited_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(audited_run, run_dir)
+    content = json.loads((run_dir / "privacy_ledger.json").read_text())
+    largest = max(content["clients"], key=lambda e: e["records"])
+    largest["records"] *= 2  # a stronger delta judged (delta < 1 / records); the history left as it was
+    (run_dir / "privacy_ledger.json").write_text(json.dumps(content))
+    report = audit_path(run_dir)
+    assert not report.passed and any("sample rate" in problem for problem in report.run_checks), report.run_checks
+
+
+def test_a_run_with_the_default_delta_holds_delta_to_the_records(small_clips, tmp_path):
+    config = small_config("privacy.epsilon=3", "federation.rounds=1", "federation.clients_per_round=3",
+                          "aggregation.backend=plain", "privacy.accountant=rdp", "output.save_model=false",
+                          "training.batch_size=4")
+    simulate(config, tmp_path / "run", clips=small_clips)
+    assert audit_path(tmp_path / "run").passed
+    path = tmp_path / "run" / "privacy_ledger.json"
+    content = json.loads(path.read_text())
+    content["delta"] *= 10
+    for entry in content["clients"]:  # a consistent rewrite at a 10x weaker delta
+        entry["delta"] = content["delta"]
+        entry["epsilon"] = recompute_claim(entry)
+    _restate(content)
+    path.write_text(json.dumps(content))
+    report = audit_path(tmp_path / "run")
+    assert not report.passed and any("default" in problem for problem in report.run_checks), report.run_checks
+
+
+def recompute_claim(entry):
+    from privfer.privacy.calibrate import epsilon_spent
+
+    return epsilon_spent([tuple(h) for h in entry["history"]], entry["delta"], "rdp") if entry["history"] else 0.0
+
+
+def test_a_ledger_read_and_written_again_is_the_same_document(audited_run, tmp_path):
+    from privfer.privacy.ledger import parse_ledger, read_ledger, write_ledger
+
+    for document in (json.loads((audited_run / "privacy_ledger.json").read_text()), _person_ledger()):
+        ledger = parse_ledger(json.loads(json.dumps(document)))
+        assert ledger.document() == document
+        write_ledger(tmp_path / "again.json", ledger)
+        assert json.loads((tmp_path / "again.json").read_text()) == document
+        assert read_ledger(tmp_path / "again.json") == ledger
+    with pytest.raises(TypeError):
+        write_ledger(tmp_path / "raw.json", document)  # only a validated ledger is written
+
+
+def test_a_legacy_local_ledger_is_still_read(audited_run, tmp_path):
+    content = json.loads((audited_run / "privacy_ledger.json").read_text())
+    del content["mechanism_id"]
+    content["schema"] = "privfer.privacy_ledger/1"
+    (tmp_path / "privacy_ledger.json").write_text(json.dumps(content))
+    report = audit_path(tmp_path)
+    assert report.passed and report.run_checks is None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import statistics
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from privfer.errors import ConfigError
 from privfer.fl import aggregation
 from privfer.fl.simulation import prepare_federation, simulate
 from privfer.auditing import audit_path
-from privfer.privacy.audit import MISMATCH, OVER_BUDGET
+from privfer.privacy.audit import MISMATCH, OVER_BUDGET, LedgerError
 
 FAST = ["federation.rounds=4", "federation.adaptation=false", "privacy.epsilon=3"]
 
@@ -48,18 +50,29 @@ def test_every_client_in_every_round_spends_its_budget_and_the_audit_agrees(tmp_
     assert report.run_checks == []  # cross-checked against config.yaml and rounds.json, and consistent
     assert all(c.floor is not None and c.floor <= c.certified for c in report.clients)
 
+    def restated(ledger):  # what the header restates, kept consistent: only the audit's recomputation can tell
+        plan = ledger["phases"]["training"]
+        plan["noise_multiplier"] = math.sqrt(plan["mu"]) / plan["l2"]
+        spent = [entry["epsilon"] for entry in ledger["clients"]]
+        ledger["epsilon_max"], ledger["epsilon_median"] = max(spent), statistics.median(spent)
+        return json.dumps(ledger)
+
     tampered = json.loads((tmp_path / "run" / "privacy_ledger.json").read_text())
     tampered["clients"][0]["epsilon"] = 1.0
     tampered["phases"]["training"]["mu"] *= 4  # claims four times the noise the history was computed with
-    (tmp_path / "t.json").write_text(json.dumps(tampered))
+    (tmp_path / "t.json").write_text(restated(tampered))
     report = audit_path(tmp_path / "t.json")
     assert MISMATCH in report.clients[0].verdicts and not report.passed
+    tampered["phases"]["training"]["noise_multiplier"] *= 2  # a plan that misstates its own noise: refused on load
+    (tmp_path / "t.json").write_text(json.dumps(tampered))
+    with pytest.raises(LedgerError, match="noise_multiplier"):
+        audit_path(tmp_path / "t.json")
 
     over = json.loads((tmp_path / "run" / "privacy_ledger.json").read_text())
     over["clients"][1]["history"][0][0] /= 9  # a third of the noise in the history itself
     over["phases"]["training"]["mu"] /= 9
     over["phases"]["training"]["share_variance"] /= 9
-    (tmp_path / "o.json").write_text(json.dumps(over))
+    (tmp_path / "o.json").write_text(restated(over))
     report = audit_path(tmp_path / "o.json")
     assert OVER_BUDGET in report.clients[1].verdicts
 

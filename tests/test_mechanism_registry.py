@@ -56,7 +56,7 @@ def test_ledgers_state_the_registered_sentences_and_editing_one_leaves_the_regis
     plan = recipe.plan_run(epsilon=3.0, delta=1e-4, rounds=4, clients=20, dimension=50)
     run = recipe.RunLedger()
     run.record(range(20))
-    ledger = recipe.ledger(plan, run, persons=40)
+    ledger = recipe.ledger(plan, run, persons=40).document()
     facts = MECHANISMS[ledger["mechanism_id"]]
     assert facts.unit == ledger["unit"] == "person"
     stated = facts.ledger_statement(noise=plan.family.title)

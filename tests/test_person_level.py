@@ -4,6 +4,8 @@ ledger, the audits."""
 from __future__ import annotations
 
 import json
+import math
+import statistics
 
 import numpy as np
 import pytest
@@ -241,7 +243,8 @@ def test_the_person_level_ledger_recomputes_and_tampering_is_caught(person_run, 
             entry["delta"] = plan["delta"] = ledger["delta"]
             entry["epsilon"] = SKELLAM.epsilon([NoiseSteps(*history, entry["history"][0][4])], ledger["delta"])[0]
         ledger["epsilon_max"] = max(e["epsilon"] for e in ledger["clients"])
-        ledger["epsilon_median"] = sorted(e["epsilon"] for e in ledger["clients"])[len(ledger["clients"]) // 2]
+        ledger["epsilon_median"] = statistics.median(e["epsilon"] for e in ledger["clients"])
+        plan["noise_multiplier"] = math.sqrt(plan["mu"]) / plan["l2"]
         return ledger
 
     def more_noise(ledger, plan):

@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from privfer.auditing.crosscheck import cross_check
-from privfer.privacy.audit import AuditReport, ledger_file, load_ledger
-from privfer.privacy.audit import audit_ledger_alone
+from privfer.privacy.audit import AuditReport, audit_ledger_alone, ledger_file, load_ledger
+from privfer.privacy.ledger import LEDGER_FILE, Ledger, parse_ledger
 
 
-def audit_ledger(ledger: dict[str, Any], path: Path | str = "privacy_ledger.json") -> AuditReport:
-    """Recompute and judge every client of a loaded ledger read at ``path``, then cross-check it against the run
-    directory beside ``path`` (``run_checks``: the disagreements, or None where the run's files are absent)."""
+def audit_ledger(ledger: Ledger | dict[str, Any], path: Path | str = LEDGER_FILE) -> AuditReport:
+    """Recompute and judge every client of a ledger read at ``path`` (typed, or a parsed document validated here),
+    then cross-check it against the run directory beside ``path`` (``run_checks``: the disagreements, or None where
+    the run's files are absent)."""
     path = Path(path)
+    ledger = parse_ledger(ledger, path)
     report = audit_ledger_alone(ledger, path)
     report.run_checks = cross_check(ledger, path.parent)
     return report

@@ -24,11 +24,9 @@ from typing import Any
 
 from privfer.config import load_config
 from privfer.errors import PrivferError
-from privfer.privacy.audit import KINDS, mechanism_of
 from privfer.privacy.calibrate import default_delta, steps_per_epoch
 from privfer.privacy.distributed import calibrate_plan
-from privfer.privacy.ledger import LOCAL
-from privfer.privacy.noise import LEGACY
+from privfer.privacy.ledger import LOCAL, Ledger, OpacusLedger, SecureSumLedger, mechanism_of
 
 MAX_ROUNDS_BYTES = 256 * 1024 * 1024
 
@@ -40,8 +38,9 @@ def _close(a: Any, b: Any) -> bool:
         return False
 
 
-def cross_check(ledger: dict[str, Any], run_dir: Path) -> list[str] | None:
-    """Inconsistencies between ``ledger`` and the run in ``run_dir``; None when the run files are absent."""
+def cross_check(ledger: Ledger, run_dir: Path) -> list[str] | None:
+    """Inconsistencies between ``ledger`` (validated) and the run in ``run_dir``; None when the run files are
+    absent."""
     config_path, rounds_path = run_dir / "config.yaml", run_dir / "rounds.json"
     if not config_path.is_file() or not rounds_path.is_file():
         return None
@@ -66,24 +65,24 @@ def cross_check(ledger: dict[str, Any], run_dir: Path) -> list[str] | None:
         if not same:
             problems.append(f"{what} is {found!r} in the ledger but {wanted!r} in the run's config")
 
-    expect("the unit", ledger.get("unit"), privacy.unit)
+    expect("the unit", ledger.unit, privacy.unit)
     expect("the mechanism", mechanism_of(ledger), config.mechanism_id or LOCAL)  # without DP: a local ledger
-    expect("'private'", ledger.get("private"), privacy.enabled)
-    expect("the target epsilon", ledger.get("target_epsilon"), privacy.epsilon if privacy.enabled else None,
+    expect("'private'", ledger.private, privacy.enabled)
+    expect("the target epsilon", ledger.target_epsilon, privacy.epsilon if privacy.enabled else None,
            numeric=True)
     if privacy.delta is not None:
-        expect("delta", ledger.get("delta"), privacy.delta, numeric=True)
-    person = ledger.get("unit") == "person"
+        expect("delta", ledger.delta, privacy.delta, numeric=True)
+    person = ledger.unit == "person"
     # the clipping bound of the protected unit: a record's gradient, or (person) a client's whole update
-    expect("max_grad_norm", ledger.get("max_grad_norm"), privacy.max_update_norm if person else privacy.max_grad_norm,
+    expect("max_grad_norm", ledger.max_grad_norm, privacy.max_update_norm if person else privacy.max_grad_norm,
            numeric=True)
     max_rounds = {"training": fed.rounds, "adaptation": fed.adaptation_rounds}
     for phase, count in phases.items():
         if count > max_rounds.get(phase, 0):
             problems.append(f"rounds.json records {count} {phase} rounds; the config plans {max_rounds.get(phase, 0)}")
 
-    entries = ledger.get("clients", [])
-    keys = Counter((str(e.get("phase")), int(e.get("client"))) for e in entries)
+    entries = ledger.clients
+    keys = Counter((e.phase, e.client) for e in entries)
     duplicated = sorted(k for k, n in keys.items() if n > 1)
     if duplicated:
         problems.append(f"{len(duplicated)} clients have more than one entry (first: {duplicated[0]})")
@@ -95,42 +94,40 @@ def cross_check(ledger: dict[str, Any], run_dir: Path) -> list[str] | None:
     if extra:
         problems.append(f"{len(extra)} ledger entries are for clients that never trained (first: client "
                         f"{extra[0][1]}, {extra[0][0]})")
-    spent = [float(e["epsilon"]) for e in entries if isinstance(e.get("epsilon"), (int, float))]
-    if spent and not _close(ledger.get("epsilon_max"), max(spent)):
-        problems.append(f"epsilon_max is {ledger.get('epsilon_max')!r} but the entries' largest is {max(spent):.6g}")
-
-    kind = KINDS.get(mechanism_of(ledger))
-    distributed = kind is not None and kind.noise_in_sum
-    plans = ledger.get("phases", {}) if distributed else {}
-    for phase, plan in plans.items():
-        if not isinstance(plan, dict):
-            continue
-        expect(f"the {phase} plan's steps", plan.get("steps"), max_rounds.get(phase))
-        expect(f"the {phase} plan's sample rate", plan.get("sample_rate"),
-               privacy.participation if person else privacy.sample_rate, numeric=True)
-        expect(f"the {phase} plan's clipping bound", plan.get("max_grad_norm"),
-               privacy.max_update_norm if person else privacy.max_grad_norm, numeric=True)
-    if distributed and privacy.enabled and isinstance(plans, dict):
-        problems += _check_plans(ledger, config, plans, trained)
+    if isinstance(ledger, SecureSumLedger):
+        for phase, plan in ledger.phases.items():
+            expect(f"the {phase} plan's steps", plan.steps, max_rounds.get(phase))
+            expect(f"the {phase} plan's sample rate", plan.sample_rate,
+                   privacy.participation if person else privacy.sample_rate, numeric=True)
+            expect(f"the {phase} plan's clipping bound", plan.max_grad_norm,
+                   privacy.max_update_norm if person else privacy.max_grad_norm, numeric=True)
+        if privacy.enabled:
+            problems += _check_plans(ledger, config, trained)
     epochs = {"training": fed.local_epochs, "adaptation": fed.adaptation_epochs}
     for entry in entries:
-        key = (str(entry.get("phase")), int(entry.get("client")))
+        key = (entry.phase, entry.client)
         where = f"client {key[1]} ({key[0]})"
-        if key in trained and entry.get("rounds_trained") != trained[key]:
-            problems.append(f"{where}: rounds_trained {entry.get('rounds_trained')!r}, but rounds.json has it in "
+        if key in trained and entry.rounds_trained != trained[key]:
+            problems.append(f"{where}: rounds_trained {entry.rounds_trained!r}, but rounds.json has it in "
                             f"{trained[key]} rounds")
-        expect(f"{where}: max_rounds", entry.get("max_rounds"), max_rounds.get(key[0]))
-        if distributed or not privacy.enabled:
+        expect(f"{where}: max_rounds", entry.max_rounds, max_rounds.get(key[0]))
+        if not isinstance(ledger, OpacusLedger) or not privacy.enabled:
             continue
-        records = entry.get("records")
-        if not isinstance(records, int) or records < 1:
-            problems.append(f"{where}: records {records!r} is not a count")
+        if entry.records < 1:
+            problems.append(f"{where}: records {entry.records!r} is not a count")
             continue
-        per_epoch = steps_per_epoch(records, config.training.batch_size)
-        expect(f"{where}: the sample rate", entry.get("sample_rate"), 1.0 / per_epoch, numeric=True)
-        if isinstance(entry.get("rounds_trained"), int):
-            planned = entry["rounds_trained"] * epochs.get(key[0], 0) * per_epoch
-            expect(f"{where}: steps", entry.get("steps"), planned)
+        per_epoch = steps_per_epoch(entry.records, config.training.batch_size)
+        expect(f"{where}: the sample rate", entry.sample_rate, 1.0 / per_epoch, numeric=True)
+        planned = entry.rounds_trained * epochs.get(key[0], 0) * per_epoch
+        expect(f"{where}: steps", entry.steps, planned)
+    if isinstance(ledger, OpacusLedger) and privacy.enabled and privacy.delta is None and entries:
+        # the default delta is 1 / (10 x the largest client's records); a client that never trained has no entry, so
+        # the entries' largest bounds it from above: a delta raised, or records inflated, exceeds the bound
+        bound = default_delta([e.records for e in entries])
+        if ledger.delta > bound * (1 + 1e-9):
+            problems.append(f"delta is {ledger.delta!r} in the ledger, above the default 1 / (10 x "
+                            f"{max(e.records for e in entries)} records) = {bound:.6g} the entries' largest client "
+                            "allows")
     return problems
 
 
@@ -138,7 +135,7 @@ _RECOMPUTED = ("dimension", "scale", "l1", "l2", "mu", "share_variance", "min_in
                "records", "clients")
 
 
-def _check_plans(ledger: dict[str, Any], config: Any, plans: dict, trained: Counter) -> list[str]:
+def _check_plans(ledger: SecureSumLedger, config: Any, trained: Counter) -> list[str]:
     """Recalibrate every phase's plan from config.yaml and rounds.json and hold the ledger's plan and delta to it:
     a ledger edited consistently (more noise claimed, a coarser scale, a larger delta) recomputes on its own, but
     not from the run that made it."""
@@ -147,38 +144,38 @@ def _check_plans(ledger: dict[str, Any], config: Any, plans: dict, trained: Coun
     problems: list[str] = []
     privacy, fed = config.privacy, config.federation
     person = config.privacy.unit == "person"
-    entries = [e for e in ledger.get("clients", []) if isinstance(e, dict)]
+    entries = ledger.clients
     clients_of = {phase: sorted({c for (p, c) in trained if p == phase}) for phase in ("training", "adaptation")}
     if person:
-        persons = ledger.get("persons")
+        persons = ledger.persons
         took_part = sum(len(ids) for ids in clients_of.values())
-        if not isinstance(persons, int) or persons < took_part:
+        if persons is None or persons < took_part:
             problems.append(f"the ledger's persons {persons!r} is fewer than the {took_part} who took part "
                             "(rounds.json)")
             return problems
         units = persons
     else:
-        records = [e.get("records") for e in entries]
-        if not all(isinstance(r, int) and r >= 1 for r in records):
-            return problems  # reported with the entries
+        records = [e.records for e in entries]
+        if not all(r is not None and r >= 1 for r in records):
+            return problems + ["a record-level entry's records is not a count"]
         units = sum(records)
     expected_delta = privacy.delta if privacy.delta is not None else default_delta([units])
-    if not _close(ledger.get("delta"), expected_delta):
-        problems.append(f"delta is {ledger.get('delta')!r} in the ledger but {expected_delta:.6g} for the run's "
+    if not _close(ledger.delta, expected_delta):
+        problems.append(f"delta is {ledger.delta!r} in the ledger but {expected_delta:.6g} for the run's "
                         f"{units} {'persons' if person else 'records'}")
     try:
         dimension = noised_dimension(config, int(config.data.feature_dim))
     except (TypeError, ValueError) as exc:
         return problems + [f"the run's model cannot be rebuilt from config.yaml ({exc.__class__.__name__})"]
-    for phase, plan in plans.items():
-        if not isinstance(plan, dict) or phase not in clients_of:
+    for phase, plan in ledger.phases.items():
+        if phase not in clients_of:
             continue
         ids = clients_of[phase]
         clients = (fed.cohort_size(config.mechanism, len(ids)) if phase == "training" else len(ids))
         if person:
             records = clients
         else:
-            counts = sorted((e["records"] for e in entries if e.get("phase") == phase), reverse=True)
+            counts = sorted((e.records or 0 for e in entries if e.phase == phase), reverse=True)
             records = sum(counts[:clients])
         rounds = fed.rounds if phase == "training" else fed.adaptation_rounds
         try:
@@ -187,13 +184,13 @@ def _check_plans(ledger: dict[str, Any], config: Any, plans: dict, trained: Coun
         except Exception as exc:  # noqa: BLE001 - any failure to recalibrate is a finding, not a crash
             problems.append(f"the {phase} plan cannot be recalibrated from the run's config ({exc})")
             continue
-        stated = plan.get("noise", ledger.get("noise", LEGACY))  # absent: read as the audit reads it
+        stated = plan.noise or ledger.family.name  # absent: read as the audit reads it
         if stated != expected.noise:
             problems.append(f"the {phase} plan's noise family is {stated!r} in the ledger but the run's config "
                             f"uses {expected.noise!r}")
         for name in _RECOMPUTED:
-            if not _close(plan.get(name), getattr(expected, name)):
-                problems.append(f"the {phase} plan's {name} is {plan.get(name)!r} in the ledger but "
+            if not _close(getattr(plan, name), getattr(expected, name)):
+                problems.append(f"the {phase} plan's {name} is {getattr(plan, name)!r} in the ledger but "
                                 f"{getattr(expected, name)!r} recalibrated from the run's config and rounds")
     return problems
 

@@ -50,7 +50,7 @@ from privfer.fl.rounds import ADAPTATION, TRAINING, RoundRecord, draw_cohort
 from privfer.fl.strategies import Strategy, make_strategy
 from privfer.metrics import classification_report
 from privfer.models.vfer import VFER, ifer_from_config
-from privfer.privacy.ledger import ClientAccount, account_from_state, write_ledger
+from privfer.privacy.ledger import ClientAccount, Ledger, account_from_state, write_ledger
 from privfer.runs import atomic_torch_save, atomic_write_json, load_checkpoint, prepare_run_dir, save_checkpoint
 from privfer.secagg.backends import BACKENDS
 
@@ -346,7 +346,7 @@ def _finish_training_phase(federation: Federation, state: _State) -> None:
     state.after_training = _evaluate(federation, state, federation.parts["test_eval"], TRAINING)
 
 
-def _ledger(federation: Federation, state: _State) -> dict[str, Any]:
+def _ledger(federation: Federation, state: _State) -> Ledger:
     config = federation.config
     not_covered = (
         ["the IFER that pseudo-labels phase 2 is fitted on the training actors' frames without DP (it stands "
@@ -358,7 +358,7 @@ def _ledger(federation: Federation, state: _State) -> dict[str, Any]:
     return federation.mechanism.ledger(list(state.accounts.values()), federation.delta, max_rounds, not_covered)
 
 
-def _result(federation: Federation, state: _State, final: dict, adapted: bool, ledger: dict,
+def _result(federation: Federation, state: _State, final: dict, adapted: bool, ledger: Ledger,
             prepared_seconds: float) -> SimulationResult:
     config = federation.config
     sigmas = federation.mechanism.noise_multipliers()
@@ -377,9 +377,9 @@ def _result(federation: Federation, state: _State, final: dict, adapted: bool, l
             mechanism=federation.mechanism.id,
             target_epsilon=config.privacy.epsilon if federation.private else None,
             delta=federation.delta,
-            accountant=ledger["accountant"],
-            epsilon_max=ledger["epsilon_max"],
-            epsilon_median=ledger["epsilon_median"],
+            accountant=ledger.accountant,
+            epsilon_max=ledger.epsilon_max,
+            epsilon_median=ledger.epsilon_median,
             noise_multiplier_min=min(sigmas) if sigmas else None,
             noise_multiplier_max=max(sigmas) if sigmas else None,
         ),

@@ -34,7 +34,7 @@ from typing import Iterable
 import numpy as np
 
 from privfer.privacy.distributed import DistributedPlan, decode_sum, noise_generator
-from privfer.privacy.ledger import DistributedAccount, build_distributed_ledger
+from privfer.privacy.ledger import DistributedAccount, SecureSumLedger, build_distributed_ledger
 from privfer.privacy.ledger import write_ledger as _write_ledger
 from privfer.privacy.node import DistributedDP
 from privfer.privacy.noise import DEFAULT
@@ -113,9 +113,9 @@ class RunLedger:
         return 0.0 if account is None else plan.epsilon(account.rounds_trained)
 
 
-def ledger(plan: DistributedPlan, run: RunLedger, *, persons: int, security: str = "active") -> dict:
-    """The run's privacy ledger in privfer's schema (person level), which ``privfer audit`` recomputes with its
-    independent accountants."""
+def ledger(plan: DistributedPlan, run: RunLedger, *, persons: int, security: str = "active") -> SecureSumLedger:
+    """The run's privacy ledger in privfer's schema (person level; a validated model, ``.document()`` its JSON),
+    which ``privfer audit`` recomputes with its independent accountants."""
     return build_distributed_ledger(list(run.accounts.values()), {PHASE: plan}, noise_source="os",
                                     max_rounds={PHASE: plan.steps}, unit="person", persons=persons,
                                     security=security)

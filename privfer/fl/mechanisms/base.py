@@ -21,6 +21,7 @@ from privfer.fl.strategies import make_strategy
 from privfer.models.vfer import VFER
 from privfer.privacy.calibrate import default_delta
 from privfer.privacy.distributed import DistributedPlan
+from privfer.privacy.ledger import Ledger
 from privfer.privacy.mechanisms import PrivacyMechanism
 
 if TYPE_CHECKING:
@@ -178,8 +179,8 @@ class Mechanism(ABC):
         """The cohort's private contributions through the secure sum (their accounts recorded): what it released."""
 
     @abstractmethod
-    def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> dict:
-        """The privacy ledger (JSON-safe) of the run's accounts."""
+    def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> Ledger:
+        """The privacy ledger (a validated model) of the run's accounts."""
 
     @abstractmethod
     def describe(self, delta: float) -> list[str]:

@@ -15,7 +15,7 @@ from privfer.fl.mechanisms.base import Counts, Mechanism, Release, _trust_line, 
 from privfer.fl.rounds import ADAPTATION, TRAINING
 from privfer.models.vfer import VFER
 from privfer.privacy.distributed import DistributedPlan, calibrate_plan, derived_key, noise_generator
-from privfer.privacy.ledger import DistributedAccount, build_distributed_ledger
+from privfer.privacy.ledger import DistributedAccount, Ledger, build_distributed_ledger
 from privfer.privacy.mechanisms import distributed as _distributed
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ class DistributedDPSGD(Mechanism):
                        aggregation_seconds=result.seconds_aggregation, bytes_sent=result.bytes_sent,
                        gradient=result.gradient, template=template, shared=shared)
 
-    def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> dict:
+    def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> Ledger:
         return build_distributed_ledger(accounts, self.plans, noise_source=self.config.privacy.noise_source,
                                         max_rounds=max_rounds, not_covered=not_covered,
                                         unit=self.config.privacy.unit, persons=self.persons,

@@ -9,7 +9,7 @@ from privfer.fl.aggregation import round_context, sum_updates
 from privfer.fl.mechanisms.base import Counts, Mechanism, Release, client_seed, local_training
 from privfer.fl.rounds import ADAPTATION, TRAINING
 from privfer.privacy.calibrate import ClientPlan, plan_clients
-from privfer.privacy.ledger import ClientAccount, build_ledger
+from privfer.privacy.ledger import ClientAccount, Ledger, build_ledger
 from privfer.privacy.mechanisms import local as _local
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class LocalDPSGD(Mechanism):
             train_loss=summed.loss_sum / len(summed.included) if summed.included and losses is not None else None,
             weighted_sum=summed.weighted_sum, total_weight=summed.total_weight)
 
-    def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> dict:
+    def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> Ledger:
         privacy = self.config.privacy
         return build_ledger(accounts, target_epsilon=self.epsilon, delta=delta, accountant=privacy.accountant,
                             max_grad_norm=privacy.max_grad_norm, noise_source=privacy.noise_source,

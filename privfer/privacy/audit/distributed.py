@@ -13,15 +13,13 @@ import math
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
-from privfer.privacy.audit.report import (CLAIM_TOLERANCE, MAX_CLIENTS, MISMATCH, OVER_BUDGET, PUBLIC_NOISE,
-                                          WEAK_DELTA, AuditReport, ClientAudit, LedgerKind, LedgerError, _close,
-                                          _entry_history, _field, _number)
+from privfer.privacy.audit.report import (CLAIM_TOLERANCE, MISMATCH, OVER_BUDGET, PUBLIC_NOISE, WEAK_DELTA,
+                                          AuditReport, ClientAudit, LedgerKind, _close)
 from privfer.privacy.calibrate import PRV_MAX_EPSILON, PRV_MAX_STEPS
 from privfer.privacy.distributed import sensitivities
-from privfer.privacy.noise import FAMILIES, LEGACY, NoiseFamily, noise_family
-from privfer.privacy.rdp import MAX_STEPS
+from privfer.privacy.ledger import SecureSumLedger
+from privfer.privacy.noise import FAMILIES, NoiseFamily
 
 INDEPENDENT = "_independent"  # a distributed family's accountant + this: the audit's second implementation
 DISTRIBUTED_ACCOUNTANTS = tuple(name for family in FAMILIES.values()
@@ -29,8 +27,6 @@ DISTRIBUTED_ACCOUNTANTS = tuple(name for family in FAMILIES.values()
 TITLES = {"gaussian_floor": "Gaussian floor (PLD)",
           **{family.accountant: f"{family.title} RDP" for family in FAMILIES.values()},
           **{family.accountant + INDEPENDENT: f"{family.title} RDP (2nd impl.)" for family in FAMILIES.values()}}
-MAX_DISTINCT_STEPS = 64  # distinct step mechanisms per ledger (a real run has one per phase)
-MAX_ENTRIES = 1_000_000  # history entries over all clients
 FLOOR_MIN_NOISE = 0.3  # the Gaussian floor's PLD grows without bound as the noise vanishes: not computed below
 
 
@@ -85,135 +81,52 @@ def _gaussian_floor(sigma: float, q: float, steps: int, delta: float) -> float:
         return float(accountant.get_epsilon(delta))
 
 
-_PLAN_FIELDS = ("max_grad_norm", "dimension", "scale", "l1", "l2", "mu", "share_variance", "sample_rate", "steps",
-                "clients", "min_inputs", "colluders", "delta", "records")
-
-
-def ledger_noise(ledger: dict[str, Any], path: Path) -> NoiseFamily:
-    """The noise family of a distributed ledger (field 'noise'; a ledger without it was written when Skellam was the
-    only one)."""
-    name = ledger.get("noise", LEGACY)
-    try:
-        return noise_family(name)
-    except ValueError:
-        raise LedgerError(f"{path}: field 'noise' is {name!r}; expected one of {sorted(FAMILIES)}") from None
-
-
-def _check_distributed(ledger: dict[str, Any], path: Path, kind: LedgerKind) -> None:
-    family = ledger_noise(ledger, path)
-    if ledger["accountant"] != family.accountant:
-        raise LedgerError(f"{path}: field 'accountant' is {ledger['accountant']!r}; a {family.title} ledger's is "
-                          f"{family.accountant!r}")
-    phases = _field(ledger, "phases", dict, path, "the ledger")
-    for phase, plan in phases.items():
-        if not isinstance(plan, dict):
-            raise LedgerError(f"{path}: phases.{phase} must be an object")
-        for name in _PLAN_FIELDS:
-            value = _field(plan, name, (int, float), path, f"phases.{phase}")
-            if not _number(value) or value < 0:
-                raise LedgerError(f"{path}: phases.{phase} field '{name}' must be a finite number >= 0")
-        if not 0 < plan["sample_rate"] <= 1 or not 0 < plan["delta"] < 1 or not 1 <= plan["dimension"] <= 1e12:
-            raise LedgerError(f"{path}: phases.{phase} has a sample_rate, delta or dimension out of range")
-        if min(plan["mu"], plan["l1"], plan["l2"], plan["scale"], plan["max_grad_norm"]) <= 0:
-            raise LedgerError(f"{path}: phases.{phase} needs positive mu, l1, l2, scale and max_grad_norm")
-        if plan.get("noise", family.name) != family.name:
-            raise LedgerError(f"{path}: phases.{phase} field 'noise' is {plan.get('noise')!r}, the ledger's is "
-                              f"{family.name!r}")
-        if not (1 <= plan["min_inputs"] - plan["colluders"] <= plan["clients"] <= MAX_CLIENTS):
-            raise LedgerError(f"{path}: phases.{phase} needs 1 <= min_inputs - colluders <= clients <= "
-                              f"{MAX_CLIENTS}")
-    if len(phases) > 8:
-        raise LedgerError(f"{path}: {len(phases)} phases; at most 8 are audited")
-    entries, distinct = 0, set()
-    person = kind.unit == "person"  # the kind's, not the document's: load_ledger holds the two equal
-    if person:
-        persons = _field(ledger, "persons", int, path, "the ledger")
-        if persons < 1:
-            raise LedgerError(f"{path}: field 'persons' must be at least 1")
-    for index, entry in enumerate(ledger["clients"]):
-        where, history = _entry_history(entry, index, path, person)
-        phase = _field(entry, "phase", str, path, where)
-        for name in ("epsilon", "delta", "steps", "rounds_trained", "max_rounds"):
-            value = entry.get(name)
-            if value is not None and not _number(value):
-                raise LedgerError(f"{path}: {where} field '{name}' must be a number, got {value!r}")
-        if phase not in phases:
-            raise LedgerError(f"{path}: {where} names phase {phase!r}, which has no plan in 'phases'")
-        entries += len(history)
-        if entries > MAX_ENTRIES:
-            raise LedgerError(f"{path}: more than {MAX_ENTRIES} history entries over all clients")
-        plan = phases[phase]
-        honest, dimension = int(plan["min_inputs"] - plan["colluders"]), int(plan["dimension"])
-        for step, item in enumerate(history):
-            try:
-                if not (isinstance(item, list) and all(_number(x) for x in item)):
-                    raise ValueError
-                parsed = family.parse_entry(item)
-                distinct.add(family.entry_key(parsed))
-            except ValueError:
-                raise LedgerError(
-                    f"{path}: {where} field 'history[{step}]' must be a {family.title} entry "
-                    f"[{', '.join(family.fields)}] (mu, l1, l2 > 0, 0 < sample_rate <= 1, 0 <= steps <= {MAX_STEPS}), "
-                    f"got {item!r}"
-                ) from None
-            if len(distinct) > MAX_DISTINCT_STEPS:
-                raise LedgerError(f"{path}: more than {MAX_DISTINCT_STEPS} distinct step mechanisms in the "
-                                  "histories (a run has one per phase)")
-            # refused before any accountant runs: a bound's cost may grow with its shares or dimension
-            implied = family.steps(parsed.mu, parsed.l1, parsed.l2, parsed.sample_rate, parsed.steps, honest, dimension)
-            if (parsed.shares, parsed.dimension) != (implied.shares, implied.dimension):
-                raise LedgerError(f"{path}: {where} field 'history[{step}]' claims {parsed.shares} noise shares over "
-                                  f"{parsed.dimension} coordinates; its phase's plan guarantees {implied.shares} "
-                                  f"over {implied.dimension}")
-
-
-def _audit_distributed(ledger: dict[str, Any], path: Path, kind: LedgerKind) -> AuditReport:
+def _audit_distributed(ledger: SecureSumLedger, path: Path, kind: LedgerKind) -> AuditReport:
     """Recompute each client's epsilon twice (two implementations of its noise family's bound) and check the plan's
     arithmetic."""
-    target = ledger.get("target_epsilon")
-    family = ledger_noise(ledger, path)
+    target = ledger.target_epsilon
+    family = ledger.family
     first, second = family.accountant, family.accountant + INDEPENDENT
     audits = []
-    for entry in ledger["clients"]:
-        plan = ledger["phases"][entry["phase"]]
-        delta = float(entry["delta"])
-        claimed = entry.get("epsilon")
-        history = [family.parse_entry(item) for item in entry["history"]]
+    for entry in ledger.clients:
+        plan = ledger.phases[entry.phase]
+        delta = float(entry.delta)
+        claimed = entry.epsilon
+        history = entry.noise_steps
         values = {first: family.epsilon(history, delta)[0] if history else 0.0}
         values[second] = sum(
             independent_epsilon(family, h.mu, h.l1, h.l2, h.sample_rate, h.steps, delta, h.shares, h.dimension)
             for h in history
         ) if len(history) == 1 else values[first]
-        audit = ClientAudit(int(entry["client"]), str(entry["phase"]), int(entry["records"] or 0), delta,
-                            None if claimed is None else float(claimed), values)
+        audit = ClientAudit(entry.client, entry.phase, entry.records or 0, delta, float(claimed), values)
         mismatch: list[str] = []
-        l1, l2 = sensitivities(float(plan["max_grad_norm"]), float(plan["scale"]), int(plan["dimension"]))
-        if not (math.isclose(l1, plan["l1"], rel_tol=1e-9) and math.isclose(l2, plan["l2"], rel_tol=1e-9)):
-            mismatch.append(f"the plan's sensitivities ({plan['l1']:.6g}, {plan['l2']:.6g}) are not C x scale + "
+        l1, l2 = sensitivities(float(plan.max_grad_norm), float(plan.scale), plan.dimension)
+        if not (math.isclose(l1, plan.l1, rel_tol=1e-9) and math.isclose(l2, plan.l2, rel_tol=1e-9)):
+            mismatch.append(f"the plan's sensitivities ({plan.l1:.6g}, {plan.l2:.6g}) are not C x scale + "
                             f"sqrt(d) and min(sqrt(d) l2, l2^2) = ({l1:.6g}, {l2:.6g})")
-        honest = int(plan["min_inputs"]) - int(plan["colluders"])
-        if honest < 1 or plan["share_variance"] * honest < plan["mu"] * (1 - 1e-9):
-            mismatch.append(f"{honest} honest shares of variance {plan['share_variance']:.6g} do not carry the "
-                            f"claimed mu {plan['mu']:.6g}")
-        if plan["min_inputs"] > plan["clients"]:
+        honest = plan.honest
+        if honest < 1 or plan.share_variance * honest < plan.mu * (1 - 1e-9):
+            mismatch.append(f"{honest} honest shares of variance {plan.share_variance:.6g} do not carry the "
+                            f"claimed mu {plan.mu:.6g}")
+        if plan.min_inputs > plan.clients:
             mismatch.append("min_inputs exceeds the clients per round")
         for h in history:
-            if not (math.isclose(h.mu, plan["mu"], rel_tol=1e-9) and math.isclose(h.l1, l1, rel_tol=1e-9)
+            if not (math.isclose(h.mu, plan.mu, rel_tol=1e-9) and math.isclose(h.l1, l1, rel_tol=1e-9)
                     and math.isclose(h.l2, l2, rel_tol=1e-9)
-                    and math.isclose(h.sample_rate, plan["sample_rate"], rel_tol=1e-12)):
+                    and math.isclose(h.sample_rate, plan.sample_rate, rel_tol=1e-12)):
                 mismatch.append("the history's (mu, l1, l2, sample_rate) is not the phase's plan")
         steps = sum(h.steps for h in history)
-        if entry.get("steps") is not None and int(entry["steps"]) != steps:
-            mismatch.append(f"steps {entry['steps']} is not the history's {steps}")
-        if entry.get("max_rounds") is not None and steps > int(entry["max_rounds"]):
-            mismatch.append(f"{steps} steps, more than the run's {entry['max_rounds']} rounds")
+        if entry.steps != steps:
+            mismatch.append(f"steps {entry.steps} is not the history's {steps}")
+        if steps > entry.max_rounds:
+            mismatch.append(f"{steps} steps, more than the run's {entry.max_rounds} rounds")
         if audit.claimed is not None and not _close(audit.claimed, values[first], *CLAIM_TOLERANCE):
             mismatch.append(f"claimed {audit.claimed:.4f} but {first} gives {values[first]:.4f}")
         if not _close(values[first], values[second], 1e-6, 1e-6):
             mismatch.append(f"the two {family.title} implementations disagree: {values[first]:.6f} vs "
                             f"{values[second]:.6f}")
-        if not math.isclose(delta, float(plan["delta"]), rel_tol=1e-12):
-            mismatch.append(f"the entry's delta {delta:.6g} is not its phase's {plan['delta']:.6g}")
+        if not math.isclose(delta, float(plan.delta), rel_tol=1e-12):
+            mismatch.append(f"the entry's delta {delta:.6g} is not its phase's {plan.delta:.6g}")
         if len(history) == 1 and history[0].steps:
             h = history[0]
             sigma = math.sqrt(h.mu) / h.l2  # the noise multiplier of the Gaussian with the same variance
@@ -224,9 +137,9 @@ def _audit_distributed(ledger: dict[str, Any], path: Path, kind: LedgerKind) -> 
                     mismatch.append(f"the {family.title} bound {values[first]:.4f} is below the Gaussian with the "
                                     f"same variance ({audit.floor:.4f}, dp-accounting PLD)")
         person = kind.unit == "person"
-        if person and int(plan["records"]) != int(plan["clients"]):
-            mismatch.append(f"a person-level plan bounds the sum by its {plan['clients']} clients' updates, not "
-                            f"{plan['records']}")
+        if person and plan.records != plan.clients:
+            mismatch.append(f"a person-level plan bounds the sum by its {plan.clients} clients' updates, not "
+                            f"{plan.records}")
         over = []
         if target is not None and audit.certified > target + 1e-9:
             over.append(f"the tightest sound bound, {audit.certified:.4f}, exceeds the target {target:g}")
@@ -236,24 +149,24 @@ def _audit_distributed(ledger: dict[str, Any], path: Path, kind: LedgerKind) -> 
             audit.verdicts.append(OVER_BUDGET)
         if mismatch:
             audit.verdicts.append(MISMATCH)
-        total_records = int(ledger["persons"]) if person else int(plan["records"])
+        total_records = int(ledger.persons or 0) if person else plan.records
         if total_records < 1 or delta >= 1.0 / total_records:
             audit.verdicts.append(WEAK_DELTA)
             units = "persons in the federation" if person else "records in a round's union"
             audit.reasons.append(f"delta {delta:.3g} >= 1 / {total_records} {units}")
-        if ledger.get("noise_source") == "run_seed":
+        if ledger.noise_source == "run_seed":
             audit.verdicts.append(PUBLIC_NOISE)
             audit.reasons.append("noise_source run_seed: anyone holding the config can recompute every noise share")
         audit.reasons[:0] = over + mismatch
         audits.append(audit)
-    return AuditReport(path, str(ledger["accountant"]), target, True, audits, columns=(first, second),
+    return AuditReport(path, ledger.accountant, target, True, audits, columns=(first, second),
                        noise_in_sum=True)
 
 
 # Person level is the same noise mechanism with other units (a person's clipped update, its secret coin as the
 # sample rate, persons in the sum's bound), so the same checks and recomputation serve it.
 ACCOUNTING = "secure_sum"  # the ledgers of the mechanisms with this accounting are audited here
-AUDITOR = (_check_distributed, _audit_distributed)
+AUDITOR = _audit_distributed
 
 
-__all__ = ["DISTRIBUTED_ACCOUNTANTS", "INDEPENDENT", "TITLES", "independent_epsilon", "ledger_noise"]
+__all__ = ["DISTRIBUTED_ACCOUNTANTS", "INDEPENDENT", "TITLES", "independent_epsilon"]

@@ -13,12 +13,12 @@ import math
 import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 from privfer.privacy.audit.report import (CLAIM_TOLERANCE, MISMATCH, NO_DP, OVER_BUDGET, RDP_TOLERANCE,
                                           TIGHT_TOLERANCE, UNAUDITABLE, WEAK_DELTA, AuditReport, ClientAudit, LedgerKind,
-                                          LedgerError, _close, _entry_history, _number)
+                                          _close)
 from privfer.privacy.calibrate import epsilon_spent, prv_affordable
+from privfer.privacy.ledger import OpacusEntry, OpacusLedger
 
 ACCOUNTANTS = ("opacus_rdp", "opacus_prv", "dp_accounting_rdp", "dp_accounting_pld")
 TITLES = {"opacus_rdp": "Opacus RDP", "opacus_prv": "Opacus PRV", "dp_accounting_rdp": "dp-acc. RDP",
@@ -69,72 +69,43 @@ def recompute(history: History, delta: float) -> dict[str, float]:
     return values
 
 
-def _check_local(ledger: dict[str, Any], path: Path, kind: LedgerKind) -> None:
-    """The entries of a local DP-SGD ledger: Opacus histories of (noise multiplier, sample rate, steps)."""
-    for index, entry in enumerate(ledger["clients"]):
-        where, history = _entry_history(entry, index, path)
-        for name in ("noise_multiplier", "sample_rate", "epsilon", "delta", "steps", "rounds_trained", "records"):
-            value = entry.get(name)
-            if value is not None and not _number(value):
-                raise LedgerError(f"{path}: {where} field '{name}' must be a number, got {value!r}")
-        for step, item in enumerate(history):
-            ok = (
-                isinstance(item, list)
-                and len(item) == 3
-                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in item)
-                and item[0] > 0
-                and 0 < item[1] <= 1
-                and item[2] >= 0
-                and float(item[2]).is_integer()
-            )
-            if not ok:
-                raise LedgerError(
-                    f"{path}: {where} field 'history[{step}]' must be [noise_multiplier > 0, 0 < sample_rate <= 1, "
-                    f"steps >= 0], got {item!r}"
-                )
-        if ledger["private"] and not history and entry.get("rounds_trained", 0):
-            raise LedgerError(f"{path}: {where} trained but its field 'history' is empty")
-
-
-def _audit_local(ledger: dict[str, Any], path: Path, kind: LedgerKind) -> AuditReport:
-    """Local DP-SGD: each client's Opacus history recomputed by two accountants."""
-    accountant = ledger["accountant"]
-    target = ledger.get("target_epsilon")
+def _audit_local(ledger: OpacusLedger, path: Path, kind: LedgerKind) -> AuditReport:
+    """Local DP-SGD: each client's Opacus history recomputed by four accountants."""
+    target = ledger.target_epsilon
     audits = []
-    for entry in ledger["clients"]:
-        history: History = tuple((float(s), float(q), int(t)) for s, q, t in entry["history"])
-        delta = float(entry["delta"])
-        claimed = entry.get("epsilon")
-        if not ledger["private"]:
-            audit = ClientAudit(int(entry["client"]), str(entry.get("phase", "")), int(entry["records"]), delta,
-                                None, {}, [NO_DP], ["trained without DP-SGD: no finite epsilon"])
-            audits.append(audit)
+    for entry in ledger.clients:
+        history: History = tuple((float(s), float(q), int(t)) for s, q, t in entry.history)
+        delta = float(entry.delta)
+        claimed = None if entry.epsilon is None else float(entry.epsilon)
+
+        def client_audit(values: dict[str, float], verdicts: list[str], reasons: list[str]) -> ClientAudit:
+            return ClientAudit(entry.client, entry.phase, entry.records, delta, claimed, values, verdicts, reasons)
+
+        if not ledger.private:
+            audits.append(client_audit({}, [NO_DP], ["trained without DP-SGD: no finite epsilon"]))
             continue
         steps = sum(t for _, _, t in history)
         if steps > MAX_AUDIT_STEPS:
-            audits.append(ClientAudit(int(entry["client"]), str(entry.get("phase", "")), int(entry["records"]),
-                                      delta, None if claimed is None else float(claimed), {}, [UNAUDITABLE],
-                                      [f"{steps} steps exceed the {MAX_AUDIT_STEPS} an audit evaluates"]))
+            audits.append(client_audit({}, [UNAUDITABLE], [f"{steps} steps exceed the {MAX_AUDIT_STEPS} an audit "
+                                                          "evaluates"]))
             continue
         try:
             values = recompute(history, delta) if history else {name: 0.0 for name in ACCOUNTANTS}
             values = {name: values[name] for name in ACCOUNTANTS if name in values}  # the report's column order
         except (MemoryError, OverflowError, ValueError, FloatingPointError, RuntimeError) as exc:
-            audits.append(ClientAudit(int(entry["client"]), str(entry.get("phase", "")), int(entry["records"]),
-                                      delta, None if claimed is None else float(claimed), {}, [UNAUDITABLE],
-                                      [f"the accountants cannot evaluate this history ({exc.__class__.__name__})"]))
+            audits.append(client_audit({}, [UNAUDITABLE], [f"the accountants cannot evaluate this history "
+                                                          f"({exc.__class__.__name__})"]))
             continue
-        audit = ClientAudit(int(entry["client"]), str(entry.get("phase", "")), int(entry["records"]), delta,
-                            None if claimed is None else float(claimed), values)
-        _judge(audit, entry, history, str(entry.get("accountant", accountant)), target)
+        audit = client_audit(values, [], [])
+        _judge(audit, entry, history, entry.accountant, target)
         if history and "opacus_prv" not in values:
             audit.reasons.append("PRV and PLD skipped (their cost grows with epsilon and steps); both RDP "
                                  "bounds recomputed")
         audits.append(audit)
-    return AuditReport(path, accountant, target, bool(ledger["private"]), audits, columns=ACCOUNTANTS)
+    return AuditReport(path, ledger.accountant, target, ledger.private, audits, columns=ACCOUNTANTS)
 
 
-def _judge(audit: ClientAudit, entry: dict, history: History, accountant: str, target: float | None) -> None:
+def _judge(audit: ClientAudit, entry: OpacusEntry, history: History, accountant: str, target: float | None) -> None:
     values = audit.values
     over, mismatch = [], []
     if target is not None and audit.certified > target + 1e-9:
@@ -160,16 +131,14 @@ def _judge(audit: ClientAudit, entry: dict, history: History, accountant: str, t
                 mismatch.append("an RDP bound is below the near-exact PLD value")
         sigmas = {s for s, _, _ in history}
         rates = {q for _, q, _ in history}
-        if entry.get("noise_multiplier") is not None and any(
-            not math.isclose(s, float(entry["noise_multiplier"]), rel_tol=1e-9) for s in sigmas
+        if entry.noise_multiplier is None or any(
+            not math.isclose(s, float(entry.noise_multiplier), rel_tol=1e-9) for s in sigmas
         ):
-            mismatch.append(f"noise_multiplier {entry['noise_multiplier']} is not the history's {sorted(sigmas)}")
-        if entry.get("sample_rate") is not None and any(
-            not math.isclose(q, float(entry["sample_rate"]), rel_tol=1e-9) for q in rates
-        ):
-            mismatch.append(f"sample_rate {entry['sample_rate']} is not the history's {sorted(rates)}")
-        if entry.get("steps") is not None and int(entry["steps"]) != sum(t for _, _, t in history):
-            mismatch.append(f"steps {entry['steps']} is not the history's {sum(t for _, _, t in history)}")
+            mismatch.append(f"noise_multiplier {entry.noise_multiplier} is not the history's {sorted(sigmas)}")
+        if any(not math.isclose(q, float(entry.sample_rate), rel_tol=1e-9) for q in rates):
+            mismatch.append(f"sample_rate {entry.sample_rate} is not the history's {sorted(rates)}")
+    if entry.steps != sum(t for _, _, t in history):
+        mismatch.append(f"steps {entry.steps} is not the history's {sum(t for _, _, t in history)}")
     if over:
         audit.verdicts.append(OVER_BUDGET)
     if mismatch:
@@ -181,7 +150,7 @@ def _judge(audit: ClientAudit, entry: dict, history: History, accountant: str, t
 
 
 ACCOUNTING = "opacus"  # the ledgers of the mechanisms with this accounting are audited here
-AUDITOR = (_check_local, _audit_local)
+AUDITOR = _audit_local
 
 
 __all__ = ["ACCOUNTANTS", "MAX_AUDIT_STEPS", "TITLES", "recompute"]

@@ -7,17 +7,13 @@ Shared by every mechanism's auditor (:mod:`privfer.privacy.audit.local`,
 
 from __future__ import annotations
 
-import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from privfer.errors import PrivferError
+from privfer.privacy.ledger import MAX_CLIENTS, MAX_HISTORY, MAX_LEDGER_BYTES, LedgerBase, LedgerError
 
-MAX_HISTORY = 100_000  # entries per client: a longer history is refused before any accountant runs
-MAX_CLIENTS = 1_000_000
-MAX_LEDGER_BYTES = 256 << 20  # a larger file is refused before it is read
 PUBLIC_NOISE = "PUBLIC NOISE"
 OVER_BUDGET, MISMATCH, WEAK_DELTA, NO_DP = "OVER BUDGET", "MISMATCH", "WEAK DELTA", "NO DP"
 UNAUDITABLE = "UNAUDITABLE"  # an entry the audit will not evaluate (bounded work); the CLI exits 2
@@ -26,19 +22,14 @@ RDP_TOLERANCE = 0.03
 TIGHT_TOLERANCE = (0.05, 0.03)
 
 
-class LedgerError(PrivferError):
-    """A privacy ledger is missing, unreadable, or lacks a field; the message names the file and the field."""
-
-
 @dataclass(frozen=True)
 class LedgerKind:
-    """How the ledger of one mechanism (its ``mechanism_id``) is audited: the unit it protects, the checks of its
-    entries on load (LedgerError), the recomputation of its epsilons."""
+    """How the ledger of one mechanism (its ``mechanism_id``) is audited: the unit it protects and the
+    recomputation of its epsilons (the ledger's model validated its fields when it was read)."""
 
     mechanism_id: str
     unit: str
-    check: Callable[[dict[str, Any], Path, "LedgerKind"], None]
-    audit: Callable[[dict[str, Any], Path, "LedgerKind"], "AuditReport"]
+    audit: Callable[[LedgerBase, Path, "LedgerKind"], "AuditReport"]
     noise_in_sum: bool = False  # the ledger holds each phase's plan of the noise in the secure sum ('phases')
 
 
@@ -115,36 +106,6 @@ class AuditReport:
             "summary": self.summary(),
             "clients": [asdict(c) | {"certified": c.certified} for c in self.clients],
         }
-
-
-def _field(entry: dict[str, Any], name: str, kind: type | tuple[type, ...], path: Path, where: str) -> Any:
-    if name not in entry:
-        raise LedgerError(f"{path}: {where} lacks the field '{name}'")
-    value = entry[name]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-        raise LedgerError(f"{path}: {where} field '{name}' has the wrong type ({type(value).__name__})")
-    return value
-
-
-def _entry_history(entry: Any, index: int, path: Path, person: bool = False) -> tuple[str, list]:
-    """The checks every client entry needs (either mechanism): an object with client, records, delta and a
-    bounded history list. Returns (where, history)."""
-    where = f"clients[{index}]"
-    if not isinstance(entry, dict):
-        raise LedgerError(f"{path}: {where} must be an object")
-    _field(entry, "client", int, path, where)
-    if not (entry.get("records", 0) is None and person):  # person level publishes no record counts
-        _field(entry, "records", int, path, where)
-    _field(entry, "delta", (int, float), path, where)
-    history = _field(entry, "history", list, path, where)
-    if len(history) > MAX_HISTORY:
-        raise LedgerError(f"{path}: {where} field 'history' has {len(history)} entries (at most {MAX_HISTORY})")
-    return where, history
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _close(a: float, b: float, absolute: float, relative: float) -> bool:

@@ -1,0 +1,106 @@
+"""The ledger of local DP-SGD (and of a run without DP): per client, its Opacus accountant history.
+
+An entry holds the client's record count, noise multiplier, sample rate,
+steps, rounds trained, the history ``[[noise_multiplier, sample_rate, steps],
+...]`` in training order, delta, and the epsilon the named accountant gives.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Annotated, Any, ClassVar
+
+from pydantic import Field, model_validator
+
+from privfer.privacy.ledger.accounts import ClientAccount
+from privfer.privacy.ledger.base import (MAX_CLIENTS, MAX_HISTORY, SCHEMA, Count, EntryBase, LedgerBase,
+                                         NonNegative, Positive, Rate)
+from privfer.privacy.mechanisms.local import MECHANISM as LOCAL_MECHANISM
+
+ACCOUNTING = "opacus"
+OpacusStep = tuple[Positive, Rate, Count]  # (noise multiplier, sample rate, steps): one Opacus history entry
+
+
+class OpacusEntry(EntryBase):
+    """One client's accounting within one phase: its Opacus history and the epsilon claimed for it."""
+
+    ORDER: ClassVar[tuple[str, ...]] = ("client", "phase", "records", "noise_multiplier", "sample_rate", "history",
+                                        "rounds_trained", "steps", "max_rounds", "delta", "epsilon", "accountant")
+
+    records: Count
+    noise_multiplier: Positive | None  # None: trained without DP
+    sample_rate: Rate
+    history: Annotated[list[OpacusStep], Field(max_length=MAX_HISTORY)]
+    epsilon: NonNegative | None
+
+
+class OpacusLedger(LedgerBase):
+    """A local DP-SGD ledger (mechanism ``local``; a legacy ``/1`` ledger is one without ``mechanism_id``)."""
+
+    ACCOUNTING: ClassVar[str] = ACCOUNTING
+    ORDER: ClassVar[tuple[str, ...]] = (
+        "schema", "mechanism_id", "unit", "mechanism", "private", "accountant", "target_epsilon", "delta",
+        "max_grad_norm", "noise_source", "neighbouring_relation", "public", "not_covered", "epsilon_max",
+        "epsilon_median", "clients")
+    clients: Annotated[list[OpacusEntry], Field(max_length=MAX_CLIENTS)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "OpacusLedger":
+        for index, entry in enumerate(self.clients):
+            where = f"clients[{index}]"
+            if not math.isclose(entry.delta, self.delta, rel_tol=1e-12):
+                raise ValueError(f"{where} field 'delta' is {entry.delta!r}, but the ledger's delta is {self.delta!r} "
+                                 "(a run accounts every client at one delta)")
+            if self.private and not entry.history and entry.rounds_trained:
+                raise ValueError(f"{where} trained but its field 'history' is empty")
+            if not self.private and (entry.noise_multiplier is not None or entry.epsilon is not None):
+                raise ValueError(f"{where} states a noise multiplier or an epsilon in a ledger without DP")
+        problems = self.summary_problems()
+        if problems:
+            raise ValueError(problems[0])
+        return self
+
+
+def build_ledger(
+    accounts: list[ClientAccount],
+    *,
+    target_epsilon: float | None,
+    delta: float,
+    accountant: str,
+    max_grad_norm: float,
+    noise_source: str,
+    max_rounds: dict[str, int],
+    not_covered: list[str] | None = None,
+    unit: str = "record",
+) -> OpacusLedger:
+    """The ledger with each client's epsilon computed by ``accountant`` (``unit``: the configured one; without DP
+    it is only stated)."""
+    clients: list[dict[str, Any]] = []
+    for account in sorted(accounts, key=lambda a: (a.phase, a.client)):
+        epsilon, used = account.epsilon(delta, accountant)
+        clients.append({**account.to_state(), "steps": account.steps, "max_rounds": max_rounds.get(account.phase, 0),
+                        "delta": delta, "epsilon": epsilon, "accountant": used})
+    spent = [c["epsilon"] for c in clients if c["epsilon"] is not None]
+    stated = LOCAL_MECHANISM.ledger_statement()
+    return OpacusLedger.model_validate({
+        "schema": SCHEMA,
+        "mechanism_id": LOCAL_MECHANISM.id,
+        "unit": unit,
+        "mechanism": stated["mechanism"],
+        "private": target_epsilon is not None,
+        "accountant": accountant,
+        "target_epsilon": target_epsilon,
+        "delta": delta,
+        "max_grad_norm": max_grad_norm,
+        "noise_source": noise_source,
+        "neighbouring_relation": stated["neighbouring_relation"],
+        "public": stated["public"],
+        "not_covered": list(not_covered or []),
+        "epsilon_max": max(spent) if spent else None,
+        "epsilon_median": statistics.median(spent) if spent else None,
+        "clients": clients,
+    })
+
+
+__all__ = ["ACCOUNTING", "OpacusEntry", "OpacusLedger", "OpacusStep", "build_ledger"]

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from privfer.secagg import CorruptState, PayloadLayout, RoundAborted, SecAggClient, SecAggConfig, SecAggServer, WrongStage
 from privfer.secagg import messages as m
-from privfer.secagg.client import STATE_VERSION
+from privfer.secagg.client_state import STATE_VERSION
 
 
 def run_round(n, dropped_before_masking=(), restore=True, seed=0):

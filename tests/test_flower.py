@@ -328,3 +328,35 @@ def test_group_rosters_give_the_same_average_on_a_sparse_graph(answered):
     for k in SHAPES:
         np.testing.assert_allclose(arrays[k], average[k], atol=1e-5, rtol=0)
     assert SecAggConfig(num_clients=nodes, graph="harary").degree < nodes - 1  # the graph really is sparse
+
+
+@pytest.mark.parametrize("roster", ["full", "group"])
+def test_the_recipe_and_the_grid_walk_the_same_stages(monkeypatch, roster):
+    """Both drivers take their stages from privfer.secagg.stages.round_stages: a stage added there is run by both."""
+    import dataclasses
+
+    from privfer.integrations.flower import grid as grid_module
+    from privfer.secagg import masking
+    from privfer.secagg.stages import round_stages
+
+    walked: dict[str, list[str]] = {"recipe": [], "grid": []}
+
+    def recording(driver):
+        def stages(config):
+            def receive(stage):
+                def wrapped(server, raw, cid):
+                    if not walked[driver] or walked[driver][-1] != stage.name:
+                        walked[driver].append(stage.name)
+                    return stage.receive(server, raw, cid)
+                return wrapped
+            return tuple(dataclasses.replace(stage, receive=receive(stage)) for stage in round_stages(config))
+        return stages
+
+    monkeypatch.setattr(masking, "round_stages", recording("recipe"))
+    monkeypatch.setattr(grid_module, "round_stages", recording("grid"))
+    run(SemiHonestGrid(LocalGrid(make_app([secagg_mod]), 5), roster=roster))
+    config = SecAggConfig(num_clients=5, security="semi_honest", roster=roster)
+    aggregate({c: [np.ones(3)] for c in range(1, 6)}, config)
+    expected = [stage.name for stage in round_stages(config)]
+    assert walked["recipe"] == expected
+    assert walked["grid"][:len(expected)] == expected  # (train, then evaluate: each one round)

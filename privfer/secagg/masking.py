@@ -12,14 +12,6 @@ import numpy as np
 from privfer.secagg.client import SecAggClient
 from privfer.secagg.config import SecAggConfig, make_config
 from privfer.secagg.identity import Enrollment, enroll_in_process
-from privfer.secagg.messages import (
-    ForwardedShares,
-    GroupRoster,
-    GroupUnmaskRequest,
-    KeyRoster,
-    SignatureList,
-    UnmaskRequest,
-)
 from privfer.secagg.payload import PayloadLayout
 from privfer.secagg.quantize import ClippingReport, ClippingWarning
 from privfer.secagg.randomness import SYSTEM, Randomness
@@ -34,6 +26,7 @@ from privfer.secagg.rounds import (
     warn_clipping,
 )
 from privfer.secagg.server import SecAggServer
+from privfer.secagg.stages import round_stages
 from privfer.secagg.statements import NO_CONTEXT
 
 
@@ -81,65 +74,39 @@ def aggregate(
         cut = STAGES.index(stage)
         return [c for c in clients if c not in dropouts or STAGES.index(dropouts[c]) > cut]
 
+    def inputs(cid: int) -> dict[str, Any]:  # what a client masks (the stage that needs the model)
+        return {"update": updates[cid], "example_count": 1 if example_counts is None else example_counts[cid],
+                "metrics": None if metrics is None else metrics.get(cid)}
+
     times = StageTimes()
-    for cid in active("advertise_keys"):
-        with times.client("advertise_keys", cid):
-            advert = clients[cid].advertise_keys().to_bytes()
-        with times.on_server("advertise_keys"):
-            server.receive_advertise(advert, peer=cid)
-    # Broadcasts (the full roster, the unmask request) are the same bytes for every client: decoded once here,
-    # where a deployed client decodes its copy (a per-client decode would make an in-process round O(n^2)).
-    # A group roster is one O(k) message per client, decoded by its client.
-    group = config.roster == "group"
-    with times.on_server("advertise_keys"):
-        if group:
-            rosters = {cid: roster.to_bytes() for cid, roster in server.group_rosters().items()}
-        else:
-            broadcast = KeyRoster.from_bytes(server.key_roster().to_bytes())
-    for cid in active("share_keys"):
-        with times.client("share_keys", cid):
-            roster = GroupRoster.from_bytes(rosters[cid]) if group else broadcast
-            shared = clients[cid].share_keys(roster).to_bytes()
-        with times.on_server("share_keys"):
-            server.receive_share_keys(shared, peer=cid)
-    with times.on_server("share_keys"):
-        bundles = {cid: bundle.to_bytes() for cid, bundle in server.forward_shares().items()}
+    stages = round_stages(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ClippingWarning)  # reported once, summed, below
-        for cid in active("masked_input"):
-            with times.client("masked_input", cid):
-                masked = clients[cid].masked_input(
-                    ForwardedShares.from_bytes(bundles[cid]),
-                    updates[cid],
-                    example_count=1 if example_counts is None else example_counts[cid],
-                    metrics=None if metrics is None else metrics.get(cid),
-                ).to_bytes()
-            with times.on_server("masked_input"):
-                server.receive_masked_input(masked, peer=cid)
-            times.masking[cid] = clients[cid].mask_seconds
-    with times.on_server("masked_input"):
-        if group:
-            requests = {cid: request.to_bytes() for cid, request in server.group_unmask_requests().items()}
-        else:
-            everyone = UnmaskRequest.from_bytes(server.unmask_request().to_bytes())
-    if active_security:  # every survivor signs its view; the signatures go back to all before any share does
-        for cid in active("consistency"):
-            with times.client("consistency", cid):
-                signed = clients[cid].check_consistency(everyone).to_bytes()
-            with times.on_server("consistency"):
-                server.receive_consistency(signed, peer=cid)
-        with times.on_server("consistency"):
-            signatures = SignatureList.from_bytes(server.signature_list().to_bytes())
-    for cid in active("unmask"):
-        with times.client("unmask", cid):
-            if active_security:
-                response = clients[cid].unmask(signatures).to_bytes()
-            else:
-                request = GroupUnmaskRequest.from_bytes(requests[cid]) if group else everyone
-                response = clients[cid].unmask(request).to_bytes()
-        with times.on_server("unmask"):
-            server.receive_unmask(response, peer=cid)
-    with times.on_server("unmask"):
+        for index, stage in enumerate(stages):
+            # the server opens a stage as it ends the one before (its time is that stage's). Broadcasts (the full
+            # roster, the unmask request) are the same bytes for every client: decoded once here, where a deployed
+            # client decodes its copy (a per-client decode would make an in-process round O(n^2)); an addressed
+            # message (a group roster, forwarded shares) is decoded by its client.
+            with times.on_server(stages[index - 1].name if index else stage.name):
+                opening = stage.opens(server)
+                broadcast = None if opening.broadcast is None else \
+                    type(opening.broadcast).from_bytes(opening.broadcast.to_bytes())
+                addressed = {cid: (type(m), m.to_bytes()) for cid, m in (opening.addressed or {}).items()}
+            for cid in active(stage.name):
+                if opening.addressed is not None and cid not in addressed:
+                    continue  # the server sent it nothing (it excluded the client): it has nothing to answer
+                with times.client(stage.name, cid):
+                    if cid in addressed:
+                        kind, raw = addressed[cid]
+                        message = kind.from_bytes(raw)
+                    else:
+                        message = broadcast
+                    answer = stage.respond(clients[cid], message, inputs(cid) if stage.needs_model else {}).to_bytes()
+                with times.on_server(stage.name):
+                    stage.receive(server, answer, cid)
+    for cid in active("masked_input"):
+        times.masking[cid] = clients[cid].mask_seconds
+    with times.on_server(stages[-1].name):
         summed = server.finish()
     clipping = ClippingReport(
         clipped=summed.decoded.clipped,

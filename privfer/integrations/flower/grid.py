@@ -36,6 +36,7 @@ from privfer.secagg.identity import RosterCertificate, verify_signature
 from privfer.secagg.statements import advertise_statement
 from privfer.secagg.payload import PayloadLayout
 from privfer.secagg.server import SecAggServer
+from privfer.secagg.stages import round_stages
 
 
 COUNT_SLOT = ArraySlot(COUNT_RECORD, "records", (1,), "int64")  # record-level DP: each node's record count
@@ -327,35 +328,26 @@ class _SecureRound:
             config_json = self.config.model_dump_json()
             slots_json = _slots_to_json(self.slots)
             plan = {} if self.plan is None else {PLAN_FIELD: self.plan_json}
-            answers = self.exchange("advertise_keys", {node: b"" for node in self.alive}, lambda node: {
-                "client_id": ids[node], "config": config_json, "slots": slots_json,
-                "weight_key": self.grid.weighted_by_key, **plan})
-            if self.active:
-                answers = self.member_ids(answers)
-            self.accept("advertise_keys", answers, lambda raw, cid: server.receive_advertise(raw, peer=cid))
-            self.lap("advertise_keys", started)
-
-            group = self.config.roster == "group"  # each node gets its group's keys only (O(log n) bytes)
-            answers = self.exchange("share_keys", self.addressed(server.group_rosters()) if group
-                                    else self.broadcast(server.key_roster()))
-            self.accept("share_keys", answers, lambda raw, cid: server.receive_share_keys(raw, peer=cid))
-            self.lap("share_keys", started)
-
-            answers = self.exchange("masked_input", self.addressed(server.forward_shares()), with_content=True)
-            self.accept("masked_input", answers, lambda raw, cid: server.receive_masked_input(raw, peer=cid))
-            self.lap("masked_input", started)
-
-            if self.active:  # every survivor signs its view; only then do the shares leave the nodes
-                answers = self.exchange("consistency", self.broadcast(server.unmask_request()))
-                self.accept("consistency", answers, lambda raw, cid: server.receive_consistency(raw, peer=cid))
-                self.lap("consistency", started)
-                answers = self.exchange("unmask", self.broadcast(server.signature_list()))
-            else:
-                answers = self.exchange("unmask", self.addressed(server.group_unmask_requests()) if group
-                                        else self.broadcast(server.unmask_request()))
-            self.accept("unmask", answers, lambda raw, cid: server.receive_unmask(raw, peer=cid))
+            stages = round_stages(self.config)
+            for stage in stages:  # the stages the in-process recipe walks too
+                opening = stage.opens(server)
+                if opening.addressed is not None:
+                    answers = self.exchange(stage.name, self.addressed(opening.addressed),
+                                            with_content=stage.needs_model)
+                elif opening.broadcast is not None:
+                    answers = self.exchange(stage.name, self.broadcast(opening.broadcast),
+                                            with_content=stage.needs_model)
+                else:  # the first stage: the round's config and arrays start it on every node
+                    answers = self.exchange(stage.name, {node: b"" for node in self.alive}, lambda node: {
+                        "client_id": ids[node], "config": config_json, "slots": slots_json,
+                        "weight_key": self.grid.weighted_by_key, **plan})
+                    if self.active:
+                        answers = self.member_ids(answers)
+                self.accept(stage.name, answers, lambda raw, cid, receive=stage.receive: receive(server, raw, cid))
+                if stage is not stages[-1]:
+                    self.lap(stage.name, started)
             summed = server.finish()
-            self.lap("unmask", started)
+            self.lap(stages[-1].name, started)
         except SecAggError as exc:  # aborted, or shares that fail their commitments (InconsistentShares)
             if not isinstance(exc, RoundAborted):
                 blamed = [self.node_of[cid] for cid in getattr(exc, "senders", ()) if cid in self.node_of]

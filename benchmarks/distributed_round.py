@@ -84,7 +84,7 @@ def part_two() -> None:
     from opacus import GradSampleModule
 
     from privfer.models.vfer import VFER
-    from privfer.fl.clipped_sums import clipped_gradient_sums
+    from privfer.models.clipped_sums import clipped_gradient_sums
     from privfer.models.loss import LabelLoss
 
     torch.manual_seed(0)

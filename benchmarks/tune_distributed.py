@@ -7,7 +7,7 @@
 
 What one round of ``privfer simulate --epsilon E`` computes, without the
 protocol's cost: every training clip's clipped gradient summed (the same
-:func:`privfer.fl.clipped_sums.clipped_gradient_sums`), plus noise of the
+:func:`privfer.models.clipped_sums.clipped_gradient_sums`), plus noise of the
 variance the released sum carries (the calibrated Skellam variance mu times
 67/55, the share of a full round over the honest minimum), then one step of
 the server's Adam. The noise is drawn as a Gaussian of that variance: at the
@@ -57,7 +57,7 @@ def main() -> None:
     from privfer.data.splits import split_actors
     from privfer.fl.simulation import prepare_federation
     from privfer.models.vfer import VFER
-    from privfer.fl.clipped_sums import clipped_gradient_sums
+    from privfer.models.clipped_sums import clipped_gradient_sums
 
     torch.set_num_threads(args.threads)
     base = [f"privacy.epsilon={args.epsilon}", f"model.hidden_size={args.hidden}",

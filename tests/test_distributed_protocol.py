@@ -16,7 +16,7 @@ from privfer.config import AggregationConfig
 from privfer.errors import ConfigError
 from privfer.fl.aggregation import sum_integer_contributions
 from privfer.models.vfer import VFER
-from privfer.fl.clipped_sums import clipped_gradient_sums
+from privfer.models.clipped_sums import clipped_gradient_sums
 from privfer.privacy.noise import noise_family
 from privfer.privacy.distributed import (
     calibrate_distributed,
@@ -234,3 +234,50 @@ def test_batched_clipped_sums_equal_per_client_and_opacus(shortcut):
             expected = (factors[chosen].view(-1, *[1] * (p.dim() - 1)) * p[chosen]).sum(0).double()
             torch.testing.assert_close(batched[name][k], expected, rtol=1e-4, atol=1e-6)
     assert all(p.grad is None for p in model.parameters())  # the model's own gradients are untouched
+
+
+def test_a_new_layer_type_is_one_registration_for_the_clipped_sums():
+    """A layer type the batched sums do not know is refused by name; registering its factors (beside where an
+    Opacus grad sampler would be) is all it takes, and the sums equal per-example autograd's, clipped."""
+    from privfer.models import clipped_sums
+
+    class Scaled(torch.nn.Module):  # y = 2 (x W^T + b): a linear map the registry does not know
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(3, 5))
+            self.bias = torch.nn.Parameter(torch.randn(3))
+
+        def forward(self, x):
+            return 2 * torch.nn.functional.linear(x, self.weight, self.bias)
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Scaled()
+            self.head = torch.nn.Linear(3, 6)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.inner(x)))
+
+    torch.manual_seed(1)
+    model = Model()
+    x, y, groups = torch.randn(9, 5), torch.softmax(torch.randn(9, 6), -1), torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 0])
+    with pytest.raises(TypeError, match="register_clipped_sum"):
+        clipped_gradient_sums(model, x, y, groups, 2, 0.5)
+    try:
+        @clipped_sums.register_clipped_sum(Scaled)
+        def _factors(module, inputs, grad):  # d(2 x W^T)/dW = 2 g x^T: the factor 2 goes with the gradient
+            return (2 * grad).unsqueeze(1), inputs.unsqueeze(1)
+
+        sums = clipped_gradient_sums(model, x, y, groups, 2, 0.5).sums
+    finally:
+        del clipped_sums.RULES[Scaled]
+    expected = {name: torch.zeros(2, *p.shape, dtype=torch.float64) for name, p in model.named_parameters()}
+    for i in range(len(x)):
+        grads = torch.autograd.grad(LabelLoss("sum")(model(x[i:i + 1]), y[i:i + 1]), list(model.parameters()))
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+        factor = min(1.0, 0.5 / (float(norm) + 1e-6))
+        for (name, _), g in zip(model.named_parameters(), grads):
+            expected[name][int(groups[i])] += factor * g.double()
+    for name in expected:
+        torch.testing.assert_close(sums[name], expected[name], rtol=1e-5, atol=1e-7)

@@ -15,7 +15,7 @@ same family) to it and steps its own optimizer on it, so whatever the
 personal layers reveal later is at least as private as the shared release.
 
 A simulation may compute every client's clipped sum in one batched pass
-(:func:`privfer.fl.clipped_sums.clipped_gradient_sums`): examples do not
+(:func:`privfer.models.clipped_sums.clipped_gradient_sums`): examples do not
 interact, so each client's sum equals what it computes alone (tests check it).
 """
 
@@ -31,7 +31,7 @@ import torch
 
 from privfer.fl.aggregation import round_context, sum_integer_contributions
 from privfer.models.vfer import VFER
-from privfer.fl.clipped_sums import clipped_gradient_sums
+from privfer.models.clipped_sums import clipped_gradient_sums
 from privfer.privacy.distributed import DistributedPlan, decode_sum, encode_contribution, local_noisy_sum
 
 

@@ -34,6 +34,8 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.utils import register_norm_sampler
 from torch import nn
 
+from privfer.models.clipped_sums import register_clipped_sum
+
 
 @dataclass
 class _Pass:
@@ -217,6 +219,16 @@ def compute_recurrence_grad_sample(
     if layer.bias.requires_grad:
         result[layer.bias] = d_gates.sum(dim=1)
     return result
+
+
+@register_clipped_sum(LSTMRecurrence, hooked=False, reset=lambda layer: layer._passes.clear())
+def recurrence_clipped_sum_factors(layer: LSTMRecurrence, inputs: None, grad: None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batched clipped sums' factors (:mod:`privfer.models.clipped_sums`): the gate gradients dG (B, T, 4H) and
+    the previous hidden states H (B, T, H) of the one pass the layer recorded, its backward run."""
+    if len(layer._passes) != 1 or layer._passes[0].d_gates is None:
+        raise RuntimeError("expected one forward and one backward pass")
+    record = layer._passes.pop()
+    return record.d_gates, record.h_prev
 
 
 @register_norm_sampler(LSTMRecurrence)

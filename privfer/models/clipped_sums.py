@@ -9,7 +9,11 @@ matrix is formed:
 * one forward pass records each parameterised layer's input ``a`` and, after
   one backward pass to the layer outputs, their gradients ``g`` (the
   "backprops"); for :class:`~privfer.models.dp_lstm.LSTMRecurrence` the gate
-  gradients dG and previous hidden states it records itself;
+  gradients dG and previous hidden states it records itself. How a layer type
+  gives its factors is registered beside its Opacus grad sampler
+  (:func:`register_clipped_sum`; ``nn.Linear`` here,
+  ``LSTMRecurrence`` in :mod:`privfer.models.dp_lstm`), so a new layer type is
+  one registration, not a change here;
 * an example's squared gradient norm is, per layer, the Gram identity
   ``||sum_t g_t a_t^T||^2 = sum_{t,s} (g_t . g_s)(a_t . a_s)`` (Li et al. 2022,
   "ghost clipping"; Opacus's norm samplers use the same identity) plus the
@@ -26,14 +30,57 @@ alone (tests check this, and the sums against Opacus's per-sample gradients).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
-from privfer.models.dp_lstm import LSTMRecurrence
 from privfer.models.loss import LabelLoss
 
 NORM_EPSILON = 1e-6  # as Opacus: factor C / (norm + 1e-6)
+
+
+@dataclass(frozen=True)
+class ClippedSumRule:
+    """How one layer type's per-example weight gradient factors as ``sum_t g_t a_t^T`` (its bias's as
+    ``sum_t g_t``), after one forward and one backward pass.
+
+    ``hooked``: the recorder keeps the layer's input ``a`` and takes the gradient ``g`` of its output (a layer
+    applied once per pass, like ``nn.Linear``); otherwise the layer records its own factors, which ``factors``
+    returns. ``reset`` clears what the layer kept before a pass. ``factors(module, input, output_gradient)`` gives
+    ``(g, a)`` as (B, T, G) and (B, T, A) tensors (``input`` and ``output_gradient`` are None for a self-recording
+    layer)."""
+
+    factors: Callable[[nn.Module, torch.Tensor | None, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+    hooked: bool = True
+    reset: Callable[[nn.Module], None] = lambda module: None
+
+
+RULES: dict[type[nn.Module], ClippedSumRule] = {}
+
+
+def register_clipped_sum(layer_type: type[nn.Module], *, hooked: bool = True,
+                         reset: Callable[[nn.Module], None] | None = None):
+    """Register ``factors`` (the decorated function) as ``layer_type``'s :class:`ClippedSumRule`; as Opacus's
+    ``register_grad_sampler``, beside which a layer's rule is written."""
+
+    def register(factors):
+        if layer_type in RULES:
+            raise RuntimeError(f"a clipped-sum rule for {layer_type.__name__} is already registered")
+        RULES[layer_type] = ClippedSumRule(factors, hooked, reset or (lambda module: None))
+        return factors
+
+    return register
+
+
+def rule_for(module: nn.Module) -> ClippedSumRule:
+    """The registered rule of ``module``'s type (or of its nearest registered base class); TypeError naming the
+    supported types otherwise."""
+    for kind in type(module).__mro__:
+        if kind in RULES:
+            return RULES[kind]
+    raise TypeError(f"clipped sums support {', '.join(sorted(k.__name__ for k in RULES))} layers, not "
+                    f"{type(module).__name__} (register one with privfer.models.clipped_sums.register_clipped_sum)")
 
 
 @dataclass
@@ -46,24 +93,23 @@ class ClippedSums:
 
 
 class _Recorder:
-    """Forward hooks that keep each supported layer's input and output for one pass."""
+    """Forward hooks that keep each hooked layer's input and output for one pass; the rule of every layer."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.linears: dict[str, nn.Linear] = {}
-        self.recurrences: dict[str, LSTMRecurrence] = {}
+        self.layers: dict[str, tuple[nn.Module, ClippedSumRule]] = {}
         for name, module in model.named_modules():
-            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            if not own:
-                continue
-            if isinstance(module, nn.Linear):
-                self.linears[name] = module
-            elif isinstance(module, LSTMRecurrence):
-                self.recurrences[name] = module
-            else:
-                raise TypeError(f"clipped sums support nn.Linear and LSTMRecurrence layers, not {type(module).__name__}")
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                self.layers[name] = (module, rule_for(module))
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
-        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in self.linears.items()]
+        self._handles = [module.register_forward_hook(self._hook(name))
+                         for name, (module, rule) in self.layers.items() if rule.hooked]
+
+    def reset(self) -> None:
+        self.inputs.clear()
+        self.outputs.clear()
+        for module, rule in self.layers.values():
+            rule.reset(module)
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -135,23 +181,24 @@ def clipped_gradient_sums(
 
 
 def _chunk(model, recorder: _Recorder, criterion, x, y, g, max_grad_norm, sums) -> int:
-    recorder.inputs.clear()
-    recorder.outputs.clear()
-    for module in recorder.recurrences.values():
-        module._passes.clear()
+    recorder.reset()
     loss = criterion(model(x), y)
-    names = list(recorder.outputs)
-    grads = torch.autograd.grad(loss, [recorder.outputs[n] for n in names], allow_unused=True)
+    hooked = list(recorder.outputs)  # the hooked layers this pass applied (one not applied has no gradient)
+    grads = dict(zip(hooked, torch.autograd.grad(loss, [recorder.outputs[n] for n in hooked], allow_unused=True)))
     layers: list[tuple[str, torch.Tensor, torch.Tensor, nn.Module]] = []  # (module name, grads, acts, module)
-    for name, grad in zip(names, grads):
-        if grad is None:
-            raise RuntimeError(f"layer {name} does not reach the loss")
-        layers.append((name, _as_sequence(grad.detach()), _as_sequence(recorder.inputs[name]), recorder.linears[name]))
-    for name, module in recorder.recurrences.items():
-        if len(module._passes) != 1 or module._passes[0].d_gates is None:
-            raise RuntimeError(f"recurrence {name}: expected one forward and one backward pass")
-        record = module._passes.pop()
-        layers.append((name, record.d_gates.detach(), record.h_prev.detach(), module))
+    for name, (module, rule) in recorder.layers.items():
+        if rule.hooked:
+            if name not in grads:
+                continue
+            if grads[name] is None:
+                raise RuntimeError(f"layer {name} does not reach the loss")
+            grad, act = rule.factors(module, recorder.inputs[name], grads[name].detach())
+        else:
+            try:
+                grad, act = rule.factors(module, None, None)
+            except RuntimeError as exc:
+                raise RuntimeError(f"layer {name}: {exc}") from None
+        layers.append((name, grad.detach(), act.detach(), module))
     squared = torch.zeros(len(x), dtype=torch.float64)
     for _, grad, act, module in layers:
         if module.weight.requires_grad:
@@ -184,4 +231,11 @@ def _chunk(model, recorder: _Recorder, criterion, x, y, g, max_grad_norm, sums) 
     return int((norms > max_grad_norm).sum())
 
 
-__all__ = ["ClippedSums", "clipped_gradient_sums"]
+@register_clipped_sum(nn.Linear)
+def _linear_factors(module: nn.Module, inputs: torch.Tensor | None, grad: torch.Tensor | None):
+    """A linear layer applied to (B, F) or (B, T, F): its input and its output's gradient, per time step."""
+    assert inputs is not None and grad is not None
+    return _as_sequence(grad), _as_sequence(inputs)
+
+
+__all__ = ["RULES", "ClippedSumRule", "ClippedSums", "clipped_gradient_sums", "register_clipped_sum", "rule_for"]

@@ -446,7 +446,7 @@ def test_a_distributed_ledger_relabelled_legacy_is_refused(tmp_path):
     relabelled = {**document, "schema": "privfer.privacy_ledger/1"}
     _refused(tmp_path, relabelled, "predates it")
     del relabelled["mechanism_id"]  # read as a local ledger, its plans and entries are not one
-    _refused(tmp_path, relabelled, r"clients\[0\]|is not a field|lacks the field")
+    _refused(tmp_path, relabelled, r"field 'unit'|clients\[0\]|is not a field|lacks the field")
 
 
 def test_a_person_level_entry_that_states_records_is_refused(tmp_path):

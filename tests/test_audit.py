@@ -20,19 +20,25 @@ runner = CliRunner()
 
 def ledger(history, *, delta=1e-5, records=1000, claimed=None, target=2.0, accountant="prv", **entry):
     """A complete local ledger of one client (every field the writer writes)."""
+    from privfer.privacy.calibrate import epsilon_spent
+    from privfer.privacy.mechanisms.local import MECHANISM
+
+    stated = MECHANISM.ledger_statement()
+    if claimed is None and all(0 < h[1] <= 1 for h in history):  # a private ledger states every entry's epsilon
+        claimed = epsilon_spent([tuple(h) for h in history], delta, accountant)
     return {
         "schema": SCHEMA,
         "mechanism_id": "local",
         "unit": "record",
-        "mechanism": "DP-SGD on each client",
+        "mechanism": stated["mechanism"],
         "private": True,
         "accountant": accountant,
         "target_epsilon": target,
         "delta": delta,
         "max_grad_norm": 1.0,
         "noise_source": "os",
-        "neighbouring_relation": "add or remove one record (clip) of one client",
-        "public": [],
+        "neighbouring_relation": stated["neighbouring_relation"],
+        "public": stated["public"],
         "not_covered": [],
         "epsilon_max": claimed,
         "epsilon_median": claimed,
@@ -512,3 +518,95 @@ def test_a_legacy_local_ledger_is_still_read(audited_run, tmp_path):
     (tmp_path / "privacy_ledger.json").write_text(json.dumps(content))
     report = audit_path(tmp_path)
     assert report.passed and report.run_checks is None
+
+
+# -- hostile review of the typed ledger: bounded work, clean refusals, forgeries the run exposes ------------------
+
+
+def test_hostile_documents_are_one_line_refusals_with_bounded_work(tmp_path):
+    import sys
+
+    base = json.loads(json.dumps(_person_ledger()))
+    cases = {
+        "a million empty entries": (lambda: json.dumps({**base, "clients": [{}] * 200_000}), r"clients\[0\]"),
+        "a null noise family": (lambda: json.dumps({**base, "noise": None}), "'noise'"),
+        "an empty noise family": (lambda: json.dumps({**base, "noise": ""}), "'noise'"),
+        "a delta of 10**400": (lambda: json.dumps({**base, "delta": 10**400}), "'delta'"),
+        "a 5000-digit integer": (lambda: json.dumps(base).replace('"persons": 40', '"persons": ' + "9" * 5000),
+                                 "readable JSON"),
+        "nesting deeper than the parser goes": (lambda: "[" * (sys.getrecursionlimit() * 20) + "]" *
+                                                (sys.getrecursionlimit() * 20), "readable JSON"),
+        "a duplicated key": (lambda: json.dumps(base)[:-1] + ', "persons": 4000}', "appears twice"),
+        "a 50 MB schema": (lambda: json.dumps({**base, "schema": "x" * 50_000_000}), "field 'schema'"),
+    }
+    for name, (make, match) in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(make())
+        with pytest.raises(LedgerError, match=match) as refused:
+            load_ledger(path)
+        assert len(str(refused.value)) < 400, name  # a hostile field is never echoed whole
+        result = runner.invoke(app, ["audit", str(path)])
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, (name, result.output[:300])
+
+
+def test_forged_distributed_entries_and_statements_are_refused(tmp_path):
+    original = _person_ledger()
+    forgeries = {
+        "fewer steps than rounds": (lambda d: d["clients"][0]["history"][0].__setitem__(-1, 1), "rounds"),
+        "no history for a client that trained": (lambda d: d["clients"][0].update(history=[]), "rounds"),
+        "steps that are not its rounds": (lambda d: d["clients"][0].update(steps=1), "'steps'"),
+        "an accountant of no family": (lambda d: d["clients"][0].update(accountant="none"), "'accountant'"),
+        "a trust section rewritten": (lambda d: d["trust"].update(server="trusted"), "'trust'"),
+        "a mechanism sentence edited": (lambda d: d.update(mechanism="stronger than it is"), "'mechanism'"),
+        "a plan without its family": (lambda d: d["phases"]["training"].update(noise=None), "'noise'"),
+    }
+    for name, (forge, match) in forgeries.items():
+        forged = json.loads(json.dumps(original))
+        forge(forged)
+        _refused(tmp_path, forged, match, name=f"{name}.json")
+
+
+def test_a_local_entry_with_an_unknown_accountant_is_refused(audited_run, tmp_path):
+    content = json.loads((audited_run / "privacy_ledger.json").read_text())
+    for entry in content["clients"]:
+        entry["accountant"], entry["epsilon"] = "none", 0.01  # a claim no accountant is asked to confirm
+    _restate(content)
+    _refused(tmp_path, content, r"clients\[0\] field 'accountant'")
+
+
+def test_the_noise_source_and_what_is_not_covered_are_held_to_the_run(audited_run, tmp_path):
+    import shutil
+
+    for edit, problem in ((lambda d: d.update(noise_source="os" if d["noise_source"] != "os" else "run_key"),
+                           "noise source"),
+                          (lambda d: d.update(not_covered=[]), "not_covered")):
+        run_dir = tmp_path / problem.replace(" ", "_")
+        shutil.copytree(audited_run, run_dir)
+        content = json.loads((run_dir / "privacy_ledger.json").read_text())
+        if problem == "not_covered" and not content["not_covered"]:
+            content["not_covered"] = ["nothing"]  # the run covers everything: a ledger that says otherwise
+        else:
+            edit(content)
+        (run_dir / "privacy_ledger.json").write_text(json.dumps(content))
+        report = audit_path(run_dir)
+        assert not report.passed and any(problem in line for line in report.run_checks), report.run_checks
+
+
+def test_a_history_the_accountants_cannot_evaluate_is_unauditable_not_a_crash(tmp_path):
+    from privfer.privacy.audit import UNAUDITABLE
+
+    report = audit_path(write(tmp_path, ledger([[1e-300, 0.5, 10]], claimed=1.0)))
+    assert report.clients[0].verdicts == [UNAUDITABLE] and not report.passed
+
+
+def test_a_record_count_of_zero_is_a_finding_not_a_crash(audited_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(audited_run, run_dir)
+    content = json.loads((run_dir / "privacy_ledger.json").read_text())
+    for entry in content["clients"]:
+        entry["records"] = 0
+    (run_dir / "privacy_ledger.json").write_text(json.dumps(content))
+    report = audit_path(run_dir)
+    assert not report.passed and any("is not a count" in line for line in report.run_checks)

@@ -176,8 +176,11 @@ def test_a_run_with_discrete_gaussian_noise_is_audited_and_a_forged_share_count_
     # a consistent rewrite as a Skellam ledger (no 'noise' field: read as a legacy one) recomputes on its own, but
     # the run's config says which family ran
     legacy = json.loads((tmp_path / "run" / "privacy_ledger.json").read_text())
-    del legacy["noise"], legacy["phases"]["training"]["noise"]
+    del legacy["noise"], legacy["phases"]["training"]["noise"], legacy["accounting"]
     legacy["accountant"] = "skellam_rdp"
+    from privfer.privacy.mechanisms import MECHANISMS
+
+    legacy.update(MECHANISMS[legacy["mechanism_id"]].ledger_statement(noise=SKELLAM.title))  # its sentences too
     for entry in legacy["clients"]:
         step = DGAUSS.parse_entry(entry["history"][0])
         entry["history"] = [SKELLAM.entry(step)]

@@ -66,6 +66,7 @@ def cross_check(ledger: Ledger, run_dir: Path) -> list[str] | None:
             problems.append(f"{what} is {found!r} in the ledger but {wanted!r} in the run's config")
 
     expect("the unit", ledger.unit, privacy.unit)
+    expect("the noise source", ledger.noise_source, privacy.noise_source)  # 'run_seed' makes every share public
     expect("the mechanism", mechanism_of(ledger), config.mechanism_id or LOCAL)  # without DP: a local ledger
     expect("'private'", ledger.private, privacy.enabled)
     expect("the target epsilon", ledger.target_epsilon, privacy.epsilon if privacy.enabled else None,
@@ -77,6 +78,11 @@ def cross_check(ledger: Ledger, run_dir: Path) -> list[str] | None:
     expect("max_grad_norm", ledger.max_grad_norm, privacy.max_update_norm if person else privacy.max_grad_norm,
            numeric=True)
     max_rounds = {"training": fed.rounds, "adaptation": fed.adaptation_rounds}
+    # what the run leaves outside the accounting: the IFER when it pseudo-labelled the adaptation phase unpretrained
+    from privfer.fl.simulation import IFER_NOT_COVERED  # (torch: only with a run to hold the ledger to)
+
+    expect("not_covered", ledger.not_covered,
+           [IFER_NOT_COVERED] if phases.get("adaptation") and config.model.ifer_weights is None else [])
     for phase, count in phases.items():
         if count > max_rounds.get(phase, 0):
             problems.append(f"rounds.json records {count} {phase} rounds; the config plans {max_rounds.get(phase, 0)}")
@@ -120,7 +126,8 @@ def cross_check(ledger: Ledger, run_dir: Path) -> list[str] | None:
         expect(f"{where}: the sample rate", entry.sample_rate, 1.0 / per_epoch, numeric=True)
         planned = entry.rounds_trained * epochs.get(key[0], 0) * per_epoch
         expect(f"{where}: steps", entry.steps, planned)
-    if isinstance(ledger, OpacusLedger) and privacy.enabled and privacy.delta is None and entries:
+    if isinstance(ledger, OpacusLedger) and privacy.enabled and privacy.delta is None and entries \
+            and all(e.records >= 1 for e in entries):  # (a record count of 0 is reported above)
         # the default delta is 1 / (10 x the largest client's records); a client that never trained has no entry, so
         # the entries' largest bounds it from above: a delta raised, or records inflated, exceeds the bound
         bound = default_delta([e.records for e in entries])
@@ -132,7 +139,7 @@ def cross_check(ledger: Ledger, run_dir: Path) -> list[str] | None:
 
 
 _RECOMPUTED = ("dimension", "scale", "l1", "l2", "mu", "share_variance", "min_inputs", "colluders", "sum_bound",
-               "records", "clients")
+               "records", "clients", "modulus_bits", "target_epsilon")
 
 
 def _check_plans(ledger: SecureSumLedger, config: Any, trained: Counter) -> list[str]:

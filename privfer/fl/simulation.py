@@ -57,6 +57,8 @@ from privfer.secagg.backends import BACKENDS
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
 LEDGER = "privacy_ledger.json"
+IFER_NOT_COVERED = ("the IFER that pseudo-labels phase 2 is fitted on the training actors' frames without DP (it stands "
+                    "in for a public pretrained model); set model.ifer_weights to use one")
 ROUNDS = "rounds.json"
 @dataclass
 class Federation:
@@ -348,12 +350,7 @@ def _finish_training_phase(federation: Federation, state: _State) -> None:
 
 def _ledger(federation: Federation, state: _State) -> Ledger:
     config = federation.config
-    not_covered = (
-        ["the IFER that pseudo-labels phase 2 is fitted on the training actors' frames without DP (it stands "
-         "in for a public pretrained model); set model.ifer_weights to use one"]
-        if federation.clients[ADAPTATION] and config.model.ifer_weights is None
-        else []
-    )
+    not_covered = [IFER_NOT_COVERED] if federation.clients[ADAPTATION] and config.model.ifer_weights is None else []
     max_rounds = {TRAINING: config.federation.rounds, ADAPTATION: config.federation.adaptation_rounds}
     return federation.mechanism.ledger(list(state.accounts.values()), federation.delta, max_rounds, not_covered)
 

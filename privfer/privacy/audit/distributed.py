@@ -14,8 +14,8 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
-from privfer.privacy.audit.report import (CLAIM_TOLERANCE, MISMATCH, OVER_BUDGET, PUBLIC_NOISE, WEAK_DELTA,
-                                          AuditReport, ClientAudit, LedgerKind, _close)
+from privfer.privacy.audit.report import (CLAIM_TOLERANCE, MISMATCH, OVER_BUDGET, PUBLIC_NOISE, UNAUDITABLE,
+                                          WEAK_DELTA, AuditReport, ClientAudit, LedgerKind, _close)
 from privfer.privacy.calibrate import PRV_MAX_EPSILON, PRV_MAX_STEPS
 from privfer.privacy.distributed import sensitivities
 from privfer.privacy.ledger import SecureSumLedger
@@ -93,11 +93,17 @@ def _audit_distributed(ledger: SecureSumLedger, path: Path, kind: LedgerKind) ->
         delta = float(entry.delta)
         claimed = entry.epsilon
         history = entry.noise_steps
-        values = {first: family.epsilon(history, delta)[0] if history else 0.0}
-        values[second] = sum(
-            independent_epsilon(family, h.mu, h.l1, h.l2, h.sample_rate, h.steps, delta, h.shares, h.dimension)
-            for h in history
-        ) if len(history) == 1 else values[first]
+        try:
+            values = {first: family.epsilon(history, delta)[0] if history else 0.0}
+            values[second] = sum(
+                independent_epsilon(family, h.mu, h.l1, h.l2, h.sample_rate, h.steps, delta, h.shares, h.dimension)
+                for h in history
+            ) if len(history) == 1 else values[first]
+        except (MemoryError, ArithmeticError, ValueError, RuntimeError) as exc:  # hostile values: bounded, refused
+            audits.append(ClientAudit(entry.client, entry.phase, entry.records or 0, delta, float(claimed), {},
+                                      [UNAUDITABLE], [f"the accountants cannot evaluate this history "
+                                                      f"({exc.__class__.__name__})"]))
+            continue
         audit = ClientAudit(entry.client, entry.phase, entry.records or 0, delta, float(claimed), values)
         mismatch: list[str] = []
         l1, l2 = sensitivities(float(plan.max_grad_norm), float(plan.scale), plan.dimension)
@@ -132,8 +138,11 @@ def _audit_distributed(ledger: SecureSumLedger, path: Path, kind: LedgerKind) ->
             sigma = math.sqrt(h.mu) / h.l2  # the noise multiplier of the Gaussian with the same variance
             # the PLD's grid grows with the epsilon it computes and with steps: bounded like PRV's
             if sigma >= FLOOR_MIN_NOISE and h.steps <= PRV_MAX_STEPS and values[first] <= PRV_MAX_EPSILON:
-                audit.floor = _gaussian_floor(sigma, h.sample_rate, h.steps, delta)
-                if values[first] < audit.floor - 1e-6:
+                try:
+                    audit.floor = _gaussian_floor(sigma, h.sample_rate, h.steps, delta)
+                except (MemoryError, ArithmeticError, ValueError, RuntimeError):
+                    audit.reasons.append("the Gaussian floor cannot be evaluated for this history")
+                if audit.floor is not None and values[first] < audit.floor - 1e-6:
                     mismatch.append(f"the {family.title} bound {values[first]:.4f} is below the Gaussian with the "
                                     f"same variance ({audit.floor:.4f}, dp-accounting PLD)")
         person = kind.unit == "person"

@@ -92,7 +92,7 @@ def _audit_local(ledger: OpacusLedger, path: Path, kind: LedgerKind) -> AuditRep
         try:
             values = recompute(history, delta) if history else {name: 0.0 for name in ACCOUNTANTS}
             values = {name: values[name] for name in ACCOUNTANTS if name in values}  # the report's column order
-        except (MemoryError, OverflowError, ValueError, FloatingPointError, RuntimeError) as exc:
+        except (MemoryError, ArithmeticError, ValueError, RuntimeError) as exc:  # (ZeroDivision, Overflow, ...)
             audits.append(client_audit({}, [UNAUDITABLE], [f"the accountants cannot evaluate this history "
                                                           f"({exc.__class__.__name__})"]))
             continue

@@ -13,7 +13,7 @@ another check. :mod:`privfer.privacy.ledger.document` reads and writes them.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, ClassVar, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
                       model_serializer)
@@ -31,8 +31,14 @@ class LedgerError(PrivferError):
     """A privacy ledger is missing, unreadable, or lacks a field; the message names the file and the field."""
 
 
+MAX_INTEGER = 2**53  # a JSON number a float holds exactly; larger integers are refused (no float overflows later)
+
+
 def _finite(value: float) -> float:
-    if not math.isfinite(value):
+    if isinstance(value, int):
+        if abs(value) > MAX_INTEGER:
+            raise ValueError(f"must be at most {MAX_INTEGER} in magnitude")
+    elif not math.isfinite(value):
         raise ValueError("must be a finite number")
     return value
 
@@ -58,7 +64,11 @@ Positive = Annotated[Number, _between(0, None, open_low=True)]
 NonNegative = Annotated[Number, _between(0, None)]
 Rate = Annotated[Number, _between(0, 1, open_low=True)]  # a sample rate: (0, 1]
 Delta = Annotated[Number, _between(0, 1, open_low=True, open_high=True)]
-Count = Annotated[StrictInt, _between(0, None)]
+Count = Annotated[StrictInt, _between(0, MAX_INTEGER)]
+Text = Annotated[StrictStr, Field(min_length=1, max_length=10_000)]  # a sentence: never empty, bounded
+Name = Annotated[StrictStr, Field(min_length=1, max_length=64)]  # a phase, a unit, an accountant, ...
+Accountant = Literal["rdp", "prv"]  # an Opacus accountant
+NoiseSource = Literal["os", "run_key", "run_seed"]
 
 
 class Model(BaseModel):
@@ -78,13 +88,12 @@ class EntryBase(Model):
     """The fields of a client's entry every mechanism writes: who, which phase, how often it trained, its delta and
     the epsilon the ledger claims for it."""
 
-    client: StrictInt
-    phase: StrictStr
+    client: Annotated[StrictInt, _between(-MAX_INTEGER, MAX_INTEGER)]
+    phase: Name
     rounds_trained: Count
     steps: Count
     max_rounds: Count
     delta: Delta
-    accountant: StrictStr
 
 
 class LedgerBase(Model):
@@ -93,19 +102,19 @@ class LedgerBase(Model):
 
     ACCOUNTING: ClassVar[str]
 
-    schema_: StrictStr = Field(alias="schema")
-    mechanism_id: StrictStr | None = None  # absent only in a legacy (/1) ledger
-    unit: StrictStr
-    mechanism: StrictStr
+    schema_: Name = Field(alias="schema")
+    mechanism_id: Name = None  # type: ignore[assignment]  # absent only in a legacy (/1) ledger; never null
+    unit: Name
+    mechanism: Text
     private: StrictBool
-    accountant: StrictStr
+    accountant: Name
     target_epsilon: Positive | None
     delta: Delta
     max_grad_norm: Positive
-    noise_source: StrictStr
-    neighbouring_relation: StrictStr
-    public: list[StrictStr]
-    not_covered: list[StrictStr]
+    noise_source: NoiseSource
+    neighbouring_relation: Text
+    public: Annotated[list[Text], Field(max_length=64)]
+    not_covered: Annotated[list[Text], Field(max_length=64)]
     epsilon_max: NonNegative | None
     epsilon_median: NonNegative | None
 
@@ -127,5 +136,6 @@ class LedgerBase(Model):
         return problems
 
 
-__all__ = ["LEGACY_SCHEMAS", "MAX_CLIENTS", "MAX_HISTORY", "MAX_LEDGER_BYTES", "SCHEMA", "Count", "Delta",
-           "EntryBase", "LedgerBase", "LedgerError", "Model", "NonNegative", "Number", "Positive", "Rate"]
+__all__ = ["LEGACY_SCHEMAS", "MAX_CLIENTS", "MAX_HISTORY", "MAX_INTEGER", "MAX_LEDGER_BYTES", "SCHEMA", "Accountant",
+           "Count", "Delta", "EntryBase", "LedgerBase", "LedgerError", "Model", "NoiseSource", "NonNegative", "Number",
+           "Name", "Positive", "Rate", "Text"]

@@ -59,7 +59,7 @@ def parse_ledger(document: Any, path: Path | str = LEDGER_FILE) -> Ledger:
     if "schema" not in document:
         raise LedgerError(f"{path}: the ledger lacks the field 'schema'")
     if schema != SCHEMA and schema not in LEGACY_SCHEMAS:
-        raise LedgerError(f"{path}: field 'schema' is {schema!r}; this privfer reads {SCHEMA!r}")
+        raise LedgerError(f"{path}: field 'schema' is {_short(schema)}; this privfer reads {SCHEMA!r}")
     if schema in LEGACY_SCHEMAS:
         if "mechanism_id" in document:
             raise LedgerError(f"{path}: field 'mechanism_id' is in a {schema} ledger, which predates it (every {schema} "
@@ -72,10 +72,11 @@ def parse_ledger(document: Any, path: Path | str = LEDGER_FILE) -> Ledger:
     # a run without DP protects nothing: its (local) ledger states the configured unit
     mechanism = MECHANISMS.get(mechanism_id) if isinstance(mechanism_id, str) else None
     if mechanism is None:
-        raise LedgerError(f"{path}: field 'mechanism_id' is {mechanism_id!r}; expected one of {sorted(MECHANISMS)}")
+        raise LedgerError(f"{path}: field 'mechanism_id' is {_short(mechanism_id)}; expected one of "
+                          f"{sorted(MECHANISMS)}")
     unit = document.get("unit")
     if document.get("private") is True and isinstance(unit, str) and unit != mechanism.unit:  # before the entries
-        raise LedgerError(f"{path}: field 'unit' is {unit!r}, but mechanism_id {mechanism.id!r} protects a "
+        raise LedgerError(f"{path}: field 'unit' is {_short(unit)}, but mechanism_id {mechanism.id!r} protects a "
                           f"{mechanism.unit}")
     clients = document.get("clients")
     if isinstance(clients, list) and len(clients) > MAX_CLIENTS:  # bounded before any entry is validated
@@ -85,6 +86,8 @@ def parse_ledger(document: Any, path: Path | str = LEDGER_FILE) -> Ledger:
         ledger = model.model_validate(document)
     except ValidationError as exc:
         raise LedgerError(_message(exc, document, path, model)) from None
+    except (ArithmeticError, RecursionError) as exc:  # a validator's arithmetic on a hostile value
+        raise LedgerError(f"{path}: a value cannot be evaluated ({exc.__class__.__name__})") from None
     return ledger  # type: ignore[return-value]
 
 
@@ -96,10 +99,34 @@ def read_ledger(path: Path | str) -> Ledger:
     if path.stat().st_size > MAX_LEDGER_BYTES:
         raise LedgerError(f"{path} is {path.stat().st_size} bytes; ledgers of at most {MAX_LEDGER_BYTES} are read")
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        document = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise LedgerError(f"{path}: the key {_short(exc.args[0])} appears twice in one object (which one counts "
+                          "would depend on the reader)") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise LedgerError(f"{path} is not readable JSON ({exc.__class__.__name__})") from None
     return parse_ledger(document, path)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return document
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a message never echoes a hostile field whole."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def write_ledger(path: Path, ledger: LedgerBase) -> None:
@@ -140,7 +167,7 @@ def _message(exc: ValidationError, document: dict, path: Path, model: type[Ledge
     if rest and rest[0] == "history" and len(rest) >= 2:  # a history entry is judged whole, as its format
         field, value = f"history[{rest[1]}]", _at(value, rest[:2])
         text = _HISTORY_FORMAT.get(model, "a history entry of the ledger's noise family")
-        return f"{path}: {where} field '{field}' must be {text}, got {value!r}"
+        return f"{path}: {where} field '{field}' must be {text}, got {_short(value)}"
     field = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(rest))
     if error["type"] == "missing":
         return f"{path}: {where} lacks the field '{field}'"
@@ -149,7 +176,7 @@ def _message(exc: ValidationError, document: dict, path: Path, model: type[Ledge
         return f"{path}: {message}" if where == "the ledger" else f"{path}: {where}: {message}"
     phrase = "must be a number" if number else (_PHRASES.get(error["type"]) or message)
     shown = _at(value, rest)
-    return f"{path}: {where} field '{field}' {phrase}, got {shown!r}"[:2000]
+    return f"{path}: {where} field '{_short(field, 200)[1:-1]}' {phrase}, got {_short(shown)}"
 
 
 def _location(document: Any, loc: tuple, missing: bool) -> list:

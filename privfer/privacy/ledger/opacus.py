@@ -14,12 +14,14 @@ from typing import Annotated, Any, ClassVar
 from pydantic import Field, model_validator
 
 from privfer.privacy.ledger.accounts import ClientAccount
-from privfer.privacy.ledger.base import (MAX_CLIENTS, MAX_HISTORY, SCHEMA, Count, EntryBase, LedgerBase,
+from privfer.privacy.ledger.base import (MAX_CLIENTS, SCHEMA, Accountant, Count, EntryBase, LedgerBase,
                                          NonNegative, Positive, Rate)
 from privfer.privacy.mechanisms.local import MECHANISM as LOCAL_MECHANISM
 
 ACCOUNTING = "opacus"
 OpacusStep = tuple[Positive, Rate, Count]  # (noise multiplier, sample rate, steps): one Opacus history entry
+MAX_LOCAL_HISTORY = 64  # items per entry: a run merges a client's rounds of one (sigma, q) into one; each distinct
+# item costs the tight accountants about a second, so a longer history is refused before any of them runs
 
 
 class OpacusEntry(EntryBase):
@@ -31,8 +33,9 @@ class OpacusEntry(EntryBase):
     records: Count
     noise_multiplier: Positive | None  # None: trained without DP
     sample_rate: Rate
-    history: Annotated[list[OpacusStep], Field(max_length=MAX_HISTORY)]
+    history: Annotated[list[OpacusStep], Field(max_length=MAX_LOCAL_HISTORY, fail_fast=True)]
     epsilon: NonNegative | None
+    accountant: Accountant  # the run's, or rdp where PRV could not evaluate the history
 
 
 class OpacusLedger(LedgerBase):
@@ -43,10 +46,14 @@ class OpacusLedger(LedgerBase):
         "schema", "mechanism_id", "unit", "mechanism", "private", "accountant", "target_epsilon", "delta",
         "max_grad_norm", "noise_source", "neighbouring_relation", "public", "not_covered", "epsilon_max",
         "epsilon_median", "clients")
-    clients: Annotated[list[OpacusEntry], Field(max_length=MAX_CLIENTS)]
+    accountant: Accountant
+    clients: Annotated[list[OpacusEntry], Field(max_length=MAX_CLIENTS, fail_fast=True)]
 
     @model_validator(mode="after")
     def _consistent(self) -> "OpacusLedger":
+        for name, value in LOCAL_MECHANISM.ledger_statement().items():  # the sentences are the mechanism's
+            if getattr(self, name) != value:
+                raise ValueError(f"field '{name}' is not what mechanism {LOCAL_MECHANISM.id!r} states")
         for index, entry in enumerate(self.clients):
             where = f"clients[{index}]"
             if not math.isclose(entry.delta, self.delta, rel_tol=1e-12):
@@ -56,6 +63,8 @@ class OpacusLedger(LedgerBase):
                 raise ValueError(f"{where} trained but its field 'history' is empty")
             if not self.private and (entry.noise_multiplier is not None or entry.epsilon is not None):
                 raise ValueError(f"{where} states a noise multiplier or an epsilon in a ledger without DP")
+            if self.private and (entry.noise_multiplier is None or entry.epsilon is None):
+                raise ValueError(f"{where} lacks its noise multiplier or its epsilon in a ledger with DP")
         problems = self.summary_problems()
         if problems:
             raise ValueError(problems[0])

@@ -18,18 +18,19 @@ import math
 import statistics
 from typing import Annotated, Any, ClassVar
 
-from pydantic import Field, PrivateAttr, StrictInt, StrictStr, model_validator
+from pydantic import Field, PrivateAttr, StrictInt, model_validator
 
 from privfer.privacy.ledger.accounts import DistributedAccount
-from privfer.privacy.ledger.base import (MAX_CLIENTS, MAX_HISTORY, SCHEMA, Count, EntryBase, LedgerBase, Model,
-                                         NonNegative, Number, Positive, Rate, Delta)
-from privfer.privacy.mechanisms import select
+from privfer.privacy.ledger.base import (MAX_CLIENTS, SCHEMA, Count, Delta, EntryBase, LedgerBase, Model, Name,
+                                         NonNegative, Number, Positive, Rate, Text)
+from privfer.privacy.mechanisms import MECHANISMS, select
 from privfer.privacy.noise import FAMILIES, LEGACY, NoiseFamily, NoiseSteps, noise_family
 
 ACCOUNTING = "secure_sum"
 MAX_PHASES = 8
 MAX_DISTINCT_STEPS = 64  # distinct step mechanisms per ledger (a real run has one per phase)
 MAX_ENTRIES = 1_000_000  # history entries over all clients
+MAX_SUM_HISTORY = 64  # items per entry (a run writes one: a client's rounds of its phase's plan)
 
 
 class PhasePlan(Model):
@@ -48,12 +49,13 @@ class PhasePlan(Model):
     min_inputs: Count
     colluders: Count
     delta: Delta
-    target_epsilon: Positive | None = None
-    modulus_bits: Count | None = None
-    sum_bound: Count | None = None
+    # (absent in a ledger written before the field existed; never null)
+    target_epsilon: Positive = None  # type: ignore[assignment]
+    modulus_bits: Count = None  # type: ignore[assignment]
+    sum_bound: Count = None  # type: ignore[assignment]
     records: Count
-    noise: StrictStr | None = None  # absent: written when Skellam was the only family
-    noise_multiplier: Positive | None = None  # restated: sqrt(mu) / l2
+    noise: Name = None  # type: ignore[assignment]  # absent: written when Skellam was the only family
+    noise_multiplier: Positive = None  # type: ignore[assignment]  # restated: sqrt(mu) / l2
 
     @property
     def honest(self) -> int:
@@ -76,8 +78,10 @@ class SumEntry(EntryBase):
     ORDER: ClassVar[tuple[str, ...]] = ("client", "phase", "records", "rounds_trained", "steps", "max_rounds",
                                         "history", "delta", "epsilon", "accountant")
     records: Count | None  # None at person level: how many clips a person recorded is theirs too
-    history: Annotated[list[list[Number]], Field(max_length=MAX_HISTORY)]
+    history: Annotated[list[Annotated[list[Number], Field(max_length=16)]],
+                       Field(max_length=MAX_SUM_HISTORY, fail_fast=True)]
     epsilon: NonNegative
+    accountant: Name
     _steps: list[NoiseSteps] = PrivateAttr(default_factory=list)
 
     @property
@@ -94,13 +98,14 @@ class SecureSumLedger(LedgerBase):
         "schema", "mechanism_id", "unit", "mechanism", "noise", "private", "accountant", "accounting",
         "target_epsilon", "delta", "max_grad_norm", "noise_source", "neighbouring_relation", "trust", "phases",
         "persons", "public", "secret_participation", "not_covered", "epsilon_max", "epsilon_median", "clients")
-    noise: StrictStr | None = None  # absent: written when Skellam was the only family
-    accounting: StrictStr | None = None
-    trust: dict[StrictStr, StrictStr] | None = None
-    phases: Annotated[dict[StrictStr, PhasePlan], Field(min_length=1, max_length=MAX_PHASES)]
-    persons: Annotated[StrictInt, Field(ge=1)] | None = None  # person level: the count delta is judged against
-    secret_participation: StrictStr | None = None
-    clients: Annotated[list[SumEntry], Field(max_length=MAX_CLIENTS)]
+    # (the optional sections are absent in a ledger written before they existed, or of the other unit; never null)
+    noise: Name = None  # type: ignore[assignment]  # absent: written when Skellam was the only family
+    accounting: Text = None  # type: ignore[assignment]
+    trust: Annotated[dict[Name, Text], Field(max_length=32)] = None  # type: ignore[assignment]
+    phases: Annotated[dict[Name, PhasePlan], Field(min_length=1, max_length=MAX_PHASES)]
+    persons: Annotated[StrictInt, Field(ge=1, le=MAX_CLIENTS)] = None  # type: ignore[assignment]  # person level
+    secret_participation: Text = None  # type: ignore[assignment]
+    clients: Annotated[list[SumEntry], Field(max_length=MAX_CLIENTS, fail_fast=True)]
 
     @property
     def family(self) -> NoiseFamily:
@@ -117,9 +122,13 @@ class SecureSumLedger(LedgerBase):
                              f"{family.accountant!r}")
         if not self.private:
             raise ValueError("field 'private' is false, but the noise in the secure sum is a DP mechanism")
+        if self.accounting is not None and self.accounting != family.accounting:
+            raise ValueError(f"field 'accounting' is {self.accounting!r}; a {family.title} ledger's is "
+                             f"{family.accounting!r}")
         person = self.unit == "person"
         if person and self.persons is None:
             raise ValueError("a person-level ledger lacks the field 'persons'")
+        self._check_statements(family)
         for phase, plan in self.phases.items():
             if (plan.noise or family.name) != family.name:
                 raise ValueError(f"phases.{phase} field 'noise' is {plan.noise!r}, the ledger's is {family.name!r}")
@@ -135,6 +144,12 @@ class SecureSumLedger(LedgerBase):
             if not math.isclose(entry.delta, self.delta, rel_tol=1e-12):
                 raise ValueError(f"{where} field 'delta' is {entry.delta!r}, but the ledger's delta is "
                                  f"{self.delta!r} (a run accounts every client at one delta)")
+            if entry.accountant != family.accountant:
+                raise ValueError(f"{where} field 'accountant' is {entry.accountant!r}; a {family.title} ledger's is "
+                                 f"{family.accountant!r}")
+            if entry.steps != entry.rounds_trained:  # one step (one released sum) per round the client was in
+                raise ValueError(f"{where} field 'steps' is {entry.steps}, but it trained in {entry.rounds_trained} "
+                                 "rounds (one released sum each)")
             entries += len(entry.history)
             if entries > MAX_ENTRIES:
                 raise ValueError(f"more than {MAX_ENTRIES} history entries over all clients")
@@ -157,11 +172,36 @@ class SecureSumLedger(LedgerBase):
                                      f"{parsed.dimension} coordinates; its phase's plan guarantees {implied.shares} "
                                      f"over {implied.dimension}")
                 steps.append(parsed)
+            if sum(step.steps for step in steps) != entry.rounds_trained:
+                raise ValueError(f"{where} field 'history' holds {sum(step.steps for step in steps)} steps, but it "
+                                 f"trained in {entry.rounds_trained} rounds")
             entry._steps = steps
         problems = self.summary_problems()
         if problems:
             raise ValueError(problems[0])
         return self
+
+
+    def _check_statements(self, family: NoiseFamily) -> None:
+        """The sentences a ledger states are its mechanism's (privfer.privacy.mechanisms) and the trust the
+        builder writes for its security and noise source: an edited statement is not the run's."""
+        mechanism = MECHANISMS.get(self.mechanism_id)
+        if mechanism is None or mechanism.accounting != ACCOUNTING:
+            raise ValueError(f"field 'mechanism_id' is {self.mechanism_id!r}, not a mechanism of the secure sum")
+        stated = mechanism.ledger_statement(noise=family.title)
+        for name, value in stated.items():
+            if getattr(self, name) != value:
+                raise ValueError(f"field '{name}' is not what mechanism {mechanism.id!r} states")
+        if self.secret_participation is not None and "secret_participation" not in stated:
+            raise ValueError(f"field 'secret_participation' is not stated by mechanism {mechanism.id!r}")
+        if self.trust is not None:
+            security = self.trust.get("security")
+            if security not in ("active", "semi_honest") or self.trust != _trust(security, self.noise_source):
+                raise ValueError("field 'trust' is not what a run of its security and noise source states")
+
+
+def _trust(security: str, noise_source: str) -> dict[str, str]:
+    return {**_server_trust(security), **_TRUST, "noise_shares": _NOISE_SHARES.get(noise_source, noise_source)}
 
 
 def build_distributed_ledger(
@@ -217,8 +257,7 @@ def build_distributed_ledger(
         "max_grad_norm": first.max_grad_norm,
         "noise_source": noise_source,
         "neighbouring_relation": stated["neighbouring_relation"],
-        "trust": {**_server_trust(security), **_TRUST,
-                  "noise_shares": _NOISE_SHARES.get(noise_source, noise_source)},
+        "trust": _trust(security, noise_source),
         "phases": {phase: plan.to_dict() for phase, plan in plans.items()},
         "public": stated["public"],
         "not_covered": list(not_covered or []),

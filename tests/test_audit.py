@@ -610,3 +610,36 @@ def test_a_record_count_of_zero_is_a_finding_not_a_crash(audited_run, tmp_path):
     (run_dir / "privacy_ledger.json").write_text(json.dumps(content))
     report = audit_path(run_dir)
     assert not report.passed and any("is not a count" in line for line in report.run_checks)
+
+
+def test_noise_and_records_edited_consistently_fail_against_the_runs_data(audited_run, tmp_path):
+    """The ledger recomputes after these edits (its entries agree with themselves); the run's data and its
+    calibrated plans, rebuilt from config.yaml, do not."""
+    import shutil
+
+    from privfer.privacy.calibrate import epsilon_spent
+
+    def more_noise(ledger):  # twice the noise multiplier claimed, so a smaller epsilon
+        for entry in ledger["clients"]:
+            entry["noise_multiplier"] *= 2
+            entry["history"] = [[s * 2, q, t] for s, q, t in entry["history"]]
+            entry["epsilon"] = epsilon_spent([tuple(h) for h in entry["history"]], entry["delta"],
+                                             ledger["accountant"]) if entry["history"] else 0.0
+
+    def fewer_records(ledger):  # a client's records lowered (its sample rate left as it was)
+        ledger["clients"][0]["records"] -= 1
+
+    for edit, problem in ((more_noise, "noise_multiplier"), (fewer_records, "records")):
+        run_dir = tmp_path / problem
+        shutil.copytree(audited_run, run_dir)
+        content = json.loads((run_dir / "privacy_ledger.json").read_text())
+        edit(content)
+        _restate(content)
+        (run_dir / "privacy_ledger.json").write_text(json.dumps(content))
+        alone = tmp_path / f"{problem}-alone"
+        alone.mkdir()
+        shutil.copy(run_dir / "privacy_ledger.json", alone / "privacy_ledger.json")
+        assert not any(MISMATCH in c.verdicts for c in audit_path(alone).clients)  # self-consistent
+        report = audit_path(run_dir)
+        assert not report.passed and any(problem in line and "run's data" in line for line in report.run_checks), \
+            report.run_checks

@@ -257,7 +257,10 @@ def test_the_person_level_ledger_recomputes_and_tampering_is_caught(person_run, 
     def larger_delta(ledger, plan):
         ledger["delta"] = 0.5 / plan["clients"]
 
-    for edit, field in ((more_noise, "mu"), (coarser, "scale"), (larger_delta, "delta")):
+    def more_persons(ledger, plan):  # the federation claimed ten times larger, so delta judged against more
+        ledger["persons"] *= 10
+
+    for edit, field in ((more_noise, "mu"), (coarser, "scale"), (larger_delta, "delta"), (more_persons, "persons")):
         edited = consistent(edit)
         (tmp_path / "alone.json").write_text(json.dumps(edited))
         alone = audit_path(tmp_path / "alone.json")

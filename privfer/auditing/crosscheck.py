@@ -126,6 +126,7 @@ def cross_check(ledger: Ledger, run_dir: Path) -> list[str] | None:
         expect(f"{where}: the sample rate", entry.sample_rate, 1.0 / per_epoch, numeric=True)
         planned = entry.rounds_trained * epochs.get(key[0], 0) * per_epoch
         expect(f"{where}: steps", entry.steps, planned)
+    problems += _check_federation(ledger, config)
     if isinstance(ledger, OpacusLedger) and privacy.enabled and privacy.delta is None and entries \
             and all(e.records >= 1 for e in entries):  # (a record count of 0 is reported above)
         # the default delta is 1 / (10 x the largest client's records); a client that never trained has no entry, so
@@ -135,6 +136,56 @@ def cross_check(ledger: Ledger, run_dir: Path) -> list[str] | None:
             problems.append(f"delta is {ledger.delta!r} in the ledger, above the default 1 / (10 x "
                             f"{max(e.records for e in entries)} records) = {bound:.6g} the entries' largest client "
                             "allows")
+    return problems
+
+
+def _check_federation(ledger: Ledger, config: Any) -> list[str]:
+    """Rebuild the run's federation from config.yaml and its data — the split, the clients and their record
+    counts, the delta and every calibrated plan, by the code the run itself ran — and hold each entry to it: a
+    ledger edited consistently with its own records, persons or noise multipliers (a stronger delta judged, a
+    smaller epsilon claimed) recomputes, and even recalibrates, on its own; the run's data says otherwise."""
+    from privfer.fl.simulation import prepare_federation  # (torch: only with a run to hold the ledger to)
+
+    try:
+        federation = prepare_federation(config)
+    except Exception as exc:  # noqa: BLE001 - the data is not here, or not the run's: a finding, not a crash
+        return [f"the run's federation cannot be rebuilt from config.yaml and its data to verify the record "
+                f"counts and plans ({exc.__class__.__name__}: {str(exc)[:200]}); audit where the run's data is"]
+    problems: list[str] = []
+    if not _close(ledger.delta, federation.delta):
+        problems.append(f"delta is {ledger.delta!r} in the ledger but {federation.delta:.6g} for the run's data")
+    if isinstance(ledger, SecureSumLedger) and ledger.persons is not None:
+        persons = sum(len(group) for group in federation.clients.values())
+        if ledger.persons != persons:
+            problems.append(f"the ledger's persons is {ledger.persons}, but the run's data has {persons}")
+    plans = federation.plans
+    for entry in ledger.clients:
+        where = f"client {entry.client} ({entry.phase})"
+        client = federation.clients.get(entry.phase, {}).get(entry.client)
+        if client is None:
+            problems.append(f"{where} is not a client of that phase in the run's data")
+            continue
+        if entry.records is not None and entry.records != client.records:
+            problems.append(f"{where}: records {entry.records} in the ledger, {client.records} in the run's data")
+        if isinstance(ledger, OpacusLedger) and ledger.private:
+            plan = plans.get(entry.phase, {}).get(entry.client)
+            if plan is None:
+                problems.append(f"{where} has no calibrated plan in the rebuilt run")
+                continue
+            for name in ("noise_multiplier", "sample_rate"):
+                if not _close(getattr(entry, name), getattr(plan, name)):
+                    problems.append(f"{where}: {name} {getattr(entry, name)!r} in the ledger, "
+                                    f"{getattr(plan, name)!r} calibrated for the run's data")
+    if isinstance(ledger, SecureSumLedger):
+        for phase, plan in ledger.phases.items():
+            expected = plans.get(phase)
+            if expected is None:
+                problems.append(f"the ledger has a {phase} plan the rebuilt run does not")
+                continue
+            for name in (*_RECOMPUTED, "sample_rate", "steps", "max_grad_norm", "delta"):
+                if not _close(getattr(plan, name), getattr(expected, name)):
+                    problems.append(f"the {phase} plan's {name} is {getattr(plan, name)!r} in the ledger but "
+                                    f"{getattr(expected, name)!r} in the run rebuilt from its data")
     return problems
 
 

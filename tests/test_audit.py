@@ -489,7 +489,8 @@ def test_a_run_with_the_default_delta_holds_delta_to_the_records(small_clips, tm
     _restate(content)
     path.write_text(json.dumps(content))
     report = audit_path(tmp_path / "run")
-    assert not report.passed and any("default" in problem for problem in report.run_checks), report.run_checks
+    assert not report.passed and any("delta" in problem and "run's data" in problem for problem in report.run_checks), \
+        report.run_checks
 
 
 def recompute_claim(entry):

@@ -7,9 +7,11 @@ changed together) recomputes too. The run directory also holds
 ``rounds.json`` (who took part in which round, as the server saw it), so
 :func:`cross_check` holds the ledger to them: the unit, the mechanism, the
 target, delta and the planned sample rates and steps come from the config;
-the set of clients and how often each trained come from the rounds; a
-distributed run's plans are recalibrated from both and compared field by
-field (noise, scale, sensitivities, trust sizing, bounds). Every
+the set of clients and how often each trained come from the rounds; and
+the run's federation is rebuilt from the config and its data (the split,
+every client's record count, the delta and every calibrated plan, by the
+code the run ran), to which every entry and every distributed plan is held
+field by field (noise, scale, sensitivities, trust sizing, bounds). Every
 disagreement is one line in the result. A ledger without its run directory
 cannot be cross-checked, and the audit says so.
 """
@@ -24,8 +26,7 @@ from typing import Any
 
 from privfer.config import load_config
 from privfer.errors import PrivferError
-from privfer.privacy.calibrate import default_delta, steps_per_epoch
-from privfer.privacy.distributed import calibrate_plan
+from privfer.privacy.calibrate import steps_per_epoch
 from privfer.privacy.ledger import LOCAL, Ledger, OpacusLedger, SecureSumLedger, mechanism_of
 
 MAX_ROUNDS_BYTES = 256 * 1024 * 1024
@@ -107,8 +108,6 @@ def cross_check(ledger: Ledger, run_dir: Path) -> list[str] | None:
                    privacy.participation if person else privacy.sample_rate, numeric=True)
             expect(f"the {phase} plan's clipping bound", plan.max_grad_norm,
                    privacy.max_update_norm if person else privacy.max_grad_norm, numeric=True)
-        if privacy.enabled:
-            problems += _check_plans(ledger, config, trained)
     epochs = {"training": fed.local_epochs, "adaptation": fed.adaptation_epochs}
     for entry in entries:
         key = (entry.phase, entry.client)
@@ -126,17 +125,7 @@ def cross_check(ledger: Ledger, run_dir: Path) -> list[str] | None:
         expect(f"{where}: the sample rate", entry.sample_rate, 1.0 / per_epoch, numeric=True)
         planned = entry.rounds_trained * epochs.get(key[0], 0) * per_epoch
         expect(f"{where}: steps", entry.steps, planned)
-    problems += _check_federation(ledger, config)
-    if isinstance(ledger, OpacusLedger) and privacy.enabled and privacy.delta is None and entries \
-            and all(e.records >= 1 for e in entries):  # (a record count of 0 is reported above)
-        # the default delta is 1 / (10 x the largest client's records); a client that never trained has no entry, so
-        # the entries' largest bounds it from above: a delta raised, or records inflated, exceeds the bound
-        bound = default_delta([e.records for e in entries])
-        if ledger.delta > bound * (1 + 1e-9):
-            problems.append(f"delta is {ledger.delta!r} in the ledger, above the default 1 / (10 x "
-                            f"{max(e.records for e in entries)} records) = {bound:.6g} the entries' largest client "
-                            "allows")
-    return problems
+    return problems + _check_federation(ledger, config)
 
 
 def _check_federation(ledger: Ledger, config: Any) -> list[str]:
@@ -182,7 +171,11 @@ def _check_federation(ledger: Ledger, config: Any) -> list[str]:
             if expected is None:
                 problems.append(f"the ledger has a {phase} plan the rebuilt run does not")
                 continue
-            for name in (*_RECOMPUTED, "sample_rate", "steps", "max_grad_norm", "delta"):
+            stated = plan.noise or ledger.family.name  # absent: read as the audit reads it
+            if stated != expected.noise:
+                problems.append(f"the {phase} plan's noise family is {stated!r} in the ledger but the run's config "
+                                f"uses {expected.noise!r}")
+            for name in _RECOMPUTED:
                 if not _close(getattr(plan, name), getattr(expected, name)):
                     problems.append(f"the {phase} plan's {name} is {getattr(plan, name)!r} in the ledger but "
                                     f"{getattr(expected, name)!r} in the run rebuilt from its data")
@@ -190,67 +183,7 @@ def _check_federation(ledger: Ledger, config: Any) -> list[str]:
 
 
 _RECOMPUTED = ("dimension", "scale", "l1", "l2", "mu", "share_variance", "min_inputs", "colluders", "sum_bound",
-               "records", "clients", "modulus_bits", "target_epsilon")
-
-
-def _check_plans(ledger: SecureSumLedger, config: Any, trained: Counter) -> list[str]:
-    """Recalibrate every phase's plan from config.yaml and rounds.json and hold the ledger's plan and delta to it:
-    a ledger edited consistently (more noise claimed, a coarser scale, a larger delta) recomputes on its own, but
-    not from the run that made it."""
-    from privfer.fl.mechanisms import noised_dimension  # rebuilds the run's model (torch): only for a run
-
-    problems: list[str] = []
-    privacy, fed = config.privacy, config.federation
-    person = config.privacy.unit == "person"
-    entries = ledger.clients
-    clients_of = {phase: sorted({c for (p, c) in trained if p == phase}) for phase in ("training", "adaptation")}
-    if person:
-        persons = ledger.persons
-        took_part = sum(len(ids) for ids in clients_of.values())
-        if persons is None or persons < took_part:
-            problems.append(f"the ledger's persons {persons!r} is fewer than the {took_part} who took part "
-                            "(rounds.json)")
-            return problems
-        units = persons
-    else:
-        records = [e.records for e in entries]
-        if not all(r is not None and r >= 1 for r in records):
-            return problems + ["a record-level entry's records is not a count"]
-        units = sum(records)
-    expected_delta = privacy.delta if privacy.delta is not None else default_delta([units])
-    if not _close(ledger.delta, expected_delta):
-        problems.append(f"delta is {ledger.delta!r} in the ledger but {expected_delta:.6g} for the run's "
-                        f"{units} {'persons' if person else 'records'}")
-    try:
-        dimension = noised_dimension(config, int(config.data.feature_dim))
-    except (TypeError, ValueError) as exc:
-        return problems + [f"the run's model cannot be rebuilt from config.yaml ({exc.__class__.__name__})"]
-    for phase, plan in ledger.phases.items():
-        if phase not in clients_of:
-            continue
-        ids = clients_of[phase]
-        clients = (fed.cohort_size(config.mechanism, len(ids)) if phase == "training" else len(ids))
-        if person:
-            records = clients
-        else:
-            counts = sorted((e.records or 0 for e in entries if e.phase == phase), reverse=True)
-            records = sum(counts[:clients])
-        rounds = fed.rounds if phase == "training" else fed.adaptation_rounds
-        try:
-            expected = calibrate_plan(config, delta=expected_delta, dimension=dimension, steps=rounds,
-                                      clients=clients, records=records)
-        except Exception as exc:  # noqa: BLE001 - any failure to recalibrate is a finding, not a crash
-            problems.append(f"the {phase} plan cannot be recalibrated from the run's config ({exc})")
-            continue
-        stated = plan.noise or ledger.family.name  # absent: read as the audit reads it
-        if stated != expected.noise:
-            problems.append(f"the {phase} plan's noise family is {stated!r} in the ledger but the run's config "
-                            f"uses {expected.noise!r}")
-        for name in _RECOMPUTED:
-            if not _close(getattr(plan, name), getattr(expected, name)):
-                problems.append(f"the {phase} plan's {name} is {getattr(plan, name)!r} in the ledger but "
-                                f"{getattr(expected, name)!r} recalibrated from the run's config and rounds")
-    return problems
+               "records", "clients", "modulus_bits", "target_epsilon", "sample_rate", "steps", "max_grad_norm", "delta")
 
 
 __all__ = ["cross_check"]

@@ -23,13 +23,12 @@ from __future__ import annotations
 from privfer.privacy.ledger.accounts import ClientAccount, DistributedAccount, History, account_from_state
 from privfer.privacy.ledger.base import (LEGACY_SCHEMAS, MAX_CLIENTS, MAX_HISTORY, MAX_LEDGER_BYTES, SCHEMA,
                                          LedgerBase, LedgerError)
-from privfer.privacy.ledger.document import (LEDGER_FILE, LOCAL, MODELS, Ledger, ledger_file, mechanism_of,
-                                             mechanism_of_ledger, parse_ledger, read_ledger, write_ledger)
+from privfer.privacy.ledger.document import (LEDGER_FILE, LOCAL, MODELS, Ledger, ledger_file, mechanism_of, parse_ledger, read_ledger, write_ledger)
 from privfer.privacy.ledger.opacus import OpacusEntry, OpacusLedger, build_ledger
 from privfer.privacy.ledger.secure_sum import PhasePlan, SecureSumLedger, SumEntry, build_distributed_ledger
 
 __all__ = ["LEDGER_FILE", "LEGACY_SCHEMAS", "LOCAL", "MAX_CLIENTS", "MAX_HISTORY", "MAX_LEDGER_BYTES", "MODELS",
            "SCHEMA", "ClientAccount", "DistributedAccount", "History", "Ledger", "LedgerBase", "LedgerError",
            "OpacusEntry", "OpacusLedger", "PhasePlan", "SecureSumLedger", "SumEntry", "account_from_state",
-           "build_distributed_ledger", "build_ledger", "ledger_file", "mechanism_of", "mechanism_of_ledger",
+           "build_distributed_ledger", "build_ledger", "ledger_file", "mechanism_of",
            "parse_ledger", "read_ledger", "write_ledger"]

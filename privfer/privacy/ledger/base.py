@@ -16,13 +16,14 @@ import math
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
-                      model_serializer)
+                      model_serializer, model_validator)
 
 from privfer.errors import PrivferError
 
 SCHEMA = "privfer.privacy_ledger/2"
 LEGACY_SCHEMAS = ("privfer.privacy_ledger/1",)  # local ledgers written before mechanism_id existed
-MAX_HISTORY = 100_000  # entries per client: a longer history is refused before any accountant runs
+MAX_HISTORY = 64  # items in one entry's history: a run writes one per client and phase (rounds of one plan merge);
+# each distinct item costs the tight accountants about a second, so a longer history is refused before any runs
 MAX_CLIENTS = 1_000_000
 MAX_LEDGER_BYTES = 256 << 20  # a larger file is refused before it is read
 
@@ -122,18 +123,24 @@ class LedgerBase(Model):
         """The JSON document (the writer's field order; a section this ledger does not have is left out)."""
         return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
-    def summary_problems(self) -> list[str]:
-        """epsilon_max and epsilon_median against the entries' epsilons (the header restates them)."""
-        spent = sorted(e.epsilon for e in self.clients if e.epsilon is not None)  # type: ignore[attr-defined]
-        problems = []
+    @model_validator(mode="after")
+    def _header_agrees(self) -> "LedgerBase":
+        """Every accounting's header restates its entries: one delta for every entry, and the largest and median
+        epsilon of the entries."""
+        entries = self.clients  # type: ignore[attr-defined]
+        for index, entry in enumerate(entries):
+            if not math.isclose(entry.delta, self.delta, rel_tol=1e-12):
+                raise ValueError(f"clients[{index}] field 'delta' is {entry.delta!r}, but the ledger's delta is "
+                                 f"{self.delta!r} (a run accounts every client at one delta)")
+        spent = sorted(e.epsilon for e in entries if e.epsilon is not None)
         expected = {"epsilon_max": spent[-1] if spent else None,
                     "epsilon_median": (spent[(len(spent) - 1) // 2] + spent[len(spent) // 2]) / 2 if spent else None}
         for name, value in expected.items():
             stated = getattr(self, name)
             if (stated is None) != (value is None) or (
                     value is not None and not math.isclose(stated, value, rel_tol=1e-9, abs_tol=1e-12)):
-                problems.append(f"field '{name}' is {stated!r}, but the entries' epsilons give {value!r}")
-        return problems
+                raise ValueError(f"field '{name}' is {stated!r}, but the entries' epsilons give {value!r}")
+        return self
 
 
 __all__ = ["LEGACY_SCHEMAS", "MAX_CLIENTS", "MAX_HISTORY", "MAX_INTEGER", "MAX_LEDGER_BYTES", "SCHEMA", "Accountant",

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from privfer.privacy.ledger.base import LEGACY_SCHEMAS, MAX_CLIENTS, MAX_LEDGER_BYTES, SCHEMA, LedgerBase, LedgerError
 from privfer.privacy.ledger.opacus import OpacusLedger
 from privfer.privacy.ledger.secure_sum import SecureSumLedger
-from privfer.privacy.mechanisms import MECHANISMS, PrivacyMechanism
+from privfer.privacy.mechanisms import MECHANISMS
 from privfer.privacy.mechanisms.local import MECHANISM as _LOCAL
 from privfer.runs import atomic_write_json
 
@@ -40,11 +40,6 @@ def mechanism_of(ledger: LedgerBase | dict[str, Any]) -> str:
     """A ledger's mechanism id (a legacy ledger has none: it is local)."""
     found = ledger.get("mechanism_id") if isinstance(ledger, dict) else ledger.mechanism_id
     return LOCAL if found is None else found
-
-
-def mechanism_of_ledger(ledger: LedgerBase) -> PrivacyMechanism:
-    """The registered mechanism of a validated ledger."""
-    return MECHANISMS[mechanism_of(ledger)]
 
 
 def parse_ledger(document: Any, path: Path | str = LEDGER_FILE) -> Ledger:
@@ -206,5 +201,5 @@ def _at(value: Any, loc: list) -> Any:
     return value
 
 
-__all__ = ["LEDGER_FILE", "LOCAL", "MODELS", "Ledger", "ledger_file", "mechanism_of", "mechanism_of_ledger",
+__all__ = ["LEDGER_FILE", "LOCAL", "MODELS", "Ledger", "ledger_file", "mechanism_of",
            "parse_ledger", "read_ledger", "write_ledger"]

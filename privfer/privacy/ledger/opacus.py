@@ -7,21 +7,18 @@ steps, rounds trained, the history ``[[noise_multiplier, sample_rate, steps],
 
 from __future__ import annotations
 
-import math
 import statistics
 from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, model_validator
 
 from privfer.privacy.ledger.accounts import ClientAccount
-from privfer.privacy.ledger.base import (MAX_CLIENTS, SCHEMA, Accountant, Count, EntryBase, LedgerBase,
+from privfer.privacy.ledger.base import (MAX_CLIENTS, MAX_HISTORY, SCHEMA, Accountant, Count, EntryBase, LedgerBase,
                                          NonNegative, Positive, Rate)
 from privfer.privacy.mechanisms.local import MECHANISM as LOCAL_MECHANISM
 
 ACCOUNTING = "opacus"
 OpacusStep = tuple[Positive, Rate, Count]  # (noise multiplier, sample rate, steps): one Opacus history entry
-MAX_LOCAL_HISTORY = 64  # items per entry: a run merges a client's rounds of one (sigma, q) into one; each distinct
-# item costs the tight accountants about a second, so a longer history is refused before any of them runs
 
 
 class OpacusEntry(EntryBase):
@@ -33,7 +30,7 @@ class OpacusEntry(EntryBase):
     records: Count
     noise_multiplier: Positive | None  # None: trained without DP
     sample_rate: Rate
-    history: Annotated[list[OpacusStep], Field(max_length=MAX_LOCAL_HISTORY, fail_fast=True)]
+    history: Annotated[list[OpacusStep], Field(max_length=MAX_HISTORY, fail_fast=True)]
     epsilon: NonNegative | None
     accountant: Accountant  # the run's, or rdp where PRV could not evaluate the history
 
@@ -56,18 +53,12 @@ class OpacusLedger(LedgerBase):
                 raise ValueError(f"field '{name}' is not what mechanism {LOCAL_MECHANISM.id!r} states")
         for index, entry in enumerate(self.clients):
             where = f"clients[{index}]"
-            if not math.isclose(entry.delta, self.delta, rel_tol=1e-12):
-                raise ValueError(f"{where} field 'delta' is {entry.delta!r}, but the ledger's delta is {self.delta!r} "
-                                 "(a run accounts every client at one delta)")
             if self.private and not entry.history and entry.rounds_trained:
                 raise ValueError(f"{where} trained but its field 'history' is empty")
             if not self.private and (entry.noise_multiplier is not None or entry.epsilon is not None):
                 raise ValueError(f"{where} states a noise multiplier or an epsilon in a ledger without DP")
             if self.private and (entry.noise_multiplier is None or entry.epsilon is None):
                 raise ValueError(f"{where} lacks its noise multiplier or its epsilon in a ledger with DP")
-        problems = self.summary_problems()
-        if problems:
-            raise ValueError(problems[0])
         return self
 
 

@@ -21,7 +21,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import Field, PrivateAttr, StrictInt, model_validator
 
 from privfer.privacy.ledger.accounts import DistributedAccount
-from privfer.privacy.ledger.base import (MAX_CLIENTS, SCHEMA, Count, Delta, EntryBase, LedgerBase, Model, Name,
+from privfer.privacy.ledger.base import (MAX_CLIENTS, MAX_HISTORY, SCHEMA, Count, Delta, EntryBase, LedgerBase, Model, Name,
                                          NonNegative, Number, Positive, Rate, Text)
 from privfer.privacy.mechanisms import MECHANISMS, select
 from privfer.privacy.noise import FAMILIES, LEGACY, NoiseFamily, NoiseSteps, noise_family
@@ -30,7 +30,6 @@ ACCOUNTING = "secure_sum"
 MAX_PHASES = 8
 MAX_DISTINCT_STEPS = 64  # distinct step mechanisms per ledger (a real run has one per phase)
 MAX_ENTRIES = 1_000_000  # history entries over all clients
-MAX_SUM_HISTORY = 64  # items per entry (a run writes one: a client's rounds of its phase's plan)
 
 
 class PhasePlan(Model):
@@ -79,7 +78,7 @@ class SumEntry(EntryBase):
                                         "history", "delta", "epsilon", "accountant")
     records: Count | None  # None at person level: how many clips a person recorded is theirs too
     history: Annotated[list[Annotated[list[Number], Field(max_length=16)]],
-                       Field(max_length=MAX_SUM_HISTORY, fail_fast=True)]
+                       Field(max_length=MAX_HISTORY, fail_fast=True)]
     epsilon: NonNegative
     accountant: Name
     _steps: list[NoiseSteps] = PrivateAttr(default_factory=list)
@@ -141,9 +140,6 @@ class SecureSumLedger(LedgerBase):
             if (entry.records is None) != person:
                 raise ValueError(f"{where} field 'records' is {entry.records!r}; a {self.unit}-level ledger's entries "
                                  + ("publish no record counts (null)" if person else "state their record counts"))
-            if not math.isclose(entry.delta, self.delta, rel_tol=1e-12):
-                raise ValueError(f"{where} field 'delta' is {entry.delta!r}, but the ledger's delta is "
-                                 f"{self.delta!r} (a run accounts every client at one delta)")
             if entry.accountant != family.accountant:
                 raise ValueError(f"{where} field 'accountant' is {entry.accountant!r}; a {family.title} ledger's is "
                                  f"{family.accountant!r}")
@@ -176,9 +172,6 @@ class SecureSumLedger(LedgerBase):
                 raise ValueError(f"{where} field 'history' holds {sum(step.steps for step in steps)} steps, but it "
                                  f"trained in {entry.rounds_trained} rounds")
             entry._steps = steps
-        problems = self.summary_problems()
-        if problems:
-            raise ValueError(problems[0])
         return self
 
 

@@ -31,12 +31,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from privfer.config import PrivferConfig
 from privfer.fl.client import FLClient, LocalTraining, LocalUpdate
-from privfer.models.loss import LabelLoss
 from privfer.models.vfer import VFER
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which FLClient.fit uses
 ADAM_EPS = 1e-8
-_PER_CLIP = LabelLoss(reduction="none")
 MAX_CHUNK_VALUES = 1 << 26  # float32 values a chunk keeps (256 MiB): padded features and one batch's activations
 
 
@@ -51,9 +49,11 @@ def batchable(config: PrivferConfig, plan: LocalTraining) -> str | None:
     return None
 
 
-def _per_clip_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(K, B, classes) logits -> (K, B) losses: :class:`LabelLoss` per clip, the loss ``fit`` trains with."""
-    return _PER_CLIP(logits.flatten(0, 1), targets.flatten(0, 1)).view(logits.shape[:2])
+def _per_clip_loss(plan: LocalTraining, logits: torch.Tensor, targets: torch.Tensor,
+                   weights: torch.Tensor | None) -> torch.Tensor:
+    """(K, B, classes) logits -> (K, B) losses: the plan's objective per clip, the loss ``fit`` trains with."""
+    flat_weights = None if weights is None else weights.flatten(0, 1)
+    return plan.objective.per_clip(logits.flatten(0, 1), targets.flatten(0, 1), flat_weights).view(logits.shape[:2])
 
 
 def _batches(client: FLClient, batch_size: int, epochs: int, seed: int) -> list[torch.Tensor]:
@@ -110,9 +110,13 @@ def _fit_chunk(clients: Sequence[FLClient], config: PrivferConfig, states: Seque
     size = max(c.records for c in clients)
     features = clients[0].features.new_zeros((count, size, *clients[0].features.shape[1:]))
     targets = clients[0].targets.new_zeros((count, size, *clients[0].targets.shape[1:]))
+    weighted = any(client.weights is not None for client in clients)
+    weights = torch.ones(count, size) if weighted else None
     for j, client in enumerate(clients):
         features[j, :client.records] = client.features
         targets[j, :client.records] = client.targets
+        if weights is not None and client.weights is not None:
+            weights[j, :client.records] = client.weights
     schedules = [_batches(client, plan.batch_size, plan.epochs, seed) for client, seed in zip(clients, seeds)]
     steps = max(len(schedule) for schedule in schedules)
 
@@ -133,8 +137,8 @@ def _fit_chunk(clients: Sequence[FLClient], config: PrivferConfig, states: Seque
                 valid[j, :len(batch)] = 1.0
                 active[j] = True
         counts = valid.sum(dim=1)
-        per_clip = _per_clip_loss(template.stacked_forward(params, features[rows, index]),
-                                  targets[rows, index]) * valid
+        per_clip = _per_clip_loss(plan, template.stacked_forward(params, features[rows, index]),
+                                  targets[rows, index], None if weights is None else weights[rows, index]) * valid
         # each client's mean over its own batch; the sum over clients keeps their gradients apart
         per_client = per_clip.sum(dim=1) / counts.clamp(min=1.0)
         grads = torch.autograd.grad(per_client.sum(), list(params.values()))

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from privfer.config import PrivferConfig
 from privfer.fl.dpsgd import make_private_training
-from privfer.models.loss import LabelLoss
+from privfer.models.loss import TrainingObjective
 from privfer.models.vfer import VFER
 
 History = list[tuple[float, float, int]]
@@ -55,23 +55,39 @@ class LocalTraining:
     optimizer: str = "adam"  # or "sgd"
     # the strategy's operator on every trained parameter after each optimizer step (Strategy.local_step)
     local_step: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
+    # what the client minimises (Strategy.objective): the label term, the strategy's terms, the clips' weights
+    objective: TrainingObjective = field(default_factory=TrainingObjective)
 
 
 class FLClient:
-    """One client (one actor) holding its features (N, T, D) and training targets."""
+    """One client (one actor) holding its features (N, T, D), training targets and (optionally) one weight in
+    [0, 1] per clip, which the training objective multiplies each clip's loss by."""
 
-    def __init__(self, client_id: int, features: np.ndarray, targets: np.ndarray) -> None:
+    def __init__(self, client_id: int, features: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor,
+                 weights: np.ndarray | torch.Tensor | None = None) -> None:
         if len(features) != len(targets):
             raise ValueError(f"client {client_id}: {len(features)} clips but {len(targets)} targets")
         if len(features) == 0:
             raise ValueError(f"client {client_id} holds no clips")
         self.client_id = int(client_id)
-        self.features = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-        self.targets = torch.from_numpy(np.ascontiguousarray(targets))
+        self.features = _tensor(features, np.float32)
+        self.targets = _tensor(targets, None)
+        self.weights = None if weights is None else _tensor(weights, np.float32)
+        if self.weights is not None and self.weights.shape != (len(features),):
+            raise ValueError(f"client {client_id}: {len(features)} clips but weights of shape "
+                             f"{tuple(self.weights.shape)}")
 
     @property
     def records(self) -> int:
         return len(self.features)
+
+    def with_targets(self, targets: torch.Tensor, weights: torch.Tensor | None) -> "FLClient":
+        """The same clips with other targets and weights (a strategy's refined labels); the features are shared."""
+        return FLClient(self.client_id, self.features, targets, weights)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """(features, targets) or (features, targets, weights): a dataset's columns."""
+        return (self.features, self.targets) if self.weights is None else (self.features, self.targets, self.weights)
 
     def fit(
         self,
@@ -101,12 +117,12 @@ class FLClient:
         else:
             optimizer = torch.optim.Adam(model.parameters(), lr=plan.lr, weight_decay=plan.weight_decay)
         loader = DataLoader(
-            TensorDataset(self.features, self.targets),
+            TensorDataset(*self.tensors()),
             batch_size=plan.batch_size,
             shuffle=True,
             generator=torch.Generator().manual_seed(seed),
         )
-        criterion: torch.nn.Module = LabelLoss()
+        criterion: torch.nn.Module = plan.objective
         module: torch.nn.Module = model
         training = None
         if private:
@@ -119,6 +135,7 @@ class FLClient:
                 accountant=plan.accountant,
                 history=history,
                 noise_source=plan.noise_source,
+                criterion=plan.objective,
             )
             module, optimizer, criterion, loader = training.module, training.optimizer, training.criterion, training.loader
         total, steps = 0.0, 0
@@ -126,9 +143,9 @@ class FLClient:
             # Opacus hooks the first layer, whose input (the data) needs no gradient: expected, harmless.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for _ in range(plan.epochs):
-                for x, y in loader:
+                for x, *targets in loader:  # (targets) or (targets, weights)
                     optimizer.zero_grad(set_to_none=True)
-                    loss = criterion(module(x), y)
+                    loss = criterion(module(x), *targets)
                     loss.backward()
                     if before_step is not None:
                         before_step(model)
@@ -150,6 +167,13 @@ class FLClient:
             steps=steps,
             history=training.history if training is not None else [],
         )
+
+
+
+def _tensor(values: np.ndarray | torch.Tensor, dtype) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values if dtype is None else values.to(torch.float32)
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=dtype))
 
 
 __all__ = ["FLClient", "LocalTraining", "LocalUpdate"]

@@ -30,8 +30,10 @@ import numpy as np
 import torch
 
 from privfer.fl.aggregation import round_context, sum_integer_contributions
-from privfer.models.vfer import VFER
+from privfer.fl.client import FLClient
 from privfer.models.clipped_sums import clipped_gradient_sums
+from privfer.models.loss import TrainingObjective
+from privfer.models.vfer import VFER
 from privfer.privacy.distributed import DistributedPlan, decode_sum, encode_contribution, local_noisy_sum
 
 
@@ -55,27 +57,51 @@ def sample_records(records: int, sample_rate: float, rng: np.random.Generator) -
     return np.flatnonzero(rng.random(records) < sample_rate)
 
 
+class _Batch:
+    """A Poisson sample of one client's clips (possibly empty), with their targets and weights."""
+
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None) -> None:
+        self.features, self.targets, self.weights = features, targets, weights
+
+    @property
+    def records(self) -> int:
+        return len(self.features)
+
+
+def _rows(client: FLClient, chosen: torch.Tensor) -> _Batch:
+    return _Batch(client.features[chosen], client.targets[chosen],
+                  None if client.weights is None else client.weights[chosen])
+
+
 def clipped_sums_by_client(
     models: Callable[[int], VFER],
-    batches: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
+    batches: Mapping[int, _Batch],
     max_grad_norm: float,
     shared_model: bool,
+    objective: TrainingObjective | None = None,
 ) -> dict[int, dict[str, torch.Tensor]]:
-    """Each client's clipped gradient sum (every parameter). ``shared_model``: all clients train the same model,
-    so one batched pass serves them all; otherwise each client's own model (its personal layers) runs alone."""
+    """Each client's clipped gradient sum (every parameter) over its batch's clips, their targets and weights.
+    ``shared_model``: all clients train the same model, so one batched pass serves them all; otherwise each
+    client's own model (its personal layers) runs alone."""
     order = sorted(batches)
     if shared_model:
         model = models(order[0])
-        features = torch.cat([batches[c][0] for c in order])
-        targets = torch.cat([batches[c][1] for c in order])
-        groups = torch.cat([torch.full((len(batches[c][0]),), i, dtype=torch.long) for i, c in enumerate(order)])
-        sums = clipped_gradient_sums(model, features, targets, groups, len(order), max_grad_norm).sums
+        features = torch.cat([batches[c].features for c in order])
+        targets = torch.cat([batches[c].targets for c in order])
+        weights = None
+        if any(batches[c].weights is not None for c in order):
+            weights = torch.cat([batches[c].weights if batches[c].weights is not None
+                                 else torch.ones(batches[c].records) for c in order])
+        groups = torch.cat([torch.full((batches[c].records,), i, dtype=torch.long) for i, c in enumerate(order)])
+        sums = clipped_gradient_sums(model, features, targets, groups, len(order), max_grad_norm, weights=weights,
+                                     objective=objective).sums
         return {c: {name: value[i] for name, value in sums.items()} for i, c in enumerate(order)}
     result = {}
     for c in order:
-        x, y = batches[c]
-        sums = clipped_gradient_sums(models(c), x, y, torch.zeros(len(x), dtype=torch.long), 1,
-                                     max_grad_norm).sums
+        batch = batches[c]
+        sums = clipped_gradient_sums(models(c), batch.features, batch.targets,
+                                     torch.zeros(batch.records, dtype=torch.long), 1, max_grad_norm,
+                                     weights=batch.weights, objective=objective).sums
         result[c] = {name: value[0] for name, value in sums.items()}
     return result
 
@@ -83,7 +109,7 @@ def clipped_sums_by_client(
 def run_distributed_round(
     *,
     model_for: Callable[[int], VFER],
-    data: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
+    data: Mapping[int, FLClient],
     cohort: list[int],
     dropouts: Mapping[int, str],
     shared: list[str],
@@ -94,6 +120,7 @@ def run_distributed_round(
     global_state: dict[str, torch.Tensor],
     template: VFER,
     personal_step: Callable[[int, dict[str, torch.Tensor]], None],
+    objective: TrainingObjective | None = None,
 ) -> DistributedRoundResult:
     """One DP-SGD step's release over the cohort's records, the noise in the securely computed sum: the decoded sum
     over the public expected batch (sample rate x the included clients' records). The strategy applies it
@@ -103,16 +130,18 @@ def run_distributed_round(
     personal-layer gradient (FedPer: every trainable parameter not in
     ``shared``; full local noise, divided by its expected batch) and applies it
     on the client; it is not called when every parameter is shared (FedAvg).
+    ``data`` holds each client's clips, targets and weights; ``objective`` is
+    the strategy's training objective (the label term by default).
     """
     started = time.perf_counter()
     rngs = {c: rng_for(c) for c in cohort}
     batches = {}
     for c in cohort:
-        x, y = data[c]
-        chosen = torch.from_numpy(sample_records(len(x), plan.sample_rate, rngs[c]))
-        batches[c] = (x[chosen], y[chosen])
+        chosen = torch.from_numpy(sample_records(data[c].records, plan.sample_rate, rngs[c]))
+        batches[c] = _rows(data[c], chosen)
     personal = [n for n, p in template.named_parameters() if p.requires_grad and n not in shared]
-    sums = clipped_sums_by_client(model_for, batches, plan.max_grad_norm, shared_model=not personal)
+    sums = clipped_sums_by_client(model_for, batches, plan.max_grad_norm, shared_model=not personal,
+                                  objective=objective)
     gradient_seconds = time.perf_counter() - started
     encoding_started = time.perf_counter()
 
@@ -124,7 +153,7 @@ def run_distributed_round(
         if personal:
             for name in personal:
                 values = local_noisy_sum(sums[c][name].reshape(-1).numpy(), plan, rngs[c])
-                noisy[name] = torch.from_numpy(values / (plan.sample_rate * len(data[c][0])))
+                noisy[name] = torch.from_numpy(values / (plan.sample_rate * data[c].records))
         return contribution, noisy
 
     # numpy's samplers release the GIL: the clients' noise shares are drawn in parallel.
@@ -140,7 +169,7 @@ def run_distributed_round(
     if summed.aborted is not None:
         return DistributedRoundResult(None, [], summed.aborted, gradient_seconds, summed.seconds, summed.bytes_sent,
                                       encoding_seconds)
-    expected_batch = plan.sample_rate * sum(len(data[c][0]) for c in summed.included)
+    expected_batch = plan.sample_rate * sum(data[c].records for c in summed.included)
     return DistributedRoundResult(decode_sum(summed.total, plan) / expected_batch, list(summed.included), None,
                                   gradient_seconds, summed.seconds, summed.bytes_sent, encoding_seconds)
 

@@ -29,7 +29,7 @@ import torch
 from opacus import PrivacyEngine
 from torch import nn
 
-from privfer.models.loss import LabelLoss
+from privfer.models.loss import LabelLoss, TrainingObjective
 
 
 @dataclass
@@ -57,8 +57,10 @@ def make_private_training(
     accountant: str,
     history: list[tuple[float, float, int]] | None = None,
     noise_source: str = "run_key",
+    criterion: TrainingObjective | None = None,
 ) -> PrivateTraining:
-    """Opacus DP-SGD (Poisson sampling, ghost clipping) whose accountant continues from ``history``."""
+    """Opacus DP-SGD (Poisson sampling, ghost clipping) whose accountant continues from ``history``; the
+    ``criterion`` (the training objective; the label loss by default) gives per-example losses on request."""
     if noise_source not in ("run_key", "run_seed", "os"):
         raise ValueError(f"noise_source must be 'run_key', 'run_seed' or 'os', got {noise_source!r}")
     with warnings.catch_warnings():
@@ -76,7 +78,7 @@ def make_private_training(
             max_grad_norm=max_grad_norm,
             poisson_sampling=True,
             grad_sample_mode="ghost",
-            criterion=LabelLoss(),
+            criterion=LabelLoss() if criterion is None else criterion.with_reduction("mean"),
         )
     return PrivateTraining(module, dp_optimizer, criterion, dp_loader, engine)
 

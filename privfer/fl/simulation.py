@@ -48,6 +48,7 @@ from privfer.fl.mechanisms import Mechanism, make_mechanism, public_client_seed
 from privfer.fl.results import AggregationSummary, DataSummary, PrivacySummary, RoundCounts, SimulationResult
 from privfer.fl.rounds import ADAPTATION, TRAINING, RoundRecord, draw_cohort
 from privfer.fl.strategies import Strategy, make_strategy
+from privfer.fl.strategies.base import check_portable, checked_client_data
 from privfer.metrics import classification_report
 from privfer.models.vfer import VFER, ifer_from_config
 from privfer.privacy.ledger import ClientAccount, Ledger, account_from_state, write_ledger
@@ -88,6 +89,23 @@ class Federation:
         model.load_state_dict(state)
         return model
 
+    def client(self, state: "_State", phase: str, client_id: int, shared: list[str]) -> FLClient:
+        """Client ``client_id`` as it trains this round: its clips with the targets and weights the strategy gives
+        them (:meth:`~privfer.fl.strategies.Strategy.client_data`, checked), its per-client state updated."""
+        client = self.clients[phase][client_id]
+        strategy = self.strategy
+
+        def model() -> VFER:
+            return self.model({**state.global_state, **state.personal_of(client_id, phase, shared)})
+
+        data, kept = strategy.client_data(phase, client_id, client.features, client.targets, model,
+                                          state.strategy_clients.get(client_id))
+        data = checked_client_data(strategy, client_id, client.records, client.targets, data)
+        if kept is not None or client_id in state.strategy_clients:
+            check_portable(kept, f"strategy {strategy.name!r}, client {client_id}")
+            state.strategy_clients[client_id] = kept
+        return client if data is None else client.with_targets(data.targets, data.weights)
+
     def cohort(self, phase: str, round_index: int) -> tuple[list[int], dict[int, str]]:
         """Who trains this round and who drops out at which stage (from the run seed: the same on resume)."""
         ids = sorted(self.clients[phase])
@@ -103,6 +121,7 @@ class _State:
     records: list[RoundRecord] = field(default_factory=list)
     server_optimizer: dict[str, dict | None] = field(default_factory=dict)  # phase -> optimizer state (distributed)
     personal_optimizer: dict[int, dict] = field(default_factory=dict)  # FedPer clients' head optimizers (distributed)
+    strategy_clients: dict[int, Any] = field(default_factory=dict)  # the strategy's per-client state (client_data)
     newcomer_head: dict[str, torch.Tensor] | None = None
     after_training: dict[str, Any] | None = None
     elapsed: float = 0.0
@@ -131,6 +150,7 @@ class _State:
             "records": [asdict(r) for r in self.records],
             "server_optimizer": self.server_optimizer,
             "personal_optimizer": self.personal_optimizer,
+            "strategy_clients": self.strategy_clients,
             "newcomer_head": self.newcomer_head,
             "after_training": self.after_training,
             "elapsed": self.elapsed,
@@ -148,6 +168,7 @@ class _State:
             records=[RoundRecord(**r) for r in raw["records"]],
             server_optimizer=raw.get("server_optimizer", {}),
             personal_optimizer={int(k): v for k, v in raw.get("personal_optimizer", {}).items()},
+            strategy_clients={int(k): v for k, v in raw.get("strategy_clients", {}).items()},
             newcomer_head=raw["newcomer_head"],
             after_training=raw["after_training"],
             elapsed=raw["elapsed"],
@@ -177,6 +198,10 @@ def prepare_federation(
         raise ConfigError(f"federation.strategy '{strategy.name}' changes how clients train locally, and "
                           f"{mechanism.title} takes no local steps (one step on the global model per "
                           "round); use privacy.unit 'person' or privacy.mechanism 'local', or another strategy")
+    if strategy.couples_records and mechanism.privacy is not None and mechanism.privacy.unit == "record":
+        raise ConfigError(f"federation.strategy '{strategy.name}' makes a clip's target depend on the client's other "
+                          f"clips, which record-level DP does not bound ({mechanism.title} clips each record's "
+                          "gradient alone); use privacy.unit 'person', or another strategy")
     clips = load_clips(config.data) if clips is None else clips
     split = split_actors(clips, config.data.split, config.seed)
     parts = split_clips(clips, split)

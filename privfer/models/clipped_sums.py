@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from privfer.models.loss import LabelLoss
+from privfer.models.loss import TrainingObjective
 
 NORM_EPSILON = 1e-6  # as Opacus: factor C / (norm + 1e-6)
 
@@ -149,19 +149,25 @@ def clipped_gradient_sums(
     num_groups: int,
     max_grad_norm: float,
     *,
+    weights: torch.Tensor | None = None,
+    objective: TrainingObjective | None = None,
     chunk: int = 2048,
 ) -> ClippedSums:
     """``sums[name][k] = sum over examples i of group k of clip(grad_name l_i)``, clipping each example's WHOLE
     gradient (every trainable parameter) to ``max_grad_norm``.
 
     ``groups`` (long, one per example, in 0..num_groups-1) says whose example
-    each row is. The loss is :class:`~privfer.fl.dpsgd.LabelLoss` per
-    example. The model's parameter gradients are left untouched.
+    each row is. The loss is ``objective`` per example (the label term by
+    default; :class:`~privfer.models.loss.TrainingObjective`), times the
+    example's ``weights`` entry when given. The model's parameter gradients are
+    left untouched.
     """
     if not max_grad_norm > 0:
         raise ValueError("max_grad_norm must be positive")
     if len(features) != len(targets) or len(features) != len(groups):
         raise ValueError("features, targets and groups must have one row per example")
+    if weights is not None and weights.shape != (len(features),):
+        raise ValueError("weights must have one entry per example")
     if len(groups) and (int(groups.min()) < 0 or int(groups.max()) >= num_groups):
         raise ValueError(f"group indices must be in 0..{num_groups - 1}")
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -169,20 +175,22 @@ def clipped_gradient_sums(
     clipped = 0
     order = torch.argsort(groups, stable=True)
     features, targets, groups = features[order], targets[order], groups[order]
-    criterion = LabelLoss(reduction="sum")
+    weights = None if weights is None else weights[order]
+    criterion = (objective or TrainingObjective()).with_reduction("sum")
     recorder = _Recorder(model)
     try:
         for start in range(0, len(features), chunk):
             x, y, g = features[start : start + chunk], targets[start : start + chunk], groups[start : start + chunk]
-            clipped += _chunk(model, recorder, criterion, x, y, g, max_grad_norm, sums)
+            w = None if weights is None else weights[start : start + chunk]
+            clipped += _chunk(model, recorder, criterion, x, y, w, g, max_grad_norm, sums)
     finally:
         recorder.remove()
     return ClippedSums(sums, clipped, len(features))
 
 
-def _chunk(model, recorder: _Recorder, criterion, x, y, g, max_grad_norm, sums) -> int:
+def _chunk(model, recorder: _Recorder, criterion, x, y, w, g, max_grad_norm, sums) -> int:
     recorder.reset()
-    loss = criterion(model(x), y)
+    loss = criterion(model(x), y, w)
     hooked = list(recorder.outputs)  # the hooked layers this pass applied (one not applied has no gradient)
     grads = dict(zip(hooked, torch.autograd.grad(loss, [recorder.outputs[n] for n in hooked], allow_unused=True)))
     layers: list[tuple[str, torch.Tensor, torch.Tensor, nn.Module]] = []  # (module name, grads, acts, module)

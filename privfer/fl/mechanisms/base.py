@@ -17,7 +17,7 @@ from privfer.config import PrivferConfig
 from privfer.errors import ConfigError
 from privfer.fl.client import LocalTraining
 from privfer.fl.rounds import TRAINING, RoundRecord, mean_bytes
-from privfer.fl.strategies import make_strategy
+from privfer.fl.strategies import Strategy, make_strategy
 from privfer.models.vfer import VFER
 from privfer.privacy.calibrate import default_delta
 from privfer.privacy.distributed import DistributedPlan
@@ -51,11 +51,13 @@ def client_seed(config: PrivferConfig, noise_key: str, phase: str, round_index: 
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def local_training(config: PrivferConfig, phase: str, noise_multiplier: float | None) -> LocalTraining:
+def local_training(config: PrivferConfig, phase: str, noise_multiplier: float | None,
+                   strategy: Strategy | None = None) -> LocalTraining:
     """How a client trains locally in ``phase`` (local DP-SGD or no DP): the one place it is read from the config.
-    The strategy's local step (FedProx's proximal operator) applies in the training phase; adaptation fine-tunes the
-    final model on pseudo labels as the seed paper does."""
+    The strategy's local step (FedProx's proximal operator) and objective terms apply in the training phase;
+    adaptation fine-tunes the final model on pseudo labels as the seed paper does."""
     fed, training = config.federation, config.training
+    strategy = make_strategy(fed) if strategy is None else strategy
     return LocalTraining(
         lr=fed.local_lr if phase == TRAINING else fed.adaptation_lr,
         epochs=fed.local_epochs if phase == TRAINING else fed.adaptation_epochs,
@@ -66,7 +68,8 @@ def local_training(config: PrivferConfig, phase: str, noise_multiplier: float | 
         noise_source=config.privacy.noise_source,
         weight_decay=training.weight_decay,
         optimizer=fed.local_optimizer,
-        local_step=make_strategy(fed).local_step() if phase == TRAINING else None,
+        local_step=strategy.local_step() if phase == TRAINING else None,
+        objective=strategy.objective(phase),
     )
 
 

@@ -64,20 +64,20 @@ class DistributedDPSGD(Mechanism):
         return noise_generator(derived_key(secret, phase, round_index, client_id))
 
     def _begin(self, federation: "Federation", state: "_State", phase: str,
-               cohort: list[int]) -> tuple[DistributedPlan, VFER, list[str], dict]:
-        """A round's plan, the global model, its shared parameter names and the phase's clients; every selected
-        client's account records the round (it is charged whatever happens next)."""
+               cohort: list[int]) -> tuple[DistributedPlan, VFER, list[str]]:
+        """A round's plan, the global model and its shared parameter names; every selected client's account
+        records the round (it is charged whatever happens next)."""
         template = federation.model(state.global_state)
         group = federation.clients[phase]
         for client_id in cohort:
             state.accounts.setdefault((phase, client_id),
                                       DistributedAccount(client_id, phase, group[client_id].records)).record_round()
-        return self.plans[phase], template, federation.strategy.shared_names(template), group
+        return self.plans[phase], template, federation.strategy.shared_names(template)
 
     def release(self, federation: "Federation", state: "_State", phase: str, round_index: int, cohort: list[int],
                 dropouts: dict[int, str]) -> Release:
         config, strategy = self.config, federation.strategy
-        plan, template, shared, group = self._begin(federation, state, phase, cohort)
+        plan, template, shared = self._begin(federation, state, phase, cohort)
 
         def model_for(client_id: int) -> VFER:
             model = federation.model({**state.global_state, **state.personal_of(client_id, phase, shared)})
@@ -94,7 +94,7 @@ class DistributedDPSGD(Mechanism):
 
         result = run_distributed_round(
             model_for=model_for,
-            data={c: (group[c].features, group[c].targets) for c in cohort},
+            data={c: federation.client(state, phase, c, shared) for c in cohort},
             cohort=cohort,
             dropouts=dropouts,
             shared=shared,
@@ -105,6 +105,7 @@ class DistributedDPSGD(Mechanism):
             global_state=state.global_state,
             template=template,
             personal_step=personal_step,
+            objective=strategy.objective(phase),
         )
         return Release(included=result.included, aborted=result.aborted,
                        aggregation_seconds=result.seconds_aggregation, bytes_sent=result.bytes_sent,

@@ -45,8 +45,8 @@ class DistributedDPFedAvg(DistributedDPSGD):
     def release(self, federation: "Federation", state: "_State", phase: str, round_index: int, cohort: list[int],
                 dropouts: dict[int, str]) -> Release:
         config = self.config
-        plan, template, shared, group = self._begin(federation, state, phase, cohort)
-        training = local_training(config, phase, None)
+        plan, template, shared = self._begin(federation, state, phase, cohort)
+        training = local_training(config, phase, None, federation.strategy)
         rngs, coins, states, seeds = {}, {}, [], []
         for client_id in cohort:
             rngs[client_id] = self.noise_rng(state, phase, round_index, client_id)
@@ -55,7 +55,8 @@ class DistributedDPFedAvg(DistributedDPSGD):
             seeds.append(client_seed(config, state.noise_key, phase, round_index, client_id))
         # Constant work: every selected client trains whatever its coin says, so neither the round's time
         # (recorded in rounds.json) nor an error tells the coin (Mechanism docs, "what breaks it").
-        updates = fit_many([group[c] for c in cohort], config, states, shared, training, seeds)
+        clients = [federation.client(state, phase, c, shared) for c in cohort]
+        updates = fit_many(clients, config, states, shared, training, seeds)
         contributions = {}
         for client_id, update in zip(cohort, updates):
             flat = torch.cat([update.delta[name].reshape(-1) for name in shared]).double().numpy()

@@ -47,15 +47,17 @@ class LocalDPSGD(Mechanism):
         config, strategy = self.config, federation.strategy
         shared = strategy.shared_names(federation.model(state.global_state))
         updates, weights, losses = {}, {}, {}
+        training = {}  # (noise multiplier) -> how clients train
         for client_id in cohort:
-            client = federation.clients[phase][client_id]
+            client = federation.client(state, phase, client_id, shared)
             plan = self.plans[phase][client_id]
             account = state.accounts.setdefault(
                 (phase, client_id), ClientAccount(client_id, phase, plan.records, plan.noise_multiplier,
                                                   plan.sample_rate))
             seed = client_seed(config, state.noise_key, phase, round_index, client_id)
             update = client.fit(config, {**state.global_state, **state.personal_of(client_id, phase, shared)},
-                                shared, local_training(config, phase, plan.noise_multiplier),
+                                shared, training.setdefault(plan.noise_multiplier, local_training(
+                                    config, phase, plan.noise_multiplier, strategy)),
                                 history=account.history, seed=seed)
             account.record_round(update.history)
             if update.personal:  # the strategy's personal layers, kept on the client

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from privfer.config import FederationConfig
 from privfer.errors import ConfigError
-from privfer.fl.strategies.base import LocalStep, NoOptions, Strategy
+from privfer.fl.strategies.base import ClientData, LocalStep, NoOptions, Strategy
 
 _MODULES = (  # one line per strategy
     "fedavg",
@@ -56,4 +56,4 @@ def make_strategy(config: FederationConfig) -> Strategy:
 FedAvg = STRATEGIES["fedavg"]
 FedPer = STRATEGIES["fedper"]
 
-__all__ = ["FedAvg", "FedPer", "LocalStep", "NoOptions", "STRATEGIES", "Strategy", "make_strategy", "names"]
+__all__ = ["ClientData", "FedAvg", "FedPer", "LocalStep", "NoOptions", "STRATEGIES", "Strategy", "make_strategy", "names"]

@@ -7,6 +7,13 @@ under :mod:`privfer.fl.strategies`, registered there by one line:
 * what a client's local training adds to the optimizer's steps
   (:meth:`Strategy.local_step`: FedProx's proximal operator), and whether the
   strategy means anything without local steps (:attr:`Strategy.needs_local_steps`);
+* what a client trains on and minimises: its targets and a weight per clip
+  each round (:meth:`Strategy.client_data`, from the model it received and the
+  per-client state it keeps, which stays on the client and is checkpointed),
+  and the per-clip terms it adds to the training objective
+  (:meth:`Strategy.objective_terms`) — every trainer (local, Opacus, stacked,
+  distributed clipped sums) minimises the same
+  :class:`~privfer.models.loss.TrainingObjective`;
 * its own options (``federation.strategy_options``, validated by its
   :attr:`Strategy.Options` model) — the config knows only the names;
 * how the server applies a weighted sum, how a newcomer starts, how a client
@@ -22,14 +29,17 @@ a client is evaluated is the strategy's.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from privfer.config import FederationConfig
+from privfer.data.clips import NUM_CLASSES
 from privfer.fl.rounds import TRAINING
+from privfer.models.loss import PerClipTerm, TrainingObjective
 from privfer.models.vfer import VFER
 
 # (parameter after an optimizer step, the value the client received, the step size) -> the parameter's new value
@@ -66,6 +76,15 @@ def optimizer_step(
     return optimizer.state_dict()
 
 
+@dataclass
+class ClientData:
+    """What a client trains on in one round (:meth:`Strategy.client_data`): a target per clip (a vote distribution
+    or a class, as the client's own) and a weight in [0, 1] per clip (None: every clip counts fully)."""
+
+    targets: torch.Tensor
+    weights: torch.Tensor | None = None
+
+
 class NoOptions(BaseModel):
     """A strategy without options of its own."""
 
@@ -81,6 +100,10 @@ class Strategy(ABC):
     # True: the strategy changes how clients train locally, so a mechanism that takes no local steps (record-level
     # distributed DP-SGD: one step on the global model per round) cannot run it
     needs_local_steps: ClassVar[bool] = False
+    # True: a clip's target or weight depends on the client's OTHER clips (label propagation over a graph of its
+    # clips). Record-level DP bounds a record's influence only through its own clipped gradient, so such a strategy
+    # is refused there; it runs at person level (the whole update is clipped) and without DP.
+    couples_records: ClassVar[bool] = False
     federation: FederationConfig | None = None  # set by make_strategy: the server optimizer's settings
 
     @classmethod
@@ -95,6 +118,30 @@ class Strategy(ABC):
     def local_step(self) -> LocalStep | None:
         """An operator applied to every trained parameter after each local optimizer step (None: nothing)."""
         return None
+
+    def objective_terms(self) -> Sequence[tuple[str, float, PerClipTerm]]:
+        """Per-clip terms added to the label term in the training phase: ``(name, coefficient, term(logits,
+        targets) -> one loss per clip)``. A term sees one clip only (per-example clipping needs it)."""
+        return ()
+
+    def objective(self, phase: str) -> TrainingObjective:
+        """What clients minimise in ``phase``: the label term plus :meth:`objective_terms` in training;
+        adaptation fine-tunes on pseudo labels with the label term alone, as the seed paper does."""
+        return TrainingObjective(terms=self.objective_terms() if phase == TRAINING else ())
+
+    def client_data(self, phase: str, client_id: int, features: torch.Tensor, targets: torch.Tensor,
+                    model: Callable[[], VFER], state: Any) -> tuple[ClientData | None, Any]:
+        """What client ``client_id`` trains on this round, and its new per-client state.
+
+        Runs on the client, before it trains: ``features`` and ``targets`` are
+        its own clips and labels (pseudo labels in adaptation), ``model()``
+        builds the model it received (shared plus its personal parameters),
+        ``state`` is what this method returned for the client last time (None
+        at first). The state never leaves the client; the simulation keeps it
+        in the run's checkpoint, so it must be made of tensors, numbers,
+        strings, lists and dicts. Returns None for the client's own targets,
+        unweighted (the default)."""
+        return None, state
 
     def shared_names(self, model: VFER) -> list[str]:
         """Parameters whose updates are securely aggregated, in the model's order."""
@@ -164,4 +211,60 @@ class Strategy(ABC):
         return None
 
 
-__all__ = ["LocalStep", "NoOptions", "Strategy", "make_optimizer", "optimizer_step"]
+MAX_STATE_DEPTH = 8
+
+
+def checked_client_data(strategy: Strategy, client_id: int, records: int, targets: torch.Tensor,
+                        data: ClientData | None) -> ClientData | None:
+    """``data`` from ``strategy.client_data``, verified before any trainer uses it: a target per clip of the
+    client's target type and shape, finite; a finite weight in [0, 1] per clip. ValueError naming the strategy
+    otherwise."""
+    if data is None:
+        return None
+    where = f"strategy {strategy.name!r}, client {client_id}"
+    if not isinstance(data, ClientData):
+        raise ValueError(f"{where}: client_data must return a ClientData or None, not {type(data).__name__}")
+    new = data.targets
+    if not isinstance(new, torch.Tensor) or new.shape != targets.shape or new.dtype != targets.dtype:
+        raise ValueError(f"{where}: targets must keep the client's shape {tuple(targets.shape)} and dtype "
+                         f"{targets.dtype}")
+    if new.dtype.is_floating_point:
+        if not bool(torch.isfinite(new).all()) or bool((new < 0).any()) or \
+                not torch.allclose(new.sum(dim=-1), torch.ones(len(new), dtype=new.dtype), atol=1e-4):
+            raise ValueError(f"{where}: every target must be a probability distribution over the classes")
+    elif len(new) and (int(new.min()) < 0 or int(new.max()) >= NUM_CLASSES):
+        raise ValueError(f"{where}: every target must be a class index")
+    weights = data.weights
+    if weights is not None:
+        if not isinstance(weights, torch.Tensor) or weights.shape != (records,):
+            raise ValueError(f"{where}: weights must be a tensor with one entry per clip ({records})")
+        weights = weights.detach().to(torch.float32)
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or bool((weights > 1).any()):
+            raise ValueError(f"{where}: every weight must be in [0, 1]")
+    return ClientData(new.detach(), weights)
+
+
+def check_portable(value: Any, where: str, depth: int = 0) -> None:
+    """Refuse a per-client state the checkpoint could not load back (it loads with ``weights_only``): tensors,
+    numbers, strings, None, lists, tuples and dicts with string or integer keys, nested at most
+    :data:`MAX_STATE_DEPTH` deep."""
+    if depth > MAX_STATE_DEPTH:
+        raise ValueError(f"{where}: the strategy's client state is nested more than {MAX_STATE_DEPTH} deep")
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            check_portable(item, where, depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise ValueError(f"{where}: the strategy's client state has a {type(key).__name__} key")
+            check_portable(item, where, depth + 1)
+        return
+    raise ValueError(f"{where}: the strategy's client state holds a {type(value).__name__}, which a checkpoint "
+                     "cannot keep (use tensors, numbers, strings, lists and dicts)")
+
+
+__all__ = ["ClientData", "LocalStep", "NoOptions", "Strategy", "check_portable", "checked_client_data",
+           "make_optimizer", "optimizer_step"]

@@ -317,9 +317,9 @@ def test_the_release_carries_no_ckks_noise():
 
 
 def test_one_client_aggregates_are_refused_by_config():
-    for settings in ({"num_clients": 1, "min_clients": 1}, {"num_clients": 4, "min_clients": 1}):
+    for kwargs in ({"num_clients": 1, "min_clients": 1}, {"num_clients": 4, "min_clients": 1}):
         with pytest.raises(ConfigError):
-            make_ckks_config(**settings)
+            make_ckks_config(**kwargs)
 
 
 def test_a_grid_finer_than_the_decryption_error_is_refused():

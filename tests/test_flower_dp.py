@@ -129,11 +129,24 @@ def test_a_corrupt_ledger_is_refused_with_a_clear_error(tmp_path):
     ledger = NodeLedger(policy)
     ledger.charge(entry, "r1")
     assert ledger.spent() == pytest.approx(SKELLAM.epsilon([entry], DELTA)[0])
-    for damage in ("{not json", json.dumps({"schema": "other"}), json.dumps({**ledger.load(), "delta": 0.5}),
-                   json.dumps({**ledger.load(), "history": [[1, 2, 3]]}), json.dumps({**ledger.load(), "rounds": -1})):
+    stored = ledger.load().document()
+    for damage, why in (("{not json", "cannot be read"), (json.dumps({"schema": "other"}), "not a privfer.node_ledger"),
+                        (json.dumps({**stored, "delta": 0.5}), "one delta"),
+                        (json.dumps({**stored, "history": [[1, 2, 3]]}), r"field 'history\[0\]'"),
+                        (json.dumps({**stored, "rounds": -1}), "field 'rounds' must be in"),
+                        (json.dumps({**stored, "rounds": True}), "field 'rounds' must be a whole number"),
+                        (json.dumps({**stored, "epsilon": "1"}), "field 'epsilon' must be a number"),
+                        (json.dumps({**stored, "lifetime_epsilon": 0}), "field 'lifetime_epsilon' must be in"),
+                        (json.dumps({**stored, "mechanism_id": "local"}), "field 'mechanism_id'"),
+                        (json.dumps({**stored, "extra": 1}), "field 'extra' is not a field"),
+                        (json.dumps({k: v for k, v in stored.items() if k != "epsilon"}), "lacks the field 'epsilon'"),
+                        ('{"schema": "privfer.node_ledger/1", "schema": "privfer.node_ledger/1"}', "appears twice"),
+                        ("[" * 100_000, "cannot be read")):
         (tmp_path / "bad.json").write_text(damage)
-        with pytest.raises(NodeLedgerError, match="bad.json"):
+        with pytest.raises(NodeLedgerError, match="bad.json") as refused:
             NodeLedger(replace(policy, ledger=tmp_path / "bad.json")).check(entry)
+        assert len(str(refused.value)) < 600
+        assert refused.match(why)
     (tmp_path / "big.json").write_bytes(b" " * (2 << 20))
     with pytest.raises(NodeLedgerError, match="larger than"):
         NodeLedger(replace(policy, ledger=tmp_path / "big.json")).load()
@@ -169,7 +182,7 @@ def test_plans_past_the_itemized_limit_are_folded_into_one_exact_rdp_vector(tmp_
     for damage in ({"rdp": stored["folded"]["rdp"][:-1]}, {"rdp": [-1.0] * len(stored["folded"]["rdp"])},
                    {"rounds": 99}, {"orders": [2, 3]}):
         (tmp_path / "bad.json").write_text(json.dumps({**stored, "folded": {**stored["folded"], **damage}}))
-        with pytest.raises(NodeLedgerError, match="'folded'"):
+        with pytest.raises(NodeLedgerError, match="field 'folded'"):
             NodeLedger(replace(policy, ledger=tmp_path / "bad.json")).spent()
 
 
@@ -310,3 +323,29 @@ def test_record_level_nodes_noise_the_clipped_gradient_sums_and_the_server_steps
     mixed = SemiHonestGrid(LocalGrid(make_app(policies(tmp_path / "p", 100.0)), 5), dp=dp)
     run(mixed)
     assert all("distributed_person plan" in r for r in mixed.reports[-1].dropped.values())
+
+
+def test_the_node_ledger_is_typed_and_reads_back_what_it_wrote(tmp_path):
+    """The node ledger's model: what the node writes validates and reads back byte for byte; a ledger written
+    before the 'noise' field existed is the legacy family's; a round id no ledger can hold is refused before the
+    file changes."""
+    from privfer.privacy.ledger.node import NodeLedgerRecord
+
+    policy = NodePrivacy(ledger=tmp_path / "ledger.json", lifetime_epsilon=10.0, delta=DELTA)
+    ledger = NodeLedger(policy)
+    assert ledger.load().rounds == 0 and not (tmp_path / "ledger.json").exists()  # fresh, nothing written yet
+    entry = NoiseSteps(1e6, 1e3, 1e3, 1.0, 1)
+    ledger.charge(entry, "r1")
+    ledger.charge(entry, "r2")
+    text = (tmp_path / "ledger.json").read_text()
+    record = ledger.load()
+    assert isinstance(record, NodeLedgerRecord) and record.rounds == 2 and record.last[0] == "r2"
+    assert json.loads(text) == record.document()
+    assert list(record.document()) == ["schema", "unit", "mechanism_id", "noise", "delta", "lifetime_epsilon",
+                                       "rounds", "epsilon", "history", "last"]
+    legacy = {k: v for k, v in record.document().items() if k != "noise"}
+    (tmp_path / "legacy.json").write_text(json.dumps(legacy))
+    assert NodeLedger(replace(policy, ledger=tmp_path / "legacy.json")).spent() == pytest.approx(ledger.spent())
+    with pytest.raises(NodeLedgerError, match="round is refused and the ledger is unchanged"):
+        ledger.charge(entry, "r" * 5000)
+    assert (tmp_path / "ledger.json").read_text() == text

@@ -130,7 +130,7 @@ def test_by_default_nodes_add_their_own_noise_and_keep_their_lifetime_ledgers(tm
     assert result["server_evaluation"]["2"] != result["server_evaluation"]["0"]
     for index in range(3):
         ledger = NodeLedger(NodePrivacy(ledger=tmp_path / f"node-{index}.json", lifetime_epsilon=3.0, delta=1e-5))
-        assert ledger.load()["rounds"] == 2 and 0.9 * 3.0 <= ledger.spent() <= 3.0 + 1e-9
+        assert ledger.load().rounds == 2 and 0.9 * 3.0 <= ledger.spent() <= 3.0 + 1e-9
     again, _ = run_app(run_config(tmp_path, **values), 3, ledgers=tmp_path)
     first = again["secure_aggregation"][0]
     assert first["included"] == [] and all("lifetime" in reason for reason in first["dropped"].values())

@@ -46,7 +46,7 @@ def part_one(args) -> None:
           f"{plan.modulus_bits}-bit words, noise multiplier {plan.noise_multiplier:.2f}")
     torch.manual_seed(config.seed)
     initial = VFER.from_config(config.model, federation.feature_dim, private=True)
-    state = simulation._State(global_state={k: v.detach().clone() for k, v in initial.state_dict().items()},
+    state = simulation.RunState(global_state={k: v.detach().clone() for k, v in initial.state_dict().items()},
                               personal={}, accounts={})
     captured = []
     real = trainer.run_distributed_round

@@ -25,7 +25,7 @@ from privfer.privacy.ledger import Ledger
 from privfer.privacy.mechanisms import PrivacyMechanism
 
 if TYPE_CHECKING:
-    from privfer.fl.simulation import Federation, _State
+    from privfer.fl.federation import Federation, RunState
 
 
 Counts = dict[str, dict[int, int]]  # phase -> client -> records
@@ -155,7 +155,7 @@ class Mechanism(ABC):
                   only_client: int | None = None, known_noise: dict[int, float] | None = None) -> set[str]:
         """Size the noise for each phase; returns the phases that can run (adaptation needs two clients)."""
 
-    def run_round(self, federation: "Federation", state: "_State", phase: str, round_index: int) -> RoundRecord:
+    def run_round(self, federation: "Federation", state: "RunState", phase: str, round_index: int) -> RoundRecord:
         """One round, the same for every mechanism: the cohort, its private contributions through the secure sum
         (:meth:`release`), the strategy's server step on what was released, the round's record."""
         started = time.perf_counter()
@@ -177,7 +177,7 @@ class Mechanism(ABC):
         )
 
     @abstractmethod
-    def release(self, federation: "Federation", state: "_State", phase: str, round_index: int, cohort: list[int],
+    def release(self, federation: "Federation", state: "RunState", phase: str, round_index: int, cohort: list[int],
                 dropouts: dict[int, str]) -> Release:
         """The cohort's private contributions through the secure sum (their accounts recorded): what it released."""
 

@@ -19,7 +19,7 @@ from privfer.privacy.ledger import DistributedAccount, Ledger, build_distributed
 from privfer.privacy.mechanisms import distributed as _distributed
 
 if TYPE_CHECKING:
-    from privfer.fl.simulation import Federation, _State
+    from privfer.fl.federation import Federation, RunState
 
 
 class DistributedDPSGD(Mechanism):
@@ -55,7 +55,7 @@ class DistributedDPSGD(Mechanism):
         return calibrate_plan(self.config, delta=delta, dimension=noised_dimension(self.config, feature_dim),
                               steps=rounds, clients=clients, records=largest)
 
-    def noise_rng(self, state: "_State", phase: str, round_index: int, client_id: int) -> np.random.Generator:
+    def noise_rng(self, state: "RunState", phase: str, round_index: int, client_id: int) -> np.random.Generator:
         """A client's secret generator for one round (sampling, rounding, noise share)."""
         source = self.config.privacy.noise_source
         if source == "os":
@@ -63,7 +63,7 @@ class DistributedDPSGD(Mechanism):
         secret = bytes.fromhex(state.noise_key) if source == "run_key" else str(self.config.seed).encode()
         return noise_generator(derived_key(secret, phase, round_index, client_id))
 
-    def _begin(self, federation: "Federation", state: "_State", phase: str,
+    def _begin(self, federation: "Federation", state: "RunState", phase: str,
                cohort: list[int]) -> tuple[DistributedPlan, VFER, list[str]]:
         """A round's plan, the global model and its shared parameter names; every selected client's account
         records the round (it is charged whatever happens next)."""
@@ -74,7 +74,7 @@ class DistributedDPSGD(Mechanism):
                                       DistributedAccount(client_id, phase, group[client_id].records)).record_round()
         return self.plans[phase], template, federation.strategy.shared_names(template)
 
-    def release(self, federation: "Federation", state: "_State", phase: str, round_index: int, cohort: list[int],
+    def release(self, federation: "Federation", state: "RunState", phase: str, round_index: int, cohort: list[int],
                 dropouts: dict[int, str]) -> Release:
         config, strategy = self.config, federation.strategy
         plan, template, shared = self._begin(federation, state, phase, cohort)

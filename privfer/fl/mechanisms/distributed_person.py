@@ -17,7 +17,7 @@ from privfer.privacy.mechanisms import distributed_person as _distributed_person
 from privfer.privacy.person import mean_update, person_contribution, secret_coin
 
 if TYPE_CHECKING:
-    from privfer.fl.simulation import Federation, _State
+    from privfer.fl.federation import Federation, RunState
 
 
 class DistributedDPFedAvg(DistributedDPSGD):
@@ -42,7 +42,7 @@ class DistributedDPFedAvg(DistributedDPSGD):
         return calibrate_plan(self.config, delta=delta, dimension=noised_dimension(self.config, feature_dim),
                               steps=rounds, clients=clients, records=clients)
 
-    def release(self, federation: "Federation", state: "_State", phase: str, round_index: int, cohort: list[int],
+    def release(self, federation: "Federation", state: "RunState", phase: str, round_index: int, cohort: list[int],
                 dropouts: dict[int, str]) -> Release:
         config = self.config
         plan, template, shared = self._begin(federation, state, phase, cohort)

@@ -13,7 +13,7 @@ from privfer.privacy.ledger import ClientAccount, Ledger, build_ledger
 from privfer.privacy.mechanisms import local as _local
 
 if TYPE_CHECKING:
-    from privfer.fl.simulation import Federation, _State
+    from privfer.fl.federation import Federation, RunState
 
 
 class LocalDPSGD(Mechanism):
@@ -42,7 +42,7 @@ class LocalDPSGD(Mechanism):
                                                   local_epochs=fed.adaptation_epochs, **common)
         return {phase for phase, plans in self.plans.items() if plans}
 
-    def release(self, federation: "Federation", state: "_State", phase: str, round_index: int, cohort: list[int],
+    def release(self, federation: "Federation", state: "RunState", phase: str, round_index: int, cohort: list[int],
                 dropouts: dict[int, str]) -> Release:
         config, strategy = self.config, federation.strategy
         shared = strategy.shared_names(federation.model(state.global_state))

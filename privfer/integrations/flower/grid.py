@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -14,18 +13,15 @@ from privfer.integrations.flower.common import (
     DEFAULTS,
     PLAN_FIELD,
     RECORD,
-    Array,
-    ArrayRecord,
     ConfigRecord,
     Error,
     Grid,
     Message,
-    MetricRecord,
     RecordDict,
     log,
 )
 from privfer.integrations.flower.mod import base_type
-from privfer.privacy import recipe
+from privfer.integrations.flower.replies import RoundReport, aggregated_reply, private_reply
 from privfer.privacy.node import plan_to_json
 from privfer.integrations.flower.slots import (ArraySlot, _arrays_in, _slots_to_json, content_bytes, round_context,
                                                slots_of)
@@ -45,25 +41,6 @@ COUNT_SLOT = ArraySlot(COUNT_RECORD, "records", (1,), "int64")  # record-level D
 # --------------------------------------------------------------------------------------------------------------------
 # Server side: the Grid wrapper
 # --------------------------------------------------------------------------------------------------------------------
-@dataclass
-class RoundReport:
-    """What one securely aggregated exchange did (one per protected ``send_and_receive``)."""
-
-    message_type: str
-    group_id: str
-    round_id: str
-    sampled: list[int]
-    included: list[int] = field(default_factory=list)
-    dropped: dict[int, str] = field(default_factory=dict)  # node id -> "stage: reason"
-    example_count: int = 0
-    clipped: int = 0
-    aborted: str | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-    privfer_bytes: int = 0  # privfer's protocol messages both ways (Flower's envelopes not counted)
-    security: str = "semi_honest"  # "active": enrolled nodes, signed rosters, the consistency check
-    client_ids: dict[int, int] = field(default_factory=dict)  # node id -> its protocol id (member id when active)
-
-
 class SecAggGrid(Grid):
     """A ``Grid`` whose ``train``/``evaluate`` exchanges run privfer's secure aggregation.
 
@@ -364,7 +341,11 @@ class _SecureRound:
         if self.plan is not None:
             replies = self.error_replies(sorted(set(self.report.dropped) - set(self.report.included)), None)
             try:
-                return [self.private_reply(summed.decoded), *replies]
+                reply, records = private_reply(summed.decoded, self.slots, self.received, self.grid.dp, self.plan,
+                                               len(self.report.included), self.grid.weighted_by_key)
+                if records is not None:
+                    self.report.example_count = records
+                return [Message(reply, reply_to=self.originals[self.report.included[0]]), *replies]
             except (RoundAborted, ValueError) as exc:  # a sum beyond the plan's bound, or no records
                 self.report.aborted = str(exc)
                 log.warning("distributed DP round %s released no update: %s", self.group_id, exc)
@@ -377,7 +358,9 @@ class _SecureRound:
         if summed.decoded.example_count <= 0:
             log.warning("the included nodes reported 0 examples in total; there is nothing to average")
             return replies
-        return [self.aggregated_reply(summed.decoded), *replies]
+        reply = aggregated_reply(summed.decoded, self.slots, self.received, self.config.max_examples,
+                                 self.grid.weighted_by_key)
+        return [Message(reply, reply_to=self.originals[self.report.included[0]]), *replies]
 
     def lap(self, stage: str, started: float) -> None:
         self.report.seconds[stage] = time.perf_counter() - started - sum(self.report.seconds.values())
@@ -388,55 +371,6 @@ class _SecureRound:
         transcript = self.server.transcript
         self.report.privfer_bytes = transcript.bytes_in() + transcript.bytes_out()
         self.grid.reports.append(self.report)
-
-    def aggregated_reply(self, decoded: Any) -> Message:
-        total = decoded.example_count
-        factor = self.config.max_examples / total
-        content = RecordDict()
-        for slot, before, summed in zip(self.slots, self.received, decoded.arrays):
-            value = before + summed * factor
-            value = (np.rint(value) if np.dtype(slot.dtype).kind in "iub" else value).astype(slot.dtype)
-            if slot.record not in content.array_records:
-                content[slot.record] = ArrayRecord()
-            content[slot.record][slot.name] = Array(np.ascontiguousarray(value))
-        metrics: dict[str, int | float] = {self.grid.weighted_by_key: int(total)}
-        metrics.update({name: float(value) * factor for name, value in decoded.metrics.items()})
-        content["metrics"] = MetricRecord(metrics)
-        return Message(content, reply_to=self.originals[self.report.included[0]])
-
-    def private_reply(self, decoded: Any) -> Message:
-        """The strategy's one reply under distributed DP, weighted by the included nodes (never by a count).
-
-        Both decode through :mod:`privfer.privacy.recipe`, as any other FL loop would. Person level: the received
-        arrays plus the mean clipped update — the decoded integer sum over the PUBLIC denominator participation x
-        included nodes. Record level: one gradient step — the received arrays minus ``server_lr`` x the decoded
-        gradient sum over sample_rate x the included nodes' records (the last, exact word of the sum). Neither
-        keeps optimizer state: the strategy's own server optimizer (Flower's FedAdam, FedYogi, ...) is the only
-        one, applied to what this reply moved (FedAvg takes the reply as it is)."""
-        record_level = self.grid.dp.unit == "record"
-        words = decoded.arrays[:-1] if record_level else decoded.arrays
-        flat = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in words])
-        slots = self.slots[:-1] if record_level else self.slots
-        if record_level:  # one DP-SGD step: the noisy sum over the public expected batch
-            records = int(np.asarray(decoded.arrays[-1]).ravel()[0])
-            self.report.example_count = records
-            if records < 1:
-                raise RoundAborted("the included nodes hold no records")
-            step = -self.grid.dp.server_lr * recipe.mean_gradient(flat, self.plan, records)
-        else:
-            step = recipe.mean_update(flat, self.plan, len(self.report.included))
-        values, at = [], 0
-        for slot, before in zip(slots, self.received):
-            size = int(np.prod(slot.shape, dtype=np.int64))
-            values.append(before + step[at : at + size].reshape(slot.shape))
-            at += size
-        content = RecordDict()
-        for slot, value in zip(slots, values):
-            if slot.record not in content.array_records:
-                content[slot.record] = ArrayRecord()
-            content[slot.record][slot.name] = Array(np.ascontiguousarray(value.astype(slot.dtype)))
-        content["metrics"] = MetricRecord({self.grid.weighted_by_key: len(self.report.included)})
-        return Message(content, reply_to=self.originals[self.report.included[0]])
 
     def error_replies(self, nodes: Iterable[int], reason: str | None) -> list[Message]:
         return [Message(Error(code=0, reason=reason or f"privfer secure aggregation: dropped at {self.report.dropped[n]}"),

@@ -77,8 +77,10 @@ def test_every_client_in_every_round_spends_its_budget_and_the_audit_agrees(tmp_
     assert OVER_BUDGET in report.clients[1].verdicts
 
 
-def test_resume_after_a_kill_ends_exactly_as_an_uninterrupted_run(tmp_path, small_clips):
-    config = small_config(*FAST, "privacy.noise_source=run_seed", "federation.dropout=0.1")
+@pytest.mark.parametrize("strategy", ["fedavg", "fedper"])  # fedper: the clients' head optimizers resume too
+def test_resume_after_a_kill_ends_exactly_as_an_uninterrupted_run(tmp_path, small_clips, strategy):
+    config = small_config(*FAST, "privacy.noise_source=run_seed", "federation.dropout=0.1",
+                          f"federation.strategy={strategy}")
     whole = simulate(config, tmp_path / "whole", clips=small_clips)
 
     class Killed(Exception):
@@ -93,9 +95,12 @@ def test_resume_after_a_kill_ends_exactly_as_an_uninterrupted_run(tmp_path, smal
     assert not (tmp_path / "resumed" / "result.json").exists()
     resumed = simulate(config, tmp_path / "resumed", clips=small_clips)
     assert resumed.test == whole.test
-    a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)["global"]
-    b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)["global"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
+    assert all(torch.equal(a["global"][k], b["global"][k]) for k in a["global"])
+    assert set(a["personal"]) == set(b["personal"]) and (strategy == "fedavg") == (not a["personal"])
+    for client, head in a["personal"].items():
+        assert all(torch.equal(head[k], b["personal"][client][k]) for k in head)
 
 
 def test_fedper_personal_layers_never_enter_any_message(monkeypatch, small_clips):
@@ -142,3 +147,18 @@ def test_the_canary_audit_never_certifies_more_than_the_claim(small_clips, epsil
         assert audit.correct >= 55  # with little noise the canaries are found: the audit has power, not only soundness
     with pytest.raises(ValueError, match="whitebox"):
         run_canary_audit(config, kind="blackbox", canaries=10, guesses=4, clips=small_clips)
+
+
+def test_a_checkpoint_from_before_the_state_owners_resumes_with_its_optimizer_states():
+    from privfer.fl.federation import RunState
+
+    state = RunState(global_state={"w": torch.zeros(2)}, personal={}, accounts={})
+    raw = state.to_checkpoint()
+    adam = {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    assert {"strategy_server", "strategy_clients", "mechanism_state"} <= set(raw)
+    for key in ("strategy_server", "strategy_clients", "mechanism_state"):
+        del raw[key]
+    raw["server_optimizer"], raw["personal_optimizer"] = {"training": adam}, {"7": adam}  # as written before
+    restored = RunState.from_checkpoint(raw)
+    assert restored.strategy_server == {"training": adam}
+    assert restored.mechanism_state == {"personal_optimizer": {7: adam}} and restored.strategy_clients == {}

@@ -86,15 +86,19 @@ class Federation:
 @dataclass
 class RunState:
     """What a run carries from round to round (all of it in the checkpoint): the global model, the clients' personal
-    parameters and accounts, the strategy's per-client state, the server's and clients' optimizer states."""
+    parameters and accounts, the strategy's state (on the server, per phase: its optimizer's under distributed DP;
+    on each client: what :meth:`~privfer.fl.strategies.Strategy.client_data` keeps) and the mechanism's own
+    (``mechanism_state``: whatever a mechanism carries between rounds; distributed DP with personal layers: each
+    client's head optimizer). Checkpointed state is tensors, numbers, strings, lists and dicts (the checkpoint
+    loads with ``weights_only``)."""
 
     global_state: dict[str, torch.Tensor]
     personal: dict[int, dict[str, torch.Tensor]]
     accounts: dict[tuple[str, int], ClientAccount]
     records: list[RoundRecord] = field(default_factory=list)
-    server_optimizer: dict[str, dict | None] = field(default_factory=dict)  # phase -> optimizer state (distributed)
-    personal_optimizer: dict[int, dict] = field(default_factory=dict)  # FedPer clients' head optimizers (distributed)
+    strategy_server: dict[str, Any] = field(default_factory=dict)  # phase -> the strategy's server (optimizer) state
     strategy_clients: dict[int, Any] = field(default_factory=dict)  # the strategy's per-client state (client_data)
+    mechanism_state: dict[str, Any] = field(default_factory=dict)  # the mechanism's round-to-round state
     newcomer_head: dict[str, torch.Tensor] | None = None
     after_training: dict[str, Any] | None = None
     elapsed: float = 0.0
@@ -121,9 +125,9 @@ class RunState:
             "personal": self.personal,
             "accounts": [a.to_state() for a in self.accounts.values()],
             "records": [asdict(r) for r in self.records],
-            "server_optimizer": self.server_optimizer,
-            "personal_optimizer": self.personal_optimizer,
+            "strategy_server": self.strategy_server,
             "strategy_clients": self.strategy_clients,
+            "mechanism_state": self.mechanism_state,
             "newcomer_head": self.newcomer_head,
             "after_training": self.after_training,
             "elapsed": self.elapsed,
@@ -139,9 +143,9 @@ class RunState:
             personal={int(k): v for k, v in raw["personal"].items()},
             accounts={(a.phase, a.client): a for a in accounts},
             records=[RoundRecord(**r) for r in raw["records"]],
-            server_optimizer=raw.get("server_optimizer", {}),
-            personal_optimizer={int(k): v for k, v in raw.get("personal_optimizer", {}).items()},
+            strategy_server=raw.get("strategy_server", raw.get("server_optimizer", {})),
             strategy_clients={int(k): v for k, v in raw.get("strategy_clients", {}).items()},
+            mechanism_state=raw.get("mechanism_state", _legacy_mechanism_state(raw)),
             newcomer_head=raw["newcomer_head"],
             after_training=raw["after_training"],
             elapsed=raw["elapsed"],
@@ -214,6 +218,12 @@ def prepare_federation(
         clients[ADAPTATION] = {}  # fewer than two newcomers with pseudo labels: nothing to aggregate securely
     return Federation(config, strategy, mechanism, parts, clients, delta, pseudo, clips.feature_dim,
                       cohort_size)
+
+
+def _legacy_mechanism_state(raw: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint written before the mechanism kept its own state: the distributed heads' optimizers."""
+    personal = raw.get("personal_optimizer") or {}
+    return {"personal_optimizer": {int(k): v for k, v in personal.items()}} if personal else {}
 
 
 __all__ = ["Federation", "RunState", "prepare_federation"]

@@ -115,7 +115,11 @@ class Release:
 
 
 class Mechanism(ABC):
-    """How a federation's rounds are made private (see the module docstring)."""
+    """How a federation's rounds are made private (see the module docstring).
+
+    A mechanism's calibration lives on the instance (rebuilt from the config when a run resumes); what it carries
+    from round to round lives in the run's ``state.mechanism_state`` (a dict it owns, checkpointed after every
+    round, so a resumed run continues it exactly), never in the instance."""
 
     privacy: ClassVar[PrivacyMechanism | None]  # the registered facts this class trains (privfer.privacy.mechanisms)
     # read from ``privacy`` (None: no DP):
@@ -164,9 +168,9 @@ class Mechanism(ABC):
         if release.aborted is None:
             strategy = federation.strategy
             if release.gradient is not None:
-                state.global_state, state.server_optimizer[phase] = strategy.server_step(
+                state.global_state, state.strategy_server[phase] = strategy.server_step(
                     release.gradient, state.global_state, release.template, release.shared, phase,
-                    state.server_optimizer.get(phase))
+                    state.strategy_server.get(phase))
             else:
                 state.global_state = strategy.apply(state.global_state, release.weighted_sum, release.total_weight)
         return RoundRecord(

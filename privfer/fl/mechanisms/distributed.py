@@ -87,8 +87,9 @@ class DistributedDPSGD(Mechanism):
         def personal_step(client_id: int, gradients: dict[str, torch.Tensor]) -> None:
             model = federation.model({**state.global_state, **state.personal_of(client_id, phase, shared)})
             names = [name for name, _ in model.named_parameters() if name not in shared]
-            state.personal_optimizer[client_id] = optimizer_step(
-                model, names, gradients, *strategy.server_optimizer(phase), state.personal_optimizer.get(client_id))
+            heads = state.mechanism_state.setdefault("personal_optimizer", {})  # checkpointed with the run
+            heads[client_id] = optimizer_step(model, names, gradients, *strategy.server_optimizer(phase),
+                                              heads.get(client_id))
             state.personal[client_id] = {name: value.detach().clone() for name, value in model.state_dict().items()
                                          if name not in shared}
 

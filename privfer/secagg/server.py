@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hmac
 from bisect import bisect_left
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -65,8 +64,9 @@ from privfer.secagg.messages import (
     check_header,
     decode,
 )
-from privfer.secagg.payload import Decoded, PayloadLayout
+from privfer.secagg.payload import PayloadLayout
 from privfer.secagg.prg import MaskExpander, word_dtype
+from privfer.secagg.transcript import ServerSum, ServerTranscript, TranscriptEntry
 from privfer.secagg.statements import (
     advertise_statement,
     cached_config_digest,
@@ -78,50 +78,6 @@ from privfer.secagg.statements import (
     merkle_path,
     roster_digest,
 )
-
-
-@dataclass
-class TranscriptEntry:
-    stage: str
-    direction: str  # "in" (client -> server) or "out"
-    party: int  # the client on the other end (0 = broadcast)
-    size: int  # bytes on the wire
-    message: Message
-
-
-@dataclass
-class ServerTranscript:
-    """Everything the server received and sent in one round."""
-
-    entries: list[TranscriptEntry] = field(default_factory=list)
-
-    def received(self, kind: type[Message] | None = None) -> list[Message]:
-        return [e.message for e in self.entries if e.direction == "in" and (kind is None or isinstance(e.message, kind))]
-
-    def bytes_in(self, party: int | None = None) -> int:
-        return sum(e.size for e in self.entries if e.direction == "in" and (party is None or e.party == party))
-
-    def bytes_in_by_party(self) -> dict[int, int]:
-        """Bytes received from each client, in one pass over the transcript."""
-        totals: dict[int, int] = {}
-        for e in self.entries:
-            if e.direction == "in":
-                totals[e.party] = totals.get(e.party, 0) + e.size
-        return totals
-
-    def bytes_out(self, party: int | None = None) -> int:
-        return sum(e.size for e in self.entries if e.direction == "out" and (party is None or e.party in (party, 0)))
-
-
-@dataclass
-class ServerSum:
-    """What the server learns: the sum over the survivors, and who they are."""
-
-    words: np.ndarray
-    included: tuple[int, ...]
-    decoded: Decoded
-    blamed: dict[int, tuple[int, ...]] = field(default_factory=dict)  # dealer -> holders whose complaint held
-    false_complaints: dict[int, tuple[int, ...]] = field(default_factory=dict)  # holder -> dealers it accused
 
 
 class SecAggServer:

@@ -283,3 +283,75 @@ def test_the_base_strategy_changes_nothing():
     strategy = FedAvg()
     assert strategy.client_data(TRAINING, 1, torch.zeros(2, 3, 4), torch.zeros(2, 6), lambda: None, None) == \
         (None, None)
+
+
+def test_what_a_checkpoint_cannot_load_back_is_refused_before_it_is_kept(tmp_path):
+    """Exact types: numpy scalars, enums, named tuples and dict subclasses pass isinstance but not weights_only."""
+    import collections
+    import enum
+
+    class Level(enum.IntEnum):
+        LOW = 1
+
+    Pair = collections.namedtuple("Pair", "a b")
+    for bad in (np.float64(0.5), np.str_("x"), Level.LOW, Pair(1, 2), collections.defaultdict(int),
+                {"x": collections.OrderedDict()}, torch.nn.Parameter(torch.ones(2))):
+        with pytest.raises(ValueError, match="client state"):
+            check_portable(bad, "client 1")
+    good = {"rounds": 2, "scores": torch.ones(3), 4: [1.5, "x", None, (1, 2.0)], "flag": True}
+    check_portable(good, "client 1")
+    torch.save(good, tmp_path / "state.pt")
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["rounds"] == 2
+
+
+def batch_centred(logits, targets):
+    """A term that is NOT per clip: it subtracts the batch mean."""
+    p = torch.softmax(logits, -1)
+    return ((p - p.mean(0)) ** 2).sum(-1)
+
+
+class BatchTerm(FedAvg):
+    name = "batchterm"
+    title = "batch term test"
+
+    def objective_terms(self):
+        return [("centred", 1.0, batch_centred)]
+
+
+class Mutating(FedAvg):
+    """Edits what it is given in place and returns nothing: the client's own labels must not change."""
+
+    name = "mutating"
+    title = "mutating test"
+
+    def client_data(self, phase, client_id, features, targets, model, state):
+        targets.mul_(3.0)
+        features.zero_()
+        return None, state
+
+
+def test_a_term_that_is_not_per_clip_and_edits_in_place_change_nothing(monkeypatch, small_clips):
+    monkeypatch.setitem(strategies.STRATEGIES, "batchterm", BatchTerm)
+    monkeypatch.setitem(strategies.STRATEGIES, "mutating", Mutating)
+    with pytest.raises(ConfigError, match=r"federation.strategy: .*terms \(centred\) are not per clip"):
+        prepare_federation(_with_strategy(small_config(*BASE, *MECHANISMS["person"]), "batchterm"), small_clips)
+    federation = prepare_federation(_with_strategy(small_config(*BASE, *MECHANISMS["record"]), "mutating"),
+                                    small_clips)
+    client = next(iter(federation.clients[TRAINING].values()))
+    before = (client.features.clone(), client.targets.clone())
+    from privfer.fl.federation import RunState
+
+    state = RunState(global_state={}, personal={}, accounts={})
+    assert federation.client(state, TRAINING, client.client_id, []) is client
+    assert torch.equal(client.features, before[0]) and torch.equal(client.targets, before[1])
+
+
+def test_a_subclassed_objective_keeps_its_loss_under_every_reduction():
+    class Doubled(TrainingObjective):
+        def per_clip(self, logits, targets, weights=None):
+            return 2 * super().per_clip(logits, targets, weights)
+
+    logits, targets = torch.randn(4, 6), torch.softmax(torch.randn(4, 6), -1)
+    objective = Doubled()
+    torch.testing.assert_close(objective.with_reduction("sum")(logits, targets), 2 * label_term(logits, targets).sum())
+    assert objective.reduction == "mean"  # the copy's reduction, not the original's

@@ -26,7 +26,7 @@ from privfer.fl.client import FLClient
 from privfer.fl.mechanisms import Mechanism, make_mechanism
 from privfer.fl.rounds import ADAPTATION, TRAINING, RoundRecord, draw_cohort
 from privfer.fl.strategies import Strategy, make_strategy
-from privfer.fl.strategies.base import check_portable, checked_client_data
+from privfer.fl.strategies.base import check_per_clip, check_portable, checked_client_data
 from privfer.models.vfer import VFER, ifer_from_config
 from privfer.privacy.ledger import ClientAccount, account_from_state
 
@@ -64,11 +64,14 @@ class Federation:
         them (:meth:`~privfer.fl.strategies.Strategy.client_data`, checked), its per-client state updated."""
         client = self.clients[phase][client_id]
         strategy = self.strategy
+        if not strategy.gives_client_data:
+            return client
 
         def model() -> VFER:
             return self.model({**state.global_state, **state.personal_of(client_id, phase, shared)})
 
-        data, kept = strategy.client_data(phase, client_id, client.features, client.targets, model,
+        # copies: the strategy cannot change the client's clips or labels in place, past the checks
+        data, kept = strategy.client_data(phase, client_id, client.features.clone(), client.targets.clone(), model,
                                           state.strategy_clients.get(client_id))
         data = checked_client_data(strategy, client_id, client.records, client.targets, data)
         if kept is not None or client_id in state.strategy_clients:
@@ -175,6 +178,10 @@ def prepare_federation(
         raise ConfigError(f"federation.strategy '{strategy.name}' changes how clients train locally, and "
                           f"{mechanism.title} takes no local steps (one step on the global model per "
                           "round); use privacy.unit 'person' or privacy.mechanism 'local', or another strategy")
+    try:
+        check_per_clip(strategy, TRAINING)
+    except ValueError as exc:
+        raise ConfigError(f"federation.strategy: {exc}") from None
     if strategy.couples_records and mechanism.privacy is not None and mechanism.privacy.unit == "record":
         raise ConfigError(f"federation.strategy '{strategy.name}' makes a clip's target depend on the client's other "
                           f"clips, which record-level DP does not bound ({mechanism.title} clips each record's "

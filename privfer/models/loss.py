@@ -17,6 +17,7 @@ sums require.
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Sequence
 
 import torch
@@ -57,8 +58,12 @@ class TrainingObjective(nn.Module):
                 raise TypeError(f"objective term {name!r}: needs a number and a callable (logits, targets) -> loss")
 
     def with_reduction(self, reduction: str) -> "TrainingObjective":
-        """The same objective reduced otherwise."""
-        return TrainingObjective(reduction, self.terms)
+        """The same objective (a subclass keeps its own ``per_clip``) reduced otherwise."""
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        copied = copy.copy(self)
+        copied.reduction = reduction
+        return copied
 
     def per_clip(self, logits: torch.Tensor, targets: torch.Tensor,
                  weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -129,12 +129,17 @@ class Strategy(ABC):
         adaptation fine-tunes on pseudo labels with the label term alone, as the seed paper does."""
         return TrainingObjective(terms=self.objective_terms() if phase == TRAINING else ())
 
+    @property
+    def gives_client_data(self) -> bool:
+        """Whether this strategy overrides :meth:`client_data` (otherwise clients train on their own labels)."""
+        return type(self).client_data is not Strategy.client_data
+
     def client_data(self, phase: str, client_id: int, features: torch.Tensor, targets: torch.Tensor,
                     model: Callable[[], VFER], state: Any) -> tuple[ClientData | None, Any]:
         """What client ``client_id`` trains on this round, and its new per-client state.
 
         Runs on the client, before it trains: ``features`` and ``targets`` are
-        its own clips and labels (pseudo labels in adaptation), ``model()``
+        copies of its own clips and labels (pseudo labels in adaptation), ``model()``
         builds the model it received (shared plus its personal parameters),
         ``state`` is what this method returned for the client last time (None
         at first). The state never leaves the client; the simulation keeps it
@@ -225,7 +230,8 @@ def checked_client_data(strategy: Strategy, client_id: int, records: int, target
     if not isinstance(data, ClientData):
         raise ValueError(f"{where}: client_data must return a ClientData or None, not {type(data).__name__}")
     new = data.targets
-    if not isinstance(new, torch.Tensor) or new.shape != targets.shape or new.dtype != targets.dtype:
+    if not isinstance(new, torch.Tensor) or new.shape != targets.shape or new.dtype != targets.dtype \
+            or new.device != targets.device:
         raise ValueError(f"{where}: targets must keep the client's shape {tuple(targets.shape)} and dtype "
                          f"{targets.dtype}")
     if new.dtype.is_floating_point:
@@ -236,29 +242,32 @@ def checked_client_data(strategy: Strategy, client_id: int, records: int, target
         raise ValueError(f"{where}: every target must be a class index")
     weights = data.weights
     if weights is not None:
-        if not isinstance(weights, torch.Tensor) or weights.shape != (records,):
-            raise ValueError(f"{where}: weights must be a tensor with one entry per clip ({records})")
-        weights = weights.detach().to(torch.float32)
+        if not isinstance(weights, torch.Tensor) or weights.shape != (records,) or weights.is_complex() \
+                or weights.device != targets.device:
+            raise ValueError(f"{where}: weights must be a real tensor with one entry per clip ({records})")
+        weights = weights.detach().to(torch.float32).clone()  # the strategy keeps no handle on what trains
         if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or bool((weights > 1).any()):
             raise ValueError(f"{where}: every weight must be in [0, 1]")
-    return ClientData(new.detach(), weights)
+    return ClientData(new.detach().clone(), weights)
 
 
 def check_portable(value: Any, where: str, depth: int = 0) -> None:
     """Refuse a per-client state the checkpoint could not load back (it loads with ``weights_only``): tensors,
     numbers, strings, None, lists, tuples and dicts with string or integer keys, nested at most
-    :data:`MAX_STATE_DEPTH` deep."""
+    :data:`MAX_STATE_DEPTH` deep — these exact types, not subclasses (numpy scalars, enums, named tuples and
+    defaultdicts are what ``weights_only`` refuses)."""
     if depth > MAX_STATE_DEPTH:
         raise ValueError(f"{where}: the strategy's client state is nested more than {MAX_STATE_DEPTH} deep")
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+    kind = type(value)
+    if value is None or kind in (bool, int, float, str) or kind is torch.Tensor:
         return
-    if isinstance(value, (list, tuple)):
+    if kind in (list, tuple):
         for item in value:
             check_portable(item, where, depth + 1)
         return
-    if isinstance(value, dict):
+    if kind is dict:
         for key, item in value.items():
-            if not isinstance(key, (str, int)):
+            if type(key) not in (str, int):
                 raise ValueError(f"{where}: the strategy's client state has a {type(key).__name__} key")
             check_portable(item, where, depth + 1)
         return
@@ -266,5 +275,25 @@ def check_portable(value: Any, where: str, depth: int = 0) -> None:
                      "cannot keep (use tensors, numbers, strings, lists and dicts)")
 
 
-__all__ = ["ClientData", "LocalStep", "NoOptions", "Strategy", "check_portable", "checked_client_data",
-           "make_optimizer", "optimizer_step"]
+def check_per_clip(strategy: Strategy, phase: str) -> None:
+    """Refuse an objective whose terms are not per clip: on random logits and targets, each clip's loss in a batch
+    must equal its loss alone (a term built from batch statistics couples the clips of a batch, which per-example
+    clipping and the stacked trainer cannot bound). A check of the common mistake, not a proof."""
+    objective = strategy.objective(phase)
+    if not objective.terms:
+        return
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, NUM_CLASSES, generator=generator, dtype=torch.float64)
+    votes = torch.softmax(torch.randn(6, NUM_CLASSES, generator=generator, dtype=torch.float64), -1)
+    classes = torch.randint(0, NUM_CLASSES, (6,), generator=generator)
+    for targets in (votes, classes):
+        together = objective.per_clip(logits, targets)
+        alone = torch.cat([objective.per_clip(logits[i:i + 1], targets[i:i + 1]) for i in range(len(logits))])
+        if together.shape != alone.shape or not torch.allclose(together, alone, rtol=1e-9, atol=1e-12):
+            names = ", ".join(name for name, _, _ in objective.terms)
+            raise ValueError(f"strategy {strategy.name!r}: its objective terms ({names}) are not per clip: a clip's "
+                             "loss in a batch differs from its loss alone (a term must see one clip only)")
+
+
+__all__ = ["ClientData", "LocalStep", "NoOptions", "Strategy", "check_per_clip", "check_portable",
+           "checked_client_data", "make_optimizer", "optimizer_step"]

@@ -70,6 +70,9 @@ def _clips(key: tuple):
 @functools.lru_cache(maxsize=256)  # a SuperNode's process holds one node; an in-process run holds them all
 def _federation(key: tuple, partition: int | None, known_noise: float | None) -> Federation:
     config = privfer_config(dict(key))
+    if make_strategy(config.federation).gives_client_data:  # this app trains on the clients' own labels
+        raise ValueError(f"strategy {config.federation.strategy!r} refines its clients' labels (client_data); this "
+                         "example trains on the clients' own labels: run it with privfer simulate")
     clips = _clips(key)
     if partition is None:  # the server never trains: no noise to calibrate (each node calibrates its own)
         public = config.model_copy(update={"privacy": config.privacy.model_copy(update={"epsilon": None})})

@@ -153,3 +153,32 @@ def test_every_ready_config_loads(name):
     config = load_config(REPO / "configs" / name)
     if name.startswith("fed"):
         assert config.federation.strategy == name.removesuffix(".yaml") and config.privacy.enabled
+
+
+def test_a_mechanisms_own_settings_are_its_options_section(monkeypatch):
+    """privacy.options is validated by the selected mechanism's Options model: the built-in mechanisms take none; a
+    mechanism that declares options gets them validated, with errors naming the field, and typed on the config."""
+    import dataclasses
+
+    from pydantic import BaseModel, ConfigDict, Field
+
+    from privfer.errors import ConfigError
+    from privfer.privacy import mechanisms
+
+    with pytest.raises(ConfigError, match=r"privacy.options.height: Extra inputs are not permitted .*takes: none"):
+        load_config(None, ["privacy.epsilon=3", "privacy.options.height=4"])
+    with pytest.raises(ConfigError, match=r"privacy.options.height"):  # a no-DP cell of the same line, too
+        load_config(None, ["privacy.options.height=4"])
+
+    class TreeOptions(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        height: int = Field(3, ge=1, le=20)
+
+    tree = dataclasses.replace(mechanisms.MECHANISMS["distributed"], Options=TreeOptions)
+    monkeypatch.setitem(mechanisms.MECHANISMS, "distributed", tree)
+    config = load_config(None, ["privacy.epsilon=3", "privacy.options.height=7"])
+    assert config.mechanism_options == TreeOptions(height=7)
+    assert load_config(None, ["privacy.epsilon=3"]).mechanism_options == TreeOptions(height=3)
+    with pytest.raises(ConfigError, match=r"privacy.options.height: Input should be less than or equal to 20"):
+        load_config(None, ["privacy.epsilon=3", "privacy.options.height=70"])
+    assert load_config(None, []).mechanism_options is None  # no DP: no mechanism to read them

@@ -71,6 +71,11 @@ class PrivacyConfig(_Section):
         1.0, gt=0.0, le=1.0,
         description="distributed: probability that a record is in a round's step (Poisson; 1 = every record).",
     )
+    options: dict[str, float | int | bool | str] = Field(
+        default_factory=dict, max_length=16,
+        description="The selected mechanism's own settings, validated by it (privfer.privacy.mechanisms); the "
+        "built-in mechanisms take none.",
+    )
     rounding_overhead: float = Field(
         0.01, gt=0.0, le=1.0,
         description="distributed: the integer scale makes randomized rounding add at most this share to the "

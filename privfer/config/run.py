@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from privfer.config.federation import (SERVER_LR, SMALL_BUDGET_SERVER_LR, AggregationConfig, FederationConfig,
                                        PrivacyConfig)
@@ -72,6 +72,18 @@ class PrivferConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _mechanism_options(self) -> "PrivferConfig":
+        """privacy.options, held to the selected mechanism's Options model (checked for runs without DP too: a
+        study's no-DP cell shares its line's settings)."""
+        try:
+            mechanism = select(self.selected_mechanism, self.privacy.unit)
+        except ValueError:  # the unit check above says why
+            return self
+        if mechanism is not None:
+            _validated_options(mechanism, self.privacy.options)
+        return self
+
+    @model_validator(mode="after")
     def _mechanism_defaults(self) -> "PrivferConfig":
         # Resolved here, so config.yaml and `privfer config show` state the rounds a run really uses.
         distributed = self.mechanism == "distributed"
@@ -111,6 +123,12 @@ class PrivferConfig(_Section):
         return select(self.mechanism, self.privacy.unit)
 
     @property
+    def mechanism_options(self) -> BaseModel | None:
+        """privacy.options as the run's mechanism's validated ``Options`` model; None without DP."""
+        mechanism = self.privacy_mechanism
+        return None if mechanism is None else _validated_options(mechanism, self.privacy.options)
+
+    @property
     def mechanism_id(self) -> str | None:
         """The mechanism's id in the ledger (e.g. 'distributed', 'distributed_person', 'local'), or None."""
         mechanism = self.privacy_mechanism
@@ -122,3 +140,14 @@ class PrivferConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _validated_options(mechanism: PrivacyMechanism, options: dict[str, Any]) -> BaseModel:
+    try:
+        return mechanism.Options.model_validate(options)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        takes = ", ".join(mechanism.Options.model_fields) or "none"
+        raise ValueError(f"privacy.options{'.' + where if where else ''}: {problem['msg']} ({mechanism.title} "
+                         f"takes: {takes})") from None

@@ -1,8 +1,8 @@
 """What a privacy mechanism is, torch-free: the facts every layer reads from one place.
 
 A :class:`PrivacyMechanism` is registered by one file under this package (``__init__.py`` lists the files). It
-names the ledger's ``mechanism_id`` and the unit it protects, how a config selects it, the aggregation backends it
-needs, whether clients train locally, which accounting its ledger holds (the audit picks its auditor by it), the
+names the ledger's ``mechanism_id`` and the unit it protects, how a config selects it, its own settings
+(``privacy.options``, validated by its ``Options`` model), the aggregation backends it needs, whether clients train locally, which accounting its ledger holds (the audit picks its auditor by it), the
 sentences its ledger states, and how a distributed plan's clipping bound, sample rate and sum bound follow from
 the unit. The trainers (``privfer/fl/mechanisms/``), the ledger, the audit, the Flower node and the CLI read
 these facts; none of them spells a mechanism's id.
@@ -13,8 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from pydantic import BaseModel, ConfigDict
+
 UNITS = ("record", "person")
 ACCOUNTINGS = ("opacus", "secure_sum")  # an Opacus history per client / the noise family's RDP of the secure sum
+
+
+class NoOptions(BaseModel):
+    """A mechanism without options of its own (``privacy.options`` must be empty)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,9 @@ class PrivacyMechanism:
     backends: tuple[str, ...] | None = None  # aggregation backends it runs on; None: any
     counted: str = "records"  # what its delta is judged against, in messages ("records", "persons")
     statement: Mapping[str, Any] = field(default_factory=dict)  # the ledger's mechanism, relation, public, ...
+    # its own settings: ``privacy.options``, validated by this model when the config is loaded (the config knows
+    # only the section's name; a new mechanism's settings are written here, not in privfer/config)
+    Options: type[BaseModel] = NoOptions
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS or self.accounting not in ACCOUNTINGS:
@@ -71,4 +82,4 @@ class PrivacyMechanism:
         return {key: fill(value) for key, value in self.statement.items()}
 
 
-__all__ = ["ACCOUNTINGS", "UNITS", "PlanInputs", "PrivacyMechanism"]
+__all__ = ["ACCOUNTINGS", "UNITS", "NoOptions", "PlanInputs", "PrivacyMechanism"]

@@ -27,6 +27,7 @@ from privfer.integrations.flower import (  # noqa: E402
     make_secagg_mod,
 )
 
+from privfer.errors import PrivferError  # noqa: E402
 from privfer.privacy.node import BudgetExhausted, NodeLedgerError, accept_plan, plan_to_json  # noqa: E402
 from privfer.privacy.noise import NoiseSteps, noise_family  # noqa: E402
 
@@ -349,3 +350,38 @@ def test_the_node_ledger_is_typed_and_reads_back_what_it_wrote(tmp_path):
     with pytest.raises(NodeLedgerError, match="round is refused and the ledger is unchanged"):
         ledger.charge(entry, "r" * 5000)
     assert (tmp_path / "ledger.json").read_text() == text
+
+
+def test_damaged_numbers_in_a_node_ledger_refuse_training_instead_of_crashing_the_node(tmp_path):
+    """Hostile review of the typed ledger: a history entry the accountant cannot compute with (l2 of 1e160
+    overflowed), an entry of zero steps (which no round writes), a 5000-digit number, a boolean budget."""
+    policy = NodePrivacy(ledger=tmp_path / "ledger.json", lifetime_epsilon=10.0, delta=DELTA)
+    ledger = NodeLedger(policy)
+    entry = NoiseSteps(1e6, 1e3, 1e3, 1.0, 1)
+    ledger.charge(entry, "r1")
+    stored = ledger.load().document()
+    for history, why in (([[1e6, 1e3, 1e160, 1.0, 1]], "mu, l1, l2 in"), ([[1e6, 1e3, 1e3, 1.0, 0]], "steps >= 1")):
+        (tmp_path / "bad.json").write_text(json.dumps({**stored, "history": history}))
+        with pytest.raises(NodeLedgerError, match=why):
+            NodeLedger(replace(policy, ledger=tmp_path / "bad.json")).spent()
+    (tmp_path / "bad.json").write_text(json.dumps(stored).replace('"rounds": 1', '"rounds": ' + "1" * 5000))
+    with pytest.raises(NodeLedgerError, match="bad.json cannot be read"):
+        NodeLedger(replace(policy, ledger=tmp_path / "bad.json")).spent()
+    (tmp_path / "bad.json").write_text(json.dumps({**stored, "epsilon": float("nan")}))
+    with pytest.raises(NodeLedgerError, match="field 'epsilon' must be a finite number"):
+        NodeLedger(replace(policy, ledger=tmp_path / "bad.json")).spent()
+    with pytest.raises(PrivferError, match="lifetime_epsilon must be a number"):
+        NodePrivacy(ledger=tmp_path / "x.json", lifetime_epsilon=True, delta=DELTA)
+
+
+def test_an_accountant_failure_is_a_refusal(tmp_path, monkeypatch):
+    policy = NodePrivacy(ledger=tmp_path / "ledger.json", lifetime_epsilon=10.0, delta=DELTA)
+    ledger = NodeLedger(policy)
+
+    def overflow(*args, **kwargs):
+        raise OverflowError("(34, 'Numerical result out of range')")
+
+    monkeypatch.setattr(type(ledger.family), "epsilon", overflow)
+    with pytest.raises(NodeLedgerError, match="cannot be accounted .OverflowError.; refusing to train"):
+        ledger.check(NoiseSteps(1e6, 1e3, 1e3, 1.0, 1))
+    assert not (tmp_path / "ledger.json").exists()

@@ -105,6 +105,10 @@ class NodePrivacy:
         object.__setattr__(self, "ledger", ledger)
         if self.unit not in UNITS:
             raise ConfigError(f"unit must be one of {sorted(UNITS)}, got {self.unit!r}")
+        for name in ("lifetime_epsilon", "delta"):  # numbers, never booleans (True would pass 0 < True <= ...)
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
         if not (0 < self.lifetime_epsilon <= MAX_EPSILON):
             raise ConfigError(f"lifetime_epsilon must be in (0, {MAX_EPSILON:g}], got {self.lifetime_epsilon}")
         if not 0 < self.delta < 1:

@@ -6,11 +6,10 @@ lock, before its input leaves."""
 
 from __future__ import annotations
 
-import json
 import time
 
-from privfer.privacy.ledger.node import (MAX_NODE_ENTRIES, NODE_SCHEMA, NodeLedgerRecord, fresh_node_ledger,
-                                         node_ledger_from, parse_node_ledger)
+from privfer.privacy.ledger.node import (MAX_NODE_ENTRIES, NODE_SCHEMA, NodeLedgerRecord, UnreadableLedger,
+                                         fresh_node_ledger, node_ledger_from, parse_node_ledger)
 from privfer.privacy.node import UNITS, BudgetExhausted, NodeLedgerError, NodePrivacy
 from privfer.privacy.noise import NoiseFamily, NoiseSteps, noise_family
 from privfer.privacy.rdp import ORDERS
@@ -41,10 +40,14 @@ class NodeLedger:
         """The ledger, validated (a fresh one if the file does not exist); NodeLedgerError naming the file and the
         field for anything else wrong, or for a ledger of another unit, noise family or delta than the policy's."""
         path, policy = self.path, self.policy
-        if not path.exists():
-            return fresh_node_ledger(policy.unit, UNITS[policy.unit].id, policy.noise, policy.delta,
-                                     policy.lifetime_epsilon)
         where = f"privfer node ledger {path}"
+        if not path.exists():
+            try:
+                return fresh_node_ledger(policy.unit, UNITS[policy.unit].id, policy.noise, policy.delta,
+                                         policy.lifetime_epsilon)
+            except ValueError as exc:  # pydantic's ValidationError is a ValueError
+                raise NodeLedgerError(f"{where}: this node's policy makes no valid ledger ({exc.__class__.__name__})"
+                                      ) from None
         try:
             if path.stat().st_size > MAX_LEDGER_BYTES:
                 raise NodeLedgerError(f"{where} is larger than {MAX_LEDGER_BYTES} bytes; refusing to train")
@@ -54,11 +57,10 @@ class NodeLedger:
                                   "unknown, so it refuses to train until its operator restores the file") from None
         try:
             ledger = parse_node_ledger(text, where)
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-            if isinstance(exc, json.JSONDecodeError) or isinstance(exc, RecursionError):
-                raise NodeLedgerError(f"{where} cannot be read ({exc.__class__.__name__}): the node's spent budget "
-                                      "is unknown, so it refuses to train until its operator restores the file"
-                                      ) from None
+        except UnreadableLedger as exc:
+            raise NodeLedgerError(f"{exc}: the node's spent budget is unknown, so it refuses to train until its "
+                                  "operator restores the file") from None
+        except ValueError as exc:
             raise NodeLedgerError(f"{exc}; refusing to train") from None
         if ledger.unit != policy.unit:
             raise NodeLedgerError(f"{where} protects the unit {ledger.unit!r}, this node's policy the "
@@ -78,12 +80,21 @@ class NodeLedger:
     def spent(self) -> float:
         """The node's epsilon so far, recomputed from its history (and folded rounds) at its delta."""
         ledger = self.load()
-        return self.family.epsilon(ledger.entries(), self.policy.delta, ledger.folded_rdp())[0]
+        return self._epsilon(ledger, ledger.entries())
 
     def after(self, step: NoiseSteps) -> float:
         """The node's epsilon if it took part in one more round of ``step``'s mechanism."""
         ledger = self.load()
-        return self.family.epsilon([*ledger.entries(), step], self.policy.delta, ledger.folded_rdp())[0]
+        return self._epsilon(ledger, [*ledger.entries(), step])
+
+    def _epsilon(self, ledger: NodeLedgerRecord, entries: list[NoiseSteps]) -> float:
+        """The family's epsilon of ``entries`` (and the folded rounds) at the policy's delta; an arithmetic failure
+        (a damaged file's numbers) refuses to train instead of raising past the node."""
+        try:
+            return self.family.epsilon(entries, self.policy.delta, ledger.folded_rdp())[0]
+        except (ArithmeticError, ValueError) as exc:  # OverflowError, FloatingPointError, math domain errors
+            raise NodeLedgerError(f"privfer node ledger {self.path}: its history cannot be accounted "
+                                  f"({exc.__class__.__name__}); refusing to train") from None
 
     def check(self, step: NoiseSteps) -> float:
         """BudgetExhausted if one more round would pass the lifetime budget; else the epsilon it would leave."""

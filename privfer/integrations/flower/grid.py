@@ -21,7 +21,7 @@ from privfer.integrations.flower.common import (
     log,
 )
 from privfer.integrations.flower.mod import base_type
-from privfer.integrations.flower.replies import RoundReport, aggregated_reply, private_reply
+from privfer.integrations.flower.replies import RoundReport, aggregated_reply, decoded_records, private_reply
 from privfer.privacy.node import plan_to_json
 from privfer.integrations.flower.slots import (ArraySlot, _arrays_in, _slots_to_json, content_bytes, round_context,
                                                slots_of)
@@ -341,10 +341,11 @@ class _SecureRound:
         if self.plan is not None:
             replies = self.error_replies(sorted(set(self.report.dropped) - set(self.report.included)), None)
             try:
-                reply, records = private_reply(summed.decoded, self.slots, self.received, self.grid.dp, self.plan,
-                                               len(self.report.included), self.grid.weighted_by_key)
-                if records is not None:
+                records = decoded_records(summed.decoded, self.grid.dp)
+                if records is not None:  # reported even when the step below refuses it
                     self.report.example_count = records
+                reply = private_reply(summed.decoded, self.slots, self.received, self.grid.dp, self.plan,
+                                      len(self.report.included), self.grid.weighted_by_key)
                 return [Message(reply, reply_to=self.originals[self.report.included[0]]), *replies]
             except (RoundAborted, ValueError) as exc:  # a sum beyond the plan's bound, or no records
                 self.report.aborted = str(exc)

@@ -73,17 +73,20 @@ def aggregated_reply(decoded: Any, slots: Sequence[ArraySlot], received: Sequenc
     return content
 
 
+def decoded_records(decoded: Any, dp: Any) -> int | None:
+    """Record level: the included nodes' records, the sum's last (exact) word; None at person level."""
+    return int(np.asarray(decoded.arrays[-1]).ravel()[0]) if dp.unit == "record" else None
+
+
 def private_reply(decoded: Any, slots: Sequence[ArraySlot], received: Sequence[np.ndarray], dp: Any, plan: Any,
-                  included: int, weighted_by_key: str) -> tuple[RecordDict, int | None]:
-    """Distributed DP (see the module docstring): the reply's content, and at record level the included nodes'
-    records (the sum's last word; None at person level)."""
+                  included: int, weighted_by_key: str) -> RecordDict:
+    """Distributed DP (see the module docstring): the reply's content."""
     record_level = dp.unit == "record"
     words = decoded.arrays[:-1] if record_level else decoded.arrays
     flat = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in words])
     slots = slots[:-1] if record_level else slots
-    records = None
-    if record_level:  # one DP-SGD step: the noisy sum over the public expected batch
-        records = int(np.asarray(decoded.arrays[-1]).ravel()[0])
+    records = decoded_records(decoded, dp)
+    if records is not None:  # one DP-SGD step: the noisy sum over the public expected batch
         if records < 1:
             raise RoundAborted("the included nodes hold no records")
         step = -dp.server_lr * recipe.mean_gradient(flat, plan, records)
@@ -96,7 +99,7 @@ def private_reply(decoded: Any, slots: Sequence[ArraySlot], received: Sequence[n
         at += size
     content = _content(slots, values)
     content["metrics"] = MetricRecord({weighted_by_key: included})
-    return content, records
+    return content
 
 
-__all__ = ["RoundReport", "aggregated_reply", "private_reply"]
+__all__ = ["RoundReport", "aggregated_reply", "decoded_records", "private_reply"]

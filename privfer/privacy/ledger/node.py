@@ -28,6 +28,11 @@ from privfer.privacy.rdp import ORDERS
 NODE_SCHEMA = "privfer.node_ledger/1"
 MAX_NODE_ENTRIES = 1024  # itemized step mechanisms; rounds of further plans are folded
 DISTRIBUTED = "distributed"  # the privacy.mechanism a node's rounds run (the noise is in the secure sum)
+MAX_PLAN_VALUE = 1e100  # mu, l1, l2 of a history entry: far above any plan a node accepts, below float overflow
+
+
+class UnreadableLedger(ValueError):
+    """The file is not JSON a reader can take (syntax, nesting, a number no float holds, bad text)."""
 
 
 class Folded(Model):
@@ -42,8 +47,7 @@ class Folded(Model):
     @model_validator(mode="after")
     def _orders(self) -> "Folded":
         if self.orders != list(ORDERS) or len(self.rdp) != len(ORDERS):
-            raise ValueError(f"field 'folded' must hold this accountant's {len(ORDERS)} orders and one RDP value "
-                             "per order")
+            raise ValueError(f"must hold this accountant's {len(ORDERS)} orders and one RDP value per order")
         return self
 
 
@@ -77,9 +81,14 @@ class NodeLedgerRecord(Model):
             raise ValueError(f"field 'noise' names no known noise family: {self.noise!r}") from None
         for index, item in enumerate(self.history):
             try:
-                family.parse_entry(item)
+                step = family.parse_entry(item)
             except ValueError:
                 raise ValueError(f"field 'history[{index}]' is not [{', '.join(family.fields)}]") from None
+            # every entry is written by a round (steps >= 1); its numbers within what a plan can hold, so the
+            # accountant's arithmetic cannot overflow
+            if step.steps < 1 or not all(0 < value <= MAX_PLAN_VALUE for value in (step.mu, step.l1, step.l2)):
+                raise ValueError(f"field 'history[{index}]' must have steps >= 1 and mu, l1, l2 in (0, "
+                                 f"{MAX_PLAN_VALUE:g}]")
         if self.folded is not None and self.folded.rounds > self.rounds:
             raise ValueError(f"field 'folded' holds {self.folded.rounds} rounds, more than the ledger's "
                              f"{self.rounds}")
@@ -105,6 +114,8 @@ def parse_node_ledger(text: str, where: str) -> NodeLedgerRecord:
         document = json.loads(text, object_pairs_hook=_no_duplicates)
     except _DuplicateKey as exc:
         raise ValueError(f"{where}: the key {_short(exc.args[0])} appears twice in one object") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, a 5000-digit integer, deep nesting
+        raise UnreadableLedger(f"{where} cannot be read ({exc.__class__.__name__})") from None
     if not isinstance(document, dict) or document.get("schema") != NODE_SCHEMA:
         raise ValueError(f"{where} is not a {NODE_SCHEMA} file")
     try:
@@ -121,7 +132,8 @@ def _first_error(exc: ValidationError, document: dict, where: str) -> str:
     error = errors[0]
     loc = [part for part in error["loc"] if isinstance(part, (str, int))]
     # a JSON number is an int or a float: a value that is neither fails both, and is "not a number"
-    number = {e["type"] for e in errors if e["loc"][:1] == error["loc"][:1]} >= {"int_type", "float_type"}
+    kinds = {e["type"] for e in errors if e["loc"][:1] == error["loc"][:1]}
+    number = kinds >= {"int_type", "float_type"}
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "missing":
         return f"{where} lacks the field '{loc[0] if loc else '?'}'"
@@ -130,6 +142,10 @@ def _first_error(exc: ValidationError, document: dict, where: str) -> str:
     loc = loc[:2] if loc[0] == "history" and len(loc) > 1 else loc[:1]
     field = f"history[{loc[1]}]" if len(loc) == 2 else str(loc[0])
     phrase = "must be a number" if number else (_PHRASES.get(error["type"]) or message)
+    if "finite_number" in kinds:
+        phrase = "must be a finite number"
+    if loc[0] == "last":
+        phrase = "must be [the round id (at most 1024 characters), the time]"
     return f"{where} field '{field}' {phrase}, got {_short(_at(document, loc))}"
 
 
@@ -149,5 +165,5 @@ def node_ledger_from(document: dict[str, Any], where: str | Path) -> NodeLedgerR
         raise ValueError(_first_error(exc, document, str(where))) from None
 
 
-__all__ = ["MAX_NODE_ENTRIES", "NODE_SCHEMA", "Folded", "NodeLedgerRecord", "fresh_node_ledger", "node_ledger_from",
+__all__ = ["MAX_NODE_ENTRIES", "MAX_PLAN_VALUE", "NODE_SCHEMA", "UnreadableLedger", "Folded", "NodeLedgerRecord", "fresh_node_ledger", "node_ledger_from",
            "parse_node_ledger"]

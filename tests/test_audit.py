@@ -117,6 +117,20 @@ def test_a_delta_of_one_over_the_records_is_weak(tmp_path):
     assert WEAK_DELTA in report.clients[0].verdicts
 
 
+def test_local_noise_drawn_from_the_public_run_seed_is_public_noise(tmp_path):
+    """A local DP-SGD run whose noise comes from the run seed passes no audit, as under distributed DP."""
+    from privfer.privacy.audit import PUBLIC_NOISE
+
+    public = ledger([[1.0, 0.5, 10]], target=100.0)
+    public["noise_source"] = "run_seed"
+    report = audit_path(write(tmp_path, public))
+    assert report.clients[0].verdicts == [PUBLIC_NOISE] and not report.passed
+    assert "recompute" in " ".join(report.clients[0].reasons)
+    (tmp_path / "secret").mkdir()
+    secret = audit_path(write(tmp_path / "secret", ledger([[1.0, 0.5, 10]], target=100.0)))
+    assert secret.clients[0].verdicts == [] and secret.passed
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

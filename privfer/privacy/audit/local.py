@@ -14,7 +14,7 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
-from privfer.privacy.audit.report import (CLAIM_TOLERANCE, MISMATCH, NO_DP, OVER_BUDGET, RDP_TOLERANCE,
+from privfer.privacy.audit.report import (CLAIM_TOLERANCE, MISMATCH, NO_DP, OVER_BUDGET, PUBLIC_NOISE, RDP_TOLERANCE,
                                           TIGHT_TOLERANCE, UNAUDITABLE, WEAK_DELTA, AuditReport, ClientAudit, LedgerKind,
                                           _close)
 from privfer.privacy.calibrate import epsilon_spent, prv_affordable
@@ -98,6 +98,10 @@ def _audit_local(ledger: OpacusLedger, path: Path, kind: LedgerKind) -> AuditRep
             continue
         audit = client_audit(values, [], [])
         _judge(audit, entry, history, entry.accountant, target)
+        if ledger.noise_source == "run_seed":  # as under distributed DP: a budget whose noise anyone can redraw
+            audit.verdicts.append(PUBLIC_NOISE)
+            audit.reasons.append("noise_source run_seed: anyone holding the config can recompute the client's "
+                                 "DP-SGD noise")
         if history and "opacus_prv" not in values:
             audit.reasons.append("PRV and PLD skipped (their cost grows with epsilon and steps); both RDP "
                                  "bounds recomputed")

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from privfer.config.federation import (SERVER_LR, SMALL_BUDGET_SERVER_LR, AggregationConfig, FederationConfig,
                                        PrivacyConfig)
 from privfer.config.sections import (DISTRIBUTED_HIDDEN, DISTRIBUTED_ROUNDS, LOCAL_HIDDEN, LOCAL_ROUNDS, DataConfig,
-                                     ModelConfig, OutputConfig, TrainingConfig, _Section)
+                                     ModelConfig, OutputConfig, TrainingConfig, _Section, validated_options)
 from privfer.privacy.mechanisms import MECHANISMS, PrivacyMechanism, select
 from privfer.privacy.noise import DEFAULT as NOISE_DEFAULT
 
@@ -80,7 +80,7 @@ class PrivferConfig(_Section):
         except ValueError:  # the unit check above says why
             return self
         if mechanism is not None:
-            _validated_options(mechanism, self.privacy.options)
+            validated_options(mechanism.Options, self.privacy.options, "privacy.options", mechanism.title)
         return self
 
     @model_validator(mode="after")
@@ -126,7 +126,9 @@ class PrivferConfig(_Section):
     def mechanism_options(self) -> BaseModel | None:
         """privacy.options as the run's mechanism's validated ``Options`` model; None without DP."""
         mechanism = self.privacy_mechanism
-        return None if mechanism is None else _validated_options(mechanism, self.privacy.options)
+        if mechanism is None:
+            return None
+        return validated_options(mechanism.Options, self.privacy.options, "privacy.options", mechanism.title)
 
     @property
     def mechanism_id(self) -> str | None:
@@ -141,13 +143,3 @@ class PrivferConfig(_Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-
-def _validated_options(mechanism: PrivacyMechanism, options: dict[str, Any]) -> BaseModel:
-    try:
-        return mechanism.Options.model_validate(options)
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        where = ".".join(str(part) for part in problem["loc"])
-        takes = ", ".join(mechanism.Options.model_fields) or "none"
-        raise ValueError(f"privacy.options{'.' + where if where else ''}: {problem['msg']} ({mechanism.title} "
-                         f"takes: {takes})") from None

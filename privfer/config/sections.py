@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 # Defaults that depend on the privacy mechanism, resolved when a PrivferConfig is validated. The distributed
@@ -15,6 +15,19 @@ DISTRIBUTED_ROUNDS, LOCAL_ROUNDS = 40, 20
 DISTRIBUTED_HIDDEN, LOCAL_HIDDEN = 64, 128
 SYNTHETIC_FRAMES, SYNTHETIC_FEATURE_DIM = 16, 256
 
+
+
+def validated_options(model: type[BaseModel], options: dict[str, Any], field: str, title: str) -> BaseModel:
+    """A plug-in's own options section (a strategy's ``federation.strategy_options``, a mechanism's
+    ``privacy.options``) validated by its ``Options`` model; ValueError naming ``field.<option>`` and what
+    ``title`` takes."""
+    try:
+        return model.model_validate(options)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        takes = ", ".join(model.model_fields) or "none"
+        raise ValueError(f"{field}{'.' + where if where else ''}: {problem['msg']} ({title} takes: {takes})") from None
 
 class _Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are checked on assignment."""

@@ -70,9 +70,9 @@ class FLClient:
         if len(features) == 0:
             raise ValueError(f"client {client_id} holds no clips")
         self.client_id = int(client_id)
-        self.features = _tensor(features, np.float32)
-        self.targets = _tensor(targets, None)
-        self.weights = None if weights is None else _tensor(weights, np.float32)
+        self.features = _tensor(features, as_float=True)
+        self.targets = _tensor(targets, as_float=False)
+        self.weights = None if weights is None else _tensor(weights, as_float=True)
         if self.weights is not None and self.weights.shape != (len(features),):
             raise ValueError(f"client {client_id}: {len(features)} clips but weights of shape "
                              f"{tuple(self.weights.shape)}")
@@ -169,11 +169,11 @@ class FLClient:
         )
 
 
-
-def _tensor(values: np.ndarray | torch.Tensor, dtype) -> torch.Tensor:
+def _tensor(values: np.ndarray | torch.Tensor, *, as_float: bool) -> torch.Tensor:
+    """A tensor of ``values`` (float32 when ``as_float``); a tensor already is one (no copy when it needs none)."""
     if isinstance(values, torch.Tensor):
-        return values if dtype is None else values.to(torch.float32)
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=dtype))
+        return values.to(torch.float32) if as_float else values
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32 if as_float else None))
 
 
 __all__ = ["FLClient", "LocalTraining", "LocalUpdate"]

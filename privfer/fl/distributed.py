@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -57,11 +57,13 @@ def sample_records(records: int, sample_rate: float, rng: np.random.Generator) -
     return np.flatnonzero(rng.random(records) < sample_rate)
 
 
-class _Batch:
-    """A Poisson sample of one client's clips (possibly empty), with their targets and weights."""
+class _Batch(NamedTuple):
+    """A Poisson sample of one client's clips (possibly empty, which an FLClient cannot be), with their targets
+    and weights."""
 
-    def __init__(self, features: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None) -> None:
-        self.features, self.targets, self.weights = features, targets, weights
+    features: torch.Tensor
+    targets: torch.Tensor
+    weights: torch.Tensor | None
 
     @property
     def records(self) -> int:

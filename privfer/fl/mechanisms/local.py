@@ -47,7 +47,6 @@ class LocalDPSGD(Mechanism):
         config, strategy = self.config, federation.strategy
         shared = strategy.shared_names(federation.model(state.global_state))
         updates, weights, losses = {}, {}, {}
-        training = {}  # (noise multiplier) -> how clients train
         for client_id in cohort:
             client = federation.client(state, phase, client_id, shared)
             plan = self.plans[phase][client_id]
@@ -56,8 +55,7 @@ class LocalDPSGD(Mechanism):
                                                   plan.sample_rate))
             seed = client_seed(config, state.noise_key, phase, round_index, client_id)
             update = client.fit(config, {**state.global_state, **state.personal_of(client_id, phase, shared)},
-                                shared, training.setdefault(plan.noise_multiplier, local_training(
-                                    config, phase, plan.noise_multiplier, strategy)),
+                                shared, local_training(config, phase, plan.noise_multiplier, strategy),
                                 history=account.history, seed=seed)
             account.record_round(update.history)
             if update.personal:  # the strategy's personal layers, kept on the client

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import importlib
 
-from pydantic import ValidationError
-
 from privfer.config import FederationConfig
+from privfer.config.sections import validated_options
 from privfer.errors import ConfigError
 from privfer.fl.strategies.base import ClientData, LocalStep, NoOptions, Strategy
 
@@ -41,13 +40,9 @@ def make_strategy(config: FederationConfig) -> Strategy:
     if cls is None:
         raise ConfigError(f"federation.strategy = {config.strategy!r}: allowed: {', '.join(STRATEGIES)}")
     try:
-        options = cls.Options.model_validate(config.strategy_options)
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        where = ".".join(str(part) for part in problem["loc"])
-        fields = ", ".join(cls.Options.model_fields) or "none"
-        raise ConfigError(f"federation.strategy_options{'.' + where if where else ''}: {problem['msg']} "
-                          f"({cls.title} takes: {fields})") from None
+        options = validated_options(cls.Options, config.strategy_options, "federation.strategy_options", cls.title)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     strategy = cls.from_config(config, options)
     strategy.federation = config
     return strategy

@@ -345,7 +345,7 @@ class _SecureRound:
                 if records is not None:  # reported even when the step below refuses it
                     self.report.example_count = records
                 reply = private_reply(summed.decoded, self.slots, self.received, self.grid.dp, self.plan,
-                                      len(self.report.included), self.grid.weighted_by_key)
+                                      len(self.report.included), records, self.grid.weighted_by_key)
                 return [Message(reply, reply_to=self.originals[self.report.included[0]]), *replies]
             except (RoundAborted, ValueError) as exc:  # a sum beyond the plan's bound, or no records
                 self.report.aborted = str(exc)

@@ -79,13 +79,12 @@ def decoded_records(decoded: Any, dp: Any) -> int | None:
 
 
 def private_reply(decoded: Any, slots: Sequence[ArraySlot], received: Sequence[np.ndarray], dp: Any, plan: Any,
-                  included: int, weighted_by_key: str) -> RecordDict:
-    """Distributed DP (see the module docstring): the reply's content."""
-    record_level = dp.unit == "record"
+                  included: int, records: int | None, weighted_by_key: str) -> RecordDict:
+    """Distributed DP (see the module docstring): the reply's content. ``records``: :func:`decoded_records`."""
+    record_level = records is not None
     words = decoded.arrays[:-1] if record_level else decoded.arrays
     flat = np.concatenate([np.asarray(a, dtype=np.int64).ravel() for a in words])
     slots = slots[:-1] if record_level else slots
-    records = decoded_records(decoded, dp)
     if records is not None:  # one DP-SGD step: the noisy sum over the public expected batch
         if records < 1:
             raise RoundAborted("the included nodes hold no records")

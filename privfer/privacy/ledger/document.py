@@ -151,9 +151,7 @@ def _message(exc: ValidationError, document: dict, path: Path, model: type[Ledge
     errors = exc.errors(include_url=False)
     error = errors[0]
     loc = _location(document, tuple(error["loc"]), error["type"] == "missing")
-    # a JSON number is an int or a float: a value that is neither fails both, and is "not a number"
-    number = {e["type"] for e in errors if _location(document, tuple(e["loc"]), False) == loc} >= {"int_type",
-                                                                                                   "float_type"}
+    kinds = {e["type"] for e in errors if _location(document, tuple(e["loc"]), False) == loc}
     where, rest, value = "the ledger", list(loc), document
     if len(rest) >= 2 and rest[0] in ("clients", "phases"):
         where = f"clients[{rest[1]}]" if rest[0] == "clients" else f"phases.{rest[1]}"
@@ -169,9 +167,18 @@ def _message(exc: ValidationError, document: dict, path: Path, model: type[Ledge
     message = str(error["msg"]).removeprefix("Value error, ")
     if not field:  # a check of the whole section
         return f"{path}: {message}" if where == "the ledger" else f"{path}: {where}: {message}"
-    phrase = "must be a number" if number else (_PHRASES.get(error["type"]) or message)
+    phrase = _phrase(kinds, error)
     shown = _at(value, rest)
     return f"{path}: {where} field '{_short(field, 200)[1:-1]}' {phrase}, got {_short(shown)}"
+
+
+def _phrase(kinds: set[str], error: dict) -> str:
+    """How a field fails, in words, from the error types pydantic reported at its place (``kinds``)."""
+    if "finite_number" in kinds:
+        return "must be a finite number"
+    if kinds >= {"int_type", "float_type"}:  # a JSON number is an int or a float: a value failing both is neither
+        return "must be a number"
+    return _PHRASES.get(error["type"]) or str(error["msg"]).removeprefix("Value error, ")
 
 
 def _location(document: Any, loc: tuple, missing: bool) -> list:

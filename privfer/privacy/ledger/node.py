@@ -126,14 +126,12 @@ def parse_node_ledger(text: str, where: str) -> NodeLedgerRecord:
 
 def _first_error(exc: ValidationError, document: dict, where: str) -> str:
     """The first validation error as one line naming the field (a history entry or the folded section whole)."""
-    from privfer.privacy.ledger.document import _PHRASES, _at, _short
+    from privfer.privacy.ledger.document import _at, _phrase, _short
 
     errors = exc.errors(include_url=False)
     error = errors[0]
     loc = [part for part in error["loc"] if isinstance(part, (str, int))]
-    # a JSON number is an int or a float: a value that is neither fails both, and is "not a number"
     kinds = {e["type"] for e in errors if e["loc"][:1] == error["loc"][:1]}
-    number = kinds >= {"int_type", "float_type"}
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "missing":
         return f"{where} lacks the field '{loc[0] if loc else '?'}'"
@@ -141,9 +139,7 @@ def _first_error(exc: ValidationError, document: dict, where: str) -> str:
         return f"{where}: {message}"
     loc = loc[:2] if loc[0] == "history" and len(loc) > 1 else loc[:1]
     field = f"history[{loc[1]}]" if len(loc) == 2 else str(loc[0])
-    phrase = "must be a number" if number else (_PHRASES.get(error["type"]) or message)
-    if "finite_number" in kinds:
-        phrase = "must be a finite number"
+    phrase = _phrase(kinds, error)
     if loc[0] == "last":
         phrase = "must be [the round id (at most 1024 characters), the time]"
     return f"{where} field '{field}' {phrase}, got {_short(_at(document, loc))}"

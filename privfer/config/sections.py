@@ -63,6 +63,13 @@ class SyntheticConfig(_Section):
     )
     clip_noise: float = Field(0.55, ge=0.0, le=10.0, description="Per-clip variation of the displayed expression.")
     frame_noise: float = Field(0.6, ge=0.0, le=10.0, description="Per-frame noise of the frame features.")
+    order_signal: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Share of the expression carried by the order of the frames rather than by every frame: 0 "
+                    "shows one display throughout the apex; 1 shows two parts in turn whose order names the emotion, "
+                    "so no statistic of the set of frames (their mean included) tells anger from disgust or fear "
+                    "from sadness.",
+    )
     perception_temperature: float = Field(
         0.5, gt=0.0, le=100.0, description="Annotators' uncertainty: higher spreads votes over more classes."
     )

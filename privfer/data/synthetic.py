@@ -76,8 +76,8 @@ def _prototypes(rng: np.random.Generator, latent_dim: int) -> np.ndarray:
     return protos
 
 
-def _envelopes(rng: np.random.Generator, n: int, frames: int) -> np.ndarray:
-    """(n, T) expression envelopes in [0, 1]: onset, apex, offset, smoothed."""
+def _envelopes(rng: np.random.Generator, n: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, T) expression envelopes in [0, 1] (onset, apex, offset, smoothed) and (n, 1) the middle of each apex."""
     t = np.arange(frames, dtype=np.float64)[None, :]
     # Actors express while speaking the sentence, so the apex covers most of a clip.
     start = rng.uniform(0.0, 0.15, (n, 1)) * frames
@@ -87,7 +87,46 @@ def _envelopes(rng: np.random.Generator, n: int, frames: int) -> np.ndarray:
     up = np.clip((t - start) / rise, 0.0, 1.0)
     down = np.clip((t - (start + rise + apex)) / fall, 0.0, 1.0)
     linear = up * (1.0 - down)
-    return linear * linear * (3.0 - 2.0 * linear)  # smoothstep: no kinks at onset/offset
+    return linear * linear * (3.0 - 2.0 * linear), start + rise + apex / 2  # smoothstep: no kinks at onset/offset
+
+
+# Where the signal is in the frames' order (``order_signal``): three latent parts, and the two an emotion shows in
+# turn. Anger and disgust show the same two parts in opposite orders, as do fear and sadness (the pairs raters
+# confuse most); happiness has no mirror image.
+_ORDER_PARTS = 3
+_ORDER = {0: (0, 1), 1: (1, 0), 2: (0, 2), 3: (1, 2), 4: (2, 0)}  # index into _EXPRESSIVE -> (first, second)
+
+
+def _order_maps(seed: int, protos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(L, L) maps taking a displayed expression to what the first and the second half of its apex show.
+
+    The display is written in the basis of the expressive prototypes (least squares; the rest, clip noise
+    outside their span, is shown in both halves). Prototype e's coefficient is shown along the unit part
+    first(e) in the first half and second(e) in the second, at the mean norm of e and its mirror image (the
+    emotion showing the same parts in the other order), so a pure display of anger
+    and one of disgust of equal strength show the same two frames in opposite orders.
+    """
+    latent = protos.shape[1]
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x4F524452]))  # "ORDR": apart from the world's stream
+    parts, _ = np.linalg.qr(rng.standard_normal((latent, _ORDER_PARTS)))  # (L, 3) orthonormal
+    expressive = protos[_EXPRESSIVE]  # (5, L)
+    coefficients = np.linalg.pinv(expressive.T)  # (5, L): d -> w with expressive.T @ w the projection of d
+    rest = np.eye(latent) - expressive.T @ coefficients
+    norms = np.linalg.norm(expressive, axis=1)
+    mirror = {e: next((m for m, pair in _ORDER.items() if pair == _ORDER[e][::-1]), e) for e in _ORDER}
+    norms = np.array([(norms[e] + norms[mirror[e]]) / 2 for e in range(len(_EXPRESSIVE))])
+    first = parts[:, [_ORDER[e][0] for e in range(len(_EXPRESSIVE))]] * norms  # (L, 5)
+    second = parts[:, [_ORDER[e][1] for e in range(len(_EXPRESSIVE))]] * norms
+    return first @ coefficients + rest, second @ coefficients + rest
+
+
+def _in_order(displayed: np.ndarray, turn: np.ndarray, frames: int, share: float,
+              maps: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """(m, T, L) what each frame shows: ``1 - share`` of the display in every frame, and ``share`` of it as the
+    first part before the middle of the apex and the second part after it."""
+    first, second = (displayed @ m.T for m in maps)
+    later = (np.arange(frames)[None, :] >= turn)[:, :, None]  # (m, T, 1)
+    return (1.0 - share) * displayed[:, None, :] + share * np.where(later, second[:, None, :], first[:, None, :])
 
 
 def generate_synthetic(config: DataConfig) -> ClipSet:
@@ -147,7 +186,7 @@ def generate_synthetic(config: DataConfig) -> ClipSet:
     displayed += clip_rng.standard_normal((n, latent)) * (syn.clip_noise / np.sqrt(latent))
 
     # -- frames: envelope x expression + identity + speech + pose + noise ------
-    envelope = _envelopes(clip_rng, n, frames)
+    envelope, turn = _envelopes(clip_rng, n, frames)
     t = np.arange(frames)[None, :]
     freq = clip_rng.uniform(1.0, 3.0, (n, 1))
     phase = clip_rng.uniform(0.0, 2 * np.pi, (n, 1))
@@ -157,10 +196,15 @@ def generate_synthetic(config: DataConfig) -> ClipSet:
     features = np.empty((n, frames, dim), dtype=np.float32)
     chunk = 512  # bounded memory for large populations
     frame_noise_latent = syn.frame_noise * 0.5 / np.sqrt(latent)
+    order_maps = _order_maps(syn.seed, protos) if syn.order_signal else None
     for lo in range(0, n, chunk):
         hi = min(lo + chunk, n)
         m = hi - lo
-        expr = envelope[lo:hi, :, None] * displayed[lo:hi, None, :]
+        if syn.order_signal:
+            shown = _in_order(displayed[lo:hi], turn[lo:hi], frames, syn.order_signal, order_maps)
+            expr = envelope[lo:hi, :, None] * shown
+        else:
+            expr = envelope[lo:hi, :, None] * displayed[lo:hi, None, :]
         expr = expr + clip_rng.standard_normal((m, frames, latent)) * frame_noise_latent
         state = np.concatenate(
             [

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 DISTRIBUTED_ROUNDS, LOCAL_ROUNDS = 40, 20
 DISTRIBUTED_HIDDEN, LOCAL_HIDDEN = 64, 128
 SYNTHETIC_FRAMES, SYNTHETIC_FEATURE_DIM = 16, 256
+FOREIGN_SHAPES = {"digits": (8, 8), "watch": (30, 6)}  # real data a package ships (privfer/data/foreign.py): (T, D)
 
 
 
@@ -98,7 +99,11 @@ class SplitConfig(_Section):
 class DataConfig(_Section):
     """Where clips come from and how training targets are built."""
 
-    source: Literal["synthetic", "cremad"] = Field("synthetic", description="Built-in generator or a CREMA-D folder.")
+    source: Literal["synthetic", "cremad", "digits", "watch"] = Field(
+        "synthetic", description="Built-in generator, a CREMA-D folder, or real data a package ships (docs/data.md): "
+        "digits (scikit-learn's digits 0-5, rows as 8 frames of 8 features) or watch (seglearn's smartwatch "
+        "exercises, 30 frames of 6 features, 10 subjects); these two need pip install -e \".[foreign]\".",
+    )
     root: Path | None = Field(None, description="CREMA-D folder (required when source is cremad).")
     votes: Literal["tabulated", "responses"] = Field(
         "tabulated",
@@ -139,6 +144,14 @@ class DataConfig(_Section):
                 self.frames = SYNTHETIC_FRAMES
             if self.feature_dim is None:
                 self.feature_dim = SYNTHETIC_FEATURE_DIM
+        elif self.source in FOREIGN_SHAPES:  # a package's data set has one shape
+            for field, value in zip(("frames", "feature_dim"), FOREIGN_SHAPES[self.source]):
+                asked = getattr(self, field)
+                if asked is not None and asked != value:
+                    raise ValueError(f"{field} = {asked}, but data.source {self.source!r} has {field} = {value}; "
+                                     f"leave it unset")
+                if asked is None:
+                    setattr(self, field, value)
         return self
 
 

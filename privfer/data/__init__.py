@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from privfer.config import DataConfig
+from privfer.config.sections import FOREIGN_SHAPES
 from privfer.data.clips import ClipSet
 from privfer.errors import DataError
 
@@ -18,6 +19,10 @@ def load_clips(config: DataConfig) -> ClipSet:
         from privfer.data.synthetic import generate_synthetic
 
         return generate_synthetic(config)
+    if config.source in FOREIGN_SHAPES:
+        from privfer.data.foreign import load_foreign
+
+        return load_foreign(config.source)
     from privfer.data.cremad import load_cremad
 
     assert config.root is not None  # checked by DataConfig

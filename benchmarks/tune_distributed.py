@@ -4,6 +4,7 @@
     python benchmarks/tune_distributed.py --epsilon 8 --steps 40 --lr 0.02 --threads 2
     python benchmarks/tune_distributed.py --epsilon 1 --lr 0.02,0.03 --clip 1.0,0.3 --seeds 0,1
     python benchmarks/tune_distributed.py --epsilon 1 --steps 20,40 --lr 0.03 --shortcut 0,1 --seeds 0,1
+    python benchmarks/tune_distributed.py --set data.source=digits --hidden 128 --readout last --shortcut 0
 
 What one round of ``privfer simulate --epsilon E`` computes, without the
 protocol's cost: every training clip's clipped gradient summed (the same
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--readout", default="mean", choices=("last", "mean"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a config override for the data, e.g. --set data.source=digits (repeatable)")
     parser.add_argument("--shortcut", default="1", help="comma-separated: 1 with the VFER's linear shortcut, 0 without")
     parser.add_argument("--ema", type=float, default=0.0,
                         help="also report an exponential moving average of the iterates with this decay (post-processing)")
@@ -61,7 +64,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     base = [f"privacy.epsilon={args.epsilon}", f"model.hidden_size={args.hidden}",
-            f"model.readout={args.readout}", "federation.adaptation=false"]
+            f"model.readout={args.readout}", "federation.adaptation=false", *args.set]
     seeds = [int(s) for s in args.seeds.split(",")]
     clips = load_clips(load_config(None, base).data)
     data = {}  # per seed: the split's parts and the training tensors

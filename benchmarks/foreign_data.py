@@ -1,0 +1,158 @@
+"""Does a budget buy accuracy on data privfer did not design? privfer's defaults against the best central run, per data set.
+
+    python benchmarks/foreign_data.py                                   # every data set, epsilon 1, 3, 8
+    python benchmarks/foreign_data.py --datasets digits,watch --epsilons 3,8
+    python benchmarks/foreign_data.py --datasets digits --grid small    # 4 central settings instead of 12
+
+For each data set, side by side in one run and on one split (run seed 0; the
+test actors' evaluation halves; the central runs at the delta privfer's run
+used, 1 / (10 x the federation's records)):
+
+* **privfer defaults**: ``privfer simulate --epsilon E`` with nothing else set
+  (the real masking protocol, distributed DP, no adaptation phase), and the
+  same without a budget (``--epsilon inf``): the "no DP" line must be at least
+  what epsilon 8 buys, or it is not the ceiling a study says it is.
+* **central grid**: one trusted curator holding every training clip runs
+  Opacus DP-SGD (Poisson batches, Adam, C = 1, PRV accountant, the fast DP
+  LSTM with ghost clipping) for each setting of a declared grid — three VFER
+  shapes (64 units / mean readout / the linear shortcut, privfer's
+  distributed default; 128 / last / none, the seed paper's; 128 / mean /
+  none) x two learning rates (2e-3, 1e-2) x two expected batch shares
+  (2% and 10% of the records, 20 epochs) — and the best test score is
+  reported. Choosing by the test score and charging nothing for the search
+  makes this anchor optimistic on purpose: privfer is held to at least
+  0.9x of it with its defaults (issue 26).
+
+Data sets (docs/data.md): ``synthetic`` (the default data, the expression in
+every apex frame), ``synthetic-order`` (``data.synthetic.order_signal=1``: in
+the frames' order), ``digits`` and ``watch`` (real data packages ship; watch
+holds out 2 + 2 of its 10 subjects). Prints one line per run and the table
+docs/performance.md records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+DATASETS = {
+    "synthetic": [],
+    "synthetic-order": ["data.synthetic.order_signal=1"],
+    "digits": ["data.source=digits"],
+    "watch": ["data.source=watch", "data.split.val_actors=2", "data.split.test_actors=2"],
+}
+SHAPES = {  # name -> model overrides
+    "64-mean-shortcut": ["model.hidden_size=64", "model.readout=mean", "model.shortcut=true"],
+    "128-last": ["model.hidden_size=128", "model.readout=last", "model.shortcut=false"],
+    "128-mean": ["model.hidden_size=128", "model.readout=mean", "model.shortcut=false"],
+}
+GRIDS = {
+    "full": {"shapes": list(SHAPES), "lr": [2e-3, 1e-2], "batch_share": [0.02, 0.1]},
+    "small": {"shapes": ["64-mean-shortcut", "128-last"], "lr": [5e-3], "batch_share": [0.02, 0.1]},
+}
+EPOCHS = 20
+
+
+def central(config, parts, epsilon: float, delta: float, lr: float, batch_share: float, seed: int = 0) -> float:
+    """Macro F1 of central Opacus DP-SGD at (epsilon, delta) on the test actors' evaluation halves."""
+    from opacus import PrivacyEngine
+
+    from privfer.data.labels import training_targets
+    from privfer.evaluation import evaluate
+    from privfer.models.loss import LabelLoss
+    from privfer.models.vfer import VFER
+
+    torch.manual_seed(seed)
+    train = parts["train"]
+    model = VFER.from_config(config.model, train.feature_dim, private=True)
+    data = torch.utils.data.TensorDataset(torch.from_numpy(train.features),
+                                          torch.from_numpy(training_targets(train, "partial")))
+    batch = max(8, round(batch_share * len(train)))
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, generator=torch.Generator().manual_seed(seed))
+    engine = PrivacyEngine(accountant="prv")
+    private, optimizer, criterion, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.Adam(model.parameters(), lr=lr), data_loader=loader,
+        target_epsilon=epsilon, target_delta=delta, epochs=EPOCHS, max_grad_norm=1.0, grad_sample_mode="ghost",
+        criterion=LabelLoss())
+    for _ in range(EPOCHS):
+        private.train()
+        for x, y in loader:
+            if len(x) == 0:
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            criterion(private(x), y).backward()
+            optimizer.step()
+    spent = engine.get_epsilon(delta)
+    if spent > epsilon * 1.01:
+        raise RuntimeError(f"central run spent epsilon {spent:.3f} > {epsilon}")
+    return evaluate(private._module, parts["test_eval"], "intended")["macro"]["f1"]
+
+
+def privfer_run(overrides: list[str], epsilon: float, clips) -> tuple[float, float, float]:
+    """(macro F1, delta, seconds) of privfer simulate with its defaults at ``epsilon`` (inf: no DP)."""
+    from privfer.config import load_config
+    from privfer.fl.simulation import simulate
+
+    config = load_config(None, [*overrides, f"privacy.epsilon={epsilon}", "seed=0", "federation.adaptation=false",
+                                "output.save_model=false"])
+    started = time.perf_counter()
+    result = simulate(config, None, clips=clips)
+    return result.macro_f1, result.privacy.delta, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--epsilons", default="1,3,8")
+    parser.add_argument("--grid", default="full", choices=sorted(GRIDS))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    from privfer.config import load_config
+    from privfer.data import load_clips
+    from privfer.data.splits import split_actors, split_clips
+
+    torch.set_num_threads(args.threads)
+    grid = GRIDS[args.grid]
+    epsilons = [float(e) for e in args.epsilons.split(",")]
+    table = []
+    for name in args.datasets.split(","):
+        overrides = DATASETS[name]
+        config = load_config(None, overrides)
+        clips = load_clips(config.data)
+        parts = split_clips(clips, split_actors(clips, config.data.split, 0))
+        train = parts["train"]
+        actors = len(set(train.actor_ids.tolist()))
+        print(f"# {name}: {len(clips)} clips, {len(train)} training clips of {actors} actors, "
+              f"T x D = {clips.frames} x {clips.feature_dim}", flush=True)
+        f1_free, _, seconds = privfer_run(overrides, math.inf, clips)
+        print(f"{name:>16} privfer  eps inf  F1 {f1_free:.3f}  ({seconds:.0f} s)", flush=True)
+        for epsilon in epsilons:
+            f1_default, delta, seconds = privfer_run(overrides, epsilon, clips)  # the central runs use its delta
+            print(f"{name:>16} privfer  eps {epsilon:g}  delta {delta:.3g}  F1 {f1_default:.3f}  ({seconds:.0f} s)",
+                  flush=True)
+            best, best_setting = -1.0, ""
+            for shape, lr, share in itertools.product(grid["shapes"], grid["lr"], grid["batch_share"]):
+                started = time.perf_counter()
+                shaped = load_config(None, [*overrides, *SHAPES[shape], f"privacy.epsilon={epsilon}"])
+                f1 = central(shaped, parts, epsilon, delta, lr, share)
+                print(f"{name:>16} central  eps {epsilon:g}  {shape} lr {lr:g} batch {share:g}  F1 {f1:.3f}  "
+                      f"({time.perf_counter() - started:.0f} s)", flush=True)
+                if f1 > best:
+                    best, best_setting = f1, f"{shape}, lr {lr:g}, batch {share:g}"
+            table.append((name, epsilon, f1_default, best, best_setting, f1_free))
+    print("\n| data | epsilon | privfer defaults | central best (grid) | ratio | privfer without DP |")
+    print("|---|---|---|---|---|---|")
+    for name, epsilon, f1_default, best, setting, f1_free in table:
+        print(f"| {name} | {epsilon:g} | {f1_default:.3f} | {best:.3f} ({setting}) | {f1_default / best:.2f} | "
+              f"{f1_free:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,6 +5,8 @@
     python benchmarks/tune_distributed.py --epsilon 1 --lr 0.02,0.03 --clip 1.0,0.3 --seeds 0,1
     python benchmarks/tune_distributed.py --epsilon 1 --steps 20,40 --lr 0.03 --shortcut 0,1 --seeds 0,1
     python benchmarks/tune_distributed.py --set data.source=digits --hidden 128 --readout last --shortcut 0
+    python benchmarks/tune_distributed.py --input-norm unit --set data.source=watch --set data.split.val_actors=2 \
+        --set data.split.test_actors=2 --lr 0.02,0.05,0.1,0.2 --seeds 0,1
 
 What one round of ``privfer simulate --epsilon E`` computes, without the
 protocol's cost: every training clip's clipped gradient summed (the same
@@ -46,6 +48,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--readout", default="mean", choices=("last", "mean"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--input-norm", default="none", choices=("none", "unit"),
+                        help="unit: divide each clip by its own root mean square times sqrt(D), so a frame's features "
+                             "have norm about 1 whatever the data (a per-record map: free under DP)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a config override for the data, e.g. --set data.source=digits (repeatable)")
     parser.add_argument("--shortcut", default="1", help="comma-separated: 1 with the VFER's linear shortcut, 0 without")
@@ -71,6 +76,8 @@ def main() -> None:
     for seed in seeds:
         config = load_config(None, [*base, f"seed={seed}"])
         parts = split_clips(clips, split_actors(clips, config.data.split, config.seed))
+        if args.input_norm == "unit":
+            parts = {name: _unit_scale(part) for name, part in parts.items()}
         train = parts["train"]
         x = torch.from_numpy(train.features)
         y = torch.from_numpy(training_targets(train, "partial"))
@@ -120,6 +127,17 @@ def main() -> None:
         if ema_curves:
             mean = [round(sum(c[i] for c in ema_curves) / len(ema_curves), 3) for i in range(min(map(len, ema_curves)))]
             print(f"{label} ema {args.ema:g} mean over seeds {seeds}: validation macro F1 {mean}", flush=True)
+
+def _unit_scale(clips):
+    """The clips, each divided by its own root mean square and sqrt(D): frames of norm about 1."""
+    import dataclasses
+
+    import numpy as np
+
+    rms = np.sqrt((clips.features.astype(np.float64) ** 2).mean(axis=(1, 2), keepdims=True))
+    scaled = clips.features / np.maximum(rms, 1e-12) / np.sqrt(clips.feature_dim)
+    return dataclasses.replace(clips, features=scaled.astype(np.float32))
+
 
 if __name__ == "__main__":
     main()

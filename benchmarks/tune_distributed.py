@@ -48,9 +48,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--readout", default="mean", choices=("last", "mean"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--input-norm", default="none", choices=("none", "unit"),
+    parser.add_argument("--input-norm", default="none", choices=("none", "unit", "rms"),
                         help="unit: divide each clip by its own root mean square times sqrt(D), so a frame's features "
-                             "have norm about 1 whatever the data (a per-record map: free under DP)")
+                             "have norm about 1 whatever the data; rms: by its root mean square only (features of "
+                             "size about 1); both per-record maps, free under DP")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a config override for the data, e.g. --set data.source=digits (repeatable)")
     parser.add_argument("--shortcut", default="1", help="comma-separated: 1 with the VFER's linear shortcut, 0 without")
@@ -76,8 +77,8 @@ def main() -> None:
     for seed in seeds:
         config = load_config(None, [*base, f"seed={seed}"])
         parts = split_clips(clips, split_actors(clips, config.data.split, config.seed))
-        if args.input_norm == "unit":
-            parts = {name: _unit_scale(part) for name, part in parts.items()}
+        if args.input_norm != "none":
+            parts = {name: _unit_scale(part, per_frame=args.input_norm == "unit") for name, part in parts.items()}
         train = parts["train"]
         x = torch.from_numpy(train.features)
         y = torch.from_numpy(training_targets(train, "partial"))
@@ -128,14 +129,15 @@ def main() -> None:
             mean = [round(sum(c[i] for c in ema_curves) / len(ema_curves), 3) for i in range(min(map(len, ema_curves)))]
             print(f"{label} ema {args.ema:g} mean over seeds {seeds}: validation macro F1 {mean}", flush=True)
 
-def _unit_scale(clips):
-    """The clips, each divided by its own root mean square and sqrt(D): frames of norm about 1."""
+def _unit_scale(clips, per_frame: bool):
+    """The clips, each divided by its own root mean square (and sqrt(D) with ``per_frame``: frames of norm
+    about 1)."""
     import dataclasses
 
     import numpy as np
 
     rms = np.sqrt((clips.features.astype(np.float64) ** 2).mean(axis=(1, 2), keepdims=True))
-    scaled = clips.features / np.maximum(rms, 1e-12) / np.sqrt(clips.feature_dim)
+    scaled = clips.features / np.maximum(rms, 1e-12) / (np.sqrt(clips.feature_dim) if per_frame else 1.0)
     return dataclasses.replace(clips, features=scaled.astype(np.float32))
 
 

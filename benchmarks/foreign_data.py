@@ -60,39 +60,16 @@ GRIDS = {
 EPOCHS = 20
 
 
-def central(config, parts, epsilon: float, delta: float, lr: float, batch_share: float, seed: int = 0) -> float:
-    """Macro F1 of central Opacus DP-SGD at (epsilon, delta) on the test actors' evaluation halves."""
-    from opacus import PrivacyEngine
+def central_grid_point(config, parts, epsilon: float, delta: float, lr: float, batch_share: float) -> float:
+    """Macro F1 of central Opacus DP-SGD (benchmarks/privacy_utility.py's loop) at (epsilon, delta), run seed 0."""
+    from privacy_utility import central  # the same directory: python benchmarks/foreign_data.py puts it on the path
 
-    from privfer.data.labels import training_targets
-    from privfer.evaluation import evaluate
-    from privfer.models.loss import LabelLoss
-    from privfer.models.vfer import VFER
-
-    torch.manual_seed(seed)
     train = parts["train"]
-    model = VFER.from_config(config.model, train.feature_dim, private=True)
-    data = torch.utils.data.TensorDataset(torch.from_numpy(train.features),
-                                          torch.from_numpy(training_targets(train, "partial")))
-    batch = max(8, round(batch_share * len(train)))
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, generator=torch.Generator().manual_seed(seed))
-    engine = PrivacyEngine(accountant="prv")
-    private, optimizer, criterion, loader = engine.make_private_with_epsilon(
-        module=model, optimizer=torch.optim.Adam(model.parameters(), lr=lr), data_loader=loader,
-        target_epsilon=epsilon, target_delta=delta, epochs=EPOCHS, max_grad_norm=1.0, grad_sample_mode="ghost",
-        criterion=LabelLoss())
-    for _ in range(EPOCHS):
-        private.train()
-        for x, y in loader:
-            if len(x) == 0:
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            criterion(private(x), y).backward()
-            optimizer.step()
-    spent = engine.get_epsilon(delta)
+    f1, spent, _ = central(epsilon, delta, 0, parts, train.feature_dim, config, lr=lr,
+                           batch_size=max(8, round(batch_share * len(train))), epochs=EPOCHS)
     if spent > epsilon * 1.01:
         raise RuntimeError(f"central run spent epsilon {spent:.3f} > {epsilon}")
-    return evaluate(private._module, parts["test_eval"], "intended")["macro"]["f1"]
+    return f1
 
 
 def privfer_run(overrides: list[str], epsilon: float, clips) -> tuple[float, float, float]:
@@ -141,7 +118,7 @@ def main() -> None:
             for shape, lr, share in itertools.product(grid["shapes"], grid["lr"], grid["batch_share"]):
                 started = time.perf_counter()
                 shaped = load_config(None, [*overrides, *SHAPES[shape], f"privacy.epsilon={epsilon}"])
-                f1 = central(shaped, parts, epsilon, delta, lr, share)
+                f1 = central_grid_point(shaped, parts, epsilon, delta, lr, share)
                 print(f"{name:>16} central  eps {epsilon:g}  {shape} lr {lr:g} batch {share:g}  F1 {f1:.3f}  "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
                 if f1 > best:

@@ -36,7 +36,10 @@ import torch
 warnings.filterwarnings("ignore")
 
 
-def central(epsilon: float, delta: float, seed: int, parts, feature_dim: int, config) -> tuple[float, float, float]:
+def central(epsilon: float, delta: float, seed: int, parts, feature_dim: int, config, *, lr: float = 5e-3,
+            batch_size: int = 512, epochs: int = 20) -> tuple[float, float, float]:
+    """(test macro F1, epsilon spent, seconds) of central Opacus DP-SGD at (epsilon, delta) with ``config``'s model;
+    benchmarks/foreign_data.py runs it over a grid of lr and batch size."""
     from opacus import PrivacyEngine
 
     from privfer.data.labels import training_targets
@@ -49,16 +52,18 @@ def central(epsilon: float, delta: float, seed: int, parts, feature_dim: int, co
     train = parts["train"]
     data = torch.utils.data.TensorDataset(torch.from_numpy(train.features),
                                           torch.from_numpy(training_targets(train, "partial")))
-    loader = torch.utils.data.DataLoader(data, batch_size=512, generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, generator=torch.Generator().manual_seed(seed))
     engine = PrivacyEngine(accountant="prv")
     private, optimizer, criterion, loader = engine.make_private_with_epsilon(
-        module=model, optimizer=torch.optim.Adam(model.parameters(), lr=5e-3), data_loader=loader,
-        target_epsilon=epsilon, target_delta=delta, epochs=20, max_grad_norm=1.0, grad_sample_mode="ghost",
+        module=model, optimizer=torch.optim.Adam(model.parameters(), lr=lr), data_loader=loader,
+        target_epsilon=epsilon, target_delta=delta, epochs=epochs, max_grad_norm=1.0, grad_sample_mode="ghost",
         criterion=LabelLoss())
     started = time.perf_counter()
-    for _ in range(20):
+    for _ in range(epochs):
         private.train()
         for x, y in loader:
+            if len(x) == 0:  # a Poisson batch may be empty (small data sets); it carries no gradient
+                continue
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(private(x), y)
             loss.backward()

@@ -78,7 +78,7 @@ def main() -> None:
         config = load_config(None, [*base, f"seed={seed}"])
         parts = split_clips(clips, split_actors(clips, config.data.split, config.seed))
         if args.input_norm != "none":
-            parts = {name: _unit_scale(part, per_frame=args.input_norm == "unit") for name, part in parts.items()}
+            parts = {name: _rescaled(part, per_frame=args.input_norm == "unit") for name, part in parts.items()}
         train = parts["train"]
         x = torch.from_numpy(train.features)
         y = torch.from_numpy(training_targets(train, "partial"))
@@ -129,7 +129,7 @@ def main() -> None:
             mean = [round(sum(c[i] for c in ema_curves) / len(ema_curves), 3) for i in range(min(map(len, ema_curves)))]
             print(f"{label} ema {args.ema:g} mean over seeds {seeds}: validation macro F1 {mean}", flush=True)
 
-def _unit_scale(clips, per_frame: bool):
+def _rescaled(clips, per_frame: bool):
     """The clips, each divided by its own root mean square (and sqrt(D) with ``per_frame``: frames of norm
     about 1)."""
     import dataclasses

@@ -42,8 +42,6 @@ from privfer.config.sections import FOREIGN_SHAPES
 from privfer.data.clips import LEVELS, NUM_CLASSES, SENTENCES, Actor, ClipSet, clip_name
 from privfer.errors import DataError
 
-SOURCES = tuple(FOREIGN_SHAPES)
-SHAPES = FOREIGN_SHAPES  # (frames, features per frame)
 _FIRST_ACTOR = 1001
 _DIGITS_ACTORS = 91
 _WATCH_WINDOW, _WATCH_POOL = 150, 5  # 3 s at 50 Hz, averaged over 5 samples per frame
@@ -51,13 +49,13 @@ _MAX_WATCH_BYTES = 64 << 20  # the shipped file is 18 MB
 
 
 def load_foreign(source: str) -> ClipSet:
-    """The clips of a package data set (``SOURCES``); DataError when its package is not installed."""
+    """The clips of a package data set (a key of ``FOREIGN_SHAPES``); DataError when its package is not installed."""
     if source == "digits":
         features, classes, actors = _digits()
     elif source == "watch":
         features, classes, actors = _watch()
     else:
-        raise DataError(f"unknown data source {source!r}; expected one of {', '.join(SOURCES)}")
+        raise DataError(f"unknown data source {source!r}; expected one of {', '.join(FOREIGN_SHAPES)}")
     return _clipset(source, features, classes, actors)
 
 
@@ -249,11 +247,11 @@ def _watch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             raise DataError(f"{bad} ({name} is not one integer per recording)")
     if labels.min() < 0 or labels.max() > 6 or subjects.min() < 1 or subjects.max() > 999:
         raise DataError(f"{bad} (exercise outside 0-6 or subject outside 1-999)")
-    total = 0
+    total, width = 0, FOREIGN_SHAPES["watch"][1]
     for i, recording in enumerate(recordings):
         if not (isinstance(recording, np.ndarray) and recording.dtype.kind == "f" and recording.ndim == 2
-                and recording.shape[1] == SHAPES["watch"][1] and 0 < len(recording) <= _MAX_ROWS):
-            raise DataError(f"{bad} (recording {i} is not rows of {SHAPES['watch'][1]} numbers, at most {_MAX_ROWS})")
+                and recording.shape[1] == width and 0 < len(recording) <= _MAX_ROWS):
+            raise DataError(f"{bad} (recording {i} is not rows of {width} numbers, at most {_MAX_ROWS})")
         if not np.isfinite(recording).all():
             raise DataError(f"{bad} (recording {i} has a NaN or infinite value)")
         total += len(recording)
@@ -281,8 +279,8 @@ def _watch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _clipset(source: str, features: np.ndarray, classes: np.ndarray, actors: np.ndarray) -> ClipSet:
     """Clips named as CREMA-D's: an actor's k-th record of a class gets sentence k mod 12 and level k // 12."""
-    if features.shape[1:] != SHAPES[source]:
-        raise DataError(f"{source}: records of shape {features.shape[1:]}, expected {SHAPES[source]}")
+    if features.shape[1:] != FOREIGN_SHAPES[source]:
+        raise DataError(f"{source}: records of shape {features.shape[1:]}, expected {FOREIGN_SHAPES[source]}")
     seen: dict[tuple[int, int], int] = {}
     names = []
     for actor, label in zip(actors.tolist(), classes.tolist()):
@@ -304,4 +302,4 @@ def _clipset(source: str, features: np.ndarray, classes: np.ndarray, actors: np.
     )
 
 
-__all__ = ["SHAPES", "SOURCES", "load_foreign"]
+__all__ = ["load_foreign"]

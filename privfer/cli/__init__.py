@@ -15,7 +15,7 @@ import sys
 import typer
 
 # the commands register themselves on import, in the order `privfer --help` lists them
-from privfer.cli import train, simulate, study, data, config_cmd, audit, identity  # noqa: F401, I001
+from privfer.cli import train, simulate, tune, study, data, config_cmd, audit, identity  # noqa: F401, I001
 from privfer.cli.common import (ConfigOption, DataOption, SetOption, UsageError, app, console, errors, print_error,
                                 resolve_config)
 

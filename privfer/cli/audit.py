@@ -53,6 +53,15 @@ def audit(
             if run is None:
                 raise UsageError("privfer audit needs a run directory (the canary audit is privfer canary-audit)")
             from privfer.auditing import audit_path
+            from privfer.auditing.tuning import audit_tuning, is_tuning_run
+
+            if is_tuning_run(run):
+                tuning = audit_tuning(run)
+                if as_json:
+                    console.print_json(json.dumps(tuning.to_dict()))
+                else:
+                    print_tuning_audit(tuning)
+                raise typer.Exit(0 if tuning.passed else 1)
 
             report = audit_path(run)
             if report.unauditable:
@@ -171,6 +180,27 @@ def run_empirical_audit(run, as_json, kind, canaries, guesses, seeds, sweep, plo
         highlight=False, markup=False,
     )
     return not violations
+
+
+def print_tuning_audit(audit: Any) -> None:
+    """A tuning run's audit: the candidates charged, the composition recomputed, the verdict."""
+    target = "none (no DP)" if audit.target is None else f"{audit.target:g}"
+    lines = [f"tuning audit of {audit.ledger}: target epsilon {target} for the whole tuning run",
+             f"candidates listed {audit.candidates}, declared by the search space {audit.declared}"]
+    if audit.epsilon_max is not None:
+        lines.append(f"training clients: epsilon composed over every candidate, recomputed twice: max "
+                     f"{audit.epsilon_max:.3f} over {len(audit.clients)} clients")
+    if audit.validation is not None:
+        top = max((c.certified or 0.0 for c in audit.validation.clients), default=0.0)
+        lines.append(f"validation clients: the score releases' epsilon max {top:.3f}")
+    for line in lines:
+        console.print(line, highlight=False, markup=False)
+    if audit.passed:
+        console.print("verdict: PASS", highlight=False, markup=False)
+        return
+    console.print(f"verdict: FAIL ({', '.join(audit.verdicts)})", highlight=False, markup=False)
+    for reason in audit.reasons[:20]:
+        console.print(f"  - {reason}", highlight=False, markup=False)
 
 
 def print_audit(report: Any, per_client: bool) -> None:

@@ -65,8 +65,9 @@ def _schedule(config: PrivferConfig, federation: Federation) -> list[tuple[str, 
     return steps
 
 
-def _evaluate(federation: Federation, state: RunState, clips: ClipSet, phase: str) -> dict[str, Any]:
-    """Macro/micro/per-class scores on ``clips``; the strategy picks the model each actor is scored with."""
+def predicted_classes(federation: Federation, state: RunState, clips: ClipSet, phase: str) -> np.ndarray:
+    """The class each clip of ``clips`` is predicted as; the strategy picks the model each actor is scored with
+    (in the training phase, an actor without a personal head is a newcomer)."""
 
     def scores(actor: int | None, features: np.ndarray) -> np.ndarray:
         head: dict[str, torch.Tensor] = {}
@@ -75,7 +76,12 @@ def _evaluate(federation: Federation, state: RunState, clips: ClipSet, phase: st
             head = head if head is not None else state.newcomer_head
         return predict(federation.model({**state.global_state, **head}), features)
 
-    predicted = federation.strategy.predict(clips.features, clips.actor_ids, scores).argmax(axis=1)
+    return federation.strategy.predict(clips.features, clips.actor_ids, scores).argmax(axis=1)
+
+
+def _evaluate(federation: Federation, state: RunState, clips: ClipSet, phase: str) -> dict[str, Any]:
+    """Macro/micro/per-class scores on ``clips``."""
+    predicted = predicted_classes(federation, state, clips, phase)
     return classification_report(evaluation_labels(clips, federation.config.data.eval_target), predicted)
 
 

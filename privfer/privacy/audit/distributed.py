@@ -19,7 +19,7 @@ from privfer.privacy.audit.report import (CLAIM_TOLERANCE, MISMATCH, OVER_BUDGET
 from privfer.privacy.calibrate import PRV_MAX_EPSILON, PRV_MAX_STEPS
 from privfer.privacy.distributed import sensitivities
 from privfer.privacy.ledger import SecureSumLedger
-from privfer.privacy.noise import FAMILIES, NoiseFamily
+from privfer.privacy.noise import FAMILIES, NoiseFamily, NoiseSteps
 
 INDEPENDENT = "_independent"  # a distributed family's accountant + this: the audit's second implementation
 DISTRIBUTED_ACCOUNTANTS = tuple(name for family in FAMILIES.values()
@@ -60,9 +60,22 @@ def _independent_step_rdp(family: NoiseFamily, mu: float, l1: float, l2: float, 
 def independent_epsilon(family: NoiseFamily, mu: float, l1: float, l2: float, q: float, steps: int, delta: float,
                         shares: int = 1, dimension: int = 1) -> float:
     """Epsilon after ``steps`` steps from :func:`_independent_step_rdp`, converted as Balle et al. 2020."""
+    return independent_composed_epsilon(family, [NoiseSteps(mu, l1, l2, q, steps, shares, dimension)], delta)
+
+
+def independent_composed_epsilon(family: NoiseFamily, history: list[NoiseSteps], delta: float) -> float:
+    """Epsilon of every entry of ``history`` composed, from :func:`_independent_step_rdp` (RDP adds over entries),
+    converted as Balle et al. 2020."""
+    total = [0.0] * len(_INDEPENDENT_ORDERS)
+    for h in history:
+        if h.steps:
+            step = _independent_step_rdp(family, h.mu, h.l1, h.l2, h.sample_rate, h.shares, h.dimension)
+            total = [t + h.steps * rdp for t, rdp in zip(total, step)]
+    if not any(total):
+        return 0.0
     best = math.inf
-    for alpha, rdp in zip(_INDEPENDENT_ORDERS, _independent_step_rdp(family, mu, l1, l2, q, shares, dimension)):
-        best = min(best, steps * rdp + math.log1p(-1 / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1))
+    for alpha, rdp in zip(_INDEPENDENT_ORDERS, total):
+        best = min(best, rdp + math.log1p(-1 / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1))
     return max(best, 0.0)
 
 
@@ -95,10 +108,7 @@ def _audit_distributed(ledger: SecureSumLedger, path: Path, kind: LedgerKind) ->
         history = entry.noise_steps
         try:
             values = {first: family.epsilon(history, delta)[0] if history else 0.0}
-            values[second] = sum(
-                independent_epsilon(family, h.mu, h.l1, h.l2, h.sample_rate, h.steps, delta, h.shares, h.dimension)
-                for h in history
-            ) if len(history) == 1 else values[first]
+            values[second] = independent_composed_epsilon(family, history, delta)
         except (MemoryError, ArithmeticError, ValueError, RuntimeError) as exc:  # hostile values: bounded, refused
             audits.append(ClientAudit(entry.client, entry.phase, entry.records or 0, delta, float(claimed), {},
                                       [UNAUDITABLE], [f"the accountants cannot evaluate this history "
@@ -178,4 +188,4 @@ ACCOUNTING = "secure_sum"  # the ledgers of the mechanisms with this accounting 
 AUDITOR = _audit_distributed
 
 
-__all__ = ["DISTRIBUTED_ACCOUNTANTS", "INDEPENDENT", "TITLES", "independent_epsilon"]
+__all__ = ["DISTRIBUTED_ACCOUNTANTS", "INDEPENDENT", "TITLES", "independent_composed_epsilon", "independent_epsilon"]

@@ -1,0 +1,262 @@
+"""The audit of a tuning run (``privfer audit TUNE_DIR``): every candidate charged, every ledger bound, the
+composition recomputed.
+
+A tuning ledger (:mod:`privfer.privacy.ledger.tuning`) claims that the declared
+space's candidates were all trained and each client's epsilon composed over
+them is within the user's budget. The audit believes none of it:
+
+* the candidates listed are exactly the product of the declared space, in
+  order, each with its settings, and no other candidate directory exists (a
+  candidate dropped from the ledger, or a count edited, is ``TAMPERED``: every
+  candidate the server saw costs budget);
+* each candidate's ledger is the file its SHA-256 names, passes the full audit
+  of its own run (:func:`privfer.auditing.audit_path`: recomputed twice and
+  held to the run's config and rounds) at the candidate's stated budget, and its
+  run's config holds the candidate's settings;
+* each training client's epsilon is recomposed over every candidate ledger it
+  appears in, with both implementations of the noise family's bound (the
+  accountant's and the audit's loop-by-loop one), and held to the claim and to
+  the user's epsilon;
+* the validation ledger (private scores) is the file its SHA-256 names, passes
+  its own audit, and charges one release per candidate; consenting scores are
+  named in ``not_covered``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from privfer.auditing import audit_path
+from privfer.privacy.audit import MISMATCH, OVER_BUDGET, audit_ledger_alone
+from privfer.privacy.audit.distributed import independent_composed_epsilon
+from privfer.privacy.audit.report import CLAIM_TOLERANCE, AuditReport, _close
+from privfer.privacy.ledger import LEDGER_FILE, LedgerError, SecureSumLedger, read_ledger
+from privfer.privacy.ledger.tuning import TUNING_LEDGER_FILE, TuningLedger, read_tuning_ledger
+from privfer.privacy.noise import NoiseSteps, noise_family
+
+TAMPERED = "TAMPERED"
+CANDIDATE_FAILS = "CANDIDATE FAILS AUDIT"
+CONSENT_LINE = "privfer tune --validation consenting"  # what the not_covered statement of consenting scores names
+
+
+@dataclass
+class TuningAudit:
+    ledger: Path
+    target: float | None
+    private: bool
+    candidates: int
+    declared: int
+    verdicts: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    clients: list[dict[str, Any]] = field(default_factory=list)  # client, phase, claimed, accountant, independent
+    validation: AuditReport | None = None
+
+    @property
+    def passed(self) -> bool:
+        return not self.verdicts
+
+    @property
+    def epsilon_max(self) -> float | None:
+        """The largest recomposed epsilon of any training client (the tighter of the two implementations)."""
+        values = [min(c["accountant"], c["independent"]) for c in self.clients]
+        return max(values) if values else None
+
+    def flag(self, verdict: str, reason: str) -> None:
+        if verdict not in self.verdicts:
+            self.verdicts.append(verdict)
+        self.reasons.append(reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ledger": str(self.ledger), "passed": self.passed, "target": self.target, "private": self.private,
+                "candidates": self.candidates, "declared": self.declared, "verdicts": self.verdicts,
+                "reasons": self.reasons, "epsilon_max": self.epsilon_max, "clients": self.clients,
+                "validation": None if self.validation is None else self.validation.to_dict()}
+
+
+def is_tuning_run(path: Path | str) -> bool:
+    path = Path(path)
+    return path.name == TUNING_LEDGER_FILE or (path.is_dir() and (path / TUNING_LEDGER_FILE).is_file())
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _setting(config: dict[str, Any], key: str) -> Any:
+    section, name = key.split(".")
+    return (config.get(section) or {}).get(name, _MISSING)
+
+
+_MISSING = object()
+
+
+def audit_tuning(path: Path | str) -> TuningAudit:
+    """Audit the tuning run at ``path`` (its directory or its tuning_ledger.json); LedgerError when unreadable."""
+    path = Path(path)
+    run_dir = path if path.is_dir() else path.parent
+    ledger = read_tuning_ledger(run_dir)
+    expected = [dict(zip(ledger.space, values)) for values in itertools.product(*ledger.space.values())]
+    audit = TuningAudit(run_dir / TUNING_LEDGER_FILE, ledger.target_epsilon, ledger.private, len(ledger.candidates),
+                        len(expected))
+    _candidates_are_the_space(ledger, expected, run_dir, audit)
+    candidate_ledgers = _candidate_ledgers(ledger, run_dir, audit)
+    if ledger.private:
+        _recompose(ledger, candidate_ledgers, audit)
+        _validation(ledger, run_dir, audit)
+    elif ledger.validation != "exact":
+        audit.flag(MISMATCH, "a non-private tuning ledger's scores are exact")
+    return audit
+
+
+def _candidates_are_the_space(ledger: TuningLedger, expected: list[dict[str, Any]], run_dir: Path,
+                              audit: TuningAudit) -> None:
+    if ledger.candidates_declared != len(expected):
+        audit.flag(TAMPERED, f"the ledger states {ledger.candidates_declared} candidates declared; its search space "
+                             f"declares {len(expected)}")
+    if len(ledger.candidates) != len(expected):
+        audit.flag(TAMPERED, f"the ledger lists {len(ledger.candidates)} candidates; its search space declares "
+                             f"{len(expected)}, and every candidate trained is charged")
+    for candidate, settings in zip(ledger.candidates, expected):
+        if candidate.settings != settings:
+            audit.flag(TAMPERED, f"candidate {candidate.index}'s settings {candidate.settings} are not the space's "
+                                 f"{settings}")
+    listed = {candidate.run for candidate in ledger.candidates}
+    folder = run_dir / "candidates"
+    if folder.is_dir():
+        for child in sorted(folder.iterdir())[:1000]:
+            if f"candidates/{child.name}" not in listed:
+                audit.flag(TAMPERED, f"candidates/{child.name} exists but is not in the ledger: a candidate the "
+                                     "server saw is not charged")
+
+
+def _candidate_ledgers(ledger: TuningLedger, run_dir: Path, audit: TuningAudit) -> list[SecureSumLedger | None]:
+    """Each candidate's ledger, checked against its digest, its own full audit and its run's settings."""
+    ledgers: list[SecureSumLedger | None] = []
+    for candidate in ledger.candidates:
+        where = run_dir / candidate.run
+        file = where / LEDGER_FILE
+        digest = _sha256(file)
+        if digest != candidate.ledger_sha256:
+            audit.flag(TAMPERED, f"{candidate.run}/{LEDGER_FILE} " + ("is missing" if digest is None else
+                                                                      "is not the file the tuning ledger's SHA-256 names"))
+            ledgers.append(None)
+            continue
+        try:
+            report = audit_path(file)
+            parsed = read_ledger(file)
+        except (LedgerError, ValueError) as exc:
+            audit.flag(CANDIDATE_FAILS, f"{candidate.run}: {exc}")
+            ledgers.append(None)
+            continue
+        if not report.passed or report.unauditable:
+            first = next((c for c in report.clients if c.verdicts), None)
+            why = first.reasons[0] if first is not None and first.reasons else "; ".join(report.run_checks or [])
+            audit.flag(CANDIDATE_FAILS, f"{candidate.run} fails its own audit ({why})")
+        try:
+            config = yaml.safe_load((where / "config.yaml").read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            config = {}
+        wrong = [key for key, value in candidate.settings.items()
+                 if not isinstance(config, dict) or _setting(config, key) != value]
+        if wrong:
+            audit.flag(MISMATCH, f"{candidate.run}/config.yaml does not hold the candidate's {', '.join(wrong)}")
+        if ledger.private:
+            if not isinstance(parsed, SecureSumLedger):
+                audit.flag(MISMATCH, f"{candidate.run}'s ledger is not a secure-sum ledger")
+                ledgers.append(None)
+                continue
+            checks = {"target_epsilon": (parsed.target_epsilon, candidate.epsilon),
+                      "delta": (parsed.delta, ledger.delta), "mechanism_id": (parsed.mechanism_id, ledger.mechanism_id),
+                      "noise": (parsed.family.name, ledger.noise), "unit": (parsed.unit, ledger.unit)}
+            for name, (theirs, ours) in checks.items():
+                if theirs != ours:
+                    audit.flag(MISMATCH, f"{candidate.run}'s ledger has {name} {theirs!r}, the tuning ledger {ours!r}")
+        elif parsed.private:
+            audit.flag(MISMATCH, f"{candidate.run}'s ledger is private, the tuning ledger is not")
+        ledgers.append(parsed if isinstance(parsed, SecureSumLedger) else None)
+    return ledgers
+
+
+def _recompose(ledger: TuningLedger, candidate_ledgers: list[SecureSumLedger | None], audit: TuningAudit) -> None:
+    """Every training client's history over every candidate, composed twice, against the claim and the budget."""
+    family = noise_family(ledger.noise)
+    histories: dict[tuple[int, str], list[NoiseSteps]] = {}
+    for parsed in candidate_ledgers:
+        if parsed is None:
+            continue
+        for entry in parsed.clients:
+            histories.setdefault((entry.client, entry.phase), []).extend(entry.noise_steps)
+    claimed = {(entry.client, entry.phase): entry for entry in ledger.clients}
+    if set(claimed) != set(histories):
+        missing = sorted(set(histories) - set(claimed))[:3]
+        audit.flag(TAMPERED if missing else MISMATCH,
+                   f"the tuning ledger's clients are not the candidates' (e.g. {missing or sorted(set(claimed))[:3]})")
+    target, delta = float(ledger.target_epsilon), float(ledger.delta)
+    for (client, phase), history in sorted(histories.items()):
+        first = family.epsilon(history, delta)[0] if history else 0.0
+        second = independent_composed_epsilon(family, history, delta)
+        entry = claimed.get((client, phase))
+        row = {"client": client, "phase": phase, "claimed": None if entry is None else entry.epsilon,
+               "accountant": first, "independent": second}
+        audit.clients.append(row)
+        if not _close(first, second, 1e-6, 1e-6):
+            audit.flag(MISMATCH, f"client {client}: the two {family.title} implementations disagree on the "
+                                 f"composition ({first:.6f} vs {second:.6f})")
+        if entry is not None and not _close(entry.epsilon, first, *CLAIM_TOLERANCE):
+            audit.flag(MISMATCH, f"client {client}: claimed {entry.epsilon:.4f}, the composition over the candidates "
+                                 f"gives {first:.4f}")
+        if min(first, second) > target + 1e-9 or (entry is not None and entry.epsilon > target + 1e-9):
+            audit.flag(OVER_BUDGET, f"client {client}: composed over the candidates {min(first, second):.4f} exceeds "
+                                    f"the budget {target:g}")
+
+
+def _validation(ledger: TuningLedger, run_dir: Path, audit: TuningAudit) -> None:
+    if ledger.validation == "consenting":
+        if not any(CONSENT_LINE in line for line in ledger.not_covered):
+            audit.flag(MISMATCH, "consenting validation scores are not named in not_covered")
+        return
+    file = run_dir / str(ledger.validation_ledger)
+    digest = _sha256(file)
+    if digest != ledger.validation_ledger_sha256:
+        audit.flag(TAMPERED, f"{ledger.validation_ledger} " + ("is missing" if digest is None else
+                                                               "is not the file the tuning ledger's SHA-256 names"))
+        return
+    try:
+        parsed = read_ledger(file)
+        report = audit_ledger_alone(parsed, file)
+    except (LedgerError, ValueError) as exc:
+        audit.flag(MISMATCH, f"{ledger.validation_ledger}: {exc}")
+        return
+    audit.validation = report
+    if not report.passed or report.unauditable:
+        first = next((c for c in report.clients if c.verdicts), None)
+        audit.flag(CANDIDATE_FAILS if first is None else first.verdicts[0],
+                   f"{ledger.validation_ledger} fails its audit ({first.reasons[0] if first and first.reasons else ''})")
+    if not isinstance(parsed, SecureSumLedger) or set(parsed.phases) != {"validation"}:
+        audit.flag(MISMATCH, f"{ledger.validation_ledger} is not a secure-sum ledger of one 'validation' phase")
+        return
+    plan = parsed.phases["validation"]
+    releases = max(len(ledger.candidates), audit.declared)  # every candidate the space declares is scored once
+    if plan.max_grad_norm != 1 or plan.dimension != 1:
+        audit.flag(MISMATCH, f"{ledger.validation_ledger}'s plan bounds a score by {plan.max_grad_norm:g} over "
+                             f"{plan.dimension} coordinates; one record (or person) moves it by at most 1, in 1")
+    if parsed.target_epsilon is None or not math.isclose(parsed.target_epsilon, float(ledger.target_epsilon),
+                                                         rel_tol=1e-12):
+        audit.flag(MISMATCH, f"{ledger.validation_ledger}'s target is not the tuning run's {ledger.target_epsilon:g}")
+    charged = {entry.rounds_trained for entry in parsed.clients}
+    if charged != {releases} or plan.steps != releases:
+        audit.flag(TAMPERED, f"{ledger.validation_ledger} charges {sorted(charged)} score releases per validation "
+                             f"client (plan: {plan.steps}); {releases} candidates were scored")
+
+
+__all__ = ["CANDIDATE_FAILS", "TAMPERED", "TuningAudit", "audit_tuning", "is_tuning_run"]

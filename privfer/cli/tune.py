@@ -1,0 +1,87 @@
+"""``privfer tune``: private hyperparameter selection within the run's total budget (privfer.fl.tuning)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.table import Table
+
+from privfer.cli.common import (ConfigOption, DataOption, JsonOption, OutOption, SetOption, app, console, errors,
+                                resolve_config, run_directory, user_errors)
+from privfer.cli.render import report_table
+
+
+@app.command()
+@user_errors
+def tune(
+    epsilon: Optional[float] = typer.Option(
+        None, "--epsilon", "-e", help="TOTAL per-client budget: every candidate and the selection together."),
+    tries: Optional[List[str]] = typer.Option(
+        None, "--try", "-t", help="A setting and its candidate values, e.g. federation.server_lr=0.02,0.05,0.1 "
+        "(repeatable; the candidates are every combination; default: the server step 0.02, 0.05, 0.1)."),
+    validation: Optional[str] = typer.Option(
+        None, "--validation", help="private (default under DP: noisy counts through the secure sum, in the ledger) "
+        "or consenting (exact validation macro F1; the validation actors are not covered)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Run seed."),
+    config: Optional[Path] = ConfigOption,
+    data: Optional[Path] = DataOption,
+    overrides: Optional[List[str]] = SetOption,
+    out: Optional[Path] = OutOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Train every candidate of a declared search space under the run's mechanism, release each one's validation
+    score privately, keep the best; the ledger charges every candidate (privfer audit checks it)."""
+    from privfer.fl.tuning import parse_space, tune as run_tune
+
+    cfg = resolve_config(config, overrides, data, **{"privacy.epsilon": epsilon, "seed": seed})
+    space = parse_space(tries)
+
+    def on_start(plan: Any) -> None:
+        if as_json:
+            return
+        count = len(plan.candidates)
+        if plan.budget is not None:
+            errors.print(f"tuning: {count} candidates, each trained at epsilon {plan.budget:.3f} so that all {count} "
+                         f"composed stay within {cfg.privacy.epsilon:g} (worst case {plan.composed:.3f}, delta "
+                         f"{plan.delta:.3g}); validation scores: {plan.validation}", highlight=False, markup=False)
+        else:
+            errors.print(f"tuning: {count} candidates without DP; validation scores exact", highlight=False,
+                         markup=False)
+
+    def on_candidate(candidate: Any, score: float, test: dict) -> None:
+        if not as_json:
+            described = ", ".join(f"{k}={v}" for k, v in candidate.settings.items())
+            errors.print(f"candidate {candidate.index} ({described}): released score {score:.3f}", highlight=False,
+                         markup=False)
+
+    with run_directory(out, cfg, "tune") as run_dir:
+        result = run_tune(cfg, space, run_dir, validation=validation, on_start=on_start, on_candidate=on_candidate)
+    if as_json:
+        console.print_json(json.dumps(result.to_json()))
+        return
+    print_tune(result, run_dir)
+
+
+def print_tune(result: Any, run_dir: Path) -> None:
+    table = Table(title="candidates (score: what was released; the exact columns are the simulation's view, never "
+                        "released or used)", title_justify="left")
+    for column in ("#", "settings", "released score", "val macro F1", "test macro F1"):
+        table.add_column(column, justify="left" if column == "settings" else "right")
+    for candidate in result.candidates:
+        mark = " *" if candidate["index"] == result.chosen else ""
+        table.add_row(f"{candidate['index']}{mark}", ", ".join(f"{k}={v}" for k, v in candidate["settings"].items()),
+                      f"{candidate['score']:.3f}", f"{candidate['validation_macro_f1']:.3f}",
+                      f"{candidate['test_macro_f1']:.3f}")
+    console.print(table)
+    console.print(report_table(result.test, f"chosen candidate {result.chosen}: test actors"))
+    if result.target_epsilon is not None:
+        console.print(f"epsilon {result.target_epsilon:g} in total: each candidate {result.candidate_epsilon:.3f}, "
+                      f"training clients composed over all {len(result.candidates)} max {result.epsilon_max:.3f}, "
+                      + (f"validation clients max {result.validation_epsilon_max:.3f}"
+                         if result.validation_epsilon_max is not None else "validation actors not covered (consenting)")
+                      + f", delta {result.delta:.3g}", highlight=False, markup=False)
+    console.print(f"wrote {run_dir}/result.json and tuning_ledger.json (check it: privfer audit {run_dir})",
+                  highlight=False, markup=False)

@@ -1,0 +1,539 @@
+"""Private hyperparameter selection (``privfer tune``): a declared space of candidates, each trained with the run's
+mechanism, scored on the validation actors through the secure sum, the best chosen; the user's epsilon is the total.
+
+What it costs, and why that is not Papernot & Steinke's bound. Papernot & Steinke
+(ICLR 2022) and Liu & Talwar (STOC 2019) bound the cost of releasing ONLY the
+best of a random number of training runs. A federated server aggregates every
+round of every candidate — it must, to update the models — so it sees every
+candidate's noisy sums. Against privfer's adversary, tuning therefore costs the
+composition of every candidate trained, and a random number of repetitions K
+can only cost more than a fixed one: the RDP of K runs' composition in
+expectation is log E[exp((alpha - 1) K rho)] / (alpha - 1) >= E[K] rho
+(Jensen). So privfer tries a FIXED, public set of N candidates (the product of
+the declared space) and calibrates each to one per-candidate budget eps_c: the
+largest with which the composition of all N, for a client that trains in every
+round of every candidate, is within the user's epsilon (to 0.01 below). The
+chosen candidate's model is the one trained, so selection and final training
+together are within the budget: there is no separate final run.
+
+Scores. The validation actors are other persons than the training actors;
+their records enter only the scores. Each validation client computes, with a
+candidate's model, how many of its clips are predicted right (record level;
+one record moves the count by at most 1) or the fraction it predicts right
+(person level; one person moves the sum by at most 1), adds its noise share
+and submits it to the secure sum: the server learns only the noisy total. Its
+N releases are calibrated to the user's epsilon with the run's noise family
+and trust (min_inputs, colluders), and written as a secure-sum ledger
+(``validation_ledger.json``). The noise of a candidate's release is keyed (a
+secret key kept in the tuning state until the run ends), so a release repeated
+after a kill is the same release. ``--validation consenting`` instead scores
+with the exact validation macro F1, from validation actors declared as
+consenting and not covered (the ledger's not_covered says so). Selection is
+the argmax of the released scores: post-processing.
+
+Candidates run with federation.adaptation off (phase 2 is not tuned; run
+``privfer simulate`` with the chosen settings for it, which spends its own
+budget) and with output.save_model on (their scores need the model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import yaml
+
+from privfer.config import PrivferConfig
+from privfer.config.loading import build_config
+from privfer.data.clips import ClipSet
+from privfer.data.labels import evaluation_labels
+from privfer.data import load_clips
+from privfer.errors import ConfigError, RunDirectoryError
+from privfer.fl.aggregation import round_context, sum_integer_contributions
+from privfer.fl.federation import Federation, RunState, prepare_federation
+from privfer.fl.rounds import TRAINING
+from privfer.fl.simulation import LEDGER, predicted_classes, simulate
+from privfer.metrics import classification_report
+from privfer.privacy.calibrate import EPSILON_TOLERANCE, PrivacyBudgetError
+from privfer.privacy.distributed import (DistributedPlan, calibrate_distributed, calibrate_plan, decode_sum,
+                                         derived_key, encode_contribution, noise_generator)
+from privfer.privacy.ledger import DistributedAccount, SecureSumLedger, build_distributed_ledger, read_ledger, \
+    write_ledger
+from privfer.privacy.ledger.tuning import (MAX_CANDIDATES, MAX_SPACE_KEYS, MAX_VALUES, TUNING_LEDGER_FILE,
+                                           TUNING_SCHEMA, TuningLedger, parse_tuning_ledger)
+from privfer.privacy.noise import NoiseSteps
+from privfer.runs import atomic_write_json, prepare_run_dir
+
+TUNABLE = (
+    "model.hidden_size", "model.num_layers", "model.readout", "model.shortcut", "model.dropout",
+    "federation.server_lr", "federation.server_optimizer", "federation.server_momentum", "federation.rounds",
+    "federation.clients_per_round", "federation.local_epochs", "federation.local_lr", "federation.local_optimizer",
+    "privacy.max_grad_norm", "privacy.max_update_norm", "privacy.sample_rate",
+    "training.lr", "training.batch_size", "training.weight_decay",
+)
+DEFAULT_SPACE = {"federation.server_lr": [0.02, 0.05, 0.1]}  # the step the transfer study found decisive
+VALIDATION = "validation"  # the phase name of the score releases in validation_ledger.json
+VALIDATION_LEDGER = "validation_ledger.json"
+SPACE_FILE = "space.json"
+STATE_FILE = "tuning_state.json"
+RESULT = "result.json"
+CANDIDATES = "candidates"
+SELECTION = ("the candidate with the largest released validation score (ties: the first); post-processing of the "
+             "releases. The server aggregates every round of every candidate, so the cost charged is the composition "
+             "of every candidate of the declared space (Papernot & Steinke's and Liu & Talwar's repetition bounds "
+             "cover releasing only the best candidate and do not apply)")
+CONSENTING = ("the validation actors' clips: privfer tune --validation consenting scores every candidate with the "
+              "exact validation macro F1, from validation actors declared as consenting to it (not covered by DP)")
+SCORES = {
+    ("private", "record"): "the number of validation clips the candidate predicts right, released through the secure "
+                           "sum with the validation clients' noise shares (one record moves it by at most 1)",
+    ("private", "person"): "the sum over validation persons of the fraction of their clips the candidate predicts "
+                           "right, released through the secure sum with their noise shares (one person moves it by "
+                           "at most 1)",
+    ("consenting", "record"): "the exact validation macro F1 (consenting validation actors)",
+    ("exact", "record"): "the exact validation macro F1 (no DP)",
+}
+SCORES[("consenting", "person")] = SCORES[("consenting", "record")]
+SCORES[("exact", "person")] = SCORES[("exact", "record")]
+
+
+def parse_space(items: Iterable[str] | None) -> dict[str, list[Any]]:
+    """``KEY=V1,V2,...`` items (each value read as YAML) as the search space; none: :data:`DEFAULT_SPACE`."""
+    items = list(items or [])
+    if not items:
+        return {key: list(values) for key, values in DEFAULT_SPACE.items()}
+    space: dict[str, list[Any]] = {}
+    for text in items:
+        if "=" not in text:
+            raise ConfigError(f"--try {text!r} must look like section.field=value1,value2")
+        key, raw = (part.strip() for part in text.split("=", 1))
+        if key not in TUNABLE:
+            raise ConfigError(f"--try {key}: privfer tune searches only {', '.join(TUNABLE)}")
+        if key in space:
+            raise ConfigError(f"--try {key} is given twice")
+        values = []
+        for piece in raw.split(","):
+            try:
+                value = yaml.safe_load(piece) if piece.strip() else None
+            except yaml.YAMLError:
+                raise ConfigError(f"--try {key}: {piece!r} is not a YAML value") from None
+            if not isinstance(value, (bool, int, float, str)) or (isinstance(value, float) and not math.isfinite(value)):
+                raise ConfigError(f"--try {key}: {piece.strip()!r} is not a number, true/false or a word")
+            if value in values:
+                raise ConfigError(f"--try {key}: {value!r} is listed twice")
+            values.append(value)
+        if len(values) > MAX_VALUES:
+            raise ConfigError(f"--try {key}: {len(values)} values; at most {MAX_VALUES}")
+        space[key] = values
+    if len(space) > MAX_SPACE_KEYS:
+        raise ConfigError(f"--try: {len(space)} keys; at most {MAX_SPACE_KEYS}")
+    return space
+
+
+def space_candidates(space: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the space's values, in declaration order (the last key varies fastest)."""
+    keys = list(space)
+    return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
+
+
+@dataclass
+class Candidate:
+    index: int
+    settings: dict[str, Any]
+    config: PrivferConfig  # the candidate's run config (privacy.epsilon: its budget)
+    federation: Federation  # prepared at the user's epsilon: data, split, model builder, plans' shapes
+
+    @property
+    def run(self) -> str:
+        return f"{CANDIDATES}/{self.index:02d}"
+
+
+@dataclass
+class TuningPlan:
+    """Everything fixed before the first candidate trains (and written to the tuning ledger)."""
+
+    space: dict[str, list[Any]]
+    validation: str  # private | consenting | exact
+    candidates: list[Candidate]
+    budget: float | None  # each candidate's calibrated epsilon (None: no DP)
+    composed: float | None  # the worst-case composition of every candidate at that budget
+    delta: float | None
+    validation_plan: DistributedPlan | None
+
+
+def _candidate_config(base: dict[str, Any], settings: dict[str, Any], index: int,
+                      extra: dict[str, Any] | None = None) -> PrivferConfig:
+    raw = json.loads(json.dumps(base))
+    for key, value in {**settings, "federation.adaptation": False, "output.save_model": True,
+                       **(extra or {})}.items():
+        section, name = key.split(".")
+        raw[section][name] = value
+    described = ", ".join(f"{k}={v}" for k, v in settings.items())
+    return build_config(raw, source=f"candidate {index} ({described})")
+
+
+def plan_tuning(config: PrivferConfig, space: dict[str, list[Any]], validation: str | None = None,
+                clips: ClipSet | None = None) -> TuningPlan:
+    """The candidates, their common budget and the validation releases' plan; every mistake is raised here."""
+    private = config.privacy.enabled
+    if private and config.mechanism != "distributed":
+        raise ConfigError(f"privfer tune accounts the composition of the candidates' secure sums: it needs "
+                          f"privacy.mechanism 'distributed' (this run's is {config.mechanism!r})")
+    if validation is None:
+        validation = "private" if private else "exact"
+    if validation not in ("private", "consenting", "exact"):
+        raise ConfigError(f"--validation must be private or consenting, got {validation!r}")
+    if private == (validation == "exact"):
+        raise ConfigError("--validation exact is for runs without DP" if private else
+                          f"--validation {validation}: a run without DP scores its candidates exactly")
+    settings = space_candidates(space)
+    if len(settings) > MAX_CANDIDATES:
+        raise ConfigError(f"the search space declares {len(settings)} candidates; at most {MAX_CANDIDATES} (each one "
+                          "costs budget)")
+    clips = load_clips(config.data) if clips is None else clips
+    base = config.to_dict()
+    candidates = []
+    for index, chosen in enumerate(settings):
+        candidate_config = _candidate_config(base, chosen, index)
+        candidates.append(Candidate(index, chosen, candidate_config, prepare_federation(candidate_config, clips)))
+    if not private:
+        return TuningPlan(space, validation, candidates, None, None, None, None)
+    deltas = {c.federation.delta for c in candidates}
+    if len(deltas) != 1:
+        raise ConfigError("the candidates' default deltas differ; set privacy.delta")
+    delta = deltas.pop()
+    budget, composed = candidate_budget(config.privacy.epsilon, delta, candidates)
+    for candidate in candidates:
+        candidate.config = _candidate_config(base, candidate.settings, candidate.index,
+                                             {"privacy.epsilon": budget, "privacy.delta": delta})
+    validation_plan = None
+    if validation == "private":
+        validation_plan = plan_validation(config, delta, candidates[0].federation.parts[VALIDATION_PART],
+                                          len(candidates))
+    return TuningPlan(space, validation, candidates, budget, composed, delta, validation_plan)
+
+
+VALIDATION_PART = "val"
+
+
+def _training_plan(config: PrivferConfig, shape: DistributedPlan, epsilon: float, delta: float) -> DistributedPlan:
+    trial = config.model_copy(deep=True)
+    trial.privacy.epsilon = epsilon
+    return calibrate_plan(trial, delta=delta, dimension=shape.dimension, steps=shape.steps, clients=shape.clients,
+                          records=shape.records)
+
+
+def composed_epsilon(entries: list[NoiseSteps], family, delta: float) -> float:
+    """Epsilon of every entry composed (RDP): a client's spend over every candidate it trained in."""
+    return family.epsilon(entries, delta)[0] if entries else 0.0
+
+
+def candidate_budget(epsilon: float, delta: float, candidates: list[Candidate]) -> tuple[float, float]:
+    """(eps_c, composed): the largest per-candidate budget whose worst-case composition over every candidate is
+    within ``epsilon`` (to EPSILON_TOLERANCE below, or to 1e-4 in eps_c), and that composition."""
+    shapes = [(c.config, c.federation.plans[TRAINING]) for c in candidates]
+    family = shapes[0][1].family
+
+    def composed(budget: float) -> float:
+        try:
+            plans = [_training_plan(cfg, shape, budget, delta) for cfg, shape in shapes]
+        except PrivacyBudgetError:
+            return math.inf
+        return composed_epsilon([p.steps_entry(p.steps) for p in plans], family, delta)
+
+    high = epsilon
+    spent = composed(high)
+    if spent <= epsilon:
+        return high, spent
+    low = epsilon / len(shapes)
+    for _ in range(30):
+        spent = composed(low)
+        if spent <= epsilon:
+            break
+        high, low = low, low / 2
+    else:
+        raise PrivacyBudgetError(f"privacy budget unreachable: epsilon {epsilon:g} cannot cover {len(shapes)} "
+                                 "candidates; try fewer values or raise privacy.epsilon")
+    if math.isinf(spent):
+        raise PrivacyBudgetError(f"privacy budget unreachable: epsilon {epsilon:g} split over {len(shapes)} candidates "
+                                 "needs more noise than privacy.max_noise_multiplier allows; try fewer values")
+    for _ in range(60):  # bisection: a fixed number of steps whatever the budget
+        if spent >= epsilon - EPSILON_TOLERANCE or high - low < 1e-4:
+            break
+        middle = (low + high) / 2
+        value = composed(middle)
+        if value <= epsilon:
+            low, spent = middle, value
+        else:
+            high = middle
+    return low, spent
+
+
+def plan_validation(config: PrivferConfig, delta: float, clips: ClipSet, releases: int) -> DistributedPlan:
+    """The plan of the ``releases`` score sums of the validation clients, calibrated to the user's epsilon."""
+    actors = clips.actor_list()
+    if len(actors) < 2:
+        raise ConfigError(f"private validation scores need at least 2 validation actors (the secure sum's minimum); "
+                          f"this split has {len(actors)}: raise data.split.val_actors or use --validation consenting")
+    person = config.privacy.unit == "person"
+    privacy, aggregation = config.privacy, config.aggregation
+    return calibrate_distributed(
+        epsilon=privacy.epsilon, delta=delta, max_grad_norm=1.0, dimension=1, sample_rate=1.0, steps=releases,
+        clients=len(actors), records=len(actors) if person else len(clips),
+        min_inputs_fraction=aggregation.min_inputs_fraction, colluding_fraction=aggregation.colluding_fraction,
+        rounding_overhead=privacy.rounding_overhead, modulus_bits=aggregation.modulus_bits,
+        max_noise_multiplier=privacy.max_noise_multiplier, noise=privacy.noise)
+
+
+def _load_model(run_dir: Path) -> RunState:
+    path = run_dir / "model.pt"
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        state = RunState(global_state=saved["global"], personal=saved["personal"], accounts={})
+        state.newcomer_head = saved["newcomer_head"]
+    except (OSError, KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise RunDirectoryError(f"{path} cannot be read ({exc.__class__.__name__}); delete {run_dir} to rerun the "
+                                "candidate") from None
+    return state
+
+
+def validation_contributions(federation: Federation, state: RunState, unit: str) -> dict[int, float]:
+    """What each validation client submits (before noise): its number of right predictions (record level) or the
+    fraction it predicts right (person level)."""
+    clips = federation.parts[VALIDATION_PART]
+    right = predicted_classes(federation, state, clips, TRAINING) == evaluation_labels(
+        clips, federation.config.data.eval_target)
+    values = {}
+    for actor in clips.actor_list():
+        mine = right[clips.actor_ids == actor]
+        values[actor] = float(mine.mean()) if unit == "person" else float(mine.sum())
+    return values
+
+
+def release_score(values: dict[int, float], plan: DistributedPlan, config: PrivferConfig, key: bytes,
+                  label: str, model: dict[str, torch.Tensor]) -> float:
+    """The noisy sum of the validation clients' values through secure aggregation (each adds its noise share from
+    ChaCha20 keyed for this release, so a repeated release is the same release). Under active security every client
+    signs the ``model`` it scored and the plan: clients shown different models cannot share a sum."""
+    contributions = {actor: encode_contribution(np.array([value]), plan,
+                                                noise_generator(derived_key(key, VALIDATION, label, actor)))
+                     for actor, value in values.items()}
+    summed = sum_integer_contributions(contributions, None, config.aggregation, plan,
+                                       round_id=f"tune:{label}:{VALIDATION}",
+                                       context=round_context(model, plan))
+    if summed.aborted is not None:
+        raise RuntimeError(f"the validation score of candidate {label} could not be aggregated: {summed.aborted}")
+    return float(decode_sum(summed.total, plan)[0])
+
+
+@dataclass
+class TuneResult:
+    """What ``privfer tune`` reports: every candidate's released score, the chosen one and its test scores."""
+
+    chosen: int
+    settings: dict[str, Any]
+    validation: str
+    target_epsilon: float | None
+    candidate_epsilon: float | None
+    epsilon_max: float | None  # training clients, composed over every candidate
+    validation_epsilon_max: float | None
+    delta: float | None
+    candidates: list[dict[str, Any]]
+    test: dict[str, Any]
+    seconds: float
+    not_covered: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _state(run_dir: Path, plan: TuningPlan, noise_source: str, seed: int) -> dict[str, Any]:
+    """The tuning state (budget, the validation key, scores released so far), created or checked against the plan."""
+    path = run_dir / STATE_FILE
+    if path.exists():
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+            budget, scores = state["budget"], {int(k): float(v) for k, v in state["scores"].items()}
+            key = bytes.fromhex(state["key"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise RunDirectoryError(f"{path} is unreadable; delete {run_dir} to rerun") from None
+        if budget != plan.budget:
+            raise RunDirectoryError(f"{path} was planned with per-candidate epsilon {budget}, this run with "
+                                    f"{plan.budget}; delete {run_dir} to rerun")
+        return {"budget": budget, "key": key.hex(), "scores": scores}
+    key = derived_key(str(seed).encode(), "tuning") if noise_source == "run_seed" else secrets.token_bytes(32)
+    state = {"budget": plan.budget, "key": key.hex(), "scores": {}}
+    atomic_write_json(path, state)
+    return state
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise RunDirectoryError(f"{path} cannot be read ({exc.strerror or exc})") from None
+
+
+def tune(config: PrivferConfig, space: dict[str, list[Any]], run_dir: Path, *, validation: str | None = None,
+         clips: ClipSet | None = None, on_start: Callable[[TuningPlan], None] | None = None,
+         on_candidate: Callable[[Candidate, float, dict[str, Any]], None] | None = None) -> TuneResult:
+    """Train every candidate of ``space``, release its validation score, choose the best; write the candidates' run
+    directories, the validation and tuning ledgers and result.json under ``run_dir`` (resumable)."""
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    clips = load_clips(config.data) if clips is None else clips
+    plan = plan_tuning(config, space, validation, clips)
+    resumed = prepare_run_dir(run_dir, config, "tune")
+    declared = {"space": space, "validation": plan.validation}
+    space_path = run_dir / SPACE_FILE
+    if resumed and space_path.exists():
+        try:
+            existing = json.loads(space_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise RunDirectoryError(f"{space_path} is unreadable; choose another --out") from None
+        if existing != declared:
+            raise RunDirectoryError(f"{run_dir} holds a tuning run of another search space or validation; choose "
+                                    "another --out")
+    else:
+        atomic_write_json(space_path, declared)
+    if resumed and (run_dir / RESULT).exists():
+        return read_tune_result(run_dir)
+    if on_start is not None:
+        on_start(plan)
+    state = _state(run_dir, plan, config.privacy.noise_source, config.seed)
+    key = bytes.fromhex(state["key"])
+    results = {}
+    for candidate in plan.candidates:
+        candidate_dir = run_dir / candidate.run
+        results[candidate.index] = simulate(candidate.config, candidate_dir, clips=clips)
+        if candidate.index not in state["scores"]:
+            model = _load_model(candidate_dir)
+            if plan.validation == "private":
+                values = validation_contributions(candidate.federation, model, config.privacy.unit)
+                score = release_score(values, plan.validation_plan, config, key, str(candidate.index),
+                                      model.global_state)
+            else:
+                score = _evaluate_validation(candidate.federation, model)["macro"]["f1"]
+            state["scores"][candidate.index] = score
+            atomic_write_json(run_dir / STATE_FILE, {**state, "scores": {str(k): v for k, v in
+                                                                          state["scores"].items()}})
+        if on_candidate is not None:
+            on_candidate(candidate, state["scores"][candidate.index], results[candidate.index].test)
+    scores = state["scores"]
+    chosen = max(range(len(plan.candidates)), key=lambda i: (scores[i], -i))
+    ledger, validation_ledger = tuning_ledgers(config, plan, run_dir, scores, chosen)
+    if validation_ledger is not None:
+        write_ledger(run_dir / VALIDATION_LEDGER, validation_ledger)
+        ledger = parse_tuning_ledger({**ledger.document(),
+                                      "validation_ledger_sha256": _sha256(run_dir / VALIDATION_LEDGER)})
+    atomic_write_json(run_dir / TUNING_LEDGER_FILE, ledger.document())
+    candidates = []
+    for candidate in plan.candidates:
+        model = _load_model(run_dir / candidate.run)
+        candidates.append({
+            "index": candidate.index, "settings": candidate.settings, "score": scores[candidate.index],
+            # the researcher's view of a simulation: exact, never released, not used to choose
+            "validation_macro_f1": _evaluate_validation(candidate.federation, model)["macro"]["f1"],
+            "test_macro_f1": results[candidate.index].test["macro"]["f1"],
+        })
+    result = TuneResult(
+        chosen=chosen, settings=plan.candidates[chosen].settings, validation=plan.validation,
+        target_epsilon=config.privacy.epsilon if config.privacy.enabled else None, candidate_epsilon=plan.budget,
+        epsilon_max=ledger.epsilon_max,
+        validation_epsilon_max=validation_ledger.epsilon_max if validation_ledger is not None else None,
+        delta=plan.delta, candidates=candidates, test=results[chosen].test,
+        seconds=time.perf_counter() - started, not_covered=list(ledger.not_covered))
+    atomic_write_json(run_dir / RESULT, result.to_json())
+    (run_dir / STATE_FILE).unlink(missing_ok=True)  # the validation key goes with it
+    return result
+
+
+def _evaluate_validation(federation: Federation, state: RunState) -> dict[str, Any]:
+    clips = federation.parts[VALIDATION_PART]
+    return classification_report(evaluation_labels(clips, federation.config.data.eval_target),
+                                 predicted_classes(federation, state, clips, TRAINING))
+
+
+def tuning_ledgers(config: PrivferConfig, plan: TuningPlan, run_dir: Path, scores: dict[int, float],
+                   chosen: int) -> tuple[TuningLedger, SecureSumLedger | None]:
+    """The tuning ledger (every candidate's ledger read back, composed per client and checked against the user's
+    epsilon) and the validation ledger of the score releases."""
+    private = plan.budget is not None
+    entries: dict[tuple[int, str], list[NoiseSteps]] = {}
+    counts: dict[tuple[int, str], int] = {}
+    records, family = [], None
+    for candidate in plan.candidates:
+        path = run_dir / candidate.run / LEDGER
+        ledger = read_ledger(path)
+        if private:
+            if not isinstance(ledger, SecureSumLedger) or not math.isclose(ledger.target_epsilon, plan.budget,
+                                                                           rel_tol=1e-12):
+                raise RuntimeError(f"{path} is not the candidate's secure-sum ledger at epsilon {plan.budget}")
+            family = ledger.family
+            for entry in ledger.clients:
+                entries.setdefault((entry.client, entry.phase), []).extend(entry.noise_steps)
+                counts[(entry.client, entry.phase)] = counts.get((entry.client, entry.phase), 0) + (
+                    1 if entry.rounds_trained else 0)
+        records.append({"index": candidate.index, "settings": candidate.settings, "epsilon": plan.budget,
+                        "run": candidate.run, "ledger_sha256": _sha256(path), "score": scores[candidate.index]})
+    clients = []
+    for (client, phase), steps in sorted(entries.items()):
+        spent = composed_epsilon(steps, family, plan.delta)
+        if spent > config.privacy.epsilon + 1e-9:  # never silently over budget
+            raise RuntimeError(f"client {client} composed epsilon {spent:.4f} over the candidates exceeds the budget "
+                               f"{config.privacy.epsilon:g}")
+        clients.append({"client": client, "phase": phase, "candidates": counts[(client, phase)], "epsilon": spent})
+    not_covered = [CONSENTING] if plan.validation == "consenting" else []
+    validation_ledger = None
+    if plan.validation == "private":
+        val = plan.candidates[0].federation.parts[VALIDATION_PART]
+        accounts = []
+        for actor in val.actor_list():
+            account = DistributedAccount(actor, VALIDATION, int((val.actor_ids == actor).sum()))
+            account.rounds_trained = len(plan.candidates)
+            accounts.append(account)
+        validation_ledger = build_distributed_ledger(
+            accounts, {VALIDATION: plan.validation_plan},
+            noise_source="run_seed" if config.privacy.noise_source == "run_seed" else "run_key",
+            max_rounds={VALIDATION: len(plan.candidates)}, unit=config.privacy.unit,
+            persons=len(accounts) if config.privacy.unit == "person" else None,
+            security=config.aggregation.resolved_security)
+        for entry in validation_ledger.clients:
+            if entry.epsilon > config.privacy.epsilon + 1e-9:
+                raise RuntimeError(f"validation client {entry.client} spends {entry.epsilon:.4f} > "
+                                   f"{config.privacy.epsilon:g}")
+    document = {
+        "schema": TUNING_SCHEMA, "private": private,
+        "mechanism_id": config.mechanism_id if private else None, "unit": config.privacy.unit,
+        "noise": family.name if private else None, "accountant": family.accountant if private else None,
+        "target_epsilon": config.privacy.epsilon if private else None, "delta": plan.delta,
+        "space": plan.space, "candidates_declared": len(space_candidates(plan.space)), "selection": SELECTION,
+        "validation": plan.validation, "score": SCORES[(plan.validation, config.privacy.unit)],
+        "validation_ledger": VALIDATION_LEDGER if validation_ledger is not None else None,
+        "validation_ledger_sha256": "0" * 64 if validation_ledger is not None else None,  # set once it is written
+        "not_covered": not_covered, "chosen": chosen, "candidates": records,
+        "epsilon_max": max((c["epsilon"] for c in clients), default=None), "clients": clients,
+    }
+    return parse_tuning_ledger(document, run_dir / TUNING_LEDGER_FILE), validation_ledger
+
+
+def read_tune_result(run_dir: Path) -> TuneResult:
+    path = Path(run_dir) / RESULT
+    try:
+        return TuneResult(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as exc:
+        raise RunDirectoryError(f"{path} cannot be read ({exc.__class__.__name__}); delete it to rerun") from None
+
+
+__all__ = ["DEFAULT_SPACE", "TUNABLE", "Candidate", "TuneResult", "TuningPlan", "candidate_budget",
+           "composed_epsilon", "parse_space", "plan_tuning", "plan_validation", "release_score", "space_candidates",
+           "tune", "tuning_ledgers"]

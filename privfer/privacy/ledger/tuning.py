@@ -1,0 +1,192 @@
+"""The ledger of private hyperparameter selection (``privfer tune``): the space, every candidate, the composition.
+
+Schema ``privfer.tuning_ledger/1`` (docs/privacy-accounting.md, "Private
+hyperparameter selection"). It sits beside the candidates' own ledgers
+(``candidates/NN/privacy_ledger.json``, ordinary run ledgers) and the
+validation actors' ledger (``validation_ledger.json``, a secure-sum ledger of
+the score releases), and binds them by SHA-256. It states:
+
+* the declared search space and the number of candidates it declares (the
+  product of its value counts), every candidate tried with its settings, its
+  calibrated per-candidate budget, its run directory, its ledger's digest, its
+  released validation score (released once: a score re-released after a kill
+  is drawn with the same keyed noise, so it reveals nothing new);
+* the selection rule (argmax of the released scores: post-processing) and the
+  chosen candidate;
+* per training client, its epsilon composed over every candidate it trained in.
+
+Validation here is structural (types, bounds, indices in order, the chosen
+candidate is the argmax of the listed scores, the header restates the
+entries). Whether the listed candidates are all the space declares, whether the
+digests match the files and whether the composition is right is the audit's
+work (:mod:`privfer.privacy.audit.tuning`): a tampered ledger is a verdict
+there, not an unreadable file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import AfterValidator, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, \
+    model_validator
+
+from privfer.privacy.ledger.base import (MAX_CLIENTS, MAX_INTEGER, MAX_LEDGER_BYTES, Count, Delta, LedgerError, Model,
+                                         Name, NonNegative, Number, Positive, Text, _between, _finite)
+
+TUNING_SCHEMA = "privfer.tuning_ledger/1"
+TUNING_LEDGER_FILE = "tuning_ledger.json"
+MAX_CANDIDATES = 16  # candidates one tuning run may try (each costs budget: the composition grows with them)
+MAX_SPACE_KEYS = 8
+MAX_VALUES = 16  # values of one key
+VALIDATION_MODES = ("private", "consenting", "exact")
+_RUN = re.compile(r"candidates/[0-9]{2}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _short_text(value: str) -> str:
+    if not 1 <= len(value) <= 64:
+        raise ValueError("must be 1 to 64 characters")
+    return value
+
+
+# A setting's value as a config holds it: a JSON scalar (numbers finite, strings short).
+Scalar = Union[StrictBool, Annotated[Union[StrictInt, StrictFloat], AfterValidator(_finite)],
+               Annotated[StrictStr, AfterValidator(_short_text)]]
+Digest = Annotated[StrictStr, Field(pattern=_SHA256.pattern)]
+Key = Annotated[StrictStr, Field(pattern=r"^[a-z_]{1,32}\.[a-z_]{1,32}$")]  # section.field
+
+
+class CandidateRecord(Model):
+    """One candidate of the space: its settings, its budget, where it ran and what its score released."""
+
+    ORDER: ClassVar[tuple[str, ...]] = ("index", "settings", "epsilon", "run", "ledger_sha256", "score")
+    index: Count
+    settings: Annotated[dict[Key, Scalar], Field(min_length=1, max_length=MAX_SPACE_KEYS)]
+    epsilon: Positive | None  # the candidate's calibrated budget (None: trained without DP)
+    run: Annotated[StrictStr, Field(pattern=r"^" + _RUN.pattern + r"$")]
+    ledger_sha256: Digest
+    score: Number
+
+
+class ComposedEntry(Model):
+    """A training client's epsilon composed over every candidate it trained in."""
+
+    ORDER: ClassVar[tuple[str, ...]] = ("client", "phase", "candidates", "epsilon")
+    client: Annotated[StrictInt, _between(-MAX_INTEGER, MAX_INTEGER)]
+    phase: Name
+    candidates: Annotated[StrictInt, _between(0, MAX_CANDIDATES)]
+    epsilon: NonNegative
+
+
+class TuningLedger(Model):
+    """The tuning ledger (module docstring)."""
+
+    ORDER: ClassVar[tuple[str, ...]] = (
+        "schema", "private", "mechanism_id", "unit", "noise", "accountant", "target_epsilon", "delta", "space",
+        "candidates_declared", "selection", "validation", "score", "validation_ledger", "validation_ledger_sha256",
+        "not_covered", "chosen", "candidates", "epsilon_max", "clients")
+    schema_: Literal["privfer.tuning_ledger/1"] = Field(alias="schema")
+    private: StrictBool
+    mechanism_id: Name | None
+    unit: Name
+    noise: Name | None
+    accountant: Name | None
+    target_epsilon: Positive | None
+    delta: Delta | None
+    space: Annotated[dict[Key, Annotated[list[Scalar], Field(min_length=1, max_length=MAX_VALUES)]],
+                     Field(min_length=1, max_length=MAX_SPACE_KEYS)]
+    candidates_declared: Annotated[StrictInt, _between(1, MAX_VALUES**MAX_SPACE_KEYS)]
+    selection: Text
+    validation: Literal["private", "consenting", "exact"]
+    score: Text
+    validation_ledger: Literal["validation_ledger.json"] | None
+    validation_ledger_sha256: Digest | None
+    not_covered: Annotated[list[Text], Field(max_length=64)]
+    chosen: Count
+    candidates: Annotated[list[CandidateRecord], Field(min_length=1, max_length=MAX_CANDIDATES)]
+    epsilon_max: NonNegative | None
+    clients: Annotated[list[ComposedEntry], Field(max_length=MAX_CLIENTS, fail_fast=True)]
+
+    @model_validator(mode="after")
+    def _structure(self) -> "TuningLedger":
+        for at, candidate in enumerate(self.candidates):
+            if candidate.index != at:
+                raise ValueError(f"candidates[{at}] field 'index' is {candidate.index}; candidates are listed in "
+                                 "order from 0")
+            if candidate.run != f"candidates/{at:02d}":
+                raise ValueError(f"candidates[{at}] field 'run' is {candidate.run!r}, not 'candidates/{at:02d}'")
+            if set(candidate.settings) != set(self.space):
+                raise ValueError(f"candidates[{at}] field 'settings' names {sorted(candidate.settings)}, the space "
+                                 f"{sorted(self.space)}")
+            if (candidate.epsilon is None) == self.private:
+                raise ValueError(f"candidates[{at}] field 'epsilon' is {candidate.epsilon!r}; a "
+                                 f"{'private' if self.private else 'non-private'} tuning ledger's candidates "
+                                 + ("state their budget" if self.private else "have none (null)"))
+        if self.chosen >= len(self.candidates):
+            raise ValueError(f"field 'chosen' is {self.chosen}, but {len(self.candidates)} candidates are listed")
+        best = max(range(len(self.candidates)), key=lambda i: (self.candidates[i].score, -i))
+        if self.chosen != best:
+            raise ValueError(f"field 'chosen' is {self.chosen}, but the argmax of the released scores is {best}")
+        private_fields = {"target_epsilon": self.target_epsilon, "delta": self.delta, "mechanism_id": self.mechanism_id,
+                          "noise": self.noise, "accountant": self.accountant}
+        for name, value in private_fields.items():
+            if (value is None) == self.private:
+                raise ValueError(f"field '{name}' is {value!r}; a {'private' if self.private else 'non-private'} "
+                                 "tuning ledger " + ("states it" if self.private else "has none (null)"))
+        if (self.validation == "private") != (self.validation_ledger is not None) or \
+                (self.validation_ledger is None) != (self.validation_ledger_sha256 is None):
+            raise ValueError("fields 'validation_ledger' and 'validation_ledger_sha256' are set exactly when "
+                             "'validation' is 'private'")
+        if (self.validation == "exact") == self.private:
+            raise ValueError(f"field 'validation' is {self.validation!r}: exact scores belong to a non-private run, "
+                             "a private run's are 'private' or 'consenting'")
+        if not self.private and self.clients:
+            raise ValueError("a non-private tuning ledger has no client entries")
+        spent = [entry.epsilon for entry in self.clients]
+        expected = max(spent) if spent else None
+        if (self.epsilon_max is None) != (expected is None) or (
+                expected is not None and not math.isclose(self.epsilon_max, expected, rel_tol=1e-9, abs_tol=1e-12)):
+            raise ValueError(f"field 'epsilon_max' is {self.epsilon_max!r}, but the entries' epsilons give "
+                             f"{expected!r}")
+        return self
+
+    def document(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def parse_tuning_ledger(document: Any, path: Path | str = TUNING_LEDGER_FILE) -> TuningLedger:
+    """Validate a parsed document; LedgerError naming the file and the first bad field."""
+    try:
+        return TuningLedger.model_validate(document)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "the document"
+        raise LedgerError(f"{path}: {where}: {error['msg']}") from None
+
+
+def read_tuning_ledger(path: Path | str) -> TuningLedger:
+    """Read and validate a tuning ledger (a tuning run directory is accepted too)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / TUNING_LEDGER_FILE
+    if not path.is_file():
+        raise LedgerError(f"{path} does not exist (a finished privfer tune run writes it)")
+    if path.stat().st_size > MAX_LEDGER_BYTES:
+        raise LedgerError(f"{path} is {path.stat().st_size} bytes; ledgers of at most {MAX_LEDGER_BYTES} are read")
+    from privfer.privacy.ledger.document import _DuplicateKey, _no_duplicates, _short
+
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise LedgerError(f"{path}: the key {_short(exc.args[0])} appears twice in one object") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise LedgerError(f"{path} is not readable JSON ({exc.__class__.__name__})") from None
+    return parse_tuning_ledger(document, path)
+
+
+__all__ = ["MAX_CANDIDATES", "MAX_SPACE_KEYS", "MAX_VALUES", "TUNING_LEDGER_FILE", "TUNING_SCHEMA", "VALIDATION_MODES",
+           "CandidateRecord", "ComposedEntry", "TuningLedger", "parse_tuning_ledger", "read_tuning_ledger"]

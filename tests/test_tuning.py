@@ -1,0 +1,286 @@
+"""privfer tune: the budget of every candidate composed within the user's epsilon, private validation scores, the
+tuning ledger and its audit (a tampered candidate count, file, claim or validation ledger is flagged)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from scipy import special
+
+from conftest import small_config
+from privfer.auditing.tuning import TAMPERED, audit_tuning
+from privfer.errors import ConfigError
+from privfer.fl.rounds import TRAINING
+from privfer.fl.tuning import (DEFAULT_SPACE, candidate_budget, parse_space, plan_tuning, release_score,
+                               space_candidates, tune)
+from privfer.privacy.audit import MISMATCH, OVER_BUDGET
+from privfer.privacy.audit.distributed import independent_composed_epsilon
+from privfer.privacy.calibrate import EPSILON_TOLERANCE
+from privfer.privacy.distributed import calibrate_distributed, calibrate_plan
+from privfer.privacy.ledger import read_ledger
+from privfer.privacy.ledger.tuning import TUNING_LEDGER_FILE, read_tuning_ledger
+from privfer.privacy.rdp import ORDERS, rdp_to_epsilon
+
+FAST = ["privacy.epsilon=3", "federation.rounds=3"]
+SPACE = ["federation.server_lr=0.02,0.1"]
+
+
+# --- the search space ---
+
+def test_the_space_is_declared_and_bounded():
+    assert parse_space(None) == DEFAULT_SPACE
+    space = parse_space(["federation.server_lr=0.02, 0.05", "model.readout=mean,last"])
+    assert space == {"federation.server_lr": [0.02, 0.05], "model.readout": ["mean", "last"]}
+    assert space_candidates(space) == [
+        {"federation.server_lr": 0.02, "model.readout": "mean"}, {"federation.server_lr": 0.02, "model.readout": "last"},
+        {"federation.server_lr": 0.05, "model.readout": "mean"}, {"federation.server_lr": 0.05, "model.readout": "last"}]
+    for bad, said in [("privacy.epsilon=1,2", "searches only"), ("federation.server_lr", "must look like"),
+                      ("federation.server_lr=0.1,0.1", "listed twice"), ("model.readout=[1]", "not a number")]:
+        with pytest.raises(ConfigError, match=said):
+            parse_space([bad])
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_space(["federation.server_lr=0.1", "federation.server_lr=0.2"])
+
+
+def test_more_candidates_than_allowed_or_another_mechanism_is_refused(small_clips):
+    with pytest.raises(ConfigError, match="at most 16"):
+        plan_tuning(small_config(*FAST), parse_space(["federation.server_lr=1,2,3,4,5", "model.hidden_size=1,2,3,4"]),
+                    clips=small_clips)
+    with pytest.raises(ConfigError, match="privacy.mechanism 'distributed'"):
+        plan_tuning(small_config(*FAST, "privacy.mechanism=local"), DEFAULT_SPACE, clips=small_clips)
+    with pytest.raises(ConfigError, match="scores its candidates exactly"):
+        plan_tuning(small_config("federation.rounds=3"), DEFAULT_SPACE, "private", clips=small_clips)
+    with pytest.raises(ConfigError, match="candidate 1 \\(model.hidden_size=0\\)"):
+        plan_tuning(small_config(*FAST), parse_space(["model.hidden_size=8,0"]), clips=small_clips)
+
+
+# --- the budget: every candidate composed within the user's epsilon ---
+
+@pytest.fixture(scope="module")
+def training_shape(small_clips):
+    plan = plan_tuning(small_config(*FAST), {"federation.server_lr": [0.02]}, clips=small_clips)
+    return plan.candidates[0]
+
+
+@settings(max_examples=12, deadline=None)
+@given(epsilon=st.floats(0.8, 10.0), count=st.integers(1, 6))
+def test_the_candidates_composed_stay_within_the_budget_and_use_it(training_shape, epsilon, count):
+    candidates = [SimpleNamespace(config=training_shape.config, federation=training_shape.federation)] * count
+    delta = training_shape.federation.delta
+    budget, composed = candidate_budget(epsilon, delta, candidates)
+    shape = training_shape.federation.plans[TRAINING]
+    trial = training_shape.config.model_copy(deep=True)
+    trial.privacy.epsilon = budget
+    plan = calibrate_plan(trial, delta=delta, dimension=shape.dimension, steps=shape.steps, clients=shape.clients,
+                          records=shape.records)
+    history = [plan.steps_entry(plan.steps)] * count
+    # recomputed by the audit's independent implementation: within the budget, and not wastefully below it
+    independent = independent_composed_epsilon(plan.family, history, delta)
+    assert math.isclose(independent, composed, rel_tol=1e-6, abs_tol=1e-6)
+    assert composed <= epsilon + 1e-9
+    assert composed >= epsilon - 2 * EPSILON_TOLERANCE or count == 1
+    assert budget <= epsilon and (count > 1 or budget == epsilon)
+
+
+def test_composition_is_the_worked_example_and_random_repetitions_cost_more():
+    """N fixed candidates of one mechanism compose as N x its RDP (worked by hand from the family's RDP); with a
+    random number of candidates K, every one of which the server sees, the RDP of the release of all of them is
+    log E[exp((alpha - 1) K rho)] / (alpha - 1) >= E[K] rho (Jensen): Papernot & Steinke's Poisson or truncated
+    negative binomial repetition never charges less once every repetition is seen."""
+    plan = calibrate_distributed(epsilon=2.0, delta=1e-5, max_grad_norm=1.0, dimension=1000, sample_rate=0.5,
+                                 steps=20, clients=10, records=500, min_inputs_fraction=0.5, colluding_fraction=0.1,
+                                 rounding_overhead=0.01, modulus_bits=32, max_noise_multiplier=100.0)
+    family, entry = plan.family, plan.steps_entry(plan.steps)
+    rho = family.history_rdp([entry])
+    orders = np.array(ORDERS, dtype=float)
+    with np.errstate(over="ignore", divide="ignore"):  # inf at large orders and log(0) of a vanishing pmf: limits
+        _random_repetitions_cost_more(family, entry, rho, orders)
+
+
+def _random_repetitions_cost_more(family, entry, rho, orders):
+    for n in (1, 3, 8):
+        by_hand = rdp_to_epsilon(ORDERS, n * rho, 1e-5)[0]
+        assert math.isclose(family.epsilon([entry] * n, 1e-5)[0], by_hand, rel_tol=1e-12)
+        # Poisson(n) repetitions, all seen: log E[exp((a-1) K rho)] = n (exp((a-1) rho) - 1)
+        poisson = n * np.expm1((orders - 1) * rho) / (orders - 1)
+        assert np.all(poisson >= n * rho - 1e-12)
+        assert rdp_to_epsilon(ORDERS, poisson, 1e-5)[0] >= by_hand
+        # truncated negative binomial (eta = 2) with mean n, all seen: log-PGF at exp((a-1) rho) >= n rho
+        k = np.arange(1, 4000)
+        pmf = _tnb_pmf(k, _tnb_gamma(k, n))
+        converges = (orders - 1) * rho < 5.0  # where the truncated sum is accurate
+        log_pgf = special.logsumexp(np.log(pmf)[None, :] + np.outer((orders[converges] - 1) * rho[converges], k),
+                                    axis=1)
+        assert np.all(log_pgf / (orders[converges] - 1) >= float((k * pmf).sum()) * rho[converges] - 1e-9)
+
+
+def _tnb_pmf(k: np.ndarray, gamma: float, eta: int = 2) -> np.ndarray:
+    """Papernot & Steinke's truncated negative binomial: P(K = k) proportional to C(k + eta - 1, k) (1 - gamma)^k,
+    k >= 1."""
+    weights = special.comb(k + eta - 1, k) * (1 - gamma) ** k
+    return weights / weights.sum()
+
+
+def _tnb_gamma(k: np.ndarray, mean: float) -> float:
+    low, high = 1e-3, 1.0 - 1e-9  # E[K] falls as gamma grows
+    for _ in range(80):
+        gamma = (low + high) / 2
+        low, high = (gamma, high) if float((k * _tnb_pmf(k, gamma)).sum()) > mean else (low, gamma)
+    return (low + high) / 2
+
+
+# --- a tuning run, end to end ---
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, small_clips):
+    folder = tmp_path_factory.mktemp("tune") / "run"
+    config = small_config(*FAST)
+    result = tune(config, parse_space(SPACE), folder, clips=small_clips)
+    return folder, config, result
+
+
+def test_a_tuned_run_never_exceeds_the_users_epsilon_and_its_audit_passes(tuned):
+    folder, config, result = tuned
+    ledger = read_tuning_ledger(folder)
+    assert len(ledger.candidates) == 2 == ledger.candidates_declared
+    # every training client composed over both candidates, every validation client over both releases: <= 3
+    assert result.epsilon_max <= 3.0 + 1e-9 and result.validation_epsilon_max <= 3.0 + 1e-9
+    assert result.epsilon_max >= 3.0 - 2 * EPSILON_TOLERANCE  # the budget is used, not wasted
+    for candidate in ledger.candidates:
+        assert read_ledger(folder / candidate.run / "privacy_ledger.json").target_epsilon == result.candidate_epsilon
+    assert all(entry.candidates == 2 for entry in ledger.clients)
+    scores = [c["score"] for c in result.candidates]
+    assert result.chosen == int(np.argmax(scores)) == ledger.chosen
+    validation = read_ledger(folder / "validation_ledger.json")
+    assert {e.rounds_trained for e in validation.clients} == {2} and validation.phases["validation"].dimension == 1
+    assert not (folder / "tuning_state.json").exists()  # the validation key is gone with the run
+    audit = audit_tuning(folder)
+    assert audit.passed, audit.reasons
+    # the audit recomposed both candidates' histories itself (one candidate alone would give about 2)
+    assert math.isclose(audit.epsilon_max, result.epsilon_max, rel_tol=1e-6) and audit.epsilon_max <= 3.0 + 1e-9
+
+
+def test_rerunning_a_finished_tuning_run_returns_its_result(tuned, small_clips):
+    folder, config, result = tuned
+    again = tune(config, parse_space(SPACE), folder, clips=small_clips)
+    assert again.to_json() == result.to_json()
+
+
+def test_released_scores_are_near_the_counts_and_repeat_exactly(tuned):
+    folder, config, result = tuned
+    plan = plan_tuning(config, parse_space(SPACE), clips=None).validation_plan
+    values = {1: 30.0, 2: 10.0, 3: 25.0, 4: 0.0}
+    key = bytes(32)
+    first = release_score(values, plan, config, key, "0", {})
+    assert first == release_score(values, plan, config, key, "0", {})  # keyed: a repeated release is the same
+    draws = np.array([release_score(values, plan, config, bytes([i]) * 32, "0", {}) for i in range(60)])
+    sigma = math.sqrt(plan.mu) / plan.scale
+    assert abs(draws.mean() - 65.0) < 4 * sigma / math.sqrt(60)
+    assert 0.6 * sigma < draws.std() < 1.5 * sigma
+
+
+def _tampered(tuned, tmp_path, edit):
+    folder = tmp_path / "copy"
+    shutil.copytree(tuned[0], folder)
+    edit(folder)
+    return audit_tuning(folder)
+
+
+def _edit_ledger(change):
+    def edit(folder):
+        path = folder / TUNING_LEDGER_FILE
+        document = json.loads(path.read_text())
+        change(document)
+        path.write_text(json.dumps(document))
+    return edit
+
+
+def test_the_audit_flags_a_tampered_candidate_count(tuned, tmp_path):
+    def drop_one(document):
+        keep = document["chosen"]
+        document["candidates"] = [c for c in document["candidates"] if c["index"] == keep]
+        document["candidates"][0]["index"], document["candidates"][0]["run"] = 0, "candidates/00"
+        document["chosen"] = 0
+
+    audit = _tampered(tuned, tmp_path, _edit_ledger(drop_one))
+    assert not audit.passed and TAMPERED in audit.verdicts
+    assert any("declares 2" in reason for reason in audit.reasons)
+
+    audit = _tampered(tuned, tmp_path / "b", _edit_ledger(lambda d: d.update(candidates_declared=1)))
+    assert TAMPERED in audit.verdicts
+
+    def shrink_space(document):  # the count made consistent: the unlisted candidate's directory still betrays it
+        drop_one(document)
+        settings = document["candidates"][0]["settings"]
+        document["space"] = {k: [v] for k, v in settings.items()}
+        document["candidates_declared"] = 1
+
+    audit = _tampered(tuned, tmp_path / "c", _edit_ledger(shrink_space))
+    assert TAMPERED in audit.verdicts and any("not in the ledger" in r for r in audit.reasons)
+
+
+def test_the_audit_flags_edited_files_and_claims(tuned, tmp_path):
+    def edit_candidate_ledger(folder):
+        path = folder / "candidates" / "01" / "privacy_ledger.json"
+        path.write_text(path.read_text().replace('"steps": 3', '"steps": 2', 1))
+
+    assert TAMPERED in _tampered(tuned, tmp_path / "a", edit_candidate_ledger).verdicts
+
+    def lower_claim(document):
+        for entry in document["clients"]:
+            entry["epsilon"] = 1.0
+        document["epsilon_max"] = 1.0
+
+    assert MISMATCH in _tampered(tuned, tmp_path / "b", _edit_ledger(lower_claim)).verdicts
+
+    def validation_edit(folder):
+        path = folder / "validation_ledger.json"
+        path.write_text(path.read_text() + " ")
+
+    assert TAMPERED in _tampered(tuned, tmp_path / "c", validation_edit).verdicts
+
+    def smaller_target(document):  # the composition is held to the stated budget
+        document["target_epsilon"] = 1.5
+
+    audit = _tampered(tuned, tmp_path / "d", _edit_ledger(smaller_target))
+    assert OVER_BUDGET in audit.verdicts
+
+
+def test_consenting_validation_is_named_not_covered(tmp_path, small_clips):
+    config = small_config(*FAST)
+    result = tune(config, parse_space(["federation.server_lr=0.05"]), tmp_path / "run", clips=small_clips,
+                  validation="consenting")
+    ledger = read_tuning_ledger(tmp_path / "run")
+    assert ledger.validation_ledger is None and not (tmp_path / "run" / "validation_ledger.json").exists()
+    assert any("consenting" in line for line in ledger.not_covered) and result.not_covered
+    assert result.candidate_epsilon == 3.0  # one candidate: the whole budget
+    assert 0.0 <= result.candidates[0]["score"] <= 1.0  # the exact validation macro F1
+    assert audit_tuning(tmp_path / "run").passed
+    path = tmp_path / "run" / TUNING_LEDGER_FILE
+    document = json.loads(path.read_text())
+    document["not_covered"] = []
+    path.write_text(json.dumps(document))
+    assert MISMATCH in audit_tuning(tmp_path / "run").verdicts
+
+
+def test_cli_tune_and_audit(tmp_path, small_clips):
+    from typer.testing import CliRunner
+
+    from privfer.cli import app
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["tune", "--try", "privacy.noise=skellam", "--epsilon", "3"])
+    assert bad.exit_code == 2 and "searches only" in bad.output and "Traceback" not in bad.output
+    # a finished tuning run is audited as one: exit 0, and 1 once its candidate count is tampered with
+    folder = tmp_path / "run"
+    tune(small_config(*FAST), parse_space(SPACE), folder, clips=small_clips)
+    assert runner.invoke(app, ["audit", str(folder)]).exit_code == 0
+    _edit_ledger(lambda d: d.update(candidates_declared=3))(folder)
+    failed = runner.invoke(app, ["audit", str(folder)])
+    assert failed.exit_code == 1 and "TAMPERED" in failed.output

@@ -15,7 +15,7 @@ from scipy import special
 
 from conftest import small_config
 from privfer.auditing.tuning import TAMPERED, audit_tuning
-from privfer.errors import ConfigError
+from privfer.errors import ConfigError, RunDirectoryError
 from privfer.fl.rounds import TRAINING
 from privfer.fl.tuning import (DEFAULT_SPACE, candidate_budget, parse_space, plan_tuning, release_score,
                                space_candidates, tune)
@@ -284,3 +284,26 @@ def test_cli_tune_and_audit(tmp_path, small_clips):
     _edit_ledger(lambda d: d.update(candidates_declared=3))(folder)
     failed = runner.invoke(app, ["audit", str(folder)])
     assert failed.exit_code == 1 and "TAMPERED" in failed.output
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_tuning_run_resumes_without_a_new_release(tmp_path, small_clips):
+    config, folder = small_config(*FAST), tmp_path / "run"
+
+    def kill(candidate, score, test):
+        if candidate.index == 0:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        tune(config, parse_space(SPACE), folder, clips=small_clips, on_candidate=kill)
+    state = json.loads((folder / "tuning_state.json").read_text())
+    released = state["scores"]["0"]
+    result = tune(config, parse_space(SPACE), folder, clips=small_clips)
+    assert result.candidates[0]["score"] == released  # the score released before the kill, not a second draw
+    assert audit_tuning(folder).passed
+    # the same directory with another search space is refused, not mixed
+    with pytest.raises(RunDirectoryError, match="another search space"):
+        tune(config, parse_space(["federation.server_lr=0.3,0.4"]), folder, clips=small_clips)

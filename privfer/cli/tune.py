@@ -53,8 +53,8 @@ def tune(
 
     def on_candidate(candidate: Any, score: float, test: dict) -> None:
         if not as_json:
-            described = ", ".join(f"{k}={v}" for k, v in candidate.settings.items())
-            errors.print(f"candidate {candidate.index} ({described}): released score {score:.3f}", highlight=False,
+            errors.print(f"candidate {candidate.index} ({_settings(candidate.settings)}): released score {score:.3f}",
+                         highlight=False,
                          markup=False)
 
     with run_directory(out, cfg, "tune") as run_dir:
@@ -65,6 +65,13 @@ def tune(
     print_tune(result, run_dir)
 
 
+def _settings(settings: dict[str, Any]) -> str:
+    """``server_lr=0.05, readout=last``: the field names alone where they are unambiguous."""
+    short = [key.split(".")[-1] for key in settings]
+    names = short if len(set(short)) == len(short) else list(settings)
+    return ", ".join(f"{name}={value}" for name, value in zip(names, settings.values()))
+
+
 def print_tune(result: Any, run_dir: Path) -> None:
     table = Table(title="candidates (score: what was released; the exact columns are the simulation's view, never "
                         "released or used)", title_justify="left")
@@ -72,7 +79,7 @@ def print_tune(result: Any, run_dir: Path) -> None:
         table.add_column(column, justify="left" if column == "settings" else "right")
     for candidate in result.candidates:
         mark = " *" if candidate["index"] == result.chosen else ""
-        table.add_row(f"{candidate['index']}{mark}", ", ".join(f"{k}={v}" for k, v in candidate["settings"].items()),
+        table.add_row(f"{candidate['index']}{mark}", _settings(candidate["settings"]),
                       f"{candidate['score']:.3f}", f"{candidate['validation_macro_f1']:.3f}",
                       f"{candidate['test_macro_f1']:.3f}")
     console.print(table)

@@ -114,6 +114,7 @@ def main() -> None:
                         help="privfer tune's --try items separated by ';' (default: privfer tune's default space)")
     args = parser.parse_args()
     from privfer.fl.tuning import parse_space
+    from privfer.privacy.calibrate import PrivacyBudgetError
     from privfer.config import load_config
     from privfer.data import load_clips
     from privfer.data.splits import split_actors, split_clips
@@ -138,7 +139,11 @@ def main() -> None:
             f1_default, delta, seconds = privfer_run(overrides, epsilon, clips)  # the central runs use its delta
             print(f"{name:>16} privfer  eps {epsilon:g}  delta {delta:.3g}  F1 {f1_default:.3f}  ({seconds:.0f} s)",
                   flush=True)
-            f1_tuned, chosen, seconds = privfer_tuned(overrides, epsilon, clips, space)
+            try:
+                f1_tuned, chosen, seconds = privfer_tuned(overrides, epsilon, clips, space)
+            except PrivacyBudgetError as exc:  # the candidates need more noise than the cap allows: say so
+                print(f"{name:>16} tuned    eps {epsilon:g}  {exc}", flush=True)
+                f1_tuned, chosen, seconds = math.nan, {}, 0.0
             print(f"{name:>16} tuned    eps {epsilon:g}  F1 {f1_tuned:.3f}  chose {chosen}  ({seconds:.0f} s)", flush=True)
             best, best_setting = -1.0, ""
             for shape, lr, share in itertools.product(grid["shapes"], grid["lr"], grid["batch_share"]):
@@ -154,7 +159,7 @@ def main() -> None:
           "/ tuned | privfer without DP |")
     print("|---|---|---|---|---|---|---|")
     for name, epsilon, f1_default, f1_tuned, chosen, best, setting, f1_free in table:
-        picked = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in chosen.items())
+        picked = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in chosen.items()) or "unreachable"
         print(f"| {name} | {epsilon:g} | {f1_default:.3f} | {f1_tuned:.3f} ({picked}) | {best:.3f} ({setting}) | "
               f"{f1_default / best:.2f} / {f1_tuned / best:.2f} | {f1_free:.3f} |")
 

@@ -21,7 +21,7 @@ from privfer.fl.tuning import (DEFAULT_SPACE, candidate_budget, parse_space, pla
                                space_candidates, tune)
 from privfer.privacy.audit import MISMATCH, OVER_BUDGET
 from privfer.privacy.audit.distributed import independent_composed_epsilon
-from privfer.privacy.calibrate import EPSILON_TOLERANCE
+from privfer.privacy.calibrate import EPSILON_TOLERANCE, PrivacyBudgetError
 from privfer.privacy.distributed import calibrate_distributed, calibrate_plan
 from privfer.privacy.ledger import read_ledger
 from privfer.privacy.ledger.tuning import TUNING_LEDGER_FILE, read_tuning_ledger
@@ -86,6 +86,32 @@ def test_the_candidates_composed_stay_within_the_budget_and_use_it(training_shap
     assert composed <= epsilon + 1e-9
     assert composed >= epsilon - 2 * EPSILON_TOLERANCE or count == 1
     assert budget <= epsilon and (count > 1 or budget == epsilon)
+
+
+def test_a_budget_whose_even_split_is_below_the_noise_cap_is_still_found(training_shape):
+    """epsilon / N per candidate may need more noise than privacy.max_noise_multiplier while the composition's
+    solution (about epsilon / sqrt(N)) does not: the search finds it, and refuses in one line when the cap is below
+    it."""
+    def with_cap(cap):
+        config = training_shape.config.model_copy(deep=True)
+        config.privacy.max_noise_multiplier = cap
+        return [SimpleNamespace(config=config, federation=training_shape.federation)] * 3
+
+    delta = training_shape.federation.delta
+    budget, composed = candidate_budget(3.0, delta, with_cap(50.0))
+    shape = training_shape.federation.plans[TRAINING]
+    trial = training_shape.config.model_copy(deep=True)
+    trial.privacy.epsilon = budget
+    at_budget = calibrate_plan(trial, delta=delta, dimension=shape.dimension, steps=shape.steps, clients=shape.clients,
+                               records=shape.records).noise_multiplier
+    trial.privacy.epsilon = 1.0
+    at_split = calibrate_plan(trial, delta=delta, dimension=shape.dimension, steps=shape.steps, clients=shape.clients,
+                              records=shape.records).noise_multiplier
+    assert at_budget * 1.05 < at_split  # under this cap epsilon / 3 per candidate is out of reach
+    capped, capped_composed = candidate_budget(3.0, delta, with_cap(at_budget * 1.05))
+    assert capped_composed <= 3.0 + 1e-9 and abs(capped - budget) < 0.02
+    with pytest.raises(PrivacyBudgetError, match="max_noise_multiplier"):
+        candidate_budget(3.0, delta, with_cap(at_budget * 0.95))
 
 
 def test_composition_is_the_worked_example_and_random_repetitions_cost_more():

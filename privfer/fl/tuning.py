@@ -259,13 +259,22 @@ def candidate_budget(epsilon: float, delta: float, candidates: list[Candidate]) 
         spent = composed(low)
         if spent <= epsilon:
             break
+        if math.isinf(spent):  # below the noise cap's edge: the least budget a candidate can have lies in (low, high]
+            edge = high
+            for _ in range(40):
+                middle = (low + edge) / 2
+                low, edge = (middle, edge) if math.isinf(composed(middle)) else (low, middle)
+            low, spent = edge, composed(edge)
+            if spent > epsilon:
+                raise PrivacyBudgetError(
+                    f"privacy budget unreachable: epsilon {epsilon:g} split over {len(shapes)} candidates needs more "
+                    f"noise than privacy.max_noise_multiplier allows ({len(shapes)} candidates at the least budget "
+                    f"each can have compose to {spent:.3g}); try fewer values or raise privacy.epsilon")
+            break
         high, low = low, low / 2
     else:
         raise PrivacyBudgetError(f"privacy budget unreachable: epsilon {epsilon:g} cannot cover {len(shapes)} "
                                  "candidates; try fewer values or raise privacy.epsilon")
-    if math.isinf(spent):
-        raise PrivacyBudgetError(f"privacy budget unreachable: epsilon {epsilon:g} split over {len(shapes)} candidates "
-                                 "needs more noise than privacy.max_noise_multiplier allows; try fewer values")
     for _ in range(60):  # bisection: a fixed number of steps whatever the budget
         if spent >= epsilon - EPSILON_TOLERANCE or high - low < 1e-4:
             break

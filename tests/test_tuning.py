@@ -333,3 +333,118 @@ def test_a_killed_tuning_run_resumes_without_a_new_release(tmp_path, small_clips
     # the same directory with another search space is refused, not mixed
     with pytest.raises(RunDirectoryError, match="another search space"):
         tune(config, parse_space(["federation.server_lr=0.3,0.4"]), folder, clips=small_clips)
+
+
+# --- the hostile review's attacks (issue 26) ---
+
+def _rebind(folder):
+    """Re-bind the tuning ledger's digests to the files as they are now (a forger's consistent edit)."""
+    import hashlib
+
+    path = folder / TUNING_LEDGER_FILE
+    document = json.loads(path.read_text())
+    for candidate in document["candidates"]:
+        candidate["ledger_sha256"] = hashlib.sha256(
+            (folder / candidate["run"] / "privacy_ledger.json").read_bytes()).hexdigest()
+    if document["validation_ledger"]:
+        document["validation_ledger_sha256"] = hashlib.sha256(
+            (folder / document["validation_ledger"]).read_bytes()).hexdigest()
+    path.write_text(json.dumps(document))
+
+
+def test_a_score_released_for_one_model_is_never_released_for_another(tmp_path, small_clips):
+    config, folder = small_config(*FAST), tmp_path / "run"
+
+    def kill(candidate, score, test):
+        raise _Killed
+
+    with pytest.raises(_Killed):
+        tune(config, parse_space(SPACE), folder, clips=small_clips, on_candidate=kill)
+    state_path = folder / "tuning_state.json"
+    state = json.loads(state_path.read_text())
+    released = state["scores"].pop("0")  # as if killed after the release, before its score was recorded
+    state_path.write_text(json.dumps(state))
+    shutil.copytree(folder, tmp_path / "retrained")
+    # the same model: the release is repeated with the same keyed noise, so it is the same release
+    assert tune(config, parse_space(SPACE), folder, clips=small_clips).candidates[0]["score"] == released
+    # the candidate retrained (another model) under the same label: refused, not a second uncharged release
+    shutil.rmtree(tmp_path / "retrained" / "candidates" / "00")
+    with pytest.raises(RunDirectoryError, match="released for another model"):
+        tune(config, parse_space(SPACE), tmp_path / "retrained", clips=small_clips)
+    # the state lost while candidates exist: the releases made cannot be accounted, so nothing resumes
+    (tmp_path / "retrained" / "tuning_state.json").unlink()
+    with pytest.raises(RunDirectoryError, match="cannot be accounted"):
+        tune(config, parse_space(SPACE), tmp_path / "retrained", clips=small_clips)
+
+
+def test_validation_sums_assume_a_colluder_among_few_clients(tuned):
+    folder, config, result = tuned
+    plan = read_ledger(folder / "validation_ledger.json").phases["validation"]
+    assert plan.clients == 4 and plan.colluders == 1 and plan.min_inputs - plan.colluders == 3
+
+
+def test_numbers_are_numbers_and_one_run_is_charged_once():
+    assert parse_space(["federation.server_lr=1e-2"]) == {"federation.server_lr": [0.01]}
+    with pytest.raises(ConfigError, match="listed twice"):
+        parse_space(["federation.server_lr=1e-2,0.01"])
+
+
+def test_the_audit_flags_forged_validation_and_candidate_files(tuned, tmp_path):
+    def overlap(folder):  # validation clients renamed to training clients, digests re-bound
+        path = folder / "validation_ledger.json"
+        document = json.loads(path.read_text())
+        training = [e["client"] for e in json.loads((folder / "candidates/00/privacy_ledger.json").read_text())[
+            "clients"]]
+        for entry, client in zip(document["clients"], training):
+            entry["client"] = client
+        path.write_text(json.dumps(document))
+        _rebind(folder)
+
+    audit = _tampered(tuned, tmp_path / "a", overlap)
+    assert MISMATCH in audit.verdicts and any("training clients too" in r for r in audit.reasons)
+
+    def candidate_trust(folder):  # a candidate's config edited to assume no colluders
+        path = folder / "candidates/01/config.yaml"
+        path.write_text(path.read_text().replace("colluding_fraction: 0.1", "colluding_fraction: 0.0"))
+
+    audit = _tampered(tuned, tmp_path / "b", candidate_trust)
+    assert MISMATCH in audit.verdicts and any("not the candidate" in r for r in audit.reasons)
+
+    audit = _tampered(tuned, tmp_path / "c", _edit_ledger(lambda d: d.update(target_epsilon=4.0)))
+    assert MISMATCH in audit.verdicts and any("config.yaml's 3.0" in r for r in audit.reasons)
+
+    def drop_candidate_everywhere(folder):  # a candidate and its directory removed, the space shrunk to match
+        shutil.rmtree(folder / "candidates" / "01")
+        path = folder / TUNING_LEDGER_FILE
+        document = json.loads(path.read_text())
+        document["candidates"] = document["candidates"][:1]
+        document["space"] = {k: [v] for k, v in document["candidates"][0]["settings"].items()}
+        document["candidates_declared"], document["chosen"] = 1, 0
+        path.write_text(json.dumps(document))
+
+    audit = _tampered(tuned, tmp_path / "d", drop_candidate_everywhere)
+    assert any("each calibrated to" in r for r in audit.reasons)  # one candidate would have had the whole budget
+
+
+def test_hostile_tuning_directories_are_refused_quickly(tuned, tmp_path):
+    import os
+
+    from privfer.privacy.ledger import LedgerError
+
+    with pytest.raises(LedgerError, match="at most 16"):  # 16^8 candidates would be enumerated
+        _tampered(tuned, tmp_path / "a", _edit_ledger(
+            lambda d: d.update(space={f"model.k{chr(97 + i)}": list(range(16)) for i in range(8)})))
+
+    def fifo(folder):  # a candidate ledger that would block a reader forever
+        path = folder / "candidates/01/privacy_ledger.json"
+        path.unlink()
+        os.mkfifo(path)
+
+    assert TAMPERED in _tampered(tuned, tmp_path / "b", fifo).verdicts
+
+    def bad_config(folder):
+        (folder / "config.yaml").write_text("federation: [x]\n")
+
+    assert MISMATCH in _tampered(tuned, tmp_path / "c", bad_config).verdicts
+    stray = _tampered(tuned, tmp_path / "d", lambda folder: (folder / "candidates" / ".DS_Store").write_text(""))
+    assert stray.passed

@@ -18,8 +18,19 @@ them is within the user's budget. The audit believes none of it:
   accountant's and the audit's loop-by-loop one), and held to the claim and to
   the user's epsilon;
 * the validation ledger (private scores) is the file its SHA-256 names, passes
-  its own audit, and charges one release per candidate; consenting scores are
-  named in ``not_covered``.
+  its own audit, charges one release per candidate, and its validation clients
+  are none of the training clients; consenting scores are named in
+  ``not_covered``;
+* the run is rebuilt from the tuning directory's ``config.yaml`` and the
+  declared space (its data read, its candidates prepared): the target is the
+  config's, each candidate's ``config.yaml`` is exactly the candidate the space
+  and the budget make, the per-candidate budget is the one the declared number
+  of candidates calibrates, and the validation plan (clients, records, trust,
+  noise) is the one the split makes.
+
+What it cannot catch: a directory whose every file was rewritten
+consistently, e.g. a smaller space declared and every candidate retrained at
+the budget that space calibrates, is a genuine run of that smaller space.
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +47,10 @@ from typing import Any
 import yaml
 
 from privfer.auditing import audit_path
-from privfer.privacy.audit import MISMATCH, OVER_BUDGET, audit_ledger_alone
+from privfer.privacy.audit import MISMATCH, OVER_BUDGET, UNAUDITABLE, audit_ledger_alone
 from privfer.privacy.audit.distributed import independent_composed_epsilon
 from privfer.privacy.audit.report import CLAIM_TOLERANCE, AuditReport, _close
-from privfer.privacy.ledger import LEDGER_FILE, LedgerError, SecureSumLedger, read_ledger
+from privfer.privacy.ledger import LEDGER_FILE, MAX_LEDGER_BYTES, LedgerError, SecureSumLedger, read_ledger
 from privfer.privacy.ledger.tuning import TUNING_LEDGER_FILE, TuningLedger, read_tuning_ledger
 from privfer.privacy.noise import NoiseSteps, noise_family
 
@@ -86,18 +99,26 @@ def is_tuning_run(path: Path | str) -> bool:
 
 
 def _sha256(path: Path) -> str | None:
+    """The digest of a regular file (not a link, a FIFO or a device) of at most MAX_LEDGER_BYTES; None otherwise."""
     try:
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_LEDGER_BYTES:
+            return None
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return None
 
 
-def _setting(config: dict[str, Any], key: str) -> Any:
-    section, name = key.split(".")
-    return (config.get(section) or {}).get(name, _MISSING)
-
-
-_MISSING = object()
+def _read_yaml(path: Path) -> dict[str, Any] | None:
+    """A run's config.yaml as a mapping of sections (None: missing, unreadable, too large or not that shape)."""
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_LEDGER_BYTES:
+            return None
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return loaded if isinstance(loaded, dict) and all(isinstance(v, (dict, int)) for v in loaded.values()) else None
 
 
 def audit_tuning(path: Path | str) -> TuningAudit:
@@ -109,13 +130,36 @@ def audit_tuning(path: Path | str) -> TuningAudit:
     audit = TuningAudit(run_dir / TUNING_LEDGER_FILE, ledger.target_epsilon, ledger.private, len(ledger.candidates),
                         len(expected))
     _candidates_are_the_space(ledger, expected, run_dir, audit)
-    candidate_ledgers = _candidate_ledgers(ledger, run_dir, audit)
+    plan = _rebuilt(ledger, run_dir, audit)
+    candidate_ledgers = _candidate_ledgers(ledger, run_dir, audit, plan)
     if ledger.private:
         _recompose(ledger, candidate_ledgers, audit)
-        _validation(ledger, run_dir, audit)
+        _validation(ledger, run_dir, audit, candidate_ledgers, plan)
     elif ledger.validation != "exact":
         audit.flag(MISMATCH, "a non-private tuning ledger's scores are exact")
     return audit
+
+
+def _rebuilt(ledger: TuningLedger, run_dir: Path, audit: TuningAudit) -> Any:
+    """The tuning plan rebuilt from the directory's config.yaml and the declared space (None where it cannot be)."""
+    from privfer.config.loading import build_config
+    from privfer.errors import PrivferError
+    from privfer.fl.tuning import plan_tuning
+
+    raw = _read_yaml(run_dir / "config.yaml")
+    if raw is None:
+        audit.flag(MISMATCH, "config.yaml is missing or unreadable: the run cannot be rebuilt")
+        return None
+    try:
+        config = build_config(raw, source=f"{run_dir}/config.yaml")
+        target = config.privacy.epsilon if config.privacy.enabled else None
+        if target != ledger.target_epsilon:
+            audit.flag(MISMATCH, f"the ledger's target epsilon is {ledger.target_epsilon}, config.yaml's {target}")
+        plan = plan_tuning(config, {key: list(values) for key, values in ledger.space.items()}, ledger.validation)
+    except (PrivferError, ValueError) as exc:
+        audit.flag(MISMATCH, f"the run cannot be rebuilt from config.yaml and the declared space ({exc})")
+        return None
+    return plan
 
 
 def _candidates_are_the_space(ledger: TuningLedger, expected: list[dict[str, Any]], run_dir: Path,
@@ -134,14 +178,23 @@ def _candidates_are_the_space(ledger: TuningLedger, expected: list[dict[str, Any
     folder = run_dir / "candidates"
     if folder.is_dir():
         for child in sorted(folder.iterdir())[:1000]:
-            if f"candidates/{child.name}" not in listed:
+            if not child.name.startswith(".") and f"candidates/{child.name}" not in listed:
                 audit.flag(TAMPERED, f"candidates/{child.name} exists but is not in the ledger: a candidate the "
                                      "server saw is not charged")
 
 
-def _candidate_ledgers(ledger: TuningLedger, run_dir: Path, audit: TuningAudit) -> list[SecureSumLedger | None]:
-    """Each candidate's ledger, checked against its digest, its own full audit and its run's settings."""
+def _candidate_ledgers(ledger: TuningLedger, run_dir: Path, audit: TuningAudit,
+                       plan: Any) -> list[SecureSumLedger | None]:
+    """Each candidate's ledger, checked against its digest, its own full audit and the candidate the rebuilt plan
+    makes (its whole config and its budget)."""
     ledgers: list[SecureSumLedger | None] = []
+    rebuilt = {c.index: c for c in plan.candidates} if plan is not None else {}
+    if plan is not None and plan.budget is not None:
+        for candidate in ledger.candidates:
+            if candidate.epsilon is None or not math.isclose(candidate.epsilon, plan.budget, rel_tol=1e-9):
+                audit.flag(MISMATCH, f"candidate {candidate.index} was trained at epsilon {candidate.epsilon}; the "
+                                     f"{audit.declared} candidates the space declares are each calibrated to "
+                                     f"{plan.budget:.6g}")
     for candidate in ledger.candidates:
         where = run_dir / candidate.run
         file = where / LEDGER_FILE
@@ -162,14 +215,13 @@ def _candidate_ledgers(ledger: TuningLedger, run_dir: Path, audit: TuningAudit) 
             first = next((c for c in report.clients if c.verdicts), None)
             why = first.reasons[0] if first is not None and first.reasons else "; ".join(report.run_checks or [])
             audit.flag(CANDIDATE_FAILS, f"{candidate.run} fails its own audit ({why})")
-        try:
-            config = yaml.safe_load((where / "config.yaml").read_text(encoding="utf-8")) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            config = {}
-        wrong = [key for key, value in candidate.settings.items()
-                 if not isinstance(config, dict) or _setting(config, key) != value]
-        if wrong:
-            audit.flag(MISMATCH, f"{candidate.run}/config.yaml does not hold the candidate's {', '.join(wrong)}")
+            if report.unauditable:
+                ledgers.append(None)
+                continue
+        expected = rebuilt.get(candidate.index)
+        if expected is not None and _read_yaml(where / "config.yaml") != expected.config.to_dict():
+            audit.flag(MISMATCH, f"{candidate.run}/config.yaml is not the candidate the space and the budget make "
+                                 f"({', '.join(f'{k}={v}' for k, v in candidate.settings.items())})")
         if ledger.private:
             if not isinstance(parsed, SecureSumLedger):
                 audit.flag(MISMATCH, f"{candidate.run}'s ledger is not a secure-sum ledger")
@@ -203,8 +255,13 @@ def _recompose(ledger: TuningLedger, candidate_ledgers: list[SecureSumLedger | N
                    f"the tuning ledger's clients are not the candidates' (e.g. {missing or sorted(set(claimed))[:3]})")
     target, delta = float(ledger.target_epsilon), float(ledger.delta)
     for (client, phase), history in sorted(histories.items()):
-        first = family.epsilon(history, delta)[0] if history else 0.0
-        second = independent_composed_epsilon(family, history, delta)
+        try:
+            first = family.epsilon(history, delta)[0] if history else 0.0
+            second = independent_composed_epsilon(family, history, delta)
+        except (MemoryError, ArithmeticError, ValueError, RuntimeError) as exc:  # hostile values: refused, bounded
+            audit.flag(UNAUDITABLE, f"client {client}: the accountants cannot evaluate its composed history "
+                                    f"({exc.__class__.__name__})")
+            continue
         entry = claimed.get((client, phase))
         row = {"client": client, "phase": phase, "claimed": None if entry is None else entry.epsilon,
                "accountant": first, "independent": second}
@@ -220,7 +277,8 @@ def _recompose(ledger: TuningLedger, candidate_ledgers: list[SecureSumLedger | N
                                     f"the budget {target:g}")
 
 
-def _validation(ledger: TuningLedger, run_dir: Path, audit: TuningAudit) -> None:
+def _validation(ledger: TuningLedger, run_dir: Path, audit: TuningAudit,
+                candidate_ledgers: list[SecureSumLedger | None], rebuilt: Any) -> None:
     if ledger.validation == "consenting":
         if not any(CONSENT_LINE in line for line in ledger.not_covered):
             audit.flag(MISMATCH, "consenting validation scores are not named in not_covered")
@@ -257,6 +315,27 @@ def _validation(ledger: TuningLedger, run_dir: Path, audit: TuningAudit) -> None
     if charged != {releases} or plan.steps != releases:
         audit.flag(TAMPERED, f"{ledger.validation_ledger} charges {sorted(charged)} score releases per validation "
                              f"client (plan: {plan.steps}); {releases} candidates were scored")
+    training = {entry.client for other in candidate_ledgers if other is not None for entry in other.clients}
+    shared = sorted(training & {entry.client for entry in parsed.clients})
+    if shared:  # a person in both groups pays both budgets: the split must keep them apart
+        audit.flag(MISMATCH, f"validation clients {shared[:5]} are training clients too")
+    checks = {"delta": (parsed.delta, ledger.delta), "unit": (parsed.unit, ledger.unit),
+              "noise": (parsed.family.name, ledger.noise)}
+    first = next((other for other in candidate_ledgers if other is not None), None)
+    if first is not None:
+        checks["trust"] = (parsed.trust, first.trust)
+        checks["noise_source"] = (parsed.noise_source, "run_seed" if first.noise_source == "run_seed" else "run_key")
+    if rebuilt is not None and rebuilt.validation_plan is not None:
+        expected = rebuilt.validation_plan.to_dict()
+        for name in ("clients", "records", "min_inputs", "colluders", "mu", "l1", "l2", "scale", "sample_rate",
+                     "delta", "modulus_bits"):
+            checks[f"phases.validation.{name}"] = (getattr(plan, name), expected[name])
+        checks["validation clients"] = (len(parsed.clients), rebuilt.validation_plan.clients)
+    for name, (theirs, ours) in checks.items():
+        same = math.isclose(theirs, ours, rel_tol=1e-9) if isinstance(ours, float) and isinstance(theirs, (int, float)) \
+            else theirs == ours
+        if not same:
+            audit.flag(MISMATCH, f"{ledger.validation_ledger}'s {name} is {theirs!r}; the run's is {ours!r}")
 
 
 __all__ = ["CANDIDATE_FAILS", "TAMPERED", "TuningAudit", "audit_tuning", "is_tuning_run"]

@@ -73,15 +73,14 @@ def _settings(settings: dict[str, Any]) -> str:
 
 
 def print_tune(result: Any, run_dir: Path) -> None:
-    table = Table(title="candidates (score: what was released; the exact columns are the simulation's view, never "
-                        "released or used)", title_justify="left")
-    for column in ("#", "settings", "released score", "val macro F1", "test macro F1"):
+    table = Table(title="candidates (score: what was released; the exact column is the simulation's view, never "
+                        "released or used to choose)", title_justify="left")
+    for column in ("#", "settings", "released score", "val macro F1 (exact)"):
         table.add_column(column, justify="left" if column == "settings" else "right")
     for candidate in result.candidates:
         mark = " *" if candidate["index"] == result.chosen else ""
         table.add_row(f"{candidate['index']}{mark}", _settings(candidate["settings"]),
-                      f"{candidate['score']:.3f}", f"{candidate['validation_macro_f1']:.3f}",
-                      f"{candidate['test_macro_f1']:.3f}")
+                      f"{candidate['score']:.3f}", f"{candidate['validation_macro_f1']:.3f}")
     console.print(table)
     console.print(report_table(result.test, f"chosen candidate {result.chosen}: test actors"))
     if result.target_epsilon is not None:

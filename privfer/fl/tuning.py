@@ -93,6 +93,9 @@ SELECTION = ("the candidate with the largest released validation score (ties: th
              "cover releasing only the best candidate and do not apply)")
 CONSENTING = ("the validation actors' clips: privfer tune --validation consenting scores every candidate with the "
               "exact validation macro F1, from validation actors declared as consenting to it (not covered by DP)")
+EXACT_VIEW = ("the simulation's exact validation scores (each candidate's rounds.json per round, and result.json's "
+              "validation_macro_f1): the researcher's view, computed outside the protocol on the validation actors' "
+              "clips, never released to the server and not used to choose")
 SCORES = {
     ("private", "record"): "the number of validation clips the candidate predicts right, released through the secure "
                            "sum with the validation clients' noise shares (one record moves it by at most 1)",
@@ -126,6 +129,11 @@ def parse_space(items: Iterable[str] | None) -> dict[str, list[Any]]:
                 value = yaml.safe_load(piece) if piece.strip() else None
             except yaml.YAMLError:
                 raise ConfigError(f"--try {key}: {piece!r} is not a YAML value") from None
+            if isinstance(value, str):
+                try:
+                    value = float(value)  # YAML 1.1 reads 1e-2 as a string
+                except ValueError:
+                    pass
             if not isinstance(value, (bool, int, float, str)) or (isinstance(value, float) and not math.isfinite(value)):
                 raise ConfigError(f"--try {key}: {piece.strip()!r} is not a number, true/false or a word")
             if value in values:
@@ -181,6 +189,12 @@ def _candidate_config(base: dict[str, Any], settings: dict[str, Any], index: int
     return build_config(raw, source=f"candidate {index} ({described})")
 
 
+def _setting(config: PrivferConfig, key: str) -> Any:
+    section, name = key.split(".")
+    value = getattr(getattr(config, section), name)
+    return value if isinstance(value, (bool, int, float, str)) else str(value)
+
+
 def plan_tuning(config: PrivferConfig, space: dict[str, list[Any]], validation: str | None = None,
                 clips: ClipSet | None = None) -> TuningPlan:
     """The candidates, their common budget and the validation releases' plan; every mistake is raised here."""
@@ -201,10 +215,16 @@ def plan_tuning(config: PrivferConfig, space: dict[str, list[Any]], validation: 
                           "costs budget)")
     clips = load_clips(config.data) if clips is None else clips
     base = config.to_dict()
-    candidates = []
+    candidates, seen = [], {}
     for index, chosen in enumerate(settings):
         candidate_config = _candidate_config(base, chosen, index)
-        candidates.append(Candidate(index, chosen, candidate_config, prepare_federation(candidate_config, clips)))
+        resolved = {key: _setting(candidate_config, key) for key in chosen}  # as the config holds it (1 -> 1.0)
+        if json.dumps(resolved, sort_keys=True) in seen:
+            raise ConfigError(f"candidates {seen[json.dumps(resolved, sort_keys=True)]} and {index} are the same run "
+                              f"({resolved}); each would be charged")
+        seen[json.dumps(resolved, sort_keys=True)] = index
+        candidates.append(Candidate(index, resolved, candidate_config, prepare_federation(candidate_config, clips)))
+    space = {key: list(dict.fromkeys(c.settings[key] for c in candidates)) for key in space}  # the resolved values
     if not private:
         return TuningPlan(space, validation, candidates, None, None, None, None)
     deltas = {c.federation.delta for c in candidates}
@@ -310,8 +330,8 @@ def _load_model(run_dir: Path) -> RunState:
         state = RunState(global_state=saved["global"], personal=saved["personal"], accounts={})
         state.newcomer_head = saved["newcomer_head"]
     except (OSError, KeyError, TypeError, RuntimeError, ValueError) as exc:
-        raise RunDirectoryError(f"{path} cannot be read ({exc.__class__.__name__}); delete {run_dir} to rerun the "
-                                "candidate") from None
+        raise RunDirectoryError(f"{path} cannot be read ({exc.__class__.__name__}); delete the whole tuning run "
+                                "directory to restart") from None
     return state
 
 
@@ -328,17 +348,27 @@ def validation_contributions(federation: Federation, state: RunState, unit: str)
     return values
 
 
+def scored_model(state: RunState) -> dict[str, torch.Tensor]:
+    """Every parameter a validation client scores with: the global model and (FedPer) the newcomers' head."""
+    head = {f"newcomer_head/{name}": value for name, value in (state.newcomer_head or {}).items()}
+    return {**state.global_state, **head}
+
+
 def release_score(values: dict[int, float], plan: DistributedPlan, config: PrivferConfig, key: bytes,
                   label: str, model: dict[str, torch.Tensor]) -> float:
-    """The noisy sum of the validation clients' values through secure aggregation (each adds its noise share from
-    ChaCha20 keyed for this release, so a repeated release is the same release). Under active security every client
-    signs the ``model`` it scored and the plan: clients shown different models cannot share a sum."""
+    """The noisy sum of the validation clients' values through secure aggregation. Each client's rounding and noise
+    share come from ChaCha20 keyed by the run's validation key, the candidate's label and the digest of the model and
+    plan it scored, so repeating the release of the same model's score is the same release (the tuning state
+    refuses a second model under one label). Under active security every client signs that digest: clients shown
+    different models cannot share a sum."""
+    context = round_context(model, plan)
     contributions = {actor: encode_contribution(np.array([value]), plan,
-                                                noise_generator(derived_key(key, VALIDATION, label, actor)))
+                                                noise_generator(derived_key(key, VALIDATION, label, context.hex(),
+                                                                            actor)))
                      for actor, value in values.items()}
+    nonce = hashlib.sha256(b"privfer/tuning-nonce/" + key).hexdigest()[:16]
     summed = sum_integer_contributions(contributions, None, config.aggregation, plan,
-                                       round_id=f"tune:{label}:{VALIDATION}",
-                                       context=round_context(model, plan))
+                                       round_id=f"tune:{nonce}:{label}:{VALIDATION}", context=context)
     if summed.aborted is not None:
         raise RuntimeError(f"the validation score of candidate {label} could not be aggregated: {summed.aborted}")
     return float(decode_sum(summed.total, plan)[0])
@@ -373,16 +403,26 @@ def _state(run_dir: Path, plan: TuningPlan, noise_source: str, seed: int) -> dic
             state = json.loads(path.read_text(encoding="utf-8"))
             budget, scores = state["budget"], {int(k): float(v) for k, v in state["scores"].items()}
             key = bytes.fromhex(state["key"])
+            released = {int(k): str(v) for k, v in state["released"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise RunDirectoryError(f"{path} is unreadable; delete {run_dir} to rerun") from None
         if budget != plan.budget:
             raise RunDirectoryError(f"{path} was planned with per-candidate epsilon {budget}, this run with "
                                     f"{plan.budget}; delete {run_dir} to rerun")
-        return {"budget": budget, "key": key.hex(), "scores": scores}
+        return {"budget": budget, "key": key.hex(), "scores": scores, "released": released}
+    folder = run_dir / CANDIDATES
+    if folder.is_dir() and any(folder.iterdir()):
+        raise RunDirectoryError(f"{run_dir} has candidates but no {STATE_FILE}: the validation releases made before "
+                                "cannot be accounted; delete the run directory to restart")
     key = derived_key(str(seed).encode(), "tuning") if noise_source == "run_seed" else secrets.token_bytes(32)
-    state = {"budget": plan.budget, "key": key.hex(), "scores": {}}
-    atomic_write_json(path, state)
+    state = {"budget": plan.budget, "key": key.hex(), "scores": {}, "released": {}}
+    _write_state(run_dir, state)
     return state
+
+
+def _write_state(run_dir: Path, state: dict[str, Any]) -> None:
+    atomic_write_json(run_dir / STATE_FILE, {**state, "scores": {str(k): v for k, v in state["scores"].items()},
+                                             "released": {str(k): v for k, v in state["released"].items()}})
 
 
 def _sha256(path: Path) -> str:
@@ -427,14 +467,22 @@ def tune(config: PrivferConfig, space: dict[str, list[Any]], run_dir: Path, *, v
         if candidate.index not in state["scores"]:
             model = _load_model(candidate_dir)
             if plan.validation == "private":
+                scored = scored_model(model)
+                digest = round_context(scored, plan.validation_plan).hex()
+                before = state["released"].get(candidate.index)
+                if before is not None and before != digest:
+                    raise RunDirectoryError(
+                        f"candidate {candidate.index}'s validation score was released for another model (its run was "
+                        "retrained): a second release would not be accounted; delete the whole run directory to "
+                        "restart")
+                state["released"][candidate.index] = digest  # written before the release: a kill cannot hide it
+                _write_state(run_dir, state)
                 values = validation_contributions(candidate.federation, model, config.privacy.unit)
-                score = release_score(values, plan.validation_plan, config, key, str(candidate.index),
-                                      model.global_state)
+                score = release_score(values, plan.validation_plan, config, key, str(candidate.index), scored)
             else:
                 score = _evaluate_validation(candidate.federation, model)["macro"]["f1"]
             state["scores"][candidate.index] = score
-            atomic_write_json(run_dir / STATE_FILE, {**state, "scores": {str(k): v for k, v in
-                                                                          state["scores"].items()}})
+            _write_state(run_dir, state)
         if on_candidate is not None:
             on_candidate(candidate, state["scores"][candidate.index], results[candidate.index].test)
     scores = state["scores"]
@@ -450,9 +498,8 @@ def tune(config: PrivferConfig, space: dict[str, list[Any]], run_dir: Path, *, v
         model = _load_model(run_dir / candidate.run)
         candidates.append({
             "index": candidate.index, "settings": candidate.settings, "score": scores[candidate.index],
-            # the researcher's view of a simulation: exact, never released, not used to choose
+            # the researcher's view of a simulation: exact, never released, not used to choose (not_covered says so)
             "validation_macro_f1": _evaluate_validation(candidate.federation, model)["macro"]["f1"],
-            "test_macro_f1": results[candidate.index].test["macro"]["f1"],
         })
     result = TuneResult(
         chosen=chosen, settings=plan.candidates[chosen].settings, validation=plan.validation,
@@ -501,7 +548,7 @@ def tuning_ledgers(config: PrivferConfig, plan: TuningPlan, run_dir: Path, score
             raise RuntimeError(f"client {client} composed epsilon {spent:.4f} over the candidates exceeds the budget "
                                f"{config.privacy.epsilon:g}")
         clients.append({"client": client, "phase": phase, "candidates": counts[(client, phase)], "epsilon": spent})
-    not_covered = [CONSENTING] if plan.validation == "consenting" else []
+    not_covered = ([CONSENTING] if plan.validation == "consenting" else []) + ([EXACT_VIEW] if private else [])
     validation_ledger = None
     if plan.validation == "private":
         val = plan.candidates[0].federation.parts[VALIDATION_PART]

@@ -50,6 +50,7 @@ from privfer.privacy.calibrate import EPSILON_TOLERANCE, PrivacyBudgetError
 from privfer.privacy.mechanisms import select
 from privfer.privacy.noise import DEFAULT, NoiseFamily, NoiseSteps, noise_family
 from privfer.privacy.rdp import MAX_STEPS
+from privfer.secagg.config import assumed_colluders
 
 if TYPE_CHECKING:
     from privfer.config import PrivferConfig
@@ -63,8 +64,10 @@ def min_inputs(clients: int, fraction: float) -> int:
 
 
 def colluders(clients: int, fraction: float) -> int:
-    """At most ``fraction`` of a round's clients collude with the server: floor(fraction x clients)."""
-    return math.floor(fraction * clients + 1e-9)
+    """The colluders a round's noise shares are sized for: floor(fraction x clients), and at least one whenever the
+    fraction is positive (secure aggregation's own assumption, :func:`privfer.secagg.config.assumed_colluders`: 10%
+    of nine clients is still one colluder, not none)."""
+    return assumed_colluders(clients, fraction)
 
 
 def rounding_scale(max_grad_norm: float, dimension: int, overhead: float) -> float:

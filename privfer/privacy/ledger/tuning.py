@@ -19,7 +19,7 @@ Validation here is structural (types, bounds, indices in order, the chosen
 candidate is the argmax of the listed scores, the header restates the
 entries). Whether the listed candidates are all the space declares, whether the
 digests match the files and whether the composition is right is the audit's
-work (:mod:`privfer.privacy.audit.tuning`): a tampered ledger is a verdict
+work (:mod:`privfer.auditing.tuning`): a tampered ledger is a verdict
 there, not an unreadable file.
 """
 
@@ -34,6 +34,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 from pydantic import AfterValidator, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, \
     model_validator
 
+from privfer.privacy.noise import FAMILIES
 from privfer.privacy.ledger.base import (MAX_CLIENTS, MAX_INTEGER, MAX_LEDGER_BYTES, Count, Delta, LedgerError, Model,
                                          Name, NonNegative, Number, Positive, Text, _between, _finite)
 
@@ -113,6 +114,11 @@ class TuningLedger(Model):
 
     @model_validator(mode="after")
     def _structure(self) -> "TuningLedger":
+        declared = math.prod(len(values) for values in self.space.values())
+        if declared > MAX_CANDIDATES:  # bounds the audit's work before it enumerates the space
+            raise ValueError(f"field 'space' declares {declared} candidates; at most {MAX_CANDIDATES}")
+        if self.noise is not None and self.noise not in FAMILIES:
+            raise ValueError(f"field 'noise' is {self.noise!r}; expected one of {sorted(FAMILIES)}")
         for at, candidate in enumerate(self.candidates):
             if candidate.index != at:
                 raise ValueError(f"candidates[{at}] field 'index' is {candidate.index}; candidates are listed in "

@@ -17,7 +17,7 @@ from conftest import small_config
 from privfer.auditing.tuning import TAMPERED, audit_tuning
 from privfer.errors import ConfigError, RunDirectoryError
 from privfer.fl.rounds import TRAINING
-from privfer.fl.tuning import (DEFAULT_SPACE, candidate_budget, parse_space, plan_tuning, release_score,
+from privfer.fl.tuning import (candidate_budget, default_space, parse_space, plan_tuning, release_score,
                                space_candidates, tune)
 from privfer.privacy.audit import MISMATCH, OVER_BUDGET
 from privfer.privacy.audit.distributed import independent_composed_epsilon
@@ -34,7 +34,9 @@ SPACE = ["federation.server_lr=0.02,0.1"]
 # --- the search space ---
 
 def test_the_space_is_declared_and_bounded():
-    assert parse_space(None) == DEFAULT_SPACE
+    assert parse_space(None) == {}
+    # the default space: the step the config resolves (the sqrt(256 / D) rule), halved and doubled
+    assert default_space(small_config(*FAST)) == {"federation.server_lr": [0.01414, 0.02828, 0.05657]}  # D = 128
     space = parse_space(["federation.server_lr=0.02, 0.05", "model.readout=mean,last"])
     assert space == {"federation.server_lr": [0.02, 0.05], "model.readout": ["mean", "last"]}
     assert space_candidates(space) == [
@@ -53,9 +55,9 @@ def test_more_candidates_than_allowed_or_another_mechanism_is_refused(small_clip
         plan_tuning(small_config(*FAST), parse_space(["federation.server_lr=1,2,3,4,5", "model.hidden_size=1,2,3,4"]),
                     clips=small_clips)
     with pytest.raises(ConfigError, match="privacy.mechanism 'distributed'"):
-        plan_tuning(small_config(*FAST, "privacy.mechanism=local"), DEFAULT_SPACE, clips=small_clips)
+        plan_tuning(small_config(*FAST, "privacy.mechanism=local"), {}, clips=small_clips)
     with pytest.raises(ConfigError, match="scores its candidates exactly"):
-        plan_tuning(small_config("federation.rounds=3"), DEFAULT_SPACE, "private", clips=small_clips)
+        plan_tuning(small_config("federation.rounds=3"), {}, "private", clips=small_clips)
     with pytest.raises(ConfigError, match="candidate 1 \\(model.hidden_size=0\\)"):
         plan_tuning(small_config(*FAST), parse_space(["model.hidden_size=8,0"]), clips=small_clips)
 

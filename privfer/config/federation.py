@@ -15,7 +15,22 @@ from privfer.privacy.noise import DEFAULT as NOISE_DEFAULT, names as noise_names
 
 BackendName = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]  # aggregation.backend: a registered backend
 MAX_EPSILON = 1000.0
-SERVER_LR, SMALL_BUDGET_SERVER_LR = 0.02, 0.03  # distributed DP's Adam step; the second at epsilon <= 1
+SERVER_LR, SMALL_BUDGET_SERVER_LR = 0.02, 0.03  # distributed DP's Adam step at D = 256; the second at epsilon <= 1
+SERVER_LR_FEATURE_DIM = 256  # the feature dimension those steps were fitted at (the synthetic data's)
+
+
+def default_server_lr(epsilon: float | None, distributed: bool, unit: str, feature_dim: int | None) -> float | None:
+    """federation.server_lr when unset: 0.02 (0.03 at epsilon <= 1 under distributed DP), and at record level under
+    distributed DP scaled by sqrt(256 / D) for frames of D features — the rule fitted across the synthetic data at
+    D = 8 to 256, digits and watch (docs/privacy-accounting.md, "Do the defaults transfer?"). None: D is not known
+    until the data is read (CREMA-D without data.feature_dim); the federation resolves it then."""
+    small = distributed and epsilon is not None and epsilon <= 1.0
+    base = SMALL_BUDGET_SERVER_LR if small else SERVER_LR
+    if not (distributed and unit == "record"):
+        return base
+    if feature_dim is None:
+        return None
+    return base * math.sqrt(SERVER_LR_FEATURE_DIM / feature_dim)
 
 
 class PrivacyConfig(_Section):
@@ -240,8 +255,9 @@ class FederationConfig(_Section):
     )
     server_lr: float | None = Field(
         None, gt=0.0, le=100.0,
-        description="distributed DP: the server optimizer's step size; None: 0.03 at epsilon <= 1, else 0.02 "
-        "(tuned on the validation actors).",
+        description="distributed DP: the server optimizer's step size; None: 0.02 (0.03 at epsilon <= 1), times "
+        "sqrt(256 / D) at record level for D features per frame (fitted across data sets; CREMA-D without "
+        "data.feature_dim: resolved when the features are read).",
     )
     server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="distributed DP: SGD momentum.")
     batched_training: bool = Field(

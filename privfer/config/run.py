@@ -7,8 +7,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
-from privfer.config.federation import (SERVER_LR, SMALL_BUDGET_SERVER_LR, AggregationConfig, FederationConfig,
-                                       PrivacyConfig)
+from privfer.config.federation import AggregationConfig, FederationConfig, PrivacyConfig, default_server_lr
 from privfer.config.sections import (DISTRIBUTED_HIDDEN, DISTRIBUTED_ROUNDS, LOCAL_HIDDEN, LOCAL_ROUNDS, DataConfig,
                                      ModelConfig, OutputConfig, TrainingConfig, _Section, validated_options)
 from privfer.privacy.mechanisms import MECHANISMS, PrivacyMechanism, select
@@ -98,9 +97,9 @@ class PrivferConfig(_Section):
         mechanism = self.privacy_mechanism
         if self.model.recurrent == "auto" and mechanism is not None and not mechanism.per_sample_gradients:
             self.model.recurrent = "lstm"  # e.g. person level clips whole updates: no per-sample gradients
-        if self.federation.server_lr is None:  # validation actors, benchmarks/tune_distributed.py
-            small = distributed and self.privacy.epsilon <= 1.0
-            self.federation.server_lr = SMALL_BUDGET_SERVER_LR if small else SERVER_LR
+        if self.federation.server_lr is None:  # validation actors, benchmarks/tune_distributed.py, across data sets
+            self.federation.server_lr = default_server_lr(self.privacy.epsilon, distributed, self.privacy.unit,
+                                                          self.data.feature_dim)
         return self
 
     @property

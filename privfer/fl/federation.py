@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from privfer.config import PrivferConfig
+from privfer.config.federation import default_server_lr
 from privfer.data import load_clips
 from privfer.data.clips import ClipSet
 from privfer.data.labels import pseudo_labels, training_targets
@@ -187,6 +188,12 @@ def prepare_federation(
                           f"clips, which record-level DP does not bound ({mechanism.title} clips each record's "
                           "gradient alone); use privacy.unit 'person', or another strategy")
     clips = load_clips(config.data) if clips is None else clips
+    if fed.server_lr is None:  # the step's rule needed the feature dimension, known only now (CREMA-D)
+        config = config.model_copy(deep=True)
+        config.federation.server_lr = default_server_lr(config.privacy.epsilon, config.mechanism == "distributed",
+                                                        config.privacy.unit, clips.feature_dim)
+        fed = config.federation
+        strategy = make_strategy(fed)
     split = split_actors(clips, config.data.split, config.seed)
     parts = split_clips(clips, split)
     temperature = config.data.partial_label_temperature

@@ -80,7 +80,17 @@ TUNABLE = (
     "privacy.max_grad_norm", "privacy.max_update_norm", "privacy.sample_rate",
     "training.lr", "training.batch_size", "training.weight_decay",
 )
-DEFAULT_SPACE = {"federation.server_lr": [0.02, 0.05, 0.1]}  # the step the transfer study found decisive
+STEP_FACTORS = (0.5, 1.0, 2.0)  # the default space: the server step the rule gives, halved and doubled
+FALLBACK_STEPS = (0.02, 0.05, 0.1)  # when the rule's step is not known before the data is read (CREMA-D)
+
+
+def default_space(config: PrivferConfig) -> dict[str, list[Any]]:
+    """The server's step size — the setting the transfer study found decisive — at half, once and twice the step
+    the run's config resolves (federation.server_lr, or the sqrt(256 / D) rule)."""
+    step = config.federation.server_lr
+    if step is None:
+        return {"federation.server_lr": list(FALLBACK_STEPS)}
+    return {"federation.server_lr": [float(f"{step * factor:.4g}") for factor in STEP_FACTORS]}
 VALIDATION = "validation"  # the phase name of the score releases in validation_ledger.json
 VALIDATION_LEDGER = "validation_ledger.json"
 SPACE_FILE = "space.json"
@@ -110,10 +120,10 @@ SCORES[("exact", "person")] = SCORES[("exact", "record")]
 
 
 def parse_space(items: Iterable[str] | None) -> dict[str, list[Any]]:
-    """``KEY=V1,V2,...`` items (each value read as YAML) as the search space; none: :data:`DEFAULT_SPACE`."""
+    """``KEY=V1,V2,...`` items (each value read as YAML) as the search space; none: {} (:func:`default_space`)."""
     items = list(items or [])
     if not items:
-        return {key: list(values) for key, values in DEFAULT_SPACE.items()}
+        return {}
     space: dict[str, list[Any]] = {}
     for text in items:
         if "=" not in text:
@@ -197,7 +207,9 @@ def _setting(config: PrivferConfig, key: str) -> Any:
 
 def plan_tuning(config: PrivferConfig, space: dict[str, list[Any]], validation: str | None = None,
                 clips: ClipSet | None = None) -> TuningPlan:
-    """The candidates, their common budget and the validation releases' plan; every mistake is raised here."""
+    """The candidates, their common budget and the validation releases' plan; every mistake is raised here. An empty
+    ``space`` is :func:`default_space`."""
+    space = space or default_space(config)
     private = config.privacy.enabled
     if private and config.mechanism != "distributed":
         raise ConfigError(f"privfer tune accounts the composition of the candidates' secure sums: it needs "
@@ -442,7 +454,7 @@ def tune(config: PrivferConfig, space: dict[str, list[Any]], run_dir: Path, *, v
     clips = load_clips(config.data) if clips is None else clips
     plan = plan_tuning(config, space, validation, clips)
     resumed = prepare_run_dir(run_dir, config, "tune")
-    declared = {"space": space, "validation": plan.validation}
+    declared = {"space": plan.space, "validation": plan.validation}
     space_path = run_dir / SPACE_FILE
     if resumed and space_path.exists():
         try:
@@ -590,6 +602,6 @@ def read_tune_result(run_dir: Path) -> TuneResult:
         raise RunDirectoryError(f"{path} cannot be read ({exc.__class__.__name__}); delete it to rerun") from None
 
 
-__all__ = ["DEFAULT_SPACE", "TUNABLE", "Candidate", "TuneResult", "TuningPlan", "candidate_budget",
+__all__ = ["default_space", "TUNABLE", "Candidate", "TuneResult", "TuningPlan", "candidate_budget",
            "composed_epsilon", "parse_space", "plan_tuning", "plan_validation", "release_score", "space_candidates",
            "tune", "tuning_ledgers"]

@@ -20,17 +20,15 @@ SERVER_LR_FEATURE_DIM = 256  # the feature dimension those steps were fitted at 
 
 
 def default_server_lr(epsilon: float | None, distributed: bool, unit: str, feature_dim: int | None) -> float | None:
-    """federation.server_lr when unset: 0.02 (0.03 at epsilon <= 1 under distributed DP), and at record level under
-    distributed DP scaled by sqrt(256 / D) for frames of D features — the rule fitted across the synthetic data at
-    D = 8 to 256, digits and watch (docs/privacy-accounting.md, "Do the defaults transfer?"). None: D is not known
-    until the data is read (CREMA-D without data.feature_dim); the federation resolves it then."""
+    """federation.server_lr when unset. Record level under distributed DP: 0.02 x sqrt(256 / D) for frames of D
+    features, at every budget — the rule fitted across the synthetic data at D = 8 to 256, digits and watch
+    (docs/privacy-accounting.md, "Do the defaults transfer?"); None: D is not known until the data is read (CREMA-D
+    without data.feature_dim), and the federation resolves it then. Otherwise 0.02, and 0.03 at epsilon <= 1 under
+    distributed DP (person level, fitted on the default data)."""
+    if distributed and unit == "record":
+        return None if feature_dim is None else SERVER_LR * math.sqrt(SERVER_LR_FEATURE_DIM / feature_dim)
     small = distributed and epsilon is not None and epsilon <= 1.0
-    base = SMALL_BUDGET_SERVER_LR if small else SERVER_LR
-    if not (distributed and unit == "record"):
-        return base
-    if feature_dim is None:
-        return None
-    return base * math.sqrt(SERVER_LR_FEATURE_DIM / feature_dim)
+    return SMALL_BUDGET_SERVER_LR if small else SERVER_LR
 
 
 class PrivacyConfig(_Section):
@@ -255,9 +253,9 @@ class FederationConfig(_Section):
     )
     server_lr: float | None = Field(
         None, gt=0.0, le=100.0,
-        description="distributed DP: the server optimizer's step size; None: 0.02 (0.03 at epsilon <= 1), times "
-        "sqrt(256 / D) at record level for D features per frame (fitted across data sets; CREMA-D without "
-        "data.feature_dim: resolved when the features are read).",
+        description="distributed DP: the server optimizer's step size; None: at record level 0.02 x sqrt(256 / D) "
+        "for D features per frame (fitted across data sets; CREMA-D without data.feature_dim: resolved when the "
+        "features are read), at person level 0.02 (0.03 at epsilon <= 1).",
     )
     server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="distributed DP: SGD momentum.")
     batched_training: bool = Field(

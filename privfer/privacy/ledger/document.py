@@ -89,8 +89,14 @@ def parse_ledger(document: Any, path: Path | str = LEDGER_FILE) -> Ledger:
 def read_ledger(path: Path | str) -> Ledger:
     """Read and validate a ledger file (a run directory is accepted too); LedgerError names file and field."""
     path = ledger_file(path)
+    return parse_ledger(read_json_document(path, "a finished privfer simulate run writes it"), path)
+
+
+def read_json_document(path: Path, written_by: str) -> Any:
+    """The JSON document of a ledger file: a regular file of at most MAX_LEDGER_BYTES, no key twice in an object;
+    LedgerError naming the file otherwise (``written_by``: what writes it, for a missing file)."""
     if not path.is_file():
-        raise LedgerError(f"{path} does not exist (a finished privfer simulate run writes it)")
+        raise LedgerError(f"{path} does not exist ({written_by})")
     if path.stat().st_size > MAX_LEDGER_BYTES:
         raise LedgerError(f"{path} is {path.stat().st_size} bytes; ledgers of at most {MAX_LEDGER_BYTES} are read")
     try:
@@ -100,7 +106,7 @@ def read_ledger(path: Path | str) -> Ledger:
                           "would depend on the reader)") from None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise LedgerError(f"{path} is not readable JSON ({exc.__class__.__name__})") from None
-    return parse_ledger(document, path)
+    return document
 
 
 class _DuplicateKey(Exception):

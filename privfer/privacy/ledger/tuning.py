@@ -25,7 +25,6 @@ there, not an unreadable file.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -35,7 +34,7 @@ from pydantic import AfterValidator, Field, StrictBool, StrictFloat, StrictInt, 
     model_validator
 
 from privfer.privacy.noise import FAMILIES
-from privfer.privacy.ledger.base import (MAX_CLIENTS, MAX_INTEGER, MAX_LEDGER_BYTES, Count, Delta, LedgerError, Model,
+from privfer.privacy.ledger.base import (MAX_CLIENTS, MAX_INTEGER, Count, Delta, LedgerError, Model,
                                          Name, NonNegative, Number, Positive, Text, _between, _finite)
 
 TUNING_SCHEMA = "privfer.tuning_ledger/1"
@@ -179,19 +178,9 @@ def read_tuning_ledger(path: Path | str) -> TuningLedger:
     path = Path(path)
     if path.is_dir():
         path = path / TUNING_LEDGER_FILE
-    if not path.is_file():
-        raise LedgerError(f"{path} does not exist (a finished privfer tune run writes it)")
-    if path.stat().st_size > MAX_LEDGER_BYTES:
-        raise LedgerError(f"{path} is {path.stat().st_size} bytes; ledgers of at most {MAX_LEDGER_BYTES} are read")
-    from privfer.privacy.ledger.document import _DuplicateKey, _no_duplicates, _short
+    from privfer.privacy.ledger.document import read_json_document
 
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
-    except _DuplicateKey as exc:
-        raise LedgerError(f"{path}: the key {_short(exc.args[0])} appears twice in one object") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise LedgerError(f"{path} is not readable JSON ({exc.__class__.__name__})") from None
-    return parse_tuning_ledger(document, path)
+    return parse_tuning_ledger(read_json_document(path, "a finished privfer tune run writes it"), path)
 
 
 __all__ = ["MAX_CANDIDATES", "MAX_SPACE_KEYS", "MAX_VALUES", "TUNING_LEDGER_FILE", "TUNING_SCHEMA", "VALIDATION_MODES",

@@ -148,6 +148,16 @@ def prepare_run_dir(run_dir: Path, config: PrivferConfig, command: str) -> bool:
         raise RunDirectoryError(f"run directory {run_dir} cannot be used: {exc.strerror or exc}") from None
 
 
+def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """The dotted keys whose values differ between two resolved configs, with both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in list(old) + [k for k in new if k not in old]:
+            found += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return found
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
 def create_unique_dir(parent: Path, stem: str) -> Path:
     """A new, empty directory ``parent/stem`` (or ``stem-2``, ``stem-3``...), created exclusively."""
     try:
@@ -182,8 +192,14 @@ def _prepare_run_dir(run_dir: Path, config: PrivferConfig, command: str) -> bool
         except (OSError, yaml.YAMLError):
             raise RunDirectoryError(f"{config_path} is unreadable; choose another --out") from None
         if existing != resolved:
+            differences = _differences(existing, resolved)
+            shown = ", ".join(f"{key}: {json.dumps(old)} there, {json.dumps(new)} now" for key, old, new in differences[:3])
+            settings = " ".join(f"--set {key}={json.dumps(old)}" for key, old, _ in differences[:3]
+                                if not isinstance(old, dict))
             raise RunDirectoryError(
-                f"{run_dir} holds a run with a different config; choose another --out or delete it"
+                f"{run_dir} holds a run with a different config ({shown}); to resume it, give its settings "
+                f"({settings}); or choose another --out for a new run (deleting it does not undo what its rounds "
+                "released)"
             )
         return True
     if run_dir.exists() and any(run_dir.iterdir()):

@@ -84,6 +84,9 @@ def test_rerun_into_another_runs_directory_is_refused(tmp_path):
     assert run("train", "--epochs", "1", *SETS, "--out", str(out)).exit_code == 0
     result = run("train", "--epochs", "2", *SETS, "--out", str(out))
     assert result.exit_code == 2 and "holds a run with a different config" in result.stderr
+    # it names what differs and how to resume the run that is there
+    message = " ".join(result.stderr.split())
+    assert "training.epochs: 1 there, 2 now" in message and "--set training.epochs=1" in message
 
 
 def test_export_then_train_on_the_exported_folder(tmp_path):

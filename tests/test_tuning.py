@@ -24,7 +24,7 @@ from privfer.privacy.audit.distributed import independent_composed_epsilon
 from privfer.privacy.calibrate import EPSILON_TOLERANCE, PrivacyBudgetError
 from privfer.privacy.distributed import calibrate_distributed, calibrate_plan
 from privfer.privacy.ledger import read_ledger
-from privfer.privacy.ledger.tuning import TUNING_LEDGER_FILE, read_tuning_ledger
+from privfer.privacy.ledger.tuning import TUNABLE, TUNING_LEDGER_FILE, read_tuning_ledger
 from privfer.privacy.rdp import ORDERS, rdp_to_epsilon
 
 FAST = ["privacy.epsilon=3", "federation.rounds=3"]
@@ -42,6 +42,8 @@ def test_the_space_is_declared_and_bounded():
     assert space_candidates(space) == [
         {"federation.server_lr": 0.02, "model.readout": "mean"}, {"federation.server_lr": 0.02, "model.readout": "last"},
         {"federation.server_lr": 0.05, "model.readout": "mean"}, {"federation.server_lr": 0.05, "model.readout": "last"}]
+    with pytest.raises(ConfigError, match="searches only"):  # not only the CLI's parser: the planner too
+        plan_tuning(small_config(*FAST), {"aggregation.colluding_fraction": [0.0]})
     for bad, said in [("privacy.epsilon=1,2", "searches only"), ("federation.server_lr", "must look like"),
                       ("federation.server_lr=0.1,0.1", "listed twice"), ("model.readout=[1]", "not a number")]:
         with pytest.raises(ConfigError, match=said):
@@ -367,17 +369,38 @@ def test_a_score_released_for_one_model_is_never_released_for_another(tmp_path, 
     state = json.loads(state_path.read_text())
     released = state["scores"].pop("0")  # as if killed after the release, before its score was recorded
     state_path.write_text(json.dumps(state))
+    assert released
     shutil.copytree(folder, tmp_path / "retrained")
-    # the same model: the release is repeated with the same keyed noise, so it is the same release
-    assert tune(config, parse_space(SPACE), folder, clips=small_clips).candidates[0]["score"] == released
-    # the candidate retrained (another model) under the same label: refused, not a second uncharged release
+    # a release whose outcome the run does not know is not executed again (a second execution, over other
+    # survivors, would be a second release)
+    with pytest.raises(RunDirectoryError, match="release was interrupted"):
+        tune(config, parse_space(SPACE), folder, clips=small_clips)
+    # a started candidate's directory deleted: retraining it would release its rounds' sums again
     shutil.rmtree(tmp_path / "retrained" / "candidates" / "00")
-    with pytest.raises(RunDirectoryError, match="released for another model"):
+    with pytest.raises(RunDirectoryError, match="removed after it started"):
         tune(config, parse_space(SPACE), tmp_path / "retrained", clips=small_clips)
     # the state lost while candidates exist: the releases made cannot be accounted, so nothing resumes
-    (tmp_path / "retrained" / "tuning_state.json").unlink()
+    (folder / "tuning_state.json").unlink()
     with pytest.raises(RunDirectoryError, match="cannot be accounted"):
-        tune(config, parse_space(SPACE), tmp_path / "retrained", clips=small_clips)
+        tune(config, parse_space(SPACE), folder, clips=small_clips)
+
+
+def test_a_scored_candidate_retrained_is_refused(tmp_path, small_clips):
+    import torch
+
+    config, folder = small_config(*FAST), tmp_path / "run"
+
+    def kill(candidate, score, test):
+        raise _Killed
+
+    with pytest.raises(_Killed):
+        tune(config, parse_space(SPACE), folder, clips=small_clips, on_candidate=kill)
+    model = folder / "candidates" / "00" / "model.pt"  # another model in its place (as a retraining would leave)
+    saved = torch.load(model, weights_only=True)
+    saved["global"] = {k: v + 0.01 for k, v in saved["global"].items()}
+    torch.save(saved, model)
+    with pytest.raises(RunDirectoryError, match="released for another model"):
+        tune(config, parse_space(SPACE), folder, clips=small_clips)
 
 
 def test_validation_sums_assume_a_colluder_among_few_clients(tuned):
@@ -436,7 +459,10 @@ def test_hostile_tuning_directories_are_refused_quickly(tuned, tmp_path):
 
     with pytest.raises(LedgerError, match="at most 16"):  # 16^8 candidates would be enumerated
         _tampered(tuned, tmp_path / "a", _edit_ledger(
-            lambda d: d.update(space={f"model.k{chr(97 + i)}": list(range(16)) for i in range(8)})))
+            lambda d: d.update(space={key: list(range(16)) for key in TUNABLE[:8]})))
+    with pytest.raises(LedgerError, match="space"):  # a trust setting is never a candidate's
+        _tampered(tuned, tmp_path / "a2", _edit_ledger(
+            lambda d: d.update(space={"aggregation.colluding_fraction": [0.0]})))
 
     def fifo(folder):  # a candidate ledger that would block a reader forever
         path = folder / "candidates/01/privacy_ledger.json"
@@ -449,5 +475,13 @@ def test_hostile_tuning_directories_are_refused_quickly(tuned, tmp_path):
         (folder / "config.yaml").write_text("federation: [x]\n")
 
     assert MISMATCH in _tampered(tuned, tmp_path / "c", bad_config).verdicts
+    def huge_population(folder):  # a valid config whose synthetic data would take many GB to rebuild
+        path = folder / "config.yaml"
+        path.write_text(path.read_text().replace("actors: 48", "actors: 10000").replace("feature_dim: 128",
+                                                                                         "feature_dim: 8192"))
+
+    from privfer.privacy.audit import UNAUDITABLE
+
+    assert UNAUDITABLE in _tampered(tuned, tmp_path / "e", huge_population).verdicts
     stray = _tampered(tuned, tmp_path / "d", lambda folder: (folder / "candidates" / ".DS_Store").write_text(""))
     assert stray.passed

@@ -47,6 +47,7 @@ from typing import Any
 import yaml
 
 from privfer.auditing import audit_path
+from privfer.data.clips import cremad_clip_plan
 from privfer.privacy.audit import MISMATCH, OVER_BUDGET, UNAUDITABLE, audit_ledger_alone
 from privfer.privacy.audit.distributed import independent_composed_epsilon
 from privfer.privacy.audit.report import CLAIM_TOLERANCE, AuditReport, _close
@@ -55,6 +56,8 @@ from privfer.privacy.ledger.tuning import TUNING_LEDGER_FILE, TuningLedger, read
 from privfer.privacy.noise import NoiseSteps, noise_family
 
 TAMPERED = "TAMPERED"
+MAX_REBUILD_VALUES = 5 * 10**8  # feature values the audit generates to rebuild a synthetic run (2 GB as float32)
+SYNTHETIC_CLIPS_PER_ACTOR = len(cremad_clip_plan())  # the generator records CREMA-D's plan per actor (82 clips)
 CANDIDATE_FAILS = "CANDIDATE FAILS AUDIT"
 CONSENT_LINE = "privfer tune --validation consenting"  # what the not_covered statement of consenting scores names
 
@@ -152,14 +155,27 @@ def _rebuilt(ledger: TuningLedger, run_dir: Path, audit: TuningAudit) -> Any:
         return None
     try:
         config = build_config(raw, source=f"{run_dir}/config.yaml")
-        target = config.privacy.epsilon if config.privacy.enabled else None
-        if target != ledger.target_epsilon:
-            audit.flag(MISMATCH, f"the ledger's target epsilon is {ledger.target_epsilon}, config.yaml's {target}")
-        plan = plan_tuning(config, {key: list(values) for key, values in ledger.space.items()}, ledger.validation)
+    except PrivferError as exc:
+        audit.flag(MISMATCH, f"config.yaml is not a valid config ({exc})")
+        return None
+    target = config.privacy.epsilon if config.privacy.enabled else None
+    if target != ledger.target_epsilon:
+        audit.flag(MISMATCH, f"the ledger's target epsilon is {ledger.target_epsilon}, config.yaml's {target}")
+    data = config.data
+    if data.source == "synthetic":  # bound the rebuild before any data is made (a hostile config may ask for GBs)
+        values = data.synthetic.actors * SYNTHETIC_CLIPS_PER_ACTOR * data.frames * data.feature_dim
+        if values > MAX_REBUILD_VALUES:
+            audit.flag(UNAUDITABLE, f"config.yaml's synthetic data ({values:.3g} values) is beyond the audit's bound "
+                                    f"of {MAX_REBUILD_VALUES:.3g} for rebuilding the run")
+            return None
+    try:
+        return plan_tuning(config, {key: list(values) for key, values in ledger.space.items()}, ledger.validation)
     except (PrivferError, ValueError) as exc:
         audit.flag(MISMATCH, f"the run cannot be rebuilt from config.yaml and the declared space ({exc})")
-        return None
-    return plan
+    except Exception as exc:  # noqa: BLE001  hostile input must end in a verdict, never a traceback
+        audit.flag(UNAUDITABLE, f"the run cannot be rebuilt from config.yaml and the declared space "
+                                f"({exc.__class__.__name__})")
+    return None
 
 
 def _candidates_are_the_space(ledger: TuningLedger, expected: list[dict[str, Any]], run_dir: Path,

@@ -53,6 +53,7 @@ import torch
 import yaml
 
 from privfer.config import PrivferConfig
+from privfer.config.federation import default_server_lr
 from privfer.config.loading import build_config
 from privfer.data.clips import ClipSet
 from privfer.data.labels import evaluation_labels
@@ -68,26 +69,22 @@ from privfer.privacy.distributed import (DistributedPlan, calibrate_distributed,
                                          derived_key, encode_contribution, noise_generator)
 from privfer.privacy.ledger import DistributedAccount, SecureSumLedger, build_distributed_ledger, read_ledger, \
     write_ledger
-from privfer.privacy.ledger.tuning import (MAX_CANDIDATES, MAX_SPACE_KEYS, MAX_VALUES, TUNING_LEDGER_FILE,
+from privfer.privacy.ledger.tuning import (MAX_CANDIDATES, MAX_SPACE_KEYS, MAX_VALUES, TUNABLE, TUNING_LEDGER_FILE,
                                            TUNING_SCHEMA, TuningLedger, parse_tuning_ledger)
 from privfer.privacy.noise import NoiseSteps
 from privfer.runs import atomic_write_json, prepare_run_dir
 
-TUNABLE = (
-    "model.hidden_size", "model.num_layers", "model.readout", "model.shortcut", "model.dropout",
-    "federation.server_lr", "federation.server_optimizer", "federation.server_momentum", "federation.rounds",
-    "federation.clients_per_round", "federation.local_epochs", "federation.local_lr", "federation.local_optimizer",
-    "privacy.max_grad_norm", "privacy.max_update_norm", "privacy.sample_rate",
-    "training.lr", "training.batch_size", "training.weight_decay",
-)
 STEP_FACTORS = (0.5, 1.0, 2.0)  # the default space: the server step the rule gives, halved and doubled
 FALLBACK_STEPS = (0.02, 0.05, 0.1)  # when the rule's step is not known before the data is read (CREMA-D)
 
 
-def default_space(config: PrivferConfig) -> dict[str, list[Any]]:
+def default_space(config: PrivferConfig, feature_dim: int | None = None) -> dict[str, list[Any]]:
     """The server's step size — the setting the transfer study found decisive — at half, once and twice the step
-    the run's config resolves (federation.server_lr, or the sqrt(256 / D) rule)."""
+    the run's config resolves (federation.server_lr, or the sqrt(256 / D) rule with the data's ``feature_dim``)."""
     step = config.federation.server_lr
+    if step is None:
+        step = default_server_lr(config.privacy.epsilon, config.mechanism == "distributed", config.privacy.unit,
+                                 feature_dim)
     if step is None:
         return {"federation.server_lr": list(FALLBACK_STEPS)}
     return {"federation.server_lr": [float(f"{step * factor:.4g}") for factor in STEP_FACTORS]}
@@ -209,7 +206,12 @@ def plan_tuning(config: PrivferConfig, space: dict[str, list[Any]], validation: 
                 clips: ClipSet | None = None) -> TuningPlan:
     """The candidates, their common budget and the validation releases' plan; every mistake is raised here. An empty
     ``space`` is :func:`default_space`."""
-    space = space or default_space(config)
+    clips = load_clips(config.data) if clips is None else clips
+    space = space or default_space(config, clips.feature_dim)
+    untunable = sorted(set(space) - set(TUNABLE))
+    if untunable:  # the trust, the mechanism and the data are the run's, never a candidate's
+        raise ConfigError(f"the search space names {', '.join(untunable)}; privfer tune searches only "
+                          f"{', '.join(TUNABLE)}")
     private = config.privacy.enabled
     if private and config.mechanism != "distributed":
         raise ConfigError(f"privfer tune accounts the composition of the candidates' secure sums: it needs "
@@ -225,7 +227,6 @@ def plan_tuning(config: PrivferConfig, space: dict[str, list[Any]], validation: 
     if len(settings) > MAX_CANDIDATES:
         raise ConfigError(f"the search space declares {len(settings)} candidates; at most {MAX_CANDIDATES} (each one "
                           "costs budget)")
-    clips = load_clips(config.data) if clips is None else clips
     base = config.to_dict()
     candidates, seen = [], {}
     for index, chosen in enumerate(settings):
@@ -416,18 +417,19 @@ def _state(run_dir: Path, plan: TuningPlan, noise_source: str, seed: int) -> dic
             budget, scores = state["budget"], {int(k): float(v) for k, v in state["scores"].items()}
             key = bytes.fromhex(state["key"])
             released = {int(k): str(v) for k, v in state["released"].items()}
+            started = [int(k) for k in state["started"]]
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise RunDirectoryError(f"{path} is unreadable; delete {run_dir} to rerun") from None
         if budget != plan.budget:
             raise RunDirectoryError(f"{path} was planned with per-candidate epsilon {budget}, this run with "
                                     f"{plan.budget}; delete {run_dir} to rerun")
-        return {"budget": budget, "key": key.hex(), "scores": scores, "released": released}
+        return {"budget": budget, "key": key.hex(), "scores": scores, "released": released, "started": started}
     folder = run_dir / CANDIDATES
     if folder.is_dir() and any(folder.iterdir()):
         raise RunDirectoryError(f"{run_dir} has candidates but no {STATE_FILE}: the validation releases made before "
                                 "cannot be accounted; delete the run directory to restart")
     key = derived_key(str(seed).encode(), "tuning") if noise_source == "run_seed" else secrets.token_bytes(32)
-    state = {"budget": plan.budget, "key": key.hex(), "scores": {}, "released": {}}
+    state = {"budget": plan.budget, "key": key.hex(), "scores": {}, "released": {}, "started": []}
     _write_state(run_dir, state)
     return state
 
@@ -475,22 +477,36 @@ def tune(config: PrivferConfig, space: dict[str, list[Any]], run_dir: Path, *, v
     results = {}
     for candidate in plan.candidates:
         candidate_dir = run_dir / candidate.run
-        results[candidate.index] = simulate(candidate.config, candidate_dir, clips=clips)
+        if candidate.index in state["started"] and not (candidate_dir / "run.json").exists():
+            raise RunDirectoryError(
+                f"{candidate.run} was removed after it started training: the sums its rounds released cannot be "
+                "accounted if it trains again; the tuning run cannot continue (a new one spends a new budget)")
+
+        def mark_started(federation: Any, done: int, total: int, index: int = candidate.index) -> None:
+            if index not in state["started"]:  # its directory exists, no round has run: from now on it is charged
+                state["started"].append(index)
+                _write_state(run_dir, state)
+
+        results[candidate.index] = simulate(candidate.config, candidate_dir, clips=clips, on_start=mark_started)
+        model = _load_model(candidate_dir)
+        digest = round_context(scored_model(model), plan.validation_plan).hex() if plan.validation_plan else None
+        before = state["released"].get(candidate.index)
+        if before is not None and before != digest:
+            raise RunDirectoryError(
+                f"candidate {candidate.index}'s validation score was released for another model (its run was "
+                "retrained): the tuning run cannot continue (a new one spends a new budget)")
         if candidate.index not in state["scores"]:
-            model = _load_model(candidate_dir)
             if plan.validation == "private":
-                scored = scored_model(model)
-                digest = round_context(scored, plan.validation_plan).hex()
-                before = state["released"].get(candidate.index)
-                if before is not None and before != digest:
+                if before is not None:  # killed inside its release: another execution would be another release
                     raise RunDirectoryError(
-                        f"candidate {candidate.index}'s validation score was released for another model (its run was "
-                        "retrained): a second release would not be accounted; delete the whole run directory to "
-                        "restart")
+                        f"candidate {candidate.index}'s validation release was interrupted, and its outcome is not "
+                        "known to this run; releasing it again would be a second release the budget does not cover, "
+                        "so the tuning run cannot continue (a new one spends a new budget)")
                 state["released"][candidate.index] = digest  # written before the release: a kill cannot hide it
                 _write_state(run_dir, state)
                 values = validation_contributions(candidate.federation, model, config.privacy.unit)
-                score = release_score(values, plan.validation_plan, config, key, str(candidate.index), scored)
+                score = release_score(values, plan.validation_plan, config, key, str(candidate.index),
+                                      scored_model(model))
             else:
                 score = _evaluate_validation(candidate.federation, model)["macro"]["f1"]
             state["scores"][candidate.index] = score

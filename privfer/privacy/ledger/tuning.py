@@ -43,6 +43,13 @@ MAX_CANDIDATES = 16  # candidates one tuning run may try (each costs budget: the
 MAX_SPACE_KEYS = 8
 MAX_VALUES = 16  # values of one key
 VALIDATION_MODES = ("private", "consenting", "exact")
+TUNABLE = (
+    "model.hidden_size", "model.num_layers", "model.readout", "model.shortcut", "model.dropout",
+    "federation.server_lr", "federation.server_optimizer", "federation.server_momentum", "federation.rounds",
+    "federation.clients_per_round", "federation.local_epochs", "federation.local_lr", "federation.local_optimizer",
+    "privacy.max_grad_norm", "privacy.max_update_norm", "privacy.sample_rate",
+    "training.lr", "training.batch_size", "training.weight_decay",
+)  # the settings a candidate may vary: the trust, the mechanism, the budget and the data are the run's
 _RUN = re.compile(r"candidates/[0-9]{2}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -57,7 +64,7 @@ def _short_text(value: str) -> str:
 Scalar = Union[StrictBool, Annotated[Union[StrictInt, StrictFloat], AfterValidator(_finite)],
                Annotated[StrictStr, AfterValidator(_short_text)]]
 Digest = Annotated[StrictStr, Field(pattern=_SHA256.pattern)]
-Key = Annotated[StrictStr, Field(pattern=r"^[a-z_]{1,32}\.[a-z_]{1,32}$")]  # section.field
+Key = Literal[TUNABLE]  # type: ignore[valid-type]  # section.field, one of the settings a candidate may vary
 
 
 class CandidateRecord(Model):
@@ -183,5 +190,5 @@ def read_tuning_ledger(path: Path | str) -> TuningLedger:
     return parse_tuning_ledger(read_json_document(path, "a finished privfer tune run writes it"), path)
 
 
-__all__ = ["MAX_CANDIDATES", "MAX_SPACE_KEYS", "MAX_VALUES", "TUNING_LEDGER_FILE", "TUNING_SCHEMA", "VALIDATION_MODES",
+__all__ = ["MAX_CANDIDATES", "MAX_SPACE_KEYS", "MAX_VALUES", "TUNABLE", "TUNING_LEDGER_FILE", "TUNING_SCHEMA", "VALIDATION_MODES",
            "CandidateRecord", "ComposedEntry", "TuningLedger", "parse_tuning_ledger", "read_tuning_ledger"]

@@ -162,3 +162,32 @@ def test_a_checkpoint_from_before_the_state_owners_resumes_with_its_optimizer_st
     restored = RunState.from_checkpoint(raw)
     assert restored.strategy_server == {"training": adam}
     assert restored.mechanism_state == {"personal_optimizer": {7: adam}} and restored.strategy_clients == {}
+
+
+def test_a_resume_under_other_noise_plans_is_refused(tmp_path, small_clips, monkeypatch):
+    """A run killed under one calibration and resumed under another (e.g. another privfer) would account the rounds
+    already released under the wrong plan: refused."""
+    from privfer.errors import RunDirectoryError
+    from privfer.fl import simulation as simulation_module
+
+    config = small_config(*FAST)
+    calls = {"n": 0}
+    original = simulation_module._run_round
+
+    def killed_after_one(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(simulation_module, "_run_round", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        simulate(config, tmp_path / "run", clips=small_clips)
+    monkeypatch.setattr(simulation_module, "_run_round", original)
+    from privfer.privacy import distributed as distributed_module
+
+    monkeypatch.setattr(distributed_module, "colluders", lambda clients, fraction: 0)  # another calibration
+    with pytest.raises(RunDirectoryError, match="other noise plans"):
+        simulate(config, tmp_path / "run", clips=small_clips)
+    monkeypatch.undo()
+    assert simulate(config, tmp_path / "run", clips=small_clips).rounds.training == 4  # the same plans: resumes

@@ -8,6 +8,8 @@ the rounds change and the checkpoint keeps.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -49,6 +51,13 @@ class Federation:
     @property
     def private(self) -> bool:
         return self.config.privacy.enabled
+
+    @property
+    def plans_sha256(self) -> str:
+        """The digest of the calibrated plans (what a checkpoint is held to on resume)."""
+        described = {str(key): plan.to_dict() if hasattr(plan, "to_dict") else repr(plan)
+                     for key, plan in self.plans.items()}
+        return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
     @property
     def plans(self) -> dict[str, Any]:
@@ -110,6 +119,9 @@ class RunState:
     # Seeds the clients' DP noise and Poisson sampling (privacy.noise_source run_key): drawn from the OS,
     # kept only in the checkpoint (deleted when the run ends), never in the config, ledger or result.
     noise_key: str = field(default_factory=lambda: secrets.token_hex(32))
+    # The SHA-256 of the plans the run was calibrated with: a resume under other plans (another privfer, whose
+    # calibration changed) would account rounds noised for one plan as if for another, so it is refused.
+    plans_sha256: str | None = None
 
     def personal_of(self, client_id: int, phase: str, shared: list[str]) -> dict[str, torch.Tensor]:
         """The parameters a client keeps: its own, or (first round) the newcomer head / the initial ones."""
@@ -137,6 +149,7 @@ class RunState:
             "elapsed": self.elapsed,
             "nonce": self.nonce,
             "noise_key": self.noise_key,
+            "plans_sha256": self.plans_sha256,
         }
 
     @classmethod
@@ -155,6 +168,7 @@ class RunState:
             elapsed=raw["elapsed"],
             nonce=raw["nonce"],
             noise_key=raw["noise_key"],
+            plans_sha256=raw.get("plans_sha256"),  # absent: a checkpoint written before the field existed
         )
 
 

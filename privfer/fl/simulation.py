@@ -141,9 +141,15 @@ def simulate(
     saved = load_checkpoint(checkpoint, resumed)
     if saved is not None:
         state = RunState.from_checkpoint(saved)
+        if state.plans_sha256 is not None and state.plans_sha256 != federation.plans_sha256:
+            raise RunDirectoryError(
+                f"{run_dir} was calibrated with other noise plans than this privfer makes for its config (its "
+                "calibration changed since the run started): resuming would account its rounds under the wrong plan; "
+                "finish it with the privfer that started it, or start a new run (its released rounds stay spent)")
     elif resumed and (run_dir / ROUNDS).exists():
         raise RunDirectoryError(f"{run_dir} has {ROUNDS} but no {CHECKPOINT}: the rounds it records cannot be "
                                 "continued; delete the directory to rerun")
+    state.plans_sha256 = federation.plans_sha256
     schedule = _schedule(config, federation)
     done = len(state.records)
     if on_start is not None:

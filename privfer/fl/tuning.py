@@ -25,8 +25,10 @@ and submits it to the secure sum: the server learns only the noisy total. Its
 N releases are calibrated to the user's epsilon with the run's noise family
 and trust (min_inputs, colluders), and written as a secure-sum ledger
 (``validation_ledger.json``). The noise of a candidate's release is keyed (a
-secret key kept in the tuning state until the run ends), so a release repeated
-after a kill is the same release. ``--validation consenting`` instead scores
+secret key kept in the tuning state until the run ends, the label, the model's
+digest), and each release is recorded before it is made and made once: a run
+killed inside a release, or whose scored model changed, or whose started
+candidate was deleted, stops rather than release again. ``--validation consenting`` instead scores
 with the exact validation macro F1, from validation actors declared as
 consenting and not covered (the ledger's not_covered says so). Selection is
 the argmax of the released scores: post-processing.
@@ -371,9 +373,8 @@ def release_score(values: dict[int, float], plan: DistributedPlan, config: Privf
                   label: str, model: dict[str, torch.Tensor]) -> float:
     """The noisy sum of the validation clients' values through secure aggregation. Each client's rounding and noise
     share come from ChaCha20 keyed by the run's validation key, the candidate's label and the digest of the model and
-    plan it scored, so repeating the release of the same model's score is the same release (the tuning state
-    refuses a second model under one label). Under active security every client signs that digest: clients shown
-    different models cannot share a sum."""
+    plan it scored; :func:`tune` makes each release once. Under active security every client signs that digest:
+    clients shown different models cannot share a sum."""
     context = round_context(model, plan)
     contributions = {actor: encode_contribution(np.array([value]), plan,
                                                 noise_generator(derived_key(key, VALIDATION, label, context.hex(),

@@ -9,8 +9,8 @@ the score releases), and binds them by SHA-256. It states:
 * the declared search space and the number of candidates it declares (the
   product of its value counts), every candidate tried with its settings, its
   calibrated per-candidate budget, its run directory, its ledger's digest, its
-  released validation score (released once: a score re-released after a kill
-  is drawn with the same keyed noise, so it reveals nothing new);
+  released validation score (each released exactly once: the tuning run
+  records a release before making it and never makes one twice);
 * the selection rule (argmax of the released scores: post-processing) and the
   chosen candidate;
 * per training client, its epsilon composed over every candidate it trained in.

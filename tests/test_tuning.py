@@ -357,7 +357,8 @@ def _rebind(folder):
     path.write_text(json.dumps(document))
 
 
-def test_a_score_released_for_one_model_is_never_released_for_another(tmp_path, small_clips):
+def _killed_after_the_first_candidate(tmp_path, small_clips):
+    """A tuning run killed once candidate 0 is trained and scored: (its config, its directory)."""
     config, folder = small_config(*FAST), tmp_path / "run"
 
     def kill(candidate, score, test):
@@ -365,6 +366,11 @@ def test_a_score_released_for_one_model_is_never_released_for_another(tmp_path, 
 
     with pytest.raises(_Killed):
         tune(config, parse_space(SPACE), folder, clips=small_clips, on_candidate=kill)
+    return config, folder
+
+
+def test_a_score_released_for_one_model_is_never_released_for_another(tmp_path, small_clips):
+    config, folder = _killed_after_the_first_candidate(tmp_path, small_clips)
     state_path = folder / "tuning_state.json"
     state = json.loads(state_path.read_text())
     released = state["scores"].pop("0")  # as if killed after the release, before its score was recorded
@@ -388,13 +394,7 @@ def test_a_score_released_for_one_model_is_never_released_for_another(tmp_path, 
 def test_a_scored_candidate_retrained_is_refused(tmp_path, small_clips):
     import torch
 
-    config, folder = small_config(*FAST), tmp_path / "run"
-
-    def kill(candidate, score, test):
-        raise _Killed
-
-    with pytest.raises(_Killed):
-        tune(config, parse_space(SPACE), folder, clips=small_clips, on_candidate=kill)
+    config, folder = _killed_after_the_first_candidate(tmp_path, small_clips)
     model = folder / "candidates" / "00" / "model.pt"  # another model in its place (as a retraining would leave)
     saved = torch.load(model, weights_only=True)
     saved["global"] = {k: v + 0.01 for k, v in saved["global"].items()}

@@ -13,6 +13,7 @@ import torch
 from conftest import small_config
 from privfer.errors import ConfigError
 from privfer.fl import aggregation
+from privfer.fl.rounds import TRAINING
 from privfer.fl.simulation import prepare_federation, simulate
 from privfer.auditing import audit_path
 from privfer.privacy.audit import MISMATCH, OVER_BUDGET, LedgerError
@@ -191,3 +192,12 @@ def test_a_resume_under_other_noise_plans_is_refused(tmp_path, small_clips, monk
         simulate(config, tmp_path / "run", clips=small_clips)
     monkeypatch.undo()
     assert simulate(config, tmp_path / "run", clips=small_clips).rounds.training == 4  # the same plans: resumes
+
+
+def test_noise_shares_are_sized_for_the_colluders_of_the_population_not_the_round(small_clips):
+    """The server picks each round's clients, so it could gather every colluding client of the federation into one
+    round: a round of 8 of 36 training clients is sized for floor(0.1 x 36) = 3 colluders, not 1."""
+    plan = prepare_federation(small_config(*FAST, "federation.clients_per_round=8"), small_clips).plans[TRAINING]
+    assert plan.clients == 8 and plan.colluders == 3 and plan.min_inputs - plan.colluders == 5
+    everyone = prepare_federation(small_config(*FAST), small_clips).plans[TRAINING]
+    assert everyone.clients == 36 and everyone.colluders == 3  # a round of the whole population: the same count

@@ -260,11 +260,12 @@ def plan_tuning(config: PrivferConfig, space: dict[str, list[Any]], validation: 
 VALIDATION_PART = "val"
 
 
-def _training_plan(config: PrivferConfig, shape: DistributedPlan, epsilon: float, delta: float) -> DistributedPlan:
+def _training_plan(config: PrivferConfig, shape: DistributedPlan, population: int, epsilon: float,
+                   delta: float) -> DistributedPlan:
     trial = config.model_copy(deep=True)
     trial.privacy.epsilon = epsilon
     return calibrate_plan(trial, delta=delta, dimension=shape.dimension, steps=shape.steps, clients=shape.clients,
-                          records=shape.records)
+                          records=shape.records, population=population)
 
 
 def composed_epsilon(entries: list[NoiseSteps], family, delta: float) -> float:
@@ -275,12 +276,12 @@ def composed_epsilon(entries: list[NoiseSteps], family, delta: float) -> float:
 def candidate_budget(epsilon: float, delta: float, candidates: list[Candidate]) -> tuple[float, float]:
     """(eps_c, composed): the largest per-candidate budget whose worst-case composition over every candidate is
     within ``epsilon`` (to EPSILON_TOLERANCE below, or to 1e-4 in eps_c), and that composition."""
-    shapes = [(c.config, c.federation.plans[TRAINING]) for c in candidates]
+    shapes = [(c.config, c.federation.plans[TRAINING], len(c.federation.clients[TRAINING])) for c in candidates]
     family = shapes[0][1].family
 
     def composed(budget: float) -> float:
         try:
-            plans = [_training_plan(cfg, shape, budget, delta) for cfg, shape in shapes]
+            plans = [_training_plan(cfg, shape, population, budget, delta) for cfg, shape, population in shapes]
         except PrivacyBudgetError:
             return math.inf
         return composed_epsilon([p.steps_entry(p.steps) for p in plans], family, delta)

@@ -218,10 +218,14 @@ def calibrate_distributed(
 
 
 def calibrate_plan(config: PrivferConfig, *, delta: float, dimension: int, steps: int, clients: int,
-                   records: int) -> DistributedPlan:
+                   records: int, population: int | None = None) -> DistributedPlan:
     """A distributed phase's plan from the run's config: the unit picks the clipping bound (a record's gradient
     or a person's update) and the sample rate (Poisson records or the secret coin). The simulation and
-    ``privfer audit``'s cross-check both calibrate through here: the one translation of a run's config into a plan."""
+    ``privfer audit``'s cross-check both calibrate through here: the one translation of a run's config into a plan.
+
+    ``population``: the clients the server may choose a round's ``clients`` from. It picks the rounds, so it could
+    gather every colluder of the population into one round: the shares are sized for the colluders of the
+    population, not of the round (:meth:`privfer.secagg.config.SecAggConfig.study_colluders`' reasoning)."""
     privacy, aggregation = config.privacy, config.aggregation
     mechanism = select(config.mechanism, privacy.unit)
     if mechanism is None or not mechanism.noise_in_sum:
@@ -236,6 +240,7 @@ def calibrate_plan(config: PrivferConfig, *, delta: float, dimension: int, steps
         min_inputs_fraction=aggregation.min_inputs_fraction,
         colluding_fraction=aggregation.colluding_fraction, rounding_overhead=privacy.rounding_overhead,
         modulus_bits=aggregation.modulus_bits, max_noise_multiplier=privacy.max_noise_multiplier, noise=privacy.noise,
+        min_colluders=colluders(max(population or clients, clients), aggregation.colluding_fraction),
     )
 
 

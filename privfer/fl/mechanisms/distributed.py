@@ -53,7 +53,7 @@ class DistributedDPSGD(Mechanism):
         """A phase's plan: the sum bounds the largest ``clients`` clients' records."""
         largest = sum(sorted(counts.values(), reverse=True)[:clients])
         return calibrate_plan(self.config, delta=delta, dimension=noised_dimension(self.config, feature_dim),
-                              steps=rounds, clients=clients, records=largest)
+                              steps=rounds, clients=clients, records=largest, population=len(counts))
 
     def noise_rng(self, state: "RunState", phase: str, round_index: int, client_id: int) -> np.random.Generator:
         """A client's secret generator for one round (sampling, rounding, noise share)."""

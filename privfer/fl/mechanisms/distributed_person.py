@@ -40,7 +40,7 @@ class DistributedDPFedAvg(DistributedDPSGD):
         """Each person moves the sum by at most S (its clipped update), so the sum's bound counts ``clients``
         units of S; the sensitivity covers the shared parameters (:func:`noised_dimension`)."""
         return calibrate_plan(self.config, delta=delta, dimension=noised_dimension(self.config, feature_dim),
-                              steps=rounds, clients=clients, records=clients)
+                              steps=rounds, clients=clients, records=clients, population=len(counts))
 
     def release(self, federation: "Federation", state: "RunState", phase: str, round_index: int, cohort: list[int],
                 dropouts: dict[int, str]) -> Release:

@@ -143,7 +143,9 @@ def test_usage_errors_of_the_console_script_are_one_line(args, message):
 
 def test_simulate_prints_what_the_budget_bought_and_writes_the_run(tmp_path):
     out = tmp_path / "sim"
-    args = ["simulate", "--epsilon", "4", "--rounds", "2", "--clients-per-round", "3", "--strategy", "fedper",
+    # (rounds of 6 of the 36 clients: the shares are sized for the population's 3 colluders, which a round of 3 could
+    # be made of entirely; privfer refuses such a round, below)
+    args = ["simulate", "--epsilon", "4", "--rounds", "2", "--clients-per-round", "6", "--strategy", "fedper",
             "--dropout", "0.2", "--seed", "3", *SETS, "--set", "privacy.accountant=rdp", "--out", str(out)]
     result = run(*args)
     assert result.exit_code == 0, result.output
@@ -153,6 +155,9 @@ def test_simulate_prints_what_the_budget_bought_and_writes_the_run(tmp_path):
     saved = json.loads((out / "result.json").read_text())
     assert saved["strategy"] == "fedper" and saved["private"] and saved["aggregator"] == "masking"
     assert saved["privacy"]["epsilon_max"] <= 4.0
+    refused = run("simulate", "--epsilon", "4", "--rounds", "2", "--clients-per-round", "3", *SETS,
+                  "--out", str(tmp_path / "three"))
+    assert refused.exit_code == 2 and "no honest client" in refused.stderr and "Traceback" not in refused.output
     for name in ("config.yaml", "privacy_ledger.json", "rounds.json"):
         assert (out / name).is_file()
     again = run(*args, "--json")  # a finished run directory answers with its result

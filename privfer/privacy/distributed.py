@@ -165,10 +165,12 @@ def calibrate_distributed(
     colluding = max(colluders(clients, colluding_fraction), min_colluders)
     honest = minimum - colluding
     if honest < 1:
+        population = (" (the colluders of the clients the round is drawn from: the server picks the rounds and may "
+                      "gather them in one)" if colluding > colluders(clients, colluding_fraction) else "")
         raise ConfigError(
-            f"aggregation.min_inputs_fraction: {minimum} minimum inputs minus {colluding} colluders leaves no honest "
-            f"client to carry the noise in a round of {clients}; raise min_inputs_fraction or lower "
-            f"aggregation.colluding_fraction"
+            f"aggregation.min_inputs_fraction: {minimum} minimum inputs minus {colluding} colluders{population} leaves "
+            f"no honest client to carry the noise in a round of {clients}; raise federation.clients_per_round or "
+            f"min_inputs_fraction, or lower aggregation.colluding_fraction"
         )
     family = noise_family(noise)
     scale = rounding_scale(max_grad_norm, dimension, rounding_overhead)

@@ -92,6 +92,7 @@ def default_space(config: PrivferConfig, feature_dim: int | None = None) -> dict
     return {"federation.server_lr": [float(f"{step * factor:.4g}") for factor in STEP_FACTORS]}
 VALIDATION = "validation"  # the phase name of the score releases in validation_ledger.json
 VALIDATION_LEDGER = "validation_ledger.json"
+VALIDATION_PART = "val"  # the split part the validation actors' clips are in
 SPACE_FILE = "space.json"
 STATE_FILE = "tuning_state.json"
 RESULT = "result.json"
@@ -256,8 +257,6 @@ def plan_tuning(config: PrivferConfig, space: dict[str, list[Any]], validation: 
                                           len(candidates))
     return TuningPlan(space, validation, candidates, budget, composed, delta, validation_plan)
 
-
-VALIDATION_PART = "val"
 
 
 def _training_plan(config: PrivferConfig, shape: DistributedPlan, population: int, epsilon: float,
@@ -476,7 +475,7 @@ def tune(config: PrivferConfig, space: dict[str, list[Any]], run_dir: Path, *, v
         on_start(plan)
     state = _state(run_dir, plan, config.privacy.noise_source, config.seed)
     key = bytes.fromhex(state["key"])
-    results = {}
+    results, exact = {}, {}
     for candidate in plan.candidates:
         candidate_dir = run_dir / candidate.run
         if candidate.index in state["started"] and not (candidate_dir / "run.json").exists():
@@ -491,7 +490,10 @@ def tune(config: PrivferConfig, space: dict[str, list[Any]], run_dir: Path, *, v
 
         results[candidate.index] = simulate(candidate.config, candidate_dir, clips=clips, on_start=mark_started)
         model = _load_model(candidate_dir)
-        digest = round_context(scored_model(model), plan.validation_plan).hex() if plan.validation_plan else None
+        scored = scored_model(model)
+        # the researcher's view of a simulation: exact, never released, not used to choose (not_covered says so)
+        exact[candidate.index] = _evaluate_validation(candidate.federation, model)["macro"]["f1"]
+        digest = round_context(scored, plan.validation_plan).hex() if plan.validation_plan else None
         before = state["released"].get(candidate.index)
         if before is not None and before != digest:
             raise RunDirectoryError(
@@ -507,10 +509,9 @@ def tune(config: PrivferConfig, space: dict[str, list[Any]], run_dir: Path, *, v
                 state["released"][candidate.index] = digest  # written before the release: a kill cannot hide it
                 _write_state(run_dir, state)
                 values = validation_contributions(candidate.federation, model, config.privacy.unit)
-                score = release_score(values, plan.validation_plan, config, key, str(candidate.index),
-                                      scored_model(model))
+                score = release_score(values, plan.validation_plan, config, key, str(candidate.index), scored)
             else:
-                score = _evaluate_validation(candidate.federation, model)["macro"]["f1"]
+                score = exact[candidate.index]
             state["scores"][candidate.index] = score
             _write_state(run_dir, state)
         if on_candidate is not None:
@@ -523,14 +524,8 @@ def tune(config: PrivferConfig, space: dict[str, list[Any]], run_dir: Path, *, v
         ledger = parse_tuning_ledger({**ledger.document(),
                                       "validation_ledger_sha256": _sha256(run_dir / VALIDATION_LEDGER)})
     atomic_write_json(run_dir / TUNING_LEDGER_FILE, ledger.document())
-    candidates = []
-    for candidate in plan.candidates:
-        model = _load_model(run_dir / candidate.run)
-        candidates.append({
-            "index": candidate.index, "settings": candidate.settings, "score": scores[candidate.index],
-            # the researcher's view of a simulation: exact, never released, not used to choose (not_covered says so)
-            "validation_macro_f1": _evaluate_validation(candidate.federation, model)["macro"]["f1"],
-        })
+    candidates = [{"index": c.index, "settings": c.settings, "score": scores[c.index],
+                   "validation_macro_f1": exact[c.index]} for c in plan.candidates]
     result = TuneResult(
         chosen=chosen, settings=plan.candidates[chosen].settings, validation=plan.validation,
         target_epsilon=config.privacy.epsilon if config.privacy.enabled else None, candidate_epsilon=plan.budget,

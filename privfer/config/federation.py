@@ -17,16 +17,21 @@ BackendName = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]  # aggregatio
 MAX_EPSILON = 1000.0
 SERVER_LR, SMALL_BUDGET_SERVER_LR = 0.02, 0.03  # distributed DP's Adam step at D = 256; the second at epsilon <= 1
 SERVER_LR_FEATURE_DIM = 256  # the feature dimension those steps were fitted at (the synthetic data's)
+NOISELESS_LR_SHARE = 0.5  # without DP the same algorithm steps at half the rule: Adam's steps are not damped by noise
 
 
 def default_server_lr(epsilon: float | None, distributed: bool, unit: str, feature_dim: int | None) -> float | None:
     """federation.server_lr when unset. Record level under distributed DP: 0.02 x sqrt(256 / D) for frames of D
     features, at every budget — the rule fitted across the synthetic data at D = 8 to 256, digits and watch
-    (docs/privacy-accounting.md, "Do the defaults transfer?"); None: D is not known until the data is read (CREMA-D
-    without data.feature_dim), and the federation resolves it then. Otherwise 0.02, and 0.03 at epsilon <= 1 under
-    distributed DP (person level, fitted on the default data)."""
+    (docs/privacy-accounting.md, "Do the defaults transfer?"), and half of it without DP (the same algorithm
+    without noise, whose Adam steps the noise's second moment does not damp); None: D is not known until the data is
+    read (CREMA-D without data.feature_dim), and the federation resolves it then. Otherwise 0.02, and 0.03 at
+    epsilon <= 1 under distributed DP (person level, fitted on the default data)."""
     if distributed and unit == "record":
-        return None if feature_dim is None else SERVER_LR * math.sqrt(SERVER_LR_FEATURE_DIM / feature_dim)
+        if feature_dim is None:
+            return None
+        share = NOISELESS_LR_SHARE if epsilon is None or not math.isfinite(epsilon) else 1.0
+        return share * SERVER_LR * math.sqrt(SERVER_LR_FEATURE_DIM / feature_dim)
     small = distributed and epsilon is not None and epsilon <= 1.0
     return SMALL_BUDGET_SERVER_LR if small else SERVER_LR
 
@@ -231,15 +236,17 @@ class FederationConfig(_Section):
     )
     rounds: int | None = Field(
         None, ge=1, le=100_000,
-        description="Federated rounds (distributed DP: DP-SGD steps); None: 40 under distributed DP, 20 otherwise.",
+        description="Federated rounds (distributed DP: DP-SGD steps); None: 40 under distributed DP and its runs without DP "
+        "(PrivferConfig.algorithm), 20 otherwise.",
     )
     clients_per_round: int | None = Field(
         None, ge=2, le=100_000,
-        description="Clients sampled per round; None: every training client under distributed DP, 20 otherwise.",
+        description="Clients sampled per round; None: every training client under distributed DP and its runs without DP, 20 "
+        "otherwise.",
     )
-    local_epochs: int = Field(2, ge=1, le=1000, description="Local epochs per round (local DP and runs without DP).")
-    local_optimizer: Literal["adam", "sgd"] = Field("adam", description="Clients' optimizer, fresh each round (local DP and runs without DP).")
-    local_lr: float = Field(5e-3, gt=0.0, le=100.0, description="Clients' learning rate (local DP and runs without DP).")
+    local_epochs: int = Field(2, ge=1, le=1000, description="Local epochs per round (local DP, person level, and runs without DP that train locally).")
+    local_optimizer: Literal["adam", "sgd"] = Field("adam", description="Clients' optimizer, fresh each round (local DP, person level, and runs without DP that train locally).")
+    local_lr: float = Field(5e-3, gt=0.0, le=100.0, description="Clients' learning rate (local DP, person level, and runs without DP that train locally).")
     personal_layers: int = Field(1, ge=1, le=16, description="FedPer: layers (from the head down) kept local.")
     dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="Chance a sampled client drops out (at a uniformly random protocol stage)."
@@ -249,13 +256,14 @@ class FederationConfig(_Section):
     adaptation_epochs: int = Field(1, ge=1, le=1000, description="Phase 2 local epochs per round.")
     adaptation_lr: float = Field(1e-5, gt=0.0, le=10.0, description="Phase 2 learning rate (the seed paper's 1e-5).")
     server_optimizer: Literal["adam", "sgd"] = Field(
-        "adam", description="distributed DP: the server's optimizer on the noisy mean gradient (sgd has momentum)."
+        "adam", description="distributed DP (and its runs without DP): the server's optimizer on the noisy mean gradient "
+        "(sgd has momentum)."
     )
     server_lr: float | None = Field(
         None, gt=0.0, le=100.0,
         description="distributed DP: the server optimizer's step size; None: at record level 0.02 x sqrt(256 / D) "
-        "for D features per frame (fitted across data sets; CREMA-D without data.feature_dim: resolved when the "
-        "features are read), at person level 0.02 (0.03 at epsilon <= 1).",
+        "for D features per frame (fitted across data sets; half of it without DP; CREMA-D without data.feature_dim: "
+        "resolved when the features are read), at person level 0.02 (0.03 at epsilon <= 1).",
     )
     server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="distributed DP: SGD momentum.")
     batched_training: bool = Field(

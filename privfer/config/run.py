@@ -85,7 +85,7 @@ class PrivferConfig(_Section):
     @model_validator(mode="after")
     def _mechanism_defaults(self) -> "PrivferConfig":
         # Resolved here, so config.yaml and `privfer config show` state the rounds a run really uses.
-        distributed = self.mechanism == "distributed"
+        distributed = self.algorithm == "distributed"
         if self.federation.rounds is None:
             self.federation.rounds = DISTRIBUTED_ROUNDS if distributed else LOCAL_ROUNDS
         if self.model.readout == "auto":
@@ -97,10 +97,30 @@ class PrivferConfig(_Section):
         mechanism = self.privacy_mechanism
         if self.model.recurrent == "auto" and mechanism is not None and not mechanism.per_sample_gradients:
             self.model.recurrent = "lstm"  # e.g. person level clips whole updates: no per-sample gradients
+        if self.model.recurrent == "auto" and mechanism is None and distributed:
+            self.model.recurrent = "fast_dp"  # distributed DP-SGD without noise still clips each record's gradient
         if self.federation.server_lr is None:  # validation actors, benchmarks/tune_distributed.py, across data sets
             self.federation.server_lr = default_server_lr(self.privacy.epsilon, distributed, self.privacy.unit,
                                                           self.data.feature_dim)
         return self
+
+    @property
+    def algorithm(self) -> str | None:
+        """How the run trains: its mechanism's algorithm ('distributed' or 'local'; None: local training without DP).
+
+        A run without DP on the distributed line (privacy.mechanism distributed, or auto over masking) at record level
+        trains with distributed DP-SGD's algorithm with the noise taken out — the same model, steps, clipping, server
+        optimizer and secure sum — so it is the ceiling of that line's private runs (a study's no-DP cell), not
+        another algorithm. A strategy that needs local steps (fedprox), person level and the local line train
+        without DP by local epochs (FedAvg over the secure sum), as before."""
+        if self.privacy.enabled:
+            return self.mechanism
+        if self.selected_mechanism != "distributed" or self.privacy.unit != "record":
+            return None
+        from privfer.fl.strategies import STRATEGIES  # the registry imports this module: read it when asked
+
+        strategy = STRATEGIES.get(self.federation.strategy)
+        return None if strategy is None or strategy.needs_local_steps else "distributed"
 
     @property
     def mechanism(self) -> str | None:

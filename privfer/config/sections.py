@@ -159,22 +159,24 @@ class ModelConfig(_Section):
     """The VFER: LSTM over frame features + linear classifier head."""
 
     hidden_size: int | None = Field(
-        None, ge=1, le=4096, description="LSTM hidden units; None: 64 under distributed DP (tuned on the validation "
-        "actors), 128 otherwise.",
+        None, ge=1, le=4096, description="LSTM hidden units; None: 64 under distributed DP and its runs without DP "
+        "(tuned on the validation actors), 128 otherwise.",
     )
     num_layers: int = Field(1, ge=1, le=8, description="Stacked LSTM layers.")
     readout: Literal["auto", "last", "mean"] = Field(
         "auto",
-        description="Clip embedding: last hidden state or mean over time; auto: mean under distributed DP (tuned on "
-        "the validation actors), last otherwise (the seed paper's).",
+        description="Clip embedding: last hidden state or mean over time; auto: mean under distributed DP and its "
+        "runs without DP (tuned on the validation actors), last otherwise (the seed paper's).",
     )
     recurrent: Literal["auto", "lstm", "fast_dp"] = Field(
-        "auto", description="Recurrent layer: nn.LSTM, or the fast DP-SGD layer (auto: fast_dp whenever DP is on)."
+        "auto", description="Recurrent layer: nn.LSTM, or the fast DP-SGD layer (auto: fast_dp whenever DP is on, and in runs without "
+        "DP that clip per-record gradients: distributed DP-SGD without noise)."
     )
     shortcut: bool | Literal["auto"] = Field(
         "auto",
         description="Add a linear map of the clip's mean frame feature to the logits (a zero-initialised skip "
-        "around the LSTM); auto: on under distributed DP (tuned on the validation actors), off otherwise.",
+        "around the LSTM); auto: on under distributed DP and its runs without DP (tuned on the validation actors), off "
+        "otherwise.",
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier head.")
     ifer_hidden: int = Field(128, ge=1, le=4096, description="Hidden units of the per-frame IFER head.")

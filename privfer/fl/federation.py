@@ -204,7 +204,7 @@ def prepare_federation(
     clips = load_clips(config.data) if clips is None else clips
     if fed.server_lr is None:  # the step's rule needed the feature dimension, known only now (CREMA-D)
         config = config.model_copy(deep=True)
-        config.federation.server_lr = default_server_lr(config.privacy.epsilon, config.mechanism == "distributed",
+        config.federation.server_lr = default_server_lr(config.privacy.epsilon, config.algorithm == "distributed",
                                                         config.privacy.unit, clips.feature_dim)
         fed = config.federation
         strategy = make_strategy(fed)
@@ -217,7 +217,7 @@ def prepare_federation(
     for actor in train.actor_list():
         mask = train.actor_ids == actor
         clients[TRAINING][actor] = FLClient(actor, train.features[mask], targets[mask])
-    cohort_size = fed.cohort_size(config.mechanism, len(clients[TRAINING]))
+    cohort_size = fed.cohort_size(config.algorithm, len(clients[TRAINING]))
     if cohort_size > len(clients[TRAINING]):
         raise ConfigError(
             f"federation.clients_per_round = {cohort_size} is more than the "

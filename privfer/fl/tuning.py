@@ -85,7 +85,7 @@ def default_space(config: PrivferConfig, feature_dim: int | None = None) -> dict
     the run's config resolves (federation.server_lr, or the sqrt(256 / D) rule with the data's ``feature_dim``)."""
     step = config.federation.server_lr
     if step is None:
-        step = default_server_lr(config.privacy.epsilon, config.mechanism == "distributed", config.privacy.unit,
+        step = default_server_lr(config.privacy.epsilon, config.algorithm == "distributed", config.privacy.unit,
                                  feature_dim)
     if step is None:
         return {"federation.server_lr": list(FALLBACK_STEPS)}

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from privfer.config import PrivferConfig
 
 MIN_NOISE_MULTIPLIER = 1e-3
+NOISELESS = "none"  # the noise field of a run without DP's plan (:func:`noiseless_plan`): no family, no account
 
 
 def min_inputs(clients: int, fraction: float) -> int:
@@ -200,22 +201,57 @@ def calibrate_distributed(
                 break
     mu = (high * l2) ** 2
     share = mu / honest
+    # the noise of all the round's shares stays below the tail bound (union bound over coordinates and steps)
+    bound = _sum_bound(records, max_grad_norm, scale, clients, modulus_bits,
+                       family.tail_bound(clients * share, float(dimension) * steps))
+    return DistributedPlan(
+        max_grad_norm=float(max_grad_norm), dimension=int(dimension), scale=scale, l1=l1, l2=l2, mu=mu,
+        share_variance=share, sample_rate=float(sample_rate), steps=int(steps), clients=int(clients),
+        min_inputs=minimum, colluders=colluding, delta=float(delta), target_epsilon=float(epsilon),
+        modulus_bits=int(modulus_bits), sum_bound=bound, records=int(records), noise=family.name,
+    )
+
+
+def _sum_bound(records: int, max_grad_norm: float, scale: float, clients: int, modulus_bits: int,
+               noise_tail: float) -> int:
+    """The bound on any coordinate of a released sum: every record's clipped gradient moves a coordinate by at most
+    C, rounding by < 1 per client, and the noise by at most ``noise_tail``; ConfigError beyond the modulus."""
     bits = int(modulus_bits)
     limit = 2 ** (bits - 1) - 1
-    # Every record's clipped gradient moves any coordinate by at most C, rounding by < 1 per client, and the
-    # noise of all the round's shares stays below the tail bound (union bound over coordinates and steps).
-    needed = records * max_grad_norm * scale + clients + family.tail_bound(clients * share, float(dimension) * steps)
+    needed = records * max_grad_norm * scale + clients + noise_tail
     if needed > limit:
         raise ConfigError(
             f"aggregation.modulus_bits = {bits}: a sum of {records} records' gradients at scale 2^"
             f"{int(math.log2(scale))} with noise can reach {needed:.3g}, beyond 2^{bits - 1} - 1; use "
             f"aggregation.modulus_bits: 64 or raise privacy.rounding_overhead"
         )
+    return min(limit, math.ceil(needed))
+
+
+def noiseless_plan(config: PrivferConfig, *, delta: float, dimension: int, steps: int, clients: int,
+                   records: int) -> DistributedPlan:
+    """The plan of a run without DP on the distributed line (its ``config.algorithm``): the same clipping, sampling,
+    integer encoding and secure sum as its private runs, with no noise — the ceiling of their accuracy. Its
+    ``noise`` is :data:`NOISELESS`, which names no family, so nothing can account it as private (``family``
+    raises) and no share is drawn for it (:func:`encode_contribution`)."""
+    privacy, aggregation = config.privacy, config.aggregation
+    if config.privacy.enabled:
+        raise ValueError("a private run has no noiseless plan: calibrate its noise (calibrate_plan)")
+    mechanism = select(config.algorithm, privacy.unit)
+    if mechanism is None or not mechanism.noise_in_sum:
+        raise ValueError(f"a run without DP trained by {config.algorithm!r} sums no integer contributions")
+    unit = mechanism.plan_inputs(
+        max_grad_norm=privacy.max_grad_norm, sample_rate=privacy.sample_rate, max_update_norm=privacy.max_update_norm,
+        participation=privacy.participation, clients=clients, records=records)
+    scale = rounding_scale(unit.max_grad_norm, dimension, privacy.rounding_overhead)
+    l1, l2 = sensitivities(unit.max_grad_norm, scale, dimension)
     return DistributedPlan(
-        max_grad_norm=float(max_grad_norm), dimension=int(dimension), scale=scale, l1=l1, l2=l2, mu=mu,
-        share_variance=share, sample_rate=float(sample_rate), steps=int(steps), clients=int(clients),
-        min_inputs=minimum, colluders=colluding, delta=float(delta), target_epsilon=float(epsilon),
-        modulus_bits=bits, sum_bound=min(limit, math.ceil(needed)), records=int(records), noise=family.name,
+        max_grad_norm=float(unit.max_grad_norm), dimension=int(dimension), scale=scale, l1=l1, l2=l2, mu=0.0,
+        share_variance=0.0, sample_rate=float(unit.sample_rate), steps=int(steps), clients=int(clients),
+        min_inputs=min_inputs(clients, aggregation.min_inputs_fraction), colluders=0, delta=float(delta),
+        target_epsilon=math.inf, modulus_bits=int(aggregation.modulus_bits),
+        sum_bound=_sum_bound(unit.records, unit.max_grad_norm, scale, clients, aggregation.modulus_bits, 0.0),
+        records=int(unit.records), noise=NOISELESS,
     )
 
 
@@ -273,6 +309,11 @@ def randomized_round(values: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return (low + (rng.random(values.shape) < (values - low))).astype(np.int64)
 
 
+def _noise(plan: DistributedPlan, rng: np.random.Generator, variance: float, size: int) -> np.ndarray | int:
+    """``size`` values of the plan's noise at ``variance``; none for a run without DP's plan (:data:`NOISELESS`)."""
+    return 0 if plan.noise == NOISELESS else plan.family.sample(rng, variance, size)
+
+
 def encode_contribution(clipped_sum: np.ndarray, plan: DistributedPlan, rng: np.random.Generator) -> np.ndarray:
     """A client's integer contribution: round(scale x its clipped gradient sum) + its noise share."""
     flat = np.asarray(clipped_sum, dtype=np.float64).ravel()
@@ -280,15 +321,15 @@ def encode_contribution(clipped_sum: np.ndarray, plan: DistributedPlan, rng: np.
         raise ValueError(f"the contribution has {flat.size} coordinates, more than the plan's {plan.dimension}")
     if not np.all(np.isfinite(flat)):
         raise ValueError("clipped gradient sums must be finite")
-    return randomized_round(flat * plan.scale, rng) + plan.family.sample(rng, plan.share_variance, flat.size)
+    return randomized_round(flat * plan.scale, rng) + _noise(plan, rng, plan.share_variance, flat.size)
 
 
 def local_noisy_sum(clipped_sum: np.ndarray, plan: DistributedPlan, rng: np.random.Generator) -> np.ndarray:
     """A clipped sum with the FULL noise (variance mu), decoded to gradient units: for parameters that never
     leave the client (FedPer's personal layers), noised as if released alone."""
     flat = np.asarray(clipped_sum, dtype=np.float64).ravel()
-    noisy = randomized_round(flat * plan.scale, rng) + plan.family.sample(rng, plan.mu, flat.size)
-    return noisy.astype(np.float64) / plan.scale
+    noisy = randomized_round(flat * plan.scale, rng) + _noise(plan, rng, plan.mu, flat.size)
+    return np.asarray(noisy, dtype=np.float64) / plan.scale
 
 
 def decode_sum(total: np.ndarray, plan: DistributedPlan) -> np.ndarray:
@@ -313,6 +354,7 @@ __all__ = [
     "local_noisy_sum",
     "min_inputs",
     "noise_generator",
+    "noiseless_plan",
     "randomized_round",
     "rounding_scale",
     "sensitivities",

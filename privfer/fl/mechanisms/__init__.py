@@ -37,7 +37,7 @@ from privfer.config import PrivferConfig
 from privfer.errors import ConfigError
 from privfer.fl.mechanisms.base import (Counts, Mechanism, Release, client_seed, local_training, noised_dimension,
                                         public_client_seed)
-from privfer.fl.mechanisms.distributed import DistributedDPSGD
+from privfer.fl.mechanisms.distributed import DistributedDPSGD, NoiselessSGD
 from privfer.fl.mechanisms.distributed_person import DistributedDPFedAvg
 from privfer.fl.mechanisms.local import LocalDPSGD, NoDP
 
@@ -57,7 +57,10 @@ for _module in _MODULES:
 
 
 def make_mechanism(config: PrivferConfig) -> Mechanism:
-    """The trainer of the mechanism the (validated) config resolves to."""
+    """The trainer of the mechanism the (validated) config resolves to; a run without DP on the distributed line
+    trains with its algorithm without noise (:attr:`privfer.config.PrivferConfig.algorithm`)."""
+    if config.mechanism_id is None and config.algorithm == "distributed":
+        return NoiselessSGD(config)
     trainer = MECHANISMS.get(config.mechanism_id)
     if trainer is None:
         raise ConfigError(f"the privacy mechanism {config.mechanism_id!r} is registered (privfer.privacy.mechanisms) "
@@ -65,5 +68,5 @@ def make_mechanism(config: PrivferConfig) -> Mechanism:
     return trainer(config)
 
 
-__all__ = ["MECHANISMS", "Counts", "DistributedDPFedAvg", "DistributedDPSGD", "LocalDPSGD", "Mechanism", "NoDP", "Release",
+__all__ = ["MECHANISMS", "Counts", "DistributedDPFedAvg", "DistributedDPSGD", "LocalDPSGD", "Mechanism", "NoDP", "NoiselessSGD", "Release",
            "client_seed", "local_training", "make_mechanism", "noised_dimension", "public_client_seed"]

@@ -14,8 +14,8 @@ from privfer.fl.strategies.base import optimizer_step
 from privfer.fl.mechanisms.base import Counts, Mechanism, Release, _trust_line, noised_dimension
 from privfer.fl.rounds import ADAPTATION, TRAINING
 from privfer.models.vfer import VFER
-from privfer.privacy.distributed import DistributedPlan, calibrate_plan, derived_key, noise_generator
-from privfer.privacy.ledger import DistributedAccount, Ledger, build_distributed_ledger
+from privfer.privacy.distributed import DistributedPlan, calibrate_plan, derived_key, noise_generator, noiseless_plan
+from privfer.privacy.ledger import ClientAccount, DistributedAccount, Ledger, build_distributed_ledger, build_ledger
 from privfer.privacy.mechanisms import distributed as _distributed
 
 if TYPE_CHECKING:
@@ -130,6 +130,42 @@ class DistributedDPSGD(Mechanism):
             f"{plan.sample_rate:g}), {plan.family.title} RDP accountant (calibrated for a client in every round)",
             _trust_line(plan, self.config.aggregation.resolved_security),
         ]
+
+
+class NoiselessSGD(DistributedDPSGD):
+    """A run without DP on the distributed line (``config.algorithm``): distributed DP-SGD's rounds — the cohort's
+    clipped gradient sums, randomly rounded, through the secure sum; the server's optimizer on their mean — with no
+    noise share. Same model, steps, clipping and server step as the line's private runs, so it is their ceiling
+    (a study's no-DP cell). Not a registered mechanism: a run without DP has no mechanism id, and its ledger says
+    it is not private."""
+
+    privacy = None
+    id = None
+    title = "no DP (distributed DP-SGD without its noise)"
+    takes_local_steps = False
+
+    def _plan(self, feature_dim: int, counts: dict[int, int], clients: int, delta: float,
+              rounds: int) -> DistributedPlan:
+        largest = sum(sorted(counts.values(), reverse=True)[:clients])
+        return noiseless_plan(self.config, delta=delta, dimension=noised_dimension(self.config, feature_dim),
+                              steps=rounds, clients=clients, records=largest)
+
+    def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> Ledger:
+        privacy = self.config.privacy
+        plain = [ClientAccount(a.client, a.phase, a.records, None, self.plans[a.phase].sample_rate,
+                               rounds_trained=a.rounds_trained) for a in accounts]
+        return build_ledger(plain, target_epsilon=None, delta=delta, accountant=privacy.accountant,
+                            max_grad_norm=privacy.max_grad_norm, noise_source=privacy.noise_source,
+                            max_rounds=max_rounds, not_covered=not_covered, unit=privacy.unit)
+
+    def noise_multipliers(self) -> list[float]:
+        return []
+
+    def describe(self, delta: float) -> list[str]:
+        plan = self.plans[TRAINING]
+        return [f"privacy: OFF (no DP): distributed DP-SGD's {plan.steps} steps (sample rate {plan.sample_rate:g}, "
+                f"clip {plan.max_grad_norm:g}) through the secure sum with no noise, the ceiling of the private "
+                "runs; pass --epsilon to train privately"]
 
 
 TRAINERS = (DistributedDPSGD,)

@@ -1,0 +1,89 @@
+"""A run without DP on the distributed line is distributed DP-SGD with the noise taken out: the same model, steps,
+clipping, server optimizer and secure sum — the ceiling of its private runs, not another algorithm (issue 26)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import small_config
+from privfer.fl import mechanisms
+from privfer.fl.mechanisms import NoDP, NoiselessSGD, make_mechanism
+from privfer.fl.rounds import TRAINING
+from privfer.fl.simulation import prepare_federation, simulate
+from privfer.models.clipped_sums import clipped_gradient_sums
+from privfer.privacy.audit import NO_DP
+from privfer.privacy.distributed import NOISELESS, encode_contribution, noise_generator, noiseless_plan
+
+FAST = ["federation.rounds=3", "federation.adaptation=false", "output.save_model=false"]
+
+
+def test_a_run_without_dp_takes_its_lines_algorithm_and_defaults():
+    free, private = small_config(), small_config("privacy.epsilon=8")
+    assert free.algorithm == private.algorithm == "distributed" and free.mechanism is None
+    assert isinstance(make_mechanism(free), NoiselessSGD)
+    for field in ("rounds", "clients_per_round", "server_optimizer"):
+        assert getattr(free.federation, field) == getattr(private.federation, field)
+    assert (free.model.readout, free.model.shortcut, free.model.recurrent) == ("mean", True, "fast_dp")
+    assert free.federation.server_lr == pytest.approx(private.federation.server_lr / 2)  # Adam without noise
+    # Where the line's private algorithm cannot run the strategy, or on other lines: local epochs (FedAvg), as before.
+    for overrides in (["federation.strategy=fedprox"], ["privacy.unit=person"], ["privacy.mechanism=local"],
+                      ["aggregation.backend=ckks"], ["aggregation.backend=plain"]):
+        config = small_config(*overrides)
+        assert config.algorithm is None and type(make_mechanism(config)) is NoDP, overrides
+    assert small_config("privacy.epsilon=3", "privacy.mechanism=local").algorithm == "local"
+
+
+def test_a_noiseless_plan_adds_no_noise_and_cannot_be_accounted():
+    config = small_config()
+    plan = noiseless_plan(config, delta=1e-5, dimension=500, steps=3, clients=4, records=400)
+    assert plan.noise == NOISELESS and plan.mu == plan.share_variance == 0 and plan.colluders == 0
+    values = np.random.default_rng(0).normal(size=500)
+    encoded = encode_contribution(values, plan, noise_generator(bytes(32)))
+    assert np.all(np.abs(encoded - values * plan.scale) < 1)  # randomized rounding only
+    with pytest.raises(ValueError):
+        plan.family  # no noise family: nothing can charge this plan as private
+    with pytest.raises(ValueError, match="calibrate its noise"):
+        noiseless_plan(small_config("privacy.epsilon=3"), delta=1e-5, dimension=5, steps=1, clients=4, records=4)
+
+
+def test_the_released_step_is_the_exact_mean_of_the_clipped_gradients(small_clips, monkeypatch):
+    config = small_config(*FAST, "federation.rounds=1")
+    federation = prepare_federation(config, small_clips)
+    seen = []
+    original = mechanisms.distributed.run_distributed_round
+
+    def spy(**kwargs):
+        model = kwargs["model_for"](kwargs["cohort"][0])  # the global model the round starts from (FedAvg)
+        seen.append((model, kwargs["shared"], kwargs["objective"], original(**kwargs)))
+        return seen[-1][-1]
+
+    monkeypatch.setattr(mechanisms.distributed, "run_distributed_round", spy)
+    simulate(config, None, clips=small_clips)
+    model, shared, objective, result = seen[0]
+    plan = federation.plans[TRAINING]
+    clients = federation.clients[TRAINING]
+    assert sorted(result.included) == sorted(clients)  # sample rate 1, every client: the whole training set
+    features = torch.cat([clients[c].features for c in sorted(clients)])
+    targets = torch.cat([clients[c].targets for c in sorted(clients)])
+    sums = clipped_gradient_sums(model, features, targets, torch.zeros(len(features), dtype=torch.long), 1,
+                                 plan.max_grad_norm, objective=objective).sums
+    exact = torch.cat([sums[name][0].reshape(-1) for name in shared]).double().numpy() / len(features)
+    # each client's randomized rounding moves a coordinate by less than one integer unit
+    assert np.max(np.abs(result.gradient - exact)) < len(clients) / plan.scale / len(features)
+    assert np.max(np.abs(exact)) > 100 * len(clients) / plan.scale / len(features)  # and the step is not ~0
+
+
+def test_the_ledger_says_the_run_is_not_private_and_the_audit_agrees(small_clips, tmp_path):
+    from privfer.auditing import audit_path
+
+    result = simulate(small_config(*FAST), tmp_path / "run", clips=small_clips)
+    ledger = json.loads((tmp_path / "run" / "privacy_ledger.json").read_text())
+    assert ledger["private"] is False and result.privacy.epsilon_max is None and result.privacy.mechanism is None
+    assert {c["rounds_trained"] for c in ledger["clients"]} == {3}
+    assert all(c["epsilon"] is None and c["noise_multiplier"] is None for c in ledger["clients"])
+    report = audit_path(tmp_path / "run")
+    assert not report.passed and report.verdict_counts()[NO_DP] == len(ledger["clients"])

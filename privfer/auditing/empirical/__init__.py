@@ -69,8 +69,11 @@ def run_canary_audit(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     check_counts(canaries, guesses)
-    audit = CANARY_AUDITS[config.mechanism_id or _LOCAL.id]  # without DP: the local audit, clipping and no noise
-    return audit(config, kind, canaries, guesses, seed, clips, delta)
+    if config.mechanism_id is None:  # without DP: the local audit, clipping and no noise, on the local line
+        config = type(config).model_validate({**config.to_dict(),
+                                              "privacy": {**config.privacy.model_dump(mode="json"),
+                                                          "mechanism": _LOCAL.selected_by}})
+    return CANARY_AUDITS[config.mechanism_id or _LOCAL.id](config, kind, canaries, guesses, seed, clips, delta)
 
 
 from privfer.auditing.empirical.sweep import plot_sweep, run_sweep  # noqa: E402 (it runs run_canary_audit)

@@ -29,7 +29,9 @@ def _clients(sizes, frames=6, dim=12, discrete=False, seed=0):
 
 
 def _config(*overrides):
-    return load_config(None, ["data.frames=6", "data.feature_dim=12", "model.hidden_size=5", *overrides])
+    # local training: runs without DP on the local line (the distributed line's train by one step per round)
+    return load_config(None, ["data.frames=6", "data.feature_dim=12", "model.hidden_size=5", "privacy.mechanism=local",
+                              *overrides])
 
 
 def _states(config, count, dim=12):

@@ -87,3 +87,24 @@ def test_the_ledger_says_the_run_is_not_private_and_the_audit_agrees(small_clips
     assert all(c["epsilon"] is None and c["noise_multiplier"] is None for c in ledger["clients"])
     report = audit_path(tmp_path / "run")
     assert not report.passed and report.verdict_counts()[NO_DP] == len(ledger["clients"])
+
+
+def test_a_run_without_dp_keeps_its_best_validation_round_and_resumes_to_it(small_clips, tmp_path):
+    class Killed(Exception):
+        pass
+
+    def kill_after_three(record):
+        if record.round == 3:
+            raise Killed
+
+    overrides = ["federation.rounds=5", "privacy.noise_source=run_seed", "federation.adaptation=false"]
+    whole = simulate(small_config(*overrides), tmp_path / "whole", clips=small_clips)
+    rounds = json.loads((tmp_path / "whole" / "rounds.json").read_text())
+    scores = [r["val_macro_f1"] for r in rounds]
+    assert whole.selected_round == 1 + scores.index(max(scores))  # the first of the best
+    with pytest.raises(Killed):
+        simulate(small_config(*overrides), tmp_path / "killed", clips=small_clips, on_round=kill_after_three)
+    resumed = simulate(small_config(*overrides), tmp_path / "killed", clips=small_clips)
+    assert resumed.selected_round == whole.selected_round and resumed.test == whole.test
+    private = simulate(small_config(*FAST, "privacy.epsilon=3"), None, clips=small_clips)
+    assert private.selected_round is None  # a private run keeps its last round: no choice from unprotected people

@@ -68,6 +68,8 @@ def print_simulation(result: Any, run_dir: Path) -> None:
     rounds = result.rounds
     summary.add_row("rounds (training + adaptation)", f"{rounds.training} + {rounds.adaptation}"
                     + (f" ({rounds.aborted} aborted)" if rounds.aborted else ""))
+    if result.selected_round is not None:
+        summary.add_row("model kept (no DP)", f"training round {result.selected_round}: best validation macro F1")
     if result.pseudo_labels:
         pseudo = result.pseudo_labels
         summary.add_row("pseudo labels kept / correct", f"{pseudo['kept_fraction']:.1%} / {pseudo['accuracy_of_kept']:.1%}")

@@ -114,6 +114,9 @@ class RunState:
     mechanism_state: dict[str, Any] = field(default_factory=dict)  # the mechanism's round-to-round state
     newcomer_head: dict[str, torch.Tensor] | None = None
     after_training: dict[str, Any] | None = None
+    # runs without DP: the training round with the best validation macro F1 so far ("round", "val_macro_f1",
+    # "global"), whose model the training phase ends with
+    best: dict[str, Any] | None = None
     elapsed: float = 0.0
     nonce: str = field(default_factory=lambda: secrets.token_hex(8))
     # Seeds the clients' DP noise and Poisson sampling (privacy.noise_source run_key): drawn from the OS,
@@ -146,6 +149,7 @@ class RunState:
             "mechanism_state": self.mechanism_state,
             "newcomer_head": self.newcomer_head,
             "after_training": self.after_training,
+            "best": self.best,
             "elapsed": self.elapsed,
             "nonce": self.nonce,
             "noise_key": self.noise_key,
@@ -165,6 +169,7 @@ class RunState:
             mechanism_state=raw.get("mechanism_state", _legacy_mechanism_state(raw)),
             newcomer_head=raw["newcomer_head"],
             after_training=raw["after_training"],
+            best=raw.get("best"),  # absent: a checkpoint written before runs without DP kept their best round
             elapsed=raw["elapsed"],
             nonce=raw["nonce"],
             noise_key=raw["noise_key"],

@@ -80,6 +80,8 @@ class SimulationResult:
     # what the privacy promise assumes of the server: "active" (it may deviate from the protocol) or "semi_honest"
     # (it follows it); results written before the field existed were semi-honest
     security: str = "semi_honest"
+    # the training round whose model the run kept: runs without DP keep their best validation round (None: the last)
+    selected_round: int | None = None
 
     @property
     def macro_f1(self) -> float:

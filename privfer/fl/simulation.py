@@ -86,10 +86,15 @@ def _evaluate(federation: Federation, state: RunState, clips: ClipSet, phase: st
 
 
 def _run_round(federation: Federation, state: RunState, phase: str, round_index: int) -> RoundRecord:
-    """The mechanism's round, then (FedAvg, training phase) the validation score the simulation reports."""
+    """The mechanism's round, then (FedAvg, training phase) the validation score the simulation reports; a run
+    without DP keeps the model of its best validation round (early stopping: choosing by the validation actors'
+    clips is free without DP, and under DP it would release a choice made from people the ledger does not cover)."""
     record = federation.mechanism.run_round(federation, state, phase, round_index)
     if phase == TRAINING and federation.strategy.one_global_model:
         record.val_macro_f1 = _evaluate(federation, state, federation.parts["val"], phase)["macro"]["f1"]
+        if not federation.private and (state.best is None or record.val_macro_f1 > state.best["val_macro_f1"]):
+            state.best = {"round": round_index, "val_macro_f1": record.val_macro_f1,
+                          "global": {name: value.detach().clone() for name, value in state.global_state.items()}}
     return record
 
 
@@ -196,6 +201,8 @@ def read_result(run_dir: Path) -> SimulationResult:
 
 
 def _finish_training_phase(federation: Federation, state: RunState) -> None:
+    if state.best is not None:  # a run without DP ends its training phase with its best validation round's model
+        state.global_state = {name: value.clone() for name, value in state.best["global"].items()}
     state.newcomer_head = _newcomer_head(federation, state)
     state.after_training = _evaluate(federation, state, federation.parts["test_eval"], TRAINING)
 
@@ -239,6 +246,7 @@ def _result(federation: Federation, state: RunState, final: dict, adapted: bool,
         ),
         clients={phase: len(group) for phase, group in federation.clients.items()},
         pseudo_labels=federation.pseudo,
+        selected_round=None if state.best is None else int(state.best["round"]),
         secure_aggregation=AggregationSummary(
             seconds=sum(r.aggregation_seconds for r in records),
             bytes_per_client_mean=statistics.mean(r.bytes_per_client for r in records) if records else 0.0,

@@ -28,6 +28,7 @@ from privfer.integrations.flower import (  # noqa: E402
 )
 
 from privfer.errors import PrivferError  # noqa: E402
+from privfer.privacy.distributed import NOISELESS  # noqa: E402
 from privfer.privacy.node import BudgetExhausted, NodeLedgerError, accept_plan, plan_to_json  # noqa: E402
 from privfer.privacy.noise import NoiseSteps, noise_family  # noqa: E402
 
@@ -213,6 +214,12 @@ def test_a_node_checks_the_servers_plan():
             accept_plan(plan_to_json(changed), enforced, DIMENSION, policy)
     with pytest.raises(UnacceptablePlan, match="does not enforce"):
         accept_plan(plan_to_json(plan), SecAggConfig(num_clients=20), DIMENSION, policy)
+    # a server that sends a run without DP's plan (no noise family, no shares) to nodes with a privacy policy
+    noiseless = replace(plan, noise=NOISELESS, mu=0.0, share_variance=0.0)
+    with pytest.raises(UnacceptablePlan, match="only with skellam noise shares"):
+        accept_plan(plan_to_json(noiseless), config, DIMENSION, policy)
+    with pytest.raises(UnacceptablePlan, match="variance"):  # and with the family's name but no variance
+        accept_plan(plan_to_json(replace(noiseless, noise=plan.noise)), config, DIMENSION, policy)
     # a node that assumes 5 sybils or colluders whatever the round's size refuses a plan sized by the fraction (2 of
     # 20), and accepts one whose honest shares carry the noise without 5 of the round's nodes
     wary = replace(policy, min_colluders=5)

@@ -44,7 +44,8 @@ def test_the_shortcut_starts_as_the_plain_vfer_and_is_shared_under_fedper():
     assert "shortcut.weight" not in short.personal_parameter_names(2)  # the LSTM and the head, not the shortcut
     config = load_config(None, ["privacy.epsilon=3"])
     assert config.model.shortcut is True and VFER.from_config(config.model, 4).shortcut is not None
-    assert load_config(None, []).model.shortcut is False
+    assert load_config(None, ["privacy.mechanism=local"]).model.shortcut is False  # the seed paper's model
+    assert load_config(None, []).model.shortcut is True  # without DP, the distributed line's model (its ceiling)
 
 
 @pytest.mark.parametrize("fast", [False, True])

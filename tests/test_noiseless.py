@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import small_config
+from privfer.errors import ConfigError
 from privfer.fl import mechanisms
 from privfer.fl.mechanisms import NoDP, NoiselessSGD, make_mechanism
 from privfer.fl.rounds import TRAINING
@@ -29,12 +30,20 @@ def test_a_run_without_dp_takes_its_lines_algorithm_and_defaults():
         assert getattr(free.federation, field) == getattr(private.federation, field)
     assert (free.model.readout, free.model.shortcut, free.model.recurrent) == ("mean", True, "fast_dp")
     assert free.federation.server_lr == pytest.approx(private.federation.server_lr / 2)  # Adam without noise
-    # Where the line's private algorithm cannot run the strategy, or on other lines: local epochs (FedAvg), as before.
-    for overrides in (["federation.strategy=fedprox"], ["privacy.unit=person"], ["privacy.mechanism=local"],
-                      ["aggregation.backend=ckks"], ["aggregation.backend=plain"]):
+    # On the other lines and at person level: local epochs (FedAvg), as before.
+    for overrides in (["privacy.unit=person"], ["privacy.mechanism=local"], ["aggregation.backend=ckks"],
+                      ["aggregation.backend=plain"]):
         config = small_config(*overrides)
         assert config.algorithm is None and type(make_mechanism(config)) is NoDP, overrides
     assert small_config("privacy.epsilon=3", "privacy.mechanism=local").algorithm == "local"
+
+
+def test_a_strategy_that_needs_local_steps_is_refused_there_as_under_distributed_dp(small_clips):
+    for epsilon in ("inf", "3"):
+        with pytest.raises(ConfigError, match="fedprox' changes how clients train locally.*privacy.mechanism 'local'"):
+            prepare_federation(small_config("federation.strategy=fedprox", f"privacy.epsilon={epsilon}"), small_clips)
+    assert type(prepare_federation(small_config("federation.strategy=fedprox", "privacy.mechanism=local"),
+                                   small_clips).mechanism) is NoDP
 
 
 def test_a_noiseless_plan_adds_no_noise_and_cannot_be_accounted():

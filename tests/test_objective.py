@@ -46,7 +46,8 @@ def _data(n=9, frames=4, dim=12, seed=0):
 
 
 def _config(*overrides):
-    return load_config(None, ["data.frames=4", "data.feature_dim=12", "model.hidden_size=5", *overrides])
+    return load_config(None, ["data.frames=4", "data.feature_dim=12", "model.hidden_size=5", "privacy.mechanism=local",
+                              *overrides])
 
 
 def _state(config, private=False):

@@ -29,7 +29,8 @@ class Anchored(FedAvg):
 
 
 def _config(*overrides):
-    return load_config(None, ["data.frames=6", "data.feature_dim=12", "model.hidden_size=5", *overrides])
+    return load_config(None, ["data.frames=6", "data.feature_dim=12", "model.hidden_size=5", "privacy.mechanism=local",
+                              *overrides])
 
 
 def _clients(sizes):

@@ -111,16 +111,12 @@ class PrivferConfig(_Section):
         A run without DP on the distributed line (privacy.mechanism distributed, or auto over masking) at record level
         trains with distributed DP-SGD's algorithm with the noise taken out — the same model, steps, clipping, server
         optimizer and secure sum — so it is the ceiling of that line's private runs (a study's no-DP cell), not
-        another algorithm. A strategy that needs local steps (fedprox), person level and the local line train
-        without DP by local epochs (FedAvg over the secure sum), as before."""
+        another algorithm; a strategy that needs local steps (fedprox) is refused there, as under distributed DP.
+        Person level and the local line train without DP by local epochs (FedAvg over the secure sum), as before."""
         if self.privacy.enabled:
             return self.mechanism
-        if self.selected_mechanism != "distributed" or self.privacy.unit != "record":
-            return None
-        from privfer.fl.strategies import STRATEGIES  # the registry imports this module: read it when asked
-
-        strategy = STRATEGIES.get(self.federation.strategy)
-        return None if strategy is None or strategy.needs_local_steps else "distributed"
+        distributed = self.selected_mechanism == "distributed" and self.privacy.unit == "record"
+        return "distributed" if distributed else None
 
     @property
     def mechanism(self) -> str | None:

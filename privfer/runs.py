@@ -196,10 +196,13 @@ def _prepare_run_dir(run_dir: Path, config: PrivferConfig, command: str) -> bool
             shown = ", ".join(f"{key}: {json.dumps(old)} there, {json.dumps(new)} now" for key, old, new in differences[:3])
             settings = " ".join(f"--set {key}={json.dumps(old)}" for key, old, _ in differences[:3]
                                 if not isinstance(old, dict))
+            # a setting left to privfer ("auto" or null there) that it resolves differently now cannot be given back
+            unresolved = [key for key, old, _ in differences if old is None or old == "auto"]
+            advice = (f"this privfer resolves {', '.join(unresolved[:3])} differently, so it cannot resume it"
+                      if unresolved else f"to resume it, give its settings ({settings})")
             raise RunDirectoryError(
-                f"{run_dir} holds a run with a different config ({shown}); to resume it, give its settings "
-                f"({settings}); or choose another --out for a new run (deleting it does not undo what its rounds "
-                "released)"
+                f"{run_dir} holds a run with a different config ({shown}); {advice}; or choose another --out for a "
+                "new run (deleting it does not undo what its rounds released)"
             )
         return True
     if run_dir.exists() and any(run_dir.iterdir()):

@@ -36,6 +36,10 @@ def test_a_run_without_dp_takes_its_lines_algorithm_and_defaults():
         config = small_config(*overrides)
         assert config.algorithm is None and type(make_mechanism(config)) is NoDP, overrides
     assert small_config("privacy.epsilon=3", "privacy.mechanism=local").algorithm == "local"
+    for epsilon in ("inf", "3"):  # nn.LSTM gives no per-record clipped sums: refused before anything runs
+        with pytest.raises(ConfigError, match="model.recurrent 'lstm' cannot train with distributed DP-SGD"):
+            small_config("model.recurrent=lstm", f"privacy.epsilon={epsilon}")
+    assert small_config("model.recurrent=lstm", "privacy.mechanism=local").model.recurrent == "lstm"
 
 
 def test_a_strategy_that_needs_local_steps_is_refused_there_as_under_distributed_dp(small_clips):
@@ -117,3 +121,56 @@ def test_a_run_without_dp_keeps_its_best_validation_round_and_resumes_to_it(smal
     assert resumed.selected_round == whole.selected_round and resumed.test == whole.test
     private = simulate(small_config(*FAST, "privacy.epsilon=3"), None, clips=small_clips)
     assert private.selected_round is None  # a private run keeps its last round: no choice from unprotected people
+
+
+def test_aborted_rounds_and_old_checkpoints_are_never_chosen_and_a_private_checkpoint_cannot_carry_a_choice(
+        small_clips, tmp_path):
+    from privfer.errors import RunDirectoryError
+    from privfer.fl.federation import RunState
+    from privfer.runs import load_checkpoint, save_checkpoint
+
+    # every round aborts (dropouts below the minimum inputs): no round changed the model, none is "the best"
+    aborted = simulate(small_config(*FAST, "federation.dropout=0.5", "aggregation.min_inputs_fraction=1.0"), None,
+                       clips=small_clips)
+    assert aborted.rounds.aborted == aborted.rounds.training and aborted.selected_round is None
+    # a checkpoint from before runs without DP kept their best round: its rounds cannot be chosen from
+    legacy = {"global": {}, "personal": {}, "accounts": [], "records": [], "newcomer_head": None,
+              "after_training": None, "elapsed": 0.0, "nonce": "n", "noise_key": "k"}
+    assert RunState.from_checkpoint(legacy).selecting
+    legacy["records"] = [dict(phase="training", round=1, clients=[], included=[], dropouts={}, aborted=None,
+                              train_loss=None, val_macro_f1=0.1, seconds=0.0, aggregation_seconds=0.0,
+                              bytes_per_client=0.0, clipped=0)]
+    assert not RunState.from_checkpoint(legacy).selecting
+    # a private run's checkpoint edited to carry a model chosen on the validation actors is refused
+    config = small_config(*FAST, "privacy.epsilon=3", "privacy.noise_source=run_seed")
+
+    class Killed(Exception):
+        pass
+
+    def kill(record):
+        raise Killed
+
+    with pytest.raises(Killed):
+        simulate(config, tmp_path / "private", clips=small_clips, on_round=kill)
+    checkpoint = tmp_path / "private" / "checkpoint.pt"
+    saved = load_checkpoint(checkpoint, True)
+    saved["best"] = {"round": 1, "val_macro_f1": 1.0, "global": saved["global"]}
+    save_checkpoint(checkpoint, saved)  # the integrity hash is unkeyed: whoever edits it can rewrite it
+    with pytest.raises(RunDirectoryError, match="edited"):
+        simulate(config, tmp_path / "private", clips=small_clips)
+
+
+def test_a_run_directory_whose_settings_privfer_now_resolves_differently_says_it_cannot_resume(small_clips, tmp_path):
+    import yaml
+
+    from privfer.errors import RunDirectoryError
+
+    config = small_config(*FAST, "federation.rounds=1")
+    simulate(config, tmp_path / "run", clips=small_clips)
+    saved = tmp_path / "run" / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    old["model"]["recurrent"] = "auto"  # as a run without DP written before issue 26 left it
+    saved.write_text(yaml.safe_dump(old, sort_keys=False))
+    (tmp_path / "run" / "result.json").unlink()
+    with pytest.raises(RunDirectoryError, match="resolves model.recurrent differently, so it cannot resume it"):
+        simulate(config, tmp_path / "run", clips=small_clips)

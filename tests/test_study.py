@@ -70,6 +70,21 @@ def test_a_killed_study_resumes_without_losing_or_repeating_cells(tmp_path):
     assert len(rows) == 4 and len({r["cell"] for r in rows}) == 4
 
 
+def test_a_cell_finished_under_another_config_is_neither_skipped_nor_reported(tmp_path):
+    # A cell id names only its grid values and seed: when a default changes between privfer versions (issue 26:
+    # runs without DP), the old result is another run, and the study says so instead of reporting it as this one.
+    spec, cells = load_spec(write_spec(tmp_path, {"privacy.epsilon": ["inf"]}))
+    folder = tmp_path / "study"
+    run_study(spec, cells, folder, workers=1)
+    saved = folder / "cells" / cells[0].id / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    old["model"]["readout"] = "last" if old["model"]["readout"] == "mean" else "mean"
+    saved.write_text(yaml.safe_dump(old, sort_keys=False))
+    outcome = run_study(spec, cells, folder, workers=1)[0]
+    assert outcome.status == "failed" and "model.readout" in outcome.error and "different config" in outcome.error
+    assert write_report(cells, folder, spec.name) == []
+
+
 def test_a_failing_cell_is_isolated_and_reported(tmp_path):
     spec, cells = load_spec(write_spec(tmp_path, {"federation.clients_per_round": [2, 500]}))
     outcomes = run_study(spec, cells, tmp_path / "study", workers=2)

@@ -99,6 +99,11 @@ class PrivferConfig(_Section):
             self.model.recurrent = "lstm"  # e.g. person level clips whole updates: no per-sample gradients
         if self.model.recurrent == "auto" and mechanism is None and distributed:
             self.model.recurrent = "fast_dp"  # distributed DP-SGD without noise still clips each record's gradient
+        if distributed and self.privacy.unit == "record" and self.model.recurrent == "lstm":
+            raise ValueError(
+                "model.recurrent 'lstm' cannot train with distributed DP-SGD (nor its runs without DP): it clips each "
+                "record's gradient, which needs the fast DP layer; use model.recurrent 'fast_dp' (or 'auto'), or "
+                "privacy.mechanism 'local'")
         if self.federation.server_lr is None:  # validation actors, benchmarks/tune_distributed.py, across data sets
             self.federation.server_lr = default_server_lr(self.privacy.epsilon, distributed, self.privacy.unit,
                                                           self.data.feature_dim)

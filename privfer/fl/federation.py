@@ -115,8 +115,10 @@ class RunState:
     newcomer_head: dict[str, torch.Tensor] | None = None
     after_training: dict[str, Any] | None = None
     # runs without DP: the training round with the best validation macro F1 so far ("round", "val_macro_f1",
-    # "global"), whose model the training phase ends with
+    # "global"), whose model the training phase ends with; ``selecting`` False: a run resumed from a checkpoint
+    # written before privfer kept it, whose earlier rounds it cannot choose from (it keeps its last round)
     best: dict[str, Any] | None = None
+    selecting: bool = True
     elapsed: float = 0.0
     nonce: str = field(default_factory=lambda: secrets.token_hex(8))
     # Seeds the clients' DP noise and Poisson sampling (privacy.noise_source run_key): drawn from the OS,
@@ -150,6 +152,7 @@ class RunState:
             "newcomer_head": self.newcomer_head,
             "after_training": self.after_training,
             "best": self.best,
+            "selecting": self.selecting,
             "elapsed": self.elapsed,
             "nonce": self.nonce,
             "noise_key": self.noise_key,
@@ -170,6 +173,7 @@ class RunState:
             newcomer_head=raw["newcomer_head"],
             after_training=raw["after_training"],
             best=raw.get("best"),  # absent: a checkpoint written before runs without DP kept their best round
+            selecting=bool(raw.get("selecting", not raw["records"])),
             elapsed=raw["elapsed"],
             nonce=raw["nonce"],
             noise_key=raw["noise_key"],

@@ -92,7 +92,8 @@ def _run_round(federation: Federation, state: RunState, phase: str, round_index:
     record = federation.mechanism.run_round(federation, state, phase, round_index)
     if phase == TRAINING and federation.strategy.one_global_model:
         record.val_macro_f1 = _evaluate(federation, state, federation.parts["val"], phase)["macro"]["f1"]
-        if not federation.private and (state.best is None or record.val_macro_f1 > state.best["val_macro_f1"]):
+        improved = state.best is None or record.val_macro_f1 > state.best["val_macro_f1"]
+        if not federation.private and state.selecting and record.aborted is None and improved:
             state.best = {"round": round_index, "val_macro_f1": record.val_macro_f1,
                           "global": {name: value.detach().clone() for name, value in state.global_state.items()}}
     return record
@@ -202,6 +203,9 @@ def read_result(run_dir: Path) -> SimulationResult:
 
 def _finish_training_phase(federation: Federation, state: RunState) -> None:
     if state.best is not None:  # a run without DP ends its training phase with its best validation round's model
+        if federation.private:
+            raise RunDirectoryError("the checkpoint of a private run holds a model chosen on the validation actors, "
+                                    "which privfer never writes for one: it was edited; start a new run")
         state.global_state = {name: value.clone() for name, value in state.best["global"].items()}
     state.newcomer_head = _newcomer_head(federation, state)
     state.after_training = _evaluate(federation, state, federation.parts["test_eval"], TRAINING)

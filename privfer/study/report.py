@@ -24,6 +24,7 @@ from typing import Any
 from privfer import EMOTIONS
 from privfer.fl.results import SimulationResult
 from privfer.runs import atomic_write_bytes, atomic_write_text
+from privfer.study.runner import finished_result
 from privfer.study.spec import Cell
 
 EPSILON, STRATEGY, POPULATION, AXES = "privacy.epsilon", "federation.strategy", "population", "axes"
@@ -39,11 +40,11 @@ def _epsilon(value: Any) -> float:
 
 
 def collect(cells: list[Cell], directory: Path) -> list[dict[str, Any]]:
-    """One row per finished cell, in the cells' order."""
+    """One row per finished cell, in the cells' order (a result run under another config is not this cell's)."""
     rows = []
     for cell in cells:
-        path = directory / "cells" / cell.id / "result.json"
-        if not path.is_file():
+        path = finished_result(cell, directory)
+        if path is None:
             continue
         result = SimulationResult.from_json(json.loads(path.read_text(encoding="utf-8")), str(path))
         config = cell.config

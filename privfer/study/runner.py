@@ -2,8 +2,11 @@
 
 Each cell is a ``privfer simulate`` run in ``STUDY/cells/<cell id>/`` (its own
 checkpoints, so a cell killed half-way resumes from its last round). A cell
-is finished when its ``result.json`` exists; re-running the study skips
-finished cells and runs the rest, so a killed study loses at most the rounds
+is finished when its ``result.json`` exists and its ``config.yaml`` is the
+config this privfer resolves for the cell (a cell id names only the grid
+values and seed: a default that changed since makes another run, which is
+refused with the differing settings, never reported as this one);
+re-running the study skips finished cells and runs the rest, so a killed study loses at most the rounds
 in flight and never duplicates a cell. A cell that raises writes
 ``error.json`` (atomically) and the others go on; the next run retries it.
 
@@ -22,10 +25,24 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from privfer.runs import atomic_write_json, atomic_write_text
 from privfer.study.spec import Cell, StudySpec
 
 RESULT, ERROR = "result.json", "error.json"
+
+
+def finished_result(cell: Cell, directory: Path) -> Path | None:
+    """The cell's ``result.json`` if it finished under the config this privfer resolves for it, else None."""
+    folder = directory / "cells" / cell.id
+    if not (folder / RESULT).is_file():
+        return None
+    try:
+        ran = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return folder / RESULT if ran == cell.config.to_dict() else None
 
 
 @dataclass
@@ -71,7 +88,7 @@ def run_study(
     outcomes: dict[str, CellOutcome] = {}
     pending = []
     for cell in cells:
-        if (directory / "cells" / cell.id / RESULT).is_file():
+        if finished_result(cell, directory) is not None:
             outcomes[cell.id] = CellOutcome(cell, "skipped")
             if on_outcome is not None:
                 on_outcome(outcomes[cell.id])

@@ -69,7 +69,8 @@ def run_canary_audit(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     check_counts(canaries, guesses)
-    if config.mechanism_id is None:  # without DP: the local audit, clipping and no noise, on the local line
+    if config.mechanism_id is None:  # without DP: the local audit, clipping and no noise, on the local line (a
+        # baseline of the audit's power, whatever algorithm the run's line trains without DP: docs/auditing.md)
         config = type(config).model_validate({**config.to_dict(),
                                               "privacy": {**config.privacy.model_dump(mode="json"),
                                                           "mechanism": _LOCAL.selected_by}})

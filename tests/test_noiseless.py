@@ -121,6 +121,10 @@ def test_a_run_without_dp_keeps_its_best_validation_round_and_resumes_to_it(smal
     assert resumed.selected_round == whole.selected_round and resumed.test == whole.test
     private = simulate(small_config(*FAST, "privacy.epsilon=3"), None, clips=small_clips)
     assert private.selected_round is None  # a private run keeps its last round: no choice from unprotected people
+    with pytest.raises(ConfigError, match="federation.keep_best_round true with privacy.epsilon"):
+        small_config("privacy.epsilon=3", "federation.keep_best_round=true")
+    last = simulate(small_config(*overrides, "federation.keep_best_round=false"), None, clips=small_clips)
+    assert last.selected_round is None
 
 
 def test_aborted_rounds_and_old_checkpoints_are_never_chosen_and_a_private_checkpoint_cannot_carry_a_choice(

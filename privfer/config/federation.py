@@ -251,6 +251,12 @@ class FederationConfig(_Section):
     dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="Chance a sampled client drops out (at a uniformly random protocol stage)."
     )
+    keep_best_round: bool | None = Field(
+        None,
+        description="End the training phase with the model of the round with the best validation macro F1 (early "
+        "stopping; FedAvg-like strategies) instead of the last; None: on without DP, off with DP. True with DP is "
+        "refused: the choice would release something about the validation actors, whom the ledger does not cover.",
+    )
     adaptation: bool = Field(True, description="Phase 2: federated adaptation on the test actors with IFER pseudo labels.")
     adaptation_rounds: int = Field(1, ge=1, le=100_000, description="Phase 2 rounds (all test actors train each round).")
     adaptation_epochs: int = Field(1, ge=1, le=1000, description="Phase 2 local epochs per round.")

@@ -104,6 +104,12 @@ class PrivferConfig(_Section):
                 "model.recurrent 'lstm' cannot train with distributed DP-SGD (nor its runs without DP): it clips each "
                 "record's gradient, which needs the fast DP layer; use model.recurrent 'fast_dp' (or 'auto'), or "
                 "privacy.mechanism 'local'")
+        if self.federation.keep_best_round is None:
+            self.federation.keep_best_round = not self.privacy.enabled
+        if self.federation.keep_best_round and self.privacy.enabled:
+            raise ValueError(
+                "federation.keep_best_round true with privacy.epsilon set: choosing a round by the validation actors' "
+                "clips releases something about people the ledger does not cover; leave it unset (off with DP)")
         if self.federation.server_lr is None:  # validation actors, benchmarks/tune_distributed.py, across data sets
             self.federation.server_lr = default_server_lr(self.privacy.epsilon, distributed, self.privacy.unit,
                                                           self.data.feature_dim)

@@ -87,13 +87,15 @@ def _evaluate(federation: Federation, state: RunState, clips: ClipSet, phase: st
 
 def _run_round(federation: Federation, state: RunState, phase: str, round_index: int) -> RoundRecord:
     """The mechanism's round, then (FedAvg, training phase) the validation score the simulation reports; a run
-    without DP keeps the model of its best validation round (early stopping: choosing by the validation actors'
-    clips is free without DP, and under DP it would release a choice made from people the ledger does not cover)."""
+    without DP keeps the model of its best validation round (``federation.keep_best_round``, early stopping:
+    choosing by the validation actors' clips is free without DP, and under DP it would release a choice made from
+    people the ledger does not cover)."""
     record = federation.mechanism.run_round(federation, state, phase, round_index)
     if phase == TRAINING and federation.strategy.one_global_model:
         record.val_macro_f1 = _evaluate(federation, state, federation.parts["val"], phase)["macro"]["f1"]
         improved = state.best is None or record.val_macro_f1 > state.best["val_macro_f1"]
-        if not federation.private and state.selecting and record.aborted is None and improved:
+        keep = federation.config.federation.keep_best_round and not federation.private
+        if keep and state.selecting and record.aborted is None and improved:
             state.best = {"round": round_index, "val_macro_f1": record.val_macro_f1,
                           "global": {name: value.detach().clone() for name, value in state.global_state.items()}}
     return record

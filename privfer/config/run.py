@@ -111,9 +111,16 @@ class PrivferConfig(_Section):
                 "federation.keep_best_round true with privacy.epsilon set: choosing a round by the validation actors' "
                 "clips releases something about people the ledger does not cover; leave it unset (off with DP)")
         if self.federation.server_lr is None:  # validation actors, benchmarks/tune_distributed.py, across data sets
-            self.federation.server_lr = default_server_lr(self.privacy.epsilon, distributed, self.privacy.unit,
-                                                          self.data.feature_dim)
+            self.federation.server_lr = self.resolved_server_lr(self.data.feature_dim)
         return self
+
+    def resolved_server_lr(self, feature_dim: int | None) -> float | None:
+        """federation.server_lr, or the step the rule gives this run for frames of ``feature_dim`` features (None:
+        the rule needs a feature dimension that is not known yet)."""
+        if self.federation.server_lr is not None:
+            return self.federation.server_lr
+        return default_server_lr(self.privacy.epsilon, self.algorithm == "distributed", self.privacy.unit,
+                                 feature_dim)
 
     @property
     def algorithm(self) -> str | None:

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from privfer.config import PrivferConfig
-from privfer.config.federation import default_server_lr
 from privfer.data import load_clips
 from privfer.data.clips import ClipSet
 from privfer.data.labels import pseudo_labels, training_targets
@@ -213,8 +212,7 @@ def prepare_federation(
     clips = load_clips(config.data) if clips is None else clips
     if fed.server_lr is None:  # the step's rule needed the feature dimension, known only now (CREMA-D)
         config = config.model_copy(deep=True)
-        config.federation.server_lr = default_server_lr(config.privacy.epsilon, config.algorithm == "distributed",
-                                                        config.privacy.unit, clips.feature_dim)
+        config.federation.server_lr = config.resolved_server_lr(clips.feature_dim)
         fed = config.federation
         strategy = make_strategy(fed)
     split = split_actors(clips, config.data.split, config.seed)

@@ -55,7 +55,6 @@ import torch
 import yaml
 
 from privfer.config import PrivferConfig
-from privfer.config.federation import default_server_lr
 from privfer.config.loading import build_config
 from privfer.data.clips import ClipSet
 from privfer.data.labels import evaluation_labels
@@ -83,10 +82,7 @@ FALLBACK_STEPS = (0.02, 0.05, 0.1)  # when the rule's step is not known before t
 def default_space(config: PrivferConfig, feature_dim: int | None = None) -> dict[str, list[Any]]:
     """The server's step size — the setting the transfer study found decisive — at half, once and twice the step
     the run's config resolves (federation.server_lr, or the sqrt(256 / D) rule with the data's ``feature_dim``)."""
-    step = config.federation.server_lr
-    if step is None:
-        step = default_server_lr(config.privacy.epsilon, config.algorithm == "distributed", config.privacy.unit,
-                                 feature_dim)
+    step = config.resolved_server_lr(feature_dim)
     if step is None:
         return {"federation.server_lr": list(FALLBACK_STEPS)}
     return {"federation.server_lr": [float(f"{step * factor:.4g}") for factor in STEP_FACTORS]}

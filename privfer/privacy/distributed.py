@@ -229,9 +229,10 @@ def _sum_bound(records: int, max_grad_norm: float, scale: float, clients: int, m
 
 
 def noiseless_plan(config: PrivferConfig, *, delta: float, dimension: int, steps: int, clients: int,
-                   records: int) -> DistributedPlan:
+                   records: int, population: int | None = None) -> DistributedPlan:
     """The plan of a run without DP on the distributed line (its ``config.algorithm``): the same clipping, sampling,
-    integer encoding and secure sum as its private runs, with no noise — the ceiling of their accuracy. Its
+    integer encoding and secure sum as its private runs, with no noise — the ceiling of their accuracy
+    (``population`` is :func:`calibrate_plan`'s, unused: there are no noise shares for colluders to remove). Its
     ``noise`` is :data:`NOISELESS`, which names no family, so nothing can account it as private (``family``
     raises) and no share is drawn for it (:func:`encode_contribution`)."""
     privacy, aggregation = config.privacy, config.aggregation

@@ -21,7 +21,7 @@ from privfer.fl.strategies import Strategy, make_strategy
 from privfer.models.vfer import VFER
 from privfer.privacy.calibrate import default_delta
 from privfer.privacy.distributed import DistributedPlan
-from privfer.privacy.ledger import Ledger
+from privfer.privacy.ledger import ClientAccount, Ledger, build_ledger
 from privfer.privacy.mechanisms import PrivacyMechanism
 
 if TYPE_CHECKING:
@@ -80,6 +80,15 @@ def noised_dimension(config: PrivferConfig, feature_dim: int) -> int:
     template = VFER.from_config(config.model, feature_dim, private=True)
     shared = set(make_strategy(config.federation).shared_names(template)) if config.privacy.unit == "person" else None
     return sum(p.numel() for n, p in template.named_parameters() if p.requires_grad and (shared is None or n in shared))
+
+
+def opacus_ledger(config: PrivferConfig, accounts: list[ClientAccount], target_epsilon: float | None, delta: float,
+                  max_rounds: dict[str, int], not_covered: list[str]) -> Ledger:
+    """The ledger of local DP-SGD (``target_epsilon``: the run's) and of every run without DP (None)."""
+    privacy = config.privacy
+    return build_ledger(accounts, target_epsilon=target_epsilon, delta=delta, accountant=privacy.accountant,
+                        max_grad_norm=privacy.max_grad_norm, noise_source=privacy.noise_source,
+                        max_rounds=max_rounds, not_covered=not_covered, unit=privacy.unit)
 
 
 def _trust_line(plan: DistributedPlan, security: str) -> str:

@@ -11,11 +11,11 @@ from privfer.config import PrivferConfig
 from privfer.errors import ConfigError
 from privfer.fl.distributed import run_distributed_round
 from privfer.fl.strategies.base import optimizer_step
-from privfer.fl.mechanisms.base import Counts, Mechanism, Release, _trust_line, noised_dimension
+from privfer.fl.mechanisms.base import Counts, Mechanism, Release, _trust_line, noised_dimension, opacus_ledger
 from privfer.fl.rounds import ADAPTATION, TRAINING
 from privfer.models.vfer import VFER
 from privfer.privacy.distributed import DistributedPlan, calibrate_plan, derived_key, noise_generator, noiseless_plan
-from privfer.privacy.ledger import ClientAccount, DistributedAccount, Ledger, build_distributed_ledger, build_ledger
+from privfer.privacy.ledger import ClientAccount, DistributedAccount, Ledger, build_distributed_ledger
 from privfer.privacy.mechanisms import distributed as _distributed
 
 if TYPE_CHECKING:
@@ -26,6 +26,8 @@ class DistributedDPSGD(Mechanism):
     """One DP-SGD step per secure sum over the union of the cohort's records; noise shares in the sum."""
 
     privacy = _distributed.MECHANISM
+    # how a phase's plan is made from the run's config (NoiselessSGD: the same plan without noise)
+    plan_for = staticmethod(calibrate_plan)
 
     def __init__(self, config: PrivferConfig) -> None:
         super().__init__(config)
@@ -52,8 +54,8 @@ class DistributedDPSGD(Mechanism):
               rounds: int) -> DistributedPlan:
         """A phase's plan: the sum bounds the largest ``clients`` clients' records."""
         largest = sum(sorted(counts.values(), reverse=True)[:clients])
-        return calibrate_plan(self.config, delta=delta, dimension=noised_dimension(self.config, feature_dim),
-                              steps=rounds, clients=clients, records=largest, population=len(counts))
+        return self.plan_for(self.config, delta=delta, dimension=noised_dimension(self.config, feature_dim),
+                             steps=rounds, clients=clients, records=largest, population=len(counts))
 
     def noise_rng(self, state: "RunState", phase: str, round_index: int, client_id: int) -> np.random.Generator:
         """A client's secret generator for one round (sampling, rounding, noise share)."""
@@ -143,20 +145,13 @@ class NoiselessSGD(DistributedDPSGD):
     id = None
     title = "no DP (distributed DP-SGD without its noise)"
     takes_local_steps = False
-
-    def _plan(self, feature_dim: int, counts: dict[int, int], clients: int, delta: float,
-              rounds: int) -> DistributedPlan:
-        largest = sum(sorted(counts.values(), reverse=True)[:clients])
-        return noiseless_plan(self.config, delta=delta, dimension=noised_dimension(self.config, feature_dim),
-                              steps=rounds, clients=clients, records=largest)
+    plan_for = staticmethod(noiseless_plan)
 
     def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> Ledger:
-        privacy = self.config.privacy
+        # the ledger of a run without DP, as local training's: every client's rounds, no noise and no epsilon
         plain = [ClientAccount(a.client, a.phase, a.records, None, self.plans[a.phase].sample_rate,
                                rounds_trained=a.rounds_trained) for a in accounts]
-        return build_ledger(plain, target_epsilon=None, delta=delta, accountant=privacy.accountant,
-                            max_grad_norm=privacy.max_grad_norm, noise_source=privacy.noise_source,
-                            max_rounds=max_rounds, not_covered=not_covered, unit=privacy.unit)
+        return opacus_ledger(self.config, plain, None, delta, max_rounds, not_covered)
 
     def noise_multipliers(self) -> list[float]:
         return []

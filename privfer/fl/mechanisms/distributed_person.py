@@ -12,7 +12,7 @@ from privfer.fl.batched import fit_many
 from privfer.fl.mechanisms.base import Counts, Release, _trust_line, client_seed, local_training, noised_dimension
 from privfer.fl.mechanisms.distributed import DistributedDPSGD
 from privfer.fl.rounds import TRAINING
-from privfer.privacy.distributed import DistributedPlan, calibrate_plan, decode_sum
+from privfer.privacy.distributed import DistributedPlan, decode_sum
 from privfer.privacy.mechanisms import distributed_person as _distributed_person
 from privfer.privacy.person import mean_update, person_contribution, secret_coin
 
@@ -39,8 +39,8 @@ class DistributedDPFedAvg(DistributedDPSGD):
               rounds: int) -> DistributedPlan:
         """Each person moves the sum by at most S (its clipped update), so the sum's bound counts ``clients``
         units of S; the sensitivity covers the shared parameters (:func:`noised_dimension`)."""
-        return calibrate_plan(self.config, delta=delta, dimension=noised_dimension(self.config, feature_dim),
-                              steps=rounds, clients=clients, records=clients, population=len(counts))
+        return self.plan_for(self.config, delta=delta, dimension=noised_dimension(self.config, feature_dim),
+                             steps=rounds, clients=clients, records=clients, population=len(counts))
 
     def release(self, federation: "Federation", state: "RunState", phase: str, round_index: int, cohort: list[int],
                 dropouts: dict[int, str]) -> Release:

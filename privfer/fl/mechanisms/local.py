@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING
 
 from privfer.config import PrivferConfig
 from privfer.fl.aggregation import round_context, sum_updates
-from privfer.fl.mechanisms.base import Counts, Mechanism, Release, client_seed, local_training
+from privfer.fl.mechanisms.base import Counts, Mechanism, Release, client_seed, local_training, opacus_ledger
 from privfer.fl.rounds import ADAPTATION, TRAINING
 from privfer.privacy.calibrate import ClientPlan, plan_clients
-from privfer.privacy.ledger import ClientAccount, Ledger, build_ledger
+from privfer.privacy.ledger import ClientAccount, Ledger
 from privfer.privacy.mechanisms import local as _local
 
 if TYPE_CHECKING:
@@ -76,10 +76,7 @@ class LocalDPSGD(Mechanism):
             weighted_sum=summed.weighted_sum, total_weight=summed.total_weight)
 
     def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> Ledger:
-        privacy = self.config.privacy
-        return build_ledger(accounts, target_epsilon=self.epsilon, delta=delta, accountant=privacy.accountant,
-                            max_grad_norm=privacy.max_grad_norm, noise_source=privacy.noise_source,
-                            max_rounds=max_rounds, not_covered=not_covered, unit=privacy.unit)
+        return opacus_ledger(self.config, accounts, self.epsilon, delta, max_rounds, not_covered)
 
     def noise_multipliers(self) -> list[float]:
         return [p.noise_multiplier for plans in self.plans.values() for p in plans.values()

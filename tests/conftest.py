@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 from privfer.config import PrivferConfig, load_config
@@ -24,6 +27,11 @@ def chi_square_p(values: np.ndarray, support: np.ndarray, pmf: np.ndarray) -> fl
     obs_bins[-1] += run_o + (values.size - observed.sum())
     exp_bins[-1] += run_e + (values.size - expected.sum())
     return stats.chisquare(obs_bins, np.array(exp_bins) * sum(obs_bins) / sum(exp_bins)).pvalue
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: the cores are shared between N workers, so each worker's torch gets its share (not all of them)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 SMALL = [
@@ -48,3 +56,12 @@ def small_config(*overrides: str) -> PrivferConfig:
 @pytest.fixture(scope="session")
 def small_clips():
     return generate_synthetic(small_config().data)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest tests first (deployment, then slow), so that under ``pytest -n 2`` they start on both workers
+    at once instead of one of them ending the suite alone; the order within each group is kept."""
+    def rank(item) -> int:
+        return 0 if item.get_closest_marker("deployment") else 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=rank)  # stable

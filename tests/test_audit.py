@@ -488,6 +488,7 @@ def test_a_local_entry_with_inflated_records_fails_against_its_run(audited_run, 
     assert not report.passed and any("sample rate" in problem for problem in report.run_checks), report.run_checks
 
 
+@pytest.mark.slow
 def test_a_run_with_the_default_delta_holds_delta_to_the_records(small_clips, tmp_path):
     config = small_config("privacy.epsilon=3", "federation.rounds=1", "federation.clients_per_round=3",
                           "aggregation.backend=plain", "privacy.accountant=rdp", "output.save_model=false",

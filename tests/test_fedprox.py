@@ -142,6 +142,7 @@ def test_record_level_distributed_dp_refuses_it_before_any_data_is_read(tmp_path
 @pytest.mark.parametrize("overrides", [["privacy.epsilon=3", "privacy.unit=person"], ["privacy.epsilon=3",
                                        "privacy.mechanism=local", "aggregation.backend=ckks"],
                                        ["privacy.mechanism=local"]])
+@pytest.mark.slow
 def test_it_runs_where_clients_train_locally_and_the_budget_is_unchanged(tmp_path, small_clips, overrides):
     prox = simulate(small_config(*FAST, *overrides), tmp_path / "prox", clips=small_clips)
     avg = simulate(small_config(*FAST[:2], *overrides), tmp_path / "avg", clips=small_clips)

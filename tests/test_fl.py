@@ -173,6 +173,7 @@ def test_too_many_clients_per_round_is_a_config_error(small_clips):
         prepare_federation(small_config(*FAST, "federation.clients_per_round=500"), small_clips)
 
 
+@pytest.mark.slow
 def test_privacy_costs_accuracy_in_order(small_clips):
     """Less privacy buys accuracy: no DP > epsilon 1000 > epsilon 8, averaged over seeds.
 

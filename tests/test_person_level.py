@@ -270,6 +270,7 @@ def test_the_person_level_ledger_recomputes_and_tampering_is_caught(person_run, 
         assert not report.passed and any(field in problem for problem in report.run_checks), report.run_checks
 
 
+@pytest.mark.slow
 def test_canary_persons_bound_epsilon_below_the_claim_and_find_no_noise():
     from privfer.auditing.empirical import run_canary_audit
 

@@ -34,6 +34,7 @@ def group_rounds(draw):
     return config, {c: draw(st.sampled_from(STAGES)) for c in dropped}, draw(st.integers(0, 2**32 - 1))
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(group_rounds())
 def test_the_sum_is_exact_after_dropouts_and_equals_the_full_roster_round(case):
@@ -49,6 +50,7 @@ def test_the_sum_is_exact_after_dropouts_and_equals_the_full_roster_round(case):
     np.testing.assert_array_equal(full.total[0], result.total[0])
 
 
+@pytest.mark.slow
 def test_each_client_receives_its_group_only_and_bytes_grow_with_k_not_n():
     received = {}
     for n in (200, 800):

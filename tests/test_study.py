@@ -56,6 +56,7 @@ def finished(folder):
     return sorted(p.parent.name for p in (folder / "cells").glob("*/result.json"))
 
 
+@pytest.mark.slow
 def test_a_killed_study_resumes_without_losing_or_repeating_cells(tmp_path):
     spec, cells = load_spec(write_spec(tmp_path, {"privacy.epsilon": [2, "inf"]}, seeds=(0, 1)))
     folder = tmp_path / "study"
@@ -85,6 +86,7 @@ def test_a_cell_finished_under_another_config_is_neither_skipped_nor_reported(tm
     assert write_report(cells, folder, spec.name) == []
 
 
+@pytest.mark.slow
 def test_a_failing_cell_is_isolated_and_reported(tmp_path):
     spec, cells = load_spec(write_spec(tmp_path, {"federation.clients_per_round": [2, 500]}))
     outcomes = run_study(spec, cells, tmp_path / "study", workers=2)
@@ -97,6 +99,7 @@ def test_a_failing_cell_is_isolated_and_reported(tmp_path):
     assert [o.status for o in again] == ["skipped", "failed"] and "clients_per_round = 500" in again[1].error
 
 
+@pytest.mark.slow
 def test_the_command_runs_reports_and_regenerates(tmp_path):
     spec = write_spec(tmp_path, {"privacy.epsilon": [3, "inf"], "federation.strategy": ["fedavg", "fedper"]})
     folder = tmp_path / "study"

@@ -24,6 +24,7 @@ import torch
 from privfer.config import AggregationConfig
 from privfer.secagg import aggregate
 from privfer.secagg.errors import RoundAborted, SecAggError
+from privfer.secagg.hosts import default_processes
 from privfer.secagg.quantize import ClippingWarning
 from privfer.secagg.statements import NO_CONTEXT, context_digest
 
@@ -99,6 +100,7 @@ def sum_updates(
                 metrics={c: {"loss": float(losses[c])} for c in clients} if losses is not None else None,
                 round_id=round_id,
                 context=context,
+                processes=client_processes(len(clients)),
             )
     except RoundAborted as exc:
         return RoundSum({}, 0.0, 0.0, [], aborted=str(exc), seconds=time.perf_counter() - start)
@@ -126,6 +128,13 @@ def _result(names, shapes, total, weight, loss, included, seconds, clipped, boun
         for name, array in zip(names, total)
     }
     return RoundSum(summed, weight, loss, included, None, clipped, bound * scale, seconds, bytes_sent)
+
+
+def client_processes(clients: int) -> int:
+    """How many processes a simulated round's clients run in (:mod:`privfer.secagg.hosts`): one per torch thread
+    the run may use (``training.torch_threads``), at most one per core and per 16 clients. The sum, the included
+    clients and every message's content are the same for any count."""
+    return min(torch.get_num_threads(), default_processes(clients))
 
 
 @dataclass
@@ -163,7 +172,7 @@ def sum_integer_contributions(
         raise ValueError(f"the plan is for 2^{plan.modulus_bits}, the aggregation for 2^{round_config.modulus_bits}")
     try:
         result = aggregate({c: [np.asarray(contributions[c], dtype=np.int64)] for c in clients}, round_config,
-                           dropouts, round_id=round_id, context=context)
+                           dropouts, round_id=round_id, context=context, processes=client_processes(len(clients)))
     except RoundAborted as exc:
         return IntegerRoundSum(np.zeros(0, np.int64), [], str(exc), time.perf_counter() - start)
     except SecAggError as exc:
@@ -172,4 +181,5 @@ def sum_integer_contributions(
                            time.perf_counter() - start, dict(result.bytes_sent))
 
 
-__all__ = ["IntegerRoundSum", "RoundSum", "round_context", "sum_integer_contributions", "sum_updates"]
+__all__ = ["IntegerRoundSum", "RoundSum", "client_processes", "round_context", "sum_integer_contributions",
+           "sum_updates"]

@@ -39,6 +39,7 @@ def aggregate(
     randomness: Callable[[int], Randomness] | None = None,
     enrollments: Mapping[int, Enrollment] | None = None,
     context: bytes = NO_CONTEXT,
+    processes: int | None = None,
 ) -> AggregationResult:
     """Securely sum ``updates`` (client id -> list of float arrays) with the backend ``config`` belongs to.
 
@@ -51,14 +52,16 @@ def aggregate(
     member identity and the roster certificate (one certificate for all); when
     omitted, an in-process enrollment authority — a different object from the
     server — enrolls the round's clients with fresh keys. ``context`` is the
-    32-byte digest of the model and plan every client trained from. A
+    32-byte digest of the model and plan every client trained from. ``processes`` (masking only; default 1)
+    runs the clients' side of the round in that many processes — this one and forked children, each client in
+    one of them (:mod:`privfer.secagg.hosts`; Linux) — for the same sum, included set and messages. A
     :class:`SecAggConfig` runs the masking protocol (:func:`privfer.secagg.masking.aggregate`: every option), a
     CKKS config :func:`privfer.secagg.he.aggregate` (``enrollments``: signed updates), a
     :class:`~privfer.secagg.plain.PlainConfig` the plain (NOT private) sum; an option a backend has no use for
-    (the masking protocol's ``randomness`` and ``context``) is not passed to it.
+    (the masking protocol's ``randomness``, ``context`` and ``processes``) is not passed to it.
     """
     backend = backend_of(config)
-    given = {"randomness": randomness, "enrollments": enrollments, "context": context}
+    given = {"randomness": randomness, "enrollments": enrollments, "context": context, "processes": processes}
     options = {name: value for name, value in given.items() if value is not None and name in backend.options}
     return backend.recipe()(updates, config, dropouts, example_counts=example_counts, metrics=metrics,
                             round_id=round_id, **options)

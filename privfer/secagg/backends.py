@@ -48,7 +48,7 @@ class Backend:
 
 BACKENDS: dict[str, Backend] = {backend.name: backend for backend in (  # one entry per backend
     Backend("masking", "privfer.secagg.masking", "SecAggConfig", "privfer.secagg.config", private=True,
-            exact_integers=True, options=("randomness", "enrollments", "context")),
+            exact_integers=True, options=("randomness", "enrollments", "context", "processes")),
     Backend("ckks", "privfer.secagg.he.recipe", "CKKSConfig", "privfer.secagg.he.config", private=True,
             exact_integers=False, options=("enrollments",)),
     Backend("plain", "privfer.secagg.plain", "PlainConfig", "privfer.secagg.plain", private=False,

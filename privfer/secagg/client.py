@@ -47,9 +47,11 @@ from privfer.secagg.keys import (
     PURPOSE_SHARE,
     KeyPairs,
     agree,
+    derive_key,
     encrypt_share,
     seed_commitment,
     share_commitments,
+    shared_secret,
 )
 from privfer.secagg.codec import SERVER, id_set
 from privfer.secagg.messages import (
@@ -168,6 +170,9 @@ class SecAggClient:
         self._roster_digest = b""  # digest of the roster (binds every share and the signed statement)
         self._request = b""  # active: the unmask request this client signed, kept until the signatures arrive
         self._complaints: dict[int, bytes] = {}  # dealer -> revealed share key, sent with the masked input
+        # holder -> the X25519 secret of this client's and its share keys (c), kept from dealing to opening the
+        # holder's deal (both directed keys derive from it); in memory only, like the private key itself
+        self._share_secrets: dict[int, bytes] = {}
         self.mask_seconds = 0.0  # PRG expansion + modular addition of all masks (benchmarks compare it with the cipher)
 
     # -- saving and restoring (privfer.secagg.client_state) ------------------------------
@@ -333,8 +338,8 @@ class SecAggClient:
                 if holder == self.client_id:
                     self._held[holder] = (seed_share, key_share)  # our own share never leaves the client
                     continue
-                key = agree(self._keys.c_private, self._roster[holder][0], PURPOSE_SHARE, self.round_id,
-                            self.client_id, holder)
+                secret = self._share_secrets[holder] = shared_secret(self._keys.c_private, self._roster[holder][0])
+                key = derive_key(secret, PURPOSE_SHARE, self.round_id, self.client_id, holder)
                 plaintext = share_plaintext(self.client_id, holder, seed_share, key_share)
                 ciphertexts[holder] = encrypt_share(key, plaintext, self.round_id, self.client_id, holder,
                                                     self._roster_digest, self.randomness)
@@ -387,8 +392,10 @@ class SecAggClient:
             complaints: dict[int, bytes] = {}
             for sender, blob in forwarded.ciphertexts.items():
                 # directed: the key of sender -> this client (this client's own deal to sender used another)
-                key = agree(self._keys.c_private, self._roster[sender][0], PURPOSE_SHARE, self.round_id, sender,
-                            self.client_id)
+                secret = self._share_secrets.get(sender)  # absent in a client restored from its saved state
+                if secret is None:
+                    secret = shared_secret(self._keys.c_private, self._roster[sender][0])
+                key = derive_key(secret, PURPOSE_SHARE, self.round_id, sender, self.client_id)
                 if active:  # the dealer's signature covers this very ciphertext and commitment, or nothing is said
                     self._check_deal(sender, blob, forwarded)
                 try:
@@ -401,6 +408,7 @@ class SecAggClient:
                     # this client's own share from a dealer that cheated — and lets anyone check the accusation.
                     complaints[sender] = key
             self._complaints = complaints
+            self._share_secrets = {}  # every deal is opened: no later stage needs them
             self._peers = frozenset(forwarded.ciphertexts)
             if len(self._peers) + 1 < self.config.group_threshold:
                 self.stage = "aborted"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,6 +35,7 @@ PURPOSE_SHARE = b"share"
 _LABEL = b"privfer-secagg/v1/"
 
 
+@lru_cache(maxsize=64)  # called for every key, commitment and share of a round: tens of thousands of times
 def round_bytes(round_id: str) -> bytes:
     encoded = round_id.encode("utf-8")
     if not 1 <= len(encoded) <= 255:
@@ -108,16 +110,20 @@ def check_public_key(raw: bytes) -> None:
         raise MalformedMessage("public key is a low-order point") from None
 
 
-def agree(private: X25519PrivateKey | bytes, peer_public: bytes, purpose: bytes, round_id: str, a: int, b: int) -> bytes:
-    """The 32-byte key two clients share for ``purpose`` in ``round_id``."""
+def shared_secret(private: X25519PrivateKey | bytes, peer_public: bytes) -> bytes:
+    """The raw X25519 shared secret (never used as a key itself: :func:`derive_key` binds it first)."""
     if isinstance(private, (bytes, bytearray)):
         private = X25519PrivateKey.from_private_bytes(bytes(private))
     try:
-        shared = private.exchange(load_public(peer_public))
+        return private.exchange(load_public(peer_public))
     except ValueError:
         # X25519 rejects low-order points (an all-zero shared secret).
         raise MalformedMessage("peer public key is a low-order point") from None
-    return derive_key(shared, purpose, round_id, a, b)
+
+
+def agree(private: X25519PrivateKey | bytes, peer_public: bytes, purpose: bytes, round_id: str, a: int, b: int) -> bytes:
+    """The 32-byte key two clients share for ``purpose`` in ``round_id``."""
+    return derive_key(shared_secret(private, peer_public), purpose, round_id, a, b)
 
 
 @dataclass

@@ -3,6 +3,7 @@ security) in process, every message through its byte encoding, clients dropping 
 
 from __future__ import annotations
 
+import multiprocessing
 import secrets
 import warnings
 from typing import Any, Callable, Mapping, Sequence
@@ -11,6 +12,7 @@ import numpy as np
 
 from privfer.secagg.client import SecAggClient
 from privfer.secagg.config import SecAggConfig, make_config
+from privfer.secagg.hosts import ClientHosts
 from privfer.secagg.identity import Enrollment, enroll_in_process
 from privfer.secagg.payload import PayloadLayout
 from privfer.secagg.quantize import ClippingReport, ClippingWarning
@@ -41,6 +43,7 @@ def aggregate(
     randomness: Callable[[int], Randomness] | None = None,
     enrollments: Mapping[int, Enrollment] | None = None,
     context: bytes = NO_CONTEXT,
+    processes: int = 1,
 ) -> AggregationResult:
     """Securely sum ``updates`` with the pairwise-masking protocol; the arguments are
     :func:`privfer.secagg.aggregate`'s, which documents them (every option applies here)."""
@@ -80,32 +83,39 @@ def aggregate(
 
     times = StageTimes()
     stages = round_stages(config)
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise InvalidRoundArguments(f"processes must be an integer >= 1, got {processes!r}")
+    if processes > 1 and multiprocessing.current_process().daemon:
+        processes = 1  # a daemonic process may not have children
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ClippingWarning)  # reported once, summed, below
-        for index, stage in enumerate(stages):
-            # the server opens a stage as it ends the one before (its time is that stage's). Broadcasts (the full
-            # roster, the unmask request) are the same bytes for every client: decoded once here, where a deployed
-            # client decodes its copy (a per-client decode would make an in-process round O(n^2)); an addressed
-            # message (a group roster, forwarded shares) is decoded by its client.
-            with times.on_server(stages[index - 1].name if index else stage.name):
-                opening = stage.opens(server)
-                broadcast = None if opening.broadcast is None else \
-                    type(opening.broadcast).from_bytes(opening.broadcast.to_bytes())
-                addressed = {cid: (type(m), m.to_bytes()) for cid, m in (opening.addressed or {}).items()}
-            for cid in active(stage.name):
-                if opening.addressed is not None and cid not in addressed:
-                    continue  # the server sent it nothing (it excluded the client): it has nothing to answer
-                with times.client(stage.name, cid):
-                    if cid in addressed:
-                        kind, raw = addressed[cid]
-                        message = kind.from_bytes(raw)
-                    else:
-                        message = broadcast
-                    answer = stage.respond(clients[cid], message, inputs(cid) if stage.needs_model else {}).to_bytes()
-                with times.on_server(stage.name):
-                    stage.receive(server, answer, cid)
-    for cid in active("masked_input"):
-        times.masking[cid] = clients[cid].mask_seconds
+        warnings.simplefilter("ignore", ClippingWarning)  # reported once, summed, below (and in every child)
+        with ClientHosts(clients, stages, inputs, processes) as hosts:
+            for index, stage in enumerate(stages):
+                # the server opens a stage as it ends the one before (its time is that stage's). Broadcasts (the full
+                # roster, the unmask request) are the same bytes for every client: decoded once per process here,
+                # where a deployed client decodes its copy (a per-client decode would make an in-process round
+                # O(n^2)); an addressed message (a group roster, forwarded shares) is decoded by its client.
+                with times.on_server(stages[index - 1].name if index else stage.name):
+                    opening = stage.opens(server)
+                    broadcast = None if opening.broadcast is None else (type(opening.broadcast),
+                                                                        opening.broadcast.to_bytes())
+                    decoded = None if broadcast is None else broadcast[0].from_bytes(broadcast[1])
+                    addressed = {cid: (type(m), m.to_bytes()) for cid, m in (opening.addressed or {}).items()}
+                # a client the server sent nothing (it excluded the client) has nothing to answer
+                answering = [cid for cid in active(stage.name) if opening.addressed is None or cid in addressed]
+                if stage.name == "advertise_keys" and active_security:
+                    for cid in answering:  # a child claims the round in its copy of the enrollment: so does ours,
+                        if not hosts.runs_here(cid):  # or a reuse of this round id would pass here unnoticed
+                            enrollments[cid].claim(round_id)
+                for cid, answer, error, seconds, mask_seconds in hosts.answer(index, broadcast, decoded, addressed,
+                                                                              answering):
+                    times.clients[stage.name][cid] = times.clients[stage.name].get(cid, 0.0) + seconds
+                    if error is not None:
+                        raise error
+                    if stage.needs_model:
+                        times.masking[cid] = mask_seconds
+                    with times.on_server(stage.name):
+                        stage.receive(server, answer, cid)
     with times.on_server(stages[-1].name):
         summed = server.finish()
     clipping = ClippingReport(

@@ -22,6 +22,9 @@ from privfer.cli.common import (ConfigOption, DataOption, SetOption, UsageError,
 
 def main() -> None:
     """Console-script entry point: usage errors too are one line and exit code 2."""
+    from privfer.fl.allocator import keep_freed_memory
+
+    keep_freed_memory()  # this process is privfer's: rounds reuse the memory the round before freed
     try:
         code = app(standalone_mode=False)
     except typer.Abort:

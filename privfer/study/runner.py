@@ -65,8 +65,10 @@ def _run_cell(cell: Cell, folder: str, threads: int) -> float:
 
     import torch
 
+    from privfer.fl.allocator import keep_freed_memory
     from privfer.fl.simulation import simulate
 
+    keep_freed_memory()  # the worker is a process of its own (spawned): see privfer.fl.allocator
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", category=UserWarning)  # clipping reports etc. land in the cell's result
     result = simulate(cell.config, Path(folder))  # the threads stay out of the config: resumes on any machine

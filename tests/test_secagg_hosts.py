@@ -66,14 +66,15 @@ def test_a_round_split_over_processes_sends_the_same_bytes_and_sums_the_same(cas
     assert multiprocessing.active_children() == []
 
 
-def test_a_failure_in_a_child_is_raised_as_itself_and_the_children_are_reaped():
+@pytest.mark.parametrize("failing", [8, 1])  # the last block's client (a child runs it), the first (this process)
+def test_a_failure_is_raised_as_itself_and_the_children_are_reaped(failing):
     updates = {c: [np.ones(4, np.float32)] for c in range(1, 9)}
-    updates[8] = [np.array([1.0, np.nan, 0.0, 0.0], np.float32)]  # the last block's client: a child runs it
+    updates[failing] = [np.array([1.0, np.nan, 0.0, 0.0], np.float32)]
     config = SecAggConfig(num_clients=8, security="semi_honest")
     for processes in (1, 2):
         with pytest.raises(InvalidUpdate, match="finite"):
             aggregate(updates, config, processes=processes)
-    assert multiprocessing.active_children() == []
+        assert multiprocessing.active_children() == []
 
 
 def test_a_child_that_dies_ends_the_round_with_a_clear_error(monkeypatch):

@@ -29,7 +29,7 @@ import os
 import pickle
 import time
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from privfer.secagg.errors import SecAggError
 
@@ -121,6 +121,7 @@ class ClientHosts:
         blocks = split_blocks(list(clients), processes)
         self.local = set(blocks[0])
         self.children: list[tuple[Any, Any, set[int]]] = []  # (process, connection, its clients)
+        self._busy: set[int] = set()  # pids of children sent a stage whose answers are not read yet
         if len(blocks) > 1:
             context = multiprocessing.get_context("fork")
             with warnings.catch_warnings():
@@ -147,37 +148,45 @@ class ClientHosts:
         self.close()
 
     def close(self) -> None:
+        """Stop every child: told to, or killed if it still works on a stage whose answers nobody will read (the
+        round ended early) or does not stop within 5 s."""
         for process, connection, _ in self.children:
-            try:
-                connection.send(None)
-            except (OSError, BrokenPipeError):
-                pass
+            if process.pid in self._busy:
+                process.kill()
+            else:
+                try:
+                    connection.send(None)
+                except (OSError, BrokenPipeError):
+                    pass
             connection.close()
         for process, _, _ in self.children:
             process.join(timeout=5)
             if process.is_alive():
                 process.kill()
                 process.join()
-        self.children = []
+        self.children, self._busy = [], set()
 
     def answer(self, index: int, broadcast: tuple[type, bytes] | None, decoded_broadcast: Any,
-               addressed: Mapping[int, tuple[type, bytes]], cids: Sequence[int]) -> list[Answer]:
-        """Every client of ``cids`` answers stage ``index`` (the children's in parallel with this process's);
-        the answers in id order, up to and including each block's first failure."""
+               addressed: Mapping[int, tuple[type, bytes]], cids: Sequence[int]) -> Iterator[Answer]:
+        """Every client of ``cids`` answers stage ``index``, the children's in parallel with this process's; the
+        answers in id order (this process's block has the lowest ids: the caller handles them while the children
+        still work), up to and including each block's first failure."""
         wanted = set(cids)
-        for _, connection, block in self.children:
+        for process, connection, block in self.children:
             theirs = sorted(wanted & block)
             connection.send((index, broadcast, {cid: addressed[cid] for cid in theirs if cid in addressed}, theirs))
-        answers = answer_all(self.clients, self.stages[index], decoded_broadcast, addressed,
-                             sorted(wanted & self.local), self.inputs)
-        for process, connection, _ in self.children:
+            self._busy.add(process.pid)
+        yield from answer_all(self.clients, self.stages[index], decoded_broadcast, addressed,
+                              sorted(wanted & self.local), self.inputs)
+        for process, connection, _ in self.children:  # blocks in id order, each answered in id order
             try:
-                answers.extend(connection.recv())
+                answers = connection.recv()
             except (EOFError, OSError):
                 process.join(timeout=5)  # its exit code, once the kernel has it
                 raise ClientProcessDied(f"a client process (pid {process.pid}) ended without answering; exit code "
                                         f"{process.exitcode}") from None
-        return sorted(answers, key=lambda answer: answer[0])
+            self._busy.discard(process.pid)
+            yield from answers
 
 
 def default_processes(clients: int, *, per_process: int = 16) -> int:

@@ -6,6 +6,11 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +20,7 @@ from hypothesis import strategies as st
 from privfer.secagg import SecAggConfig, aggregate
 from privfer.secagg.client import SecAggClient
 from privfer.secagg.errors import InvalidRoundArguments, InvalidUpdate, WrongRound
-from privfer.secagg.hosts import ClientProcessDied, default_processes, fork_available, split_blocks
+from privfer.secagg.hosts import ClientProcessDied, default_processes, fork_available, forkable, split_blocks
 from privfer.secagg.identity import Enrollment, enroll_in_process
 from privfer.secagg.randomness import InsecureDeterministicRandomness
 
@@ -116,3 +121,83 @@ def test_a_member_run_in_a_child_cannot_join_the_same_round_id_again():
     with pytest.raises(WrongRound, match="member 5 already took part"):  # 5-8 ran in the child
         aggregate({c: updates[c] for c in range(5, 9)}, SecAggConfig(num_clients=4, security="active"), round_id="once",
                   enrollments=enrollments)
+
+
+def test_a_randomness_stream_shared_by_clients_is_never_copied_into_a_child():
+    """A fork would copy a stream two clients share: a client in the child would draw the bytes one here drew (the
+    same self-mask seed undoes double masking). Such a round runs in one process: the same bytes as processes=1."""
+    updates = {c: [np.full(4, float(c), np.float32)] for c in range(1, 9)}
+    config = SecAggConfig(num_clients=8, security="semi_honest")
+    runs = []
+    for processes in (1, 2):
+        shared = InsecureDeterministicRandomness(bytes(32))
+        runs.append(aggregate(updates, config, round_id="r", randomness=lambda cid: shared, processes=processes))
+    assert transcript(runs[0]) == transcript(runs[1])
+    clients = {c: SecAggClient(c, config, "r", None, InsecureDeterministicRandomness(bytes(32))) for c in (1, 2)}
+    assert forkable(clients)  # one stream each: fine
+    clients[2].randomness = clients[1].randomness
+    assert not forkable(clients)
+
+
+def test_no_fork_while_another_python_thread_runs():
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait)
+    worker.start()
+    try:
+        assert not forkable({})
+    finally:
+        release.set()
+        worker.join()
+    assert forkable({})
+
+
+def test_a_refused_claim_records_no_member_that_never_advertised():
+    enrollments = enroll_in_process(range(1, 9))
+    enrollments[1].claim("r")  # member 1 (this process's block) already joined round r
+    updates = {c: [np.ones(4, np.float32)] for c in range(1, 9)}
+    with pytest.raises(WrongRound, match="member 1 already took part"):
+        aggregate(updates, SecAggConfig(num_clients=8, security="active"), round_id="r", enrollments=enrollments,
+                  processes=2)
+    # as with one process, members 2-8 never advertised in r: they still may
+    aggregate({c: updates[c] for c in range(5, 9)}, SecAggConfig(num_clients=4, security="active"), round_id="r",
+              enrollments=enrollments)
+
+
+ORPHAN = """
+import time
+from privfer.secagg.hosts import ClientHosts
+
+class Stage:
+    needs_model = False
+    def respond(self, client, message, inputs):
+        time.sleep(120)
+
+hosts = ClientHosts({c: object() for c in range(1, 5)}, [Stage()], lambda cid: {}, processes=2)
+print(hosts.children[0][0].pid, flush=True)
+list(hosts.answer(0, None, None, {}, [1, 2, 3, 4]))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_child_dies_with_its_parent():
+    """A parent killed mid-round (SIGKILL, the OOM killer) leaves no child holding its clients' keys and updates."""
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child)
+    finally:
+        parent.kill()

@@ -200,6 +200,7 @@ class SecAggClient:
             yield
         except BaseException:
             self.stage = "aborted"
+            self._share_secrets = {}
             raise
 
     # -- stage 0 ---------------------------------------------------------------

@@ -16,22 +16,34 @@ included set do not depend on P.
 Each client's secrets exist only in the process that runs it; a child ends
 with the round. A client's randomness (:class:`~privfer.secagg.randomness.Randomness`)
 is used only in its own process: the OS CSPRNG is fork-safe, and a
-deterministic per-client stream continues where it would in one process (a
-stream *shared* by several clients would be consumed in another order).
-Forking needs the ``fork`` start method (Linux, and macOS where Python allows
-it); elsewhere, or with P = 1, everything runs here.
+deterministic per-client stream continues where it would in one process. A
+stream *shared* by several clients would be copied into every child, and a
+client there would draw the bytes a client here drew (the same self-mask
+seed: double masking undone), so such a round runs in one process
+(:func:`forkable`), as does a round started while other Python threads run
+(a fork can copy a lock another thread holds). A child dies with its parent
+(Linux's parent-death signal) and ends when the parent's end of its pipe
+closes. Forking needs the ``fork`` start method (Linux, and macOS where
+Python allows it); elsewhere, or with P = 1, everything runs here.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import pickle
+import signal
+import threading
 import time
 import warnings
+from multiprocessing.connection import wait
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from privfer.secagg.errors import SecAggError
+from privfer.secagg.randomness import Randomness
+
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 Answer = tuple[int, "bytes | None", "BaseException | None", float, float]
 """(client id, its answer's bytes or None, the exception it raised or None, seconds, its mask seconds)."""
@@ -90,8 +102,24 @@ def _portable(exc: BaseException) -> BaseException:
     return SecAggError(f"{type(exc).__name__}: {exc}")
 
 
-def _serve(connection, clients: Mapping[int, Any], stages: Sequence[Any], inputs: Callable[[int], dict]) -> None:
-    """A child's loop: answer each stage the parent sends for this child's clients, until told to stop."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this child when the parent dies (SIGKILL, the OOM killer), so no child keeps its
+    clients' keys and the round's updates in memory beyond the round."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _serve(connection, inherited: Sequence[Any], parent: int, clients: Mapping[int, Any], stages: Sequence[Any],
+           inputs: Callable[[int], dict]) -> None:
+    """A child's loop: answer each stage the parent sends for this child's clients, until told to stop or until
+    the parent's end of the pipe closes."""
+    _die_with_parent(parent)
+    for end in inherited:  # the parent's ends of this and earlier children's pipes: held here, no EOF could come
+        end.close()
     try:
         while True:
             command = connection.recv()
@@ -116,7 +144,7 @@ class ClientHosts:
     def __init__(self, clients: Mapping[int, Any], stages: Sequence[Any], inputs: Callable[[int], dict],
                  processes: int = 1) -> None:
         self.clients, self.stages, self.inputs = clients, stages, inputs
-        if processes > 1 and not fork_available():
+        if processes > 1 and not forkable(clients):
             processes = 1
         blocks = split_blocks(list(clients), processes)
         self.local = set(blocks[0])
@@ -124,18 +152,24 @@ class ClientHosts:
         self._busy: set[int] = set()  # pids of children sent a stage whose answers are not read yet
         if len(blocks) > 1:
             context = multiprocessing.get_context("fork")
-            with warnings.catch_warnings():
-                # Python 3.12+ warns that forking a multi-threaded process (torch's thread pool) may deadlock the
-                # child if it takes a lock another thread held; a child here runs only the clients' crypto and
-                # numpy, and no lock of those is held across the fork by another thread.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                for block in blocks[1:]:
-                    parent_end, child_end = context.Pipe()
-                    mine = {cid: clients[cid] for cid in block}
-                    process = context.Process(target=_serve, args=(child_end, mine, stages, inputs), daemon=True)
-                    process.start()
-                    child_end.close()
-                    self.children.append((process, parent_end, set(block)))
+            try:
+                with warnings.catch_warnings():
+                    # Python 3.12+ warns that forking a multi-threaded process may deadlock the child if another
+                    # thread held a lock (an import lock, say) at the fork. Only torch's native worker threads run
+                    # here: forkable() refuses a process with other Python threads.
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    for block in blocks[1:]:
+                        parent_end, child_end = context.Pipe()
+                        mine = {cid: clients[cid] for cid in block}
+                        inherited = [connection for _, connection, _ in self.children] + [parent_end]
+                        process = context.Process(target=_serve, daemon=True, args=(
+                            child_end, inherited, os.getpid(), mine, stages, inputs))
+                        process.start()
+                        child_end.close()
+                        self.children.append((process, parent_end, set(block)))
+            except BaseException:
+                self.close()  # the children already started
+                raise
 
     def runs_here(self, cid: int) -> bool:
         """Whether client ``cid`` runs in this process (its state here is current), not in a child."""
@@ -180,6 +214,9 @@ class ClientHosts:
                               sorted(wanted & self.local), self.inputs)
         for process, connection, _ in self.children:  # blocks in id order, each answered in id order
             try:
+                wait([connection, process.sentinel])  # an answer, or the child's end
+                if not connection.poll():
+                    raise EOFError
                 answers = connection.recv()
             except (EOFError, OSError):
                 process.join(timeout=5)  # its exit code, once the kernel has it
@@ -187,6 +224,24 @@ class ClientHosts:
                                         f"{process.exitcode}") from None
             self._busy.discard(process.pid)
             yield from answers
+
+
+def forkable(clients: Mapping[int, Any]) -> bool:
+    """Whether a round's clients may be split over forked processes: the ``fork`` start method exists; this
+    process runs no other Python thread (a fork while another thread holds an import or I/O lock can deadlock the
+    child); and no randomness object is shared by two clients unless it is the OS CSPRNG (:class:`Randomness`
+    itself, fork-safe) — a copied stream would give a client in a child the bytes a client here drew: the same
+    self-mask seed, Shamir coefficients and nonces."""
+    if not fork_available() or threading.active_count() > 1:
+        return False
+    owners: dict[int, int] = {}
+    for cid, client in clients.items():
+        randomness = getattr(client, "randomness", None)
+        if randomness is None or type(randomness) is Randomness:
+            continue
+        if owners.setdefault(id(randomness), cid) != cid:
+            return False
+    return True
 
 
 def default_processes(clients: int, *, per_process: int = 16) -> int:
@@ -199,4 +254,5 @@ def default_processes(clients: int, *, per_process: int = 16) -> int:
     return max(1, min(cores, 8, clients // per_process))
 
 
-__all__ = ["ClientHosts", "ClientProcessDied", "answer_all", "default_processes", "fork_available", "split_blocks"]
+__all__ = ["ClientHosts", "ClientProcessDied", "answer_all", "default_processes", "fork_available", "forkable",
+           "split_blocks"]

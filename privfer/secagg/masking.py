@@ -103,13 +103,13 @@ def aggregate(
                     addressed = {cid: (type(m), m.to_bytes()) for cid, m in (opening.addressed or {}).items()}
                 # a client the server sent nothing (it excluded the client) has nothing to answer
                 answering = [cid for cid in active(stage.name) if opening.addressed is None or cid in addressed]
-                if stage.name == "advertise_keys" and active_security:
-                    for cid in answering:  # a child claims the round in its copy of the enrollment: so does ours,
-                        if not hosts.runs_here(cid):  # or a reuse of this round id would pass here unnoticed
-                            enrollments[cid].claim(round_id)
                 for cid, answer, error, seconds, mask_seconds in hosts.answer(index, broadcast, decoded, addressed,
                                                                               answering):
                     times.clients[stage.name][cid] = times.clients[stage.name].get(cid, 0.0) + seconds
+                    if stage.name == "advertise_keys" and active_security and not hosts.runs_here(cid):
+                        # it claimed the round id first thing, in the child's copy of its enrollment: ours must
+                        # record it too, or a second round under this id would pass here unnoticed
+                        enrollments[cid].claim(round_id)
                     if error is not None:
                         raise error
                     if stage.needs_model:

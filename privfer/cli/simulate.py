@@ -54,6 +54,9 @@ def simulate(
     progress = Progress(
         TextColumn("[bold]{task.fields[phase]} round"), MofNCompleteColumn(), BarColumn(),
         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=errors, disable=as_json,
+        # redrawn at each round's update, by this thread: no refresh thread runs while the round's clients fork
+        # (privfer.secagg.hosts forks only a process without other Python threads)
+        auto_refresh=False,
     )
     task = progress.add_task("simulate", total=1, status="", phase="", start=False)
 
@@ -71,7 +74,7 @@ def simulate(
                              highlight=False, markup=False)
         progress.start()
         progress.start_task(task)
-        progress.update(task, total=total, completed=done, phase="training")
+        progress.update(task, total=total, completed=done, phase="training", refresh=True)
 
     def on_round(record: Any) -> None:
         loss = "-" if record.train_loss is None else f"{record.train_loss:.3f}"
@@ -79,7 +82,7 @@ def simulate(
         note = f"  ABORTED: {record.aborted}" if record.aborted else ""
         progress.update(
             task, advance=1, phase=record.phase,
-            status=f"{len(record.included)}/{len(record.clients)} clients  loss {loss}{val}{note}",
+            status=f"{len(record.included)}/{len(record.clients)} clients  loss {loss}{val}{note}", refresh=True,
         )
 
     try:

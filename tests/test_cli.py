@@ -199,3 +199,21 @@ def test_more_canaries_than_coordinates_is_a_user_error(tmp_path, monkeypatch):
     result = run("canary-audit", *SETS, "--epsilon", "2", "--canaries", "10000000", "--guesses", "10")
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: 10000000 canaries but the model has")
+
+
+def test_simulate_runs_no_other_python_thread_during_its_rounds_so_their_clients_may_fork(tmp_path, monkeypatch):
+    """privfer.secagg.hosts forks a round's clients only from a process without other Python threads: the
+    progress bar must not keep a refresh thread alive while rounds run."""
+    import threading
+
+    from privfer.fl import aggregation
+    from privfer.secagg import hosts
+
+    seen = []
+    real = hosts.forkable
+    monkeypatch.setattr(aggregation, "client_processes", lambda clients: 2)  # as on a 2-core machine
+    monkeypatch.setattr(hosts, "forkable", lambda clients: seen.append(threading.active_count()) or real(clients))
+    result = run("simulate", *SETS, "--epsilon", "3", "--rounds", "2", "--set", "federation.adaptation=false",
+                 "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    assert seen and set(seen) == {1}, seen

@@ -201,3 +201,20 @@ def test_a_child_dies_with_its_parent():
         assert not _alive(child)
     finally:
         parent.kill()
+
+
+def _report_forkable(queue) -> None:
+    queue.put(forkable({}))
+
+
+def test_a_daemonic_process_runs_its_rounds_alone():
+    """multiprocessing forbids a daemonic process children: its rounds run in it, not split."""
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    daemon = context.Process(target=_report_forkable, args=(queue,), daemon=True)
+    daemon.start()
+    try:
+        assert queue.get(timeout=60) is False
+    finally:
+        daemon.join(timeout=30)
+    assert forkable({})

@@ -228,11 +228,11 @@ class ClientHosts:
 
 def forkable(clients: Mapping[int, Any]) -> bool:
     """Whether a round's clients may be split over forked processes: the ``fork`` start method exists; this
-    process runs no other Python thread (a fork while another thread holds an import or I/O lock can deadlock the
-    child); and no randomness object is shared by two clients unless it is the OS CSPRNG (:class:`Randomness`
-    itself, fork-safe) — a copied stream would give a client in a child the bytes a client here drew: the same
-    self-mask seed, Shamir coefficients and nonces."""
-    if not fork_available() or threading.active_count() > 1:
+    process is not a daemonic one (which may not have children); it runs no other Python thread (a fork while
+    another thread holds an import or I/O lock can deadlock the child); and no randomness object is shared by
+    two clients unless it is the OS CSPRNG (:class:`Randomness` itself, fork-safe) — a copied stream would give a
+    client in a child the bytes a client here drew: the same self-mask seed, Shamir coefficients and nonces."""
+    if not fork_available() or multiprocessing.current_process().daemon or threading.active_count() > 1:
         return False
     owners: dict[int, int] = {}
     for cid, client in clients.items():

@@ -3,7 +3,6 @@ security) in process, every message through its byte encoding, clients dropping 
 
 from __future__ import annotations
 
-import multiprocessing
 import secrets
 import warnings
 from typing import Any, Callable, Mapping, Sequence
@@ -51,6 +50,8 @@ def aggregate(
         raise TypeError(f"the masking recipe runs a SecAggConfig, got {type(config).__name__}")
     dropouts = check_round_arguments(updates, config.num_clients, dropouts, example_counts, metrics,
                                      integer=config.encoding == "integer")
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise InvalidRoundArguments(f"processes must be an integer >= 1, got {processes!r}")
     layout = PayloadLayout(tuple(agreed_shapes(updates, dropouts)), config)
     round_id = round_id or secrets.token_hex(8)
     make_randomness = randomness or (lambda _client: SYSTEM)
@@ -83,10 +84,6 @@ def aggregate(
 
     times = StageTimes()
     stages = round_stages(config)
-    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
-        raise InvalidRoundArguments(f"processes must be an integer >= 1, got {processes!r}")
-    if processes > 1 and multiprocessing.current_process().daemon:
-        processes = 1  # a daemonic process may not have children
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ClippingWarning)  # reported once, summed, below (and in every child)
         with ClientHosts(clients, stages, inputs, processes) as hosts:
@@ -105,7 +102,7 @@ def aggregate(
                 answering = [cid for cid in active(stage.name) if opening.addressed is None or cid in addressed]
                 for cid, answer, error, seconds, mask_seconds in hosts.answer(index, broadcast, decoded, addressed,
                                                                               answering):
-                    times.clients[stage.name][cid] = times.clients[stage.name].get(cid, 0.0) + seconds
+                    times.add_client(stage.name, cid, seconds)
                     if stage.name == "advertise_keys" and active_security and not hosts.runs_here(cid):
                         # it claimed the round id first thing, in the child's copy of its enrollment: ours must
                         # record it too, or a second round under this id would pass here unnoticed

@@ -47,7 +47,11 @@ class StageTimes:
     def client(self, stage: str, cid: int) -> Iterator[None]:
         start = time.perf_counter()
         yield
-        self.clients[stage][cid] = self.clients[stage].get(cid, 0.0) + time.perf_counter() - start
+        self.add_client(stage, cid, time.perf_counter() - start)
+
+    def add_client(self, stage: str, cid: int, seconds: float) -> None:
+        """Count ``seconds`` of client ``cid``'s time in ``stage`` (measured where the client ran)."""
+        self.clients[stage][cid] = self.clients[stage].get(cid, 0.0) + seconds
 
     @contextmanager
     def on_server(self, stage: str) -> Iterator[None]:

@@ -12,7 +12,7 @@ import torch
 from conftest import small_config
 from privfer.errors import ConfigError
 from privfer.fl import mechanisms
-from privfer.fl.mechanisms import NoDP, NoiselessSGD, make_mechanism
+from privfer.fl.mechanisms import NoDP, NoiselessFedAvg, NoiselessSGD, make_mechanism
 from privfer.fl.rounds import TRAINING
 from privfer.fl.simulation import prepare_federation, simulate
 from privfer.models.clipped_sums import clipped_gradient_sums
@@ -30,9 +30,19 @@ def test_a_run_without_dp_takes_its_lines_algorithm_and_defaults():
         assert getattr(free.federation, field) == getattr(private.federation, field)
     assert (free.model.readout, free.model.shortcut, free.model.recurrent) == ("mean", True, "fast_dp")
     assert free.federation.server_lr == pytest.approx(private.federation.server_lr / 2)  # Adam without noise
-    # On the other lines and at person level: local epochs (FedAvg), as before.
-    for overrides in (["privacy.unit=person"], ["privacy.mechanism=local"], ["aggregation.backend=ckks"],
-                      ["aggregation.backend=plain"]):
+    # Person level: distributed DP-FedAvg's rounds, model and defaults without the noise.
+    person, person_private = small_config("privacy.unit=person"), small_config("privacy.unit=person",
+                                                                                "privacy.epsilon=8")
+    assert person.algorithm == "distributed" and person.mechanism is None
+    assert isinstance(make_mechanism(person), NoiselessFedAvg) and make_mechanism(person).takes_local_steps
+    for section, field in (("federation", "rounds"), ("federation", "clients_per_round"),
+                           ("federation", "local_epochs"), ("model", "hidden_size"), ("model", "readout"),
+                           ("model", "shortcut"), ("model", "recurrent"), ("privacy", "max_update_norm"),
+                           ("privacy", "participation")):
+        assert getattr(getattr(person, section), field) == getattr(getattr(person_private, section), field), field
+    # On the local line: local epochs (FedAvg), as before.
+    for overrides in (["privacy.mechanism=local"], ["aggregation.backend=ckks"], ["aggregation.backend=plain"],
+                      ["privacy.unit=person", "privacy.mechanism=local"]):
         config = small_config(*overrides)
         assert config.algorithm is None and type(make_mechanism(config)) is NoDP, overrides
     assert small_config("privacy.epsilon=3", "privacy.mechanism=local").algorithm == "local"
@@ -90,10 +100,47 @@ def test_the_released_step_is_the_exact_mean_of_the_clipped_gradients(small_clip
     assert np.max(np.abs(exact)) > 100 * len(clients) / plan.scale / len(features)  # and the step is not ~0
 
 
-def test_the_ledger_says_the_run_is_not_private_and_the_audit_agrees(small_clips, tmp_path):
+@pytest.mark.parametrize("participation", [1.0, 0.5])
+def test_at_person_level_the_released_step_is_the_exact_mean_of_the_clipped_updates(small_clips, monkeypatch,
+                                                                                     participation):
+    """DP-FedAvg without noise: each client's clipped whole update (zeros on tails), randomly rounded, summed
+    securely, over the public denominator p x included — and no noise share in any contribution."""
+    from privfer.fl.mechanisms import distributed_person
+    from privfer.privacy.person import clip_update
+
+    config = small_config(*FAST, "federation.rounds=1", "privacy.unit=person",
+                          f"privacy.participation={participation}")
+    made, released = [], []
+    real_contribution, real_release = distributed_person.person_contribution, NoiselessFedAvg.release
+
+    def contribution(update, heads, plan, rng):
+        made.append((np.asarray(update, dtype=np.float64), heads, plan, real_contribution(update, heads, plan, rng)))
+        return made[-1][-1]
+
+    def release(self, *args, **kwargs):
+        released.append(real_release(self, *args, **kwargs))
+        return released[-1]
+
+    monkeypatch.setattr(distributed_person, "person_contribution", contribution)
+    monkeypatch.setattr(NoiselessFedAvg, "release", release)
+    simulate(config, None, clips=small_clips)
+    plan = made[0][2]
+    assert plan.noise == NOISELESS and plan.sample_rate == participation
+    clipped = [clip_update(update, plan.max_grad_norm) * heads for update, heads, _, _ in made]
+    assert max(np.linalg.norm(c) for c in clipped) == pytest.approx(plan.max_grad_norm)  # the clip binds
+    for exact, (_, _, _, encoded) in zip(clipped, made):
+        assert np.all(np.abs(encoded - exact * plan.scale) < 1)  # randomized rounding, no noise share
+    assert (participation == 1.0) == all(heads for _, heads, _, _ in made)
+    step = -np.sum(clipped, axis=0) / (participation * len(made))
+    assert np.max(np.abs(released[0].gradient - step)) < len(made) / plan.scale / (participation * len(made))
+    assert np.max(np.abs(step)) > 100 / plan.scale  # and the step is not ~0
+
+
+@pytest.mark.parametrize("unit", ["record", "person"])
+def test_the_ledger_says_the_run_is_not_private_and_the_audit_agrees(small_clips, tmp_path, unit):
     from privfer.auditing import audit_path
 
-    result = simulate(small_config(*FAST), tmp_path / "run", clips=small_clips)
+    result = simulate(small_config(*FAST, f"privacy.unit={unit}"), tmp_path / "run", clips=small_clips)
     ledger = json.loads((tmp_path / "run" / "privacy_ledger.json").read_text())
     assert ledger["private"] is False and result.privacy.epsilon_max is None and result.privacy.mechanism is None
     assert {c["rounds_trained"] for c in ledger["clients"]} == {3}

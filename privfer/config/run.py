@@ -94,10 +94,10 @@ class PrivferConfig(_Section):
             self.model.hidden_size = DISTRIBUTED_HIDDEN if distributed else LOCAL_HIDDEN
         if self.model.shortcut == "auto":
             self.model.shortcut = distributed
-        mechanism = self.privacy_mechanism
+        mechanism = select(self.algorithm, self.privacy.unit)  # the algorithm's mechanism, with or without noise
         if self.model.recurrent == "auto" and mechanism is not None and not mechanism.per_sample_gradients:
             self.model.recurrent = "lstm"  # e.g. person level clips whole updates: no per-sample gradients
-        if self.model.recurrent == "auto" and mechanism is None and distributed:
+        if self.model.recurrent == "auto" and not self.privacy.enabled and distributed:
             self.model.recurrent = "fast_dp"  # distributed DP-SGD without noise still clips each record's gradient
         if distributed and self.privacy.unit == "record" and self.model.recurrent == "lstm":
             raise ValueError(
@@ -126,15 +126,15 @@ class PrivferConfig(_Section):
     def algorithm(self) -> str | None:
         """How the run trains: its mechanism's algorithm ('distributed' or 'local'; None: local training without DP).
 
-        A run without DP on the distributed line (privacy.mechanism distributed, or auto over masking) at record level
-        trains with distributed DP-SGD's algorithm with the noise taken out — the same model, steps, clipping, server
-        optimizer and secure sum — so it is the ceiling of that line's private runs (a study's no-DP cell), not
-        another algorithm; a strategy that needs local steps (fedprox) is refused there, as under distributed DP.
-        Person level and the local line train without DP by local epochs (FedAvg over the secure sum), as before."""
+        A run without DP on the distributed line (privacy.mechanism distributed, or auto over masking) trains with
+        that line's algorithm at its unit with the noise taken out — record level: distributed DP-SGD; person level:
+        distributed DP-FedAvg — the same model, steps, clipping, secret coins, server optimizer and secure sum, so it
+        is the ceiling of that line's private runs (a study's no-DP cell), not another algorithm; a strategy that
+        needs local steps (fedprox) is refused at record level, as under distributed DP-SGD. The local line trains
+        without DP by local epochs (FedAvg over the secure sum)."""
         if self.privacy.enabled:
             return self.mechanism
-        distributed = self.selected_mechanism == "distributed" and self.privacy.unit == "record"
-        return "distributed" if distributed else None
+        return "distributed" if self.selected_mechanism == "distributed" else None
 
     @property
     def mechanism(self) -> str | None:

@@ -38,7 +38,7 @@ from privfer.errors import ConfigError
 from privfer.fl.mechanisms.base import (Counts, Mechanism, Release, client_seed, local_training, noised_dimension,
                                         public_client_seed)
 from privfer.fl.mechanisms.distributed import DistributedDPSGD, NoiselessSGD
-from privfer.fl.mechanisms.distributed_person import DistributedDPFedAvg
+from privfer.fl.mechanisms.distributed_person import DistributedDPFedAvg, NoiselessFedAvg
 from privfer.fl.mechanisms.local import LocalDPSGD, NoDP
 
 _MODULES = (  # one line per trainer module; each lists its trainers in TRAINERS
@@ -60,7 +60,7 @@ def make_mechanism(config: PrivferConfig) -> Mechanism:
     """The trainer of the mechanism the (validated) config resolves to; a run without DP on the distributed line
     trains with its algorithm without noise (:attr:`privfer.config.PrivferConfig.algorithm`)."""
     if config.mechanism_id is None and config.algorithm == "distributed":
-        return NoiselessSGD(config)
+        return NoiselessFedAvg(config) if config.privacy.unit == "person" else NoiselessSGD(config)
     trainer = MECHANISMS.get(config.mechanism_id)
     if trainer is None:
         raise ConfigError(f"the privacy mechanism {config.mechanism_id!r} is registered (privfer.privacy.mechanisms) "
@@ -68,5 +68,5 @@ def make_mechanism(config: PrivferConfig) -> Mechanism:
     return trainer(config)
 
 
-__all__ = ["MECHANISMS", "Counts", "DistributedDPFedAvg", "DistributedDPSGD", "LocalDPSGD", "Mechanism", "NoDP", "NoiselessSGD", "Release",
-           "client_seed", "local_training", "make_mechanism", "noised_dimension", "public_client_seed"]
+__all__ = ["MECHANISMS", "Counts", "DistributedDPFedAvg", "DistributedDPSGD", "LocalDPSGD", "Mechanism", "NoDP",
+           "NoiselessFedAvg", "NoiselessSGD", "Release", "client_seed", "local_training", "make_mechanism", "noised_dimension", "public_client_seed"]

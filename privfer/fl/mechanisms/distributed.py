@@ -134,17 +134,15 @@ class DistributedDPSGD(Mechanism):
         ]
 
 
-class NoiselessSGD(DistributedDPSGD):
-    """A run without DP on the distributed line (``config.algorithm``): distributed DP-SGD's rounds — the cohort's
-    clipped gradient sums, randomly rounded, through the secure sum; the server's optimizer on their mean — with no
-    noise share. Same model, steps, clipping and server step as the line's private runs, so it is their ceiling
-    (a study's no-DP cell). Not a registered mechanism: a run without DP has no mechanism id, and its ledger says
-    it is not private."""
+class Noiseless:
+    """A run without DP on the distributed line (``config.algorithm``), mixed into the line's trainer at the run's
+    unit: the same rounds, clipping, coins, integer encoding, secure sum and server optimizer, with no noise share
+    (the phase's plan is :func:`~privfer.privacy.distributed.noiseless_plan`). So it is the line's ceiling (a
+    study's no-DP cell). Not a registered mechanism: a run without DP has no mechanism id, and its ledger says it is
+    not private."""
 
     privacy = None
     id = None
-    title = "no DP (distributed DP-SGD without its noise)"
-    takes_local_steps = False
     plan_for = staticmethod(noiseless_plan)
 
     def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> Ledger:
@@ -155,6 +153,14 @@ class NoiselessSGD(DistributedDPSGD):
 
     def noise_multipliers(self) -> list[float]:
         return []
+
+
+class NoiselessSGD(Noiseless, DistributedDPSGD):
+    """Record level without DP: distributed DP-SGD's rounds — the cohort's clipped gradient sums, randomly rounded,
+    through the secure sum; the server's optimizer on their mean — with no noise share."""
+
+    title = "no DP (distributed DP-SGD without its noise)"
+    takes_local_steps = False
 
     def describe(self, delta: float) -> list[str]:
         plan = self.plans[TRAINING]

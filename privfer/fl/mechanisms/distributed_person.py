@@ -10,7 +10,7 @@ import torch
 from privfer.fl.aggregation import round_context, sum_integer_contributions
 from privfer.fl.batched import fit_many
 from privfer.fl.mechanisms.base import Counts, Release, _trust_line, client_seed, local_training, noised_dimension
-from privfer.fl.mechanisms.distributed import DistributedDPSGD
+from privfer.fl.mechanisms.distributed import DistributedDPSGD, Noiseless
 from privfer.fl.rounds import TRAINING
 from privfer.privacy.distributed import DistributedPlan, decode_sum
 from privfer.privacy.mechanisms import distributed_person as _distributed_person
@@ -81,6 +81,20 @@ class DistributedDPFedAvg(DistributedDPSGD):
             "selected in every round)",
             _trust_line(plan, self.config.aggregation.resolved_security),
         ]
+
+
+class NoiselessFedAvg(Noiseless, DistributedDPFedAvg):
+    """Person level without DP: distributed DP-FedAvg's rounds — each selected client's clipped whole update (or
+    zeros, by its coin), randomly rounded, through the secure sum; the server's optimizer on the mean over the public
+    denominator — with no noise share."""
+
+    title = "no DP (distributed DP-FedAvg without its noise)"
+
+    def describe(self, delta: float) -> list[str]:
+        plan = self.plans[TRAINING]
+        return [f"privacy: OFF (no DP): distributed DP-FedAvg's {plan.steps} rounds (updates clipped to "
+                f"{plan.max_grad_norm:g}, participation {plan.sample_rate:g}) through the secure sum with no noise, "
+                "the ceiling of the private person-level runs; pass --epsilon to train privately"]
 
 
 TRAINERS = (DistributedDPFedAvg,)

@@ -17,6 +17,7 @@ from privfer.fl.rounds import TRAINING
 from privfer.fl.simulation import prepare_federation, simulate
 from privfer.models.clipped_sums import clipped_gradient_sums
 from privfer.privacy.audit import NO_DP
+from privfer.privacy.ledger.opacus import NO_DP_RELATION
 from privfer.privacy.distributed import NOISELESS, encode_contribution, noise_generator, noiseless_plan
 
 FAST = ["federation.rounds=3", "federation.adaptation=false", "output.save_model=false"]
@@ -144,6 +145,9 @@ def test_the_ledger_says_the_run_is_not_private_and_the_audit_agrees(small_clips
     ledger = json.loads((tmp_path / "run" / "privacy_ledger.json").read_text())
     assert ledger["private"] is False and result.privacy.epsilon_max is None and result.privacy.mechanism is None
     assert {c["rounds_trained"] for c in ledger["clients"]} == {3}
+    algorithm = {"record": "distributed DP-SGD's steps", "person": "distributed DP-FedAvg's rounds"}[unit]
+    assert ledger["mechanism"].startswith(f"none: trained without DP ({algorithm} with no noise share")
+    assert ledger["neighbouring_relation"] == NO_DP_RELATION and ledger["unit"] == unit
     assert all(c["epsilon"] is None and c["noise_multiplier"] is None for c in ledger["clients"])
     report = audit_path(tmp_path / "run")
     assert not report.passed and report.verdict_counts()[NO_DP] == len(ledger["clients"])

@@ -83,12 +83,13 @@ def noised_dimension(config: PrivferConfig, feature_dim: int) -> int:
 
 
 def opacus_ledger(config: PrivferConfig, accounts: list[ClientAccount], target_epsilon: float | None, delta: float,
-                  max_rounds: dict[str, int], not_covered: list[str]) -> Ledger:
-    """The ledger of local DP-SGD (``target_epsilon``: the run's) and of every run without DP (None)."""
+                  max_rounds: dict[str, int], not_covered: list[str], trained_by: str | None = None) -> Ledger:
+    """The ledger of local DP-SGD (``target_epsilon``: the run's) and of every run without DP (None;
+    ``trained_by`` says how it trained)."""
     privacy = config.privacy
     return build_ledger(accounts, target_epsilon=target_epsilon, delta=delta, accountant=privacy.accountant,
                         max_grad_norm=privacy.max_grad_norm, noise_source=privacy.noise_source,
-                        max_rounds=max_rounds, not_covered=not_covered, unit=privacy.unit)
+                        max_rounds=max_rounds, not_covered=not_covered, unit=privacy.unit, trained_by=trained_by)
 
 
 def _trust_line(plan: DistributedPlan, security: str) -> str:

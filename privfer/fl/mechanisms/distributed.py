@@ -144,12 +144,13 @@ class Noiseless:
     privacy = None
     id = None
     plan_for = staticmethod(noiseless_plan)
+    trained_by: str  # the ledger's words for how the run trained
 
     def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> Ledger:
         # the ledger of a run without DP, as local training's: every client's rounds, no noise and no epsilon
         plain = [ClientAccount(a.client, a.phase, a.records, None, self.plans[a.phase].sample_rate,
                                rounds_trained=a.rounds_trained) for a in accounts]
-        return opacus_ledger(self.config, plain, None, delta, max_rounds, not_covered)
+        return opacus_ledger(self.config, plain, None, delta, max_rounds, not_covered, self.trained_by)
 
     def noise_multipliers(self) -> list[float]:
         return []
@@ -160,6 +161,7 @@ class NoiselessSGD(Noiseless, DistributedDPSGD):
     through the secure sum; the server's optimizer on their mean — with no noise share."""
 
     title = "no DP (distributed DP-SGD without its noise)"
+    trained_by = "distributed DP-SGD's steps with no noise share: clipped per-record gradient sums through the secure sum"
     takes_local_steps = False
 
     def describe(self, delta: float) -> list[str]:

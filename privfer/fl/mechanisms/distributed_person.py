@@ -89,6 +89,7 @@ class NoiselessFedAvg(Noiseless, DistributedDPFedAvg):
     denominator — with no noise share."""
 
     title = "no DP (distributed DP-FedAvg without its noise)"
+    trained_by = "distributed DP-FedAvg's rounds with no noise share: clipped whole updates through the secure sum"
 
     def describe(self, delta: float) -> list[str]:
         plan = self.plans[TRAINING]

@@ -76,7 +76,8 @@ class LocalDPSGD(Mechanism):
             weighted_sum=summed.weighted_sum, total_weight=summed.total_weight)
 
     def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> Ledger:
-        return opacus_ledger(self.config, accounts, self.epsilon, delta, max_rounds, not_covered)
+        trained_by = None if self.epsilon is not None else "FedAvg of the clients' local epochs, no clipping"
+        return opacus_ledger(self.config, accounts, self.epsilon, delta, max_rounds, not_covered, trained_by)
 
     def noise_multipliers(self) -> list[float]:
         return [p.noise_multiplier for plans in self.plans.values() for p in plans.values()

@@ -1,4 +1,4 @@
-"""The ledger of local DP-SGD (and of a run without DP): per client, its Opacus accountant history.
+"""The ledger of local DP-SGD (and of a run without DP, which says so): per client, its Opacus accountant history.
 
 An entry holds the client's record count, noise multiplier, sample rate,
 steps, rounds trained, the history ``[[noise_multiplier, sample_rate, steps],
@@ -18,6 +18,9 @@ from privfer.privacy.ledger.base import (MAX_CLIENTS, MAX_HISTORY, SCHEMA, Accou
 from privfer.privacy.mechanisms.local import MECHANISM as LOCAL_MECHANISM
 
 ACCOUNTING = "opacus"
+NO_DP_MECHANISM = "none: trained without DP ({trained_by}); no noise, so no epsilon"
+NO_DP_PREFIX = NO_DP_MECHANISM.split("{", 1)[0]
+NO_DP_RELATION = "none: a run without DP protects no record and no person"
 OpacusStep = tuple[Positive, Rate, Count]  # (noise multiplier, sample rate, steps): one Opacus history entry
 
 
@@ -48,9 +51,19 @@ class OpacusLedger(LedgerBase):
 
     @model_validator(mode="after")
     def _consistent(self) -> "OpacusLedger":
-        for name, value in LOCAL_MECHANISM.ledger_statement().items():  # the sentences are the mechanism's
-            if getattr(self, name) != value:
-                raise ValueError(f"field '{name}' is not what mechanism {LOCAL_MECHANISM.id!r} states")
+        stated = LOCAL_MECHANISM.ledger_statement()
+        if self.private or self.mechanism == stated["mechanism"]:  # with DP (or a run without DP written before
+            # its ledger said so), the sentences are the mechanism's
+            for name, value in stated.items():
+                if getattr(self, name) != value:
+                    raise ValueError(f"field '{name}' is not what mechanism {LOCAL_MECHANISM.id!r} states")
+        else:  # without DP: it says how the run trained, and that nothing is protected
+            if not self.mechanism.startswith(NO_DP_PREFIX):
+                raise ValueError(f"field 'mechanism' of a ledger without DP must start {NO_DP_PREFIX!r}")
+            if self.neighbouring_relation != NO_DP_RELATION:
+                raise ValueError(f"field 'neighbouring_relation' of a ledger without DP must be {NO_DP_RELATION!r}")
+            if self.public != stated["public"]:
+                raise ValueError(f"field 'public' is not what mechanism {LOCAL_MECHANISM.id!r} states")
         for index, entry in enumerate(self.clients):
             where = f"clients[{index}]"
             if self.private and not entry.history and entry.rounds_trained:
@@ -73,9 +86,13 @@ def build_ledger(
     max_rounds: dict[str, int],
     not_covered: list[str] | None = None,
     unit: str = "record",
+    trained_by: str | None = None,
 ) -> OpacusLedger:
     """The ledger with each client's epsilon computed by ``accountant`` (``unit``: the configured one; without DP
-    it is only stated)."""
+    it is only stated). Without DP (``target_epsilon`` None) the ledger's sentences say so and ``trained_by`` says
+    how the run trained."""
+    if (target_epsilon is None) != (trained_by is not None):
+        raise ValueError("a ledger without DP says how the run trained (trained_by); a private one does not")
     clients: list[dict[str, Any]] = []
     for account in sorted(accounts, key=lambda a: (a.phase, a.client)):
         epsilon, used = account.epsilon(delta, accountant)
@@ -83,6 +100,8 @@ def build_ledger(
                         "delta": delta, "epsilon": epsilon, "accountant": used})
     spent = [c["epsilon"] for c in clients if c["epsilon"] is not None]
     stated = LOCAL_MECHANISM.ledger_statement()
+    if trained_by is not None:
+        stated.update(mechanism=NO_DP_MECHANISM.format(trained_by=trained_by), neighbouring_relation=NO_DP_RELATION)
     return OpacusLedger.model_validate({
         "schema": SCHEMA,
         "mechanism_id": LOCAL_MECHANISM.id,
@@ -103,4 +122,4 @@ def build_ledger(
     })
 
 
-__all__ = ["ACCOUNTING", "OpacusEntry", "OpacusLedger", "OpacusStep", "build_ledger"]
+__all__ = ["ACCOUNTING", "NO_DP_MECHANISM", "NO_DP_RELATION", "OpacusEntry", "OpacusLedger", "OpacusStep", "build_ledger"]

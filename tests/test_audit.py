@@ -414,15 +414,15 @@ def test_forged_headers_are_ledger_errors_on_every_path(tmp_path):
 def test_a_run_without_dp_writes_a_ledger_its_audit_reads_at_either_unit(tmp_path):
     from privfer.privacy.ledger import ClientAccount, build_ledger
 
-    from privfer.privacy.ledger.opacus import NO_DP_RELATION
+    from privfer.privacy.ledger.opacus import NO_DP_RELATION, TRAINED_LOCALLY
     from privfer.privacy.mechanisms.local import MECHANISM
 
     accounts = [ClientAccount(1, "training", 10, None, 0.1)]
     document = build_ledger(accounts, target_epsilon=None, delta=1e-3, accountant="prv", max_grad_norm=1.0,
                             noise_source="os", max_rounds={"training": 1}, unit="person",
-                            trained_by="FedAvg of local epochs").document()
+                            trained_by=TRAINED_LOCALLY).document()
     # it says it protects nothing, not DP-SGD's noise and neighbouring relation
-    assert document["mechanism"].startswith("none: trained without DP (FedAvg of local epochs)")
+    assert document["mechanism"].startswith(f"none: trained without DP ({TRAINED_LOCALLY})")
     assert document["neighbouring_relation"] == NO_DP_RELATION and "Gaussian" not in json.dumps(document)
     path = tmp_path / "privacy_ledger.json"
     path.write_text(json.dumps(document))
@@ -435,11 +435,15 @@ def test_a_run_without_dp_writes_a_ledger_its_audit_reads_at_either_unit(tmp_pat
     assert audit_path(path).clients[0].verdicts == [NO_DP]
     # but no ledger without DP may claim a protection, nor mix the two wordings
     for field, value in (("neighbouring_relation", stated["neighbouring_relation"]),
-                         ("mechanism", "none, really: Gaussian noise")):
+                         ("mechanism", "none, really: Gaussian noise"),
+                         ("mechanism", document["mechanism"].replace(")", "); every person is protected at eps 1"))):
         _refused(tmp_path, {**document, field: value}, "field '(neighbouring_relation|mechanism)'")
     with pytest.raises(ValueError, match="says how the run trained"):
         build_ledger(accounts, target_epsilon=None, delta=1e-3, accountant="prv", max_grad_norm=1.0,
                      noise_source="os", max_rounds={"training": 1})
+    with pytest.raises(ValueError, match="trained_by must be one of"):
+        build_ledger(accounts, target_epsilon=None, delta=1e-3, accountant="prv", max_grad_norm=1.0,
+                     noise_source="os", max_rounds={"training": 1}, trained_by="DP-FedAvg with Gaussian noise")
 
 
 def test_the_summary_keeps_the_auditors_column_order(tmp_path):

@@ -41,6 +41,10 @@ def test_a_run_without_dp_takes_its_lines_algorithm_and_defaults():
                            ("model", "shortcut"), ("model", "recurrent"), ("privacy", "max_update_norm"),
                            ("privacy", "participation")):
         assert getattr(getattr(person, section), field) == getattr(getattr(person_private, section), field), field
+    # FedPer's personal heads have no step in DP-FedAvg: refused at person level on this line, as with DP
+    with pytest.raises(ConfigError, match="'fedper' is not built on the distributed line"):
+        small_config("privacy.unit=person", "federation.strategy=fedper")
+    assert small_config("privacy.unit=person", "federation.strategy=fedper", "privacy.mechanism=local").algorithm is None
     # On the local line: local epochs (FedAvg), as before.
     for overrides in (["privacy.mechanism=local"], ["aggregation.backend=ckks"], ["aggregation.backend=plain"],
                       ["privacy.unit=person", "privacy.mechanism=local"]):
@@ -151,6 +155,8 @@ def test_the_ledger_says_the_run_is_not_private_and_the_audit_agrees(small_clips
     assert all(c["epsilon"] is None and c["noise_multiplier"] is None for c in ledger["clients"])
     report = audit_path(tmp_path / "run")
     assert not report.passed and report.verdict_counts()[NO_DP] == len(ledger["clients"])
+    assert report.run_checks == []  # the ledger agrees with the run (its unit's clipping bound among the rest)
+    assert ledger["max_grad_norm"] == (0.5 if unit == "person" else 1.0)
 
 
 def test_a_run_without_dp_keeps_its_best_validation_round_and_resumes_to_it(small_clips, tmp_path):

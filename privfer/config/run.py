@@ -62,11 +62,12 @@ class PrivferConfig(_Section):
                    "affordable inside the secure sum; use privacy.unit 'record' with privacy.mechanism 'local'"}
             raise ValueError(f"privacy.unit '{self.privacy.unit}' needs privacy.mechanism {protecting}"
                              + why.get(self.privacy.unit, ""))
-        if self.privacy.unit == "person" and self.privacy.enabled and self.federation.strategy == "fedper":
+        if self.privacy.unit == "person" and self.algorithm == "distributed" and self.federation.strategy == "fedper":
             raise ValueError(
-                "privacy.unit 'person' with federation.strategy 'fedper' is not built: the newcomers' head (the mean "
-                "of the persons' heads) and the scores of the personal heads would be released without noise; use "
-                "fedavg, or privacy.unit 'record'"
+                "privacy.unit 'person' with federation.strategy 'fedper' is not built on the distributed line (nor its "
+                "runs without DP, the same algorithm): the newcomers' head (the mean of the persons' heads) and the "
+                "scores of the personal heads would be released without noise, and the personal heads have no step; "
+                "use fedavg, privacy.unit 'record', or without DP privacy.mechanism 'local'"
             )
         return self
 

@@ -87,8 +87,11 @@ def opacus_ledger(config: PrivferConfig, accounts: list[ClientAccount], target_e
     """The ledger of local DP-SGD (``target_epsilon``: the run's) and of every run without DP (None;
     ``trained_by`` says how it trained)."""
     privacy = config.privacy
+    # the clipping bound of the protected unit: a record's gradient, or (person level, only without DP here) a
+    # person's whole update — what privfer audit's cross-check holds the ledger to
+    bound = privacy.max_update_norm if privacy.unit == "person" else privacy.max_grad_norm
     return build_ledger(accounts, target_epsilon=target_epsilon, delta=delta, accountant=privacy.accountant,
-                        max_grad_norm=privacy.max_grad_norm, noise_source=privacy.noise_source,
+                        max_grad_norm=bound, noise_source=privacy.noise_source,
                         max_rounds=max_rounds, not_covered=not_covered, unit=privacy.unit, trained_by=trained_by)
 
 

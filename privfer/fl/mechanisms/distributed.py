@@ -16,6 +16,7 @@ from privfer.fl.rounds import ADAPTATION, TRAINING
 from privfer.models.vfer import VFER
 from privfer.privacy.distributed import DistributedPlan, calibrate_plan, derived_key, noise_generator, noiseless_plan
 from privfer.privacy.ledger import ClientAccount, DistributedAccount, Ledger, build_distributed_ledger
+from privfer.privacy.ledger.opacus import TRAINED_BY_DPSGD
 from privfer.privacy.mechanisms import distributed as _distributed
 
 if TYPE_CHECKING:
@@ -161,7 +162,7 @@ class NoiselessSGD(Noiseless, DistributedDPSGD):
     through the secure sum; the server's optimizer on their mean — with no noise share."""
 
     title = "no DP (distributed DP-SGD without its noise)"
-    trained_by = "distributed DP-SGD's steps with no noise share: clipped per-record gradient sums through the secure sum"
+    trained_by = TRAINED_BY_DPSGD
     takes_local_steps = False
 
     def describe(self, delta: float) -> list[str]:

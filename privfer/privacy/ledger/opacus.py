@@ -19,8 +19,14 @@ from privfer.privacy.mechanisms.local import MECHANISM as LOCAL_MECHANISM
 
 ACCOUNTING = "opacus"
 NO_DP_MECHANISM = "none: trained without DP ({trained_by}); no noise, so no epsilon"
-NO_DP_PREFIX = NO_DP_MECHANISM.split("{", 1)[0]
 NO_DP_RELATION = "none: a run without DP protects no record and no person"
+# how a run without DP trained, by line and unit: the only words its ledger may use
+TRAINED_LOCALLY = "FedAvg of the clients' local epochs, no clipping"
+TRAINED_BY_DPSGD = ("distributed DP-SGD's steps with no noise share: clipped per-record gradient sums through the "
+                    "secure sum")
+TRAINED_BY_DPFEDAVG = "distributed DP-FedAvg's rounds with no noise share: clipped whole updates through the secure sum"
+NO_DP_SENTENCES = {NO_DP_MECHANISM.format(trained_by=how): how
+                   for how in (TRAINED_LOCALLY, TRAINED_BY_DPSGD, TRAINED_BY_DPFEDAVG)}
 OpacusStep = tuple[Positive, Rate, Count]  # (noise multiplier, sample rate, steps): one Opacus history entry
 
 
@@ -58,8 +64,9 @@ class OpacusLedger(LedgerBase):
                 if getattr(self, name) != value:
                     raise ValueError(f"field '{name}' is not what mechanism {LOCAL_MECHANISM.id!r} states")
         else:  # without DP: it says how the run trained, and that nothing is protected
-            if not self.mechanism.startswith(NO_DP_PREFIX):
-                raise ValueError(f"field 'mechanism' of a ledger without DP must start {NO_DP_PREFIX!r}")
+            if self.mechanism not in NO_DP_SENTENCES:
+                raise ValueError("field 'mechanism' of a ledger without DP must say how it trained, in one of "
+                                 f"privfer's sentences: {sorted(NO_DP_SENTENCES)}")
             if self.neighbouring_relation != NO_DP_RELATION:
                 raise ValueError(f"field 'neighbouring_relation' of a ledger without DP must be {NO_DP_RELATION!r}")
             if self.public != stated["public"]:
@@ -93,6 +100,8 @@ def build_ledger(
     how the run trained."""
     if (target_epsilon is None) != (trained_by is not None):
         raise ValueError("a ledger without DP says how the run trained (trained_by); a private one does not")
+    if trained_by is not None and trained_by not in NO_DP_SENTENCES.values():
+        raise ValueError(f"trained_by must be one of {sorted(NO_DP_SENTENCES.values())}, got {trained_by!r}")
     clients: list[dict[str, Any]] = []
     for account in sorted(accounts, key=lambda a: (a.phase, a.client)):
         epsilon, used = account.epsilon(delta, accountant)
@@ -122,4 +131,5 @@ def build_ledger(
     })
 
 
-__all__ = ["ACCOUNTING", "NO_DP_MECHANISM", "NO_DP_RELATION", "OpacusEntry", "OpacusLedger", "OpacusStep", "build_ledger"]
+__all__ = ["ACCOUNTING", "NO_DP_MECHANISM", "NO_DP_RELATION", "TRAINED_BY_DPFEDAVG", "TRAINED_BY_DPSGD",
+           "TRAINED_LOCALLY", "OpacusEntry", "OpacusLedger", "OpacusStep", "build_ledger"]

@@ -32,9 +32,12 @@ def privfer_config(run_config: Mapping[str, Any]) -> PrivferConfig:
     # its minimum, so that any population passes validation.
     # distributed (the default): person-level DP, each node adds its own noise share inside secagg_mod;
     # local: each node runs DP-SGD with Opacus and adds all its noise itself (record level).
+    # Without a budget the nodes train by local epochs (FedAvg over the secure sum): the local line's run without DP
+    # (privfer simulate's distributed line without DP steps on clipped sums, which this app does not run).
     mechanism = mechanism_of(run_config)
     unit = ["privacy.unit=person"] if mechanism == "distributed" else []
-    overrides = ["federation.clients_per_round=2", f"privacy.mechanism={mechanism}", *unit,
+    trained_by = "local" if epsilon in ("inf", "none", "") else mechanism
+    overrides = ["federation.clients_per_round=2", f"privacy.mechanism={trained_by}", *unit,
                  *shlex.split(str(run_config.get("privfer-set", "")))]
     overrides += [
         f"privacy.epsilon={'null' if epsilon in ('inf', 'none', '') else float(epsilon)}",
@@ -75,18 +78,23 @@ def _federation(key: tuple, partition: int | None, known_noise: float | None) ->
                          "example trains on the clients' own labels: run it with privfer simulate")
     clips = _clips(key)
     if partition is None:  # the server never trains: no noise to calibrate (each node calibrates its own)
-        public = config.model_copy(update={"privacy": config.privacy.model_copy(update={"epsilon": None})})
-        return prepare_federation(public, clips)
+        return prepare_federation(_without_noise(config), clips)
     actors = sorted(split_clips(clips, split_actors(clips, config.data.split, config.seed))["train"].actor_list())
     if not 0 <= partition < len(actors):
         raise ValueError(f"partition-id {partition} is outside 0..{len(actors) - 1} (the run has {len(actors)} "
                          "training actors)")
     actor = actors[partition]
     if is_distributed(dict(key)):  # the node trains without per-record noise; secagg_mod adds its share
-        public = config.model_copy(update={"privacy": config.privacy.model_copy(update={"epsilon": None})})
-        return prepare_federation(public, clips, only_client=actor)
+        return prepare_federation(_without_noise(config), clips, only_client=actor)
     known = None if known_noise is None else {actor: known_noise}
     return prepare_federation(config, clips, only_client=actor, known_noise=known)  # this node's noise only
+
+
+def _without_noise(config: PrivferConfig) -> PrivferConfig:
+    """The run's config (its model and settings as resolved) for a federation that draws no DP noise: the local
+    line without DP, whose clients train by local epochs — as this app's nodes do."""
+    return config.model_copy(update={"privacy": config.privacy.model_copy(update={"epsilon": None,
+                                                                                  "mechanism": "local"})})
 
 
 def server_federation(run_config: Mapping[str, Any]) -> tuple[Federation, PrivferConfig]:

@@ -148,6 +148,26 @@ def prepare_run_dir(run_dir: Path, config: PrivferConfig, command: str) -> bool:
         raise RunDirectoryError(f"run directory {run_dir} cannot be used: {exc.strerror or exc}") from None
 
 
+def training_mismatch(run_dir: Path, config: PrivferConfig) -> str | None:
+    """Why the run in ``run_dir`` did not train as ``config`` trains now (``config.trained_by``, recorded in
+    ``run.json``), or None. A directory written before run.json recorded it trained a person-level run without DP
+    on the distributed line by local FedAvg: that one, and only that, is taken to differ."""
+    try:
+        recorded = json.loads((Path(run_dir) / RUN_FILE).read_text(encoding="utf-8")).get("trained_by", LEGACY)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return f"has no readable {RUN_FILE}"
+    if recorded == LEGACY:
+        changed = not config.privacy.enabled and config.algorithm == "distributed" and config.privacy.unit == "person"
+        return ("was trained (without DP, at person level) by FedAvg of local epochs, before this privfer trained "
+                "such runs by distributed DP-FedAvg without its noise") if changed else None
+    if recorded != config.trained_by:
+        return f"was trained by {str(recorded)[:200]!r}, and this privfer trains it by {config.trained_by!r}"
+    return None
+
+
+LEGACY = object()  # run.json without trained_by: written before it was recorded
+
+
 def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """The dotted keys whose values differ between two resolved configs, with both values."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -204,10 +224,14 @@ def _prepare_run_dir(run_dir: Path, config: PrivferConfig, command: str) -> bool
                 f"{run_dir} holds a run with a different config ({shown}); {advice}; or choose another --out for a "
                 "new run (deleting it does not undo what its rounds released)"
             )
+        mismatch = training_mismatch(run_dir, config)
+        if mismatch is not None:
+            raise RunDirectoryError(f"{run_dir} holds a run that {mismatch}, so it cannot resume it; choose another "
+                                    "--out for a new run (deleting it does not undo what its rounds released)")
         return True
     if run_dir.exists() and any(run_dir.iterdir()):
         raise RunDirectoryError(f"{run_dir} exists and is not a privfer run directory; choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_file, json.dumps({"command": command}) + "\n")
+    atomic_write_text(run_file, json.dumps({"command": command, "trained_by": config.trained_by}) + "\n")
     atomic_write_text(config_path, config.to_yaml())
     return False

@@ -235,3 +235,47 @@ def test_a_run_directory_whose_settings_privfer_now_resolves_differently_says_it
     (tmp_path / "run" / "result.json").unlink()
     with pytest.raises(RunDirectoryError, match="resolves model.recurrent differently, so it cannot resume it"):
         simulate(config, tmp_path / "run", clips=small_clips)
+
+
+def test_a_run_directory_or_study_cell_that_trained_otherwise_is_not_taken_for_this_run(small_clips, tmp_path):
+    """A person-level run without DP written before it trained as DP-FedAvg without noise (FedAvg of local epochs,
+    20 clients a round) has the same config.yaml when its settings were explicit: its run.json says how it trained,
+    and a run.json without that is such an old run. Resuming it, reusing it as a study cell, and auditing it as the
+    new algorithm are refused."""
+    from privfer.auditing import audit_path
+    from privfer.errors import RunDirectoryError
+    from privfer.runs import training_mismatch
+    from privfer.study.runner import finished_result
+    from privfer.study.spec import Cell
+
+    config = small_config(*FAST, "federation.rounds=1", "privacy.unit=person")
+    run = tmp_path / "run"
+    simulate(config, run, clips=small_clips)
+    recorded = json.loads((run / "run.json").read_text())
+    assert recorded["trained_by"] == config.trained_by and training_mismatch(run, config) is None
+    (run / "run.json").write_text(json.dumps({"command": "simulate"}))  # as written before it was recorded
+    assert "FedAvg of local epochs" in training_mismatch(run, config)
+    with pytest.raises(RunDirectoryError, match="was trained .*by FedAvg of local epochs.* cannot resume it"):
+        simulate(config, run, clips=small_clips)
+    # a study cell whose folder holds it is not reported as finished
+    cells = tmp_path / "study" / "cells"
+    cells.mkdir(parents=True)
+    (run).rename(cells / "c")
+    cell = Cell("c", {}, 0, config)
+    assert finished_result(cell, tmp_path / "study") is None
+    (cells / "c" / "run.json").write_text(json.dumps({"command": "simulate", "trained_by": config.trained_by}))
+    assert finished_result(cell, tmp_path / "study") == cells / "c" / "result.json"
+    # another recorded algorithm is refused by name; a private run's directory from before is not affected
+    (cells / "c" / "run.json").write_text(json.dumps({"command": "simulate", "trained_by": "local"}))
+    assert "was trained by 'local'" in training_mismatch(cells / "c", config)
+    assert finished_result(cell, tmp_path / "study") is None
+    (cells / "c" / "run.json").write_text(json.dumps({"command": "simulate"}))
+    assert training_mismatch(cells / "c", small_config(*FAST, "privacy.epsilon=8")) is None
+    # the audit holds a ledger without DP to how the run's config trains now
+    ledger = json.loads((cells / "c" / "privacy_ledger.json").read_text())
+    assert audit_path(cells / "c").run_checks == []
+    ledger["mechanism"] = ledger["mechanism"].replace("distributed DP-FedAvg's rounds with no noise share: clipped "
+                                                      "whole updates through the secure sum",
+                                                      "FedAvg of the clients' local epochs, no clipping")
+    (cells / "c" / "privacy_ledger.json").write_text(json.dumps(ledger))
+    assert any("how the run trained" in problem for problem in audit_path(cells / "c").run_checks)

@@ -28,6 +28,7 @@ from privfer.config import load_config
 from privfer.errors import PrivferError
 from privfer.privacy.calibrate import steps_per_epoch
 from privfer.privacy.ledger import LOCAL, Ledger, OpacusLedger, SecureSumLedger, mechanism_of
+from privfer.privacy.ledger.opacus import NO_DP_SENTENCES
 
 MAX_ROUNDS_BYTES = 256 * 1024 * 1024
 
@@ -70,6 +71,8 @@ def cross_check(ledger: Ledger, run_dir: Path) -> list[str] | None:
     expect("the noise source", ledger.noise_source, privacy.noise_source)  # 'run_seed' makes every share public
     expect("the mechanism", mechanism_of(ledger), config.mechanism_id or LOCAL)  # without DP: a local ledger
     expect("'private'", ledger.private, privacy.enabled)
+    if not ledger.private and not privacy.enabled and ledger.mechanism in NO_DP_SENTENCES:  # (older: not said)
+        expect("how the run trained", NO_DP_SENTENCES[ledger.mechanism], config.trained_by)
     expect("the target epsilon", ledger.target_epsilon, privacy.epsilon if privacy.enabled else None,
            numeric=True)
     if privacy.delta is not None:

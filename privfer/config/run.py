@@ -170,6 +170,19 @@ class PrivferConfig(_Section):
         mechanism = self.privacy_mechanism
         return None if mechanism is None else mechanism.id
 
+    @property
+    def trained_by(self) -> str:
+        """How this run trains, in the words its run directory (``run.json``) and its ledger record: with DP the
+        mechanism's id; without DP the ledger's sentence for the algorithm (:attr:`algorithm` and the unit), so a
+        run directory or study cell written when the same settings trained otherwise is not taken for this run."""
+        if self.privacy.enabled:
+            return str(self.mechanism_id)
+        from privfer.privacy.ledger.opacus import TRAINED_BY_DPFEDAVG, TRAINED_BY_DPSGD, TRAINED_LOCALLY
+
+        if self.algorithm != "distributed":
+            return TRAINED_LOCALLY
+        return TRAINED_BY_DPFEDAVG if self.privacy.unit == "person" else TRAINED_BY_DPSGD
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (paths as strings) suitable for YAML and JSON."""
         return self.model_dump(mode="json")

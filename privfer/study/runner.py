@@ -27,7 +27,7 @@ from typing import Callable
 
 import yaml
 
-from privfer.runs import atomic_write_json, atomic_write_text
+from privfer.runs import atomic_write_json, atomic_write_text, training_mismatch
 from privfer.study.spec import Cell, StudySpec
 
 RESULT, ERROR = "result.json", "error.json"
@@ -42,7 +42,9 @@ def finished_result(cell: Cell, directory: Path) -> Path | None:
         ran = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
-    return folder / RESULT if ran == cell.config.to_dict() else None
+    if ran != cell.config.to_dict() or training_mismatch(folder, cell.config) is not None:
+        return None  # run again into its folder, which refuses it with the reason (privfer.runs)
+    return folder / RESULT
 
 
 @dataclass

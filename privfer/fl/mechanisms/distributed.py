@@ -16,7 +16,6 @@ from privfer.fl.rounds import ADAPTATION, TRAINING
 from privfer.models.vfer import VFER
 from privfer.privacy.distributed import DistributedPlan, calibrate_plan, derived_key, noise_generator, noiseless_plan
 from privfer.privacy.ledger import ClientAccount, DistributedAccount, Ledger, build_distributed_ledger
-from privfer.privacy.ledger.opacus import TRAINED_BY_DPSGD
 from privfer.privacy.mechanisms import distributed as _distributed
 
 if TYPE_CHECKING:
@@ -145,13 +144,12 @@ class Noiseless:
     privacy = None
     id = None
     plan_for = staticmethod(noiseless_plan)
-    trained_by: str  # the ledger's words for how the run trained
 
     def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> Ledger:
         # the ledger of a run without DP, as local training's: every client's rounds, no noise and no epsilon
         plain = [ClientAccount(a.client, a.phase, a.records, None, self.plans[a.phase].sample_rate,
                                rounds_trained=a.rounds_trained) for a in accounts]
-        return opacus_ledger(self.config, plain, None, delta, max_rounds, not_covered, self.trained_by)
+        return opacus_ledger(self.config, plain, None, delta, max_rounds, not_covered, self.config.trained_by)
 
     def noise_multipliers(self) -> list[float]:
         return []
@@ -162,7 +160,6 @@ class NoiselessSGD(Noiseless, DistributedDPSGD):
     through the secure sum; the server's optimizer on their mean — with no noise share."""
 
     title = "no DP (distributed DP-SGD without its noise)"
-    trained_by = TRAINED_BY_DPSGD
     takes_local_steps = False
 
     def describe(self, delta: float) -> list[str]:

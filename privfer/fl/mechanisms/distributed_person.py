@@ -13,7 +13,6 @@ from privfer.fl.mechanisms.base import Counts, Release, _trust_line, client_seed
 from privfer.fl.mechanisms.distributed import DistributedDPSGD, Noiseless
 from privfer.fl.rounds import TRAINING
 from privfer.privacy.distributed import DistributedPlan, decode_sum
-from privfer.privacy.ledger.opacus import TRAINED_BY_DPFEDAVG
 from privfer.privacy.mechanisms import distributed_person as _distributed_person
 from privfer.privacy.person import mean_update, person_contribution, secret_coin
 
@@ -90,7 +89,6 @@ class NoiselessFedAvg(Noiseless, DistributedDPFedAvg):
     denominator — with no noise share."""
 
     title = "no DP (distributed DP-FedAvg without its noise)"
-    trained_by = TRAINED_BY_DPFEDAVG
 
     def describe(self, delta: float) -> list[str]:
         plan = self.plans[TRAINING]

@@ -10,7 +10,6 @@ from privfer.fl.mechanisms.base import Counts, Mechanism, Release, client_seed, 
 from privfer.fl.rounds import ADAPTATION, TRAINING
 from privfer.privacy.calibrate import ClientPlan, plan_clients
 from privfer.privacy.ledger import ClientAccount, Ledger
-from privfer.privacy.ledger.opacus import TRAINED_LOCALLY
 from privfer.privacy.mechanisms import local as _local
 
 if TYPE_CHECKING:
@@ -77,7 +76,7 @@ class LocalDPSGD(Mechanism):
             weighted_sum=summed.weighted_sum, total_weight=summed.total_weight)
 
     def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> Ledger:
-        trained_by = None if self.epsilon is not None else TRAINED_LOCALLY
+        trained_by = None if self.epsilon is not None else self.config.trained_by
         return opacus_ledger(self.config, accounts, self.epsilon, delta, max_rounds, not_covered, trained_by)
 
     def noise_multipliers(self) -> list[float]:

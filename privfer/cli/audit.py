@@ -236,7 +236,7 @@ def print_audit(report: Any, per_client: bool) -> None:
     console.print(table)
     counts = report.verdict_counts()
     if not report.private:
-        console.print("the run trained WITHOUT DP-SGD: no client has a finite epsilon", highlight=False, markup=False)
+        console.print("the run trained WITHOUT DP: no client has a finite epsilon", highlight=False, markup=False)
     else:
         for client in report.clients:
             for reason in client.reasons:

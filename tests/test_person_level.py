@@ -71,7 +71,8 @@ def test_clipping_refuses_a_non_finite_update():
 
 
 def test_the_coin_is_heads_at_the_participation_rate():
-    rng = noise_generator()
+    # a fixed key (the OS draws one in a run): a test at p > 1e-4 on fresh keys fails once in 10,000 suites
+    rng = noise_generator(bytes(range(32)))
     heads = sum(secret_coin(rng, 0.3) for _ in range(20_000))
     assert stats.binomtest(heads, 20_000, 0.3).pvalue > 1e-4
     assert all(secret_coin(rng, 1.0) for _ in range(100))

@@ -152,11 +152,12 @@ def training_mismatch(run_dir: Path, config: PrivferConfig) -> str | None:
     """Why the run in ``run_dir`` did not train as ``config`` trains now (``config.trained_by``, recorded in
     ``run.json``), or None. A directory written before run.json recorded it trained a person-level run without DP
     on the distributed line by local FedAvg: that one, and only that, is taken to differ."""
+    path = Path(run_dir) / RUN_FILE
     try:
-        recorded = json.loads((Path(run_dir) / RUN_FILE).read_text(encoding="utf-8")).get("trained_by", LEGACY)
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("trained_by", LEGACY) if path.exists() else LEGACY
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return f"has no readable {RUN_FILE}"
-    if recorded == LEGACY:
+    if recorded is LEGACY:
         changed = not config.privacy.enabled and config.algorithm == "distributed" and config.privacy.unit == "person"
         return ("was trained (without DP, at person level) by FedAvg of local epochs, before this privfer trained "
                 "such runs by distributed DP-FedAvg without its noise") if changed else None

@@ -44,7 +44,8 @@ def test_a_run_without_dp_takes_its_lines_algorithm_and_defaults():
     # FedPer's personal heads have no step in DP-FedAvg: refused at person level on this line, as with DP
     with pytest.raises(ConfigError, match="'fedper' is not built on the distributed line"):
         small_config("privacy.unit=person", "federation.strategy=fedper")
-    assert small_config("privacy.unit=person", "federation.strategy=fedper", "privacy.mechanism=local").algorithm is None
+    local_fedper = small_config("privacy.unit=person", "federation.strategy=fedper", "privacy.mechanism=local")
+    assert local_fedper.algorithm is None
     # On the local line: local epochs (FedAvg), as before.
     for overrides in (["privacy.mechanism=local"], ["aggregation.backend=ckks"], ["aggregation.backend=plain"],
                       ["privacy.unit=person", "privacy.mechanism=local"]):

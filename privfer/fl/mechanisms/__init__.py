@@ -69,4 +69,5 @@ def make_mechanism(config: PrivferConfig) -> Mechanism:
 
 
 __all__ = ["MECHANISMS", "Counts", "DistributedDPFedAvg", "DistributedDPSGD", "LocalDPSGD", "Mechanism", "NoDP",
-           "NoiselessFedAvg", "NoiselessSGD", "Release", "client_seed", "local_training", "make_mechanism", "noised_dimension", "public_client_seed"]
+           "NoiselessFedAvg", "NoiselessSGD", "Release", "client_seed", "local_training", "make_mechanism",
+           "noised_dimension", "public_client_seed"]

@@ -131,5 +131,5 @@ def build_ledger(
     })
 
 
-__all__ = ["ACCOUNTING", "NO_DP_MECHANISM", "NO_DP_RELATION", "NO_DP_SENTENCES", "TRAINED_BY_DPFEDAVG", "TRAINED_BY_DPSGD",
-           "TRAINED_LOCALLY", "OpacusEntry", "OpacusLedger", "OpacusStep", "build_ledger"]
+__all__ = ["ACCOUNTING", "NO_DP_MECHANISM", "NO_DP_RELATION", "NO_DP_SENTENCES", "TRAINED_BY_DPFEDAVG",
+           "TRAINED_BY_DPSGD", "TRAINED_LOCALLY", "OpacusEntry", "OpacusLedger", "OpacusStep", "build_ledger"]

@@ -32,8 +32,9 @@ def privfer_config(run_config: Mapping[str, Any]) -> PrivferConfig:
     # its minimum, so that any population passes validation.
     # distributed (the default): person-level DP, each node adds its own noise share inside secagg_mod;
     # local: each node runs DP-SGD with Opacus and adds all its noise itself (record level).
-    # Without a budget the nodes train by local epochs (FedAvg over the secure sum): the local line's run without DP
-    # (privfer simulate's distributed line without DP steps on clipped sums, which this app does not run).
+    # Without a budget the nodes train by local epochs (FedAvg over the secure sum): the local line's run without DP.
+    # privfer simulate's distributed line without DP (clipped sums or clipped updates, the server's Adam, no noise)
+    # is not what this app runs.
     mechanism = mechanism_of(run_config)
     unit = ["privacy.unit=person"] if mechanism == "distributed" else []
     trained_by = "local" if epsilon in ("inf", "none", "") else mechanism

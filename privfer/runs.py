@@ -148,6 +148,9 @@ def prepare_run_dir(run_dir: Path, config: PrivferConfig, command: str) -> bool:
         raise RunDirectoryError(f"run directory {run_dir} cannot be used: {exc.strerror or exc}") from None
 
 
+LEGACY = object()  # run.json without trained_by: written before it was recorded
+
+
 def training_mismatch(run_dir: Path, config: PrivferConfig) -> str | None:
     """Why the run in ``run_dir`` did not train as ``config`` trains now (``config.trained_by``, recorded in
     ``run.json``), or None. A directory written before run.json recorded it trained a person-level run without DP
@@ -164,9 +167,6 @@ def training_mismatch(run_dir: Path, config: PrivferConfig) -> str | None:
     if recorded != config.trained_by:
         return f"was trained by {str(recorded)[:200]!r}, and this privfer trains it by {config.trained_by!r}"
     return None
-
-
-LEGACY = object()  # run.json without trained_by: written before it was recorded
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -83,16 +83,17 @@ def noised_dimension(config: PrivferConfig, feature_dim: int) -> int:
 
 
 def opacus_ledger(config: PrivferConfig, accounts: list[ClientAccount], target_epsilon: float | None, delta: float,
-                  max_rounds: dict[str, int], not_covered: list[str], trained_by: str | None = None) -> Ledger:
-    """The ledger of local DP-SGD (``target_epsilon``: the run's) and of every run without DP (None;
-    ``trained_by`` says how it trained)."""
+                  max_rounds: dict[str, int], not_covered: list[str]) -> Ledger:
+    """The ledger of local DP-SGD (``target_epsilon``: the run's) and of every run without DP (None; it says how
+    the run trained: ``config.trained_by``)."""
     privacy = config.privacy
     # the clipping bound of the protected unit: a record's gradient, or (person level, only without DP here) a
     # person's whole update — what privfer audit's cross-check holds the ledger to
     bound = privacy.max_update_norm if privacy.unit == "person" else privacy.max_grad_norm
     return build_ledger(accounts, target_epsilon=target_epsilon, delta=delta, accountant=privacy.accountant,
                         max_grad_norm=bound, noise_source=privacy.noise_source,
-                        max_rounds=max_rounds, not_covered=not_covered, unit=privacy.unit, trained_by=trained_by)
+                        max_rounds=max_rounds, not_covered=not_covered, unit=privacy.unit,
+                        trained_by=None if target_epsilon is not None else config.trained_by)
 
 
 def _trust_line(plan: DistributedPlan, security: str) -> str:

@@ -149,7 +149,7 @@ class Noiseless:
         # the ledger of a run without DP, as local training's: every client's rounds, no noise and no epsilon
         plain = [ClientAccount(a.client, a.phase, a.records, None, self.plans[a.phase].sample_rate,
                                rounds_trained=a.rounds_trained) for a in accounts]
-        return opacus_ledger(self.config, plain, None, delta, max_rounds, not_covered, self.config.trained_by)
+        return opacus_ledger(self.config, plain, None, delta, max_rounds, not_covered)
 
     def noise_multipliers(self) -> list[float]:
         return []

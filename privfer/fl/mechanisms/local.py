@@ -76,8 +76,7 @@ class LocalDPSGD(Mechanism):
             weighted_sum=summed.weighted_sum, total_weight=summed.total_weight)
 
     def ledger(self, accounts: list, delta: float, max_rounds: dict[str, int], not_covered: list[str]) -> Ledger:
-        trained_by = None if self.epsilon is not None else self.config.trained_by
-        return opacus_ledger(self.config, accounts, self.epsilon, delta, max_rounds, not_covered, trained_by)
+        return opacus_ledger(self.config, accounts, self.epsilon, delta, max_rounds, not_covered)
 
     def noise_multipliers(self) -> list[float]:
         return [p.noise_multiplier for plans in self.plans.values() for p in plans.values()

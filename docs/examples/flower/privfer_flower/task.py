@@ -28,6 +28,7 @@ from privfer.models.vfer import VFER
 def privfer_config(run_config: Mapping[str, Any]) -> PrivferConfig:
     """The privfer config of this Flower run: a YAML, ``--set`` style overrides, and the run's own keys."""
     epsilon = str(run_config.get("epsilon", "3")).strip().lower()
+    free = epsilon in ("inf", "none", "")  # no budget
     # Flower's strategy samples the nodes (fraction-train): privfer's own sampling setting is unused here and set to
     # its minimum, so that any population passes validation.
     # distributed (the default): person-level DP, each node adds its own noise share inside secagg_mod;
@@ -37,11 +38,10 @@ def privfer_config(run_config: Mapping[str, Any]) -> PrivferConfig:
     # is not what this app runs.
     mechanism = mechanism_of(run_config)
     unit = ["privacy.unit=person"] if mechanism == "distributed" else []
-    trained_by = "local" if epsilon in ("inf", "none", "") else mechanism
-    overrides = ["federation.clients_per_round=2", f"privacy.mechanism={trained_by}", *unit,
+    overrides = ["federation.clients_per_round=2", f"privacy.mechanism={'local' if free else mechanism}", *unit,
                  *shlex.split(str(run_config.get("privfer-set", "")))]
     overrides += [
-        f"privacy.epsilon={'null' if epsilon in ('inf', 'none', '') else float(epsilon)}",
+        f"privacy.epsilon={'null' if free else float(epsilon)}",
         f"federation.strategy={run_config.get('strategy', 'fedavg')}",
         f"federation.rounds={int(run_config.get('num-server-rounds', 3))}",
         "federation.adaptation=false",  # the held-out actors' adaptation phase is privfer simulate's

@@ -217,3 +217,13 @@ def test_simulate_runs_no_other_python_thread_during_its_rounds_so_their_clients
                  "--out", str(tmp_path / "run"))
     assert result.exit_code == 0, result.output
     assert seen and set(seen) == {1}, seen
+
+
+def test_a_run_directory_error_is_exactly_one_line_on_stderr(tmp_path):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "x").write_text("not a run")
+    result = run("simulate", *SETS, "--out", str(junk))
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [f"error: {junk} exists and is not a privfer run directory; choose another "
+                                          "--out"], result.stderr

@@ -90,7 +90,8 @@ def simulate(
             result = run_simulation(cfg, run_dir, on_start=on_start, on_round=on_round)
     finally:
         preparing.stop()
-        progress.stop()
+        if progress.live.is_started:  # stopping a progress bar never shown prints an empty line before the error
+            progress.stop()
     if as_json:
         console.print_json(json.dumps(result.to_json()))
         return

@@ -35,8 +35,8 @@ SPACE = ["federation.server_lr=0.02,0.1"]
 
 def test_the_space_is_declared_and_bounded():
     assert parse_space(None) == {}
-    # the default space: the step the config resolves (the sqrt(256 / D) rule), halved and as is
-    assert default_space(small_config(*FAST)) == {"federation.server_lr": [0.01414, 0.02828]}  # D = 128
+    # the default space: the step the config resolves (the (256 / D)^(1/3) rule), as is and doubled
+    assert default_space(small_config(*FAST)) == {"federation.server_lr": [0.0252, 0.0504]}  # D = 128
     space = parse_space(["federation.server_lr=0.02, 0.05", "model.readout=mean,last"])
     assert space == {"federation.server_lr": [0.02, 0.05], "model.readout": ["mean", "last"]}
     assert space_candidates(space) == [

@@ -17,11 +17,12 @@ BackendName = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]  # aggregatio
 MAX_EPSILON = 1000.0
 SERVER_LR, SMALL_BUDGET_SERVER_LR = 0.02, 0.03  # distributed DP's Adam step at D = 256; the second at epsilon <= 1
 SERVER_LR_FEATURE_DIM = 256  # the feature dimension those steps were fitted at (the synthetic data's)
+SERVER_LR_EXPONENT = 1 / 3  # the record-level step grows as (256 / D) to this power at D features per frame
 NOISELESS_LR_SHARE = 0.5  # without DP the same algorithm steps at half the rule: Adam's steps are not damped by noise
 
 
 def default_server_lr(epsilon: float | None, distributed: bool, unit: str, feature_dim: int | None) -> float | None:
-    """federation.server_lr when unset. Record level under distributed DP: 0.02 x sqrt(256 / D) for frames of D
+    """federation.server_lr when unset. Record level under distributed DP: 0.02 x (256 / D)^(1/3) for frames of D
     features, at every budget — the rule fitted across the synthetic data at D = 8 to 256, digits and watch
     (docs/privacy-accounting.md, "Do the defaults transfer?"), and half of it without DP (the same algorithm
     without noise, whose Adam steps the noise's second moment does not damp); None: D is not known until the data is
@@ -31,7 +32,7 @@ def default_server_lr(epsilon: float | None, distributed: bool, unit: str, featu
         if feature_dim is None:
             return None
         share = NOISELESS_LR_SHARE if epsilon is None or not math.isfinite(epsilon) else 1.0
-        return share * SERVER_LR * math.sqrt(SERVER_LR_FEATURE_DIM / feature_dim)
+        return share * SERVER_LR * (SERVER_LR_FEATURE_DIM / feature_dim) ** SERVER_LR_EXPONENT
     small = distributed and epsilon is not None and epsilon <= 1.0
     return SMALL_BUDGET_SERVER_LR if small else SERVER_LR
 
@@ -267,7 +268,7 @@ class FederationConfig(_Section):
     )
     server_lr: float | None = Field(
         None, gt=0.0, le=100.0,
-        description="distributed DP: the server optimizer's step size; None: at record level 0.02 x sqrt(256 / D) "
+        description="distributed DP: the server optimizer's step size; None: at record level 0.02 x (256 / D)^(1/3) "
         "for D features per frame (fitted across data sets; half of it without DP; CREMA-D without data.feature_dim: "
         "resolved when the features are read), at person level 0.02 (0.03 at epsilon <= 1).",
     )

@@ -30,7 +30,9 @@ def test_a_run_without_dp_takes_its_lines_algorithm_and_defaults():
     for field in ("rounds", "clients_per_round", "server_optimizer"):
         assert getattr(free.federation, field) == getattr(private.federation, field)
     assert (free.model.readout, free.model.shortcut, free.model.recurrent) == ("mean", True, "fast_dp")
-    assert free.federation.server_lr == pytest.approx(private.federation.server_lr / 2)  # Adam without noise
+    # D = 128: 0.02 x (256 / D)^(1/3) with DP, 0.01 x sqrt(256 / D) without (Adam without noise; the measured rules)
+    assert private.federation.server_lr == pytest.approx(0.02 * 2 ** (1 / 3))
+    assert free.federation.server_lr == pytest.approx(0.01 * 2 ** 0.5)
     # Person level: distributed DP-FedAvg's rounds, model and defaults without the noise.
     person, person_private = small_config("privacy.unit=person"), small_config("privacy.unit=person",
                                                                                 "privacy.epsilon=8")

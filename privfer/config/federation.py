@@ -34,9 +34,9 @@ def default_server_lr(epsilon: float | None, distributed: bool, unit: str, featu
     if distributed and unit == "record":
         if feature_dim is None:
             return None
-        if epsilon is None or not math.isfinite(epsilon):
-            return NOISELESS_LR_SHARE * SERVER_LR * (SERVER_LR_FEATURE_DIM / feature_dim) ** NOISELESS_LR_EXPONENT
-        return SERVER_LR * (SERVER_LR_FEATURE_DIM / feature_dim) ** SERVER_LR_EXPONENT
+        noiseless = epsilon is None or not math.isfinite(epsilon)
+        share, exponent = (NOISELESS_LR_SHARE, NOISELESS_LR_EXPONENT) if noiseless else (1.0, SERVER_LR_EXPONENT)
+        return share * SERVER_LR * (SERVER_LR_FEATURE_DIM / feature_dim) ** exponent
     small = distributed and epsilon is not None and epsilon <= 1.0
     return SMALL_BUDGET_SERVER_LR if small else SERVER_LR
 

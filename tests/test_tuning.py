@@ -17,14 +17,15 @@ from conftest import small_config
 from privfer.auditing.tuning import TAMPERED, audit_tuning
 from privfer.errors import ConfigError, RunDirectoryError
 from privfer.fl.rounds import TRAINING
-from privfer.fl.tuning import (candidate_budget, default_space, parse_space, plan_tuning, release_score,
-                               space_candidates, tune)
+from privfer.fl.tuning import (PILOT_SHARE, candidate_budget, default_space, final_budget, parse_space, plan_tuning,
+                               release_score, space_candidates, tune)
 from privfer.privacy.audit import MISMATCH, OVER_BUDGET
 from privfer.privacy.audit.distributed import independent_composed_epsilon
 from privfer.privacy.calibrate import EPSILON_TOLERANCE, PrivacyBudgetError
 from privfer.privacy.distributed import calibrate_distributed, calibrate_plan
 from privfer.privacy.ledger import read_ledger
-from privfer.privacy.ledger.tuning import TUNABLE, TUNING_LEDGER_FILE, read_tuning_ledger
+from privfer.privacy.ledger import LedgerError
+from privfer.privacy.ledger.tuning import TUNABLE, TUNING_LEDGER_FILE, parse_tuning_ledger, read_tuning_ledger
 from privfer.privacy.rdp import ORDERS, rdp_to_epsilon
 
 FAST = ["privacy.epsilon=3", "federation.rounds=3"]
@@ -91,6 +92,57 @@ def test_the_candidates_composed_stay_within_the_budget_and_use_it(training_shap
     # each candidate's own calibration stops within 0.01 below its budget, so the composition moves in steps
     assert composed >= epsilon - 3 * EPSILON_TOLERANCE or count == 1
     assert budget <= epsilon and (count > 1 or budget == epsilon)
+
+
+def _noise(training_shape, budget):
+    shape = training_shape.federation.plans[TRAINING]
+    trial = training_shape.config.model_copy(deep=True)
+    trial.privacy.epsilon = budget
+    delta = training_shape.federation.delta
+    return calibrate_plan(trial, delta=delta, dimension=shape.dimension, steps=shape.steps, clients=shape.clients,
+                          records=shape.records)
+
+
+@settings(max_examples=10, deadline=None)
+@given(epsilon=st.floats(0.8, 10.0), count=st.integers(2, 5), share=st.floats(0.1, 0.9))
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")
+def test_the_pilots_and_the_final_run_compose_within_the_budget(training_shape, epsilon, count, share):
+    """N pilots at the share's budget and one final run at the budget left: the composition (recomputed by the
+    audit's independent implementation) is within epsilon and uses it, and the final run's noise is below what each
+    of N candidates sharing the whole budget would need."""
+    candidates = [SimpleNamespace(config=training_shape.config, federation=training_shape.federation)] * count
+    delta = training_shape.federation.delta
+    try:
+        pilot, pilots_composed = candidate_budget(share * epsilon, delta, candidates)
+    except PrivacyBudgetError as exc:  # a small share of a small budget: beyond the noise cap, said in one line
+        assert "max_noise_multiplier" in str(exc) and share * epsilon < 1.0
+        return
+    final, composed = final_budget(epsilon, delta, candidates, pilot, candidates[0])
+    history = [_noise(training_shape, pilot).steps_entry(_noise(training_shape, pilot).steps)] * count
+    last = _noise(training_shape, final)
+    independent = independent_composed_epsilon(last.family, [*history, last.steps_entry(last.steps)], delta)
+    assert math.isclose(independent, composed, rel_tol=1e-6, abs_tol=1e-6)
+    assert pilots_composed <= share * epsilon + 1e-9 and composed <= epsilon + 1e-9
+    assert composed >= epsilon - 3 * EPSILON_TOLERANCE  # the budget is used
+    shared, _ = candidate_budget(epsilon, delta, candidates)  # N candidates, no final run
+    if share <= 0.5:  # a larger share leaves the final run less than sharing the whole budget would
+        assert last.noise_multiplier < _noise(training_shape, shared).noise_multiplier
+    assert pilot < epsilon and final < epsilon
+
+
+def test_the_final_runs_noise_at_the_default_share_is_a_ninth_above_one_runs(training_shape):
+    """The worked figure docs/privacy-accounting.md gives: two pilots at the default share 0.4 of epsilon 3, then the
+    final run: its noise is about 1.1x of a single run at the whole budget (each of two candidates sharing the whole
+    budget needs about 1.4x), each pilot's about 3.2x."""
+    candidates = [SimpleNamespace(config=training_shape.config, federation=training_shape.federation)] * 2
+    delta = training_shape.federation.delta
+    alone = _noise(training_shape, 3.0).noise_multiplier
+    pilot, _ = candidate_budget(PILOT_SHARE * 3.0, delta, candidates)
+    final, _ = final_budget(3.0, delta, candidates, pilot, candidates[0])
+    shared, _ = candidate_budget(3.0, delta, candidates)
+    assert 1.05 < _noise(training_shape, final).noise_multiplier / alone < 1.2
+    assert 1.35 < _noise(training_shape, shared).noise_multiplier / alone < 1.5
+    assert 2.7 < _noise(training_shape, pilot).noise_multiplier / alone < 3.7
 
 
 def test_a_budget_whose_even_split_is_below_the_noise_cap_is_still_found(training_shape):
@@ -195,6 +247,93 @@ def test_a_tuned_run_never_exceeds_the_users_epsilon_and_its_audit_passes(tuned)
     assert audit.passed, audit.reasons
     # the audit recomposed both candidates' histories itself (one candidate alone would give about 2)
     assert math.isclose(audit.epsilon_max, result.epsilon_max, rel_tol=1e-6) and audit.epsilon_max <= 3.0 + 1e-9
+
+
+def test_the_final_run_is_the_release_and_is_charged(tuned):
+    """Under DP the chosen settings train once more at the budget the candidates left: that run's model and test
+    scores are the result, its ledger is in every client's composition, and the audit recomposes it."""
+    folder, config, result = tuned
+    ledger = read_tuning_ledger(folder)
+    assert ledger.pilot_share == PILOT_SHARE == result.pilot_share and result.released == "final"
+    assert ledger.final.settings == ledger.candidates[ledger.chosen].settings == result.settings
+    final = read_ledger(folder / "final" / "privacy_ledger.json")
+    assert final.target_epsilon == result.final_epsilon == ledger.final.epsilon
+    assert result.candidate_epsilon < result.final_epsilon < 3.0
+    assert all(entry.final for entry in ledger.clients)
+    run = json.loads((folder / "final" / "result.json").read_text())
+    assert run["test"] == result.test  # the final run's scores, not the chosen candidate's
+    candidate = json.loads((folder / ledger.candidates[ledger.chosen].run / "result.json").read_text())
+    assert candidate["test"] != result.test
+    # the candidates alone compose to about the pilot share of the budget; with the final run, to about all of it
+    alone = audit_tuning(folder)
+    assert alone.epsilon_max >= 3.0 - 2 * EPSILON_TOLERANCE
+    assert max(c["accountant"] for c in alone.clients) <= 3.0 + 1e-9
+
+
+def test_a_pilot_share_of_one_has_no_final_run_and_bad_shares_are_refused(tmp_path, small_clips):
+    result = tune(small_config(*FAST), parse_space(SPACE), tmp_path / "run", clips=small_clips, pilot_share=1)
+    ledger = read_tuning_ledger(tmp_path / "run")
+    assert ledger.final is None and ledger.pilot_share == 1 and not (tmp_path / "run" / "final").exists()
+    assert result.final_epsilon is None and result.released == ledger.candidates[ledger.chosen].run
+    assert audit_tuning(tmp_path / "run").passed
+    # a final directory the ledger does not list: rounds the server saw, charged nowhere
+    shutil.copytree(tmp_path / "run" / "candidates" / "00", tmp_path / "run" / "final")
+    audit = audit_tuning(tmp_path / "run")
+    assert TAMPERED in audit.verdicts and any("no final run" in r for r in audit.reasons)
+    for bad in (0.0, 1.5, float("nan"), True):
+        with pytest.raises(ConfigError, match="--pilot-share must be a number in"):
+            plan_tuning(small_config(*FAST), parse_space(SPACE), clips=small_clips, pilot_share=bad)
+    with pytest.raises(ConfigError, match="has no DP"):
+        plan_tuning(small_config("federation.rounds=3"), parse_space(SPACE), clips=small_clips, pilot_share=0.5)
+    # one candidate: nothing to choose, so no pilots (the whole budget, no final run)
+    single = plan_tuning(small_config(*FAST), parse_space(["federation.server_lr=0.05"]), clips=small_clips,
+                         pilot_share=0.5)
+    assert single.pilot_share == 1.0 and not single.final and single.budget == 3.0
+
+
+def test_the_audit_flags_a_forged_final_run(tuned, tmp_path):
+    def edit_final_ledger(folder):
+        path = folder / "final" / "privacy_ledger.json"
+        path.write_text(path.read_text().replace('"steps": 3', '"steps": 2', 1))
+
+    assert TAMPERED in _tampered(tuned, tmp_path / "a", edit_final_ledger).verdicts
+
+    def cheaper_final(folder):  # the final run's config and claim lowered, the digests re-bound
+        path = folder / "final" / "config.yaml"
+        path.write_text(path.read_text().replace("colluding_fraction: 0.1", "colluding_fraction: 0.0"))
+
+    audit = _tampered(tuned, tmp_path / "b", cheaper_final)
+    assert MISMATCH in audit.verdicts and any("final/config.yaml" in r for r in audit.reasons)
+
+    audit = _tampered(tuned, tmp_path / "c", _edit_ledger(lambda d: d["final"].update(epsilon=d["final"]["epsilon"] / 2)))
+    assert MISMATCH in audit.verdicts and any("budget leaves it" in r for r in audit.reasons)
+
+    def hide_final(document):  # the final run dropped from the ledger: as if the candidates had the whole budget
+        document["final"], document["pilot_share"] = None, 1.0
+        for entry in document["clients"]:
+            entry["final"] = False
+
+    audit = _tampered(tuned, tmp_path / "d", _edit_ledger(hide_final))
+    assert TAMPERED in audit.verdicts and any("no final run" in r for r in audit.reasons)
+    assert any("each calibrated to" in r for r in audit.reasons)  # share 1 would have given each candidate more
+    with pytest.raises(LedgerError, match="not the chosen candidate's settings"):
+        _tampered(tuned, tmp_path / "e", _edit_ledger(lambda d: d["final"].update(settings={
+            "federation.server_lr": 0.5})))
+
+
+def test_a_version_1_ledger_is_still_read(tuned):
+    document = json.loads((tuned[0] / TUNING_LEDGER_FILE).read_text())
+    for name in ("pilot_share", "final"):
+        document.pop(name)
+    for entry in document["clients"]:
+        entry.pop("final")
+    with pytest.raises(LedgerError, match="pilot_share"):
+        parse_tuning_ledger(document)
+    document["schema"] = "privfer.tuning_ledger/1"
+    assert parse_tuning_ledger(document).final is None
+    document["pilot_share"] = 0.5
+    with pytest.raises(LedgerError, match="/1 document has no pilot_share"):
+        parse_tuning_ledger(document)
 
 
 def test_rerunning_a_finished_tuning_run_returns_its_result(tuned, small_clips):
@@ -308,6 +447,9 @@ def test_cli_tune_and_audit(tmp_path, small_clips):
     runner = CliRunner()
     bad = runner.invoke(app, ["tune", "--try", "privacy.noise=skellam", "--epsilon", "3"])
     assert bad.exit_code == 2 and "searches only" in bad.output and "Traceback" not in bad.output
+    bad = runner.invoke(app, ["tune", "--pilot-share", "2", "--epsilon", "3"])
+    assert bad.exit_code == 2 and "--pilot-share must be a number in [0.05, 1], got 2.0" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
     # a finished tuning run is audited as one: exit 0, and 1 once its candidate count is tampered with
     folder = tmp_path / "run"
     tune(small_config(*FAST), parse_space(SPACE), folder, clips=small_clips)
@@ -338,6 +480,29 @@ def test_a_killed_tuning_run_resumes_without_a_new_release(tmp_path, small_clips
     # the same directory with another search space is refused, not mixed
     with pytest.raises(RunDirectoryError, match="another search space"):
         tune(config, parse_space(["federation.server_lr=0.3,0.4"]), folder, clips=small_clips)
+
+
+def test_a_run_killed_in_its_final_run_resumes_it_and_a_deleted_one_is_refused(tmp_path, small_clips):
+    config, folder = small_config(*FAST), tmp_path / "run"
+
+    def kill(final_config):
+        raise _Killed
+
+    with pytest.raises(_Killed):  # killed once every score is released, before the final run's first round
+        tune(config, parse_space(SPACE), folder, clips=small_clips, on_final=kill)
+    state = json.loads((folder / "tuning_state.json").read_text())
+    assert len(state["scores"]) == 2 and not state["final_started"]
+    shutil.copytree(folder, tmp_path / "again")
+    result = tune(config, parse_space(SPACE), folder, clips=small_clips)
+    assert result.released == "final" and audit_tuning(folder).passed
+    # a final run deleted after it started: its rounds' sums were seen, so it never trains again
+    state = json.loads((tmp_path / "again" / "tuning_state.json").read_text())
+    state["final_started"] = True
+    (tmp_path / "again" / "tuning_state.json").write_text(json.dumps(state))
+    with pytest.raises(RunDirectoryError, match="final was removed after it started"):
+        tune(config, parse_space(SPACE), tmp_path / "again", clips=small_clips)
+    with pytest.raises(RunDirectoryError, match="pilot share"):  # another share: another run, never mixed
+        tune(config, parse_space(SPACE), tmp_path / "again", clips=small_clips, pilot_share=0.5)
 
 
 # --- the hostile review's attacks (issue 26) ---
@@ -446,6 +611,7 @@ def test_the_audit_flags_forged_validation_and_candidate_files(tuned, tmp_path):
         document["candidates"] = document["candidates"][:1]
         document["space"] = {k: [v] for k, v in document["candidates"][0]["settings"].items()}
         document["candidates_declared"], document["chosen"] = 1, 0
+        document["final"]["settings"] = document["candidates"][0]["settings"]
         path.write_text(json.dumps(document))
 
     audit = _tampered(tuned, tmp_path / "d", drop_candidate_everywhere)

@@ -13,10 +13,15 @@ them is within the user's budget. The audit believes none of it:
   of its own run (:func:`privfer.auditing.audit_path`: recomputed twice and
   held to the run's config and rounds) at the candidate's stated budget, and its
   run's config holds the candidate's settings;
+* the final run (the chosen candidate's settings trained once more after the
+  selection): its ledger is the file its SHA-256 names and passes its own
+  audit, its budget is the one the rebuilt plan leaves to the chosen candidate
+  after every candidate, its ``config.yaml`` is exactly that run's, and a
+  ``final/`` directory the ledger does not list is ``TAMPERED``;
 * each training client's epsilon is recomposed over every candidate ledger it
-  appears in, with both implementations of the noise family's bound (the
-  accountant's and the audit's loop-by-loop one), and held to the claim and to
-  the user's epsilon;
+  appears in and the final run's, with both implementations of the noise
+  family's bound (the accountant's and the audit's loop-by-loop one), and held
+  to the claim and to the user's epsilon;
 * the validation ledger (private scores) is the file its SHA-256 names, passes
   its own audit, charges one release per candidate, and its validation clients
   are none of the training clients; consenting scores are named in
@@ -25,7 +30,7 @@ them is within the user's budget. The audit believes none of it:
   declared space (its data read, its candidates prepared): the target is the
   config's, each candidate's ``config.yaml`` is exactly the candidate the space
   and the budget make, the per-candidate budget is the one the declared number
-  of candidates calibrates, and the validation plan (clients, records, trust,
+  of candidates and the pilot share calibrate, and the validation plan (clients, records, trust,
   noise) is the one the split makes.
 
 What it cannot catch: a directory whose every file was rewritten
@@ -52,7 +57,7 @@ from privfer.privacy.audit import MISMATCH, OVER_BUDGET, UNAUDITABLE, audit_ledg
 from privfer.privacy.audit.distributed import independent_composed_epsilon
 from privfer.privacy.audit.report import CLAIM_TOLERANCE, AuditReport, _close
 from privfer.privacy.ledger import LEDGER_FILE, MAX_LEDGER_BYTES, LedgerError, SecureSumLedger, read_ledger
-from privfer.privacy.ledger.tuning import TUNING_LEDGER_FILE, TuningLedger, read_tuning_ledger
+from privfer.privacy.ledger.tuning import FINAL_RUN, TUNING_LEDGER_FILE, TuningLedger, read_tuning_ledger
 from privfer.privacy.noise import NoiseSteps, noise_family
 
 TAMPERED = "TAMPERED"
@@ -135,9 +140,10 @@ def audit_tuning(path: Path | str) -> TuningAudit:
     _candidates_are_the_space(ledger, expected, run_dir, audit)
     plan = _rebuilt(ledger, run_dir, audit)
     candidate_ledgers = _candidate_ledgers(ledger, run_dir, audit, plan)
+    final = _final_ledger(ledger, run_dir, audit, plan)
     if ledger.private:
-        _recompose(ledger, candidate_ledgers, audit)
-        _validation(ledger, run_dir, audit, candidate_ledgers, plan)
+        _recompose(ledger, [*candidate_ledgers, final], audit, final)
+        _validation(ledger, run_dir, audit, [*candidate_ledgers, final], plan)
     elif ledger.validation != "exact":
         audit.flag(MISMATCH, "a non-private tuning ledger's scores are exact")
     return audit
@@ -169,7 +175,9 @@ def _rebuilt(ledger: TuningLedger, run_dir: Path, audit: TuningAudit) -> Any:
                                     f"of {MAX_REBUILD_VALUES:.3g} for rebuilding the run")
             return None
     try:
-        return plan_tuning(config, {key: list(values) for key, values in ledger.space.items()}, ledger.validation)
+        share = (1.0 if ledger.pilot_share is None else ledger.pilot_share) if ledger.private else None
+        return plan_tuning(config, {key: list(values) for key, values in ledger.space.items()}, ledger.validation,
+                           pilot_share=share)
     except (PrivferError, ValueError) as exc:
         audit.flag(MISMATCH, f"the run cannot be rebuilt from config.yaml and the declared space ({exc})")
     except Exception as exc:  # noqa: BLE001  hostile input must end in a verdict, never a traceback
@@ -212,59 +220,96 @@ def _candidate_ledgers(ledger: TuningLedger, run_dir: Path, audit: TuningAudit,
                                      f"{audit.declared} candidates the space declares are each calibrated to "
                                      f"{plan.budget:.6g}")
     for candidate in ledger.candidates:
-        where = run_dir / candidate.run
-        file = where / LEDGER_FILE
-        digest = _sha256(file)
-        if digest != candidate.ledger_sha256:
-            audit.flag(TAMPERED, f"{candidate.run}/{LEDGER_FILE} " + ("is missing" if digest is None else
-                                                                      "is not the file the tuning ledger's SHA-256 names"))
-            ledgers.append(None)
-            continue
-        try:
-            report = audit_path(file)
-            parsed = read_ledger(file)
-        except (LedgerError, ValueError) as exc:
-            audit.flag(CANDIDATE_FAILS, f"{candidate.run}: {exc}")
-            ledgers.append(None)
-            continue
-        if not report.passed or report.unauditable:
-            first = next((c for c in report.clients if c.verdicts), None)
-            why = first.reasons[0] if first is not None and first.reasons else "; ".join(report.run_checks or [])
-            audit.flag(CANDIDATE_FAILS, f"{candidate.run} fails its own audit ({why})")
-            if report.unauditable:
-                ledgers.append(None)
-                continue
         expected = rebuilt.get(candidate.index)
-        if expected is not None and _read_yaml(where / "config.yaml") != expected.config.to_dict():
+        if expected is not None and _read_yaml(run_dir / candidate.run / "config.yaml") != expected.config.to_dict():
             audit.flag(MISMATCH, f"{candidate.run}/config.yaml is not the candidate the space and the budget make "
                                  f"({', '.join(f'{k}={v}' for k, v in candidate.settings.items())})")
-        if ledger.private:
-            if not isinstance(parsed, SecureSumLedger):
-                audit.flag(MISMATCH, f"{candidate.run}'s ledger is not a secure-sum ledger")
-                ledgers.append(None)
-                continue
-            checks = {"target_epsilon": (parsed.target_epsilon, candidate.epsilon),
-                      "delta": (parsed.delta, ledger.delta), "mechanism_id": (parsed.mechanism_id, ledger.mechanism_id),
-                      "noise": (parsed.family.name, ledger.noise), "unit": (parsed.unit, ledger.unit)}
-            for name, (theirs, ours) in checks.items():
-                if theirs != ours:
-                    audit.flag(MISMATCH, f"{candidate.run}'s ledger has {name} {theirs!r}, the tuning ledger {ours!r}")
-        elif parsed.private:
-            audit.flag(MISMATCH, f"{candidate.run}'s ledger is private, the tuning ledger is not")
-        ledgers.append(parsed if isinstance(parsed, SecureSumLedger) else None)
+        ledgers.append(_run_ledger(ledger, run_dir, candidate.run, candidate.ledger_sha256, candidate.epsilon, audit))
     return ledgers
 
 
-def _recompose(ledger: TuningLedger, candidate_ledgers: list[SecureSumLedger | None], audit: TuningAudit) -> None:
-    """Every training client's history over every candidate, composed twice, against the claim and the budget."""
+def _run_ledger(ledger: TuningLedger, run_dir: Path, run: str, digest: str, epsilon: float | None,
+                audit: TuningAudit) -> SecureSumLedger | None:
+    """A run's ledger (a candidate's or the final run's): the file its digest names, passing its own full audit, a
+    secure-sum ledger at ``epsilon`` with the tuning ledger's delta, mechanism, noise and unit (None where it cannot
+    be used)."""
+    file = run_dir / run / LEDGER_FILE
+    found = _sha256(file)
+    if found != digest:
+        audit.flag(TAMPERED, f"{run}/{LEDGER_FILE} " + ("is missing" if found is None else
+                                                        "is not the file the tuning ledger's SHA-256 names"))
+        return None
+    try:
+        report = audit_path(file)
+        parsed = read_ledger(file)
+    except (LedgerError, ValueError) as exc:
+        audit.flag(CANDIDATE_FAILS, f"{run}: {exc}")
+        return None
+    if not report.passed or report.unauditable:
+        first = next((c for c in report.clients if c.verdicts), None)
+        why = first.reasons[0] if first is not None and first.reasons else "; ".join(report.run_checks or [])
+        audit.flag(CANDIDATE_FAILS, f"{run} fails its own audit ({why})")
+        if report.unauditable:
+            return None
+    if not ledger.private:
+        if parsed.private:
+            audit.flag(MISMATCH, f"{run}'s ledger is private, the tuning ledger is not")
+        return None
+    if not isinstance(parsed, SecureSumLedger):
+        audit.flag(MISMATCH, f"{run}'s ledger is not a secure-sum ledger")
+        return None
+    checks = {"target_epsilon": (parsed.target_epsilon, epsilon), "delta": (parsed.delta, ledger.delta),
+              "mechanism_id": (parsed.mechanism_id, ledger.mechanism_id), "noise": (parsed.family.name, ledger.noise),
+              "unit": (parsed.unit, ledger.unit)}
+    for name, (theirs, ours) in checks.items():
+        if theirs != ours:
+            audit.flag(MISMATCH, f"{run}'s ledger has {name} {theirs!r}, the tuning ledger {ours!r}")
+    return parsed
+
+
+def _final_ledger(ledger: TuningLedger, run_dir: Path, audit: TuningAudit, plan: Any) -> SecureSumLedger | None:
+    """The final run's ledger, checked against its digest, its own full audit, the budget the rebuilt plan leaves to
+    the chosen candidate and the config it makes; a final directory the tuning ledger does not list is flagged."""
+    where = run_dir / FINAL_RUN
+    if ledger.final is None:
+        if where.exists() or where.is_symlink():
+            audit.flag(TAMPERED, f"{FINAL_RUN}/ exists but the tuning ledger has no final run: the sums the server saw "
+                                 "in its rounds are not charged")
+        if plan is not None and plan.final:
+            audit.flag(MISMATCH, f"the run's pilot share {plan.pilot_share:g} leaves a final run the ledger does not "
+                                 "list")
+        return None
+    if plan is not None:
+        if not plan.final:
+            audit.flag(MISMATCH, "the tuning ledger lists a final run, but its pilot share leaves none")
+        else:
+            expected = plan.final_budgets[ledger.chosen]
+            if not math.isclose(ledger.final.epsilon, expected, rel_tol=1e-9):
+                audit.flag(MISMATCH, f"the final run was trained at epsilon {ledger.final.epsilon}; after the "
+                                     f"candidates the budget leaves it {expected:.6g}")
+            if _read_yaml(where / "config.yaml") != plan.final_config(ledger.chosen).to_dict():
+                audit.flag(MISMATCH, f"{FINAL_RUN}/config.yaml is not the chosen candidate's settings at the final "
+                                     "run's budget")
+    return _run_ledger(ledger, run_dir, FINAL_RUN, ledger.final.ledger_sha256, ledger.final.epsilon, audit)
+
+
+def _recompose(ledger: TuningLedger, run_ledgers: list[SecureSumLedger | None], audit: TuningAudit,
+               final: SecureSumLedger | None) -> None:
+    """Every training client's history over every candidate and the final run, composed twice, against the claim
+    and the budget."""
     family = noise_family(ledger.noise)
     histories: dict[tuple[int, str], list[NoiseSteps]] = {}
-    for parsed in candidate_ledgers:
+    for parsed in run_ledgers:
         if parsed is None:
             continue
         for entry in parsed.clients:
             histories.setdefault((entry.client, entry.phase), []).extend(entry.noise_steps)
+    in_final = {(entry.client, entry.phase) for entry in final.clients} if final is not None else set()
     claimed = {(entry.client, entry.phase): entry for entry in ledger.clients}
+    for key, entry in claimed.items():
+        if entry.final is not None and entry.final != (key in in_final):
+            audit.flag(MISMATCH, f"client {key[0]}: the tuning ledger says it is {'' if entry.final else 'not '}in "
+                                 "the final run, the final run's ledger says otherwise")
     if set(claimed) != set(histories):
         missing = sorted(set(histories) - set(claimed))[:3]
         audit.flag(TAMPERED if missing else MISMATCH,
@@ -294,7 +339,7 @@ def _recompose(ledger: TuningLedger, candidate_ledgers: list[SecureSumLedger | N
 
 
 def _validation(ledger: TuningLedger, run_dir: Path, audit: TuningAudit,
-                candidate_ledgers: list[SecureSumLedger | None], rebuilt: Any) -> None:
+                run_ledgers: list[SecureSumLedger | None], rebuilt: Any) -> None:
     if ledger.validation == "consenting":
         if not any(CONSENT_LINE in line for line in ledger.not_covered):
             audit.flag(MISMATCH, "consenting validation scores are not named in not_covered")
@@ -331,13 +376,13 @@ def _validation(ledger: TuningLedger, run_dir: Path, audit: TuningAudit,
     if charged != {releases} or plan.steps != releases:
         audit.flag(TAMPERED, f"{ledger.validation_ledger} charges {sorted(charged)} score releases per validation "
                              f"client (plan: {plan.steps}); {releases} candidates were scored")
-    training = {entry.client for other in candidate_ledgers if other is not None for entry in other.clients}
+    training = {entry.client for other in run_ledgers if other is not None for entry in other.clients}
     shared = sorted(training & {entry.client for entry in parsed.clients})
     if shared:  # a person in both groups pays both budgets: the split must keep them apart
         audit.flag(MISMATCH, f"validation clients {shared[:5]} are training clients too")
     checks = {"delta": (parsed.delta, ledger.delta), "unit": (parsed.unit, ledger.unit),
               "noise": (parsed.family.name, ledger.noise)}
-    first = next((other for other in candidate_ledgers if other is not None), None)
+    first = next((other for other in run_ledgers if other is not None), None)
     if first is not None:
         checks["trust"] = (parsed.trust, first.trust)
         checks["noise_source"] = (parsed.noise_source, "run_seed" if first.noise_source == "run_seed" else "run_key")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -26,6 +27,10 @@ def tune(
     validation: Optional[str] = typer.Option(
         None, "--validation", help="private (default under DP: noisy counts through the secure sum, in the ledger) "
         "or consenting (exact validation macro F1; the validation actors are not covered)."),
+    pilot_share: Optional[float] = typer.Option(
+        None, "--pilot-share", help="Under DP, with two or more candidates: the share of --epsilon the candidates "
+        "spend together (each is a pilot); the chosen settings are then trained once more with what RDP composition "
+        "leaves, and that final run is the result. 1: no final run, the chosen candidate is the result. Default 0.4."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Run seed."),
     config: Optional[Path] = ConfigOption,
     data: Optional[Path] = DataOption,
@@ -44,7 +49,15 @@ def tune(
         if as_json:
             return
         count = len(plan.candidates)
-        if plan.budget is not None:
+        if plan.final:
+            low, high = min(plan.final_budgets), max(plan.final_budgets)
+            final = f"{low:.3f}" if math.isclose(low, high) else f"{low:.3f} to {high:.3f}"
+            errors.print(f"tuning: {count} candidates, each trained at epsilon {plan.budget:.3f} (together "
+                         f"{plan.composed:.3f}, the pilot share {plan.pilot_share:g} of {cfg.privacy.epsilon:g}), then "
+                         f"the chosen settings once more at epsilon {final}: all composed stay within "
+                         f"{cfg.privacy.epsilon:g} (delta {plan.delta:.3g}); validation scores: {plan.validation}",
+                         highlight=False, markup=False)
+        elif plan.budget is not None:
             errors.print(f"tuning: {count} candidates, each trained at epsilon {plan.budget:.3f} so that all {count} "
                          f"composed stay within {cfg.privacy.epsilon:g} (worst case {plan.composed:.3f}, delta "
                          f"{plan.delta:.3g}); validation scores: {plan.validation}", highlight=False, markup=False)
@@ -58,8 +71,14 @@ def tune(
                          highlight=False,
                          markup=False)
 
+    def on_final(final: Any) -> None:
+        if not as_json:
+            errors.print(f"final run of the chosen settings at epsilon {final.privacy.epsilon:.3f}", highlight=False,
+                         markup=False)
+
     with run_directory(out, cfg, "tune") as run_dir:
-        result = run_tune(cfg, space, run_dir, validation=validation, on_start=on_start, on_candidate=on_candidate)
+        result = run_tune(cfg, space, run_dir, validation=validation, pilot_share=pilot_share, on_start=on_start,
+                          on_candidate=on_candidate, on_final=on_final)
     if as_json:
         console.print_json(json.dumps(result.to_json()))
         return
@@ -83,10 +102,14 @@ def print_tune(result: Any, run_dir: Path) -> None:
         table.add_row(f"{candidate['index']}{mark}", _settings(candidate["settings"]),
                       f"{candidate['score']:.3f}", f"{candidate['validation_macro_f1']:.3f}")
     console.print(table)
-    console.print(report_table(result.test, f"chosen candidate {result.chosen}: test actors"))
+    released = (f"final run of candidate {result.chosen}'s settings" if result.final_epsilon is not None
+                else f"chosen candidate {result.chosen}")
+    console.print(report_table(result.test, f"{released}: test actors"))
     if result.target_epsilon is not None:
-        console.print(f"epsilon {result.target_epsilon:g} in total: each candidate {result.candidate_epsilon:.3f}, "
-                      f"training clients composed over all {len(result.candidates)} max {result.epsilon_max:.3f}, "
+        final = (f", the final run {result.final_epsilon:.3f}" if result.final_epsilon is not None else "")
+        runs = f"all {len(result.candidates)}" + (" and the final run" if result.final_epsilon is not None else "")
+        console.print(f"epsilon {result.target_epsilon:g} in total: each candidate {result.candidate_epsilon:.3f}"
+                      f"{final}, training clients composed over {runs} max {result.epsilon_max:.3f}, "
                       + (f"validation clients max {result.validation_epsilon_max:.3f}"
                          if result.validation_epsilon_max is not None else "validation actors not covered (consenting)")
                       + f", delta {result.delta:.3g}", highlight=False, markup=False)

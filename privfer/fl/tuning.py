@@ -79,7 +79,11 @@ from privfer.runs import atomic_write_json, prepare_run_dir
 # measured (watch's); digits' best is about twice it. A third candidate costs every candidate's noise
 # (docs/performance.md)
 STEP_FACTORS = (1.0, 2.0)
-FALLBACK_STEPS = (0.02, 0.05, 0.1)  # when the rule's step is not known before the data is read (CREMA-D)
+FALLBACK_STEPS = (0.02, 0.05, 0.1)
+# under DP the candidates (pilots) together spend this share of epsilon; the chosen settings are then trained once
+# more with what RDP composition leaves (about 0.94 of it in noise terms: noise x1.12 of a single run's, against
+# x1.41 for each of two candidates sharing the whole budget); docs/privacy-accounting.md
+PILOT_SHARE = 0.4  # when the rule's step is not known before the data is read (CREMA-D)
 
 
 def default_space(config: PrivferConfig, feature_dim: int | None = None) -> dict[str, list[Any]]:
@@ -96,6 +100,7 @@ SPACE_FILE = "space.json"
 STATE_FILE = "tuning_state.json"
 RESULT = "result.json"
 CANDIDATES = "candidates"
+FINAL = "final"  # the final run's directory
 SELECTION = ("the candidate with the largest released validation score (ties: the first); post-processing of the "
              "releases. The server aggregates every round of every candidate, so the cost charged is the composition "
              "of every candidate of the declared space (Papernot & Steinke's and Liu & Talwar's repetition bounds "
@@ -185,17 +190,31 @@ class TuningPlan:
     composed: float | None  # the worst-case composition of every candidate at that budget
     delta: float | None
     validation_plan: DistributedPlan | None
+    pilot_share: float | None = None  # the candidates' share of the budget (1: no final run; None: no DP)
+    final_budgets: list[float] | None = None  # per candidate, the budget of its final run if it is chosen
+    final_composed: list[float] | None = None  # per candidate, every candidate and its final run composed
+
+    @property
+    def final(self) -> bool:
+        """Whether the chosen settings are trained once more (a final run) after the selection."""
+        return self.final_budgets is not None
+
+    def final_config(self, chosen: int) -> PrivferConfig:
+        """The final run's config: the chosen candidate's at the budget left to it."""
+        candidate = self.candidates[chosen]
+        return _candidate_config(candidate.config.to_dict(), candidate.settings, candidate.index,
+                                 {"privacy.epsilon": self.final_budgets[chosen]}, what="final run of candidate")
 
 
 def _candidate_config(base: dict[str, Any], settings: dict[str, Any], index: int,
-                      extra: dict[str, Any] | None = None) -> PrivferConfig:
+                      extra: dict[str, Any] | None = None, what: str = "candidate") -> PrivferConfig:
     raw = json.loads(json.dumps(base))
     for key, value in {**settings, "federation.adaptation": False, "output.save_model": True,
                        **(extra or {})}.items():
         section, name = key.split(".")
         raw[section][name] = value
     described = ", ".join(f"{k}={v}" for k, v in settings.items())
-    return build_config(raw, source=f"candidate {index} ({described})")
+    return build_config(raw, source=f"{what} {index} ({described})")
 
 
 def _setting(config: PrivferConfig, key: str) -> Any:
@@ -205,15 +224,10 @@ def _setting(config: PrivferConfig, key: str) -> Any:
 
 
 def plan_tuning(config: PrivferConfig, space: dict[str, list[Any]], validation: str | None = None,
-                clips: ClipSet | None = None) -> TuningPlan:
-    """The candidates, their common budget and the validation releases' plan; every mistake is raised here. An empty
-    ``space`` is :func:`default_space`."""
-    clips = load_clips(config.data) if clips is None else clips
-    space = space or default_space(config, clips.feature_dim)
-    untunable = sorted(set(space) - set(TUNABLE))
-    if untunable:  # the trust, the mechanism and the data are the run's, never a candidate's
-        raise ConfigError(f"the search space names {', '.join(untunable)}; privfer tune searches only "
-                          f"{', '.join(TUNABLE)}")
+                clips: ClipSet | None = None, pilot_share: float | None = None) -> TuningPlan:
+    """The candidates, their common budget, the final run's budget for each possible choice and the validation
+    releases' plan; every mistake is raised here. An empty ``space`` is :func:`default_space`; ``pilot_share`` (DP
+    only) defaults to :data:`PILOT_SHARE`."""
     private = config.privacy.enabled
     if private and config.mechanism != "distributed":
         raise ConfigError(f"privfer tune accounts the composition of the candidates' secure sums: it needs "
@@ -225,6 +239,18 @@ def plan_tuning(config: PrivferConfig, space: dict[str, list[Any]], validation: 
     if private == (validation == "exact"):
         raise ConfigError("--validation exact is for runs without DP" if private else
                           f"--validation {validation}: a run without DP scores its candidates exactly")
+    if pilot_share is not None and not private:
+        raise ConfigError("--pilot-share splits a privacy budget; this run has no DP (its chosen candidate is the "
+                          "release)")
+    if pilot_share is not None and not (isinstance(pilot_share, (int, float)) and not isinstance(pilot_share, bool)
+                                        and 0.05 <= pilot_share <= 1):
+        raise ConfigError(f"--pilot-share must be a number in [0.05, 1], got {pilot_share!r}")
+    untunable = sorted(set(space or {}) - set(TUNABLE))
+    if untunable:  # the trust, the mechanism and the data are the run's, never a candidate's
+        raise ConfigError(f"the search space names {', '.join(untunable)}; privfer tune searches only "
+                          f"{', '.join(TUNABLE)}")
+    clips = load_clips(config.data) if clips is None else clips  # the mistakes above cost no data
+    space = space or default_space(config, clips.feature_dim)
     settings = space_candidates(space)
     if len(settings) > MAX_CANDIDATES:
         raise ConfigError(f"the search space declares {len(settings)} candidates; at most {MAX_CANDIDATES} (each one "
@@ -246,15 +272,37 @@ def plan_tuning(config: PrivferConfig, space: dict[str, list[Any]], validation: 
     if len(deltas) != 1:
         raise ConfigError("the candidates' default deltas differ; set privacy.delta")
     delta = deltas.pop()
-    budget, composed = candidate_budget(config.privacy.epsilon, delta, candidates)
+    epsilon = config.privacy.epsilon
+    share = 1.0 if len(candidates) == 1 else float(PILOT_SHARE if pilot_share is None else pilot_share)
+    try:
+        budget, composed = candidate_budget(share * epsilon, delta, candidates)
+    except PrivacyBudgetError as exc:
+        if share == 1:
+            raise
+        raise PrivacyBudgetError(f"{exc} (the candidates have the pilot share {share:g} of epsilon "
+                                 f"{epsilon:g}: raise --pilot-share)") from None
     for candidate in candidates:
         candidate.config = _candidate_config(base, candidate.settings, candidate.index,
                                              {"privacy.epsilon": budget, "privacy.delta": delta})
+    finals = None
+    if share < 1:
+        known: dict[str, tuple[float, float]] = {}  # candidates of one training shape have one final budget
+        finals = []
+        for candidate in candidates:
+            plan = candidate.federation.plans[TRAINING]
+            shape = json.dumps([candidate.config.privacy.model_dump(mode="json"),
+                                candidate.config.aggregation.model_dump(mode="json"), plan.dimension, plan.steps,
+                                plan.clients, plan.records, len(candidate.federation.clients[TRAINING])],
+                               sort_keys=True)
+            if shape not in known:
+                known[shape] = final_budget(epsilon, delta, candidates, budget, candidate)
+            finals.append(known[shape])
     validation_plan = None
     if validation == "private":
         validation_plan = plan_validation(config, delta, candidates[0].federation.parts[VALIDATION_PART],
                                           len(candidates))
-    return TuningPlan(space, validation, candidates, budget, composed, delta, validation_plan)
+    return TuningPlan(space, validation, candidates, budget, composed, delta, validation_plan, share,
+                      [f[0] for f in finals] if finals else None, [f[1] for f in finals] if finals else None)
 
 
 
@@ -266,34 +314,71 @@ def _training_plan(config: PrivferConfig, shape: DistributedPlan, population: in
                           records=shape.records, population=population)
 
 
-def composed_epsilon(entries: list[NoiseSteps], family, delta: float) -> float:
-    """Epsilon of every entry composed (RDP): a client's spend over every candidate it trained in."""
+def composed_epsilon(entries: list[NoiseSteps | None], family, delta: float) -> float:
+    """Epsilon of every entry composed (RDP): a client's spend over every run it trained in (inf when an entry is
+    None: a run beyond the noise cap)."""
+    if any(entry is None for entry in entries):
+        return math.inf
     return family.epsilon(entries, delta)[0] if entries else 0.0
 
 
 def candidate_budget(epsilon: float, delta: float, candidates: list[Candidate]) -> tuple[float, float]:
     """(eps_c, composed): the largest per-candidate budget whose worst-case composition over every candidate is
     within ``epsilon`` (to EPSILON_TOLERANCE below, or to 1e-4 in eps_c), and that composition."""
-    shapes = [(c.config, c.federation.plans[TRAINING], len(c.federation.clients[TRAINING])) for c in candidates]
+    shapes = [_shape(c) for c in candidates]
     family = shapes[0][1].family
 
     def composed(budget: float) -> float:
-        try:
-            plans = [_training_plan(cfg, shape, population, budget, delta) for cfg, shape, population in shapes]
-        except PrivacyBudgetError:
-            return math.inf
-        return composed_epsilon([p.steps_entry(p.steps) for p in plans], family, delta)
+        return composed_epsilon([_entry(shape, budget, delta) for shape in shapes], family, delta)
 
+    return largest_budget(composed, epsilon, epsilon / len(shapes),
+                          f"epsilon {epsilon:g} split over {len(shapes)} candidates")
+
+
+def final_budget(epsilon: float, delta: float, pilots: list[Candidate], pilot_budget: float,
+                 final: Candidate) -> tuple[float, float]:
+    """(eps_f, composed): the largest budget of the final run of ``final``'s settings such that it composed with
+    every pilot (each at ``pilot_budget``) is within ``epsilon``, and that composition."""
+    family = final.federation.plans[TRAINING].family
+    spent = [_entry(_shape(c), pilot_budget, delta) for c in pilots]
+    shape = _shape(final)
+
+    def composed(budget: float) -> float:
+        return composed_epsilon([*spent, _entry(shape, budget, delta)], family, delta)
+
+    return largest_budget(composed, epsilon, epsilon / 2,
+                          f"epsilon {epsilon:g} after {len(pilots)} pilots at {pilot_budget:.4g} each")
+
+
+def _shape(candidate: Candidate) -> tuple[PrivferConfig, DistributedPlan, int]:
+    return candidate.config, candidate.federation.plans[TRAINING], len(candidate.federation.clients[TRAINING])
+
+
+def _entry(shape: tuple[PrivferConfig, DistributedPlan, int], budget: float, delta: float) -> NoiseSteps | None:
+    """A training client's noise history over one run of ``shape`` calibrated to ``budget`` (None: beyond the noise
+    cap)."""
+    try:
+        plan = _training_plan(*shape, budget, delta)
+    except PrivacyBudgetError:
+        return None
+    return plan.steps_entry(plan.steps)
+
+
+def largest_budget(composed: Callable[[float], float], epsilon: float, start: float,
+                   what: str) -> tuple[float, float]:
+    """The largest b in (0, epsilon] with composed(b) <= epsilon (to EPSILON_TOLERANCE below, or to 1e-4 in b), and
+    composed(b). ``composed`` increases with b and is inf below the noise cap's edge; ``start`` is a first guess below
+    the answer. PrivacyBudgetError when no b qualifies (``what`` says what was asked)."""
     high = epsilon
     spent = composed(high)
     if spent <= epsilon:
         return high, spent
-    low = epsilon / len(shapes)
+    low = start
     for _ in range(30):
         spent = composed(low)
         if spent <= epsilon:
             break
-        if math.isinf(spent):  # below the noise cap's edge: the least budget a candidate can have lies in (low, high]
+        if math.isinf(spent):  # below the noise cap's edge: the least budget a run can have lies in (low, high]
             edge = high
             for _ in range(40):
                 middle = (low + edge) / 2
@@ -301,14 +386,13 @@ def candidate_budget(epsilon: float, delta: float, candidates: list[Candidate]) 
             low, spent = edge, composed(edge)
             if spent > epsilon:
                 raise PrivacyBudgetError(
-                    f"privacy budget unreachable: epsilon {epsilon:g} split over {len(shapes)} candidates needs more "
-                    f"noise than privacy.max_noise_multiplier allows ({len(shapes)} candidates at the least budget "
-                    f"each can have compose to {spent:.3g}); try fewer values or raise privacy.epsilon")
+                    f"privacy budget unreachable: {what} needs more noise than privacy.max_noise_multiplier allows "
+                    f"(at the least budget a run can have they compose to {spent:.3g}); try fewer values or raise "
+                    "privacy.epsilon")
             break
         high, low = low, low / 2
     else:
-        raise PrivacyBudgetError(f"privacy budget unreachable: epsilon {epsilon:g} cannot cover {len(shapes)} "
-                                 "candidates; try fewer values or raise privacy.epsilon")
+        raise PrivacyBudgetError(f"privacy budget unreachable: {what}; try fewer values or raise privacy.epsilon")
     for _ in range(60):  # bisection: a fixed number of steps whatever the budget
         if spent >= epsilon - EPSILON_TOLERANCE or high - low < 1e-4:
             break
@@ -403,6 +487,9 @@ class TuneResult:
     test: dict[str, Any]
     seconds: float
     not_covered: list[str] = field(default_factory=list)
+    pilot_share: float | None = None  # the candidates' share of the budget (1: no final run)
+    final_epsilon: float | None = None  # the final run's budget (None: the chosen candidate is the release)
+    released: str = ""  # the run whose model and test scores are the result: 'final' or the chosen candidate's
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -418,18 +505,21 @@ def _state(run_dir: Path, plan: TuningPlan, noise_source: str, seed: int) -> dic
             key = bytes.fromhex(state["key"])
             released = {int(k): str(v) for k, v in state["released"].items()}
             started = [int(k) for k in state["started"]]
+            final_started = state.get("final_started", False) is True
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise RunDirectoryError(f"{path} is unreadable; delete {run_dir} to rerun") from None
         if budget != plan.budget:
             raise RunDirectoryError(f"{path} was planned with per-candidate epsilon {budget}, this run with "
                                     f"{plan.budget}; delete {run_dir} to rerun")
-        return {"budget": budget, "key": key.hex(), "scores": scores, "released": released, "started": started}
+        return {"budget": budget, "key": key.hex(), "scores": scores, "released": released, "started": started,
+                "final_started": final_started}
     folder = run_dir / CANDIDATES
-    if folder.is_dir() and any(folder.iterdir()):
+    if (folder.is_dir() and any(folder.iterdir())) or (run_dir / FINAL).exists():
         raise RunDirectoryError(f"{run_dir} has candidates but no {STATE_FILE}: the validation releases made before "
                                 "cannot be accounted; delete the run directory to restart")
     key = derived_key(str(seed).encode(), "tuning") if noise_source == "run_seed" else secrets.token_bytes(32)
-    state = {"budget": plan.budget, "key": key.hex(), "scores": {}, "released": {}, "started": []}
+    state = {"budget": plan.budget, "key": key.hex(), "scores": {}, "released": {}, "started": [],
+             "final_started": False}
     _write_state(run_dir, state)
     return state
 
@@ -447,16 +537,19 @@ def _sha256(path: Path) -> str:
 
 
 def tune(config: PrivferConfig, space: dict[str, list[Any]], run_dir: Path, *, validation: str | None = None,
-         clips: ClipSet | None = None, on_start: Callable[[TuningPlan], None] | None = None,
-         on_candidate: Callable[[Candidate, float, dict[str, Any]], None] | None = None) -> TuneResult:
-    """Train every candidate of ``space``, release its validation score, choose the best; write the candidates' run
+         clips: ClipSet | None = None, pilot_share: float | None = None,
+         on_start: Callable[[TuningPlan], None] | None = None,
+         on_candidate: Callable[[Candidate, float, dict[str, Any]], None] | None = None,
+         on_final: Callable[[PrivferConfig], None] | None = None) -> TuneResult:
+    """Train every candidate of ``space``, release its validation score, choose the best and (under DP, with more
+    than one candidate) train its settings once more with the budget left; write the candidates' and the final run's
     directories, the validation and tuning ledgers and result.json under ``run_dir`` (resumable)."""
     started = time.perf_counter()
     run_dir = Path(run_dir)
     clips = load_clips(config.data) if clips is None else clips
-    plan = plan_tuning(config, space, validation, clips)
+    plan = plan_tuning(config, space, validation, clips, pilot_share)
     resumed = prepare_run_dir(run_dir, config, "tune")
-    declared = {"space": plan.space, "validation": plan.validation}
+    declared = {"space": plan.space, "validation": plan.validation, "pilot_share": plan.pilot_share}
     space_path = run_dir / SPACE_FILE
     if resumed and space_path.exists():
         try:
@@ -464,8 +557,8 @@ def tune(config: PrivferConfig, space: dict[str, list[Any]], run_dir: Path, *, v
         except (OSError, ValueError):
             raise RunDirectoryError(f"{space_path} is unreadable; choose another --out") from None
         if existing != declared:
-            raise RunDirectoryError(f"{run_dir} holds a tuning run of another search space or validation; choose "
-                                    "another --out")
+            raise RunDirectoryError(f"{run_dir} holds a tuning run of another search space, validation or pilot "
+                                    "share; choose another --out")
     else:
         atomic_write_json(space_path, declared)
     if resumed and (run_dir / RESULT).exists():
@@ -517,6 +610,22 @@ def tune(config: PrivferConfig, space: dict[str, list[Any]], run_dir: Path, *, v
             on_candidate(candidate, state["scores"][candidate.index], results[candidate.index].test)
     scores = state["scores"]
     chosen = max(range(len(plan.candidates)), key=lambda i: (scores[i], -i))
+    released = results[chosen]
+    if plan.final:  # the chosen settings once more, with the budget the candidates left (composition, not a sum)
+        final_config = plan.final_config(chosen)
+        final_dir = run_dir / FINAL
+        if state.get("final_started") and not (final_dir / "run.json").exists():
+            raise RunDirectoryError(f"{FINAL} was removed after it started training: the sums its rounds released "
+                                    "cannot be accounted if it trains again; the tuning run cannot continue")
+
+        def mark_final(federation: Any, done: int, total: int) -> None:
+            if not state.get("final_started"):
+                state["final_started"] = True
+                _write_state(run_dir, state)
+
+        if on_final is not None:
+            on_final(final_config)
+        released = simulate(final_config, final_dir, clips=clips, on_start=mark_final)
     ledger, validation_ledger = tuning_ledgers(config, plan, run_dir, scores, chosen)
     if validation_ledger is not None:
         write_ledger(run_dir / VALIDATION_LEDGER, validation_ledger)
@@ -530,8 +639,10 @@ def tune(config: PrivferConfig, space: dict[str, list[Any]], run_dir: Path, *, v
         target_epsilon=config.privacy.epsilon if config.privacy.enabled else None, candidate_epsilon=plan.budget,
         epsilon_max=ledger.epsilon_max,
         validation_epsilon_max=validation_ledger.epsilon_max if validation_ledger is not None else None,
-        delta=plan.delta, candidates=candidates, test=results[chosen].test,
-        seconds=time.perf_counter() - started, not_covered=list(ledger.not_covered))
+        delta=plan.delta, candidates=candidates, test=released.test,
+        seconds=time.perf_counter() - started, not_covered=list(ledger.not_covered), pilot_share=plan.pilot_share,
+        final_epsilon=plan.final_budgets[chosen] if plan.final else None, released=FINAL if plan.final else
+        plan.candidates[chosen].run)
     atomic_write_json(run_dir / RESULT, result.to_json())
     (run_dir / STATE_FILE).unlink(missing_ok=True)  # the validation key goes with it
     return result
@@ -550,28 +661,45 @@ def tuning_ledgers(config: PrivferConfig, plan: TuningPlan, run_dir: Path, score
     private = plan.budget is not None
     entries: dict[tuple[int, str], list[NoiseSteps]] = {}
     counts: dict[tuple[int, str], int] = {}
+    in_final: set[tuple[int, str]] = set()
     records, family = [], None
-    for candidate in plan.candidates:
-        path = run_dir / candidate.run / LEDGER
+
+    def charge(path: Path, budget: float) -> None:
+        nonlocal family
         ledger = read_ledger(path)
-        if private:
-            if not isinstance(ledger, SecureSumLedger) or not math.isclose(ledger.target_epsilon, plan.budget,
-                                                                           rel_tol=1e-12):
-                raise RuntimeError(f"{path} is not the candidate's secure-sum ledger at epsilon {plan.budget}")
-            family = ledger.family
-            for entry in ledger.clients:
-                entries.setdefault((entry.client, entry.phase), []).extend(entry.noise_steps)
+        if not isinstance(ledger, SecureSumLedger) or not math.isclose(ledger.target_epsilon, budget, rel_tol=1e-12):
+            raise RuntimeError(f"{path} is not a secure-sum ledger at epsilon {budget}")
+        family = ledger.family
+        for entry in ledger.clients:
+            entries.setdefault((entry.client, entry.phase), []).extend(entry.noise_steps)
+            if path.parent.name == FINAL:
+                in_final.add((entry.client, entry.phase))
+            else:
                 counts[(entry.client, entry.phase)] = counts.get((entry.client, entry.phase), 0) + (
                     1 if entry.rounds_trained else 0)
+
+    for candidate in plan.candidates:
+        path = run_dir / candidate.run / LEDGER
+        if private:
+            charge(path, plan.budget)
+        else:
+            read_ledger(path)
         records.append({"index": candidate.index, "settings": candidate.settings, "epsilon": plan.budget,
                         "run": candidate.run, "ledger_sha256": _sha256(path), "score": scores[candidate.index]})
+    final = None
+    if plan.final:
+        path = run_dir / FINAL / LEDGER
+        charge(path, plan.final_budgets[chosen])
+        final = {"settings": plan.candidates[chosen].settings, "epsilon": plan.final_budgets[chosen], "run": FINAL,
+                 "ledger_sha256": _sha256(path)}
     clients = []
     for (client, phase), steps in sorted(entries.items()):
         spent = composed_epsilon(steps, family, plan.delta)
         if spent > config.privacy.epsilon + 1e-9:  # never silently over budget
             raise RuntimeError(f"client {client} composed epsilon {spent:.4f} over the candidates exceeds the budget "
                                f"{config.privacy.epsilon:g}")
-        clients.append({"client": client, "phase": phase, "candidates": counts[(client, phase)], "epsilon": spent})
+        clients.append({"client": client, "phase": phase, "candidates": counts.get((client, phase), 0),
+                        "final": (client, phase) in in_final, "epsilon": spent})
     not_covered = ([CONSENTING] if plan.validation == "consenting" else []) + ([EXACT_VIEW] if private else [])
     validation_ledger = None
     if plan.validation == "private":
@@ -596,11 +724,12 @@ def tuning_ledgers(config: PrivferConfig, plan: TuningPlan, run_dir: Path, score
         "mechanism_id": config.mechanism_id if private else None, "unit": config.privacy.unit,
         "noise": family.name if private else None, "accountant": family.accountant if private else None,
         "target_epsilon": config.privacy.epsilon if private else None, "delta": plan.delta,
-        "space": plan.space, "candidates_declared": len(space_candidates(plan.space)), "selection": SELECTION,
+        "space": plan.space, "candidates_declared": len(space_candidates(plan.space)), "pilot_share": plan.pilot_share,
+        "selection": SELECTION,
         "validation": plan.validation, "score": SCORES[(plan.validation, config.privacy.unit)],
         "validation_ledger": VALIDATION_LEDGER if validation_ledger is not None else None,
         "validation_ledger_sha256": "0" * 64 if validation_ledger is not None else None,  # set once it is written
-        "not_covered": not_covered, "chosen": chosen, "candidates": records,
+        "not_covered": not_covered, "chosen": chosen, "candidates": records, "final": final,
         "epsilon_max": max((c["epsilon"] for c in clients), default=None), "clients": clients,
     }
     return parse_tuning_ledger(document, run_dir / TUNING_LEDGER_FILE), validation_ledger

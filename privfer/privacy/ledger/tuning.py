@@ -1,8 +1,10 @@
 """The ledger of private hyperparameter selection (``privfer tune``): the space, every candidate, the composition.
 
-Schema ``privfer.tuning_ledger/1`` (docs/privacy-accounting.md, "Private
-hyperparameter selection"). It sits beside the candidates' own ledgers
-(``candidates/NN/privacy_ledger.json``, ordinary run ledgers) and the
+Schema ``privfer.tuning_ledger/2`` (docs/privacy-accounting.md, "Private
+hyperparameter selection"; ``/1`` ledgers, written before final runs, are still
+read: they have no ``pilot_share``, ``final`` or entries' ``final``). It sits
+beside the candidates' own ledgers (``candidates/NN/privacy_ledger.json``,
+ordinary run ledgers), the final run's (``final/privacy_ledger.json``) and the
 validation actors' ledger (``validation_ledger.json``, a secure-sum ledger of
 the score releases), and binds them by SHA-256. It states:
 
@@ -13,7 +15,11 @@ the score releases), and binds them by SHA-256. It states:
   records a release before making it and never makes one twice);
 * the selection rule (argmax of the released scores: post-processing) and the
   chosen candidate;
-* per training client, its epsilon composed over every candidate it trained in.
+* the candidates' share of the budget (``pilot_share``) and, when it is below 1,
+  the final run: the chosen candidate's settings trained once more at the
+  budget the composition leaves, with its ledger's digest;
+* per training client, its epsilon composed over every candidate it trained in
+  and the final run.
 
 Validation here is structural (types, bounds, indices in order, the chosen
 candidate is the argmax of the listed scores, the header restates the
@@ -37,7 +43,9 @@ from privfer.privacy.noise import FAMILIES
 from privfer.privacy.ledger.base import (MAX_CLIENTS, MAX_INTEGER, Count, Delta, LedgerError, Model,
                                          Name, NonNegative, Number, Positive, Text, _between, _finite)
 
-TUNING_SCHEMA = "privfer.tuning_ledger/1"
+TUNING_SCHEMA = "privfer.tuning_ledger/2"
+TUNING_SCHEMAS = ("privfer.tuning_ledger/1", TUNING_SCHEMA)  # /1: before final runs (no pilot_share, no final)
+FINAL_RUN = "final"  # the final run's directory
 TUNING_LEDGER_FILE = "tuning_ledger.json"
 MAX_CANDIDATES = 16  # candidates one tuning run may try (each costs budget: the composition grows with them)
 MAX_SPACE_KEYS = 8
@@ -79,13 +87,24 @@ class CandidateRecord(Model):
     score: Number
 
 
-class ComposedEntry(Model):
-    """A training client's epsilon composed over every candidate it trained in."""
+class FinalRecord(Model):
+    """The final run: the chosen candidate's settings trained once more with the budget the candidates left."""
 
-    ORDER: ClassVar[tuple[str, ...]] = ("client", "phase", "candidates", "epsilon")
+    ORDER: ClassVar[tuple[str, ...]] = ("settings", "epsilon", "run", "ledger_sha256")
+    settings: Annotated[dict[Key, Scalar], Field(min_length=1, max_length=MAX_SPACE_KEYS)]
+    epsilon: Positive
+    run: Literal["final"]
+    ledger_sha256: Digest
+
+
+class ComposedEntry(Model):
+    """A training client's epsilon composed over every candidate it trained in (and the final run)."""
+
+    ORDER: ClassVar[tuple[str, ...]] = ("client", "phase", "candidates", "final", "epsilon")
     client: Annotated[StrictInt, _between(-MAX_INTEGER, MAX_INTEGER)]
     phase: Name
     candidates: Annotated[StrictInt, _between(0, MAX_CANDIDATES)]
+    final: StrictBool | None = None  # whether it is in the final run's ledger (None: a /1 ledger)
     epsilon: NonNegative
 
 
@@ -94,9 +113,9 @@ class TuningLedger(Model):
 
     ORDER: ClassVar[tuple[str, ...]] = (
         "schema", "private", "mechanism_id", "unit", "noise", "accountant", "target_epsilon", "delta", "space",
-        "candidates_declared", "selection", "validation", "score", "validation_ledger", "validation_ledger_sha256",
-        "not_covered", "chosen", "candidates", "epsilon_max", "clients")
-    schema_: Literal["privfer.tuning_ledger/1"] = Field(alias="schema")
+        "candidates_declared", "pilot_share", "selection", "validation", "score", "validation_ledger",
+        "validation_ledger_sha256", "not_covered", "chosen", "candidates", "final", "epsilon_max", "clients")
+    schema_: Literal[TUNING_SCHEMAS] = Field(alias="schema")  # type: ignore[valid-type]
     private: StrictBool
     mechanism_id: Name | None
     unit: Name
@@ -115,6 +134,8 @@ class TuningLedger(Model):
     not_covered: Annotated[list[Text], Field(max_length=64)]
     chosen: Count
     candidates: Annotated[list[CandidateRecord], Field(min_length=1, max_length=MAX_CANDIDATES)]
+    pilot_share: Annotated[Number, _between(0.05, 1)] | None = None  # /2, private: set
+    final: FinalRecord | None = None
     epsilon_max: NonNegative | None
     clients: Annotated[list[ComposedEntry], Field(max_length=MAX_CLIENTS, fail_fast=True)]
 
@@ -140,6 +161,23 @@ class TuningLedger(Model):
                                  + ("state their budget" if self.private else "have none (null)"))
         if self.chosen >= len(self.candidates):
             raise ValueError(f"field 'chosen' is {self.chosen}, but {len(self.candidates)} candidates are listed")
+        if self.schema_ == TUNING_SCHEMA:
+            if (self.pilot_share is None) == self.private:
+                raise ValueError(f"field 'pilot_share' is {self.pilot_share!r}; a "
+                                 f"{'private' if self.private else 'non-private'} tuning ledger "
+                                 + ("states it" if self.private else "has none (null)"))
+            if (self.final is not None) != (self.private and self.pilot_share < 1):
+                raise ValueError(f"field 'final' is set exactly when the candidates had a share of the budget below 1 "
+                                 f"(pilot_share {self.pilot_share!r})")
+            if self.final is not None and self.final.settings != self.candidates[self.chosen].settings:
+                raise ValueError(f"field 'final' trains {self.final.settings}, not the chosen candidate's settings "
+                                 f"{self.candidates[self.chosen].settings}")
+            if any(entry.final is None for entry in self.clients):
+                raise ValueError("every client entry of a /2 tuning ledger states 'final'")
+            if self.final is None and any(entry.final for entry in self.clients):
+                raise ValueError("client entries are in a final run the ledger does not have")
+        elif self.pilot_share is not None or self.final is not None or any(e.final is not None for e in self.clients):
+            raise ValueError("a privfer.tuning_ledger/1 document has no pilot_share, final or client 'final' fields")
         best = max(range(len(self.candidates)), key=lambda i: (self.candidates[i].score, -i))
         if self.chosen != best:
             raise ValueError(f"field 'chosen' is {self.chosen}, but the argmax of the released scores is {best}")
@@ -190,5 +228,6 @@ def read_tuning_ledger(path: Path | str) -> TuningLedger:
     return parse_tuning_ledger(read_json_document(path, "a finished privfer tune run writes it"), path)
 
 
-__all__ = ["MAX_CANDIDATES", "MAX_SPACE_KEYS", "MAX_VALUES", "TUNABLE", "TUNING_LEDGER_FILE", "TUNING_SCHEMA", "VALIDATION_MODES",
-           "CandidateRecord", "ComposedEntry", "TuningLedger", "parse_tuning_ledger", "read_tuning_ledger"]
+__all__ = ["MAX_CANDIDATES", "MAX_SPACE_KEYS", "MAX_VALUES", "TUNABLE", "TUNING_LEDGER_FILE", "TUNING_SCHEMA",
+           "TUNING_SCHEMAS", "VALIDATION_MODES", "FINAL_RUN", "CandidateRecord", "ComposedEntry", "FinalRecord",
+           "TuningLedger", "parse_tuning_ledger", "read_tuning_ledger"]

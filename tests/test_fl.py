@@ -253,8 +253,40 @@ def test_a_modified_checkpoint_is_refused_not_trained_on(small_clips, tmp_path):
     with pytest.raises(RunDirectoryError, match="integrity check"):
         run(small_clips, "federation.rounds=3", run_dir=tmp_path)
     checkpoint.unlink()  # rounds.json without a checkpoint: refused, not silently restarted from round 1
-    with pytest.raises(RunDirectoryError, match="no checkpoint.pt"):
+    with pytest.raises(RunDirectoryError, match="has no checkpoint.pt"):
         run(small_clips, "federation.rounds=3", run_dir=tmp_path)
+
+
+def test_the_run_key_is_on_disk_before_the_first_round_and_a_started_run_without_it_is_refused(small_clips, tmp_path):
+    """A run killed inside its first round, after its sum was released and before the round's checkpoint, once
+    drew a new run key when resumed: round 1 released twice with independent noise, charged once (issue 26's
+    review). The key is now written before any round, so the round runs again with the same key; a started run
+    whose checkpoint is gone is refused rather than restarted with a new key."""
+    from privfer.errors import RunDirectoryError
+    from privfer.runs import load_checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def stop_before(federation, done, total):
+        raise Stop
+
+    def stop_after(record):
+        raise Stop
+
+    overrides = ("privacy.epsilon=3", "federation.rounds=2")
+    with pytest.raises(Stop):  # killed before round 1's checkpoint (here: before the round itself)
+        run(small_clips, *overrides, run_dir=tmp_path, on_start=stop_before)
+    before = load_checkpoint(tmp_path / "checkpoint.pt", True)
+    assert before["records"] == [] and len(before["noise_key"]) == 64
+    with pytest.raises(Stop):  # resumed: round 1 runs under the same key
+        run(small_clips, *overrides, run_dir=tmp_path, on_round=stop_after)
+    after = load_checkpoint(tmp_path / "checkpoint.pt", True)
+    assert len(after["records"]) == 1 and after["noise_key"] == before["noise_key"]
+    (tmp_path / "checkpoint.pt").unlink()
+    (tmp_path / "rounds.json").unlink()
+    with pytest.raises(RunDirectoryError, match="was started but has no checkpoint.pt"):
+        run(small_clips, *overrides, run_dir=tmp_path)
 
 
 def test_a_run_directory_of_another_command_is_refused(small_clips, tmp_path):

@@ -285,10 +285,23 @@ def test_a_pilot_share_of_one_has_no_final_run_and_bad_shares_are_refused(tmp_pa
             plan_tuning(small_config(*FAST), parse_space(SPACE), clips=small_clips, pilot_share=bad)
     with pytest.raises(ConfigError, match="has no DP"):
         plan_tuning(small_config("federation.rounds=3"), parse_space(SPACE), clips=small_clips, pilot_share=0.5)
-    # one candidate: nothing to choose, so no pilots (the whole budget, no final run)
-    single = plan_tuning(small_config(*FAST), parse_space(["federation.server_lr=0.05"]), clips=small_clips,
-                         pilot_share=0.5)
+    # one candidate: nothing to choose, so no pilots (the whole budget, no final run); a share asked for is refused
+    single = plan_tuning(small_config(*FAST), parse_space(["federation.server_lr=0.05"]), clips=small_clips)
     assert single.pilot_share == 1.0 and not single.final and single.budget == 3.0
+    with pytest.raises(ConfigError, match="needs two or more candidates"):
+        plan_tuning(small_config(*FAST), parse_space(["federation.server_lr=0.05"]), clips=small_clips,
+                    pilot_share=0.5)
+    # a share so large that the final run would need more noise than the cap allows names the share
+    with pytest.raises(PrivacyBudgetError, match="lower --pilot-share"):
+        plan_tuning(small_config("privacy.epsilon=0.5", "federation.rounds=3"), parse_space(SPACE), clips=small_clips,
+                    pilot_share=0.999)
+    # a tuning directory from before final runs (its space.json has no pilot share) reads back with a share of 1
+    space = json.loads((tmp_path / "run" / "space.json").read_text())
+    space.pop("pilot_share")
+    (tmp_path / "run" / "space.json").write_text(json.dumps(space))
+    shutil.rmtree(tmp_path / "run" / "final")
+    assert tune(small_config(*FAST), parse_space(SPACE), tmp_path / "run", clips=small_clips,
+                pilot_share=1).to_json() == result.to_json()
 
 
 def test_the_audit_flags_a_forged_final_run(tuned, tmp_path):
@@ -319,6 +332,57 @@ def test_the_audit_flags_a_forged_final_run(tuned, tmp_path):
     with pytest.raises(LedgerError, match="not the chosen candidate's settings"):
         _tampered(tuned, tmp_path / "e", _edit_ledger(lambda d: d["final"].update(settings={
             "federation.server_lr": 0.5})))
+
+    def extra_chosen(document):  # a third candidate listed and chosen: a verdict, not a traceback (review)
+        extra = {**document["candidates"][1], "index": 2, "run": "candidates/02", "score": 1e9,
+                 "settings": {"federation.server_lr": 0.3}}
+        document["candidates"].append(extra)
+        document["chosen"], document["final"]["settings"] = 2, extra["settings"]
+
+    audit = _tampered(tuned, tmp_path / "f", _edit_ledger(extra_chosen))
+    assert TAMPERED in audit.verdicts and not audit.passed
+
+
+def test_a_final_run_hidden_by_lowering_the_target_is_refused_against_the_promise(tuned, tmp_path):
+    """The pilots of a run at epsilon E and share s are exactly the candidates of a run with the whole of s x E, so a
+    directory whose final run is deleted and whose every file is rewritten at target s x E reads as that smaller run
+    (the review's forgery, rebuilt here with privfer's own ledger code): only the promised budget refuses it."""
+    from typer.testing import CliRunner
+
+    from privfer.cli import app
+    from privfer.fl.tuning import plan_tuning as plan_of, tuning_ledgers
+
+    folder, config, result = tuned
+    forged = tmp_path / "forged"
+    shutil.copytree(folder, forged)
+    shutil.rmtree(forged / "final")
+    smaller = small_config(*FAST, f"privacy.epsilon={PILOT_SHARE * 3.0!r}")
+    text = (forged / "config.yaml").read_text()
+    (forged / "config.yaml").write_text(text.replace("epsilon: 3.0", f"epsilon: {PILOT_SHARE * 3.0!r}"))
+    plan = plan_of(smaller, parse_space(SPACE), pilot_share=1.0)
+    assert plan.budget == result.candidate_epsilon  # the pilots are that smaller run's candidates, bit for bit
+    scores = {c["index"]: c["score"] for c in result.candidates}
+    ledger, validation = tuning_ledgers(smaller, plan, forged, scores, result.chosen)
+    from privfer.privacy.ledger import write_ledger
+
+    write_ledger(forged / "validation_ledger.json", validation)
+    import hashlib
+
+    document = {**ledger.document(), "validation_ledger_sha256": hashlib.sha256(
+        (forged / "validation_ledger.json").read_bytes()).hexdigest()}
+    (forged / TUNING_LEDGER_FILE).write_text(json.dumps(document))
+    assert audit_tuning(forged).passed  # a consistent smaller run: the audit alone cannot tell
+    assert not audit_tuning(forged, promised=3.0).passed
+    runner = CliRunner()
+    assert runner.invoke(app, ["audit", str(forged)]).exit_code == 0
+    refused = runner.invoke(app, ["audit", str(forged), "--epsilon", "3"])
+    assert refused.exit_code == 1 and "not the promised 3" in refused.output
+    assert runner.invoke(app, ["audit", str(folder), "--epsilon", "3"]).exit_code == 0
+    # an ordinary run's audit holds its target to the promise the same way
+    candidate = str(folder / "candidates" / "00")
+    assert runner.invoke(app, ["audit", candidate, "--epsilon", str(result.candidate_epsilon)]).exit_code == 0
+    refused = runner.invoke(app, ["audit", candidate, "--epsilon", "3"])
+    assert refused.exit_code == 1 and "NOT THE PROMISED BUDGET" in refused.output
 
 
 def test_a_version_1_ledger_is_still_read(tuned):
@@ -611,7 +675,10 @@ def test_the_audit_flags_forged_validation_and_candidate_files(tuned, tmp_path):
         document["candidates"] = document["candidates"][:1]
         document["space"] = {k: [v] for k, v in document["candidates"][0]["settings"].items()}
         document["candidates_declared"], document["chosen"] = 1, 0
-        document["final"]["settings"] = document["candidates"][0]["settings"]
+        document["pilot_share"], document["final"] = 1.0, None  # one candidate has no pilots and no final run
+        for entry in document["clients"]:
+            entry["final"] = False
+        shutil.rmtree(folder / "final")
         path.write_text(json.dumps(document))
 
     audit = _tampered(tuned, tmp_path / "d", drop_candidate_everywhere)

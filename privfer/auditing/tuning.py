@@ -36,6 +36,10 @@ them is within the user's budget. The audit believes none of it:
 What it cannot catch: a directory whose every file was rewritten
 consistently, e.g. a smaller space declared and every candidate retrained at
 the budget that space calibrates, is a genuine run of that smaller space.
+Nor, without retraining, a run whose final run was deleted and whose target
+was lowered to the pilot share (its pilots are exactly the candidates of a
+run with the whole of that smaller budget): ``privfer audit --epsilon E``
+holds the target to the budget the user was promised, which refuses it.
 """
 
 from __future__ import annotations
@@ -129,14 +133,19 @@ def _read_yaml(path: Path) -> dict[str, Any] | None:
     return loaded if isinstance(loaded, dict) and all(isinstance(v, (dict, int)) for v in loaded.values()) else None
 
 
-def audit_tuning(path: Path | str) -> TuningAudit:
-    """Audit the tuning run at ``path`` (its directory or its tuning_ledger.json); LedgerError when unreadable."""
+def audit_tuning(path: Path | str, promised: float | None = None) -> TuningAudit:
+    """Audit the tuning run at ``path`` (its directory or its tuning_ledger.json); LedgerError when unreadable.
+    ``promised``: the total budget the run was promised (the target must be it: a directory relabelled at a smaller
+    target, e.g. its pilots presented as a whole run at the pilot share, otherwise reads as a genuine smaller run)."""
     path = Path(path)
     run_dir = path if path.is_dir() else path.parent
     ledger = read_tuning_ledger(run_dir)
     expected = [dict(zip(ledger.space, values)) for values in itertools.product(*ledger.space.values())]
     audit = TuningAudit(run_dir / TUNING_LEDGER_FILE, ledger.target_epsilon, ledger.private, len(ledger.candidates),
                         len(expected))
+    if promised is not None and (ledger.target_epsilon is None or not math.isclose(ledger.target_epsilon, promised,
+                                                                                   rel_tol=1e-9)):
+        audit.flag(MISMATCH, f"the ledger's target epsilon is {ledger.target_epsilon}, not the promised {promised:g}")
     _candidates_are_the_space(ledger, expected, run_dir, audit)
     plan = _rebuilt(ledger, run_dir, audit)
     candidate_ledgers = _candidate_ledgers(ledger, run_dir, audit, plan)
@@ -279,7 +288,7 @@ def _final_ledger(ledger: TuningLedger, run_dir: Path, audit: TuningAudit, plan:
             audit.flag(MISMATCH, f"the run's pilot share {plan.pilot_share:g} leaves a final run the ledger does not "
                                  "list")
         return None
-    if plan is not None:
+    if plan is not None and ledger.chosen < len(plan.candidates):  # more listed than the space makes: TAMPERED above
         if not plan.final:
             audit.flag(MISMATCH, "the tuning ledger lists a final run, but its pilot share leaves none")
         else:

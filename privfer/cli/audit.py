@@ -38,7 +38,9 @@ def audit(
     sweep: Optional[str] = typer.Option(None, "--sweep", hidden=True),
     plot: Optional[Path] = typer.Option(None, "--plot", hidden=True),
     audit_delta: float = typer.Option(1e-5, "--audit-delta", hidden=True),
-    epsilon: Optional[float] = typer.Option(None, "--epsilon", "-e", hidden=True),
+    epsilon: Optional[float] = typer.Option(
+        None, "--epsilon", "-e", help="The budget the run was promised: the audit fails (MISMATCH) unless the "
+        "ledger's target is this (a ledger relabelled at a smaller target otherwise reads as a genuine smaller run)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", hidden=True),
     data: Optional[Path] = typer.Option(None, "--data", hidden=True),
     overrides: Optional[List[str]] = typer.Option(None, "--set", "-s", hidden=True),
@@ -56,7 +58,7 @@ def audit(
             from privfer.auditing.tuning import audit_tuning, is_tuning_run
 
             if is_tuning_run(run):
-                tuning = audit_tuning(run)
+                tuning = audit_tuning(run, promised=epsilon)
                 if as_json:
                     console.print_json(json.dumps(tuning.to_dict()))
                 else:
@@ -64,16 +66,22 @@ def audit(
                 raise typer.Exit(0 if tuning.passed else 1)
 
             report = audit_path(run)
+            broken = None  # the promise (--epsilon) the ledger's target does not keep
+            if epsilon is not None and (report.target is None or abs(report.target - epsilon) > 1e-9 * epsilon):
+                broken = f"the ledger's target epsilon is {report.target}, not the promised {epsilon:g}"
             if report.unauditable:
                 first = report.unauditable[0]
                 raise UsageError(f"{report.ledger}: {len(report.unauditable)} entries are UNAUDITABLE (client "
                                  f"{first.client}: {first.reasons[0]}); the ledger was not produced by this run's "
                                  "plan or is damaged")
             if as_json:
-                console.print_json(json.dumps(report.to_dict()))
+                promise = {} if epsilon is None else {"promised": {"epsilon": epsilon, "kept": broken is None}}
+                console.print_json(json.dumps({**report.to_dict(), **promise}))
             else:
                 print_audit(report, per_client if per_client is not None else len(report.clients) <= 20)
-            passed = report.passed
+                if broken is not None:
+                    console.print(f"FAIL: NOT THE PROMISED BUDGET: {broken}", highlight=False, markup=False)
+            passed = report.passed and broken is None
     except (PrivferError, ValueError) as exc:
         print_error(str(exc))
         raise typer.Exit(2) from None

@@ -14,8 +14,10 @@ start from the example-weighted mean of the training clients' heads, summed
 through the same secure aggregation once at the end of phase 1, and
 personalize it in phase 2.
 
-Every round ends with an atomic checkpoint; rerunning the same command on the
-same run directory continues after the last finished round and ends with the
+A checkpoint is written before the first round (it holds the run key) and
+after every round, atomically; rerunning the same command on the
+same run directory continues after the last finished round (a round killed
+before its checkpoint runs again with the same key, inputs and noise) and ends with the
 same result as an uninterrupted run (exactly, with the plain aggregator and
 the run key kept in the checkpoint (``privacy.noise_source: run_key``); masking's stochastic rounding draws from
 the OS and moves the last bits).
@@ -154,10 +156,13 @@ def simulate(
                 f"{run_dir} was calibrated with other noise plans than this privfer makes for its config (its "
                 "calibration changed since the run started): resuming would account its rounds under the wrong plan; "
                 "finish it with the privfer that started it, or start a new run (its released rounds stay spent)")
-    elif resumed and (run_dir / ROUNDS).exists():
-        raise RunDirectoryError(f"{run_dir} has {ROUNDS} but no {CHECKPOINT}: the rounds it records cannot be "
-                                "continued; delete the directory to rerun")
+    elif resumed:  # the first checkpoint is written before any round: without it, released rounds cannot be known
+        raise RunDirectoryError(f"{run_dir} was started but has no {CHECKPOINT}: rounds it may have released could "
+                                "not be accounted if it trained again (with a new run key); delete the directory to "
+                                "start a new run (any rounds it released stay spent)")
     state.plans_sha256 = federation.plans_sha256
+    if checkpoint is not None and saved is None:  # the run key on disk before any round can release a sum under it
+        save_checkpoint(checkpoint, state.to_checkpoint())
     schedule = _schedule(config, federation)
     done = len(state.records)
     if on_start is not None:

@@ -12,9 +12,14 @@ expectation is log E[exp((alpha - 1) K rho)] / (alpha - 1) >= E[K] rho
 (Jensen). So privfer tries a FIXED, public set of N candidates (the product of
 the declared space) and calibrates each to one per-candidate budget eps_c: the
 largest with which the composition of all N, for a client that trains in every
-round of every candidate, is within the user's epsilon (to 0.01 below). The
-chosen candidate's model is the one trained, so selection and final training
-together are within the budget: there is no separate final run.
+round of every candidate, is within ``pilot_share`` x the user's epsilon (to
+0.01 below). Under DP with N >= 2 and a share below 1 (default
+:data:`PILOT_SHARE`), the candidates are pilots: once the argmax is chosen (a
+public fact), its settings train once more at eps_f, the largest budget with
+which the N pilots and that final run compose within the user's epsilon
+(computed for every candidate before anything trains: it depends only on the
+candidate's public shape). The final run's model is the result. With a share
+of 1, one candidate or no DP, the chosen candidate's model is the result.
 
 Scores. The validation actors are other persons than the training actors;
 their records enter only the scores. Each validation client computes, with a
@@ -79,11 +84,11 @@ from privfer.runs import atomic_write_json, prepare_run_dir
 # measured (watch's); digits' best is about twice it. A third candidate costs every candidate's noise
 # (docs/performance.md)
 STEP_FACTORS = (1.0, 2.0)
-FALLBACK_STEPS = (0.02, 0.05, 0.1)
+FALLBACK_STEPS = (0.02, 0.05, 0.1)  # when the rule's step is not known before the data is read (CREMA-D)
 # under DP the candidates (pilots) together spend this share of epsilon; the chosen settings are then trained once
-# more with what RDP composition leaves (about 0.94 of it in noise terms: noise x1.12 of a single run's, against
-# x1.41 for each of two candidates sharing the whole budget); docs/privacy-accounting.md
-PILOT_SHARE = 0.4  # when the rule's step is not known before the data is read (CREMA-D)
+# more with what RDP composition leaves (noise about 1.11x a single run's at epsilon 3, against 1.41x for each of
+# two candidates sharing the whole budget); docs/privacy-accounting.md, "The pilots and the final run"
+PILOT_SHARE = 0.4
 
 
 def default_space(config: PrivferConfig, feature_dim: int | None = None) -> dict[str, list[Any]]:
@@ -103,8 +108,9 @@ CANDIDATES = "candidates"
 FINAL = "final"  # the final run's directory
 SELECTION = ("the candidate with the largest released validation score (ties: the first); post-processing of the "
              "releases. The server aggregates every round of every candidate, so the cost charged is the composition "
-             "of every candidate of the declared space (Papernot & Steinke's and Liu & Talwar's repetition bounds "
-             "cover releasing only the best candidate and do not apply)")
+             "of every candidate of the declared space and of the final run of the chosen settings, if any "
+             "(Papernot & Steinke's and Liu & Talwar's repetition bounds cover releasing only the best candidate and "
+             "do not apply)")
 CONSENTING = ("the validation actors' clips: privfer tune --validation consenting scores every candidate with the "
               "exact validation macro F1, from validation actors declared as consenting to it (not covered by DP)")
 EXACT_VIEW = ("the simulation's exact validation scores (each candidate's rounds.json per round, and result.json's "
@@ -273,6 +279,9 @@ def plan_tuning(config: PrivferConfig, space: dict[str, list[Any]], validation: 
         raise ConfigError("the candidates' default deltas differ; set privacy.delta")
     delta = deltas.pop()
     epsilon = config.privacy.epsilon
+    if len(candidates) == 1 and pilot_share is not None and pilot_share < 1:
+        raise ConfigError(f"--pilot-share {pilot_share:g} needs two or more candidates: with one there is nothing to "
+                          "choose, and it trains at the whole budget")
     share = 1.0 if len(candidates) == 1 else float(PILOT_SHARE if pilot_share is None else pilot_share)
     try:
         budget, composed = candidate_budget(share * epsilon, delta, candidates)
@@ -295,7 +304,11 @@ def plan_tuning(config: PrivferConfig, space: dict[str, list[Any]], validation: 
                                 plan.clients, plan.records, len(candidate.federation.clients[TRAINING])],
                                sort_keys=True)
             if shape not in known:
-                known[shape] = final_budget(epsilon, delta, candidates, budget, candidate)
+                try:
+                    known[shape] = final_budget(epsilon, delta, candidates, budget, candidate)
+                except PrivacyBudgetError as exc:
+                    raise PrivacyBudgetError(f"{exc} (the final run has what the pilot share {share:g} of epsilon "
+                                             f"{epsilon:g} leaves: lower --pilot-share)") from None
             finals.append(known[shape])
     validation_plan = None
     if validation == "private":
@@ -556,6 +569,8 @@ def tune(config: PrivferConfig, space: dict[str, list[Any]], run_dir: Path, *, v
             existing = json.loads(space_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise RunDirectoryError(f"{space_path} is unreadable; choose another --out") from None
+        if isinstance(existing, dict):  # written before final runs: the candidates had the whole budget
+            existing.setdefault("pilot_share", 1.0 if plan.budget is not None else None)
         if existing != declared:
             raise RunDirectoryError(f"{run_dir} holds a tuning run of another search space, validation or pilot "
                                     "share; choose another --out")

@@ -300,6 +300,8 @@ def test_a_pilot_share_of_one_has_no_final_run_and_bad_shares_are_refused(tmp_pa
     space.pop("pilot_share")
     (tmp_path / "run" / "space.json").write_text(json.dumps(space))
     shutil.rmtree(tmp_path / "run" / "final")
+    with pytest.raises(RunDirectoryError, match="it was run with --pilot-share 1"):
+        tune(small_config(*FAST), parse_space(SPACE), tmp_path / "run", clips=small_clips)
     assert tune(small_config(*FAST), parse_space(SPACE), tmp_path / "run", clips=small_clips,
                 pilot_share=1).to_json() == result.to_json()
 
@@ -383,6 +385,10 @@ def test_a_final_run_hidden_by_lowering_the_target_is_refused_against_the_promis
     assert runner.invoke(app, ["audit", candidate, "--epsilon", str(result.candidate_epsilon)]).exit_code == 0
     refused = runner.invoke(app, ["audit", candidate, "--epsilon", "3"])
     assert refused.exit_code == 1 and "NOT THE PROMISED BUDGET" in refused.output
+    assert "PASS" not in refused.output.splitlines()[-1]
+    for bad in ("nan", "inf", "-1"):
+        refused = runner.invoke(app, ["audit", candidate, "--epsilon", bad])
+        assert refused.exit_code == 2 and "--epsilon must be a finite positive budget" in refused.output
 
 
 def test_a_version_1_ledger_is_still_read(tuned):

@@ -8,6 +8,7 @@ now ``privfer canary-audit``.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -57,6 +58,8 @@ def audit(
             from privfer.auditing import audit_path
             from privfer.auditing.tuning import audit_tuning, is_tuning_run
 
+            if epsilon is not None and not (math.isfinite(epsilon) and epsilon > 0):
+                raise UsageError(f"--epsilon must be a finite positive budget, got {epsilon:g}")
             if is_tuning_run(run):
                 tuning = audit_tuning(run, promised=epsilon)
                 if as_json:
@@ -78,9 +81,7 @@ def audit(
                 promise = {} if epsilon is None else {"promised": {"epsilon": epsilon, "kept": broken is None}}
                 console.print_json(json.dumps({**report.to_dict(), **promise}))
             else:
-                print_audit(report, per_client if per_client is not None else len(report.clients) <= 20)
-                if broken is not None:
-                    console.print(f"FAIL: NOT THE PROMISED BUDGET: {broken}", highlight=False, markup=False)
+                print_audit(report, per_client if per_client is not None else len(report.clients) <= 20, broken)
             passed = report.passed and broken is None
     except (PrivferError, ValueError) as exc:
         print_error(str(exc))
@@ -211,7 +212,8 @@ def print_tuning_audit(audit: Any) -> None:
         console.print(f"  - {reason}", highlight=False, markup=False)
 
 
-def print_audit(report: Any, per_client: bool) -> None:
+def print_audit(report: Any, per_client: bool, broken: str | None = None) -> None:
+    """The audit's table and verdict; ``broken``: why the ledger's target is not the promised budget."""
     from privfer.privacy.audit import TITLES as names
 
     distributed = report.noise_in_sum
@@ -256,7 +258,9 @@ def print_audit(report: Any, per_client: bool) -> None:
     else:
         for problem in report.run_checks:
             console.print(f"INCONSISTENT WITH THE RUN: {problem}", highlight=False, markup=False)
-    status = "PASS" if report.passed else "FAIL"
+    if broken is not None:
+        console.print(f"NOT THE PROMISED BUDGET: {broken}", highlight=False, markup=False)
+    status = "PASS" if report.passed and broken is None else "FAIL"
     console.print(
         f"{status}: {len(report.clients)} clients; "
         + ", ".join(f"{name} {count}" for name, count in counts.items())

@@ -126,6 +126,9 @@ class RunState:
     # The SHA-256 of the plans the run was calibrated with: a resume under other plans (another privfer, whose
     # calibration changed) would account rounds noised for one plan as if for another, so it is refused.
     plans_sha256: str | None = None
+    # torch's global generator as the last checkpoint left it (dropout masks draw from it): a round killed after its
+    # release runs again with the same masks, or the two releases' difference would be noise-free (review, issue 26)
+    torch_rng: torch.Tensor | None = None
 
     def personal_of(self, client_id: int, phase: str, shared: list[str]) -> dict[str, torch.Tensor]:
         """The parameters a client keeps: its own, or (first round) the newcomer head / the initial ones."""
@@ -156,6 +159,7 @@ class RunState:
             "nonce": self.nonce,
             "noise_key": self.noise_key,
             "plans_sha256": self.plans_sha256,
+            "torch_rng": self.torch_rng,
         }
 
     @classmethod
@@ -177,6 +181,7 @@ class RunState:
             nonce=raw["nonce"],
             noise_key=raw["noise_key"],
             plans_sha256=raw.get("plans_sha256"),  # absent: a checkpoint written before the field existed
+            torch_rng=raw.get("torch_rng"),  # absent: likewise
         )
 
 

@@ -17,7 +17,7 @@ personalize it in phase 2.
 A checkpoint is written before the first round (it holds the run key) and
 after every round, atomically; rerunning the same command on the
 same run directory continues after the last finished round (a round killed
-before its checkpoint runs again with the same key, inputs and noise) and ends with the
+before its checkpoint runs again with the same key, inputs, noise and dropout masks) and ends with the
 same result as an uninterrupted run (exactly, with the plain aggregator and
 the run key kept in the checkpoint (``privacy.noise_source: run_key``); masking's stochastic rounding draws from
 the OS and moves the last bits).
@@ -161,8 +161,10 @@ def simulate(
                                 "not be accounted if it trained again (with a new run key); delete the directory to "
                                 "start a new run (any rounds it released stay spent)")
     state.plans_sha256 = federation.plans_sha256
+    if state.torch_rng is not None:  # where the last checkpoint left torch's generator (dropout masks)
+        torch.set_rng_state(state.torch_rng)
     if checkpoint is not None and saved is None:  # the run key on disk before any round can release a sum under it
-        save_checkpoint(checkpoint, state.to_checkpoint())
+        _save(checkpoint, state)
     schedule = _schedule(config, federation)
     done = len(state.records)
     if on_start is not None:
@@ -175,7 +177,7 @@ def simulate(
         state.records.append(record)
         state.elapsed += time.perf_counter() - round_started
         if run_dir is not None:
-            save_checkpoint(checkpoint, state.to_checkpoint())
+            _save(checkpoint, state)
             atomic_write_json(run_dir / ROUNDS, [asdict(r) for r in state.records])
         if on_round is not None:
             on_round(record)
@@ -196,6 +198,12 @@ def simulate(
         atomic_write_json(run_dir / RESULT, result.to_json())
         checkpoint.unlink(missing_ok=True)  # the result supersedes it
     return result
+
+
+def _save(checkpoint: Path, state: RunState) -> None:
+    """The run's state with torch's generator as it is now: a round resumed after a kill draws what it drew."""
+    state.torch_rng = torch.get_rng_state()
+    save_checkpoint(checkpoint, state.to_checkpoint())
 
 
 def read_result(run_dir: Path) -> SimulationResult:

@@ -572,8 +572,11 @@ def tune(config: PrivferConfig, space: dict[str, list[Any]], run_dir: Path, *, v
         if isinstance(existing, dict):  # written before final runs: the candidates had the whole budget
             existing.setdefault("pilot_share", 1.0 if plan.budget is not None else None)
         if existing != declared:
+            share = existing.get("pilot_share") if isinstance(existing, dict) else None
+            hint = (f" (it was run with --pilot-share {share:g})" if isinstance(share, (int, float)) and
+                    share != plan.pilot_share and existing.get("space") == plan.space else "")
             raise RunDirectoryError(f"{run_dir} holds a tuning run of another search space, validation or pilot "
-                                    "share; choose another --out")
+                                    f"share{hint}; choose another --out")
     else:
         atomic_write_json(space_path, declared)
     if resumed and (run_dir / RESULT).exists():

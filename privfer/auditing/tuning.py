@@ -82,6 +82,7 @@ class TuningAudit:
     reasons: list[str] = field(default_factory=list)
     clients: list[dict[str, Any]] = field(default_factory=list)  # client, phase, claimed, accountant, independent
     validation: AuditReport | None = None
+    final: bool = False  # the ledger lists a final run (charged in every client's composition)
 
     @property
     def passed(self) -> bool:
@@ -100,7 +101,8 @@ class TuningAudit:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ledger": str(self.ledger), "passed": self.passed, "target": self.target, "private": self.private,
-                "candidates": self.candidates, "declared": self.declared, "verdicts": self.verdicts,
+                "candidates": self.candidates, "declared": self.declared, "final": self.final,
+                "verdicts": self.verdicts,
                 "reasons": self.reasons, "epsilon_max": self.epsilon_max, "clients": self.clients,
                 "validation": None if self.validation is None else self.validation.to_dict()}
 
@@ -142,7 +144,7 @@ def audit_tuning(path: Path | str, promised: float | None = None) -> TuningAudit
     ledger = read_tuning_ledger(run_dir)
     expected = [dict(zip(ledger.space, values)) for values in itertools.product(*ledger.space.values())]
     audit = TuningAudit(run_dir / TUNING_LEDGER_FILE, ledger.target_epsilon, ledger.private, len(ledger.candidates),
-                        len(expected))
+                        len(expected), final=ledger.final is not None)
     if promised is not None and (ledger.target_epsilon is None or not math.isclose(ledger.target_epsilon, promised,
                                                                                    rel_tol=1e-9)):
         audit.flag(MISMATCH, f"the ledger's target epsilon is {ledger.target_epsilon}, not the promised {promised:g}")

@@ -197,7 +197,8 @@ def print_tuning_audit(audit: Any) -> None:
     lines = [f"tuning audit of {audit.ledger}: target epsilon {target} for the whole tuning run",
              f"candidates listed {audit.candidates}, declared by the search space {audit.declared}"]
     if audit.epsilon_max is not None:
-        lines.append(f"training clients: epsilon composed over every candidate, recomputed twice: max "
+        runs = "every candidate and the final run" if audit.final else "every candidate"
+        lines.append(f"training clients: epsilon composed over {runs}, recomputed twice: max "
                      f"{audit.epsilon_max:.3f} over {len(audit.clients)} clients")
     if audit.validation is not None:
         top = max((c.certified or 0.0 for c in audit.validation.clients), default=0.0)

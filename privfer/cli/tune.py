@@ -55,7 +55,8 @@ def tune(
             errors.print(f"tuning: {count} candidates, each trained at epsilon {plan.budget:.3f} (together "
                          f"{plan.composed:.3f}, the pilot share {plan.pilot_share:g} of {cfg.privacy.epsilon:g}), then "
                          f"the chosen settings once more at epsilon {final}: all composed stay within "
-                         f"{cfg.privacy.epsilon:g} (delta {plan.delta:.3g}); validation scores: {plan.validation}",
+                         f"{cfg.privacy.epsilon:g} (worst case {max(plan.final_composed):.3f}, delta "
+                         f"{plan.delta:.3g}); validation scores: {plan.validation}",
                          highlight=False, markup=False)
         elif plan.budget is not None:
             errors.print(f"tuning: {count} candidates, each trained at epsilon {plan.budget:.3f} so that all {count} "

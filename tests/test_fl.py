@@ -318,6 +318,31 @@ def test_a_resumed_round_draws_the_same_dropout_masks(small_clips, tmp_path):
         [{k: v for k, v in r.items() if "seconds" not in k} for r in rounds[1]]
 
 
+def test_a_run_killed_inside_a_round_under_fresh_os_noise_is_not_resumed(small_clips, tmp_path):
+    """privacy.noise_source os draws fresh noise: a round killed after its release and re-run would be released
+    twice, charged once. privfer records the round in flight before it runs and refuses such a resume; a run
+    killed between rounds resumes."""
+    from privfer.errors import RunDirectoryError
+
+    overrides = ("privacy.epsilon=3", "privacy.mechanism=distributed", "privacy.noise_source=os",
+                 "federation.rounds=3")
+
+    def stop_after_one(record):
+        if record.round == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(small_clips, *overrides, run_dir=tmp_path / "between", on_round=stop_after_one)
+    assert json.loads((tmp_path / "between" / "round_in_flight.json").read_text()) == {"round": 1}
+    shutil.copytree(tmp_path / "between", tmp_path / "inside")
+    run(small_clips, *overrides, run_dir=tmp_path / "between")  # between rounds: resumes
+    assert not (tmp_path / "between" / "round_in_flight.json").exists()
+    # killed inside round 2 (its marker written, no checkpoint after it)
+    (tmp_path / "inside" / "round_in_flight.json").write_text(json.dumps({"round": 2}))
+    with pytest.raises(RunDirectoryError, match="killed inside round 2"):
+        run(small_clips, *overrides, run_dir=tmp_path / "inside")
+
+
 def test_a_run_directory_of_another_command_is_refused(small_clips, tmp_path):
     from privfer.centralized import train_centralized
     from privfer.errors import RunDirectoryError

@@ -58,6 +58,9 @@ LEDGER = "privacy_ledger.json"
 IFER_NOT_COVERED = ("the IFER that pseudo-labels phase 2 is fitted on the training actors' frames without DP (it stands "
                     "in for a public pretrained model); set model.ifer_weights to use one")
 ROUNDS = "rounds.json"
+# under privacy.noise_source os, the round a private run is in (written before it runs): a re-run would draw fresh
+# noise, a second release of that round the ledger cannot charge, so a run killed inside one is not resumed
+IN_FLIGHT = "round_in_flight.json"
 
 
 def _schedule(config: PrivferConfig, federation: Federation) -> list[tuple[str, int]]:
@@ -167,12 +170,20 @@ def simulate(
         _save(checkpoint, state)
     schedule = _schedule(config, federation)
     done = len(state.records)
+    fresh_noise = run_dir is not None and federation.private and config.privacy.noise_source == "os"
+    if fresh_noise and resumed and _in_flight(run_dir) > done:
+        raise RunDirectoryError(
+            f"{run_dir} was killed inside round {_in_flight(run_dir)}, which may have released its sum; with "
+            "privacy.noise_source os a re-run draws fresh noise, a second release the ledger cannot charge: start a "
+            "new run (the rounds it released stay spent); privacy.noise_source run_key re-runs a round identically")
     if on_start is not None:
         on_start(federation, done, len(schedule))
     for phase, round_index in schedule[done:]:
         if phase == ADAPTATION and state.after_training is None:
             _finish_training_phase(federation, state)
         round_started = time.perf_counter()
+        if fresh_noise:
+            atomic_write_json(run_dir / IN_FLIGHT, {"round": len(state.records) + 1})
         record = _run_round(federation, state, phase, round_index)
         state.records.append(record)
         state.elapsed += time.perf_counter() - round_started
@@ -197,7 +208,23 @@ def simulate(
                                                      "newcomer_head": state.newcomer_head})
         atomic_write_json(run_dir / RESULT, result.to_json())
         checkpoint.unlink(missing_ok=True)  # the result supersedes it
+        (run_dir / IN_FLIGHT).unlink(missing_ok=True)
     return result
+
+
+def _in_flight(run_dir: Path) -> int:
+    """The round (1-based, over both phases) a run under fresh OS noise was in when it stopped (0: none recorded)."""
+    path = run_dir / IN_FLIGHT
+    if not path.exists():
+        return 0
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))["round"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise RunDirectoryError(f"{path} is unreadable: whether a round was released cannot be known; start a new "
+                                "run") from None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise RunDirectoryError(f"{path} is not a round number: start a new run")
+    return value
 
 
 def _save(checkpoint: Path, state: RunState) -> None:

@@ -318,10 +318,11 @@ def test_a_resumed_round_draws_the_same_dropout_masks(small_clips, tmp_path):
         [{k: v for k, v in r.items() if "seconds" not in k} for r in rounds[1]]
 
 
-def test_a_run_killed_inside_a_round_under_fresh_os_noise_is_not_resumed(small_clips, tmp_path):
+def test_a_run_killed_inside_a_round_under_fresh_os_noise_is_not_resumed(small_clips, tmp_path, monkeypatch):
     """privacy.noise_source os draws fresh noise: a round killed after its release and re-run would be released
     twice, charged once. privfer records the round in flight before it runs and refuses such a resume; a run
-    killed between rounds resumes."""
+    killed between rounds resumes; a second process on the same directory is refused while the first holds it."""
+    import privfer.fl.distributed as distributed
     from privfer.errors import RunDirectoryError
 
     overrides = ("privacy.epsilon=3", "privacy.mechanism=distributed", "privacy.noise_source=os",
@@ -335,12 +336,33 @@ def test_a_run_killed_inside_a_round_under_fresh_os_noise_is_not_resumed(small_c
         run(small_clips, *overrides, run_dir=tmp_path / "between", on_round=stop_after_one)
     assert json.loads((tmp_path / "between" / "round_in_flight.json").read_text()) == {"round": 1}
     shutil.copytree(tmp_path / "between", tmp_path / "inside")
-    run(small_clips, *overrides, run_dir=tmp_path / "between")  # between rounds: resumes
+    shutil.copytree(tmp_path / "between", tmp_path / "legacy")
+
+    def second_process(federation, done, total):  # another launch while this one holds the directory
+        with pytest.raises(RunDirectoryError, match="in use by another privfer process"):
+            run(small_clips, *overrides, run_dir=tmp_path / "between")
+
+    run(small_clips, *overrides, run_dir=tmp_path / "between", on_start=second_process)  # between rounds: resumes
     assert not (tmp_path / "between" / "round_in_flight.json").exists()
-    # killed inside round 2 (its marker written, no checkpoint after it)
-    (tmp_path / "inside" / "round_in_flight.json").write_text(json.dumps({"round": 2}))
+    # killed inside round 2, right after its sum was released (before the round's checkpoint)
+    original = distributed.sum_integer_contributions
+
+    def released_then_killed(*args, round_id, **kwargs):
+        summed = original(*args, round_id=round_id, **kwargs)
+        if round_id.endswith(":training:2"):
+            raise Killed
+        return summed
+
+    monkeypatch.setattr(distributed, "sum_integer_contributions", released_then_killed)
+    with pytest.raises(Killed):
+        run(small_clips, *overrides, run_dir=tmp_path / "inside")
+    monkeypatch.setattr(distributed, "sum_integer_contributions", original)
     with pytest.raises(RunDirectoryError, match="killed inside round 2"):
         run(small_clips, *overrides, run_dir=tmp_path / "inside")
+    # a directory from a privfer that kept no marker: whether a round was released cannot be known
+    (tmp_path / "legacy" / "round_in_flight.json").unlink()
+    with pytest.raises(RunDirectoryError, match="has no round_in_flight.json"):
+        run(small_clips, *overrides, run_dir=tmp_path / "legacy")
 
 
 def test_a_run_directory_of_another_command_is_refused(small_clips, tmp_path):

@@ -25,13 +25,14 @@ the OS and moves the last bits).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -61,6 +62,7 @@ ROUNDS = "rounds.json"
 # under privacy.noise_source os, the round a private run is in (written before it runs): a re-run would draw fresh
 # noise, a second release of that round the ledger cannot charge, so a run killed inside one is not resumed
 IN_FLIGHT = "round_in_flight.json"
+LOCK = ".lock"  # held (flock) while a process runs the directory
 
 
 def _schedule(config: PrivferConfig, federation: Federation) -> list[tuple[str, int]]:
@@ -145,6 +147,39 @@ def simulate(
     resumed = prepare_run_dir(run_dir, config, "simulate") if run_dir is not None else False
     if resumed and (run_dir / RESULT).exists():
         return read_result(run_dir)
+    with _exclusive(run_dir):
+        return _simulate(config, run_dir, federation, resumed, started, prepared_seconds, on_start, on_round)
+
+
+@contextlib.contextmanager
+def _exclusive(run_dir: Path | None) -> Iterator[None]:
+    """Hold the run directory alone: two processes resuming one run would each release its next rounds (under fresh
+    OS noise, twice with independent noise, charged once). The OS drops the lock when the process dies."""
+    if run_dir is None:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): nothing to hold
+        yield
+        return
+    with open(run_dir / LOCK, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirectoryError(f"{run_dir} is in use by another privfer process; wait for it or choose another "
+                                    "--out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _simulate(config: PrivferConfig, run_dir: Path | None, federation: Federation, resumed: bool, started: float,
+              prepared_seconds: float, on_start: Callable[[Federation, int, int], None] | None,
+              on_round: Callable[[RoundRecord], None] | None) -> SimulationResult:
+    if resumed and (run_dir / RESULT).exists():  # another process finished it while this one waited to start
+        return read_result(run_dir)
 
     torch.manual_seed(config.seed)
     initial = VFER.from_config(config.model, federation.feature_dim, private=federation.private)
@@ -167,10 +202,16 @@ def simulate(
     if state.torch_rng is not None:  # where the last checkpoint left torch's generator (dropout masks)
         torch.set_rng_state(state.torch_rng)
     if checkpoint is not None and saved is None:  # the run key on disk before any round can release a sum under it
+        if federation.private and config.privacy.noise_source == "os":
+            atomic_write_json(run_dir / IN_FLIGHT, {"round": 0})
         _save(checkpoint, state)
     schedule = _schedule(config, federation)
     done = len(state.records)
     fresh_noise = run_dir is not None and federation.private and config.privacy.noise_source == "os"
+    if fresh_noise and resumed and not (run_dir / IN_FLIGHT).exists():
+        raise RunDirectoryError(f"{run_dir} has no {IN_FLIGHT} (it was started by a privfer that did not record the "
+                                "round in flight): whether a round was released cannot be known, and with "
+                                "privacy.noise_source os a re-run draws fresh noise; start a new run")
     if fresh_noise and resumed and _in_flight(run_dir) > done:
         raise RunDirectoryError(
             f"{run_dir} was killed inside round {_in_flight(run_dir)}, which may have released its sum; with "

@@ -14,13 +14,17 @@ start from the example-weighted mean of the training clients' heads, summed
 through the same secure aggregation once at the end of phase 1, and
 personalize it in phase 2.
 
-A checkpoint is written before the first round (it holds the run key) and
-after every round, atomically; rerunning the same command on the
-same run directory continues after the last finished round (a round killed
-before its checkpoint runs again with the same key, inputs, noise and dropout masks) and ends with the
-same result as an uninterrupted run (exactly, with the plain aggregator and
-the run key kept in the checkpoint (``privacy.noise_source: run_key``); masking's stochastic rounding draws from
-the OS and moves the last bits).
+A checkpoint is written before the first round (it holds the run key and
+torch's generator) and after every round, atomically; rerunning the same
+command on the same run directory continues after the last finished round
+(a round killed before its checkpoint runs again with the same key, inputs,
+noise and dropout masks, so it releases nothing new) and ends with the same
+result as an uninterrupted run (exactly, with the plain aggregator and the
+run key kept in the checkpoint (``privacy.noise_source: run_key``);
+masking's stochastic rounding draws from the OS and moves the last bits).
+Under ``privacy.noise_source: os`` a re-run would draw fresh noise, so a
+private run killed inside a round is refused (``round_in_flight.json``).
+One process holds a run directory at a time (``.lock``).
 """
 
 from __future__ import annotations

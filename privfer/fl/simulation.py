@@ -205,13 +205,13 @@ def _simulate(config: PrivferConfig, run_dir: Path | None, federation: Federatio
     state.plans_sha256 = federation.plans_sha256
     if state.torch_rng is not None:  # where the last checkpoint left torch's generator (dropout masks)
         torch.set_rng_state(state.torch_rng)
+    fresh_noise = run_dir is not None and federation.private and config.privacy.noise_source == "os"
     if checkpoint is not None and saved is None:  # the run key on disk before any round can release a sum under it
-        if federation.private and config.privacy.noise_source == "os":
+        if fresh_noise:
             atomic_write_json(run_dir / IN_FLIGHT, {"round": 0})
         _save(checkpoint, state)
     schedule = _schedule(config, federation)
     done = len(state.records)
-    fresh_noise = run_dir is not None and federation.private and config.privacy.noise_source == "os"
     if fresh_noise and resumed and not (run_dir / IN_FLIGHT).exists():
         raise RunDirectoryError(f"{run_dir} has no {IN_FLIGHT} (it was started by a privfer that did not record the "
                                 "round in flight): whether a round was released cannot be known, and with "

@@ -75,7 +75,7 @@ from privfer.privacy.distributed import (DistributedPlan, calibrate_distributed,
                                          derived_key, encode_contribution, noise_generator)
 from privfer.privacy.ledger import DistributedAccount, SecureSumLedger, build_distributed_ledger, read_ledger, \
     write_ledger
-from privfer.privacy.ledger.tuning import (MAX_CANDIDATES, MAX_SPACE_KEYS, MAX_VALUES, TUNABLE, TUNING_LEDGER_FILE,
+from privfer.privacy.ledger.tuning import (FINAL_RUN, MAX_CANDIDATES, MAX_SPACE_KEYS, MAX_VALUES, TUNABLE, TUNING_LEDGER_FILE,
                                            TUNING_SCHEMA, TuningLedger, parse_tuning_ledger)
 from privfer.privacy.noise import NoiseSteps
 from privfer.runs import atomic_write_json, prepare_run_dir
@@ -105,7 +105,7 @@ SPACE_FILE = "space.json"
 STATE_FILE = "tuning_state.json"
 RESULT = "result.json"
 CANDIDATES = "candidates"
-FINAL = "final"  # the final run's directory
+FINAL = FINAL_RUN  # the final run's directory (the ledger's name for it)
 SELECTION = ("the candidate with the largest released validation score (ties: the first); post-processing of the "
              "releases. The server aggregates every round of every candidate, so the cost charged is the composition "
              "of every candidate of the declared space and of the final run of the chosen settings, if any "
@@ -682,7 +682,7 @@ def tuning_ledgers(config: PrivferConfig, plan: TuningPlan, run_dir: Path, score
     in_final: set[tuple[int, str]] = set()
     records, family = [], None
 
-    def charge(path: Path, budget: float) -> None:
+    def charge(path: Path, budget: float, is_final: bool = False) -> None:
         nonlocal family
         ledger = read_ledger(path)
         if not isinstance(ledger, SecureSumLedger) or not math.isclose(ledger.target_epsilon, budget, rel_tol=1e-12):
@@ -690,7 +690,7 @@ def tuning_ledgers(config: PrivferConfig, plan: TuningPlan, run_dir: Path, score
         family = ledger.family
         for entry in ledger.clients:
             entries.setdefault((entry.client, entry.phase), []).extend(entry.noise_steps)
-            if path.parent.name == FINAL:
+            if is_final:
                 in_final.add((entry.client, entry.phase))
             else:
                 counts[(entry.client, entry.phase)] = counts.get((entry.client, entry.phase), 0) + (
@@ -707,7 +707,7 @@ def tuning_ledgers(config: PrivferConfig, plan: TuningPlan, run_dir: Path, score
     final = None
     if plan.final:
         path = run_dir / FINAL / LEDGER
-        charge(path, plan.final_budgets[chosen])
+        charge(path, plan.final_budgets[chosen], is_final=True)
         final = {"settings": plan.candidates[chosen].settings, "epsilon": plan.final_budgets[chosen], "run": FINAL,
                  "ledger_sha256": _sha256(path)}
     clients = []

@@ -80,24 +80,23 @@ from privfer.privacy.ledger.tuning import (FINAL_RUN, MAX_CANDIDATES, MAX_SPACE_
 from privfer.privacy.noise import NoiseSteps
 from privfer.runs import atomic_write_json, prepare_run_dir
 
-# the default space: the server step the rule gives, and twice it. The rule sits at the low end of the best steps
-# measured (watch's); digits' best is about twice it. A third candidate costs every candidate's noise
-# (docs/performance.md)
-STEP_FACTORS = (1.0, 2.0)
-FALLBACK_STEPS = (0.02, 0.05, 0.1)  # when the rule's step is not known before the data is read (CREMA-D)
+# the default space: the readout, the one setting where the transfer study found data that no public fact
+# describes (a signal in the frames' order or in the last frames wants the last step's state; in the mean frame, the
+# mean); the step stays the rule's, whose neighbours score within a run's spread of it (docs/performance.md)
+READOUTS = ("mean", "last")
 # under DP the candidates (pilots) together spend this share of epsilon; the chosen settings are then trained once
 # more with what RDP composition leaves (noise about 1.11x a single run's at epsilon 3, against 1.41x for each of
 # two candidates sharing the whole budget); docs/privacy-accounting.md, "The pilots and the final run"
 PILOT_SHARE = 0.4
 
 
-def default_space(config: PrivferConfig, feature_dim: int | None = None) -> dict[str, list[Any]]:
-    """The server's step size — the setting the transfer study found decisive — at once and twice the step the
-    run's config resolves (federation.server_lr, or the (256 / D)^(1/3) rule with the data's ``feature_dim``)."""
-    step = config.resolved_server_lr(feature_dim)
-    if step is None:
-        return {"federation.server_lr": list(FALLBACK_STEPS)}
-    return {"federation.server_lr": [float(f"{step * factor:.4g}") for factor in STEP_FACTORS]}
+def default_space(config: PrivferConfig) -> dict[str, list[Any]]:
+    """The VFER's readout: the config's own (ties go to it), then the other; every candidate trains at the step its
+    config resolves (federation.server_lr, or the (256 / D)^(1/3) rule)."""
+    own = config.model.readout
+    return {"model.readout": [own, *(r for r in READOUTS if r != own)]}
+
+
 VALIDATION = "validation"  # the phase name of the score releases in validation_ledger.json
 VALIDATION_LEDGER = "validation_ledger.json"
 VALIDATION_PART = "val"  # the split part the validation actors' clips are in
@@ -256,7 +255,7 @@ def plan_tuning(config: PrivferConfig, space: dict[str, list[Any]], validation: 
         raise ConfigError(f"the search space names {', '.join(untunable)}; privfer tune searches only "
                           f"{', '.join(TUNABLE)}")
     clips = load_clips(config.data) if clips is None else clips  # the mistakes above cost no data
-    space = space or default_space(config, clips.feature_dim)
+    space = space or default_space(config)
     settings = space_candidates(space)
     if len(settings) > MAX_CANDIDATES:
         raise ConfigError(f"the search space declares {len(settings)} candidates; at most {MAX_CANDIDATES} (each one "

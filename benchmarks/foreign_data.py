@@ -14,9 +14,10 @@ used, 1 / (10 x the federation's records)):
   same without a budget (``--epsilon inf``): the "no DP" line must be at least
   what epsilon 8 buys, or it is not the ceiling a study says it is.
 * **privfer tuned**: ``privfer tune --epsilon E`` over ``--tune-space`` (default:
-  privfer tune's, the server step the rule gives and twice it): every candidate trained,
-  scored on the validation actors through the secure sum, the best kept; E is
-  the total (docs/privacy-accounting.md, "Private hyperparameter selection").
+  privfer tune's, the mean and the last-step readout at the step the rule gives): every
+  candidate trained as a pilot, scored on the validation actors through the secure sum, the
+  best trained once more with the budget left; E is the total (docs/privacy-accounting.md,
+  "Private hyperparameter selection").
 * **central grid**: one trusted curator holding every training clip runs
   Opacus DP-SGD (Poisson batches, Adam, C = 1, PRV accountant, the fast DP
   LSTM with ghost clipping) for each setting of a declared grid — three VFER

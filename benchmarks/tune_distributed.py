@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--clip", default="1.0", help="comma-separated privacy.max_grad_norm values")
     parser.add_argument("--seeds", default="0", help="comma-separated run seeds (the split depends on the seed)")
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--readout", default="mean", choices=("last", "mean"))
+    parser.add_argument("--readout", default="mean", choices=("last", "mean", "both"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--input-norm", default="none", choices=("none", "unit", "rms"),
                         help="unit: divide each clip by its own root mean square times sqrt(D), so a frame's features "

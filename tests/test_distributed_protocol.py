@@ -205,12 +205,12 @@ def test_one_records_rounded_contribution_stays_within_the_stated_sensitivity(ot
     assert np.linalg.norm(v) <= l2 + 1e-9 and np.abs(v).sum() <= l1 + 1e-9
 
 
-@pytest.mark.parametrize("shortcut", [False, True])
-def test_batched_clipped_sums_equal_per_client_and_opacus(shortcut):
+@pytest.mark.parametrize("shortcut,readout", [(False, "last"), (True, "last"), (True, "both")])
+def test_batched_clipped_sums_equal_per_client_and_opacus(shortcut, readout):
     from opacus import GradSampleModule
 
     torch.manual_seed(0)
-    model = VFER(12, 8, fast_dp=True, shortcut=shortcut)
+    model = VFER(12, 8, fast_dp=True, shortcut=shortcut, readout=readout)
     if shortcut:  # away from its zero initialisation, so it shapes every other layer's gradient too
         torch.nn.init.normal_(model.shortcut.weight)
     x, y = torch.randn(30, 4, 12), torch.softmax(torch.randn(30, 6), -1)
@@ -221,7 +221,7 @@ def test_batched_clipped_sums_equal_per_client_and_opacus(shortcut):
                                       dtype=torch.long), 1, 0.3).sums
         for name in batched:
             torch.testing.assert_close(batched[name][k], alone[name][0], rtol=1e-5, atol=1e-7)
-    reference = GradSampleModule(VFER(12, 8, fast_dp=True, shortcut=shortcut), batch_first=True,
+    reference = GradSampleModule(VFER(12, 8, fast_dp=True, shortcut=shortcut, readout=readout), batch_first=True,
                                  loss_reduction="sum")
     reference._module.load_state_dict(model.state_dict())
     LabelLoss("sum")(reference(x), y).backward()

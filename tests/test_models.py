@@ -11,10 +11,14 @@ from privfer.models.vfer import IFER, VFER, fit_ifer
 
 def test_vfer_shapes_and_readouts():
     x = torch.randn(5, 7, 12)
-    for readout in ("last", "mean"):
+    for readout in ("last", "mean", "both"):
         model = VFER.from_config(ModelConfig(hidden_size=9, readout=readout), feature_dim=12)
         assert model(x).shape == (5, 6)
-        assert model.embed(x).shape == (5, 9)
+        assert model.embed(x).shape == (5, 18 if readout == "both" else 9)
+    states, _ = model.lstm(x)  # both: the last state, then the mean, each what its own readout gives
+    torch.testing.assert_close(model.embed(x), torch.cat([states[:, -1], states.mean(dim=1)], dim=-1))
+    with pytest.raises(ValueError, match="readout must be one of last, mean, both"):
+        VFER(12, readout="max")
     with pytest.raises(ValueError, match=r"expected \(batch, frames, 12\)"):
         model(torch.randn(5, 7, 11))
 
@@ -90,7 +94,7 @@ def test_ifer_weights_round_trip_and_errors(tmp_path):
         IFER.load(tmp_path / "junk.pt", feature_dim=8)
 
 
-@pytest.mark.parametrize("readout,shortcut,layers", [("last", False, 1), ("mean", True, 2)])
+@pytest.mark.parametrize("readout,shortcut,layers", [("last", False, 1), ("mean", True, 2), ("both", True, 1)])
 def test_the_stacked_forward_is_the_forward_of_each_stacked_model(readout, shortcut, layers):
     """VFER.stacked_forward (the stacked trainer's forward) computes, for K stacked parameter sets, exactly what
     each of the K models' own forward computes."""

@@ -163,9 +163,10 @@ class ModelConfig(_Section):
         "(tuned on the validation actors), 128 otherwise.",
     )
     num_layers: int = Field(1, ge=1, le=8, description="Stacked LSTM layers.")
-    readout: Literal["auto", "last", "mean"] = Field(
+    readout: Literal["auto", "last", "mean", "both"] = Field(
         "auto",
-        description="Clip embedding: last hidden state or mean over time; auto: mean under distributed DP and its "
+        description="Clip embedding: last hidden state, mean over time, or both concatenated (the head weighs each; "
+        "twice the head's weights); auto: mean under distributed DP and its "
         "runs without DP (tuned on the validation actors), last otherwise (the seed paper's).",
     )
     recurrent: Literal["auto", "lstm", "fast_dp"] = Field(

@@ -21,8 +21,22 @@ from privfer.errors import DataError
 from privfer.models.dp_lstm import FastDPLSTM
 
 
+READOUTS = ("last", "mean", "both")
+
+
+def read_out(states: torch.Tensor, readout: str) -> torch.Tensor:
+    """(B, T, H) LSTM states -> the clip embedding: (B, H) for 'last' and 'mean', (B, 2H) for 'both' (the last
+    state, then the mean)."""
+    if readout == "last":
+        return states[:, -1]
+    if readout == "mean":
+        return states.mean(dim=1)
+    return torch.cat([states[:, -1], states.mean(dim=1)], dim=-1)
+
+
 class VFER(nn.Module):
-    """Video FER: an LSTM over per-frame features, read out at the last step (or the mean), then a linear head.
+    """Video FER: an LSTM over per-frame features, read out at the last step, the mean over the steps or both
+    (the two concatenated, so the head weighs each), then a linear head.
 
     With ``shortcut`` the logits also get a linear map of the clip's mean frame feature (a zero-initialised
     skip connection around the LSTM, so the untrained model is the plain VFER). Under DP-SGD's noise the few
@@ -42,8 +56,8 @@ class VFER(nn.Module):
         shortcut: bool = False,
     ) -> None:
         super().__init__()
-        if readout not in ("last", "mean"):
-            raise ValueError(f"readout must be 'last' or 'mean', got {readout!r}")
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
         self.feature_dim = feature_dim
         self.readout = readout
         if fast_dp:
@@ -52,7 +66,7 @@ class VFER(nn.Module):
         else:
             self.lstm = nn.LSTM(feature_dim, hidden_size, num_layers=num_layers, batch_first=True)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(hidden_size, num_classes)
+        self.head = nn.Linear(hidden_size * (2 if readout == "both" else 1), num_classes)
         self.shortcut: nn.Linear | None = None
         if shortcut:
             self.shortcut = nn.Linear(feature_dim, num_classes)
@@ -77,11 +91,11 @@ class VFER(nn.Module):
         )
 
     def embed(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) frame features -> (B, H) clip embedding from the base."""
+        """(B, T, D) frame features -> (B, H) clip embedding from the base ((B, 2H) with the readout both)."""
         if frames.dim() != 3 or frames.shape[-1] != self.feature_dim:
             raise ValueError(f"expected (batch, frames, {self.feature_dim}) features, got {tuple(frames.shape)}")
         states, _ = self.lstm(frames)
-        return states[:, -1] if self.readout == "last" else states.mean(dim=1)
+        return read_out(states, self.readout)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, classes) logits."""
@@ -114,7 +128,7 @@ class VFER(nn.Module):
                 h = torch.sigmoid(o) * torch.tanh(c)
                 states.append(h)
             x = torch.stack(states, dim=2)
-        embedding = x[:, :, -1] if self.readout == "last" else x.mean(dim=2)
+        embedding = read_out(x.flatten(0, 1), self.readout).unflatten(0, x.shape[:2])
         logits = torch.bmm(embedding, params["head.weight"].transpose(1, 2)) + params["head.bias"][:, None, :]
         if self.shortcut is not None:
             logits = logits + torch.bmm(frames.mean(dim=2), params["shortcut.weight"].transpose(1, 2)) \

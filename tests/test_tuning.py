@@ -39,6 +39,7 @@ def test_the_space_is_declared_and_bounded():
     # the default space: the readout, the config's own first (ties go to it), at the step the config resolves
     assert default_space(small_config(*FAST)) == {"model.readout": ["mean", "last"]}
     assert default_space(small_config(*FAST, "model.readout=last")) == {"model.readout": ["last", "mean"]}
+    assert default_space(small_config(*FAST, "model.readout=both")) == {"model.readout": ["both", "mean", "last"]}
     space = parse_space(["federation.server_lr=0.02, 0.05", "model.readout=mean,last"])
     assert space == {"federation.server_lr": [0.02, 0.05], "model.readout": ["mean", "last"]}
     assert space_candidates(space) == [

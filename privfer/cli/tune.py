@@ -22,8 +22,8 @@ def tune(
         None, "--epsilon", "-e", help="TOTAL per-client budget: every candidate and the selection together."),
     tries: Optional[List[str]] = typer.Option(
         None, "--try", "-t", help="A setting and its candidate values, e.g. federation.server_lr=0.02,0.05,0.1 "
-        "(repeatable; the candidates are every combination; default: model.readout=mean,last at the server "
-        "step the config resolves)."),
+        "(repeatable; the candidates are every combination; default: the config's model.readout, then "
+        "mean and last, at the server step the config resolves)."),
     validation: Optional[str] = typer.Option(
         None, "--validation", help="private (default under DP: noisy counts through the secure sum, in the ledger) "
         "or consenting (exact validation macro F1; the validation actors are not covered)."),

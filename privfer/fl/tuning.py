@@ -91,8 +91,9 @@ PILOT_SHARE = 0.4
 
 
 def default_space(config: PrivferConfig) -> dict[str, list[Any]]:
-    """The VFER's readout: the config's own (ties go to it), then the other; every candidate trains at the step its
-    config resolves (federation.server_lr, or the (256 / D)^(1/3) rule)."""
+    """The VFER's readout: the config's own first (ties go to it), then mean and last where they differ from it (a
+    config reading ``both`` gets three candidates); every candidate trains at the step its config resolves
+    (federation.server_lr, or the (256 / D)^(1/3) rule)."""
     own = config.model.readout
     return {"model.readout": [own, *(r for r in READOUTS if r != own)]}
 

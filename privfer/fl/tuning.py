@@ -75,15 +75,16 @@ from privfer.privacy.distributed import (DistributedPlan, calibrate_distributed,
                                          derived_key, encode_contribution, noise_generator)
 from privfer.privacy.ledger import DistributedAccount, SecureSumLedger, build_distributed_ledger, read_ledger, \
     write_ledger
-from privfer.privacy.ledger.tuning import (FINAL_RUN, MAX_CANDIDATES, MAX_SPACE_KEYS, MAX_VALUES, TUNABLE, TUNING_LEDGER_FILE,
-                                           TUNING_SCHEMA, TuningLedger, parse_tuning_ledger)
+from privfer.privacy.ledger.tuning import (FINAL_RUN, MAX_CANDIDATES, MAX_SPACE_KEYS, MAX_VALUES, TUNABLE,
+                                           TUNING_LEDGER_FILE, TUNING_SCHEMA, TuningLedger, parse_tuning_ledger)
 from privfer.privacy.noise import NoiseSteps
 from privfer.runs import atomic_write_json, prepare_run_dir
 
 # the default space: the readout, the one setting where the transfer study found data that no public fact
 # describes (a signal in the frames' order or in the last frames wants the last step's state; in the mean frame, the
-# mean); the step stays the rule's, whose neighbours score within a run's spread of it (docs/performance.md)
-READOUTS = ("mean", "last")
+# mean); the step stays the rule's, whose neighbours score within a run's spread of it (docs/performance.md). The
+# model's readouts are privfer.models.vfer.READOUTS; 'both' is tried only where the config reads it
+SPACE_READOUTS = ("mean", "last")
 # under DP the candidates (pilots) together spend this share of epsilon; the chosen settings are then trained once
 # more with what RDP composition leaves (noise about 1.11x a single run's at epsilon 3, against 1.41x for each of
 # two candidates sharing the whole budget); docs/privacy-accounting.md, "The pilots and the final run"
@@ -95,7 +96,7 @@ def default_space(config: PrivferConfig) -> dict[str, list[Any]]:
     config reading ``both`` gets three candidates); every candidate trains at the step its config resolves
     (federation.server_lr, or the (256 / D)^(1/3) rule)."""
     own = config.model.readout
-    return {"model.readout": [own, *(r for r in READOUTS if r != own)]}
+    return {"model.readout": [own, *(r for r in SPACE_READOUTS if r != own)]}
 
 
 VALIDATION = "validation"  # the phase name of the score releases in validation_ledger.json

@@ -14,7 +14,7 @@ used, 1 / (10 x the federation's records)):
   same without a budget (``--epsilon inf``): the "no DP" line must be at least
   what epsilon 8 buys, or it is not the ceiling a study says it is.
 * **privfer tuned**: ``privfer tune --epsilon E`` over ``--tune-space`` (default:
-  privfer tune's, the mean and the last-step readout at the step the rule gives): every
+  privfer tune's: the default readout both and the mean, at the step the rule gives): every
   candidate trained as a pilot, scored on the validation actors through the secure sum, the
   best trained once more with the budget left; E is the total (docs/privacy-accounting.md,
   "Private hyperparameter selection").
@@ -22,8 +22,8 @@ used, 1 / (10 x the federation's records)):
   Opacus DP-SGD (Poisson batches, Adam, C = 1, PRV accountant, the fast DP
   LSTM with ghost clipping) for each setting of a declared grid — three VFER
   shapes (64 units / mean readout / the linear shortcut, privfer's
-  distributed default; 128 / last / none, the seed paper's; 128 / mean /
-  none) x two learning rates (2e-3, 1e-2) x two expected batch shares
+  distributed default until stop 42; 128 / last / none, the seed paper's;
+  128 / mean / none) x two learning rates (2e-3, 1e-2) x two expected batch shares
   (2% and 10% of the records, 20 epochs) — and the best test score is
   reported. Choosing by the test score and charging nothing for the search
   makes this anchor optimistic on purpose: privfer is held to at least

@@ -29,7 +29,7 @@ def test_a_run_without_dp_takes_its_lines_algorithm_and_defaults():
     assert isinstance(make_mechanism(free), NoiselessSGD)
     for field in ("rounds", "clients_per_round", "server_optimizer"):
         assert getattr(free.federation, field) == getattr(private.federation, field)
-    assert (free.model.readout, free.model.shortcut, free.model.recurrent) == ("mean", True, "fast_dp")
+    assert (free.model.readout, free.model.shortcut, free.model.recurrent) == ("both", True, "fast_dp")
     # D = 128: 0.02 x (256 / D)^(1/3) with DP, 0.01 x sqrt(256 / D) without (Adam without noise; the measured rules)
     assert private.federation.server_lr == pytest.approx(0.02 * 2 ** (1 / 3))
     assert free.federation.server_lr == pytest.approx(0.01 * 2 ** 0.5)

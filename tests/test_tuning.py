@@ -37,9 +37,9 @@ SPACE = ["federation.server_lr=0.02,0.1"]
 def test_the_space_is_declared_and_bounded():
     assert parse_space(None) == {}
     # the default space: the readout, the config's own first (ties go to it), at the step the config resolves
-    assert default_space(small_config(*FAST)) == {"model.readout": ["mean", "last"]}
+    assert default_space(small_config(*FAST)) == {"model.readout": ["both", "mean"]}  # the default readout: both
+    assert default_space(small_config(*FAST, "model.readout=mean")) == {"model.readout": ["mean", "last"]}
     assert default_space(small_config(*FAST, "model.readout=last")) == {"model.readout": ["last", "mean"]}
-    assert default_space(small_config(*FAST, "model.readout=both")) == {"model.readout": ["both", "mean", "last"]}
     space = parse_space(["federation.server_lr=0.02, 0.05", "model.readout=mean,last"])
     assert space == {"federation.server_lr": [0.02, 0.05], "model.readout": ["mean", "last"]}
     assert space_candidates(space) == [
@@ -55,10 +55,10 @@ def test_the_space_is_declared_and_bounded():
         parse_space(["federation.server_lr=0.1", "federation.server_lr=0.2"])
 
 
-def test_the_default_space_tries_both_readouts_at_the_rules_step(small_clips):
+def test_the_default_space_tries_two_readouts_at_the_rules_step(small_clips):
     plan = plan_tuning(small_config(*FAST), {}, clips=small_clips)
-    assert plan.space == {"model.readout": ["mean", "last"]}
-    assert [c.settings for c in plan.candidates] == [{"model.readout": "mean"}, {"model.readout": "last"}]
+    assert plan.space == {"model.readout": ["both", "mean"]}
+    assert [c.settings for c in plan.candidates] == [{"model.readout": "both"}, {"model.readout": "mean"}]
     for candidate in plan.candidates:  # the (256 / D)^(1/3) rule at D = 128, the shortcut kept
         assert candidate.config.resolved_server_lr(small_clips.feature_dim) == pytest.approx(0.02 * 2 ** (1 / 3))
         assert candidate.config.model.shortcut is True  # the rest of the shape is the config's

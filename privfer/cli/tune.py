@@ -23,7 +23,7 @@ def tune(
     tries: Optional[List[str]] = typer.Option(
         None, "--try", "-t", help="A setting and its candidate values, e.g. federation.server_lr=0.02,0.05,0.1 "
         "(repeatable; the candidates are every combination; default: the config's model.readout, then "
-        "mean and last, at the server step the config resolves)."),
+        "the first of mean and last that differs from it, at the server step the config resolves)."),
     validation: Optional[str] = typer.Option(
         None, "--validation", help="private (default under DP: noisy counts through the secure sum, in the ledger) "
         "or consenting (exact validation macro F1; the validation actors are not covered)."),

@@ -90,7 +90,7 @@ class PrivferConfig(_Section):
         if self.federation.rounds is None:
             self.federation.rounds = DISTRIBUTED_ROUNDS if distributed else LOCAL_ROUNDS
         if self.model.readout == "auto":
-            self.model.readout = "mean" if distributed else "last"
+            self.model.readout = "both" if distributed else "last"
         if self.model.hidden_size is None:
             self.model.hidden_size = DISTRIBUTED_HIDDEN if distributed else LOCAL_HIDDEN
         if self.model.shortcut == "auto":

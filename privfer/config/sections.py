@@ -166,8 +166,8 @@ class ModelConfig(_Section):
     readout: Literal["auto", "last", "mean", "both"] = Field(
         "auto",
         description="Clip embedding: last hidden state, mean over time, or both concatenated (the head weighs each; "
-        "twice the head's weights); auto: mean under distributed DP and its "
-        "runs without DP (tuned on the validation actors), last otherwise (the seed paper's).",
+        "twice the head's weights); auto: both under distributed DP and its "
+        "runs without DP (measured across data sets, docs/privacy-accounting.md), last otherwise (the seed paper's).",
     )
     recurrent: Literal["auto", "lstm", "fast_dp"] = Field(
         "auto", description="Recurrent layer: nn.LSTM, or the fast DP-SGD layer (auto: fast_dp whenever DP is on, and in runs without "

@@ -82,8 +82,10 @@ from privfer.runs import atomic_write_json, prepare_run_dir
 
 # the default space: the readout, the one setting where the transfer study found data that no public fact
 # describes (a signal in the frames' order or in the last frames wants the last step's state; in the mean frame, the
-# mean); the step stays the rule's, whose neighbours score within a run's spread of it (docs/performance.md). The
-# model's readouts are privfer.models.vfer.READOUTS; 'both' is tried only where the config reads it
+# mean); the step stays the rule's, whose neighbours score within a run's spread of it (docs/performance.md). Two
+# candidates: the config's own readout and the first of these that differs from it (the default both, then the mean;
+# a third candidate would cost every pilot and the final run more noise than the pilots can rank through). The
+# model's readouts are privfer.models.vfer.READOUTS
 SPACE_READOUTS = ("mean", "last")
 # under DP the candidates (pilots) together spend this share of epsilon; the chosen settings are then trained once
 # more with what RDP composition leaves (noise about 1.11x a single run's at epsilon 3, against 1.41x for each of
@@ -92,11 +94,11 @@ PILOT_SHARE = 0.4
 
 
 def default_space(config: PrivferConfig) -> dict[str, list[Any]]:
-    """The VFER's readout: the config's own first (ties go to it), then mean and last where they differ from it (a
-    config reading ``both`` gets three candidates); every candidate trains at the step its config resolves
+    """The VFER's readout: the config's own first (ties go to it), then the first of mean and last that differs from
+    it (both: mean; mean: last; last: mean); every candidate trains at the step its config resolves
     (federation.server_lr, or the (256 / D)^(1/3) rule)."""
     own = config.model.readout
-    return {"model.readout": [own, *(r for r in SPACE_READOUTS if r != own)]}
+    return {"model.readout": [own, next(r for r in SPACE_READOUTS if r != own)]}
 
 
 VALIDATION = "validation"  # the phase name of the score releases in validation_ledger.json

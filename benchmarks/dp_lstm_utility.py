@@ -22,12 +22,11 @@ import numpy as np
 import torch
 
 from privfer.data.labels import training_targets
-from privfer.data.splits import split_clips
 from privfer.evaluation import evaluate
 from privfer.models.loss import label_loss
 from privfer.config import load_config
 from privfer.data import load_clips
-from privfer.data.splits import split_actors
+from privfer.data.splits import split_run
 from privfer.models.vfer import VFER
 
 warnings.filterwarnings("ignore")
@@ -69,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config()
     clips = load_clips(config.data)
-    parts = split_clips(clips, split_actors(clips, config.data.split, config.seed))
+    _, parts = split_run(clips, config.data, config.seed)
     print(f"DP-SGD VFER, epsilon {args.epsilon:g}, {args.epochs} epochs, {len(parts['train'])} training clips")
     print(f"{'layer':<12} {'seed':>4} {'macro F1':>9} {'epsilon':>8} {'train s':>8}")
     results: dict[str, list[float]] = {"fast": [], "dplstm": []}

@@ -127,7 +127,7 @@ def main() -> None:
     from privfer.privacy.calibrate import PrivacyBudgetError
     from privfer.config import load_config
     from privfer.data import load_clips
-    from privfer.data.splits import split_actors, split_clips
+    from privfer.data.splits import split_run
 
     torch.set_num_threads(args.threads)
     grid = GRIDS[args.grid]
@@ -138,7 +138,7 @@ def main() -> None:
         overrides = DATASETS[name]
         config = load_config(None, overrides)
         clips = load_clips(config.data)
-        parts = split_clips(clips, split_actors(clips, config.data.split, 0))
+        _, parts = split_run(clips, config.data, 0)
         train = parts["train"]
         actors = len(set(train.actor_ids.tolist()))
         print(f"# {name}: {len(clips)} clips, {len(train)} training clips of {actors} actors, "

@@ -89,10 +89,9 @@ def main() -> None:
     parser.add_argument("--epsilons", default="1,3,8")
     parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
-    from privfer.data.splits import split_clips
     from privfer.config import load_config
     from privfer.data import load_clips
-    from privfer.data.splits import split_actors
+    from privfer.data.splits import split_run
 
     config = load_config()
     clips = load_clips(config.data)
@@ -104,7 +103,7 @@ def main() -> None:
         pair = {"central": [], "privfer": []}
         for seed in range(args.seeds):
             f1_d, eps_d, sec_d, delta = distributed(epsilon, seed, clips)
-            parts = split_clips(clips, split_actors(clips, config.data.split, seed))
+            _, parts = split_run(clips, config.data, seed)
             same_model = load_config(None, [f"privacy.epsilon={epsilon}"])  # the model privfer's run trains
             f1_c, eps_c, sec_c = central(epsilon, delta, seed, parts, clips.feature_dim, same_model)
             pair["central"].append(f1_c)

@@ -59,11 +59,10 @@ def main() -> None:
                         help="also report an exponential moving average of the iterates with this decay (post-processing)")
     args = parser.parse_args()
     from privfer.data.labels import training_targets
-    from privfer.data.splits import split_clips
     from privfer.evaluation import evaluate
     from privfer.config import load_config
     from privfer.data import load_clips
-    from privfer.data.splits import split_actors
+    from privfer.data.splits import split_run
     from privfer.fl.simulation import prepare_federation
     from privfer.models.vfer import VFER
     from privfer.models.clipped_sums import clipped_gradient_sums
@@ -76,7 +75,7 @@ def main() -> None:
     data = {}  # per seed: the split's parts and the training tensors
     for seed in seeds:
         config = load_config(None, [*base, f"seed={seed}"])
-        parts = split_clips(clips, split_actors(clips, config.data.split, config.seed))
+        _, parts = split_run(clips, config.data, config.seed)
         if args.input_norm != "none":
             parts = {name: _rescaled(part, per_frame=args.input_norm == "unit") for name, part in parts.items()}
         train = parts["train"]

@@ -25,7 +25,7 @@ from privfer.config import PrivferConfig
 from privfer.data import load_clips
 from privfer.data.clips import ClipSet
 from privfer.data.labels import evaluation_labels, training_targets
-from privfer.data.splits import split_actors, split_clips
+from privfer.data.splits import split_run
 from privfer.evaluation import evaluate, predict, pseudo_label_quality
 from privfer.metrics import classification_report
 from privfer.models.loss import label_loss
@@ -68,8 +68,7 @@ def train_centralized(
     # Everything that can fail on bad data or settings happens before the run
     # directory is touched, so a mistake leaves nothing behind to clean up.
     clips = load_clips(config.data) if clips is None else clips
-    split = split_actors(clips, config.data.split, config.seed)
-    parts = split_clips(clips, split)
+    split, parts = split_run(clips, config.data, config.seed)
     temperature = config.data.partial_label_temperature
     train_y = training_targets(parts["train"], training.labels, temperature)
     val_y = training_targets(parts["val"], training.labels, temperature)

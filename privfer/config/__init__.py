@@ -15,13 +15,13 @@ from privfer.config.loading import (apply_overrides, build_config, describe_fiel
                                     load_config, parse_override, read_yaml)
 from privfer.config.run import PrivferConfig
 from privfer.config.sections import (DISTRIBUTED_HIDDEN, DISTRIBUTED_ROUNDS, LOCAL_HIDDEN, LOCAL_ROUNDS,
-                                     SYNTHETIC_FEATURE_DIM, SYNTHETIC_FRAMES, DataConfig, ModelConfig, OutputConfig,
-                                     SplitConfig, SyntheticConfig, TrainingConfig)
+                                     SYNTHETIC_FEATURE_DIM, SYNTHETIC_FRAMES, DataConfig, LabelNoiseConfig, ModelConfig,
+                                     OutputConfig, SplitConfig, SyntheticConfig, TrainingConfig)
 
 __all__ = [
-    "AggregationConfig", "DISTRIBUTED_HIDDEN", "DISTRIBUTED_ROUNDS", "DataConfig", "FederationConfig", "LOCAL_HIDDEN",
-    "LOCAL_ROUNDS", "MAX_EPSILON", "ModelConfig", "OutputConfig", "PrivacyConfig", "PrivferConfig", "SERVER_LR",
-    "SMALL_BUDGET_SERVER_LR", "SYNTHETIC_FEATURE_DIM", "SYNTHETIC_FRAMES", "SplitConfig", "SyntheticConfig",
-    "TrainingConfig", "apply_overrides", "build_config", "describe_fields", "format_validation_error", "load_config",
-    "parse_override", "read_yaml",
+    "AggregationConfig", "apply_overrides", "build_config", "DataConfig", "describe_fields", "DISTRIBUTED_HIDDEN",
+    "DISTRIBUTED_ROUNDS", "FederationConfig", "format_validation_error", "LabelNoiseConfig", "load_config",
+    "LOCAL_HIDDEN", "LOCAL_ROUNDS", "MAX_EPSILON", "ModelConfig", "OutputConfig", "parse_override", "PrivacyConfig",
+    "PrivferConfig", "read_yaml", "SERVER_LR", "SMALL_BUDGET_SERVER_LR", "SplitConfig", "SYNTHETIC_FEATURE_DIM",
+    "SYNTHETIC_FRAMES", "SyntheticConfig", "TrainingConfig",
 ]

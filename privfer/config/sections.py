@@ -71,6 +71,13 @@ class SyntheticConfig(_Section):
                     "so no statistic of the set of frames (their mean included) tells anger from disgust or fear "
                     "from sadness.",
     )
+    hard_fraction: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Share of the expressive (non-neutral) clips that are hard: a weak display (0.45x its "
+                    "strength) or a blend (40% of it from the most similar emotion), either with a short apex "
+                    "(10-20% of the clip). Annotators judge what is displayed, so their votes spread; the acted "
+                    "label stays right (docs/data.md).",
+    )
     perception_temperature: float = Field(
         0.5, gt=0.0, le=100.0, description="Annotators' uncertainty: higher spreads votes over more classes."
     )
@@ -84,6 +91,21 @@ class SyntheticConfig(_Section):
                 f"min_annotators ({self.min_annotators}) must be <= max_annotators ({self.max_annotators})"
             )
         return self
+
+
+class LabelNoiseConfig(_Section):
+    """Label noise injected into the training actors' clips (docs/data.md, "Label noise")."""
+
+    rate: float = Field(
+        0.0, ge=0.0, le=0.9, description="Share of training clips whose annotators systematically vote for another "
+        "class where they would have voted for the acted one (their labels all name it; features unchanged). "
+        "Validation and test actors stay clean.",
+    )
+    kind: Literal["pair", "uniform"] = Field(
+        "pair", description="The wrong class: pair, the acted class's partner (anger <-> disgust, fear <-> sadness, "
+        "happiness <-> neutral); uniform, one of the other five at random.",
+    )
+    seed: int = Field(0, ge=0, description="Which clips are corrupted (with the run seed, which sets the split).")
 
 
 class SplitConfig(_Section):
@@ -128,6 +150,7 @@ class DataConfig(_Section):
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    label_noise: LabelNoiseConfig = Field(default_factory=LabelNoiseConfig)
 
     @field_validator("root", mode="after")
     @classmethod

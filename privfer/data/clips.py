@@ -52,6 +52,10 @@ class ClipSet:
         frame_labels: optional int64 per-frame emotion (-1 = unlabeled), shape (N, T).
             The synthetic generator knows which frames show the expression; real
             CREMA-D does not, and leaves it None.
+        flags: per-clip boolean markers, each shape (N,), that only the data's
+            maker knows: ``hard`` (the generator's weak or blended displays),
+            ``label_noise`` (training clips whose labels were corrupted). For
+            studies and tests: no training code reads them.
     """
 
     names: np.ndarray
@@ -62,6 +66,7 @@ class ClipSet:
     actors: dict[int, Actor]
     frame_labels: np.ndarray | None = None
     meta: dict[str, object] = field(default_factory=dict)
+    flags: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.names)
@@ -78,6 +83,9 @@ class ClipSet:
             raise DataError(f"clips reference actors without demographics: {sorted(unknown)[:5]}")
         if self.frame_labels is not None and self.frame_labels.shape != self.features.shape[:2]:
             raise DataError(f"frame_labels must be (clips, frames), got shape {self.frame_labels.shape}")
+        for name, flag in self.flags.items():
+            if flag.shape != (n,) or flag.dtype != bool:
+                raise DataError(f"flag {name!r} must be a boolean array of shape ({n},), got {flag.dtype} {flag.shape}")
 
     def __len__(self) -> int:
         return len(self.names)
@@ -105,6 +113,7 @@ class ClipSet:
             actors={a: self.actors[a] for a in ids},
             frame_labels=None if self.frame_labels is None else self.frame_labels[index],
             meta=dict(self.meta),
+            flags={name: flag[index] for name, flag in self.flags.items()},
         )
 
     def for_actors(self, actor_ids: list[int] | np.ndarray) -> "ClipSet":

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from privfer.config import SplitConfig
+from privfer.config import DataConfig, SplitConfig
 from privfer.data.clips import ClipSet
+from privfer.data.label_noise import inject_label_noise
 from privfer.errors import ConfigError
 
 
@@ -105,3 +106,12 @@ def split_clips(clips: ClipSet, split: ActorSplit) -> dict[str, ClipSet]:
         "test_eval": clips.subset(np.isin(clips.names, np.asarray(split.evaluation_clips))),
         "test_adapt": clips.subset(np.isin(clips.names, np.asarray(split.adaptation_clips))),
     }
+
+
+def split_run(clips: ClipSet, data: DataConfig, seed: int) -> tuple[ActorSplit, dict[str, ClipSet]]:
+    """A run's split and its clip sets, the training actors' labels corrupted as ``data.label_noise`` asks (every
+    trainer and benchmark reads its parts from here, so they all see the same noise)."""
+    split = split_actors(clips, data.split, seed)
+    parts = split_clips(clips, split)
+    parts["train"] = inject_label_noise(parts["train"], data.label_noise, seed)
+    return split, parts

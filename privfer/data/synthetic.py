@@ -76,13 +76,14 @@ def _prototypes(rng: np.random.Generator, latent_dim: int) -> np.ndarray:
     return protos
 
 
-def _envelopes(rng: np.random.Generator, n: int, frames: int) -> tuple[np.ndarray, np.ndarray]:
+def _envelopes(rng: np.random.Generator, n: int, frames: int,
+               apex_share: tuple[float, float] = (0.4, 0.7)) -> tuple[np.ndarray, np.ndarray]:
     """(n, T) expression envelopes in [0, 1] (onset, apex, offset, smoothed) and (n, 1) the middle of each apex."""
     t = np.arange(frames, dtype=np.float64)[None, :]
-    # Actors express while speaking the sentence, so the apex covers most of a clip.
+    # Actors express while speaking the sentence, so the apex covers most of a clip (a hard clip's is short).
     start = rng.uniform(0.0, 0.15, (n, 1)) * frames
     rise = np.maximum(rng.uniform(0.1, 0.3, (n, 1)) * frames, 1.0)
-    apex = rng.uniform(0.4, 0.7, (n, 1)) * frames
+    apex = rng.uniform(*apex_share, (n, 1)) * frames
     fall = np.maximum(rng.uniform(0.1, 0.3, (n, 1)) * frames, 1.0)
     up = np.clip((t - start) / rise, 0.0, 1.0)
     down = np.clip((t - (start + rise + apex)) / fall, 0.0, 1.0)
@@ -127,6 +128,41 @@ def _in_order(displayed: np.ndarray, turn: np.ndarray, frames: int, share: float
     first, second = (displayed @ m.T for m in maps)
     later = (np.arange(frames)[None, :] >= turn)[:, :, None]  # (m, T, 1)
     return (1.0 - share) * displayed[:, None, :] + share * np.where(later, second[:, None, :], first[:, None, :])
+
+
+# Hard clips (``hard_fraction``): weak displays keep this share of their strength, blends take this share of the
+# display from the most similar emotion (_SIMILARITY), and either keeps its apex for this share of the clip.
+_HARD_WEAK = 0.45
+_HARD_BLEND = 0.4
+_HARD_APEX = (0.1, 0.2)
+
+
+def _hard_clips(seed: int, share: float, intended: np.ndarray, strength: np.ndarray, own: np.ndarray,
+                protos: np.ndarray, frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Which clips are hard (``round(share x expressive clips)`` of them), their displays rewritten in place of
+    ``own`` (strength x (prototype + idiosyncrasy)), and their short envelopes (None when there are none).
+
+    A stream apart from the generator's others, so a population without hard clips is the one it always was."""
+    hard = np.zeros(len(intended), dtype=bool)
+    expressive = np.flatnonzero(intended != _NEUTRAL)
+    count = int(round(share * len(expressive)))
+    if count == 0:
+        return hard, own, None
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x48415244]))  # "HARD"
+    chosen = np.sort(rng.choice(expressive, count, replace=False))
+    hard[chosen] = True
+    blended = rng.random(count) < 0.5
+    own = own.copy()
+    similarity = _SIMILARITY - np.eye(len(_EXPRESSIVE))
+    nearest = {e: _EXPRESSIVE[int(np.argmax(similarity[i]))] for i, e in enumerate(_EXPRESSIVE)}
+    for row, blend in zip(chosen, blended):
+        if blend:
+            other = strength[row] * protos[nearest[int(intended[row])]]
+            own[row] = (1.0 - _HARD_BLEND) * own[row] + _HARD_BLEND * other
+        else:
+            own[row] = _HARD_WEAK * own[row]
+    envelopes = _envelopes(rng, count, frames, _HARD_APEX)
+    return hard, own, envelopes
 
 
 def generate_synthetic(config: DataConfig) -> ClipSet:
@@ -183,10 +219,14 @@ def generate_synthetic(config: DataConfig) -> ClipSet:
         [_LEVEL_STRENGTH[lv] if lv in _LEVEL_STRENGTH else clip_rng.uniform(*_XX_STRENGTH) for lv in levels]
     )
     displayed = (strength * gain[actor_idx])[:, None] * (protos[intended] + idiosyncrasy[actor_idx, intended])
+    hard, displayed, hard_envelopes = _hard_clips(syn.seed, syn.hard_fraction, intended, strength * gain[actor_idx],
+                                                  displayed, protos, frames)
     displayed += clip_rng.standard_normal((n, latent)) * (syn.clip_noise / np.sqrt(latent))
 
     # -- frames: envelope x expression + identity + speech + pose + noise ------
     envelope, turn = _envelopes(clip_rng, n, frames)
+    if hard_envelopes is not None:
+        envelope[hard], turn[hard] = hard_envelopes
     t = np.arange(frames)[None, :]
     freq = clip_rng.uniform(1.0, 3.0, (n, 1))
     phase = clip_rng.uniform(0.0, 2 * np.pi, (n, 1))
@@ -245,4 +285,5 @@ def generate_synthetic(config: DataConfig) -> ClipSet:
         actors=actors,
         frame_labels=frame_labels,
         meta={"source": "synthetic", "seed": syn.seed},
+        flags={"hard": hard},
     )

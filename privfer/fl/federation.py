@@ -21,7 +21,7 @@ from privfer.config import PrivferConfig
 from privfer.data import load_clips
 from privfer.data.clips import ClipSet
 from privfer.data.labels import pseudo_labels, training_targets
-from privfer.data.splits import split_actors, split_clips
+from privfer.data.splits import split_run
 from privfer.errors import ConfigError
 from privfer.evaluation import pseudo_label_report
 from privfer.fl.client import FLClient
@@ -220,8 +220,7 @@ def prepare_federation(
         config.federation.server_lr = config.resolved_server_lr(clips.feature_dim)
         fed = config.federation
         strategy = make_strategy(fed)
-    split = split_actors(clips, config.data.split, config.seed)
-    parts = split_clips(clips, split)
+    split, parts = split_run(clips, config.data, config.seed)
     temperature = config.data.partial_label_temperature
     train = parts["train"]
     targets = training_targets(train, config.training.labels, temperature)

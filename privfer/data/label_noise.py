@@ -1,0 +1,79 @@
+"""Label noise injected into the training actors' clips: a test bed for the label-noise methods (issue 27).
+
+A chosen share of the training clips gets annotators who systematically vote
+for another class where they would have voted for the acted one: the clip's
+vote counts for its acted class and for a wrong class are swapped. Every
+other label the training side reads names the wrong class too: the clip's
+``intended`` (discrete labels break ties with it, and the IFER falls back on
+it without frame labels) and its frame labels that showed the acted class
+(the synthetic generator's; they fit the IFER when no public one is given).
+Its features still show the acted expression. The wrong class is, per
+``kind``:
+
+* ``pair`` (asymmetric noise, the default): the acted class's partner in
+  :data:`PAIRS` — anger and disgust, fear and sadness, happiness and neutral,
+  each the other's — the confusions raters make most (CREMA-D's visual-only
+  confusions; the synthetic generator's prototype similarities);
+* ``uniform`` (symmetric noise): one of the other five classes, uniformly.
+
+Exactly ``round(rate x training clips)`` clips are corrupted, drawn uniformly
+without replacement from a stream keyed by the run seed and
+``data.label_noise.seed`` (the split depends on the run seed, so the noisy
+clips do too). Only training clips are touched: validation and test actors
+keep their labels, and evaluation scores the acted emotion (or the majority
+vote) of clean test actors. Any data source works: the synthetic generator,
+CREMA-D, and the packages' data sets (digits, watch).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from privfer.config import LabelNoiseConfig
+from privfer.data.clips import NUM_CLASSES, ClipSet
+
+# each class's partner under pair noise (an involution over the canonical order anger, disgust, fear, happiness,
+# neutral, sadness): anger <-> disgust, fear <-> sadness, happiness <-> neutral
+PAIRS = np.array([1, 0, 5, 4, 3, 2])
+NOISY = "label_noise"  # the ClipSet.flags key marking the corrupted clips
+_NAMESPACE = 0x4C4E4F49  # "LNOI": a stream apart from every other seeded one
+
+
+def noise_targets(intended: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """The wrong class each clip's annotators vote for instead of ``intended``."""
+    intended = np.asarray(intended, dtype=np.int64)
+    if kind == "pair":
+        return PAIRS[intended]
+    if kind == "uniform":  # one of the other NUM_CLASSES - 1 classes, uniformly
+        shift = rng.integers(1, NUM_CLASSES, len(intended))
+        return (intended + shift) % NUM_CLASSES
+    raise ValueError(f"label noise kind must be 'pair' or 'uniform', got {kind!r}")
+
+
+def inject_label_noise(train: ClipSet, config: LabelNoiseConfig, seed: int) -> ClipSet:
+    """``train`` with ``config.rate`` of its clips' labels corrupted (a copy; ``train`` is left as it was).
+
+    The result's ``flags[NOISY]`` marks the corrupted clips (all False at rate 0), for studies and tests: no training
+    code reads it.
+    """
+    n = len(train)
+    count = int(round(config.rate * n))
+    noisy = np.zeros(n, dtype=bool)
+    votes, intended, frame_labels = train.votes, train.intended, train.frame_labels
+    if count:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, config.seed, _NAMESPACE]))
+        rows = np.sort(rng.choice(n, count, replace=False))
+        noisy[rows] = True
+        acted = train.intended[rows]
+        wrong = noise_targets(acted, config.kind, rng)
+        votes = train.votes.copy()
+        votes[rows, acted], votes[rows, wrong] = train.votes[rows, wrong], train.votes[rows, acted]
+        intended = train.intended.copy()
+        intended[rows] = wrong
+        if frame_labels is not None:  # the frames that showed the acted class are labelled with the wrong one
+            frame_labels = frame_labels.copy()
+            frame_labels[rows] = np.where(frame_labels[rows] == acted[:, None], wrong[:, None], frame_labels[rows])
+    # the features are shared, not copied (the largest array; nothing here writes to it)
+    return ClipSet(names=train.names, features=train.features, votes=votes, intended=intended,
+                   actor_ids=train.actor_ids, actors=dict(train.actors), frame_labels=frame_labels,
+                   meta=dict(train.meta), flags={**train.flags, NOISY: noisy})

@@ -6,6 +6,8 @@ count of clips, only training actors, the votes of the acted and the wrong class
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,7 @@ from privfer.data.label_noise import NOISY, PAIRS, inject_label_noise, noise_tar
 from privfer.data.labels import evaluation_labels
 from privfer.data.splits import split_run
 from privfer.data.synthetic import generate_synthetic
-from privfer.errors import ConfigError
+from privfer.errors import ConfigError, DataError
 from privfer.fl.federation import prepare_federation
 from privfer.fl.rounds import TRAINING
 
@@ -102,11 +104,14 @@ def test_training_clients_train_on_the_noisy_labels(small_clips):
     assert changed == len(clean.clients[TRAINING])  # at half the clips corrupted, every client has some
 
 
-def test_flags_follow_every_subset(parts):
+def test_flags_follow_every_subset_and_a_misshapen_flag_is_refused(parts):
     noisy = inject_label_noise(parts["train"], LabelNoiseConfig(rate=0.5), 0)
     actor = noisy.actor_list()[0]
     mine = noisy.for_actors([actor])
     assert np.array_equal(mine.flags[NOISY], noisy.flags[NOISY][noisy.actor_ids == actor])
+    for bad in (noisy.flags[NOISY][:-1], noisy.flags[NOISY].astype(int)):
+        with pytest.raises(DataError, match="flag 'label_noise' must be a boolean array"):
+            dataclasses.replace(noisy, flags={NOISY: bad})
 
 
 def test_bad_noise_settings_name_the_field():

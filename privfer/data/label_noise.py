@@ -2,7 +2,11 @@
 
 A chosen share of the training clips gets annotators who systematically vote
 for another class where they would have voted for the acted one: the clip's
-vote counts for its acted class and for a wrong class are swapped. Every
+vote counts for its acted class and for a wrong class are swapped, so the
+wrong class gets the acted class's lead. Only clips with more votes for the
+acted class than for the wrong one are eligible (a swap of equal counts would
+change no vote; a rate asking for more clips than are eligible is refused
+with the most it may be). Every
 other label the training side reads names the wrong class too: the clip's
 ``intended`` (discrete labels break ties with it, and the IFER falls back on
 it without frame labels) and its frame labels that showed the acted class
@@ -17,7 +21,7 @@ Its features still show the acted expression. The wrong class is, per
 * ``uniform`` (symmetric noise): one of the other five classes, uniformly.
 
 Exactly ``round(rate x training clips)`` clips are corrupted, drawn uniformly
-without replacement from a stream keyed by the run seed and
+without replacement from the eligible ones, from a stream keyed by the run seed and
 ``data.label_noise.seed`` (the split depends on the run seed, so the noisy
 clips do too). Only training clips are touched: validation and test actors
 keep their labels, and evaluation scores the acted emotion (or the majority
@@ -27,10 +31,13 @@ CREMA-D, and the packages' data sets (digits, watch).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from privfer.config import LabelNoiseConfig
 from privfer.data.clips import NUM_CLASSES, ClipSet
+from privfer.errors import ConfigError
 
 # each class's partner under pair noise (an involution over the canonical order anger, disgust, fear, happiness,
 # neutral, sadness): anger <-> disgust, fear <-> sadness, happiness <-> neutral
@@ -62,10 +69,19 @@ def inject_label_noise(train: ClipSet, config: LabelNoiseConfig, seed: int) -> C
     votes, intended, frame_labels = train.votes, train.intended, train.frame_labels
     if count:
         rng = np.random.default_rng(np.random.SeedSequence([seed, config.seed, _NAMESPACE]))
-        rows = np.sort(rng.choice(n, count, replace=False))
+        everyone = np.arange(n)
+        wrong_of = noise_targets(train.intended, config.kind, rng)  # each clip's wrong class, drawn for all
+        # only a clip whose annotators preferred its acted class to its wrong one can have that preference reversed
+        # (with equal counts the swap would change no vote)
+        eligible = np.flatnonzero(train.votes[everyone, train.intended] > train.votes[everyone, wrong_of])
+        if count > len(eligible):
+            raise ConfigError(
+                f"data.label_noise.rate = {config.rate:g} asks for {count} corrupted training clips, but only "
+                f"{len(eligible)} of the {n} have more votes for their acted class than for its wrong one; allowed "
+                f"here: at most {math.floor(100 * len(eligible) / n) / 100:g}")
+        rows = np.sort(rng.choice(eligible, count, replace=False))
         noisy[rows] = True
-        acted = train.intended[rows]
-        wrong = noise_targets(acted, config.kind, rng)
+        acted, wrong = train.intended[rows], wrong_of[rows]
         votes = train.votes.copy()
         votes[rows, acted], votes[rows, wrong] = train.votes[rows, wrong], train.votes[rows, acted]
         intended = train.intended.copy()

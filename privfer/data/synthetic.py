@@ -152,15 +152,13 @@ def _hard_clips(seed: int, share: float, intended: np.ndarray, strength: np.ndar
     chosen = np.sort(rng.choice(expressive, count, replace=False))
     hard[chosen] = True
     blended = rng.random(count) < 0.5
+    nearest = np.zeros(NUM_CLASSES, dtype=np.int64)  # each expressive class's most similar other one
+    nearest[_EXPRESSIVE] = np.asarray(_EXPRESSIVE)[np.argmax(_SIMILARITY - np.eye(len(_EXPRESSIVE)), axis=1)]
     own = own.copy()
-    similarity = _SIMILARITY - np.eye(len(_EXPRESSIVE))
-    nearest = {e: _EXPRESSIVE[int(np.argmax(similarity[i]))] for i, e in enumerate(_EXPRESSIVE)}
-    for row, blend in zip(chosen, blended):
-        if blend:
-            other = strength[row] * protos[nearest[int(intended[row])]]
-            own[row] = (1.0 - _HARD_BLEND) * own[row] + _HARD_BLEND * other
-        else:
-            own[row] = _HARD_WEAK * own[row]
+    blend, weak = chosen[blended], chosen[~blended]
+    other = strength[blend, None] * protos[nearest[intended[blend]]]
+    own[blend] = (1.0 - _HARD_BLEND) * own[blend] + _HARD_BLEND * other
+    own[weak] = _HARD_WEAK * own[weak]
     envelopes = _envelopes(rng, count, frames, _HARD_APEX)
     return hard, own, envelopes
 

@@ -157,7 +157,7 @@ class Reliability(FedAvg):
     def objective_terms(self):
         return [("confidence", 0.3, confidence_penalty)]
 
-    def client_data(self, phase, client_id, features, targets, model, state):
+    def client_data(self, phase, client_id, features, targets, model, state, *, round_index=0):
         seen = 0 if state is None else int(state["rounds"])
         with torch.no_grad():
             probabilities = torch.softmax(model().eval()(features), -1)
@@ -325,7 +325,7 @@ class Mutating(FedAvg):
     name = "mutating"
     title = "mutating test"
 
-    def client_data(self, phase, client_id, features, targets, model, state):
+    def client_data(self, phase, client_id, features, targets, model, state, *, round_index=0):
         targets.mul_(3.0)
         features.zero_()
         return None, state

@@ -80,8 +80,9 @@ class Federation:
             return self.model({**state.global_state, **state.personal_of(client_id, phase, shared)})
 
         # copies: the strategy cannot change the client's clips or labels in place, past the checks
+        round_index = sum(1 for record in state.records if record.phase == phase)  # the rounds of the phase so far
         data, kept = strategy.client_data(phase, client_id, client.features.clone(), client.targets.clone(), model,
-                                          state.strategy_clients.get(client_id))
+                                          state.strategy_clients.get(client_id), round_index=round_index)
         data = checked_client_data(strategy, client_id, client.records, client.targets, data)
         if kept is not None or client_id in state.strategy_clients:
             check_portable(kept, f"strategy {strategy.name!r}, client {client_id}")
@@ -214,6 +215,10 @@ def prepare_federation(
         raise ConfigError(f"federation.strategy '{strategy.name}' makes a clip's target depend on the client's other "
                           f"clips, which record-level DP does not bound ({mechanism.title} clips each record's "
                           "gradient alone); use privacy.unit 'person', or another strategy")
+    if not strategy.one_global_model and config.privacy.unit == "person" and config.algorithm == "distributed":
+        raise ConfigError(f"federation.strategy '{strategy.name}' keeps personal layers, which privacy.unit 'person' "
+                          "does not build on the distributed line (the newcomers' head and the personal heads' scores "
+                          "would be released without noise); share the whole model or use privacy.unit 'record'")
     clips = load_clips(config.data) if clips is None else clips
     if fed.server_lr is None:  # the step's rule needed the feature dimension, known only now (CREMA-D)
         config = config.model_copy(deep=True)

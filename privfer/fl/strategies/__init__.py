@@ -17,6 +17,7 @@ from privfer.errors import ConfigError
 from privfer.fl.strategies.base import ClientData, LocalStep, NoOptions, Strategy
 
 _MODULES = (  # one line per strategy
+    "amy",
     "fedavg",
     "fedper",
     "fedprox",

@@ -135,14 +135,15 @@ class Strategy(ABC):
         return type(self).client_data is not Strategy.client_data
 
     def client_data(self, phase: str, client_id: int, features: torch.Tensor, targets: torch.Tensor,
-                    model: Callable[[], VFER], state: Any) -> tuple[ClientData | None, Any]:
+                    model: Callable[[], VFER], state: Any, *, round_index: int = 0) -> tuple[ClientData | None, Any]:
         """What client ``client_id`` trains on this round, and its new per-client state.
 
         Runs on the client, before it trains: ``features`` and ``targets`` are
         copies of its own clips and labels (pseudo labels in adaptation), ``model()``
         builds the model it received (shared plus its personal parameters),
         ``state`` is what this method returned for the client last time (None
-        at first). The state never leaves the client; the simulation keeps it
+        at first), ``round_index`` the round of the phase (0 first; every message of
+        a round is bound to it, so a client knows it). The state never leaves the client; the simulation keeps it
         in the run's checkpoint, so it must be made of tensors, numbers,
         strings, lists and dicts. Returns None for the client's own targets,
         unweighted (the default)."""

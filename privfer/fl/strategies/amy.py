@@ -1,0 +1,260 @@
+"""AMY (Ding, Yan, Lu, Xue, Wang, "Uncertainty-Aware Label Refinement on Hypergraphs for Personalized Federated
+Facial Expression Recognition", IEEE TCSVT 2025): each client refines its labels on a hypergraph of its own clips.
+
+Every training round, before it trains, a client runs the model it received on
+its clips and reads each clip's embedding (the backbone's output: the VFER's
+read-out of its LSTM states over the per-frame face features; ``space``) and
+logits. Then, all of it on the client:
+
+1. **Hypergraph** (:func:`hypergraph`). One hyperedge per clip: the clip and
+   its ``neighbours`` nearest clips in embedding space (squared Euclidean
+   distance, ties to the lower index). A hyperedge's weight is the mean
+   Gaussian kernel ``exp(-d^2 / sigma^2)`` between its centre and its members,
+   ``sigma^2`` the mean squared distance of every clip to its neighbours.
+   Its normalised operator (HGNN, Feng et al. AAAI 2019) is
+   ``Theta = D_v^-1/2 H W D_e^-1 H^T D_v^-1/2`` (:func:`propagation_operator`).
+2. **Uncertainty estimation (UE) block** (:class:`UncertaintyBlock`, personal:
+   its parameters are the client's state and never enter a message). One
+   hypergraph convolution ``relu(Theta X W1)`` of each clip's input X (its
+   embedding, scaled to unit spread, beside its label) gives it uncertainty
+   features that carry its neighbourhood's embeddings and labels; a linear
+   layer reads them with the clip's own input, and a sigmoid gives its
+   reliability ``u`` in (0, 1). (The label is part of the input because a
+   reliability of the embedding alone could not tell apart two clips at one
+   point with different labels, which is what label noise makes.) The paper leaves the estimator's objective
+   open beyond "reliable weights"; privfer takes the standard form of Wang et
+   al.'s Self-Cure Network (CVPR 2020): the cross-entropy of the reliability-
+   scaled logits ``u_i x z_i`` against the clip's label (a clip whose label the
+   model believes is fitted better with u large, one it disbelieves with u
+   small) plus the rank regularizer ``max(0, margin - (mean u of the top
+   rank_share) + (mean u of the rest))``; ``ue_steps`` Adam steps a round on
+   the received model's frozen logits, warm-started from last round's block.
+3. **Expression classification (EC) block: label propagation**
+   (:func:`propagate`, Zhou et al. NeurIPS 2003 on the hypergraph):
+   ``F = (1 - alpha)(I - alpha Theta)^-1 (u * Y)``: each clip's label weighted
+   by its reliability spreads to its neighbours, so an unreliable clip takes
+   its label from theirs. A clip's refined target is its row of F normalised
+   (a vote distribution under partial labels, the row's argmax under discrete
+   ones); with ``weighting`` its loss is also weighted by ``u``, and the
+   client trains the shared classifier on them with the objective every
+   trainer minimises.
+
+For its first ``warmup`` training rounds (of the run, not of the client's
+turns) a client trains on its own labels: an untrained model's embedding says
+nothing about which clips are alike. The model is shared as FedAvg shares it;
+``personal_layers`` keeps the last layers on each client as FedPer does (the
+paper's personalisation). Not built: the paper's class-prototype
+regularisation in global training, and its backbone (a simplified ResNet-18;
+privfer's backbone is the frozen face encoder plus the VFER's LSTM).
+
+Privacy. A clip's refined target depends on the client's other clips (they
+are its neighbours on the hypergraph), so one record's influence is no longer
+its own clipped gradient: record-level DP's sensitivity bound does not cover
+it, and the strategy is refused under every record-level mechanism
+(:attr:`~privfer.fl.strategies.base.Strategy.couples_records`). At person level
+the whole of a person's contribution is clipped and noised, so the guarantee
+holds unchanged, and without DP there is none to break
+(docs/privacy-accounting.md, "What a strategy may do with a client's clips").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from privfer.config import FederationConfig
+from privfer.data.clips import NUM_CLASSES
+from privfer.fl.rounds import TRAINING
+from privfer.fl.strategies.base import ClientData
+from privfer.fl.strategies.fedper import FedPer
+from privfer.models.vfer import VFER
+
+
+SMOOTHING = 0.1  # label smoothing of class labels in the UE block's fit
+
+
+class AMYOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    neighbours: int = Field(5, ge=1, le=256, description="Clips besides its centre in each hyperedge (k of k-NN).")
+    alpha: float = Field(0.9, gt=0.0, lt=1.0, description="Label propagation's alpha: how far labels spread.")
+    space: Literal["embedding", "logits"] = Field(
+        "embedding", description="Where the hypergraph's distances are measured: the model's clip embedding (the "
+        "backbone output) or its logits.")
+    ue_hidden: int = Field(16, ge=1, le=1024, description="The UE block's hypergraph-convolution width.")
+    ue_steps: int = Field(50, ge=0, le=10_000, description="Adam steps the UE block takes each round.")
+    ue_lr: float = Field(0.05, gt=0.0, le=1.0, description="The UE block's learning rate.")
+    rank_share: float = Field(0.7, gt=0.0, lt=1.0, description="Share of the clips in the rank regularizer's "
+                              "high-reliability group.")
+    rank_margin: float = Field(0.15, ge=0.0, le=1.0, description="The rank regularizer's margin between the two "
+                               "groups' mean reliability.")
+    weighting: bool = Field(True, description="Also weight each clip's loss by its reliability.")
+    warmup: int = Field(10, ge=0, le=100_000, description="Training rounds of the run in which clients train on "
+                        "their own labels.")
+    personal_layers: int = Field(0, ge=0, le=16, description="Layers (from the head down) kept on each client, as "
+                                 "FedPer; 0 shares the whole model, as FedAvg.")
+
+
+def hypergraph(points: torch.Tensor, neighbours: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, d) points -> the incidence matrix H (N vertices x N hyperedges; hyperedge e holds clip e and its
+    ``neighbours`` nearest clips, fewer when there are fewer clips) and the hyperedges' Gaussian-kernel weights
+    (N,), in float64."""
+    points = points.detach().to(torch.float64)
+    n = len(points)
+    if n == 0:
+        raise ValueError("a hypergraph needs at least one clip")
+    squared = torch.cdist(points, points).square()
+    k = min(neighbours, n - 1)
+    ranked = squared.clone()
+    ranked.fill_diagonal_(-1.0)  # every hyperedge holds its centre first
+    members = torch.sort(ranked, dim=1, stable=True).indices[:, : k + 1]  # (N, k + 1), ties to the lower index
+    centre_distances = squared.gather(1, members)  # (N, k + 1): the centre's own distance is 0
+    sigma2 = centre_distances[:, 1:].mean() if k > 0 else torch.tensor(0.0, dtype=torch.float64)
+    if not bool(sigma2 > 0):
+        sigma2 = torch.tensor(1.0, dtype=torch.float64)  # every clip at one point: every kernel is 1
+    weights = torch.exp(-centre_distances / sigma2).mean(dim=1)
+    incidence = torch.zeros(n, n, dtype=torch.float64)
+    incidence[members, torch.arange(n)[:, None].expand_as(members)] = 1.0
+    return incidence, weights
+
+
+def propagation_operator(incidence: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """HGNN's normalised operator ``D_v^-1/2 H W D_e^-1 H^T D_v^-1/2`` (N, N) for incidence H and hyperedge
+    weights W; D_v the vertices' weighted degrees, D_e the hyperedges' sizes."""
+    vertex_degree = incidence @ weights
+    edge_degree = incidence.sum(dim=0)
+    if bool((vertex_degree <= 0).any()) or bool((edge_degree <= 0).any()):
+        raise ValueError("every clip must lie in a hyperedge of positive weight")
+    scaled = vertex_degree.rsqrt()
+    return scaled[:, None] * ((incidence * (weights / edge_degree)) @ incidence.T) * scaled[None, :]
+
+
+def propagate(theta: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Label propagation's closed form ``F = (1 - alpha)(I - alpha Theta)^-1 Y`` for (N, C) labels Y."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    n = len(theta)
+    system = torch.eye(n, dtype=torch.float64) - alpha * theta.to(torch.float64)
+    return (1.0 - alpha) * torch.linalg.solve(system, labels.to(torch.float64))
+
+
+class UncertaintyBlock(torch.nn.Module):
+    """AMY's UE block: a hypergraph convolution of each clip's input (its embedding and its label), read together
+    with the clip's own input by a linear layer and a sigmoid: a reliability per clip."""
+
+    def __init__(self, inputs: int, hidden: int) -> None:
+        super().__init__()
+        self.convolution = torch.nn.Linear(inputs, hidden, bias=False)
+        self.estimator = torch.nn.Linear(hidden + inputs, 1)
+
+    def forward(self, theta: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        features = torch.relu(theta @ self.convolution(inputs))  # HGNN: Theta X W1, the neighbourhood's
+        return torch.sigmoid(self.estimator(torch.cat([features, inputs], dim=1)))[:, 0]
+
+
+def uncertainty_loss(reliability: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, rank_share: float,
+                     rank_margin: float) -> torch.Tensor:
+    """The UE block's objective (Self-Cure Network's form): the cross-entropy of the reliability-scaled logits
+    against each clip's label (a distribution or a class) plus the rank regularizer on the sorted reliabilities."""
+    log_p = torch.log_softmax(reliability[:, None] * logits, dim=-1)
+    if labels.dtype.is_floating_point:
+        fit = -(labels * log_p).sum(dim=-1).mean()
+    else:
+        fit = torch.nn.functional.nll_loss(log_p, labels)
+    ordered = torch.sort(reliability, descending=True).values
+    high = max(1, min(len(ordered) - 1, int(round(rank_share * len(ordered)))))
+    if len(ordered) < 2:
+        return fit
+    gap = ordered[:high].mean() - ordered[high:].mean()
+    return fit + torch.clamp(rank_margin - gap, min=0.0)
+
+
+class AMY(FedPer):
+    """Each client refines its labels by propagation on a hypergraph of its clips, weighted by a personal
+    uncertainty estimator; FedAvg's sharing (FedPer's with ``personal_layers``)."""
+
+    name = "amy"
+    title = "AMY (hypergraph label refinement)"
+    Options = AMYOptions
+    couples_records = True
+
+    def __init__(self, options: AMYOptions | None = None) -> None:
+        self.options = options or AMYOptions()
+        super().__init__(max(1, self.options.personal_layers))
+        self.one_global_model = self.options.personal_layers == 0  # type: ignore[misc]
+
+    @classmethod
+    def from_config(cls, config: FederationConfig, options: Any) -> "AMY":
+        return cls(options)
+
+    def personal_names(self, model: VFER) -> list[str]:
+        return [] if self.options.personal_layers == 0 else super().personal_names(model)
+
+    def predict(self, features: np.ndarray, actors: np.ndarray,
+                scores: Callable[[int | None, np.ndarray], np.ndarray]) -> np.ndarray:
+        if self.options.personal_layers == 0:
+            return scores(None, features)
+        return super().predict(features, actors, scores)
+
+    def newcomer_head(self, heads: dict[int, dict[str, torch.Tensor]], weights: dict[int, int],
+                      weighted_mean: Callable[[dict, dict], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+        if self.options.personal_layers == 0:
+            return None
+        return super().newcomer_head(heads, weights, weighted_mean)
+
+    def refine(self, points: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+               block_state: dict[str, torch.Tensor] | None, seed: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                dict[str, torch.Tensor]]:
+        """(refined targets, reliabilities, the UE block's new state) for one client's clips."""
+        o = self.options
+        points = points.detach().to(torch.float64)
+        logits = logits.detach().to(torch.float64)
+        incidence, weights = hypergraph(points, o.neighbours)
+        theta = propagation_operator(incidence, weights)
+        floating = targets.dtype.is_floating_point
+        labels = targets.to(torch.float64) if floating else \
+            torch.nn.functional.one_hot(targets, NUM_CLASSES).to(torch.float64)
+        scale = points.std().clamp_min(1e-12)  # the block sees points of unit spread, whatever the space's scale
+        inputs = torch.cat([points / scale, labels], dim=1)
+        with torch.random.fork_rng(devices=[]):  # the block's first initialisation: reproducible, apart from the run's
+            torch.manual_seed(seed)
+            block = UncertaintyBlock(inputs.shape[1], o.ue_hidden).to(torch.float64)
+        if block_state is not None and all(block_state[k].shape == v.shape for k, v in block.state_dict().items()):
+            block.load_state_dict(block_state)
+        optimizer = torch.optim.Adam(block.parameters(), lr=o.ue_lr)
+        # a class label is fitted smoothed (Szegedy et al. 2016), so that the best reliability of a clip whose label
+        # the model believes is finite: against a one-hot target it grows without bound, the sigmoid saturates
+        # and no gradient is left to single out the disbelieved clips
+        fitted = labels if floating else (1.0 - SMOOTHING) * labels + SMOOTHING / NUM_CLASSES
+        for _ in range(o.ue_steps):
+            optimizer.zero_grad()
+            loss = uncertainty_loss(block(theta, inputs), logits, fitted, o.rank_share, o.rank_margin)
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            reliability = block(theta, inputs)
+        spread = propagate(theta, reliability[:, None] * labels, o.alpha)
+        mass = spread.sum(dim=1, keepdim=True)
+        refined = torch.where(mass > 1e-12, spread / mass.clamp_min(1e-12), labels)
+        new_targets = refined.to(targets.dtype) if floating else refined.argmax(dim=1).to(targets.dtype)
+        state = {k: v.detach().clone() for k, v in block.state_dict().items()}
+        return new_targets, reliability.to(torch.float32).clamp(0.0, 1.0), state
+
+    def client_data(self, phase: str, client_id: int, features: torch.Tensor, targets: torch.Tensor,
+                    model: Callable[[], VFER], state: Any, *, round_index: int = 0) -> tuple[ClientData | None, Any]:
+        if phase != TRAINING or round_index < self.options.warmup or len(targets) < 2:
+            return None, state
+        received = model().eval()
+        with torch.no_grad():
+            logits = received(features)
+            points = logits if self.options.space == "logits" else received.embed(features)
+        block_state = state.get("ue") if isinstance(state, dict) else None
+        refined, reliability, block_state = self.refine(points, logits, targets, block_state, seed=client_id)
+        weights = reliability if self.options.weighting else None
+        return ClientData(refined, weights), {"ue": block_state}
+
+
+__all__ = ["AMY"]

@@ -1,0 +1,176 @@
+"""AMY (hypergraph label refinement, issue 27): its hypergraph and propagation, its refinement of a planted noisy
+clip, its refusal under record-level DP, and its personal uncertainty block, which no message ever carries."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import small_config
+
+from privfer.errors import ConfigError
+from privfer.fl import aggregation
+from privfer.fl.rounds import TRAINING
+from privfer.fl.simulation import prepare_federation, simulate
+from privfer.fl.strategies import make_strategy
+from privfer.fl.strategies.amy import AMY, AMYOptions, hypergraph, propagate, propagation_operator, uncertainty_loss
+from privfer.models.vfer import VFER
+
+
+def test_the_hypergraph_and_its_propagation_match_a_hand_computed_example():
+    # four clips on a line at 0, 1, 3 and 7, one neighbour each: hyperedges {0,1}, {1,0}, {2,1}, {3,2}
+    incidence, weights = hypergraph(torch.tensor([[0.0], [1.0], [3.0], [7.0]]), neighbours=1)
+    assert incidence.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 1, 1], [0, 0, 0, 1]]
+    sigma2 = (1 + 1 + 4 + 16) / 4  # the mean squared distance of each clip to its neighbour
+    expected = [(1 + math.exp(-d / sigma2)) / 2 for d in (1, 1, 4, 16)]
+    assert weights.tolist() == pytest.approx(expected, rel=1e-12)
+    theta = propagation_operator(incidence, weights)
+    # Theta[u, v] = sum over hyperedges e holding u and v of w_e / |e| / sqrt(d(u) d(v)), d(v) = sum of v's w_e
+    w = expected
+    degree = [w[0] + w[1], w[0] + w[1] + w[2], w[2] + w[3], w[3]]
+    by_hand = np.zeros((4, 4))
+    for members, weight in (((0, 1), w[0]), ((1, 0), w[1]), ((2, 1), w[2]), ((3, 2), w[3])):
+        for u in members:
+            for v in members:
+                by_hand[u, v] += weight / 2 / math.sqrt(degree[u] * degree[v])
+    assert np.allclose(theta.numpy(), by_hand, rtol=1e-12, atol=0)
+    # F = (1 - alpha)(I - alpha Theta)^-1 Y, against its power series
+    labels = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]], dtype=torch.float64)
+    alpha = 0.6
+    series = np.zeros((4, 3))
+    term = labels.numpy()
+    for _ in range(400):
+        series += term
+        term = alpha * by_hand @ term
+    assert np.allclose(propagate(theta, labels, alpha).numpy(), (1 - alpha) * series, rtol=1e-10, atol=1e-12)
+
+
+def test_hypergraphs_of_few_clips_and_of_identical_clips_are_well_defined():
+    incidence, weights = hypergraph(torch.zeros(3, 2), neighbours=8)  # fewer clips than neighbours, all at one point
+    assert incidence.tolist() == [[1, 1, 1]] * 3 and weights.tolist() == [1.0, 1.0, 1.0]
+    theta = propagation_operator(incidence, weights)
+    assert torch.allclose(theta, torch.full((3, 3), 1 / 3, dtype=torch.float64))
+    one, weight = hypergraph(torch.ones(1, 4), neighbours=5)
+    assert one.tolist() == [[1.0]] and weight.tolist() == [1.0]
+    with pytest.raises(ValueError, match="alpha"):
+        propagate(theta, torch.eye(3), 1.0)
+
+
+def _planted(noisy_index=2):
+    """Two tight clusters of six clips (class 0 around +3, class 2 around -3), one clip of the first labelled 1,
+    and logits that believe each cluster's class."""
+    generator = torch.Generator().manual_seed(0)
+    points = torch.cat([3 + 0.1 * torch.randn(6, 4, generator=generator),
+                        -3 + 0.1 * torch.randn(6, 4, generator=generator)])
+    classes = torch.tensor([0] * 6 + [2] * 6)
+    logits = 4.0 * torch.nn.functional.one_hot(classes, 6).double()
+    labels = classes.clone()
+    labels[noisy_index] = 1
+    votes = torch.nn.functional.one_hot(labels, 6).float() * 0.7 + 0.3 / 6
+    return points, logits, labels, votes, classes
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_a_planted_noisy_clip_takes_its_neighbours_label_and_the_others_keep_theirs(discrete):
+    points, logits, labels, votes, classes = _planted()
+    strategy = AMY(AMYOptions(neighbours=4, ue_steps=200))
+    targets = labels if discrete else votes
+    refined, reliability, state = strategy.refine(points, logits, targets, None, seed=1)
+    assert refined.dtype == targets.dtype and refined.shape == targets.shape
+    chosen = refined if discrete else refined.argmax(dim=1)
+    assert chosen.tolist() == classes.tolist()  # the planted clip is relabelled, the rest keep their labels
+    assert float(reliability[2]) < float(reliability[[0, 1, 3, 4, 5]].min())  # and it is the least reliable
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    if not discrete:
+        assert torch.allclose(refined.sum(dim=1), torch.ones(12))
+
+
+def test_the_uncertainty_loss_rewards_reliability_where_the_model_believes_the_label():
+    logits = torch.tensor([[5.0, 0, 0, 0, 0, 0], [5.0, 0, 0, 0, 0, 0]], dtype=torch.float64)
+    labels = torch.tensor([0, 1])
+    low_on_wrong = uncertainty_loss(torch.tensor([0.9, 0.1], dtype=torch.float64), logits, labels, 0.5, 0.0)
+    high_on_wrong = uncertainty_loss(torch.tensor([0.9, 0.9], dtype=torch.float64), logits, labels, 0.5, 0.0)
+    assert low_on_wrong < high_on_wrong
+    # the rank regularizer: a gap below the margin costs the shortfall
+    flat = uncertainty_loss(torch.tensor([0.5, 0.5], dtype=torch.float64), torch.zeros(2, 6, dtype=torch.float64),
+                            labels, 0.5, 0.2)
+    assert float(flat) == pytest.approx(math.log(6) + 0.2)
+
+
+def test_clients_train_on_their_own_labels_during_warmup_and_outside_training():
+    strategy = AMY(AMYOptions(warmup=3))
+    features, targets = torch.randn(5, 4, 8), torch.softmax(torch.randn(5, 6), -1)
+
+    def model():
+        raise AssertionError("no model is needed before the warmup ends")
+
+    assert strategy.client_data(TRAINING, 1, features, targets, model, None, round_index=2) == (None, None)
+    assert strategy.client_data("adaptation", 1, features, targets, model, None, round_index=50) == (None, None)
+    torch.manual_seed(0)
+    vfer = VFER(8, 6, readout="both")
+    data, state = strategy.client_data(TRAINING, 1, features, targets, lambda: vfer, None, round_index=3)
+    assert data is not None and data.weights is not None and set(state) == {"ue"}
+    again, _ = strategy.client_data(TRAINING, 1, features, targets, lambda: vfer, state, round_index=4)
+    assert again is not None
+
+
+def test_options_are_checked_and_named():
+    config = small_config("federation.strategy=amy", "federation.strategy_options.alpha=1.5")
+    with pytest.raises(ConfigError, match="alpha"):
+        make_strategy(config.federation)
+    config = small_config("federation.strategy=amy", "federation.strategy_options.hops=2")
+    with pytest.raises(ConfigError, match="hops"):
+        make_strategy(config.federation)
+
+
+BASE = ["federation.rounds=3", "federation.adaptation=false", "federation.strategy=amy",
+        "federation.strategy_options.warmup=1"]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["privacy.epsilon=6"],  # record level, distributed
+    ["privacy.epsilon=6", "privacy.mechanism=local", "aggregation.backend=plain"],  # record level, local
+])
+def test_record_level_dp_is_refused_with_the_reason(small_clips, overrides):
+    with pytest.raises(ConfigError, match="federation.strategy 'amy'.*other clips.*record-level DP"):
+        prepare_federation(small_config(*BASE, *overrides), small_clips)
+
+
+def test_personal_layers_are_refused_at_person_level_on_the_distributed_line(small_clips):
+    config = small_config(*BASE, "privacy.epsilon=6", "privacy.unit=person",
+                          "federation.strategy_options.personal_layers=1")
+    with pytest.raises(ConfigError, match="personal layers"):
+        prepare_federation(config, small_clips)
+
+
+def test_the_uncertainty_block_never_enters_any_message(monkeypatch, small_clips):
+    config = small_config(*BASE, "privacy.epsilon=6", "privacy.unit=person", "model.hidden_size=8")
+    seen: list[np.ndarray] = []
+    real = aggregation.aggregate
+
+    def spy(updates, round_config, *args, **kwargs):
+        seen.extend(a for arrays in updates.values() for a in arrays)
+        return real(updates, round_config, *args, **kwargs)
+
+    monkeypatch.setattr(aggregation, "aggregate", spy)
+    refined: list[int] = []
+    original = AMY.refine
+
+    def counting(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        refined.append(1)
+        return out
+
+    monkeypatch.setattr(AMY, "refine", counting)
+    federation = prepare_federation(config, small_clips)
+    template = VFER.from_config(config.model, small_clips.feature_dim, private=True)
+    model_size = sum(p.numel() for p in template.parameters())
+    assert federation.strategy.shared_names(template) == [n for n, _ in template.named_parameters()]
+    simulate(config, None, clips=small_clips)
+    assert refined  # the blocks ran (rounds after the warmup) ...
+    integer_messages = [a for a in seen if a.dtype.kind in "iu"]
+    assert integer_messages
+    # ... and every masked contribution is the model's update and nothing else (its coordinates, the example count)
+    assert {a.size for a in integer_messages} <= {model_size, model_size + 1}

@@ -21,7 +21,7 @@ def simulate(
         None, "--epsilon", "-e", help="TOTAL per-client budget for the whole run (record level); inf: no DP."
     ),
     delta: Optional[float] = typer.Option(None, "--delta", help="Delta (default 1 / (10 x records per client))."),
-    strategy: Optional[str] = typer.Option(None, "--strategy", help="fedavg, fedper, fedprox (options: --set federation.strategy_options.mu=0.01)."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="fedavg, fedper, fedprox, amy (options: --set federation.strategy_options.mu=0.01)."),
     aggregator: Optional[str] = typer.Option(
         None, "--aggregator", help="masking (SecAgg, default), ckks, or plain (NOT private: a baseline)."
     ),

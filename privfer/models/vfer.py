@@ -99,10 +99,15 @@ class VFER(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> (B, classes) logits."""
-        logits = self.head(self.dropout(self.embed(frames)))
+        return self.embed_and_classify(frames)[1]
+
+    def embed_and_classify(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D) -> the clip embedding (:meth:`embed`) and the logits (:meth:`forward`), from one pass."""
+        embedding = self.embed(frames)
+        logits = self.head(self.dropout(embedding))
         if self.shortcut is not None:
             logits = logits + self.shortcut(frames.mean(dim=1))
-        return logits
+        return embedding, logits
 
     def stacked_forward(self, params: Mapping[str, torch.Tensor], frames: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` for K stacked parameter sets of this model (each tensor with a leading client axis):

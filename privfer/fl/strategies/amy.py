@@ -249,8 +249,8 @@ class AMY(FedPer):
             return None, state
         received = model().eval()
         with torch.no_grad():
-            logits = received(features)
-            points = logits if self.options.space == "logits" else received.embed(features)
+            embedding, logits = received.embed_and_classify(features)
+        points = logits if self.options.space == "logits" else embedding
         block_state = state.get("ue") if isinstance(state, dict) else None
         refined, reliability, block_state = self.refine(points, logits, targets, block_state, seed=client_id)
         weights = reliability if self.options.weighting else None

@@ -45,11 +45,28 @@ def test_the_grid_expands_to_every_combination_with_validated_configs(tmp_path):
         ({"privacy.epsilon": []}, {}, "grid field privacy.epsilon has no values"),
         ({"seed": [1, 2]}, {}, "use 'seeds'"),
         ({"privacy.epsilon": [1]}, {"colour": "red"}, "colour: unknown setting"),
+        ({"privacy.epsilon": [1]}, {"exclude": [{"privacy.unit": "person"}]}, "privacy.unit is not a grid field"),
+        ({"privacy.epsilon": [1]}, {"exclude": [{"privacy.epsilon": 3}]}, "3 is not one of privacy.epsilon's"),
+        ({"privacy.epsilon": [1]}, {"exclude": [{}]}, "exclude entry 0 is empty"),
+        ({"privacy.epsilon": [1]}, {"exclude": [{"privacy.epsilon": 1.0}]}, "leave no cell"),
     ],
 )
 def test_bad_specs_are_clear_errors_before_anything_runs(tmp_path, grid, extra, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         load_spec(write_spec(tmp_path, grid, **extra))
+
+
+def test_excluded_combinations_are_left_out_and_the_rest_kept(tmp_path):
+    grid = {"privacy.epsilon": [3, "inf"], "federation.strategy": ["fedavg", "amy"],
+            "privacy.unit": ["record", "person"]}
+    exclude = [{"federation.strategy": "amy", "privacy.unit": "record", "privacy.epsilon": 3},
+               {"privacy.unit": "person", "privacy.epsilon": float("inf")}]  # .inf in YAML matches the grid's "inf"
+    base = {k: v for k, v in BASE.items() if k not in ("aggregation.backend", "privacy.accountant")}
+    _, cells = load_spec(write_spec(tmp_path, grid, seeds=(0, 1), exclude=exclude, base=base))
+    kept = {(c.values["privacy.epsilon"], c.values["federation.strategy"], c.values["privacy.unit"]) for c in cells}
+    assert kept == {(3, "fedavg", "record"), (3, "fedavg", "person"), (3, "amy", "person"),
+                    ("inf", "fedavg", "record"), ("inf", "amy", "record")}
+    assert len(cells) == 2 * len(kept)
 
 
 def finished(folder):

@@ -11,6 +11,8 @@ cartesian product) and seeds::
     grid:
       privacy.epsilon: [1, 8, inf]
       federation.strategy: [fedavg, fedper]
+    exclude:                     # optional: combinations of grid values not to run (every key must match)
+      - {privacy.epsilon: inf, federation.strategy: fedper}
     seeds: [0, 1]
     workers: auto                # parallel worker processes (auto: one per 2 cores ... see runner)
 
@@ -23,13 +25,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from privfer.config import PrivferConfig, load_config
 from privfer.errors import ConfigError
@@ -44,6 +47,8 @@ class StudySpec(BaseModel):
     config: Path | None = Field(None, description="Base YAML config for every cell.")
     base: dict[str, Any] = Field(default_factory=dict, description="Dotted settings applied to every cell.")
     grid: dict[str, list[Any]] = Field(..., description="Dotted config field -> values; cells are the product.")
+    exclude: list[dict[str, Any]] = Field(default_factory=list, description="Combinations of grid values not to "
+                                          "run: a cell is left out when its values match every key of an entry.")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="Run seeds of every cell.")
     workers: int | Literal["auto"] = Field("auto", description="Parallel worker processes.")
 
@@ -61,12 +66,42 @@ class StudySpec(BaseModel):
                 raise ValueError(f"grid field {key} repeats a value")
         return grid
 
+    @model_validator(mode="after")
+    def _exclusions(self) -> "StudySpec":
+        for index, entry in enumerate(self.exclude):
+            if not entry:
+                raise ValueError(f"exclude entry {index} is empty (it would leave out every cell)")
+            for key, value in entry.items():
+                if key not in self.grid:
+                    raise ValueError(f"exclude entry {index}: {key} is not a grid field")
+                if not any(_same(value, v) for v in self.grid[key]):
+                    raise ValueError(f"exclude entry {index}: {value!r} is not one of {key}'s grid values")
+        return self
+
+    def excluded(self, values: dict[str, Any]) -> bool:
+        """Whether the grid values ``values`` match an exclude entry."""
+        return any(all(_same(values[k], v) for k, v in entry.items()) for entry in self.exclude)
+
     @field_validator("workers")
     @classmethod
     def _workers(cls, workers: int | str) -> int | str:
         if isinstance(workers, int) and not 1 <= workers <= 64:
             raise ValueError("workers must be between 1 and 64, or auto")
         return workers
+
+
+def _canonical(value: Any) -> Any:
+    """A grid value as the config reads it: numbers as floats ("inf" and .inf alike, 3 and 3.0 alike), the rest as
+    JSON."""
+    if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", ".inf", "infinity"):
+        return math.inf
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return _canonical(a) == _canonical(b)
 
 
 @dataclass(frozen=True)
@@ -107,6 +142,8 @@ def expand(spec: StudySpec, root: Path | None = None) -> list[Cell]:
     cells = []
     for combination in itertools.product(*(spec.grid[k] for k in keys)):
         values = dict(zip(keys, combination))
+        if spec.excluded(values):
+            continue
         for seed in spec.seeds:
             overrides = [_dotted(k, v) for k, v in spec.base.items()] + [_dotted(k, v) for k, v in values.items()]
             overrides.append(f"seed={seed}")
@@ -116,6 +153,8 @@ def expand(spec: StudySpec, root: Path | None = None) -> list[Cell]:
                 where = ", ".join(f"{k}={v}" for k, v in values.items())
                 raise ConfigError(f"study cell ({where}, seed {seed}): {exc}") from None
             cells.append(Cell(cell_id(values, seed), values, seed, config))
+    if not cells:
+        raise ConfigError("the study's exclude entries leave no cell to run")
     return cells
 
 

@@ -174,3 +174,15 @@ def test_the_uncertainty_block_never_enters_any_message(monkeypatch, small_clips
     assert integer_messages
     # ... and every masked contribution is the model's update and nothing else (its coordinates, the example count)
     assert {a.size for a in integer_messages} <= {model_size, model_size + 1}
+
+
+def test_sharpening_keeps_each_argmax_and_reaches_the_labels_entropy():
+    from privfer.fl.strategies.amy import mean_entropy, sharpened
+
+    flat = torch.softmax(torch.randn(20, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.3, 1)
+    target = 0.5
+    sharp = sharpened(flat, target)
+    assert sharp.argmax(dim=1).tolist() == flat.argmax(dim=1).tolist()
+    assert mean_entropy(sharp) == pytest.approx(target, abs=1e-6)
+    assert torch.allclose(sharp.sum(dim=1), torch.ones(20, dtype=torch.float64))
+    assert torch.equal(sharpened(sharp, 1.0), sharp)  # already sharper than asked: unchanged

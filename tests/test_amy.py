@@ -22,19 +22,23 @@ from privfer.models.vfer import VFER
 def test_the_hypergraph_and_its_propagation_match_a_hand_computed_example():
     # four clips on a line at 0, 1, 3 and 7, one neighbour each: hyperedges {0,1}, {1,0}, {2,1}, {3,2}
     incidence, weights = hypergraph(torch.tensor([[0.0], [1.0], [3.0], [7.0]]), neighbours=1)
-    assert incidence.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 1, 1], [0, 0, 0, 1]]
     sigma2 = (1 + 1 + 4 + 16) / 4  # the mean squared distance of each clip to its neighbour
-    expected = [(1 + math.exp(-d / sigma2)) / 2 for d in (1, 1, 4, 16)]
-    assert weights.tolist() == pytest.approx(expected, rel=1e-12)
+    k1, k4, k16 = (math.exp(-d / sigma2) for d in (1, 4, 16))
+    by_hand_h = [[1, k1, 0, 0], [k1, 1, k4, 0], [0, 0, 1, k16], [0, 0, 0, 1]]  # H(v, e): the kernel, 1 at the centre
+    assert np.allclose(incidence.numpy(), by_hand_h, rtol=1e-12, atol=0)
+    w = [(1 + k1) / 2, (1 + k1) / 2, (1 + k4) / 2, (1 + k16) / 2]  # each hyperedge's mean incidence
+    assert weights.tolist() == pytest.approx(w, rel=1e-12)
     theta = propagation_operator(incidence, weights)
-    # Theta[u, v] = sum over hyperedges e holding u and v of w_e / |e| / sqrt(d(u) d(v)), d(v) = sum of v's w_e
-    w = expected
-    degree = [w[0] + w[1], w[0] + w[1] + w[2], w[2] + w[3], w[3]]
+    # Theta[u, v] = sum over e of H(u, e) H(v, e) w_e / d(e) / sqrt(d(u) d(v)), d(e) = sum of H(., e), d(v) = sum of
+    # H(v, .) w
+    h = np.array(by_hand_h)
+    edge_degree = h.sum(axis=0)
+    degree = [sum(h[v, e] * w[e] for e in range(4)) for v in range(4)]
     by_hand = np.zeros((4, 4))
-    for members, weight in (((0, 1), w[0]), ((1, 0), w[1]), ((2, 1), w[2]), ((3, 2), w[3])):
-        for u in members:
-            for v in members:
-                by_hand[u, v] += weight / 2 / math.sqrt(degree[u] * degree[v])
+    for u in range(4):
+        for v in range(4):
+            by_hand[u, v] = sum(h[u, e] * h[v, e] * w[e] / edge_degree[e] for e in range(4)) / math.sqrt(
+                degree[u] * degree[v])
     assert np.allclose(theta.numpy(), by_hand, rtol=1e-12, atol=0)
     # F = (1 - alpha)(I - alpha Theta)^-1 Y, against its power series
     labels = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]], dtype=torch.float64)
@@ -58,6 +62,33 @@ def test_hypergraphs_of_few_clips_and_of_identical_clips_are_well_defined():
         propagate(theta, torch.eye(3), 1.0)
 
 
+def test_clips_without_neighbourhoods_keep_their_labels_and_a_non_finite_model_is_an_error():
+    strategy = AMY(AMYOptions(neighbours=5))
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])  # six clips: every hyperedge would be the whole client
+    points = torch.tensor([[0.0], [0.1], [0.2], [10.0], [10.1], [20.0]])
+    logits = 4.0 * torch.nn.functional.one_hot(labels, 6).double()  # a model that agrees with every label
+    assert strategy.refine(points, logits, labels, None, seed=0) is None  # ... so nothing is refined
+    many = torch.arange(40) % 6
+    collapsed = torch.ones(40, 8)  # a model whose embedding puts every clip at one point
+    logits = torch.nn.functional.one_hot(many, 6).double()
+    assert strategy.refine(collapsed, logits, many, None, seed=0) is None
+    broken = torch.randn(40, 8)
+    broken[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        strategy.refine(broken, logits, many, None, seed=0)
+
+
+def test_well_separated_correct_labels_survive_refinement():
+    generator = torch.Generator().manual_seed(1)
+    sizes = [15, 10, 8, 4, 2, 1]  # one client, six classes, the last ones rare
+    classes = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])
+    centres = 10.0 * torch.eye(6)
+    points = centres[classes] + 0.3 * torch.randn(len(classes), 6, generator=generator)
+    logits = 4.0 * torch.nn.functional.one_hot(classes, 6).double()
+    refined, _, _ = AMY(AMYOptions()).refine(points, logits, classes, None, seed=0)
+    assert refined.tolist() == classes.tolist()
+
+
 def _planted(noisy_index=2):
     """Two tight clusters of six clips (class 0 around +3, class 2 around -3), one clip of the first labelled 1,
     and logits that believe each cluster's class."""
@@ -75,12 +106,21 @@ def _planted(noisy_index=2):
 @pytest.mark.parametrize("discrete", [False, True])
 def test_a_planted_noisy_clip_takes_its_neighbours_label_and_the_others_keep_theirs(discrete):
     points, logits, labels, votes, classes = _planted()
-    strategy = AMY(AMYOptions(neighbours=4, ue_steps=200))
     targets = labels if discrete else votes
+
+    def argmax(refined):
+        return (refined if discrete else refined.argmax(dim=1)).tolist()
+
+    # at alpha 0.5 propagation alone keeps the planted label (an untrained block trusts every clip alike) ...
+    untrained, _, _ = AMY(AMYOptions(neighbours=4, alpha=0.5, ue_steps=0)).refine(points, logits, targets, None, 1)
+    assert argmax(untrained) == labels.tolist()
+    # ... and the trained uncertainty block's reliabilities are what relabel it
+    strategy = AMY(AMYOptions(neighbours=4, alpha=0.5, ue_steps=200))
+    generator = torch.get_rng_state()
     refined, reliability, state = strategy.refine(points, logits, targets, None, seed=1)
+    assert torch.equal(torch.get_rng_state(), generator)  # the block's initialisation draws apart from the run's
     assert refined.dtype == targets.dtype and refined.shape == targets.shape
-    chosen = refined if discrete else refined.argmax(dim=1)
-    assert chosen.tolist() == classes.tolist()  # the planted clip is relabelled, the rest keep their labels
+    assert argmax(refined) == classes.tolist()  # the planted clip is relabelled, the rest keep their labels
     assert float(reliability[2]) < float(reliability[[0, 1, 3, 4, 5]].min())  # and it is the least reliable
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     if not discrete:
@@ -101,7 +141,8 @@ def test_the_uncertainty_loss_rewards_reliability_where_the_model_believes_the_l
 
 def test_clients_train_on_their_own_labels_during_warmup_and_outside_training():
     strategy = AMY(AMYOptions(warmup=3))
-    features, targets = torch.randn(5, 4, 8), torch.softmax(torch.randn(5, 6), -1)
+    generator = torch.Generator().manual_seed(0)
+    features, targets = torch.randn(12, 4, 8, generator=generator), torch.softmax(torch.randn(12, 6), -1)
 
     def model():
         raise AssertionError("no model is needed before the warmup ends")
@@ -112,8 +153,30 @@ def test_clients_train_on_their_own_labels_during_warmup_and_outside_training():
     vfer = VFER(8, 6, readout="both")
     data, state = strategy.client_data(TRAINING, 1, features, targets, lambda: vfer, None, round_index=3)
     assert data is not None and data.weights is not None and set(state) == {"ue"}
-    again, _ = strategy.client_data(TRAINING, 1, features, targets, lambda: vfer, state, round_index=4)
-    assert again is not None
+    # the block kept in the state is where the next round's training starts
+    warm, _ = strategy.client_data(TRAINING, 1, features, targets, lambda: vfer, state, round_index=4)
+    cold, _ = strategy.client_data(TRAINING, 1, features, targets, lambda: vfer, None, round_index=4)
+    assert not torch.allclose(warm.weights, cold.weights)
+    assert torch.allclose(cold.weights, data.weights)  # the same start, the same steps
+    unweighted, _ = AMY(AMYOptions(warmup=0, weighting=False)).client_data(TRAINING, 1, features, targets,
+                                                                           lambda: vfer, None)
+    assert unweighted.weights is None and torch.allclose(unweighted.targets, data.targets)
+
+
+def test_the_hypergraph_is_built_where_space_says(monkeypatch):
+    seen = []
+    real = AMY.refine
+
+    def spy(self, points, *args, **kwargs):
+        seen.append(points.shape[1])
+        return real(self, points, *args, **kwargs)
+
+    monkeypatch.setattr(AMY, "refine", spy)
+    features, targets = torch.randn(12, 4, 8), torch.softmax(torch.randn(12, 6), -1)
+    vfer = VFER(8, 5, readout="both")
+    for space in ("embedding", "logits"):
+        AMY(AMYOptions(warmup=0, space=space)).client_data(TRAINING, 1, features, targets, lambda: vfer, None)
+    assert seen == [10, 6]  # the embedding (both readouts of 5 units), then the six logits
 
 
 def test_options_are_checked_and_named():
@@ -186,3 +249,37 @@ def test_sharpening_keeps_each_argmax_and_reaches_the_labels_entropy():
     assert mean_entropy(sharp) == pytest.approx(target, abs=1e-6)
     assert torch.allclose(sharp.sum(dim=1), torch.ones(20, dtype=torch.float64))
     assert torch.equal(sharpened(sharp, 1.0), sharp)  # already sharper than asked: unchanged
+
+
+def test_refinement_starts_when_the_runs_warmup_ends(monkeypatch, small_clips):
+    calls: list[tuple[int, bool]] = []
+    real_data, real_refine = AMY.client_data, AMY.refine
+    refining = []
+
+    def refine(self, *args, **kwargs):
+        refining.append(1)
+        return real_refine(self, *args, **kwargs)
+
+    def client_data(self, *args, round_index=0, **kwargs):
+        before = len(refining)
+        out = real_data(self, *args, round_index=round_index, **kwargs)
+        calls.append((round_index, len(refining) > before))
+        return out
+
+    monkeypatch.setattr(AMY, "refine", refine)
+    monkeypatch.setattr(AMY, "client_data", client_data)
+    config = small_config("federation.rounds=3", "federation.adaptation=false", "federation.strategy=amy",
+                          "federation.strategy_options.warmup=2", "aggregation.backend=plain",
+                          "federation.clients_per_round=4")
+    simulate(config, None, clips=small_clips)
+    assert sorted({r for r, _ in calls}) == [0, 1, 2]
+    assert all(refined == (r >= 2) for r, refined in calls)  # every client refines from the third round on
+
+
+def test_what_amy_cannot_serve_is_refused_before_the_run(small_clips):
+    config = small_config(*BASE, "federation.strategy_options.max_clips=5", "aggregation.backend=plain")
+    with pytest.raises(ConfigError, match="max_clips = 5"):
+        prepare_federation(config, small_clips)
+    config = small_config(*BASE, "federation.strategy_options.personal_layers=9", "aggregation.backend=plain")
+    with pytest.raises(ConfigError, match="personal_layers must be between"):
+        prepare_federation(config, small_clips)

@@ -243,6 +243,19 @@ def test_the_strategys_client_state_survives_a_kill(registered, small_clips, tmp
         assert torch.equal(whole[name], resumed[name])
 
 
+def test_a_client_data_without_the_round_index_is_refused_before_the_run(monkeypatch, small_clips):
+    class Old(FedAvg):
+        name, title = "old", "old signature"
+
+        def client_data(self, phase, client_id, features, targets, model, state):
+            return None, state
+
+    monkeypatch.setitem(strategies.STRATEGIES, "old", Old)
+    config = _with_strategy(small_config(*BASE, *MECHANISMS["none"]), "old")
+    with pytest.raises(ConfigError, match="round_index"):
+        prepare_federation(config, small_clips)
+
+
 def test_a_strategy_that_couples_records_is_refused_under_record_level_dp(registered, small_clips):
     for mechanism in ("local", "record"):
         config = small_config(*BASE, *MECHANISMS[mechanism])

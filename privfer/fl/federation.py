@@ -28,7 +28,7 @@ from privfer.fl.client import FLClient
 from privfer.fl.mechanisms import Mechanism, make_mechanism
 from privfer.fl.rounds import ADAPTATION, TRAINING, RoundRecord, draw_cohort
 from privfer.fl.strategies import Strategy, make_strategy
-from privfer.fl.strategies.base import check_per_clip, check_portable, checked_client_data
+from privfer.fl.strategies.base import check_client_data_signature, check_per_clip, check_portable, checked_client_data
 from privfer.models.vfer import VFER, ifer_from_config
 from privfer.privacy.ledger import ClientAccount, account_from_state
 
@@ -209,6 +209,7 @@ def prepare_federation(
                           "round); use privacy.unit 'person' or privacy.mechanism 'local', or another strategy")
     try:
         check_per_clip(strategy, TRAINING)
+        check_client_data_signature(strategy)
     except ValueError as exc:
         raise ConfigError(f"federation.strategy: {exc}") from None
     if strategy.couples_records and mechanism.privacy is not None and mechanism.privacy.unit == "record":
@@ -253,6 +254,15 @@ def prepare_federation(
             mask = (adapt.actor_ids == actor) & keep
             if mask.any():
                 clients[ADAPTATION][actor] = FLClient(actor, adapt.features[mask], labels[mask].astype(np.int64))
+    with torch.random.fork_rng(devices=[]):  # a template to check names against; the run's generator is untouched
+        template = VFER.from_config(config.model, clips.feature_dim, private=config.privacy.enabled)
+    try:  # what the strategy keeps personal fits this model, and it can serve every client, before anything runs
+        strategy.personal_names(template)
+        for group in clients.values():
+            for client in group.values():
+                strategy.check_client(client.records)
+    except ValueError as exc:
+        raise ConfigError(f"federation.strategy '{strategy.name}': {exc}") from None
     counts = {phase: {c: client.records for c, client in group.items()} for phase, group in clients.items()}
     delta = config.privacy.delta if config.privacy.delta is not None else mechanism.default_delta(counts)
     mechanism.check_delta(delta, counts)

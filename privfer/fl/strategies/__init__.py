@@ -17,10 +17,10 @@ from privfer.errors import ConfigError
 from privfer.fl.strategies.base import ClientData, LocalStep, NoOptions, Strategy
 
 _MODULES = (  # one line per strategy
-    "amy",
     "fedavg",
     "fedper",
     "fedprox",
+    "amy",
 )
 
 STRATEGIES: dict[str, type[Strategy]] = {}

@@ -101,14 +101,17 @@ class AMYOptions(BaseModel):
     weighting: bool = Field(True, description="Also weight each clip's loss by its reliability.")
     warmup: int = Field(10, ge=0, le=100_000, description="Training rounds of the run in which clients train on "
                         "their own labels.")
+    max_clips: int = Field(4096, ge=2, le=65_536, description="The most clips a client may hold (its hypergraph is "
+                           "N x N and its propagation an N x N solve: memory N^2, time N^3); more is refused when the "
+                           "federation is prepared.")
     personal_layers: int = Field(0, ge=0, le=16, description="Layers (from the head down) kept on each client, as "
                                  "FedPer; 0 shares the whole model, as FedAvg.")
 
 
-def hypergraph(points: torch.Tensor, neighbours: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, d) points -> the incidence matrix H (N vertices x N hyperedges; hyperedge e holds clip e and its
-    ``neighbours`` nearest clips, fewer when there are fewer clips) and the hyperedges' Gaussian-kernel weights
-    (N,), in float64."""
+def neighbourhoods(points: torch.Tensor, neighbours: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(N, d) points -> each clip's hyperedge: its members (N, k + 1), the clip first, then its k = min(neighbours,
+    N - 1) nearest (squared Euclidean distance; ties to the lower index), their squared distances to it, and
+    sigma^2, the mean squared distance of a clip to its neighbours (0 when every clip is at one point)."""
     points = points.detach().to(torch.float64)
     n = len(points)
     if n == 0:
@@ -117,20 +120,35 @@ def hypergraph(points: torch.Tensor, neighbours: int) -> tuple[torch.Tensor, tor
     k = min(neighbours, n - 1)
     ranked = squared.clone()
     ranked.fill_diagonal_(-1.0)  # every hyperedge holds its centre first
-    members = torch.sort(ranked, dim=1, stable=True).indices[:, : k + 1]  # (N, k + 1), ties to the lower index
-    centre_distances = squared.gather(1, members)  # (N, k + 1): the centre's own distance is 0
-    sigma2 = centre_distances[:, 1:].mean() if k > 0 else torch.tensor(0.0, dtype=torch.float64)
-    if not bool(sigma2 > 0):
-        sigma2 = torch.tensor(1.0, dtype=torch.float64)  # every clip at one point: every kernel is 1
-    weights = torch.exp(-centre_distances / sigma2).mean(dim=1)
+    # the k + 1 smallest of each row, ties to the lower index (a stable sort of the row: topk's tie order is not
+    # specified); O(N^2 log N) at most, and AMYOptions.max_clips bounds N
+    members = torch.sort(ranked, dim=1, stable=True).indices[:, : k + 1]
+    distances = squared.gather(1, members)
+    sigma2 = float(distances[:, 1:].mean()) if k > 0 else 0.0
+    return members, distances, sigma2
+
+
+def hypergraph(points: torch.Tensor, neighbours: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, d) points -> the incidence matrix H (N vertices x N hyperedges) and the hyperedges' weights (N,), in
+    float64. Hyperedge e holds clip e and its ``neighbours`` nearest clips (fewer when there are fewer clips),
+    each with the probabilistic incidence of HGNN (Feng et al. AAAI 2019) ``H(v, e) = exp(-d(v, e)^2 / sigma^2)``
+    (1 for the centre), sigma^2 the mean squared distance of a clip to its neighbours; a hyperedge's weight is the
+    mean of its members' incidences. Every clip at one point: every incidence is 1."""
+    return incidence_of(*neighbourhoods(points, neighbours))
+
+
+def incidence_of(members: torch.Tensor, distances: torch.Tensor, sigma2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`hypergraph` from :func:`neighbourhoods`' output."""
+    n = len(members)
+    kernel = torch.exp(-distances / (sigma2 if sigma2 > 0 else 1.0))  # (N, k + 1)
     incidence = torch.zeros(n, n, dtype=torch.float64)
-    incidence[members, torch.arange(n)[:, None].expand_as(members)] = 1.0
-    return incidence, weights
+    incidence[members, torch.arange(n)[:, None].expand_as(members)] = kernel
+    return incidence, kernel.mean(dim=1)
 
 
 def propagation_operator(incidence: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """HGNN's normalised operator ``D_v^-1/2 H W D_e^-1 H^T D_v^-1/2`` (N, N) for incidence H and hyperedge
-    weights W; D_v the vertices' weighted degrees, D_e the hyperedges' sizes."""
+    weights W; D_v the vertices' weighted degrees (``H W 1``), D_e the hyperedges' degrees (``H^T 1``)."""
     vertex_degree = incidence @ weights
     edge_degree = incidence.sum(dim=0)
     if bool((vertex_degree <= 0).any()) or bool((edge_degree <= 0).any()):
@@ -227,6 +245,12 @@ class AMY(FedPer):
     def personal_names(self, model: VFER) -> list[str]:
         return [] if self.options.personal_layers == 0 else super().personal_names(model)
 
+    def check_client(self, records: int) -> None:
+        if records > self.options.max_clips:
+            raise ValueError(f"a client holds {records} clips, more than strategy_options.max_clips = "
+                             f"{self.options.max_clips} (its hypergraph takes memory N^2 and time N^3); raise it or "
+                             "use another strategy")
+
     def predict(self, features: np.ndarray, actors: np.ndarray,
                 scores: Callable[[int | None, np.ndarray], np.ndarray]) -> np.ndarray:
         if self.options.personal_layers == 0:
@@ -241,18 +265,30 @@ class AMY(FedPer):
 
     def refine(self, points: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                block_state: dict[str, torch.Tensor] | None, seed: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                dict[str, torch.Tensor]]:
-        """(refined targets, reliabilities, the UE block's new state) for one client's clips."""
+                                                                                dict[str, torch.Tensor]] | None:
+        """(refined targets, reliabilities, the UE block's new state) for one client's clips; None where its clips
+        give no neighbourhoods to refine on: at most ``neighbours + 1`` clips (every hyperedge would be the whole
+        client, and propagation would hand every clip the majority's label) or an embedding that puts every clip
+        at one point (a collapsed model). ValueError if the embedding or the logits are not finite."""
         o = self.options
         points = points.detach().to(torch.float64)
         logits = logits.detach().to(torch.float64)
-        incidence, weights = hypergraph(points, o.neighbours)
+        if not bool(torch.isfinite(points).all()) or not bool(torch.isfinite(logits).all()):
+            raise ValueError("strategy 'amy': the received model's clip embeddings or logits are not finite")
+        if len(points) <= o.neighbours + 1:
+            return None
+        points = points - points.mean(dim=0)
+        members, distances, sigma2 = neighbourhoods(points, o.neighbours)
+        if sigma2 <= 1e-12 * max(float(points.square().sum(dim=1).mean()), 1e-300):
+            return None
+        incidence, weights = incidence_of(members, distances, sigma2)
         theta = propagation_operator(incidence, weights)
         floating = targets.dtype.is_floating_point
         labels = targets.to(torch.float64) if floating else \
             torch.nn.functional.one_hot(targets, NUM_CLASSES).to(torch.float64)
-        scale = points.std().clamp_min(1e-12)  # the block sees points of unit spread, whatever the space's scale
-        inputs = torch.cat([points / scale, labels], dim=1)
+        # the block reads the centred embeddings at unit root-mean-square, whatever the space's scale (sigma2 > 0
+        # above, so the points are not all at one place)
+        inputs = torch.cat([points / points.square().mean().sqrt(), labels], dim=1)
         with torch.random.fork_rng(devices=[]):  # the block's first initialisation: reproducible, apart from the run's
             torch.manual_seed(seed)
             block = UncertaintyBlock(inputs.shape[1], o.ue_hidden).to(torch.float64)
@@ -288,7 +324,10 @@ class AMY(FedPer):
             embedding, logits = received.embed_and_classify(features)
         points = logits if self.options.space == "logits" else embedding
         block_state = state.get("ue") if isinstance(state, dict) else None
-        refined, reliability, block_state = self.refine(points, logits, targets, block_state, seed=client_id)
+        out = self.refine(points, logits, targets, block_state, seed=client_id)
+        if out is None:
+            return None, state
+        refined, reliability, block_state = out
         weights = reliability if self.options.weighting else None
         return ClientData(refined, weights), {"ue": block_state}
 

@@ -28,6 +28,7 @@ a client is evaluated is the strategy's.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Sequence
@@ -142,12 +143,17 @@ class Strategy(ABC):
         copies of its own clips and labels (pseudo labels in adaptation), ``model()``
         builds the model it received (shared plus its personal parameters),
         ``state`` is what this method returned for the client last time (None
-        at first), ``round_index`` the round of the phase (0 first; every message of
-        a round is bound to it, so a client knows it). The state never leaves the client; the simulation keeps it
+        at first), ``round_index`` the number of rounds of the phase before this one (0
+        first: the round's messages carry round_index + 1, so a deployed client knows it). The state never leaves
+        the client; the simulation keeps it
         in the run's checkpoint, so it must be made of tensors, numbers,
         strings, lists and dicts. Returns None for the client's own targets,
         unweighted (the default)."""
         return None, state
+
+    def check_client(self, records: int) -> None:
+        """Refuse (ValueError, saying why) a client of ``records`` clips this strategy cannot serve within bounded
+        work; called for every client when the federation is prepared, before anything runs. Default: any."""
 
     def shared_names(self, model: VFER) -> list[str]:
         """Parameters whose updates are securely aggregated, in the model's order."""
@@ -276,6 +282,17 @@ def check_portable(value: Any, where: str, depth: int = 0) -> None:
                      "cannot keep (use tensors, numbers, strings, lists and dicts)")
 
 
+def check_client_data_signature(strategy: Strategy) -> None:
+    """Refuse a :meth:`Strategy.client_data` that cannot take the ``round_index`` keyword the simulation passes (one
+    written before it was added), when the federation is prepared instead of at its first round."""
+    if not strategy.gives_client_data:
+        return
+    parameters = inspect.signature(strategy.client_data).parameters
+    if "round_index" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        raise ValueError(f"strategy {strategy.name!r}: client_data must take the keyword argument round_index (the "
+                         "round of the phase, 0 first)")
+
+
 def check_per_clip(strategy: Strategy, phase: str) -> None:
     """Refuse an objective whose terms are not per clip: on random logits and targets, each clip's loss in a batch
     must equal its loss alone (a term built from batch statistics couples the clips of a batch, which per-example
@@ -297,4 +314,4 @@ def check_per_clip(strategy: Strategy, phase: str) -> None:
 
 
 __all__ = ["ClientData", "LocalStep", "NoOptions", "Strategy", "check_per_clip", "check_portable",
-           "checked_client_data", "make_optimizer", "optimizer_step"]
+           "check_client_data_signature", "checked_client_data", "make_optimizer", "optimizer_step"]

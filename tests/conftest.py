@@ -48,6 +48,21 @@ SMALL = [
 ]
 
 
+def spy_on_aggregate(monkeypatch) -> list[np.ndarray]:
+    """Every array any client hands the secure aggregation from now on (privfer.fl.aggregation.aggregate)."""
+    from privfer.fl import aggregation
+
+    seen: list[np.ndarray] = []
+    real = aggregation.aggregate
+
+    def spy(updates, round_config, *args, **kwargs):
+        seen.extend(a for arrays in updates.values() for a in arrays)
+        return real(updates, round_config, *args, **kwargs)
+
+    monkeypatch.setattr(aggregation, "aggregate", spy)
+    return seen
+
+
 def small_config(*overrides: str) -> PrivferConfig:
     """A population of 48 actors with 8 x 128 features: seconds, not minutes, to train."""
     return load_config(None, [*SMALL, *overrides])

@@ -8,10 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import small_config
+from conftest import small_config, spy_on_aggregate
 
 from privfer.errors import ConfigError
-from privfer.fl import aggregation
 from privfer.fl.rounds import TRAINING
 from privfer.fl.simulation import prepare_federation, simulate
 from privfer.fl.strategies import make_strategy
@@ -208,47 +207,38 @@ def test_personal_layers_are_refused_at_person_level_on_the_distributed_line(sma
         prepare_federation(config, small_clips)
 
 
-def test_the_uncertainty_block_never_enters_any_message(monkeypatch, small_clips):
-    config = small_config(*BASE, "privacy.epsilon=6", "privacy.unit=person", "model.hidden_size=8")
-    seen: list[np.ndarray] = []
-    real = aggregation.aggregate
-
-    def spy(updates, round_config, *args, **kwargs):
-        seen.extend(a for arrays in updates.values() for a in arrays)
-        return real(updates, round_config, *args, **kwargs)
-
-    monkeypatch.setattr(aggregation, "aggregate", spy)
-    refined: list[int] = []
+def test_the_uncertainty_block_never_enters_any_message(monkeypatch, small_clips, tmp_path):
+    config = small_config(*BASE, "privacy.epsilon=6", "privacy.unit=person", "model.hidden_size=8",
+                          "output.save_model=true")
+    seen = spy_on_aggregate(monkeypatch)
+    blocks: list[dict[str, torch.Tensor]] = []
     original = AMY.refine
 
-    def counting(self, *args, **kwargs):
+    def keeping(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
-        refined.append(1)
+        if out is not None:
+            blocks.append(out[2])
         return out
 
-    monkeypatch.setattr(AMY, "refine", counting)
+    monkeypatch.setattr(AMY, "refine", keeping)
     federation = prepare_federation(config, small_clips)
     template = VFER.from_config(config.model, small_clips.feature_dim, private=True)
     model_size = sum(p.numel() for p in template.parameters())
     assert federation.strategy.shared_names(template) == [n for n, _ in template.named_parameters()]
-    simulate(config, None, clips=small_clips)
-    assert refined  # the blocks ran (rounds after the warmup) ...
+    simulate(config, tmp_path / "run", clips=small_clips)
+    assert blocks  # the blocks ran (rounds after the warmup) ...
     integer_messages = [a for a in seen if a.dtype.kind in "iu"]
     assert integer_messages
-    # ... and every masked contribution is the model's update and nothing else (its coordinates, the example count)
+    # ... every masked contribution is the model's update and nothing else (its coordinates, the example count) ...
     assert {a.size for a in integer_messages} <= {model_size, model_size + 1}
-
-
-def test_sharpening_keeps_each_argmax_and_reaches_the_labels_entropy():
-    from privfer.fl.strategies.amy import mean_entropy, sharpened
-
-    flat = torch.softmax(torch.randn(20, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.3, 1)
-    target = 0.5
-    sharp = sharpened(flat, target)
-    assert sharp.argmax(dim=1).tolist() == flat.argmax(dim=1).tolist()
-    assert mean_entropy(sharp) == pytest.approx(target, abs=1e-6)
-    assert torch.allclose(sharp.sum(dim=1), torch.ones(20, dtype=torch.float64))
-    assert torch.equal(sharpened(sharp, 1.0), sharp)  # already sharper than asked: unchanged
+    # ... and nothing the run leaves behind holds a block (the checkpoint that kept them is gone)
+    names = [name.encode() for name in blocks[0]]
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert not any(name in content for name in names), path
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert not saved["personal"] and set(saved["global"]) == set(template.state_dict())
 
 
 def test_refinement_starts_when_the_runs_warmup_ends(monkeypatch, small_clips):

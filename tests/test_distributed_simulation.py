@@ -6,13 +6,11 @@ import json
 import math
 import statistics
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import small_config
+from conftest import small_config, spy_on_aggregate
 from privfer.errors import ConfigError
-from privfer.fl import aggregation
 from privfer.fl.rounds import TRAINING
 from privfer.fl.simulation import prepare_federation, simulate
 from privfer.auditing import audit_path
@@ -107,14 +105,7 @@ def test_resume_after_a_kill_ends_exactly_as_an_uninterrupted_run(tmp_path, smal
 def test_fedper_personal_layers_never_enter_any_message(monkeypatch, small_clips):
     config = small_config("federation.rounds=2", "privacy.epsilon=8", "federation.strategy=fedper",
                           "federation.adaptation=false")
-    seen: list[np.ndarray] = []
-    real = aggregation.aggregate
-
-    def spy(updates, round_config, *args, **kwargs):
-        seen.extend(a for arrays in updates.values() for a in arrays)
-        return real(updates, round_config, *args, **kwargs)
-
-    monkeypatch.setattr(aggregation, "aggregate", spy)
+    seen = spy_on_aggregate(monkeypatch)
     federation = prepare_federation(config, small_clips)
     from privfer.models.vfer import VFER
 

@@ -8,15 +8,21 @@ logits. Then, all of it on the client:
 
 1. **Hypergraph** (:func:`hypergraph`). One hyperedge per clip: the clip and
    its ``neighbours`` nearest clips in embedding space (squared Euclidean
-   distance, ties to the lower index). A hyperedge's weight is the mean
-   Gaussian kernel ``exp(-d^2 / sigma^2)`` between its centre and its members,
-   ``sigma^2`` the mean squared distance of every clip to its neighbours.
-   Its normalised operator (HGNN, Feng et al. AAAI 2019) is
+   distance, ties to the lower index), each member with HGNN's probabilistic
+   incidence ``H(v, e) = exp(-d(v, e)^2 / sigma^2)`` (1 for the centre;
+   ``sigma^2`` the mean squared distance of a clip to its neighbours), so a
+   distant member counts less. A hyperedge's weight is its members' mean
+   incidence. Its normalised operator (HGNN, Feng et al. AAAI 2019) is
    ``Theta = D_v^-1/2 H W D_e^-1 H^T D_v^-1/2`` (:func:`propagation_operator`).
+   A client of at most ``neighbours + 1`` clips (every hyperedge would be the
+   whole client) or whose embedding puts every clip at one point trains on
+   its own labels that round; one of more than ``max_clips`` is refused when
+   the federation is prepared (the hypergraph is N x N, the propagation an
+   N x N solve).
 2. **Uncertainty estimation (UE) block** (:class:`UncertaintyBlock`, personal:
    its parameters are the client's state and never enter a message). One
    hypergraph convolution ``relu(Theta X W1)`` of each clip's input X (its
-   embedding, scaled to unit spread, beside its label) gives it uncertainty
+   embedding, centred and scaled to unit root-mean-square, beside its label) gives it uncertainty
    features that carry its neighbourhood's embeddings and labels; a linear
    layer reads them with the clip's own input, and a sigmoid gives its
    reliability ``u`` in (0, 1). (The label is part of the input because a

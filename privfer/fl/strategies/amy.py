@@ -104,6 +104,8 @@ class AMYOptions(BaseModel):
                                "groups' mean reliability.")
     sharpen: bool = Field(True, description="Sharpen the refined vote distributions to the mean entropy of the "
                           "client's own (propagation flattens them; each clip's argmax is kept).")
+    blend: bool = Field(True, description="Each clip's target is its own label times its reliability u plus the "
+                        "propagated label times 1 - u (false: the propagated label alone).")
     weighting: bool = Field(True, description="Also weight each clip's loss by its reliability.")
     warmup: int = Field(10, ge=0, le=100_000, description="Training rounds of the run in which clients train on "
                         "their own labels.")
@@ -317,6 +319,8 @@ class AMY(FedPer):
         refined = torch.where(mass > 1e-12, spread / mass.clamp_min(1e-12), labels)
         if floating and o.sharpen:
             refined = sharpened(refined, mean_entropy(labels))
+        if o.blend:  # a clip keeps its own label as far as the block trusts it
+            refined = reliability[:, None] * labels + (1.0 - reliability[:, None]) * refined
         new_targets = refined.to(targets.dtype) if floating else refined.argmax(dim=1).to(targets.dtype)
         state = {k: v.detach().clone() for k, v in block.state_dict().items()}
         return new_targets, reliability.to(torch.float32).clamp(0.0, 1.0), state

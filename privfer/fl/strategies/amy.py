@@ -39,16 +39,19 @@ logits. Then, all of it on the client:
    (:func:`propagate`, Zhou et al. NeurIPS 2003 on the hypergraph):
    ``F = (1 - alpha)(I - alpha Theta)^-1 (u * Y)``: each clip's label weighted
    by its reliability spreads to its neighbours, so an unreliable clip takes
-   its label from theirs. A clip's refined target is its row of F normalised
-   (a vote distribution under partial labels, the row's argmax under discrete
-   ones). Propagation flattens the rows (on the default data at 40% label
-   noise their mean entropy is about 1.5 nats, the votes' 0.5), so with
-   ``sharpen`` they are raised to one power, chosen so that their mean
-   entropy is that of the client's own labels: each clip keeps its refined
-   argmax, and the targets the labels' confidence. With ``weighting`` each
-   clip's loss is also weighted by ``u``, and the
-   client trains the shared classifier on them with the objective every
-   trainer minimises.
+   its label from theirs. The propagated label is the row of F normalised.
+   Propagation flattens the rows (on the default data at 40% label noise
+   their mean entropy is about 1.5 nats, the votes' 0.5), so with ``sharpen``
+   they are raised to one power, chosen so that their mean entropy is that
+   of the client's own labels (each keeps its argmax). With ``blend`` (the
+   paper leaves open how refined labels and reliabilities combine) a clip's
+   target is ``u x its label + (1 - u) x its propagated label``: a clip the
+   block trusts keeps its label, one it does not takes its neighbours'. (On
+   clients of a dozen clips, digits', propagation alone took the labels'
+   accuracy from 0.60 to 0.42-0.45.) The target is a vote distribution under
+   partial labels, its argmax under discrete ones. With ``weighting`` each
+   clip's loss is also weighted by ``u``, and the client trains the shared
+   classifier on them with the objective every trainer minimises.
 
 For its first ``warmup`` training rounds (of the run, not of the client's
 turns) a client trains on its own labels: an untrained model's embedding says

@@ -71,6 +71,10 @@ def test_clips_without_neighbourhoods_keep_their_labels_and_a_non_finite_model_i
     collapsed = torch.ones(40, 8)  # a model whose embedding puts every clip at one point
     logits = torch.nn.functional.one_hot(many, 6).double()
     assert strategy.refine(collapsed, logits, many, None, seed=0) is None
+    duplicates = torch.cat([torch.zeros(20, 8), torch.full((20, 8), 5.0)])  # two clusters of exact duplicates
+    two = torch.cat([torch.zeros(20, dtype=torch.long), torch.full((20,), 3)])
+    refined, _, _ = strategy.refine(duplicates, 4.0 * torch.nn.functional.one_hot(two, 6).double(), two, None, 0)
+    assert refined.tolist() == two.tolist()  # refined (not skipped), each cluster keeping its label
     broken = torch.randn(40, 8)
     broken[3, 1] = float("nan")
     with pytest.raises(ValueError, match="not finite"):
@@ -247,8 +251,10 @@ def test_refinement_starts_when_the_runs_warmup_ends(monkeypatch, small_clips):
     refining = []
 
     def refine(self, *args, **kwargs):
-        refining.append(1)
-        return real_refine(self, *args, **kwargs)
+        out = real_refine(self, *args, **kwargs)
+        if out is not None:  # a refinement made, not only tried
+            refining.append(1)
+        return out
 
     def client_data(self, *args, round_index=0, **kwargs):
         before = len(refining)

@@ -48,7 +48,7 @@ def test_the_grid_expands_to_every_combination_with_validated_configs(tmp_path):
         ({"privacy.epsilon": [1]}, {"exclude": [{"privacy.unit": "person"}]}, "privacy.unit is not a grid field"),
         ({"privacy.epsilon": [1]}, {"exclude": [{"privacy.epsilon": 3}]}, "3 is not one of privacy.epsilon's"),
         ({"privacy.epsilon": [1]}, {"exclude": [{}]}, "exclude entry 0 is empty"),
-        ({"privacy.epsilon": [1]}, {"exclude": [{"privacy.epsilon": 1.0}]}, "leave no cell"),
+        ({"privacy.epsilon": [1]}, {"exclude": [{"privacy.epsilon": 1.0}]}, "leave no cell of the grid"),
     ],
 )
 def test_bad_specs_are_clear_errors_before_anything_runs(tmp_path, grid, extra, message):
@@ -67,6 +67,15 @@ def test_excluded_combinations_are_left_out_and_the_rest_kept(tmp_path):
     assert kept == {(3, "fedavg", "record"), (3, "fedavg", "person"), (3, "amy", "person"),
                     ("inf", "fedavg", "record"), ("inf", "amy", "record")}
     assert len(cells) == 2 * len(kept)
+
+
+def test_a_spec_without_exclusions_is_written_as_before_so_old_studies_resume(tmp_path):
+    from privfer.study.runner import spec_yaml
+
+    spec, _ = load_spec(write_spec(tmp_path, {"privacy.epsilon": [1, "inf"]}))
+    assert "exclude" not in spec_yaml(spec)  # the text a study folder written before exclusions holds
+    spec, _ = load_spec(write_spec(tmp_path, {"privacy.epsilon": [1, "inf"]}, exclude=[{"privacy.epsilon": 1}]))
+    assert "exclude" in spec_yaml(spec)
 
 
 def finished(folder):

@@ -258,8 +258,8 @@ def prepare_federation(
         template = VFER.from_config(config.model, clips.feature_dim, private=config.privacy.enabled)
     try:  # what the strategy keeps personal fits this model, and it can serve every client, before anything runs
         strategy.personal_names(template)
-        for group in clients.values():
-            for client in group.values():
+        for client_id, client in clients[TRAINING].items():  # client_data refines the training phase's clients
+            if only_client is None or client_id == only_client:
                 strategy.check_client(client.records)
     except ValueError as exc:
         raise ConfigError(f"federation.strategy '{strategy.name}': {exc}") from None

@@ -135,6 +135,8 @@ def spec_yaml(spec: StudySpec) -> str:
     import yaml
 
     data = spec.model_dump(mode="json")
+    if not data["exclude"]:  # a spec without exclusions is written as before they existed, so its studies resume
+        del data["exclude"]
     return yaml.safe_dump(data, sort_keys=False)
 
 

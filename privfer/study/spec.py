@@ -154,7 +154,7 @@ def expand(spec: StudySpec, root: Path | None = None) -> list[Cell]:
                 raise ConfigError(f"study cell ({where}, seed {seed}): {exc}") from None
             cells.append(Cell(cell_id(values, seed), values, seed, config))
     if not cells:
-        raise ConfigError("the study's exclude entries leave no cell to run")
+        raise ConfigError("exclude: its entries leave no cell of the grid to run")
     return cells
 
 

@@ -49,9 +49,13 @@ logits. Then, all of it on the client:
    block trusts keeps its label, one it does not takes its neighbours'. (On
    clients of a dozen clips, digits', propagation alone took the labels'
    accuracy from 0.60 to 0.42-0.45.) The target is a vote distribution under
-   partial labels, its argmax under discrete ones. With ``weighting`` each
-   clip's loss is also weighted by ``u``, and the client trains the shared
-   classifier on them with the objective every trainer minimises.
+   partial labels, its argmax under discrete ones (``sharpen`` applies to
+   vote distributions only). With ``weighting`` each clip's loss is also
+   weighted by ``u``, and the client trains the shared classifier on them
+   with the objective every trainer minimises. (With both on, a clip the
+   block distrusts gets its neighbours' label at a small weight: the
+   propagated label's share of its loss is ``u (1 - u)``, at most a quarter,
+   so the defaults act mostly as down-weighting.)
 
 For its first ``warmup`` training rounds (of the run, not of the client's
 turns) a client trains on its own labels: an untrained model's embedding says
@@ -258,9 +262,9 @@ class AMY(FedPer):
 
     def check_client(self, records: int) -> None:
         if records > self.options.max_clips:
-            raise ValueError(f"a client holds {records} clips, more than strategy_options.max_clips = "
-                             f"{self.options.max_clips} (its hypergraph takes memory N^2 and time N^3); raise it or "
-                             "use another strategy")
+            raise ValueError(f"a training client holds {records} clips, more than federation.strategy_options."
+                             f"max_clips = {self.options.max_clips} (its hypergraph takes memory N^2 and time N^3); "
+                             "raise it or use another strategy")
 
     def predict(self, features: np.ndarray, actors: np.ndarray,
                 scores: Callable[[int | None, np.ndarray], np.ndarray]) -> np.ndarray:
@@ -288,10 +292,14 @@ class AMY(FedPer):
             raise ValueError("strategy 'amy': the received model's clip embeddings or logits are not finite")
         if len(points) <= o.neighbours + 1:
             return None
+        magnitude = float(points.square().sum(dim=1).mean())
         points = points - points.mean(dim=0)
-        members, distances, sigma2 = neighbourhoods(points, o.neighbours)
-        if sigma2 <= 1e-12 * max(float(points.square().sum(dim=1).mean()), 1e-300):
+        spread = float(points.square().sum(dim=1).mean())
+        if spread <= 1e-20 * magnitude or spread == 0.0:  # every clip at one point (to rounding): a collapsed model
             return None
+        members, distances, sigma2 = neighbourhoods(points, o.neighbours)
+        if sigma2 <= 0.0:  # every clip's neighbours are its exact duplicates: measure distances by the overall spread
+            sigma2 = spread
         incidence, weights = incidence_of(members, distances, sigma2)
         theta = propagation_operator(incidence, weights)
         floating = targets.dtype.is_floating_point

@@ -152,8 +152,9 @@ class Strategy(ABC):
         return None, state
 
     def check_client(self, records: int) -> None:
-        """Refuse (ValueError, saying why) a client of ``records`` clips this strategy cannot serve within bounded
-        work; called for every client when the federation is prepared, before anything runs. Default: any."""
+        """Refuse (ValueError, saying why) a training client of ``records`` clips this strategy cannot serve within
+        bounded work; called for every training client (a deployment node: its own) when the federation is prepared,
+        before anything runs. Default: any."""
 
     def shared_names(self, model: VFER) -> list[str]:
         """Parameters whose updates are securely aggregated, in the model's order."""

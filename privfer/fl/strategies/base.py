@@ -143,12 +143,12 @@ class Strategy(ABC):
         copies of its own clips and labels (pseudo labels in adaptation), ``model()``
         builds the model it received (shared plus its personal parameters),
         ``state`` is what this method returned for the client last time (None
-        at first), ``round_index`` the number of rounds of the phase before this one (0
-        first: the round's messages carry round_index + 1, so a deployed client knows it). The state never leaves
-        the client; the simulation keeps it
-        in the run's checkpoint, so it must be made of tensors, numbers,
-        strings, lists and dicts. Returns None for the client's own targets,
-        unweighted (the default)."""
+        at first), ``round_index`` the number of rounds of the phase before this
+        one (0 first; the round's messages carry round_index + 1, so a deployed
+        client knows it). The state never leaves the client; the simulation
+        keeps it in the run's checkpoint, so it must be made of tensors,
+        numbers, strings, lists and dicts. Returns None for the client's own
+        targets, unweighted (the default)."""
         return None, state
 
     def check_client(self, records: int) -> None:

@@ -190,7 +190,7 @@ def mean_entropy(distributions: torch.Tensor) -> float:
 def sharpened(distributions: torch.Tensor, entropy: float, iterations: int = 60) -> torch.Tensor:
     """The rows raised to one power 1 / T and renormalised, T chosen (by bisection on log T) so that their mean
     entropy is ``entropy``: each row's argmax and order kept, the confidence that of the labels they came from.
-    Rows already sharper than that are left as they are (T = 1 at most)."""
+    Rows whose mean entropy is already at most ``entropy`` are returned as they are (T = 1 at most)."""
     if mean_entropy(distributions) <= entropy:
         return distributions
     logs = torch.log(distributions.clamp_min(1e-300))
@@ -338,8 +338,8 @@ class AMY(FedPer):
 
     def client_data(self, phase: str, client_id: int, features: torch.Tensor, targets: torch.Tensor,
                     model: Callable[[], VFER], state: Any, *, round_index: int = 0) -> tuple[ClientData | None, Any]:
-        if phase != TRAINING or round_index < self.options.warmup or len(targets) < 2:
-            return None, state
+        if phase != TRAINING or round_index < self.options.warmup or len(targets) <= self.options.neighbours + 1:
+            return None, state  # too few clips for neighbourhoods (refine's own bound): no forward pass for nothing
         received = model().eval()
         with torch.no_grad():
             embedding, logits = received.embed_and_classify(features)

@@ -125,6 +125,35 @@ def test_a_failing_cell_is_isolated_and_reported(tmp_path):
     assert [o.status for o in again] == ["skipped", "failed"] and "clients_per_round = 500" in again[1].error
 
 
+def _report_or_die(cell, folder, threads, connection, parent):
+    """A stand-in for a cell's process (spawned: module level): the seed-1 cell dies without a word, as one the OOM
+    killer ends; the others report at once."""
+    import os
+
+    from privfer.study.runner import _Ended
+
+    if cell.seed == 1:
+        os._exit(9)
+    connection.send(_Ended("done", seconds=float(cell.seed)))
+    connection.close()
+
+
+def test_a_cell_whose_process_dies_fails_alone_and_no_process_outlives_the_study(tmp_path):
+    import multiprocessing
+
+    from privfer.study.runner import _run_cells
+
+    spec, cells = load_spec(write_spec(tmp_path, {"privacy.epsilon": ["inf"]}, seeds=(0, 1, 2)))
+    ended = dict((cell.seed, outcome) for cell, outcome in _run_cells(cells, tmp_path, 2, 1, target=_report_or_die))
+    assert ended[0].status == ended[2].status == "done" and ended[2].seconds == 2.0
+    assert ended[1].status == "failed" and "without a result (exit code 9" in ended[1].error
+    assert multiprocessing.active_children() == []
+    running = _run_cells(cells, tmp_path, 2, 1, target=_report_or_die)
+    next(running)  # the study leaves (Ctrl-C, say) with cells still running: they are stopped and reaped
+    running.close()
+    assert multiprocessing.active_children() == []
+
+
 @pytest.mark.slow
 def test_the_command_runs_reports_and_regenerates(tmp_path):
     spec = write_spec(tmp_path, {"privacy.epsilon": [3, "inf"], "federation.strategy": ["fedavg", "fedper"]})

@@ -102,9 +102,10 @@ def _portable(exc: BaseException) -> BaseException:
     return SecAggError(f"{type(exc).__name__}: {exc}")
 
 
-def _die_with_parent(parent: int) -> None:
-    """Linux: the kernel kills this child when the parent dies (SIGKILL, the OOM killer), so no child keeps its
-    clients' keys and the round's updates in memory beyond the round."""
+def die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this child when the parent (pid ``parent``) dies (SIGKILL, the OOM killer), so no
+    child keeps its clients' keys and the round's updates in memory beyond the round (or runs a study's cell into
+    a folder the study's next run resumes)."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
@@ -117,7 +118,7 @@ def _serve(connection, inherited: Sequence[Any], parent: int, clients: Mapping[i
            inputs: Callable[[int], dict]) -> None:
     """A child's loop: answer each stage the parent sends for this child's clients, until told to stop or until
     the parent's end of the pipe closes."""
-    _die_with_parent(parent)
+    die_with_parent(parent)
     for end in inherited:  # the parent's ends of this and earlier children's pipes: held here, no EOF could come
         end.close()
     try:

@@ -10,18 +10,24 @@ re-running the study skips finished cells and runs the rest, so a killed study l
 in flight and never duplicates a cell. A cell that raises writes
 ``error.json`` (atomically) and the others go on; the next run retries it.
 
-Workers are separate processes (spawned, so no torch state is shared), and
-each sets its torch threads to ``cores // workers`` so two workers on two
-cores do not oversubscribe (which slows OpenMP by tens of times here).
+Each cell runs in a process of its own (spawned, so no torch state is
+shared), at most ``workers`` at a time; each sets its torch threads to
+``cores // workers`` so two workers on two cores do not oversubscribe (which
+slows OpenMP by tens of times here). A process per cell, not a process pool:
+the study's process starts no thread (a pool's feeder and manager threads,
+and its shared queues, could hang a study under CPython 3.11's
+``ProcessPoolExecutor``), and a worker that dies (killed, out of memory)
+fails its own cell only, where a broken pool fails every cell still queued.
 """
 
 from __future__ import annotations
 
 import os
 import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import closing
 from dataclasses import dataclass
 from multiprocessing import get_context
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Callable
 
@@ -77,6 +83,71 @@ def _run_cell(cell: Cell, folder: str, threads: int) -> float:
     return float(result.seconds)
 
 
+@dataclass
+class _Ended:
+    """What a cell's process reported: "done" with its seconds, or "failed" with the error and its traceback."""
+
+    status: str
+    seconds: float = 0.0
+    error: str | None = None
+    traceback: str = ""
+
+
+def _cell_process(cell: Cell, folder: str, threads: int, connection, parent: int) -> None:
+    """A cell's process: run it, send how it ended to the parent. It dies with the study's process (Linux), so a
+    killed study leaves no cell running into a folder its next run resumes."""
+    from privfer.secagg.hosts import die_with_parent
+
+    die_with_parent(parent)
+    try:
+        ended = _Ended("done", seconds=_run_cell(cell, folder, threads))
+    except BaseException as exc:  # reported as the cell's failure; the study goes on
+        ended = _Ended("failed", error=f"{exc.__class__.__name__}: {exc}",
+                       traceback="".join(traceback.format_exception(exc)))
+    try:
+        connection.send(ended)
+    finally:
+        connection.close()
+
+
+def _run_cells(pending: list[Cell], directory: Path, workers: int, threads: int, target=_cell_process):
+    """Run ``pending`` cells, each in a spawned process of its own, at most ``workers`` at once; yields each
+    (cell, :class:`_Ended`) as it ends. A process that ends without a report (killed, out of memory) fails its
+    cell. Leaving early (an exception, Ctrl-C) terminates the cells still running: their checkpoints resume."""
+    context = get_context("spawn")
+    queue = list(pending)
+    running: dict = {}  # the parent's end of a cell's pipe -> (its process, the cell)
+    try:
+        while queue or running:
+            while queue and len(running) < workers:
+                cell = queue.pop(0)
+                receiver, sender = context.Pipe(duplex=False)
+                process = context.Process(target=target, name=f"privfer-cell-{cell.id}",
+                                          args=(cell, str(directory / "cells" / cell.id), threads, sender, os.getpid()))
+                process.start()
+                sender.close()  # the child holds the only sending end: its death is an EOF here
+                running[receiver] = (process, cell)
+            for receiver in wait(list(running)):
+                process, cell = running.pop(receiver)
+                try:
+                    ended = receiver.recv()
+                except EOFError:
+                    ended = None
+                finally:
+                    receiver.close()
+                process.join()
+                if not isinstance(ended, _Ended):
+                    ended = _Ended("failed", error=f"WorkerDied: the cell's process ended without a result (exit "
+                                                   f"code {process.exitcode}: killed, or out of memory)")
+                yield cell, ended
+    finally:
+        for process, _ in running.values():
+            process.terminate()
+        for receiver, (process, _) in running.items():
+            process.join()
+            receiver.close()
+
+
 def run_study(
     spec: StudySpec,
     cells: list[Cell],
@@ -105,29 +176,17 @@ def run_study(
     count = workers or worker_count(spec, len(pending))
     threads = max(1, (os.cpu_count() or 1) // max(count, 1))
     if pending:
-        with ProcessPoolExecutor(max_workers=count, mp_context=get_context("spawn")) as pool:
-            running = {
-                pool.submit(_run_cell, cell, str(directory / "cells" / cell.id), threads): cell for cell in pending
-            }
-            while running:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    cell = running.pop(future)
-                    folder = directory / "cells" / cell.id
-                    try:
-                        outcome = CellOutcome(cell, "done", seconds=future.result())
-                        (folder / ERROR).unlink(missing_ok=True)
-                    except Exception as exc:  # a failed cell is reported, the others go on
-                        text = f"{exc.__class__.__name__}: {exc}"
-                        folder.mkdir(parents=True, exist_ok=True)
-                        atomic_write_json(folder / ERROR, {
-                            "error": text,
-                            "traceback": "".join(traceback.format_exception(exc)),
-                        })
-                        outcome = CellOutcome(cell, "failed", error=text)
-                    outcomes[cell.id] = outcome
-                    if on_outcome is not None:
-                        on_outcome(outcome)
+        with closing(_run_cells(pending, directory, count, threads)) as ending:  # closed: no cell left running
+            for cell, outcome in ending:
+                folder = directory / "cells" / cell.id
+                if outcome.status == "done":
+                    (folder / ERROR).unlink(missing_ok=True)
+                else:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    atomic_write_json(folder / ERROR, {"error": outcome.error, "traceback": outcome.traceback})
+                outcomes[cell.id] = CellOutcome(cell, outcome.status, outcome.seconds, outcome.error)
+                if on_outcome is not None:
+                    on_outcome(outcomes[cell.id])
     return [outcomes[cell.id] for cell in cells]
 
 

@@ -203,8 +203,24 @@ class ModelConfig(_Section):
         "otherwise.",
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier head.")
+    architecture: Literal["vfer", "dual_stream"] = Field(
+        "vfer",
+        description="vfer: one LSTM over the clip; dual_stream: RDFER's synopsis stream over the whole clip beside a "
+        "detail stream over its key segment (docs/configuration.md).",
+    )
+    key_frames: int | None = Field(
+        None, ge=2, le=1024, description="dual_stream: frames of the key segment the detail stream reads (None: half "
+        "the clip's frames; a clip shorter than this is read whole).",
+    )
     ifer_hidden: int = Field(128, ge=1, le=4096, description="Hidden units of the per-frame IFER head.")
     ifer_weights: Path | None = Field(None, description="Load the frozen IFER from this file instead of fitting it.")
+
+    @model_validator(mode="after")
+    def _key_frames_need_two_streams(self) -> "ModelConfig":
+        if self.key_frames is not None and self.architecture != "dual_stream":
+            raise ValueError(f"model.key_frames is the detail stream's segment: it needs model.architecture "
+                             f"'dual_stream', not '{self.architecture}'")
+        return self
 
 
 class TrainingConfig(_Section):

@@ -44,6 +44,8 @@ def batchable(config: PrivferConfig, plan: LocalTraining) -> str | None:
         return "local DP-SGD (Opacus) trains per client"
     if config.model.dropout > 0:
         return "dropout draws per-client random masks"
+    if config.model.architecture == "dual_stream":
+        return "the dual-stream model"
     if config.model.recurrent == "fast_dp":
         return "the fast DP-SGD recurrent layer"
     return None

@@ -77,9 +77,13 @@ class VFER(nn.Module):
     def from_config(
         cls, config: ModelConfig, feature_dim: int, num_classes: int = NUM_CLASSES, private: bool = False
     ) -> "VFER":
-        """The VFER a run uses; ``private`` (DP-SGD on) selects the fast DP layer when ``recurrent`` is auto."""
+        """The VFER a run uses (a :class:`DualStreamVFER` for ``architecture`` dual_stream); ``private`` (DP-SGD on)
+        selects the fast DP layer when ``recurrent`` is auto."""
         fast = config.recurrent == "fast_dp" or (config.recurrent == "auto" and private)
-        return cls(
+        dual = config.architecture == "dual_stream"
+        kind = DualStreamVFER if dual else VFER
+        return kind(
+            **({"key_frames": config.key_frames} if dual else {}),
             feature_dim=feature_dim,
             hidden_size=128 if config.hidden_size is None else config.hidden_size,  # None is resolved by PrivferConfig
             num_classes=num_classes,
@@ -162,6 +166,86 @@ class VFER(nn.Module):
                 f"personal_layers must be between 1 and {len(groups) - 1} for this model, got {personal_layers}"
             )
         return [name for _, names in groups[-personal_layers:] for name in names]
+
+
+class DualStreamVFER(VFER):
+    """RDFER's dual-stream network (Liu, Wang, Shen, "Robust Dynamic Facial Expression Recognition", IEEE TBIOM
+    2025) on per-frame features: a *synopsis* stream (the VFER's LSTM) reads the whole clip for the long-term
+    course of the emotion, a *detail* stream (a second LSTM) reads only the clip's key segment for its short-term
+    movements, and the head reads both embeddings side by side.
+
+    The key segment (key-expression re-sampling) is the window of ``key_frames`` frames (half the clip when None)
+    with the highest mean frame score, a score being the frame's distance from the clip's first frame (scaled to
+    at most 1 in each clip: the apex, where the face is farthest from its onset, as apex spotting finds it) plus a
+    learned linear score of the frame (``key_scorer``, zero at first). The window is chosen by argmax, which has no
+    gradient; the scorer learns through the gate ``2 sigmoid(score)`` (1 at first) that scales each frame of the
+    segment the detail stream reads. The paper leaves the predictor open; this one needs nothing but the clip.
+
+    Each clip's segment, gate and embedding depend on that clip alone, and every parameterised layer is applied
+    once per pass (the scorer to every frame, each stream's LSTM to its input), so per-sample gradients, Opacus's
+    and the fast clipped sums' (:mod:`privfer.models.clipped_sums`), stay exact (tests/test_dual_stream.py).
+    """
+
+    def __init__(self, feature_dim: int, hidden_size: int = 128, num_classes: int = NUM_CLASSES, num_layers: int = 1,
+                 readout: str = "last", dropout: float = 0.0, fast_dp: bool = False, shortcut: bool = False,
+                 key_frames: int | None = None) -> None:
+        super().__init__(feature_dim, hidden_size, num_classes, num_layers, readout, dropout, fast_dp, shortcut)
+        if key_frames is not None and key_frames < 2:
+            raise ValueError(f"key_frames must be at least 2, got {key_frames}")
+        self.key_frames = key_frames
+        self.key_scorer = nn.Linear(feature_dim, 1)
+        nn.init.zeros_(self.key_scorer.weight)
+        nn.init.zeros_(self.key_scorer.bias)
+        if fast_dp:
+            self.detail: nn.Module = FastDPLSTM(feature_dim, hidden_size, num_layers=num_layers)
+        else:
+            self.detail = nn.LSTM(feature_dim, hidden_size, num_layers=num_layers, batch_first=True)
+        width = hidden_size * (2 if readout == "both" else 1)
+        self.head = nn.Linear(2 * width, num_classes)  # the synopsis embedding, then the detail one
+
+    def segment_length(self, frames: int) -> int:
+        """Frames of the key segment for clips of ``frames`` frames."""
+        wanted = max(2, frames // 2) if self.key_frames is None else self.key_frames
+        return min(wanted, frames)
+
+    def key_segment(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D) -> each clip's key segment start (B,) and every frame's learned score (B, T)."""
+        scores = self.key_scorer(frames).squeeze(-1)
+        length = self.segment_length(frames.shape[1])
+        with torch.no_grad():
+            distance = (frames - frames[:, :1]).norm(dim=-1)
+            distance = distance / distance.amax(dim=1, keepdim=True).clamp(min=1e-12)
+            windows = (distance + scores).unfold(1, length, 1).mean(dim=-1)  # (B, T - length + 1)
+            start = windows.argmax(dim=1)  # the first of tied windows
+        return start, scores
+
+    def embed(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> the synopsis stream's embedding, then the detail stream's ((B, 2H); (B, 4H) with the readout
+        both)."""
+        synopsis = super().embed(frames)
+        start, scores = self.key_segment(frames)
+        index = start[:, None] + torch.arange(self.segment_length(frames.shape[1]), device=frames.device)
+        segment = frames.gather(1, index[..., None].expand(-1, -1, frames.shape[-1]))
+        gate = 2 * torch.sigmoid(scores.gather(1, index))
+        states, _ = self.detail(segment * gate[..., None])
+        return torch.cat([synopsis, read_out(states, self.readout)], dim=-1)
+
+    def stacked_forward(self, params: Mapping[str, torch.Tensor], frames: torch.Tensor) -> torch.Tensor:
+        raise ValueError("the dual-stream model trains per client (the stacked trainer runs the VFER)")
+
+    def layer_groups(self) -> list[tuple[str, list[str]]]:
+        """The shortcut and the key scorer (they read the input), the synopsis stream's LSTM layers, the detail
+        stream's, then the head."""
+        groups = super().layer_groups()
+        head = groups.pop()
+        detail_names = [name for name, _ in self.detail.named_parameters()]
+        scorer = ("key scorer", [f"key_scorer.{name}" for name, _ in self.key_scorer.named_parameters()])
+        groups.insert(1 if self.shortcut is not None else 0, scorer)
+        for index in range(self.detail.num_layers):
+            mine = [n for n in detail_names if n.endswith(f"_l{index}") or n.startswith(f"layers.{index}.")]
+            groups.append((f"detail lstm layer {index}", [f"detail.{n}" for n in mine]))
+        groups.append(head)
+        return groups
 
 
 class IFER(nn.Module):

@@ -37,6 +37,7 @@ from privfer.runs import atomic_write_json, atomic_write_text, training_mismatch
 from privfer.study.spec import Cell, StudySpec
 
 RESULT, ERROR = "result.json", "error.json"
+EXIT_SECONDS = 60  # how long a cell's process may take to exit after its report
 
 
 def finished_result(cell: Cell, directory: Path) -> Path | None:
@@ -133,9 +134,14 @@ def _run_cells(pending: list[Cell], directory: Path, workers: int, threads: int,
                     ended = receiver.recv()
                 except EOFError:
                     ended = None
+                except Exception as exc:  # a report that does not unpickle: the cell failed, the study goes on
+                    ended = _Ended("failed", error=f"the cell's report could not be read: {exc.__class__.__name__}")
                 finally:
                     receiver.close()
-                process.join()
+                process.join(timeout=EXIT_SECONDS)  # its report is in: a process stuck in its exit is killed
+                if process.is_alive():
+                    process.kill()
+                    process.join()
                 if not isinstance(ended, _Ended):
                     ended = _Ended("failed", error=f"WorkerDied: the cell's process ended without a result (exit "
                                                    f"code {process.exitcode}: killed, or out of memory)")

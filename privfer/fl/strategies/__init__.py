@@ -21,6 +21,7 @@ _MODULES = (  # one line per strategy
     "fedper",
     "fedprox",
     "amy",
+    "clip_agreement",
 )
 
 STRATEGIES: dict[str, type[Strategy]] = {}

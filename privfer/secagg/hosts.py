@@ -21,7 +21,11 @@ stream *shared* by several clients would be copied into every child, and a
 client there would draw the bytes a client here drew (the same self-mask
 seed: double masking undone), so such a round runs in one process
 (:func:`forkable`), as does a round started while other Python threads run
-(a fork can copy a lock another thread holds). A child dies with its parent
+(a fork can copy a lock another thread holds). A thread started beneath the
+``threading`` module (pytest-xdist's message reader is one) escapes that
+check, so a child also avoids what such a thread could hold: it looks up
+nothing in the dynamic loader and skips the interpreter's exit (``os._exit``),
+touching only its pipe and its clients. A child dies with its parent
 (Linux's parent-death signal) and ends when the parent's end of its pipe
 closes. Forking needs the ``fork`` start method (Linux, and macOS where
 Python allows it); elsewhere, or with P = 1, everything runs here.
@@ -30,6 +34,7 @@ Python allows it); elsewhere, or with P = 1, everything runs here.
 from __future__ import annotations
 
 import ctypes
+import functools
 import multiprocessing
 import os
 import pickle
@@ -102,14 +107,23 @@ def _portable(exc: BaseException) -> BaseException:
     return SecAggError(f"{type(exc).__name__}: {exc}")
 
 
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up once, in the parent before it forks: a child calls it without a ``dlopen``, whose
+    loader lock another thread of the parent may have held at the fork."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
 def die_with_parent(parent: int) -> None:
     """Linux: the kernel kills this child when the parent (pid ``parent``) dies (SIGKILL, the OOM killer), so no
     child keeps its clients' keys and the round's updates in memory beyond the round (or runs a study's cell into
     a folder the study's next run resumes)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the request took effect
         os._exit(1)
 
@@ -117,24 +131,30 @@ def die_with_parent(parent: int) -> None:
 def _serve(connection, inherited: Sequence[Any], parent: int, clients: Mapping[int, Any], stages: Sequence[Any],
            inputs: Callable[[int], dict]) -> None:
     """A child's loop: answer each stage the parent sends for this child's clients, until told to stop or until
-    the parent's end of the pipe closes."""
-    die_with_parent(parent)
-    for end in inherited:  # the parent's ends of this and earlier children's pipes: held here, no EOF could come
-        end.close()
+    the parent's end of the pipe closes. The child then ends with ``os._exit``, skipping the interpreter's exit
+    (atexit handlers, flushing the standard streams): whatever a thread of the parent held at the fork, the child
+    touches only its pipe and its clients."""
+    code = 0
     try:
+        die_with_parent(parent)
+        for end in inherited:  # the parent's ends of this and earlier children's pipes: held here, no EOF could come
+            end.close()
         while True:
             command = connection.recv()
             if command is None:
-                return
+                break
             index, broadcast, addressed, cids = command
             message = None if broadcast is None else broadcast[0].from_bytes(broadcast[1])
             answers = answer_all(clients, stages[index], message, addressed, cids, inputs)
             connection.send([(cid, raw, None if error is None else _portable(error), seconds, mask)
                              for cid, raw, error, seconds, mask in answers])
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
-        return
+        pass
+    except BaseException:  # the parent sees the pipe close and raises ClientProcessDied with this exit code
+        code = 1
     finally:
         connection.close()
+        os._exit(code)
 
 
 class ClientHosts:
@@ -152,6 +172,7 @@ class ClientHosts:
         self.children: list[tuple[Any, Any, set[int]]] = []  # (process, connection, its clients)
         self._busy: set[int] = set()  # pids of children sent a stage whose answers are not read yet
         if len(blocks) > 1:
+            _prctl()  # looked up here, not in a child
             context = multiprocessing.get_context("fork")
             try:
                 with warnings.catch_warnings():

@@ -4,12 +4,14 @@
     python benchmarks/label_noise.py --privacy person --rounds 3
     python benchmarks/label_noise.py --separability        # can a model tell the noisy clips? (about 2 minutes)
     python benchmarks/label_noise.py --separability --set data.source=digits
+    python benchmarks/label_noise.py --set model.architecture=dual_stream   # every method on the dual-stream model
 
 Each method runs ``--rounds`` training rounds of ``privfer simulate`` on the
 same data, split and seed, its refinement on from the first round (AMY's
 warmup set to 0, so every round pays for it); the runs alternate between the
 methods ``--repeats`` times, so the machine's drift falls on all of them
-alike. Printed per method: the median seconds of a round (every client's
+alike. The methods: the baseline, AMY, clip agreement and the baseline on
+the dual-stream model (``model.architecture: dual_stream``, RDFER's network). Printed per method: the median seconds of a round (every client's
 refinement and training, the secure sum, the server's step and the
 validation score) and its ratio to the baseline's, and for AMY the seconds
 its refinements took, summed over a round's clients. ``--privacy none`` is a
@@ -24,7 +26,10 @@ training clips and after each epoch prints the AUC with which its belief in
 each clip's label (the probability of the label's leading class; lower:
 more likely noisy) separates the corrupted clips from the clean ones (0.5:
 chance), and the model's accuracy against the acted classes of the
-training clips.
+training clips; and, for clip agreement (its default sub-clips), the share of
+the training clips it would flag as noisy and the precision and recall of
+those flags against the corrupted clips, with no confidence gate and with
+the gate at 0.5.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ warnings.filterwarnings("ignore")
 METHODS = {
     "partial labels": ["federation.strategy=fedavg"],
     "amy": ["federation.strategy=amy", "federation.strategy_options.warmup=0"],
+    "clip agreement": ["federation.strategy=clip_agreement", "federation.strategy_options.warmup=0"],
+    "dual stream": ["federation.strategy=fedavg", "model.architecture=dual_stream"],
 }
 PRIVACY = {"none": ["privacy.epsilon=inf"], "person": ["privacy.epsilon=3", "privacy.unit=person"]}
 
@@ -67,7 +74,7 @@ def main() -> None:
     from privfer.fl.strategies.amy import AMY
 
     base = [f"data.label_noise.rate={args.noise}", f"federation.rounds={args.rounds}", "federation.adaptation=false",
-            "output.save_model=false", "seed=0", *PRIVACY[args.privacy]]
+            "output.save_model=false", "seed=0", *PRIVACY[args.privacy], *args.set]
     clips = load_clips(load_config(None, base).data)
     refining: list[float] = []
     real_refine = AMY.refine
@@ -136,8 +143,13 @@ def separability(args) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
     print(f"{config.data.source} data, {noisy.mean():.0%} of {len(train)} training clips corrupted (pair noise); "
           f"their labels' leading class is the acted one for {np.mean(label == acted):.3f} of the clips")
-    print("| epoch | model's accuracy (acted class) | AUC: belief in the label separates noisy from clean |")
-    print("|---|---|---|")
+    from privfer.fl.strategies.clip_agreement import NOISY as FLAGGED
+    from privfer.fl.strategies.clip_agreement import ClipAgreement, ClipAgreementOptions
+
+    gates = {gate: ClipAgreement(ClipAgreementOptions(confidence=gate, warmup=0)) for gate in (0.0, 0.5)}
+    print("| epoch | model's accuracy (acted class) | AUC: belief in the label separates noisy from clean | "
+          "clip agreement: flagged / precision / recall | the same, confidence 0.5 |")
+    print("|---|---|---|---|---|")
     for epoch in range(args.epochs):
         model.train()
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
@@ -151,7 +163,13 @@ def separability(args) -> None:
         with torch.no_grad():
             p = torch.softmax(model(x), -1).numpy()
         belief = p[np.arange(len(p)), label]
-        print(f"| {epoch + 1} | {np.mean(p.argmax(axis=1) == acted):.3f} | {auc(-belief, noisy):.3f} |", flush=True)
+        flags = []
+        for strategy in gates.values():
+            flagged = strategy.split(model, x, y)[0] == FLAGGED
+            precision = noisy[flagged].mean() if flagged.any() else float("nan")
+            flags.append(f"{flagged.mean():.3f} / {precision:.3f} / {flagged[noisy].mean():.3f}")
+        print(f"| {epoch + 1} | {np.mean(p.argmax(axis=1) == acted):.3f} | {auc(-belief, noisy):.3f} | "
+              f"{' | '.join(flags)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,34 @@ def training_mismatch(run_dir: Path, config: PrivferConfig) -> str | None:
     return None
 
 
+def with_added_settings(existing: Any, config: "PrivferConfig") -> Any:
+    """A run's saved config (``config.yaml``) with the settings added to privfer since it was written read at their
+    defaults: a key the saved config lacks, whose value in ``config`` is the field's default, takes that value (a
+    run from before the setting existed ran as its default does, e.g. ``model.architecture`` vfer). A missing key
+    whose value here is not the default stays missing, so the configs still differ."""
+    from pydantic import BaseModel
+
+    def fill(saved: Any, resolved: dict, model: type[BaseModel]) -> Any:
+        if not isinstance(saved, dict):
+            return saved
+        out = dict(saved)
+        for key, field in model.model_fields.items():
+            if key not in resolved:
+                continue
+            kind = field.annotation
+            if key not in out:
+                default = field.get_default(call_default_factory=True)
+                if isinstance(default, BaseModel):
+                    default = default.model_dump(mode="json")
+                if not isinstance(default, (BaseModel, Path)) and default == resolved[key]:
+                    out[key] = resolved[key]
+            elif isinstance(kind, type) and issubclass(kind, BaseModel) and isinstance(resolved[key], dict):
+                out[key] = fill(out[key], resolved[key], kind)
+        return out
+
+    return fill(existing, config.to_dict(), type(config))
+
+
 def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """The dotted keys whose values differ between two resolved configs, with both values."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -212,6 +240,7 @@ def _prepare_run_dir(run_dir: Path, config: PrivferConfig, command: str) -> bool
             existing = yaml.safe_load(config_path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError):
             raise RunDirectoryError(f"{config_path} is unreadable; choose another --out") from None
+        existing = with_added_settings(existing, config)
         if existing != resolved:
             differences = _differences(existing, resolved)
             shown = ", ".join(f"{key}: {json.dumps(old)} there, {json.dumps(new)} now" for key, old, new in differences[:3])

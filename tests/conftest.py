@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -71,6 +73,21 @@ def small_config(*overrides: str) -> PrivferConfig:
 @pytest.fixture(scope="session")
 def small_clips():
     return generate_synthetic(small_config().data)
+
+
+WATCHDOG_SECONDS = 960  # pyproject's pytest-timeout (900 s) needs the main thread back in Python; this does not
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test hung in native code (a lock a fork copied, say) still ends: after WATCHDOG_SECONDS faulthandler's C
+    watchdog (no Python thread, so client processes still fork) prints every thread's stack and exits the worker,
+    which pytest-xdist reports as a crashed test instead of a suite that never ends."""
+    faulthandler.dump_traceback_later(WATCHDOG_SECONDS, exit=True, file=sys.__stderr__ or sys.stderr)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -131,6 +131,19 @@ def test_run_files_are_readable_by_others(tmp_path, small_clips):
         assert stat.S_IMODE((run / name).stat().st_mode) == 0o666 & ~umask
 
 
+def test_a_run_from_before_a_setting_existed_resumes_when_the_setting_is_at_its_default(tmp_path):
+    from privfer.runs import prepare_run_dir
+
+    run = tmp_path / "run"
+    assert prepare_run_dir(run, small_config(), "train") is False
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["model"]["architecture"], saved["model"]["key_frames"]  # as a privfer before them wrote it
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert prepare_run_dir(run, small_config(), "train") is True  # it ran as their defaults do: resumed
+    with pytest.raises(RunDirectoryError, match="model.architecture"):  # not at the default: another run
+        prepare_run_dir(run, small_config("model.architecture=dual_stream"), "train")
+
+
 def test_run_directory_of_another_config_is_refused(tmp_path, small_clips):
     run = tmp_path / "run"
     train_centralized(small_config("training.epochs=1"), run_dir=run, clips=small_clips)

@@ -85,9 +85,12 @@ def test_the_model_groups_its_layers_and_the_stacked_trainer_refuses_it():
     model = DualStreamVFER(12, 8, shortcut=True)
     names = [name for _, group in model.layer_groups() for name in group]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
-    assert [g for g, _ in model.layer_groups()] == ["shortcut", "key scorer", "lstm layer 0", "detail lstm layer 0",
-                                                     "head"]
+    assert [g for g, _ in model.layer_groups()] == ["shortcut", "key scorer", "lstm layer 0", "head"]
     assert model.personal_parameter_names(1) == ["head.weight", "head.bias"]
+    deep = DualStreamVFER(12, 8, num_layers=2)  # FedPer's last two layers: the head and both streams' top layers
+    assert sorted(deep.personal_parameter_names(2)) == sorted(
+        [f"{stream}.{kind}_l1" for stream in ("lstm", "detail") for kind in ("weight_ih", "weight_hh", "bias_ih",
+                                                                              "bias_hh")] + ["head.weight", "head.bias"])
     config = small_config("model.architecture=dual_stream")
     assert isinstance(VFER.from_config(config.model, 12), DualStreamVFER)
     assert type(VFER.from_config(small_config().model, 12)) is VFER
@@ -103,6 +106,8 @@ def test_key_frames_without_the_second_stream_is_refused_by_name():
     with pytest.raises(ConfigError, match="key_frames"):
         load_config(None, ["model.architecture=dual_stream", "model.key_frames=1"])
     assert load_config(None, ["model.architecture=dual_stream", "model.key_frames=4"]).model.key_frames == 4
+    with pytest.raises(ConfigError, match="key_frames = 20 is more than the clips' 16 frames"):
+        load_config(None, ["model.architecture=dual_stream", "model.key_frames=20"])
 
 
 @pytest.mark.slow

@@ -127,8 +127,10 @@ def test_a_failing_cell_is_isolated_and_reported(tmp_path):
 
 def _report_or_die(cell, folder, threads, connection, parent):
     """A stand-in for a cell's process (spawned: module level): the seed-1 cell dies without a word, as one the OOM
-    killer ends; the others report at once."""
+    killer ends; the others report at once, and the seed-2 one then never exits (a thread that does not end)."""
     import os
+    import threading
+    import time
 
     from privfer.study.runner import _Ended
 
@@ -136,12 +138,17 @@ def _report_or_die(cell, folder, threads, connection, parent):
         os._exit(9)
     connection.send(_Ended("done", seconds=float(cell.seed)))
     connection.close()
+    if cell.seed == 2:
+        threading.Thread(target=time.sleep, args=(600,)).start()
 
 
-def test_a_cell_whose_process_dies_fails_alone_and_no_process_outlives_the_study(tmp_path):
+def test_a_cell_whose_process_dies_fails_alone_and_no_process_outlives_the_study(tmp_path, monkeypatch):
     import multiprocessing
 
+    from privfer.study import runner
     from privfer.study.runner import _run_cells
+
+    monkeypatch.setattr(runner, "EXIT_SECONDS", 1)  # the seed-2 cell's process, stuck after its report, is killed
 
     spec, cells = load_spec(write_spec(tmp_path, {"privacy.epsilon": ["inf"]}, seeds=(0, 1, 2)))
     ended = dict((cell.seed, outcome) for cell, outcome in _run_cells(cells, tmp_path, 2, 1, target=_report_or_die))

@@ -72,6 +72,15 @@ class PrivferConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _key_segment_within_the_clip(self) -> "PrivferConfig":
+        frames, key = self.data.frames, self.model.key_frames
+        if key is not None and frames is not None and key > frames:
+            raise ValueError(f"model.key_frames = {key} is more than the clips' {frames} frames (data.frames): the "
+                             f"detail stream would read the whole clip again; set at most {frames}, or leave it unset "
+                             f"(half the clip)")
+        return self
+
+    @model_validator(mode="after")
     def _mechanism_options(self) -> "PrivferConfig":
         """privacy.options, held to the selected mechanism's Options model (checked for runs without DP too: a
         study's no-DP cell shares its line's settings)."""

@@ -210,7 +210,7 @@ class ModelConfig(_Section):
     )
     key_frames: int | None = Field(
         None, ge=2, le=1024, description="dual_stream: frames of the key segment the detail stream reads (None: half "
-        "the clip's frames; a clip shorter than this is read whole).",
+        "the clip's frames; more than data.frames is an error; a clip shorter than this is read whole).",
     )
     ifer_hidden: int = Field(128, ge=1, le=4096, description="Hidden units of the per-frame IFER head.")
     ifer_weights: Path | None = Field(None, description="Load the frozen IFER from this file instead of fitting it.")

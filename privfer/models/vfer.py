@@ -234,8 +234,9 @@ class DualStreamVFER(VFER):
         raise ValueError("the dual-stream model trains per client (the stacked trainer runs the VFER)")
 
     def layer_groups(self) -> list[tuple[str, list[str]]]:
-        """The shortcut and the key scorer (they read the input), the synopsis stream's LSTM layers, the detail
-        stream's, then the head."""
+        """The shortcut and the key scorer (they read the input), then each depth of LSTM layers, the synopsis and
+        the detail stream's layer of that depth together (FedPer's last N layers stay the ones nearest the head),
+        then the head."""
         groups = super().layer_groups()
         head = groups.pop()
         detail_names = [name for name, _ in self.detail.named_parameters()]
@@ -243,7 +244,8 @@ class DualStreamVFER(VFER):
         groups.insert(1 if self.shortcut is not None else 0, scorer)
         for index in range(self.detail.num_layers):
             mine = [n for n in detail_names if n.endswith(f"_l{index}") or n.startswith(f"layers.{index}.")]
-            groups.append((f"detail lstm layer {index}", [f"detail.{n}" for n in mine]))
+            position = next(i for i, (name, _) in enumerate(groups) if name == f"lstm layer {index}")
+            groups[position] = (f"lstm layer {index}", groups[position][1] + [f"detail.{n}" for n in mine])
         groups.append(head)
         return groups
 

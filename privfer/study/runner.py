@@ -14,10 +14,11 @@ Each cell runs in a process of its own (spawned, so no torch state is
 shared), at most ``workers`` at a time; each sets its torch threads to
 ``cores // workers`` so two workers on two cores do not oversubscribe (which
 slows OpenMP by tens of times here). A process per cell, not a process pool:
-the study's process starts no thread (a pool's feeder and manager threads,
-and its shared queues, could hang a study under CPython 3.11's
-``ProcessPoolExecutor``), and a worker that dies (killed, out of memory)
-fails its own cell only, where a broken pool fails every cell still queued.
+a cell and the study share one pipe that carries its report, not a pool's
+queues with their feeder and manager threads (suspected of hanging a study
+under CPython 3.11's ``ProcessPoolExecutor``); a process that dies (killed,
+out of memory) fails its own cell only, where a broken pool fails every cell
+still queued; and one stuck in its exit after its report is killed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Callable
 
 import yaml
 
-from privfer.runs import atomic_write_json, atomic_write_text, training_mismatch
+from privfer.runs import atomic_write_json, atomic_write_text, training_mismatch, with_added_settings
 from privfer.study.spec import Cell, StudySpec
 
 RESULT, ERROR = "result.json", "error.json"
@@ -49,7 +50,7 @@ def finished_result(cell: Cell, directory: Path) -> Path | None:
         ran = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
-    if ran != cell.config.to_dict() or training_mismatch(folder, cell.config) is not None:
+    if with_added_settings(ran, cell.config) != cell.config.to_dict() or training_mismatch(folder, cell.config):
         return None  # run again into its folder, which refuses it with the reason (privfer.runs)
     return folder / RESULT
 
@@ -129,19 +130,16 @@ def _run_cells(pending: list[Cell], directory: Path, workers: int, threads: int,
                 sender.close()  # the child holds the only sending end: its death is an EOF here
                 running[receiver] = (process, cell)
             for receiver in wait(list(running)):
-                process, cell = running.pop(receiver)
+                process, cell = running[receiver]
                 try:
                     ended = receiver.recv()
-                except EOFError:
+                except (EOFError, OSError):  # no report, or one cut short: the process died
                     ended = None
                 except Exception as exc:  # a report that does not unpickle: the cell failed, the study goes on
                     ended = _Ended("failed", error=f"the cell's report could not be read: {exc.__class__.__name__}")
-                finally:
-                    receiver.close()
-                process.join(timeout=EXIT_SECONDS)  # its report is in: a process stuck in its exit is killed
-                if process.is_alive():
-                    process.kill()
-                    process.join()
+                _reap(process)  # its report is in: a process stuck in its exit is killed
+                del running[receiver]
+                receiver.close()
                 if not isinstance(ended, _Ended):
                     ended = _Ended("failed", error=f"WorkerDied: the cell's process ended without a result (exit "
                                                    f"code {process.exitcode}: killed, or out of memory)")
@@ -150,8 +148,16 @@ def _run_cells(pending: list[Cell], directory: Path, workers: int, threads: int,
         for process, _ in running.values():
             process.terminate()
         for receiver, (process, _) in running.items():
-            process.join()
+            _reap(process)
             receiver.close()
+
+
+def _reap(process) -> None:
+    """Wait for ``process`` to end, at most :data:`EXIT_SECONDS`, then kill it."""
+    process.join(timeout=EXIT_SECONDS)
+    if process.is_alive():
+        process.kill()
+        process.join()
 
 
 def run_study(

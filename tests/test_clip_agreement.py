@@ -60,7 +60,7 @@ def test_the_split_on_hand_made_predictions():
 @pytest.mark.parametrize("noisy", ["weight", "relabel"])
 def test_a_planted_noisy_clip_is_flipped_and_a_planted_hard_one_kept(noisy):
     features, votes = planted()
-    strategy = ClipAgreement(ClipAgreementOptions(subclips=4, window=0.25, warmup=0, noisy=noisy))
+    strategy = ClipAgreement(ClipAgreementOptions(subclips=4, window=0.25, warmup=0, noisy=noisy, confidence=0))
     kind, consensus = strategy.split(MeanFrame(), features, votes)
     assert kind.tolist() == [CLEAN, NOISY, HARD] and consensus.tolist() == [0, 2, -1]
     data, state = strategy.client_data(TRAINING, 7, features, votes, MeanFrame, None, round_index=0)
@@ -81,7 +81,7 @@ def test_a_planted_noisy_clip_is_flipped_and_a_planted_hard_one_kept(noisy):
 
 def test_warmup_counts_rounds_of_the_run_and_adaptation_keeps_the_clients_labels():
     features, votes = planted()
-    strategy = ClipAgreement(ClipAgreementOptions(subclips=4, window=0.25, warmup=2))
+    strategy = ClipAgreement(ClipAgreementOptions(subclips=4, window=0.25, warmup=2, confidence=0))
     for index in (0, 1):  # the run's first two rounds: the client's own labels, whichever of them it joins
         assert strategy.client_data(TRAINING, 1, features, votes, MeanFrame, None, round_index=index)[0] is None
     data, _ = strategy.client_data(TRAINING, 1, features, votes, MeanFrame, None, round_index=2)
@@ -96,7 +96,7 @@ def test_a_tie_in_the_votes_is_not_a_disagreement_and_confidence_gates_the_flip(
     features, votes = planted()
     tied = votes.clone()
     tied[1] = torch.tensor([0.5, 0, 0.5, 0, 0, 0])  # anger and fear tied: the sub-clips' fear is one of its labels
-    strategy = ClipAgreement(ClipAgreementOptions(subclips=4, window=0.25, warmup=0))
+    strategy = ClipAgreement(ClipAgreementOptions(subclips=4, window=0.25, warmup=0, confidence=0))
     assert strategy.split(MeanFrame(), features, tied)[0].tolist() == [CLEAN, CLEAN, HARD]
     # the mean frame of a one-hot window is believed with probability softmax([1, 0, ...]) = 0.35 for its class
     believed = ClipAgreement(ClipAgreementOptions(subclips=4, window=0.25, warmup=0, confidence=0.3))
@@ -119,7 +119,7 @@ def test_it_runs_under_record_level_distributed_dp_within_the_budget(small_clips
     base = ["privacy.epsilon=8", "federation.rounds=3", "federation.adaptation=false", "output.save_model=false",
             "privacy.noise_source=run_seed"]
     agreed = simulate(small_config(*base, "federation.strategy=clip_agreement",
-                                   "federation.strategy_options={warmup: 1}"), None, clips=small_clips)
+                                   "federation.strategy_options={warmup: 1, confidence: 0}"), None, clips=small_clips)
     assert agreed.privacy.epsilon_max <= 8.0 + 1e-9 and agreed.privacy.unit == "record"
     # the same noise and split with FedAvg: the reweighted clips changed what was learnt
     fedavg = simulate(small_config(*base), None, clips=small_clips)

@@ -68,8 +68,9 @@ class ClipAgreementOptions(BaseModel):
     noisy: Literal["weight", "relabel"] = Field("weight", description="What a noisy clip gets: its loss weighted by "
                                                 "noisy_weight, or the sub-clips' class as its target.")
     noisy_weight: float = Field(0.0, ge=0.0, le=1.0, description="The loss weight of a noisy clip (noisy: weight).")
-    confidence: float = Field(0.0, ge=0.0, le=1.0, description="The sub-clips' mean probability of the class they "
-                              "agree on that a noisy clip needs (0: agreement alone, as the paper).")
+    confidence: float = Field(0.7, ge=0.0, le=1.0, description="The sub-clips' mean probability of the class they "
+                              "agree on that a noisy clip needs (0: agreement alone, as the paper; docs/studies.md "
+                              "for why 0.7).")
     warmup: int = Field(10, ge=0, le=100_000, description="Rounds of the run in which clients train on their own "
                         "labels.")
 

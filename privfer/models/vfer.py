@@ -34,6 +34,12 @@ def read_out(states: torch.Tensor, readout: str) -> torch.Tensor:
     return torch.cat([states[:, -1], states.mean(dim=1)], dim=-1)
 
 
+def _of_depth(names: list[str], index: int) -> list[str]:
+    """The parameter names of an LSTM's layer ``index``: nn.LSTM names its tensors weight_ih_l0 ...; FastDPLSTM
+    nests them as layers.0.ih.weight ..."""
+    return [n for n in names if n.endswith(f"_l{index}") or n.startswith(f"layers.{index}.")]
+
+
 class VFER(nn.Module):
     """Video FER: an LSTM over per-frame features, read out at the last step, the mean over the steps or both
     (the two concatenated, so the head weighs each), then a linear head.
@@ -152,9 +158,7 @@ class VFER(nn.Module):
         if self.shortcut is not None:
             groups.append(("shortcut", [f"shortcut.{name}" for name, _ in self.shortcut.named_parameters()]))
         for index in range(self.lstm.num_layers):
-            # nn.LSTM names its tensors weight_ih_l0 ...; FastDPLSTM nests them as layers.0.ih.weight ...
-            mine = [n for n in lstm_names if n.endswith(f"_l{index}") or n.startswith(f"layers.{index}.")]
-            groups.append((f"lstm layer {index}", [f"lstm.{n}" for n in mine]))
+            groups.append((f"lstm layer {index}", [f"lstm.{n}" for n in _of_depth(lstm_names, index)]))
         groups.append(("head", [f"head.{name}" for name, _ in self.head.named_parameters()]))
         return groups
 
@@ -243,9 +247,9 @@ class DualStreamVFER(VFER):
         scorer = ("key scorer", [f"key_scorer.{name}" for name, _ in self.key_scorer.named_parameters()])
         groups.insert(1 if self.shortcut is not None else 0, scorer)
         for index in range(self.detail.num_layers):
-            mine = [n for n in detail_names if n.endswith(f"_l{index}") or n.startswith(f"layers.{index}.")]
             position = next(i for i, (name, _) in enumerate(groups) if name == f"lstm layer {index}")
-            groups[position] = (f"lstm layer {index}", groups[position][1] + [f"detail.{n}" for n in mine])
+            groups[position] = (f"lstm layer {index}",
+                                groups[position][1] + [f"detail.{n}" for n in _of_depth(detail_names, index)])
         groups.append(head)
         return groups
 

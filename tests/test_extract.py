@@ -363,3 +363,26 @@ def test_a_missing_video_stack_stops_the_run_once(tmp_path, torchscript_encoder,
     with pytest.raises(ExtractionError, match="video"):
         extract(videos, torchscript_encoder[0], tmp_path / "out", OPTIONS)
     assert not (tmp_path / "out").exists()
+
+
+def test_decoding_workers_are_spawned_not_forked(tmp_path, monkeypatch):
+    """A forked decoder inherits FFmpeg's scaler with slice threads that exist only in the parent, and waits for
+    them forever when it scales: CI hung so at 83% (stops 43-44, py-spy: two orphaned workers in
+    avpriv_slicethread_execute). The workers are spawned, and their crops are those of the clips decoded here."""
+    from privfer.data.extract import run
+
+    contexts = []
+    real = run.ProcessPoolExecutor
+
+    def recording(*args, **kwargs):
+        contexts.append(kwargs.get("mp_context"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "ProcessPoolExecutor", recording)
+    paths = [write_avi(tmp_path / f"v{i}.avi", face_frames(count=8, start=(10 + 5 * i, 20))[0]) for i in range(3)]
+    options = ExtractOptions(frames=4, size=SIZE)
+    here = [clip_crops(path, options)[0] for path in paths]  # this process decodes first, as an earlier test would
+    there = [crops for crops, _ in run._crops_of(paths, options, 2)]
+    assert [c.get_start_method() for c in contexts] == ["spawn"]
+    for mine, theirs in zip(here, there):
+        np.testing.assert_array_equal(mine, theirs)

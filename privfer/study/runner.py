@@ -15,8 +15,8 @@ shared), at most ``workers`` at a time; each sets its torch threads to
 ``cores // workers`` so two workers on two cores do not oversubscribe (which
 slows OpenMP by tens of times here). A process per cell, not a process pool:
 a cell and the study share one pipe that carries its report, not a pool's
-queues with their feeder and manager threads (suspected of hanging a study
-under CPython 3.11's ``ProcessPoolExecutor``); a process that dies (killed,
+queues with their feeder and manager threads (CPython 3.11's
+``ProcessPoolExecutor`` has known hangs there); a process that dies (killed,
 out of memory) fails its own cell only, where a broken pool fails every cell
 still queued; and one stuck in its exit after its report is killed.
 """

@@ -8,6 +8,7 @@ import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -181,7 +182,9 @@ def _crops_of(paths: list[Path], options: ExtractOptions, workers: int) -> Itera
         return
     from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # spawned, not forked: a fork copies FFmpeg's state (a scaler whose slice threads exist only in this process)
+    # and a child that scales with it waits for them forever (CI hung so, stops 43-44)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         pending = [pool.submit(clip_crops, path, options) for path in paths[: 2 * workers]]
         at = len(pending)
         while pending:

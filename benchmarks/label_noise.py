@@ -164,8 +164,9 @@ def separability(args) -> None:
             p = torch.softmax(model(x), -1).numpy()
         belief = p[np.arange(len(p)), label]
         flags = []
+        subclips = gates[0.0].probabilities(model, x)  # the gates differ only in their threshold: one forward
         for strategy in gates.values():
-            flagged = strategy.split(model, x, y)[0] == FLAGGED
+            flagged = strategy.split(model, x, y, subclips)[0] == FLAGGED
             precision = noisy[flagged].mean() if flagged.any() else float("nan")
             flags.append(f"{flagged.mean():.3f} / {precision:.3f} / {flagged[noisy].mean():.3f}")
         print(f"| {epoch + 1} | {np.mean(p.argmax(axis=1) == acted):.3f} | {auc(-belief, noisy):.3f} | "

@@ -188,7 +188,7 @@ def with_added_settings(existing: Any, config: "PrivferConfig") -> Any:
                 default = field.get_default(call_default_factory=True)
                 if isinstance(default, BaseModel):
                     default = default.model_dump(mode="json")
-                if not isinstance(default, (BaseModel, Path)) and default == resolved[key]:
+                if default == resolved[key]:
                     out[key] = resolved[key]
             elif isinstance(kind, type) and issubclass(kind, BaseModel) and isinstance(resolved[key], dict):
                 out[key] = fill(out[key], resolved[key], kind)

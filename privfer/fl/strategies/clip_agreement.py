@@ -123,19 +123,26 @@ class ClipAgreement(FedAvg):
         return cls(options)
 
     @torch.no_grad()
-    def split(self, model: torch.nn.Module, features: torch.Tensor, targets: torch.Tensor) -> tuple[np.ndarray,
-                                                                                                   np.ndarray]:
-        """Each clip's CLEAN / HARD / NOISY and the sub-clips' class (:func:`agreement_split`) under ``model``."""
-        o = self.options
+    def probabilities(self, model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+        """(N, T, D) clips -> (N, K, classes): ``model``'s class probabilities for each clip's K sub-clips."""
         model.eval()
-        probabilities = torch.stack([torch.softmax(model(features[:, start:end]), dim=-1)
-                                     for start, end in windows(features.shape[1], o.subclips, o.window)], dim=1)
+        o = self.options
+        return torch.stack([torch.softmax(model(features[:, start:end]), dim=-1)
+                            for start, end in windows(features.shape[1], o.subclips, o.window)], dim=1)
+
+    def split(self, model: torch.nn.Module, features: torch.Tensor, targets: torch.Tensor,
+              probabilities: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each clip's CLEAN / HARD / NOISY and the sub-clips' class (:func:`agreement_split`) under ``model``
+        (its sub-clips' ``probabilities`` when already computed)."""
+        if probabilities is None:
+            probabilities = self.probabilities(model, features)
         if targets.dtype.is_floating_point:  # every class tied for the most votes is the clip's label
             labels = targets == targets.max(dim=-1, keepdim=True).values
         else:
             labels = torch.nn.functional.one_hot(targets.long(), NUM_CLASSES).bool()
-        return agreement_split(probabilities.argmax(dim=-1).cpu().numpy(), labels.cpu().numpy(), o.agreement,
-                               probabilities.mean(dim=1).cpu().numpy(), o.confidence)
+        return agreement_split(probabilities.argmax(dim=-1).cpu().numpy(), labels.cpu().numpy(),
+                               self.options.agreement, probabilities.mean(dim=1).cpu().numpy(),
+                               self.options.confidence)
 
     def client_data(self, phase: str, client_id: int, features: torch.Tensor, targets: torch.Tensor,
                     model: Callable[[], VFER], state: Any, *, round_index: int = 0) -> tuple[ClientData | None, Any]:
